@@ -1,0 +1,34 @@
+# Developer entry points. `make test` works on a fresh clone: it builds .venv first.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PORT ?= 8188
+
+.PHONY: venv test test-fast tiny serve bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(VPY) -m pytest -q
+
+test-fast: venv
+	$(VPY) -m pytest -q -m "not slow and not host and not browser"
+
+tiny: venv
+	$(VPY) -m tadisr_core.testing make-tiny .build/tiny
+
+serve: venv
+	$(VPY) scripts/comfy_host.py serve --port $(PORT)
+
+bench: venv
+	$(VPY) benchmarks/bench_pipeline_cpu.py
+
+clean:
+	rm -rf $(VENV) .build

@@ -1,0 +1,383 @@
+"""TADiSR checkpoints: safe import of the released pickle, the native safetensors format, a CLI.
+
+Released layout (tadisr_kolors_ftsr_526000.pkl, a zip-based torch.save of a dict):
+    state_dict_unet  UNet LoRA (adapter "default") + conv_in        -> model.unet
+    state_dict_vae   VAE LoRA (adapter "vae_skip") + skip convs     -> model.vae
+    mi_decoder       mask decoder + interaction blocks (or js_decoder) -> model.mi_decoder
+    rank_unet, unet_lora_target_modules
+Native layout: one safetensors file, keys prefixed `unet.` / `vae.` / `mi_decoder.`, tied
+duplicates stored once, and metadata with the spec (variant, ranks, alphas, targets, schedule) and prompt.
+
+CLI:
+    python -m tadisr_core.checkpoint inspect PATH [--json] [--verify-sha]
+    python -m tadisr_core.checkpoint convert IN OUT.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .lora import lora_rank
+from .spec import TADiSRSpec, full_spec, tiny_spec
+
+NATIVE_FORMAT = "tadisr/1"
+GROUPS = ("unet", "vae", "mi_decoder")
+# Published release files: name -> (bytes, sha256) (checkpoints/manifest.json of the release).
+MANIFEST = {
+    "tadisr_kolors_ftsr_526000.pkl": (195_866_454, "4baef8b1fad319caf7d606c82539035c6fc9483c81f94601377c64813251e7f7"),
+    "tadisr_cogview4_realce_17500.pkl": (785_453_495, "7cec8d0917305037cbafcb1b1bf81062add1613b561f5d7e2d1e599fe0baf5e0"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message names file and key."""
+
+
+@dataclass
+class Checkpoint:
+    """Trainable tensors of a TADiSR model, grouped, plus the spec they belong to."""
+
+    path: Path
+    source: str                                  # "official" or "native"
+    spec: TADiSRSpec
+    groups: dict[str, dict[str, torch.Tensor]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        return {f"{g}.{k}": v for g, sd in self.groups.items() for k, v in sd.items()}
+
+
+# -- which tensors a model saves ----------------------------------------------------------------
+def _is_saved(group: str, key: str) -> bool:
+    if group == "unet":
+        return "lora" in key or key.startswith("conv_in.")
+    if group == "vae":
+        return "lora" in key or "skip_conv" in key
+    return True
+
+
+def trainable_state_dict(model) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors a TADiSR checkpoint holds, per group, with the release's key names."""
+    return {g: {k: v for k, v in getattr(model, g).state_dict().items() if _is_saved(g, k)} for g in GROUPS}
+
+
+def _dedupe_tied(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Drop `seq_r` keys whose `seq_l` twin holds the same values (tied branches are stored twice)."""
+    out = {}
+    for key, value in sd.items():
+        twin = key.replace(".seq_r.", ".seq_l.")
+        if twin != key and twin in sd:
+            if sd[twin].shape == value.shape and torch.equal(sd[twin], value):
+                continue
+            if _tied_model_key(key):
+                raise CheckpointError(f"{path}: tied branch weights differ: {key} != {twin}")
+        out[key] = value
+    return out
+
+
+def _tied_model_key(key: str) -> bool:
+    return key.startswith("interaction_blocks.") and ".block" in key and "seq_r" in key
+
+
+def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Re-create `seq_r` keys for tied blocks from their `seq_l` twins."""
+    out = dict(sd)
+    for key, value in sd.items():
+        if ".seq_l." in key:
+            out.setdefault(key.replace(".seq_l.", ".seq_r."), value)
+    return out
+
+
+# -- reading ------------------------------------------------------------------------------------
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_manifest(path: str | Path) -> str:
+    """Check a release file's size and SHA-256 against the published manifest; returns the digest."""
+    path = Path(path)
+    if path.name not in MANIFEST:
+        raise CheckpointError(f"{path}: not a published release file name ({', '.join(MANIFEST)})")
+    size, digest = MANIFEST[path.name]
+    if path.stat().st_size != size:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the release has {size}: incomplete download?")
+    actual = sha256_of(path)
+    if actual != digest:
+        raise CheckpointError(f"{path}: SHA-256 {actual} does not match the release's {digest}")
+    return actual
+
+
+def _torch_load(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (the release file tadisr_kolors_ftsr_526000.pkl "
+                                f"is on Hugging Face: huqiming513/TADiSR-Models)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a zip-based torch checkpoint (truncated or corrupt download?)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors, which could "
+                              f"run code on load; nothing from it was executed ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a dict of state dicts, found {type(raw).__name__}")
+    return raw
+
+
+def _official_groups(raw: dict, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    if {"state_dict_transformer", "js_decoder"} <= raw.keys():
+        raise CheckpointError(f"{path}: this is the CogView4 release; only the Kolors release is supported")
+    decoder = raw.get("js_decoder", raw.get("mi_decoder"))
+    missing = [k for k in ("state_dict_unet", "state_dict_vae") if k not in raw] + (["mi_decoder"] if decoder is None else [])
+    if missing:
+        raise CheckpointError(f"{path}: not a TADiSR Kolors checkpoint: missing top-level group(s) {missing} "
+                              f"(found {sorted(raw)})")
+    groups = {"unet": raw["state_dict_unet"], "vae": raw["state_dict_vae"], "mi_decoder": decoder}
+    for name, sd in groups.items():
+        if not isinstance(sd, dict) or not sd:
+            raise CheckpointError(f"{path}: group {name!r} is empty or not a state dict")
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{path}: group {name!r} key {bad[0]!r} is not a tensor")
+    vae = {}
+    for key, value in groups["vae"].items():
+        # PEFT < 0.7 saved the wrapped skip convs' base weights without ".base_layer".
+        if "skip_conv_" in key and key.endswith(".weight") and "lora" not in key and ".base_layer." not in key:
+            key = key[: -len("weight")] + "base_layer.weight"
+        vae[key] = value
+    groups["vae"] = vae
+    groups["mi_decoder"] = _dedupe_tied(dict(groups["mi_decoder"]), path)
+    return groups
+
+
+def _spec_for(groups: dict[str, dict[str, torch.Tensor]], path: Path) -> TADiSRSpec:
+    conv_in = groups["unet"].get("conv_in.weight")
+    if conv_in is None:
+        raise CheckpointError(f"{path}: group 'unet' has no conv_in.weight")
+    base = full_spec("official-kolors") if conv_in.shape[0] == 320 else tiny_spec("official-kolors")
+    r_unet = lora_rank(groups["unet"], "default")
+    r_vae = lora_rank(groups["vae"], "vae_skip")
+    if r_unet is None or r_vae is None:
+        raise CheckpointError(f"{path}: no LoRA tensors for adapter {'default' if r_unet is None else 'vae_skip'}")
+    return base.with_ranks(r_unet, r_vae)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a released `.pkl` (weights-only unpickling) or a native `.safetensors` checkpoint."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _load_native(path)
+    raw = _torch_load(path)
+    groups = _official_groups(raw, path)
+    return Checkpoint(path, "official", _spec_for(groups, path), groups)
+
+
+def _load_native(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({e})") from None
+    if meta.get("format") != NATIVE_FORMAT:
+        raise CheckpointError(f"{path}: not a native TADiSR checkpoint (metadata format={meta.get('format')!r})")
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
+    for key, value in tensors.items():
+        group, _, rest = key.partition(".")
+        if group not in groups:
+            raise CheckpointError(f"{path}: key {key!r} belongs to no group ({', '.join(GROUPS)})")
+        groups[group][rest] = value
+    return Checkpoint(path, "native", TADiSRSpec.from_json(meta["spec"]), groups, meta)
+
+
+# -- writing ------------------------------------------------------------------------------------
+def save_native(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, path: str | Path,
+                extra_metadata: dict[str, str] | None = None, prompt: str | None = None) -> Path:
+    """Write a native checkpoint atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    from .spec import HEATMAP_PROMPT
+
+    path = Path(path)
+    flat = {}
+    for g, sd in groups.items():
+        sd = _dedupe_tied(dict(sd), path) if g == "mi_decoder" else sd
+        flat.update({f"{g}.{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
+    meta = {"format": NATIVE_FORMAT, "spec": spec.to_json(), "variant": spec.variant,
+            "unet_rank": str(spec.unet_lora.rank), "unet_alpha": str(spec.unet_lora.alpha),
+            "vae_rank": str(spec.vae_lora.rank), "vae_alpha": str(spec.vae_lora.alpha),
+            "unet_targets": ",".join(spec.unet_lora.targets), "vae_targets": ",".join(spec.vae_lora.targets),
+            "schedule": spec.schedule, "timestep": str(spec.timestep), "prompt": prompt or HEATMAP_PROMPT,
+            **(extra_metadata or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(flat, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def save_model(model, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write a model's trainable tensors as a native checkpoint."""
+    prompt = model.prompt.prompt if model.prompt is not None else None
+    return save_native(trainable_state_dict(model), model.spec, path, extra_metadata, prompt)
+
+
+def save_official(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, path: str | Path) -> Path:
+    """Write the release's pickle layout (used to build test fixtures of that exact format)."""
+    raw = {"state_dict_unet": groups["unet"], "state_dict_vae": groups["vae"],
+           "mi_decoder": _untie(groups["mi_decoder"]),
+           "unet_lora_target_modules": list(spec.unet_lora.targets), "rank_unet": spec.unet_lora.rank}
+    torch.save(raw, path)
+    return Path(path)
+
+
+# -- checking against a model -------------------------------------------------------------------
+@dataclass
+class KeyReport:
+    """How a checkpoint's keys fit a model: per group counts, missing, unexpected, shape mismatches."""
+
+    counts: dict[str, int]
+    missing: dict[str, list[str]]
+    unexpected: dict[str, list[str]]
+    mismatched: dict[str, list[tuple[str, tuple, tuple]]]
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.missing.values()) and not any(self.unexpected.values()) and not any(self.mismatched.values())
+
+
+def compare(ckpt: Checkpoint, model) -> KeyReport:
+    """Compare checkpoint keys and shapes with what `model` saves (works on meta models)."""
+    expected = trainable_state_dict(model)
+    counts, missing, unexpected, mismatched = {}, {}, {}, {}
+    for g in GROUPS:
+        have = _untie(ckpt.groups.get(g, {})) if g == "mi_decoder" else ckpt.groups.get(g, {})
+        want = expected[g]
+        counts[g] = len(have)
+        missing[g] = sorted(set(want) - set(have))
+        unexpected[g] = sorted(set(have) - set(want))
+        mismatched[g] = [(k, tuple(want[k].shape), tuple(have[k].shape)) for k in sorted(set(want) & set(have))
+                         if tuple(want[k].shape) != tuple(have[k].shape)]
+    return KeyReport(counts, missing, unexpected, mismatched)
+
+
+def describe_problems(report: KeyReport, path: Path, limit: int = 5) -> str:
+    """One message listing the first problems of each kind."""
+    lines = []
+    for g in GROUPS:
+        for k, want, got in report.mismatched[g][:limit]:
+            lines.append(f"  {g}.{k}: expected shape {list(want)}, checkpoint has {list(got)}")
+        for k in report.missing[g][:limit]:
+            lines.append(f"  {g}.{k}: missing from the checkpoint")
+        for k in report.unexpected[g][:limit]:
+            lines.append(f"  {g}.{k}: not in the model (unexpected)")
+    return f"{path} does not fit the model:\n" + "\n".join(lines)
+
+
+def apply_checkpoint(model, ckpt: Checkpoint) -> KeyReport:
+    """Load a checkpoint into a model; raises CheckpointError unless every key and shape fits."""
+    report = compare(ckpt, model)
+    if not report.ok:
+        raise CheckpointError(describe_problems(report, ckpt.path))
+    for g in GROUPS:
+        sd = _untie(ckpt.groups[g]) if g == "mi_decoder" else ckpt.groups[g]
+        getattr(model, g).load_state_dict(sd, strict=False)
+    return report
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def inspect(path: str | Path, verify_sha: bool = False) -> dict:
+    """Everything `inspect` prints: variant, group sizes, key fit against the meta model, SHA-256."""
+    from .model import build_model
+
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt.spec, device="meta")
+    report = compare(ckpt, model)
+    spec = ckpt.spec
+    info = {
+        "path": str(ckpt.path), "bytes": ckpt.path.stat().st_size, "source": ckpt.source, "variant": spec.variant,
+        "size": "full" if spec.unet.block_out_channels[0] == 320 else "tiny",
+        "unet_lora": {"rank": spec.unet_lora.rank, "alpha": spec.unet_lora.alpha},
+        "vae_lora": {"rank": spec.vae_lora.rank, "alpha": spec.vae_lora.alpha},
+        "groups": report.counts,
+        "unique_decoder_tensors": len(ckpt.groups["mi_decoder"]),
+        "missing": report.missing, "unexpected": report.unexpected,
+        "shape_mismatches": {g: [{"key": k, "expected": list(w), "actual": list(a)} for k, w, a in v]
+                             for g, v in report.mismatched.items()},
+        "fits_model": report.ok,
+        "sha256": verify_manifest(path) if verify_sha else sha256_of(path),
+    }
+    if verify_sha:
+        info["sha256_verified"] = True
+    return info
+
+
+def convert(src: str | Path, dst: str | Path) -> Path:
+    """Official (or native) checkpoint -> native safetensors, tensors copied bit for bit."""
+    ckpt = load_checkpoint(src)
+    return save_native(ckpt.groups, ckpt.spec, dst, {"converted_from": Path(src).name})
+
+
+def _print_human(info: dict) -> None:
+    print(f"{info['path']}: {info['source']} TADiSR checkpoint, variant {info['variant']} ({info['size']} size), "
+          f"{info['bytes']:,} bytes")
+    print(f"  UNet LoRA r={info['unet_lora']['rank']} alpha={info['unet_lora']['alpha']}; "
+          f"VAE LoRA r={info['vae_lora']['rank']} alpha={info['vae_lora']['alpha']}")
+    print("  groups: " + ", ".join(f"{g} {n} keys" for g, n in info["groups"].items()))
+    for kind in ("missing", "unexpected"):
+        for g, keys in info[kind].items():
+            for k in keys[:10]:
+                print(f"  {kind}: {g}.{k}")
+    for g, items in info["shape_mismatches"].items():
+        for it in items[:10]:
+            print(f"  shape mismatch: {g}.{it['key']} expected {it['expected']} got {it['actual']}")
+    print(f"  fits the model: {'yes' if info['fits_model'] else 'NO'}")
+    print(f"  sha256: {info['sha256']}" + ("  (matches the release manifest)" if info.get("sha256_verified") else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tadisr_core.checkpoint", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="report variant, groups and key fit against the full-size model")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--verify-sha", action="store_true", help="check size and SHA-256 against the release manifest")
+    p = sub.add_parser("convert", help="convert to the native safetensors format (lossless)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            info = inspect(args.path, args.verify_sha)
+            print(json.dumps(info, indent=2)) if args.json else _print_human(info)
+            return 0 if info["fits_model"] else 1
+        out = convert(args.src, args.dst)
+        print(f"wrote {out}")
+        return 0
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The TADiSR model: LoRA-tuned Kolors UNet and VAE, TACA capture and the joint decoders.
+
+Three steps, each usable alone (the ComfyUI graph blocks map onto them), composed by `forward`:
+    encode(image)                  -> Encoded(latents, skips)        VAE encoder (+ LoRA), skip features
+    denoise(latents, capture)      -> Denoised(latents, attention)   one UNet pass at t=200, x0 estimate
+    decode(latents, skips, attn)   -> Decoded(image, mask_logits)    joint image / text-mask decoders
+Images are float tensors [B, 3, H, W] in 0..1 with H, W multiples of 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import attention_channels, install_capture
+from .backbone import build_unet, build_vae
+from .decoders import MaskDecoder
+from .lora import add_lora, add_skip_convs, skip_conv
+from .prompt import PromptCache
+from .schedule import OneStep
+from .spec import TADiSRSpec
+
+
+@dataclass
+class Encoded:
+    latents: torch.Tensor                   # (B, 4, H/8, W/8), scaled by the VAE scaling factor
+    skips: list[torch.Tensor] | None        # encoder features before each down block, full res first
+
+
+@dataclass
+class Denoised:
+    latents: torch.Tensor                   # x0 estimate, same layout as Encoded.latents
+    attention: torch.Tensor | None          # (B, C, H/8, W/8) TACA maps, when captured
+
+
+@dataclass
+class Decoded:
+    image: torch.Tensor                     # (B, 3, H, W) in 0..1
+    mask_logits: torch.Tensor               # (B, 1, H, W); sigmoid gives the text mask
+
+
+class TADiSRModel(nn.Module):
+    """The whole model. Build it with `build_model` (random / meta) or `tadisr_core.loading`."""
+
+    def __init__(self, spec: TADiSRSpec, unet: nn.Module, vae: nn.Module, prompt: PromptCache | None = None):
+        super().__init__()
+        self.spec = spec
+        self.unet = unet
+        self.vae = vae
+        if spec.skip_convs:
+            add_skip_convs(vae, spec.vae)
+        add_lora(unet, spec.unet_lora)
+        add_lora(vae, spec.vae_lora, exclude_prefixes=() if spec.encoder_lora else ("encoder.",))
+        self.attention_store = install_capture(unet, spec.attention)
+        n_att = attention_channels(unet, spec.attention) if spec.mask_input == "attention" else 0
+        device = unet.conv_in.weight.device
+        with torch.device(device):
+            self.mi_decoder = MaskDecoder(spec, n_att)
+        self.one_step = OneStep(spec.schedule, spec.timestep)
+        self.prompt: PromptCache | None = None
+        if prompt is not None:
+            self.set_prompt(prompt)
+
+    # -- conditioning -------------------------------------------------------------------------
+    def set_prompt(self, prompt: PromptCache) -> None:
+        """Use this prompt conditioning (moved to the UNet's device and dtype)."""
+        want = (self.spec.prompt_tokens, self.spec.text_hidden)
+        if tuple(prompt.prompt_embeds.shape[1:]) != want:
+            raise ValueError(f"prompt cache has embeddings {tuple(prompt.prompt_embeds.shape)}, "
+                             f"this model needs (1, {want[0]}, {want[1]})")
+        p = self.unet.conv_in.weight
+        self.prompt = prompt.to(p.device, p.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether decode reads the captured attention (paper layout) or not (release layout)."""
+        return hasattr(self.mi_decoder, "attention_proj")
+
+    # -- the three steps ---------------------------------------------------------------------
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None,
+               sample: bool = False) -> Encoded:
+        """VAE-encode `image` (0..1). Uses the latent mean unless `sample` (seeded by `generator`)."""
+        _check_image(image)
+        vae, enc = self.vae, self.vae.encoder
+        dtype = enc.conv_in.weight.dtype
+        h = enc.conv_in((image * 2 - 1).to(dtype))
+        skips = []
+        for block in enc.down_blocks:
+            skips.append(h)
+            h = block(h)
+        h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
+        if vae.quant_conv is not None:
+            h = vae.quant_conv(h)
+        mean, logvar = h.chunk(2, dim=1)
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            mean = mean + std * noise
+        return Encoded(mean * vae.config.scaling_factor, skips if self.spec.skip_convs else None)
+
+    def denoise(self, latents: torch.Tensor, capture: bool | None = None) -> Denoised:
+        """One UNet pass at the fixed timestep; x0 estimate plus (optionally) the TACA maps."""
+        if self.prompt is None:
+            raise RuntimeError("no prompt conditioning: load a prompt cache with set_prompt() first")
+        capture = self.needs_attention if capture is None else capture
+        b = latents.shape[0]
+        dtype = self.unet.conv_in.weight.dtype
+        p = self.prompt
+        cond = dict(text_embeds=p.text_embeds.to(dtype).expand(b, -1), time_ids=p.time_ids.to(dtype).expand(b, -1))
+        t = torch.full((b,), self.spec.timestep, device=latents.device, dtype=torch.long)
+        store = self.attention_store
+        if capture:
+            store.start(p.columns(self.spec.attention.token))
+        try:
+            eps = self.unet(latents.to(dtype), t, encoder_hidden_states=p.prompt_embeds.to(dtype).expand(b, -1, -1),
+                            added_cond_kwargs=cond, return_dict=False)[0]
+        finally:
+            store.stop()
+        attention = store.assemble(tuple(latents.shape[-2:])) if capture else None
+        return Denoised(self.one_step.x0(latents.to(eps.dtype), eps), attention)
+
+    def decode(self, latents: torch.Tensor, skips: list[torch.Tensor] | None,
+               attention: torch.Tensor | None = None) -> Decoded:
+        """Joint decoding: the VAE decoder's up blocks in lock-step with the mask decoder's."""
+        vae, dec, joint = self.vae, self.vae.decoder, self.mi_decoder
+        dtype = dec.conv_in.weight.dtype
+        z = latents.to(dtype) / vae.config.scaling_factor
+        if vae.post_quant_conv is not None:
+            z = vae.post_quant_conv(z)
+        h = dec.mid_block(dec.conv_in(z))
+        m = joint.stream_input(h, attention)
+        rev = skips[::-1] if skips is not None else None
+        for i, (inter, up_image, up_mask) in enumerate(zip(joint.interaction_blocks, dec.up_blocks, joint.up_blocks)):
+            if i > 0 and rev is not None:
+                # skip_conv_1 exists in the release but is never applied; skips start at step 1.
+                h = h + skip_conv(vae, i + 1)(rev[i].to(dtype))
+            h, m = inter(h, m)
+            h, m = up_image(h), up_mask(m)
+        image = dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
+        return Decoded((image.float() / 2 + 0.5).clamp(0, 1), joint.out_block(m).float())
+
+    def forward(self, image: torch.Tensor) -> Decoded:
+        """encode -> denoise -> decode for one batch of tiles."""
+        enc = self.encode(image)
+        den = self.denoise(enc.latents)
+        return self.decode(den.latents, enc.skips, den.attention)
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(image.shape)}")
+    if image.shape[-1] % 8 or image.shape[-2] % 8:
+        raise ValueError(f"image height and width must be multiples of 8, got {tuple(image.shape[-2:])}")
+
+
+def build_model(spec: TADiSRSpec, device: str | torch.device = "cpu", prompt: PromptCache | None = None,
+                seed: int | None = None) -> TADiSRModel:
+    """A randomly initialised model of `spec` (device "meta" builds structure only)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return TADiSRModel(spec, build_unet(spec.unet, device), build_vae(spec.vae, device), prompt)
+
+
+def random_prompt(spec: TADiSRSpec, seed: int = 0, text_columns: tuple[int, ...] | None = None) -> PromptCache:
+    """A random prompt cache of the right shapes (tests and demos; the real one comes from ChatGLM3)."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = spec.prompt_tokens, spec.text_hidden
+    return PromptCache(torch.randn(1, n, d, generator=g), torch.randn(1, d, generator=g),
+                       torch.tensor([[768.0, 768.0, 0.0, 0.0, 768.0, 768.0]]),
+                       text_columns=text_columns if text_columns is not None else (n - 1,))

@@ -1,0 +1,119 @@
+"""The cached prompt conditioning: computed once with Kolors' ChatGLM3, then loaded without it.
+
+Layout of the cache (safetensors): `prompt_embeds` (1, L, 4096) = ChatGLM hidden_states[-2],
+`text_embeds` (1, 4096) = hidden_states[-1] at the last position, `time_ids` (1, 6), and metadata:
+the prompt, the token count L, the columns of the word "text" in the left-padded sequence.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .spec import HEATMAP_PROMPT
+
+# The release's heat map read column 12 of the 256-long sequence: a padding position (its index
+# arithmetic assumed a CLIP-style [SOS] and no left padding). Kept to reproduce the release.
+RELEASE_PAD_COLUMN = 12
+
+
+@dataclass
+class PromptCache:
+    """Prompt conditioning for the UNet plus where the word "text" sits in it."""
+
+    prompt_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+    prompt: str = HEATMAP_PROMPT
+    text_columns: tuple[int, ...] = ()
+
+    def columns(self, token: str) -> tuple[int, ...]:
+        """Token columns to read attention from: "text" (the real word) or "release-pad"."""
+        if token == "release-pad":
+            return (RELEASE_PAD_COLUMN,)
+        if token != "text":
+            raise ValueError(f"unknown token choice {token!r}; use 'text' or 'release-pad'")
+        if not self.text_columns:
+            raise ValueError(f"the prompt cache has no column for the word 'text' (prompt {self.prompt!r})")
+        return self.text_columns
+
+    def save(self, path: str | Path) -> None:
+        """Write the cache as one safetensors file with metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {"prompt_embeds": self.prompt_embeds, "text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        meta = {"format": "tadisr-prompt-cache/1", "prompt": self.prompt,
+                "text_columns": json.dumps(list(self.text_columns)), "tokens": str(self.prompt_embeds.shape[1])}
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PromptCache":
+        """Read a cache written by `save` (needs no ChatGLM)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt cache not found: {path} (compute it once with "
+                                    f"`python -m tadisr_core prompt-cache --kolors DIR -o {path.name}`)")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "tadisr-prompt-cache/1":
+                raise ValueError(f"{path} is not a TADiSR prompt cache (metadata format={meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in ("prompt_embeds", "text_embeds", "time_ids")}
+        return cls(prompt=meta["prompt"], text_columns=tuple(json.loads(meta["text_columns"])), **tensors)
+
+    def to(self, device=None, dtype=None) -> "PromptCache":
+        """A copy on another device/dtype."""
+        return PromptCache(self.prompt_embeds.to(device, dtype), self.text_embeds.to(device, dtype),
+                           self.time_ids.to(device, dtype), self.prompt, self.text_columns)
+
+
+def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tuple[int, ...]:
+    """Columns of `word` in the left-padded, special-token-prefixed sequence the encoder sees."""
+    pieces = [p.replace("\u2581", "") for p in tokenizer.tokenize(prompt.lower())]
+    target = [p.replace("\u2581", "") for p in tokenizer.tokenize(word.lower())]
+    ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+    content_start = len(ids) - len(pieces)  # left padding, then [gMASK] sop, then the pieces
+    starts = [i for i in range(len(pieces) - len(target) + 1) if pieces[i:i + len(target)] == target]
+    return tuple(content_start + s + j for s in starts for j in range(len(target)))
+
+
+@torch.no_grad()
+def compute_prompt_cache(text_encoder, tokenizer, prompt: str = HEATMAP_PROMPT, max_length: int = 256,
+                         time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768)) -> PromptCache:
+    """Encode `prompt` the way diffusers' Kolors pipeline does (no classifier-free guidance)."""
+    device = next(text_encoder.parameters()).device
+    inputs = tokenizer([prompt], padding="max_length", max_length=max_length, truncation=True,
+                       return_tensors="pt").to(device)
+    out = text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       position_ids=inputs["position_ids"], output_hidden_states=True)
+    prompt_embeds = out.hidden_states[-2].permute(1, 0, 2).clone().float()  # ChatGLM is sequence-first
+    text_embeds = out.hidden_states[-1][-1, :, :].clone().float()
+    if len(time_ids) != 6:
+        raise ValueError(f"time_ids needs 6 values (orig h, w, crop top, left, target h, w), got {time_ids}")
+    return PromptCache(prompt_embeds.cpu(), text_embeds.cpu(), torch.tensor([list(time_ids)], dtype=torch.float32),
+                       prompt, find_word_columns(tokenizer, prompt, "text", max_length))
+
+
+def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATMAP_PROMPT, max_length: int = 256,
+                                     time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768),
+                                     device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> PromptCache:
+    """Load ChatGLM3 from a Kolors folder, compute the cache, and free the encoder again."""
+    from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
+
+    from .backbone import check_kolors_folder
+
+    check_kolors_folder(kolors_dir, need_text_encoder=True)
+    tokenizer = ChatGLMTokenizer.from_pretrained(Path(kolors_dir) / "tokenizer")
+    encoder = ChatGLMModel.from_pretrained(Path(kolors_dir) / "text_encoder", torch_dtype=dtype).to(device).eval()
+    try:
+        return compute_prompt_cache(encoder, tokenizer, prompt, max_length, time_ids)
+    finally:
+        del encoder
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

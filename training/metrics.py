@@ -1,0 +1,120 @@
+"""Image-quality metrics: PSNR and SSIM (kornia), and OCR-A (text accuracy on ground-truth text regions).
+
+PSNR/SSIM take float tensors ``(N, 3, H, W)`` (or ``(3, H, W)``) in ``[0, 1]`` and return one value per
+image. ``y_channel=True`` compares the BasicSR luma Y = 16 + 65.481 R + 128.553 G + 24.966 B (0-255 scale)
+instead of RGB; ``crop_border`` drops that many pixels on every side first (BasicSR's ``crop_border``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+_Y_WEIGHTS = (65.481, 128.553, 24.966)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` RGB array -> float32 ``(1, 3, H, W)`` tensor in ``[0, 1]``."""
+    return torch.from_numpy(np.array(img, dtype=np.float32, copy=True)).permute(2, 0, 1)[None] / 255.0
+
+
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """BasicSR Y channel of RGB in ``[0, 1]``, returned in ``[0, 1]`` scale (i.e. Y/255), shape ``(N, 1, H, W)``."""
+    w = torch.tensor(_Y_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x * w).sum(dim=1, keepdim=True) + 16.0) / 255.0
+
+
+def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int):
+    if x.dim() == 3:
+        x, y = x[None], y[None]
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"images must have equal (N, C, H, W) shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not x.is_floating_point():
+        x, y = x.float(), y.float()
+    if y_channel:
+        x, y = rgb_to_y(x), rgb_to_y(y)
+    if crop_border:
+        c = int(crop_border)
+        x, y = x[..., c:-c, c:-c], y[..., c:-c, c:-c]
+    return x, y
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
+    """PSNR in dB per image (``inf`` for identical images), data range 1."""
+    import kornia.metrics
+
+    x, y = _prepare(x, y, y_channel, crop_border)
+    return torch.stack([kornia.metrics.psnr(a, b, 1.0) for a, b in zip(x, y)])
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border: int = 0,
+         window_size: int = 11, padding: str = "valid") -> torch.Tensor:
+    """Mean SSIM per image: Gaussian window (sigma 1.5), data range 1, channels averaged.
+
+    ``padding='valid'`` averages only where the window fits (BasicSR, and scikit-image with
+    ``gaussian_weights=True, use_sample_covariance=False``); ``'same'`` reflect-pads.
+    """
+    import kornia.metrics
+
+    x, y = _prepare(x, y, y_channel, crop_border)
+    return kornia.metrics.ssim(x, y, window_size, max_val=1.0, padding=padding).mean(dim=(1, 2, 3))
+
+
+# --- OCR-A ---------------------------------------------------------------------------------------------
+
+def text_similarity(pred: str, gt: str, ignore_case: bool = False) -> float:
+    """(len_p + len_g - lev) / (len_p + len_g), unit-cost Levenshtein, on stripped strings; 1.0 if both empty."""
+    import Levenshtein
+
+    p, g = pred.strip(), gt.strip()
+    if ignore_case:
+        p, g = p.upper(), g.upper()
+    total = len(p) + len(g)
+    return 1.0 if total == 0 else (total - Levenshtein.distance(p, g)) / total
+
+
+@dataclass
+class OCRAResult:
+    """OCR-A of one image pair: ``score`` is the mean over GT text boxes, ``None`` if the GT has no text."""
+
+    score: float | None
+    boxes: list[dict] = field(default_factory=list)  # {"box", "gt", "pred", "score"} per box
+
+
+def ocr_accuracy(pred: np.ndarray, gt: np.ndarray, engine, ignore_case: bool = False) -> OCRAResult:
+    """OCR-A of a prediction against its ground truth (both uint8 RGB ``(H, W, 3)``, same size).
+
+    Text lines are detected on the GT only; each GT box is perspective-cropped from both images and
+    both crops go through the same recogniser, so the two texts differ only by image content.
+    ``engine`` is a ``training.ocr.OCREngine``.
+    """
+    from training.ocr import crop_quad
+
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
+    lines = engine.detect_and_recognize(gt)
+    if not lines:
+        return OCRAResult(None)
+    boxes = [b for b, _, _ in lines]
+    texts = engine.recognize([crop_quad(gt, b) for b in boxes] + [crop_quad(pred, b) for b in boxes])
+    gt_texts, pred_texts = texts[:len(boxes)], texts[len(boxes):]
+    rows = [{"box": b.round(1).tolist(), "gt": g, "pred": p, "score": text_similarity(p, g, ignore_case)}
+            for b, g, p in zip(boxes, gt_texts, pred_texts) if g.strip()]
+    if not rows:
+        return OCRAResult(None)
+    return OCRAResult(float(np.mean([r["score"] for r in rows])), rows)
+
+
+def summarize_ocr(results: list[OCRAResult]) -> dict:
+    """Dataset OCR-A: mean over images with GT text (``ocr_a``), mean over all boxes (``ocr_a_pooled``),
+    and how many images were scored / excluded for having no GT text."""
+    scored = [r for r in results if r.score is not None]
+    box_scores = [b["score"] for r in scored for b in r.boxes]
+    return {
+        "ocr_a": float(np.mean([r.score for r in scored])) if scored else None,
+        "ocr_a_pooled": float(np.mean(box_scores)) if box_scores else None,
+        "ocr_images": len(scored),
+        "ocr_excluded_no_text": len(results) - len(scored),
+        "ocr_boxes": len(box_scores),
+    }
