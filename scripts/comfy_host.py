@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -150,10 +151,9 @@ def install(force: bool = False) -> None:
         if not python().exists():
             log(f"creating venv {VENV}")
             subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        _pip(TORCH)
-        _pip("--no-deps", HOST_PACKAGE)
-        # torch pinned again so no later requirement can swap the CPU wheel for another build
+        # torch pinned in the same call so no other requirement can swap the CPU wheel for another build
         _pip(TORCH, *HOST_DEPS, *[d for d in PACK_DEPS if d not in HOST_DEPS])
+        _pip("--no-deps", HOST_PACKAGE)  # its declared deps (torchvision, ...) must not be installed
         _finish_venv()
         MARKER.write_text(_pins())
         log(f"host venv ready in {time.monotonic() - t0:.0f} s")
@@ -172,9 +172,11 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _tiny_stamp() -> str:
-    """Changes whenever the code that writes the tiny weights may have changed."""
-    files = sorted((REPO / "tadisr_core").rglob("*.py"))
-    return json.dumps([[str(f.relative_to(REPO)), f.stat().st_mtime_ns] for f in files])
+    """Changes whenever the code that writes the tiny weights may have changed (content hash)."""
+    h = hashlib.sha256()
+    for f in sorted((REPO / "tadisr_core").rglob("*.py")):
+        h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def make_tiny() -> bool:
@@ -189,8 +191,10 @@ def make_tiny() -> bool:
         shutil.rmtree(TINY)
     t0 = time.monotonic()
     log(f"making tiny weights in {TINY}")
-    subprocess.run([str(python()), "-m", "tadisr_core.testing", "make-tiny", str(TINY)], check=True,
-                   cwd=REPO, stdout=subprocess.DEVNULL, env=_offline_env(os.environ.copy()))
+    res = subprocess.run([str(python()), "-m", "tadisr_core.testing", "make-tiny", str(TINY)], cwd=REPO,
+                         capture_output=True, text=True, env=_offline_env(os.environ.copy()))
+    if res.returncode != 0:
+        raise RuntimeError(f"make-tiny failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     stamp.write_text(_tiny_stamp())
     log(f"tiny weights ready in {time.monotonic() - t0:.1f} s")
     return True

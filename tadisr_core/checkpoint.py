@@ -16,7 +16,6 @@ CLI:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -72,22 +71,15 @@ def trainable_state_dict(model) -> dict[str, dict[str, torch.Tensor]]:
     return {g: {k: v for k, v in getattr(model, g).state_dict().items() if _is_saved(g, k)} for g in GROUPS}
 
 
-def _dedupe_tied(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def _dedupe_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop `seq_r` keys whose `seq_l` twin holds the same values (tied branches are stored twice)."""
     out = {}
     for key, value in sd.items():
         twin = key.replace(".seq_r.", ".seq_l.")
-        if twin != key and twin in sd:
-            if sd[twin].shape == value.shape and torch.equal(sd[twin], value):
-                continue
-            if _tied_model_key(key):
-                raise CheckpointError(f"{path}: tied branch weights differ: {key} != {twin}")
+        if twin != key and twin in sd and sd[twin].shape == value.shape and torch.equal(sd[twin], value):
+            continue
         out[key] = value
     return out
-
-
-def _tied_model_key(key: str) -> bool:
-    return key.startswith("interaction_blocks.") and ".block" in key and "seq_r" in key
 
 
 def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,7 +155,11 @@ def _official_groups(raw: dict, path: Path) -> dict[str, dict[str, torch.Tensor]
             key = key[: -len("weight")] + "base_layer.weight"
         vae[key] = value
     groups["vae"] = vae
-    groups["mi_decoder"] = _dedupe_tied(dict(groups["mi_decoder"]), path)
+    deduped = _dedupe_tied(dict(groups["mi_decoder"]))
+    untied = [k for k in deduped if ".seq_r." in k]
+    if untied:  # the release's interaction blocks share one module between both branches
+        raise CheckpointError(f"{path}: tied branch weights differ: {untied[0]} != {untied[0].replace('.seq_r.', '.seq_l.')}")
+    groups["mi_decoder"] = deduped
     return groups
 
 
@@ -222,7 +218,7 @@ def save_native(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, pa
     path = Path(path)
     flat = {}
     for g, sd in groups.items():
-        sd = _dedupe_tied(dict(sd), path) if g == "mi_decoder" else sd
+        sd = _dedupe_tied(sd) if g == "mi_decoder" else sd
         flat.update({f"{g}.{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
     meta = {"format": NATIVE_FORMAT, "spec": spec.to_json(), "variant": spec.variant,
             "unet_rank": str(spec.unet_lora.rank), "unet_alpha": str(spec.unet_lora.alpha),

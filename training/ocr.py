@@ -59,7 +59,8 @@ class OCREngine:
         self._engine = None
         self._rec = None
 
-    def _load(self):
+    def load(self):
+        """Load the backend models now (otherwise on first use); raises RuntimeError if unavailable."""
         if self._engine is None:
             self._engine = _load_rapidocr() if self.backend == "rapidocr" else self._load_paddle()
         return self._engine
@@ -71,7 +72,7 @@ class OCREngine:
         (top-to-bottom, left-to-right) is kept.
         """
         img = _check_rgb(img)
-        engine = self._load()
+        engine = self.load()
         bgr = np.ascontiguousarray(img[..., ::-1])
         if self.backend == "rapidocr":
             res = engine(bgr, use_det=True, use_cls=True, use_rec=True)
@@ -95,7 +96,7 @@ class OCREngine:
             bgr = np.ascontiguousarray(crop[..., ::-1])
             if self.backend == "rapidocr":
                 # All three flags every call: RapidOCR remembers them between calls.
-                res = self._load()(bgr, use_det=False, use_cls=False, use_rec=True)
+                res = self.load()(bgr, use_det=False, use_cls=False, use_rec=True)
                 txts = getattr(res, "txts", None) or ("",)
                 texts.append(str(txts[0]))
             else:

@@ -1,0 +1,145 @@
+"""Device and precision choice, free-memory queries, the tile-batch heuristic and OOM helpers."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("tadisr")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+MAX_AUTO_BATCH = {"cuda": 8, "cpu": 4}
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """"auto" -> CUDA when present (cuda:LOCAL_RANK under a launcher), else MPS, else CPU."""
+    if isinstance(name, torch.device):
+        return name
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available in this torch build / machine")
+        if device.index is None:
+            device = torch.device("cuda", local % torch.cuda.device_count())
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """"auto" -> bf16 on CUDA with bf16 support, fp16 on other CUDA GPUs, fp32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        return name
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {DTYPE_CHOICES}")
+    return DTYPES[name]
+
+
+def configure_model(model, dtype: torch.dtype, *, channels_last: bool = False, compile: bool = False):
+    """Cast to `dtype` (VAE and mask decoder stay fp32 under fp16, where the SDXL VAE overflows),
+    optionally switch to channels-last and compile the heavy blocks in place. Returns the model."""
+    wide = torch.float32 if dtype == torch.float16 else dtype
+    model.unet.to(dtype)
+    model.vae.to(wide)
+    model.mi_decoder.to(wide)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        for module in compile_targets(model):
+            module.compile(dynamic=False)
+    return model
+
+
+def compile_targets(model) -> list[torch.nn.Module]:
+    """The modules `--compile` compiles: the UNet and every VAE / mask-decoder block (decode calls
+    them one by one, so compiling `vae.decoder` as a whole would never be used)."""
+    enc, dec = model.vae.encoder, model.vae.decoder
+    blocks = [model.unet, *enc.down_blocks, enc.mid_block, dec.mid_block, *dec.up_blocks]
+    blocks += list(getattr(model.mi_decoder, "up_blocks", []))
+    return blocks
+
+
+def model_dtype(model) -> torch.dtype:
+    """The UNet's compute dtype."""
+    return model.unet.conv_in.weight.dtype
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes that tensors on `device` could still take: free + cached-but-unused on CUDA,
+    MemAvailable on the host otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def estimate_tile_bytes(model, tile_h: int, tile_w: int) -> int:
+    """Rough peak activation bytes of one tile through encode -> denoise -> decode.
+
+    The full-resolution decoder stage dominates: image stream (VAE c0 channels) and mask stream
+    side by side, a few live tensors each, plus the stored encoder skip features.
+    """
+    pixels = tile_h * tile_w
+    c0 = model.vae.encoder.down_blocks[0].resnets[0].conv1.out_channels
+    mask_c = c0
+    ups = getattr(model.mi_decoder, "up_blocks", None)
+    if ups is not None and len(ups):
+        convs = [m.out_channels for m in ups[-1].modules() if isinstance(m, torch.nn.Conv2d)]
+        mask_c = max(convs) if convs else c0
+    elem = torch.finfo(model.vae.decoder.conv_in.weight.dtype).bits // 8
+    per_pixel = 4 * (c0 + mask_c) + 2 * c0  # live tensors of both streams + skips (~1.4 c0)
+    return int(pixels * per_pixel * elem * 1.5)
+
+
+def choose_tile_batch(model, tile_h: int, tile_w: int, units: int, device: torch.device | str | None = None,
+                      headroom: float = 0.7) -> int:
+    """Tiles per forward that fit `headroom` of the free memory (at least 1, at most the unit count)."""
+    device = torch.device(device) if device is not None else model.device
+    per_tile = max(1, estimate_tile_bytes(model, tile_h, tile_w))
+    fit = int(free_memory(device) * headroom // per_tile)
+    cap = MAX_AUTO_BATCH.get(device.type, 4)
+    return max(1, min(fit, cap, units))
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` is an accelerator (or host allocator) out-of-memory error."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    if isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_cached_memory() -> None:
+    """Return cached allocator blocks to the driver (after an OOM, before a retry)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and hasattr(mps, "empty_cache") and torch.backends.mps.is_available():
+        mps.empty_cache()

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random models of the real structure, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+try:  # the real-host fixtures (ComfyUI server, headless Chromium) live beside this file
+    from tests.host_fixtures import *  # noqa: F401,F403
+except ImportError:
+    pass
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> dict[str, Path]:
+    """`make-tiny` output: a tiny Kolors folder, native + official checkpoints and a prompt cache."""
+    from tadisr_core.testing import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory():
+    """Build a fresh tiny random model: factory(variant="official-kolors", seed=0)."""
+    from tadisr_core.model import build_model, random_prompt
+    from tadisr_core.spec import tiny_spec
+
+    def make(variant: str = "official-kolors", seed: int = 0):
+        spec = tiny_spec(variant)
+        return build_model(spec, prompt=random_prompt(spec), seed=seed).eval()
+
+    return make

