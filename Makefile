@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PORT ?= 8188
 
-.PHONY: venv test test-fast tiny serve bench clean
+.PHONY: venv test test-deps test-fast tiny serve bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -15,7 +15,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+test-deps:
+	bash scripts/install_test_deps.sh
+
+test: venv test-deps
 	$(VPY) -m pytest -q
 
 test-fast: venv

@@ -74,9 +74,14 @@ class PromptCache:
 
 def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tuple[int, ...]:
     """Columns of `word` in the left-padded, special-token-prefixed sequence the encoder sees."""
-    pieces = [p.replace("\u2581", "") for p in tokenizer.tokenize(prompt.lower())]
-    target = [p.replace("\u2581", "") for p in tokenizer.tokenize(word.lower())]
+    def norm(pieces):
+        return [p.replace("\u2581", "").lower() for p in pieces]
+
+    pieces = norm(tokenizer.tokenize(prompt))
+    target = norm(tokenizer.tokenize(word))
     ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+    if len(pieces) + 2 > len(ids):
+        raise ValueError(f"prompt of {len(pieces)} tokens does not fit {max_length} (2 are special tokens)")
     content_start = len(ids) - len(pieces)  # left padding, then [gMASK] sop, then the pieces
     starts = [i for i in range(len(pieces) - len(target) + 1) if pieces[i:i + len(target)] == target]
     return tuple(content_start + s + j for s in starts for j in range(len(target)))

@@ -93,6 +93,9 @@ class Browser:
             self._reader.start()
             for domain in ("Page", "Runtime", "Log"):
                 self.send(f"{domain}.enable")
+            # --window-size includes the (invisible) browser frame: pin the page's viewport exactly
+            self.send("Emulation.setDeviceMetricsOverride", {"width": w, "height": h, "deviceScaleFactor": 1,
+                                                            "mobile": False})
         except Exception as e:
             tail = self.log_tail()
             self.close()

@@ -1,6 +1,6 @@
 """Session fixtures for tests against the real ComfyUI host and headless Chromium.
 
-Import them from conftest.py:  `from host_fixtures import comfy_host, comfy_server, browser  # noqa: F401`
+conftest.py imports them: `from tests.host_fixtures import *` (exports only the three fixtures).
 
 Setting TADISR_SKIP_HOST=1 skips every test that uses them; otherwise a failing install/prepare or a
 server that does not start is a test error (never a silent skip).
@@ -23,6 +23,7 @@ except ImportError:  # tests/ is not a package: imported via rootdir on sys.path
     from comfy_host import REPO, ComfyServer, ensure_host
 
 ARTIFACTS = REPO / "artifacts"
+__all__ = ["comfy_host", "comfy_server", "browser"]  # what `from host_fixtures import *` brings
 
 
 def _skip_requested() -> None:

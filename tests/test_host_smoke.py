@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-# Registered as a plugin (not imported into this module) so that the session fixtures stay single
-# instances when conftest.py imports them too: the closer definition wins, no second server starts.
-pytest_plugins = ["tests.host_fixtures" if __package__ else "host_fixtures"]
+# The fixtures (comfy_server, browser) come from tests/host_fixtures.py via conftest.py; importing them
+# here as well would give this module its own session server.
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 UI_READY = "!!(window.app && window.app.graph && window.LiteGraph)"

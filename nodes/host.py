@@ -1,0 +1,220 @@
+"""The few ComfyUI services the nodes use, behind plain functions.
+
+This is the only module that touches `comfy.*` or `folder_paths`, always lazily and only when
+ComfyUI itself has loaded them (so importing the pack never imports ComfyUI, and unit tests run
+without it). Without ComfyUI: progress is a no-op, nothing is ever interrupted, model folders
+come from $TADISR_MODELS_DIR (default <tmp>/tadisr_models) and models run where they are asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from typing import Callable, Iterator
+
+import torch
+
+log = logging.getLogger("tadisr")
+
+TADISR_FOLDER = "tadisr"          # models/tadisr: checkpoints and prompt caches (registered by us)
+DIFFUSERS_FOLDER = "diffusers"    # models/diffusers: Kolors folders (ComfyUI's own folder name)
+CHECKPOINT_EXTS = (".pkl", ".safetensors")
+
+
+# -- is ComfyUI here? -----------------------------------------------------------------------------
+def _module(name: str):
+    """`name` if ComfyUI is running in this process (its modules already imported), else None."""
+    if os.environ.get("TADISR_NO_COMFY") == "1":
+        return None
+    if name in sys.modules:
+        return sys.modules[name]
+    if "comfy.model_management" not in sys.modules:
+        return None
+    try:
+        return __import__(name, fromlist=["_"])
+    except ImportError:
+        return None
+
+
+def comfy_available() -> bool:
+    """True inside a ComfyUI process."""
+    return _module("comfy.model_management") is not None
+
+
+# -- progress and interruption --------------------------------------------------------------------
+def progress_reporter(total: int) -> Callable[[int, int], None]:
+    """A `progress(done, total)` callback that drives the node's progress bar in the UI."""
+    utils = _module("comfy.utils")
+    if utils is None:
+        return lambda done, total: None
+    bar = utils.ProgressBar(max(1, total))
+    return lambda done, total: bar.update_absolute(done, max(1, total))
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel (reported as interrupted)."""
+    mm = _module("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+def cancel_callback() -> Callable[[], bool]:
+    """A `cancel()` callback for the pipeline: raises the interrupt itself, else returns False."""
+    def cancel() -> bool:
+        check_interrupt()
+        return False
+    return cancel
+
+
+# -- model folders --------------------------------------------------------------------------------
+def _fallback_models_dir() -> str:
+    return os.environ.get("TADISR_MODELS_DIR") or os.path.join(tempfile.gettempdir(), "tadisr_models")
+
+
+def register_model_folders() -> None:
+    """Register models/tadisr with ComfyUI (keeps paths a user configured in extra_model_paths.yaml)."""
+    fp = _module("folder_paths")
+    if fp is None:
+        return
+    paths = fp.folder_names_and_paths.get(TADISR_FOLDER, ([], set()))[0]
+    if not paths:
+        paths = [os.path.join(fp.models_dir, TADISR_FOLDER)]
+    fp.folder_names_and_paths[TADISR_FOLDER] = (list(paths), set(CHECKPOINT_EXTS))
+
+
+def model_folders(kind: str) -> list[str]:
+    """The folders searched for `kind` ("tadisr" or "diffusers"), first one = where new files go."""
+    fp = _module("folder_paths")
+    if fp is not None:
+        if kind == TADISR_FOLDER and kind not in fp.folder_names_and_paths:
+            register_model_folders()
+        try:
+            return fp.get_folder_paths(kind)
+        except KeyError:
+            return [os.path.join(fp.models_dir, kind)]
+    return [os.path.join(_fallback_models_dir(), kind)]
+
+
+def list_files(kind: str, exts: tuple[str, ...]) -> list[str]:
+    """Relative names of files with one of `exts` under the `kind` folders (sorted, recursive)."""
+    fp = _module("folder_paths")
+    if fp is not None and kind in fp.folder_names_and_paths:
+        return sorted(f for f in fp.get_filename_list(kind) if f.lower().endswith(exts))
+    names = set()
+    for root in model_folders(kind):
+        for dirpath, _, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.lower().endswith(exts):
+                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def list_subfolders(kind: str, required: tuple[str, ...] = ()) -> list[str]:
+    """Names of direct subfolders of the `kind` folders that contain every entry of `required`."""
+    names = set()
+    for root in model_folders(kind):
+        if not os.path.isdir(root):
+            continue
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if os.path.isdir(path) and all(os.path.exists(os.path.join(path, r)) for r in required):
+                names.add(name)
+    return sorted(names)
+
+
+def find_path(kind: str, name: str, folder: bool = False) -> str | None:
+    """Full path of file (or folder) `name` in the `kind` folders, or None."""
+    rel = os.path.normpath(name).lstrip(os.sep)
+    if rel.startswith(".."):
+        return None
+    for root in model_folders(kind):
+        path = os.path.join(root, rel)
+        if (os.path.isdir(path) if folder else os.path.isfile(path)):
+            return path
+    return None
+
+
+# -- devices and memory ---------------------------------------------------------------------------
+def torch_device() -> torch.device:
+    """The device ComfyUI computes on (CUDA/MPS/CPU as configured); the best available otherwise."""
+    mm = _module("comfy.model_management")
+    if mm is not None:
+        return mm.get_torch_device()
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    """Where idle model weights wait (ComfyUI's UNet offload device; CPU otherwise)."""
+    mm = _module("comfy.model_management")
+    return mm.unet_offload_device() if mm is not None else torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where node outputs (IMAGE, MASK) live between nodes."""
+    mm = _module("comfy.model_management")
+    return mm.intermediate_device() if mm is not None else torch.device("cpu")
+
+
+class _Holder(torch.nn.Module):
+    """Wraps a model for ComfyUI's ModelPatcher (which sets attributes such as `.device` on it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner = model
+
+
+def make_patcher(model: torch.nn.Module, device: torch.device):
+    """A ComfyUI ModelPatcher for `model` so ComfyUI can unload it when others need memory; None
+    without ComfyUI (or if this ComfyUI's patcher cannot wrap a plain module)."""
+    mp = _module("comfy.model_patcher")
+    if mp is None:
+        return None
+    try:
+        return mp.ModelPatcher(_Holder(model), load_device=device, offload_device=offload_device())
+    except Exception as exc:  # noqa: BLE001 - fall back to plain .to() moves
+        log.warning("TADiSR: ComfyUI model patcher unavailable (%s); managing devices directly", exc)
+        return None
+
+
+@contextlib.contextmanager
+def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
+                    memory_required: int = 0) -> Iterator[torch.nn.Module]:
+    """Run with `model` on `device`.
+
+    With a patcher, ComfyUI loads it (evicting other models if needed) and keeps it loaded until
+    something else needs the memory. Without one, memory is freed first (inside ComfyUI), the
+    model moved, and offloaded afterwards.
+    """
+    mm = _module("comfy.model_management")
+    if patcher is not None and mm is not None:
+        mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+        model.to(device)  # no-op after a full load; covers --novram partial loads
+        yield model
+        return
+    if mm is not None and device.type != "cpu":
+        mm.free_memory(_module_bytes(model) + memory_required, device)
+    model.to(device)
+    try:
+        yield model
+    finally:
+        if mm is not None and device.type != "cpu":
+            model.to(offload_device())
+            mm.soft_empty_cache()
+
+
+def free_cache() -> None:
+    """Return cached accelerator memory (after a failed run)."""
+    mm = _module("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _module_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -1,0 +1,79 @@
+"""Loaded TADiSR models: the handle the nodes pass around, and a cache keyed by the load settings.
+
+A handle lives as long as ComfyUI keeps the loader's output; the cache holds handles weakly plus
+the most recent one strongly, so re-running a graph (or a second loader with the same settings)
+reuses the weights instead of reading them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import host
+
+
+@dataclass(eq=False)
+class TADiSRHandle:
+    """A loaded model, where it runs, and what it was loaded from."""
+
+    model: Any                      # tadisr_core.model.TADiSRModel (weights on the offload device when idle)
+    device: torch.device
+    dtype: torch.dtype
+    key: tuple
+    sources: dict[str, str] = field(default_factory=dict)
+    patcher: Any = None             # ComfyUI ModelPatcher, so ComfyUI can evict the model
+
+    @contextlib.contextmanager
+    def running(self, memory_required: int = 0) -> Iterator[Any]:
+        """The model on its compute device for the duration of the block."""
+        with host.model_on_device(self.model, self.device, self.patcher, memory_required) as model:
+            _prompt_follow(model)
+            yield model
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{k}={os.path.basename(v)}" for k, v in self.sources.items())
+        return f"TADiSRHandle({names}, {self.dtype}, {self.device})"
+
+
+def _prompt_follow(model) -> None:
+    # The prompt conditioning is a plain tensor bundle, not a buffer: `.to(device)` leaves it behind.
+    prompt = getattr(model, "prompt", None)
+    if prompt is not None and prompt.prompt_embeds.device != model.device:
+        model.set_prompt(prompt)
+
+
+def file_key(path: str) -> tuple:
+    """Identity of a file or folder for caching: real path, size and modification time."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_size, st.st_mtime_ns
+
+
+_lock = threading.Lock()
+_live: "weakref.WeakValueDictionary[tuple, TADiSRHandle]" = weakref.WeakValueDictionary()
+_recent: list[TADiSRHandle] = []
+
+
+def get_or_load(key: tuple, load: Callable[[], TADiSRHandle]) -> TADiSRHandle:
+    """The cached handle for `key`, or `load()`'s result (cached)."""
+    with _lock:
+        handle = _live.get(key)
+        if handle is None:
+            handle = load()
+            _live[key] = handle
+        _recent[:] = [handle]
+        return handle
+
+
+def clear() -> None:
+    """Forget every cached model (tests)."""
+    with _lock:
+        _live.clear()
+        _recent.clear()

@@ -1,0 +1,67 @@
+"""Loading a Kolors diffusers folder: fp16 variant files, and errors that name what is missing."""
+
+import shutil
+
+import pytest
+import torch
+
+from tadisr_core.backbone import KolorsFolderError, check_kolors_folder
+from tadisr_core.loading import ensure_prompt_cache, load_tadisr
+
+
+@pytest.fixture
+def kolors_copy(tiny_dir, tmp_path):
+    dst = tmp_path / "kolors"
+    shutil.copytree(tiny_dir["kolors"], dst)
+    return dst
+
+
+def test_fp16_variant_files_are_accepted(kolors_copy, tiny_dir):
+    for sub in ("unet", "vae"):
+        f = kolors_copy / sub / "diffusion_pytorch_model.safetensors"
+        f.rename(f.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    found = check_kolors_folder(kolors_copy)
+    assert found["unet"].name == "diffusion_pytorch_model.fp16.safetensors"
+    model = load_tadisr(kolors_copy, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    ref = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x).image, ref(x).image)
+
+
+def test_missing_pieces_are_named(kolors_copy, tiny_dir):
+    (kolors_copy / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(KolorsFolderError, match=r"no weights in .*vae.*Kwai-Kolors/Kolors/vae"):
+        load_tadisr(kolors_copy, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    shutil.rmtree(kolors_copy / "unet")
+    with pytest.raises(KolorsFolderError, match=r"unet/config\.json is missing"):
+        check_kolors_folder(kolors_copy)
+    with pytest.raises(KolorsFolderError, match="Kolors folder not found"):
+        check_kolors_folder(kolors_copy / "nope")
+
+
+def test_text_encoder_is_only_needed_for_the_prompt_cache(kolors_copy, tiny_dir, tmp_path):
+    shutil.rmtree(kolors_copy / "text_encoder")
+    load_tadisr(kolors_copy, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])  # cache given: fine
+    with pytest.raises(KolorsFolderError, match=r"text_encoder/config\.json is missing"):
+        load_tadisr(kolors_copy, tiny_dir["checkpoint"], tmp_path / "new_cache.safetensors")
+
+
+def test_prompt_cache_is_computed_once_and_saved(tiny_dir, tmp_path):
+    path = tmp_path / "models" / "prompt_cache.safetensors"
+    first = ensure_prompt_cache(path, tiny_dir["kolors"])
+    assert path.is_file()
+    stamp = path.stat().st_mtime_ns
+    again = ensure_prompt_cache(path, tiny_dir["kolors"])
+    assert path.stat().st_mtime_ns == stamp and torch.equal(first.prompt_embeds, again.prompt_embeds)
+
+
+def test_dtype_policy_keeps_the_vae_in_fp32_under_fp16(tiny_dir):
+    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.float16)
+    assert model.unet.conv_in.weight.dtype == torch.float16
+    assert model.vae.decoder.conv_in.weight.dtype == torch.float32
+    bf = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.bfloat16)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        out = bf(x)
+    assert out.image.dtype == torch.float32 and torch.isfinite(out.image).all()
