@@ -137,6 +137,12 @@ def find_path(kind: str, name: str, folder: bool = False) -> str | None:
     return None
 
 
+def input_directory() -> str:
+    """ComfyUI's input folder (the current directory without ComfyUI)."""
+    fp = _module("folder_paths")
+    return fp.get_input_directory() if fp is not None else os.getcwd()
+
+
 # -- devices and memory ---------------------------------------------------------------------------
 def torch_device() -> torch.device:
     """The device ComfyUI computes on (CUDA/MPS/CPU as configured); the best available otherwise."""
@@ -205,6 +211,13 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
         if mm is not None and device.type != "cpu":
             model.to(offload_device())
             mm.soft_empty_cache()
+
+
+def make_room(nbytes: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload models until `nbytes` are free on `device` (no-op on CPU / without ComfyUI)."""
+    mm = _module("comfy.model_management")
+    if mm is not None and device.type != "cpu":
+        mm.free_memory(nbytes, device)
 
 
 def free_cache() -> None:

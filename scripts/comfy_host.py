@@ -162,12 +162,12 @@ def install(force: bool = False) -> None:
 def _link(src: Path, dst: Path) -> None:
     """Make dst a symlink to src (replacing an old link or file)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.is_symlink() or dst.is_file():
-        if dst.is_symlink() and Path(os.readlink(dst)) == src:
+    if dst.is_symlink():
+        if Path(os.readlink(dst)) == src:
             return
         dst.unlink()
     elif dst.exists():
-        shutil.rmtree(dst)
+        raise FileExistsError(f"{dst} exists and is not a link; move it away (prepare only makes links)")
     dst.symlink_to(src)
 
 
@@ -205,7 +205,7 @@ def prepare() -> None:
     if not is_installed():
         install()
     with _lock("prepare"):
-        for sub in ("input", "output", "models/diffusers", "models/tadisr"):
+        for sub in ("input", "output", "user", "models/diffusers", "models/tadisr"):
             (BASE / sub).mkdir(parents=True, exist_ok=True)
         _link(REPO, BASE / "custom_nodes" / PACK_NAME)
         kolors = os.environ.get("TADISR_KOLORS_DIR")
@@ -240,8 +240,11 @@ def server_env(base_env: dict | None = None) -> dict:
 
 def server_command(port: int, host: str = "127.0.0.1", base: Path = BASE, extra: list[str] | None = None) -> list[str]:
     """The command line that starts ComfyUI on host:port with `base` as its base directory."""
+    # the default database lives inside the vendored tree (site-packages), not under --base-directory
+    database = f"sqlite:///{Path(base).resolve() / 'user' / 'comfyui.db'}"
     return [str(python()), str(comfy_dir() / "main.py"), "--cpu", "--listen", host, "--port", str(port),
-            "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes", *(extra or [])]
+            "--base-directory", str(base), "--database-url", database, "--disable-auto-launch",
+            "--disable-api-nodes", *(extra or [])]
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> float:

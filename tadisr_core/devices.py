@@ -52,9 +52,9 @@ def configure_model(model, dtype: torch.dtype, *, channels_last: bool = False, c
     """Cast to `dtype` (VAE and mask decoder stay fp32 under fp16, where the SDXL VAE overflows),
     optionally switch to channels-last and compile the heavy blocks in place. Returns the model."""
     wide = torch.float32 if dtype == torch.float16 else dtype
-    model.unet.to(dtype)
-    model.vae.to(wide)
-    model.mi_decoder.to(wide)
+    for module, want in ((model.unet, dtype), (model.vae, wide), (model.mi_decoder, wide)):
+        if any(p.dtype != want for p in module.parameters()):
+            module.to(want)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
@@ -104,7 +104,7 @@ def estimate_tile_bytes(model, tile_h: int, tile_w: int) -> int:
     side by side, a few live tensors each, plus the stored encoder skip features.
     """
     pixels = tile_h * tile_w
-    c0 = model.vae.encoder.down_blocks[0].resnets[0].conv1.out_channels
+    c0 = model.spec.vae.block_out_channels[0]
     mask_c = c0
     ups = getattr(model.mi_decoder, "up_blocks", None)
     if ups is not None and len(ups):

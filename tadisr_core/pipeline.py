@@ -44,6 +44,7 @@ class UpscaleResult:
     image: torch.Tensor
     mask: torch.Tensor
     attention: torch.Tensor | None = None
+    grid: TileGrid | None = None      # the tiling actually used (after any out-of-memory fallback)
 
 
 @dataclass
@@ -153,7 +154,7 @@ def _canvases(batch: int, grid: TileGrid, channels: int, heat: bool, device) -> 
     return image, mask, attention
 
 
-def _finish(image, mask, attention, alpha) -> UpscaleResult:
+def _finish(image, mask, attention, alpha, grid: TileGrid) -> UpscaleResult:
     image[:, :3].clamp_(0, 1)
     if alpha is not None:
         image[:, 3:].copy_(alpha)
@@ -162,7 +163,7 @@ def _finish(image, mask, attention, alpha) -> UpscaleResult:
         flat = attention.flatten(1)
         lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
         attention.sub_(lo.view(-1, 1, 1, 1)).div_((hi - lo).clamp_min(1e-12).view(-1, 1, 1, 1))
-    return UpscaleResult(image, mask, attention)
+    return UpscaleResult(image, mask, attention, grid)
 
 
 def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: int):
@@ -224,7 +225,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
         units = b * len(grid)
         run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
         blender.finish()
-        return _finish(img_c, mask_c, heat_c, alpha)
+        return _finish(img_c, mask_c, heat_c, alpha, grid)
 
     return _with_tile_fallback(run, tile, overlap)
 
@@ -320,4 +321,4 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
     run_batches(len(tiled.tiles), batch, work, progress=progress, cancel=cancel)
     blender.finish()
     alpha = None if tiled.alpha is None else tiled.alpha.to(img_c.device)
-    return _finish(img_c, mask_c, heat_c, alpha)
+    return _finish(img_c, mask_c, heat_c, alpha, grid)

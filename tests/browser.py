@@ -16,6 +16,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,14 +27,30 @@ import urllib.request
 from pathlib import Path
 
 try:
+    from .comfy_host import die_with_parent
     from .wsclient import WebSocket, WebSocketClosed
 except ImportError:  # tests/ is not a package: imported via rootdir on sys.path
+    from comfy_host import die_with_parent
     from wsclient import WebSocket, WebSocketClosed
 
 CHROMIUM = os.environ.get("TADISR_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--disable-extensions", "--mute-audio"]
+
+# Console errors the offline ComfyUI 0.3.75 frontend always logs: optional files it probes for (404),
+# its content-security policy blocking outside hosts, and one TypeError in its own bundle at load.
+KNOWN_NOISE = [
+    (r"Failed to load resource.*404", r"/(user\.css|favicon\.ico|api/userdata)"),
+    (r"violates the following Content Security Policy directive", ""),
+    (r"^TypeError: Cannot read properties of undefined \(reading 'id'\)\n\s+at onChange \(\S+/assets/", ""),
+]
+
+
+def is_known_noise(message: dict) -> bool:
+    """True for a console entry that the host's own frontend produces offline (not our pack's doing)."""
+    return any(re.search(text, message["text"]) and re.search(url, message.get("url", ""))
+               for text, url in KNOWN_NOISE)
 
 
 class CDPError(RuntimeError):
@@ -80,7 +97,7 @@ class Browser:
                f"--user-data-dir={self._tmp}", "about:blank"]
         log = open(Path(self._tmp) / "chromium.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         try:
             port = self._devtools_port()
@@ -254,6 +271,7 @@ class Browser:
         path.write_bytes(base64.b64decode(data))
         return path
 
-    def console_errors(self) -> list[str]:
-        """Texts of console errors and uncaught exceptions seen so far."""
-        return [m["text"] for m in self.console if m["type"] in ("error", "exception", "assert")]
+    def console_errors(self, include_noise: bool = False) -> list[str]:
+        """Texts of console errors and uncaught exceptions so far (KNOWN_NOISE left out unless asked)."""
+        return [m["text"] for m in self.console if m["type"] in ("error", "exception", "assert")
+                and (include_noise or not is_known_noise(m))]

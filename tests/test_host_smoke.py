@@ -29,6 +29,7 @@ def test_ui_loads_and_screenshots(comfy_server, browser):
     browser.wait_for(UI_READY, timeout=60)
     n_types = browser.eval("Object.keys(LiteGraph.registered_node_types).length")
     assert n_types > 100, f"only {n_types} node types registered in the page"
+    assert browser.console_errors() == [], "console errors beyond the host's known offline noise"
     shot = browser.screenshot(ARTIFACTS / "screenshots" / "ui_home.png")
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,275 @@
+"""Command line: `python -m tadisr_core COMMAND ...`.
+
+Each command is one `add_<name>(subparsers)` function that builds its sub-parser and sets
+`run=<function(args) -> exit code>`; list it in COMMANDS to enable it.
+
+Exit codes: 0 success, 1 some inputs failed, 2 setup error (arguments, missing weights), 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_CANCELLED = 0, 1, 2, 130
+
+log = logging.getLogger("tadisr")
+
+
+class SetupError(Exception):
+    """A problem to report in one line (no traceback) with exit code 2."""
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+def _tile_batch(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}")
+    return n
+
+
+def _scale(value: str) -> float:
+    s = float(value)
+    if not 1 <= s <= 8:
+        raise argparse.ArgumentTypeError(f"scale must be between 1 and 8, got {value}")
+    return s
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def add_weight_args(p: argparse.ArgumentParser) -> None:
+    """--kolors / --checkpoint / --prompt-cache, defaulting to TADISR_KOLORS / _CHECKPOINT / _PROMPT_CACHE."""
+    p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
+                   help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
+                        "build the prompt cache) [env TADISR_KOLORS]")
+    p.add_argument("--checkpoint", metavar="PATH", default=os.environ.get("TADISR_CHECKPOINT"),
+                   help="TADiSR checkpoint: the release's tadisr_kolors_ftsr_526000.pkl "
+                        "(huqiming513/TADiSR-Models) or a native .safetensors [env TADISR_CHECKPOINT]")
+    p.add_argument("--prompt-cache", metavar="PATH", default=os.environ.get("TADISR_PROMPT_CACHE"),
+                   help="prompt-embedding cache (.safetensors); computed with Kolors' ChatGLM3 and saved there "
+                        "when missing; omitted: computed in memory each run [env TADISR_PROMPT_CACHE]")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype / --compile / --channels-last / --merge-lora."""
+    from .devices import DTYPE_CHOICES
+
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32), fp32 on CPU")
+    p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights into the base weights (faster)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE blocks (slow first tile)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (often faster on GPU)")
+
+
+def load_model(args: argparse.Namespace):
+    """Load and configure the model from the weight and device arguments; SetupError on missing weights."""
+    import torch
+
+    from .devices import configure_model, resolve_device, resolve_dtype
+
+    if not args.kolors:
+        raise SetupError("--kolors DIR is required (or set TADISR_KOLORS): the Kwai-Kolors/Kolors diffusers "
+                         "folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
+    if not args.checkpoint:
+        raise SetupError("--checkpoint PATH is required (or set TADISR_CHECKPOINT): tadisr_kolors_ftsr_526000.pkl "
+                         "from https://huggingface.co/huqiming513/TADiSR-Models, or a native .safetensors")
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    except (RuntimeError, ValueError) as exc:
+        raise SetupError(str(exc)) from None
+    if device.type == "cpu" and dtype == torch.float16:
+        log.warning("fp16 on the CPU is slow and poorly supported; prefer --dtype fp32 or bf16")
+    from .checkpoint import CheckpointError
+    from .loading import load_tadisr
+
+    if not args.verbose:
+        _quiet_libraries()
+
+    try:
+        model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
+                            merge_lora_weights=args.merge_lora)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise SetupError(str(exc)) from None
+    return configure_model(model, dtype, channels_last=args.channels_last, compile=args.compile)
+
+
+def _quiet_libraries() -> None:
+    """Silence diffusers / transformers info and cast warnings (our own log stays)."""
+    for name in ("diffusers", "transformers"):
+        try:
+            __import__(name).utils.logging.set_verbosity_error()
+        except (ImportError, AttributeError):
+            pass
+
+
+class _Interrupt:
+    """First Ctrl-C asks to stop after the current tile batch; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Interrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after the current tiles (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+# -- upscale ----------------------------------------------------------------------------------------
+def add_upscale(sub) -> None:
+    p = sub.add_parser("upscale", help="super-resolve image files and write SR images + text masks",
+                       description="Super-resolve images: writes <name>_x<scale>.png and <name>_text_mask.png "
+                                   "(and <name>_attention.png with --attention) to OUTDIR.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    add_weight_args(p)
+    p.add_argument("--scale", type=_scale, default=4.0, help="upscale factor, 1 to 8 (default 4)")
+    p.add_argument("--tile", type=int, default=768, help="tile size in output pixels, multiple of 8 (default 768)")
+    p.add_argument("--overlap", type=int, default=256, help="tile overlap in output pixels (default 256)")
+    p.add_argument("--tile-batch", type=_tile_batch, default="auto",
+                   help="tiles per forward pass, or auto (from free memory; halved on out-of-memory)")
+    add_device_args(p)
+    p.add_argument("--seed", type=int, default=None,
+                   help="sample the VAE latent with this seed, as the release did (default: the latent mean, "
+                        "deterministic)")
+    p.add_argument("--attention", action="store_true", help="also write the text-attention heat map")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
+    p.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs all exist")
+    p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (tile batch, retries)")
+    p.set_defaults(run=run_upscale)
+
+
+def _validate_upscale(args) -> None:
+    if args.tile < 8 or args.tile % 8:
+        raise SetupError(f"--tile must be a positive multiple of 8, got {args.tile}")
+    if not 0 <= args.overlap < args.tile:
+        raise SetupError(f"--overlap must be in [0, tile), got {args.overlap} with --tile {args.tile}")
+
+
+def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None = None, model=None) -> int:
+    """The `upscale` command. `cancel` / `model` let callers (tests, embedding) inject their own."""
+    from tqdm.auto import tqdm
+
+    from .batch import Options, collect_inputs, distributed_rank, plan_jobs, process_file, shard
+    from .pipeline import UpscaleCancelled
+
+    _setup_logging(args.verbose)
+    _validate_upscale(args)
+    rank, world = distributed_rank()
+    jobs = shard(plan_jobs(collect_inputs(args.inputs, args.recursive), args.output, args.scale, args.attention),
+                 rank, world)
+    quiet = args.quiet or rank > 0
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(args)
+    load_s = time.perf_counter() - t0
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
+                      args.skip_existing)
+    records, cancelled = [], False
+    files_bar = tqdm(total=len(jobs), unit="file", disable=quiet or len(jobs) < 2, position=0)
+    with _Interrupt() as interrupt:
+        stop = cancel or interrupt
+        for job in jobs:
+            bar = tqdm(unit="tile", desc=job.input.name, leave=False, disable=quiet, position=1 if len(jobs) > 1 else 0)
+
+            def progress(done: int, total: int, bar=bar) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            try:
+                rec = process_file(model, job, options, progress=progress, cancel=stop)
+            except UpscaleCancelled as exc:
+                cancelled = True
+                print(f"cancelled during {job.input} ({exc}); its outputs were not written", file=sys.stderr)
+                break
+            finally:
+                bar.close()
+            records.append(rec)
+            files_bar.update(1)
+            if not rec.ok:
+                tqdm.write(f"error: {rec.error}", file=sys.stderr)
+    files_bar.close()
+    failed = [r for r in records if not r.ok]
+    if args.json:
+        import dataclasses
+
+        import torch
+
+        report = {"ok": len(records) - len(failed), "failed": len(failed), "cancelled": cancelled,
+                  "rank": rank, "world_size": world, "device": str(model.device),
+                  "dtype": str(model.unet.conv_in.weight.dtype).replace("torch.", ""),
+                  "threads": torch.get_num_threads(), "model_load_seconds": round(load_s, 4),
+                  "total_seconds": round(time.perf_counter() - t0, 4),
+                  "files": [dataclasses.asdict(r) for r in records]}
+        print(json.dumps(report))
+    elif not quiet:
+        print(f"{len(records) - len(failed)} of {len(jobs)} files written to {args.output}"
+              + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
+    if cancelled:
+        return EXIT_CANCELLED
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+COMMANDS: list[Callable] = [add_upscale]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per entry of COMMANDS."""
+    parser = argparse.ArgumentParser(prog="python -m tadisr_core",
+                                     description="TADiSR: text-aware 4x super-resolution (Kolors, one step).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the chosen command; setup errors print one line and return 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return EXIT_CANCELLED

@@ -1,0 +1,174 @@
+"""`python -m tadisr_core upscale` end to end on the make-tiny weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tadisr_core import cli
+from tadisr_core.batch import collect_inputs, plan_jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q"]
+
+
+def weights(tiny_dir) -> list[str]:
+    return ["--kolors", str(tiny_dir["kolors"]), "--checkpoint", str(tiny_dir["checkpoint"]),
+            "--prompt-cache", str(tiny_dir["prompt_cache"])]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    from tadisr_core.loading import load_tadisr
+
+    return load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)).save(d / "odd.png")
+    rgba = rng.integers(0, 256, (15, 20, 4), dtype=np.uint8)
+    rgba[..., 3] = np.linspace(0, 255, 20, dtype=np.uint8)[None, :]
+    Image.fromarray(rgba).save(d / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (12, 9), dtype=np.uint8)).save(d / "gray.jpg")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    return d
+
+
+def run_cli(argv, capsys, **kw) -> tuple[int, str, str]:
+    args = cli.build_parser().parse_args(argv)
+    try:
+        rc = cli.run_upscale(args, **kw)
+    except cli.SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        rc = cli.EXIT_SETUP
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_folder_end_to_end_with_a_corrupt_file(tiny_dir, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_cli(["upscale", str(inputs), "-o", str(out), *weights(tiny_dir), *FAST,
+                                  "--attention", "--json"], capsys)
+    assert rc == cli.EXIT_FAILED                                  # one file failed ...
+    report = json.loads(stdout)
+    assert report["ok"] == 3 and report["failed"] == 1 and report["world_size"] == 1
+    by_name = {Path(r["input"]).name: r for r in report["files"]}
+    assert not by_name["corrupt.png"]["ok"] and "corrupt.png" in by_name["corrupt.png"]["error"]
+    assert "corrupt.png" in stderr
+    for name, (w, h) in {"odd": (37, 23), "alpha": (20, 15), "gray": (9, 12)}.items():
+        rec = next(r for r in report["files"] if Path(r["input"]).stem == name)
+        assert rec["ok"] and rec["input_size"] == [w, h] and rec["output_size"] == [4 * w, 4 * h]
+        assert set(rec["seconds"]) == {"load", "upscale", "save", "total"} and rec["tiles"] >= 1
+        sr, mask, att = (Image.open(out / f"{name}{suffix}.png") for suffix in ("_x4", "_text_mask", "_attention"))
+        assert sr.size == mask.size == att.size == (4 * w, 4 * h)      # ... the rest succeeded, exact x4
+        assert mask.mode == "L" and att.mode == "L"
+    assert Image.open(out / "alpha_x4.png").mode == "RGBA"
+    assert Image.open(out / "odd_x4.png").mode == "RGB"
+    assert not any(out.glob("corrupt*")) and not any(out.glob(".*partial"))
+
+
+def test_rgba_alpha_is_the_upscaled_input_alpha(tiny_model, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, _ = run_cli(["upscale", str(inputs / "alpha.png"), "-o", str(out), "--kolors", "x", "--checkpoint", "y",
+                        *FAST], capsys, model=tiny_model)
+    assert rc == 0
+    src = torch.from_numpy(np.asarray(Image.open(inputs / "alpha.png"))[..., 3].astype(np.float32) / 255)
+    ref = F.interpolate(src[None, None], size=(60, 80), mode="bicubic", align_corners=False).clamp(0, 1)
+    got = np.asarray(Image.open(out / "alpha_x4.png"))[..., 3].astype(np.float32) / 255
+    assert np.abs(got - ref[0, 0].numpy()).max() <= 0.5 / 255 + 1e-6
+
+
+def test_module_entry_point_with_scale_2(tiny_dir, inputs, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "tadisr_core", "upscale", str(inputs / "odd.png"), "-o", str(out),
+                           *weights(tiny_dir), *FAST, "--scale", "2", "--json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["files"][0]["output_size"] == [74, 46]
+    assert Image.open(out / "odd_x2.png").size == (74, 46)
+    assert Image.open(out / "odd_text_mask.png").size == (74, 46)
+
+
+def test_missing_weights_name_the_file_and_where_to_get_it(tiny_dir, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["upscale", str(inputs / "odd.png"), "-o", str(out), *FAST]
+    rc = cli.main(args + ["--kolors", str(tmp_path / "nope"), "--checkpoint", str(tiny_dir["checkpoint"])])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_SETUP and str(tmp_path / "nope") in err and "Kolors" in err
+    missing = tmp_path / "tadisr_kolors_ftsr_526000.pkl"
+    rc = cli.main(args + ["--kolors", str(tiny_dir["kolors"]), "--checkpoint", str(missing)])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_SETUP and str(missing) in err and "huqiming513/TADiSR-Models" in err
+    rc = cli.main(args + ["--kolors", str(tiny_dir["kolors"])])
+    assert rc == cli.EXIT_SETUP and "--checkpoint" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cancel_between_tiles_writes_nothing_partial(tiny_model, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    checks = {"n": 0}
+
+    def cancel() -> bool:         # 4 tile batches go by (alpha.png: 2 batches, gray.jpg: 1, ...), then stop
+        checks["n"] += 1
+        return checks["n"] > 4
+
+    rc, _, stderr = run_cli(["upscale", str(inputs / "alpha.png"), str(inputs / "gray.jpg"), str(inputs / "odd.png"),
+                             "-o", str(out), "--kolors", "x", "--checkpoint", "y", *FAST], capsys,
+                            cancel=cancel, model=tiny_model)
+    assert rc == cli.EXIT_CANCELLED and "cancelled during" in stderr and "odd.png" in stderr
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["alpha_text_mask.png", "alpha_x4.png", "gray_text_mask.png", "gray_x4.png"]
+    assert checks["n"] == 5                              # stopped at the first check after the request
+
+
+def test_sharding_by_rank(tiny_model, inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    rc, stdout, _ = run_cli(["upscale", str(inputs), "-o", str(out), "--kolors", "x", "--checkpoint", "y",
+                             *FAST, "--json"], capsys, model=tiny_model)
+    report = json.loads(stdout)
+    # sorted: alpha.png, corrupt.png, gray.jpg, odd.png -> rank 1 of 2 gets corrupt.png and odd.png
+    assert [Path(f["input"]).name for f in report["files"]] == ["corrupt.png", "odd.png"]
+    assert report["rank"] == 1 and rc == cli.EXIT_FAILED
+    assert sorted(p.name for p in out.iterdir()) == ["odd_text_mask.png", "odd_x4.png"]
+
+
+def test_output_names_and_skip_existing(tiny_model, inputs, tmp_path, capsys):
+    Image.open(inputs / "odd.png").save(inputs / "odd.jpg")
+    jobs = plan_jobs(collect_inputs([inputs / "odd.png", inputs / "odd.jpg"]), tmp_path / "o", 2.5)
+    assert [j.image.name for j in jobs] == ["odd_x2.5.png", "odd-2_x2.5.png"]
+    assert [j.mask.name for j in jobs] == ["odd_text_mask.png", "odd-2_text_mask.png"]
+    missing = collect_inputs([tmp_path / "nothing.png"])
+    assert missing[0][2] and "not found" in missing[0][2]
+
+    out = tmp_path / "out"
+    argv = ["upscale", str(inputs / "gray.jpg"), "-o", str(out), "--kolors", "x", "--checkpoint", "y", *FAST,
+            "--json", "--skip-existing"]
+    assert run_cli(argv, capsys, model=tiny_model)[0] == 0
+    rc, stdout, _ = run_cli(argv, capsys, model=tiny_model)
+    assert rc == 0 and json.loads(stdout)["files"][0]["skipped"] is True
+
+
+def test_bad_arguments_exit_2(capsys, tmp_path):
+    for extra in (["--tile", "60"], ["--tile", "64", "--overlap", "64"]):
+        assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "--kolors", "k", "--checkpoint", "c", *extra]) == 2
+        assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["upscale", "x.png", "-o", str(tmp_path), "--scale", "9"])
+    with pytest.raises(SystemExit):
+        cli.main(["upscale", "x.png", "-o", str(tmp_path), "--tile-batch", "0"])

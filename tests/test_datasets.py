@@ -1,0 +1,169 @@
+"""Training datasets: FTSR triplet folders, Real-CE lists, on-the-fly synthesis; aligned shapes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from training.data import datasets as DS
+from training.data.synthesis import system_fonts
+
+HR = 128
+
+
+def _photos() -> list[np.ndarray]:
+    return [skimage.data.astronaut()[:HR * 2:2, :HR * 2:2], skimage.data.coffee()[100:100 + HR, 200:200 + HR]]
+
+
+def _area_down(hr: np.ndarray, scale: int) -> np.ndarray:
+    t = torch.from_numpy(hr).permute(2, 0, 1)[None].float()
+    return F.avg_pool2d(t, scale)[0].permute(1, 2, 0).round().byte().numpy()
+
+
+def _text_mask(i: int) -> np.ndarray:
+    m = np.zeros((HR, HR), np.uint8)
+    m[20 + 10 * i: 60, 30: 100 - 10 * i] = 255
+    return m
+
+
+@pytest.fixture(scope="module")
+def triplets(tmp_path_factory) -> Path:
+    """hr/ + lr/ (exact 4x area downscale, so alignment is checkable) + mask/."""
+    root = tmp_path_factory.mktemp("ftsr")
+    for sub in ("hr", "lr", "mask"):
+        (root / sub).mkdir()
+    for i, hr in enumerate(_photos()):
+        Image.fromarray(hr).save(root / "hr" / f"{i:06d}.png")
+        Image.fromarray(_area_down(hr, 4)).save(root / "lr" / f"{i:06d}.png")
+        Image.fromarray(_text_mask(i)).save(root / "mask" / f"{i:06d}.png")
+    return root
+
+
+def _check_item(item: dict, h: int, w: int, scale: int = 4) -> None:
+    assert item["hr"].shape == (3, h, w) and item["lr"].shape == (3, h // scale, w // scale)
+    assert item["mask"].shape == (1, h, w)
+    for key in ("lr", "hr", "mask"):
+        assert item[key].dtype == torch.float32 and 0 <= item[key].min() and item[key].max() <= 1
+    assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert isinstance(item["name"], str)
+
+
+def _assert_aligned(item: dict, scale: int = 4) -> None:
+    down = F.avg_pool2d(item["hr"][None], scale)[0]
+    assert (down - item["lr"]).abs().max() < 1.5 / 255
+
+
+def test_triplets_full_and_cropped_are_aligned(triplets):
+    ds = DS.TripletFolderDataset(triplets)
+    assert len(ds) == 2 and ds[1]["name"] == "000001"
+    item = ds[0]
+    _check_item(item, HR, HR)
+    _assert_aligned(item)
+    assert item["mask"].sum() == (_text_mask(0) > 0).sum()
+    cropped = DS.TripletFolderDataset(triplets, crop=64, seed=3)
+    for i in range(2):
+        item = cropped[i]
+        _check_item(item, 64, 64)
+        _assert_aligned(item)
+    assert torch.equal(cropped[0]["hr"], cropped[0]["hr"])  # seeded: same crop every time
+    crops = {tuple(DS.TripletFolderDataset(triplets, crop=64)[0]["lr"][0, 0, :4].tolist()) for _ in range(6)}
+    assert len(crops) > 1  # unseeded: random crops
+
+
+def test_triplets_without_lr_degrade_on_the_fly(triplets, tmp_path):
+    root = tmp_path / "no_lr"
+    for sub in ("hr", "mask"):
+        (root / sub).mkdir(parents=True)
+        for f in (triplets / sub).iterdir():
+            (root / sub / f.name).write_bytes(f.read_bytes())
+    ds = DS.TripletFolderDataset(root, crop=64, seed=0, preset="ftsr")
+    a, b = ds[0], ds[0]
+    _check_item(a, 64, 64)
+    assert torch.equal(a["lr"], b["lr"]) and torch.equal(a["hr"], b["hr"])
+    down = F.avg_pool2d(a["hr"][None], 4)[0]
+    assert 0.005 < (down - a["lr"]).abs().mean() < 0.25  # degraded, but still the same picture
+
+
+def test_triplet_errors_name_the_missing_thing(triplets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing folder .*mask"):
+        (tmp_path / "x" / "hr").mkdir(parents=True)
+        DS.TripletFolderDataset(tmp_path / "x")
+    root = tmp_path / "y"
+    for sub in ("hr", "mask"):
+        (root / sub).mkdir(parents=True)
+    Image.fromarray(_photos()[0]).save(root / "hr" / "a.png")
+    with pytest.raises(FileNotFoundError, match=r"no mask for .*a\.png"):
+        DS.TripletFolderDataset(root)
+    with pytest.raises(ValueError, match="not divisible"):
+        DS.TripletFolderDataset(triplets, crop=62)
+    with pytest.raises(ValueError, match="smaller than the LR crop"):
+        DS.TripletFolderDataset(triplets, crop=256)[0]
+
+
+@pytest.fixture(scope="module")
+def realce(tmp_path_factory) -> Path:
+    """Real-CE layout: LR registered at HR size (.JPG), HR (.JPG), masks (.png), list files."""
+    root = tmp_path_factory.mktemp("realce")
+    for sub in ("13mm_aligned_1024", "52mm_aligned_1024", "mask-52mm-bts-1024-v2"):
+        (root / sub).mkdir()
+    names = []
+    for i, hr in enumerate(_photos()):
+        name = f"img_{i}"
+        lr_small = _area_down(hr, 4)
+        lr_big = np.asarray(Image.fromarray(lr_small).resize((HR, HR), Image.BICUBIC))
+        Image.fromarray(lr_big).save(root / "13mm_aligned_1024" / f"{name}.JPG", quality=98)
+        Image.fromarray(hr).save(root / "52mm_aligned_1024" / f"{name}.JPG", quality=98)
+        Image.fromarray(_text_mask(i)).save(root / "mask-52mm-bts-1024-v2" / f"{name}.png")
+        names.append(name + ".JPG")
+    (root / "aligned_list_train.txt").write_text("\n".join(names) + "\n\n")
+    return root
+
+
+def test_realce_pairs_are_downscaled_and_aligned(realce):
+    ds = DS.RealCEDataset(realce, "aligned_list_train.txt")
+    assert len(ds) == 2
+    item = ds[1]
+    _check_item(item, HR, HR)
+    assert item["name"] == "img_1"
+    down = F.avg_pool2d(item["hr"][None], 4)[0]
+    assert (down - item["lr"]).abs().mean() < 0.05  # same content at the same place
+    cropped = DS.RealCEDataset(realce, realce / "aligned_list_train.txt", crop=64, seed=1)[0]
+    _check_item(cropped, 64, 64)
+    assert (F.avg_pool2d(cropped["hr"][None], 4)[0] - cropped["lr"]).abs().mean() < 0.05
+    no_mask = DS.RealCEDataset(realce, "aligned_list_train.txt", mask_dir=None)[0]
+    assert no_mask["mask"].sum() == 0
+
+
+def test_realce_errors(realce, tmp_path):
+    with pytest.raises(FileNotFoundError, match="list file not found"):
+        DS.RealCEDataset(realce, "nope.txt")
+    bad = tmp_path / "list.txt"
+    bad.write_text("ghost.JPG\n")
+    with pytest.raises(FileNotFoundError, match="ghost.JPG .*13mm_aligned_1024"):
+        DS.RealCEDataset(realce, bad)
+    with pytest.raises(FileNotFoundError, match="missing Real-CE folder"):
+        DS.RealCEDataset(realce, "aligned_list_train.txt", mask_dir="masks_v3")
+
+
+def test_on_the_fly_synthesis(tmp_path):
+    fonts = system_fonts()
+    if not fonts:
+        pytest.skip("no system fonts found by fc-match (install fonts-dejavu / fonts-noto-cjk)")
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.png")
+    ds = DS.OnTheFlySynthesisDataset(tmp_path, fonts=fonts, length=3, size=HR, seed=4)
+    assert len(ds) == 3
+    a = ds[1]
+    _check_item(a, HR, HR)
+    assert a["mask"].sum() > 0
+    assert torch.equal(ds[1]["hr"], a["hr"]) and torch.equal(ds[1]["lr"], a["lr"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["hr"], a["hr"])
+    with pytest.raises(IndexError):
+        ds[3]
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch["lr"].shape == (2, 3, HR // 4, HR // 4) and batch["mask"].shape == (2, 1, HR, HR)

@@ -1,0 +1,184 @@
+"""The tiled upscale pipeline on a tiny random model: sizes, alpha, batching, staging, cancel, OOM."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tadisr_core import devices
+from tadisr_core.pipeline import (UpscaleCancelled, decode_tiles, denoise_tiles, encode_tiles, output_size,
+                                  upscale)
+
+TILE = dict(tile=64, overlap=16)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory):
+    return tiny_model_factory("official-kolors")
+
+
+@pytest.mark.parametrize("shape, scale", [
+    ((1, 3, 23, 37), 4),      # odd, 2 x 3 tiles
+    ((1, 3, 10, 50), 4),      # one side shorter than a tile
+    ((1, 3, 9, 11), 4),       # smaller than a tile, not a multiple of 8 after scaling
+    ((2, 3, 13, 21), 2.5),    # batch of images, fractional scale
+    ((1, 3, 70, 9), 1),       # scale 1
+])
+def test_sizes_and_ranges(model, shape, scale):
+    torch.manual_seed(0)
+    out = upscale(model, torch.rand(shape), scale, tile_batch=2, **TILE)
+    h, w = output_size(shape[2], shape[3], scale)
+    assert out.image.shape == (shape[0], 3, h, w)
+    assert out.mask.shape == (shape[0], 1, h, w)
+    assert out.attention is None
+    for t in (out.image, out.mask):
+        assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
+    assert out.mask.std() > 0   # a real (random-weight) prediction, not a constant
+
+
+def test_rgba_keeps_its_upscaled_alpha_and_gray_works(model):
+    torch.manual_seed(1)
+    rgba = torch.rand(1, 4, 15, 20)
+    out = upscale(model, rgba, 4, tile_batch=3, **TILE)
+    assert out.image.shape == (1, 4, 60, 80)
+    alpha = F.interpolate(rgba[:, 3:], size=(60, 80), mode="bicubic", align_corners=False).clamp(0, 1)
+    assert torch.equal(out.image[:, 3:], alpha)
+    rgb = upscale(model, rgba[:, :3], 4, tile_batch=3, **TILE)
+    assert torch.equal(out.image[:, :3], rgb.image) and torch.equal(out.mask, rgb.mask)
+
+    gray = rgba[:, :1]
+    g = upscale(model, gray, 4, tile_batch=3, **TILE)
+    assert g.image.shape == (1, 3, 60, 80)
+    ref = upscale(model, gray.expand(-1, 3, -1, -1), 4, tile_batch=3, **TILE)
+    assert torch.equal(g.image, ref.image)
+
+
+def test_batched_tiles_equal_batch_one(model, tiny_model_factory):
+    x = torch.rand(1, 3, 23, 37, generator=torch.Generator().manual_seed(2))
+    one = upscale(model, x, 4, tile_batch=1, **TILE)
+    many = upscale(model, x, 4, tile_batch=4, **TILE)
+    # fp32: the model itself is not bit-batch-invariant on CPU (oneDNN convs round differently per
+    # batch size, ~1 ulp, amplified by the random weights to a few 1e-5); the pipeline adds nothing.
+    assert (one.image - many.image).abs().max() < 2e-4
+    assert (one.mask - many.mask).abs().max() < 2e-4
+    # fp64 shows the tiling/batching logic itself is exact.
+    m64 = tiny_model_factory("official-kolors").double()
+    m64.set_prompt(m64.prompt)
+    one = upscale(m64, x, 4, tile_batch=1, **TILE)
+    many = upscale(m64, x, 4, tile_batch=4, **TILE)
+    assert (one.image - many.image).abs().max() < 1e-5
+    assert (one.mask - many.mask).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+def test_staged_equals_fused(variant, model, tiny_model_factory):
+    m = model if variant == "official-kolors" else tiny_model_factory("paper")
+    x = torch.rand(1, 4, 12, 21, generator=torch.Generator().manual_seed(3))
+    fused = upscale(m, x, 4, tile_batch=2, attention=True, **TILE)
+    tiled = encode_tiles(m, x, 4, tile_batch=2, **TILE)
+    assert tiled.size == (48, 84) and len(tiled.tiles) == len(tiled.grid) == 2
+    assert tiled.tiles[0].skips is not None and tiled.tiles[0].latents.shape == (1, 4, 6, 8)
+    tiled = denoise_tiles(m, tiled, capture=True, tile_batch=2)
+    staged = decode_tiles(m, tiled, tile_batch=2)
+    for a, b in ((fused.image, staged.image), (fused.mask, staged.mask), (fused.attention, staged.attention)):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-6
+    assert fused.attention.min() == 0 and fused.attention.max() == 1   # normalised per image
+    with pytest.raises(ValueError, match="already denoised"):
+        denoise_tiles(m, tiled)
+
+
+def test_progress_per_tile_and_cancel_between_tiles(model):
+    x = torch.rand(1, 3, 23, 37)                    # 2 x 3 = 6 tiles
+    seen = []
+    upscale(model, x, 4, tile_batch=1, progress=lambda d, n: seen.append((d, n)), **TILE)
+    assert seen == [(k, 6) for k in range(1, 7)]
+
+    calls = {"model": 0}
+    real_decode = model.decode
+
+    def counting_decode(*a, **k):
+        calls["model"] += 1
+        return real_decode(*a, **k)
+
+    model.decode = counting_decode
+    try:
+        with pytest.raises(UpscaleCancelled) as err:
+            upscale(model, x, 4, tile_batch=1, cancel=lambda: calls["model"] >= 2, **TILE)
+    finally:
+        del model.decode
+    assert calls["model"] == 2 and err.value.done == 2 and err.value.total == 6
+
+
+def test_out_of_memory_halves_the_batch_then_the_tile(model, caplog):
+    x = torch.rand(1, 3, 40, 40)
+    real_decode = model.decode
+    shapes = []
+
+    def picky_decode(latents, *a, **k):
+        shapes.append(tuple(latents.shape))
+        if latents.shape[0] > 1 or latents.shape[-1] > 8:   # only single 64 px tiles fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(latents, *a, **k)
+
+    model.decode = picky_decode
+    try:
+        with caplog.at_level(logging.WARNING, logger="tadisr"):
+            out = upscale(model, x, 4, tile=128, overlap=32, tile_batch=4)
+    finally:
+        del model.decode
+    assert out.grid.tile_h == out.grid.tile_w == 64 and out.image.shape == (1, 3, 160, 160)
+    assert shapes[0] == (4, 4, 16, 16)
+    assert "retrying with 2" in caplog.text and "restarting with tile 64, overlap 16" in caplog.text
+    ref = upscale(model, x, 4, tile=64, overlap=16, tile_batch=1)
+    assert (ref.image - out.image).abs().max() < 2e-4
+
+
+def test_sampled_latent_is_seeded(model):
+    x = torch.rand(1, 3, 12, 12)
+    a = upscale(model, x, 4, tile_batch=1, sample=True, seed=5, **TILE)
+    b = upscale(model, x, 4, tile_batch=1, sample=True, seed=5, **TILE)
+    c = upscale(model, x, 4, tile_batch=1, **TILE)
+    assert torch.equal(a.image, b.image)
+    assert not torch.equal(a.image, c.image)
+
+
+def test_bad_arguments(model):
+    x = torch.rand(1, 3, 16, 16)
+    for kwargs in (dict(scale=9), dict(scale=0.5), dict(tile=60), dict(overlap=64), dict(tile_batch=0)):
+        with pytest.raises(ValueError):
+            upscale(model, x, **{"scale": 4, **TILE, **kwargs})
+    with pytest.raises(ValueError, match="C in 1, 3, 4"):
+        upscale(model, torch.rand(1, 2, 16, 16), 4, **TILE)
+    with pytest.raises(ValueError, match="float"):
+        upscale(model, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 4, **TILE)
+
+
+def test_auto_tile_batch_and_device_choices(model):
+    assert devices.resolve_dtype("auto", "cpu") == torch.float32
+    assert devices.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError):
+        devices.resolve_dtype("fp8", "cpu")
+    if not torch.cuda.is_available():
+        assert devices.resolve_device("auto").type in ("cpu", "mps")
+    n = devices.choose_tile_batch(model, 64, 64, units=6)
+    assert 1 <= n <= 4
+    assert devices.choose_tile_batch(model, 64, 64, units=1) == 1
+    full_tile = devices.estimate_tile_bytes(model, 768, 768)
+    assert full_tile > 4 * devices.estimate_tile_bytes(model, 256, 256) > 0
+    out = upscale(model, torch.rand(1, 3, 20, 20), 4, tile_batch="auto", **TILE)
+    assert out.image.shape == (1, 3, 80, 80)
+
+
+def test_fp16_keeps_the_vae_in_fp32(tiny_model_factory):
+    m = devices.configure_model(tiny_model_factory("official-kolors"), torch.float16)
+    assert m.unet.conv_in.weight.dtype == torch.float16
+    assert all(p.dtype == torch.float32 for p in m.vae.parameters())
+    assert all(p.dtype == torch.float32 for p in m.mi_decoder.parameters())
+    m = devices.configure_model(m, torch.bfloat16, channels_last=True)
+    assert m.vae.encoder.conv_in.weight.dtype == torch.bfloat16
+    out = upscale(m, torch.rand(1, 3, 8, 8), 4, tile_batch=1, **TILE)
+    assert out.image.dtype == torch.float32 and torch.isfinite(out.image).all()

@@ -1,0 +1,219 @@
+"""FTSR-style synthesis: pixel-exact masks, CJK rendering, text crops, determinism, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from training import synthesize
+from training.data import synthesis as S
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def backgrounds(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("backgrounds")
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()).save(d / f"{name}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def fonts() -> list[S.FontSpec]:
+    found = S.system_fonts()
+    if not found:
+        pytest.skip("no system fonts found by fc-match (install fonts-dejavu / fonts-noto-cjk)")
+    return found
+
+
+def _noto_cjk() -> S.FontSpec | None:
+    try:
+        out = subprocess.run(["fc-match", "-f", "%{file}\t%{index}\t%{family}", "Noto Sans CJK SC"],
+                             capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:
+        return None
+    path, index, family = (out.split("\t") + ["", "", ""])[:3]
+    if "Noto Sans CJK" not in family:
+        return None
+    return S.FontSpec(path, int(index or 0), latin=True, cjk=True)
+
+
+@pytest.fixture(scope="module")
+def cjk_font() -> S.FontSpec:
+    spec = _noto_cjk()
+    if spec is None:
+        pytest.skip("Noto Sans CJK SC not installed (run scripts/install_test_deps.sh: fonts-noto-cjk)")
+    return spec
+
+
+@pytest.fixture(scope="module")
+def text_crops(tmp_path_factory) -> Path:
+    """TextSeg- and BTS-style folders of text crops with masks (0/255 and 0/1 masks)."""
+    root = tmp_path_factory.mktemp("crops")
+    rng = np.random.default_rng(0)
+    for img_dir, mask_dir, mask_max in (("textseg/train_images", "textseg/train_gt", 255),
+                                        ("bts/TRAIN/image", "bts/TRAIN/semantic_label", 1)):
+        (root / img_dir).mkdir(parents=True)
+        (root / mask_dir).mkdir(parents=True)
+        for i in range(2):
+            img = rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)
+            mask = np.zeros((40, 90), np.uint8)
+            mask[10:30, 10 + 20 * i: 60 + 20 * i] = mask_max
+            Image.fromarray(img).save(root / img_dir / f"c{i}.jpg")
+            Image.fromarray(mask).save(root / mask_dir / f"c{i}.png")
+    orphan = root / "textseg/train_images/orphan.jpg"  # an image without a mask
+    orphan.write_bytes((root / "textseg/train_images/c0.jpg").read_bytes())
+    return root
+
+
+def test_mask_is_exactly_the_changed_pixels(backgrounds, fonts):
+    synth = S.TextSynthesizer(S.list_images(backgrounds), fonts, config=S.SynthesisConfig(size=SIZE))
+    placed = 0
+    for seed in range(6):
+        s = synth.compose(seed)
+        assert s.hr.shape == (SIZE, SIZE, 3) and s.hr.dtype == np.uint8
+        assert set(np.unique(s.mask)) <= {0, 255}
+        changed = (s.hr != s.background).any(-1)
+        assert np.array_equal(changed, s.mask > 0), f"seed {seed}: mask != changed pixels"
+        for item in s.items:
+            x0, y0, x1, y1 = item["box"]
+            assert (s.mask[y0:y1, x0:x1] > 0).any()  # every placed item left ink in its box
+            placed += 1
+        inside = np.zeros_like(changed)
+        for x0, y0, x1, y1 in (it["box"] for it in s.items):
+            inside[y0:y1, x0:x1] = True
+        assert not (changed & ~inside).any()
+    assert placed >= 6
+
+
+def test_text_colour_equal_to_the_background_still_changes_pixels(tmp_path, fonts, monkeypatch):
+    # Text drawn in exactly the background colour would change nothing; it is nudged by one level.
+    colour = (120, 60, 30)
+    Image.fromarray(np.full((SIZE, SIZE, 3), colour, np.uint8)).save(tmp_path / "flat.png")
+    monkeypatch.setattr(S, "_text_colour", lambda rng, under, min_contrast: colour)
+    synth = S.TextSynthesizer([tmp_path / "flat.png"], fonts, config=S.SynthesisConfig(size=SIZE))
+    s = synth.compose(0)
+    ink = s.mask > 0
+    assert ink.any()
+    assert np.array_equal((s.hr != s.background).any(-1), ink)
+    assert (s.hr[ink] == (121, 60, 30)).all()
+
+
+def test_cjk_text_renders_with_noto(cjk_font):
+    font = S.load_font(cjk_font.path, cjk_font.index, 32)
+    assert S.font_renders(font, "中文字体测试")
+    ink = S.render_text_mask(["中文字体"], font)
+    assert ink.dtype == bool and ink.sum() > 200
+    assert ink.shape[1] > 3 * ink.shape[0]  # one horizontal line of 4 square glyphs
+    vertical = S.render_text_mask(["中文字体"], font, vertical=True)
+    assert vertical.shape[0] > 3 * vertical.shape[1]
+    rotated = S.render_text_mask(["中文字体"], font, angle=90)
+    assert abs(rotated.shape[0] - ink.shape[1]) <= 3 and abs(rotated.shape[1] - ink.shape[0]) <= 3
+    two = S.render_text_mask(["中文", "字体"], font)
+    assert two.shape[0] > 1.5 * ink.shape[0]  # multi-line
+
+
+def test_font_probe_tells_latin_from_cjk(cjk_font):
+    assert S.probe_font(cjk_font.path, cjk_font.index).cjk
+    dejavu = [f for f in S.system_fonts(("DejaVu Sans",))]
+    if dejavu:  # DejaVu has no CJK glyphs: its .notdef box must not count as rendered text
+        assert dejavu[0].latin and not dejavu[0].cjk
+
+
+def test_synthesis_is_deterministic(backgrounds, fonts):
+    synth = S.TextSynthesizer(S.list_images(backgrounds), fonts, config=S.SynthesisConfig(size=SIZE))
+    a, b, c = synth.sample(11), synth.sample(11), synth.sample(12)
+    assert np.array_equal(a.hr, b.hr) and np.array_equal(a.mask, b.mask) and np.array_equal(a.lr, b.lr)
+    assert a.items == b.items
+    assert not np.array_equal(a.hr, c.hr)
+    assert a.lr.shape == (SIZE // 4, SIZE // 4, 3)
+
+
+def test_find_text_crops_matches_by_stem(text_crops):
+    pairs = S.find_text_crops(text_crops)
+    assert len(pairs) == 4  # the orphan image without a mask is skipped
+    assert all(img.stem == mask.stem for img, mask in pairs)
+    assert S.load_mask(pairs[0][1]).dtype == bool
+    with pytest.raises(FileNotFoundError, match="no text crops found"):
+        S.find_text_crops(text_crops / "textseg" / "train_gt")
+
+
+def test_crops_are_pasted_with_binary_masks(backgrounds, text_crops):
+    synth = S.TextSynthesizer(S.list_images(backgrounds), text_crops=S.find_text_crops(text_crops),
+                              config=S.SynthesisConfig(size=SIZE))
+    s = synth.compose(5)
+    assert s.items and all(it["kind"] == "crop" for it in s.items)
+    assert set(np.unique(s.mask)) == {0, 255}
+    for it in s.items:
+        x0, y0, x1, y1 = it["box"]
+        m = s.mask[y0:y1, x0:x1] > 0
+        assert m.any() and not m.all()  # the crop's text mask, not its rectangle
+        assert (s.hr[y0:y1, x0:x1] != s.background[y0:y1, x0:x1]).any()
+
+
+def test_background_text_filter(backgrounds, fonts):
+    files = S.list_images(backgrounds)
+    calls = []
+
+    def has_text(img: np.ndarray) -> bool:
+        calls.append(img.shape)
+        return img.shape[:2] == (512, 512)  # "astronaut has text"
+
+    synth = S.TextSynthesizer(files, fonts, has_text=has_text, config=S.SynthesisConfig(size=SIZE))
+    assert len(calls) == 3 and all(c[2] == 3 for c in calls)
+    assert sorted(p.name for p in synth.backgrounds) == ["chelsea.png", "coffee.png"]
+    with pytest.raises(ValueError, match="contain text"):
+        S.TextSynthesizer(files, fonts, has_text=lambda img: True)
+    with pytest.raises(ValueError, match="no text source"):
+        S.TextSynthesizer(files)
+
+
+def test_sample_seed_is_stable_and_distinct():
+    assert S.sample_seed(0, 1) == S.sample_seed(0, 1)
+    assert len({S.sample_seed(0, i) for i in range(100)} | {S.sample_seed(1, 0)}) == 101
+    assert 0 <= S.sample_seed(3, 2, 1) < 2**63
+
+
+def test_cli_writes_triplets_and_manifest(tmp_path, backgrounds, fonts):
+    out = tmp_path / "ftsr"
+    rc = synthesize.main(["--backgrounds", str(backgrounds), "--out", str(out), "--count", "3",
+                          "--size", str(SIZE), "--seed", "5", "--preset", "realesrgan"])
+    assert rc == 0
+    for sub, shape in (("hr", (SIZE, SIZE, 3)), ("lr", (SIZE // 4, SIZE // 4, 3)), ("mask", (SIZE, SIZE))):
+        files = sorted((out / sub).iterdir())
+        assert [f.name for f in files] == ["000001.png", "000002.png", "000003.png"]
+        assert all(np.asarray(Image.open(f)).shape == shape for f in files)
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [rec["id"] for rec in lines] == ["000001", "000002", "000003"]
+    for rec in lines:
+        assert Path(rec["background"]).parent == backgrounds
+        assert len(rec["texts"]) == len(rec["boxes"]) == len(rec["fonts"]) >= 1
+        assert isinstance(rec["seed"], int)
+        mask = np.asarray(Image.open(out / "mask" / f"{rec['id']}.png"))
+        for x0, y0, x1, y1 in rec["boxes"]:
+            assert mask[y0:y1, x0:x1].any()
+    # Same seed, same data.
+    again = tmp_path / "again"
+    synthesize.main(["--backgrounds", str(backgrounds), "--out", str(again), "--count", "1",
+                     "--size", str(SIZE), "--seed", "5", "--preset", "realesrgan"])
+    assert (again / "hr/000001.png").read_bytes() == (out / "hr/000001.png").read_bytes()
+
+
+def test_cli_fails_clearly_without_fonts(tmp_path, backgrounds, capsys):
+    empty = tmp_path / "no_fonts"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        synthesize.main(["--backgrounds", str(backgrounds), "--out", str(tmp_path / "o"), "--count", "1",
+                         "--fonts", str(empty)])
+    assert e.value.code == 2
+    assert "no usable fonts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        synthesize.main(["--backgrounds", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+                         "--count", "1"])
+    assert "image folder not found" in capsys.readouterr().err

@@ -1,0 +1,233 @@
+"""torch Datasets for training: FTSR-layout folders, Real-CE with list files, on-the-fly synthesis.
+
+Every item is ``dict(lr=[3,h,w], hr=[3,H,W], mask=[1,H,W], name=str)``, float tensors in 0..1, with
+``H = scale * h``. Random crops are aligned: the HR crop starts at ``scale`` times the LR coordinates.
+With ``seed=None`` the crops (and on-the-fly degradations) follow torch's global RNG, which DataLoader
+seeds per worker; with a seed, item ``i`` is the same every time.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade
+from training.data.synthesis import (FontSpec, SynthesisConfig, TextSynthesizer, find_text_crops,
+                                     fonts_in_folder, list_images, load_mask, load_rgb, sample_seed,
+                                     system_fonts)
+
+
+def image_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 ``(H,W,3)`` -> float ``[3,H,W]`` in 0..1."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+
+
+def mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    """bool or uint8 ``(H,W)`` mask -> float ``[1,H,W]`` in {0,1}."""
+    return torch.from_numpy(np.array(mask > 0))[None].float()
+
+
+def aligned_crop(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, crop: int, scale: int,
+                 rng: random.Random, name: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random ``crop``-pixel HR crop (and mask) with the matching ``crop/scale`` LR crop."""
+    if crop % scale:
+        raise ValueError(f"crop {crop} is not divisible by scale {scale}")
+    c = crop // scale
+    h, w = lr.shape[:2]
+    if h < c or w < c:
+        raise ValueError(f"{name}: LR image {w}x{h} is smaller than the LR crop {c}x{c}")
+    y, x = rng.randint(0, h - c), rng.randint(0, w - c)
+    hs, ws = y * scale, x * scale
+    return lr[y:y + c, x:x + c], hr[hs:hs + crop, ws:ws + crop], mask[hs:hs + crop, ws:ws + crop]
+
+
+def _check_crop(crop: int | None, scale: int) -> None:
+    if crop is not None and crop % scale:
+        raise ValueError(f"crop {crop} is not divisible by scale {scale}")
+
+
+def _item_rng(seed: int | None, index: int) -> random.Random:
+    if seed is None:
+        return random.Random(torch.randint(0, 2**62, (1,)).item())
+    return random.Random(sample_seed(seed, index))
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in list_images(folder, recursive=False)}
+
+
+def _degrade_np(hr: np.ndarray, scale: int, preset, rng: random.Random) -> np.ndarray:
+    gen = torch.Generator().manual_seed(rng.getrandbits(62))
+    lr = degrade(image_tensor(hr)[None], scale, preset, gen)[0]
+    return (lr.permute(1, 2, 0) * 255).round().byte().numpy()
+
+
+def _crop_hr(hr, mask, crop, rng, name):
+    h, w = hr.shape[:2]
+    if h < crop or w < crop:
+        raise ValueError(f"{name}: HR image {w}x{h} is smaller than the crop {crop}x{crop}")
+    y, x = rng.randint(0, h - crop), rng.randint(0, w - crop)
+    return hr[y:y + crop, x:x + crop], mask[y:y + crop, x:x + crop]
+
+
+def _fit_to_scale(a: np.ndarray, scale: int) -> np.ndarray:
+    h, w = a.shape[:2]
+    return a[: h - h % scale, : w - w % scale]
+
+
+class TripletFolderDataset(Dataset):
+    """FTSR layout: ``root/hr``, ``root/mask`` and optionally ``root/lr`` with matching file stems.
+
+    Without ``lr/`` the LR is degraded on the fly from the (cropped) HR with ``preset``. LR files must
+    be exactly ``1/scale`` of the HR size.
+    """
+
+    def __init__(self, root: str | os.PathLike, crop: int | None = None, scale: int = 4,
+                 preset: str | DegradationPreset = FTSR_RELEASE, seed: int | None = None,
+                 hr_dir: str = "hr", lr_dir: str = "lr", mask_dir: str = "mask"):
+        _check_crop(crop, scale)
+        self.root, self.crop, self.scale, self.preset, self.seed = Path(root), crop, scale, preset, seed
+        hr_path, mask_path, lr_path = self.root / hr_dir, self.root / mask_dir, self.root / lr_dir
+        for folder in (hr_path, mask_path):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"missing folder {folder} (expected {hr_dir}/, {mask_dir}/ "
+                                        f"and optionally {lr_dir}/ under {self.root})")
+        hrs, masks = _files_by_stem(hr_path), _files_by_stem(mask_path)
+        lrs = _files_by_stem(lr_path) if lr_path.is_dir() else None
+        if not hrs:
+            raise FileNotFoundError(f"no images in {hr_path}")
+        self.items = []
+        for stem in sorted(hrs):
+            if stem not in masks:
+                raise FileNotFoundError(f"no mask for {hrs[stem]} in {mask_path}")
+            if lrs is not None and stem not in lrs:
+                raise FileNotFoundError(f"no LR image for {hrs[stem]} in {lr_path}")
+            self.items.append((stem, hrs[stem], masks[stem], lrs[stem] if lrs is not None else None))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        stem, hr_file, mask_file, lr_file = self.items[index]
+        rng = _item_rng(self.seed, index)
+        hr = load_rgb(hr_file)
+        mask = load_mask(mask_file)
+        if mask.shape != hr.shape[:2]:
+            raise ValueError(f"mask {mask_file} is {mask.shape[::-1]}, HR {hr_file} is {hr.shape[1::-1]}")
+        if lr_file is None:
+            if self.crop is not None:
+                hr, mask = _crop_hr(hr, mask, self.crop, rng, str(hr_file))
+            hr, mask = _fit_to_scale(hr, self.scale), _fit_to_scale(mask, self.scale)
+            lr = _degrade_np(hr, self.scale, self.preset, rng)
+        else:
+            lr = load_rgb(lr_file)
+            if (lr.shape[0] * self.scale, lr.shape[1] * self.scale) != hr.shape[:2]:
+                raise ValueError(f"LR {lr_file} is {lr.shape[1]}x{lr.shape[0]}; expected 1/{self.scale} "
+                                 f"of HR {hr_file} ({hr.shape[1]}x{hr.shape[0]})")
+            if self.crop is not None:
+                lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, self.scale, rng, str(hr_file))
+        return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
+
+
+class RealCEDataset(Dataset):
+    """Real-CE pairs named in ``list_file`` (one file name per line; the stem is used).
+
+    Real-CE stores the 13 mm LR registered to the 52 mm HR at the same size; such LR images are
+    resized to ``1/scale`` (bicubic, antialiased) so every dataset has the same geometry. LR images
+    already at ``1/scale`` are used as they are. ``mask_dir=None`` gives all-zero masks (no text
+    supervision: only for evaluation or image-only losses).
+    """
+
+    def __init__(self, root: str | os.PathLike, list_file: str | os.PathLike,
+                 lr_dir: str = "13mm_aligned_1024", hr_dir: str = "52mm_aligned_1024",
+                 mask_dir: str | None = "mask-52mm-bts-1024-v2", crop: int | None = None, scale: int = 4,
+                 seed: int | None = None):
+        _check_crop(crop, scale)
+        self.root, self.crop, self.scale, self.seed = Path(root), crop, scale, seed
+        list_path = Path(list_file)
+        if not list_path.is_absolute() and not list_path.is_file():
+            list_path = self.root / list_path
+        if not list_path.is_file():
+            raise FileNotFoundError(f"Real-CE list file not found: {list_file} (also tried {list_path})")
+        names = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+        folders = {"lr": self.root / lr_dir, "hr": self.root / hr_dir}
+        if mask_dir is not None:
+            folders["mask"] = self.root / mask_dir
+        by_stem = {}
+        for key, folder in folders.items():
+            if not folder.is_dir():
+                raise FileNotFoundError(f"missing Real-CE folder {folder}")
+            by_stem[key] = _files_by_stem(folder)
+        self.items = []
+        for name in names:
+            stem = Path(name).stem
+            files = {}
+            for key, folder in folders.items():
+                if stem not in by_stem[key]:
+                    raise FileNotFoundError(f"{name} (from {list_path}) has no image in {folder}")
+                files[key] = by_stem[key][stem]
+            self.items.append((stem, files))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        stem, files = self.items[index]
+        hr = _fit_to_scale(load_rgb(files["hr"]), self.scale)
+        h, w = hr.shape[:2]
+        mask = load_mask(files["mask"], (w, h)) if "mask" in files else np.zeros((h, w), bool)
+        lr = load_rgb(files["lr"])
+        if lr.shape[:2] != (h // self.scale, w // self.scale):
+            if abs(lr.shape[0] - h) > self.scale or abs(lr.shape[1] - w) > self.scale:
+                raise ValueError(f"LR {files['lr']} ({lr.shape[1]}x{lr.shape[0]}) matches neither the HR "
+                                 f"{files['hr']} size ({w}x{h}) nor 1/{self.scale} of it")
+            lr = np.asarray(Image.fromarray(lr).resize((w // self.scale, h // self.scale), Image.BICUBIC))
+        if self.crop is not None:
+            lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, self.scale, _item_rng(self.seed, index),
+                                        str(files["hr"]))
+        return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
+
+
+class OnTheFlySynthesisDataset(Dataset):
+    """FTSR-style samples synthesised per item: item ``i`` of epoch ``e`` is fixed by (seed, e, i).
+
+    ``backgrounds``: a folder or a list of image files. ``fonts``: None (system fonts), a folder or a
+    list of ``FontSpec``. ``text_crops``: None, a folder (TextSeg/BTS/CTR layout) or (image, mask) pairs.
+    """
+
+    def __init__(self, backgrounds: str | os.PathLike | Sequence[str | os.PathLike],
+                 fonts: str | os.PathLike | Sequence[FontSpec] | None = None,
+                 text_crops: str | os.PathLike | Sequence[tuple] | None = None, length: int = 1000,
+                 size: int = 512, scale: int = 4, preset: str | DegradationPreset = FTSR_RELEASE,
+                 seed: int = 0, config: SynthesisConfig | None = None, has_text=None):
+        if isinstance(backgrounds, (str, os.PathLike)):
+            backgrounds = list_images(backgrounds)
+        if fonts is None:
+            fonts = system_fonts()
+        elif isinstance(fonts, (str, os.PathLike)):
+            fonts = fonts_in_folder(fonts)
+        if isinstance(text_crops, (str, os.PathLike)):
+            text_crops = find_text_crops(text_crops)
+        config = config or SynthesisConfig(size=size, scale=scale)
+        self.synth = TextSynthesizer(backgrounds, fonts, text_crops or (), config, preset, has_text)
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw a fresh set of samples (call before each epoch for new data every epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        s = self.synth.sample(sample_seed(self.seed, self.epoch, index))
+        return {"lr": image_tensor(s.lr), "hr": image_tensor(s.hr), "mask": mask_tensor(s.mask),
+                "name": f"synth_{self.epoch}_{index:06d}"}
