@@ -160,7 +160,7 @@ const overrides = %s;
 for (const node of app.graph._nodes) {
   for (const [name, value] of Object.entries(overrides[node.type] || {})) {
     const w = (node.widgets || []).find(w => w.name === name);
-    if (w) w.value = value;
+    if (w) { w.value = value; w.callback?.(value); }
   }
 }
 """
