@@ -82,6 +82,10 @@ def register_model_folders() -> None:
     paths = fp.folder_names_and_paths.get(TADISR_FOLDER, ([], set()))[0]
     if not paths:
         paths = [os.path.join(fp.models_dir, TADISR_FOLDER)]
+        try:  # so users see where checkpoints go
+            os.makedirs(paths[0], exist_ok=True)
+        except OSError:
+            pass
     fp.folder_names_and_paths[TADISR_FOLDER] = (list(paths), set(CHECKPOINT_EXTS))
 
 
@@ -198,10 +202,14 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
     """
     mm = _module("comfy.model_management")
     if patcher is not None and mm is not None:
-        mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
-        model.to(device)  # no-op after a full load; covers --novram partial loads
-        yield model
-        return
+        try:
+            mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+        except Exception as exc:  # noqa: BLE001 - a ComfyUI whose patcher cannot drive a plain module
+            log.warning("TADiSR: ComfyUI could not load the model (%s); moving it directly", exc)
+        else:
+            model.to(device)  # no-op after a full load; covers --novram partial loads
+            yield model
+            return
     if mm is not None and device.type != "cpu":
         mm.free_memory(_module_bytes(model) + memory_required, device)
     model.to(device)

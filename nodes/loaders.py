@@ -173,16 +173,15 @@ class TADiSRLoadModel:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, kolors, checkpoint, prompt_cache):
-        # Replaces ComfyUI's "value not in list" check for these three, with messages saying where files go.
+    def VALIDATE_INPUTS(cls, kolors, checkpoint):
+        # Replaces ComfyUI's "value not in list" check for these two, with messages saying where files go.
+        problems = []
         for resolve, name in ((resolve_kolors, kolors), (resolve_checkpoint, checkpoint)):
             try:
                 resolve(name)
             except FileNotFoundError as exc:
-                return str(exc)
-        if prompt_cache != AUTO_CACHE and host.find_path(host.TADISR_FOLDER, prompt_cache) is None:
-            return f"TADiSR: prompt cache '{prompt_cache}' not found in models/tadisr; choose '{AUTO_CACHE}'"
-        return True
+                problems.append(str(exc))
+        return " ".join(problems) or True
 
     def load(self, kolors, checkpoint, prompt_cache=AUTO_CACHE, dtype="auto", device="auto", merge_lora=False):
         """Load (or reuse) the model."""

@@ -1,8 +1,8 @@
 """Loaded TADiSR models: the handle the nodes pass around, and a cache keyed by the load settings.
 
-A handle lives as long as ComfyUI keeps the loader's output; the cache holds handles weakly plus
-the most recent one strongly, so re-running a graph (or a second loader with the same settings)
-reuses the weights instead of reading them again.
+A handle lives as long as ComfyUI keeps the loader's output (its node cache); the cache here holds
+handles weakly, so a second loader with the same settings shares the weights, and whatever
+ComfyUI drops (a changed input, "free model and node cache") really goes.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ def file_key(path: str) -> tuple:
 
 _lock = threading.Lock()
 _live: "weakref.WeakValueDictionary[tuple, TADiSRHandle]" = weakref.WeakValueDictionary()
-_recent: list[TADiSRHandle] = []
 
 
 def get_or_load(key: tuple, load: Callable[[], TADiSRHandle]) -> TADiSRHandle:
@@ -68,7 +67,6 @@ def get_or_load(key: tuple, load: Callable[[], TADiSRHandle]) -> TADiSRHandle:
         if handle is None:
             handle = load()
             _live[key] = handle
-        _recent[:] = [handle]
         return handle
 
 
@@ -76,4 +74,3 @@ def clear() -> None:
     """Forget every cached model (tests)."""
     with _lock:
         _live.clear()
-        _recent.clear()

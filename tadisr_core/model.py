@@ -59,19 +59,28 @@ class TADiSRModel(nn.Module):
         with torch.device(device):
             self.mi_decoder = MaskDecoder(spec, n_att)
         self.one_step = OneStep(spec.schedule, spec.timestep)
-        self.prompt: PromptCache | None = None
+        self._prompt_meta: tuple[str, tuple[int, ...]] | None = None
         if prompt is not None:
             self.set_prompt(prompt)
 
     # -- conditioning -------------------------------------------------------------------------
     def set_prompt(self, prompt: PromptCache) -> None:
-        """Use this prompt conditioning (moved to the UNet's device and dtype)."""
+        """Use this prompt conditioning; it is kept as (non-saved) buffers, so it follows `.to(device)`."""
         want = (self.spec.prompt_tokens, self.spec.text_hidden)
         if tuple(prompt.prompt_embeds.shape[1:]) != want:
             raise ValueError(f"prompt cache has embeddings {tuple(prompt.prompt_embeds.shape)}, "
                              f"this model needs (1, {want[0]}, {want[1]})")
-        p = self.unet.conv_in.weight
-        self.prompt = prompt.to(p.device, p.dtype)
+        device = self.unet.conv_in.weight.device
+        for name in ("prompt_embeds", "text_embeds", "time_ids"):
+            self.register_buffer(name, getattr(prompt, name).to(device, torch.float32), persistent=False)
+        self._prompt_meta = (prompt.prompt, tuple(prompt.text_columns))
+
+    @property
+    def prompt(self) -> PromptCache | None:
+        """The prompt conditioning in use (None until `set_prompt`)."""
+        if self._prompt_meta is None:
+            return None
+        return PromptCache(self.prompt_embeds, self.text_embeds, self.time_ids, *self._prompt_meta)
 
     @property
     def device(self) -> torch.device:

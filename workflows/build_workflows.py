@@ -62,7 +62,7 @@ def _upscale_spec() -> dict:
     links = [("model", 0, "upscale", "model"), ("image", 0, "upscale", "image")]
     more_nodes, more_links = _saves("tadisr", ("upscale", 0), ("upscale", 1), 720, 20)
     note = ("TADiSR: text-aware 4x super-resolution, all in one node.\n\nLoad Image -> TADiSR Upscale -> the "
-            "upscaled image and a mask of where the model found text (previewed as an image).\n\n"
+            "upscaled image and a mask of where the model found text (saved as an image beside it).\n\n"
             f"{SETUP}\n\n{TILES}")
     return {"nodes": nodes + more_nodes + [_node("note", "Note", [370, 300], [320, 320], text=note)],
             "links": links + more_links}
@@ -213,6 +213,7 @@ def _thumbnail(browser: Browser, path: Path, width: int = 480) -> None:
     from PIL import Image
 
     browser.eval("app.extensionManager.setting.set('Comfy.Minimap.Visible', false)")
+    browser.eval("document.querySelectorAll('.p-toast').forEach(t => t.remove())")
     browser.eval("app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     time.sleep(1.0)
     x, y, w, h = browser.eval(BBOX_JS)
@@ -231,7 +232,7 @@ def build(names: list[str]) -> None:
         shutil.copy(Path(host_script().comfy_dir()) / "input" / "example.png", server.input_dir / "example.png")
         browser.goto(server.url)
         browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph)", timeout=60)
-        browser.eval("document.querySelectorAll('.p-toast-close-button, .pi-times').forEach(b => b.click())")
+        browser.eval("app.extensionManager.command.execute('Workspace.ToggleFocusMode')")  # hide menus
         for name in names:
             graph = browser.run(BUILD_JS % json.dumps(SPECS[name]()), timeout=60)
             (HERE / f"{name}.json").write_text(json.dumps(graph["ui"], indent=2) + "\n")

@@ -1,0 +1,413 @@
+"""Node logic without ComfyUI: nodes/host.py falls back to plain behaviour (no progress bar, no
+interrupt, model folders under $TADISR_MODELS_DIR). A few tests fake the comfy modules to reach
+host.py's ComfyUI branches."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+from PIL import Image
+
+import nodes
+from nodes import attention_view, blocks, convert, folder_io, host, loaders, model_cache, running, upscale
+
+TILE = dict(scale=4.0, tile=64, overlap=16, tile_batch=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are all overhead: with 2 threads on a loaded 2-core machine OpenMP spin-waits
+    # make them 5-200x slower; one thread is fast and steady.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _link_models(root, tiny: dict) -> None:
+    (root / "diffusers").mkdir(parents=True)
+    (root / "tadisr").mkdir()
+    (root / "diffusers" / "tiny-kolors").symlink_to(tiny["kolors"])
+    (root / "diffusers" / "not-kolors").mkdir()  # no unet/ vae/: must not be offered
+    for key in ("checkpoint", "official", "prompt_cache"):
+        (root / "tadisr" / tiny[key].name).symlink_to(tiny[key])
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_dir, tmp_path_factory):
+    """A models/ folder with the tiny Kolors folder and checkpoints, used through $TADISR_MODELS_DIR."""
+    root = tmp_path_factory.mktemp("models")
+    _link_models(root, tiny_dir)
+    old = os.environ.get("TADISR_MODELS_DIR")
+    os.environ["TADISR_MODELS_DIR"] = str(root)
+    yield root
+    model_cache.clear()
+    if old is None:
+        os.environ.pop("TADISR_MODELS_DIR", None)
+    else:
+        os.environ["TADISR_MODELS_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def handle(models_dir):
+    return loaders.TADiSRLoadModel().load("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors",
+                                          "fp32", "cpu", False)[0]
+
+
+def _image(b=1, h=24, w=16, c=3, seed=0):
+    return torch.rand(b, h, w, c, generator=torch.Generator().manual_seed(seed))
+
+
+# -- node declarations --------------------------------------------------------------------------
+@pytest.mark.parametrize("node_id", sorted(nodes.NODE_CLASS_MAPPINGS))
+def test_every_node_is_declared_completely(node_id, models_dir):
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    assert cls.CATEGORY == "TADiSR"
+    assert node_id in nodes.NODE_DISPLAY_NAME_MAPPINGS
+    assert len(cls.DESCRIPTION) > 40
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, (kind, *opts) in spec.get(section, {}).items():
+            assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+            if isinstance(kind, list) and "default" in opts[0]:
+                assert opts[0]["default"] in kind, f"{node_id}.{name}: default not among the choices"
+
+
+def test_user_facing_defaults_are_safe():
+    tiling = running.tiling_inputs()
+    assert tiling["tile"][1]["default"] == 768 and tiling["overlap"][1]["default"] == 256
+    assert tiling["tile_batch"][1]["default"] == 0  # auto
+    spec = loaders.TADiSRLoadModel.INPUT_TYPES()["required"]
+    assert spec["dtype"][1]["default"] == "auto" and spec["prompt_cache"][1]["default"] == loaders.AUTO_CACHE
+
+
+# -- host fallback and conversions -------------------------------------------------------------
+def test_host_fallback_without_comfyui(models_dir):
+    assert not host.comfy_available()
+    assert host.model_folders("tadisr") == [str(models_dir / "tadisr")]
+    host.progress_reporter(3)(1, 3)  # no-op
+    host.check_interrupt()           # never interrupts
+    assert host.cancel_callback()() is False
+    assert host.torch_device().type in ("cpu", "cuda")
+    assert host.find_path("tadisr", "../diffusers") is None
+
+
+def test_conversions_round_trip():
+    img = _image(2, 5, 7, 3)
+    core = convert.image_to_core(img)
+    assert core.shape == (2, 3, 5, 7)
+    assert torch.equal(convert.image_from_core(core), img)
+    mask = torch.rand(2, 5, 7)
+    assert torch.equal(convert.mask_from_core(convert.mask_to_core(mask)), mask)
+    assert convert.mask_to_core(mask[0]).shape == (1, 1, 5, 7)
+    for bad in (torch.rand(1, 5, 7, 2), torch.rand(1, 5, 7, 5), torch.rand(5, 7)):
+        with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+            convert.image_to_core(bad)
+
+
+# -- loading ------------------------------------------------------------------------------------
+def test_loader_choices(models_dir):
+    assert loaders.kolors_choices() == ["tiny-kolors"]
+    assert loaders.checkpoint_choices() == ["tadisr_tiny.safetensors", "tadisr_tiny_official.pkl"]
+    assert loaders.prompt_cache_choices() == [loaders.AUTO_CACHE, "prompt_cache.safetensors"]
+
+
+def test_loader_caches_and_reuses(handle):
+    again = loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu")
+    assert again is handle
+    assert handle.dtype == torch.float32 and handle.device == torch.device("cpu")
+    assert "tadisr_tiny.safetensors" in repr(handle)
+
+
+def test_cache_holds_models_weakly(models_dir, handle):
+    import gc
+
+    merged = loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu",
+                                merge_lora=True)
+    assert merged is not handle and merged.key != handle.key
+    key = merged.key
+    del merged
+    gc.collect()
+    assert key not in model_cache._live and handle.key in model_cache._live
+
+
+def test_prompt_conditioning_follows_the_model_between_devices():
+    moved = []
+
+    class Model:
+        device = torch.device("meta")  # where a patcher put the weights
+        prompt = types.SimpleNamespace(prompt_embeds=torch.zeros(1))
+
+        def set_prompt(self, prompt):
+            moved.append(prompt)
+
+    model_cache._prompt_follow(Model())
+    assert len(moved) == 1
+    Model.device = torch.device("cpu")
+    model_cache._prompt_follow(Model())
+    assert len(moved) == 1
+
+
+def test_missing_files_name_the_file_and_the_folder(models_dir):
+    node = loaders.TADiSRLoadModel()
+    with pytest.raises(FileNotFoundError, match=r"'nope.pkl' not found in models/tadisr"):
+        node.load("tiny-kolors", "nope.pkl")
+    with pytest.raises(FileNotFoundError, match=r"'Kolors' not found in models/diffusers"):
+        node.load("Kolors", "tadisr_tiny.safetensors")
+    with pytest.raises(FileNotFoundError, match="no unet/ or vae/"):
+        node.load("not-kolors", "tadisr_tiny.safetensors")
+    msg = loaders.TADiSRLoadModel.VALIDATE_INPUTS("tiny-kolors", "nope.pkl")
+    assert "nope.pkl" in msg and "models/tadisr" in msg and "diffusers" not in msg
+    assert loaders.TADiSRLoadModel.VALIDATE_INPUTS("tiny-kolors", "tadisr_tiny.safetensors") is True
+    with pytest.raises(FileNotFoundError, match="'x.safetensors' not found"):
+        loaders.resolve_prompt_cache("x.safetensors", str(models_dir / "diffusers" / "tiny-kolors"))
+    with pytest.raises(ValueError, match="dtype"):
+        loaders.resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_auto_prompt_cache_is_computed_once_into_models_tadisr(models_dir, tiny_dir):
+    target = models_dir / "tadisr" / "prompt_cache_tiny-kolors.safetensors"
+    assert not target.exists()
+    h = loaders.load_model("tiny-kolors", "tadisr_tiny_official.pkl", loaders.AUTO_CACHE, "fp32", "cpu")
+    assert target.is_file() and h.sources["prompt"] == str(target)
+    stamp = target.stat().st_mtime_ns
+    model_cache.clear()
+    loaders.load_model("tiny-kolors", "tadisr_tiny_official.pkl", loaders.AUTO_CACHE, "fp32", "cpu")
+    assert target.stat().st_mtime_ns == stamp
+    assert loaders.prompt_cache_choices()[-1] == "prompt_cache_tiny-kolors.safetensors"
+
+
+# -- running -----------------------------------------------------------------------------------
+def test_upscale_gives_scale_times_the_size_for_a_batch(handle):
+    image, mask, att = upscale.TADiSRUpscale().upscale(handle, _image(2), **TILE)
+    assert image.shape == (2, 96, 64, 3) and mask.shape == (2, 96, 64) and att is None
+    assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert 0 <= mask.min() and mask.max() <= 1
+    assert not torch.equal(image[0], image[1])
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_gray_and_rgba_inputs(handle, channels):
+    image, mask, _ = upscale.TADiSRUpscale().upscale(handle, _image(1, 16, 16, channels), 2.0, 64, 8, 1)
+    assert image.shape == (1, 32, 32, 4 if channels == 4 else 3) and mask.shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scale=9.0), "scale must be between 1 and 8"),
+    (dict(scale=0.5), "scale must be between 1 and 8"),
+    (dict(tile=60), "tile must be a multiple of 8"),
+    (dict(tile=64, overlap=64), "overlap must be at least 0 and smaller than tile"),
+])
+def test_wrong_settings_raise_clear_errors(handle, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        upscale.TADiSRUpscale().upscale(handle, _image(), **{**TILE, **kwargs})
+
+
+def test_wrong_image_and_model_inputs(handle):
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        upscale.TADiSRUpscale().upscale(handle, torch.rand(1, 16, 16, 2), **TILE)
+    with pytest.raises(ValueError, match="must come from Load TADiSR Model"):
+        upscale.TADiSRUpscale().upscale("not a model", _image(), **TILE)
+    with pytest.raises(ValueError, match="connect the output of TADiSR One-Step Denoise"):
+        (lat,) = blocks.TADiSREncode().encode(handle, _image(), **TILE)
+        blocks.TADiSRDecode().decode(handle, lat, 2)
+
+
+def test_chained_blocks_equal_the_all_in_one_node(handle):
+    img = _image(2, seed=3)
+    ref_image, ref_mask, _ = upscale.TADiSRUpscale().upscale(handle, img, **TILE)
+    (lat,) = blocks.TADiSREncode().encode(handle, img, **TILE)
+    lat2, att = blocks.TADiSRDenoise().denoise(handle, lat, 2)
+    image, mask = blocks.TADiSRDecode().decode(handle, lat2, 2)
+    assert torch.equal(image, ref_image) and torch.equal(mask, ref_mask)
+    assert isinstance(att, attention_view.CapturedAttention) and len(att.maps) == len(lat2.tiles)
+    cap_image, cap_mask, cap = upscale.TADiSRUpscale().upscale(handle, img, **TILE, capture_attention=True)
+    assert torch.equal(cap_image, ref_image) and torch.equal(cap_mask, ref_mask)
+    assert cap.size == (96, 64) and set(cap.groups) == {"down", "up"}  # release layout: no mid block
+    for a, b in zip(cap.maps, att.maps):
+        assert torch.equal(a, b)
+
+
+def test_text_attention_views(handle):
+    img = _image(2, seed=4)
+    image, _, att = upscale.TADiSRUpscale().upscale(handle, img, **TILE, capture_attention=True)
+    node = attention_view.TADiSRTextAttention()
+    heat, over = node.view(att, image, "all", "mean", True, "jet", 0.5)
+    assert heat.shape == (2, 96, 64) and over.shape == (2, 96, 64, 3)
+    for b in range(2):
+        assert heat[b].min() == 0 and heat[b].max() == 1
+    up_max, _ = node.view(att, image, "up", "max", True, "inferno", 0.5)
+    assert not torch.allclose(up_max, heat)
+    raw, _ = node.view(att, image, "down", "mean", False, "gray", 0.5)
+    assert 0 <= raw.min() and raw.max() <= 1 and raw.max() < 1  # probabilities, not stretched
+    _, plain = node.view(att, image, "all", "mean", True, "gray", 0.0)
+    assert torch.allclose(plain, image)
+    _, small = node.view(att, image[:, ::2, ::2], "all", "mean", True, "jet", 1.0)  # resized to the image
+    assert small.shape == (2, 48, 32, 3)
+    with pytest.raises(ValueError, match="no attention in the 'mid' layers"):
+        node.view(att, image, "mid", "mean", True, "jet", 0.5)
+    with pytest.raises(ValueError, match="turn on 'capture_attention'"):
+        node.view(None, image, "all", "mean", True, "jet", 0.5)
+
+
+def test_colormap_endpoints():
+    heat = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+    rgb = attention_view.colorize(heat, "jet")
+    assert torch.allclose(rgb[0, :, 0, 0], torch.tensor([0, 0, .5])) and torch.allclose(rgb[1, :, 0, 0],
+                                                                                        torch.tensor([.5, 0, 0]))
+    gray = attention_view.colorize(torch.full((1, 1, 2, 2), 0.25), "gray")
+    assert torch.allclose(gray, torch.full((1, 3, 2, 2), 0.25))
+
+
+def test_progress_per_tile_and_interrupt_between_tiles(handle, monkeypatch):
+    calls = []
+    monkeypatch.setattr(host, "progress_reporter", lambda total: lambda done, total: calls.append((done, total)))
+    upscale.TADiSRUpscale().upscale(handle, _image(2), **{**TILE, "tile_batch": 1})
+    assert calls[-1][0] == calls[-1][1] == 4 and [c[0] for c in calls] == [1, 2, 3, 4]
+
+    calls.clear()
+    upscale.TADiSRUpscale().upscale(handle, _image(2), **{**TILE, "tile_batch": 1}, capture_attention=True)
+    assert [c[0] for c in calls] == list(range(1, 13)) and {c[1] for c in calls} == {12}  # 3 passes, one bar
+
+    class Interrupted(Exception):
+        pass
+
+    seen = []
+
+    def check():
+        seen.append(1)
+        if len(seen) > 2:  # the node's own check, then one tile, then stop
+            raise Interrupted
+
+    monkeypatch.setattr(host, "check_interrupt", check)
+    calls.clear()
+    with pytest.raises(Interrupted):
+        upscale.TADiSRUpscale().upscale(handle, _image(2), **{**TILE, "tile_batch": 1})
+    assert [c[0] for c in calls] == [1]
+
+
+# -- the paper layout (decoder reads the attention) ----------------------------------------------
+@pytest.fixture(scope="module")
+def paper_handle(tmp_path_factory, models_dir):
+    from tadisr_core.spec import tiny_spec
+    from tadisr_core.testing import make_tiny
+
+    paths = make_tiny(tmp_path_factory.mktemp("tiny_paper"), tiny_spec("paper"))
+    (models_dir / "diffusers" / "tiny-paper").symlink_to(paths["kolors"])
+    (models_dir / "tadisr" / "tadisr_tiny_paper.safetensors").symlink_to(paths["checkpoint"])
+    return loaders.load_model("tiny-paper", "tadisr_tiny_paper.safetensors", "prompt_cache.safetensors", "fp32", "cpu")
+
+
+def test_paper_layout_blocks_and_attention(paper_handle):
+    img = _image(1, seed=5)
+    ref_image, ref_mask, att = upscale.TADiSRUpscale().upscale(paper_handle, img, **TILE, capture_attention=True)
+    (lat,) = blocks.TADiSREncode().encode(paper_handle, img, **TILE)
+    image, mask = blocks.TADiSRDecode().decode(paper_handle, blocks.TADiSRDenoise().denoise(paper_handle, lat, 2)[0], 2)
+    assert torch.equal(image, ref_image) and torch.equal(mask, ref_mask)
+    assert set(att.groups) == {"down", "mid", "up"}
+    heat, _ = attention_view.TADiSRTextAttention().view(att, image, "mid", "max", True, "jet", 0.5)
+    assert heat.shape == (1, 96, 64)
+
+
+# -- folder loader --------------------------------------------------------------------------------
+def test_load_image_from_folder(tmp_path):
+    for i, color in enumerate(((255, 0, 0), (0, 255, 0))):
+        Image.new("RGB", (6, 4), color).save(tmp_path / f"img_{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    node = folder_io.TADiSRLoadImageFromFolder()
+    image, prefix, mask_prefix, count = node.load(str(tmp_path), 1, "out/")
+    assert image.shape == (1, 4, 6, 3) and torch.allclose(image[0, 0, 0], torch.tensor([0.0, 1.0, 0.0]))
+    assert (prefix, mask_prefix, count) == ("out/img_1", "out/img_1_text_mask", 2)
+    with pytest.raises(ValueError, match="index 2 is past the last image"):
+        node.load(str(tmp_path), 2, "out/")
+    with pytest.raises(ValueError, match="not found"):
+        node.load(str(tmp_path / "missing"), 0, "")
+    first = folder_io.TADiSRLoadImageFromFolder.IS_CHANGED(str(tmp_path), 0, "")
+    assert first == folder_io.TADiSRLoadImageFromFolder.IS_CHANGED(str(tmp_path), 0, "")
+    assert first != folder_io.TADiSRLoadImageFromFolder.IS_CHANGED(str(tmp_path), 1, "")
+
+
+# -- host.py's ComfyUI branches, against fake comfy modules ----------------------------------------
+@pytest.fixture
+def fake_comfy(monkeypatch, tmp_path):
+    class Interrupt(Exception):
+        pass
+
+    state = {"interrupt": False, "progress": [], "loaded": [], "freed": []}
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.intermediate_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda force=False: None
+    mm.free_memory = lambda n, dev, keep_loaded=(): state["freed"].append(n)
+    mm.load_models_gpu = lambda models, memory_required=0, force_full_load=False: state["loaded"].append(
+        (models, memory_required, force_full_load))
+
+    def throw():
+        if state["interrupt"]:
+            state["interrupt"] = False
+            raise Interrupt
+
+    mm.throw_exception_if_processing_interrupted = throw
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            state["progress"].append((value, total))
+
+    utils.ProgressBar = ProgressBar
+    mp = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0):
+            model.device = offload_device  # what the real one does: why models are wrapped
+            self.model, self.load_device = model, load_device
+
+    mp.ModelPatcher = ModelPatcher
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {"diffusers": ([str(tmp_path / "models" / "diffusers")], ["folder"])}
+    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+    fp.get_filename_list = lambda name: []
+    fp.get_input_directory = lambda: str(tmp_path / "input")
+    comfy = types.ModuleType("comfy")
+    for name, mod in (("comfy", comfy), ("comfy.model_management", mm), ("comfy.utils", utils),
+                      ("comfy.model_patcher", mp), ("folder_paths", fp)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    state["Interrupt"], state["fp"] = Interrupt, fp
+    return state
+
+
+def test_host_uses_comfyui_when_present(fake_comfy, tmp_path):
+    assert host.comfy_available()
+    host.register_model_folders()
+    paths, exts = fake_comfy["fp"].folder_names_and_paths["tadisr"]
+    assert paths == [str(tmp_path / "models" / "tadisr")] and exts == {".pkl", ".safetensors"}
+    assert host.input_directory() == str(tmp_path / "input")
+    progress = host.progress_reporter(1)
+    progress(2, 5)
+    assert fake_comfy["progress"] == [(2, 5)]
+    fake_comfy["interrupt"] = True
+    with pytest.raises(fake_comfy["Interrupt"]):
+        host.cancel_callback()()
+    module = torch.nn.Linear(2, 2)
+    patcher = host.make_patcher(module, torch.device("cpu"))
+    assert patcher.model.inner is module
+    with host.model_on_device(module, torch.device("cpu"), patcher, memory_required=123) as m:
+        assert m is module
+    assert fake_comfy["loaded"] == [([patcher], 123, True)]
+
+
+def test_host_respects_a_user_configured_tadisr_folder(fake_comfy):
+    fake_comfy["fp"].folder_names_and_paths["tadisr"] = (["/data/tadisr"], set())
+    host.register_model_folders()
+    assert fake_comfy["fp"].folder_names_and_paths["tadisr"] == (["/data/tadisr"], {".pkl", ".safetensors"})
