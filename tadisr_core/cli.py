@@ -76,7 +76,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32), fp32 on CPU")
     p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights into the base weights (faster)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE blocks (slow first tile)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and the VAE / mask-decoder blocks (for GPUs; compiling takes minutes)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (often faster on GPU)")
 
 

@@ -125,6 +125,15 @@ def choose_tile_batch(model, tile_h: int, tile_w: int, units: int, device: torch
     return max(1, min(fit, cap, units))
 
 
+def choose_canvas_device(model, canvas_bytes: int, share: float = 0.2) -> torch.device:
+    """Where "auto" canvases go: on the model's accelerator when they take at most `share` of its
+    free memory (blending then never waits on host copies), else on the CPU."""
+    device = model.device
+    if device.type == "cuda" and canvas_bytes <= share * free_memory(device):
+        return device
+    return torch.device("cpu")
+
+
 def is_oom(exc: BaseException) -> bool:
     """Whether `exc` is an accelerator (or host allocator) out-of-memory error."""
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())

@@ -3,8 +3,10 @@
 Two forms with identical numbers for the same tile batches:
 
 * `upscale` runs encode -> denoise -> decode per batch of tiles and blends at once (fused). Its
-  memory is the input and output canvases on `canvas_device` (CPU by default) plus one tile
-  batch's activations on the model's device, whatever the image size.
+  memory is the input and output canvases (float32: input C + output C + mask 1 [+ heat map 1]
+  channels) plus one tile batch's activations on the model's device, whatever the image size.
+  `canvas_device="auto"` keeps the canvases on the GPU when they take at most 20 % of its free
+  memory (no host round trip per tile), else on the CPU; results are always returned on the CPU.
 * `encode_tiles` -> `denoise_tiles` -> `decode_tiles` run the steps separately (the ComfyUI graph
   blocks). They must keep every tile's latents *and encoder skip features* between steps on
   `store_device` (CPU by default): about 184 values per output pixel (c0 * 1.25 + c1 / 16 + c2 / 64
@@ -23,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .devices import choose_tile_batch, is_oom, release_cached_memory
+from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .tiling import Blender, TileGrid, UpscaleCancelled, extract_tile, make_grid, run_batches
 
 __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "upscale", "encode_tiles",
@@ -154,6 +156,13 @@ def _canvases(batch: int, grid: TileGrid, channels: int, heat: bool, device) -> 
     return image, mask, attention
 
 
+def _resolve_canvas_device(model, canvas_device, batch: int, h: int, w: int, channels: int, heat: bool):
+    if canvas_device != "auto":
+        return torch.device(canvas_device)
+    per_pixel = channels + (4 if channels == 4 else 3) + 1 + (1 if heat else 0)
+    return choose_canvas_device(model, batch * h * w * per_pixel * 4)
+
+
 def _finish(image, mask, attention, alpha, grid: TileGrid) -> UpscaleResult:
     image[:, :3].clamp_(0, 1)
     if alpha is not None:
@@ -163,7 +172,8 @@ def _finish(image, mask, attention, alpha, grid: TileGrid) -> UpscaleResult:
         flat = attention.flatten(1)
         lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
         attention.sub_(lo.view(-1, 1, 1, 1)).div_((hi - lo).clamp_min(1e-12).view(-1, 1, 1, 1))
-    return UpscaleResult(image, mask, attention, grid)
+    image, mask = image.cpu(), mask.cpu()
+    return UpscaleResult(image, mask, None if attention is None else attention.cpu(), grid)
 
 
 def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: int):
@@ -189,17 +199,19 @@ def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: i
 def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overlap: int = 256,
             tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
             attention: bool = False, sample: bool = False, generator: torch.Generator | None = None,
-            seed: int | None = None, canvas_device: torch.device | str = "cpu") -> UpscaleResult:
+            seed: int | None = None, canvas_device: torch.device | str = "auto") -> UpscaleResult:
     """Super-resolve `image` [B, C, h, w] (0..1; C = 1 gray, 3 RGB or 4 RGBA) by `scale`.
 
     Tiles of `tile` px overlapping by `overlap` go through the model `tile_batch` at a time ("auto":
     from free memory); out-of-memory halves the batch, then the tile. `progress(done, total)` is
     called per tile, `cancel()` is checked between batches (True raises `UpscaleCancelled`).
     `attention=True` also returns the TACA heat map. `sample` draws the latent like the release
-    (seeded by `generator` or `seed`) instead of using its mean.
+    (seeded by `generator` or `seed`) instead of using its mean. Results are float32 on the CPU.
     """
     _check_input(image, scale)
     _check_tiling(tile, overlap)
+    size = output_size(image.shape[2], image.shape[3], scale)
+    canvas_device = _resolve_canvas_device(model, canvas_device, image.shape[0], *size, image.shape[1], attention)
     hr = upscale_canvas(image, scale, canvas_device)
     rgb = hr[:, :3] if hr.shape[1] == 4 else hr
     alpha = hr[:, 3:] if hr.shape[1] == 4 else None
@@ -296,10 +308,11 @@ def denoise_tiles(model, tiled: TiledLatents, capture: bool = False, tile_batch:
 
 @torch.no_grad()
 def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, progress: Progress | None = None,
-                 cancel: Cancel | None = None, canvas_device: torch.device | str = "cpu") -> UpscaleResult:
+                 cancel: Cancel | None = None, canvas_device: torch.device | str = "auto") -> UpscaleResult:
     """Staged step 3: joint decode of every tile and the Hann blend into the SR image and text mask."""
     grid = tiled.grid
     heat = tiled.heatmap
+    canvas_device = _resolve_canvas_device(model, canvas_device, tiled.batch, grid.height, grid.width, 0, heat)
     img_c, mask_c, heat_c = _canvases(tiled.batch, grid, tiled.channels, heat, canvas_device)
     blender = Blender(grid, [img_c[:, :3], mask_c] + ([heat_c] if heat else []))
     dev = model.device

@@ -1,0 +1,144 @@
+"""One TADiSR training step at full size (random weights): seconds per step and peak GPU memory.
+
+    python benchmarks/bench_train_step.py                    # CUDA: 768 px, batch 1, bf16, grad checkpointing
+    python benchmarks/bench_train_step.py --no-gc --size 512 # variations
+    python benchmarks/bench_train_step.py --tiny             # CPU smoke mode: tiny spec, 64 px, fp32
+
+The model is the full Kolors-size TADiSR built on the meta device and materialised directly on the
+GPU with random weights (no CPU copy), trained exactly as `training/train.py` does: the same
+trainable set, frozen weights stored in bf16, the paper loss (MSE + LPIPS-VGG + MFL, mask MSE +
+focal + Dice) and AdamW with clipping. LPIPS gets random weights unless --lpips-weights is given
+(same compute). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.builders import (build_loss, build_model_from_config, cast_frozen_,  # noqa: E402
+                               configure_trainable, enable_gradient_checkpointing)
+from training.config import Config  # noqa: E402
+
+
+def random_lpips_weights(net: str, folder: Path) -> Path:
+    """A weights file of the right shapes with random values (for timing only)."""
+    from safetensors.torch import save_file
+
+    from training.lpips import state_dict_keys, weights_filename
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in state_dict_keys(net).items()}
+    path = folder / weights_filename(net)
+    save_file(tensors, str(path))
+    return path
+
+
+def bench(args) -> dict:
+    """Build, run `args.steps` timed steps after one warm-up step, return the measurements."""
+    device = torch.device("cpu" if args.tiny else "cuda")
+    cfg = Config()
+    cfg.model.variant, cfg.model.size = args.variant, "tiny" if args.tiny else "full"
+    cfg.loss.lpips_net = args.lpips_net
+    tmp = tempfile.TemporaryDirectory()
+    if args.lpips_net != "none":
+        cfg.loss.lpips_weights = args.lpips_weights or str(random_lpips_weights(args.lpips_net, Path(tmp.name)))
+    t0 = time.perf_counter()
+    model = build_model_from_config(cfg, device)
+    model.to(device)
+    trainable = configure_trainable(model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
+    if dtype is not None:
+        cast_frozen_(model, dtype, (model.vae, model.mi_decoder) if dtype == torch.float16 else ())
+    if args.gc:
+        enable_gradient_checkpointing(model)
+    model.train()
+    loss_fn = build_loss(cfg, device)
+    params = [p for _, p in trainable]
+    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=1e-2)
+    build_s = time.perf_counter() - t0
+
+    size = 64 if args.tiny else args.size
+    g = torch.Generator(device=device).manual_seed(0)
+    hr = torch.rand(args.batch, 3, size, size, generator=g, device=device)
+    lr = F.interpolate(hr, scale_factor=0.25, mode="area")
+    mask = (torch.rand(args.batch, 1, size, size, generator=g, device=device) > 0.9).float()
+
+    def step() -> dict:
+        up = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            enc = model.encode(up)
+            den = model.denoise(enc.latents)
+            dec = model.decode(den.latents, enc.skips, den.attention)
+        losses = loss_fn(dec.image, hr, dec.mask_logits, mask)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    warm = step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        last = step()
+        sync()
+        times.append(time.perf_counter() - t)
+    out = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "variant": args.variant, "size": size, "batch": args.batch, "precision": args.precision,
+        "gradient_checkpointing": args.gc, "lpips_net": args.lpips_net,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "build_s": round(build_s, 2), "s_per_step": round(sorted(times)[len(times) // 2], 4),
+        "s_per_step_all": [round(t, 4) for t in times],
+        "warmup_total": warm["total"], "last_losses": last,
+    }
+    if device.type == "cuda":
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    tmp.cleanup()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny spec on the CPU (smoke test of this script)")
+    p.add_argument("--variant", default="paper", choices=("paper", "official-kolors"))
+    p.add_argument("--size", type=int, default=768, help="HR crop size (a multiple of 32)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--precision", default=None, choices=("bf16", "fp16", "no"),
+                   help="default: bf16 on CUDA, no (fp32) with --tiny")
+    p.add_argument("--no-gc", dest="gc", action="store_false", help="disable gradient checkpointing")
+    p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex", "none"))
+    p.add_argument("--lpips-weights", help="converted LPIPS weights (default: random weights, same compute)")
+    args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "no" if args.tiny else "bf16"
+    if not args.tiny and not torch.cuda.is_available():
+        print("no CUDA device: run with --tiny for the CPU smoke mode", file=sys.stderr)
+        return 2
+    if args.tiny:
+        args.lpips_net = "alex" if args.lpips_net == "vgg" and args.lpips_weights is None else args.lpips_net
+    print(json.dumps(bench(args), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
