@@ -250,7 +250,53 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     return EXIT_FAILED if failed else EXIT_OK
 
 
-COMMANDS: list[Callable] = [add_upscale]
+def run_prompt_cache(args) -> int:
+    """Compute the prompt cache once with the Kolors folder's ChatGLM3 and save it."""
+    from .backbone import KolorsFolderError
+    from .prompt import compute_prompt_cache_from_kolors
+
+    if args.kolors is None:
+        raise SetupError("--kolors DIR is required (the Kwai-Kolors/Kolors diffusers folder)")
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise SetupError(f"{out} exists; pass --force to overwrite it")
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    try:
+        cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
+                                                 tuple(args.time_ids), args.device, dtype)
+    except KolorsFolderError as exc:
+        raise SetupError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    cache.save(tmp)
+    tmp.replace(out)
+    print(f"wrote {out}: prompt {cache.prompt!r}, 'text' at column(s) {list(cache.text_columns)}")
+    return EXIT_OK
+
+
+def add_prompt_cache(sub) -> None:
+    from .spec import HEATMAP_PROMPT
+
+    p = sub.add_parser("prompt-cache", help="compute the prompt-embedding cache once with Kolors' ChatGLM3",
+                       description="Encode the fixed TADiSR prompt with Kolors' ChatGLM3 and save the UNet "
+                                   "conditioning, so inference never loads the 6 B-parameter text encoder.")
+    p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
+                   help="Kwai-Kolors/Kolors diffusers folder (needs text_encoder/ and tokenizer/)")
+    p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")
+    p.add_argument("--prompt", default=HEATMAP_PROMPT, help="the prompt (default: the release's)")
+    p.add_argument("--tokens", type=int, default=256, help="sequence length, left-padded (Kolors: 256)")
+    p.add_argument("--time-ids", type=float, nargs=6, default=(768, 768, 0, 0, 768, 768),
+                   metavar=("H", "W", "TOP", "LEFT", "TH", "TW"),
+                   help="SDXL size conditioning: original size, crop, target size (default: the 768 tile)")
+    p.add_argument("--device", default="cpu", help="where ChatGLM3 runs (it needs ~12.5 GB in bf16)")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(run=run_prompt_cache)
+
+
+COMMANDS: list[Callable] = [add_upscale, add_prompt_cache]
 
 
 def build_parser() -> argparse.ArgumentParser:

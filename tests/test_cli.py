@@ -172,3 +172,17 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
         cli.main(["upscale", "x.png", "-o", str(tmp_path), "--scale", "9"])
     with pytest.raises(SystemExit):
         cli.main(["upscale", "x.png", "-o", str(tmp_path), "--tile-batch", "0"])
+
+
+def test_prompt_cache_command_writes_a_loadable_cache(tiny_dir, tmp_path, capsys):
+    from tadisr_core.prompt import PromptCache
+
+    out = tmp_path / "cache.safetensors"
+    argv = ["prompt-cache", "--kolors", str(tiny_dir["kolors"]), "-o", str(out), "--tokens", "32", "--dtype", "fp32"]
+    assert cli.main(argv) == 0
+    cache = PromptCache.load(out)
+    assert cache.text_columns == (31,)
+    assert torch.equal(cache.prompt_embeds, PromptCache.load(tiny_dir["prompt_cache"]).prompt_embeds)
+    assert cli.main(argv) == 2 and "pass --force" in capsys.readouterr().err
+    assert cli.main(["prompt-cache", "--kolors", str(tmp_path / "none"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "Kolors folder not found" in capsys.readouterr().err

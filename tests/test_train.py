@@ -1,0 +1,311 @@
+"""The trainer on the tiny config: loss falls, exact resume, DDP on two CPU processes, SIGTERM,
+non-finite steps, gradient checkpointing, ablations, configs, the training-step benchmark."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import Config, ConfigError, load_config
+
+try:
+    from lpips_weights import ensure_lpips_weights
+except ImportError:
+    from tests.lpips_weights import ensure_lpips_weights
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "training" / "configs" / "tiny.yaml"
+ARTIFACTS = REPO / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def lpips_dir() -> Path:
+    return ensure_lpips_weights()
+
+
+def tiny_overrides(out: Path, lpips_dir: Path, **extra) -> list[str]:
+    over = {"train.output_dir": str(out), "loss.lpips_weights": str(lpips_dir), "train.validate_every": 0}
+    over.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={json.dumps(v)}" for k, v in over.items()]
+
+
+def tiny_cfg(out: Path, lpips_dir: Path, **extra) -> Config:
+    return load_config(TINY, tiny_overrides(out, lpips_dir, **extra))
+
+
+def run(cfg: Config, resume: bool = False) -> dict:
+    from training.train import Trainer
+
+    return Trainer(cfg, resume=resume).run()
+
+
+def train_lines(out: Path) -> list[dict]:
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return [r for r in lines if r["kind"] == "train"]
+
+
+def _subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+# -- the long one ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tiny_config_trains_and_loss_falls(tmp_path, lpips_dir):
+    cfg = load_config(TINY, tiny_overrides(tmp_path, lpips_dir, train__validate_every=20))
+    assert cfg.train.max_steps == 40
+    start = time.perf_counter()
+    summary = run(cfg)
+    seconds = time.perf_counter() - start
+    lines = train_lines(tmp_path)
+    assert [r["step"] for r in lines] == list(range(1, 41)) and summary["step"] == 40
+    first = sum(r["total"] for r in lines[:10]) / 10
+    last = sum(r["total"] for r in lines[-10:]) / 10
+    report = {"first10_mean_total": first, "last10_mean_total": last, "ratio": last / first,
+              "seconds": round(seconds, 1), "s_per_step": round(seconds / 40, 3),
+              "first10": [round(r["total"], 4) for r in lines[:10]],
+              "last10": [round(r["total"], 4) for r in lines[-10:]]}
+    print(f"\ntiny.yaml 40 steps: mean total loss first 10 = {first:.4f}, last 10 = {last:.4f} "
+          f"({seconds:.1f} s)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "train_tiny_loss.json").write_text(json.dumps(report, indent=2))
+    assert last < 0.9 * first, f"loss did not fall: first-10 mean {first:.4f}, last-10 mean {last:.4f}"
+    # every term is logged, validation ran, checkpoints and final weights exist
+    assert {"mse", "lpips", "mfl", "mask_mse", "mask_focal", "mask_dice", "total", "lr", "samples_per_s"} <= set(lines[0])
+    assert (tmp_path / "samples" / "step_00000020.png").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000040" / "model.safetensors").is_file()
+    from tadisr_core.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "model_final.safetensors")
+    assert ckpt.spec.variant == "paper" and ckpt.metadata["train_step"] == "40"
+
+
+# -- resume ---------------------------------------------------------------------------------------
+def test_resume_reproduces_uninterrupted_run(tmp_path, lpips_dir):
+    from safetensors.torch import load_file
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(tiny_cfg(full, lpips_dir, train__max_steps=6, train__checkpoint_every=3))
+    run(tiny_cfg(split, lpips_dir, train__max_steps=3, train__checkpoint_every=3))
+    summary = run(tiny_cfg(split, lpips_dir, train__max_steps=6, train__checkpoint_every=3), resume=True)
+    assert summary["step"] == 6
+    a, b = train_lines(full), train_lines(split)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a[3:], b[3:]):
+        for key in ("mse", "lpips", "mfl", "mask_mse", "mask_focal", "mask_dice", "total"):
+            assert abs(ra[key] - rb[key]) <= 1e-6, f"step {ra['step']} {key}: {ra[key]} vs {rb[key]}"
+    wa, wb = load_file(full / "model_final.safetensors"), load_file(split / "model_final.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= 1e-6
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, lpips_dir):
+    summary = run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1), resume=True)
+    assert summary["step"] == 1
+
+
+# -- distributed ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
+    port = _free_port()
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "training.train", "--config", str(TINY), "--max-steps", "3", "--output-dir", str(tmp_path)]
+    for item in tiny_overrides(tmp_path, lpips_dir, train__weight_digest=True):
+        cmd += ["--set", item]
+    env = dict(_subprocess_env(), MASTER_PORT=str(port))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d0 = (tmp_path / "weight_digest_rank0.txt").read_text().strip()
+    d1 = (tmp_path / "weight_digest_rank1.txt").read_text().strip()
+    assert d0 == d1 and len(d0) == 64
+    lines = train_lines(tmp_path)
+    assert [r["step"] for r in lines] == [1, 2, 3]  # logged by the main process only
+    assert all(r["samples_per_s"] > 0 and not r["skipped"] for r in lines)
+
+
+# -- interruption and failure -----------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, lpips_dir):
+    cmd = [sys.executable, "-m", "training.train", "--config", str(TINY), "--max-steps", "1000"]
+    for item in tiny_overrides(tmp_path, lpips_dir, train__checkpoint_every=1000):
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped"] and 2 <= summary["step"] < 1000
+    from training.train_state import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "checkpoints").name == f"step_{summary['step']:08d}"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_nonfinite_step_is_skipped(tmp_path, lpips_dir):
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, train__checkpoint_every=1, train__keep_checkpoints=0,
+                   train__inject_nonfinite_at=[2])
+    summary = run(cfg)
+    lines = train_lines(tmp_path)
+    assert [r["skipped"] for r in lines] == [False, True] and summary["nonfinite"] == 1
+    w1 = load_file(tmp_path / "checkpoints" / "step_00000001" / "model.safetensors")
+    w2 = load_file(tmp_path / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # no optimiser update on the skipped step
+
+
+def test_too_many_nonfinite_steps_abort(tmp_path, lpips_dir):
+    from training.train import TrainingAborted
+
+    cfg = tiny_cfg(tmp_path, lpips_dir, train__max_steps=5, train__max_nonfinite=1, train__inject_nonfinite_at=[1, 2])
+    with pytest.raises(TrainingAborted, match="max_nonfinite = 1"):
+        run(cfg)
+
+
+# -- model variants, ablations, checkpointing ---------------------------------------------------
+def test_gradient_checkpointing_matches_plain_run(tmp_path, lpips_dir):
+    """TACA capture + UNet checkpointing: same losses (the capture is repeated on recomputation)."""
+    plain = run(tiny_cfg(tmp_path / "plain", lpips_dir, train__max_steps=2))
+    gc = run(tiny_cfg(tmp_path / "gc", lpips_dir, train__max_steps=2, train__gradient_checkpointing=True))
+    assert plain["step"] == gc["step"] == 2
+    for a, b in zip(train_lines(tmp_path / "plain"), train_lines(tmp_path / "gc")):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-5, abs=1e-6)
+
+
+def test_ablations_change_model_and_terms(tmp_path, lpips_dir):
+    from training.train import Trainer
+
+    no_jsd = Trainer(tiny_cfg(tmp_path / "jsd", lpips_dir, train__max_steps=1, ablation__no_jsd=True))
+    before = {n: p.detach().clone() for n, p in no_jsd.model.mi_decoder.named_parameters()}
+    assert not any(n.startswith("mi_decoder.") for n, _ in no_jsd.trainable)
+    no_jsd.run()
+    assert set(train_lines(tmp_path / "jsd")[0]) >= {"mse", "lpips"}
+    assert not {"mfl", "mask_mse", "mask_focal", "mask_dice"} & set(train_lines(tmp_path / "jsd")[0])
+    after = dict(no_jsd.model.mi_decoder.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(p.abs().sum() == 0 for n, p in after.items() if n.endswith(".a_l"))
+
+    no_taca = Trainer(tiny_cfg(tmp_path / "taca", lpips_dir, train__max_steps=1, ablation__no_taca=True,
+                               ablation__no_mfl=True))
+    assert no_taca.model.spec.mask_input == "mid-block" and not no_taca.model.needs_attention
+    no_taca.run()
+    line = train_lines(tmp_path / "taca")[0]
+    assert "mfl" not in line and "mask_dice" in line and not line["skipped"]
+
+
+def test_trainable_set(tiny_model_factory):
+    from training.builders import configure_trainable
+
+    model = tiny_model_factory("paper")
+    names = {n for n, _ in configure_trainable(model)}
+    assert names and all(n.startswith(("unet.", "vae.", "mi_decoder.")) for n in names)
+    assert {n for n in names if n.startswith("unet.")} == {
+        n for n, _ in model.unet.named_parameters(prefix="unet") if "lora_" in n or n.startswith("unet.conv_in.")}
+    assert any("skip_conv_2.base_layer.weight" in n for n in names)
+    assert "mi_decoder.attention_proj.weight" in names
+    assert not any(n.startswith("unet.") and "lora_" not in n and "conv_in" not in n for n in names)
+    frozen = [n for n, p in model.vae.named_parameters() if not p.requires_grad]
+    assert "encoder.conv_in.base_layer.weight" in frozen
+
+
+def test_build_from_kolors_folder_and_checkpoint(tiny_dir):
+    from tadisr_core.checkpoint import load_checkpoint, trainable_state_dict
+    from training.builders import build_model_from_config
+
+    cfg = Config()
+    cfg.model.variant = "official-kolors"
+    cfg.model.kolors_dir, cfg.model.init_checkpoint = str(tiny_dir["kolors"]), str(tiny_dir["checkpoint"])
+    cfg.model.prompt_cache = str(tiny_dir["prompt_cache"])
+    model = build_model_from_config(cfg)
+    ckpt = load_checkpoint(tiny_dir["checkpoint"])
+    got = trainable_state_dict(model)["unet"]
+    assert all(torch.equal(got[k], v) for k, v in ckpt.groups["unet"].items())
+    cfg.model.variant = "paper"
+    with pytest.raises(ConfigError, match="official-kolors"):
+        build_model_from_config(cfg)
+
+
+def test_meta_materialise_gives_a_finite_model():
+    from tadisr_core.model import build_model, random_prompt
+    from tadisr_core.spec import tiny_spec
+    from training.builders import materialise_random_
+
+    spec = tiny_spec("paper")
+    model = build_model(spec, device="meta")
+    materialise_random_(model, "cpu")
+    model.set_prompt(random_prompt(spec))
+    out = model(torch.rand(1, 3, 32, 32))
+    assert torch.isfinite(out.image).all() and torch.isfinite(out.mask_logits).all()
+
+
+# -- configuration -------------------------------------------------------------------------------
+def test_config_files_load():
+    for name in ("tiny", "kolors_ftsr", "kolors_realce"):
+        cfg = load_config(REPO / "training" / "configs" / f"{name}.yaml")
+        assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.max_grad_norm == 1.0
+    ftsr = load_config(REPO / "training" / "configs" / "kolors_ftsr.yaml")
+    assert (ftsr.data.crop, ftsr.train.mixed_precision, ftsr.train.gradient_checkpointing) == (768, "bf16", True)
+    assert ftsr.optim.lr == 5e-5 and ftsr.loss.preset == "paper"
+    assert load_config(REPO / "training" / "configs" / "kolors_realce.yaml").optim.lr == 2e-5
+
+
+def test_config_errors_name_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'train\.max_step'"):
+        load_config(bad)
+    bad.write_text("trian:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown section 'trian'"):
+        load_config(bad)
+    bad.write_text("train:\n  mixed_precision: fp8\n")
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(bad)
+    bad.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="'model.rank'"):
+        load_config(TINY, ["model.rank=3"])
+    cfg = load_config(TINY, ["optim.lr=1e-4", "optim.betas=[0.8, 0.9]", "ablation.no_mfl=true", "model.kolors_dir=null"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.8, 0.9) and cfg.ablation.no_mfl
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from training.train import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  weight: 3\n")
+    assert main(["--config", str(bad)]) == 1
+    assert "loss.weight" in capsys.readouterr().err
+
+
+# -- benchmark smoke -----------------------------------------------------------------------------
+def test_bench_train_step_tiny_mode(lpips_dir):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--tiny", "--steps", "1",
+           "--lpips-weights", str(lpips_dir / "lpips_alex.safetensors"), "--lpips-net", "alex"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["s_per_step"] > 0 and out["gradient_checkpointing"] and out["trainable_params"] > 0

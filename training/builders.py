@@ -1,0 +1,307 @@
+"""Building blocks of the trainer: the model from a config, its trainable set, the loss, the data.
+
+Kept apart from the loop in `train.py` so the benchmark and tests can build the same pieces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from training.config import Config, ConfigError
+
+SKIMAGE_BACKGROUNDS = ("astronaut", "coffee", "chelsea", "immunohistochemistry", "hubble_deep_field")
+
+
+# -- model --------------------------------------------------------------------------------------
+def _customise_spec(spec, cfg: Config):
+    m = cfg.model
+    if m.unet_rank is not None or m.vae_rank is not None:
+        spec = spec.with_ranks(m.unet_rank or spec.unet_lora.rank, m.vae_rank or spec.vae_lora.rank)
+    mask_input = "mid-block" if cfg.ablation.no_taca else m.mask_input
+    if mask_input is not None:
+        spec = dataclasses.replace(spec, mask_input=mask_input)
+    return dataclasses.replace(spec, skip_convs=m.skip_convs)
+
+
+def materialise_random_(model: nn.Module, device: str | torch.device, seed: int = 0) -> nn.Module:
+    """Move a meta-device model to `device` with random weights (benchmarks: no CPU copy is made).
+
+    Matrices and kernels get N(0, 0.02), 1-D weights (norm scales) 1, biases 0, LoRA B 0.
+    """
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters(remove_duplicate=True):
+            if ".lora_B." in name:
+                p.zero_()
+            elif p.ndim >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return model
+
+
+def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
+    """The TADiSR model a config describes, fp32, before any trainable/frozen split.
+
+    - `model.kolors_dir` set: Kolors base weights from that folder (full or a make-tiny folder), the
+      prompt cache from `model.prompt_cache` (computed with ChatGLM3 when the file is missing);
+    - otherwise random weights of the tiny or full spec and a random prompt (tests, benchmarks);
+      a full random model on CUDA is built on the meta device and materialised there.
+    `model.init_checkpoint` (release .pkl or native .safetensors) is applied on top; its spec
+    (variant, ranks) wins over the config's defaults, and a conflicting `model.variant` is an error.
+    """
+    from tadisr_core.checkpoint import apply_checkpoint, load_checkpoint
+    from tadisr_core.model import TADiSRModel, build_model, random_prompt
+    from tadisr_core.spec import full_spec, tiny_spec
+
+    m = cfg.model
+    ckpt = load_checkpoint(m.init_checkpoint) if m.init_checkpoint else None
+    if ckpt is not None and ckpt.spec.variant != m.variant:
+        raise ConfigError(f"model.variant = {m.variant!r} but {m.init_checkpoint} is a {ckpt.spec.variant!r} "
+                          f"checkpoint; set model.variant: {ckpt.spec.variant}")
+    if m.kolors_dir:
+        from tadisr_core.backbone import check_kolors_folder, load_unet, load_vae, read_unet_spec, read_vae_spec
+        from tadisr_core.loading import ensure_prompt_cache
+        from tadisr_core.prompt import compute_prompt_cache_from_kolors
+
+        check_kolors_folder(m.kolors_dir)
+        base = ckpt.spec if ckpt is not None else full_spec(m.variant)
+        prompt = (ensure_prompt_cache(m.prompt_cache, m.kolors_dir) if m.prompt_cache
+                  else compute_prompt_cache_from_kolors(m.kolors_dir))
+        spec = dataclasses.replace(base, unet=read_unet_spec(m.kolors_dir), vae=read_vae_spec(m.kolors_dir),
+                                   prompt_tokens=prompt.prompt_embeds.shape[1],
+                                   text_hidden=prompt.prompt_embeds.shape[2])
+        spec = _customise_spec(spec, cfg)
+        torch.manual_seed(m.init_seed)
+        model = TADiSRModel(spec, load_unet(m.kolors_dir), load_vae(m.kolors_dir), prompt)
+    else:
+        base = ckpt.spec if ckpt is not None else (tiny_spec if m.size == "tiny" else full_spec)(m.variant)
+        spec = _customise_spec(base, cfg)
+        if torch.device(device).type == "cuda" and m.size == "full":
+            model = build_model(spec, device="meta")
+            materialise_random_(model, device, m.init_seed)
+            model.set_prompt(random_prompt(spec))
+        else:
+            model = build_model(spec, prompt=random_prompt(spec), seed=m.init_seed)
+    if ckpt is not None:
+        apply_checkpoint(model, ckpt)
+    return model
+
+
+def configure_trainable(model, no_jsd: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """Freeze everything, then unfreeze what TADiSR trains; returns (name, parameter) in a fixed order.
+
+    Trained: UNet LoRA + unet.conv_in, VAE LoRA (+ skip-conv base weights), the whole mask decoder
+    (`mi_decoder`, including W_a). With `no_jsd` the mask decoder stays frozen and the interaction
+    blocks' image-side scales are zeroed, so the image stream is the plain (LoRA) VAE decoder.
+    """
+    model.requires_grad_(False)  # peft creates its LoRA tensors with requires_grad=True
+    for name, p in model.unet.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("conv_in."))
+    for name, p in model.vae.named_parameters():
+        p.requires_grad_("lora_" in name or "skip_conv_" in name)
+    if no_jsd:
+        with torch.no_grad():
+            for name, p in model.mi_decoder.named_parameters():
+                if name.endswith(".a_l") or name.endswith(".b_l"):
+                    p.zero_()
+    else:
+        model.mi_decoder.requires_grad_(True)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def cast_frozen_(model: nn.Module, dtype: torch.dtype, keep_fp32: tuple[nn.Module, ...] = ()) -> None:
+    """Store frozen weights in `dtype` (trainable ones stay fp32 for the optimiser)."""
+    keep = {id(p) for mod in keep_fp32 for p in mod.parameters()}
+    for p in model.parameters():
+        if not p.requires_grad and id(p) not in keep and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Checkpoint the UNet (diffusers) and, per block, the VAE encoder/decoder and the mask decoder.
+
+    The VAE blocks are walked one by one by `TADiSRModel.encode/decode`, so diffusers' own VAE
+    switch would not apply; their `forward` is wrapped per instance (state-dict keys unchanged).
+    With TACA capture on, the attention store is kept recording during backward: the checkpoint
+    recomputation must repeat the capture's ops, or torch finds fewer saved tensors and fails.
+    """
+    model.unet.enable_gradient_checkpointing()
+    blocks = [*model.vae.encoder.down_blocks, model.vae.encoder.mid_block, model.vae.decoder.mid_block,
+              *model.vae.decoder.up_blocks, *model.mi_decoder.up_blocks, *model.mi_decoder.interaction_blocks]
+    for block in blocks:
+        if not getattr(block, "_tadisr_checkpointed", False):
+            block.forward = _checkpointed(block.forward)
+            block._tadisr_checkpointed = True
+    if model.needs_attention:
+        model.attention_store.stop = lambda: None  # maps from recomputation are dropped by the next start()
+
+
+class TrainingForward(nn.Module):
+    """encode -> denoise -> decode as one forward, so DDP/FSDP wrappers see (and sync) the whole step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, lr_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.model.encode(lr_up)
+        den = self.model.denoise(enc.latents)
+        dec = self.model.decode(den.latents, enc.skips, den.attention)
+        return dec.image, dec.mask_logits
+
+
+# -- loss ---------------------------------------------------------------------------------------
+def build_loss(cfg: Config, device: str | torch.device = "cpu"):
+    """The TADiSRLoss a config describes (LPIPS loaded from `loss.lpips_weights` / the default dir)."""
+    from training.losses import TADiSRLoss, loss_settings
+
+    lc = cfg.loss
+    overrides = {k: getattr(lc, k) for k in ("mse", "lpips", "mfl", "mask_mse", "mask_focal", "mask_dice",
+                                              "lpips_net", "mfl_gamma", "focal_alpha", "focal_gamma",
+                                              "dice_smooth")}
+    if cfg.ablation.no_mfl:
+        overrides["mfl"] = 0.0
+    settings = loss_settings(lc.preset, **overrides)
+    lpips = None
+    if settings.lpips_net == "none":
+        if lc.lpips not in (None, 0.0):
+            raise ConfigError(f"loss.lpips = {lc.lpips} but loss.lpips_net = none: set one of them differently")
+        settings = dataclasses.replace(settings, weights=dataclasses.replace(settings.weights, lpips=0.0))
+    elif settings.weights.lpips:
+        from training.lpips import LPIPS
+
+        lpips = LPIPS(settings.lpips_net, lc.lpips_weights).to(device)
+    return TADiSRLoss(settings, lpips, use_mask=not cfg.ablation.no_jsd).to(device)
+
+
+# -- data ---------------------------------------------------------------------------------------
+def _write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Path:
+    """Text-free backgrounds for synthesis: scikit-image's sample photos or smooth random fields."""
+    from PIL import Image
+
+    done = folder / "COMPLETE"
+    if done.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "skimage":
+        try:
+            import skimage.data
+        except ImportError:
+            raise ConfigError("data.backgrounds = skimage needs scikit-image (pip install scikit-image); "
+                              "or use data.backgrounds = procedural, or a folder of photos") from None
+        images = {name: getattr(skimage.data, name)() for name in SKIMAGE_BACKGROUNDS}
+    else:
+        rng = np.random.default_rng(seed)
+        images = {}
+        for i in range(6):
+            coarse = rng.integers(0, 256, (4 + i, 4 + i, 3), dtype=np.uint8)
+            field = np.asarray(Image.fromarray(coarse).resize((max_side, max_side), Image.BICUBIC), np.float32)
+            images[f"field_{i}"] = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+    for name, img in images.items():
+        im = Image.fromarray(img[..., :3])
+        im.thumbnail((max_side, max_side), Image.LANCZOS)  # small files: synthesis decodes one per sample
+        tmp = folder / f"{name}.png.tmp"
+        im.save(tmp, format="PNG")
+        tmp.replace(folder / f"{name}.png")
+    done.write_text("\n".join(sorted(images)) + "\n")
+    return folder
+
+
+def build_datasets(cfg: Config, work_dir: str | Path) -> tuple[Dataset, Dataset | None]:
+    """(train, val) datasets; val is None when the config names no validation data."""
+    from training.data.datasets import OnTheFlySynthesisDataset, RealCEDataset, TripletFolderDataset
+
+    d = cfg.data
+    if d.kind == "synth":
+        bg = d.backgrounds or "skimage"
+        if bg in ("skimage", "procedural"):
+            bg = _write_backgrounds(bg, Path(work_dir) / f"backgrounds_{bg}", max(4 * (d.crop or 512), 256),
+                                    cfg.train.seed)
+        common = dict(backgrounds=bg, fonts=d.fonts, text_crops=d.text_crops, size=d.crop or 512,
+                      scale=d.scale, preset=d.degradation)
+        train = OnTheFlySynthesisDataset(length=d.length, seed=cfg.train.seed, **common)
+        val = OnTheFlySynthesisDataset(length=d.val_size, seed=cfg.train.seed + 7919, **common) if d.val_size else None
+        return train, val
+    if d.kind == "triplets":
+        train = TripletFolderDataset(d.root, crop=d.crop, scale=d.scale, preset=d.degradation)
+        val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=d.degradation)
+               if d.val_root else None)
+        return train, val
+    train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale)
+    val = RealCEDataset(d.root, d.val_list_file, crop=d.val_crop, scale=d.scale) if d.val_list_file else None
+    return train, val
+
+
+class SeededItems(Dataset):
+    """Makes item (epoch, index) a pure function of (seed, epoch, index), in any worker.
+
+    The wrapped dataset's own randomness (crops, on-the-fly degradation) draws from torch's global
+    RNG, which is forked and seeded per item here; datasets with `set_epoch` get the epoch too.
+    This is what lets `--resume` reproduce an uninterrupted run exactly.
+    """
+
+    def __init__(self, inner: Dataset, seed: int):
+        self.inner, self.seed = inner, seed
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key) -> dict:
+        from training.data.synthesis import sample_seed
+
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index) % (2**63))
+            return self.inner[index]
+
+
+class StepBatchSampler:
+    """Endless per-rank micro-batches of (epoch, index) keys, starting at micro-batch `start`.
+
+    Each epoch is a seeded permutation; global micro-batch k takes `batch_size * world` consecutive
+    indices of it, rank r the r-th slice. The tail of an epoch that fills no global batch is dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0, start: int = 0):
+        self.n, self.batch_size, self.world, self.rank, self.seed, self.start = n, batch_size, world, rank, seed, start
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"the dataset has {n} items, fewer than one global batch "
+                             f"({batch_size} per process x {world} processes)")
+
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        k, cached = self.start, (None, None)
+        while True:
+            epoch, j = divmod(k, self.per_epoch)
+            if cached[0] != epoch:
+                cached = (epoch, self._perm(epoch))
+            base = (j * self.world + self.rank) * self.batch_size
+            yield [(epoch, i) for i in cached[1][base:base + self.batch_size]]
+            k += 1

@@ -1,0 +1,280 @@
+"""Training configuration: one dataclass tree, loaded from YAML, with command-line overrides.
+
+    cfg = load_config("training/configs/tiny.yaml", overrides=["train.max_steps=10", "optim.lr=1e-4"])
+
+Unknown keys are errors naming the key and the file. Relative paths in the YAML stay relative to
+the working directory (as BasicSR does); ``~`` and ``$VARS`` are expanded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and where its weights come from."""
+
+    variant: str = "paper"                  # paper | official-kolors
+    size: str = "tiny"                      # tiny | full (only used without kolors_dir: random weights)
+    kolors_dir: str | None = None           # Kolors diffusers folder with the base UNet/VAE weights
+    init_checkpoint: str | None = None      # TADiSR checkpoint (.safetensors or the release .pkl) to start from
+    prompt_cache: str | None = None         # prompt cache file; computed with Kolors' ChatGLM3 when absent
+    unet_rank: int | None = None            # None: the variant's default (4)
+    vae_rank: int | None = None             # None: the variant's default (2)
+    mask_input: str | None = None           # attention | mid-block; None: the variant's default
+    skip_convs: bool = True
+    init_seed: int = 0                      # seed of the random initialisation (LoRA A, decoders, tiny backbone)
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data. Items are dicts (lr, hr, mask, name)."""
+
+    kind: str = "synth"                     # synth | triplets | realce
+    root: str | None = None                 # triplets: folder with hr/ mask/ [lr/]; realce: dataset root
+    list_file: str | None = None            # realce: training list
+    backgrounds: str | None = "skimage"     # synth: a folder of text-free images, or "skimage" (built-in samples)
+    fonts: str | None = None                # synth: a font folder; None: system fonts
+    text_crops: str | None = None           # synth: TextSeg/BTS/CTR-layout folder of text crops
+    length: int = 1000                      # synth: samples per epoch
+    crop: int | None = 512                  # HR crop (synth: canvas size); None: whole images
+    scale: int = 4
+    degradation: str = "ftsr"               # ftsr | realesrgan (on-the-fly LR)
+    val_root: str | None = None             # triplets: validation folder; None: no validation for triplets
+    val_list_file: str | None = None        # realce: validation list
+    val_size: int = 4                       # validation items used
+    val_crop: int | None = None             # validation HR crop; None: whole images (synth: `crop`)
+
+
+@dataclass
+class LossConfig:
+    """Loss preset plus per-term overrides (None keeps the preset's value)."""
+
+    preset: str = "paper"                   # paper | release
+    mse: float | None = None
+    lpips: float | None = None
+    mfl: float | None = None
+    mask_mse: float | None = None
+    mask_focal: float | None = None
+    mask_dice: float | None = None
+    lpips_net: str | None = None            # alex | vgg | none (none: no LPIPS term; must be explicit)
+    lpips_weights: str | None = None        # folder or file of converted LPIPS weights; None: default dir
+    mfl_gamma: float | None = None
+    focal_alpha: float | None = None
+    focal_gamma: float | None = None
+    dice_smooth: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a constant learning rate (optional linear warm-up)."""
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, batches, precision, logging, checkpoints, validation."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 1                     # per process
+    grad_accum: int = 1
+    mixed_precision: str = "no"             # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    seed: int = 0                           # data order and sampling
+    log_every: int = 1                      # progress-bar refresh (metrics.jsonl gets every step)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3               # newest N kept (0: keep all)
+    validate_every: int = 0                 # 0: never
+    num_workers: int = 0
+    max_nonfinite: int = 20                 # skipped non-finite steps tolerated before aborting
+    weight_digest: bool = False             # write a per-rank digest of the trainable weights at the end
+    inject_nonfinite_at: list[int] = field(default_factory=list)  # testing aid: steps whose loss is made NaN
+
+
+@dataclass
+class AblationConfig:
+    """Paper ablations: no joint segmentation decoders, no TACA, no modified focal loss."""
+
+    no_jsd: bool = False                    # mask losses off, mask stream frozen and unused
+    no_taca: bool = False                   # mask stream from mid-block features instead of attention
+    no_mfl: bool = False                    # MFL weight 0
+
+
+@dataclass
+class Config:
+    """The whole training configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (tuples as lists), e.g. for YAML/JSON dumps."""
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self, source: str = "<config>") -> "Config":
+        """Check enumerations and ranges; raises ConfigError naming the key."""
+        choices = {
+            "model.variant": (self.model.variant, ("paper", "official-kolors")),
+            "model.size": (self.model.size, ("tiny", "full")),
+            "model.mask_input": (self.model.mask_input, (None, "attention", "mid-block")),
+            "data.kind": (self.data.kind, ("synth", "triplets", "realce")),
+            "data.degradation": (self.data.degradation, ("ftsr", "realesrgan")),
+            "loss.preset": (self.loss.preset, ("paper", "release")),
+            "loss.lpips_net": (self.loss.lpips_net, (None, "alex", "vgg", "none")),
+            "train.mixed_precision": (self.train.mixed_precision, ("no", "bf16", "fp16")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{source}: {key} = {value!r}; choose one of {[a for a in allowed if a]}")
+        positive = {"train.max_steps": self.train.max_steps, "train.batch_size": self.train.batch_size,
+                    "train.grad_accum": self.train.grad_accum, "data.scale": self.data.scale}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{source}: {key} must be >= 1, got {value}")
+        if self.data.crop is not None and self.data.crop % (8 * self.data.scale):
+            raise ConfigError(f"{source}: data.crop = {self.data.crop} must be a multiple of 8 x scale "
+                              f"({8 * self.data.scale}) so the LR crop and the latent grid line up")
+        if self.data.kind in ("triplets", "realce") and not self.data.root:
+            raise ConfigError(f"{source}: data.root is required for data.kind = {self.data.kind}")
+        if self.data.kind == "realce" and not self.data.list_file:
+            raise ConfigError(f"{source}: data.list_file is required for data.kind = realce")
+        if self.model.size == "full" and not self.model.kolors_dir and self.model.init_checkpoint:
+            raise ConfigError(f"{source}: model.init_checkpoint needs model.kolors_dir (the base weights)")
+        return self
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+
+def _coerce(value: Any, annotation, where: str):
+    """Coerce a YAML value to a field's annotated type (ints to floats, lists to tuples, strings to numbers)."""
+    hints = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, type(int | None)) else ()
+    if hints:  # Optional[...]
+        if value is None:
+            return None
+        annotation = next(h for h in hints if h is not type(None))
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return os.path.expandvars(os.path.expanduser(str(value)))
+        if origin is tuple:
+            args = typing.get_args(annotation)
+            if not isinstance(value, (list, tuple)) or len(value) != len(args):
+                raise TypeError
+            return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+        if origin is list:
+            (arg,) = typing.get_args(annotation)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce(v, arg, where) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {getattr(annotation, '__name__', annotation)}") from None
+    return value
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(section_obj, values: dict, section: str, source: str) -> None:
+    types = _field_types(type(section_obj))
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}' (known keys of '{section}': "
+                              f"{', '.join(types)})")
+        setattr(section_obj, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+
+
+def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
+    """Build a Config from a nested dict; unknown sections or keys raise ConfigError naming them and `source`."""
+    cfg = Config()
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {type(values).__name__}")
+        _apply(getattr(cfg, section), values, section, source)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str], source: str = "command line") -> Config:
+    """Apply ``section.key=value`` strings (values parsed as YAML: ``1e-4``, ``true``, ``[1, 2]``, ``null``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"{source}: override {item!r} is not of the form section.key=value")
+        section, name = key.strip().split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}' in override {item!r} "
+                              f"(known: {', '.join(SECTIONS)})")
+        _apply(getattr(cfg, section), {name: yaml.safe_load(raw)}, section, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None: defaults), apply overrides, validate."""
+    if path is None:
+        cfg, source = Config(), "<defaults>"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        cfg, source = config_from_dict(data, str(path)), str(path)
+    apply_overrides(cfg, overrides or [])
+    return cfg.validate(source)

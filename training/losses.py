@@ -1,0 +1,187 @@
+"""TADiSR training losses: the image loss (MSE + LPIPS + modified focal) and the mask loss
+(MSE + sigmoid focal + Dice).
+
+Presets:
+
+- ``paper`` (default): image 1·MSE + 5·LPIPS + 10·MFL; mask 1·MSE(sigmoid(m), t) + 10·focal + 1·Dice.
+  LPIPS gets [0, 1] inputs mapped to [-1, 1] (``normalize=True``).
+- ``release``: the weights the released CogView4 training script effectively uses:
+  image 1·MSE + 5·LPIPS with the [0, 1] inputs *not* mapped to [-1, 1] (the script calls ``lpips``
+  without ``normalize=True``), no MFL; mask 1·MSE on the *logits* + 1·focal + 10·Dice. The script's
+  intent is 10·focal + 1·Dice, but its helper returns ``(focal, dice)`` and the caller unpacks
+  ``(dice, focal)``, so the weights end up swapped; the preset reproduces what actually ran.
+  The release's 5·OCR-edge loss (PP-OCR boxes on the GT mask, rectified Sobel edges) is not
+  reproduced: it needs an OCR detector inside the training loop.
+
+The modified focal loss (MFL) is ``mean(|Sobel(sr_gray) - Sobel(hr_gray)| * (1 - p_correct)^gamma)``
+with ``p_correct = sigmoid(m)·t + (1 - sigmoid(m))·(1 - t)``. The weight ``(1 - p_correct)^gamma`` is
+**detached**: the MFL steers the image stream towards pixels the mask stream gets wrong, but it does
+not train the mask stream (which has its own loss). Sobel is the unnormalised 3x3 kernel (±1, ±2) on
+luma (0.299, 0.587, 0.114) with replicate padding; the edge map is the gradient magnitude.
+
+All terms are means over pixels and over the batch (the release sums focal and Dice over the batch;
+at its batch size of 1 that is the same).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_TERMS = ("mse", "lpips", "mfl")
+MASK_TERMS = ("mask_mse", "mask_focal", "mask_dice")
+TERMS = IMAGE_TERMS + MASK_TERMS
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of every term; a zero weight removes the term (it is neither computed nor reported)."""
+
+    mse: float = 1.0
+    lpips: float = 5.0
+    mfl: float = 10.0
+    mask_mse: float = 1.0
+    mask_focal: float = 10.0
+    mask_dice: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Everything that defines the loss: weights plus the knobs that differ between presets."""
+
+    weights: LossWeights = LossWeights()
+    lpips_normalize: bool = True      # map [0, 1] to [-1, 1] before LPIPS (the release does not)
+    mask_mse_on_logits: bool = False  # MSE(m, t) instead of MSE(sigmoid(m), t) (the release)
+    lpips_net: str = "vgg"            # alex | vgg | none
+    mfl_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    dice_smooth: float = 1.0
+
+
+PRESETS: dict[str, LossSettings] = {
+    "paper": LossSettings(),
+    "release": LossSettings(
+        weights=LossWeights(mse=1.0, lpips=5.0, mfl=0.0, mask_mse=1.0, mask_focal=1.0, mask_dice=10.0),
+        lpips_normalize=False, mask_mse_on_logits=True, lpips_net="vgg"),
+}
+
+
+def loss_settings(preset: str = "paper", **overrides) -> LossSettings:
+    """A preset's settings with some fields replaced (``None`` values are ignored).
+
+    Weight overrides are given by term name (``mse=2.0``, ``mask_dice=0``).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown loss preset {preset!r}; choose one of {sorted(PRESETS)}")
+    base = PRESETS[preset]
+    weights = {k: v for k, v in overrides.items() if k in TERMS and v is not None}
+    other = {k: v for k, v in overrides.items() if k not in TERMS and v is not None}
+    unknown = set(other) - {f.name for f in dataclasses.fields(LossSettings)}
+    if unknown:
+        raise ValueError(f"unknown loss setting(s) {sorted(unknown)}")
+    return dataclasses.replace(base, weights=dataclasses.replace(base.weights, **weights), **other)
+
+
+# -- elementary terms -----------------------------------------------------------------------------
+def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma (0.299, 0.587, 0.114) of ``[B, 3, H, W]`` -> ``[B, 1, H, W]``."""
+    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def sobel_magnitude(gray: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Unnormalised 3x3 Sobel gradient magnitude of ``[B, 1, H, W]`` (replicate padding)."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=gray.dtype, device=gray.device)
+    kernels = torch.stack([kx, kx.t()])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
+    g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+    return torch.sqrt(g.pow(2).sum(dim=1, keepdim=True) + eps)
+
+
+def modified_focal_loss(sr: torch.Tensor, hr: torch.Tensor, mask_logits: torch.Tensor, mask_gt: torch.Tensor,
+                        gamma: float = 2.0) -> torch.Tensor:
+    """Edge error weighted by how wrong the predicted text mask is; the weight is detached."""
+    p = torch.sigmoid(mask_logits.detach().float())
+    p_correct = p * mask_gt + (1 - p) * (1 - mask_gt)
+    weight = (1 - p_correct).clamp_min(0).pow(gamma)
+    diff = (sobel_magnitude(rgb_to_gray(sr)) - sobel_magnitude(rgb_to_gray(hr))).abs()
+    return (diff * weight).mean()
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
+    """RetinaNet focal loss on logits, mean over pixels and batch (``alpha < 0`` disables alpha)."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t).pow(gamma)
+    if alpha >= 0:
+        loss = loss * (alpha * target + (1 - alpha) * (1 - target))
+    return loss.mean()
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - (2·Σpt + s) / (Σp + Σt + s) per sample with p = sigmoid(logits), mean over the batch."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
+
+
+# -- the combined loss ----------------------------------------------------------------------------
+class TADiSRLoss(nn.Module):
+    """Image + mask loss. ``forward`` returns a dict of unweighted terms plus the weighted ``total``.
+
+    ``lpips``: an LPIPS module (``training.lpips.LPIPS``) or None; required when the LPIPS weight
+    is non-zero. ``use_mask=False`` (the no-JSD ablation) drops every term that reads the predicted
+    mask: the three mask terms and the MFL.
+    """
+
+    def __init__(self, settings: LossSettings = LossSettings(), lpips: nn.Module | None = None,
+                 use_mask: bool = True):
+        super().__init__()
+        self.settings = settings
+        self.lpips = lpips
+        w = settings.weights
+        self.weights = {name: float(getattr(w, name)) for name in TERMS}
+        if not use_mask:
+            for name in MASK_TERMS + ("mfl",):
+                self.weights[name] = 0.0
+        self.weights = {k: v for k, v in self.weights.items() if v != 0.0}
+        if "lpips" in self.weights and lpips is None:
+            raise ValueError("the LPIPS weight is non-zero but no LPIPS network was given "
+                             "(set loss.lpips_net to alex/vgg, or the LPIPS weight to 0)")
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """Names of the terms this loss computes, in a fixed order."""
+        return tuple(t for t in TERMS if t in self.weights)
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor, mask_logits: torch.Tensor | None = None,
+                mask_gt: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """sr, hr: ``[B, 3, H, W]`` in 0..1; mask_logits, mask_gt: ``[B, 1, H, W]`` (gt in {0, 1})."""
+        s = self.settings
+        sr, hr = sr.float(), hr.float()
+        needs_mask = any(t in self.weights for t in MASK_TERMS + ("mfl",))
+        if needs_mask:
+            if mask_logits is None or mask_gt is None:
+                raise ValueError(f"terms {self.terms} need the predicted mask logits and the GT mask")
+            m, t = mask_logits.float(), mask_gt.float()
+        out: dict[str, torch.Tensor] = {}
+        if "mse" in self.weights:
+            out["mse"] = F.mse_loss(sr, hr)
+        if "lpips" in self.weights:
+            out["lpips"] = self.lpips(sr, hr, normalize=s.lpips_normalize).mean()
+        if "mfl" in self.weights:
+            out["mfl"] = modified_focal_loss(sr, hr, m, t, s.mfl_gamma)
+        if "mask_mse" in self.weights:
+            out["mask_mse"] = F.mse_loss(m if s.mask_mse_on_logits else torch.sigmoid(m), t)
+        if "mask_focal" in self.weights:
+            out["mask_focal"] = sigmoid_focal_loss(m, t, s.focal_alpha, s.focal_gamma)
+        if "mask_dice" in self.weights:
+            out["mask_dice"] = dice_loss(m, t, s.dice_smooth)
+        out["total"] = sum((self.weights[k] * v for k, v in out.items()), sr.new_zeros(()))
+        return out

@@ -1,0 +1,411 @@
+"""Train TADiSR: one-step (t = 200) LoRA fine-tuning of Kolors with the joint segmentation decoders.
+
+    python -m training.train --config training/configs/tiny.yaml [--max-steps N] [--output-dir DIR]
+                             [--resume] [--set section.key=value ...]
+    accelerate launch [--multi_gpu --num_processes N] -m training.train --config ...
+
+One optimiser step = `train.grad_accum` micro-batches of `train.batch_size` per process. Each step
+appends a JSON line to OUTPUT/metrics.jsonl (main process): the loss terms, total, lr, grad norm,
+samples/s. Checkpoints (OUTPUT/checkpoints/step_N) hold the trainable weights as a native
+safetensors file plus optimiser/scheduler/RNG state; `--resume` continues from the newest one and
+reproduces the uninterrupted run's losses. SIGTERM saves a checkpoint and exits cleanly.
+A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
+Mixed precision, DDP and FSDP come from Accelerate (`accelerate config`); `train.mixed_precision`
+is used when the launcher does not set one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.config import Config, ConfigError, load_config
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (too many non-finite steps)."""
+
+
+def _upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def weight_digest(params) -> str:
+    """SHA-256 of the trainable tensors (fp32 bytes, in order): equal digests = equal weights."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _multi_process_cpu() -> bool:
+    """Several processes and no GPU (e.g. `accelerate launch --multi_gpu` on a CPU box): gloo on CPU."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not xpu
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT -> a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM,):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, the run is simply not interruptible
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Owns the accelerator, the model, the optimiser and the loop. `run()` trains to max_steps."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+        from tadisr_core.checkpoint import trainable_state_dict
+        from training.builders import (TrainingForward, build_loss, build_model_from_config, cast_frozen_,
+                                       configure_trainable, enable_gradient_checkpointing)
+
+        self.cfg = cfg
+        t = cfg.train
+        self.out = Path(t.output_dir)
+        mp = t.mixed_precision  # explicit: `accelerate launch` would otherwise impose its default "no"
+        # Unused trainables exist (skip_conv_1, MuGI a_l/b_l, W_a-less paths), as in the release's DDP setup.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.acc = Accelerator(mixed_precision=mp, kwargs_handlers=[ddp], cpu=_multi_process_cpu())
+        self.fsdp = self.acc.distributed_type == DistributedType.FSDP
+        self.main = self.acc.is_main_process
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+
+        model = build_model_from_config(cfg, self.acc.device)
+        self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd)
+        self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model).items()}
+        if mp in ("bf16", "fp16"):
+            # fp16 would overflow the SDXL VAE; bf16 is safe everywhere.
+            keep = (model.vae, model.mi_decoder) if mp == "fp16" else ()
+            cast_frozen_(model, torch.bfloat16 if mp == "bf16" else torch.float16, keep)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        self.model = model
+        self.loss_fn = build_loss(cfg, self.acc.device)
+        params = [p for _, p in self.trainable]
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        warm = o.warmup_steps
+        # Not prepared by accelerate: its scheduler wrapper steps once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.step, self.nonfinite, self._last_end = 0, 0, None
+        torch.manual_seed(t.seed + 1_000_003 * self.acc.process_index)
+        resume_from = self._resume_weights() if resume else None
+        self.forward, self.optimizer = self.acc.prepare(TrainingForward(model), optimizer)
+        self.params = params
+        if resume_from is not None:
+            self._resume_state(resume_from)
+        self._build_data()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        from torch.utils.data import DataLoader
+
+        from training.builders import SeededItems, StepBatchSampler, build_datasets
+
+        cfg, t = self.cfg, self.cfg.train
+        # Every rank builds the same background folder; let the main process write it first.
+        if self.main:
+            train, val = build_datasets(cfg, self.out)
+        self.acc.wait_for_everyone()
+        if not self.main:
+            train, val = build_datasets(cfg, self.out)
+        self.train_items = SeededItems(train, t.seed)
+        sampler = StepBatchSampler(len(train), t.batch_size, self.acc.num_processes, self.acc.process_index,
+                                   t.seed, start=self.step * t.grad_accum)
+        self.loader = DataLoader(self.train_items, batch_sampler=sampler, num_workers=t.num_workers,
+                                 pin_memory=self.acc.device.type == "cuda",
+                                 persistent_workers=t.num_workers > 0)
+        n_val = min(cfg.data.val_size, len(val)) if val is not None else 0
+        self.val_items = [SeededItems(val, t.seed + 1)[(0, i)] for i in range(n_val)] if n_val else []
+
+    def _resume_weights(self) -> Path | None:
+        """Load the newest checkpoint's weights (before wrapping, so FSDP shards them); None if none."""
+        from tadisr_core.checkpoint import apply_checkpoint, load_checkpoint
+        from training.train_state import latest_checkpoint
+
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            self._print(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
+            return None
+        apply_checkpoint(self.model, load_checkpoint(path / "model.safetensors"))
+        return path
+
+    def _resume_state(self, path: Path) -> None:
+        """Optimiser, scheduler, counters and RNG of checkpoint `path` (after `prepare`)."""
+        from training.train_state import load_training_state, set_rng_state
+
+        state, rank_state = load_training_state(path, self.acc.process_index)
+        self.optimizer.load_state_dict(rank_state["optimizer"] if self.fsdp else state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+        set_rng_state(rank_state["rng"])
+        if self.main:  # drop log lines written after the checkpoint by the interrupted run
+            log = self.out / "metrics.jsonl"
+            if log.is_file():
+                keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+                tmp = log.with_name(log.name + ".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in keep))
+                os.replace(tmp, log)
+        self._print(f"resumed from {path} at step {self.step}")
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _print(self, msg: str) -> None:
+        if self.main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def _log(self, record: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _mean_across(self, values: list[float]) -> list[float]:
+        if self.acc.num_processes == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        return self.acc.reduce(t, reduction="mean").tolist()
+
+    def _any_across(self, flag: bool) -> bool:
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+
+    def _write_weights(self, path: Path) -> None:
+        from tadisr_core.checkpoint import save_model, save_native
+
+        meta = {"train_step": str(self.step)}
+        if not self.fsdp:
+            save_model(self.model, path, meta)
+            return
+        full = self._fsdp_full_state
+        groups = {g: {k: full[f"model.{g}.{k}"] for k in keys} for g, keys in self.saved_keys.items()}
+        prompt = self.model.prompt.prompt if self.model.prompt is not None else None
+        save_native(groups, self.model.spec, path, meta, prompt)
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint `self.step` (collective: every process calls it)."""
+        from training.train_state import save_training_checkpoint
+
+        if self.fsdp:
+            self._fsdp_full_state = self.acc.get_state_dict(self.forward)
+        state = {"step": self.step, "nonfinite": self.nonfinite, "scheduler": self.scheduler.state_dict(),
+                 "config": self.cfg.to_dict()}
+        if not self.fsdp:
+            state["optimizer"] = self.optimizer.state_dict()
+        path = save_training_checkpoint(
+            self.acc, root=self.out / "checkpoints", step=self.step, write_weights=self._write_weights,
+            state=state, sharded_optimizer=self.optimizer.state_dict() if self.fsdp else None,
+            keep=self.cfg.train.keep_checkpoints)
+        self._fsdp_full_state = None
+        return path
+
+    # -- one step ---------------------------------------------------------------------------------
+    def train_step(self, batches) -> dict:
+        """Forward/backward over `grad_accum` micro-batches, then one (or a skipped) optimiser step."""
+        t = self.cfg.train
+        sums: dict[str, float] = {}
+        finite, n_samples = True, 0
+        for i, batch in enumerate(batches):
+            lr = batch["lr"].to(self.acc.device, non_blocking=True)
+            hr = batch["hr"].to(self.acc.device, non_blocking=True)
+            mask = batch["mask"].to(self.acc.device, non_blocking=True)
+            n_samples += lr.shape[0]
+            sync = i == len(batches) - 1
+            with nullcontext() if sync else self.acc.no_sync(self.forward):
+                image, logits = self.forward(_upsample(lr, self.cfg.data.scale))
+                losses = dict(self.loss_fn(image, hr, logits, mask))
+                if self.step + 1 in t.inject_nonfinite_at:
+                    losses["total"] = losses["total"] * float("nan")
+                self.acc.backward(losses["total"] / len(batches))
+            finite &= bool(torch.isfinite(losses["total"].detach()).item())
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(batches)
+        bad = self._any_across(not finite)
+        grad_norm = float("nan")
+        if not bad:
+            grad_norm = float(self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
+            # fp16: an overflow is the grad scaler's business (it skips the step and lowers its scale).
+            bad = not math.isfinite(grad_norm) and self.acc.mixed_precision != "fp16"
+        lr_now = self.scheduler.get_last_lr()[0]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite += 1
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        names = list(sums)
+        values = self._mean_across([sums[k] for k in names])
+        now = time.perf_counter()
+        elapsed = now - (self._last_end or now - 1e-9)  # since the previous step ended: includes data loading
+        self._last_end = now
+        record = {"kind": "train", "step": self.step, **dict(zip(names, values)), "lr": lr_now,
+                  "grad_norm": grad_norm, "samples_per_s": n_samples * self.acc.num_processes / elapsed,
+                  "skipped": bad, "nonfinite": self.nonfinite}
+        self._log(record)
+        if bad and self.nonfinite > t.max_nonfinite:
+            raise TrainingAborted(f"aborting at step {self.step}: {self.nonfinite} steps had a non-finite loss or "
+                                  f"gradient (train.max_nonfinite = {t.max_nonfinite}); lower optim.lr, use bf16 "
+                                  f"instead of fp16, or check the data")
+        return record
+
+    # -- validation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict | None:
+        """PSNR/SSIM over the validation items; a sample strip saved as OUTPUT/samples/step_N.png."""
+        from training.metrics import psnr, ssim
+
+        if not self.val_items:
+            return None
+        scale = self.cfg.data.scale
+        rows, p_all, s_all = [], [], []
+        self.model.eval()
+        with torch.random.fork_rng(devices=[]):
+            for item in self.val_items:
+                lr = item["lr"][None]
+                h, w = (lr.shape[-2] // 8) * 8, (lr.shape[-1] // 8) * 8
+                lr = lr[..., :h, :w].to(self.acc.device)
+                hr = item["hr"][None, :, : h * scale, : w * scale].to(self.acc.device)
+                mask = item["mask"][None, :, : h * scale, : w * scale].to(self.acc.device)
+                up = _upsample(lr, scale)
+                with self.acc.autocast():
+                    image, logits = self.forward(up)
+                image = image.float().clamp(0, 1)
+                p_all.append(float(psnr(image, hr)[0]))
+                s_all.append(float(ssim(image, hr)[0]))
+                m_pred = torch.sigmoid(logits.float()).expand(-1, 3, -1, -1)
+                rows.append(torch.cat([up, image, hr, m_pred, mask.expand(-1, 3, -1, -1)], dim=-1)[0].cpu())
+        self.model.train()
+        record = {"kind": "val", "step": self.step, "psnr": sum(p_all) / len(p_all), "ssim": sum(s_all) / len(s_all)}
+        if self.main:
+            from PIL import Image
+
+            width = max(r.shape[-1] for r in rows)
+            strip = torch.cat([F.pad(r, (0, width - r.shape[-1])) for r in rows], dim=-2)
+            (self.out / "samples").mkdir(exist_ok=True)
+            arr = (strip.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(arr).save(self.out / "samples" / f"step_{self.step:08d}.png")
+        self._log(record)
+        return record
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train until `train.max_steps` (or SIGTERM); returns a summary dict."""
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        if self.main:
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        batches = iter(self.loader)
+        self._last_end = time.perf_counter()
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
+        stopped, last_saved = False, None
+        with _StopFlag() as flag:
+            while self.step < t.max_steps:
+                record = self.train_step([next(batches) for _ in range(t.grad_accum)])
+                bar.update(1)
+                if self.step % max(t.log_every, 1) == 0:
+                    bar.set_postfix(loss=f"{record['total']:.4f}", sps=f"{record['samples_per_s']:.2f}")
+                if t.validate_every and self.step % t.validate_every == 0:
+                    self.validate()
+                    self._last_end = time.perf_counter()
+                if self._any_across(flag.raised):
+                    self._print(f"stop requested (SIGTERM) at step {self.step}: saving a checkpoint")
+                    last_saved, stopped = self.save_checkpoint(), True
+                    break
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.max_steps:
+                    last_saved = self.save_checkpoint()
+                    self._last_end = time.perf_counter()
+        bar.close()
+        if self.main and last_saved is not None and self.step >= t.max_steps:
+            final = self.out / "model_final.safetensors"  # the finished run's weights, for inference
+            shutil.copyfile(last_saved / "model.safetensors", final.with_name(final.name + ".tmp"))
+            os.replace(final.with_name(final.name + ".tmp"), final)
+        summary = {"step": self.step, "stopped": stopped, "nonfinite": self.nonfinite,
+                   "checkpoint": str(last_saved) if last_saved else None}
+        if t.weight_digest:
+            digest = weight_digest(self.params)
+            (self.out / f"weight_digest_rank{self.acc.process_index}.txt").write_text(digest + "\n")
+            summary["weight_digest"] = digest
+        self._log({"kind": "end", **summary})
+        self.acc.wait_for_everyone()
+        return summary
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Train with a loaded config; returns the summary of `Trainer.run`."""
+    return Trainer(cfg, resume=resume).run()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line arguments of `python -m training.train`."""
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML file (training/configs/*.yaml)")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--output-dir", help="override train.output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value (YAML syntax), repeatable")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """CLI entry point; returns the exit code."""
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.output_dir is not None:
+        overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")
+    try:
+        cfg = load_config(args.config, overrides)
+        summary = train(cfg, resume=args.resume)
+    except (ConfigError, FileNotFoundError, TrainingAborted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
