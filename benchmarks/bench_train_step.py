@@ -56,7 +56,7 @@ def bench(args) -> dict:
     model.to(device)
     trainable = configure_trainable(model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
-    if dtype is not None:
+    if dtype is not None and device.type == "cuda":  # as the trainer: CPU autocast keeps norms mixed-dtype
         cast_frozen_(model, dtype, (model.vae, model.mi_decoder) if dtype == torch.float16 else ())
     if args.gc:
         enable_gradient_checkpointing(model)

@@ -90,7 +90,8 @@ def test_loss_terms_total_and_presets():
     paper = TADiSRLoss(loss_settings("paper"), fake)
     out = paper(sr, hr, logits, mask)
     assert set(out) == {"mse", "lpips", "mfl", "mask_mse", "mask_focal", "mask_dice", "total"}
-    expect = out["mse"] + 5 * out["lpips"] + 10 * out["mfl"] + out["mask_mse"] + 10 * out["mask_focal"] + out["mask_dice"]
+    expect = (out["mse"] + 5 * out["lpips"] + 10 * out["mfl"]
+              + out["mask_mse"] + 10 * out["mask_focal"] + out["mask_dice"])
     assert out["total"].item() == pytest.approx(expect.item(), rel=1e-6)
     assert out["mask_mse"].item() == pytest.approx(((torch.sigmoid(logits) - mask) ** 2).mean().item(), rel=1e-6)
     assert fake.calls == [True]

@@ -201,7 +201,9 @@ def _coerce(value: Any, annotation, where: str):
                 raise TypeError
             return float(value)
         if annotation is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            if isinstance(value, bool):
+                raise ConfigError(f"{where}: YAML reads {value!r} as a boolean here; quote the text (e.g. \"no\")")
+            if not isinstance(value, (str, int, float)):
                 raise TypeError
             return os.path.expandvars(os.path.expanduser(str(value)))
         if origin is tuple:
@@ -214,6 +216,8 @@ def _coerce(value: Any, annotation, where: str):
             if not isinstance(value, (list, tuple)):
                 raise TypeError
             return [_coerce(v, arg, where) for v in value]
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {getattr(annotation, '__name__', annotation)}") from None
     return value
@@ -259,7 +263,11 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section '{section}' in override {item!r} "
                               f"(known: {', '.join(SECTIONS)})")
-        _apply(getattr(cfg, section), {name: yaml.safe_load(raw)}, section, source)
+        value = yaml.safe_load(raw)
+        hint = _field_types(type(getattr(cfg, section))).get(name)
+        if value is not None and not isinstance(value, str) and hint in (str, str | None):
+            value = raw.strip()  # text fields take the text as typed ("no" stays "no", not False)
+        _apply(getattr(cfg, section), {name: value}, section, source)
     return cfg
 
 

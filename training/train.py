@@ -3,6 +3,7 @@
     python -m training.train --config training/configs/tiny.yaml [--max-steps N] [--output-dir DIR]
                              [--resume] [--set section.key=value ...]
     accelerate launch [--multi_gpu --num_processes N] -m training.train --config ...
+    (`--multi_gpu --num_processes 2` also works on a CPU-only machine: two gloo processes)
 
 One optimiser step = `train.grad_accum` micro-batches of `train.batch_size` per process. Each step
 appends a JSON line to OUTPUT/metrics.jsonl (main process): the loss terms, total, lr, grad norm,
@@ -10,8 +11,9 @@ samples/s. Checkpoints (OUTPUT/checkpoints/step_N) hold the trainable weights as
 safetensors file plus optimiser/scheduler/RNG state; `--resume` continues from the newest one and
 reproduces the uninterrupted run's losses. SIGTERM saves a checkpoint and exits cleanly.
 A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
-Mixed precision, DDP and FSDP come from Accelerate (`accelerate config`); `train.mixed_precision`
-is used when the launcher does not set one.
+DDP (`find_unused_parameters`, as the release) and FSDP come from Accelerate (`accelerate config`);
+the FSDP path (full-state weight export, per-rank optimiser shards) is untested on CPU. Precision is
+`train.mixed_precision` (the launcher's flag is ignored, so a config always means the same run).
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def _multi_process_cpu() -> bool:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT -> a flag the loop checks between steps."""
+    """SIGTERM -> a flag the loop checks between steps (Ctrl-C still interrupts at once)."""
 
     def __init__(self):
         self.raised = False
@@ -107,8 +109,10 @@ class Trainer:
         model = build_model_from_config(cfg, self.acc.device)
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd)
         self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model).items()}
-        if mp in ("bf16", "fp16"):
-            # fp16 would overflow the SDXL VAE; bf16 is safe everywhere.
+        if mp in ("bf16", "fp16") and self.acc.device.type == "cuda" and not self.fsdp:
+            # Frozen weights in half precision save memory. Only on CUDA, whose autocast runs norms in
+            # fp32 with cast weights (CPU autocast does not); FSDP wants one dtype per flat parameter.
+            # fp16 would overflow the SDXL VAE, so it keeps the VAE and decoders in fp32.
             keep = (model.vae, model.mi_decoder) if mp == "fp16" else ()
             cast_frozen_(model, torch.bfloat16 if mp == "bf16" else torch.float16, keep)
         if t.gradient_checkpointing:
