@@ -8,6 +8,7 @@ channels in forward-execution order, the layout the mask stream's W_a projection
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -36,6 +37,7 @@ class AttentionStore:
 
     def __init__(self) -> None:
         self.active = False
+        self.replaying = False
         self.columns: tuple[int, ...] = ()
         self.maps: list[torch.Tensor] = []
 
@@ -44,6 +46,22 @@ class AttentionStore:
 
     def stop(self) -> None:
         self.active = False
+
+    def checkpoint_contexts(self):
+        """`context_fn` for `torch.utils.checkpoint` (non-reentrant) around UNet blocks.
+
+        Called at forward time: when capture is on then, the backward-time recomputation repeats the
+        capture's softmax (torch expects the same saved tensors) but keeps none of its maps.
+        """
+        return contextlib.nullcontext(), (self._replay() if self.active else contextlib.nullcontext())
+
+    @contextlib.contextmanager
+    def _replay(self):
+        previous, self.replaying = self.replaying, True
+        try:
+            yield
+        finally:
+            self.replaying = previous
 
     def assemble(self, grid: tuple[int, int]) -> torch.Tensor:
         """Stack the captured maps as channels on the latent grid: (B, channels, h, w), >= 0."""
@@ -87,6 +105,8 @@ class TextAttentionProcessor:
                                              scale=attn.scale)
         if self.store.active:
             self.store.maps.append(self._token_probs(q, k, attn.scale))
+        elif self.store.replaying:
+            self._token_probs(q, k, attn.scale)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

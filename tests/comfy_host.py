@@ -269,6 +269,17 @@ class ComfyServer:
         """queue() + wait(); returns the history entry whatever its status."""
         return self.wait(self.queue(prompt, extra_pnginfo), timeout)
 
+    def wait_idle(self, timeout: float = 180.0, settle: float = 0.5) -> None:
+        """Wait until the queue has nothing running or pending (after `settle` s for a just-queued prompt)."""
+        deadline = time.monotonic() + timeout
+        time.sleep(settle)
+        while time.monotonic() < deadline:
+            q = self.get_json("queue")
+            if not q["queue_running"] and not q["queue_pending"]:
+                return
+            time.sleep(0.3)
+        raise ComfyError(f"the queue did not drain in {timeout:.0f} s\n{self.log_tail()}")
+
     def interrupt(self) -> None:
         """POST /interrupt (stops the running prompt at its next interruption check)."""
         self.post_json("interrupt", {})

@@ -81,3 +81,33 @@ def test_assemble_resizes_to_the_latent_grid_in_execution_order():
     assert out.shape == (1, 5, 8, 8) and out.min() >= 0
     with pytest.raises(RuntimeError, match="no attention"):
         store.assemble((8, 8))
+
+
+@pytest.mark.parametrize("capture", [True, False])
+def test_checkpoint_recomputation_repeats_capture_and_keeps_no_extra_maps(capture):
+    """UNet gradient checkpointing with the store's contexts: same gradients, no maps from backward."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    spec = tiny_spec()
+    attn_spec = AttentionSpec(layout="paper")
+    grads = []
+    for checkpointed in (False, True):
+        unet = _lora_unet(spec).train()
+        store = install_capture(unet, attn_spec)
+        if checkpointed:
+            unet.enable_gradient_checkpointing(functools.partial(
+                checkpoint, use_reentrant=False, context_fn=store.checkpoint_contexts))
+        if capture:
+            store.start((3, 5))
+        out = unet(**_inputs(spec)).sample
+        store.stop()
+        loss = out.square().mean() + (store.assemble((8, 8)).mean() if capture else 0)
+        loss.backward()
+        assert not store.maps and not store.replaying
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)

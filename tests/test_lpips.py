@@ -18,15 +18,8 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.lpips_weights import ensure_lpips_weights
 
-REF_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lpips_reference"  # ../shared beside the repo
-REPO_REF_DIR = Path(__file__).resolve().parent / "data" / "lpips_reference"
-
-
-def _ref_dir() -> Path:
-    for d in (REPO_REF_DIR, REF_DIR):
-        if (d / "expected.json").is_file():
-            return d
-    pytest.fail(f"LPIPS reference images not found in {REPO_REF_DIR} or {REF_DIR}")
+# The official LPIPS example images and distances (BSD-2, see LICENSE there), kept in the repo.
+REF_DIR = Path(__file__).resolve().parent / "data" / "lpips_reference"
 
 
 def _load(path: Path) -> torch.Tensor:
@@ -41,7 +34,7 @@ def weights() -> Path:
 
 @pytest.fixture(scope="module")
 def ref():
-    d = _ref_dir()
+    d = REF_DIR
     imgs = {k: _load(d / f"ex_{k}.png") for k in ("ref", "p0", "p1")}
     return imgs, json.loads((d / "expected.json").read_text())
 

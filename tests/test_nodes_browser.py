@@ -75,16 +75,6 @@ def _api_shape(prompt: dict) -> dict:
             for k, v in prompt.items()}
 
 
-def _wait_idle(server, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        q = server.get_json("queue")
-        if not q["queue_running"] and not q["queue_pending"]:
-            return
-        time.sleep(0.3)
-    raise TimeoutError("the queue did not drain")
-
-
 def test_template_browser_lists_the_workflows(ui):
     server, browser = ui
     index = browser.run("return await (await fetch('/api/workflow_templates')).json();")
@@ -112,7 +102,7 @@ def test_workflow_loads_converts_queues_and_shows_its_output(ui, name):
     before = set(server.get_json("history"))
     batch = 2 if any(n["type"] == "TADiSRLoadImageFromFolder" for n in ui_json["nodes"]) else 1
     browser.run(f"await app.queuePrompt(0, {batch});")
-    _wait_idle(server)
+    server.wait_idle()
     new = {k: v for k, v in server.get_json("history").items() if k not in before}
     assert len(new) == batch, f"{name}: expected {batch} run(s) from the UI, history has {len(new)}"
     for entry in new.values():

@@ -143,18 +143,19 @@ def enable_gradient_checkpointing(model) -> None:
 
     The VAE blocks are walked one by one by `TADiSRModel.encode/decode`, so diffusers' own VAE
     switch would not apply; their `forward` is wrapped per instance (state-dict keys unchanged).
-    With TACA capture on, the attention store is kept recording during backward: the checkpoint
-    recomputation must repeat the capture's ops, or torch finds fewer saved tensors and fails.
+    The UNet's recomputation repeats TACA's capture ops when the forward captured (see
+    `AttentionStore.checkpoint_contexts`).
     """
-    model.unet.enable_gradient_checkpointing()
+    from torch.utils.checkpoint import checkpoint
+
+    model.unet.enable_gradient_checkpointing(functools.partial(
+        checkpoint, use_reentrant=False, context_fn=model.attention_store.checkpoint_contexts))
     blocks = [*model.vae.encoder.down_blocks, model.vae.encoder.mid_block, model.vae.decoder.mid_block,
               *model.vae.decoder.up_blocks, *model.mi_decoder.up_blocks, *model.mi_decoder.interaction_blocks]
     for block in blocks:
         if not getattr(block, "_tadisr_checkpointed", False):
             block.forward = _checkpointed(block.forward)
             block._tadisr_checkpointed = True
-    if model.needs_attention:
-        model.attention_store.stop = lambda: None  # maps from recomputation are dropped by the next start()
 
 
 class TrainingForward(nn.Module):

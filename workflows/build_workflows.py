@@ -184,17 +184,6 @@ def _sample_images(input_dir: Path) -> None:
         sign(word, 40 * (i + 1)).save(input_dir / "tadisr_batch" / f"sign_{i}.png")
 
 
-def _wait_idle(server: ComfyServer, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    time.sleep(0.5)
-    while time.monotonic() < deadline:
-        q = server.get_json("queue")
-        if not q["queue_running"] and not q["queue_pending"]:
-            return
-        time.sleep(0.3)
-    raise TimeoutError("the queue did not drain")
-
-
 BBOX_JS = """(() => {
   const title = LiteGraph.NODE_TITLE_HEIGHT || 30;
   let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
@@ -239,7 +228,7 @@ def build(names: list[str]) -> None:
             (HERE / "api" / f"{name}.json").write_text(json.dumps(graph["api"], indent=2) + "\n")
             browser.run(OVERRIDE_JS % json.dumps(TINY))
             browser.run("await app.queuePrompt(0, 1);")
-            _wait_idle(server)
+            server.wait_idle(timeout=300)
             time.sleep(1.0)
             _thumbnail(browser, HERE / f"{name}.jpg")
             print(f"{name}: {len(graph['ui']['nodes'])} nodes, thumbnail {(HERE / f'{name}.jpg').stat().st_size} B")
