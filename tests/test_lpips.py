@@ -14,12 +14,9 @@ from training.convert_lpips_weights import load_numpy_pickle
 from training.lpips import LPIPS
 
 try:
-    from lpips_weights import ensure_lpips_weights
+    from lpips_weights import ensure_lpips_weights, lpips_reference_dir
 except ImportError:  # tests/ imported as a package
-    from tests.lpips_weights import ensure_lpips_weights
-
-# The official LPIPS example images and distances (BSD-2, see LICENSE there), kept in the repo.
-REF_DIR = Path(__file__).resolve().parent / "data" / "lpips_reference"
+    from tests.lpips_weights import ensure_lpips_weights, lpips_reference_dir
 
 
 def _load(path: Path) -> torch.Tensor:
@@ -34,7 +31,10 @@ def weights() -> Path:
 
 @pytest.fixture(scope="module")
 def ref():
-    d = REF_DIR
+    try:
+        d = lpips_reference_dir()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
     imgs = {k: _load(d / f"ex_{k}.png") for k in ("ref", "p0", "p1")}
     return imgs, json.loads((d / "expected.json").read_text())
 
