@@ -14,11 +14,11 @@ from .types import TADISR_ATTENTION, TADISR_LATENTS
 def _check_latents(latents, stage: str):
     from tadisr_core.pipeline import TiledLatents
 
+    source = "TADiSR Encode" if stage == "encoded" else "TADiSR One-Step Denoise"
     if not isinstance(latents, TiledLatents):
-        raise ValueError(f"TADiSR: 'latents' must come from TADiSR {'Encode' if stage == 'encoded' else 'One-Step Denoise'}")
+        raise ValueError(f"TADiSR: 'latents' must come from {source}")
     if latents.stage != stage:
-        want = "TADiSR Encode" if stage == "encoded" else "TADiSR One-Step Denoise"
-        raise ValueError(f"TADiSR: these latents are {latents.stage}; connect the output of {want} here")
+        raise ValueError(f"TADiSR: these latents are {latents.stage}; connect the output of {source} here")
     return latents
 
 

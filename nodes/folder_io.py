@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 from . import host
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def resolve_folder(folder: str) -> str:
@@ -22,21 +19,19 @@ def resolve_folder(folder: str) -> str:
 
 
 def list_images(folder: str) -> list[str]:
-    """Sorted image file names directly inside `folder`."""
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS)
-                  and os.path.isfile(os.path.join(folder, f)))
+    """Sorted image file names directly inside `folder` (the suffixes the CLI reads too)."""
+    from tadisr_core.images import is_image_file
+
+    return sorted(f for f in os.listdir(folder) if is_image_file(f) and os.path.isfile(os.path.join(folder, f)))
 
 
 def read_image(path: str) -> torch.Tensor:
-    """An image file as IMAGE [1, H, W, 3] float 0..1 (EXIF orientation applied)."""
-    from PIL import Image, ImageOps
+    """An image file as IMAGE [1, H, W, 3] float 0..1 (EXIF orientation applied; gray spread to RGB,
+    alpha dropped)."""
+    from tadisr_core.images import load_image
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode == "I":
-            im = im.point(lambda v: v * (1 / 255))
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(rgb.copy())[None]
+    image = load_image(path)[:, :3]
+    return image.expand(-1, 3, -1, -1).movedim(1, -1).contiguous()
 
 
 class TADiSRLoadImageFromFolder:
@@ -80,7 +75,9 @@ class TADiSRLoadImageFromFolder:
         path = resolve_folder(folder)
         names = list_images(path)
         if not names:
-            raise ValueError(f"TADiSR: no images ({', '.join(IMAGE_EXTS)}) in {path}")
+            from tadisr_core.images import IMAGE_SUFFIXES
+
+            raise ValueError(f"TADiSR: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
         if not 0 <= index < len(names):
             raise ValueError(f"TADiSR: index {index} is past the last image of {path} ({len(names)} images, "
                              f"indices 0..{len(names) - 1})")

@@ -16,7 +16,6 @@ log = logging.getLogger("tadisr")
 AUTO_CACHE = "auto (compute once)"
 PROMPT_CACHE_PREFIX = "prompt_cache"
 KOLORS_REQUIRED = ("unet", "vae")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 CHATGLM_BYTES = 14 << 30  # ChatGLM3-6B in bf16 plus activations, for the one-off prompt cache
 
 
@@ -104,10 +103,10 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """"auto" -> bf16 / fp16 on CUDA (as supported), fp32 elsewhere."""
-    from tadisr_core.devices import resolve_dtype as core_resolve
+    from tadisr_core.devices import DTYPE_CHOICES, resolve_dtype as core_resolve
 
-    if name not in DTYPES:
-        raise ValueError(f"TADiSR: unknown dtype '{name}'; choose one of {DTYPES}")
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"TADiSR: unknown dtype '{name}'; choose one of {DTYPE_CHOICES}")
     return core_resolve(name, device)
 
 
@@ -152,6 +151,8 @@ class TADiSRLoadModel:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from tadisr_core.devices import DTYPE_CHOICES
+
         return {"required": {
             "kolors": (kolors_choices(), {"tooltip": "Kolors base model: a diffusers folder in models/diffusers "
                                                      "(with unet/ and vae/; text_encoder/ + tokenizer/ are only read "
@@ -163,7 +164,7 @@ class TADiSRLoadModel:
                 "Prompt conditioning. 'auto' uses models/tadisr/prompt_cache_<kolors folder>.safetensors and computes "
                 "it once from the folder's ChatGLM3 when missing (needs ~13 GB VRAM or a few minutes on CPU); "
                 "afterwards ChatGLM3 is never loaded again.")}),
-            "dtype": (list(DTYPES), {"default": "auto", "tooltip": (
+            "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": (
                 "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32), fp32 on CPU. "
                 "bf16/fp16 halve VRAM.")}),
             "device": (device_choices(), {"default": "auto", "tooltip": "Where to run. auto = ComfyUI's device."}),

@@ -34,19 +34,11 @@ class TADiSRHandle:
     def running(self, memory_required: int = 0) -> Iterator[Any]:
         """The model on its compute device for the duration of the block."""
         with host.model_on_device(self.model, self.device, self.patcher, memory_required) as model:
-            _prompt_follow(model)
             yield model
 
     def __repr__(self) -> str:
         names = ", ".join(f"{k}={os.path.basename(v)}" for k, v in self.sources.items())
         return f"TADiSRHandle({names}, {self.dtype}, {self.device})"
-
-
-def _prompt_follow(model) -> None:
-    # The prompt conditioning is a plain tensor bundle, not a buffer: `.to(device)` leaves it behind.
-    prompt = getattr(model, "prompt", None)
-    if prompt is not None and prompt.prompt_embeds.device != model.device:
-        model.set_prompt(prompt)
 
 
 def file_key(path: str) -> tuple:

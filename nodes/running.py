@@ -8,8 +8,6 @@ from typing import Iterator
 from . import host
 from .model_cache import TADiSRHandle
 
-MAX_SCALE = 8.0
-
 
 def model_input(tooltip: str = "The model from Load TADiSR Model.") -> tuple:
     from .types import TADISR_MODEL
@@ -19,10 +17,12 @@ def model_input(tooltip: str = "The model from Load TADiSR Model.") -> tuple:
 
 def tiling_inputs() -> dict:
     """scale / tile / overlap / tile_batch widgets shared by Upscale and Encode."""
+    from tadisr_core.pipeline import MAX_SCALE, MIN_TILE
+
     return {
         "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": MAX_SCALE, "step": 0.5, "tooltip": (
             "Upscale factor. TADiSR is trained for 4x; the image is resized bicubically by this factor, then restored.")}),
-        "tile": ("INT", {"default": 768, "min": 64, "max": 4096, "step": 8, "tooltip": (
+        "tile": ("INT", {"default": 768, "min": MIN_TILE, "max": 4096, "step": 8, "tooltip": (
             "Tile size in output pixels (multiple of 8). 768 is what the model was trained for; lower it if VRAM "
             "is short (out-of-memory also halves it automatically).")}),
         "overlap": ("INT", {"default": 256, "min": 0, "max": 4088, "step": 8, "tooltip": (
@@ -40,12 +40,12 @@ def tile_batch_arg(value: int) -> int | str:
 
 def check_tiling(scale: float, tile: int, overlap: int) -> None:
     """ValueError naming the input when scale / tile / overlap cannot work."""
-    if not 1.0 <= float(scale) <= MAX_SCALE:
-        raise ValueError(f"TADiSR: scale must be between 1 and {MAX_SCALE:g}, got {scale}")
-    if int(tile) < 64 or int(tile) % 8:
-        raise ValueError(f"TADiSR: tile must be a multiple of 8 and at least 64, got {tile}")
-    if not 0 <= int(overlap) < int(tile):
-        raise ValueError(f"TADiSR: overlap must be at least 0 and smaller than tile ({tile}), got {overlap}")
+    from tadisr_core.pipeline import MIN_TILE, check_settings
+
+    try:
+        check_settings(float(scale), int(tile), int(overlap), min_tile=MIN_TILE)
+    except ValueError as exc:
+        raise ValueError(f"TADiSR: {exc}") from None
 
 
 def memory_estimate(model, tile: int, tile_batch: int | str) -> int:

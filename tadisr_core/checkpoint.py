@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import pickle
 import sys
 import zipfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_path
 from .lora import lora_rank
 from .spec import TADiSRSpec, full_spec, tiny_spec
 
@@ -226,9 +226,8 @@ def save_native(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, pa
             "unet_targets": ",".join(spec.unet_lora.targets), "vae_targets": ",".join(spec.vae_lora.targets),
             "schedule": spec.schedule, "timestep": str(spec.timestep), "prompt": prompt or HEATMAP_PROMPT,
             **(extra_metadata or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=meta)
     return path
 
 

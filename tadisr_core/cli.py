@@ -40,19 +40,19 @@ def _tile_batch(value: str) -> int | str:
     return n
 
 
-def _scale(value: str) -> float:
-    s = float(value)
-    if not 1 <= s <= 8:
-        raise argparse.ArgumentTypeError(f"scale must be between 1 and 8, got {value}")
-    return s
-
-
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
+
+
+def _scale(value: str) -> float:
+    s = float(value)
+    if not 1 <= s <= 8:  # pipeline.MAX_SCALE, checked at parse time
+        raise argparse.ArgumentTypeError(f"scale must be between 1 and 8, got {value}")
+    return s
 
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
@@ -178,10 +178,12 @@ def add_upscale(sub) -> None:
 
 
 def _validate_upscale(args) -> None:
-    if args.tile < 8 or args.tile % 8:
-        raise SetupError(f"--tile must be a positive multiple of 8, got {args.tile}")
-    if not 0 <= args.overlap < args.tile:
-        raise SetupError(f"--overlap must be in [0, tile), got {args.overlap} with --tile {args.tile}")
+    from .pipeline import check_settings
+
+    try:
+        check_settings(args.scale, args.tile, args.overlap)
+    except ValueError as exc:
+        raise SetupError(f"--{exc}") from None
 
 
 def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None = None, model=None) -> int:
@@ -260,18 +262,16 @@ def run_prompt_cache(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")
-    import torch
+    from .devices import DTYPES
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     try:
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
                                                  tuple(args.time_ids), args.device, dtype)
     except KolorsFolderError as exc:
         raise SetupError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    cache.save(tmp)
-    tmp.replace(out)
+    cache.save(out)
     print(f"wrote {out}: prompt {cache.prompt!r}, 'text' at column(s) {list(cache.text_columns)}")
     return EXIT_OK
 
@@ -291,7 +291,7 @@ def add_prompt_cache(sub) -> None:
                    metavar=("H", "W", "TOP", "LEFT", "TH", "TW"),
                    help="SDXL size conditioning: original size, crop, target size (default: the 768 tile)")
     p.add_argument("--device", default="cpu", help="where ChatGLM3 runs (it needs ~12.5 GB in bf16)")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))  # the keys of devices.DTYPES
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(run=run_prompt_cache)
 

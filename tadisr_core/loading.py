@@ -22,9 +22,7 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path, device: str = 
         return PromptCache.load(path)
     cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    cache.save(tmp)
-    tmp.replace(path)
+    cache.save(path)
     return cache
 
 

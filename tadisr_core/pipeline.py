@@ -26,17 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
-from .tiling import Blender, TileGrid, UpscaleCancelled, extract_tile, make_grid, run_batches
+from .tiling import Blender, Cancel, Progress, TileGrid, UpscaleCancelled, extract_units, make_grid, run_batches
 
 __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "upscale", "encode_tiles",
-           "denoise_tiles", "decode_tiles", "upscale_canvas", "output_size"]
+           "denoise_tiles", "decode_tiles", "upscale_canvas", "output_size", "check_settings"]
 
 log = logging.getLogger("tadisr")
 
 MIN_TILE = 64          # the OOM fallback halves the tile down to this, then gives up
 LATENT_FACTOR = 8
-Progress = Callable[[int, int], None]
-Cancel = Callable[[], bool]
+MAX_SCALE = 8.0
 
 
 @dataclass
@@ -83,21 +82,22 @@ def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
-def _check_input(image: torch.Tensor, scale: float) -> None:
+def _check_input(image: torch.Tensor) -> None:
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"expected an image [B, C, H, W] with C in 1, 3, 4 (gray, RGB, RGBA), got {shape}")
     if not image.is_floating_point():
         raise ValueError(f"expected a float image in 0..1, got dtype {image.dtype}")
-    if not 1 <= scale <= 8:
-        raise ValueError(f"scale must be between 1 and 8, got {scale}")
 
 
-def _check_tiling(tile: int, overlap: int) -> None:
-    if tile < LATENT_FACTOR or tile % LATENT_FACTOR:
-        raise ValueError(f"tile must be a positive multiple of {LATENT_FACTOR}, got {tile}")
+def check_settings(scale: float, tile: int, overlap: int, min_tile: int = LATENT_FACTOR) -> None:
+    """ValueError naming the setting when scale, tile or overlap cannot work (the CLI and nodes ask too)."""
+    if not 1 <= scale <= MAX_SCALE:
+        raise ValueError(f"scale must be between 1 and {MAX_SCALE:g}, got {scale:g}")
+    if tile < min_tile or tile % LATENT_FACTOR:
+        raise ValueError(f"tile must be a multiple of {LATENT_FACTOR} and at least {min_tile}, got {tile}")
     if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+        raise ValueError(f"overlap must be at least 0 and smaller than tile ({tile}), got {overlap}")
 
 
 def upscale_canvas(image: torch.Tensor, scale: float, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -129,8 +129,7 @@ def _generator(model, sample: bool, generator: torch.Generator | None, seed: int
 
 def _gather(canvas: torch.Tensor, grid: TileGrid, units: range, model) -> torch.Tensor:
     """Model input for `units`: RGB tiles [n, 3, th, tw] on the model's device."""
-    n_tiles = len(grid)
-    tiles = torch.cat([extract_tile(canvas[u // n_tiles:u // n_tiles + 1], grid, u % n_tiles) for u in units])
+    tiles = extract_units(canvas, grid, units)
     if tiles.shape[1] == 1:
         tiles = tiles.expand(-1, 3, -1, -1)
     x = tiles.to(model.device, non_blocking=True)
@@ -208,8 +207,8 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     `attention=True` also returns the TACA heat map. `sample` draws the latent like the release
     (seeded by `generator` or `seed`) instead of using its mean. Results are float32 on the CPU.
     """
-    _check_input(image, scale)
-    _check_tiling(tile, overlap)
+    _check_input(image)
+    check_settings(scale, tile, overlap)
     size = output_size(image.shape[2], image.shape[3], scale)
     canvas_device = _resolve_canvas_device(model, canvas_device, image.shape[0], *size, image.shape[1], attention)
     hr = upscale_canvas(image, scale, canvas_device)
@@ -252,8 +251,8 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
                  sample: bool = False, generator: torch.Generator | None = None, seed: int | None = None,
                  store_device: torch.device | str = "cpu") -> TiledLatents:
     """Staged step 1: upscale, tile and VAE-encode; keeps latents and skip features per tile (see module doc)."""
-    _check_input(image, scale)
-    _check_tiling(tile, overlap)
+    _check_input(image)
+    check_settings(scale, tile, overlap)
     hr = upscale_canvas(image, scale, store_device)
     rgb = hr[:, :3] if hr.shape[1] == 4 else hr
     alpha = hr[:, 3:].clone() if hr.shape[1] == 4 else None

@@ -42,13 +42,17 @@ class PromptCache:
         return self.text_columns
 
     def save(self, path: str | Path) -> None:
-        """Write the cache as one safetensors file with metadata."""
+        """Write the cache as one safetensors file with metadata (atomically)."""
         from safetensors.torch import save_file
+
+        from .files import atomic_path
 
         tensors = {"prompt_embeds": self.prompt_embeds, "text_embeds": self.text_embeds, "time_ids": self.time_ids}
         meta = {"format": "tadisr-prompt-cache/1", "prompt": self.prompt,
                 "text_columns": json.dumps(list(self.text_columns)), "tokens": str(self.prompt_embeds.shape[1])}
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "PromptCache":

@@ -121,6 +121,12 @@ def extract_tile(image: torch.Tensor, grid: TileGrid, index: int, pad_mode: str 
     return t
 
 
+def extract_units(images: torch.Tensor, grid: TileGrid, units: Sequence[int], pad_mode: str = "replicate") -> torch.Tensor:
+    """Work units `units` (unit u = image u // len(grid), tile u % len(grid)) stacked as [n, C, tile_h, tile_w]."""
+    n = len(grid)
+    return torch.cat([extract_tile(images[u // n:u // n + 1], grid, u % n, pad_mode) for u in units])
+
+
 class Blender:
     """Accumulates window-weighted tiles into canvases, then normalises them by the weight sums.
 
@@ -210,9 +216,7 @@ def tiled_map(fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ..
     state: dict = {}
 
     def work(units: range) -> None:
-        tiles = torch.cat([extract_tile(image[u // len(grid):u // len(grid) + 1], grid, u % len(grid), pad_mode)
-                           for u in units])
-        out = fn(tiles)
+        out = fn(extract_units(image, grid, units, pad_mode))
         single = isinstance(out, torch.Tensor)
         outs = (out,) if single else tuple(out)
         if "blender" not in state:

@@ -1,13 +1,12 @@
 """Checkpoints: the released layout at full size, lossless conversion, refusals and clear errors."""
 
 import json
-import pickle
 
 import pytest
 import torch
 
 from tadisr_core.checkpoint import (CheckpointError, Checkpoint, apply_checkpoint, compare, convert, load_checkpoint,
-                                    main as checkpoint_cli, save_official, trainable_state_dict, verify_manifest)
+                                    main as checkpoint_cli, trainable_state_dict, verify_manifest)
 from tadisr_core.loading import load_tadisr
 from tadisr_core.model import build_model
 from tadisr_core.spec import full_spec

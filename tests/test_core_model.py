@@ -5,7 +5,7 @@ import torch
 
 from tadisr_core.decoders import CDIBlock, MaskDecoder
 from tadisr_core.prompt import PromptCache, RELEASE_PAD_COLUMN
-from tadisr_core.spec import full_spec, tiny_spec
+from tadisr_core.spec import full_spec
 
 
 @pytest.mark.parametrize("variant", ["official-kolors", "paper"])

@@ -137,21 +137,14 @@ def test_cache_holds_models_weakly(models_dir, handle):
     assert key not in model_cache._live and handle.key in model_cache._live
 
 
-def test_prompt_conditioning_follows_the_model_between_devices():
-    moved = []
+def test_prompt_conditioning_follows_the_model_between_devices(handle):
+    """The prompt is kept as model buffers, so moving the model (as ComfyUI's patcher does) moves it too."""
+    import copy
 
-    class Model:
-        device = torch.device("meta")  # where a patcher put the weights
-        prompt = types.SimpleNamespace(prompt_embeds=torch.zeros(1))
-
-        def set_prompt(self, prompt):
-            moved.append(prompt)
-
-    model_cache._prompt_follow(Model())
-    assert len(moved) == 1
-    Model.device = torch.device("cpu")
-    model_cache._prompt_follow(Model())
-    assert len(moved) == 1
+    model = copy.deepcopy(handle.model).to("meta")
+    assert model.device.type == "meta"
+    assert {t.device.type for t in (model.prompt.prompt_embeds, model.prompt.text_embeds, model.prompt.time_ids)} \
+        == {"meta"}
 
 
 def test_missing_files_name_the_file_and_the_folder(models_dir):

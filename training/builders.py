@@ -201,6 +201,8 @@ def _write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Pat
     """Text-free backgrounds for synthesis: scikit-image's sample photos or smooth random fields."""
     from PIL import Image
 
+    from tadisr_core.files import atomic_path
+
     done = folder / "COMPLETE"
     if done.is_file():
         return folder
@@ -222,9 +224,8 @@ def _write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Pat
     for name, img in images.items():
         im = Image.fromarray(img[..., :3])
         im.thumbnail((max_side, max_side), Image.LANCZOS)  # small files: synthesis decodes one per sample
-        tmp = folder / f"{name}.png.tmp"
-        im.save(tmp, format="PNG")
-        tmp.replace(folder / f"{name}.png")
+        with atomic_path(folder / f"{name}.png") as tmp:
+            im.save(tmp, format="PNG")
     done.write_text("\n".join(sorted(images)) + "\n")
     return folder
 

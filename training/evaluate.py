@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+from tadisr_core.images import is_image_file
+
 PSNR_CAP = 100.0  # identical images: report 100 dB (as the official metrics code), not inf
 FID_NO_WEIGHTS = "no Inception weights supplied (--fid-weights)"
 
@@ -28,7 +29,7 @@ def list_images(folder: Path) -> dict[str, list[Path]]:
     """Image files in ``folder`` (not recursive), grouped by stem."""
     groups: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+        if p.is_file() and is_image_file(p):
             groups.setdefault(p.stem, []).append(p)
     return groups
 

@@ -32,15 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tadisr_core.files import atomic_path
+from tadisr_core.images import save_image
+from tadisr_core.pipeline import upscale_canvas
 from training.config import Config, ConfigError, load_config
 
 
 class TrainingAborted(RuntimeError):
     """Training stopped on purpose (too many non-finite steps)."""
-
-
-def _upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def weight_digest(params) -> str:
@@ -64,22 +63,21 @@ class _StopFlag:
 
     def __init__(self):
         self.raised = False
-        self._previous = {}
+        self._previous = None
 
     def __enter__(self):
-        for sig in (signal.SIGTERM,):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handler, the run is simply not interruptible
-                pass
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, the run is simply not interruptible
+            pass
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class Trainer:
@@ -183,9 +181,8 @@ class Trainer:
             log = self.out / "metrics.jsonl"
             if log.is_file():
                 keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                tmp = log.with_name(log.name + ".tmp")
-                tmp.write_text("".join(ln + "\n" for ln in keep))
-                os.replace(tmp, log)
+                with atomic_path(log) as tmp:
+                    tmp.write_text("".join(ln + "\n" for ln in keep))
         self._print(f"resumed from {path} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -254,7 +251,7 @@ class Trainer:
             n_samples += lr.shape[0]
             sync = i == len(batches) - 1
             with nullcontext() if sync else self.acc.no_sync(self.forward):
-                image, logits = self.forward(_upsample(lr, self.cfg.data.scale))
+                image, logits = self.forward(upscale_canvas(lr, self.cfg.data.scale, lr.device))
                 losses = dict(self.loss_fn(image, hr, logits, mask))
                 if self.step + 1 in t.inject_nonfinite_at:
                     losses["total"] = losses["total"] * float("nan")
@@ -310,7 +307,7 @@ class Trainer:
                 lr = lr[..., :h, :w].to(self.acc.device)
                 hr = item["hr"][None, :, : h * scale, : w * scale].to(self.acc.device)
                 mask = item["mask"][None, :, : h * scale, : w * scale].to(self.acc.device)
-                up = _upsample(lr, scale)
+                up = upscale_canvas(lr, scale, lr.device)
                 with self.acc.autocast():
                     image, logits = self.forward(up)
                 image = image.float().clamp(0, 1)
@@ -321,13 +318,9 @@ class Trainer:
         self.model.train()
         record = {"kind": "val", "step": self.step, "psnr": sum(p_all) / len(p_all), "ssim": sum(s_all) / len(s_all)}
         if self.main:
-            from PIL import Image
-
             width = max(r.shape[-1] for r in rows)
             strip = torch.cat([F.pad(r, (0, width - r.shape[-1])) for r in rows], dim=-2)
-            (self.out / "samples").mkdir(exist_ok=True)
-            arr = (strip.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            Image.fromarray(arr).save(self.out / "samples" / f"step_{self.step:08d}.png")
+            save_image(strip, self.out / "samples" / f"step_{self.step:08d}.png")
         self._log(record)
         return record
 
@@ -361,9 +354,8 @@ class Trainer:
                     self._last_end = time.perf_counter()
         bar.close()
         if self.main and last_saved is not None and self.step >= t.max_steps:
-            final = self.out / "model_final.safetensors"  # the finished run's weights, for inference
-            shutil.copyfile(last_saved / "model.safetensors", final.with_name(final.name + ".tmp"))
-            os.replace(final.with_name(final.name + ".tmp"), final)
+            with atomic_path(self.out / "model_final.safetensors") as tmp:  # the finished run's weights
+                shutil.copyfile(last_saved / "model.safetensors", tmp)
         summary = {"step": self.step, "stopped": stopped, "nonfinite": self.nonfinite,
                    "checkpoint": str(last_saved) if last_saved else None}
         if t.weight_digest:

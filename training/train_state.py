@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tadisr_core.files import atomic_path
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -67,9 +69,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_training_checkpoint(accelerator, *, root: Path, step: int, write_weights, state: dict,

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from tadisr_core.images import is_image_file
 from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ALPHA_THRESHOLD = 127  # alpha > this counts as text
 LATIN_CHARS = "abcdefghijklmnopqrstuvwxyz"
 LATIN_EXTRA = "0123456789&-.,!?'"
@@ -59,7 +59,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in it if p.is_file() and is_image_file(p))
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
