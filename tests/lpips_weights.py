@@ -41,17 +41,19 @@ REFERENCE_SUBDIR = Path("shared") / "data" / "lpips_reference"
 def lpips_reference_dir() -> Path:
     """The team's LPIPS reference images and distances (``../shared/data/lpips_reference``, not in git).
 
-    Looked up in ``$TADISR_LPIPS_REFERENCE``, beside this checkout, then beside the repository this
-    checkout was cloned from (CI runs in a fresh clone of main somewhere else).
+    Looked up in ``$TADISR_LPIPS_REFERENCE``, then in a ``shared/`` folder beside this checkout or
+    any folder above it, then the same around the repository this checkout was cloned from (CI
+    runs in a fresh clone of main somewhere else).
     """
     candidates = []
     if os.environ.get("TADISR_LPIPS_REFERENCE"):
         candidates.append(Path(os.environ["TADISR_LPIPS_REFERENCE"]))
-    candidates.append(REPO.parent / REFERENCE_SUBDIR)
+    roots = [REPO]
     origin = subprocess.run(["git", "-C", str(REPO), "remote", "get-url", "origin"],
                             capture_output=True, text=True, check=False).stdout.strip()
     if origin and Path(origin).is_dir():  # a local clone
-        candidates.append(Path(origin).resolve().parent / REFERENCE_SUBDIR)
+        roots.append(Path(origin).resolve())
+    candidates += [above / REFERENCE_SUBDIR for root in roots for above in root.parents]
     for folder in candidates:
         if (folder / "expected.json").is_file():
             return folder
