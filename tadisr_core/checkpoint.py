@@ -53,12 +53,16 @@ class Checkpoint:
     groups: dict[str, dict[str, torch.Tensor]]
     metadata: dict[str, str] = field(default_factory=dict)
 
-    def flat(self) -> dict[str, torch.Tensor]:
-        return {f"{g}.{k}": v for g, sd in self.groups.items() for k, v in sd.items()}
+    @property
+    def includes_backbone(self) -> bool:
+        """Whether every UNet and VAE weight is inside (a model trained whole, such as the demo)."""
+        return self.metadata.get("backbone") == "included"
 
 
 # -- which tensors a model saves ----------------------------------------------------------------
-def _is_saved(group: str, key: str) -> bool:
+def _is_saved(group: str, key: str, backbone: bool = False) -> bool:
+    if backbone or group == "mi_decoder":
+        return True
     if group == "unet":
         return "lora" in key or key.startswith("conv_in.")
     if group == "vae":
@@ -66,9 +70,53 @@ def _is_saved(group: str, key: str) -> bool:
     return True
 
 
-def trainable_state_dict(model) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors a TADiSR checkpoint holds, per group, with the release's key names."""
-    return {g: {k: v for k, v in getattr(model, g).state_dict().items() if _is_saved(g, k)} for g in GROUPS}
+def trainable_state_dict(model, backbone: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors a TADiSR checkpoint holds, per group, with the release's key names.
+
+    `backbone`: every UNet and VAE tensor too, not only the adapters (a model trained whole).
+    """
+    return {g: {k: v for k, v in getattr(model, g).state_dict().items() if _is_saved(g, k, backbone)}
+            for g in GROUPS}
+
+
+# Frozen base tensors (no LoRA target, never trained) whose first values identify the base model.
+_BASE_PROBES = {"unet": ("time_embedding.linear_1.weight", "add_embedding.linear_1.weight"),
+                "vae": ("quant_conv.weight", "post_quant_conv.weight")}
+_PROBE_VALUES = 16
+
+
+def base_probe(model) -> dict[str, list[float]]:
+    """The first values of a few frozen base tensors: a dtype-tolerant fingerprint of the backbone."""
+    probe = {}
+    for group, keys in _BASE_PROBES.items():
+        sd = getattr(model, group).state_dict()
+        for key in keys:
+            if key in sd and sd[key].device.type != "meta":
+                probe[f"{group}.{key}"] = [round(float(v), 6) for v in sd[key].flatten()[:_PROBE_VALUES].float()]
+    return probe
+
+
+def base_metadata(model, backbone: bool) -> dict[str, str]:
+    """Metadata naming the base a checkpoint needs: inside it, or the backbone it was trained on."""
+    if backbone:
+        return {"backbone": "included"}
+    return {"backbone": "external", "base_probe": json.dumps(base_probe(model))}
+
+
+def check_base(model, ckpt: "Checkpoint") -> None:
+    """Refuse an adapter checkpoint applied to another backbone than the one it was trained on."""
+    recorded = json.loads(ckpt.metadata.get("base_probe") or "{}")
+    found = base_probe(model)
+    for key, want in recorded.items():
+        have = found.get(key)
+        if have is None or len(have) != len(want):
+            continue
+        scale = max(max(abs(v) for v in want), 1e-3)
+        if max(abs(a - b) for a, b in zip(have, want)) > 2e-2 * scale:
+            raise CheckpointError(
+                f"{ckpt.path} was trained on a different base model: its {key} does not match the loaded "
+                f"backbone's. Load it with the Kolors files it was trained on (its training config's "
+                f"model.kolors_dir), or retrain it on this base.")
 
 
 def _dedupe_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -231,10 +279,12 @@ def save_native(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, pa
     return path
 
 
-def save_model(model, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write a model's trainable tensors as a native checkpoint."""
+def save_model(model, path: str | Path, extra_metadata: dict[str, str] | None = None,
+               backbone: bool = False) -> Path:
+    """Write a model's trainable tensors (with `backbone`, every tensor) as a native checkpoint."""
     prompt = model.prompt.prompt if model.prompt is not None else None
-    return save_native(trainable_state_dict(model), model.spec, path, extra_metadata, prompt)
+    meta = {**base_metadata(model, backbone), **(extra_metadata or {})}
+    return save_native(trainable_state_dict(model, backbone), model.spec, path, meta, prompt)
 
 
 def save_official(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, path: str | Path) -> Path:
@@ -263,7 +313,7 @@ class KeyReport:
 
 def compare(ckpt: Checkpoint, model) -> KeyReport:
     """Compare checkpoint keys and shapes with what `model` saves (works on meta models)."""
-    expected = trainable_state_dict(model)
+    expected = trainable_state_dict(model, ckpt.includes_backbone)
     counts, missing, unexpected, mismatched = {}, {}, {}, {}
     for g in GROUPS:
         have = _untie(ckpt.groups.get(g, {})) if g == "mi_decoder" else ckpt.groups.get(g, {})
@@ -294,6 +344,8 @@ def apply_checkpoint(model, ckpt: Checkpoint) -> KeyReport:
     report = compare(ckpt, model)
     if not report.ok:
         raise CheckpointError(describe_problems(report, ckpt.path))
+    if not ckpt.includes_backbone:
+        check_base(model, ckpt)
     for g in GROUPS:
         sd = _untie(ckpt.groups[g]) if g == "mi_decoder" else ckpt.groups[g]
         getattr(model, g).load_state_dict(sd, strict=False)

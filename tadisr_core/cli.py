@@ -56,7 +56,10 @@ def _scale(value: str) -> float:
 
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
-    """--kolors / --checkpoint / --prompt-cache, defaulting to TADISR_KOLORS / _CHECKPOINT / _PROMPT_CACHE."""
+    """--model / --kolors / --checkpoint / --prompt-cache, defaulting to TADISR_MODEL / _KOLORS / ..."""
+    p.add_argument("--model", metavar="demo|RUN_DIR|CHECKPOINT", default=os.environ.get("TADISR_MODEL"),
+                   help="'demo' (the small shipped model), a training run folder or a checkpoint; a checkpoint "
+                        "that holds adapters only also needs --kolors [env TADISR_MODEL]")
     p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")
@@ -87,10 +90,16 @@ def load_model(args: argparse.Namespace):
 
     from .devices import configure_model, resolve_device, resolve_dtype
 
-    if not args.kolors:
+    if not args.model and not args.kolors and not args.checkpoint:
+        from .model_ref import NO_WEIGHTS_HELP
+
+        raise SetupError(NO_WEIGHTS_HELP)
+    if args.model and args.checkpoint:
+        raise SetupError("give either --model or --checkpoint, not both")
+    if not args.model and not args.kolors:
         raise SetupError("--kolors DIR is required (or set TADISR_KOLORS): the Kwai-Kolors/Kolors diffusers "
                          "folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
-    if not args.checkpoint:
+    if not args.model and not args.checkpoint:
         raise SetupError("--checkpoint PATH is required (or set TADISR_CHECKPOINT): tadisr_kolors_ftsr_526000.pkl "
                          "from https://huggingface.co/huqiming513/TADiSR-Models, or a native .safetensors")
     try:
@@ -106,9 +115,15 @@ def load_model(args: argparse.Namespace):
     if not args.verbose:
         _quiet_libraries()
 
+    from .model_ref import load_model as load_model_ref
+
     try:
-        model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
-                            merge_lora_weights=args.merge_lora)
+        if args.model:
+            model = load_model_ref(args.model, kolors=args.kolors, prompt_cache=args.prompt_cache, dtype=dtype,
+                                   device=device, merge_lora_weights=args.merge_lora)
+        else:
+            model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
+                                merge_lora_weights=args.merge_lora)
     except (FileNotFoundError, CheckpointError) as exc:
         raise SetupError(str(exc)) from None
     return configure_model(model, dtype, channels_last=args.channels_last, compile=args.compile)

@@ -205,3 +205,31 @@ def tiny_spec(variant: Variant = "official-kolors") -> TADiSRSpec:
         text_hidden=64,
         prompt_tokens=32,
     )
+
+
+def demo_spec(variant: Variant = "paper") -> TADiSRSpec:
+    """The shipped demo model's spec: the full module tree with widths that train on two CPU cores.
+
+    Same blocks, layer counts and LoRA targets as `full_spec`; a 64-wide UNet and a 48-wide VAE
+    (about 9 M parameters), 32 prompt tokens of width 128. Its backbone has no pretrained prior, so
+    it is trained whole and shipped inside its checkpoint (see `training/configs/demo.yaml`).
+    """
+    full = full_spec(variant)
+    return dataclasses.replace(
+        full,
+        unet=UNetSpec(block_out_channels=(16, 32, 64), attention_head_dim=(1, 2, 4), cross_attention_dim=64,
+                      encoder_hid_dim=128, addition_time_embed_dim=16, norm_num_groups=8, sample_size=32),
+        vae=VAESpec(block_out_channels=(16, 32, 48, 48), norm_num_groups=8, sample_size=256),
+        text_hidden=128,
+        prompt_tokens=32,
+    )
+
+
+SIZES = {"full": full_spec, "demo": demo_spec, "tiny": tiny_spec}
+
+
+def spec_for_size(size: str, variant: Variant) -> TADiSRSpec:
+    """`full_spec`, `demo_spec` or `tiny_spec` by name."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    return SIZES[size](variant)

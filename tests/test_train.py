@@ -317,3 +317,34 @@ def test_bench_train_step_tiny_mode(lpips_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["s_per_step"] > 0 and out["gradient_checkpointing"] and out["trainable_params"] > 0
+
+
+def test_lr_factor_warmup_then_cosine_to_five_percent():
+    from training.train import lr_factor
+
+    assert lr_factor(0, 10, "cosine", 110) == pytest.approx(0.1)
+    assert lr_factor(9, 10, "cosine", 110) == pytest.approx(1.0)
+    assert lr_factor(10, 10, "cosine", 110) == pytest.approx(1.0)
+    assert lr_factor(60, 10, "cosine", 110) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(110, 10, "cosine", 110) == pytest.approx(0.05)
+    assert lr_factor(500, 0, "constant", 110) == 1.0
+
+
+def test_demo_config_smoke_trains_its_backbone_and_runs_as_a_model(tmp_path, lpips_dir):
+    """A few steps of demo.yaml: every weight trains, and the run folder is a runnable model."""
+    from tadisr_core.checkpoint import load_checkpoint
+    from tadisr_core.model_ref import load_model
+    from tadisr_core.pipeline import upscale
+
+    demo = REPO / "training" / "configs" / "demo.yaml"
+    cfg = load_config(demo, tiny_overrides(tmp_path, lpips_dir, train__max_steps=2, data__length=4, data__crop=64,
+                                           train__checkpoint_every=2, train__batch_size=1))
+    assert cfg.model.size == "demo" and cfg.model.train_backbone
+    summary = run(cfg)
+    assert summary["step"] == 2
+    ckpt = load_checkpoint(tmp_path / "model_final.safetensors")
+    assert ckpt.includes_backbone and "conv_out.base_layer.weight" in ckpt.groups["unet"]
+    assert (tmp_path / "prompt_cache.safetensors").is_file()
+    model = load_model(tmp_path)
+    out = upscale(model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, tile_batch=1)
+    assert out.image.shape == (1, 3, 64, 64) and torch.isfinite(out.mask).all()

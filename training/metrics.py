@@ -118,3 +118,36 @@ def summarize_ocr(results: list[OCRAResult]) -> dict:
         "ocr_excluded_no_text": len(results) - len(scored),
         "ocr_boxes": len(box_scores),
     }
+
+
+@dataclass
+class MaskCounts:
+    """Pixel counts of a binarised text mask against the ground truth; add them up over a dataset."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def __add__(self, other: "MaskCounts") -> "MaskCounts":
+        return MaskCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+    @property
+    def iou(self) -> float:
+        """|P ∩ G| / |P ∪ G| (1 when both are empty)."""
+        union = self.tp + self.fp + self.fn
+        return self.tp / union if union else 1.0
+
+    @property
+    def f1(self) -> float:
+        """2 |P ∩ G| / (|P| + |G|) (1 when both are empty)."""
+        total = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / total if total else 1.0
+
+
+def mask_counts(prob: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, threshold: float = 0.5) -> MaskCounts:
+    """Counts of ``prob > threshold`` against ``gt > 0.5`` (same shape; floats in 0..1)."""
+    p = torch.as_tensor(np.asarray(prob, dtype=np.float32)) > threshold
+    g = torch.as_tensor(np.asarray(gt, dtype=np.float32)) > 0.5
+    if p.shape != g.shape:
+        raise ValueError(f"mask shapes differ: prediction {tuple(p.shape)}, ground truth {tuple(g.shape)}")
+    return MaskCounts(int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum()))

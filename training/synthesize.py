@@ -1,7 +1,8 @@
 """Write an FTSR-style synthetic training set: ``OUT/{hr,lr,mask}/000001.png`` and ``OUT/manifest.jsonl``.
 
     python -m training.synthesize --backgrounds DIR --out DIR --count N [--text-crops DIR]
-        [--fonts DIR] [--size 512] [--scale 4] [--seed 0] [--preset ftsr|realesrgan]
+        [--fonts DIR] [--size 512] [--scale 4] [--seed 0] [--preset ftsr|realesrgan|realesrgan-mild]
+        [--font-scale MIN MAX]
         [--check-backgrounds]
 
 Without ``--fonts`` the system fonts (DejaVu, Liberation, Noto CJK, WenQuanYi) are found with
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="HR crop side in pixels")
     p.add_argument("--scale", type=int, default=4, help="super-resolution factor (LR = size / scale)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--font-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="font size as a fraction of --size (default 0.04 0.16)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="ftsr", help="degradation preset")
     p.add_argument("--check-backgrounds", action="store_true",
                    help="drop backgrounds in which OCR finds text (needs rapidocr + onnxruntime)")
@@ -72,13 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     has_text = None
     if args.check_backgrounds:
         from training.ocr import has_text  # lazy: rapidocr is only needed for this flag
-    config = SynthesisConfig(size=args.size, scale=args.scale)
+    config = SynthesisConfig(size=args.size, scale=args.scale,
+                             **({"font_scale": tuple(args.font_scale)} if args.font_scale else {}))
     try:
         synth = TextSynthesizer(backgrounds, fonts, crops, config, args.preset, has_text)
     except ValueError as e:
         parser.error(str(e))
     if has_text is not None:
+        kept = {str(b) for b in synth.backgrounds}
+        dropped = [str(b) for b in backgrounds if str(b) not in kept]
         print(f"{len(synth.backgrounds)} of {len(backgrounds)} backgrounds are text-free", file=sys.stderr)
+        for path in dropped:
+            print(f"  dropped (OCR found text): {path}", file=sys.stderr)
 
     for sub in ("hr", "lr", "mask"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ the FSDP path (full-state weight export, per-rank optimiser shards) is untested 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -40,6 +41,16 @@ from training.config import Config, ConfigError, load_config
 
 class TrainingAborted(RuntimeError):
     """Training stopped on purpose (too many non-finite steps)."""
+
+
+def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
+    """Learning-rate multiplier at `step`: linear warm-up, then constant or cosine down to 5 %."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
 
 
 def weight_digest(params) -> str:
@@ -105,8 +116,9 @@ class Trainer:
         self.acc.wait_for_everyone()
 
         model = build_model_from_config(cfg, self.acc.device)
-        self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd)
-        self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model).items()}
+        self.backbone = cfg.model.train_backbone
+        self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=self.backbone)
+        self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model, self.backbone).items()}
         if mp in ("bf16", "fp16") and self.acc.device.type == "cuda" and not self.fsdp:
             # Frozen weights in half precision save memory. Only on CUDA, whose autocast runs norms in
             # fp32 with cast weights (CPU autocast does not); FSDP wants one dtype per flat parameter.
@@ -121,10 +133,9 @@ class Trainer:
         params = [p for _, p in self.trainable]
         o = cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
-        warm = o.warmup_steps
         # Not prepared by accelerate: its scheduler wrapper steps once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+            optimizer, functools.partial(lr_factor, warmup=o.warmup_steps, decay=o.decay, total=t.max_steps))
         self.step, self.nonfinite, self._last_end = 0, 0, None
         torch.manual_seed(t.seed + 1_000_003 * self.acc.process_index)
         resume_from = self._resume_weights() if resume else None
@@ -210,16 +221,16 @@ class Trainer:
         return bool(self.acc.reduce(t, reduction="sum").item() > 0)
 
     def _write_weights(self, path: Path) -> None:
-        from tadisr_core.checkpoint import save_model, save_native
+        from tadisr_core.checkpoint import base_metadata, save_model, save_native
 
         meta = {"train_step": str(self.step)}
         if not self.fsdp:
-            save_model(self.model, path, meta)
+            save_model(self.model, path, meta, backbone=self.backbone)
             return
         full = self._fsdp_full_state
         groups = {g: {k: full[f"model.{g}.{k}"] for k in keys} for g, keys in self.saved_keys.items()}
         prompt = self.model.prompt.prompt if self.model.prompt is not None else None
-        save_native(groups, self.model.spec, path, meta, prompt)
+        save_native(groups, self.model.spec, path, {**meta, **base_metadata(self.model, self.backbone)}, prompt)
 
     def save_checkpoint(self) -> Path:
         """Write checkpoint `self.step` (collective: every process calls it)."""
@@ -332,6 +343,8 @@ class Trainer:
         t = self.cfg.train
         if self.main:
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+            if self.model.prompt is not None:  # with the weights, the run folder is a runnable model
+                self.model.prompt.save(self.out / "prompt_cache.safetensors")
         batches = iter(self.loader)
         self._last_end = time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)

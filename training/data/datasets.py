@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade
+from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade, get_preset, ground_truth
 from training.data.synthesis import (FontSpec, SynthesisConfig, TextSynthesizer, find_text_crops,
                                      fonts_in_folder, list_images, load_mask, load_rgb, sample_seed,
                                      system_fonts)
@@ -62,10 +62,14 @@ def _files_by_stem(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in list_images(folder, recursive=False)}
 
 
-def _degrade_np(hr: np.ndarray, scale: int, preset, rng: random.Random) -> np.ndarray:
+def _degrade_np(hr: np.ndarray, scale: int, preset, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+    """(training target, LR) of a uint8 HR: the target is the HR, sharpened if the preset says so."""
     gen = torch.Generator().manual_seed(rng.getrandbits(62))
-    lr = degrade(image_tensor(hr)[None], scale, preset, gen)[0]
-    return (lr.permute(1, 2, 0) * 255).round().byte().numpy()
+    target = ground_truth(image_tensor(hr)[None], preset)
+    lr = degrade(target, scale, preset, gen)[0]
+    if get_preset(preset).usm_gt:
+        hr = (target[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    return hr, (lr.permute(1, 2, 0) * 255).round().byte().numpy()
 
 
 def _crop_hr(hr, mask, crop, rng, name):
@@ -124,7 +128,7 @@ class TripletFolderDataset(Dataset):
             if self.crop is not None:
                 hr, mask = _crop_hr(hr, mask, self.crop, rng, str(hr_file))
             hr, mask = _fit_to_scale(hr, self.scale), _fit_to_scale(mask, self.scale)
-            lr = _degrade_np(hr, self.scale, self.preset, rng)
+            hr, lr = _degrade_np(hr, self.scale, self.preset, rng)
         else:
             lr = load_rgb(lr_file)
             if (lr.shape[0] * self.scale, lr.shape[1] * self.scale) != hr.shape[:2]:

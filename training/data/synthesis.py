@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from tadisr_core.images import is_image_file
-from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade
+from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade, get_preset, ground_truth
 
 ALPHA_THRESHOLD = 127  # alpha > this counts as text
 LATIN_CHARS = "abcdefghijklmnopqrstuvwxyz"
@@ -316,7 +316,7 @@ class TextSynthesizer:
                  config: SynthesisConfig | None = None, preset: str | DegradationPreset = FTSR_RELEASE,
                  has_text: Callable[[np.ndarray], bool] | None = None):
         self.config = config or SynthesisConfig()
-        self.preset = preset
+        self.preset = get_preset(preset)
         self.fonts = list(fonts)
         self.text_crops = [(Path(i), Path(m)) for i, m in text_crops]
         if not self.fonts and not self.text_crops:
@@ -354,7 +354,9 @@ class TextSynthesizer:
     def sample(self, seed: int) -> SynthSample:
         """HR, mask and the degraded LR for ``seed``."""
         s = self.compose(seed)
-        hr = torch.from_numpy(s.hr).permute(2, 0, 1)[None].float() / 255
+        hr = ground_truth(torch.from_numpy(s.hr).permute(2, 0, 1)[None].float() / 255, self.preset)
+        if self.preset.usm_gt:
+            s.hr = (hr[0].permute(1, 2, 0) * 255).round().byte().numpy()
         lr = degrade(hr, self.config.scale, self.preset, torch.Generator().manual_seed(seed))
         s.lr = (lr[0].permute(1, 2, 0) * 255).round().byte().numpy()
         return s

@@ -1,0 +1,115 @@
+"""Runnable models by reference: the shipped demo, a training run's folder, or a checkpoint file.
+
+    --model demo                       the demo model shipped in tadisr_core/demo/ (no other files)
+    --model runs/demo                  a training run: model_final.safetensors, else its newest checkpoint
+    --model path/to/model.safetensors  a native checkpoint (or the release .pkl)
+
+A checkpoint that holds its whole backbone (trained from scratch, `backbone=included` in its
+metadata) runs alone. One that holds adapters only needs the Kolors weights it was trained on
+(`kolors`, or the run's `model.kolors_dir`); another backbone is refused (`checkpoint.check_base`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, apply_checkpoint, load_checkpoint
+from .prompt import PromptCache
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_CHECKPOINT = DEMO_DIR / "tadisr_demo.safetensors"
+DEMO_PROMPT_CACHE = DEMO_DIR / "prompt_cache.safetensors"
+RUN_FINAL = "model_final.safetensors"
+RUN_PROMPT_CACHE = "prompt_cache.safetensors"
+NO_WEIGHTS_HELP = ("no model given. Try the shipped demo model: --model demo (small, trained on synthetic "
+                   "text scenes). For the real model: --kolors DIR (Kwai-Kolors/Kolors) and --checkpoint "
+                   "tadisr_kolors_ftsr_526000.pkl (huqiming513/TADiSR-Models); see README, Weights")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a model reference points at: a checkpoint, its prompt cache and base folder when known."""
+
+    checkpoint: Path
+    prompt_cache: Path | None = None
+    kolors: str | None = None
+
+
+def _newest_checkpoint(run: Path) -> Path | None:
+    steps = sorted((run / "checkpoints").glob("step_*/model.safetensors"))
+    return steps[-1] if steps else None
+
+
+def resolve_model(ref: str | Path) -> ModelFiles:
+    """Turn `demo`, a run folder or a checkpoint file into files; FileNotFoundError names what is missing."""
+    if str(ref) == "demo":
+        if not DEMO_CHECKPOINT.is_file():
+            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; reinstall the pack or "
+                                    f"re-create it with `make demo-model`")
+        return ModelFiles(DEMO_CHECKPOINT, DEMO_PROMPT_CACHE)
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return ModelFiles(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {ref}: no such file or folder (give 'demo', a training run folder "
+                                f"or a checkpoint file)")
+    checkpoint = path / RUN_FINAL if (path / RUN_FINAL).is_file() else _newest_checkpoint(path)
+    if checkpoint is None:
+        raise FileNotFoundError(f"--model {ref}: the folder holds neither {RUN_FINAL} nor "
+                                f"checkpoints/step_*/model.safetensors; is it a training run's output_dir?")
+    prompt = path / RUN_PROMPT_CACHE
+    kolors = None
+    config = path / "config.json"
+    if config.is_file():
+        model_cfg = json.loads(config.read_text()).get("model", {})
+        kolors = model_cfg.get("kolors_dir")
+        if not prompt.is_file() and model_cfg.get("prompt_cache"):
+            prompt = Path(model_cfg["prompt_cache"])
+    return ModelFiles(checkpoint, prompt if prompt.is_file() else None, kolors)
+
+
+def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Path | PromptCache):
+    """Build a model from a checkpoint that holds its whole backbone (fp32, CPU, eval mode)."""
+    from .model import build_model
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if not ckpt.includes_backbone:
+        raise CheckpointError(f"{ckpt.path} holds adapters only; it needs the Kolors base weights it was "
+                              f"trained on (--kolors DIR)")
+    prompt = prompt_cache if isinstance(prompt_cache, PromptCache) else PromptCache.load(prompt_cache)
+    model = build_model(ckpt.spec, prompt=prompt)
+    apply_checkpoint(model, ckpt)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(ref: str | Path, *, kolors: str | None = None, prompt_cache: str | Path | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               merge_lora_weights: bool = False):
+    """Load the model `ref` names (see the module doc), on `device` in `dtype`."""
+    from .devices import configure_model
+    from .lora import merge_lora
+
+    files = resolve_model(ref)
+    prompt = prompt_cache or files.prompt_cache
+    ckpt = load_checkpoint(files.checkpoint)
+    if ckpt.includes_backbone:
+        if prompt is None:
+            raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
+                                    f"(a training run keeps it as {RUN_PROMPT_CACHE})")
+        model = load_standalone(ckpt, prompt)
+        if merge_lora_weights:
+            merge_lora(model)
+        model.to(device)
+        return configure_model(model, dtype)
+    base = kolors or files.kolors
+    if not base:
+        raise FileNotFoundError(f"{files.checkpoint} holds adapters only: give the Kolors base it was trained "
+                                f"on with --kolors DIR")
+    from .loading import load_tadisr
+
+    return load_tadisr(base, files.checkpoint, prompt, dtype=dtype, device=device,
+                       merge_lora_weights=merge_lora_weights)

@@ -1,0 +1,185 @@
+"""Runnable trained models: the demo spec, checkpoints that carry their backbone, base checks,
+`--model demo|RUN|CHECKPOINT`, the shipped demo's function test and `make demo`'s strips."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tadisr_core.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint, save_model
+from tadisr_core.cli import main as cli_main
+from tadisr_core.model import build_model, random_prompt
+from tadisr_core.model_ref import DEMO_CHECKPOINT, DEMO_DIR, load_model, load_standalone, resolve_model
+from tadisr_core.spec import VARIANTS, demo_spec, full_spec, tiny_spec
+
+REPO = Path(__file__).resolve().parents[1]
+# Held-out figures of the shipped demo (tadisr_core/demo/MODEL_CARD.md) minus a margin: the function
+# test fails if a change to the model code or the weights loses what the demo learned.
+FUNCTION_MIN_MASK_F1 = 0.45
+FUNCTION_MAX_PSNR_DROP_DB = 0.5  # vs bicubic on the same scenes
+
+
+def _perturbed(spec, seed: int):
+    model = build_model(spec, prompt=random_prompt(spec), seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_demo_spec_keeps_the_full_module_tree_and_fits_20_mb(variant):
+    # the tiny spec's key set is the full one's (tests/test_core_spec.py); the demo's must be too
+    tiny = build_model(tiny_spec(variant), device="meta").state_dict()
+    demo = build_model(demo_spec(variant), device="meta")
+    assert list(demo.state_dict()) == list(tiny)
+    assert demo_spec(variant).attention == full_spec(variant).attention
+    n = sum(p.numel() for p in demo.parameters())
+    assert 2 * n < 20e6, f"{n} parameters do not fit 20 MB in fp16"
+
+
+def test_backbone_checkpoint_runs_standalone(tmp_path):
+    spec = tiny_spec("paper")
+    model = _perturbed(spec, 3)
+    save_model(model, tmp_path / "m.safetensors", backbone=True)
+    model.prompt.save(tmp_path / "p.safetensors")
+    ckpt = load_checkpoint(tmp_path / "m.safetensors")
+    assert ckpt.includes_backbone
+    loaded = load_standalone(tmp_path / "m.safetensors", tmp_path / "p.safetensors")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(x), loaded(x)
+    assert torch.equal(want.image, got.image) and torch.equal(want.mask_logits, got.mask_logits)
+
+
+def test_adapter_checkpoint_is_refused_on_another_backbone(tmp_path):
+    spec = tiny_spec("official-kolors")
+    trained = build_model(spec, prompt=random_prompt(spec), seed=0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    save_model(trained, tmp_path / "adapters.safetensors")
+    ckpt = load_checkpoint(tmp_path / "adapters.safetensors")
+    assert not ckpt.includes_backbone
+    apply_checkpoint(build_model(spec, seed=0), ckpt)  # the base it was trained on: fine
+    with pytest.raises(CheckpointError, match="trained on a different base model"):
+        apply_checkpoint(build_model(spec, seed=1), ckpt)
+
+
+def _fake_run(folder: Path, spec, seed: int = 4) -> torch.nn.Module:
+    model = _perturbed(spec, seed)
+    (folder / "checkpoints" / "step_00000002").mkdir(parents=True)
+    save_model(model, folder / "checkpoints" / "step_00000002" / "model.safetensors", backbone=True)
+    model.prompt.save(folder / "prompt_cache.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model": {"kolors_dir": None}}))
+    return model
+
+
+def test_resolve_model_finds_a_runs_newest_checkpoint_and_prompt(tmp_path):
+    _fake_run(tmp_path, tiny_spec("paper"))
+    files = resolve_model(tmp_path)
+    assert files.checkpoint == tmp_path / "checkpoints" / "step_00000002" / "model.safetensors"
+    assert files.prompt_cache == tmp_path / "prompt_cache.safetensors"
+    (tmp_path / "model_final.safetensors").write_bytes(files.checkpoint.read_bytes())
+    assert resolve_model(tmp_path).checkpoint == tmp_path / "model_final.safetensors"
+    with pytest.raises(FileNotFoundError, match="neither model_final.safetensors"):
+        resolve_model(tmp_path / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        resolve_model(tmp_path / "nope")
+
+
+def test_cli_upscales_with_a_run_folder_and_matches_the_model(tmp_path):
+    from tadisr_core.images import load_image, save_image
+    from tadisr_core.pipeline import upscale
+
+    model = _fake_run(tmp_path / "run", tiny_spec("paper"))
+    image = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(1))
+    save_image(image, tmp_path / "in" / "a.png")
+    code = cli_main(["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "run"),
+                     "--tile", "64", "--overlap", "16", "--quiet", "--device", "cpu"])
+    assert code == 0
+    want = upscale(model, load_image(tmp_path / "in" / "a.png"), 4, tile=64, overlap=16, tile_batch=1)
+    got = load_image(tmp_path / "out" / "a_x4.png")
+    assert (got - want.image).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_cli_without_weights_says_how_to_get_them(tmp_path, capsys):
+    from tadisr_core.images import save_image
+
+    save_image(torch.rand(1, 3, 16, 16), tmp_path / "a.png")
+    code = cli_main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model demo" in err and "huqiming513/TADiSR-Models" in err
+
+
+def test_adapter_run_without_its_base_asks_for_kolors(tmp_path):
+    spec = tiny_spec("official-kolors")
+    save_model(_perturbed(spec, 0), tmp_path / "adapters.safetensors")
+    with pytest.raises(FileNotFoundError, match="--kolors DIR"):
+        load_model(tmp_path / "adapters.safetensors")
+
+
+# -- the shipped demo ---------------------------------------------------------------------------
+demo_only = pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="the demo weights are not in this checkout")
+
+
+@demo_only
+def test_shipped_demo_is_small_and_standalone():
+    size = sum(p.stat().st_size for p in DEMO_DIR.glob("*.safetensors"))
+    assert size <= 20e6
+    ckpt = load_checkpoint(DEMO_CHECKPOINT)
+    assert ckpt.includes_backbone and ckpt.spec == demo_spec(ckpt.spec.variant)
+
+
+@demo_only
+@pytest.mark.slow
+def test_shipped_demo_function_on_held_out_scenes(tmp_path):
+    """8 held-out scenes (never trained on): a real text mask and an image no worse than bicubic."""
+    from training.heldout import bicubic, load_set, make_set, model_runner, score
+
+    items = load_set(make_set(tmp_path / "set", count=8))
+    demo = score(items, model_runner(load_model("demo")))
+    base = score(items, bicubic)
+    print(f"demo: mask F1 {demo['mask_f1']:.3f}, PSNR {demo['psnr']:.2f} dB (bicubic {base['psnr']:.2f} dB)")
+    assert demo["mask_f1"] >= FUNCTION_MIN_MASK_F1
+    assert demo["psnr"] >= base["psnr"] - FUNCTION_MAX_PSNR_DROP_DB
+
+
+@demo_only
+def test_make_demo_writes_outputs_and_strips(tmp_path, capsys):
+    from tadisr_core.demo import DEMO_INPUTS, STRIP_GAP
+    from tadisr_core.demo import main as demo_main
+    from tadisr_core.images import load_image
+
+    inputs = sorted(DEMO_INPUTS.glob("*.png"))
+    assert len(inputs) >= 3
+    assert demo_main(["-o", str(tmp_path)]) == 0
+    for path in inputs:
+        lr = load_image(path)
+        sr = load_image(tmp_path / f"{path.stem}_x4.png")
+        strip = load_image(tmp_path / f"{path.stem}_strip.png")
+        assert sr.shape[-2:] == (4 * lr.shape[-2], 4 * lr.shape[-1])
+        assert strip.shape[-2] == sr.shape[-2] and strip.shape[-1] > 3 * sr.shape[-1]
+        # the middle panel is the SR image itself
+        w = sr.shape[-1]
+        assert torch.equal(strip[..., :3, :, w + STRIP_GAP:2 * w + STRIP_GAP], sr[..., :3, :, :])
+    assert "bicubic | TADiSR demo | text mask" in capsys.readouterr().out
+
+
+def test_mask_metrics_on_hand_made_masks():
+    from training.metrics import mask_counts
+
+    gt = np.zeros((4, 4), np.float32)
+    gt[:2] = 1
+    pred = np.zeros((4, 4), np.float32)
+    pred[:1] = 0.9
+    pred[3, 3] = 0.7
+    c = mask_counts(pred, gt)
+    assert (c.tp, c.fp, c.fn) == (4, 1, 4)
+    assert c.iou == pytest.approx(4 / 9) and c.f1 == pytest.approx(8 / 13)
+    assert mask_counts(gt, gt).f1 == 1.0 and mask_counts(np.zeros((2, 2)), np.zeros((2, 2))).iou == 1.0

@@ -1,0 +1,66 @@
+"""Export a finished training run as a standalone model folder (what `tadisr_core/demo/` ships).
+
+    python -m training.export_model RUN_DIR OUT_DIR [--name tadisr_demo] [--dtype fp16]
+
+Writes OUT_DIR/NAME.safetensors (every tensor, cast to `--dtype`; metadata: the run's step and
+config) and OUT_DIR/prompt_cache.safetensors. The run must have trained its backbone
+(`model.train_backbone: true`), otherwise its checkpoint needs the Kolors base and is not standalone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp16") -> dict[str, Path]:
+    """Write the standalone files of `run` into `out`; returns their paths."""
+    from tadisr_core.checkpoint import load_checkpoint, save_native
+    from tadisr_core.model import random_prompt
+    from tadisr_core.model_ref import RUN_PROMPT_CACHE, resolve_model
+    from tadisr_core.prompt import PromptCache
+
+    files = resolve_model(run)
+    ckpt = load_checkpoint(files.checkpoint)
+    if not ckpt.includes_backbone:
+        raise ValueError(f"{files.checkpoint} holds adapters only (the run did not train its backbone): "
+                         f"it cannot run without the Kolors base, so it is not exported standalone")
+    prompt = (PromptCache.load(files.prompt_cache) if files.prompt_cache
+              else random_prompt(ckpt.spec))  # what the trainer conditions a random-size model on
+    groups = {g: {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+              for g, sd in ckpt.groups.items()}
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    meta = {k: v for k, v in ckpt.metadata.items() if k in ("train_step", "backbone")}
+    meta.update({"exported_from": run.name, "stored_dtype": dtype, "training_config": json.dumps(config)})
+    out.mkdir(parents=True, exist_ok=True)
+    weights = save_native(groups, ckpt.spec, out / f"{name}.safetensors", meta, prompt.prompt)
+    prompt_path = out / RUN_PROMPT_CACHE
+    prompt.save(prompt_path)
+    return {"weights": weights, "prompt_cache": prompt_path}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    p = argparse.ArgumentParser(prog="python -m training.export_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="the training run's output_dir")
+    p.add_argument("out", type=Path, help="folder to write the standalone model into")
+    p.add_argument("--name", default="tadisr_demo", help="weights file name, without .safetensors")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored precision (default fp16)")
+    args = p.parse_args(argv)
+    try:
+        paths = export_run(args.run, args.out, args.name, args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for what, path in paths.items():
+        print(f"{what}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The held-out test of the demo model: a fixed set of synthesised text scenes and one score table.
+
+    python -m training.heldout make DIR [--count 60] [--seed 20261130] [--size 256]
+    python -m training.heldout score DIR [--model demo] [--model RUN_DIR ...] [--json OUT] [--no-ocr]
+    python -m training.heldout demo-inputs DIR       # the LR inputs `make demo` ships
+
+`make` writes DIR/{hr,lr,mask}/NNNNNN.png: FTSR-style text (Latin and CJK, horizontal and vertical)
+on scikit-image's sample photos, x4 Real-ESRGAN-mild degradation, text 13-38 HR px tall as in the
+demo's training data. Its seed is disjoint from every training seed, so no scene was trained on
+(the 12 background photos are shared: they are all there is offline).
+
+`score` reports, per row: PSNR, SSIM, LPIPS (alex), OCR-A (rapidocr) against the HR image, and the
+text mask's IoU and F1 at threshold 0.5, pooled over all pixels of the set. Rows: plain bicubic,
+each `--model`, and `tiny-random` (the random tiny model of `make-tiny`, what a newcomer used to run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HELDOUT_SEED = 20261130
+DEFAULT_COUNT = 60
+DEFAULT_SIZE = 256
+FONT_SCALE = (0.05, 0.15)   # x 256 px = 13-38 px: the demo config's 0.1-0.3 x 128 px
+PRESET = "realesrgan-mild"
+
+
+def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, size: int = DEFAULT_SIZE) -> Path:
+    """Write the held-out set (every scene has text); returns `out`."""
+    from PIL import Image
+
+    from training.builders import _write_backgrounds
+    from training.data.synthesis import SynthesisConfig, TextSynthesizer, list_images, sample_seed, system_fonts
+
+    backgrounds = _write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
+    synth = TextSynthesizer(list_images(backgrounds), system_fonts(), (),
+                            SynthesisConfig(size=size, scale=4, font_scale=FONT_SCALE), PRESET)
+    for sub in ("hr", "lr", "mask"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(1, count + 1):
+        sample = synth.sample(sample_seed(seed, i))
+        for sub, arr in (("hr", sample.hr), ("lr", sample.lr), ("mask", sample.mask)):
+            Image.fromarray(arr).save(out / sub / f"{i:06d}.png")
+    return out
+
+
+DEMO_INPUT_SEED = 77
+DEMO_INPUT_SIZE = 384
+
+
+def make_demo_inputs(out: Path, count: int = 3) -> list[Path]:
+    """The small LR inputs `make demo` ships: the text scenes with the most text among 4 x `count`
+    (seed disjoint from training and held-out; text 13-38 px at the 4x output) and one photo
+    (scikit-image's astronaut at 1/4)."""
+    from PIL import Image
+
+    from training.builders import _write_backgrounds
+    from training.data.synthesis import SynthesisConfig, TextSynthesizer, list_images, sample_seed, system_fonts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backgrounds = _write_backgrounds("skimage-all", Path(tmp), 4 * DEMO_INPUT_SIZE, DEMO_INPUT_SEED)
+        scale = (FONT_SCALE[0] * DEFAULT_SIZE / DEMO_INPUT_SIZE, FONT_SCALE[1] * DEFAULT_SIZE / DEMO_INPUT_SIZE)
+        synth = TextSynthesizer(list_images(backgrounds), system_fonts(), (),
+                                SynthesisConfig(size=DEMO_INPUT_SIZE, scale=4, font_scale=scale), PRESET)
+        out.mkdir(parents=True, exist_ok=True)
+        candidates = [synth.sample(sample_seed(DEMO_INPUT_SEED, i)) for i in range(1, 4 * count + 1)]
+        candidates.sort(key=lambda sample: -float(sample.mask.mean()))  # the scenes with the most text
+        paths = []
+        for i, sample in enumerate(candidates[:count], start=1):
+            path = out / f"text_scene_{i}.png"
+            Image.fromarray(sample.lr).save(path, optimize=True)
+            paths.append(path)
+        photo = Image.open(backgrounds / "astronaut.png").convert("RGB")
+        photo = photo.resize((photo.width // 4, photo.height // 4), Image.BICUBIC)
+        path = out / "photo_astronaut.png"
+        photo.save(path, optimize=True)
+    return paths + [path]
+
+
+def load_set(folder: Path) -> list[dict]:
+    """The set's items: name, lr and hr as uint8 RGB arrays, mask as float 0..1."""
+    from PIL import Image
+
+    items = []
+    for hr_path in sorted((folder / "hr").glob("*.png")):
+        name = hr_path.stem
+        with Image.open(folder / "lr" / hr_path.name) as lr, Image.open(hr_path) as hr, \
+                Image.open(folder / "mask" / hr_path.name) as mask:
+            items.append({"name": name, "lr": np.asarray(lr.convert("RGB")), "hr": np.asarray(hr.convert("RGB")),
+                          "mask": np.asarray(mask.convert("L"), dtype=np.float32) / 255.0})
+    if not items:
+        raise FileNotFoundError(f"{folder}/hr holds no .png files: create the set with "
+                                f"`python -m training.heldout make {folder}`")
+    return items
+
+
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    return (x[0, :3].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def bicubic(lr: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """The baseline row: bicubic x4, no mask."""
+    from tadisr_core.pipeline import upscale_canvas
+
+    return upscale_canvas(lr, 4), None
+
+
+def model_runner(model, tile: int = 256, overlap: int = 64):
+    """A row function that upscales with a TADiSR model (mask included)."""
+    from tadisr_core.pipeline import upscale
+
+    def run(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = upscale(model, lr, 4, tile=tile, overlap=overlap, tile_batch=1)
+        return out.image, out.mask
+    return run
+
+
+def tiny_random_model(workdir: Path):
+    """The random tiny model newcomers ran before the demo existed (make-tiny, paper variant)."""
+    from tadisr_core.loading import load_tadisr
+    from tadisr_core.spec import tiny_spec
+    from tadisr_core.testing import make_tiny
+
+    paths = make_tiny(workdir, tiny_spec("paper"))
+    return load_tadisr(paths["kolors"], paths["checkpoint"], paths["prompt_cache"])
+
+
+def score(items: list[dict], run, lpips_model=None, ocr_engine=None) -> dict:
+    """Mean PSNR / SSIM / LPIPS / OCR-A and pooled mask IoU / F1 of one row function over the set."""
+    from training.evaluate import evaluate_pair
+    from training.metrics import MaskCounts, OCRAResult, mask_counts, summarize_ocr
+
+    rows, counts = [], MaskCounts()
+    for item in items:
+        with torch.inference_mode():
+            sr, mask = run(_tensor(item["lr"]))
+        row = evaluate_pair(_uint8(sr), item["hr"], lpips_model=lpips_model, ocr_engine=ocr_engine,
+                            y_channel=False, crop_border=0, device=torch.device("cpu"))
+        if mask is not None:
+            counts = counts + mask_counts(mask[0, 0].numpy(), item["mask"])
+        rows.append(row)
+    out = {"n": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim")}}
+    if lpips_model is not None:
+        out["lpips"] = float(np.mean([r["lpips"] for r in rows]))
+    if ocr_engine is not None:
+        out.update(summarize_ocr([OCRAResult(r["ocr_a"], r.get("ocr_boxes", [])) for r in rows]))
+    out["mask_iou"] = counts.iou if mask is not None else None
+    out["mask_f1"] = counts.f1 if mask is not None else None
+    return out
+
+
+def run_score(folder: Path, models: list[str], ocr: bool = True, lpips: bool = True) -> dict:
+    """The whole table: bicubic, each model reference, and the random tiny model."""
+    from tadisr_core.model_ref import load_model
+
+    items = load_set(folder)
+    lpips_model = None
+    if lpips:
+        from training.lpips import LPIPS
+
+        lpips_model = LPIPS("alex")
+    engine = None
+    if ocr:
+        from training.ocr import OCREngine
+
+        engine = OCREngine("rapidocr")
+        engine.load()
+    table = {"bicubic": score(items, bicubic, lpips_model, engine)}
+    for ref in models:
+        table[ref] = score(items, model_runner(load_model(ref)), lpips_model, engine)
+    with tempfile.TemporaryDirectory() as tmp:
+        table["tiny-random"] = score(items, model_runner(tiny_random_model(Path(tmp))), lpips_model, engine)
+    return {"set": str(folder), "n": len(items), "rows": table}
+
+
+def format_table(report: dict) -> str:
+    """A Markdown table of the report's rows."""
+    cols = [("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".3f"), ("ocr_a", "OCR-A", ".3f"),
+            ("mask_iou", "mask IoU@0.5", ".3f"), ("mask_f1", "mask F1@0.5", ".3f")]
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in report["rows"].items():
+        cells = [("-" if row.get(k) is None else format(row[k], f)) for k, _, f in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    p = argparse.ArgumentParser(prog="python -m training.heldout", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    mk = sub.add_parser("make", help="write the held-out set")
+    mk.add_argument("dir", type=Path)
+    mk.add_argument("--count", type=int, default=DEFAULT_COUNT)
+    mk.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    mk.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    di = sub.add_parser("demo-inputs", help="write the LR inputs `make demo` ships")
+    di.add_argument("dir", type=Path)
+    sc = sub.add_parser("score", help="score bicubic, the given models and the random tiny model")
+    sc.add_argument("dir", type=Path)
+    sc.add_argument("--model", action="append", default=[], help="demo, a run folder or a checkpoint (repeatable)")
+    sc.add_argument("--json", type=Path, help="also write the report here")
+    sc.add_argument("--no-ocr", action="store_true")
+    sc.add_argument("--no-lpips", action="store_true")
+    args = p.parse_args(argv)
+    if args.command == "make":
+        print(make_set(args.dir, args.count, args.seed, args.size))
+        return 0
+    if args.command == "demo-inputs":
+        for path in make_demo_inputs(args.dir):
+            print(path)
+        return 0
+    try:
+        report = run_score(args.dir, args.model or ["demo"], ocr=not args.no_ocr, lpips=not args.no_lpips)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    print(format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
