@@ -109,8 +109,11 @@ def load_model(args: argparse.Namespace):
     try:
         model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
                             merge_lora_weights=args.merge_lora)
-    except (FileNotFoundError, CheckpointError) as exc:
+    except (CheckpointError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong or damaged
         raise SetupError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
+        log.debug("model loading failed", exc_info=True)
+        raise SetupError(f"cannot load the model ({type(exc).__name__}: {exc}); run with -v for details") from None
     return configure_model(model, dtype, channels_last=args.channels_last, compile=args.compile)
 
 
@@ -124,7 +127,7 @@ def _quiet_libraries() -> None:
 
 
 class _Interrupt:
-    """First Ctrl-C asks to stop after the current tile batch; a second one aborts at once."""
+    """First Ctrl-C asks to stop after the current tile batch; a second one, or SIGTERM, aborts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -133,9 +136,14 @@ class _Interrupt:
     def __enter__(self) -> "_Interrupt":
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous_term = signal.signal(signal.SIGTERM, self._terminate)
         except ValueError:  # not the main thread
-            self._previous = None
+            self._previous = self._previous_term = None
         return self
+
+    @staticmethod
+    def _terminate(signum, frame) -> None:
+        raise KeyboardInterrupt  # unwinds through the writers' cleanup: no hidden partial files stay
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -146,9 +154,22 @@ class _Interrupt:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            signal.signal(signal.SIGTERM, self._previous_term)
 
     def __call__(self) -> bool:
         return self.requested
+
+
+def ensure_writable_folder(folder: Path) -> None:
+    """Create `folder` and prove it takes a file, before any model is loaded (SetupError otherwise)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tadisr-write-test-"):
+            pass
+    except OSError as exc:
+        raise SetupError(f"cannot write to the output folder {folder}: {exc.strerror or exc}") from None
 
 
 # -- upscale ----------------------------------------------------------------------------------------
@@ -196,14 +217,15 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     _setup_logging(args.verbose)
     _validate_upscale(args)
     rank, world = distributed_rank()
-    jobs = shard(plan_jobs(collect_inputs(args.inputs, args.recursive), args.output, args.scale, args.attention),
-                 rank, world)
+    planned = plan_jobs(collect_inputs(args.inputs, args.recursive, exclude=args.output), args.output, args.scale,
+                        args.attention)
+    jobs = shard(planned, rank, world)
     quiet = args.quiet or rank > 0
+    ensure_writable_folder(Path(args.output))
     t0 = time.perf_counter()
     if model is None:
         model = load_model(args)
     load_s = time.perf_counter() - t0
-    Path(args.output).mkdir(parents=True, exist_ok=True)
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
                       args.skip_existing)
     records, cancelled = [], False
@@ -245,8 +267,9 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
                   "files": [dataclasses.asdict(r) for r in records]}
         print(json.dumps(report))
     elif not quiet:
+        share = f" (this process's share: rank {rank} of {world}, {len(planned)} inputs in all)" if world > 1 else ""
         print(f"{len(records) - len(failed)} of {len(jobs)} files written to {args.output}"
-              + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
+              + (f", {len(failed)} failed" if failed else "") + share, file=sys.stderr)
     if cancelled:
         return EXIT_CANCELLED
     return EXIT_FAILED if failed else EXIT_OK

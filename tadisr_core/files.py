@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _default_mode() -> int:
+def default_file_mode() -> int:
     """Mode of a newly created file under the current umask (0644 under the usual 022)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -27,7 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.exists():
-            os.chmod(tmp, _default_mode())
+            os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

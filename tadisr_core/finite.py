@@ -8,7 +8,7 @@ file (or tile) and the first bad key.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -51,11 +51,14 @@ def first_problem(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
     return None
 
 
-def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
-    """Raise NonFiniteError naming `what` if `t` holds NaN or Inf; returns `t` (cheap: one reduction)."""
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"{what}: {bad} non-finite value(s) (NaN/Inf); the weights or the input are "
-                                 f"damaged (run `tadisr inspect` on the checkpoint)")
-    return t
+def check_finite(t: torch.Tensor | Sequence[torch.Tensor], what: str) -> None:
+    """Raise NonFiniteError naming `what` if `t` (or any of several tensors) holds NaN or Inf.
+
+    Cheap on the happy path: one float32 sum per tensor; the count is taken only on failure.
+    """
+    for x in (t,) if isinstance(t, torch.Tensor) else t:
+        if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x.sum(dtype=torch.float32))):
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise NonFiniteError(f"{what}: {bad} non-finite value(s) (NaN/Inf); the weights or the input are "
+                                     f"damaged (check the checkpoint with `tadisr inspect`)")
