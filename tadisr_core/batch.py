@@ -173,7 +173,7 @@ def _refuse_overwrites(jobs: list[Job]) -> None:
                 job.error = (f"{out} is also an input of this run; it would be overwritten before it is read. "
                              f"Choose another output folder (-o)")
                 break
-            if out.exists() and not written_by_us(out):
+            if out.exists() and not written_by_us(out, complete=False):
                 job.error = (f"{out} exists and was not written by TADiSR; it is left alone. Move it or choose "
                              f"another output folder (-o)")
                 break

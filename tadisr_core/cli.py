@@ -48,6 +48,18 @@ def _setup_logging(verbose: bool) -> None:
     log.propagate = False
 
 
+def _finite_float(value: str) -> float:
+    import math
+
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return x
+
+
 def _scale(value: str) -> float:
     s = float(value)
     if not 1 <= s <= 8:  # pipeline.MAX_SCALE, checked at parse time
@@ -310,7 +322,7 @@ def add_prompt_cache(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")
     p.add_argument("--prompt", default=HEATMAP_PROMPT, help="the prompt (default: the release's)")
     p.add_argument("--tokens", type=int, default=256, help="sequence length, left-padded (Kolors: 256)")
-    p.add_argument("--time-ids", type=float, nargs=6, default=(768, 768, 0, 0, 768, 768),
+    p.add_argument("--time-ids", type=_finite_float, nargs=6, default=(768, 768, 0, 0, 768, 768),
                    metavar=("H", "W", "TOP", "LEFT", "TH", "TW"),
                    help="SDXL size conditioning: original size, crop, target size (default: the 768 tile)")
     p.add_argument("--device", default="cpu", help="where ChatGLM3 runs (it needs ~12.5 GB in bf16)")

@@ -109,7 +109,7 @@ def _float_scale(a: np.ndarray, path: Path) -> float:
     return scale
 
 
-def _high_depth(im, path: Path) -> tuple[np.ndarray, int]:
+def _high_depth(im, path: Path, full: float) -> tuple[np.ndarray, int]:
     """1-channel 16-bit / 32-bit integer / float image -> float32 (H, W) in 0..1 and its bit depth."""
     if im.mode == "F":
         a = np.asarray(im, dtype=np.float32)
@@ -121,7 +121,6 @@ def _high_depth(im, path: Path) -> tuple[np.ndarray, int]:
     if im.mode.startswith("I;16"):
         return np.asarray(im, dtype=np.float32) / 65535.0, 16
     a = np.asarray(im, dtype=np.float64)
-    full = _declared_int_range(im)
     return (a / full).astype(np.float32), int(round(math.log2(full + 1))) if full > 0 else 32
 
 
@@ -141,6 +140,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
             frames = int(getattr(im, "n_frames", 1) or 1)
             icc = im.info.get("icc_profile")
             rawmode = str(im.tile[0][3][0] if im.tile and isinstance(im.tile[0][3], tuple) else "")
+            full_scale = _declared_int_range(im) if im.mode == "I" else 65535.0  # tags are gone after transpose
             im = ImageOps.exif_transpose(im)
             im.load()
     except ImageReadError:
@@ -159,7 +159,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     if "16" in rawmode and im.mode in ("RGB", "RGBA"):
         log.warning("%s has 16 bits per colour channel; it is read at 8 bits", path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a, bits = _high_depth(im, path)
+        a, bits = _high_depth(im, path, full_scale)
         return ImageFile(torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape), icc, frames, bits)
     if im.mode in ("1", "L"):
         im = im.convert("L")
@@ -250,16 +250,17 @@ def save_image(image: torch.Tensor, path: str | Path, icc_profile: bytes | None 
     return save_images([(image, path, icc_profile)])[0]
 
 
-def written_by_us(path: str | Path) -> bool:
-    """Whether `path` is a complete PNG that this project wrote (Software tag and a final IEND chunk)."""
+def written_by_us(path: str | Path, complete: bool = True) -> bool:
+    """Whether `path` is a PNG this project wrote (Software tag), and with `complete` also whole (final IEND)."""
     from PIL import Image
 
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - 12))
-            if not f.read().endswith(_PNG_END):
-                return False
+        if complete:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 12))
+                if not f.read().endswith(_PNG_END):
+                    return False
         with Image.open(path) as im:
             return im.format == "PNG" and im.info.get("Software") == SOFTWARE_TAG
     except (OSError, ValueError, SyntaxError):
