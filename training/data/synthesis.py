@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tadisr_core.images import is_image_file
+from tadisr_core.images import is_image_file, load_rgb_uint8
 from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade
 
 ALPHA_THRESHOLD = 127  # alpha > this counts as text
@@ -63,9 +63,8 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 RGB ``(H, W, 3)``."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """An image file as uint8 RGB ``(H, W, 3)``, read by the project's one reader (EXIF, 16-bit, float files)."""
+    return load_rgb_uint8(path)
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
