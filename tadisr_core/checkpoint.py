@@ -8,9 +8,9 @@ Released layout (tadisr_kolors_ftsr_526000.pkl, a zip-based torch.save of a dict
 Native layout: one safetensors file, keys prefixed `unet.` / `vae.` / `mi_decoder.`, tied
 duplicates stored once, and metadata with the spec (variant, ranks, alphas, targets, schedule) and prompt.
 
-CLI:
+CLI (also `tadisr inspect` / `tadisr convert`):
     python -m tadisr_core.checkpoint inspect PATH [--json] [--verify-sha]
-    python -m tadisr_core.checkpoint convert IN OUT.safetensors
+    python -m tadisr_core.checkpoint convert IN OUT.safetensors [--force]
 """
 
 from __future__ import annotations
@@ -415,19 +415,27 @@ def _print_human(info: dict) -> None:
     print(f"  sha256: {info['sha256']}" + ("  (matches the release manifest)" if info.get("sha256_verified") else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tadisr_core.checkpoint", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="report variant, groups and key fit against the full-size model")
+def add_commands(sub) -> None:
+    """The `inspect` and `convert` sub-commands (shared by `tadisr` and `python -m tadisr_core.checkpoint`)."""
+    p = sub.add_parser("inspect", help="report a checkpoint's variant, groups and key fit against the full-size model",
+                       description="Check a TADiSR checkpoint without running it: the pickle is scanned before "
+                                   "loading, every tensor is checked finite. Exit 0 fits, 1 does not fit, 2 unreadable.")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--verify-sha", action="store_true", help="check size and SHA-256 against the release manifest")
-    p = sub.add_parser("convert", help="convert to the native safetensors format (lossless)")
+    p.set_defaults(run=run)
+    p = sub.add_parser("convert", help="convert a checkpoint to the native safetensors format (lossless)")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--force", action="store_true", help="replace an existing DST (never SRC itself)")
-    args = parser.parse_args(argv)
-    return run(args)
+    p.set_defaults(run=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tadisr_core.checkpoint inspect|convert ...` (the same as `tadisr inspect|convert`)."""
+    parser = argparse.ArgumentParser(prog="python -m tadisr_core.checkpoint", description=__doc__.split("\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,18 @@
-"""Command line: `python -m tadisr_core COMMAND ...`.
+"""Command line: `tadisr COMMAND ...` (the same as `python -m tadisr_core COMMAND ...`).
+
+Commands: upscale, prompt-cache, inspect, convert, make-tiny. Training lives in the `training`
+package, which this one never imports: `tadisr-train`, `tadisr-evaluate`, `tadisr-synthesize`
+(= `python -m training.train` / `.evaluate` / `.synthesize`); `tadisr train` etc. say so.
 
 Each command is one `add_<name>(subparsers)` function that builds its sub-parser and sets
 `run=<function(args) -> exit code>`; list it in COMMANDS to enable it.
 
-Exit codes: 0 success, 1 some inputs failed, 2 setup error (arguments, missing weights), 130 cancelled.
+Exit codes (every tadisr command, the training ones included):
+    0 success, 1 some inputs failed (or, for inspect, the checkpoint does not fit),
+    2 setup error: arguments, missing / unreadable / damaged weight files, unwritable output,
+    130 cancelled (Ctrl-C, SIGTERM).
+Environment: TADISR_KOLORS, TADISR_CHECKPOINT, TADISR_PROMPT_CACHE (defaults of the weight flags;
+TADISR_KOLORS_DIR is still read as an old name of TADISR_KOLORS), TADISR_MAX_PIXELS (input size limit).
 """
 
 from __future__ import annotations
@@ -67,9 +76,19 @@ def _scale(value: str) -> float:
     return s
 
 
+def kolors_from_env() -> str | None:
+    """$TADISR_KOLORS, or the old name $TADISR_KOLORS_DIR (with a deprecation note)."""
+    if os.environ.get("TADISR_KOLORS"):
+        return os.environ["TADISR_KOLORS"]
+    old = os.environ.get("TADISR_KOLORS_DIR")
+    if old:
+        print("note: TADISR_KOLORS_DIR is deprecated; set TADISR_KOLORS instead", file=sys.stderr)
+    return old or None
+
+
 def add_weight_args(p: argparse.ArgumentParser) -> None:
     """--kolors / --checkpoint / --prompt-cache, defaulting to TADISR_KOLORS / _CHECKPOINT / _PROMPT_CACHE."""
-    p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
+    p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")
     p.add_argument("--checkpoint", metavar="PATH", default=os.environ.get("TADISR_CHECKPOINT"),
@@ -317,8 +336,8 @@ def add_prompt_cache(sub) -> None:
     p = sub.add_parser("prompt-cache", help="compute the prompt-embedding cache once with Kolors' ChatGLM3",
                        description="Encode the fixed TADiSR prompt with Kolors' ChatGLM3 and save the UNet "
                                    "conditioning, so inference never loads the 6 B-parameter text encoder.")
-    p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
-                   help="Kwai-Kolors/Kolors diffusers folder (needs text_encoder/ and tokenizer/)")
+    p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
+                   help="Kwai-Kolors/Kolors diffusers folder (needs text_encoder/ and tokenizer/) [env TADISR_KOLORS]")
     p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")
     p.add_argument("--prompt", default=HEATMAP_PROMPT, help="the prompt (default: the release's)")
     p.add_argument("--tokens", type=int, default=256, help="sequence length, left-padded (Kolors: 256)")
@@ -331,13 +350,47 @@ def add_prompt_cache(sub) -> None:
     p.set_defaults(run=run_prompt_cache)
 
 
-COMMANDS: list[Callable] = [add_upscale, add_prompt_cache]
+def add_checkpoint_commands(sub) -> None:
+    from .checkpoint import add_commands
+
+    add_commands(sub)
+
+
+def add_make_tiny(sub) -> None:
+    from .testing import add_command
+
+    add_command(sub)
+
+
+TRAINING_COMMANDS = {"train": "training.train", "evaluate": "training.evaluate", "synthesize": "training.synthesize"}
+
+
+def add_training_pointers(sub) -> None:
+    """`tadisr train|evaluate|synthesize`: say where they are (tadisr_core never imports `training`)."""
+    for name, module in TRAINING_COMMANDS.items():
+        p = sub.add_parser(name, help=f"see tadisr-{name} (python -m {module}), in the training package",
+                           add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(run=_training_pointer, pointer=(name, module))
+
+
+def _training_pointer(args) -> int:
+    name, module = args.pointer
+    command = " ".join([f"tadisr-{name}", *args.rest])
+    raise SetupError(f"`tadisr {name}` belongs to the training package: run `{command}` (or `python -m {module} "
+                     f"...`); `tadisr-{name} --help` lists its options")
+
+
+COMMANDS: list[Callable] = [add_upscale, add_prompt_cache, add_checkpoint_commands, add_make_tiny,
+                            add_training_pointers]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per entry of COMMANDS."""
-    parser = argparse.ArgumentParser(prog="python -m tadisr_core",
-                                     description="TADiSR: text-aware 4x super-resolution (Kolors, one step).")
+    parser = argparse.ArgumentParser(prog="tadisr", description="TADiSR: text-aware 4x super-resolution (Kolors, "
+                                                                "one step).",
+                                     epilog="Exit codes: 0 ok, 1 some inputs failed, 2 setup error, 130 cancelled. "
+                                            "Training: tadisr-train, tadisr-evaluate, tadisr-synthesize.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -346,8 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the chosen command; setup errors print one line and return 2."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in TRAINING_COMMANDS:  # their options are not ours to parse
+            return _training_pointer(argparse.Namespace(pointer=(argv[0], TRAINING_COMMANDS[argv[0]]),
+                                                        rest=argv[1:]))
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
