@@ -223,3 +223,20 @@ def test_official_fixture_writer_still_round_trips(tiny_dir, tmp_path):
     save_official(ckpt.groups, ckpt.spec, tmp_path / "again.pkl")
     scan_torch_zip(tmp_path / "again.pkl")
     assert load_checkpoint(tmp_path / "again.pkl").groups.keys() == ckpt.groups.keys()
+
+
+def test_permission_denied_is_not_reported_as_missing(tiny_dir, monkeypatch):
+    import builtins
+
+    from tadisr_core import files
+
+    real_open = builtins.open
+
+    def no_access(path, *a, **kw):
+        if str(path) == str(tiny_dir["checkpoint"]):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(files, "open", no_access, raising=False)  # root reads everything: simulate the denial
+    with pytest.raises(PermissionError, match=r"checkpoint .*tadisr_tiny\.safetensors: permission denied"):
+        load_checkpoint(tiny_dir["checkpoint"])
