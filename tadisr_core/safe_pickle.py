@@ -6,7 +6,8 @@ lock) or crash it (a million-deep nested tuple). `scan_torch_zip` walks the pick
 the standard library's `pickletools` (no object is built), keeping one small record per stack and
 memo entry, and refuses, naming the file and the reason:
 
-* nesting deeper than `MAX_DEPTH`;
+* nesting deeper than `MAX_DEPTH`, or one value that, counting each shared reference again, holds
+  more than `MAX_EXPANDED` objects (a small DAG that printing or comparing would expand);
 * dict keys and set items that are not plain strings or integers;
 * globals outside the few that `torch.save` writes for tensors and state dicts (the name is given);
 * opcodes `torch.save` never writes for such files (object construction, extensions, text persistent ids);
@@ -27,6 +28,7 @@ MAX_DEPTH = 64                   # torch.save of nested state dicts stays below 
 MAX_PICKLE_BYTES = 256 << 20     # the pickle part only (tensor bytes live in separate records)
 MAX_STACK = 100_000              # live unconsumed objects (torch.save batches dict items by 1000)
 MAX_MEMO = 200_000               # remembered objects (a full checkpoint with optimiser state needs ~50k)
+MAX_EXPANDED = 10_000_000        # objects one value holds when shared references are counted each time
 _CHUNK = 1 << 20
 
 _ALLOWED_GLOBALS = frozenset({
@@ -61,10 +63,10 @@ class UnsafePickleError(ValueError):
 class _Item:
     """What the scan knows of one pickled object: nesting depth, kind, small literal value."""
 
-    __slots__ = ("depth", "kind", "value", "sealed")
+    __slots__ = ("depth", "kind", "value", "sealed", "size")
 
-    def __init__(self, depth: int = 0, kind: str = "other", value=None):
-        self.depth, self.kind, self.value, self.sealed = depth, kind, value, False
+    def __init__(self, depth: int = 0, kind: str = "other", value=None, size: int = 1):
+        self.depth, self.kind, self.value, self.sealed, self.size = depth, kind, value, False, size
 
 
 def _storage_itemsize(name: str) -> int | None:
@@ -116,6 +118,9 @@ class _Scan:
         if item.depth > MAX_DEPTH:
             self.refuse(f"objects nested deeper than {MAX_DEPTH} levels (a crafted pickle; it could crash the "
                         f"process)")
+        if item.size > MAX_EXPANDED:
+            self.refuse(f"shared references that expand to more than {MAX_EXPANDED:,} objects (a crafted pickle; "
+                        f"printing or comparing it could take forever)")
         self.stack.append(item)
 
     def run(self, data: bytes) -> None:
@@ -195,16 +200,16 @@ class _Scan:
             for p in parts:
                 p.sealed = True
             target.depth = max([target.depth] + [p.depth + 1 for p in parts])
+            target.size = min(MAX_EXPANDED + 1, target.size + sum(p.size for p in parts))
             self.push(target)
             return
         parts = pre + sliced
         for p in parts:
             p.sealed = True
         depth = 1 + max((p.depth for p in parts), default=-1) if parts else 0
-        if name == "REDUCE":
-            self.push(self.reduce(pre[0], pre[1], depth))
-            return
-        self.push(self.literal(name, arg, parts, depth))
+        item = self.reduce(pre[0], pre[1], depth) if name == "REDUCE" else self.literal(name, arg, parts, depth)
+        item.size = min(MAX_EXPANDED + 1, 1 + sum(p.size for p in parts))
+        self.push(item)
 
     def literal(self, name: str, arg, parts: list[_Item], depth: int) -> _Item:
         if "UNICODE" in name or name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):

@@ -36,7 +36,8 @@ def _inspect_in_child(path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("case, pickle_bytes, reason", [
-    ("dag_key", dag_key_pickle(64), "dict key or set item that is a tuple"),
+    ("dag_key", dag_key_pickle(64), "shared references that expand to more than 10,000,000 objects"),
+    ("tuple_key", b"\x80\x02}K\x01K\x02\x86Ns.", "dict key or set item that is a tuple"),
     ("deep_key", b"\x80\x02}" + deep_tuple_pickle(2_000_000)[3:-1] + b"Ns.", "nested deeper than"),
     ("deep_value", deep_tuple_pickle(2_000_000), "nested deeper than"),
 ])
@@ -63,6 +64,15 @@ def test_scan_memory_stays_a_small_multiple_of_the_file(tmp_path, case, pickle_b
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 * size + (32 << 20), (peak, size)  # the stack and memo caps bound the rest
+
+
+def test_a_shared_reference_dag_as_a_value_is_refused(tmp_path):
+    out = [b"\x80\x02", b")", b"q\x00"]
+    for i in range(1, 41):                                  # 40 levels: 2**40 objects when expanded
+        out += [b"h" + bytes([i - 1]), b"h" + bytes([i - 1]), b"\x86", b"q" + bytes([i])]
+    path = torch_zip(tmp_path / "dag_value.pkl", b"".join(out) + b".")
+    with pytest.raises(UnsafePickleError, match="expand to more than"):
+        scan_torch_zip(path)
 
 
 def test_nesting_limit_admits_real_state_dicts(tmp_path):
@@ -191,7 +201,7 @@ def test_wrong_kind_of_file_for_each_flag(tiny_dir, tmp_path):
 
 def test_the_model_loader_used_by_the_nodes_raises_the_same_error(tiny_dir, tmp_path):
     torch_zip(tmp_path / "dag.pkl", dag_key_pickle(64))
-    with pytest.raises(CheckpointError, match="dict key or set item that is a tuple"):
+    with pytest.raises(CheckpointError, match="refused: shared references that expand"):
         load_tadisr(tiny_dir["kolors"], tmp_path / "dag.pkl", tiny_dir["prompt_cache"])
 
 

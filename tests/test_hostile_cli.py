@@ -172,7 +172,7 @@ def test_every_weight_file_problem_is_one_line_and_exit_2(tiny_dir, tmp_path, ca
         "checkpoint given as --prompt-cache": ({"prompt_cache": tiny_dir["official"]}, "not a prompt cache"),
         "prompt cache given as --checkpoint": ({"checkpoint": tiny_dir["prompt_cache"]}, "it is a prompt cache"),
         "NaN weights": ({"checkpoint": _nan_checkpoint(tiny_dir, tmp_path)}, "contains NaN"),
-        "hash-bomb pickle": ({"checkpoint": torch_zip(tmp_path / "dag.pkl", dag_key_pickle())}, "dict key"),
+        "hash-bomb pickle": ({"checkpoint": torch_zip(tmp_path / "dag.pkl", dag_key_pickle())}, "refused"),
         "a folder": ({"checkpoint": tmp_path}, "is a folder"),
         "truncated": ({"checkpoint": cut}, "truncated or corrupt"),
         "missing Kolors folder": ({"kolors": tmp_path / "nokolors"}, "nokolors"),
