@@ -136,9 +136,10 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
     except UnsafePickleError as e:
         raise CheckpointError(str(e)) from None
     except pickle.UnpicklingError as e:
-        reason = str(e).split("Unsupported global: ")[-1].splitlines()[0] if "Unsupported global" in str(e) else ""
-        raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors"
-                              f"{' (' + reason.strip() + ')' if reason else ''}; nothing from it was executed") from None
+        reason = str(e).split("Unsupported global: ")[-1].splitlines()[0].strip() if "Unsupported global" in str(e) else ""
+        reason = f" ({reason})" if reason else ""
+        raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors{reason}; nothing "
+                              f"from it was executed") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({str(e).splitlines()[0]})") from None
     return raw
@@ -419,7 +420,8 @@ def add_commands(sub) -> None:
     """The `inspect` and `convert` sub-commands (shared by `tadisr` and `python -m tadisr_core.checkpoint`)."""
     p = sub.add_parser("inspect", help="report a checkpoint's variant, groups and key fit against the full-size model",
                        description="Check a TADiSR checkpoint without running it: the pickle is scanned before "
-                                   "loading, every tensor is checked finite. Exit 0 fits, 1 does not fit, 2 unreadable.")
+                                   "loading, every tensor is checked finite. Exit 0 fits, 1 does not fit, "
+                                   "2 unreadable.")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--verify-sha", action="store_true", help="check size and SHA-256 against the release manifest")

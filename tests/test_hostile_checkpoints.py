@@ -46,7 +46,8 @@ def test_pickles_that_froze_or_crashed_the_process_are_refused(tmp_path, case, p
     done = _inspect_in_child(path)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(path) in lines[0] and reason in lines[0] and "nothing from it was executed" in lines[0]
+    assert len(lines) == 1 and str(path) in lines[0] and reason in lines[0]
+    assert "nothing from it was executed" in lines[0]
     assert "weights_only=False" not in done.stderr
 
 
@@ -123,7 +124,8 @@ def _official_raw(tiny_dir):
 
 
 @pytest.mark.parametrize("value, problem", [
-    (float("nan"), "contains NaN"), (float("inf"), "contains Inf"), (1e30, r"holds \|value\| 1e\+30, above the sane limit"),
+    (float("nan"), "contains NaN"), (float("inf"), "contains Inf"),
+    (1e30, r"holds \|value\| 1e\+30, above the sane limit"),
 ])
 def test_non_finite_or_huge_weights_are_refused_naming_the_key(tiny_dir, tmp_path, value, problem):
     raw = _official_raw(tiny_dir)
@@ -161,8 +163,8 @@ def test_native_checkpoint_with_nan_or_bad_spec_metadata(tiny_dir, tmp_path):
     nan = _rewrite_native(src, tmp_path / "nan.safetensors", tensors={key: torch.full(shape, float("nan"))})
     with pytest.raises(CheckpointError, match=rf"nan\.safetensors: {key.replace('.', '[.]')} contains NaN"):
         load_checkpoint(nan)
-    for field, value, match in (("timestep", -5, "timestep -5"), ("unet_lora", {**spec["unet_lora"], "alpha": float("nan")},
-                                                                   "unet_lora.alpha nan")):
+    nan_alpha = {**spec["unet_lora"], "alpha": float("nan")}
+    for field, value, match in (("timestep", -5, "timestep -5"), ("unet_lora", nan_alpha, "unet_lora.alpha nan")):
         bad = _rewrite_native(src, tmp_path / f"{field}.safetensors", meta={"spec": json.dumps({**spec, field: value})})
         with pytest.raises(CheckpointError, match=rf"bad spec metadata: {match}"):
             load_checkpoint(bad)
@@ -173,7 +175,7 @@ def test_nan_base_weights_are_refused_at_load(tiny_dir, tiny_model_factory):
     ckpt = load_checkpoint(tiny_dir["checkpoint"])
     with torch.no_grad():
         model.unet.time_embedding.linear_1.weight[0, 0] = float("nan")
-    with pytest.raises(CheckpointError, match=r"base weight unet\.time_embedding\.linear_1\.weight contains NaN.*Kolors"):
+    with pytest.raises(CheckpointError, match=r"base weight unet\.time_embedding\.linear_1\.weight contains NaN"):
         apply_checkpoint(model, ckpt)
 
 

@@ -55,7 +55,10 @@ def list_images(folder: Path, predictions: bool = False) -> dict[str, list[Path]
 
 
 def pair_images(pred_dir: Path, gt_dir: Path):
-    """Match files by stem: ``(pairs [(stem, pred, gt)], pred_only [stems], gt_only [stems], ambiguous {stem: why})``."""
+    """Match files by stem (predictions by `prediction_stem`).
+
+    Returns ``(pairs [(stem, pred, gt)], pred_only [stems], gt_only [stems], ambiguous {stem: why})``.
+    """
     pred, gt = list_images(pred_dir, predictions=True), list_images(gt_dir)
     pairs, ambiguous = [], {}
     for stem in sorted(set(pred) & set(gt)):
