@@ -103,3 +103,18 @@ def test_a_used_folder_needs_resume_and_a_changed_config_needs_force(tmp_path):
 def test_config_values_are_range_checked_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=rf"tiny\.yaml: {field}"):
         load_config(TINY, [override])
+
+
+def test_training_masks_are_read_by_the_one_reader(tmp_path):
+    from training.data.synthesis import load_mask, load_rgb
+
+    rng = np.random.default_rng(0)
+    for mode, arr in (("RGB", rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)),
+                      ("RGBA", rng.integers(0, 256, (9, 7, 4), dtype=np.uint8))):
+        Image.fromarray(arr).save(tmp_path / f"{mode}.png")
+        with Image.open(tmp_path / f"{mode}.png") as im:      # 8-bit masks: exactly PIL's "L" conversion
+            assert (load_mask(tmp_path / f"{mode}.png") == (np.asarray(im.convert("L")) > 127)).all()
+    a16 = np.arange(63, dtype=np.uint16).reshape(9, 7) * 1000
+    Image.fromarray(a16).save(tmp_path / "m16.png")            # 16-bit: no longer all white
+    assert (load_mask(tmp_path / "m16.png") == (np.round(a16 / 65535 * 255) > 127)).all()
+    assert (load_rgb(tmp_path / "m16.png")[..., 0] == np.round(a16 / 65535 * 255)).all()
