@@ -18,6 +18,7 @@ TADISR_KOLORS_DIR is still read as an old name of TADISR_KOLORS), TADISR_MAX_PIX
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -322,10 +323,13 @@ def run_prompt_cache(args) -> int:
     try:
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
                                                  tuple(args.time_ids), args.device, dtype)
-    except KolorsFolderError as exc:
+    except (KolorsFolderError, OSError, ValueError) as exc:  # missing, unreadable or wrong Kolors files
         raise SetupError(str(exc)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cache.save(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cache.save(out)
+    except OSError as exc:
+        raise SetupError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"wrote {out}: prompt {cache.prompt!r}, 'text' at column(s) {list(cache.text_columns)}")
     return EXIT_OK
 
@@ -397,6 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so the writers' cleanup runs and no temporary file stays behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the chosen command; setup errors print one line and return 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -405,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             return _training_pointer(argparse.Namespace(pointer=(argv[0], TRAINING_COMMANDS[argv[0]]),
                                                         rest=argv[1:]))
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        with _terminate_as_interrupt():
+            return args.run(args)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SETUP

@@ -219,3 +219,17 @@ def test_outputs_have_normal_permissions(tiny_model, tmp_path, capsys):
     mask = os.umask(0)
     os.umask(mask)
     assert rc == 0 and {p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()} == {0o666 & ~mask}
+
+
+def test_sigterm_during_convert_leaves_no_temporary_file(tiny_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def write_then_terminate(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", write_then_terminate)
+    assert cli.main(["convert", str(tiny_dir["official"]), str(tmp_path / "n.safetensors")]) == cli.EXIT_CANCELLED
+    assert list(tmp_path.iterdir()) == []
