@@ -139,7 +139,8 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
                                      f"TADISR_MAX_PIXELS if the image is genuine")
             frames = int(getattr(im, "n_frames", 1) or 1)
             icc = im.info.get("icc_profile")
-            rawmode = str(im.tile[0][3][0] if im.tile and isinstance(im.tile[0][3], tuple) else "")
+            args = im.tile[0][3] if im.tile else ""
+            rawmode = str(args[0] if isinstance(args, tuple) and args else args)
             full_scale = _declared_int_range(im) if im.mode == "I" else 65535.0  # tags are gone after transpose
             im = ImageOps.exif_transpose(im)
             im.load()

@@ -105,3 +105,22 @@ def test_unreadable_and_missing_files_are_named(tmp_path):
         load_image(tmp_path / "junk.png")
     with pytest.raises(ImageReadError, match=r"input not found: .*absent\.png"):
         load_image(tmp_path / "absent.png")
+
+
+def test_16_bit_colour_is_read_at_8_bits_with_a_warning(tmp_path, caplog):
+    import struct
+    import zlib
+
+    a = np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3) * 1000
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(4))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 4, 16, 2, 0, 0, 0))       # 16-bit RGB
+    (tmp_path / "rgb16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(rows))
+                                         + chunk(b"IEND", b""))
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        x = load_image(tmp_path / "rgb16.png")
+    assert "rgb16.png has 16 bits per colour channel; it is read at 8 bits" in caplog.text
+    assert (x[0].permute(1, 2, 0) * 255 - torch.from_numpy(a / 257.0).float()).abs().max() <= 1.0
