@@ -16,7 +16,7 @@ Layout (all under <repo>/.build/comfyhost):
     tiny/   tiny random weights from `python -m tadisr_core.testing make-tiny`
     base/   --base-directory: custom_nodes/tadisr -> repo, input/, output/, models/{diffusers,tadisr}/
 
-Real weights: set TADISR_KOLORS_DIR (a Kolors diffusers folder) and optionally TADISR_CHECKPOINT and
+Real weights: set TADISR_KOLORS (a Kolors diffusers folder; TADISR_KOLORS_DIR is its old name) and optionally TADISR_CHECKPOINT and
 TADISR_PROMPT_CACHE (files); `prepare` then links those instead of making tiny ones.
 
 The module is importable too (tests/comfy_host.py uses server_command() and server_env()).
@@ -227,7 +227,7 @@ def prepare() -> None:
         for sub in ("input", "output", "user", "models/diffusers", "models/tadisr"):
             (BASE / sub).mkdir(parents=True, exist_ok=True)
         _link(REPO, BASE / "custom_nodes" / PACK_NAME)
-        kolors = os.environ.get("TADISR_KOLORS_DIR")
+        kolors = os.environ.get("TADISR_KOLORS") or os.environ.get("TADISR_KOLORS_DIR")  # the old name still works
         if kolors:
             kolors_path = Path(kolors).expanduser().resolve()
             _link(kolors_path, BASE / "models" / "diffusers" / kolors_path.name)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .images import is_image_file, load_image, save_images
+from .files import same_file
+from .images import is_image_file, read_image, save_images, written_by_us
 from .pipeline import UpscaleCancelled, upscale
 
 log = logging.getLogger("tadisr")
@@ -65,25 +67,70 @@ def scale_tag(scale: float) -> str:
     return f"x{scale:g}"
 
 
-def collect_inputs(inputs: list[str | Path], recursive: bool = False) -> list[tuple[Path, Path | None, str | None]]:
+OUTPUT_NAME = re.compile(r"_(x\d+(\.\d+)?|text_mask|attention)(-\d+)?\.png$", re.IGNORECASE)
+
+
+def looks_like_output(path: str | Path) -> bool:
+    """Whether a file name follows the pattern of our outputs (`*_x4.png`, `*_text_mask.png`, `*_attention.png`)."""
+    return bool(OUTPUT_NAME.search(Path(path).name))
+
+
+def _walk(folder: Path, recursive: bool, exclude: Path | None) -> tuple[list[Path], int]:
+    """Image files under `folder` (symlinked sub-folders followed once, `exclude` skipped), and how many
+    output-named files were left out."""
+    files, skipped, seen = [], 0, set()
+    def unreadable(err: OSError) -> None:
+        log.warning("cannot list %s: %s", err.filename, err.strerror)
+
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(root)
+        if real in seen or (exclude is not None and same_file(root, exclude) and Path(root) != folder):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in names:
+            p = Path(root) / name
+            if name.startswith(".") or not is_image_file(p) or not p.is_file():
+                continue
+            if looks_like_output(p):
+                skipped += 1
+                continue
+            files.append(p)
+    return sorted(files), skipped
+
+
+def collect_inputs(inputs: list[str | Path], recursive: bool = False,
+                   exclude: str | Path | None = None) -> list[tuple[Path, Path | None, str | None]]:
     """Expand files and folders into (file, folder it came from, error) in a stable order.
 
-    Folders contribute their image files (sorted; all levels with `recursive`); a missing path is
-    returned with an error so it is reported like an unreadable file.
+    Folders contribute their image files (sorted; all levels with `recursive`, following symlinked
+    sub-folders once); files named like our outputs and the folder `exclude` (the output folder) are
+    left out of folder walks, so a re-run never upscales its own results. Files named explicitly are
+    always taken. A missing or unreadable path is returned with an error, reported like a bad file.
     """
     found: list[tuple[Path, Path | None, str | None]] = []
+    exclude = Path(exclude) if exclude is not None else None
     for raw in inputs:
         path = Path(raw)
+        try:
+            os.stat(path)
+        except PermissionError:
+            found.append((path, None, f"permission denied: {path}"))
+            continue
+        except OSError:
+            found.append((path, None, f"input not found: {path}"))
+            continue
         if path.is_dir():
-            pattern = path.rglob("*") if recursive else path.iterdir()
-            files = sorted(p for p in pattern if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+            files, skipped = _walk(path, recursive, exclude)
+            if skipped:
+                log.warning("%s: left out %d file(s) named like outputs (*_x4.png, *_text_mask.png); name them "
+                            "explicitly to upscale them", path, skipped)
             if not files:
                 log.warning("no image files in folder %s", path)
             found.extend((p, path, None) for p in files)
-        elif path.is_file():
-            found.append((path, None, None))
         else:
-            found.append((path, None, f"input not found: {path}"))
+            found.append((path, None, None))
     return found
 
 
@@ -107,7 +154,29 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
         base = outdir / sub
         jobs.append(Job(path, base / f"{stem}_{tag}.png", base / f"{stem}_text_mask.png",
                         base / f"{stem}_attention.png" if attention else None, error))
+    _refuse_overwrites(jobs)
     return jobs
+
+
+def _outputs(job: Job) -> list[Path]:
+    return [p for p in (job.image, job.mask, job.attention) if p is not None]
+
+
+def _refuse_overwrites(jobs: list[Job]) -> None:
+    """Mark jobs failed whose outputs would replace an input of this run or a file we did not write."""
+    inputs = {os.path.realpath(j.input): j.input for j in jobs if j.error is None}
+    for job in jobs:
+        if job.error:
+            continue
+        for out in _outputs(job):
+            if os.path.realpath(out) in inputs:
+                job.error = (f"{out} is also an input of this run; it would be overwritten before it is read. "
+                             f"Choose another output folder (-o)")
+                break
+            if out.exists() and not written_by_us(out, complete=False):
+                job.error = (f"{out} exists and was not written by TADiSR; it is left alone. Move it or choose "
+                             f"another output folder (-o)")
+                break
 
 
 def shard(jobs: list, rank: int, world: int) -> list:
@@ -127,13 +196,14 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     outputs = {"image": job.image, "mask": job.mask}
     if job.attention is not None:
         outputs["attention"] = job.attention
-    if options.skip_existing and all(p.exists() for p in outputs.values()):
+    if options.skip_existing and all(written_by_us(p) for p in outputs.values()):
         rec.ok, rec.skipped = True, True
         rec.outputs = {k: str(v) for k, v in outputs.items()}
         return rec
     t0 = time.perf_counter()
     try:
-        image = load_image(job.input)
+        source = read_image(job.input)
+        image = source.pixels
         t1 = time.perf_counter()
         rec.input_size = [image.shape[-1], image.shape[-2]]
         rec.channels = image.shape[1]
@@ -142,7 +212,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
                          sample=options.seed is not None, seed=options.seed)
         del image
         t2 = time.perf_counter()
-        items = [(result.image, job.image), (result.mask, job.mask)]
+        items = [(result.image, job.image, source.icc_profile), (result.mask, job.mask)]
         if job.attention is not None:
             items.append((result.attention, job.attention))
         save_images(items)
@@ -150,7 +220,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     except UpscaleCancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-        rec.error = f"{type(exc).__name__}: {exc}"
+        rec.error = str(exc) if str(job.input) in str(exc) else f"{job.input}: {type(exc).__name__}: {exc}"
         rec.seconds["total"] = round(time.perf_counter() - t0, 4)
         log.debug("failed on %s", job.input, exc_info=True)
         return rec
@@ -165,8 +235,19 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     return rec
 
 
+LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT")   # set by torchrun and `accelerate launch` alike
+
+
 def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment (`accelerate launch`, torchrun); (0, 1) alone."""
+    """(rank, world size) from the launcher's environment (`accelerate launch`, torchrun); (0, 1) alone.
+
+    WORLD_SIZE / RANK left over in a shell without a launcher (no MASTER_ADDR / MASTER_PORT) would
+    silently drop most files, so they are ignored with a warning.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and not all(os.environ.get(v) for v in LAUNCHER_VARS):
+        log.warning("WORLD_SIZE=%d RANK=%d are set but no launcher is (MASTER_ADDR/MASTER_PORT missing): stale "
+                    "variables? Processing every file in this one process", world, rank)
+        return 0, 1
     return (rank, world) if world > 1 else (0, 1)

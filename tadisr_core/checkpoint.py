@@ -8,9 +8,9 @@ Released layout (tadisr_kolors_ftsr_526000.pkl, a zip-based torch.save of a dict
 Native layout: one safetensors file, keys prefixed `unet.` / `vae.` / `mi_decoder.`, tied
 duplicates stored once, and metadata with the spec (variant, ranks, alphas, targets, schedule) and prompt.
 
-CLI:
+CLI (also `tadisr inspect` / `tadisr convert`):
     python -m tadisr_core.checkpoint inspect PATH [--json] [--verify-sha]
-    python -m tadisr_core.checkpoint convert IN OUT.safetensors
+    python -m tadisr_core.checkpoint convert IN OUT.safetensors [--force]
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_path
+from .files import atomic_path, require_readable, same_file
+from .finite import first_problem
 from .lora import lora_rank
 from .spec import TADiSRSpec, full_spec, tiny_spec
 
@@ -163,22 +164,67 @@ def verify_manifest(path: str | Path) -> str:
     return actual
 
 
-def _torch_load(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (the release file tadisr_kolors_ftsr_526000.pkl "
-                                f"is on Hugging Face: huqiming513/TADiSR-Models)")
+_RELEASE_HINT = "the release file tadisr_kolors_ftsr_526000.pkl is on Hugging Face: huqiming513/TADiSR-Models"
+
+
+def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
+    """`torch.load(weights_only=True)` after a bounded scan of the pickle (see `safe_pickle`).
+
+    Every tensor view is also checked to lie inside its storage. CheckpointError names the file.
+    """
+    from .safe_pickle import UnsafePickleError, scan_torch_zip
+
+    path = require_readable(path, what, _RELEASE_HINT if what == "checkpoint" else "")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a zip-based torch checkpoint (truncated or corrupt download?)")
+        raise CheckpointError(f"{path}: not a zip-based torch checkpoint (truncated or corrupt download, or "
+                              f"another kind of file?)")
     try:
+        scan_torch_zip(path)
         raw = torch.load(path, map_location="cpu", weights_only=True)
+    except UnsafePickleError as e:
+        raise CheckpointError(str(e)) from None
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors, which could "
-                              f"run code on load; nothing from it was executed ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({e})") from None
+        reason = str(e).split("Unsupported global: ")[-1].splitlines()[0].strip() if "Unsupported global" in str(e) else ""
+        reason = f" ({reason})" if reason else ""
+        raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors{reason}; nothing "
+                              f"from it was executed") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({str(e).splitlines()[0]})") from None
+    return raw
+
+
+def _torch_load(path: Path) -> dict:
+    raw = safe_torch_load(path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict of state dicts, found {type(raw).__name__}")
     return raw
+
+
+def check_groups(groups: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+    """Refuse non-float, non-finite or absurdly large tensors, naming the file and the first bad key."""
+    for g, sd in groups.items():
+        bad = first_problem(sd)
+        if bad:
+            raise CheckpointError(f"{path}: {g}.{bad[0]} {bad[1]}; the file is damaged (re-download or re-convert "
+                                  f"it)")
+
+
+def check_spec(spec: TADiSRSpec, path: Path) -> None:
+    """Range-check a spec read from a file's metadata (CheckpointError naming the field)."""
+    import math
+
+    problems = []
+    if not (isinstance(spec.timestep, int) and 0 < spec.timestep < 1000):
+        problems.append(f"timestep {spec.timestep!r} (must be an integer in 1..999)")
+    for name, lora in (("unet_lora", spec.unet_lora), ("vae_lora", spec.vae_lora)):
+        if not (isinstance(lora.rank, int) and lora.rank >= 1):
+            problems.append(f"{name}.rank {lora.rank!r} (must be >= 1)")
+        if not (isinstance(lora.alpha, (int, float)) and math.isfinite(lora.alpha) and 0 < lora.alpha <= 1e4):
+            problems.append(f"{name}.alpha {lora.alpha!r} (must be a finite number > 0)")
+    if spec.variant not in ("official-kolors", "paper"):
+        problems.append(f"variant {spec.variant!r}")
+    if problems:
+        raise CheckpointError(f"{path}: bad spec metadata: {'; '.join(problems)}")
 
 
 def _official_groups(raw: dict, path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -196,6 +242,7 @@ def _official_groups(raw: dict, path: Path) -> dict[str, dict[str, torch.Tensor]
         bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{path}: group {name!r} key {bad[0]!r} is not a tensor")
+    check_groups(groups, path)
     vae = {}
     for key, value in groups["vae"].items():
         # PEFT < 0.7 saved the wrapped skip convs' base weights without ".base_layer".
@@ -236,23 +283,30 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 def _load_native(path: Path) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    require_readable(path, "checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            if meta.get("format") != NATIVE_FORMAT:
+                kind = " (it is a prompt cache)" if meta.get("format", "").startswith("tadisr-prompt-cache") else ""
+                raise CheckpointError(f"{path}: not a native TADiSR checkpoint{kind} "
+                                      f"(metadata format={meta.get('format')!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({e})") from None
-    if meta.get("format") != NATIVE_FORMAT:
-        raise CheckpointError(f"{path}: not a native TADiSR checkpoint (metadata format={meta.get('format')!r})")
+    try:
+        spec = TADiSRSpec.from_json(meta["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable spec metadata ({type(e).__name__}: {e})") from None
+    check_spec(spec, path)
     groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
     for key, value in tensors.items():
         group, _, rest = key.partition(".")
         if group not in groups:
             raise CheckpointError(f"{path}: key {key!r} belongs to no group ({', '.join(GROUPS)})")
         groups[group][rest] = value
-    return Checkpoint(path, "native", TADiSRSpec.from_json(meta["spec"]), groups, meta)
+    check_groups(groups, path)
+    return Checkpoint(path, "native", spec, groups, meta)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -349,6 +403,11 @@ def apply_checkpoint(model, ckpt: Checkpoint) -> KeyReport:
     for g in GROUPS:
         sd = _untie(ckpt.groups[g]) if g == "mi_decoder" else ckpt.groups[g]
         getattr(model, g).load_state_dict(sd, strict=False)
+    bad = first_problem((n, p) for n, p in model.named_parameters()
+                        if n.split(".", 1)[0] in ("unet", "vae") and not _is_saved(*n.split(".", 1)))
+    if bad:  # the base weights, read from the Kolors folder
+        raise CheckpointError(f"base weight {bad[0]} {bad[1]}: the Kolors folder's weights are damaged "
+                              f"(re-download unet/ and vae/)")
     return report
 
 
@@ -379,8 +438,15 @@ def inspect(path: str | Path, verify_sha: bool = False) -> dict:
     return info
 
 
-def convert(src: str | Path, dst: str | Path) -> Path:
-    """Official (or native) checkpoint -> native safetensors, tensors copied bit for bit."""
+def convert(src: str | Path, dst: str | Path, force: bool = False) -> Path:
+    """Official (or native) checkpoint -> native safetensors, tensors copied bit for bit.
+
+    Refuses to write over `src`, and over any existing `dst` unless `force`.
+    """
+    if Path(dst).exists() and same_file(src, dst):
+        raise CheckpointError(f"{dst}: refusing to convert a file onto itself; name another output")
+    if Path(dst).exists() and not force:
+        raise CheckpointError(f"{dst} exists; pass --force to replace it")
     ckpt = load_checkpoint(src)
     return save_native(ckpt.groups, ckpt.spec, dst, {"converted_from": Path(src).name})
 
@@ -402,26 +468,41 @@ def _print_human(info: dict) -> None:
     print(f"  sha256: {info['sha256']}" + ("  (matches the release manifest)" if info.get("sha256_verified") else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tadisr_core.checkpoint", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="report variant, groups and key fit against the full-size model")
+def add_commands(sub) -> None:
+    """The `inspect` and `convert` sub-commands (shared by `tadisr` and `python -m tadisr_core.checkpoint`)."""
+    p = sub.add_parser("inspect", help="report a checkpoint's variant, groups and key fit against the full-size model",
+                       description="Check a TADiSR checkpoint without running it: the pickle is scanned before "
+                                   "loading, every tensor is checked finite. Exit 0 fits, 1 does not fit, "
+                                   "2 unreadable.")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--verify-sha", action="store_true", help="check size and SHA-256 against the release manifest")
-    p = sub.add_parser("convert", help="convert to the native safetensors format (lossless)")
+    p.set_defaults(run=run)
+    p = sub.add_parser("convert", help="convert a checkpoint to the native safetensors format (lossless)")
     p.add_argument("src")
     p.add_argument("dst")
-    args = parser.parse_args(argv)
+    p.add_argument("--force", action="store_true", help="replace an existing DST (never SRC itself)")
+    p.set_defaults(run=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tadisr_core.checkpoint inspect|convert ...` (the same as `tadisr inspect|convert`)."""
+    parser = argparse.ArgumentParser(prog="python -m tadisr_core.checkpoint", description=__doc__.split("\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed `inspect` / `convert` command; weight-file problems print one line and return 2."""
     try:
         if args.command == "inspect":
             info = inspect(args.path, args.verify_sha)
             print(json.dumps(info, indent=2)) if args.json else _print_human(info)
             return 0 if info["fits_model"] else 1
-        out = convert(args.src, args.dst)
+        out = convert(args.src, args.dst, args.force)
         print(f"wrote {out}")
         return 0
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,14 +1,24 @@
-"""Command line: `python -m tadisr_core COMMAND ...`.
+"""Command line: `tadisr COMMAND ...` (the same as `python -m tadisr_core COMMAND ...`).
+
+Commands: upscale, prompt-cache, inspect, convert, make-tiny. Training lives in the `training`
+package, which this one never imports: `tadisr-train`, `tadisr-evaluate`, `tadisr-synthesize`
+(= `python -m training.train` / `.evaluate` / `.synthesize`); `tadisr train` etc. say so.
 
 Each command is one `add_<name>(subparsers)` function that builds its sub-parser and sets
 `run=<function(args) -> exit code>`; list it in COMMANDS to enable it.
 
-Exit codes: 0 success, 1 some inputs failed, 2 setup error (arguments, missing weights), 130 cancelled.
+Exit codes (every tadisr command, the training ones included):
+    0 success, 1 some inputs failed (or, for inspect, the checkpoint does not fit),
+    2 setup error: arguments, missing / unreadable / damaged weight files, unwritable output,
+    130 cancelled (Ctrl-C, SIGTERM).
+Environment: TADISR_KOLORS, TADISR_CHECKPOINT, TADISR_PROMPT_CACHE (defaults of the weight flags;
+TADISR_KOLORS_DIR is still read as an old name of TADISR_KOLORS), TADISR_MAX_PIXELS (input size limit).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -48,6 +58,18 @@ def _setup_logging(verbose: bool) -> None:
     log.propagate = False
 
 
+def _finite_float(value: str) -> float:
+    import math
+
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return x
+
+
 def _scale(value: str) -> float:
     s = float(value)
     if not 1 <= s <= 8:  # pipeline.MAX_SCALE, checked at parse time
@@ -55,12 +77,22 @@ def _scale(value: str) -> float:
     return s
 
 
+def kolors_from_env() -> str | None:
+    """$TADISR_KOLORS, or the old name $TADISR_KOLORS_DIR (with a deprecation note)."""
+    if os.environ.get("TADISR_KOLORS"):
+        return os.environ["TADISR_KOLORS"]
+    old = os.environ.get("TADISR_KOLORS_DIR")
+    if old:
+        print("note: TADISR_KOLORS_DIR is deprecated; set TADISR_KOLORS instead", file=sys.stderr)
+    return old or None
+
+
 def add_weight_args(p: argparse.ArgumentParser) -> None:
     """--model / --kolors / --checkpoint / --prompt-cache, defaulting to TADISR_MODEL / _KOLORS / ..."""
     p.add_argument("--model", metavar="demo|RUN_DIR|CHECKPOINT", default=os.environ.get("TADISR_MODEL"),
                    help="'demo' (the small shipped model), a training run folder or a checkpoint; a checkpoint "
                         "that holds adapters only also needs --kolors [env TADISR_MODEL]")
-    p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
+    p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")
     p.add_argument("--checkpoint", metavar="PATH", default=os.environ.get("TADISR_CHECKPOINT"),
@@ -124,8 +156,11 @@ def load_model(args: argparse.Namespace):
         else:
             model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
                                 merge_lora_weights=args.merge_lora)
-    except (FileNotFoundError, CheckpointError) as exc:
+    except (CheckpointError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong or damaged
         raise SetupError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
+        log.debug("model loading failed", exc_info=True)
+        raise SetupError(f"cannot load the model ({type(exc).__name__}: {exc}); run with -v for details") from None
     return configure_model(model, dtype, channels_last=args.channels_last, compile=args.compile)
 
 
@@ -139,7 +174,7 @@ def _quiet_libraries() -> None:
 
 
 class _Interrupt:
-    """First Ctrl-C asks to stop after the current tile batch; a second one aborts at once."""
+    """First Ctrl-C asks to stop after the current tile batch; a second one, or SIGTERM, aborts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -148,9 +183,14 @@ class _Interrupt:
     def __enter__(self) -> "_Interrupt":
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous_term = signal.signal(signal.SIGTERM, self._terminate)
         except ValueError:  # not the main thread
-            self._previous = None
+            self._previous = self._previous_term = None
         return self
+
+    @staticmethod
+    def _terminate(signum, frame) -> None:
+        raise KeyboardInterrupt  # unwinds through the writers' cleanup: no hidden partial files stay
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -161,9 +201,22 @@ class _Interrupt:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            signal.signal(signal.SIGTERM, self._previous_term)
 
     def __call__(self) -> bool:
         return self.requested
+
+
+def ensure_writable_folder(folder: Path) -> None:
+    """Create `folder` and prove it takes a file, before any model is loaded (SetupError otherwise)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tadisr-write-test-"):
+            pass
+    except OSError as exc:
+        raise SetupError(f"cannot write to the output folder {folder}: {exc.strerror or exc}") from None
 
 
 # -- upscale ----------------------------------------------------------------------------------------
@@ -211,14 +264,15 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     _setup_logging(args.verbose)
     _validate_upscale(args)
     rank, world = distributed_rank()
-    jobs = shard(plan_jobs(collect_inputs(args.inputs, args.recursive), args.output, args.scale, args.attention),
-                 rank, world)
+    planned = plan_jobs(collect_inputs(args.inputs, args.recursive, exclude=args.output), args.output, args.scale,
+                        args.attention)
+    jobs = shard(planned, rank, world)
     quiet = args.quiet or rank > 0
+    ensure_writable_folder(Path(args.output))
     t0 = time.perf_counter()
     if model is None:
         model = load_model(args)
     load_s = time.perf_counter() - t0
-    Path(args.output).mkdir(parents=True, exist_ok=True)
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
                       args.skip_existing)
     records, cancelled = [], False
@@ -260,8 +314,9 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
                   "files": [dataclasses.asdict(r) for r in records]}
         print(json.dumps(report))
     elif not quiet:
+        share = f" (this process's share: rank {rank} of {world}, {len(planned)} inputs in all)" if world > 1 else ""
         print(f"{len(records) - len(failed)} of {len(jobs)} files written to {args.output}"
-              + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
+              + (f", {len(failed)} failed" if failed else "") + share, file=sys.stderr)
     if cancelled:
         return EXIT_CANCELLED
     return EXIT_FAILED if failed else EXIT_OK
@@ -283,10 +338,13 @@ def run_prompt_cache(args) -> int:
     try:
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
                                                  tuple(args.time_ids), args.device, dtype)
-    except KolorsFolderError as exc:
+    except (KolorsFolderError, OSError, ValueError) as exc:  # missing, unreadable or wrong Kolors files
         raise SetupError(str(exc)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cache.save(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cache.save(out)
+    except OSError as exc:
+        raise SetupError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"wrote {out}: prompt {cache.prompt!r}, 'text' at column(s) {list(cache.text_columns)}")
     return EXIT_OK
 
@@ -297,12 +355,12 @@ def add_prompt_cache(sub) -> None:
     p = sub.add_parser("prompt-cache", help="compute the prompt-embedding cache once with Kolors' ChatGLM3",
                        description="Encode the fixed TADiSR prompt with Kolors' ChatGLM3 and save the UNet "
                                    "conditioning, so inference never loads the 6 B-parameter text encoder.")
-    p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
-                   help="Kwai-Kolors/Kolors diffusers folder (needs text_encoder/ and tokenizer/)")
+    p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
+                   help="Kwai-Kolors/Kolors diffusers folder (needs text_encoder/ and tokenizer/) [env TADISR_KOLORS]")
     p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")
     p.add_argument("--prompt", default=HEATMAP_PROMPT, help="the prompt (default: the release's)")
     p.add_argument("--tokens", type=int, default=256, help="sequence length, left-padded (Kolors: 256)")
-    p.add_argument("--time-ids", type=float, nargs=6, default=(768, 768, 0, 0, 768, 768),
+    p.add_argument("--time-ids", type=_finite_float, nargs=6, default=(768, 768, 0, 0, 768, 768),
                    metavar=("H", "W", "TOP", "LEFT", "TH", "TW"),
                    help="SDXL size conditioning: original size, crop, target size (default: the 768 tile)")
     p.add_argument("--device", default="cpu", help="where ChatGLM3 runs (it needs ~12.5 GB in bf16)")
@@ -311,24 +369,80 @@ def add_prompt_cache(sub) -> None:
     p.set_defaults(run=run_prompt_cache)
 
 
-COMMANDS: list[Callable] = [add_upscale, add_prompt_cache]
+def add_checkpoint_commands(sub) -> None:
+    from .checkpoint import add_commands
+
+    add_commands(sub)
+
+
+def add_make_tiny(sub) -> None:
+    from .testing import add_command
+
+    add_command(sub)
+
+
+TRAINING_COMMANDS = {"train": "training.train", "evaluate": "training.evaluate", "synthesize": "training.synthesize"}
+
+
+def add_training_pointers(sub) -> None:
+    """`tadisr train|evaluate|synthesize`: say where they are (tadisr_core never imports `training`)."""
+    for name, module in TRAINING_COMMANDS.items():
+        p = sub.add_parser(name, help=f"see tadisr-{name} (python -m {module}), in the training package",
+                           add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(run=_training_pointer, pointer=(name, module))
+
+
+def _training_pointer(args) -> int:
+    name, module = args.pointer
+    command = " ".join([f"tadisr-{name}", *args.rest])
+    raise SetupError(f"`tadisr {name}` belongs to the training package: run `{command}` (or `python -m {module} "
+                     f"...`); `tadisr-{name} --help` lists its options")
+
+
+COMMANDS: list[Callable] = [add_upscale, add_prompt_cache, add_checkpoint_commands, add_make_tiny,
+                            add_training_pointers]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per entry of COMMANDS."""
-    parser = argparse.ArgumentParser(prog="python -m tadisr_core",
-                                     description="TADiSR: text-aware 4x super-resolution (Kolors, one step).")
+    parser = argparse.ArgumentParser(prog="tadisr", description="TADiSR: text-aware 4x super-resolution (Kolors, "
+                                                                "one step).",
+                                     epilog="Exit codes: 0 ok, 1 some inputs failed, 2 setup error, 130 cancelled. "
+                                            "Training: tadisr-train, tadisr-evaluate, tadisr-synthesize.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so the writers' cleanup runs and no temporary file stays behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the chosen command; setup errors print one line and return 2."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return args.run(args)
+        if argv and argv[0] in TRAINING_COMMANDS:  # their options are not ours to parse
+            return _training_pointer(argparse.Namespace(pointer=(argv[0], TRAINING_COMMANDS[argv[0]]),
+                                                        rest=argv[1:]))
+        args = build_parser().parse_args(argv)
+        with _terminate_as_interrupt():
+            return args.run(args)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SETUP

@@ -1,4 +1,4 @@
-"""Writing a file so that its final name appears only once it is complete."""
+"""Files: writing so that the final name appears only once complete, and clear reasons a file cannot be read."""
 
 from __future__ import annotations
 
@@ -8,18 +8,54 @@ from pathlib import Path
 from typing import Iterator
 
 
+def default_file_mode() -> int:
+    """Mode of a newly created file under the current umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield `<path>.tmp` to write to; on success it is renamed onto `path`, on error removed.
 
     The rename is atomic on one filesystem, so readers (and an interrupted run) never see a
-    half-written `path`.
+    half-written `path`. The result gets the umask's normal mode (some writers create 0600 files).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def require_readable(path: str | os.PathLike, what: str, hint: str = "") -> Path:
+    """`path` as a Path if it is a readable file; else FileNotFoundError / PermissionError / IsADirectoryError.
+
+    The message names `what` the file is for, the path and the reason (`hint` is appended to "not found").
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}" + (f" ({hint})" if hint else "")) from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{what} {path} is a folder; expected a file") from None
+    except PermissionError:
+        raise PermissionError(f"{what} {path}: permission denied (check the owner and mode of the file and "
+                              f"its folders)") from None
+    return path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same existing file (links and `..` resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()

@@ -1,23 +1,58 @@
-"""Image files <-> tensors [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA), with PIL.
+"""The one image reader and writer of the project (CLI, nodes, training, evaluate), with PIL.
 
-Saving writes 8-bit PNG through a temporary file in the same folder and an atomic rename, so an
-interrupted run never leaves a half-written image under the final name.
+Reading gives float32 [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA) as the user sees the image:
+
+* EXIF orientation is applied;
+* bit depth is kept: 16-bit files are divided by 65535, integer TIFFs by the range of their declared
+  bits (BitsPerSample / SampleFormat), float files are taken as 0..1 (values above 1 are scaled by
+  255 or 65535 when the data clearly use that range, with a warning); NaN or Inf pixels are an error
+  naming the file (never a silently black tile);
+* animated and multi-page files: the first frame is used, with a warning naming the frame count;
+* images above `max_pixels` (default 64 MP, env TADISR_MAX_PIXELS) are refused before decoding
+  (decompression bombs: a 97 KB PNG can claim 100 MP);
+* the ICC profile is returned with the pixels, so outputs can carry it.
+
+Pillow reads 16-bit-per-channel colour PNGs at 8 bits per channel; a warning says so.
+Saving writes 8-bit PNG (tagged Software=TADiSR) through a hidden temporary file and an atomic
+rename, so an interrupted run never leaves a half-written image under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .files import default_file_mode
+
+log = logging.getLogger("tadisr")
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".tga"})
-_ROWS_PER_CHUNK = 256   # bounds the float temporaries of the 8-bit conversion
+DEFAULT_MAX_PIXELS = 64_000_000
+SOFTWARE_TAG = "TADiSR"          # PNG tEXt "Software" of every image we write
+_ROWS_PER_CHUNK = 256            # bounds the float temporaries of the 8-bit conversion
+_PNG_END = b"IEND\xaeB`\x82"
 
 
 class ImageReadError(OSError):
-    """An input file could not be read as an image."""
+    """An input file could not be read as an image; the message names the file and why."""
+
+
+@dataclass
+class ImageFile:
+    """Pixels of one file plus what travels with them."""
+
+    pixels: torch.Tensor            # float32 [1, C, H, W] in 0..1
+    icc_profile: bytes | None = None
+    frames: int = 1
+    bits: int = 8                   # bits per sample as read
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -25,25 +60,108 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """Read an image as float32 [1, C, H, W] in 0..1, applying EXIF orientation.
+def max_pixels_limit() -> int:
+    """The pixel limit for reading: $TADISR_MAX_PIXELS or DEFAULT_MAX_PIXELS."""
+    raw = os.environ.get("TADISR_MAX_PIXELS")
+    try:
+        return int(float(raw)) if raw else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise ImageReadError(f"TADISR_MAX_PIXELS={raw!r} is not a number of pixels") from None
 
-    Gray stays 1 channel; anything with transparency becomes RGBA (4); the rest RGB (3).
-    16-bit gray files keep their precision.
-    """
+
+@contextlib.contextmanager
+def _pil_bomb_limit(limit: int):
+    """Let PIL open up to `limit` pixels (we check the size ourselves) without its own warning."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    raise_above = None if old is None else 2 * old
+    change = raise_above is not None and limit > raise_above
+    if change:
+        Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        if change:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def _declared_int_range(im) -> float:
+    """Full-scale value of a 32-bit integer ("I") image from its TIFF tags (PNG "I" is 16-bit)."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is not None:
+        bits = tags.get(258, (32,))
+        bits = int(bits[0] if isinstance(bits, tuple) else bits)
+        signed = tags.get(339, (1,))
+        signed = int(signed[0] if isinstance(signed, tuple) else signed) == 2
+        return float(2 ** (bits - 1) - 1 if signed else 2 ** bits - 1)
+    return 65535.0
+
+
+def _float_scale(a: np.ndarray, path: Path) -> float:
+    hi = float(a.max(initial=0.0))
+    if hi <= 1.0 + 1e-3:
+        return 1.0
+    scale = 255.0 if hi <= 255.0 + 1e-3 else 65535.0 if hi <= 65535.0 + 1e-3 else hi
+    log.warning("%s: float pixels reach %.6g (not 0..1); read as 0..%g", path, hi, scale)
+    return scale
+
+
+def _high_depth(im, path: Path, full: float) -> tuple[np.ndarray, int]:
+    """1-channel 16-bit / 32-bit integer / float image -> float32 (H, W) in 0..1 and its bit depth."""
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise ImageReadError(f"cannot use {path}: {bad} pixel(s) are NaN or Inf (float image); fix or "
+                                 f"re-export the file")
+        return a / _float_scale(a, path), 32
+    if im.mode.startswith("I;16"):
+        return np.asarray(im, dtype=np.float32) / 65535.0, 16
+    a = np.asarray(im, dtype=np.float64)
+    return (a / full).astype(np.float32), int(round(math.log2(full + 1))) if full > 0 else 32
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
+    """Read an image file as the user sees it (see the module doc); ImageReadError names the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    limit = max_pixels if max_pixels is not None else max_pixels_limit()
     try:
-        with Image.open(path) as im:
+        with _pil_bomb_limit(limit), Image.open(path) as im:
+            w, h = im.size
+            if w * h > limit:
+                raise ImageReadError(f"cannot use {path}: {w}x{h} = {w * h / 1e6:.1f} MP is above the limit of "
+                                     f"{limit / 1e6:.1f} MP (a decompression bomb?); raise it with "
+                                     f"TADISR_MAX_PIXELS if the image is genuine")
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            icc = im.info.get("icc_profile")
+            args = im.tile[0][3] if im.tile else ""
+            rawmode = str(args[0] if isinstance(args, tuple) and args else args)
+            full_scale = _declared_int_range(im) if im.mode == "I" else 65535.0  # tags are gone after transpose
             im = ImageOps.exif_transpose(im)
             im.load()
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"cannot use {path}: {exc}; raise the limit with TADISR_MAX_PIXELS if the image is "
+                             f"genuine") from None
+    except FileNotFoundError:
+        raise ImageReadError(f"input not found: {path}") from None
+    except PermissionError:
+        raise ImageReadError(f"cannot read {path}: permission denied") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"cannot read {path} as an image: {exc}") from exc
+    if frames > 1:
+        log.warning("%s has %d frames (animated or multi-page); only the first is used", path, frames)
+    if "16" in rawmode and im.mode in ("RGB", "RGBA"):
+        log.warning("%s has 16 bits per colour channel; it is read at 8 bits", path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float32)
-        a = a / (65535.0 if a.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0)
-        return torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape)
+        a, bits = _high_depth(im, path, full_scale)
+        return ImageFile(torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape), icc, frames, bits)
     if im.mode in ("1", "L"):
         im = im.convert("L")
     elif im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -53,7 +171,13 @@ def load_image(path: str | Path) -> torch.Tensor:
     a = np.asarray(im, dtype=np.uint8)
     if a.ndim == 2:
         a = a[:, :, None]
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    pixels = torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    return ImageFile(pixels, icc, frames, 8)
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
+    """Read an image as float32 [1, C, H, W] in 0..1 (see `read_image`)."""
+    return read_image(path, max_pixels).pixels
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -70,29 +194,49 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return out
 
 
-def _write_png(image: torch.Tensor, path: Path) -> None:
+def load_rgb_uint8(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3): gray repeated, alpha dropped (for metrics and training data)."""
+    x = load_image(path, max_pixels)
+    x = x[:, :3] if x.shape[1] >= 3 else x.expand(-1, 3, -1, -1)
+    return to_uint8(x)
+
+
+def _icc_fits(icc: bytes | None, channels: int) -> bool:
+    """Whether an ICC profile's colour space matches what we write (RGB for 3/4 channels, GRAY for 1)."""
+    if not icc or len(icc) < 20:
+        return False
+    return icc[16:20] == (b"GRAY" if channels == 1 else b"RGB ")
+
+
+def _write_png(image: torch.Tensor, path: Path, icc: bytes | None = None) -> None:
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     a = to_uint8(image)
     if a.shape[2] not in (1, 3, 4):
         raise ValueError(f"cannot save {a.shape[2]} channels as PNG (need 1, 3 or 4)")
-    Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path, format="PNG")
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE_TAG)
+    extra = {"icc_profile": icc} if _icc_fits(icc, a.shape[2]) else {}
+    Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path, format="PNG", pnginfo=info, **extra)
 
 
-def save_images(items: list[tuple[torch.Tensor, str | Path]]) -> list[Path]:
-    """Write several images ([C, H, W] / [1, C, H, W] in 0..1, C = 1, 3 or 4) as 8-bit PNGs.
+def save_images(items: list[tuple]) -> list[Path]:
+    """Write several images as 8-bit PNGs: items are (image, path) or (image, path, icc_profile).
 
-    All are written to temporary files first and renamed only when every one succeeded, so the
-    final names appear together or not at all.
+    Images are [C, H, W] / [1, C, H, W] in 0..1, C = 1, 3 or 4. All are written to hidden temporary
+    files first and renamed only when every one succeeded, so the final names appear together or
+    not at all; the temporaries are removed on any error (also Ctrl-C / SIGTERM handled as one).
     """
     staged: list[tuple[Path, Path]] = []
     try:
-        for image, path in items:
-            path = Path(path)
+        for item in items:
+            image, path = item[0], Path(item[1])
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.partial")
             staged.append((tmp, path))
-            _write_png(image, tmp)
+            _write_png(image, tmp, item[2] if len(item) > 2 else None)
+            os.chmod(tmp, default_file_mode())
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:
@@ -102,6 +246,23 @@ def save_images(items: list[tuple[torch.Tensor, str | Path]]) -> list[Path]:
     return [path for _, path in staged]
 
 
-def save_image(image: torch.Tensor, path: str | Path) -> Path:
+def save_image(image: torch.Tensor, path: str | Path, icc_profile: bytes | None = None) -> Path:
     """Write one image as an 8-bit PNG, atomically (see `save_images`)."""
-    return save_images([(image, path)])[0]
+    return save_images([(image, path, icc_profile)])[0]
+
+
+def written_by_us(path: str | Path, complete: bool = True) -> bool:
+    """Whether `path` is a PNG this project wrote (Software tag), and with `complete` also whole (final IEND)."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        if complete:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 12))
+                if not f.read().endswith(_PNG_END):
+                    return False
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == SOFTWARE_TAG
+    except (OSError, ValueError, SyntaxError):
+        return False

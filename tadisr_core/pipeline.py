@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
+from .finite import check_finite
 from .tiling import Blender, Cancel, Progress, TileGrid, UpscaleCancelled, extract_units, make_grid, run_batches
 
 __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "upscale", "encode_tiles",
@@ -208,6 +209,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     (seeded by `generator` or `seed`) instead of using its mean. Results are float32 on the CPU.
     """
     _check_input(image)
+    check_finite(image, "input image")
     check_settings(scale, tile, overlap)
     size = output_size(image.shape[2], image.shape[3], scale)
     canvas_device = _resolve_canvas_device(model, canvas_device, image.shape[0], *size, image.shape[1], attention)
@@ -227,6 +229,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
             enc = model.encode(_gather(rgb, grid, units, model), generator=gen, sample=sample)
             den = model.denoise(enc.latents, capture=capture)
             dec = model.decode(den.latents, enc.skips, den.attention if model.needs_attention else None)
+            check_finite((dec.image, dec.mask_logits), f"model output of tiles {units.start + 1}-{units.stop}")
             outs = [dec.image, dec.mask_logits]
             if attention:
                 outs.append(_heat_tile(_channel_mean(den.attention), grid))
@@ -323,6 +326,7 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
             skips = [_stack([s.skips[j] for s in states], dev) for j in range(len(states[0].skips))]
         att = _stack([s.attention for s in states], dev) if states[0].attention is not None else None
         dec = model.decode(_stack([s.latents for s in states], dev), skips, att)
+        check_finite((dec.image, dec.mask_logits), f"model output of tiles {units.start + 1}-{units.stop}")
         outs = [dec.image, dec.mask_logits]
         if heat:
             outs.append(_heat_tile(_stack([s.heatmap for s in states], dev), grid))

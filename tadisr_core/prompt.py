@@ -59,16 +59,31 @@ class PromptCache:
         """Read a cache written by `save` (needs no ChatGLM)."""
         from safetensors import safe_open
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt cache not found: {path} (compute it once with "
-                                    f"`python -m tadisr_core prompt-cache --kolors DIR -o {path.name}`)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "tadisr-prompt-cache/1":
-                raise ValueError(f"{path} is not a TADiSR prompt cache (metadata format={meta.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in ("prompt_embeds", "text_embeds", "time_ids")}
-        return cls(prompt=meta["prompt"], text_columns=tuple(json.loads(meta["text_columns"])), **tensors)
+        from .files import require_readable
+        from .finite import first_problem
+
+        path = require_readable(path, "prompt cache", f"compute it once with `tadisr prompt-cache --kolors DIR "
+                                                      f"-o {Path(path).name}`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "tadisr-prompt-cache/1":
+                    raise ValueError(f"{path} is not a TADiSR prompt cache (metadata format={meta.get('format')!r}); "
+                                     f"pass the file written by `tadisr prompt-cache`")
+                tensors = {k: f.get_tensor(k) for k in ("prompt_embeds", "text_embeds", "time_ids")}
+            columns = tuple(int(c) for c in json.loads(meta["text_columns"]))
+        except (KeyError, TypeError, json.JSONDecodeError, OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a readable prompt cache ({type(e).__name__}: {e}); pass the .safetensors "
+                             f"file written by `tadisr prompt-cache`") from None
+        except Exception as e:  # safetensors' own error type (a .pkl or truncated file)
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"{path}: not a prompt cache (.safetensors) or truncated ({e}); pass the file "
+                             f"written by `tadisr prompt-cache`") from None
+        bad = first_problem(tensors)
+        if bad:
+            raise ValueError(f"{path}: prompt cache tensor {bad[0]} {bad[1]}; recompute it with `tadisr prompt-cache`")
+        return cls(prompt=meta["prompt"], text_columns=columns, **tensors)
 
     def to(self, device=None, dtype=None) -> "PromptCache":
         """A copy on another device/dtype."""

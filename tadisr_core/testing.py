@@ -101,18 +101,28 @@ def make_tiny(out: str | Path, spec: TADiSRSpec | None = None, seed: int = 0) ->
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tadisr_core.testing")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_command(sub) -> None:
+    """The `make-tiny` sub-command (shared by `tadisr` and `python -m tadisr_core.testing`)."""
     p = sub.add_parser("make-tiny", help="write a tiny random TADiSR (Kolors folder, checkpoints, prompt cache)")
     p.add_argument("dir")
     p.add_argument("--variant", choices=("official-kolors", "paper"), default="official-kolors")
     p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    p.set_defaults(run=run_make_tiny)
+
+
+def run_make_tiny(args: argparse.Namespace) -> int:
+    """Write the tiny model files and list them."""
     paths = make_tiny(args.dir, tiny_spec(args.variant), args.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tadisr_core.testing")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

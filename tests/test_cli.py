@@ -138,6 +138,8 @@ def test_cancel_between_tiles_writes_nothing_partial(tiny_model, inputs, tmp_pat
 def test_sharding_by_rank(tiny_model, inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     out = tmp_path / "out"
     rc, stdout, _ = run_cli(["upscale", str(inputs), "-o", str(out), "--kolors", "x", "--checkpoint", "y",
                              *FAST, "--json"], capsys, model=tiny_model)

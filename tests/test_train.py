@@ -305,7 +305,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss:\n  weight: 3\n")
-    assert main(["--config", str(bad)]) == 1
+    assert main(["--config", str(bad)]) == 2
     assert "loss.weight" in capsys.readouterr().err
 
 

@@ -111,6 +111,7 @@ class TrainConfig:
     validate_every: int = 0                 # 0: never
     num_workers: int = 0
     max_nonfinite: int = 20                 # skipped non-finite steps tolerated before aborting
+    max_bad_samples: int = 100              # damaged samples skipped (and logged) before aborting
     weight_digest: bool = False             # write a per-rank digest of the trainable weights at the end
     inject_nonfinite_at: list[int] = field(default_factory=list)  # testing aid: steps whose loss is made NaN
 
@@ -156,11 +157,7 @@ class Config:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{source}: {key} = {value!r}; choose one of {[a for a in allowed if a]}")
-        positive = {"train.max_steps": self.train.max_steps, "train.batch_size": self.train.batch_size,
-                    "train.grad_accum": self.train.grad_accum, "data.scale": self.data.scale}
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{source}: {key} must be >= 1, got {value}")
+        self._check_ranges(source)
         if self.data.crop is not None and self.data.crop % (8 * self.data.scale):
             raise ConfigError(f"{source}: data.crop = {self.data.crop} must be a multiple of 8 x scale "
                               f"({8 * self.data.scale}) so the LR crop and the latent grid line up")
@@ -171,6 +168,38 @@ class Config:
         if self.model.size == "full" and not self.model.kolors_dir and self.model.init_checkpoint:
             raise ConfigError(f"{source}: model.init_checkpoint needs model.kolors_dir (the base weights)")
         return self
+
+
+    def _check_ranges(self, source: str) -> None:
+        """Numbers outside their meaningful range: ConfigError naming the field."""
+        import math
+
+        m, d, o, t, ls = self.model, self.data, self.optim, self.train, self.loss
+        at_least = {  # key: (value, minimum); None values are allowed where the field is optional
+            "train.max_steps": (t.max_steps, 1), "train.batch_size": (t.batch_size, 1),
+            "train.grad_accum": (t.grad_accum, 1), "data.scale": (d.scale, 1), "data.length": (d.length, 1),
+            "data.crop": (d.crop, 8 * d.scale), "data.val_crop": (d.val_crop, 8 * d.scale),
+            "data.val_size": (d.val_size, 0), "model.unet_rank": (m.unet_rank, 1), "model.vae_rank": (m.vae_rank, 1),
+            "optim.warmup_steps": (o.warmup_steps, 0), "optim.weight_decay": (o.weight_decay, 0),
+            "train.log_every": (t.log_every, 1), "train.checkpoint_every": (t.checkpoint_every, 0),
+            "train.keep_checkpoints": (t.keep_checkpoints, 0), "train.validate_every": (t.validate_every, 0),
+            "train.num_workers": (t.num_workers, 0), "train.max_nonfinite": (t.max_nonfinite, 0),
+            "train.max_bad_samples": (t.max_bad_samples, 0),
+            **{f"loss.{k}": (getattr(ls, k), 0) for k in ("mse", "lpips", "mfl", "mask_mse", "mask_focal",
+                                                         "mask_dice", "mfl_gamma", "focal_gamma", "dice_smooth")},
+        }
+        for key, (value, low) in at_least.items():
+            if value is not None and (isinstance(value, float) and not math.isfinite(value) or value < low):
+                raise ConfigError(f"{source}: {key} must be >= {low}, got {value}")
+        above_zero = {"optim.lr": o.lr, "optim.eps": o.eps, "optim.max_grad_norm": o.max_grad_norm}
+        for key, value in above_zero.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{source}: {key} must be a finite number > 0, got {value}")
+        for i, beta in enumerate(o.betas):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"{source}: optim.betas[{i}] must be in [0, 1), got {beta}")
+        if ls.focal_alpha is not None and not 0 <= ls.focal_alpha <= 1:
+            raise ConfigError(f"{source}: loss.focal_alpha must be in [0, 1], got {ls.focal_alpha}")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -3,15 +3,20 @@
     python -m training.evaluate --pred DIR --gt DIR [--json OUT] [--y-channel] [--crop-border N]
         [--lpips-net alex|vgg] [--ocr-backend rapidocr|paddleocr] [--no-ocr] [--fid-weights PATH]
 
-Files are paired by stem (``0001.png`` <-> ``0001.jpg``); unmatched files are listed. A pair that cannot
-be evaluated (unreadable image, size mismatch) is reported as failed and the others go on; the exit
-code is 1 if any pair failed, 2 if nothing could be evaluated.
+Files are paired by stem (``0001.png`` <-> ``0001.jpg``); the CLI's outputs pair too (``0001_x4.png``
+<-> ``0001.png``; its ``*_text_mask.png`` / ``*_attention.png`` are not predictions and are left out).
+Images are read as the user sees them (EXIF orientation, 16-bit and float files at their real range)
+by the project's one reader. A pair that cannot be evaluated (unreadable image, size mismatch) is
+reported as failed and the others go on. Ground truth without a prediction (or a prediction without
+ground truth) makes the mean a subset's: that is an error (exit 1) unless ``--allow-partial``.
+Exit code: 0 all pairs evaluated, 1 some pair failed or files are unmatched, 2 nothing evaluated.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -19,24 +24,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tadisr_core.images import is_image_file
+from tadisr_core.images import is_image_file, load_rgb_uint8
 
 PSNR_CAP = 100.0  # identical images: report 100 dB (as the official metrics code), not inf
 FID_NO_WEIGHTS = "no Inception weights supplied (--fid-weights)"
 
 
-def list_images(folder: Path) -> dict[str, list[Path]]:
-    """Image files in ``folder`` (not recursive), grouped by stem."""
+_CLI_OUTPUT = re.compile(r"^(?P<stem>.+)_x\d+(\.\d+)?$")
+_CLI_EXTRAS = ("_text_mask", "_attention")
+
+
+def prediction_stem(stem: str) -> str | None:
+    """The ground-truth stem a prediction file belongs to: ``0001_x4`` -> ``0001``; None for the CLI's
+    text masks and heat maps (not predictions); any other stem as it is."""
+    if stem.endswith(_CLI_EXTRAS):
+        return None
+    m = _CLI_OUTPUT.match(stem)
+    return m.group("stem") if m else stem
+
+
+def list_images(folder: Path, predictions: bool = False) -> dict[str, list[Path]]:
+    """Image files in ``folder`` (not recursive), grouped by stem (with ``predictions``: see `prediction_stem`)."""
     groups: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and is_image_file(p):
-            groups.setdefault(p.stem, []).append(p)
+            stem = prediction_stem(p.stem) if predictions else p.stem
+            if stem is not None:
+                groups.setdefault(stem, []).append(p)
     return groups
 
 
 def pair_images(pred_dir: Path, gt_dir: Path):
-    """Match files by stem: ``(pairs [(stem, pred, gt)], pred_only [stems], gt_only [stems], ambiguous {stem: why})``."""
-    pred, gt = list_images(pred_dir), list_images(gt_dir)
+    """Match files by stem (predictions by `prediction_stem`).
+
+    Returns ``(pairs [(stem, pred, gt)], pred_only [stems], gt_only [stems], ambiguous {stem: why})``.
+    """
+    pred, gt = list_images(pred_dir, predictions=True), list_images(gt_dir)
     pairs, ambiguous = [], {}
     for stem in sorted(set(pred) & set(gt)):
         if len(pred[stem]) > 1 or len(gt[stem]) > 1:
@@ -48,12 +71,8 @@ def pair_images(pred_dir: Path, gt_dir: Path):
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """Read an image file as uint8 RGB ``(H, W, 3)``; raises on unreadable files."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    """Read an image file as uint8 RGB ``(H, W, 3)`` with the project's reader; raises on unreadable files."""
+    return load_rgb_uint8(path)
 
 
 def evaluate_pair(pred: np.ndarray, gt: np.ndarray, *, lpips_model, ocr_engine, y_channel: bool,
@@ -240,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-ocr", action="store_true")
     ap.add_argument("--fid-weights", type=Path, help="TorchScript Inception feature extractor (optional)")
     ap.add_argument("--device", help="torch device for LPIPS/FID (default: cuda if available)")
+    ap.add_argument("--allow-partial", action="store_true",
+                    help="exit 0 even when some ground truth has no prediction (or the reverse)")
     return ap
 
 
@@ -271,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n")
     if not report["pairs"]:
         return 2
+    um = report["unmatched"]
+    if (um["gt_only"] or um["pred_only"]) and not args.allow_partial:
+        n_gt = len(report["pairs"]) + len(report["failed"]) + len(um["gt_only"])
+        print(f"error: the mean covers {len(report['pairs'])} of {n_gt} ground-truth images ({len(um['gt_only'])} "
+              f"without a prediction, {len(um['pred_only'])} predictions without ground truth); pass "
+              f"--allow-partial to accept a subset", file=sys.stderr)
+        return 1
     return 1 if report["failed"] else 0
 
 

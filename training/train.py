@@ -11,6 +11,10 @@ samples/s. Checkpoints (OUTPUT/checkpoints/step_N) hold the trainable weights as
 safetensors file plus optimiser/scheduler/RNG state; `--resume` continues from the newest one and
 reproduces the uninterrupted run's losses. SIGTERM saves a checkpoint and exits cleanly.
 A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
+A sample that cannot be loaded is replaced by the next one and logged; more than
+`train.max_bad_samples` aborts (with a checkpoint). `--resume` uses the newest complete checkpoint
+that loads (damaged ones are skipped with a warning) and refuses a changed config without `--force`;
+a run into a folder that already holds one needs `--resume` (or another output folder).
 DDP (`find_unused_parameters`, as the release) and FSDP come from Accelerate (`accelerate config`);
 the FSDP path (full-state weight export, per-rank optimiser shards) is untested on CPU. Precision is
 `train.mixed_precision` (the launcher's flag is ignored, so a config always means the same run).
@@ -40,7 +44,37 @@ from training.config import Config, ConfigError, load_config
 
 
 class TrainingAborted(RuntimeError):
-    """Training stopped on purpose (too many non-finite steps)."""
+    """Training stopped on purpose (too many non-finite steps or bad samples)."""
+
+
+class RunFolderError(RuntimeError):
+    """The output folder or the checkpoint to resume does not fit this run; the message says what to do."""
+
+
+# Settings that only steer the loop: they may change on --resume without --force.
+LOOP_ONLY = {"train.max_steps", "train.output_dir", "train.log_every", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.validate_every", "train.num_workers", "train.weight_digest",
+             "train.max_nonfinite", "train.max_bad_samples", "train.inject_nonfinite_at"}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`section.key: old -> new` for every setting that differs, loop-only settings left out."""
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            name = f"{section}.{key}"
+            if name not in LOOP_ONLY and a.get(key) != b.get(key):
+                changes.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
+    return changes
+
+
+def check_run_folder(out: Path, resume: bool) -> None:
+    """A new run (no --resume) must not mix its metrics and checkpoints with an earlier run's."""
+    used = [p.name for p in (out / "metrics.jsonl", out / "checkpoints") if p.exists()]
+    if used and not resume:
+        raise RunFolderError(f"{out} already holds a training run ({', '.join(used)}); pass --resume to continue "
+                             f"it, or choose another --output-dir")
 
 
 def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
@@ -94,7 +128,7 @@ class _StopFlag:
 class Trainer:
     """Owns the accelerator, the model, the optimiser and the loop. `run()` trains to max_steps."""
 
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, force: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
@@ -102,9 +136,10 @@ class Trainer:
         from training.builders import (TrainingForward, build_loss, build_model_from_config, cast_frozen_,
                                        configure_trainable, enable_gradient_checkpointing)
 
-        self.cfg = cfg
+        self.cfg, self.force = cfg, force
         t = cfg.train
         self.out = Path(t.output_dir)
+        check_run_folder(self.out, resume)
         mp = t.mixed_precision  # explicit: `accelerate launch` would otherwise impose its default "no"
         # Unused trainables exist (skip_conv_1, MuGI a_l/b_l, W_a-less paths), as in the release's DDP setup.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -136,7 +171,7 @@ class Trainer:
         # Not prepared by accelerate: its scheduler wrapper steps once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, warmup=o.warmup_steps, decay=o.decay, total=t.max_steps))
-        self.step, self.nonfinite, self._last_end = 0, 0, None
+        self.step, self.nonfinite, self.bad_samples, self._last_end = 0, 0, 0, None
         torch.manual_seed(t.seed + 1_000_003 * self.acc.process_index)
         resume_from = self._resume_weights() if resume else None
         self.forward, self.optimizer = self.acc.prepare(TrainingForward(model), optimizer)
@@ -158,43 +193,85 @@ class Trainer:
         self.acc.wait_for_everyone()
         if not self.main:
             train, val = build_datasets(cfg, self.out)
-        self.train_items = SeededItems(train, t.seed)
+        from training.bad_samples import TolerantItems, sample_describer
+
+        self.train_items = TolerantItems(SeededItems(train, t.seed), sample_describer(train))
         sampler = StepBatchSampler(len(train), t.batch_size, self.acc.num_processes, self.acc.process_index,
                                    t.seed, start=self.step * t.grad_accum)
         self.loader = DataLoader(self.train_items, batch_sampler=sampler, num_workers=t.num_workers,
                                  pin_memory=self.acc.device.type == "cuda",
                                  persistent_workers=t.num_workers > 0)
         n_val = min(cfg.data.val_size, len(val)) if val is not None else 0
-        self.val_items = [SeededItems(val, t.seed + 1)[(0, i)] for i in range(n_val)] if n_val else []
+        self.val_items = []
+        for i in range(n_val):
+            try:
+                self.val_items.append(SeededItems(val, t.seed + 1)[(0, i)])
+            except Exception as exc:  # noqa: BLE001 - a damaged validation sample is left out, not fatal
+                self._print(f"warning: validation sample {i} left out: {type(exc).__name__}: {exc}")
 
     def _resume_weights(self) -> Path | None:
-        """Load the newest checkpoint's weights (before wrapping, so FSDP shards them); None if none."""
-        from tadisr_core.checkpoint import apply_checkpoint, load_checkpoint
-        from training.train_state import latest_checkpoint
+        """Load the newest checkpoint that is whole (before wrapping, so FSDP shards them); None if none.
 
-        path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
+        A damaged checkpoint (truncated weights or state) is skipped with a warning in favour of the
+        previous one. A changed config is refused unless `force`.
+        """
+        from tadisr_core.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint
+        from training.train_state import list_checkpoints, load_training_state
+
+        found = list_checkpoints(self.out / "checkpoints")
+        if not found:
             self._print(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
             return None
-        apply_checkpoint(self.model, load_checkpoint(path / "model.safetensors"))
-        return path
+        for _, path in reversed(found):
+            try:
+                ckpt = load_checkpoint(path / "model.safetensors")
+                self._resumed = load_training_state(path, self.acc.process_index)
+            except (CheckpointError, OSError, RuntimeError, ValueError, EOFError) as exc:
+                self._print(f"warning: checkpoint {path} is damaged ({str(exc).splitlines()[0]}); trying the "
+                            f"previous one")
+                continue
+            changes = config_changes(self._resumed[0].get("config") or {}, self.cfg.to_dict())
+            if changes and not self.force:
+                raise RunFolderError(f"--resume: the config differs from the one {path} was trained with: "
+                                     f"{'; '.join(changes)}. Pass --force to continue with the new config")
+            if changes:
+                self._print(f"--resume --force: continuing with a changed config: {'; '.join(changes)}")
+            apply_checkpoint(self.model, ckpt)
+            return path
+        raise RunFolderError(f"--resume: every checkpoint under {self.out / 'checkpoints'} is damaged")
 
     def _resume_state(self, path: Path) -> None:
         """Optimiser, scheduler, counters and RNG of checkpoint `path` (after `prepare`)."""
-        from training.train_state import load_training_state, set_rng_state
+        from training.train_state import set_rng_state
 
-        state, rank_state = load_training_state(path, self.acc.process_index)
+        state, rank_state = self._resumed
         self.optimizer.load_state_dict(rank_state["optimizer"] if self.fsdp else state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+        self.bad_samples = int(state.get("bad_samples", 0))
         set_rng_state(rank_state["rng"])
         if self.main:  # drop log lines written after the checkpoint by the interrupted run
-            log = self.out / "metrics.jsonl"
-            if log.is_file():
-                keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                with atomic_path(log) as tmp:
-                    tmp.write_text("".join(ln + "\n" for ln in keep))
+            self._trim_metrics()
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _trim_metrics(self) -> None:
+        """Keep metrics.jsonl lines up to the resumed step; a torn line (a crash mid-write) is dropped."""
+        log = self.out / "metrics.jsonl"
+        if not log.is_file():
+            return
+        keep = []
+        for n, line in enumerate(log.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                self._print(f"warning: {log} line {n} is torn (an interrupted write); dropped")
+                continue
+            if record.get("step", 0) <= self.step:
+                keep.append(line)
+        with atomic_path(log) as tmp:
+            tmp.write_text("".join(ln + "\n" for ln in keep))
 
     # -- helpers ----------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:
@@ -238,7 +315,8 @@ class Trainer:
 
         if self.fsdp:
             self._fsdp_full_state = self.acc.get_state_dict(self.forward)
-        state = {"step": self.step, "nonfinite": self.nonfinite, "scheduler": self.scheduler.state_dict(),
+        state = {"step": self.step, "nonfinite": self.nonfinite, "bad_samples": self.bad_samples,
+                 "scheduler": self.scheduler.state_dict(),
                  "config": self.cfg.to_dict()}
         if not self.fsdp:
             state["optimizer"] = self.optimizer.state_dict()
@@ -249,12 +327,27 @@ class Trainer:
         self._fsdp_full_state = None
         return path
 
+    def _count_bad_samples(self, batches) -> None:
+        """Log the samples replaced in these batches; past `train.max_bad_samples` save and abort."""
+        bad = [b for batch in batches for entry in batch.get("bad", []) if entry for b in entry.split("\n")]
+        for entry in bad:
+            print(f"warning: skipped a damaged sample: {entry}", file=sys.stderr)
+            self._log({"kind": "bad_sample", "step": self.step + 1, "sample": entry})
+        self.bad_samples += len(bad)
+        limit = self.cfg.train.max_bad_samples
+        if self._any_across(self.bad_samples > limit):
+            path = self.save_checkpoint()
+            raise TrainingAborted(f"aborting at step {self.step}: {self.bad_samples} damaged samples were skipped "
+                                  f"(train.max_bad_samples = {limit}); fix or remove them (listed above) and "
+                                  f"continue with --resume from {path}")
+
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, batches) -> dict:
         """Forward/backward over `grad_accum` micro-batches, then one (or a skipped) optimiser step."""
         t = self.cfg.train
         sums: dict[str, float] = {}
         finite, n_samples = True, 0
+        self._count_bad_samples(batches)
         for i, batch in enumerate(batches):
             lr = batch["lr"].to(self.acc.device, non_blocking=True)
             hr = batch["hr"].to(self.acc.device, non_blocking=True)
@@ -292,9 +385,10 @@ class Trainer:
         self._last_end = now
         record = {"kind": "train", "step": self.step, **dict(zip(names, values)), "lr": lr_now,
                   "grad_norm": grad_norm, "samples_per_s": n_samples * self.acc.num_processes / elapsed,
-                  "skipped": bad, "nonfinite": self.nonfinite}
+                  "skipped": bad, "nonfinite": self.nonfinite, "bad_samples": self.bad_samples}
         self._log(record)
         if bad and self.nonfinite > t.max_nonfinite:
+            self.save_checkpoint()
             raise TrainingAborted(f"aborting at step {self.step}: {self.nonfinite} steps had a non-finite loss or "
                                   f"gradient (train.max_nonfinite = {t.max_nonfinite}); lower optim.lr, use bf16 "
                                   f"instead of fp16, or check the data")
@@ -380,9 +474,9 @@ class Trainer:
         return summary
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, force: bool = False) -> dict:
     """Train with a loaded config; returns the summary of `Trainer.run`."""
-    return Trainer(cfg, resume=resume).run()
+    return Trainer(cfg, resume=resume, force=force).run()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -392,6 +486,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--output-dir", help="override train.output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    p.add_argument("--force", action="store_true", help="with --resume: continue even though the config changed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value (YAML syntax), repeatable")
     return p.parse_args(argv)
@@ -407,8 +502,11 @@ def main(argv=None) -> int:
         overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")
     try:
         cfg = load_config(args.config, overrides)
-        summary = train(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError, TrainingAborted) as e:
+        summary = train(cfg, resume=args.resume, force=args.force)
+    except (ConfigError, FileNotFoundError, RunFolderError) as e:  # setup problems: exit 2, as every tadisr command
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

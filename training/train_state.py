@@ -107,10 +107,13 @@ def save_training_checkpoint(accelerator, *, root: Path, step: int, write_weight
 
 
 def load_training_state(path: Path, rank: int) -> tuple[dict, dict]:
-    """(state.pt, this rank's file; rank 0's when the run had fewer processes)."""
+    """(state.pt, this rank's file; rank 0's when the run had fewer processes), read through the bounded
+    pickle scan; CheckpointError when a file is damaged."""
+    from tadisr_core.checkpoint import safe_torch_load
+
     path = Path(path)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state = safe_torch_load(path / "state.pt", "training state")
     rank_file = path / f"rank_{rank}.pt"
     if not rank_file.is_file():
         rank_file = path / "rank_0.pt"
-    return state, torch.load(rank_file, map_location="cpu", weights_only=True)
+    return state, safe_torch_load(rank_file, "training state")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tadisr_core.images import is_image_file
+from tadisr_core.images import is_image_file, load_image, load_rgb_uint8, to_uint8
 from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade, get_preset, ground_truth
 
 ALPHA_THRESHOLD = 127  # alpha > this counts as text
@@ -63,19 +63,23 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 RGB ``(H, W, 3)``."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """An image file as uint8 RGB ``(H, W, 3)``, read by the project's one reader (EXIF, 16-bit, float files)."""
+    return load_rgb_uint8(path)
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A mask file binarised to bool ``(H, W)`` (any non-black pixel of a 0/1 mask, > 127 otherwise);
+    """A mask file (read by the one reader: EXIF, 16-bit) binarised to bool ``(H, W)`` (any non-black pixel of a
+    0/1 mask, > 127 otherwise);
     ``size`` = (W, H) resizes it (nearest) first."""
-    with Image.open(path) as im:
-        m = im.convert("L")
-        if size is not None and m.size != tuple(size):
-            m = m.resize(size, Image.NEAREST)
-        a = np.asarray(m)
+    x = load_image(path)
+    a = to_uint8(x[:, :3] if x.shape[1] >= 3 else x[:, :1])
+    if a.shape[2] == 3:  # PIL's "L" conversion, exactly: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16
+        a = ((a[..., 0].astype(np.uint32) * 19595 + a[..., 1].astype(np.uint32) * 38470
+              + a[..., 2].astype(np.uint32) * 7471 + 0x8000) >> 16).astype(np.uint8)
+    else:
+        a = a[..., 0]
+    if size is not None and a.shape[::-1] != tuple(size):
+        a = np.asarray(Image.fromarray(a).resize(size, Image.NEAREST))
     return a > 0 if a.max() <= 1 else a > ALPHA_THRESHOLD
 
 

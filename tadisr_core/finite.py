@@ -1,0 +1,64 @@
+"""Finite-or-refused checks for weights, conditioning, input pixels and model outputs.
+
+NaN, Inf or absurd magnitudes anywhere in the weights make every output pixel NaN, which an 8-bit
+writer turns into a black image without a word. These checks turn that into one error naming the
+file (or tile) and the first bad key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+MAX_WEIGHT = 1e4      # |w| of any stored weight; trained SD/Kolors weights stay far below this
+
+
+class NonFiniteError(ValueError):
+    """A tensor holds NaN, Inf or out-of-range values; the message names where."""
+
+
+def _range(t: torch.Tensor) -> tuple[float, float]:
+    lo, hi = torch.aminmax(t.detach()) if t.numel() else (torch.zeros(()), torch.zeros(()))
+    return float(lo), float(hi)
+
+
+def tensor_problem(t: torch.Tensor, limit: float | None = MAX_WEIGHT, *, floating: bool = True) -> str | None:
+    """What is wrong with one tensor (None when fine): integer dtype, NaN, Inf, or |value| > `limit`."""
+    if floating and not t.is_floating_point():
+        return f"has integer dtype {str(t.dtype).replace('torch.', '')} where floating-point weights belong"
+    if not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
+        return None
+    lo, hi = _range(t)
+    if math.isnan(lo) or math.isnan(hi):
+        return "contains NaN"
+    if math.isinf(lo) or math.isinf(hi):
+        return "contains Inf"
+    if limit is not None and max(-lo, hi) > limit:
+        return f"holds |value| {max(-lo, hi):.3g}, above the sane limit {limit:g}"
+    return None
+
+
+def first_problem(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                  limit: float | None = MAX_WEIGHT, *, floating: bool = True) -> tuple[str, str] | None:
+    """(key, problem) of the first bad tensor in iteration order, or None."""
+    items = named.items() if isinstance(named, Mapping) else named
+    for key, t in items:
+        problem = tensor_problem(t, limit, floating=floating)
+        if problem:
+            return key, problem
+    return None
+
+
+def check_finite(t: torch.Tensor | Sequence[torch.Tensor], what: str) -> None:
+    """Raise NonFiniteError naming `what` if `t` (or any of several tensors) holds NaN or Inf.
+
+    Cheap on the happy path: one float32 sum per tensor; the count is taken only on failure.
+    """
+    for x in (t,) if isinstance(t, torch.Tensor) else t:
+        if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x.sum(dtype=torch.float32))):
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise NonFiniteError(f"{what}: {bad} non-finite value(s) (NaN/Inf); the weights or the input are "
+                                     f"damaged (check the checkpoint with `tadisr inspect`)")

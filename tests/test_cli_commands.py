@@ -1,0 +1,62 @@
+"""One command line (issue 11.6): `tadisr` with sub-commands, one exit-code convention, one set of env names."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from tadisr_core import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command():
+    text = cli.build_parser().format_help()
+    for command in ("upscale", "prompt-cache", "inspect", "convert", "make-tiny", "train", "evaluate", "synthesize"):
+        assert f"    {command}" in text, command
+    assert "Exit codes: 0 ok, 1 some inputs failed, 2 setup error, 130 cancelled" in " ".join(text.split())
+
+
+def test_console_scripts_point_at_main_functions():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["tadisr"] == "tadisr_core.cli:main"
+    for name, target in scripts.items():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+    assert {f"tadisr-{n}" for n in cli.TRAINING_COMMANDS} <= set(scripts)
+
+
+def test_checkpoint_and_make_tiny_commands_run_through_tadisr(tmp_path, capsys):
+    assert cli.main(["make-tiny", str(tmp_path / "tiny")]) == 0
+    official = tmp_path / "tiny" / "tadisr_tiny_official.pkl"
+    assert official.is_file(), sorted(p.name for p in (tmp_path / "tiny").iterdir())
+    capsys.readouterr()
+    assert cli.main(["inspect", str(official), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits_model"] is True
+    assert cli.main(["convert", str(official), str(tmp_path / "n.safetensors")]) == 0
+    assert cli.main(["inspect", str(tmp_path / "absent.pkl")]) == 2
+
+
+def test_training_commands_point_to_their_scripts(capsys):
+    assert cli.main(["train", "--config", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "run `tadisr-train --config x.yaml`" in err and "python -m training.train" in err
+
+
+def test_old_kolors_env_name_still_works_with_a_note(monkeypatch, capsys):
+    monkeypatch.delenv("TADISR_KOLORS", raising=False)
+    monkeypatch.setenv("TADISR_KOLORS_DIR", "/old/kolors")
+    args = cli.build_parser().parse_args(["upscale", "a.png", "-o", "out"])
+    assert args.kolors == "/old/kolors" and "TADISR_KOLORS_DIR is deprecated" in capsys.readouterr().err
+    monkeypatch.setenv("TADISR_KOLORS", "/new/kolors")
+    assert cli.build_parser().parse_args(["upscale", "a.png", "-o", "out"]).kolors == "/new/kolors"
+
+
+def test_module_entry_point_is_kept():
+    done = subprocess.run([sys.executable, "-m", "tadisr_core", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "make-tiny" in done.stdout

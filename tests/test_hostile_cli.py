@@ -1,0 +1,235 @@
+"""The batch CLI under hostile conditions (issue 13): nothing overwritten, nothing re-processed, no
+silent black output, every weight-file problem one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tadisr_core import cli, images
+from tests.hostile_files import dag_key_pickle, torch_zip
+
+FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q", "--kolors", "k", "--checkpoint", "c"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    from tadisr_core.loading import load_tadisr
+
+    return load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+
+
+def _png(path: Path, seed: int = 0, size=(12, 10)) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run(argv, capsys, **kw) -> tuple[int, dict | None, str]:
+    args = cli.build_parser().parse_args(argv)
+    try:
+        rc = cli.run_upscale(args, **kw)
+    except cli.SetupError as exc:
+        print(f"error: {exc}", file=os.sys.stderr)
+        rc = cli.EXIT_SETUP
+    out, err = capsys.readouterr()
+    return rc, json.loads(out) if out.strip() else None, err
+
+
+def test_output_into_the_input_folder_overwrites_nothing_and_reprocesses_nothing(tiny_model, tmp_path, capsys):
+    d = tmp_path / "photos"
+    d.mkdir()
+    _png(d / "a.png", 0)
+    _png(d / "b.png", 1)
+    user = _png(d / "b_x4.png", 2)                         # the user's own file with an output-like name
+    before = user.read_bytes()
+    rc, rep, err = run(["upscale", str(d), "-o", str(d), *FAST, "--json"], capsys, model=tiny_model)
+    assert rc == cli.EXIT_FAILED and user.read_bytes() == before
+    by = {Path(f["input"]).name: f for f in rep["files"]}
+    assert sorted(by) == ["a.png", "b.png"]                # b_x4.png is not taken as an input
+    assert "b_x4.png exists and was not written by TADiSR" in by["b.png"]["error"]
+    names = sorted(p.name for p in d.iterdir())
+    assert names == ["a.png", "a_text_mask.png", "a_x4.png", "b.png", "b_x4.png"]
+    for extra in (["--skip-existing"], []):                # re-runs never upscale the outputs again
+        rc, rep, _ = run(["upscale", str(d), "-o", str(d), *FAST, "--json", *extra], capsys, model=tiny_model)
+        assert sorted(Path(f["input"]).name for f in rep["files"]) == ["a.png", "b.png"]
+        assert sorted(p.name for p in d.iterdir()) == names
+    assert rep["files"][0]["ok"] and not rep["files"][0]["skipped"]
+
+
+def test_skip_existing_redoes_incomplete_outputs(tiny_model, tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    _png(d / "a.png")
+    out = tmp_path / "out"
+    argv = ["upscale", str(d), "-o", str(out), *FAST, "--json", "--skip-existing"]
+    assert run(argv, capsys, model=tiny_model)[0] == 0
+    sr = out / "a_x4.png"
+    sr.write_bytes(sr.read_bytes()[:-20])                  # torn by a crash of some other writer
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    assert rc == 0 and rep["files"][0]["skipped"] is False and images.written_by_us(sr)
+
+
+def test_recursive_walk_leaves_out_the_output_folder_and_follows_symlinked_folders(tiny_model, tmp_path, capsys):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    _png(d / "a.png")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    _png(other / "c.png")
+    (d / "linked").symlink_to(other, target_is_directory=True)
+    (other / "loop").symlink_to(d, target_is_directory=True)   # a cycle must not loop forever
+    for _ in range(2):
+        rc, rep, _ = run(["upscale", str(d), "--recursive", "-o", str(d / "out"), *FAST, "--json"], capsys,
+                         model=tiny_model)
+        got = sorted(str(Path(f["input"]).relative_to(d)) for f in rep["files"])
+        assert rc == 0 and got == ["a.png", "linked/c.png"]
+    assert not (d / "out" / "out").exists()
+
+
+def test_an_explicit_input_is_never_overwritten_by_another_inputs_output(tiny_model, tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    x, x4 = _png(d / "x.png", 0), _png(d / "x_x4.png", 1)
+    before = x4.read_bytes()
+    rc, rep, _ = run(["upscale", str(x), str(x4), "-o", str(d), *FAST, "--json"], capsys, model=tiny_model)
+    by = {Path(f["input"]).name: f for f in rep["files"]}
+    assert "also an input of this run" in by["x.png"]["error"] and x4.read_bytes() == before
+    assert by["x_x4.png"]["ok"] and (d / "x_x4_x4.png").is_file()
+
+
+def test_stale_world_size_processes_every_file(tiny_model, tmp_path, capsys, monkeypatch):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        _png(d / f"{i}.png", i)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    rc, rep, err = run(["upscale", str(d), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys, model=tiny_model)
+    assert rc == 0 and len(rep["files"]) == 3 and rep["world_size"] == 1
+    assert "WORLD_SIZE=4 RANK=0 are set but no launcher" in err
+
+
+def test_nan_input_pixel_fails_that_file_only(tiny_model, tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    a = np.full((10, 12), 0.5, np.float32)
+    a[4, 4] = np.nan
+    Image.fromarray(a, mode="F").save(d / "nan.tif")
+    _png(d / "ok.png")
+    rc, rep, _ = run(["upscale", str(d), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys, model=tiny_model)
+    by = {Path(f["input"]).name: f for f in rep["files"]}
+    assert rc == cli.EXIT_FAILED and by["ok.png"]["ok"]
+    assert "nan.tif" in by["nan.tif"]["error"] and "NaN or Inf" in by["nan.tif"]["error"]
+    assert not (tmp_path / "o" / "nan_x4.png").exists()
+
+
+def test_non_finite_model_output_is_an_error_naming_file_and_tiles(tiny_dir, tmp_path, capsys):
+    from tadisr_core.loading import load_tadisr
+
+    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    with torch.no_grad():
+        next(p for n, p in model.mi_decoder.named_parameters() if n.endswith("weight")).fill_(float("inf"))
+    d = tmp_path / "in"
+    d.mkdir()
+    _png(d / "sign.png")
+    rc, rep, err = run(["upscale", str(d), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys, model=model)
+    error = rep["files"][0]["error"]
+    assert rc == cli.EXIT_FAILED and "sign.png" in error
+    assert "model output of tiles 1-" in error and "non-finite" in error
+    assert not (tmp_path / "o" / "sign_x4.png").exists()
+
+
+def test_unwritable_output_folder_is_reported_before_loading(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    _png(tmp_path / "a.png")
+    rc = cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(blocker / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write to the output folder" in err and "--kolors" not in err
+
+
+def _nan_checkpoint(tiny_dir, tmp_path) -> Path:
+    raw = torch.load(tiny_dir["official"], weights_only=True)
+    key = next(iter(raw["state_dict_unet"]))
+    raw["state_dict_unet"][key] = torch.full_like(raw["state_dict_unet"][key], float("nan"))
+    torch.save(raw, tmp_path / "nan.pkl")
+    return tmp_path / "nan.pkl"
+
+
+def test_every_weight_file_problem_is_one_line_and_exit_2(tiny_dir, tmp_path, capsys):
+    _png(tmp_path / "a.png")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tiny_dir["checkpoint"].read_bytes()[:1000])
+    cases = {
+        "checkpoint given as --prompt-cache": ({"prompt_cache": tiny_dir["official"]}, "not a prompt cache"),
+        "prompt cache given as --checkpoint": ({"checkpoint": tiny_dir["prompt_cache"]}, "it is a prompt cache"),
+        "NaN weights": ({"checkpoint": _nan_checkpoint(tiny_dir, tmp_path)}, "contains NaN"),
+        "hash-bomb pickle": ({"checkpoint": torch_zip(tmp_path / "dag.pkl", dag_key_pickle())}, "refused"),
+        "a folder": ({"checkpoint": tmp_path}, "is a folder"),
+        "truncated": ({"checkpoint": cut}, "truncated or corrupt"),
+        "missing Kolors folder": ({"kolors": tmp_path / "nokolors"}, "nokolors"),
+    }
+    for name, (override, expected) in cases.items():
+        files = {"kolors": tiny_dir["kolors"], "checkpoint": tiny_dir["checkpoint"],
+                 "prompt_cache": tiny_dir["prompt_cache"], **override}
+        rc = cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-q",
+                       "--kolors", str(files["kolors"]), "--checkpoint", str(files["checkpoint"]),
+                       "--prompt-cache", str(files["prompt_cache"])])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, name
+        assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (name, err)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["prompt-cache", "--kolors", str(tiny_dir["kolors"]), "-o", str(tmp_path / "p.safetensors"),
+                  "--time-ids", "nan", "768", "0", "0", "768", "768"])
+    assert e.value.code == 2 and "finite" in capsys.readouterr().err
+
+
+def test_sigterm_during_a_save_leaves_no_partial_files(tiny_model, tmp_path, capsys, monkeypatch):
+    d = tmp_path / "in"
+    d.mkdir()
+    _png(d / "a.png")
+    out = tmp_path / "out"
+    real = images._write_png
+    calls = []
+
+    def write_then_terminate(image, path, icc=None):
+        real(image, path, icc)
+        calls.append(path)
+        os.kill(os.getpid(), signal.SIGTERM)             # arrives between the SR image and the mask
+
+    monkeypatch.setattr(images, "_write_png", write_then_terminate)
+    with pytest.raises(KeyboardInterrupt):
+        run(["upscale", str(d), "-o", str(out), *FAST], capsys, model=tiny_model)
+    assert calls and sorted(p.name for p in out.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_outputs_have_normal_permissions(tiny_model, tmp_path, capsys):
+    _png(tmp_path / "a.png")
+    rc, _, _ = run(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST], capsys, model=tiny_model)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert rc == 0 and {p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()} == {0o666 & ~mask}
+
+
+def test_sigterm_during_convert_leaves_no_temporary_file(tiny_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def write_then_terminate(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", write_then_terminate)
+    assert cli.main(["convert", str(tiny_dir["official"]), str(tmp_path / "n.safetensors")]) == cli.EXIT_CANCELLED
+    assert list(tmp_path.iterdir()) == []

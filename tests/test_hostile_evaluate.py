@@ -1,0 +1,75 @@
+"""`training.evaluate` reads images as the user sees them, pairs the CLI's outputs, refuses a partial mean."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from training import evaluate
+
+FAST = ["--no-lpips", "--no-ocr"]
+
+
+def _photo(seed=0, shape=(24, 32, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _run(pred, gt, tmp_path, *extra) -> tuple[int, dict]:
+    out = tmp_path / "report.json"
+    rc = evaluate.main(["--pred", str(pred), "--gt", str(gt), "--json", str(out), *FAST, *extra])
+    return rc, json.loads(out.read_text())
+
+
+def _dirs(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    return pred, gt
+
+
+def test_exif_rotated_ground_truth_scores_as_identical(tmp_path):
+    pred, gt = _dirs(tmp_path)
+    stored = Image.fromarray(_photo())
+    exif = stored.getexif()
+    exif[0x0112] = 8                                   # displayed rotated 90 degrees counter-clockwise
+    stored.save(gt / "p.png", exif=exif)
+    Image.fromarray(np.rot90(_photo()).copy()).save(pred / "p.png")
+    rc, report = _run(pred, gt, tmp_path)
+    assert rc == 0 and report["pairs"][0]["psnr"] == evaluate.PSNR_CAP
+
+
+def test_16_bit_gray_ground_truth_is_not_clipped_to_white(tmp_path):
+    pred, gt = _dirs(tmp_path)
+    gray = _photo(1, (20, 20))
+    Image.fromarray(gray.astype(np.uint16) * 257).save(gt / "g.png")      # 16-bit version of the same image
+    Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(pred / "g.png")
+    rc, report = _run(pred, gt, tmp_path)
+    assert rc == 0 and report["pairs"][0]["psnr"] == evaluate.PSNR_CAP
+
+
+def test_cli_outputs_pair_with_their_ground_truth(tmp_path):
+    pred, gt = _dirs(tmp_path)
+    for name in ("a", "b"):
+        img = _photo(ord(name))
+        Image.fromarray(img).save(gt / f"{name}.png")
+        Image.fromarray(img).save(pred / f"{name}_x4.png")
+        Image.fromarray(img[..., 0]).save(pred / f"{name}_text_mask.png")
+    Image.fromarray(_photo(9)).save(pred / "a_attention.png")
+    rc, report = _run(pred, gt, tmp_path)
+    assert rc == 0 and [(r["name"], r["psnr"]) for r in report["pairs"]] == [("a", 100.0), ("b", 100.0)]
+    assert report["unmatched"] == {"pred_only": [], "gt_only": []}
+    assert evaluate.prediction_stem("scan_2_x2.5") == "scan_2" and evaluate.prediction_stem("x4") == "x4"
+
+
+def test_a_mean_over_part_of_the_ground_truth_is_refused(tmp_path, capsys):
+    pred, gt = _dirs(tmp_path)
+    for i in range(10):
+        Image.fromarray(_photo(i)).save(gt / f"{i}.png")
+    Image.fromarray(_photo(0)).save(pred / "0.png")
+    rc, report = _run(pred, gt, tmp_path)
+    assert rc == 1 and len(report["unmatched"]["gt_only"]) == 9
+    assert "the mean covers 1 of 10 ground-truth images" in capsys.readouterr().err
+    rc, _ = _run(pred, gt, tmp_path, "--allow-partial")
+    assert rc == 0

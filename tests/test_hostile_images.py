@@ -1,0 +1,126 @@
+"""Odd images (issue 13): read as the user sees them, at their bit depth, or refused with the file named."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+
+from tadisr_core.images import ImageReadError, load_image, load_rgb_uint8, read_image, save_image, written_by_us
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((4, 6, 3), np.uint8)
+    a[0, 0] = 255                                     # top-left marker
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6                                  # "rotate 90 CW to display"
+    im.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    x = load_image(tmp_path / "r.jpg")
+    assert x.shape == (1, 3, 6, 4)                    # displayed upright: 4 wide, 6 high
+    assert x[0, 0, 0, -1] > 0.8 and x[0, 0, 0, 0] < 0.2
+
+
+def test_16_bit_gray_keeps_its_precision(tmp_path):
+    a = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    f = read_image(tmp_path / "g16.png")
+    assert f.bits == 16 and f.pixels.shape == (1, 1, 64, 64)
+    assert torch.equal(f.pixels[0, 0], torch.from_numpy(a.astype(np.float32) / 65535))
+    rgb = load_rgb_uint8(tmp_path / "g16.png")        # what training and evaluate see: not clipped to white
+    assert rgb.shape == (64, 64, 3) and rgb.max() == round(a.max() / 65535 * 255) and rgb.min() == 0
+
+
+def test_float_tiff_is_read_by_its_real_range(tmp_path):
+    a = np.linspace(0, 1, 30 * 20, dtype=np.float32).reshape(30, 20)
+    Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
+    assert torch.allclose(load_image(tmp_path / "f.tif")[0, 0], torch.from_numpy(a))
+    Image.fromarray(a * 255, mode="F").save(tmp_path / "f255.tif")
+    assert torch.allclose(load_image(tmp_path / "f255.tif")[0, 0], torch.from_numpy(a), atol=1e-6)
+
+
+def test_int32_tiff_uses_its_declared_bits(tmp_path):
+    a = np.array([[0, 2**31 - 1], [2**30, 12345]], dtype=np.int32)
+    Image.fromarray(a, mode="I").save(tmp_path / "i32.tif")
+    x = load_image(tmp_path / "i32.tif")[0, 0]
+    assert x[0, 1] == 1.0 and abs(float(x[1, 0]) - 0.5) < 1e-6
+
+
+def test_nan_pixels_are_an_error_naming_the_file(tmp_path):
+    a = np.full((8, 8), 0.5, np.float32)
+    a[3, 3] = np.nan
+    Image.fromarray(a, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageReadError, match=r"nan\.tif: 1 pixel\(s\) are NaN or Inf"):
+        load_image(tmp_path / "nan.tif")
+
+
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, monkeypatch):
+    Image.new("L", (3000, 2000)).save(tmp_path / "big.png", optimize=True)
+    assert (tmp_path / "big.png").stat().st_size < 50_000
+    with pytest.raises(ImageReadError, match=r"3000x2000 = 6\.0 MP is above the limit of 1\.0 MP.*TADISR_MAX_PIXELS"):
+        load_image(tmp_path / "big.png", max_pixels=1_000_000)
+    monkeypatch.setenv("TADISR_MAX_PIXELS", "5e6")
+    with pytest.raises(ImageReadError, match="above the limit of 5.0 MP"):
+        load_image(tmp_path / "big.png")
+    monkeypatch.setenv("TADISR_MAX_PIXELS", "7e6")
+    assert load_image(tmp_path / "big.png").shape == (1, 1, 2000, 3000)
+
+
+def test_multi_frame_inputs_warn_and_use_the_first_frame(tmp_path, caplog):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        f = read_image(tmp_path / "anim.gif")
+    assert f.frames == 3 and "anim.gif has 3 frames" in caplog.text and "only the first is used" in caplog.text
+    assert f.pixels[0, 0].mean() > 0.9 and f.pixels[0, 1].mean() < 0.1
+
+
+def test_icc_profile_is_carried_to_the_output(tmp_path):
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.new("RGB", (5, 5), (10, 20, 30)).save(tmp_path / "icc.png", icc_profile=icc)
+    f = read_image(tmp_path / "icc.png")
+    assert f.icc_profile == icc
+    out = save_image(f.pixels, tmp_path / "out.png", f.icc_profile)
+    assert Image.open(out).info.get("icc_profile") == icc and written_by_us(out)
+    gray = save_image(f.pixels[:, :1], tmp_path / "gray.png", f.icc_profile)   # RGB profile on gray: dropped
+    assert "icc_profile" not in Image.open(gray).info
+
+
+def test_written_by_us_needs_our_tag_and_a_complete_file(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "user.png")
+    assert not written_by_us(tmp_path / "user.png")
+    ours = save_image(torch.zeros(3, 4, 4), tmp_path / "ours.png")
+    assert written_by_us(ours) and ours.stat().st_mode & 0o777 == 0o644 | (ours.stat().st_mode & 0o022)
+    data = ours.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:-6])
+    assert not written_by_us(tmp_path / "cut.png")
+
+
+def test_unreadable_and_missing_files_are_named(tmp_path):
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n nope")
+    with pytest.raises(ImageReadError, match=r"cannot read .*junk\.png as an image"):
+        load_image(tmp_path / "junk.png")
+    with pytest.raises(ImageReadError, match=r"input not found: .*absent\.png"):
+        load_image(tmp_path / "absent.png")
+
+
+def test_16_bit_colour_is_read_at_8_bits_with_a_warning(tmp_path, caplog):
+    import struct
+    import zlib
+
+    a = np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3) * 1000
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(4))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 4, 16, 2, 0, 0, 0))       # 16-bit RGB
+    (tmp_path / "rgb16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(rows))
+                                         + chunk(b"IEND", b""))
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        x = load_image(tmp_path / "rgb16.png")
+    assert "rgb16.png has 16 bits per colour channel; it is read at 8 bits" in caplog.text
+    assert (x[0].permute(1, 2, 0) * 255 - torch.from_numpy(a / 257.0).float()).abs().max() <= 1.0

@@ -1,0 +1,120 @@
+"""Training survives damage (issue 13): bad samples, torn metrics, a truncated newest checkpoint, a used
+output folder, a changed config on resume, out-of-range config values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.config import ConfigError, load_config
+
+TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
+
+
+def _cfg(out: Path, **extra):
+    over = {"train.output_dir": str(out), "loss.lpips_net": "none", "loss.lpips": 0, "train.validate_every": 0,
+            "train.checkpoint_every": 1, "train.keep_checkpoints": 0, "train.max_steps": 2}
+    over.update({k.replace("__", "."): v for k, v in extra.items()})
+    return load_config(TINY, [f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def _run(cfg, **kw) -> dict:
+    from training.train import Trainer
+
+    return Trainer(cfg, **kw).run()
+
+
+def _lines(out: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _triplets(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for sub in ("hr", "mask", "lr"):
+        (root / sub).mkdir(parents=True)
+    for i in range(4):
+        hr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(hr).save(root / "hr" / f"{i}.png")
+        Image.fromarray(hr[::4, ::4]).save(root / "lr" / f"{i}.png")
+        Image.fromarray((hr[..., 0] > 128).astype(np.uint8) * 255).save(root / "mask" / f"{i}.png")
+    (root / "hr" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n torn download")             # corrupt HR
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "mask" / "2.png")      # wrong-size mask
+    return root
+
+
+def test_bad_samples_are_skipped_counted_and_logged(tmp_path, capsys):
+    data = _triplets(tmp_path / "data")
+    summary = _run(_cfg(tmp_path / "run", data__kind="triplets", data__root=str(data), train__max_steps=4))
+    assert summary["step"] == 4
+    bad = _lines(tmp_path / "run", "bad_sample")
+    assert bad and all(("1.png" in b["sample"]) or ("2.png" in b["sample"]) for b in bad)
+    assert _lines(tmp_path / "run")[-1]["bad_samples"] == len(bad)
+    assert "skipped a damaged sample" in capsys.readouterr().err
+
+
+def test_too_many_bad_samples_abort_with_a_checkpoint(tmp_path):
+    from training.train import TrainingAborted
+    from training.train_state import latest_checkpoint
+
+    data = _triplets(tmp_path / "data")
+    cfg = _cfg(tmp_path / "run", data__kind="triplets", data__root=str(data), train__max_steps=8,
+               train__max_bad_samples=0, train__checkpoint_every=100)
+    with pytest.raises(TrainingAborted, match=r"damaged samples were skipped \(train\.max_bad_samples = 0\)"):
+        _run(cfg)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is not None
+
+
+def test_resume_skips_a_truncated_checkpoint_and_a_torn_metrics_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    _run(_cfg(out))
+    newest = out / "checkpoints" / "step_00000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:500])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "tot')                  # killed mid-line
+    summary = _run(_cfg(out, train__max_steps=3), resume=True)
+    err = capsys.readouterr().out + capsys.readouterr().err
+    assert summary["step"] == 3
+    assert [r["step"] for r in _lines(out)] == [1, 2, 3]
+    assert "step_00000002" in err and "damaged" in err and "torn" in err
+
+
+def test_a_used_folder_needs_resume_and_a_changed_config_needs_force(tmp_path):
+    from training.train import RunFolderError, main
+
+    out = tmp_path / "run"
+    _run(_cfg(out, train__max_steps=1))
+    with pytest.raises(RunFolderError, match="already holds a training run.*--resume"):
+        _run(_cfg(out, train__max_steps=1))
+    with pytest.raises(RunFolderError, match=r"optim\.lr: 0\.001 -> 0\.002.*--force"):
+        _run(_cfg(out, train__max_steps=2, optim__lr=0.002), resume=True)
+    assert _run(_cfg(out, train__max_steps=2, optim__lr=0.002), resume=True, force=True)["step"] == 2
+    assert main(["--config", str(TINY), "--output-dir", str(out)]) == 2
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.crop=0", "data.crop"), ("optim.lr=-1", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
+    ("optim.betas=[0.9, 1.5]", r"optim.betas\[1\]"), ("train.num_workers=-2", "train.num_workers"),
+    ("loss.mfl=-3", "loss.mfl"), ("model.unet_rank=0", "model.unet_rank"), ("train.log_every=0", "train.log_every"),
+])
+def test_config_values_are_range_checked_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=rf"tiny\.yaml: {field}"):
+        load_config(TINY, [override])
+
+
+def test_training_masks_are_read_by_the_one_reader(tmp_path):
+    from training.data.synthesis import load_mask, load_rgb
+
+    rng = np.random.default_rng(0)
+    for mode, arr in (("RGB", rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)),
+                      ("RGBA", rng.integers(0, 256, (9, 7, 4), dtype=np.uint8))):
+        Image.fromarray(arr).save(tmp_path / f"{mode}.png")
+        with Image.open(tmp_path / f"{mode}.png") as im:      # 8-bit masks: exactly PIL's "L" conversion
+            assert (load_mask(tmp_path / f"{mode}.png") == (np.asarray(im.convert("L")) > 127)).all()
+    a16 = np.arange(63, dtype=np.uint16).reshape(9, 7) * 1000
+    Image.fromarray(a16).save(tmp_path / "m16.png")            # 16-bit: no longer all white
+    assert (load_mask(tmp_path / "m16.png") == (np.round(a16 / 65535 * 255) > 127)).all()
+    assert (load_rgb(tmp_path / "m16.png")[..., 0] == np.round(a16 / 65535 * 255)).all()

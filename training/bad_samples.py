@@ -1,0 +1,51 @@
+"""Training survives damaged samples: a sample that cannot be loaded is replaced and reported.
+
+`TolerantItems` wraps the seeded dataset. When item (epoch, i) raises (corrupt HR, wrong-size
+mask or LR, unreadable file), the next index is tried, deterministically, so a resumed run sees
+the same replacements. The returned item's "bad" field lists what was skipped ("" when nothing), so
+the trainer can count and log it in the main process whatever the number of data-loader workers.
+"""
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+MAX_TRIES = 16   # consecutive bad samples before the data itself is declared broken
+
+
+class TolerantItems(Dataset):
+    """Dataset keyed by (epoch, index) whose failing items are replaced by the next good one."""
+
+    def __init__(self, inner: Dataset, describe=None):
+        self.inner = inner
+        self.describe = describe or (lambda index: f"sample {index}")
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        bad = []
+        for k in range(MAX_TRIES):
+            i = (index + k) % len(self.inner)
+            try:
+                item = self.inner[(epoch, i)]
+            except Exception as exc:  # noqa: BLE001 - any damage in one sample must not stop training
+                bad.append(f"{self.describe(i)}: {type(exc).__name__}: {exc}")
+                continue
+            return {**item, "bad": "\n".join(bad)}
+        raise RuntimeError(f"{MAX_TRIES} samples in a row could not be loaded; the data is broken. Last errors:\n"
+                           + "\n".join(bad[-3:]))
+
+
+def sample_describer(dataset):
+    """A function index -> the sample's file(s), for datasets that list their items; else "sample i"."""
+    items = getattr(dataset, "items", None)
+
+    def describe(index: int) -> str:
+        if items is not None and index < len(items):
+            entry = items[index]
+            files = [str(v) for v in (entry[1].values() if isinstance(entry[1], dict) else entry[1:]) if v]
+            return f"sample {index} ({', '.join(files)})"
+        return f"sample {index}"
+
+    return describe
