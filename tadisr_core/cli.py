@@ -49,9 +49,13 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _scale(value: str) -> float:
+    from .descriptor import DESCRIPTOR
+
     s = float(value)
-    if not 1 <= s <= 8:  # pipeline.MAX_SCALE, checked at parse time
-        raise argparse.ArgumentTypeError(f"scale must be between 1 and 8, got {value}")
+    try:
+        DESCRIPTOR.check_scale(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return s
 
 
@@ -60,6 +64,18 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")
+    p.add_argument("--unet", metavar="FILE|DIR", default=os.environ.get("TADISR_UNET"),
+                   help="Kolors UNet file (diffusers or SGM names, e.g. models/unet/*.safetensors) or folder; "
+                        "overrides the --kolors folder's unet/ [env TADISR_UNET]")
+    p.add_argument("--vae", metavar="FILE|DIR", default=os.environ.get("TADISR_VAE"),
+                   help="SDXL VAE file (diffusers or LDM names, e.g. models/vae/sdxl_vae.safetensors) or folder; "
+                        "overrides the --kolors folder's vae/ [env TADISR_VAE]")
+    p.add_argument("--text-encoder", metavar="DIR", default=os.environ.get("TADISR_TEXT_ENCODER"),
+                   help="ChatGLM3 for a missing prompt cache: a ChatGLM3 folder (models/LLM/...) or a text_encoder "
+                        "folder with its tokenizer; default: the --kolors folder [env TADISR_TEXT_ENCODER]")
+    p.add_argument("--text-encoder-device", default="auto",
+                   help="where ChatGLM3 computes a missing prompt cache: auto (the GPU when it has ~14 GB free, "
+                        "else the CPU), cpu, cuda, ...")
     p.add_argument("--checkpoint", metavar="PATH", default=os.environ.get("TADISR_CHECKPOINT"),
                    help="TADiSR checkpoint: the release's tadisr_kolors_ftsr_526000.pkl "
                         "(huqiming513/TADiSR-Models) or a native .safetensors [env TADISR_CHECKPOINT]")
@@ -74,7 +90,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32), fp32 on CPU")
+                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32), fp32 on CPU; "
+                        "fp8_e4m3fn: UNet weights stored in fp8, computed in bf16 (half the UNet's VRAM)")
+    p.add_argument("--offload", default="none", choices=("none", "sequential"),
+                   help="sequential: keep weights in RAM and move each block to the GPU as it runs (small GPUs)")
     p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights into the base weights (faster)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and the VAE / mask-decoder blocks (for GPUs; compiling takes minutes)")
@@ -85,11 +104,11 @@ def load_model(args: argparse.Namespace):
     """Load and configure the model from the weight and device arguments; SetupError on missing weights."""
     import torch
 
-    from .devices import configure_model, resolve_device, resolve_dtype
+    from .devices import place_model, resolve_device, resolve_dtype
 
-    if not args.kolors:
-        raise SetupError("--kolors DIR is required (or set TADISR_KOLORS): the Kwai-Kolors/Kolors diffusers "
-                         "folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
+    if not args.kolors and not (args.unet and args.vae):
+        raise SetupError("--kolors DIR (or --unet FILE and --vae FILE) is required (or set TADISR_KOLORS): the "
+                         "Kwai-Kolors/Kolors diffusers folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
     if not args.checkpoint:
         raise SetupError("--checkpoint PATH is required (or set TADISR_CHECKPOINT): tadisr_kolors_ftsr_526000.pkl "
                          "from https://huggingface.co/huqiming513/TADiSR-Models, or a native .safetensors")
@@ -101,6 +120,7 @@ def load_model(args: argparse.Namespace):
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("fp16 on the CPU is slow and poorly supported; prefer --dtype fp32 or bf16")
     from .checkpoint import CheckpointError
+    from .kolors_identity import NotKolorsError
     from .loading import load_tadisr
 
     if not args.verbose:
@@ -108,10 +128,12 @@ def load_model(args: argparse.Namespace):
 
     try:
         model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
-                            merge_lora_weights=args.merge_lora)
-    except (FileNotFoundError, CheckpointError) as exc:
+                            merge_lora_weights=args.merge_lora, unet=args.unet, vae=args.vae,
+                            text_encoder=args.text_encoder, text_encoder_device_name=args.text_encoder_device,
+                            offload=args.offload)
+    except (FileNotFoundError, CheckpointError, NotKolorsError) as exc:
         raise SetupError(str(exc)) from None
-    return configure_model(model, dtype, channels_last=args.channels_last, compile=args.compile)
+    return place_model(model, None, None, channels_last=args.channels_last, compile=args.compile)
 
 
 def _quiet_libraries() -> None:
