@@ -29,9 +29,6 @@ class CastWeight(nn.Module):
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         return stored.to(self.compute)
 
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.to(self.storage)
-
 
 def store_fp8(module: nn.Module, compute: torch.dtype = torch.bfloat16) -> int:
     """Keep every Linear / Conv2d weight of `module` in fp8 (LoRA factors excepted); the other
@@ -43,6 +40,7 @@ def store_fp8(module: nn.Module, compute: torch.dtype = torch.bfloat16) -> int:
             continue
         if parametrize.is_parametrized(layer, "weight"):
             continue
+        layer.weight = nn.Parameter(layer.weight.detach().to(FP8), requires_grad=False)
         parametrize.register_parametrization(layer, "weight", CastWeight(FP8, compute), unsafe=True)
         count += 1
     return count
@@ -81,11 +79,11 @@ def _hook(block: nn.Module, device: torch.device, home: torch.device) -> None:
 
 
 def enable_sequential_offload(model: nn.Module, device: torch.device | str, block_bytes: int = 512 << 20,
-                              home: torch.device | str = "cpu") -> list[str]:
+                              home: torch.device | str = "cpu", resident_bytes: int = RESIDENT_BYTES) -> list[str]:
     """Keep `model`'s weights on `home` and run each block on `device` only while it runs.
 
     Modules up to `block_bytes` move as one unit; larger ones are split into their children.
-    Modules under RESIDENT_BYTES, direct parameters of split modules and buffers stay on `device`.
+    Modules under `resident_bytes`, direct parameters of split modules and buffers stay on `device`.
     Returns the names of the moving blocks. Peak device memory: the resident part plus the
     largest block plus one block's activations.
     """
@@ -94,7 +92,7 @@ def enable_sequential_offload(model: nn.Module, device: torch.device | str, bloc
 
     def visit(prefix: str, mod: nn.Module) -> None:
         size = _bytes(mod)
-        if size <= RESIDENT_BYTES:
+        if size <= resident_bytes:
             mod.to(device)
             return
         children = list(mod.named_children())
