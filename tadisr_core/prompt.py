@@ -123,13 +123,14 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
         return root, root
     if not root.is_dir():
         raise KolorsFolderError(f"text encoder folder not found: {root}")
-    for sub, marker in (("text_encoder", "config.json"), ("tokenizer", "tokenizer.model")):
-        if not (root / sub / marker).is_file():
-            raise KolorsFolderError(f"{root / sub / marker} is missing: computing the prompt cache needs "
-                                    f"Kolors' ChatGLM3 {sub}/ (or a ChatGLM3 folder with config.json and "
+    encoder = root / "text_encoder"
+    tokenizer = encoder if (encoder / "tokenizer.model").is_file() else root / "tokenizer"
+    for folder, marker in ((encoder, "config.json"), (tokenizer, "tokenizer.model")):
+        if not (folder / marker).is_file():
+            raise KolorsFolderError(f"{folder / marker} is missing: computing the prompt cache needs "
+                                    f"Kolors' ChatGLM3 {folder.name}/ (or a ChatGLM3 folder with config.json and "
                                     f"tokenizer.model, or a precomputed prompt cache)")
-    encoder, tokenizer = root / "text_encoder", root / "tokenizer"
-    return encoder, encoder if (encoder / "tokenizer.model").is_file() else tokenizer
+    return encoder, tokenizer
 
 
 def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.device = "cpu",
