@@ -200,10 +200,11 @@ def add_upscale(sub) -> None:
 
 
 def _validate_upscale(args) -> None:
+    from .descriptor import DESCRIPTOR
     from .pipeline import check_settings
 
     try:
-        check_settings(args.scale, args.tile, args.overlap)
+        check_settings(args.scale, args.tile, args.overlap, min_tile=DESCRIPTOR.size.min_tile)
     except ValueError as exc:
         raise SetupError(f"--{exc}") from None
 

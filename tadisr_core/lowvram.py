@@ -78,35 +78,40 @@ def _hook(block: nn.Module, device: torch.device, home: torch.device) -> None:
     block.register_forward_hook(after)
 
 
+def offload_plan(model: nn.Module, block_bytes: int = 512 << 20,
+                 resident_bytes: int = RESIDENT_BYTES) -> tuple[list[str], list[str]]:
+    """(moving blocks, resident modules) for sequential offload, by name. Modules up to
+    `block_bytes` move as one unit, larger ones are split into their children; modules under
+    `resident_bytes` stay on the device. Works on meta models (for memory planning)."""
+    moving, resident = [], []
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        size = _bytes(mod)
+        children = list(mod.named_children())
+        if size <= resident_bytes:
+            resident.append(prefix)
+        elif size <= block_bytes or not children:
+            moving.append(prefix)
+        else:
+            for name, child in children:
+                visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return moving, resident
+
+
 def enable_sequential_offload(model: nn.Module, device: torch.device | str, block_bytes: int = 512 << 20,
                               home: torch.device | str = "cpu", resident_bytes: int = RESIDENT_BYTES) -> list[str]:
-    """Keep `model`'s weights on `home` and run each block on `device` only while it runs.
-
-    Modules up to `block_bytes` move as one unit; larger ones are split into their children.
-    Modules under `resident_bytes`, direct parameters of split modules and buffers stay on `device`.
+    """Keep `model`'s weights on `home` and run each block on `device` only while it runs
+    (`offload_plan`); small modules, direct parameters of split modules and buffers stay on `device`.
     Returns the names of the moving blocks. Peak device memory: the resident part plus the
     largest block plus one block's activations.
     """
     device, home = torch.device(device), torch.device(home)
-    moving: list[str] = []
-
-    def visit(prefix: str, mod: nn.Module) -> None:
-        size = _bytes(mod)
-        if size <= resident_bytes:
-            mod.to(device)
-            return
-        children = list(mod.named_children())
-        if size <= block_bytes or not children:
-            mod.to(home)
-            _hook(mod, device, home)
-            moving.append(prefix or "<root>")
-            return
-        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            t.data = t.data.to(device)
-        for name, child in children:
-            visit(f"{prefix}.{name}" if prefix else name, child)
-
-    visit("", model)
-    for _, buf in model.named_buffers():
-        buf.data = buf.data.to(device)
+    moving, resident = offload_plan(model, block_bytes, resident_bytes)
+    model.to(device)
+    for name in moving:
+        block = model.get_submodule(name)
+        block.to(home)
+        _hook(block, device, home)
     return moving

@@ -78,3 +78,14 @@ def test_place_model_fp16_keeps_vae_fp32(tiny_model_factory):
     assert m.vae.encoder.conv_in.weight.dtype == torch.float32 and m.mi_decoder.out_block[-1].weight.dtype == torch.float32
     with pytest.raises(ValueError, match="unknown offload mode"):
         place_model(m, "cpu", None, offload="disk")
+
+
+def test_vram_plan_from_the_meta_model():
+    from tadisr_core.memory_plan import MODES, vram_table
+
+    rows, need = vram_table(gpus_gb=(8,), tiles=(512, 1024))
+    for tile in (512, 1024):
+        sizes = [need[(label, tile)] for label, _, _ in MODES]
+        assert sizes == sorted(sizes, reverse=True)                # each mode lighter than the last
+    assert need[("bf16", 1024)] > need[("bf16", 512)]
+    assert rows[0][1][512] is not None                             # the goal: 512 px tiles on 8 GB
