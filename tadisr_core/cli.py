@@ -285,12 +285,14 @@ def run_prompt_cache(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")
-    from .devices import DTYPES
+    from .devices import DTYPES, resolve_device
+    from .prompt import text_encoder_device
 
     dtype = DTYPES[args.dtype]
     try:
+        device = text_encoder_device(args.device, resolve_device("auto"))
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
-                                                 tuple(args.time_ids), args.device, dtype)
+                                                 tuple(args.time_ids), device, dtype)
     except KolorsFolderError as exc:
         raise SetupError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -306,14 +308,17 @@ def add_prompt_cache(sub) -> None:
                        description="Encode the fixed TADiSR prompt with Kolors' ChatGLM3 and save the UNet "
                                    "conditioning, so inference never loads the 6 B-parameter text encoder.")
     p.add_argument("--kolors", metavar="DIR", default=os.environ.get("TADISR_KOLORS"),
-                   help="Kwai-Kolors/Kolors diffusers folder (needs text_encoder/ and tokenizer/)")
+                   help="Kwai-Kolors/Kolors diffusers folder (text_encoder/ + tokenizer/), a ChatGLM3 folder "
+                        "(e.g. models/LLM/chatglm3-6b) or a text_encoder folder holding its tokenizer")
     p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")
     p.add_argument("--prompt", default=HEATMAP_PROMPT, help="the prompt (default: the release's)")
     p.add_argument("--tokens", type=int, default=256, help="sequence length, left-padded (Kolors: 256)")
     p.add_argument("--time-ids", type=float, nargs=6, default=(768, 768, 0, 0, 768, 768),
                    metavar=("H", "W", "TOP", "LEFT", "TH", "TW"),
                    help="SDXL size conditioning: original size, crop, target size (default: the 768 tile)")
-    p.add_argument("--device", default="cpu", help="where ChatGLM3 runs (it needs ~12.5 GB in bf16)")
+    p.add_argument("--device", default="cpu",
+                   help="where ChatGLM3 runs (~12.5 GB in bf16): cpu (default), cuda, or auto (the GPU when it has "
+                        "enough free memory, else the CPU)")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))  # the keys of devices.DTYPES
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(run=run_prompt_cache)

@@ -122,7 +122,7 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
     if (root / "config.json").is_file() and (root / "tokenizer.model").is_file():
         return root, root
     if not root.is_dir():
-        raise KolorsFolderError(f"text encoder folder not found: {root}")
+        raise KolorsFolderError(f"Kolors folder not found: {root} (or a ChatGLM3 folder / text_encoder folder)")
     encoder = root / "text_encoder"
     tokenizer = encoder if (encoder / "tokenizer.model").is_file() else root / "tokenizer"
     for folder, marker in ((encoder, "config.json"), (tokenizer, "tokenizer.model")):
