@@ -66,6 +66,23 @@ def needed_bytes(model, dtype: torch.dtype, tile: int, offload: str = "none") ->
                + CONTEXT_BYTES)
 
 
+def model_bytes(model) -> int:
+    """The model's true size in bytes (fp8 weights at 1 byte, tied tensors once): what a host's
+    model manager should be told (ComfyUI: `ModelPatcher(..., size=model_bytes(model))`)."""
+    from .streaming import tensor_bytes
+
+    return tensor_bytes(model)
+
+
+def choose_offload(model_size: int, tile_bytes: int, free_bytes: int, host_low_vram: bool = False,
+                   headroom: float = 0.9) -> str:
+    """"sequential" when the weights plus one tile's activations do not fit `headroom` of the free
+    device memory, or the host runs in a low-VRAM mode (ComfyUI --lowvram / --novram); else "none"."""
+    if host_low_vram or model_size + tile_bytes > headroom * free_bytes:
+        return "sequential"
+    return "none"
+
+
 def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str = "official-kolors"):
     """Rows of (GPU GB, {tile: lightest mode that fits or None}) plus the needed GiB per mode and tile."""
     model = _meta_model(variant)

@@ -89,3 +89,16 @@ def test_vram_plan_from_the_meta_model():
         assert sizes == sorted(sizes, reverse=True)                # each mode lighter than the last
     assert need[("bf16", 1024)] > need[("bf16", 512)]
     assert rows[0][1][512] is not None                             # the goal: 512 px tiles on 8 GB
+
+
+def test_true_size_and_offload_choice(tiny_dir):
+    from tadisr_core.memory_plan import choose_offload, model_bytes
+
+    bf = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.bfloat16)
+    f8 = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.float8_e4m3fn)
+    unique = {t.untyped_storage().data_ptr(): t for t in bf.state_dict().values()}  # tied weights once
+    size = sum(t.numel() * t.element_size() for t in unique.values())
+    assert model_bytes(bf) == size and model_bytes(f8) < size
+    assert choose_offload(5 << 30, 1 << 30, 16 << 30) == "none"
+    assert choose_offload(5 << 30, 1 << 30, 6 << 30) == "sequential"
+    assert choose_offload(1 << 20, 1 << 20, 16 << 30, host_low_vram=True) == "sequential"
