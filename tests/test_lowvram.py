@@ -96,7 +96,8 @@ def test_true_size_and_offload_choice(tiny_dir):
 
     bf = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.bfloat16)
     f8 = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.float8_e4m3fn)
-    unique = {t.untyped_storage().data_ptr(): t for t in bf.state_dict().values()}  # tied weights once
+    tensors = [*bf.state_dict().values(), bf.prompt_embeds, bf.text_embeds, bf.time_ids]  # + prompt buffers
+    unique = {t.untyped_storage().data_ptr(): t for t in tensors}                           # tied weights once
     size = sum(t.numel() * t.element_size() for t in unique.values())
     assert model_bytes(bf) == size and model_bytes(f8) < size
     assert choose_offload(5 << 30, 1 << 30, 16 << 30) == "none"
