@@ -133,6 +133,25 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
     return encoder, tokenizer
 
 
+def list_text_encoders(*dirs) -> list[Path]:
+    """Folders (directly under `dirs`, e.g. ComfyUI's models/LLM and models/diffusers) from which
+    `find_text_encoder` can load ChatGLM3, in order; a missing folder is skipped."""
+    from .kolors_files import KolorsFolderError
+
+    found = []
+    for root in dirs:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            try:
+                find_text_encoder(sub)
+            except KolorsFolderError:
+                continue
+            found.append(sub)
+    return found
+
+
 def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.device = "cpu",
                         free_bytes: int | None = None) -> torch.device:
     """Where ChatGLM3 runs. "auto": the compute device when it is a GPU with at least CHATGLM_BYTES

@@ -254,7 +254,7 @@ def test_full_size_spec_is_found_from_shapes_alone(monkeypatch):
 
 
 # -- ComfyUI loader helpers --------------------------------------------------------------------------
-def test_candidates_and_choices(layouts, tiny_dir, sd15_folder):
+def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
     diffusers_dir = layouts["root"] / "diffusers"
     shutil.copytree(tiny_dir["kolors"], diffusers_dir / "Kolors", dirs_exist_ok=True)
     shutil.copytree(sd15_folder, diffusers_dir / "sd15", dirs_exist_ok=True)
@@ -263,10 +263,14 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder):
     assert "Kolors" in names and "sd15" not in " ".join(names)
     assert "KolorsNoVae + vae/sdxl_vae.safetensors" in names
     assert "unet/kolors_unet_sgm.safetensors + vae/sdxl_vae_ldm.safetensors" in names
-    for name in names:
+    for name in names:  # what the loader node does with a choice
         files = resolve_choice(name, *dirs)
-        check_unet(files.unet, files.unet_config)
-        check_vae(files.vae, files.vae_config)
+        model = load_tadisr(files, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+        with torch.no_grad():
+            assert torch.equal(model(X).image, reference.image), name
+    from tadisr_core.prompt import list_text_encoders
+
+    assert list_text_encoders(diffusers_dir, layouts["root"] / "LLM") == [diffusers_dir / "Kolors", layouts["no_vae"]]
     with pytest.raises(KolorsFolderError, match="needs a VAE file too"):
         resolve_choice("unet/kolors_unet.safetensors", *dirs)
     with pytest.raises(KolorsFolderError, match="'nope' not found in models/diffusers"):
