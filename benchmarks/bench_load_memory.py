@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in ("fp32", "bf16"):
             for mode in ("before", "after"):
                 out = subprocess.run([sys.executable, __file__, "--child", mode, part, dtype, str(root)],
-                                     capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                     capture_output=True, text=True, check=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"{part:4s} {dtype:4s} {mode:6s} loaded {row['loaded_bytes'] / 2**20:8.1f} MiB  "

@@ -54,7 +54,8 @@ class ModelDescriptor:
     def check_scale(self, scale: float) -> None:
         """ValueError naming the scale range when `scale` is outside it."""
         if not self.size.min_scale <= scale <= self.size.max_scale:
-            raise ValueError(f"scale must be between {self.size.min_scale:g} and {self.size.max_scale:g}, got {scale:g}")
+            s = self.size
+            raise ValueError(f"scale must be between {s.min_scale:g} and {s.max_scale:g}, got {scale:g}")
 
 
 DESCRIPTOR = ModelDescriptor()

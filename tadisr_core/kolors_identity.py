@@ -61,7 +61,8 @@ def _count(shapes: dict, pattern: str) -> int:
 
 
 def _fail(path: Path, what: str, expected: str, found: str, hint: str = "") -> NotKolorsError:
-    return NotKolorsError(f"{path}: not a Kolors {what}: expected {expected}; found {found}." + (f" {hint}" if hint else ""))
+    tail = f" {hint}" if hint else ""
+    return NotKolorsError(f"{path}: not a Kolors {what}: expected {expected}; found {found}.{tail}")
 
 
 # -- UNet -------------------------------------------------------------------------------------------

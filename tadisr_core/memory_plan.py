@@ -86,7 +86,8 @@ def choose_offload(model_size: int, tile_bytes: int, free_bytes: int, host_low_v
 def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str = "official-kolors"):
     """Rows of (GPU GB, {tile: lightest mode that fits or None}) plus the needed GiB per mode and tile."""
     model = _meta_model(variant)
-    need = {(label, tile): needed_bytes(model, dtype, tile, offload) for label, dtype, offload in MODES for tile in tiles}
+    need = {(label, tile): needed_bytes(model, dtype, tile, offload)
+            for label, dtype, offload in MODES for tile in tiles}
     rows = []
     for gb in gpus_gb:
         cells = {}

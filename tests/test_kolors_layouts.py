@@ -248,7 +248,8 @@ def test_full_size_spec_is_found_from_shapes_alone(monkeypatch):
     from tadisr_core.backbone import build_unet
     from tadisr_core.streaming import TensorInfo, WeightsHeader
 
-    table = {k: TensorInfo(v.dtype, tuple(v.shape), 0, 0) for k, v in build_unet(UNetSpec(), "meta").state_dict().items()}
+    meta = build_unet(UNetSpec(), "meta").state_dict()
+    table = {k: TensorInfo(v.dtype, tuple(v.shape), 0, 0) for k, v in meta.items()}
     monkeypatch.setattr(ki, "read_header", lambda p: WeightsHeader(p, table, {}))
     assert check_unet("kolors.safetensors").spec == full_spec().unet
 
