@@ -42,6 +42,48 @@ def _load_dtype(dtype: torch.dtype) -> torch.dtype:
     return compute or storage
 
 
+def _merge_in_fp32(model: TADiSRModel, parts: dict, ckpt) -> None:
+    """Merge LoRA into low-precision base weights exactly as an fp32 merge followed by a cast would
+    (the numbers of loading in fp32, merging and casting), one layer at a time: each base weight is
+    read again in fp32 from its file (or taken from the checkpoint when the checkpoint sets it), the
+    LoRA factors from the checkpoint, merged in fp32 and cast back."""
+    from .lora import lora_layers
+    from .streaming import iter_tensors
+
+    for group, part in parts.items():
+        module = getattr(model, group)
+        todo = {id(m) for m in lora_layers(module)
+                if not m.merged and m.get_base_layer().weight.dtype != torch.float32}
+        layers = {name: m for name, m in module.named_modules() if id(m) in todo}
+        if not layers:
+            continue
+        saved = ckpt.groups.get(group, {})
+        wanted = {f"{name}.weight": name for name in layers if f"{name}.base_layer.weight" not in saved}
+
+        def rename(key: str, part=part, wanted=wanted):
+            new = part.rename(key)
+            return new if new in wanted else None
+
+        sources = ((wanted[k], t) for k, t in iter_tensors(part.path, torch.float32, rename))
+        from_ckpt = ((n, saved[f"{n}.base_layer.weight"]) for n in layers if f"{n}.base_layer.weight" in saved)
+        for name, weight in (*from_ckpt, *sources):
+            _merge_layer(layers[name], name, weight, saved)
+
+
+@torch.no_grad()
+def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
+    base = layer.get_base_layer()
+    dtype = base.weight.dtype
+    factors = [(p, saved[f"{name}.{pname}"]) for pname, p in layer.named_parameters() if ".lora_" in f".{pname}"]
+    base.weight.data = weight.to(base.weight.device, torch.float32)
+    for p, value in factors:
+        p.data = value.to(p.device, torch.float32)
+    layer.merge()
+    base.weight.data = base.weight.data.to(dtype)
+    for p, _ in factors:
+        p.data = p.data.to(dtype)
+
+
 def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path,
                 prompt_cache: str | Path | PromptCache | None = None, *, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", merge_lora_weights: bool = False,
@@ -79,9 +121,10 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     model = TADiSRModel(spec, load_unet(files, load_dtype, checked=unet_part),
                         load_vae(files, vae_dtype, checked=vae_part))
     apply_checkpoint(model, ckpt)
-    del ckpt
     if merge_lora_weights:
-        merge_lora(model)
+        _merge_in_fp32(model, {"unet": unet_part, "vae": vae_part}, ckpt)
+        merge_lora(model)  # whatever is left (fp32 models merge here directly)
+    del ckpt
     model.eval().requires_grad_(False)
     place_model(model, device, dtype, offload=offload)
     model.set_prompt(prompt)

@@ -95,3 +95,15 @@ def test_text_encoder_device_auto_falls_back_to_cpu():
     assert text_encoder_device("auto", "cuda:0", free_bytes=CHATGLM_BYTES - 1) == torch.device("cpu")
     assert text_encoder_device("auto", "cuda:0", free_bytes=CHATGLM_BYTES) == torch.device("cuda:0")
     assert text_encoder_device("cpu", "cuda:0", free_bytes=1 << 40) == torch.device("cpu")
+
+
+def test_low_precision_merge_equals_fp32_merge_then_cast(tiny_dir):
+    """Streaming in bf16 must not change merged numbers: each layer is merged from fp32 sources."""
+    from tadisr_core.devices import place_model
+
+    args = (tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    ref = place_model(load_tadisr(*args, merge_lora_weights=True), None, torch.bfloat16)
+    got = load_tadisr(*args, dtype=torch.bfloat16, merge_lora_weights=True)
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    assert all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
