@@ -4,7 +4,8 @@ cast, as the loader did until now) and after (meta build + per-tensor streaming 
     python benchmarks/bench_load_memory.py [--workdir DIR] [--out results.json]
 
 Files: a random UNet of the Kolors structure, widths 96/192/384 (about 0.24 B parameters), and the
-full-size SDXL-type VAE, both saved as fp16 variant files as Kwai-Kolors/Kolors ships them.
+full-size SDXL-type VAE, both saved as fp16 variant files as Kwai-Kolors/Kolors ships them, plus a
+native TADiSR checkpoint and prompt cache for them ("tadisr": the whole `load_tadisr`).
 Each load runs in a fresh process. Ratio = (peak RSS during the load - RSS after the imports)
 / bytes of the loaded tensors in their target dtype. Goal: <= 1.3.
 """
@@ -41,13 +42,31 @@ def _write(workdir: Path) -> Path:
     from tadisr_core.backbone import build_unet, build_vae
     from tadisr_core.spec import UNetSpec, VAESpec
 
+    import dataclasses
+
+    from tadisr_core.checkpoint import save_model
+    from tadisr_core.model import TADiSRModel, random_prompt
+    from tadisr_core.spec import full_spec
+
     root = workdir / "kolors_wide"
-    if (root / "vae" / "diffusion_pytorch_model.fp16.safetensors").is_file():
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / "prompt_cache.safetensors").is_file():
         return root
     torch.manual_seed(0)
-    build_unet(UNetSpec(**WIDE)).half().save_pretrained(root / "unet", variant="fp16")
-    build_vae(VAESpec()).half().save_pretrained(root / "vae", variant="fp16")
+    unet, vae = build_unet(UNetSpec(**WIDE)), build_vae(VAESpec())
+    spec = dataclasses.replace(full_spec(), unet=unet_spec(), prompt_tokens=256, text_hidden=WIDE["encoder_hid_dim"])
+    prompt = random_prompt(spec)
+    unet.half().save_pretrained(root / "unet", variant="fp16")  # before TADiSRModel adds its LoRA layers
+    vae.half().save_pretrained(root / "vae", variant="fp16")
+    save_model(TADiSRModel(spec, unet.float(), vae.float(), prompt), workdir / "tadisr_wide.safetensors")
+    prompt.save(workdir / "prompt_cache.safetensors")
     return root
+
+
+def unet_spec():
+    from tadisr_core.spec import UNetSpec
+
+    return UNetSpec(**WIDE)
 
 
 def _child(mode: str, part: str, dtype_name: str, root: str) -> dict:
@@ -64,7 +83,24 @@ def _child(mode: str, part: str, dtype_name: str, root: str) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     gc.collect()
     base = _status("VmRSS")
-    if mode == "before":
+    work = Path(root).parent
+    if part == "tadisr" and mode == "before":  # the old load_tadisr: fp32 backbone, checkpoint, then cast
+        from tadisr_core.checkpoint import apply_checkpoint, load_checkpoint
+        from tadisr_core.model import TADiSRModel
+        from tadisr_core.prompt import PromptCache
+
+        ckpt, prompt = load_checkpoint(work / "tadisr_wide.safetensors"), PromptCache.load(work / "prompt_cache.safetensors")
+        module = TADiSRModel(ckpt.spec, UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant="fp16"),
+                             AutoencoderKL.from_pretrained(root, subfolder="vae", variant="fp16"))
+        apply_checkpoint(module, ckpt)
+        del ckpt
+        module.to(dtype)
+        module.set_prompt(prompt)
+    elif part == "tadisr":
+        from tadisr_core.loading import load_tadisr
+
+        module = load_tadisr(root, work / "tadisr_wide.safetensors", work / "prompt_cache.safetensors", dtype=dtype)
+    elif mode == "before":
         cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
         module = cls.from_pretrained(root, subfolder=part, variant="fp16", torch_dtype=torch.float32).to(dtype)
     else:
@@ -86,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     root = _write(Path(args.workdir))
     rows = []
-    for part in ("unet", "vae"):
+    for part in ("unet", "vae", "tadisr"):
         for dtype in ("fp32", "bf16"):
             for mode in ("before", "after"):
                 out = subprocess.run([sys.executable, __file__, "--child", mode, part, dtype, str(root)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from .backbone import check_backbone, load_unet, load_vae
 from .checkpoint import apply_checkpoint, load_checkpoint
-from .descriptor import WEIGHT_DTYPES, dtype_name
+from .descriptor import WEIGHT_DTYPES, dtype_name, part_dtypes
 from .devices import place_model
 from .kolors_files import KolorsFiles, find_kolors_files
 from .lora import merge_lora
@@ -40,6 +41,16 @@ def _load_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype weights are streamed in: the storage dtype, except fp8 (cast after merging)."""
     storage, compute = WEIGHT_DTYPES.get(dtype_name(dtype), (dtype, None))
     return compute or storage
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _merge_in_fp32(model: TADiSRModel, parts: dict, ckpt) -> None:
@@ -117,9 +128,16 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     spec = dataclasses.replace(spec, prompt_tokens=prompt.prompt_embeds.shape[1],
                                text_hidden=prompt.prompt_embeds.shape[2])
     load_dtype = _load_dtype(dtype)
-    vae_dtype = torch.float32 if load_dtype == torch.float16 else load_dtype
-    model = TADiSRModel(spec, load_unet(files, load_dtype, checked=unet_part),
-                        load_vae(files, vae_dtype, checked=vae_part))
+    wide = part_dtypes(load_dtype)["vae"]
+    unet_module = load_unet(files, load_dtype, checked=unet_part)
+    vae_module = load_vae(files, wide, checked=vae_part)
+    with _default_dtype(wide):  # LoRA, skip convs and decoders are born in their dtype (the checkpoint fills them)
+        model = TADiSRModel(spec, unet_module, vae_module)
+    if not merge_lora_weights:  # cast the checkpoint tensor by tensor: the same rounding as a cast afterwards
+        for group, part_dtype in (("unet", load_dtype), ("vae", wide), ("mi_decoder", wide)):
+            sd = ckpt.groups.get(group, {})
+            for key in list(sd):
+                sd[key] = sd[key].to(part_dtype) if sd[key].is_floating_point() else sd[key]
     apply_checkpoint(model, ckpt)
     if merge_lora_weights:
         _merge_in_fp32(model, {"unet": unet_part, "vae": vae_part}, ckpt)

@@ -97,13 +97,16 @@ def test_text_encoder_device_auto_falls_back_to_cpu():
     assert text_encoder_device("cpu", "cuda:0", free_bytes=1 << 40) == torch.device("cpu")
 
 
-def test_low_precision_merge_equals_fp32_merge_then_cast(tiny_dir):
-    """Streaming in bf16 must not change merged numbers: each layer is merged from fp32 sources."""
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_load_equals_fp32_load_then_cast(tiny_dir, dtype, merge):
+    """Streaming in the target dtype must not change any number: the result equals loading in fp32
+    (merging there) and casting afterwards, as the loader did before."""
     from tadisr_core.devices import place_model
 
     args = (tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
-    ref = place_model(load_tadisr(*args, merge_lora_weights=True), None, torch.bfloat16)
-    got = load_tadisr(*args, dtype=torch.bfloat16, merge_lora_weights=True)
+    ref = place_model(load_tadisr(*args, merge_lora_weights=merge), None, dtype)
+    got = load_tadisr(*args, dtype=dtype, merge_lora_weights=merge)
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
     assert ref_sd.keys() == got_sd.keys()
-    assert all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
+    assert all(ref_sd[k].dtype == got_sd[k].dtype and torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
