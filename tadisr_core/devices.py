@@ -104,11 +104,6 @@ def compile_targets(model) -> list[torch.nn.Module]:
     return blocks
 
 
-def model_dtype(model) -> torch.dtype:
-    """The UNet's compute dtype."""
-    return model.unet.conv_in.weight.dtype
-
-
 def free_memory(device: torch.device | str) -> int:
     """Bytes that tensors on `device` could still take: free + cached-but-unused on CUDA,
     MemAvailable on the host otherwise."""

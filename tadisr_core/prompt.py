@@ -70,11 +70,6 @@ class PromptCache:
             tensors = {k: f.get_tensor(k) for k in ("prompt_embeds", "text_embeds", "time_ids")}
         return cls(prompt=meta["prompt"], text_columns=tuple(json.loads(meta["text_columns"])), **tensors)
 
-    def to(self, device=None, dtype=None) -> "PromptCache":
-        """A copy on another device/dtype."""
-        return PromptCache(self.prompt_embeds.to(device, dtype), self.text_embeds.to(device, dtype),
-                           self.time_ids.to(device, dtype), self.prompt, self.text_columns)
-
 
 def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tuple[int, ...]:
     """Columns of `word` in the left-padded, special-token-prefixed sequence the encoder sees."""
