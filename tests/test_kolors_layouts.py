@@ -315,3 +315,15 @@ def load_file_metadata(path):
 
     with safe_open(str(path), "pt") as f:
         return f.metadata()
+
+
+def test_bin_weights_load_like_safetensors(tiny_dir, tmp_path):
+    folder = tmp_path / "kolors"
+    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("text_encoder"))
+    st = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), st.with_suffix(".bin"))
+    st.unlink()
+    files = find_kolors_files(folder)
+    assert files.unet.suffix == ".bin"
+    a, b = load_unet(files, torch.bfloat16), load_unet(find_kolors_files(tiny_dir["kolors"]), torch.bfloat16)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
