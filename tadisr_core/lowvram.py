@@ -108,10 +108,13 @@ def enable_sequential_offload(model: nn.Module, device: torch.device | str, bloc
     largest block plus one block's activations.
     """
     device, home = torch.device(device), torch.device(home)
-    moving, resident = offload_plan(model, block_bytes, resident_bytes)
-    model.to(device)
-    for name in moving:
+    moving, _ = offload_plan(model, block_bytes, resident_bytes)
+    for name in moving:  # never the whole model on the device, not even for a moment
         block = model.get_submodule(name)
         block.to(home)
         _hook(block, device, home)
+    prefixes = ("",) if "" in moving else tuple(f"{name}." for name in moving)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(prefixes):
+            t.data = t.data.to(device)
     return moving
