@@ -71,9 +71,13 @@ def _finite_float(value: str) -> float:
 
 
 def _scale(value: str) -> float:
+    from .descriptor import DESCRIPTOR
+
     s = float(value)
-    if not 1 <= s <= 8:  # pipeline.MAX_SCALE, checked at parse time
-        raise argparse.ArgumentTypeError(f"scale must be between 1 and 8, got {value}")
+    try:
+        DESCRIPTOR.check_scale(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return s
 
 
@@ -95,6 +99,18 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")
+    p.add_argument("--unet", metavar="FILE|DIR", default=os.environ.get("TADISR_UNET"),
+                   help="Kolors UNet file (diffusers or SGM names, e.g. models/unet/*.safetensors) or folder; "
+                        "overrides the --kolors folder's unet/ [env TADISR_UNET]")
+    p.add_argument("--vae", metavar="FILE|DIR", default=os.environ.get("TADISR_VAE"),
+                   help="SDXL VAE file (diffusers or LDM names, e.g. models/vae/sdxl_vae.safetensors) or folder; "
+                        "overrides the --kolors folder's vae/ [env TADISR_VAE]")
+    p.add_argument("--text-encoder", metavar="DIR", default=os.environ.get("TADISR_TEXT_ENCODER"),
+                   help="ChatGLM3 for a missing prompt cache: a ChatGLM3 folder (models/LLM/...) or a text_encoder "
+                        "folder with its tokenizer; default: the --kolors folder [env TADISR_TEXT_ENCODER]")
+    p.add_argument("--text-encoder-device", default="auto",
+                   help="where ChatGLM3 computes a missing prompt cache: auto (the GPU when it has ~14 GB free, "
+                        "else the CPU), cpu, cuda, ...")
     p.add_argument("--checkpoint", metavar="PATH", default=os.environ.get("TADISR_CHECKPOINT"),
                    help="TADiSR checkpoint: the release's tadisr_kolors_ftsr_526000.pkl "
                         "(huqiming513/TADiSR-Models) or a native .safetensors [env TADISR_CHECKPOINT]")
@@ -109,7 +125,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32), fp32 on CPU")
+                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32), fp32 on CPU; "
+                        "fp8_e4m3fn: UNet weights stored in fp8, computed in bf16 (half the UNet's VRAM)")
+    p.add_argument("--offload", default="none", choices=("none", "sequential"),
+                   help="sequential: keep weights in RAM and move each block to the GPU as it runs (small GPUs)")
     p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights into the base weights (faster)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and the VAE / mask-decoder blocks (for GPUs; compiling takes minutes)")
@@ -120,17 +139,17 @@ def load_model(args: argparse.Namespace):
     """Load and configure the model from the weight and device arguments; SetupError on missing weights."""
     import torch
 
-    from .devices import configure_model, resolve_device, resolve_dtype
+    from .devices import place_model, resolve_device, resolve_dtype
 
-    if not args.model and not args.kolors and not args.checkpoint:
+    if not (args.model or args.kolors or args.checkpoint or args.unet or args.vae):
         from .model_ref import NO_WEIGHTS_HELP
 
         raise SetupError(NO_WEIGHTS_HELP)
     if args.model and args.checkpoint:
         raise SetupError("give either --model or --checkpoint, not both")
-    if not args.model and not args.kolors:
-        raise SetupError("--kolors DIR is required (or set TADISR_KOLORS): the Kwai-Kolors/Kolors diffusers "
-                         "folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
+    if not args.model and not args.kolors and not (args.unet and args.vae):
+        raise SetupError("--kolors DIR (or --unet FILE and --vae FILE) is required (or set TADISR_KOLORS): the "
+                         "Kwai-Kolors/Kolors diffusers folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
     if not args.model and not args.checkpoint:
         raise SetupError("--checkpoint PATH is required (or set TADISR_CHECKPOINT): tadisr_kolors_ftsr_526000.pkl "
                          "from https://huggingface.co/huqiming513/TADiSR-Models, or a native .safetensors")
@@ -142,6 +161,7 @@ def load_model(args: argparse.Namespace):
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("fp16 on the CPU is slow and poorly supported; prefer --dtype fp32 or bf16")
     from .checkpoint import CheckpointError
+    from .kolors_identity import NotKolorsError
     from .loading import load_tadisr
 
     if not args.verbose:
@@ -155,13 +175,15 @@ def load_model(args: argparse.Namespace):
                                    device=device, merge_lora_weights=args.merge_lora)
         else:
             model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
-                                merge_lora_weights=args.merge_lora)
-    except (CheckpointError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong or damaged
+                                merge_lora_weights=args.merge_lora, unet=args.unet, vae=args.vae,
+                                text_encoder=args.text_encoder, text_encoder_device_name=args.text_encoder_device,
+                                offload=args.offload)
+    except (CheckpointError, NotKolorsError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong
         raise SetupError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
         log.debug("model loading failed", exc_info=True)
         raise SetupError(f"cannot load the model ({type(exc).__name__}: {exc}); run with -v for details") from None
-    return configure_model(model, dtype, channels_last=args.channels_last, compile=args.compile)
+    return place_model(model, None, None, channels_last=args.channels_last, compile=args.compile)
 
 
 def _quiet_libraries() -> None:
@@ -246,10 +268,11 @@ def add_upscale(sub) -> None:
 
 
 def _validate_upscale(args) -> None:
+    from .descriptor import DESCRIPTOR
     from .pipeline import check_settings
 
     try:
-        check_settings(args.scale, args.tile, args.overlap)
+        check_settings(args.scale, args.tile, args.overlap, min_tile=DESCRIPTOR.size.min_tile)
     except ValueError as exc:
         raise SetupError(f"--{exc}") from None
 
@@ -332,12 +355,14 @@ def run_prompt_cache(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")
-    from .devices import DTYPES
+    from .devices import DTYPES, resolve_device
+    from .prompt import text_encoder_device
 
     dtype = DTYPES[args.dtype]
     try:
+        device = text_encoder_device(args.device, resolve_device("auto"))
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
-                                                 tuple(args.time_ids), args.device, dtype)
+                                                 tuple(args.time_ids), device, dtype)
     except (KolorsFolderError, OSError, ValueError) as exc:  # missing, unreadable or wrong Kolors files
         raise SetupError(str(exc)) from None
     try:
@@ -356,14 +381,18 @@ def add_prompt_cache(sub) -> None:
                        description="Encode the fixed TADiSR prompt with Kolors' ChatGLM3 and save the UNet "
                                    "conditioning, so inference never loads the 6 B-parameter text encoder.")
     p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
-                   help="Kwai-Kolors/Kolors diffusers folder (needs text_encoder/ and tokenizer/) [env TADISR_KOLORS]")
+                   help="Kwai-Kolors/Kolors diffusers folder (text_encoder/ + tokenizer/), a ChatGLM3 folder "
+                        "(e.g. models/LLM/chatglm3-6b) or a text_encoder folder holding its tokenizer "
+                        "[env TADISR_KOLORS]")
     p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")
     p.add_argument("--prompt", default=HEATMAP_PROMPT, help="the prompt (default: the release's)")
     p.add_argument("--tokens", type=int, default=256, help="sequence length, left-padded (Kolors: 256)")
     p.add_argument("--time-ids", type=_finite_float, nargs=6, default=(768, 768, 0, 0, 768, 768),
                    metavar=("H", "W", "TOP", "LEFT", "TH", "TW"),
                    help="SDXL size conditioning: original size, crop, target size (default: the 768 tile)")
-    p.add_argument("--device", default="cpu", help="where ChatGLM3 runs (it needs ~12.5 GB in bf16)")
+    p.add_argument("--device", default="cpu",
+                   help="where ChatGLM3 runs (~12.5 GB in bf16): cpu (default), cuda, or auto (the GPU when it has "
+                        "enough free memory, else the CPU)")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))  # the keys of devices.DTYPES
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(run=run_prompt_cache)

@@ -9,17 +9,22 @@ import torch
 
 log = logging.getLogger("tadisr")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
+from .descriptor import DESCRIPTOR, WEIGHT_DTYPES, part_dtypes
+
+DTYPES = {name: storage for name, (storage, _) in WEIGHT_DTYPES.items()}
+DTYPE_CHOICES = DESCRIPTOR.dtype_choices
 MAX_AUTO_BATCH = {"cuda": 8, "cpu": 4}
 
 
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when present (cuda:LOCAL_RANK under a launcher), else MPS, else CPU."""
+def resolve_device(name: str | torch.device | None = "auto", auto: torch.device | str | None = None) -> torch.device:
+    """The one meaning of "auto": the host's compute device (`auto`, e.g. ComfyUI's device, when the
+    caller has one), else CUDA when present (cuda:LOCAL_RANK under a launcher), else MPS, else CPU."""
     if isinstance(name, torch.device):
         return name
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
+    if name in ("auto", "", None):
+        if auto is not None:
+            return torch.device(auto)
         if torch.cuda.is_available():
             return torch.device("cuda", local % torch.cuda.device_count())
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -35,7 +40,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
-    """"auto" -> bf16 on CUDA with bf16 support, fp16 on other CUDA GPUs, fp32 elsewhere."""
+    """"auto" -> bf16 on CUDA with bf16 support, fp16 on other CUDA GPUs, fp32 elsewhere;
+    "fp8_e4m3fn" -> torch.float8_e4m3fn (UNet weight storage, computed in bf16)."""
     if isinstance(name, torch.dtype):
         return name
     device = torch.device(device)
@@ -48,19 +54,45 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str =
     return DTYPES[name]
 
 
-def configure_model(model, dtype: torch.dtype, *, channels_last: bool = False, compile: bool = False):
-    """Cast to `dtype` (VAE and mask decoder stay fp32 under fp16, where the SDXL VAE overflows),
-    optionally switch to channels-last and compile the heavy blocks in place. Returns the model."""
-    wide = torch.float32 if dtype == torch.float16 else dtype
-    for module, want in ((model.unet, dtype), (model.vae, wide), (model.mi_decoder, wide)):
-        if any(p.dtype != want for p in module.parameters()):
-            module.to(want)
+def place_model(model, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                offload: str = "none", channels_last: bool = False, compile: bool = False):
+    """The one function that puts a TADiSR model where and how it runs. Returns the model.
+
+    dtype: each part's precision by `descriptor.part_dtypes` (fp16 keeps VAE and mask decoder in
+    fp32; fp8_e4m3fn stores UNet weights in fp8 and computes in bf16); None keeps the dtypes.
+    device: where it computes. offload "sequential": weights stay on the CPU and blocks visit
+    `device` as they run (for GPUs smaller than the weights).
+    """
+    from .lowvram import enable_sequential_offload, is_fp8, store_fp8
+
+    if offload not in DESCRIPTOR.offload_modes:
+        raise ValueError(f"unknown offload mode {offload!r}; choose one of {DESCRIPTOR.offload_modes}")
+    if dtype is not None:
+        want = part_dtypes(dtype)
+        for name, target in want.items():
+            module = getattr(model, name)
+            if name == "unet" and dtype == torch.float8_e4m3fn:
+                if not is_fp8(module):
+                    store_fp8(module, target)
+            elif any(p.dtype != target for p in module.parameters()):
+                module.to(target)
+    if device is not None:
+        device = torch.device(device)
+        if offload == "sequential" and device.type != "cpu":
+            enable_sequential_offload(model, device)
+        else:
+            model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
         for module in compile_targets(model):
             module.compile(dynamic=False)
     return model
+
+
+def configure_model(model, dtype: torch.dtype, *, channels_last: bool = False, compile: bool = False):
+    """`place_model` without a device change (kept for existing callers)."""
+    return place_model(model, None, dtype, channels_last=channels_last, compile=compile)
 
 
 def compile_targets(model) -> list[torch.nn.Module]:
@@ -70,11 +102,6 @@ def compile_targets(model) -> list[torch.nn.Module]:
     blocks = [model.unet, *enc.down_blocks, enc.mid_block, dec.mid_block, *dec.up_blocks]
     blocks += list(getattr(model.mi_decoder, "up_blocks", []))
     return blocks
-
-
-def model_dtype(model) -> torch.dtype:
-    """The UNet's compute dtype."""
-    return model.unet.conv_in.weight.dtype
 
 
 def free_memory(device: torch.device | str) -> int:

@@ -1,59 +1,149 @@
-"""Assemble a ready TADiSR model from a Kolors folder, a TADiSR checkpoint and a prompt cache."""
+"""Assemble a ready TADiSR model from the user's Kolors files, a TADiSR checkpoint and a prompt cache."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
 import torch
 
-from .backbone import check_kolors_folder, load_unet, load_vae, read_unet_spec, read_vae_spec
+from .backbone import check_backbone, load_unet, load_vae
 from .checkpoint import apply_checkpoint, load_checkpoint
+from .descriptor import WEIGHT_DTYPES, dtype_name, part_dtypes
+from .devices import place_model
+from .kolors_files import KolorsFiles, find_kolors_files
 from .lora import merge_lora
 from .model import TADiSRModel
-from .prompt import PromptCache, compute_prompt_cache_from_kolors
+from .prompt import PromptCache, compute_prompt_cache_from_kolors, text_encoder_device
 
 
-def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path, device: str = "cpu",
+def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device: str | torch.device = "cpu",
                         time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768)) -> PromptCache:
-    """Load the prompt cache at `path`, computing it once with the folder's ChatGLM3 when absent."""
+    """Load the prompt cache at `path`, computing it once with ChatGLM3 when absent.
+
+    `kolors_dir`: a Kolors folder, a ChatGLM3 folder or a text_encoder folder with its tokenizer
+    (`prompt.find_text_encoder`); `device` may be "auto" (`prompt.text_encoder_device`).
+    """
     path = Path(path)
     if path.is_file():
         return PromptCache.load(path)
-    cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids, device=device)
+    if kolors_dir is None:
+        raise FileNotFoundError(f"prompt cache not found: {path}, and no ChatGLM3 folder to compute it from "
+                                f"(pass --text-encoder DIR or a Kolors folder with text_encoder/ and tokenizer/)")
+    cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids, device=text_encoder_device(device))
     path.parent.mkdir(parents=True, exist_ok=True)
     cache.save(path)
     return cache
 
 
-def load_tadisr(kolors_dir: str | Path, checkpoint: str | Path, prompt_cache: str | Path | PromptCache | None = None,
-                *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                merge_lora_weights: bool = False) -> TADiSRModel:
+def _load_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype weights are streamed in: the storage dtype, except fp8 (cast after merging)."""
+    storage, compute = WEIGHT_DTYPES.get(dtype_name(dtype), (dtype, None))
+    return compute or storage
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _merge_in_fp32(model: TADiSRModel, parts: dict, ckpt) -> None:
+    """Merge LoRA into low-precision base weights exactly as an fp32 merge followed by a cast would
+    (the numbers of loading in fp32, merging and casting), one layer at a time: each base weight is
+    read again in fp32 from its file (or taken from the checkpoint when the checkpoint sets it), the
+    LoRA factors from the checkpoint, merged in fp32 and cast back."""
+    from .lora import lora_layers
+    from .streaming import iter_tensors
+
+    for group, part in parts.items():
+        module = getattr(model, group)
+        todo = {id(m) for m in lora_layers(module)
+                if not m.merged and m.get_base_layer().weight.dtype != torch.float32}
+        layers = {name: m for name, m in module.named_modules() if id(m) in todo}
+        if not layers:
+            continue
+        saved = ckpt.groups.get(group, {})
+        wanted = {f"{name}.weight": name for name in layers if f"{name}.base_layer.weight" not in saved}
+
+        def rename(key: str, part=part, wanted=wanted):
+            new = part.rename(key)
+            return new if new in wanted else None
+
+        sources = ((wanted[k], t) for k, t in iter_tensors(part.path, torch.float32, rename))
+        from_ckpt = ((n, saved[f"{n}.base_layer.weight"]) for n in layers if f"{n}.base_layer.weight" in saved)
+        for name, weight in (*from_ckpt, *sources):
+            _merge_layer(layers[name], name, weight, saved)
+
+
+@torch.no_grad()
+def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
+    base = layer.get_base_layer()
+    dtype = base.weight.dtype
+    factors = [(p, saved[f"{name}.{pname}"]) for pname, p in layer.named_parameters() if ".lora_" in f".{pname}"]
+    base.weight.data = weight.to(base.weight.device, torch.float32)
+    for p, value in factors:
+        p.data = value.to(p.device, torch.float32)
+    layer.merge()
+    base.weight.data = base.weight.data.to(dtype)
+    for p, _ in factors:
+        p.data = p.data.to(dtype)
+
+
+def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path,
+                prompt_cache: str | Path | PromptCache | None = None, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", merge_lora_weights: bool = False,
+                unet: str | Path | None = None, vae: str | Path | None = None,
+                text_encoder: str | Path | None = None, text_encoder_device_name: str = "cpu",
+                offload: str = "none") -> TADiSRModel:
     """Load the Kolors backbone, apply a TADiSR checkpoint and the prompt conditioning.
 
-    `prompt_cache` may be a PromptCache, a path (computed with ChatGLM3 and saved there when the
-    file does not exist yet) or None (computed in memory from the Kolors folder).
-    Under fp16 the VAE stays in fp32 (the SDXL VAE overflows in fp16).
+    The backbone: a Kolors folder and/or `unet` / `vae` files or folders (which win), or a
+    `KolorsFiles`. Both parts are checked to be Kolors from their headers before anything is
+    built (NotKolorsError), then built on the meta device and streamed in the target dtype.
+    `prompt_cache` may be a PromptCache, a path (computed with ChatGLM3 from `text_encoder`, else the
+    Kolors folder, and saved there when the file does not exist yet) or None (computed in memory).
+    `dtype` fp8_e4m3fn stores the UNet weights in fp8 and computes in bf16; under fp16 the VAE stays
+    fp32 (`descriptor.part_dtypes`). `offload="sequential"` keeps weights on the CPU between blocks.
     """
-    check_kolors_folder(kolors_dir)
+    files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae)
+    unet_part, vae_part = check_backbone(files)
     ckpt = load_checkpoint(checkpoint)
-    spec = dataclasses.replace(ckpt.spec, unet=read_unet_spec(kolors_dir), vae=read_vae_spec(kolors_dir))
+    spec = dataclasses.replace(ckpt.spec, unet=unet_part.spec, vae=vae_part.spec)
+    encoder_source = text_encoder or files.root
     if isinstance(prompt_cache, PromptCache):
         prompt = prompt_cache
     elif prompt_cache is not None:
-        prompt = ensure_prompt_cache(prompt_cache, kolors_dir)
+        prompt = ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name)
     else:
-        prompt = compute_prompt_cache_from_kolors(kolors_dir)
+        if encoder_source is None:
+            raise FileNotFoundError("no prompt cache given and no ChatGLM3 folder to compute one "
+                                    "(pass --prompt-cache FILE or --text-encoder DIR)")
+        prompt = compute_prompt_cache_from_kolors(encoder_source, device=text_encoder_device(text_encoder_device_name))
     spec = dataclasses.replace(spec, prompt_tokens=prompt.prompt_embeds.shape[1],
                                text_hidden=prompt.prompt_embeds.shape[2])
-    model = TADiSRModel(spec, load_unet(kolors_dir), load_vae(kolors_dir))
+    load_dtype = _load_dtype(dtype)
+    wide = part_dtypes(load_dtype)["vae"]
+    unet_module = load_unet(files, load_dtype, checked=unet_part)
+    vae_module = load_vae(files, wide, checked=vae_part)
+    with _default_dtype(wide):  # LoRA, skip convs and decoders are born in their dtype (the checkpoint fills them)
+        model = TADiSRModel(spec, unet_module, vae_module)
+    if not merge_lora_weights:  # cast the checkpoint tensor by tensor: the same rounding as a cast afterwards
+        for group, part_dtype in (("unet", load_dtype), ("vae", wide), ("mi_decoder", wide)):
+            sd = ckpt.groups.get(group, {})
+            for key in list(sd):
+                sd[key] = sd[key].to(part_dtype) if sd[key].is_floating_point() else sd[key]
     apply_checkpoint(model, ckpt)
     if merge_lora_weights:
-        merge_lora(model)
+        _merge_in_fp32(model, {"unet": unet_part, "vae": vae_part}, ckpt)
+        merge_lora(model)  # whatever is left (fp32 models merge here directly)
+    del ckpt
     model.eval().requires_grad_(False)
-    model.to(device)
-    model.unet.to(dtype)
-    model.vae.to(torch.float32 if dtype == torch.float16 else dtype)
-    model.mi_decoder.to(torch.float32 if dtype == torch.float16 else dtype)
+    place_model(model, device, dtype, offload=offload)
     model.set_prompt(prompt)
     return model

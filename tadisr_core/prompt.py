@@ -85,11 +85,6 @@ class PromptCache:
             raise ValueError(f"{path}: prompt cache tensor {bad[0]} {bad[1]}; recompute it with `tadisr prompt-cache`")
         return cls(prompt=meta["prompt"], text_columns=columns, **tensors)
 
-    def to(self, device=None, dtype=None) -> "PromptCache":
-        """A copy on another device/dtype."""
-        return PromptCache(self.prompt_embeds.to(device, dtype), self.text_embeds.to(device, dtype),
-                           self.time_ids.to(device, dtype), self.prompt, self.text_columns)
-
 
 def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tuple[int, ...]:
     """Columns of `word` in the left-padded, special-token-prefixed sequence the encoder sees."""
@@ -123,17 +118,81 @@ def compute_prompt_cache(text_encoder, tokenizer, prompt: str = HEATMAP_PROMPT, 
                        prompt, find_word_columns(tokenizer, prompt, "text", max_length))
 
 
+CHATGLM_BYTES = 14 << 30  # ChatGLM3-6B in bf16 plus activations: what computing the cache needs
+
+
+def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
+    """(text_encoder folder, tokenizer folder) for ChatGLM3 from any of the layouts users keep:
+    a Kolors folder (text_encoder/ + tokenizer/), a ChatGLM3 folder (e.g. models/LLM/chatglm3-6b,
+    config.json + tokenizer.model side by side) or a text_encoder folder holding its own tokenizer.
+    Raises KolorsFolderError naming what is missing."""
+    from .kolors_files import KolorsFolderError
+
+    root = Path(source)
+    if (root / "config.json").is_file() and (root / "tokenizer.model").is_file():
+        return root, root
+    if not root.is_dir():
+        raise KolorsFolderError(f"Kolors folder not found: {root} (or a ChatGLM3 folder / text_encoder folder)")
+    encoder = root / "text_encoder"
+    tokenizer = encoder if (encoder / "tokenizer.model").is_file() else root / "tokenizer"
+    for folder, marker in ((encoder, "config.json"), (tokenizer, "tokenizer.model")):
+        if not (folder / marker).is_file():
+            raise KolorsFolderError(f"{folder / marker} is missing: computing the prompt cache needs "
+                                    f"Kolors' ChatGLM3 {folder.name}/ (or a ChatGLM3 folder with config.json and "
+                                    f"tokenizer.model, or a precomputed prompt cache)")
+    return encoder, tokenizer
+
+
+def list_text_encoders(*dirs) -> list[Path]:
+    """Folders (directly under `dirs`, e.g. ComfyUI's models/LLM and models/diffusers) from which
+    `find_text_encoder` can load ChatGLM3, in order; a missing folder is skipped."""
+    from .kolors_files import KolorsFolderError
+
+    found = []
+    for root in dirs:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            try:
+                find_text_encoder(sub)
+            except KolorsFolderError:
+                continue
+            found.append(sub)
+    return found
+
+
+def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.device = "cpu",
+                        free_bytes: int | None = None) -> torch.device:
+    """Where ChatGLM3 runs. "auto": the compute device when it is a GPU with at least CHATGLM_BYTES
+    free (`free_bytes`, queried when None), else the CPU (bf16, a few minutes, once)."""
+    if name != "auto":
+        return torch.device(name)
+    compute = torch.device(compute)
+    if compute.type != "cuda":
+        return torch.device("cpu")
+    if free_bytes is None:
+        from .devices import free_memory
+
+        free_bytes = free_memory(compute)
+    return compute if free_bytes >= CHATGLM_BYTES else torch.device("cpu")
+
+
 def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATMAP_PROMPT, max_length: int = 256,
                                      time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768),
-                                     device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> PromptCache:
-    """Load ChatGLM3 from a Kolors folder, compute the cache, and free the encoder again."""
+                                     device: str | torch.device = "cpu",
+                                     dtype: torch.dtype = torch.bfloat16) -> PromptCache:
+    """Load ChatGLM3 (any layout `find_text_encoder` accepts), compute the cache, free the encoder.
+
+    The encoder is built on the meta device and its weights streamed in `dtype` (low peak RAM);
+    on the CPU, bf16 needs about 12.5 GB.
+    """
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
-    from .backbone import check_kolors_folder
-
-    check_kolors_folder(kolors_dir, need_text_encoder=True)
-    tokenizer = ChatGLMTokenizer.from_pretrained(Path(kolors_dir) / "tokenizer")
-    encoder = ChatGLMModel.from_pretrained(Path(kolors_dir) / "text_encoder", torch_dtype=dtype).to(device).eval()
+    encoder_dir, tokenizer_dir = find_text_encoder(kolors_dir)
+    tokenizer = ChatGLMTokenizer.from_pretrained(tokenizer_dir)
+    encoder = ChatGLMModel.from_pretrained(encoder_dir, torch_dtype=dtype, low_cpu_mem_usage=True)
+    encoder = encoder.to(device).eval()
     try:
         return compute_prompt_cache(encoder, tokenizer, prompt, max_length, time_ids)
     finally:

@@ -65,3 +65,48 @@ def test_dtype_policy_keeps_the_vae_in_fp32_under_fp16(tiny_dir):
     with torch.no_grad():
         out = bf(x)
     assert out.image.dtype == torch.float32 and torch.isfinite(out.image).all()
+
+
+def test_prompt_cache_from_every_chatglm_layout(tiny_dir, tmp_path):
+    """A Kolors folder, a ChatGLM3 folder (models/LLM style) and a text_encoder folder that holds its
+    own tokenizer give the same cache, computed on the CPU."""
+    from tadisr_core.prompt import compute_prompt_cache_from_kolors, find_text_encoder
+
+    kolors = tiny_dir["kolors"]
+    llm = tmp_path / "LLM" / "chatglm3-6b"
+    shutil.copytree(kolors / "text_encoder", llm)
+    for f in (kolors / "tokenizer").iterdir():
+        shutil.copy(f, llm / f.name)
+    te_only = tmp_path / "kolors_te"
+    shutil.copytree(llm, te_only / "text_encoder")
+    assert find_text_encoder(llm) == (llm, llm)
+    assert find_text_encoder(te_only) == (te_only / "text_encoder", te_only / "text_encoder")
+    kw = dict(max_length=32, dtype=torch.float32, time_ids=(64, 64, 0, 0, 64, 64))
+    ref = compute_prompt_cache_from_kolors(kolors, **kw)
+    for source in (llm, te_only):
+        cache = compute_prompt_cache_from_kolors(source, **kw)
+        assert torch.equal(cache.prompt_embeds, ref.prompt_embeds) and cache.text_columns == ref.text_columns
+
+
+def test_text_encoder_device_auto_falls_back_to_cpu():
+    from tadisr_core.prompt import CHATGLM_BYTES, text_encoder_device
+
+    assert text_encoder_device("auto", "cpu") == torch.device("cpu")
+    assert text_encoder_device("auto", "cuda:0", free_bytes=CHATGLM_BYTES - 1) == torch.device("cpu")
+    assert text_encoder_device("auto", "cuda:0", free_bytes=CHATGLM_BYTES) == torch.device("cuda:0")
+    assert text_encoder_device("cpu", "cuda:0", free_bytes=1 << 40) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_load_equals_fp32_load_then_cast(tiny_dir, dtype, merge):
+    """Streaming in the target dtype must not change any number: the result equals loading in fp32
+    (merging there) and casting afterwards, as the loader did before."""
+    from tadisr_core.devices import place_model
+
+    args = (tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    ref = place_model(load_tadisr(*args, merge_lora_weights=merge), None, dtype)
+    got = load_tadisr(*args, dtype=dtype, merge_lora_weights=merge)
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    assert all(ref_sd[k].dtype == got_sd[k].dtype and torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)

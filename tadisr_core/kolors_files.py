@@ -1,0 +1,206 @@
+"""Where a user's Kolors weights are: the layouts people keep, found and named without ComfyUI.
+
+Accepted layouts (each UNet / VAE file may use diffusers or the original SGM / LDM key names):
+
+* a Kolors diffusers folder: unet/, vae/ (+ text_encoder/, tokenizer/, scheduler/), fp16 variants ok
+* a Kolors folder without vae/ (kijai's KwaiKolorsWrapper download) + a separate SDXL VAE file
+* one UNet file (e.g. models/unet/kolors.safetensors) + one SDXL VAE file, no folder at all
+
+`find_kolors_files` turns CLI-style arguments into `KolorsFiles`; `list_kolors_candidates` and
+`resolve_choice` give the ComfyUI loader its list of named choices from plain folder lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+WEIGHT_EXTS = (".safetensors", ".bin")
+SINGLE_FILE_EXTS = (".safetensors",)
+JOIN = " + "  # separates the UNet part and the VAE part of a choice name
+VAE_HINT = ("the Kolors VAE is the SDXL VAE: pass --vae FILE|DIR (e.g. sdxl_vae.safetensors; in ComfyUI "
+            "put it in models/vae)")
+
+
+class KolorsFolderError(FileNotFoundError):
+    """A Kolors file or folder we need is missing; the message says what belongs where."""
+
+
+@dataclass(frozen=True)
+class KolorsFiles:
+    """The files one Kolors backbone is loaded from."""
+
+    unet: Path                           # weights file
+    vae: Path                            # weights file
+    unet_config: Path | None = None      # config.json beside them, when in diffusers layout
+    vae_config: Path | None = None
+    root: Path | None = None             # the Kolors folder, when there is one (for its ChatGLM3)
+
+    def key(self) -> tuple:
+        """Identity for caches: real paths, sizes and modification times of both files."""
+        out = []
+        for p in (self.unet, self.vae):
+            st = os.stat(p)
+            out.append((os.path.realpath(p), st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+
+def weights_file(folder: Path) -> Path | None:
+    """The weights file of a diffusers component folder (fp16 variant preferred, as shipped)."""
+    for variant in (".fp16", ""):
+        for name in WEIGHT_NAMES:
+            for ext in WEIGHT_EXTS:
+                p = folder / f"{name}{variant}{ext}"
+                if p.is_file():
+                    return p
+    return None
+
+
+def _component(path: Path, sub: str) -> tuple[Path, Path | None]:
+    """(weights, config) of a --unet/--vae argument: a file, a component folder or a Kolors folder."""
+    if path.is_file():
+        return path, None
+    if not path.is_dir():
+        raise KolorsFolderError(f"{sub} weights not found: {path}")
+    folder = path / sub if (path / sub).is_dir() and not (path / "config.json").is_file() else path
+    weights = weights_file(folder)
+    if weights is None:
+        raise KolorsFolderError(f"no weights in {folder}: expected diffusion_pytorch_model[.fp16].safetensors "
+                                f"(or .bin) from Kwai-Kolors/Kolors/{sub}/")
+    config = folder / "config.json"
+    return weights, config if config.is_file() else None
+
+
+def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None = None,
+                      vae: str | Path | None = None) -> KolorsFiles:
+    """The UNet and VAE files from a Kolors folder and/or explicit --unet / --vae paths (which win).
+
+    Raises KolorsFolderError naming the missing piece and what belongs there.
+    """
+    root = Path(kolors) if kolors else None
+    if root is not None and not root.is_dir():
+        raise KolorsFolderError(f"Kolors folder not found: {root} (download Kwai-Kolors/Kolors in diffusers layout)")
+    parts = {}
+    for sub, given in (("unet", unet), ("vae", vae)):
+        if given:
+            parts[sub] = _component(Path(given), sub)
+        elif root is None:
+            raise KolorsFolderError(f"no {sub} given: pass --kolors DIR (a Kolors diffusers folder) or --{sub} FILE|DIR"
+                                    + (f"; {VAE_HINT}" if sub == "vae" else ""))
+        elif sub == "vae" and not (root / sub).is_dir():
+            raise KolorsFolderError(f"{root} has no vae/ folder: {VAE_HINT}")
+        else:
+            folder = root / sub
+            if not (folder / "config.json").is_file():
+                raise KolorsFolderError(f"{folder / 'config.json'} is missing: {root} is not a complete Kolors "
+                                        f"diffusers folder (needs unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
+                                        f"or pass --{sub} FILE|DIR)")
+            parts[sub] = _component(folder, sub)
+    return KolorsFiles(parts["unet"][0], parts["vae"][0], parts["unet"][1], parts["vae"][1], root)
+
+
+# -- the ComfyUI loader's list --------------------------------------------------------------------
+def _is_kolors_unet_folder(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return cfg.get("encoder_hid_dim_type") == "text_proj" and cfg.get("addition_embed_type") == "text_time"
+
+
+def _files(dirs, exts) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for root in dirs:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for dirpath, _, names in os.walk(root, followlinks=True):
+            for name in names:
+                if name.lower().endswith(exts):
+                    p = Path(dirpath) / name
+                    out.setdefault(p.relative_to(root).as_posix(), p)
+    return dict(sorted(out.items()))
+
+
+def _quick(check, path: Path) -> bool:
+    try:
+        check(path)
+    except (ValueError, OSError, KeyError):
+        return False
+    return True
+
+
+def _kolors_unet_files(unet_dirs) -> dict[str, Path]:
+    from .kolors_identity import check_unet
+
+    return {n: p for n, p in _files(unet_dirs, SINGLE_FILE_EXTS).items() if _quick(check_unet, p)}
+
+
+def _sdxl_vae_files(vae_dirs) -> dict[str, Path]:
+    from .kolors_identity import check_vae
+
+    return {n: p for n, p in _files(vae_dirs, SINGLE_FILE_EXTS).items() if _quick(check_vae, p)}
+
+
+def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=()) -> list[str]:
+    """Every Kolors backbone that can be assembled from these folders, as choice names:
+
+    "Kolors"                                     a complete diffusers folder in a diffusers dir
+    "Kolors + vae/sdxl_vae.safetensors"          a folder without vae/ plus a VAE file
+    "unet/kolors.safetensors + vae/sdxl_vae.safetensors"   single UNet file plus VAE file
+    Files are checked from their headers only (cheap); non-Kolors UNets and non-SDXL VAEs are left out.
+    """
+    folders, no_vae = [], []
+    for root in diffusers_dirs:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for sub in sorted(root.iterdir()):
+            if sub.is_dir() and _is_kolors_unet_folder(sub / "unet"):
+                (folders if (sub / "vae" / "config.json").is_file() else no_vae).append(sub.name)
+    vaes = list(_sdxl_vae_files(vae_dirs)) if (no_vae or unet_dirs) else []
+    unets = list(_kolors_unet_files(unet_dirs)) if vaes else []
+    out = sorted(set(folders))
+    out += [f"{f}{JOIN}vae/{v}" for f in sorted(set(no_vae)) for v in vaes]
+    out += [f"unet/{u}{JOIN}vae/{v}" for u in unets for v in vaes]
+    return out
+
+
+def _find(dirs, rel: str, folder: bool = False) -> Path | None:
+    rel = os.path.normpath(rel)
+    if rel.startswith("..") or os.path.isabs(rel):
+        return None
+    for root in dirs:
+        p = Path(root) / rel
+        if (p.is_dir() if folder else p.is_file()):
+            return p
+    return None
+
+
+def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=()) -> KolorsFiles:
+    """The files behind a name from `list_kolors_candidates` (also a bare folder name, as saved in
+    older workflows). Raises KolorsFolderError saying where the missing part belongs."""
+    first, _, second = (name or "").partition(JOIN)
+    vae = None
+    if second:
+        rel = second.removeprefix("vae/")
+        vae = _find(vae_dirs, rel)
+        if vae is None:
+            raise KolorsFolderError(f"VAE file '{rel}' not found in models/vae ({', '.join(map(str, vae_dirs))})")
+    if first.startswith("unet/"):
+        rel = first.removeprefix("unet/")
+        unet = _find(unet_dirs, rel)
+        if unet is None:
+            raise KolorsFolderError(f"UNet file '{rel}' not found in models/unet ({', '.join(map(str, unet_dirs))})")
+        if vae is None:
+            raise KolorsFolderError(f"'{name}': a single UNet file needs a VAE file too ({VAE_HINT})")
+        return find_kolors_files(None, unet, vae)
+    folder = _find(diffusers_dirs, first, folder=True) if first else None
+    if folder is None:
+        raise KolorsFolderError(f"Kolors folder '{first}' not found in models/diffusers "
+                                f"({', '.join(map(str, diffusers_dirs))}): put the Kolors diffusers folder "
+                                "(unet/, vae/ or a separate SDXL VAE, text_encoder/, tokenizer/) there")
+    return find_kolors_files(folder, None, vae)

@@ -1,0 +1,183 @@
+"""Is it Kolors? Read a UNet / VAE file's tensor table (no weights), check it, and find its spec.
+
+The check runs before any module is built: a UNet that is not Kolors (no `encoder_hid_proj` text
+projection, no `text_time` addition embedding, another block layout) or a VAE that is not the
+SDXL-type VAE gets one `NotKolorsError` naming the file, what was expected and what was found.
+
+Widths are read from the tensor shapes. Two numbers are not in any shape: the attention head
+counts and the GroupNorm group count. They come from the component's config.json when there is
+one, else from a `config` entry in the safetensors metadata (our tiny test files carry one), else
+Kolors' own values (64-wide heads, 32 groups), which is what a real Kolors file needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import ldm_names
+from .spec import UNetSpec, VAESpec
+from .streaming import WeightsHeader, read_header
+
+KOLORS_HEAD_WIDTH = 64
+SDXL_VAE_SCALING = 0.13025
+_FULL = UNetSpec()
+
+
+class NotKolorsError(ValueError):
+    """A weights file is not (the right part of) Kolors; the message names file, expected, found."""
+
+
+@dataclass(frozen=True)
+class CheckedPart:
+    """A checked UNet or VAE file: its spec and how its key names map to diffusers names."""
+
+    path: Path
+    spec: UNetSpec | VAESpec
+    ldm_names: bool
+    header: WeightsHeader
+
+    def rename(self, key: str) -> str:
+        """The diffusers name of one of the file's keys."""
+        if isinstance(self.spec, UNetSpec):
+            return ldm_names.unet_key(key) if self.ldm_names else ldm_names.strip_prefix(key, ("unet.",))
+        if self.ldm_names:
+            return ldm_names.vae_key(key, len(self.spec.block_out_channels))
+        return ldm_names.strip_prefix(key, ("vae.",))
+
+
+def _config(path: Path, config: Path | None, header: WeightsHeader) -> dict:
+    if config is not None and config.is_file():
+        return json.loads(config.read_text())
+    text = header.metadata.get("config")
+    return json.loads(text) if text else {}
+
+
+def _count(shapes: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m[1] for k in shapes if (m := rx.match(k))})
+
+
+def _fail(path: Path, what: str, expected: str, found: str, hint: str = "") -> NotKolorsError:
+    tail = f" {hint}" if hint else ""
+    return NotKolorsError(f"{path}: not a Kolors {what}: expected {expected}; found {found}.{tail}")
+
+
+# -- UNet -------------------------------------------------------------------------------------------
+def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPart:
+    """Check that `path` is a Kolors UNet (diffusers or SGM names) and return its spec."""
+    path = Path(path)
+    header = read_header(path)
+    ldm = ldm_names.is_ldm_unet(header.tensors)
+    rename = ldm_names.unet_key if ldm else (lambda k: ldm_names.strip_prefix(k, ("unet.",)))
+    shapes = {rename(k): v for k, v in header.shapes().items()}
+    cfg = _config(path, Path(config) if config else None, header)
+    what = "UNet"
+    cross_key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    cross = shapes.get(cross_key, shapes.get("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"))
+    cross_dim = cross[1] if cross else None
+    if "conv_in.weight" not in shapes:
+        raise _fail(path, what, "a diffusion UNet (conv_in / input_blocks.0.0)",
+                    f"none of its keys (first: {next(iter(header.tensors), 'no tensors')})",
+                    "Is this a VAE, a text encoder or a LoRA?")
+    hid = shapes.get("encoder_hid_proj.weight")
+    if hid is None:
+        raise _fail(path, what, "the ChatGLM3 text projection encoder_hid_proj 4096->2048",
+                    f"no encoder_hid_proj (cross-attention dim {cross_dim}"
+                    + (", an SDXL-type UNet" if "add_embedding.linear_1.weight" in shapes else "") + ")",
+                    "SD 1.x / SDXL / other UNets cannot run TADiSR; use Kwai-Kolors/Kolors' unet.")
+    if "add_embedding.linear_1.weight" not in shapes:
+        raise _fail(path, what, "the text_time addition embedding (add_embedding / label_emb)", "none")
+    if cross_dim is None or hid[0] != cross_dim:
+        raise _fail(path, what, f"encoder_hid_proj output = cross-attention dim", f"{hid[0]} vs {cross_dim}")
+    n_blocks = _count(shapes, r"down_blocks\.(\d+)\.resnets\.0\.conv1\.weight")
+    channels = tuple(shapes[f"down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(n_blocks))
+    layers = _count(shapes, r"down_blocks\.0\.resnets\.(\d+)\.conv1\.weight")
+    depth = tuple(_count(shapes, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.attn1\.to_q\.weight")
+                  for i in range(n_blocks))
+    layout = (n_blocks, layers, depth[1:] if n_blocks == 3 else depth, depth[0] if depth else None)
+    if layout != (3, 2, _FULL.transformer_layers_per_block[1:], 0):
+        raise _fail(path, what, "3 levels of 2 resnets, transformer depths (none, 2, 10)",
+                    f"{n_blocks} levels of {layers} resnets, transformer depths {depth}")
+    time_in = shapes["add_embedding.linear_1.weight"][1]
+    extra = time_in - hid[1]
+    if extra <= 0 or extra % 6:
+        raise _fail(path, what, f"add_embedding input = text_embeds ({hid[1]}) + 6 time ids", f"input {time_in}")
+    groups = cfg.get("norm_num_groups", _FULL.norm_num_groups)
+    heads = cfg.get("attention_head_dim")
+    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (
+        tuple(max(1, c // KOLORS_HEAD_WIDTH) for c in channels) if heads is None else (heads,) * n_blocks)
+    spec = UNetSpec(block_out_channels=channels, layers_per_block=layers,
+                    transformer_layers_per_block=(1, *depth[1:]), attention_head_dim=heads,
+                    cross_attention_dim=cross_dim, encoder_hid_dim=hid[1], addition_time_embed_dim=extra // 6,
+                    norm_num_groups=groups, sample_size=cfg.get("sample_size", _FULL.sample_size))
+    _compare_with_meta(path, what, shapes, _meta_shapes_unet(spec))
+    return CheckedPart(path, spec, ldm, header)
+
+
+# -- VAE --------------------------------------------------------------------------------------------
+def check_vae(path: str | Path, config: str | Path | None = None) -> CheckedPart:
+    """Check that `path` is an SDXL-type VAE (diffusers or LDM names) and return its spec."""
+    path = Path(path)
+    header = read_header(path)
+    ldm = ldm_names.is_ldm_vae(header.tensors)
+    levels = ldm_names.vae_levels(header.tensors) if ldm else 0
+    shapes = {(ldm_names.vae_key(k, levels) if ldm else ldm_names.strip_prefix(k, ("vae.",))): v
+              for k, v in header.shapes().items()}
+    cfg = _config(path, Path(config) if config else None, header)
+    what = "VAE (the SDXL VAE)"
+    quant = shapes.get("quant_conv.weight")
+    if quant is None or "encoder.conv_in.weight" not in shapes or "decoder.conv_out.weight" not in shapes:
+        raise _fail(path, what, "an AutoencoderKL with encoder, decoder and quant_conv",
+                    f"keys such as {list(header.tensors)[:2]}", "Is this a UNet or a full checkpoint?")
+    latent = quant[0] // 2
+    n = _count(shapes, r"encoder\.down_blocks\.(\d+)\.resnets\.0\.conv1\.weight")
+    channels = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(n))
+    if latent != 4 or n != 4:
+        raise _fail(path, what, "4 latent channels and 4 levels (128, 256, 512, 512 at full size)",
+                    f"{latent} latent channels, {n} levels {channels}",
+                    "SD3 / Flux / other VAEs have another latent space.")
+    scaling = cfg.get("scaling_factor", SDXL_VAE_SCALING)
+    if abs(scaling - SDXL_VAE_SCALING) > 1e-6:
+        raise _fail(path, what, f"scaling_factor {SDXL_VAE_SCALING} (the SDXL VAE)", f"{scaling}",
+                    "A scaling factor of 0.18215 means an SD 1.x / 2.x VAE.")
+    layers = _count(shapes, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.conv1\.weight")
+    spec = VAESpec(block_out_channels=channels, layers_per_block=layers,
+                   norm_num_groups=cfg.get("norm_num_groups", VAESpec().norm_num_groups), scaling_factor=scaling,
+                   sample_size=cfg.get("sample_size", VAESpec().sample_size))
+    _compare_with_meta(path, what, shapes, _meta_shapes_vae(spec))
+    return CheckedPart(path, spec, ldm, header)
+
+
+# -- the structural comparison ----------------------------------------------------------------------
+def _meta_shapes_unet(spec: UNetSpec) -> dict[str, tuple[int, ...]]:
+    from .backbone import build_unet
+
+    return {k: tuple(v.shape) for k, v in build_unet(spec, "meta").state_dict().items()}
+
+
+def _meta_shapes_vae(spec: VAESpec) -> dict[str, tuple[int, ...]]:
+    from .backbone import build_vae
+
+    return {k: tuple(v.shape) for k, v in build_vae(spec, "meta").state_dict().items()}
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(s for s in shape if s != 1) or (1,)
+
+
+def _compare_with_meta(path: Path, what: str, found: dict, expected: dict) -> None:
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and _squeezed(tuple(found[k])) != _squeezed(expected[k])]
+    if not (missing or extra or wrong):
+        return
+    if wrong:
+        k = wrong[0]
+        raise _fail(path, what, f"{k} of shape {expected[k]}", f"{tuple(found[k])} ({len(wrong)} tensors differ)")
+    if missing:
+        raise _fail(path, what, f"{len(expected)} tensors including {missing[0]}",
+                    f"{len(found)} tensors, {len(missing)} missing")
+    raise _fail(path, what, f"{len(expected)} tensors", f"{len(extra)} more, e.g. {extra[0]}")

@@ -1,0 +1,120 @@
+"""Low-VRAM modes: fp8 weight storage and sequential CPU offload.
+
+* `store_fp8`: the weights of every Linear / Conv2d keep fp8_e4m3fn storage (half of bf16) and are
+  cast to the compute dtype when the layer runs (a weight parametrization, so `layer.weight`
+  reads as the compute dtype everywhere and LoRA wrappers keep working). Biases, norms and LoRA
+  factors stay in the compute dtype.
+* `enable_sequential_offload`: weights wait on the CPU; each block moves to the GPU when its
+  forward starts and back when it ends. Small modules stay resident (so the model reports the
+  GPU as its device and inputs land there).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+FP8 = torch.float8_e4m3fn
+RESIDENT_BYTES = 4 << 20        # modules this small stay on the GPU under sequential offload
+
+
+class CastWeight(nn.Module):
+    """Parametrization: stored in `storage`, read as `compute`."""
+
+    def __init__(self, storage: torch.dtype, compute: torch.dtype):
+        super().__init__()
+        self.storage, self.compute = storage, compute
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.compute)
+
+
+def store_fp8(module: nn.Module, compute: torch.dtype = torch.bfloat16) -> int:
+    """Keep every Linear / Conv2d weight of `module` in fp8 (LoRA factors excepted); the other
+    tensors are cast to `compute`. Merge LoRA before calling this. Returns the layer count."""
+    module.to(compute)
+    count = 0
+    for name, layer in module.named_modules():
+        if ".lora_" in f".{name}" or not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            continue
+        if parametrize.is_parametrized(layer, "weight"):
+            continue
+        layer.weight = nn.Parameter(layer.weight.detach().to(FP8), requires_grad=False)
+        parametrize.register_parametrization(layer, "weight", CastWeight(FP8, compute), unsafe=True)
+        count += 1
+    return count
+
+
+def is_fp8(module: nn.Module) -> bool:
+    """Whether `module` holds fp8-stored weights."""
+    return any(t.dtype == FP8 for t in module.parameters())
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.parameters())
+
+
+def _to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def _hook(block: nn.Module, device: torch.device, home: torch.device) -> None:
+    def before(mod, args, kwargs):
+        mod.to(device)
+        return _to_device(args, device), _to_device(kwargs, device)
+
+    def after(mod, args, output):
+        mod.to(home)
+        return output
+
+    block.register_forward_pre_hook(before, with_kwargs=True)
+    block.register_forward_hook(after)
+
+
+def offload_plan(model: nn.Module, block_bytes: int = 512 << 20,
+                 resident_bytes: int = RESIDENT_BYTES) -> tuple[list[str], list[str]]:
+    """(moving blocks, resident modules) for sequential offload, by name. Modules up to
+    `block_bytes` move as one unit, larger ones are split into their children; modules under
+    `resident_bytes` stay on the device. Works on meta models (for memory planning)."""
+    moving, resident = [], []
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        size = _bytes(mod)
+        children = list(mod.named_children())
+        if size <= resident_bytes:
+            resident.append(prefix)
+        elif size <= block_bytes or not children:
+            moving.append(prefix)
+        else:
+            for name, child in children:
+                visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return moving, resident
+
+
+def enable_sequential_offload(model: nn.Module, device: torch.device | str, block_bytes: int = 512 << 20,
+                              home: torch.device | str = "cpu", resident_bytes: int = RESIDENT_BYTES) -> list[str]:
+    """Keep `model`'s weights on `home` and run each block on `device` only while it runs
+    (`offload_plan`); small modules, direct parameters of split modules and buffers stay on `device`.
+    Returns the names of the moving blocks. Peak device memory: the resident part plus the
+    largest block plus one block's activations.
+    """
+    device, home = torch.device(device), torch.device(home)
+    moving, _ = offload_plan(model, block_bytes, resident_bytes)
+    for name in moving:  # never the whole model on the device, not even for a moment
+        block = model.get_submodule(name)
+        block.to(home)
+        _hook(block, device, home)
+    prefixes = ("",) if "" in moving else tuple(f"{name}." for name in moving)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(prefixes):
+            t.data = t.data.to(device)
+    return moving

@@ -1,0 +1,159 @@
+"""Weights straight from file into the target dtype, one tensor at a time.
+
+A safetensors file is read with plain `readinto` calls (no memory map, so the file's pages never
+count against the process), each tensor cast to the target dtype as soon as it is read. A load
+therefore holds the weights once in their target dtype plus one tensor in the file's dtype.
+Modules are built on the meta device and receive these tensors by assignment: no random init,
+no fp32 copy of the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+Rename = Callable[[str], str | None]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class WeightsHeader:
+    """The tensor table and metadata of a weights file, read without reading any tensor."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.tensors.items()}
+
+
+def read_header(path: str | Path) -> WeightsHeader:
+    """The header of a `.safetensors` file, or the tensor table of a torch `.bin` (memory-mapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            try:
+                table = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+                raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+        meta = table.pop("__metadata__", None) or {}
+        base = 8 + n
+        tensors = {k: TensorInfo(_ST_DTYPES[v["dtype"]], tuple(v["shape"]), base + v["data_offsets"][0],
+                                 base + v["data_offsets"][1]) for k, v in table.items()}
+        return WeightsHeader(path, tensors, meta)
+    sd = _torch_file(path)
+    return WeightsHeader(path, {k: TensorInfo(t.dtype, tuple(t.shape), 0, 0) for k, t in sd.items()}, {})
+
+
+def _torch_file(path: Path) -> dict[str, torch.Tensor]:
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} holds no state dict")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not t.is_floating_point() or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+def iter_tensors(path: str | Path, dtype: torch.dtype | None = None, rename: Rename | None = None,
+                 header: WeightsHeader | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) in file order, floating tensors cast to `dtype`, names passed through
+    `rename` (None drops the tensor). Only one tensor in the file's dtype is alive at a time."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        for name, t in _torch_file(path).items():
+            new = rename(name) if rename else name
+            if new is not None:
+                cast = _cast(t, dtype)
+                yield new, cast.clone() if cast is t else cast  # never hand out the memory map
+        return
+    header = header or read_header(path)
+    with open(path, "rb", buffering=0) as f:
+        for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
+            new = rename(name) if rename else name
+            if new is None:
+                continue
+            size = info.end - info.start
+            if size == 0:
+                yield new, _cast(torch.empty(info.shape, dtype=info.dtype), dtype)
+                continue
+            buf = bytearray(size)
+            f.seek(info.start)
+            view, got = memoryview(buf), 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{path} is truncated: tensor {name} ends past the end of the file")
+                got += n
+            t = torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+            yield new, _cast(t, dtype)
+
+
+def assign_weights(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], source: str | Path) -> None:
+    """Give a meta-built `module` its tensors by assignment (no copy); reshape 1x1-conv weights
+    stored for linear layers (LDM VAE attention). Raises ValueError naming `source` on any gap."""
+    want = dict(module.state_dict(keep_vars=True))
+    got: dict[str, torch.Tensor] = {}
+    for name, t in tensors:
+        ref = want.get(name)
+        if ref is not None and tuple(t.shape) != tuple(ref.shape) and t.numel() == ref.numel():
+            t = t.reshape(ref.shape)
+        got[name] = t
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if tuple(want[k].shape) != tuple(got[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: expected {tuple(want[k].shape)}, "
+                         f"found {tuple(got[k].shape)})")
+        raise ValueError(f"{source}: the weights do not fit the model: " + "; ".join(parts))
+    module.load_state_dict(got, strict=True, assign=True)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"{source}: no values for {leftover[:3]} after loading")
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers of `module`, each shared tensor counted once."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.device) if not t.is_meta else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,329 @@
+"""Every Kolors layout users keep loads to the same model; wrong models fail with one clear error.
+
+Tiny files are written in each layout from the tiny Kolors folder: the folder itself, a folder
+without vae/ plus a VAE file, and single UNet + VAE files with diffusers names and with the
+original SGM / LDM names (whose writer is checked against diffusers' own LDM converters).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tadisr_core import cli
+from tadisr_core.backbone import load_unet
+from tadisr_core.kolors_files import KolorsFolderError, find_kolors_files, list_kolors_candidates, resolve_choice
+from tadisr_core.kolors_identity import NotKolorsError, check_unet, check_vae
+from tadisr_core.loading import load_tadisr
+from tadisr_core.spec import UNetSpec, full_spec
+
+X = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+# -- writers for the layouts (test fixtures, not product code) ---------------------------------------
+def _sgm_unet_name(k: str) -> str:
+    """diffusers -> SGM names for the 3-level, 2-resnet Kolors UNet."""
+    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    for a, b in fixed.items():
+        if k.startswith(a + "."):
+            return b + k[len(a):]
+
+    def r(rest):
+        head, _, tail = rest.partition(".")
+        return f"{res.get(head, head)}.{tail}"
+
+    if m := re.match(r"down_blocks\.(\d)\.resnets\.(\d)\.(.*)", k):
+        return f"input_blocks.{1 + 3 * int(m[1]) + int(m[2])}.0.{r(m[3])}"
+    if m := re.match(r"down_blocks\.(\d)\.attentions\.(\d)\.(.*)", k):
+        return f"input_blocks.{1 + 3 * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.match(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.*)", k):
+        return f"input_blocks.{3 * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d)\.(.*)", k):
+        return f"middle_block.{2 * int(m[1])}.{r(m[2])}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.*)", k):
+        return f"middle_block.1.{m[1]}"
+    if m := re.match(r"up_blocks\.(\d)\.resnets\.(\d)\.(.*)", k):
+        return f"output_blocks.{3 * int(m[1]) + int(m[2])}.0.{r(m[3])}"
+    if m := re.match(r"up_blocks\.(\d)\.attentions\.(\d)\.(.*)", k):
+        return f"output_blocks.{3 * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.match(r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.*)", k):
+        return f"output_blocks.{3 * int(m[1]) + 2}.{2 if int(m[1]) < 2 else 1}.conv.{m[2]}"
+    return k
+
+
+def _ldm_vae_name(k: str) -> str:
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.*)", k):
+        return f"{m[1]}.mid.attn_1.{attn[m[2]]}.{m[3]}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)", k):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"encoder\.down_blocks\.(\d)\.resnets\.(\d)\.(.*)", k):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"encoder\.down_blocks\.(\d)\.downsamplers\.0\.(.*)", k):
+        return f"encoder.down.{m[1]}.downsample.{m[2]}"
+    if m := re.match(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)\.(.*)", k):
+        return f"decoder.up.{3 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"decoder\.up_blocks\.(\d)\.upsamplers\.0\.(.*)", k):
+        return f"decoder.up.{3 - int(m[1])}.upsample.{m[2]}"
+    if m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.*)", k):
+        return f"{m[1]}.norm_out.{m[2]}"
+    return k
+
+
+def _sgm_unet(sd):
+    return {_sgm_unet_name(k): v for k, v in sd.items()}
+
+
+def _ldm_vae(sd):
+    out = {}
+    for k, v in sd.items():
+        new = _ldm_vae_name(k)
+        out[new] = v[:, :, None, None].contiguous() if ".attn_1." in new and v.ndim == 2 else v
+    return out
+
+
+def _with_config(folder):
+    return {"config": (folder / "config.json").read_text()}
+
+
+@pytest.fixture(scope="module")
+def layouts(tiny_dir, tmp_path_factory):
+    """Paths of each layout built from the tiny Kolors folder."""
+    root = tmp_path_factory.mktemp("layouts")
+    kolors = tiny_dir["kolors"]
+    unet_sd = load_file(kolors / "unet" / "diffusion_pytorch_model.safetensors")
+    vae_sd = load_file(kolors / "vae" / "diffusion_pytorch_model.safetensors")
+    no_vae = root / "diffusers" / "KolorsNoVae"
+    shutil.copytree(kolors, no_vae, ignore=shutil.ignore_patterns("vae"))
+    for sub in ("unet", "vae"):
+        (root / sub).mkdir()
+    paths = {"folder": kolors, "no_vae": no_vae, "root": root}
+    paths["unet_file"] = root / "unet" / "kolors_unet.safetensors"
+    save_file(unet_sd, paths["unet_file"], metadata=_with_config(kolors / "unet"))
+    paths["vae_file"] = root / "vae" / "sdxl_vae.safetensors"
+    save_file(vae_sd, paths["vae_file"], metadata=_with_config(kolors / "vae"))
+    paths["unet_sgm"] = root / "unet" / "kolors_unet_sgm.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in _sgm_unet(unet_sd).items()}, paths["unet_sgm"],
+              metadata=_with_config(kolors / "unet"))
+    paths["vae_ldm"] = root / "vae" / "sdxl_vae_ldm.safetensors"
+    save_file(_ldm_vae(vae_sd), paths["vae_ldm"], metadata=_with_config(kolors / "vae"))
+    return paths
+
+
+def test_sgm_writer_agrees_with_diffusers_converters(tiny_dir, layouts):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    kolors = tiny_dir["kolors"]
+    unet_sd = load_file(kolors / "unet" / "diffusion_pytorch_model.safetensors")
+    cfg = json.loads((kolors / "unet" / "config.json").read_text())
+    back = convert_ldm_unet_checkpoint(load_file(layouts["unet_sgm"]), cfg)
+    assert set(back) == set(unet_sd) - {"encoder_hid_proj.weight", "encoder_hid_proj.bias"}
+    assert all(torch.equal(back[k], unet_sd[k]) for k in back)
+    vae_sd = load_file(kolors / "vae" / "diffusion_pytorch_model.safetensors")
+    vcfg = json.loads((kolors / "vae" / "config.json").read_text())
+    vback = convert_ldm_vae_checkpoint(load_file(layouts["vae_ldm"]), vcfg)
+    assert set(vback) == set(vae_sd)
+    assert all(torch.equal(vback[k].reshape(vae_sd[k].shape), vae_sd[k]) for k in vback)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    with torch.no_grad():
+        return model(X)
+
+
+@pytest.mark.parametrize("layout", ["no_vae+vae_file", "unet_file+vae_file", "unet_sgm+vae_ldm", "unet_sgm+vae_file"])
+def test_every_layout_loads_the_same_model(layout, layouts, tiny_dir, reference):
+    first, second = layout.split("+")
+    kolors = layouts["no_vae"] if first == "no_vae" else None
+    unet = None if first == "no_vae" else layouts[first]
+    model = load_tadisr(kolors, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=unet, vae=layouts[second])
+    with torch.no_grad():
+        out = model(X)
+    assert torch.equal(out.image, reference.image) and torch.equal(out.mask_logits, reference.mask_logits)
+
+
+def test_folder_without_vae_says_what_to_add(layouts, tiny_dir):
+    with pytest.raises(KolorsFolderError, match=r"KolorsNoVae has no vae/ folder: the Kolors VAE is the SDXL VAE: "
+                                                 r"pass --vae"):
+        load_tadisr(layouts["no_vae"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+
+
+def _cli_upscale(tmp_path, tiny_dir, *weights):
+    src = tmp_path / "in"
+    src.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    Image.fromarray((X[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(src / "x.png")
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(src / "x.png"), "-o", str(out), *weights, "--checkpoint",
+                     str(tiny_dir["checkpoint"]), "--prompt-cache", str(tiny_dir["prompt_cache"]), "--scale", "2",
+                     "--tile", "64", "--overlap", "16", "--device", "cpu", "--dtype", "fp32", "-q"])
+    return code, out
+
+
+def test_cli_layouts_give_identical_files(layouts, tiny_dir, tmp_path):
+    code, ref = _cli_upscale(tmp_path / "a", tiny_dir, "--kolors", str(layouts["folder"]))
+    assert code == 0
+    for i, weights in enumerate((["--kolors", str(layouts["no_vae"]), "--vae", str(layouts["vae_file"])],
+                                 ["--unet", str(layouts["unet_sgm"]), "--vae", str(layouts["vae_ldm"])])):
+        code, out = _cli_upscale(tmp_path / f"b{i}", tiny_dir, *weights)
+        assert code == 0
+        for f in ref.iterdir():
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_cli_wrong_model_is_one_line_error(tiny_dir, tmp_path, capsys, sd15_folder):
+    code, _ = _cli_upscale(tmp_path, tiny_dir, "--kolors", str(sd15_folder))
+    assert code == cli.EXIT_SETUP
+    err = capsys.readouterr().err
+    assert "not a Kolors UNet" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- wrong models ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd15_folder(tmp_path_factory):
+    """A tiny SD 1.5-shaped diffusers folder (unet/ + vae/), as users keep in models/diffusers."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("sd15") / "sd15"
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                         attention_head_dim=2).save_pretrained(root / "unet")
+    AutoencoderKL(block_out_channels=(8, 16, 32, 32), norm_num_groups=4, scaling_factor=0.18215,
+                  down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(root / "vae")
+    return root
+
+
+def test_non_kolors_unet_fails_before_anything_is_built(sd15_folder, tiny_dir, monkeypatch):
+    import tadisr_core.backbone as backbone
+
+    def boom(*a, **k):
+        raise AssertionError("a module was built")
+
+    monkeypatch.setattr(backbone, "build_unet", boom)
+    path = sd15_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(NotKolorsError, match=re.escape(str(path)) + r": not a Kolors UNet: expected the ChatGLM3 "
+                                             r"text projection encoder_hid_proj 4096->2048; found no encoder_hid_proj"):
+        load_tadisr(sd15_folder, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+
+
+def test_sd15_vae_is_rejected_by_its_scaling_factor(sd15_folder, tiny_dir):
+    with pytest.raises(NotKolorsError, match=r"vae.*not a Kolors VAE \(the SDXL VAE\): expected scaling_factor "
+                                             r"0.13025 .*found 0.18215"):
+        load_tadisr(None, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=tiny_dir["kolors"],
+                    vae=sd15_folder / "vae")
+
+
+def test_swapped_or_foreign_files_are_named(layouts, sd15_folder, tmp_path):
+    with pytest.raises(NotKolorsError, match=r"kolors_unet.safetensors: not a Kolors VAE"):
+        check_vae(layouts["unet_file"])
+    with pytest.raises(NotKolorsError, match=r"sdxl_vae.safetensors: not a Kolors UNet: expected a diffusion UNet"):
+        check_unet(layouts["vae_file"])
+    sd = load_file(layouts["unet_file"])
+    sd["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"] = torch.zeros(16, 7)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, bad)
+    with pytest.raises(NotKolorsError, match=r"bad.safetensors: not a Kolors UNet: expected encoder_hid_proj output "
+                                             r"= cross-attention dim; found 32 vs 7"):
+        check_unet(bad)
+
+
+def test_full_size_spec_is_found_from_shapes_alone(monkeypatch):
+    """A real Kolors file has no config: the full spec must come from its shapes (meta model here)."""
+    import tadisr_core.kolors_identity as ki
+    from tadisr_core.backbone import build_unet
+    from tadisr_core.streaming import TensorInfo, WeightsHeader
+
+    meta = build_unet(UNetSpec(), "meta").state_dict()
+    table = {k: TensorInfo(v.dtype, tuple(v.shape), 0, 0) for k, v in meta.items()}
+    monkeypatch.setattr(ki, "read_header", lambda p: WeightsHeader(p, table, {}))
+    assert check_unet("kolors.safetensors").spec == full_spec().unet
+
+
+# -- ComfyUI loader helpers --------------------------------------------------------------------------
+def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
+    diffusers_dir = layouts["root"] / "diffusers"
+    shutil.copytree(tiny_dir["kolors"], diffusers_dir / "Kolors", dirs_exist_ok=True)
+    shutil.copytree(sd15_folder, diffusers_dir / "sd15", dirs_exist_ok=True)
+    dirs = ([diffusers_dir], [layouts["root"] / "unet"], [layouts["root"] / "vae"])
+    names = list_kolors_candidates(*dirs)
+    assert "Kolors" in names and "sd15" not in " ".join(names)
+    assert "KolorsNoVae + vae/sdxl_vae.safetensors" in names
+    assert "unet/kolors_unet_sgm.safetensors + vae/sdxl_vae_ldm.safetensors" in names
+    for name in names:  # what the loader node does with a choice
+        files = resolve_choice(name, *dirs)
+        model = load_tadisr(files, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+        with torch.no_grad():
+            assert torch.equal(model(X).image, reference.image), name
+    from tadisr_core.prompt import list_text_encoders
+
+    assert list_text_encoders(diffusers_dir, layouts["root"] / "LLM") == [diffusers_dir / "Kolors", layouts["no_vae"]]
+    with pytest.raises(KolorsFolderError, match="needs a VAE file too"):
+        resolve_choice("unet/kolors_unet.safetensors", *dirs)
+    with pytest.raises(KolorsFolderError, match="'nope' not found in models/diffusers"):
+        resolve_choice("nope", *dirs)
+
+
+def test_find_files_prefers_explicit_parts(layouts):
+    files = find_kolors_files(layouts["folder"], vae=layouts["vae_ldm"])
+    assert files.vae == layouts["vae_ldm"] and files.vae_config is None and files.root == layouts["folder"]
+    assert files.unet.parent.name == "unet"
+
+
+# -- memory: the target dtype from the first byte ----------------------------------------------------
+def test_bf16_load_never_creates_an_fp32_tensor(layouts, tmp_path):
+    """fp16 file (as Kolors ships) -> bf16: every tensor made during the load is bf16 or meta."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sd = {k: v.half() for k, v in load_file(layouts["unet_file"]).items()}
+    half = tmp_path / "unet.fp16.safetensors"
+    save_file(sd, half, metadata=load_file_metadata(layouts["unet_file"]))
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor) and not t.is_meta and t.dtype == torch.float32 and t.numel() > 1:
+                    seen.append((str(func), tuple(t.shape)))
+            return out
+
+    files = find_kolors_files(None, half, layouts["vae_file"])
+    with Record():
+        unet = load_unet(files, torch.bfloat16)
+    assert not seen, seen[:5]
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert torch.equal(unet.conv_in.weight, sd["conv_in.weight"].to(torch.bfloat16))
+
+
+def load_file_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_bin_weights_load_like_safetensors(tiny_dir, tmp_path):
+    folder = tmp_path / "kolors"
+    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("text_encoder"))
+    st = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), st.with_suffix(".bin"))
+    st.unlink()
+    files = find_kolors_files(folder)
+    assert files.unet.suffix == ".bin"
+    a, b = load_unet(files, torch.bfloat16), load_unet(find_kolors_files(tiny_dir["kolors"]), torch.bfloat16)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
