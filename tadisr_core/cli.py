@@ -75,7 +75,9 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32), fp32 on CPU")
-    p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights into the base weights (faster)")
+    p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold the LoRA weights into the base weights (default; faster, equal within float "
+                        "rounding); --no-merge-lora keeps them separate")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and the VAE / mask-decoder blocks (for GPUs; compiling takes minutes)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (often faster on GPU)")
@@ -169,6 +171,8 @@ def add_upscale(sub) -> None:
                    help="sample the VAE latent with this seed, as the release did (default: the latent mean, "
                         "deterministic)")
     p.add_argument("--attention", action="store_true", help="also write the text-attention heat map")
+    p.add_argument("--no-mask", dest="mask", action="store_false",
+                   help="write the image only: skips the text-mask decoder (faster; the image is the same)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs all exist")
     p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")
@@ -196,8 +200,8 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     _setup_logging(args.verbose)
     _validate_upscale(args)
     rank, world = distributed_rank()
-    jobs = shard(plan_jobs(collect_inputs(args.inputs, args.recursive), args.output, args.scale, args.attention),
-                 rank, world)
+    jobs = shard(plan_jobs(collect_inputs(args.inputs, args.recursive), args.output, args.scale, args.attention,
+                           mask=args.mask), rank, world)
     quiet = args.quiet or rank > 0
     t0 = time.perf_counter()
     if model is None:
@@ -205,7 +209,7 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     load_s = time.perf_counter() - t0
     Path(args.output).mkdir(parents=True, exist_ok=True)
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
-                      args.skip_existing)
+                      args.skip_existing, mask=args.mask)
     records, cancelled = [], False
     files_bar = tqdm(total=len(jobs), unit="file", disable=quiet or len(jobs) < 2, position=0)
     with _Interrupt() as interrupt:

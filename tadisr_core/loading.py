@@ -28,12 +28,13 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path, device: str = 
 
 def load_tadisr(kolors_dir: str | Path, checkpoint: str | Path, prompt_cache: str | Path | PromptCache | None = None,
                 *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                merge_lora_weights: bool = False) -> TADiSRModel:
+                merge_lora_weights: bool = True) -> TADiSRModel:
     """Load the Kolors backbone, apply a TADiSR checkpoint and the prompt conditioning.
 
     `prompt_cache` may be a PromptCache, a path (computed with ChatGLM3 and saved there when the
     file does not exist yet) or None (computed in memory from the Kolors folder).
-    Under fp16 the VAE stays in fp32 (the SDXL VAE overflows in fp16).
+    Under fp16 the VAE stays in fp32 (the SDXL VAE overflows in fp16). The LoRA is merged into the
+    base weights unless `merge_lora_weights=False` (equal within float rounding, fewer kernels).
     """
     check_kolors_folder(kolors_dir)
     ckpt = load_checkpoint(checkpoint)
