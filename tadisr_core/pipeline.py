@@ -297,9 +297,11 @@ def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int
         from .attention import attention_channels
 
         per_tile += attention_channels(model.unet, model.spec.attention) * latent_cells * 4
+    source = 0
     if _keep_skips(model, keep_skips, units, cells):
         per_tile += skip_bytes_per_pixel(model) * cells
-    source = batch * channels * height * width * torch.finfo(store_dtype).bits // 8
+    elif model.spec.skip_convs:
+        source = batch * channels * height * width * torch.finfo(store_dtype).bits // 8
     alpha = batch * h * w * 4 if channels == 4 else 0
     return units * per_tile + source + alpha
 
