@@ -22,6 +22,7 @@ Random weights give meaningless images but the real compute and memory. Output s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -212,7 +213,8 @@ def job_times(model, lr: int, repeats: int) -> dict:
         upscale(model, x[..., :192, :192], 4, tile=768, overlap=256, mask=mask)   # warm-up at the tile size
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        row = summary([timer(lambda: upscale(model, x, 4, tile=768, overlap=256, mask=mask)) for _ in range(repeats)])
+        job = functools.partial(upscale, model, x, 4, tile=768, overlap=256, mask=mask)
+        row = summary([timer(job) for _ in range(repeats)])
         cuda = device.type == "cuda"
         row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3) if cuda else None
         row["output_mp_per_s"] = round(16 * lr * lr / 1e6 / row["median_s"], 3)

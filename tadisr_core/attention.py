@@ -139,7 +139,7 @@ class TextAttentionProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         residual = hidden_states
-        b, n, _ = hidden_states.shape
+        b = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = _heads(attn.to_q(hidden_states), attn.heads)
         if encoder_hidden_states is not None and context.shape[0] == 1:

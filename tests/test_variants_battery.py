@@ -18,7 +18,6 @@ import torch
 from tadisr_core.decoders import MuGIBlock
 from tadisr_core.model import random_prompt
 from tadisr_core.pipeline import upscale
-
 from tests.test_golden import golden_input, golden_model
 
 TILE = dict(tile=64, overlap=16, tile_batch=2, canvas_device="cpu")
@@ -54,7 +53,7 @@ def _steps(model, x, mask=True):
 @torch.no_grad()
 def test_mugi_shortcut_is_bit_identical(case, monkeypatch):
     model, dtype, _ = case
-    den_fast, fast = _steps(model, _x(dtype))
+    _, fast = _steps(model, _x(dtype))
     monkeypatch.setattr(MuGIBlock, "forward", lambda self, i, m: self.forward_both(i, m)[:2])
     _, full = _steps(model, _x(dtype))
     assert torch.equal(fast.image, full.image) and torch.equal(fast.mask_logits, full.mask_logits)
