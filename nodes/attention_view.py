@@ -25,14 +25,7 @@ def _core_attention_tiles():
     return AttentionTiles
 
 
-def channel_groups(model) -> dict[str, tuple[int, int]]:
-    """Channel range of each UNet part in the captured maps (parts without hooked layers absent)."""
-    from tadisr_core.heatmap import channel_groups as groups
-
-    return groups(model)
-
-
-def from_tiles(tiled, groups: dict[str, tuple[int, int]] | None = None):
+def from_tiles(tiled):
     """The per-tile maps kept by denoised TiledLatents (`tadisr_core.heatmap.AttentionTiles`)."""
     try:
         return tiled.attention_tiles()
