@@ -25,7 +25,7 @@ class Job:
 
     input: Path
     image: Path
-    mask: Path | None
+    mask: Path | None                 # None: image only (the text-mask decoder is skipped)
     attention: Path | None = None
     error: str | None = None          # set when the input cannot even be found
 
@@ -41,7 +41,6 @@ class Options:
     attention: bool = False
     seed: int | None = None           # set: sample the latent with this seed (as the release did)
     skip_existing: bool = False
-    mask: bool = True                 # False: image only (no text-mask decoder, no mask file)
 
 
 @dataclass

@@ -209,7 +209,7 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     load_s = time.perf_counter() - t0
     Path(args.output).mkdir(parents=True, exist_ok=True)
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
-                      args.skip_existing, mask=args.mask)
+                      args.skip_existing)
     records, cancelled = [], False
     files_bar = tqdm(total=len(jobs), unit="file", disable=quiet or len(jobs) < 2, position=0)
     with _Interrupt() as interrupt:

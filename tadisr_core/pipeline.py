@@ -285,8 +285,8 @@ def skip_bytes_per_pixel(model) -> int:
 
 
 def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int = 768, overlap: int = 256,
-                     batch: int = 1, channels: int = 3, keep_attention: bool = True, keep_skips: bool | str = "auto",
-                     store_dtype: torch.dtype = torch.float32) -> int:
+                     batch: int = 1, channels: int = 3, keep_attention: bool = True,
+                     keep_skips: bool | str = "auto") -> int:
     """Bytes the staged path keeps for an LR image of `height` x `width` (what `TiledLatents.nbytes` reports)."""
     h, w = output_size(height, width, scale)
     grid = make_grid(h, w, tile, overlap, multiple=LATENT_FACTOR)
@@ -301,7 +301,7 @@ def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int
     if _keep_skips(model, keep_skips, units, cells):
         per_tile += skip_bytes_per_pixel(model) * cells
     elif model.spec.skip_convs:
-        source = batch * channels * height * width * torch.finfo(store_dtype).bits // 8
+        source = batch * channels * height * width * 4          # the LR input, float32
     alpha = batch * h * w * 4 if channels == 4 else 0
     return units * per_tile + source + alpha
 
