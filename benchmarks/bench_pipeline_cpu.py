@@ -48,6 +48,10 @@ class StubModel:
     """The model interface with next to no compute or activations (pipeline-only measurements)."""
 
     needs_attention = False
+    image_reads_mask = False
+
+    def needs_capture(self, mask=True):
+        return False
 
     def __init__(self):
         import torch
@@ -69,11 +73,11 @@ class StubModel:
     def denoise(self, latents, capture=None):
         return self._types[1](latents, None)
 
-    def decode(self, latents, skips, attention=None):
+    def decode(self, latents, skips, attention=None, mask=True):
         import torch.nn.functional as F
 
         up = F.interpolate(latents, scale_factor=8, mode="nearest")
-        return self._types[2](up[:, :3], up[:, 3:4])
+        return self._types[2](up[:, :3], up[:, 3:4] if mask else None)
 
 
 def _cat(a, b):

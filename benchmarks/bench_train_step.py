@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +44,7 @@ def random_lpips_weights(net: str, folder: Path) -> Path:
 
 
 def bench(args) -> dict:
-    """Build, run `args.steps` timed steps after one warm-up step, return the measurements."""
+    """Build, run `args.steps` timed steps after `args.warmup` warm-up steps, return the measurements."""
     device = torch.device("cpu" if args.tiny else "cuda")
     cfg = Config()
     cfg.model.variant, cfg.model.size = args.variant, "tiny" if args.tiny else "full"
@@ -89,7 +90,8 @@ def bench(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    warm = step()
+    for _ in range(max(1, args.warmup)):
+        warm = step()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -105,8 +107,10 @@ def bench(args) -> dict:
         "gradient_checkpointing": args.gc, "lpips_net": args.lpips_net,
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "build_s": round(build_s, 2), "s_per_step": round(sorted(times)[len(times) // 2], 4),
-        "s_per_step_all": [round(t, 4) for t in times],
+        "build_s": round(build_s, 2), "s_per_step": round(statistics.median(times), 4),
+        "s_per_step_min": round(min(times), 4), "s_per_step_max": round(max(times), 4),
+        "s_per_step_spread": round((max(times) - min(times)) / statistics.median(times), 4),
+        "steps_timed": len(times), "s_per_step_all": [round(t, 4) for t in times],
         "warmup_total": warm["total"], "last_losses": last,
     }
     if device.type == "cuda":
@@ -122,7 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="paper", choices=("paper", "official-kolors"))
     p.add_argument("--size", type=int, default=768, help="HR crop size (a multiple of 32)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps after the warm-up; reported as median, min, max and spread")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, autotuning)")
     p.add_argument("--precision", default=None, choices=("bf16", "fp16", "no"),
                    help="default: bf16 on CUDA, no (fp32) with --tiny")
     p.add_argument("--no-gc", dest="gc", action="store_false", help="disable gradient checkpointing")

@@ -1,8 +1,8 @@
 """Graph blocks that map onto the model's steps: Encode -> One-Step Denoise -> Joint Decode.
 
 Chained, they give the same result as TADiSR Upscale with the same settings. Between the steps
-every tile's latents and encoder skip features stay in RAM (about 0.4 GB per 768 px tile at fp32),
-so prefer TADiSR Upscale unless you want to look at (or swap) an intermediate step.
+each tile's latents and text-attention maps stay in RAM (about 20 MB per 768 px tile); the encoder
+features the decoder reuses are recomputed at decode unless they are small.
 """
 
 from __future__ import annotations
@@ -80,10 +80,8 @@ class TADiSRDenoise:
         tiled = _check_latents(latents, "encoded")
         batch = running.tile_batch_arg(tile_batch)
         with running.running(model, tiled.grid.tile_h, batch) as (m, progress, cancel):
-            groups = attention_view.channel_groups(m)
-            out = denoise_tiles(running.KeepAttention(m), tiled, capture=False, tile_batch=batch,
-                                progress=progress, cancel=cancel)
-        return out, attention_view.from_tiles(out, groups)
+            out = denoise_tiles(m, tiled, tile_batch=batch, keep_attention=True, progress=progress, cancel=cancel)
+        return out, attention_view.from_tiles(out)
 
 
 class TADiSRDecode:

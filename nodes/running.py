@@ -65,19 +65,3 @@ def running(handle: TADiSRHandle, tile: int = 768, tile_batch: int | str = "auto
     with handle.running(memory_estimate(handle.model, tile, tile_batch)) as model:
         yield model, host.progress_reporter(1), host.cancel_callback()
 
-
-class KeepAttention:
-    """The model as the staged pipeline sees it when the per-tile TACA maps must be kept.
-
-    `denoise_tiles` keeps the full maps of each tile only for models whose decoder reads them;
-    claiming that makes it keep them for the Text Attention view too (decode ignores them when
-    the real decoder does not read them).
-    """
-
-    needs_attention = True
-
-    def __init__(self, model):
-        self._model = model
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)

@@ -2,40 +2,26 @@
 
 from __future__ import annotations
 
-from . import attention_view, convert, host, running
+from . import convert, host, running
 from .types import TADISR_ATTENTION
-
-
-def _stage(progress, index: int, stages: int):
-    return lambda done, total: progress(index * total + done, stages * total)
 
 
 def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, attention=False):
     """(image [B,H,W,C], mask [B,H,W], CapturedAttention | None) in ComfyUI layouts.
 
-    Without attention the tiles run fused (encode -> denoise -> decode per batch, blended at once);
-    with it they run staged so each tile's maps can be kept, which gives the same image and mask.
+    The tiles run fused (encode -> denoise -> decode per batch, blended at once); with attention
+    each tile's maps are kept as well.
     """
     from tadisr_core import pipeline
 
     img = convert.image_to_core(image)
     running.check_tiling(scale, tile, overlap)
     batch = running.tile_batch_arg(tile_batch)
-    captured = None
     with running.running(handle, tile, batch) as (m, progress, cancel):
-        args = (float(scale), int(tile), int(overlap), batch)
-        if attention:
-            groups = attention_view.channel_groups(m)
-            stage = [_stage(progress, k, 3) for k in range(3)]  # one bar over the three passes
-            tiled = pipeline.encode_tiles(m, img, *args, progress=stage[0], cancel=cancel)
-            tiled = pipeline.denoise_tiles(running.KeepAttention(m), tiled, capture=False, tile_batch=batch,
-                                           progress=stage[1], cancel=cancel)
-            res = pipeline.decode_tiles(m, tiled, batch, progress=stage[2], cancel=cancel)
-            captured = attention_view.from_tiles(tiled, groups)
-        else:
-            res = pipeline.upscale(m, img, *args, progress=progress, cancel=cancel)
+        res = pipeline.upscale(m, img, float(scale), int(tile), int(overlap), batch, progress=progress,
+                               cancel=cancel, keep_attention=bool(attention))
     dev = host.intermediate_device()
-    return convert.image_from_core(res.image, dev), convert.mask_from_core(res.mask, dev), captured
+    return convert.image_from_core(res.image, dev), convert.mask_from_core(res.mask, dev), res.attention_tiles
 
 
 class TADiSRUpscale:
@@ -60,8 +46,8 @@ class TADiSRUpscale:
             "image": ("IMAGE", {"tooltip": "Low-resolution image(s) to upscale (RGB; alpha is resized and kept)."}),
             **running.tiling_inputs(),
             "capture_attention": ("BOOLEAN", {"default": False, "tooltip": (
-                "Also output the cross-attention to the word 'text' (for TADiSR Text Attention). Same image and mask, "
-                "but the tiles run in three passes that keep per-tile state in RAM (~0.4 GB per 768 px tile).")}),
+                "Also output the cross-attention to the word 'text' (for TADiSR Text Attention). Same image and mask; "
+                "the maps of each tile stay in RAM (~20 MB per 768 px tile).")}),
         }}
 
     def upscale(self, model, image, scale=4.0, tile=768, overlap=256, tile_batch=0, capture_attention=False):

@@ -1,7 +1,8 @@
-"""Text-aware cross-attention capture (TACA).
+"""Text-aware cross-attention capture (TACA) and the prompt's cached keys and values.
 
-A processor on the chosen `attn2` layers computes the layer output with SDPA (so the UNet result
-is unchanged) and, while capturing, the softmax probabilities of the selected token columns only.
+A processor on every `attn2` layer computes the layer output with SDPA (so the UNet result is
+unchanged), shares the prompt's keys and values over the batch (`PromptKV`) and, on the chosen
+layers while capturing, keeps the softmax probabilities of the selected token columns only.
 `AttentionStore.assemble` resizes every kept head's map to the latent grid and stacks them as
 channels in forward-execution order, the layout the mask stream's W_a projection reads.
 """
@@ -83,30 +84,81 @@ class AttentionStore:
         return torch.cat(out, dim=1)
 
 
-class TextAttentionProcessor:
-    """attn2 processor: SDPA output plus, when the store is active, token-column probabilities."""
+class PromptKV:
+    """Keys and values of a shared (batch-1) cross-attention context, kept per layer, device and dtype.
 
-    def __init__(self, store: AttentionStore, head_slice: slice):
+    The prompt is fixed, so its keys and values are the same for every tile: while `enabled`, the
+    first UNet pass stores them and later passes reuse them (the same tensors, so the same result).
+    The owner clears the store whenever the prompt or the projection weights change (`validate`).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fingerprint: object = None
+
+    def validate(self, fingerprint: object) -> None:
+        """Forget everything when `fingerprint` (of the prompt and weights) differs from the last one."""
+        if fingerprint != self._fingerprint:
+            self.entries, self._fingerprint = {}, fingerprint
+
+    def clear(self) -> None:
+        self.entries, self._fingerprint = {}, None
+
+    def keys_values(self, name: str, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of `context` [1, N, D] through `attn`, as [1, heads, N, head_dim]."""
+        key = (name, context.device, context.dtype)
+        if self.enabled and key in self.entries:
+            return self.entries[key]
+        k, v = _heads(attn.to_k(context), attn.heads), _heads(attn.to_v(context), attn.heads)
+        if self.enabled:
+            self.entries[key] = (k, v)
+        return k, v
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, heads * d] -> [B, heads, N, d]."""
+    b, n, inner = x.shape
+    return x.view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+class TextAttentionProcessor:
+    """attn2 processor: SDPA output plus, on TACA layers while the store is active, token-column probabilities.
+
+    A batch-1 context (the prompt) is shared by the whole batch: its keys and values are computed
+    once per pass at batch 1, or taken from `kv` when that holds them, and broadcast over the batch.
+    """
+
+    def __init__(self, store: AttentionStore, head_slice: slice | None, kv: PromptKV | None = None,
+                 name: str = ""):
         self.store = store
-        self.head_slice = head_slice
+        self.head_slice = head_slice          # None: not a TACA layer, never captured
+        self.kv = kv
+        self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         residual = hidden_states
-        b, n, _ = hidden_states.shape
+        b = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        head_dim = k.shape[-1] // attn.heads
-        q, k, v = (x.view(b, -1, attn.heads, head_dim).transpose(1, 2) for x in (q, k, v))
+        q = _heads(attn.to_q(hidden_states), attn.heads)
+        if encoder_hidden_states is not None and context.shape[0] == 1:
+            kv = self.kv if self.kv is not None else PromptKV()
+            k, v = kv.keys_values(self.name, attn, context)
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        else:
+            k, v = _heads(attn.to_k(context), attn.heads), _heads(attn.to_v(context), attn.heads)
+        head_dim = k.shape[-1]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], b)
             attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                              scale=attn.scale)
-        if self.store.active:
-            self.store.maps.append(self._token_probs(q, k, attn.scale))
-        elif self.store.replaying:
-            self._token_probs(q, k, attn.scale)
+        if self.head_slice is not None:
+            if self.store.active:
+                self.store.maps.append(self._token_probs(q, k, attn.scale))
+            elif self.store.replaying:
+                self._token_probs(q, k, attn.scale)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -124,9 +176,22 @@ class TextAttentionProcessor:
         return torch.cat(chunks, dim=2)
 
 
-def install_capture(unet: nn.Module, spec: AttentionSpec) -> AttentionStore:
-    """Put a `TextAttentionProcessor` on the TACA layers of `unet`; returns their shared store."""
+def install_capture(unet: nn.Module, spec: AttentionSpec, kv: PromptKV | None = None) -> AttentionStore:
+    """Put a `TextAttentionProcessor` on every attn2 layer of `unet` (capturing on the TACA layers of
+    `spec`, sharing the prompt keys and values through `kv`); returns their shared store."""
     store = AttentionStore()
-    for _, module in cross_attention_layers(unet, spec):
-        module.set_processor(TextAttentionProcessor(store, spec.head_slice(module.heads)))
+    taca = {name for name, _ in cross_attention_layers(unet, spec)}
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2"):
+            heads = spec.head_slice(module.heads) if name in taca else None
+            module.set_processor(TextAttentionProcessor(store, heads, kv, name))
     return store
+
+
+def prompt_projections(unet: nn.Module) -> list[nn.Module]:
+    """The modules that turn the prompt into cross-attention keys and values (their weights key `PromptKV`)."""
+    mods = [unet.encoder_hid_proj] if getattr(unet, "encoder_hid_proj", None) is not None else []
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2"):
+            mods += [module.to_k, module.to_v]
+    return mods

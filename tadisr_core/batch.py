@@ -27,7 +27,7 @@ class Job:
 
     input: Path
     image: Path
-    mask: Path
+    mask: Path | None                 # None: image only (the text-mask decoder is skipped)
     attention: Path | None = None
     error: str | None = None          # set when the input cannot even be found
 
@@ -135,7 +135,7 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
 
 
 def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | Path, scale: float,
-              attention: bool = False) -> list[Job]:
+              attention: bool = False, mask: bool = True) -> list[Job]:
     """Output paths `<name>_x<scale>.png`, `<name>_text_mask.png` (and `<name>_attention.png`).
 
     Files found in folders keep their sub-folder below OUTDIR; a name already taken gets `-2`, `-3`...
@@ -152,7 +152,7 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
             stem = f"{path.stem}-{n}"
         used.add(outdir / sub / stem)
         base = outdir / sub
-        jobs.append(Job(path, base / f"{stem}_{tag}.png", base / f"{stem}_text_mask.png",
+        jobs.append(Job(path, base / f"{stem}_{tag}.png", base / f"{stem}_text_mask.png" if mask else None,
                         base / f"{stem}_attention.png" if attention else None, error))
     _refuse_overwrites(jobs)
     return jobs
@@ -193,7 +193,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     if job.error:
         rec.error = job.error
         return rec
-    outputs = {"image": job.image, "mask": job.mask}
+    outputs = {"image": job.image, **({"mask": job.mask} if job.mask is not None else {})}
     if job.attention is not None:
         outputs["attention"] = job.attention
     if options.skip_existing and all(written_by_us(p) for p in outputs.values()):
@@ -209,10 +209,11 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         rec.channels = image.shape[1]
         result = upscale(model, image, options.scale, options.tile, options.overlap, options.tile_batch,
                          progress=progress, cancel=cancel, attention=options.attention,
-                         sample=options.seed is not None, seed=options.seed)
+                         sample=options.seed is not None, seed=options.seed, mask=job.mask is not None)
         del image
         t2 = time.perf_counter()
-        items = [(result.image, job.image, source.icc_profile), (result.mask, job.mask)]
+        items = [(result.image, job.image, source.icc_profile)]
+        items += [(result.mask, job.mask)] if job.mask is not None else []
         if job.attention is not None:
             items.append((result.attention, job.attention))
         save_images(items)

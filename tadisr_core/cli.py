@@ -129,7 +129,9 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "fp8_e4m3fn: UNet weights stored in fp8, computed in bf16 (half the UNet's VRAM)")
     p.add_argument("--offload", default="none", choices=("none", "sequential"),
                    help="sequential: keep weights in RAM and move each block to the GPU as it runs (small GPUs)")
-    p.add_argument("--merge-lora", action="store_true", help="fold the LoRA weights into the base weights (faster)")
+    p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold the LoRA weights into the base weights (default; faster, equal within float "
+                        "rounding); --no-merge-lora keeps them separate")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and the VAE / mask-decoder blocks (for GPUs; compiling takes minutes)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (often faster on GPU)")
@@ -259,6 +261,8 @@ def add_upscale(sub) -> None:
                    help="sample the VAE latent with this seed, as the release did (default: the latent mean, "
                         "deterministic)")
     p.add_argument("--attention", action="store_true", help="also write the text-attention heat map")
+    p.add_argument("--no-mask", dest="mask", action="store_false",
+                   help="write the image only: skips the text-mask decoder (faster; the image is the same)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs all exist")
     p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")
@@ -288,7 +292,7 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     _validate_upscale(args)
     rank, world = distributed_rank()
     planned = plan_jobs(collect_inputs(args.inputs, args.recursive, exclude=args.output), args.output, args.scale,
-                        args.attention)
+                        args.attention, mask=args.mask)
     jobs = shard(planned, rank, world)
     quiet = args.quiet or rank > 0
     ensure_writable_folder(Path(args.output))

@@ -13,6 +13,7 @@ Two variants share one layout (`interaction_blocks.i.0.*`, `up_blocks.i.*`, `out
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .spec import TADiSRSpec
@@ -58,6 +59,11 @@ class CrossGate(nn.Module):
         if self.sigmoid:
             r2, l2 = r2.sigmoid(), l2.sigmoid()
         return l1 * r2, r1 * l2
+
+    def gate_right(self, right: torch.Tensor, left_second_half: torch.Tensor) -> torch.Tensor:
+        """The right output alone, from the right stream and only the second half of the left one."""
+        r1 = right.chunk(2, dim=1)[0]
+        return r1 * (left_second_half.sigmoid() if self.sigmoid else left_second_half)
 
 
 class ChannelAttention(nn.Module):
@@ -105,10 +111,37 @@ class MuGIBlock(nn.Module):
             setattr(self, name, nn.Parameter(torch.zeros(1, c, 1, 1)))
 
     def forward(self, image, mask):
-        _, d_mask = self.block1(image, mask)
+        # The released forward runs both branches and drops the image one. Only the second half of
+        # the image branch's first stage reaches the mask (the cross gate's r1 * l2), so that half
+        # alone is computed: the same convolutions on the same channels, the same numbers.
+        block1, block2 = self.block1, self.block2
+        d_mask = block1[1].gate_right(block1[0].seq_r(mask), _second_half(block1[0].seq_l, image))
+        d_mask = block1[3].seq_r(block1[2].seq_r(d_mask))
         mask = mask + self.a_r * d_mask
-        _, d_mask = self.block2(image, mask)
-        return image, mask + self.b_r * d_mask
+        d_mask = block2[1].gate_right(block2[0].seq_r(mask), _second_half(block2[0].seq_l, image))
+        return image, mask + self.b_r * block2[2].seq_r(d_mask)
+
+    def forward_both(self, image, mask):
+        """The released computation of both branches (what `forward` shortens): (image, mask, dropped d_image)."""
+        d_image, d_mask = self.block1(image, mask)
+        mask = mask + self.a_r * d_mask
+        d_image2, d_mask = self.block2(image, mask)
+        return image, mask + self.b_r * d_mask, (d_image, d_image2)
+
+
+def _second_half(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The last half of the output channels of `seq` (LayerNorm2d, then 1x1 / depthwise convs) on `x`."""
+    for module in seq:
+        if isinstance(module, nn.Conv2d):
+            half = module.out_channels // 2
+            if module.groups not in (1, module.out_channels):
+                raise ValueError("only plain and depthwise convs can be halved")
+            groups = 1 if module.groups == 1 else half
+            weight, bias = module.weight[half:], None if module.bias is None else module.bias[half:]
+            x = F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, groups)
+        else:
+            x = module(x)
+    return x
 
 
 class ResBlock(nn.Module):
@@ -178,6 +211,11 @@ class MaskDecoder(nn.Module):
         self.out_block = nn.Sequential(nn.GroupNorm(groups, outs[-1], eps=1e-6), nn.SiLU(), _conv(outs[-1], 1, 3))
         if attention_channels:
             self.attention_proj = nn.Conv2d(attention_channels, c3, 1)
+
+    @property
+    def image_reads_mask(self) -> bool:
+        """False for the release's MuGI blocks: their image stream passes unchanged."""
+        return not all(isinstance(block[0], MuGIBlock) for block in self.interaction_blocks)
 
     def stream_input(self, mid_features: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
         """The mask stream's input at the latent grid."""

@@ -97,7 +97,7 @@ def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
 
 def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path,
                 prompt_cache: str | Path | PromptCache | None = None, *, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", merge_lora_weights: bool = False,
+                device: str | torch.device = "cpu", merge_lora_weights: bool = True,
                 unet: str | Path | None = None, vae: str | Path | None = None,
                 text_encoder: str | Path | None = None, text_encoder_device_name: str = "cpu",
                 offload: str = "none") -> TADiSRModel:
@@ -110,6 +110,8 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     Kolors folder, and saved there when the file does not exist yet) or None (computed in memory).
     `dtype` fp8_e4m3fn stores the UNet weights in fp8 and computes in bf16; under fp16 the VAE stays
     fp32 (`descriptor.part_dtypes`). `offload="sequential"` keeps weights on the CPU between blocks.
+    The LoRA is merged into the base weights unless `merge_lora_weights=False` (equal within float
+    rounding, fewer kernels).
     """
     files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae)
     unet_part, vae_part = check_backbone(files)

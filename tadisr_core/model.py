@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import attention_channels, install_capture
+from .attention import PromptKV, attention_channels, install_capture, prompt_projections
 from .backbone import build_unet, build_vae
 from .decoders import MaskDecoder
-from .lora import add_lora, add_skip_convs, skip_conv
+from .lora import add_lora, add_skip_convs, lora_layers, merge_lora, skip_conv, unmerge_lora
 from .prompt import PromptCache
 from .schedule import OneStep
 from .spec import TADiSRSpec
@@ -38,7 +38,7 @@ class Denoised:
 @dataclass
 class Decoded:
     image: torch.Tensor                     # (B, 3, H, W) in 0..1
-    mask_logits: torch.Tensor               # (B, 1, H, W); sigmoid gives the text mask
+    mask_logits: torch.Tensor | None        # (B, 1, H, W); sigmoid gives the text mask (None: image only)
 
 
 class TADiSRModel(nn.Module):
@@ -53,7 +53,10 @@ class TADiSRModel(nn.Module):
             add_skip_convs(vae, spec.vae)
         add_lora(unet, spec.unet_lora)
         add_lora(vae, spec.vae_lora, exclude_prefixes=() if spec.encoder_lora else ("encoder.",))
-        self.attention_store = install_capture(unet, spec.attention)
+        self.prompt_kv = PromptKV()
+        self.cache_prompt_kv = True        # reuse the prompt's keys and values between no-grad passes
+        self.attention_store = install_capture(unet, spec.attention, self.prompt_kv)
+        self._kv_modules = prompt_projections(unet)
         n_att = attention_channels(unet, spec.attention) if spec.mask_input == "attention" else 0
         device = unet.conv_in.weight.device
         with torch.device(device):
@@ -74,6 +77,7 @@ class TADiSRModel(nn.Module):
         for name in ("prompt_embeds", "text_embeds", "time_ids"):
             self.register_buffer(name, getattr(prompt, name).to(device, torch.float32), persistent=False)
         self._prompt_meta = (prompt.prompt, tuple(prompt.text_columns))
+        self.prompt_kv.clear()
 
     @property
     def prompt(self) -> PromptCache | None:
@@ -90,6 +94,37 @@ class TADiSRModel(nn.Module):
     def needs_attention(self) -> bool:
         """Whether decode reads the captured attention (paper layout) or not (release layout)."""
         return hasattr(self.mi_decoder, "attention_proj")
+
+    @property
+    def image_reads_mask(self) -> bool:
+        """Whether the image stream reads the mask stream (paper CDIB) or passes unchanged (release MuGI)."""
+        return self.mi_decoder.image_reads_mask
+
+    def needs_capture(self, mask: bool = True) -> bool:
+        """Whether decode (with or without the mask) reads the captured attention."""
+        return self.needs_attention and (mask or self.image_reads_mask)
+
+    # -- inference preparation -----------------------------------------------------------------
+    def merge_lora(self) -> int:
+        """Fold every LoRA into its base weight (fewer kernels per tile; equal within float rounding).
+        Returns the number of layers merged; `unmerge_lora` undoes it."""
+        return merge_lora(self)
+
+    def unmerge_lora(self) -> int:
+        """Separate the LoRA weights again (exact up to rounding)."""
+        return unmerge_lora(self)
+
+    @property
+    def lora_merged(self) -> bool:
+        """Whether the LoRA weights are folded into the base weights."""
+        return any(m.merged for m in lora_layers(self))
+
+    def for_inference(self, merge_lora: bool = True) -> "TADiSRModel":
+        """Eval mode without gradients and, by default, the LoRA merged (what loading does). Returns self."""
+        self.eval().requires_grad_(False)
+        if merge_lora:
+            self.merge_lora()
+        return self
 
     # -- the three steps ---------------------------------------------------------------------
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None,
@@ -123,42 +158,66 @@ class TADiSRModel(nn.Module):
         p = self.prompt
         cond = dict(text_embeds=p.text_embeds.to(dtype).expand(b, -1), time_ids=p.time_ids.to(dtype).expand(b, -1))
         t = torch.full((b,), self.spec.timestep, device=latents.device, dtype=torch.long)
-        store = self.attention_store
+        store, kv = self.attention_store, self.prompt_kv
+        kv.enabled = self.cache_prompt_kv and not torch.is_grad_enabled()
+        if kv.enabled:
+            kv.validate(self._prompt_fingerprint())
         if capture:
             store.start(p.columns(self.spec.attention.token))
         try:
-            eps = self.unet(latents.to(dtype), t, encoder_hidden_states=p.prompt_embeds.to(dtype).expand(b, -1, -1),
+            # The prompt goes in at batch 1: every attn2 layer shares its keys and values over the batch.
+            eps = self.unet(latents.to(dtype), t, encoder_hidden_states=p.prompt_embeds.to(dtype),
                             added_cond_kwargs=cond, return_dict=False)[0]
         finally:
             store.stop()
+            kv.enabled = False
         attention = store.assemble(tuple(latents.shape[-2:])) if capture else None
         return Denoised(self.one_step.x0(latents.to(eps.dtype), eps), attention)
 
     def decode(self, latents: torch.Tensor, skips: list[torch.Tensor] | None,
-               attention: torch.Tensor | None = None) -> Decoded:
-        """Joint decoding: the VAE decoder's up blocks in lock-step with the mask decoder's."""
+               attention: torch.Tensor | None = None, mask: bool = True) -> Decoded:
+        """Joint decoding: the VAE decoder's up blocks in lock-step with the mask decoder's.
+
+        `mask=False` returns the image alone (mask_logits None) and skips the mask work the image
+        does not read: the whole mask stream in the release layout (its image stream never reads
+        it), the last mask up block and the logit head in the paper layout. The image is the same.
+        """
         vae, dec, joint = self.vae, self.vae.decoder, self.mi_decoder
         dtype = dec.conv_in.weight.dtype
         z = latents.to(dtype) / vae.config.scaling_factor
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
         h = dec.mid_block(dec.conv_in(z))
-        m = joint.stream_input(h, attention)
+        m = joint.stream_input(h, attention) if mask or joint.image_reads_mask else None
         rev = skips[::-1] if skips is not None else None
+        last = len(dec.up_blocks) - 1
         for i, (inter, up_image, up_mask) in enumerate(zip(joint.interaction_blocks, dec.up_blocks, joint.up_blocks)):
             if i > 0 and rev is not None:
                 # skip_conv_1 exists in the release but is never applied; skips start at step 1.
                 h = h + skip_conv(vae, i + 1)(rev[i].to(dtype))
-            h, m = inter(h, m)
-            h, m = up_image(h), up_mask(m)
+            if m is not None:
+                h, m = inter(h, m)
+                m = up_mask(m) if mask or i < last else None
+            h = up_image(h)
         image = dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
-        return Decoded((image.float() / 2 + 0.5).clamp(0, 1), joint.out_block(m).float())
+        return Decoded((image.float() / 2 + 0.5).clamp(0, 1), joint.out_block(m).float() if mask else None)
 
-    def forward(self, image: torch.Tensor) -> Decoded:
+    def forward(self, image: torch.Tensor, mask: bool = True) -> Decoded:
         """encode -> denoise -> decode for one batch of tiles."""
         enc = self.encode(image)
-        den = self.denoise(enc.latents)
-        return self.decode(den.latents, enc.skips, den.attention)
+        den = self.denoise(enc.latents, capture=self.needs_capture(mask))
+        return self.decode(den.latents, enc.skips, den.attention, mask=mask)
+
+    def _prompt_fingerprint(self) -> tuple:
+        """Identity of the prompt and of the weights its keys and values come from (PromptKV's key)."""
+        def state(t: torch.Tensor) -> tuple:
+            return t.data_ptr(), t._version, t.dtype, str(t.device)
+
+        parts = [state(self.prompt_embeds)]
+        for module in self._kv_modules:
+            parts.append((getattr(module, "merged", None), getattr(module, "disable_adapters", None),
+                          tuple(state(p) for p in module.parameters())))
+        return tuple(parts)
 
 
 def _check_image(image: torch.Tensor) -> None:

@@ -7,12 +7,15 @@ Two forms with identical numbers for the same tile batches:
   channels) plus one tile batch's activations on the model's device, whatever the image size.
   `canvas_device="auto"` keeps the canvases on the GPU when they take at most 20 % of its free
   memory (no host round trip per tile), else on the CPU; results are always returned on the CPU.
+  `keep_attention=True` also returns every tile's TACA maps (for the heat-map view), no skips.
 * `encode_tiles` -> `denoise_tiles` -> `decode_tiles` run the steps separately (the ComfyUI graph
-  blocks). They must keep every tile's latents *and encoder skip features* between steps on
-  `store_device` (CPU by default): about 184 values per output pixel (c0 * 1.25 + c1 / 16 + c2 / 64
-  for the Kolors VAE), i.e. ~0.43 GB per 768 px tile in fp32 (half in bf16/fp16), ~14 GB for a
-  4096 px fp32 output. Prefer `upscale` unless the steps must be separate.
+  blocks). Between the steps they keep what is small: each tile's latents (and its TACA maps when
+  the decoder reads them or the caller asks), plus the LR input. The encoder skip features (about
+  184 values per output pixel, ~0.43 GB per 768 px tile in fp32) are kept only when all of them fit
+  `SKIP_BUDGET_BYTES`; otherwise decode re-encodes each tile for them (about +13 % FLOPs).
 
+`mask=False` (image only) skips the mask work the image does not read (see `TADiSRModel.decode`):
+the same image, no text mask. Every form blends through `tiling.blend_tiles`, the one tile loop.
 A work unit is one (image, tile) pair; `tile_batch` units go through the model together.
 """
 
@@ -27,26 +30,30 @@ import torch.nn.functional as F
 
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .finite import check_finite
-from .tiling import Blender, Cancel, Progress, TileGrid, UpscaleCancelled, extract_units, make_grid, run_batches
+from .heatmap import AttentionTiles, channel_groups, stretch, tile_heat
+from .tiling import Cancel, Progress, TileGrid, UpscaleCancelled, blend_tiles, extract_units, make_grid, run_batches
 
 __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "upscale", "encode_tiles",
-           "denoise_tiles", "decode_tiles", "upscale_canvas", "output_size", "check_settings"]
+           "denoise_tiles", "decode_tiles", "upscale_canvas", "output_size", "check_settings", "kept_state_bytes"]
 
 log = logging.getLogger("tadisr")
 
 MIN_TILE = 64          # the OOM fallback halves the tile down to this, then gives up
 LATENT_FACTOR = 8
 MAX_SCALE = 8.0
+SKIP_BUDGET_BYTES = 512 << 20   # the staged path keeps encoder skip features only when all fit this
 
 
 @dataclass
 class UpscaleResult:
-    """SR image [B, 3|4, H, W] (alpha re-attached), text mask [B, 1, H, W] and optional heat map, all 0..1."""
+    """SR image [B, 3|4, H, W] (alpha re-attached), text mask [B, 1, H, W] (None when image-only),
+    optional heat map [B, 1, H, W], all 0..1, and the per-tile maps when kept."""
 
     image: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     attention: torch.Tensor | None = None
     grid: TileGrid | None = None      # the tiling actually used (after any out-of-memory fallback)
+    attention_tiles: AttentionTiles | None = None
 
 
 @dataclass
@@ -55,8 +62,12 @@ class TileState:
 
     latents: torch.Tensor
     skips: list[torch.Tensor] | None
-    attention: torch.Tensor | None = None   # full TACA maps, only when the decoder reads them
+    attention: torch.Tensor | None = None   # full TACA maps, when the decoder reads them or they are kept
     heatmap: torch.Tensor | None = None     # channel mean of the TACA maps at the latent grid
+
+    def nbytes(self) -> int:
+        tensors = [self.latents, self.attention, self.heatmap, *(self.skips or [])]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -72,10 +83,24 @@ class TiledLatents:
     alpha: torch.Tensor | None        # upscaled alpha [B, 1, H, W], re-attached at decode
     stage: str = "encoded"            # "encoded" or "denoised"
     heatmap: bool = False
+    source: torch.Tensor | None = None   # the LR input (float32), to re-encode skips when they were not kept
+    groups: dict[str, tuple[int, int]] | None = None   # TACA channel groups of the kept maps
 
     @property
     def size(self) -> tuple[int, int]:
         return self.grid.height, self.grid.width
+
+    def nbytes(self) -> int:
+        """Bytes of kept state: per-tile tensors, the LR input and the alpha canvas."""
+        extra = [t for t in (self.source, self.alpha) if t is not None]
+        return sum(s.nbytes() for s in self.tiles if s is not None) + sum(t.numel() * t.element_size() for t in extra)
+
+    def attention_tiles(self) -> AttentionTiles:
+        """The kept per-tile TACA maps (denoise with keep_attention=True)."""
+        maps = [t.attention for t in self.tiles]
+        if self.stage != "denoised" or any(m is None for m in maps):
+            raise ValueError("these latents carry no attention maps (denoise them with keep_attention=True)")
+        return AttentionTiles(self.grid, self.batch, maps, self.groups or {})
 
 
 def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -139,41 +164,41 @@ def _gather(canvas: torch.Tensor, grid: TileGrid, units: range, model) -> torch.
     return x
 
 
-def _heat_tile(heat: torch.Tensor, grid: TileGrid) -> torch.Tensor:
-    """Latent-grid heat map [n, 1, h, w] -> tile size, bilinear."""
-    return F.interpolate(heat.float(), size=(grid.tile_h, grid.tile_w), mode="bilinear", align_corners=False)
-
-
 def _channel_mean(attention: torch.Tensor) -> torch.Tensor:
     return attention.float().mean(dim=1, keepdim=True)
 
 
-def _canvases(batch: int, grid: TileGrid, channels: int, heat: bool, device) -> tuple[torch.Tensor, ...]:
+def _canvases(batch: int, grid: TileGrid, channels: int, mask: bool, heat: bool, device) -> list[torch.Tensor]:
+    """Output canvases: image (3 or 4 channels) first, then the mask and heat map when wanted."""
     h, w = grid.height, grid.width
-    image = torch.empty(batch, 4 if channels == 4 else 3, h, w, device=device)
-    mask = torch.empty(batch, 1, h, w, device=device)
-    attention = torch.empty(batch, 1, h, w, device=device) if heat else None
-    return image, mask, attention
+    out = [torch.empty(batch, 4 if channels == 4 else 3, h, w, device=device)]
+    out += [torch.empty(batch, 1, h, w, device=device) for want in (mask, heat) if want]
+    return out
 
 
-def _resolve_canvas_device(model, canvas_device, batch: int, h: int, w: int, channels: int, heat: bool):
+def _resolve_canvas_device(model, canvas_device, batch: int, h: int, w: int, channels: int, mask: bool, heat: bool):
     if canvas_device != "auto":
         return torch.device(canvas_device)
-    per_pixel = channels + (4 if channels == 4 else 3) + 1 + (1 if heat else 0)
+    per_pixel = channels + (4 if channels == 4 else 3) + int(mask) + int(heat)
     return choose_canvas_device(model, batch * h * w * per_pixel * 4)
 
 
-def _finish(image, mask, attention, alpha, grid: TileGrid) -> UpscaleResult:
+def _blend(model, grid: TileGrid, batch: int, channels: int, work, tile_batch, *, mask: bool, heat: bool,
+           canvas_device, alpha: torch.Tensor | None, progress, cancel) -> UpscaleResult:
+    """Run `work(units) -> [image, mask?, heat?]` through the tile loop and finish the canvases."""
+    device = _resolve_canvas_device(model, canvas_device, batch, grid.height, grid.width, channels, mask, heat)
+    canvases = _canvases(batch, grid, channels, mask, heat, device)
+    targets = [canvases[0][:, :3], *canvases[1:]]
+    blend_tiles(grid, batch, work, _resolve_batch(model, grid, batch * len(grid), tile_batch), canvases=targets,
+                progress=progress, cancel=cancel)
+    image = canvases[0]
     image[:, :3].clamp_(0, 1)
     if alpha is not None:
-        image[:, 3:].copy_(alpha)
-    mask.sigmoid_()
-    if attention is not None:
-        flat = attention.flatten(1)
-        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-        attention.sub_(lo.view(-1, 1, 1, 1)).div_((hi - lo).clamp_min(1e-12).view(-1, 1, 1, 1))
-    image, mask = image.cpu(), mask.cpu()
-    return UpscaleResult(image, mask, None if attention is None else attention.cpu(), grid)
+        image[:, 3:].copy_(alpha.to(image.device))
+    rest = iter(canvases[1:])
+    mask_c = next(rest).sigmoid_().cpu() if mask else None
+    heat_c = stretch(next(rest)).cpu() if heat else None
+    return UpscaleResult(image.cpu(), mask_c, heat_c, grid)
 
 
 def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: int):
@@ -195,51 +220,58 @@ def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: i
             tile, overlap = new_tile, new_overlap
 
 
+def _split_alpha(hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (hr[:, :3], hr[:, 3:]) if hr.shape[1] == 4 else (hr, None)
+
+
 @torch.no_grad()
 def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overlap: int = 256,
             tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
-            attention: bool = False, sample: bool = False, generator: torch.Generator | None = None,
-            seed: int | None = None, canvas_device: torch.device | str = "auto") -> UpscaleResult:
+            attention: bool = False, keep_attention: bool = False, mask: bool = True, sample: bool = False,
+            generator: torch.Generator | None = None, seed: int | None = None,
+            canvas_device: torch.device | str = "auto") -> UpscaleResult:
     """Super-resolve `image` [B, C, h, w] (0..1; C = 1 gray, 3 RGB or 4 RGBA) by `scale`.
 
     Tiles of `tile` px overlapping by `overlap` go through the model `tile_batch` at a time ("auto":
     from free memory); out-of-memory halves the batch, then the tile. `progress(done, total)` is
     called per tile, `cancel()` is checked between batches (True raises `UpscaleCancelled`).
-    `attention=True` also returns the TACA heat map. `sample` draws the latent like the release
-    (seeded by `generator` or `seed`) instead of using its mean. Results are float32 on the CPU.
+    `attention=True` also returns the TACA heat map (all layers, head mean); `keep_attention=True`
+    returns every tile's maps in `attention_tiles` (see `heatmap.heatmap`). `mask=False` gives the
+    image alone, faster (no text mask). `sample` draws the latent like the release (seeded by
+    `generator` or `seed`) instead of using its mean. Results are float32 on the CPU.
     """
     _check_input(image)
     check_finite(image, "input image")
     check_settings(scale, tile, overlap)
     size = output_size(image.shape[2], image.shape[3], scale)
-    canvas_device = _resolve_canvas_device(model, canvas_device, image.shape[0], *size, image.shape[1], attention)
+    canvas_device = _resolve_canvas_device(model, canvas_device, image.shape[0], *size, image.shape[1], mask,
+                                           attention)
     hr = upscale_canvas(image, scale, canvas_device)
-    rgb = hr[:, :3] if hr.shape[1] == 4 else hr
-    alpha = hr[:, 3:] if hr.shape[1] == 4 else None
+    rgb, alpha = _split_alpha(hr)
     gen = _generator(model, sample, generator, seed)
-    capture = attention or model.needs_attention
-    b, h, w = hr.shape[0], hr.shape[2], hr.shape[3]
+    capture = attention or keep_attention or model.needs_capture(mask)
+    reads = model.needs_capture(mask)
+    b = hr.shape[0]
 
     def run(tile: int, overlap: int) -> UpscaleResult:
-        grid = make_grid(h, w, tile, overlap, multiple=LATENT_FACTOR)
-        img_c, mask_c, heat_c = _canvases(b, grid, image.shape[1], attention, hr.device)
-        blender = Blender(grid, [img_c[:, :3], mask_c] + ([heat_c] if attention else []))
+        grid = make_grid(hr.shape[2], hr.shape[3], tile, overlap, multiple=LATENT_FACTOR)
+        kept: list[torch.Tensor] = []
 
-        def work(units: range) -> None:
+        def work(units: range) -> list[torch.Tensor]:
             enc = model.encode(_gather(rgb, grid, units, model), generator=gen, sample=sample)
             den = model.denoise(enc.latents, capture=capture)
-            dec = model.decode(den.latents, enc.skips, den.attention if model.needs_attention else None)
-            check_finite((dec.image, dec.mask_logits), f"model output of tiles {units.start + 1}-{units.stop}")
-            outs = [dec.image, dec.mask_logits]
-            if attention:
-                outs.append(_heat_tile(_channel_mean(den.attention), grid))
-            for k, u in enumerate(units):
-                blender.add(u // len(grid), u % len(grid), [o[k] for o in outs])
+            dec = model.decode(den.latents, enc.skips, den.attention if reads else None, mask=mask)
+            if keep_attention:
+                kept.extend(den.attention.cpu().split(1))
+            outs = [dec.image] + ([dec.mask_logits] if mask else [])
+            check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}")
+            return outs + ([tile_heat(den.attention, grid)] if attention else [])
 
-        units = b * len(grid)
-        run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
-        blender.finish()
-        return _finish(img_c, mask_c, heat_c, alpha, grid)
+        res = _blend(model, grid, b, image.shape[1], work, tile_batch, mask=mask, heat=attention,
+                     canvas_device=hr.device, alpha=alpha, progress=progress, cancel=cancel)
+        if keep_attention:
+            res.attention_tiles = AttentionTiles(grid, b, kept, channel_groups(model))
+        return res
 
     return _with_tile_fallback(run, tile, overlap)
 
@@ -248,33 +280,77 @@ def _store(t: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
 
+def skip_bytes_per_pixel(model) -> int:
+    """Bytes of encoder skip features per tile pixel at the encoder's dtype (c0 + c0/4 + c1/16 + c2/64 values)."""
+    c0, c1, c2, _ = model.spec.vae.block_out_channels
+    elem = model.vae.encoder.conv_in.weight.element_size()
+    return int((c0 + c0 / 4 + c1 / 16 + c2 / 64) * elem)
+
+
+def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int = 768, overlap: int = 256,
+                     batch: int = 1, channels: int = 3, keep_attention: bool = True,
+                     keep_skips: bool | str = "auto") -> int:
+    """Bytes the staged path keeps for an LR image of `height` x `width` (what `TiledLatents.nbytes` reports)."""
+    h, w = output_size(height, width, scale)
+    grid = make_grid(h, w, tile, overlap, multiple=LATENT_FACTOR)
+    units, cells = batch * len(grid), grid.tile_h * grid.tile_w
+    latent_cells = cells // LATENT_FACTOR ** 2
+    per_tile = 4 * latent_cells * model.unet.conv_in.weight.element_size()
+    if keep_attention or model.needs_attention:
+        from .attention import attention_channels
+
+        per_tile += attention_channels(model.unet, model.spec.attention) * latent_cells * 4
+    source = 0
+    if _keep_skips(model, keep_skips, units, cells):
+        per_tile += skip_bytes_per_pixel(model) * cells
+    elif model.spec.skip_convs:
+        source = batch * channels * height * width * 4          # the LR input, float32
+    alpha = batch * h * w * 4 if channels == 4 else 0
+    return units * per_tile + source + alpha
+
+
+def _keep_skips(model, keep_skips: bool | str, units: int, cells: int) -> bool:
+    if not model.spec.skip_convs:
+        return False
+    if keep_skips == "auto":
+        return units * cells * skip_bytes_per_pixel(model) <= SKIP_BUDGET_BYTES
+    return bool(keep_skips)
+
+
 @torch.no_grad()
 def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overlap: int = 256,
                  tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
                  sample: bool = False, generator: torch.Generator | None = None, seed: int | None = None,
-                 store_device: torch.device | str = "cpu") -> TiledLatents:
-    """Staged step 1: upscale, tile and VAE-encode; keeps latents and skip features per tile (see module doc)."""
+                 store_device: torch.device | str = "cpu", keep_skips: bool | str = "auto") -> TiledLatents:
+    """Staged step 1: upscale, tile and VAE-encode; keeps each tile's latents (see module doc).
+
+    `keep_skips`: True keeps the encoder skip features, False re-encodes at decode, "auto" keeps
+    them when all fit SKIP_BUDGET_BYTES.
+    """
     _check_input(image)
     check_settings(scale, tile, overlap)
     hr = upscale_canvas(image, scale, store_device)
-    rgb = hr[:, :3] if hr.shape[1] == 4 else hr
-    alpha = hr[:, 3:].clone() if hr.shape[1] == 4 else None
+    rgb, alpha = _split_alpha(hr)
+    alpha = None if alpha is None else alpha.clone()
     gen = _generator(model, sample, generator, seed)
     b, h, w = hr.shape[0], hr.shape[2], hr.shape[3]
 
     def run(tile: int, overlap: int) -> TiledLatents:
         grid = make_grid(h, w, tile, overlap, multiple=LATENT_FACTOR)
+        units = b * len(grid)
+        keep = _keep_skips(model, keep_skips, units, grid.tile_h * grid.tile_w)
         states: list[TileState] = []
 
         def work(units: range) -> None:
             enc = model.encode(_gather(rgb, grid, units, model), generator=gen, sample=sample)
             for k in range(len(units)):
-                skips = None if enc.skips is None else [_store(s[k:k + 1], store_device) for s in enc.skips]
+                skips = [_store(s[k:k + 1], store_device) for s in enc.skips] if keep and enc.skips else None
                 states.append(TileState(_store(enc.latents[k:k + 1], store_device), skips))
 
-        units = b * len(grid)
         run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
-        return TiledLatents(grid, b, states, tuple(image.shape[-2:]), float(scale), image.shape[1], alpha)
+        source = None if keep or not model.spec.skip_convs else image.detach().to(store_device, torch.float32)
+        return TiledLatents(grid, b, states, tuple(image.shape[-2:]), float(scale), image.shape[1], alpha,
+                            source=source)
 
     return _with_tile_fallback(run, tile, overlap)
 
@@ -285,12 +361,17 @@ def _stack(tensors: list[torch.Tensor], device) -> torch.Tensor:
 
 @torch.no_grad()
 def denoise_tiles(model, tiled: TiledLatents, capture: bool = False, tile_batch: int | str = "auto", *,
-                  progress: Progress | None = None, cancel: Cancel | None = None) -> TiledLatents:
-    """Staged step 2: the one-step UNet denoise of every tile. `capture` also keeps the TACA heat map."""
+                  keep_attention: bool = False, progress: Progress | None = None,
+                  cancel: Cancel | None = None) -> TiledLatents:
+    """Staged step 2: the one-step UNet denoise of every tile.
+
+    `capture` keeps the heat map's channel mean per tile; `keep_attention` keeps every tile's full
+    TACA maps (for `TiledLatents.attention_tiles`); the maps the decoder reads are always kept.
+    """
     if tiled.stage != "encoded":
         raise ValueError(f"these tiles are already {tiled.stage}; denoise takes encoded tiles")
-    need_full = model.needs_attention
-    grab = capture or need_full
+    keep_full = keep_attention or model.needs_attention
+    grab = capture or keep_full
     states: list[TileState | None] = [None] * len(tiled.tiles)
 
     def work(units: range) -> None:
@@ -300,41 +381,47 @@ def denoise_tiles(model, tiled: TiledLatents, capture: bool = False, tile_batch:
             src = tiled.tiles[u]
             store = src.latents.device
             states[u] = TileState(_store(den.latents[k:k + 1], store), src.skips,
-                                  _store(den.attention[k:k + 1], store) if need_full else None,
+                                  _store(den.attention[k:k + 1], store) if keep_full else None,
                                   _store(heat[k:k + 1], store) if capture else None)
 
     batch = _resolve_batch(model, tiled.grid, len(tiled.tiles), tile_batch)
     run_batches(len(tiled.tiles), batch, work, progress=progress, cancel=cancel)
-    return replace(tiled, tiles=states, stage="denoised", heatmap=capture)
+    groups = channel_groups(model) if keep_full else None
+    return replace(tiled, tiles=states, stage="denoised", heatmap=capture, groups=groups)
 
 
 @torch.no_grad()
 def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, progress: Progress | None = None,
-                 cancel: Cancel | None = None, canvas_device: torch.device | str = "auto") -> UpscaleResult:
-    """Staged step 3: joint decode of every tile and the Hann blend into the SR image and text mask."""
+                 cancel: Cancel | None = None, canvas_device: torch.device | str = "auto",
+                 mask: bool = True) -> UpscaleResult:
+    """Staged step 3: joint decode of every tile and the Hann blend into the SR image and text mask.
+
+    Skip features that were not kept are re-encoded from the LR input. `mask=False`: image only.
+    """
+    if tiled.stage != "denoised":
+        raise ValueError(f"these tiles are {tiled.stage}; decode takes denoised tiles")
     grid = tiled.grid
-    heat = tiled.heatmap
-    canvas_device = _resolve_canvas_device(model, canvas_device, tiled.batch, grid.height, grid.width, 0, heat)
-    img_c, mask_c, heat_c = _canvases(tiled.batch, grid, tiled.channels, heat, canvas_device)
-    blender = Blender(grid, [img_c[:, :3], mask_c] + ([heat_c] if heat else []))
     dev = model.device
+    reads = model.needs_capture(mask)
+    rgb = None
+    if tiled.source is not None and model.spec.skip_convs:
+        rgb = _split_alpha(upscale_canvas(tiled.source, tiled.scale, tiled.source.device))[0]
 
-    def work(units: range) -> None:
+    def work(units: range) -> list[torch.Tensor]:
         states = [tiled.tiles[u] for u in units]
-        skips = None
-        if states[0].skips is not None:
+        if rgb is not None:
+            skips = model.encode(_gather(rgb, grid, units, model)).skips
+        elif states[0].skips is not None:
             skips = [_stack([s.skips[j] for s in states], dev) for j in range(len(states[0].skips))]
-        att = _stack([s.attention for s in states], dev) if states[0].attention is not None else None
-        dec = model.decode(_stack([s.latents for s in states], dev), skips, att)
-        check_finite((dec.image, dec.mask_logits), f"model output of tiles {units.start + 1}-{units.stop}")
-        outs = [dec.image, dec.mask_logits]
-        if heat:
-            outs.append(_heat_tile(_stack([s.heatmap for s in states], dev), grid))
-        for k, u in enumerate(units):
-            blender.add(u // len(grid), u % len(grid), [o[k] for o in outs])
+        else:
+            skips = None
+        att = _stack([s.attention for s in states], dev) if reads else None
+        dec = model.decode(_stack([s.latents for s in states], dev), skips, att, mask=mask)
+        outs = [dec.image] + ([dec.mask_logits] if mask else [])
+        check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}")
+        if tiled.heatmap:
+            outs.append(tile_heat(_stack([s.heatmap for s in states], dev), grid))
+        return outs
 
-    batch = _resolve_batch(model, grid, len(tiled.tiles), tile_batch)
-    run_batches(len(tiled.tiles), batch, work, progress=progress, cancel=cancel)
-    blender.finish()
-    alpha = None if tiled.alpha is None else tiled.alpha.to(img_c.device)
-    return _finish(img_c, mask_c, heat_c, alpha, grid)
+    return _blend(model, grid, tiled.batch, tiled.channels, work, tile_batch, mask=mask, heat=tiled.heatmap,
+                  canvas_device=canvas_device, alpha=tiled.alpha, progress=progress, cancel=cancel)

@@ -198,6 +198,30 @@ def run_batches(total: int, batch_size: int, work: Callable[[range], None], *,
     return batch_size
 
 
+def blend_tiles(grid: TileGrid, batch: int, work: Callable[[range], Sequence[torch.Tensor]], batch_size: int = 1, *,
+                canvases: Sequence[torch.Tensor] | None = None, device: torch.device | str | None = None,
+                progress: Progress | None = None, cancel: Cancel | None = None) -> list[torch.Tensor]:
+    """The one tile loop: run `work` over every (image, tile) unit of `batch` images and blend its outputs.
+
+    `work(units)` gets a range of units (unit u = image u // len(grid), tile u % len(grid)) and returns
+    tensors [n, C_k, tile_h, tile_w]. They are Hann-weighted into `canvases` (float32 [batch, C_k, H, W];
+    when None, allocated on `device` from the first outputs), which come back normalised.
+    Batching, out-of-memory halving, progress and cancel as in `run_batches`.
+    """
+    state: dict = {"blender": Blender(grid, canvases) if canvases is not None else None}
+
+    def run(units: range) -> None:
+        outs = list(work(units))
+        if state["blender"] is None:
+            state["blender"] = Blender(grid, [torch.empty(batch, o.shape[1], grid.height, grid.width, device=device)
+                                              for o in outs])
+        for k, u in enumerate(units):
+            state["blender"].add(u // len(grid), u % len(grid), [o[k] for o in outs])
+
+    run_batches(batch * len(grid), batch_size, run, progress=progress, cancel=cancel)
+    return state["blender"].finish()
+
+
 def tiled_map(fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]], image: torch.Tensor,
               tile: int, overlap: int, batch_size: int = 1, *, multiple: int = 1, shrink: bool = True,
               pad_mode: str = "replicate", progress: Progress | None = None, cancel: Cancel | None = None,
@@ -212,19 +236,13 @@ def tiled_map(fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ..
         raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(image.shape)}")
     b, _, h, w = image.shape
     grid = make_grid(h, w, tile, overlap, multiple, shrink)
-    device = torch.device(out_device) if out_device is not None else image.device
-    state: dict = {}
+    single = []
 
-    def work(units: range) -> None:
+    def work(units: range):
         out = fn(extract_units(image, grid, units, pad_mode))
-        single = isinstance(out, torch.Tensor)
-        outs = (out,) if single else tuple(out)
-        if "blender" not in state:
-            state["single"] = single
-            state["blender"] = Blender(grid, [torch.empty(b, o.shape[1], h, w, device=device) for o in outs])
-        for k, u in enumerate(units):
-            state["blender"].add(u // len(grid), u % len(grid), [o[k] for o in outs])
+        single[:] = [isinstance(out, torch.Tensor)]
+        return (out,) if single[0] else tuple(out)
 
-    run_batches(b * len(grid), batch_size, work, progress=progress, cancel=cancel)
-    canvases = state["blender"].finish()
-    return canvases[0] if state["single"] else tuple(canvases)
+    canvases = blend_tiles(grid, b, work, batch_size, device=out_device if out_device is not None else image.device,
+                           progress=progress, cancel=cancel)
+    return canvases[0] if single[0] else tuple(canvases)

@@ -188,3 +188,16 @@ def test_prompt_cache_command_writes_a_loadable_cache(tiny_dir, tmp_path, capsys
     assert cli.main(argv) == 2 and "pass --force" in capsys.readouterr().err
     assert cli.main(["prompt-cache", "--kolors", str(tmp_path / "none"), "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "Kolors folder not found" in capsys.readouterr().err
+
+
+def test_no_mask_writes_the_same_image_and_no_mask(tiny_model, inputs, tmp_path, capsys):
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    for out, extra in ((both, []), (alone, ["--no-mask"])):
+        argv = ["upscale", str(inputs / "odd.png"), "-o", str(out), "--kolors", "x", "--checkpoint", "y", *FAST,
+                *extra]
+        assert run_cli(argv, capsys, model=tiny_model)[0] == 0
+    assert sorted(p.name for p in both.iterdir()) == ["odd_text_mask.png", "odd_x4.png"]
+    assert sorted(p.name for p in alone.iterdir()) == ["odd_x4.png"]
+    assert (both / "odd_x4.png").read_bytes() == (alone / "odd_x4.png").read_bytes()
+    assert cli.build_parser().parse_args(["upscale", "a.png", "-o", "o"]).merge_lora is True
+    assert cli.build_parser().parse_args(["upscale", "a.png", "-o", "o", "--no-merge-lora"]).merge_lora is False

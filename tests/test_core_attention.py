@@ -111,3 +111,36 @@ def test_checkpoint_recomputation_repeats_capture_and_keeps_no_extra_maps(captur
     assert plain.keys() == checkpointed.keys() and plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@torch.no_grad()
+def test_a_batch_one_prompt_is_shared_over_the_batch_and_cached_exactly():
+    """The prompt goes in at batch 1: same output and maps as the expanded prompt; the cache is exact."""
+    from tadisr_core.attention import PromptKV
+
+    spec = tiny_spec()
+    attn_spec = AttentionSpec(layout="release")
+    unet = _lora_unet(spec)
+    kv = PromptKV()
+    store = install_capture(unet, attn_spec, kv)
+    x = _inputs(spec)
+    prompt = x["encoder_hidden_states"][:1]
+    expanded = dict(x, encoder_hidden_states=prompt.expand(2, -1, -1))
+    shared = dict(x, encoder_hidden_states=prompt)
+
+    def run(inputs):
+        store.start((3, 5))
+        out = unet(**inputs).sample
+        store.stop()
+        return out, store.assemble((8, 8))
+
+    ref, ref_maps = run(expanded)
+    out, maps = run(shared)
+    assert (out - ref).abs().max() <= 1e-5 and (maps - ref_maps).abs().max() <= 1e-6
+    kv.enabled = True
+    first, first_maps = run(shared)
+    assert len(kv.entries) == 70                                # every attn2 layer, mid block included
+    cached, cached_maps = run(shared)
+    assert torch.equal(first, out) and torch.equal(cached, out) and torch.equal(cached_maps, maps)
+    kv.validate("other weights")
+    assert not kv.entries

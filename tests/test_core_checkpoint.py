@@ -50,7 +50,7 @@ def test_official_to_native_to_model_is_lossless(tiny_dir, tmp_path):
 
 def test_loaded_weights_change_the_output(tiny_dir):
     """The checkpoint's LoRA is really applied: merging keeps the result, dropping LoRA changes it."""
-    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], merge_lora_weights=False)
     merged = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], merge_lora_weights=True)
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

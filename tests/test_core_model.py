@@ -112,3 +112,25 @@ def test_prompt_cache_matches_a_direct_chatglm_encoding(tiny_dir):
     assert torch.allclose(cache.text_embeds, out.hidden_states[-1][-1])
     saved = PromptCache.load(tiny_dir["prompt_cache"])
     assert torch.allclose(saved.prompt_embeds, cache.prompt_embeds)
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.float32, True),
+                                                  (torch.bfloat16, False), (torch.float64, False)])
+@torch.no_grad()
+def test_mugi_block_computes_only_what_the_mask_reads_with_the_same_numbers(dtype, channels_last):
+    from tadisr_core.decoders import MuGIBlock
+
+    torch.manual_seed(0)
+    block = MuGIBlock(64)
+    for p in block.parameters():
+        p.normal_(0, 0.2)
+    block.to(dtype)
+    image, mask = torch.randn(2, 64, 24, 20, dtype=dtype), torch.randn(2, 64, 24, 20, dtype=dtype)
+    if channels_last:
+        block.to(memory_format=torch.channels_last)
+        image, mask = (t.contiguous(memory_format=torch.channels_last) for t in (image, mask))
+    out_image, out_mask = block(image, mask)
+    ref_image, ref_mask, dropped = block.forward_both(image, mask)
+    assert out_image is image and ref_image is image            # the image stream passes unchanged
+    assert torch.equal(out_mask, ref_mask)
+    assert all(d.shape == image.shape for d in dropped)           # what is no longer computed

@@ -1,5 +1,5 @@
-"""Importing the node pack must not slow ComfyUI's start-up: at most 0.3 s over `import torch`,
-and no diffusers / peft / transformers until a node runs."""
+"""Importing the node pack must not slow ComfyUI's start-up: no diffusers / peft / transformers until
+a node runs. (Its time over `import torch` is a benchmark, not a test: benchmarks/bench_import_time.py.)"""
 
 from __future__ import annotations
 
@@ -9,22 +9,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BUDGET_S = 0.3
 HEAVY = ("diffusers", "peft", "transformers", "accelerate", "safetensors", "tadisr_core.model", "tadisr_core.loading")
 
 # ComfyUI loads a pack as a package from its folder's __init__.py; so does this probe.
 PROBE = """
-import importlib.util, json, sys, time
-t0 = time.perf_counter()
+import importlib.util, json, sys
 import torch
-t1 = time.perf_counter()
 spec = importlib.util.spec_from_file_location("tadisr_pack", {init!r}, submodule_search_locations=[{root!r}])
 pack = importlib.util.module_from_spec(spec)
 sys.modules["tadisr_pack"] = pack
 spec.loader.exec_module(pack)
-t2 = time.perf_counter()
 heavy = sorted(m for m in {heavy!r} if m in sys.modules)
-print(json.dumps({{"torch": t1 - t0, "pack": t2 - t1, "nodes": len(pack.NODE_CLASS_MAPPINGS), "heavy": heavy}}))
+print(json.dumps({{"nodes": len(pack.NODE_CLASS_MAPPINGS), "heavy": heavy}}))
 """
 
 
@@ -35,9 +31,7 @@ def _probe() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_pack_import_is_cheap_and_lazy():
-    runs = [_probe() for _ in range(3)]
-    best = min(r["pack"] for r in runs)
-    assert best <= BUDGET_S, f"importing the pack took {best:.3f} s over import torch (runs: {runs})"
-    assert runs[0]["nodes"] >= 7
-    assert runs[0]["heavy"] == [], f"pack import pulled in {runs[0]['heavy']}"
+def test_pack_import_is_lazy():
+    run = _probe()
+    assert run["nodes"] >= 7
+    assert run["heavy"] == [], f"pack import pulled in {run['heavy']}"

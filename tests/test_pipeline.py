@@ -182,3 +182,113 @@ def test_fp16_keeps_the_vae_in_fp32(tiny_model_factory):
     assert m.vae.encoder.conv_in.weight.dtype == torch.bfloat16
     out = upscale(m, torch.rand(1, 3, 8, 8), 4, tile_batch=1, **TILE)
     assert out.image.dtype == torch.float32 and torch.isfinite(out.image).all()
+
+
+class IdentityModel:
+    """The model interface with identity steps: the pipeline must give back the bicubic canvas."""
+
+    needs_attention = False
+    image_reads_mask = False
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        from tadisr_core.model import Decoded, Denoised, Encoded
+
+        self._types = Encoded, Denoised, Decoded
+        self.device = torch.device("cpu")
+        self.vae = SimpleNamespace(encoder=SimpleNamespace(conv_in=SimpleNamespace(weight=torch.zeros(1, 1, 1, 1))))
+
+    def needs_capture(self, mask=True):
+        return False
+
+    def encode(self, x, generator=None, sample=False):
+        return self._types[0](x, None)
+
+    def denoise(self, latents, capture=None):
+        return self._types[1](latents, None)
+
+    def decode(self, latents, skips, attention=None, mask=True):
+        logits = torch.logit(latents[:, :1].clamp(1e-4, 1 - 1e-4)) if mask else None
+        return self._types[2](latents, logits)
+
+
+@pytest.mark.parametrize("shape, scale, tile_batch", [
+    ((1, 3, 23, 37), 4, 1),     # odd sizes, 2 x 3 tiles
+    ((1, 3, 10, 50), 4, 3),     # one side shorter than the tile
+    ((2, 4, 13, 21), 2.5, 4),   # batch of RGBA images, fractional scale, batches across images
+])
+def test_identity_model_through_upscale_gives_the_canvas(shape, scale, tile_batch):
+    from tadisr_core.pipeline import upscale_canvas
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(9))
+    out = upscale(IdentityModel(), x, scale, tile_batch=tile_batch, canvas_device="cpu", **TILE)
+    canvas = upscale_canvas(x, scale)
+    assert out.image.shape == canvas.shape
+    assert (out.image - canvas).abs().max() < 1e-4
+    assert (out.mask - canvas[:, :1].clamp(1e-4, 1 - 1e-4)).abs().max() < 1e-4
+    alone = upscale(IdentityModel(), x, scale, tile_batch=tile_batch, canvas_device="cpu", mask=False, **TILE)
+    assert alone.mask is None and torch.equal(alone.image, out.image)
+
+
+@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+def test_staged_recomputed_skips_equal_kept_skips(variant, tiny_model_factory):
+    m = tiny_model_factory(variant)
+    x = torch.rand(1, 3, 12, 21, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for keep in (True, False):
+        tiled = encode_tiles(m, x, 4, tile_batch=2, keep_skips=keep, **TILE)
+        assert (tiled.tiles[0].skips is not None) == keep and (tiled.source is None) == keep
+        tiled = denoise_tiles(m, tiled, tile_batch=2)
+        results[keep] = decode_tiles(m, tiled, tile_batch=2)
+    assert (results[True].image - results[False].image).abs().max() <= 1e-6
+    assert (results[True].mask - results[False].mask).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="decode takes denoised"):
+        decode_tiles(m, encode_tiles(m, x, 4, tile_batch=2, **TILE))
+
+
+@pytest.mark.parametrize("keep_skips", [True, False])
+def test_kept_state_is_what_the_estimate_says(model, keep_skips):
+    from tadisr_core.pipeline import kept_state_bytes
+
+    x = torch.rand(1, 4, 12, 21)
+    tiled = denoise_tiles(model, encode_tiles(model, x, 4, tile_batch=2, keep_skips=keep_skips, **TILE),
+                          tile_batch=2, keep_attention=True)
+    assert tiled.nbytes() == kept_state_bytes(model, 12, 21, 4, channels=4, keep_attention=True,
+                                              keep_skips=keep_skips, **TILE)
+
+
+def test_graph_blocks_on_a_1024_px_photo_keep_under_2_gb():
+    """Full-size release model (meta device): Encode -> Denoise (maps kept for the view) -> Decode."""
+    from tadisr_core.model import build_model
+    from tadisr_core.pipeline import kept_state_bytes
+    from tadisr_core.spec import full_spec
+
+    full = build_model(full_spec("official-kolors"), device="meta")
+    kept = kept_state_bytes(full, 1024, 1024, 4, tile=768, overlap=256, keep_attention=True)
+    assert kept < 2e9, kept
+    with_skips = kept_state_bytes(full, 1024, 1024, 4, tile=768, overlap=256, keep_attention=True, keep_skips=True)
+    assert with_skips > 25e9      # what keeping the encoder features would cost: ~27 GB
+
+
+@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+def test_one_heat_map_for_the_cli_and_the_node(variant, tiny_model_factory):
+    from tadisr_core.heatmap import heatmap
+
+    m = tiny_model_factory(variant)
+    x = torch.rand(2, 3, 12, 21, generator=torch.Generator().manual_seed(6))
+    cli = upscale(m, x, 4, tile_batch=2, attention=True, canvas_device="cpu", **TILE)       # --attention
+    kept = upscale(m, x, 4, tile_batch=2, keep_attention=True, canvas_device="cpu", **TILE)  # node path
+    assert torch.equal(cli.image, kept.image) and torch.equal(cli.mask, kept.mask)
+    node = heatmap(kept.attention_tiles, "all", "mean", True)
+    assert (node - cli.attention).abs().max() <= 1e-6
+    staged = denoise_tiles(m, encode_tiles(m, x, 4, tile_batch=2, **TILE), tile_batch=2, keep_attention=True)
+    for a, b in zip(staged.attention_tiles().maps, kept.attention_tiles.maps):
+        assert torch.equal(a, b)
+    assert set(kept.attention_tiles.groups) == ({"down", "up"} if variant == "official-kolors" else
+                                               {"down", "mid", "up"})
+    with pytest.raises(ValueError, match="no attention in the 'mid' layers|layers must be"):
+        if variant == "official-kolors":
+            heatmap(kept.attention_tiles, "mid")
+        else:
+            heatmap(kept.attention_tiles, "sideways")
