@@ -41,6 +41,7 @@ class Options:
     attention: bool = False
     seed: int | None = None           # set: sample the latent with this seed (as the release did)
     skip_existing: bool = False
+    color_fix: str = "none"           # "wavelet": colours from the bicubic input (color.py)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         rec.channels = image.shape[1]
         result = upscale(model, image, options.scale, options.tile, options.overlap, options.tile_batch,
                          progress=progress, cancel=cancel, attention=options.attention,
-                         sample=options.seed is not None, seed=options.seed)
+                         sample=options.seed is not None, seed=options.seed, color_fix=options.color_fix)
         del image
         t2 = time.perf_counter()
         items = [(result.image, job.image), (result.mask, job.mask)]

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .color import apply_color_fix
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .tiling import Blender, Cancel, Progress, TileGrid, UpscaleCancelled, extract_units, make_grid, run_batches
 
@@ -198,14 +199,16 @@ def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: i
 def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overlap: int = 256,
             tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
             attention: bool = False, sample: bool = False, generator: torch.Generator | None = None,
-            seed: int | None = None, canvas_device: torch.device | str = "auto") -> UpscaleResult:
+            seed: int | None = None, canvas_device: torch.device | str = "auto",
+            color_fix: str = "none") -> UpscaleResult:
     """Super-resolve `image` [B, C, h, w] (0..1; C = 1 gray, 3 RGB or 4 RGBA) by `scale`.
 
     Tiles of `tile` px overlapping by `overlap` go through the model `tile_batch` at a time ("auto":
     from free memory); out-of-memory halves the batch, then the tile. `progress(done, total)` is
     called per tile, `cancel()` is checked between batches (True raises `UpscaleCancelled`).
     `attention=True` also returns the TACA heat map. `sample` draws the latent like the release
-    (seeded by `generator` or `seed`) instead of using its mean. Results are float32 on the CPU.
+    (seeded by `generator` or `seed`) instead of using its mean. `color_fix="wavelet"` takes the
+    low frequencies from the bicubic canvas (see `color.py`). Results are float32 on the CPU.
     """
     _check_input(image)
     check_settings(scale, tile, overlap)
@@ -236,6 +239,8 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
         units = b * len(grid)
         run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
         blender.finish()
+        if color_fix != "none":
+            img_c[:, :3] = apply_color_fix(img_c[:, :3].clamp(0, 1), rgb, color_fix)
         return _finish(img_c, mask_c, heat_c, alpha, grid)
 
     return _with_tile_fallback(run, tile, overlap)

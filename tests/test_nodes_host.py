@@ -19,7 +19,7 @@ from PIL import Image
 # them many times slower. Inherited by the server the session fixture starts after collection.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tests.comfy_host import PromptRejected  # the same module the session fixtures use
+from devtools.server import PromptRejected  # the same module the session fixtures use
 
 REPO = Path(__file__).resolve().parent.parent
 API = REPO / "workflows" / "api"

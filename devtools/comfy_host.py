@@ -3,12 +3,12 @@
 
 Development and test host, offline, CPU only. Standard library only: runs with any python3.
 
-    python3 scripts/comfy_host.py install            # host venv in .build/comfyhost/venv (idempotent)
-    python3 scripts/comfy_host.py prepare            # base dir, pack link, tiny weights (idempotent)
-    python3 scripts/comfy_host.py serve [--port 8188] [--host 127.0.0.1]
-    python3 scripts/comfy_host.py start --port 8190 [--log FILE]   # background; pid in .build/comfyhost
-    python3 scripts/comfy_host.py stop [--port 8190]
-    python3 scripts/comfy_host.py paths              # JSON of the paths below
+    python3 -m devtools.comfy_host install           # host venv in .build/comfyhost/venv (idempotent)
+    python3 -m devtools.comfy_host prepare           # base dir, pack link, tiny weights (idempotent)
+    python3 -m devtools.comfy_host serve [--port 8188] [--host 127.0.0.1]
+    python3 -m devtools.comfy_host start --port 8190 [--log FILE]   # background; pid in .build/comfyhost
+    python3 -m devtools.comfy_host stop [--port 8190]
+    python3 -m devtools.comfy_host paths             # JSON of the paths below
 
 Layout (all under <repo>/.build/comfyhost):
     venv/   python with torch (CPU), the ComfyUI host and the pack's runtime needs
@@ -19,7 +19,7 @@ Layout (all under <repo>/.build/comfyhost):
 Real weights: set TADISR_KOLORS_DIR (a Kolors diffusers folder) and optionally TADISR_CHECKPOINT and
 TADISR_PROMPT_CACHE (files); `prepare` then links those instead of making tiny ones.
 
-The module is importable too (tests/comfy_host.py uses server_command() and server_env()).
+The module is importable too (devtools.server uses server_command() and server_env()).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ PACK_DEPS = ["diffusers", "peft", "safetensors", "sentencepiece", "accelerate"]
 MARKER = VENV / ".tadisr-host-installed"
 PTH_NAME = "tadisr_repo.pth"
 
-_STUB_SOURCE = '''"""Import-only stand-in for torchvision (written by scripts/comfy_host.py).
+_STUB_SOURCE = '''"""Import-only stand-in for torchvision (written by devtools.comfy_host).
 
 No torchvision build exists for CPU torch here; ComfyUI imports it at module level, and transformers
 imports a few names from it once it sees the package. Imports succeed; using anything raises.

@@ -1,7 +1,7 @@
-"""Test helper: a real ComfyUI 0.3.75 server process with this repo linked in as the `tadisr` pack.
+"""Development tool: a real ComfyUI 0.3.75 server process with this repo linked in as the `tadisr` pack.
 
-The host venv and base directory come from scripts/comfy_host.py (`install`, `prepare`). Standard
-library only, so it runs from the main .venv:
+The host venv and base directory come from devtools.comfy_host (`install`, `prepare`); this client
+runs from the development .venv:
 
     with ComfyServer() as server:
         assert "LoadImage" in server.object_info()
@@ -13,7 +13,6 @@ library only, so it runs from the main .venv:
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import json
 import mimetypes
 import os
@@ -29,33 +28,21 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-try:
-    from .wsclient import WebSocket, WebSocketClosed
-except ImportError:  # tests/ is not a package: imported via rootdir on sys.path
-    from wsclient import WebSocket, WebSocketClosed
+import websocket
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "comfy_host.py"
-PACK_NAME = "tadisr"
-_script_module = None
+from . import comfy_host
 
-
-def host_script():
-    """scripts/comfy_host.py loaded as a module (under a name that cannot clash with this file)."""
-    global _script_module
-    if _script_module is None:
-        spec = importlib.util.spec_from_file_location("tadisr_comfy_host_script", SCRIPT)
-        _script_module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_script_module)
-    return _script_module
+REPO = comfy_host.REPO
+PACK_NAME = comfy_host.PACK_NAME
 
 
 def ensure_host(python: str | None = None) -> None:
-    """Run `comfy_host.py install` and `prepare` (both idempotent); raises with the output on failure."""
+    """Run `comfy_host install` and `prepare` (both idempotent); raises with the output on failure."""
     for step in ("install", "prepare"):
-        res = subprocess.run([python or sys.executable, str(SCRIPT), step], capture_output=True, text=True)
+        res = subprocess.run([python or sys.executable, "-m", "devtools.comfy_host", step], cwd=REPO,
+                             capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"comfy_host.py {step} failed ({res.returncode}):\n"
+            raise RuntimeError(f"devtools.comfy_host {step} failed ({res.returncode}):\n"
                                f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
 
 
@@ -97,12 +84,11 @@ class ComfyServer:
                  base: str | Path | None = None, output_dir: str | Path | None = None,
                  extra_args: list[str] | None = None, startup_timeout: float = 60.0, pack: str = PACK_NAME,
                  allow_pack_import_failure: bool = False):
-        script = host_script()
         self.host, self.port = host, port or free_port()
-        self.base = Path(base or script.BASE)
+        self.base = Path(base or comfy_host.BASE)
         self.input_dir = self.base / "input"
         self.output_dir = Path(output_dir) if output_dir else self.base / "output"
-        self.log_path = Path(log_path or script.ROOT / "logs" / f"server-{self.port}.log")
+        self.log_path = Path(log_path or comfy_host.ROOT / "logs" / f"server-{self.port}.log")
         self.extra_args = list(extra_args or [])
         if output_dir:
             self.extra_args += ["--output-directory", str(self.output_dir)]
@@ -120,16 +106,15 @@ class ComfyServer:
     # ---- process ---------------------------------------------------------------------------------
     def start(self) -> "ComfyServer":
         """Start the process and wait until /object_info answers (ComfyError with the log tail if not)."""
-        script = host_script()
-        if not script.is_installed():
-            raise ComfyError(f"host venv missing: run `python3 {SCRIPT} install` first")
+        if not comfy_host.is_installed():
+            raise ComfyError("host venv missing: run `python3 -m devtools.comfy_host install` first")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.base / "user").mkdir(parents=True, exist_ok=True)
-        cmd = script.server_command(self.port, self.host, self.base, self.extra_args)
+        cmd = comfy_host.server_command(self.port, self.host, self.base, self.extra_args)
         t0 = time.monotonic()
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, env=script.server_env(), stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, env=comfy_host.server_env(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=die_with_parent)
         atexit.register(self.stop)
@@ -319,8 +304,8 @@ class ProgressCollector:
     def __init__(self, server: ComfyServer):
         self.messages: list[dict] = []
         self._cond = threading.Condition()
-        self._ws = WebSocket(f"ws://{server.host}:{server.port}/ws?clientId={server.client_id}")
-        self._ws.settimeout(None)
+        self._ws = websocket.create_connection(f"ws://{server.host}:{server.port}/ws?clientId={server.client_id}",
+                                               timeout=None)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -332,7 +317,7 @@ class ProgressCollector:
                 with self._cond:
                     self.messages.append(item)
                     self._cond.notify_all()
-        except (WebSocketClosed, OSError, ValueError):
+        except (websocket.WebSocketException, OSError, ValueError):
             pass
 
     def of_type(self, kind: str, prompt_id: str | None = None) -> list[dict]:

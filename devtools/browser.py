@@ -1,4 +1,4 @@
-"""Test helper: headless Chromium driven over the DevTools protocol (CDP), standard library only.
+"""Development tool: headless Chromium driven over the DevTools protocol (CDP).
 
     with Browser() as b:
         b.goto(server.url)
@@ -26,12 +26,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-try:
-    from .comfy_host import die_with_parent
-    from .wsclient import WebSocket, WebSocketClosed
-except ImportError:  # tests/ is not a package: imported via rootdir on sys.path
-    from comfy_host import die_with_parent
-    from wsclient import WebSocket, WebSocketClosed
+import websocket
+
+from .server import die_with_parent
 
 CHROMIUM = os.environ.get("TADISR_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -77,7 +74,7 @@ class Browser:
         self.console: list[dict] = []  # {"type": "log"|"error"|"warning"|"exception"|..., "text": str}
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
-        self._ws: WebSocket | None = None
+        self._ws: websocket.WebSocket | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, dict] = {}
         self._cond = threading.Condition()
@@ -104,8 +101,8 @@ class Browser:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
                 targets = json.load(r)
             page = next(t for t in targets if t.get("type") == "page")
-            self._ws = WebSocket(page["webSocketDebuggerUrl"])
-            self._ws.settimeout(None)
+            # no Origin header: Chromium refuses DevTools connections from unknown origins
+            self._ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=None, suppress_origin=True)
             self._reader = threading.Thread(target=self._read, daemon=True)
             self._reader.start()
             for domain in ("Page", "Runtime", "Log"):
@@ -182,7 +179,7 @@ class Browser:
                     else:
                         self._on_event(msg.get("method", ""), msg.get("params", {}))
                     self._cond.notify_all()
-        except (WebSocketClosed, OSError, ValueError, AttributeError):
+        except (websocket.WebSocketException, OSError, ValueError, AttributeError):
             with self._cond:
                 self._cond.notify_all()
 
