@@ -4,8 +4,9 @@ Pure tensor logic, images [B, C, H, W] and masks [B, 1, H, W] in 0..1:
 
 1. `match_size`: the other image is resized (bicubic, antialiased) to TADiSR's size.
 2. `region_mask`: the text mask is thresholded, grown by `grow` px (square neighbourhood) and
-   given a linear soft edge `feather` px wide that lies *inside* the grown area, so the result is
-   exactly the other image wherever the grown mask is 0.
+   given a linear soft edge that lies *inside* the grown area and outside the text (so `feather`
+   is at most half of `grow`): the result is exactly the other image wherever the grown mask is 0
+   and exactly TADiSR's on the text.
 3. `paste`: other * (1 - mask) + tadisr * mask.
 """
 
@@ -51,12 +52,12 @@ def _box_blur(mask: torch.Tensor, radius: int) -> torch.Tensor:
 def region_mask(mask: torch.Tensor, grow_px: int = 8, feather_px: int = 4, threshold: float = 0.5) -> torch.Tensor:
     """The paste mask: `mask` >= threshold, grown by `grow_px`, with a `feather_px` soft edge inside it.
 
-    The feather is taken out of the growth (at most `grow_px`), so the result is 0 outside
-    `grow(mask >= threshold, grow_px)` and 1 on the thresholded text itself.
+    The feather is taken out of the growth (at most `grow_px // 2`): the result is 0 outside
+    `grow(mask >= threshold, grow_px)` and 1 on `grow(mask >= threshold, grow_px - 2 * feather_px)`.
     """
     if grow_px < 0 or feather_px < 0:
         raise ValueError(f"grow and feather must be >= 0, got {grow_px} and {feather_px}")
-    feather_px = min(feather_px, grow_px)
+    feather_px = min(feather_px, grow_px // 2)
     hard = (mask >= threshold).to(torch.float32)
     core = grow(hard, grow_px - feather_px)
     return _box_blur(core, feather_px).clamp(0, 1)
