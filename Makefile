@@ -28,7 +28,7 @@ tiny: venv
 	$(VPY) -m tadisr_core.testing make-tiny .build/tiny
 
 serve: venv
-	$(VPY) scripts/comfy_host.py serve --port $(PORT)
+	$(VPY) -m devtools.comfy_host serve --port $(PORT)
 
 bench: venv
 	$(VPY) benchmarks/bench_pipeline_cpu.py
