@@ -24,7 +24,9 @@ sys.modules["tadisr_pack"] = pack
 spec.loader.exec_module(pack)
 t2 = time.perf_counter()
 heavy = sorted(m for m in {heavy!r} if m in sys.modules)
-print(json.dumps({{"torch": t1 - t0, "pack": t2 - t1, "nodes": len(pack.NODE_CLASS_MAPPINGS), "heavy": heavy}}))
+found = {{m: importlib.util.find_spec(m) is not None for m in ("tadisr_core", "tests", "devtools")}}
+print(json.dumps({{"torch": t1 - t0, "pack": t2 - t1, "entry": callable(pack.comfy_entrypoint), "heavy": heavy,
+                  "importable": found}}))
 """
 
 
@@ -39,5 +41,8 @@ def test_pack_import_is_cheap_and_lazy():
     runs = [_probe() for _ in range(3)]
     best = min(r["pack"] for r in runs)
     assert best <= BUDGET_S, f"importing the pack took {best:.3f} s over import torch (runs: {runs})"
-    assert runs[0]["nodes"] >= 7
+    assert runs[0]["entry"]
+    # the pack makes tadisr_core importable, not the repository root (`training` is left out of the check:
+    # the development venv installs it)
+    assert runs[0]["importable"] == {"tadisr_core": True, "tests": False, "devtools": False}
     assert runs[0]["heavy"] == [], f"pack import pulled in {runs[0]['heavy']}"
