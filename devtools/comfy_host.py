@@ -55,7 +55,7 @@ HOST_DEPS = [
     "transformers", "scipy", "torchsde", "av", "requests", "comfyui-frontend-package==1.32.9",
     "pydantic-settings", "alembic", "SQLAlchemy", "kornia",
 ]
-PACK_DEPS = ["diffusers", "peft", "safetensors", "sentencepiece", "accelerate"]
+PACK_DEPS = ["diffusers", "peft", "safetensors", "sentencepiece", "accelerate", "rapidocr", "onnxruntime"]
 MARKER = VENV / ".tadisr-host-installed"
 PTH_NAME = "tadisr_repo.pth"
 
