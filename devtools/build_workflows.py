@@ -44,27 +44,35 @@ SETUP = ("Setup: put the Kolors diffusers folder in models/diffusers/Kolors and 
 TILES = ("Tiles: 768 px with 256 px overlap, as trained. Lower 'tile' if VRAM is short (out-of-memory also "
          "lowers it automatically).")
 
-# name: (en title, en description, zh title, zh description)
+# name: (en title, en description, zh title, zh description). ComfyUI 0.3.75's template browser
+# shows a pack's templates by file name, so the UI file is named by its English title (no "-" or
+# "_": the browser turns them into spaces); the API copy keeps the short name.
 TEXT = {
     "tadisr_upscale": (
-        "TADiSR: text-aware 4x upscale", "One node: the upscaled image and a mask of where the text is.",
+        "TADiSR upscale 4x with text mask", "One node: the upscaled image and a mask of where the text is.",
         "TADiSR：文字感知 4 倍放大", "一个节点：输出放大后的图像和文字位置遮罩。"),
     "tadisr_graph_blocks": (
-        "TADiSR as graph blocks", "Encode, one-step denoise and joint decode as three nodes (same result).",
+        "TADiSR step by step graph blocks", "Encode, one-step denoise and joint decode as three nodes (same result).",
         "TADiSR 分步节点", "编码、单步去噪、联合解码三个节点（结果相同）。"),
     "tadisr_text_attention": (
-        "TADiSR: where it reads text", "Heat map of the model's attention to the word 'text'.",
+        "TADiSR where the model reads text", "Heat map of the model's attention to the word 'text'.",
         "TADiSR：模型在哪里读文字", "模型对单词“text”的注意力热力图。"),
     "tadisr_batch_folder": (
-        "TADiSR: upscale a folder", "One image per queued run, from a folder, saved under its own name.",
+        "TADiSR batch upscale a folder", "One image per queued run, from a folder, saved under its own name.",
         "TADiSR：批量放大文件夹", "每次排队运行处理文件夹中的一张图，按原文件名保存。"),
     "tadisr_text_composite": (
         "TADiSR text on another upscaler", "Any upscaler for the scene, TADiSR for the text: pasted by the text mask.",
         "TADiSR 文字 + 其他放大器", "场景用任意放大器，文字用 TADiSR：按文字遮罩贴合。"),
     "tadisr_read_text": (
-        "TADiSR: upscale, then read the text", "OCR of the upscaled image inside the text mask (needs rapidocr).",
+        "TADiSR upscale then read text OCR", "OCR of the upscaled image inside the text mask (needs rapidocr).",
         "TADiSR：放大后识别文字", "在文字遮罩内对放大图像做 OCR（需要 rapidocr）。"),
 }
+TEMPLATE_KEY = "tadisr_template"  # extra[TEMPLATE_KEY] in a UI file names its API copy
+
+
+def ui_file(name: str, suffix: str = ".json") -> Path:
+    """The UI-format file (or its thumbnail) of workflow `name`."""
+    return OUT / f"{TEXT[name][0]}{suffix}"
 
 
 def _node(key, type_, size=None, title=None, **widgets):
@@ -115,7 +123,7 @@ def _blocks_spec() -> dict:
              ("encode", 0, "denoise", "latents"), ("model", 0, "decode", "model"), ("denoise", 0, "decode", "latents"),
              ("decode", 0, "save_image", "images"), *mask_links]
     return {"nodes": nodes, "links": links,
-            "columns": [["model", "image"], ["encode", "denoise", "decode"], ["note"], ["save_image"],
+            "columns": [["model", "image"], ["encode", "denoise", "decode", "note"], ["save_image"],
                         ["mask_to_image", "save_mask"]]}
 
 
@@ -181,8 +189,8 @@ def _composite_spec() -> dict:
              ("other", 0, "composite", "other_image"), ("composite", 0, "save_image", "images"),
              ("composite", 1, "mask_to_image", "mask"), ("mask_to_image", 0, "save_mask", "images")]
     return {"nodes": nodes, "links": links,
-            "columns": [["model", "image"], ["upscale", "other"], ["composite", "note"], ["save_image"],
-                        ["mask_to_image", "save_mask"]]}
+            "columns": [["model", "image"], ["upscale", "other"], ["composite", "note"],
+                        ["save_image", "mask_to_image", "save_mask"]]}
 
 
 def _read_spec() -> dict:
@@ -246,9 +254,9 @@ const missing = spec.nodes.map(n => n.key).filter(k => !placed.has(k));
 if (missing.length) throw new Error("not placed: " + missing);
 let x1 = 0, y1 = 0;
 for (const node of app.graph._nodes) { x1 = Math.max(x1, node.pos[0] + node.size[0]); y1 = Math.max(y1, node.pos[1] + node.size[1]); }
-// A 1120x820 corner of the window, clear of the sidebar (left), the tabs, menu and Run bar (top) and
-// the minimap (bottom right, in windows from 1400x900 up).
-const W = 1120, H = 820, left = 75, top = 145, right = 20, bottom = 20;
+// A 1120x860 corner of the window, clear of the sidebar (left), the tabs, menu, Run bar and its job
+// summary (top) and the minimap (bottom right), in windows from 1400x900 up.
+const W = 1120, H = 860, left = 75, top = 175, right = 20, bottom = 20;
 const scale = Math.min(1, (W - left - right) / x1, (H - top - bottom) / y1);
 app.canvas.ds.scale = scale;
 app.canvas.ds.offset = [left / scale, top / scale];
@@ -276,8 +284,8 @@ def write_template_text() -> None:
         data = json.loads(path.read_text()) if path.is_file() else {}
         tw = data.setdefault("templateWorkflows", {})
         tw.setdefault("category", {})[PACK] = "TADiSR"
-        tw.setdefault("template", {})[PACK] = {name: t[ti] for name, t in TEXT.items()}
-        tw.setdefault("templateDescription", {})[PACK] = {name: t[di] for name, t in TEXT.items()}
+        tw.setdefault("template", {})[PACK] = {t[0]: t[ti] for t in TEXT.values()}
+        tw.setdefault("templateDescription", {})[PACK] = {t[0]: t[di] for t in TEXT.values()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
@@ -377,9 +385,10 @@ def build(names: list[str], kolors: str | None = None, checkpoint: str | None = 
         browser.eval(CLOSE_DIALOGS_JS)  # the template browser opens by itself on a first start
         for name in names:
             graph = browser.run(BUILD_JS % json.dumps(SPECS[name]()), timeout=60)
-            (OUT / f"{name}.json").write_text(json.dumps(graph["ui"], indent=2) + "\n")
+            graph["ui"]["extra"][TEMPLATE_KEY] = name
+            ui_file(name).write_text(json.dumps(graph["ui"], indent=2) + "\n")
             (OUT / "api" / f"{name}.json").write_text(json.dumps(graph["api"], indent=2) + "\n")
-            thumb = OUT / f"{name}.jpg"
+            thumb = ui_file(name, ".jpg")
             if kolors:
                 browser.run(OVERRIDE_JS % json.dumps({"TADiSRLoadModel": {"kolors": kolors, "checkpoint": checkpoint},
                                                       "LoadImage": {"image": SAMPLE}}))
@@ -393,7 +402,8 @@ def build(names: list[str], kolors: str | None = None, checkpoint: str | None = 
                 before_after(lr, sr, thumb)
             else:
                 graph_thumbnail(browser, thumb)
-            print(f"{name}: {len(graph['ui']['nodes'])} nodes, thumbnail {thumb.stat().st_size} B")
+            print(f"{name}: {len(graph['ui']['nodes'])} nodes, opens at zoom {graph['ui']['extra']['ds']['scale']:.2f}, "
+                  f"thumbnail {thumb.stat().st_size} B")
 
 
 def main(argv: list[str] | None = None) -> None:

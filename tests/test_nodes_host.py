@@ -115,7 +115,7 @@ def test_object_info_lists_every_node_as_v3_with_tooltips(server):
 def test_workflows_are_offered_as_templates(server):
     index = server.get_json("api/workflow_templates")
     assert sorted(index.get("tadisr", [])) == sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-    status, body = server.request("GET", "api/workflow_templates/tadisr/tadisr_upscale.json")
+    status, body = server.request("GET", "api/workflow_templates/tadisr/TADiSR%20upscale%204x%20with%20text%20mask.json")
     assert status == 200 and json.loads(body)["nodes"]
 
 
