@@ -35,10 +35,12 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--disable-extensions", "--mute-audio"]
 
-# Console errors the offline ComfyUI 0.3.75 frontend always logs: optional files it probes for (404),
+# Console errors the offline ComfyUI 0.3.75 frontend always logs: optional files it probes for (404; the
+# core templates when the template browser opens),
 # its content-security policy blocking outside hosts, and one TypeError in its own bundle at load.
 KNOWN_NOISE = [
-    (r"Failed to load resource.*404", r"/(user\.css|favicon\.ico|api/userdata)"),
+    (r"Failed to load resource.*404", r"/(user\.css|favicon\.ico|api/userdata|templates/index\.json)"),
+    (r"^Error loading core workflow templates", ""),  # comfyui-workflow-templates is not installed
     (r"violates the following Content Security Policy directive", ""),
     (r"^TypeError: Cannot read properties of undefined \(reading 'id'\)\n\s+at onChange \(\S+/assets/", ""),
 ]
@@ -191,6 +193,11 @@ class Browser:
             d = params.get("exceptionDetails", {})
             text = (d.get("exception") or {}).get("description") or d.get("text", "")
             self.console.append({"type": "exception", "text": text})
+        elif method == "Page.javascriptDialogOpening":
+            # e.g. "leave with unsaved changes?" on navigation: accept, without waiting (this is the reader thread)
+            with self._send_lock:
+                self._ws.send(json.dumps({"id": next(self._ids), "method": "Page.handleJavaScriptDialog",
+                                          "params": {"accept": True}}))
         elif method == "Log.entryAdded":
             e = params.get("entry", {})
             self.console.append({"type": e.get("level", "info"), "text": e.get("text", ""),
@@ -235,7 +242,8 @@ class Browser:
         return self.eval(f"(async () => {{\n{body}\n}})()", timeout=timeout)
 
     def goto(self, url: str, timeout: float = 30.0) -> None:
-        """Navigate and wait until document.readyState is 'complete'."""
+        """Navigate and wait until document.readyState is 'complete' (the console log starts afresh)."""
+        self.console = []
         res = self.send("Page.navigate", {"url": url}, timeout=timeout)
         if res.get("errorText"):
             raise CDPError(f"navigation to {url} failed: {res['errorText']}")
@@ -269,6 +277,6 @@ class Browser:
         return path
 
     def console_errors(self, include_noise: bool = False) -> list[str]:
-        """Texts of console errors and uncaught exceptions so far (KNOWN_NOISE left out unless asked)."""
+        """Texts of console errors and uncaught exceptions of this page (KNOWN_NOISE left out unless asked)."""
         return [m["text"] for m in self.console if m["type"] in ("error", "exception", "assert")
                 and (include_noise or not is_known_noise(m))]
