@@ -112,6 +112,22 @@ def test_object_info_lists_every_node_as_v3_with_tooltips(server):
     assert server.pack_import_failures() == []
 
 
+def test_english_translation_file_is_in_step_with_the_schemas(server):
+    from devtools.locales import node_defs
+
+    stored = json.loads((REPO / "locales" / "en" / "nodeDefs.json").read_text())
+    assert stored == node_defs(server.object_info()), "run: python -m devtools.locales"
+
+
+def test_node_docs_and_translations_are_served(server):
+    status, body = server.request("GET", "extensions/tadisr/docs/TADiSRUpscale.md")
+    assert status == 200 and body.startswith(b"# TADiSR")
+    status, _ = server.request("GET", "extensions/tadisr/docs/TADiSRReadText/zh.md")
+    assert status == 200
+    zh = server.get_json("i18n")["zh"]["nodeDefs"]
+    assert zh["TADiSRUpscale"]["display_name"].startswith("TADiSR")
+
+
 def test_workflows_are_offered_as_templates(server):
     index = server.get_json("api/workflow_templates")
     assert sorted(index.get("tadisr", [])) == sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
