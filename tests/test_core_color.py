@@ -45,3 +45,27 @@ def test_upscale_colour_fix_is_off_by_default_and_changes_only_low_frequencies(t
     assert torch.equal(plain.mask, fixed.mask)
     expected = wavelet_color_fix(plain.image, upscale_canvas(lr, 4))
     assert torch.allclose(fixed.image, expected, atol=1e-5)
+
+
+def test_cli_color_fix_flag(tiny_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from tadisr_core import cli
+    from tadisr_core.loading import load_tadisr
+    from tadisr_core.pipeline import upscale_canvas
+
+    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    src = tmp_path / "in.png"
+    Image.fromarray((np.asarray(_img(4, (1, 3, 16, 20))[0].permute(1, 2, 0)) * 255).astype(np.uint8)).save(src)
+    outs = {}
+    for mode in ("none", "wavelet"):
+        args = cli.build_parser().parse_args(["upscale", str(src), "-o", str(tmp_path / mode), "--kolors", "x",
+                                              "--checkpoint", "y", "--tile", "64", "--overlap", "16", "-q",
+                                              "--color-fix", mode])
+        assert args.color_fix == mode and cli.run_upscale(args, model=model) == 0
+        outs[mode] = torch.from_numpy(np.asarray(Image.open(tmp_path / mode / "in_x4.png"))).permute(2, 0, 1)[None] / 255
+    bicubic = upscale_canvas(torch.from_numpy(np.asarray(Image.open(src))).permute(2, 0, 1)[None] / 255, 4)
+    err = {m: (wavelet_lowpass(o.float()) - wavelet_lowpass(bicubic)).abs().mean() for m, o in outs.items()}
+    assert err["wavelet"] < err["none"] / 2, err
+    assert cli.build_parser().parse_args(["upscale", "a.png", "-o", "o"]).color_fix == "none"
