@@ -90,8 +90,8 @@ def _mask_save(prefix: str, mask_src) -> tuple[list, list]:
 
 
 def _base(image_key: str = "image") -> list:
-    return [_node(image_key, "LoadImage", [320, 340], image="example.png"), _node("model", "TADiSRLoadModel", [320, 220],
-                                                                                 **MODEL)]
+    return [_node(image_key, "LoadImage", [320, 340], image="example.png"),
+            _node("model", "TADiSRLoadModel", [320, 220], **MODEL)]
 
 
 def _upscale_spec() -> dict:
@@ -253,7 +253,9 @@ const placed = new Set(spec.columns.flat());
 const missing = spec.nodes.map(n => n.key).filter(k => !placed.has(k));
 if (missing.length) throw new Error("not placed: " + missing);
 let x1 = 0, y1 = 0;
-for (const node of app.graph._nodes) { x1 = Math.max(x1, node.pos[0] + node.size[0]); y1 = Math.max(y1, node.pos[1] + node.size[1]); }
+for (const node of app.graph._nodes) {
+  x1 = Math.max(x1, node.pos[0] + node.size[0]); y1 = Math.max(y1, node.pos[1] + node.size[1]);
+}
 // A 1120x860 corner of the window, clear of the sidebar (left), the tabs, menu, Run bar and its job
 // summary (top) and the minimap (bottom right), in windows from 1400x900 up.
 const W = 1120, H = 860, left = 75, top = 175, right = 20, bottom = 20;
@@ -402,7 +404,8 @@ def build(names: list[str], kolors: str | None = None, checkpoint: str | None = 
                 before_after(lr, sr, thumb)
             else:
                 graph_thumbnail(browser, thumb)
-            print(f"{name}: {len(graph['ui']['nodes'])} nodes, opens at zoom {graph['ui']['extra']['ds']['scale']:.2f}, "
+            zoom = graph["ui"]["extra"]["ds"]["scale"]
+            print(f"{name}: {len(graph['ui']['nodes'])} nodes, opens at zoom {zoom:.2f}, "
                   f"thumbnail {thumb.stat().st_size} B")
 
 

@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="re-run pip even if the marker is present")
     sub.add_parser("prepare", help="lay out the base directory and tiny weights (idempotent)")
     for name in ("serve", "start"):
-        p = sub.add_parser(name, help="run ComfyUI " + ("in the foreground" if name == "serve" else "in the background"))
+        where = "in the foreground" if name == "serve" else "in the background"
+        p = sub.add_parser(name, help=f"run ComfyUI {where}")
         p.add_argument("--port", type=int, default=8188)
         p.add_argument("--host", default="127.0.0.1")
         if name == "start":

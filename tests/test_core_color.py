@@ -64,7 +64,8 @@ def test_cli_color_fix_flag(tiny_dir, tmp_path, capsys):
                                               "--checkpoint", "y", "--tile", "64", "--overlap", "16", "-q",
                                               "--color-fix", mode])
         assert args.color_fix == mode and cli.run_upscale(args, model=model) == 0
-        outs[mode] = torch.from_numpy(np.asarray(Image.open(tmp_path / mode / "in_x4.png"))).permute(2, 0, 1)[None] / 255
+        saved = np.asarray(Image.open(tmp_path / mode / "in_x4.png"))
+        outs[mode] = torch.from_numpy(saved).permute(2, 0, 1)[None] / 255
     bicubic = upscale_canvas(torch.from_numpy(np.asarray(Image.open(src))).permute(2, 0, 1)[None] / 255, 4)
     err = {m: (wavelet_lowpass(o.float()) - wavelet_lowpass(bicubic)).abs().mean() for m, o in outs.items()}
     assert err["wavelet"] < err["none"] / 2, err

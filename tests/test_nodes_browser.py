@@ -52,8 +52,12 @@ for (const r of rects) {
                [(a[0] + b[0]) / 2, (a[1] + b[1]) / 2]];
   for (const [x, y] of pts) {
     const el = document.elementFromPoint(box.x + x, box.y + y);
-    const own = el && (el.closest('.dom-widget') || el.classList.contains('comfy-multiline-input'));  // the node's text box
-    if (el !== app.canvas.canvas && !own) { hidden.push([r.type, Math.round(x), Math.round(y), el ? el.className : null]); break; }
+    // the node's own text box (a DOM widget) is fine
+    const own = el && (el.closest('.dom-widget') || el.classList.contains('comfy-multiline-input'));
+    if (el !== app.canvas.canvas && !own) {
+      hidden.push([r.type, Math.round(x), Math.round(y), el ? el.className : null]);
+      break;
+    }
   }
 }
 const overrides = %s;
@@ -70,7 +74,8 @@ return {missing, overlaps, hidden, loaded: app.graph._nodes.length, prompt};
 
 SHOWN_JS = """(() => {
   const saves = app.graph._nodes.filter(n => n.type === 'SaveImage');
-  return saves.length > 0 && saves.every(n => (n.imgs || []).length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 0))
+  const shown = n => (n.imgs || []).length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 0);
+  return saves.length > 0 && saves.every(shown)
     ? saves.map(n => [n.imgs[0].naturalWidth, n.imgs[0].naturalHeight]) : null;
 })()"""
 

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,8 @@ def test_node_docs_and_translations_are_served(server):
 def test_workflows_are_offered_as_templates(server):
     index = server.get_json("api/workflow_templates")
     assert sorted(index.get("tadisr", [])) == sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-    status, body = server.request("GET", "api/workflow_templates/tadisr/TADiSR%20upscale%204x%20with%20text%20mask.json")
+    title = urllib.parse.quote("TADiSR upscale 4x with text mask")
+    status, body = server.request("GET", f"api/workflow_templates/tadisr/{title}.json")
     assert status == 200 and json.loads(body)["nodes"]
 
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import attention_view, blocks, graph
-from .common import (TADiSRAttention, TADiSRLatents, image_input, model_input, schema, tile_batch_input,
-                     tiling_inputs, validate_tiling)
+from .common import (
+    TADiSRAttention,
+    TADiSRLatents,
+    image_input,
+    model_input,
+    schema,
+    tile_batch_input,
+    tiling_inputs,
+    validate_tiling,
+)
 
 
 class TADiSREncode(io.ComfyNode):

@@ -33,7 +33,8 @@ class TADiSRTextComposite(io.ComfyNode):
                 io.Int.Input("grow", default=8, min=0, max=256, tooltip=(
                     "Grow the text regions by this many pixels, so glyph edges and halos come from TADiSR too.")),
                 io.Int.Input("feather", default=4, min=0, max=256, tooltip=(
-                    "Width of the soft edge in pixels, inside the grown area and outside the text (at most half of 'grow').")),
+                    "Width of the soft edge in pixels, inside the grown area and outside the text (at most half "
+                    "of 'grow').")),
                 io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Mask values at or above this count as text."),
             ],
