@@ -266,6 +266,33 @@ def test_out_of_range_input_is_a_node_error(server):
     assert errors[0]["type"] == "value_bigger_than_max" and errors[0]["extra_info"]["input_name"] == "scale"
 
 
+def test_read_text_reads_a_sign_and_keeps_only_lines_in_the_mask(server, tmp_path):
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.truetype("DejaVuSans-Bold.ttf", 36)
+    sign = Image.new("RGB", (320, 130), (250, 250, 245))
+    draw = ImageDraw.Draw(sign)
+    draw.text((20, 15), "OPEN 24H", fill=(10, 10, 10), font=font)
+    draw.text((20, 75), "SALE", fill=(10, 10, 10), font=font)
+    sign.save(tmp_path / "tadisr_ocr_sign.png")
+    mask = Image.new("RGBA", sign.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 70, 320, 130))  # MASK = 1 - alpha: only the lower line
+    mask.save(tmp_path / "tadisr_ocr_mask.png")
+    for f in ("tadisr_ocr_sign.png", "tadisr_ocr_mask.png"):
+        server.upload_image(tmp_path / f)
+    read = {"class_type": "TADiSRReadText", "inputs": {"image": ["1", 0], "min_score": 0.5, "min_coverage": 0.25}}
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "tadisr_ocr_sign.png"}},
+              "2": {"class_type": "LoadImage", "inputs": {"image": "tadisr_ocr_mask.png"}},
+              "3": read, "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}},
+              "5": copy.deepcopy(read), "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}},
+              "7": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}}}
+    prompt["5"]["inputs"]["text_mask"] = ["2", 1]
+    entry = server.run(prompt, timeout=180)
+    _assert_success(entry, server)
+    assert entry["outputs"]["4"]["text"] == ["OPEN 24H\nSALE"]
+    assert entry["outputs"]["6"]["text"] == ["SALE"]
+
+
 def test_impossible_tiling_is_refused_at_queue_time_on_its_inputs(server):
     prompt = override(load_api("tadisr_upscale"), {**TINY, "TADiSRUpscale": {"tile": 64, "overlap": 64}})
     with pytest.raises(PromptRejected) as err:
