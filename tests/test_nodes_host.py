@@ -106,6 +106,14 @@ def test_object_info_lists_every_node_as_v3_with_tooltips(server):
             for name, spec in entry["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{nid}.{name}: no tooltip in /object_info"
         assert all(entry["output_tooltips"]), f"{nid}: an output has no tooltip"
+    defaults = {nid: {k: v[1].get("default") for k, v in info[nid]["input"]["required"].items()}
+                for nid in NODE_IDS}
+    assert {k: defaults["TADiSRUpscale"][k] for k in ("scale", "tile", "overlap", "tile_batch", "capture_attention",
+                                                      "color_fix")} == {
+        "scale": 4.0, "tile": 768, "overlap": 256, "tile_batch": 0, "capture_attention": False, "color_fix": "none"}
+    assert defaults["TADiSRLoadModel"]["dtype"] == "auto" and defaults["TADiSRLoadModel"]["prompt_cache"].startswith("auto")
+    assert defaults["TADiSRLoadImageFromFolder"]["when_done"] == "wrap around"
+    assert info["TADiSRLoadImageFromFolder"]["input"]["required"]["index"][1]["control_after_generate"] is True
     loader = info["TADiSRLoadModel"]["input"]["required"]
     assert "tadisr-tiny-kolors" in loader["kolors"][1]["options"]
     assert "tadisr_tiny.safetensors" in loader["checkpoint"][1]["options"]
