@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PORT ?= 8188
 
-.PHONY: venv test test-deps test-fast tiny serve bench clean
+.PHONY: venv test test-deps test-fast tiny serve workflows locales registry-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -28,7 +28,17 @@ tiny: venv
 	$(VPY) -m tadisr_core.testing make-tiny .build/tiny
 
 serve: venv
-	$(VPY) scripts/comfy_host.py serve --port $(PORT)
+	$(VPY) -m devtools.comfy_host serve --port $(PORT)
+
+workflows: venv  # rebuild example_workflows/ in the dev host (graphs, API copies, thumbnails)
+	$(VPY) -m devtools.build_workflows
+
+locales: venv  # locales/en/nodeDefs.json from the node schemas, via the dev host
+	$(VPY) -m devtools.locales
+
+registry-check:  # what the Comfy Registry checks before publishing (comfy-cli in its own venv)
+	test -x .build/comfycli/bin/comfy || ($(PY) -m venv .build/comfycli && .build/comfycli/bin/pip install -q comfy-cli)
+	.build/comfycli/bin/comfy --skip-prompt --no-enable-telemetry node validate
 
 bench: venv
 	$(VPY) benchmarks/bench_pipeline_cpu.py

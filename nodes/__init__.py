@@ -1,33 +1,5 @@
-"""ComfyUI nodes of TADiSR: thin adapters over tadisr_core (V1 node interface).
+"""ComfyUI nodes of TADiSR: thin adapters over tadisr_core.
 
-Importing this package is cheap: tadisr_core, diffusers and peft load when a node first runs.
+`nodes/*.py` hold the node logic (ComfyUI tensor layouts, model cache, progress, interrupt) and
+import neither ComfyUI nor `comfy_api`; `nodes/v3/` declares the nodes with ComfyUI's V3 schema.
 """
-
-from . import host
-from .attention_view import TADiSRTextAttention
-from .blocks import TADiSRDecode, TADiSRDenoise, TADiSREncode
-from .folder_io import TADiSRLoadImageFromFolder
-from .loaders import TADiSRLoadModel
-from .upscale import TADiSRUpscale
-
-NODE_CLASS_MAPPINGS = {
-    "TADiSRLoadModel": TADiSRLoadModel,
-    "TADiSRUpscale": TADiSRUpscale,
-    "TADiSREncode": TADiSREncode,
-    "TADiSRDenoise": TADiSRDenoise,
-    "TADiSRDecode": TADiSRDecode,
-    "TADiSRTextAttention": TADiSRTextAttention,
-    "TADiSRLoadImageFromFolder": TADiSRLoadImageFromFolder,
-}
-
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "TADiSRLoadModel": "Load TADiSR Model",
-    "TADiSRUpscale": "TADiSR Upscale (all in one)",
-    "TADiSREncode": "TADiSR Encode",
-    "TADiSRDenoise": "TADiSR One-Step Denoise",
-    "TADiSRDecode": "TADiSR Joint Decode",
-    "TADiSRTextAttention": "TADiSR Text Attention",
-    "TADiSRLoadImageFromFolder": "TADiSR Load Image from Folder",
-}
-
-host.register_model_folders()

@@ -1,4 +1,4 @@
-"""TADiSR Text Attention: the captured "text"-token cross-attention as a heat map and an overlay."""
+"""TADiSR Text Attention, the logic: the captured "text"-token cross-attention as a heat map and an overlay."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from . import convert, host
-from .types import TADISR_ATTENTION
 
 LAYER_GROUPS = ("all", "down", "mid", "up")
 REDUCTIONS = ("mean", "max")
@@ -67,49 +66,17 @@ def overlay(image: torch.Tensor, heat: torch.Tensor, colormap: str = "jet", opac
     return rgb * (1 - opacity) + colorize(heat, colormap) * opacity
 
 
-class TADiSRTextAttention:
-    """Node: TADiSR Text Attention."""
-
-    DESCRIPTION = ("Shows where the model attends to the word 'text' (TACA cross-attention captured during the "
-                   "one-step denoise): a heat map MASK and a colour overlay on the upscaled image. Tiles are blended "
-                   "exactly like the image tiles.")
-    CATEGORY = "TADiSR"
-    FUNCTION = "view"
-    RETURN_TYPES = ("MASK", "IMAGE")
-    RETURN_NAMES = ("heatmap", "overlay")
-    OUTPUT_TOOLTIPS = ("Attention heat map, 0..1, the size of the upscaled image.",
-                       "The heat map, colour-mapped and blended onto the image.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "attention": (TADISR_ATTENTION, {"tooltip": "Captured attention from TADiSR One-Step Denoise or the "
-                                                        "attention output of TADiSR Upscale."}),
-            "image": ("IMAGE", {"tooltip": "Image to draw the overlay on, normally the upscaled image "
-                                           "(the heat map is resized to it)."}),
-            "layers": (list(LAYER_GROUPS), {"default": "all", "tooltip": (
-                "Which UNet cross-attention layers to read: all, or only the down / mid / up blocks. Up-block layers "
-                "are sharpest; the released Kolors checkpoint hooks no mid-block layer.")}),
-            "heads": (list(REDUCTIONS), {"default": "mean", "tooltip": (
-                "How to combine attention heads (and layers): mean = smooth consensus, max = strongest response.")}),
-            "normalize": ("BOOLEAN", {"default": True, "tooltip": (
-                "Stretch each image's heat map to 0..1. Off shows raw attention probabilities (often faint).")}),
-            "colormap": (list(COLORMAPS), {"default": "jet", "tooltip": "Colours of the overlay."}),
-            "opacity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
-                "Overlay strength: 0 = image only, 1 = heat map only.")}),
-        }}
-
-    def view(self, attention, image, layers="all", heads="mean", normalize=True, colormap="jet", opacity=0.5):
-        """Heat map MASK and overlay IMAGE."""
-        if attention is None:
-            raise ValueError("TADiSR: no attention was captured: turn on 'capture_attention' in TADiSR Upscale "
-                             "(or take it from TADiSR One-Step Denoise)")
-        if not isinstance(attention, _core_attention_tiles()):
-            raise ValueError("TADiSR: 'attention' must come from TADiSR One-Step Denoise or TADiSR Upscale")
-        host.check_interrupt()
-        heat = heatmap(attention, layers, heads, bool(normalize), host.progress_reporter(len(attention.maps)),
-                       host.cancel_callback())
-        img = convert.image_to_core(image)
-        out = overlay(img, heat, colormap, float(opacity))
-        dev = host.intermediate_device()
-        return convert.mask_from_core(heat, dev), convert.image_from_core(out, dev)
+def view(attention, image, layers="all", heads="mean", normalize=True, colormap="jet", opacity=0.5):
+    """Heat map MASK and overlay IMAGE (ComfyUI layouts) of captured attention."""
+    if attention is None:
+        raise ValueError("TADiSR: no attention was captured: turn on 'capture_attention' in TADiSR Upscale "
+                         "(or take it from TADiSR One-Step Denoise)")
+    if not isinstance(attention, _core_attention_tiles()):
+        raise ValueError("TADiSR: 'attention' must come from TADiSR One-Step Denoise or TADiSR Upscale")
+    host.check_interrupt()
+    heat = heatmap(attention, layers, heads, bool(normalize), host.progress_reporter(len(attention.maps)),
+                   host.cancel_callback())
+    img = convert.image_to_core(image)
+    out = overlay(img, heat, colormap, float(opacity))
+    dev = host.intermediate_device()
+    return convert.mask_from_core(heat, dev), convert.image_from_core(out, dev)

@@ -1,28 +1,65 @@
-"""TADiSR Load Image from Folder: one image per queued run, for batch upscaling through the queue."""
+"""TADiSR Load Image from Folder, the logic: one image per queued run, for batch upscaling through the queue.
+
+A relative folder is looked up inside ComfyUI's input folder and may not climb out of it with
+`..`; an absolute folder is taken as it is (users batch their own archives). Files are served in
+natural order (img2 before img10); the index wraps around after the last image, or, with
+`when_done = "stop"`, the run fails with a clear "done" message.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 from . import host
 
+WHEN_DONE = ("wrap around", "stop")
+
 
 def resolve_folder(folder: str) -> str:
-    """An absolute folder, or one relative to ComfyUI's input folder; ValueError if it does not exist."""
-    path = folder if os.path.isabs(folder) else os.path.join(host.input_directory(), folder)
+    """The folder's full path; ValueError if a relative one escapes the input folder or it does not exist."""
+    folder = (folder or "").strip()
+    if os.path.isabs(folder):
+        path = os.path.normpath(folder)
+    else:
+        rel = os.path.normpath(folder) if folder else "."
+        if rel == ".." or rel.startswith(".." + os.sep):
+            raise ValueError(f"TADiSR: folder '{folder}' points outside ComfyUI's input folder; give a folder "
+                             "inside it, or an absolute path")
+        path = os.path.join(host.input_directory(), rel)
     if not os.path.isdir(path):
         raise ValueError(f"TADiSR: image folder '{folder}' not found (looked for {path}); give a folder inside "
                          "ComfyUI's input folder or an absolute path")
     return path
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders digit runs by value: img2 < img10 (case-insensitive otherwise)."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
+
+
 def list_images(folder: str) -> list[str]:
-    """Sorted image file names directly inside `folder` (the suffixes the CLI reads too)."""
+    """Image file names directly inside `folder`, in natural order (the suffixes the CLI reads too)."""
     from tadisr_core.images import is_image_file
 
-    return sorted(f for f in os.listdir(folder) if is_image_file(f) and os.path.isfile(os.path.join(folder, f)))
+    names = [f for f in os.listdir(folder) if is_image_file(f) and os.path.isfile(os.path.join(folder, f))]
+    return sorted(names, key=natural_key)
+
+
+def pick(index: int, count: int, when_done: str, folder: str) -> int:
+    """The position served for widget value `index`: wrapped, or ValueError("done") past the end."""
+    if when_done not in WHEN_DONE:
+        raise ValueError(f"TADiSR: when_done must be one of {WHEN_DONE}, got '{when_done}'")
+    if index < 0:
+        raise ValueError(f"TADiSR: index must be >= 0, got {index}")
+    if index < count:
+        return index
+    if when_done == "stop":
+        raise ValueError(f"TADiSR: done: all {count} images of {folder} were served (index {index}). "
+                         "Set index to 0 to start again.")
+    return index % count
 
 
 def read_image(path: str) -> torch.Tensor:
@@ -34,53 +71,29 @@ def read_image(path: str) -> torch.Tensor:
     return image.expand(-1, 3, -1, -1).movedim(1, -1).contiguous()
 
 
-class TADiSRLoadImageFromFolder:
-    """Node: TADiSR Load Image from Folder."""
+def chosen_file(folder: str, index: int, when_done: str = "wrap around") -> tuple[str, str, int]:
+    """(folder path, file name, image count) of the file served for `index`."""
+    path = resolve_folder(folder)
+    names = list_images(path)
+    if not names:
+        from tadisr_core.images import IMAGE_SUFFIXES
 
-    DESCRIPTION = ("Loads the image at 'index' (sorted by name) from a folder. With 'control after generate' set to "
-                   "increment, queue the workflow once per image (Batch count = image count) to upscale a whole "
-                   "folder through the queue; a bad file fails only its own run.")
-    CATEGORY = "TADiSR"
-    FUNCTION = "load"
-    RETURN_TYPES = ("IMAGE", "STRING", "STRING", "INT")
-    RETURN_NAMES = ("image", "filename_prefix", "mask_prefix", "count")
-    OUTPUT_TOOLTIPS = ("The image (RGB).",
-                       "'prefix' + the file name without extension: connect to Save Image's filename_prefix.",
-                       "The same + '_text_mask', for saving the text mask beside the image.",
-                       "How many images the folder holds.")
+        raise ValueError(f"TADiSR: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
+    return path, names[pick(int(index), len(names), when_done, path)], len(names)
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "folder": ("STRING", {"default": "tadisr_batch", "tooltip": (
-                "Folder of images: relative to ComfyUI's input folder, or an absolute path.")}),
-            "index": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "control_after_generate": True, "tooltip": (
-                "Which image (0 = first by name). Set 'control after generate' to increment to walk the folder.")}),
-            "prefix": ("STRING", {"default": "tadisr/", "tooltip": (
-                "Put before the file name in the filename_prefix output (a sub-folder of the output folder).")}),
-        }}
 
-    @classmethod
-    def IS_CHANGED(cls, folder, index, prefix):
-        # Re-run when the chosen file changes on disk, not only when the widgets change.
-        try:
-            path = resolve_folder(folder)
-            name = list_images(path)[index]
-            return f"{name}:{os.path.getmtime(os.path.join(path, name))}"
-        except (ValueError, IndexError, OSError):
-            return float("nan")
+def fingerprint(folder: str, index: int, when_done: str = "wrap around") -> str | float:
+    """Changes when the served file or its contents change (NaN when it cannot be resolved: always re-run)."""
+    try:
+        path, name, _ = chosen_file(folder, index, when_done)
+        return f"{name}:{os.path.getmtime(os.path.join(path, name))}"
+    except (ValueError, OSError):
+        return float("nan")
 
-    def load(self, folder, index=0, prefix="tadisr/"):
-        """The image at `index`, output prefixes for it and its mask, and the folder's image count."""
-        path = resolve_folder(folder)
-        names = list_images(path)
-        if not names:
-            from tadisr_core.images import IMAGE_SUFFIXES
 
-            raise ValueError(f"TADiSR: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
-        if not 0 <= index < len(names):
-            raise ValueError(f"TADiSR: index {index} is past the last image of {path} ({len(names)} images, "
-                             f"indices 0..{len(names) - 1})")
-        image = read_image(os.path.join(path, names[index]))
-        stem = f"{prefix}{os.path.splitext(names[index])[0]}"
-        return image, stem, f"{stem}_text_mask", len(names)
+def load(folder: str, index: int = 0, prefix: str = "tadisr/", when_done: str = "wrap around"):
+    """The image served for `index`, output prefixes for it and its mask, and the folder's image count."""
+    path, name, count = chosen_file(folder, index, when_done)
+    image = read_image(os.path.join(path, name))
+    stem = f"{prefix}{os.path.splitext(name)[0]}"
+    return image, stem, f"{stem}_text_mask", count

@@ -75,18 +75,20 @@ def _fallback_models_dir() -> str:
 
 
 def register_model_folders() -> None:
-    """Register models/tadisr with ComfyUI (keeps paths a user configured in extra_model_paths.yaml)."""
+    """Register models/tadisr with ComfyUI. Folders a user added for "tadisr" in extra_model_paths.yaml
+    come first; the default models/tadisr is always searched too."""
     fp = _module("folder_paths")
     if fp is None:
         return
-    paths = fp.folder_names_and_paths.get(TADISR_FOLDER, ([], set()))[0]
-    if not paths:
-        paths = [os.path.join(fp.models_dir, TADISR_FOLDER)]
-        try:  # so users see where checkpoints go
-            os.makedirs(paths[0], exist_ok=True)
-        except OSError:
-            pass
-    fp.folder_names_and_paths[TADISR_FOLDER] = (list(paths), set(CHECKPOINT_EXTS))
+    paths = list(fp.folder_names_and_paths.get(TADISR_FOLDER, ([], set()))[0])
+    default = os.path.join(fp.models_dir, TADISR_FOLDER)
+    if default not in paths:
+        paths.append(default)
+    try:  # so users see where checkpoints go
+        os.makedirs(default, exist_ok=True)
+    except OSError:
+        pass
+    fp.folder_names_and_paths[TADISR_FOLDER] = (paths, set(CHECKPOINT_EXTS))
 
 
 def model_folders(kind: str) -> list[str]:
@@ -226,15 +228,6 @@ def make_room(nbytes: int, device: torch.device) -> None:
     mm = _module("comfy.model_management")
     if mm is not None and device.type != "cpu":
         mm.free_memory(nbytes, device)
-
-
-def free_cache() -> None:
-    """Return cached accelerator memory (after a failed run)."""
-    mm = _module("comfy.model_management")
-    if mm is not None:
-        mm.soft_empty_cache()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _module_bytes(model: torch.nn.Module) -> int:

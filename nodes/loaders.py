@@ -1,4 +1,4 @@
-"""Load TADiSR Model: Kolors folder + TADiSR checkpoint + prompt cache -> TADISR_MODEL."""
+"""Load TADiSR Model, the logic: Kolors folder + TADiSR checkpoint + prompt cache -> a model handle."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from . import host
 from .model_cache import TADiSRHandle, file_key, get_or_load
-from .types import TADISR_MODEL
 
 log = logging.getLogger("tadisr")
 
@@ -20,7 +19,8 @@ CHATGLM_BYTES = 14 << 30  # ChatGLM3-6B in bf16 plus activations, for the one-of
 
 
 def kolors_choices() -> list[str]:
-    """Folders in models/diffusers that hold a Kolors-layout unet/ and vae/."""
+    """The Kolors base models the loader offers: folders in models/diffusers with unet/ and vae/.
+    (The one place that lists Kolors candidates.)"""
     return host.list_subfolders(host.DIFFUSERS_FOLDER, KOLORS_REQUIRED)
 
 
@@ -137,53 +137,10 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
     return get_or_load(key, load)
 
 
-class TADiSRLoadModel:
-    """Node: Load TADiSR Model."""
-
-    DESCRIPTION = ("Loads TADiSR (text-aware 4x super-resolution): a Kolors diffusers folder from models/diffusers, "
-                   "the TADiSR checkpoint from models/tadisr and the cached prompt conditioning. Loaded models are "
-                   "cached and handed to ComfyUI's memory manager, which offloads them when other models need VRAM.")
-    CATEGORY = "TADiSR"
-    FUNCTION = "load"
-    RETURN_TYPES = (TADISR_MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The loaded TADiSR model, for the Upscale / Encode / Denoise / Decode nodes.",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        from tadisr_core.devices import DTYPE_CHOICES
-
-        return {"required": {
-            "kolors": (kolors_choices(), {"tooltip": "Kolors base model: a diffusers folder in models/diffusers "
-                                                     "(with unet/ and vae/; text_encoder/ + tokenizer/ are only read "
-                                                     "once, to compute the prompt cache)."}),
-            "checkpoint": (checkpoint_choices(), {"tooltip": "TADiSR weights in models/tadisr: the released "
-                                                             "tadisr_kolors_ftsr_526000.pkl or a .safetensors "
-                                                             "conversion (python -m tadisr_core.checkpoint convert)."}),
-            "prompt_cache": (prompt_cache_choices(), {"default": AUTO_CACHE, "tooltip": (
-                "Prompt conditioning. 'auto' uses models/tadisr/prompt_cache_<kolors folder>.safetensors and computes "
-                "it once from the folder's ChatGLM3 when missing (needs ~13 GB VRAM or a few minutes on CPU); "
-                "afterwards ChatGLM3 is never loaded again.")}),
-            "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": (
-                "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32), fp32 on CPU. "
-                "bf16/fp16 halve VRAM.")}),
-            "device": (device_choices(), {"default": "auto", "tooltip": "Where to run. auto = ComfyUI's device."}),
-            "merge_lora": ("BOOLEAN", {"default": False, "tooltip": (
-                "Fold the LoRA weights into the base layers once at load: a little faster per tile, same result "
-                "up to rounding.")}),
-        }}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, kolors, checkpoint):
-        # Replaces ComfyUI's "value not in list" check for these two, with messages saying where files go.
-        problems = []
-        for resolve, name in ((resolve_kolors, kolors), (resolve_checkpoint, checkpoint)):
-            try:
-                resolve(name)
-            except FileNotFoundError as exc:
-                problems.append(str(exc))
-        return " ".join(problems) or True
-
-    def load(self, kolors, checkpoint, prompt_cache=AUTO_CACHE, dtype="auto", device="auto", merge_lora=False):
-        """Load (or reuse) the model."""
-        return (load_model(kolors, checkpoint, prompt_cache, dtype, device, merge_lora),)
+def validate_checkpoint(checkpoint: str) -> bool | str:
+    """True, or the message saying where the checkpoint belongs (for the loader's early check)."""
+    try:
+        resolve_checkpoint(checkpoint)
+    except FileNotFoundError as exc:
+        return str(exc)
+    return True

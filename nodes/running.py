@@ -1,4 +1,4 @@
-"""Shared plumbing of the nodes that run the model: inputs, device placement, progress, interrupt."""
+"""Shared plumbing of the nodes that run the model: settings checks, device placement, progress, interrupt."""
 
 from __future__ import annotations
 
@@ -7,30 +7,6 @@ from typing import Iterator
 
 from . import host
 from .model_cache import TADiSRHandle
-
-
-def model_input(tooltip: str = "The model from Load TADiSR Model.") -> tuple:
-    from .types import TADISR_MODEL
-
-    return (TADISR_MODEL, {"tooltip": tooltip})
-
-
-def tiling_inputs() -> dict:
-    """scale / tile / overlap / tile_batch widgets shared by Upscale and Encode."""
-    from tadisr_core.pipeline import MAX_SCALE, MIN_TILE
-
-    return {
-        "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": MAX_SCALE, "step": 0.5, "tooltip": (
-            "Upscale factor. TADiSR is trained for 4x; the image is resized bicubically by this factor, then restored.")}),
-        "tile": ("INT", {"default": 768, "min": MIN_TILE, "max": 4096, "step": 8, "tooltip": (
-            "Tile size in output pixels (multiple of 8). 768 is what the model was trained for; lower it if VRAM "
-            "is short (out-of-memory also halves it automatically).")}),
-        "overlap": ("INT", {"default": 256, "min": 0, "max": 4088, "step": 8, "tooltip": (
-            "Overlap of neighbouring tiles in output pixels (< tile). Tiles are blended with a Hann window; "
-            "more overlap hides seams, costs more tiles.")}),
-        "tile_batch": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": (
-            "Tiles per model call. 0 = auto (from free memory). Halved automatically on out-of-memory.")}),
-    }
 
 
 def tile_batch_arg(value: int) -> int | str:

@@ -43,6 +43,7 @@ class Options:
     attention: bool = False
     seed: int | None = None           # set: sample the latent with this seed (as the release did)
     skip_existing: bool = False
+    color_fix: str = "none"           # "wavelet": colours from the bicubic input (color.py)
 
 
 @dataclass
@@ -209,7 +210,8 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         rec.channels = image.shape[1]
         result = upscale(model, image, options.scale, options.tile, options.overlap, options.tile_batch,
                          progress=progress, cancel=cancel, attention=options.attention,
-                         sample=options.seed is not None, seed=options.seed, mask=job.mask is not None)
+                         sample=options.seed is not None, seed=options.seed, mask=job.mask is not None,
+                         color_fix=options.color_fix)
         del image
         t2 = time.perf_counter()
         items = [(result.image, job.image, source.icc_profile)]

@@ -263,6 +263,9 @@ def add_upscale(sub) -> None:
     p.add_argument("--attention", action="store_true", help="also write the text-attention heat map")
     p.add_argument("--no-mask", dest="mask", action="store_false",
                    help="write the image only: skips the text-mask decoder (faster; the image is the same)")
+    p.add_argument("--color-fix", choices=("none", "wavelet"), default="none",
+                   help="wavelet: keep the input's colours (low frequencies of the bicubic upscale) under the "
+                        "model's detail; none (default): the model's output as it is")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs all exist")
     p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")
@@ -301,7 +304,7 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
         model = load_model(args)
     load_s = time.perf_counter() - t0
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
-                      args.skip_existing)
+                      args.skip_existing, args.color_fix)
     records, cancelled = [], False
     files_bar = tqdm(total=len(jobs), unit="file", disable=quiet or len(jobs) < 2, position=0)
     with _Interrupt() as interrupt:

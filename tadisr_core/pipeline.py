@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .color import apply_color_fix
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .finite import check_finite
 from .heatmap import AttentionTiles, channel_groups, stretch, tile_heat
@@ -229,7 +230,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
             tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
             attention: bool = False, keep_attention: bool = False, mask: bool = True, sample: bool = False,
             generator: torch.Generator | None = None, seed: int | None = None,
-            canvas_device: torch.device | str = "auto") -> UpscaleResult:
+            canvas_device: torch.device | str = "auto", color_fix: str = "none") -> UpscaleResult:
     """Super-resolve `image` [B, C, h, w] (0..1; C = 1 gray, 3 RGB or 4 RGBA) by `scale`.
 
     Tiles of `tile` px overlapping by `overlap` go through the model `tile_batch` at a time ("auto":
@@ -238,7 +239,8 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     `attention=True` also returns the TACA heat map (all layers, head mean); `keep_attention=True`
     returns every tile's maps in `attention_tiles` (see `heatmap.heatmap`). `mask=False` gives the
     image alone, faster (no text mask). `sample` draws the latent like the release (seeded by
-    `generator` or `seed`) instead of using its mean. Results are float32 on the CPU.
+    `generator` or `seed`) instead of using its mean. `color_fix="wavelet"` takes the low frequencies
+    from the bicubic canvas (see `color.py`). Results are float32 on the CPU.
     """
     _check_input(image)
     check_finite(image, "input image")
@@ -269,6 +271,8 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
 
         res = _blend(model, grid, b, image.shape[1], work, tile_batch, mask=mask, heat=attention,
                      canvas_device=hr.device, alpha=alpha, progress=progress, cancel=cancel)
+        if color_fix != "none":
+            res.image[:, :3] = apply_color_fix(res.image[:, :3], rgb.to(res.image.device), color_fix)
         if keep_attention:
             res.attention_tiles = AttentionTiles(grid, b, kept, channel_groups(model))
         return res

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves a core to a test server
 
-try:  # the real-host fixtures (ComfyUI server, headless Chromium) live beside this file
-    from tests.host_fixtures import *  # noqa: F401,F403
-except ImportError:
-    pass
+from tests.host_fixtures import *  # noqa: E402,F401,F403  (the real-host fixtures: ComfyUI server, Chromium)
 
 
 @pytest.fixture(scope="session")

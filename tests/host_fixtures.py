@@ -15,15 +15,11 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from .browser import CHROMIUM, Browser
-    from .comfy_host import REPO, ComfyServer, ensure_host
-except ImportError:  # tests/ is not a package: imported via rootdir on sys.path
-    from browser import CHROMIUM, Browser
-    from comfy_host import REPO, ComfyServer, ensure_host
+from devtools.browser import CHROMIUM, Browser
+from devtools.server import REPO, ComfyServer, ensure_host
 
 ARTIFACTS = REPO / "artifacts"
-__all__ = ["comfy_host", "comfy_server", "browser"]  # what `from host_fixtures import *` brings
+__all__ = ["comfy_host", "comfy_server", "browser"]  # what `from tests.host_fixtures import *` brings
 
 
 def _skip_requested() -> None:
@@ -33,7 +29,7 @@ def _skip_requested() -> None:
 
 @pytest.fixture(scope="session")
 def comfy_host() -> None:
-    """The host venv and base directory exist (runs `comfy_host.py install` and `prepare`)."""
+    """The host venv and base directory exist (runs `devtools.comfy_host install` and `prepare`)."""
     _skip_requested()
     ensure_host()
 

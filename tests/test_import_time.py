@@ -20,7 +20,8 @@ pack = importlib.util.module_from_spec(spec)
 sys.modules["tadisr_pack"] = pack
 spec.loader.exec_module(pack)
 heavy = sorted(m for m in {heavy!r} if m in sys.modules)
-print(json.dumps({{"nodes": len(pack.NODE_CLASS_MAPPINGS), "heavy": heavy}}))
+found = {{m: importlib.util.find_spec(m) is not None for m in ("tadisr_core", "tests", "devtools")}}
+print(json.dumps({{"entry": callable(pack.comfy_entrypoint), "heavy": heavy, "importable": found}}))
 """
 
 
@@ -33,5 +34,8 @@ def _probe() -> dict:
 
 def test_pack_import_is_lazy():
     run = _probe()
-    assert run["nodes"] >= 7
+    assert run["entry"]
+    # the pack makes tadisr_core importable, not the repository root (`training` is left out of the check:
+    # the development venv installs it)
+    assert run["importable"] == {"tadisr_core": True, "tests": False, "devtools": False}
     assert run["heavy"] == [], f"pack import pulled in {run['heavy']}"

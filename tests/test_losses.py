@@ -184,10 +184,7 @@ def test_lpips_none_must_be_explicit_and_consistent():
 
 
 def test_real_lpips_term_is_differentiable():
-    try:
-        from lpips_weights import ensure_lpips_weights
-    except ImportError:
-        from tests.lpips_weights import ensure_lpips_weights
+    from tests.lpips_weights import ensure_lpips_weights
     from training.builders import build_loss
 
     cfg = Config()

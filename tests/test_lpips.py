@@ -13,10 +13,7 @@ from PIL import Image
 from training.convert_lpips_weights import load_numpy_pickle
 from training.lpips import LPIPS
 
-try:
-    from lpips_weights import ensure_lpips_weights, lpips_reference_dir
-except ImportError:  # tests/ imported as a package
-    from tests.lpips_weights import ensure_lpips_weights, lpips_reference_dir
+from tests.lpips_weights import ensure_lpips_weights, lpips_reference_dir
 
 
 def _load(path: Path) -> torch.Tensor:

@@ -14,10 +14,7 @@ from training.metrics import (OCRAResult, ocr_accuracy, psnr, ssim, summarize_oc
                               to_tensor)
 from training.ocr import OCREngine
 
-try:
-    from lpips_weights import ensure_lpips_weights
-except ImportError:  # tests/ imported as a package
-    from tests.lpips_weights import ensure_lpips_weights
+from tests.lpips_weights import ensure_lpips_weights
 
 skm = pytest.importorskip("skimage.metrics")
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"

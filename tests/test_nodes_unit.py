@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import nodes
-from nodes import attention_view, blocks, convert, folder_io, host, loaders, model_cache, running, upscale
+from nodes import attention_view, blocks, convert, folder_io, graph, host, loaders, model_cache, text_tools, upscale
 from tadisr_core.heatmap import AttentionTiles
 
 TILE = dict(scale=4.0, tile=64, overlap=16, tile_batch=2)
@@ -55,37 +54,12 @@ def models_dir(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def handle(models_dir):
-    return loaders.TADiSRLoadModel().load("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors",
-                                          "fp32", "cpu", False)[0]
+    return loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu",
+                              False)
 
 
 def _image(b=1, h=24, w=16, c=3, seed=0):
     return torch.rand(b, h, w, c, generator=torch.Generator().manual_seed(seed))
-
-
-# -- node declarations --------------------------------------------------------------------------
-@pytest.mark.parametrize("node_id", sorted(nodes.NODE_CLASS_MAPPINGS))
-def test_every_node_is_declared_completely(node_id, models_dir):
-    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
-    assert cls.CATEGORY == "TADiSR"
-    assert node_id in nodes.NODE_DISPLAY_NAME_MAPPINGS
-    assert len(cls.DESCRIPTION) > 40
-    assert callable(getattr(cls, cls.FUNCTION))
-    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
-    spec = cls.INPUT_TYPES()
-    for section in ("required", "optional"):
-        for name, (kind, *opts) in spec.get(section, {}).items():
-            assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
-            if isinstance(kind, list) and "default" in opts[0]:
-                assert opts[0]["default"] in kind, f"{node_id}.{name}: default not among the choices"
-
-
-def test_user_facing_defaults_are_safe():
-    tiling = running.tiling_inputs()
-    assert tiling["tile"][1]["default"] == 768 and tiling["overlap"][1]["default"] == 256
-    assert tiling["tile_batch"][1]["default"] == 0  # auto
-    spec = loaders.TADiSRLoadModel.INPUT_TYPES()["required"]
-    assert spec["dtype"][1]["default"] == "auto" and spec["prompt_cache"][1]["default"] == loaders.AUTO_CACHE
 
 
 # -- host fallback and conversions -------------------------------------------------------------
@@ -149,16 +123,15 @@ def test_prompt_conditioning_follows_the_model_between_devices(handle):
 
 
 def test_missing_files_name_the_file_and_the_folder(models_dir):
-    node = loaders.TADiSRLoadModel()
     with pytest.raises(FileNotFoundError, match=r"'nope.pkl' not found in models/tadisr"):
-        node.load("tiny-kolors", "nope.pkl")
+        loaders.load_model("tiny-kolors", "nope.pkl")
     with pytest.raises(FileNotFoundError, match=r"'Kolors' not found in models/diffusers"):
-        node.load("Kolors", "tadisr_tiny.safetensors")
+        loaders.load_model("Kolors", "tadisr_tiny.safetensors")
     with pytest.raises(FileNotFoundError, match="no unet/ or vae/"):
-        node.load("not-kolors", "tadisr_tiny.safetensors")
-    msg = loaders.TADiSRLoadModel.VALIDATE_INPUTS("tiny-kolors", "nope.pkl")
+        loaders.load_model("not-kolors", "tadisr_tiny.safetensors")
+    msg = loaders.validate_checkpoint("nope.pkl")  # the loader's early check names only the checkpoint
     assert "nope.pkl" in msg and "models/tadisr" in msg and "diffusers" not in msg
-    assert loaders.TADiSRLoadModel.VALIDATE_INPUTS("tiny-kolors", "tadisr_tiny.safetensors") is True
+    assert loaders.validate_checkpoint("tadisr_tiny.safetensors") is True
     with pytest.raises(FileNotFoundError, match="'x.safetensors' not found"):
         loaders.resolve_prompt_cache("x.safetensors", str(models_dir / "diffusers" / "tiny-kolors"))
     with pytest.raises(ValueError, match="dtype"):
@@ -179,7 +152,7 @@ def test_auto_prompt_cache_is_computed_once_into_models_tadisr(models_dir, tiny_
 
 # -- running -----------------------------------------------------------------------------------
 def test_upscale_gives_scale_times_the_size_for_a_batch(handle):
-    image, mask, att = upscale.TADiSRUpscale().upscale(handle, _image(2), **TILE)
+    image, mask, att = upscale.upscale(handle, _image(2), **TILE)
     assert image.shape == (2, 96, 64, 3) and mask.shape == (2, 96, 64) and att is None
     assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
     assert 0 <= mask.min() and mask.max() <= 1
@@ -188,7 +161,7 @@ def test_upscale_gives_scale_times_the_size_for_a_batch(handle):
 
 @pytest.mark.parametrize("channels", [1, 4])
 def test_gray_and_rgba_inputs(handle, channels):
-    image, mask, _ = upscale.TADiSRUpscale().upscale(handle, _image(1, 16, 16, channels), 2.0, 64, 8, 1)
+    image, mask, _ = upscale.upscale(handle, _image(1, 16, 16, channels), 2.0, 64, 8, 1)
     assert image.shape == (1, 32, 32, 4 if channels == 4 else 3) and mask.shape == (1, 32, 32)
 
 
@@ -200,28 +173,28 @@ def test_gray_and_rgba_inputs(handle, channels):
 ])
 def test_wrong_settings_raise_clear_errors(handle, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        upscale.TADiSRUpscale().upscale(handle, _image(), **{**TILE, **kwargs})
+        upscale.upscale(handle, _image(), **{**TILE, **kwargs})
 
 
 def test_wrong_image_and_model_inputs(handle):
     with pytest.raises(ValueError, match="1, 3 or 4 channels"):
-        upscale.TADiSRUpscale().upscale(handle, torch.rand(1, 16, 16, 2), **TILE)
+        upscale.upscale(handle, torch.rand(1, 16, 16, 2), **TILE)
     with pytest.raises(ValueError, match="must come from Load TADiSR Model"):
-        upscale.TADiSRUpscale().upscale("not a model", _image(), **TILE)
+        upscale.upscale("not a model", _image(), **TILE)
     with pytest.raises(ValueError, match="connect the output of TADiSR One-Step Denoise"):
-        (lat,) = blocks.TADiSREncode().encode(handle, _image(), **TILE)
-        blocks.TADiSRDecode().decode(handle, lat, 2)
+        lat = blocks.encode(handle, _image(), **TILE)
+        blocks.decode(handle, lat, 2)
 
 
 def test_chained_blocks_equal_the_all_in_one_node(handle):
     img = _image(2, seed=3)
-    ref_image, ref_mask, _ = upscale.TADiSRUpscale().upscale(handle, img, **TILE)
-    (lat,) = blocks.TADiSREncode().encode(handle, img, **TILE)
-    lat2, att = blocks.TADiSRDenoise().denoise(handle, lat, 2)
-    image, mask = blocks.TADiSRDecode().decode(handle, lat2, 2)
+    ref_image, ref_mask, _ = upscale.upscale(handle, img, **TILE)
+    lat = blocks.encode(handle, img, **TILE)
+    lat2, att = blocks.denoise(handle, lat, 2)
+    image, mask = blocks.decode(handle, lat2, 2)
     assert torch.equal(image, ref_image) and torch.equal(mask, ref_mask)
     assert isinstance(att, AttentionTiles) and len(att.maps) == len(lat2.tiles)
-    cap_image, cap_mask, cap = upscale.TADiSRUpscale().upscale(handle, img, **TILE, capture_attention=True)
+    cap_image, cap_mask, cap = upscale.upscale(handle, img, **TILE, attention=True)
     assert torch.equal(cap_image, ref_image) and torch.equal(cap_mask, ref_mask)
     assert cap.size == (96, 64) and set(cap.groups) == {"down", "up"}  # release layout: no mid block
     for a, b in zip(cap.maps, att.maps):
@@ -230,24 +203,23 @@ def test_chained_blocks_equal_the_all_in_one_node(handle):
 
 def test_text_attention_views(handle):
     img = _image(2, seed=4)
-    image, _, att = upscale.TADiSRUpscale().upscale(handle, img, **TILE, capture_attention=True)
-    node = attention_view.TADiSRTextAttention()
-    heat, over = node.view(att, image, "all", "mean", True, "jet", 0.5)
+    image, _, att = upscale.upscale(handle, img, **TILE, attention=True)
+    heat, over = attention_view.view(att, image, "all", "mean", True, "jet", 0.5)
     assert heat.shape == (2, 96, 64) and over.shape == (2, 96, 64, 3)
     for b in range(2):
         assert heat[b].min() == 0 and heat[b].max() == 1
-    up_max, _ = node.view(att, image, "up", "max", True, "inferno", 0.5)
+    up_max, _ = attention_view.view(att, image, "up", "max", True, "inferno", 0.5)
     assert not torch.allclose(up_max, heat)
-    raw, _ = node.view(att, image, "down", "mean", False, "gray", 0.5)
+    raw, _ = attention_view.view(att, image, "down", "mean", False, "gray", 0.5)
     assert 0 <= raw.min() and raw.max() <= 1 and raw.max() < 1  # probabilities, not stretched
-    _, plain = node.view(att, image, "all", "mean", True, "gray", 0.0)
+    _, plain = attention_view.view(att, image, "all", "mean", True, "gray", 0.0)
     assert torch.allclose(plain, image)
-    _, small = node.view(att, image[:, ::2, ::2], "all", "mean", True, "jet", 1.0)  # resized to the image
+    _, small = attention_view.view(att, image[:, ::2, ::2], "all", "mean", True, "jet", 1.0)  # resized to the image
     assert small.shape == (2, 48, 32, 3)
     with pytest.raises(ValueError, match="no attention in the 'mid' layers"):
-        node.view(att, image, "mid", "mean", True, "jet", 0.5)
+        attention_view.view(att, image, "mid", "mean", True, "jet", 0.5)
     with pytest.raises(ValueError, match="turn on 'capture_attention'"):
-        node.view(None, image, "all", "mean", True, "jet", 0.5)
+        attention_view.view(None, image, "all", "mean", True, "jet", 0.5)
 
 
 def test_colormap_endpoints():
@@ -262,11 +234,11 @@ def test_colormap_endpoints():
 def test_progress_per_tile_and_interrupt_between_tiles(handle, monkeypatch):
     calls = []
     monkeypatch.setattr(host, "progress_reporter", lambda total: lambda done, total: calls.append((done, total)))
-    upscale.TADiSRUpscale().upscale(handle, _image(2), **{**TILE, "tile_batch": 1})
+    upscale.upscale(handle, _image(2), **{**TILE, "tile_batch": 1})
     assert calls[-1][0] == calls[-1][1] == 4 and [c[0] for c in calls] == [1, 2, 3, 4]
 
     calls.clear()
-    upscale.TADiSRUpscale().upscale(handle, _image(2), **{**TILE, "tile_batch": 1}, capture_attention=True)
+    upscale.upscale(handle, _image(2), **{**TILE, "tile_batch": 1}, attention=True)
     assert [c[0] for c in calls] == [1, 2, 3, 4] and {c[1] for c in calls} == {4}  # one fused pass
 
     class Interrupted(Exception):
@@ -282,7 +254,7 @@ def test_progress_per_tile_and_interrupt_between_tiles(handle, monkeypatch):
     monkeypatch.setattr(host, "check_interrupt", check)
     calls.clear()
     with pytest.raises(Interrupted):
-        upscale.TADiSRUpscale().upscale(handle, _image(2), **{**TILE, "tile_batch": 1})
+        upscale.upscale(handle, _image(2), **{**TILE, "tile_batch": 1})
     assert [c[0] for c in calls] == [1]
 
 
@@ -300,31 +272,153 @@ def paper_handle(tmp_path_factory, models_dir):
 
 def test_paper_layout_blocks_and_attention(paper_handle):
     img = _image(1, seed=5)
-    ref_image, ref_mask, att = upscale.TADiSRUpscale().upscale(paper_handle, img, **TILE, capture_attention=True)
-    (lat,) = blocks.TADiSREncode().encode(paper_handle, img, **TILE)
-    image, mask = blocks.TADiSRDecode().decode(paper_handle, blocks.TADiSRDenoise().denoise(paper_handle, lat, 2)[0], 2)
+    ref_image, ref_mask, att = upscale.upscale(paper_handle, img, **TILE, attention=True)
+    lat = blocks.encode(paper_handle, img, **TILE)
+    image, mask = blocks.decode(paper_handle, blocks.denoise(paper_handle, lat, 2)[0], 2)
     assert torch.equal(image, ref_image) and torch.equal(mask, ref_mask)
     assert set(att.groups) == {"down", "mid", "up"}
-    heat, _ = attention_view.TADiSRTextAttention().view(att, image, "mid", "max", True, "jet", 0.5)
+    heat, _ = attention_view.view(att, image, "mid", "max", True, "jet", 0.5)
     assert heat.shape == (1, 96, 64)
 
 
 # -- folder loader --------------------------------------------------------------------------------
+def _folder(root, names):
+    root.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        Image.new("RGB", (6, 4), (40 * k, 255 - 40 * k, 0)).save(root / name)
+    return root
+
+
 def test_load_image_from_folder(tmp_path):
-    for i, color in enumerate(((255, 0, 0), (0, 255, 0))):
-        Image.new("RGB", (6, 4), color).save(tmp_path / f"img_{i}.png")
+    _folder(tmp_path, ["img_0.png", "img_1.png"])
     (tmp_path / "notes.txt").write_text("not an image")
-    node = folder_io.TADiSRLoadImageFromFolder()
-    image, prefix, mask_prefix, count = node.load(str(tmp_path), 1, "out/")
-    assert image.shape == (1, 4, 6, 3) and torch.allclose(image[0, 0, 0], torch.tensor([0.0, 1.0, 0.0]))
+    image, prefix, mask_prefix, count = folder_io.load(str(tmp_path), 1, "out/")
+    assert image.shape == (1, 4, 6, 3) and torch.allclose(image[0, 0, 0], torch.tensor([40, 215, 0]) / 255)
     assert (prefix, mask_prefix, count) == ("out/img_1", "out/img_1_text_mask", 2)
-    with pytest.raises(ValueError, match="index 2 is past the last image"):
-        node.load(str(tmp_path), 2, "out/")
     with pytest.raises(ValueError, match="not found"):
-        node.load(str(tmp_path / "missing"), 0, "")
-    first = folder_io.TADiSRLoadImageFromFolder.IS_CHANGED(str(tmp_path), 0, "")
-    assert first == folder_io.TADiSRLoadImageFromFolder.IS_CHANGED(str(tmp_path), 0, "")
-    assert first != folder_io.TADiSRLoadImageFromFolder.IS_CHANGED(str(tmp_path), 1, "")
+        folder_io.load(str(tmp_path / "missing"), 0, "")
+    first = folder_io.fingerprint(str(tmp_path), 0)
+    assert first == folder_io.fingerprint(str(tmp_path), 0) and first != folder_io.fingerprint(str(tmp_path), 1)
+
+
+def test_folder_index_wraps_or_stops_with_done(tmp_path):
+    """Defect: a randomized or incremented index past the end failed ("index 882688 is past the last image")."""
+    _folder(tmp_path, ["a.png", "b.png", "c.png"])
+    served = [folder_io.load(str(tmp_path), i, "")[1] for i in (0, 1, 2, 3, 4, 882688)]
+    assert served == ["a", "b", "c", "a", "b", ["a", "b", "c"][882688 % 3]]
+    assert folder_io.load(str(tmp_path), 2, "", "stop")[1] == "c"
+    with pytest.raises(ValueError, match=r"done: all 3 images .* were served"):
+        folder_io.load(str(tmp_path), 3, "", "stop")
+
+
+def test_folder_natural_order(tmp_path):
+    _folder(tmp_path, ["img10.png", "img2.png", "IMG1.png", "img_b.png"])
+    assert folder_io.list_images(str(tmp_path)) == ["IMG1.png", "img2.png", "img10.png", "img_b.png"]
+
+
+def test_relative_folder_resolves_under_the_input_folder_and_cannot_escape(tmp_path, monkeypatch):
+    """Defect: a relative folder was joined to the input folder without a check, so '..' read outside it."""
+    inputs = tmp_path / "input"
+    _folder(inputs / "batch", ["x.png"])
+    _folder(tmp_path / "outside", ["secret.png"])
+    monkeypatch.setattr(host, "input_directory", lambda: str(inputs))
+    assert folder_io.resolve_folder("batch") == str(inputs / "batch")
+    assert folder_io.load("batch", 0, "")[1] == "x"
+    for bad in ("../outside", "batch/../../outside", ".."):
+        with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
+            folder_io.resolve_folder(bad)
+    assert folder_io.load(str(tmp_path / "outside"), 0, "")[1] == "secret"  # absolute: the user's own archive
+
+
+# -- early refusals from the queued prompt ----------------------------------------------------------
+def _prompt(layers="mid"):
+    return {"1": {"class_type": "TADiSRUpscale", "inputs": {"image": ["5", 0]}},
+            "2": {"class_type": "TADiSRTextAttention", "inputs": {"attention": ["1", 2], "image": ["1", 0],
+                                                                  "layers": layers}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}
+
+
+def test_consumers_of_an_output():
+    assert [nid for nid, _ in graph.consumers(_prompt(), "1", 0)] == ["2", "3"]
+    assert [nid for nid, _ in graph.consumers(_prompt(), "1", 2)] == ["2"]
+    assert graph.consumers(_prompt(), "1", 1) == []
+
+
+def test_impossible_attention_use_is_refused_before_any_tile(handle, monkeypatch):
+    """Defect: layers=mid on the release layout and an unconnected capture failed only after the upscale."""
+    groups = attention_view.channel_groups(handle.model)
+    assert "mid" not in groups
+    with pytest.raises(ValueError, match=r"node 2\): layers='mid' is impossible for this model"):
+        graph.check_attention_use(_prompt("mid"), "1", 2, groups)
+    with pytest.raises(ValueError, match="'capture_attention' is off"):
+        graph.check_attention_use(_prompt("up"), "1", 2, groups, captured=False)
+    graph.check_attention_use(_prompt("up"), "1", 2, groups)
+    graph.check_attention_use(_prompt("all"), "1", 2, groups)
+
+
+# -- text composite and read text -----------------------------------------------------------------
+def test_text_composite_is_the_other_image_outside_the_grown_mask_and_tadisr_inside(handle):
+    image, mask, _ = upscale.upscale(handle, _image(1, 24, 16, seed=6), **TILE)
+    mask = torch.zeros_like(mask)
+    mask[:, 30:40, 20:36] = 0.9  # a "text" block
+    other = _image(1, 48, 32, seed=7)  # half size: resized to TADiSR's size
+    out, used = text_tools.composite(image, mask, other, grow=6, feather=3, threshold=0.5)
+    from tadisr_core.composite import match_size
+
+    resized = convert.image_from_core(match_size(convert.image_to_core(other), 96, 64))
+    grown = torch.zeros(1, 96, 64, dtype=torch.bool)
+    grown[:, 24:46, 14:42] = True
+    core = torch.zeros_like(grown)
+    core[:, 30:40, 20:36] = True  # the text (grown by grow - 2 * feather = 0): fully TADiSR's
+    assert torch.equal(out[~grown], resized[~grown])
+    assert torch.allclose(out[core], image[core], atol=1e-6)
+    assert torch.equal(used == 0, ~grown) and torch.all(used[core] == 1)
+    ring = grown & ~core
+    assert torch.all((used[ring] > 0) & (used[ring] < 1))
+
+
+def test_text_composite_without_feather_is_a_hard_paste(handle):
+    a, b = _image(2, 8, 8, seed=1), _image(1, 8, 8, seed=2)
+    mask = torch.zeros(1, 8, 8)
+    mask[0, 3, 3] = 1.0
+    out, used = text_tools.composite(a, mask, b, grow=1, feather=0)
+    inside = used[0] == 1
+    assert inside.sum() == 9 and torch.equal(out[0][inside], a[0][inside]) and torch.equal(out[1][~inside],
+                                                                                           b[0][~inside])
+
+
+class _FakeOCR:
+    """Stands in for RapidOCR's engine: returns fixed lines (the node logic around it is what is tested)."""
+
+    def __call__(self, bgr, **kwargs):
+        class Result:
+            boxes = [[[2, 2], [10, 2], [10, 6], [2, 6]], [[12, 12], [20, 12], [20, 15], [12, 15]]]
+            txts = ("OPEN", "sale")
+            scores = (0.9, 0.8)
+        assert bgr.shape == (16, 24, 3) and bgr.dtype.name == "uint8"
+        return Result()
+
+
+def test_read_text_lines_mask_filter_and_boxes():
+    image = torch.ones(1, 16, 24, 3) * 0.5
+    text, boxes = text_tools.read_text(image, engine=_FakeOCR())
+    assert text == "OPEN\nsale" and boxes.shape == image.shape and not torch.equal(boxes, image)
+    mask = torch.zeros(1, 16, 24)
+    mask[:, 12:16, 12:21] = 1
+    text, _ = text_tools.read_text(image, mask, engine=_FakeOCR())
+    assert text == "sale"
+    text, _ = text_tools.read_text(image, engine=_FakeOCR(), min_score=0.85)
+    assert text == "OPEN"
+    with pytest.raises(ValueError, match="differ in size"):
+        text_tools.read_text(image, torch.zeros(1, 8, 8), engine=_FakeOCR())
+
+
+def test_read_text_without_rapidocr_says_what_to_install(monkeypatch):
+    from tadisr_core import reading
+
+    monkeypatch.setitem(sys.modules, "rapidocr", None)  # import fails
+    with pytest.raises(RuntimeError, match="pip install rapidocr onnxruntime"):
+        reading.load_rapidocr()
 
 
 # -- host.py's ComfyUI branches, against fake comfy modules ----------------------------------------
@@ -401,7 +495,11 @@ def test_host_uses_comfyui_when_present(fake_comfy, tmp_path):
     assert fake_comfy["loaded"] == [([patcher], 123, True)]
 
 
-def test_host_respects_a_user_configured_tadisr_folder(fake_comfy):
+def test_extra_model_paths_add_to_models_tadisr(fake_comfy, tmp_path):
+    """Defect: a `tadisr:` entry in extra_model_paths.yaml replaced the default models/tadisr."""
     fake_comfy["fp"].folder_names_and_paths["tadisr"] = (["/data/tadisr"], set())
     host.register_model_folders()
-    assert fake_comfy["fp"].folder_names_and_paths["tadisr"] == (["/data/tadisr"], {".pkl", ".safetensors"})
+    assert fake_comfy["fp"].folder_names_and_paths["tadisr"] == (
+        ["/data/tadisr", str(tmp_path / "models" / "tadisr")], {".pkl", ".safetensors"})
+    host.register_model_folders()  # twice (pack reloaded): no duplicate
+    assert len(fake_comfy["fp"].folder_names_and_paths["tadisr"][0]) == 2

@@ -16,10 +16,7 @@ import torch
 
 from training.config import Config, ConfigError, load_config
 
-try:
-    from lpips_weights import ensure_lpips_weights
-except ImportError:
-    from tests.lpips_weights import ensure_lpips_weights
+from tests.lpips_weights import ensure_lpips_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"

@@ -1,0 +1,40 @@
+"""TADiSR Text Composite and TADiSR Read Text, the logic (ComfyUI layouts in and out)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import convert, host
+
+
+def composite(tadisr_image, text_mask, other_image, grow=8, feather=4, threshold=0.5):
+    """(IMAGE, MASK): TADiSR's text regions pasted onto `other_image` (resized to TADiSR's size)."""
+    from tadisr_core.composite import text_composite
+
+    host.check_interrupt()
+    out, used = text_composite(convert.image_to_core(tadisr_image), convert.mask_to_core(text_mask),
+                               convert.image_to_core(other_image), int(grow), int(feather), float(threshold))
+    dev = host.intermediate_device()
+    return convert.image_from_core(out, dev), convert.mask_from_core(used, dev)
+
+
+def read_text(image, text_mask=None, min_score=0.5, min_coverage=0.25, engine=None):
+    """(STRING, IMAGE): the recognised lines (images of a batch separated by a blank line) and the
+    image with their boxes drawn. With a mask, only lines it covers are kept."""
+    from tadisr_core import reading
+
+    img = convert.image_to_core(image)
+    mask = None if text_mask is None else convert.mask_to_core(text_mask)
+    if mask is not None and tuple(mask.shape[-2:]) != tuple(img.shape[-2:]):
+        raise ValueError(f"TADiSR: the text mask ({mask.shape[-1]}x{mask.shape[-2]}) and the image "
+                         f"({img.shape[-1]}x{img.shape[-2]}) differ in size; use the mask of this image")
+    texts, drawn = [], []
+    for b in range(img.shape[0]):
+        host.check_interrupt()
+        rgb = img[b, :3] if img.shape[1] >= 3 else img[b].expand(3, -1, -1)
+        lines = reading.read_lines(rgb, float(min_score), engine=engine)
+        if mask is not None:
+            lines = reading.keep_in_mask(lines, mask[min(b, mask.shape[0] - 1)], float(min_coverage))
+        texts.append(reading.lines_text(lines))
+        drawn.append(reading.draw_boxes(rgb, lines))
+    return "\n\n".join(texts), convert.image_from_core(torch.stack(drawn), host.intermediate_device())

@@ -1,0 +1,69 @@
+"""Declarations shared by the V3 nodes: custom socket types, the category, shared inputs, schema."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from comfy_api.latest import io
+
+from .. import types
+
+CATEGORY = "TADiSR"
+TADiSRModel = io.Custom(types.TADISR_MODEL)
+TADiSRLatents = io.Custom(types.TADISR_LATENTS)
+TADiSRAttention = io.Custom(types.TADISR_ATTENTION)
+
+_SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def schema(search_aliases: list[str], **fields) -> io.Schema:
+    """io.Schema in the TADiSR category; `search_aliases` passed where the host knows them (newer
+    ComfyUI). ComfyUI 0.3.75's search reads only the node id and display name, so display names
+    carry the words users search for."""
+    if "search_aliases" in _SCHEMA_FIELDS:
+        fields["search_aliases"] = list(search_aliases)
+    return io.Schema(category=CATEGORY, **fields)
+
+
+def model_input() -> io.Input:
+    return TADiSRModel.Input("model", tooltip="The model from Load TADiSR Model.")
+
+
+def tile_batch_input() -> io.Input:
+    return io.Int.Input("tile_batch", default=0, min=0, max=64, tooltip=(
+        "Tiles per model call. 0 = auto (from free memory). Halved automatically on out-of-memory."))
+
+
+def tiling_inputs() -> list[io.Input]:
+    """scale / tile / overlap / tile_batch widgets shared by Upscale and Encode."""
+    from tadisr_core.pipeline import MAX_SCALE, MIN_TILE
+
+    return [
+        io.Float.Input("scale", default=4.0, min=1.0, max=MAX_SCALE, step=0.5, tooltip=(
+            "Upscale factor. TADiSR is trained for 4x; the image is resized bicubically by this factor, then "
+            "restored.")),
+        io.Int.Input("tile", default=768, min=MIN_TILE, max=4096, step=8, tooltip=(
+            "Tile size in output pixels (multiple of 8). 768 is what the model was trained for; lower it if VRAM "
+            "is short (out-of-memory also halves it automatically).")),
+        io.Int.Input("overlap", default=256, min=0, max=4088, step=8, tooltip=(
+            "Overlap of neighbouring tiles in output pixels (< tile). Tiles are blended with a Hann window; "
+            "more overlap hides seams, costs more tiles.")),
+        tile_batch_input(),
+    ]
+
+
+def image_input(tooltip: str = "Low-resolution image(s) to upscale (RGB; alpha is resized and kept).") -> io.Input:
+    return io.Image.Input("image", tooltip=tooltip)
+
+
+def validate_tiling(tile, overlap) -> bool | str:
+    """validate_inputs helper: True, or why tile / overlap cannot work (None = linked, checked at run)."""
+    from .. import running
+
+    if tile is None or overlap is None:
+        return True
+    try:
+        running.check_tiling(1.0, int(tile), int(overlap))
+    except ValueError as exc:
+        return str(exc)
+    return True

@@ -1,0 +1,111 @@
+"""V3 declarations: Load TADiSR Model and TADiSR Upscale (the all-in-one node)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .. import attention_view, graph, loaders, upscale
+from .common import TADiSRAttention, TADiSRModel, image_input, model_input, schema, tiling_inputs, validate_tiling
+
+
+class TADiSRLoadModel(io.ComfyNode):
+    """Node: Load TADiSR Model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from tadisr_core.devices import DTYPE_CHOICES
+
+        return schema(
+            ["Kolors", "TADiSR", "super resolution", "upscale model", "load model", "text-aware"],
+            node_id="TADiSRLoadModel",
+            display_name="Load TADiSR Model (Kolors)",
+            description=(
+                "Loads TADiSR (text-aware 4x super-resolution): a Kolors diffusers folder from models/diffusers, "
+                "the TADiSR checkpoint from models/tadisr and the cached prompt conditioning. Loaded models are "
+                "cached and handed to ComfyUI's memory manager, which offloads them when other models need VRAM."),
+            inputs=[
+                io.Combo.Input("kolors", options=loaders.kolors_choices(), tooltip=(
+                    "Kolors base model: a diffusers folder in models/diffusers (with unet/ and vae/; text_encoder/ "
+                    "+ tokenizer/ are only read once, to compute the prompt cache).")),
+                io.Combo.Input("checkpoint", options=loaders.checkpoint_choices(), tooltip=(
+                    "TADiSR weights in models/tadisr: the released tadisr_kolors_ftsr_526000.pkl or a .safetensors "
+                    "conversion (python -m tadisr_core.checkpoint convert).")),
+                io.Combo.Input("prompt_cache", options=loaders.prompt_cache_choices(), default=loaders.AUTO_CACHE,
+                               tooltip=(
+                    "Prompt conditioning. 'auto' uses models/tadisr/prompt_cache_<kolors folder>.safetensors and "
+                    "computes it once from the folder's ChatGLM3 when missing (needs ~13 GB VRAM or a few minutes "
+                    "on CPU); afterwards ChatGLM3 is never loaded again.")),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=(
+                    "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32), fp32 on CPU. "
+                    "bf16/fp16 halve VRAM.")),
+                io.Combo.Input("device", options=loaders.device_choices(), default="auto",
+                               tooltip="Where to run. auto = ComfyUI's device."),
+                io.Boolean.Input("merge_lora", default=False, tooltip=(
+                    "Fold the LoRA weights into the base layers once at load: a little faster per tile, same "
+                    "result up to rounding.")),
+            ],
+            outputs=[TADiSRModel.Output(display_name="model", tooltip=(
+                "The loaded TADiSR model, for the Upscale / Encode / Denoise / Decode nodes."))],
+        )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint) -> bool | str:
+        # Only 'checkpoint' is named, so its message (where the file belongs) is attached to it alone;
+        # 'kolors' keeps ComfyUI's own "not in list" check, attached to 'kolors'.
+        return True if checkpoint is None else loaders.validate_checkpoint(checkpoint)
+
+    @classmethod
+    def execute(cls, kolors, checkpoint, prompt_cache=loaders.AUTO_CACHE, dtype="auto", device="auto",
+                merge_lora=False) -> io.NodeOutput:
+        return io.NodeOutput(loaders.load_model(kolors, checkpoint, prompt_cache, dtype, device, merge_lora))
+
+
+class TADiSRUpscale(io.ComfyNode):
+    """Node: TADiSR Super-Resolution Upscale (all in one)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            ["super resolution", "upscale", "4x", "text", "text mask", "SR", "TADiSR", "esrgan alternative"],
+            node_id="TADiSRUpscale",
+            display_name="TADiSR Super-Resolution Upscale (4x, text mask)",
+            description=(
+                "Text-aware super-resolution in one node: bicubic resize by 'scale', then one TADiSR step per "
+                "overlapping tile (encode, one-step denoise at t=200, joint image + text-mask decode), blended "
+                "with a Hann window. Gives the upscaled image and a mask of where text is. Image batches are "
+                "processed tile by tile; Cancel stops between tiles."),
+            inputs=[
+                model_input(),
+                image_input(),
+                *tiling_inputs(),
+                io.Boolean.Input("capture_attention", default=False, tooltip=(
+                    "Also output the cross-attention to the word 'text' (for TADiSR Text Attention). Same image "
+                    "and mask, but the tiles run in three passes that keep per-tile state in RAM.")),
+                io.Combo.Input("color_fix", options=["none", "wavelet"], default="none", tooltip=(
+                    "none: the model's output as it is (faithful to the release). wavelet: keep the input's "
+                    "colours (low frequencies of the bicubic upscale) under the model's detail.")),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The upscaled image (scale x the input size)."),
+                io.Mask.Output(display_name="text_mask",
+                               tooltip="Where the model sees text: 0..1, same size as the image."),
+                TADiSRAttention.Output(display_name="attention", tooltip=(
+                    "Captured 'text' attention for TADiSR Text Attention; empty unless 'capture_attention' is on.")),
+            ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, tile, overlap) -> bool | str:
+        return validate_tiling(tile, overlap)
+
+    @classmethod
+    def execute(cls, model, image, scale=4.0, tile=768, overlap=256, tile_batch=0, capture_attention=False,
+                color_fix="none") -> io.NodeOutput:
+        if hasattr(model, "model"):  # a wrong 'model' input is reported by upscale() itself
+            from tadisr_core.heatmap import channel_groups
+
+            graph.check_attention_use(cls.hidden.prompt, cls.hidden.unique_id, 2,
+                                      channel_groups(model.model), bool(capture_attention))
+        return io.NodeOutput(*upscale.upscale(model, image, scale, tile, overlap, tile_batch,
+                                              bool(capture_attention), color_fix))

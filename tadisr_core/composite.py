@@ -1,0 +1,90 @@
+"""Paste TADiSR's text regions onto another upscaler's image of the same scene.
+
+Pure tensor logic, images [B, C, H, W] and masks [B, 1, H, W] in 0..1:
+
+1. `match_size`: the other image is resized (bicubic, antialiased) to TADiSR's size.
+2. `region_mask`: the text mask is thresholded, grown by `grow` px (square neighbourhood) and
+   given a linear soft edge that lies *inside* the grown area and outside the text (so `feather`
+   is at most half of `grow`): the result is exactly the other image wherever the grown mask is 0
+   and exactly TADiSR's on the text.
+3. `paste`: other * (1 - mask) + tadisr * mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _broadcast(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.shape[0] == b.shape[0]:
+        return a, b
+    if a.shape[0] == 1:
+        return a.expand(b.shape[0], *a.shape[1:]), b
+    if b.shape[0] == 1:
+        return a, b.expand(a.shape[0], *b.shape[1:])
+    raise ValueError(f"{what}: batch sizes {a.shape[0]} and {b.shape[0]} differ (one of them may be 1)")
+
+
+def match_size(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`image` resized to height x width (bicubic, antialiased when shrinking), clamped to 0..1."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    out = F.interpolate(image.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp(0, 1)
+
+
+def grow(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Dilate `mask` [B, 1, H, W] by `pixels` (max over a (2p+1) square)."""
+    if pixels <= 0:
+        return mask
+    return F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels)
+
+
+def _box_blur(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    padded = F.pad(mask, (radius, radius, radius, radius), mode="constant", value=0.0)
+    return F.avg_pool2d(padded, k, stride=1)
+
+
+def region_mask(mask: torch.Tensor, grow_px: int = 8, feather_px: int = 4, threshold: float = 0.5) -> torch.Tensor:
+    """The paste mask: `mask` >= threshold, grown by `grow_px`, with a `feather_px` soft edge inside it.
+
+    The feather is taken out of the growth (at most `grow_px // 2`): the result is 0 outside
+    `grow(mask >= threshold, grow_px)` and 1 on `grow(mask >= threshold, grow_px - 2 * feather_px)`.
+    """
+    if grow_px < 0 or feather_px < 0:
+        raise ValueError(f"grow and feather must be >= 0, got {grow_px} and {feather_px}")
+    feather_px = min(feather_px, grow_px // 2)
+    hard = (mask >= threshold).to(torch.float32)
+    core = grow(hard, grow_px - feather_px)
+    return _box_blur(core, feather_px).clamp(0, 1)
+
+
+def paste(base: torch.Tensor, overlay: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`overlay` where `mask` is 1, `base` where it is 0, linearly blended between (same shapes,
+    or a batch of 1 on either side)."""
+    base, overlay = _broadcast(base, overlay, "paste")
+    base, mask = _broadcast(base, mask, "paste")
+    return base * (1 - mask) + overlay * mask
+
+
+def _rgb(image: torch.Tensor) -> torch.Tensor:
+    return image.float().expand(-1, 3, -1, -1) if image.shape[1] == 1 else image.float()[:, :3]
+
+
+def text_composite(tadisr: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, grow_px: int = 8,
+                   feather_px: int = 4, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(composite [B, C, H, W], used mask [B, 1, H, W]): TADiSR's text regions on the other image.
+
+    `other` is resized to TADiSR's size; `text_mask` to the same size if it differs.
+    """
+    h, w = tadisr.shape[-2:]
+    other = match_size(other, h, w)
+    if tuple(text_mask.shape[-2:]) != (h, w):
+        text_mask = F.interpolate(text_mask.float(), size=(h, w), mode="bilinear", align_corners=False)
+    used = region_mask(text_mask.float(), grow_px, feather_px, threshold)
+    out = paste(_rgb(other), _rgb(tadisr), used)
+    return out, used.expand(out.shape[0], -1, -1, -1)
