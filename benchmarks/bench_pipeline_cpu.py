@@ -11,6 +11,8 @@
    Goal: bounded by the canvases plus one tile's activations. Run twice: with the tiny model, and
    with a stand-in model of negligible activations (`--stub`: pooling / nearest upsampling with
    the model's interface), which isolates what the pipeline itself holds.
+4. Modes (`modes`): process CPU time of one 256 / 768 px tile, joint (image + text mask) vs
+   image-only (`mask=False`), both variants, 1 thread, LoRA active and merged.
 
 Wall times on a shared machine are noisy; `cpu_s` (process CPU time) is reported beside them.
 """
@@ -121,6 +123,40 @@ def _run(model, acc, side: int, tile: int, overlap: int, tile_batch=1) -> dict:
             "s_per_tile_mp": round(wall / (len(grid) * grid.tile_h * grid.tile_w / 1e6), 3)}
 
 
+def _tile_modes(threads: int, tile: int, repeats: int) -> dict:
+    """Process CPU time of one `tile` px tile, joint vs image-only, per variant (LoRA active and merged)."""
+    import statistics
+
+    import torch
+
+    from tadisr_core.model import build_model, random_prompt
+    from tadisr_core.pipeline import upscale
+    from tadisr_core.spec import tiny_spec
+
+    torch.set_num_threads(threads)
+    out = {"tile": tile, "repeats": repeats}
+    for variant in ("official-kolors", "paper"):
+        spec = tiny_spec(variant)
+        model = build_model(spec, prompt=random_prompt(spec, seed=3), seed=11)
+        g = torch.Generator().manual_seed(12)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        model.for_inference()
+        x = torch.rand(1, 3, tile // 4, tile // 4, generator=torch.Generator().manual_seed(1))
+        for mode, mask in (("joint", True), ("image_only", False)):
+            upscale(model, x, 4, tile=tile, overlap=0, tile_batch=1, mask=mask)      # warm-up at the tile
+            cpu = []
+            for _ in range(repeats):
+                c = time.process_time()
+                upscale(model, x, 4, tile=tile, overlap=0, tile_batch=1, mask=mask)
+                cpu.append(time.process_time() - c)
+            out[f"{variant}/{mode}"] = {"median_cpu_s": round(statistics.median(cpu), 4),
+                                        "min_cpu_s": round(min(cpu), 4), "max_cpu_s": round(max(cpu), 4)}
+    return out
+
+
 def _rss_child(side: int, threads: int, stub: bool) -> None:
     """Run in a fresh process: print peak RSS growth of one upscale (Linux /proc)."""
     import torch
@@ -167,8 +203,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--quick", action="store_true", help="smaller sizes, no 1024 px RSS run")
-    p.add_argument("--sections", default="overhead,scaling,rss,rss-stub",
-                   help="comma-separated subset of overhead, scaling, rss, rss-stub")
+    p.add_argument("--sections", default="overhead,scaling,rss,rss-stub,modes",
+                   help="comma-separated subset of overhead, scaling, rss, rss-stub, modes (joint vs image-only)")
     p.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stub", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path)
@@ -189,6 +225,8 @@ def main(argv=None) -> int:
     sides = [48, 96, 144] if args.quick else [64, 96, 128, 160, 192]
     if "overhead" in sections:
         report["overhead"] = [_run(model, acc, s, 768, 256) for s in ([64, 128] if args.quick else [128, 256])]
+    if "modes" in sections:
+        report["tile_modes"] = [_tile_modes(1, t, 3 if t > 256 else 5) for t in ([256] if args.quick else [256, 768])]
     if "scaling" in sections:
         report["scaling_tile256"] = [_run(model, acc, s, 256, 64) for s in sides]
     for name, stub, rss_sides in (("rss", False, [64, 128] if args.quick else [256, 1024]),
