@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PORT ?= 8188
 
-.PHONY: venv test test-deps test-fast tiny serve workflows locales registry-check bench clean
+.PHONY: venv demo demo-model test test-deps test-fast lint tiny serve workflows locales registry-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -15,11 +15,22 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+demo: venv  # the main job: the shipped demo model upscales the bundled inputs into out/demo/
+	$(VPY) -m tadisr_core.demo -o out/demo
+
+DEMO_RUN ?= runs/demo-model-$(shell date +%Y%m%d-%H%M%S)
+demo-model: venv  # re-train the demo model from scratch (about 45 min on 2 CPU cores) and ship it
+	OMP_NUM_THREADS=1 $(VPY) -m training.train --config training/configs/demo.yaml --output-dir $(DEMO_RUN)
+	$(VPY) -m training.export_model $(DEMO_RUN) tadisr_core/demo
+
 test-deps:
 	bash scripts/install_test_deps.sh
 
 test: venv test-deps
 	$(VPY) -m pytest -q
+
+lint: venv
+	$(VPY) -m ruff check .
 
 test-fast: venv
 	$(VPY) -m pytest -q -m "not slow and not host and not browser"

@@ -261,7 +261,8 @@ def run(args) -> dict:
                 row["fraction_of_datasheet_peak"] = round(achieved / (args.peak_tflops * 1e12), 4)
         result["tiles"][str(tile)] = {"batch": args.tile_batch, "stages": times}
     if args.job:
-        result["job"] = {"input": args.input, "output": 4 * args.input, **job_times(model, args.input, args.job_repeats)}
+        times = job_times(model, args.input, args.job_repeats)
+        result["job"] = {"input": args.input, "output": 4 * args.input, **times}
     return result
 
 

@@ -37,16 +37,14 @@ def _status(field: str) -> int:
 
 
 def _write(workdir: Path) -> Path:
+    import dataclasses
+
     import torch
 
     from tadisr_core.backbone import build_unet, build_vae
-    from tadisr_core.spec import UNetSpec, VAESpec
-
-    import dataclasses
-
     from tadisr_core.checkpoint import save_model
     from tadisr_core.model import TADiSRModel, random_prompt
-    from tadisr_core.spec import full_spec
+    from tadisr_core.spec import UNetSpec, VAESpec, full_spec
 
     root = workdir / "kolors_wide"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +70,8 @@ def unet_spec():
 def _child(mode: str, part: str, dtype_name: str, root: str) -> dict:
     import gc
 
-    import torch
     import diffusers
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from tadisr_core import backbone
@@ -89,7 +87,8 @@ def _child(mode: str, part: str, dtype_name: str, root: str) -> dict:
         from tadisr_core.model import TADiSRModel
         from tadisr_core.prompt import PromptCache
 
-        ckpt, prompt = load_checkpoint(work / "tadisr_wide.safetensors"), PromptCache.load(work / "prompt_cache.safetensors")
+        ckpt = load_checkpoint(work / "tadisr_wide.safetensors")
+        prompt = PromptCache.load(work / "prompt_cache.safetensors")
         module = TADiSRModel(ckpt.spec, UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant="fp16"),
                              AutoencoderKL.from_pretrained(root, subfolder="vae", variant="fp16"))
         apply_checkpoint(module, ckpt)

@@ -25,8 +25,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.builders import (build_loss, build_model_from_config, cast_frozen_,  # noqa: E402
-                               configure_trainable, enable_gradient_checkpointing)
+from training.builders import (  # noqa: E402
+    build_loss,
+    build_model_from_config,
+    cast_frozen_,
+    configure_trainable,
+    enable_gradient_checkpointing,
+)
 from training.config import Config  # noqa: E402
 
 

@@ -16,8 +16,8 @@ Layout (all under <repo>/.build/comfyhost):
     tiny/   tiny random weights from `python -m tadisr_core.testing make-tiny`
     base/   --base-directory: custom_nodes/tadisr -> repo, input/, output/, models/{diffusers,tadisr}/
 
-Real weights: set TADISR_KOLORS (a Kolors diffusers folder; TADISR_KOLORS_DIR is its old name) and optionally TADISR_CHECKPOINT and
-TADISR_PROMPT_CACHE (files); `prepare` then links those instead of making tiny ones.
+Real weights: set TADISR_KOLORS (a Kolors diffusers folder; TADISR_KOLORS_DIR is its old name) and
+optionally TADISR_CHECKPOINT and TADISR_PROMPT_CACHE (files); `prepare` then links those instead of making tiny ones.
 
 The module is importable too (devtools.server uses server_command() and server_env()).
 """

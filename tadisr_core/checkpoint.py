@@ -35,8 +35,10 @@ NATIVE_FORMAT = "tadisr/1"
 GROUPS = ("unet", "vae", "mi_decoder")
 # Published release files: name -> (bytes, sha256) (checkpoints/manifest.json of the release).
 MANIFEST = {
-    "tadisr_kolors_ftsr_526000.pkl": (195_866_454, "4baef8b1fad319caf7d606c82539035c6fc9483c81f94601377c64813251e7f7"),
-    "tadisr_cogview4_realce_17500.pkl": (785_453_495, "7cec8d0917305037cbafcb1b1bf81062add1613b561f5d7e2d1e599fe0baf5e0"),
+    "tadisr_kolors_ftsr_526000.pkl":
+        (195_866_454, "4baef8b1fad319caf7d606c82539035c6fc9483c81f94601377c64813251e7f7"),
+    "tadisr_cogview4_realce_17500.pkl":
+        (785_453_495, "7cec8d0917305037cbafcb1b1bf81062add1613b561f5d7e2d1e599fe0baf5e0"),
 }
 
 
@@ -184,7 +186,8 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
     except UnsafePickleError as e:
         raise CheckpointError(str(e)) from None
     except pickle.UnpicklingError as e:
-        reason = str(e).split("Unsupported global: ")[-1].splitlines()[0].strip() if "Unsupported global" in str(e) else ""
+        text = str(e)
+        reason = text.split("Unsupported global: ")[-1].splitlines()[0].strip() if "Unsupported global" in text else ""
         reason = f" ({reason})" if reason else ""
         raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors{reason}; nothing "
                               f"from it was executed") from None
@@ -231,7 +234,8 @@ def _official_groups(raw: dict, path: Path) -> dict[str, dict[str, torch.Tensor]
     if {"state_dict_transformer", "js_decoder"} <= raw.keys():
         raise CheckpointError(f"{path}: this is the CogView4 release; only the Kolors release is supported")
     decoder = raw.get("js_decoder", raw.get("mi_decoder"))
-    missing = [k for k in ("state_dict_unet", "state_dict_vae") if k not in raw] + (["mi_decoder"] if decoder is None else [])
+    missing = [k for k in ("state_dict_unet", "state_dict_vae") if k not in raw]
+    missing += ["mi_decoder"] if decoder is None else []
     if missing:
         raise CheckpointError(f"{path}: not a TADiSR Kolors checkpoint: missing top-level group(s) {missing} "
                               f"(found {sorted(raw)})")
@@ -253,7 +257,8 @@ def _official_groups(raw: dict, path: Path) -> dict[str, dict[str, torch.Tensor]
     deduped = _dedupe_tied(dict(groups["mi_decoder"]))
     untied = [k for k in deduped if ".seq_r." in k]
     if untied:  # the release's interaction blocks share one module between both branches
-        raise CheckpointError(f"{path}: tied branch weights differ: {untied[0]} != {untied[0].replace('.seq_r.', '.seq_l.')}")
+        twin = untied[0].replace(".seq_r.", ".seq_l.")
+        raise CheckpointError(f"{path}: tied branch weights differ: {untied[0]} != {twin}")
     groups["mi_decoder"] = deduped
     return groups
 
@@ -362,7 +367,8 @@ class KeyReport:
 
     @property
     def ok(self) -> bool:
-        return not any(self.missing.values()) and not any(self.unexpected.values()) and not any(self.mismatched.values())
+        problems = (self.missing, self.unexpected, self.mismatched)
+        return not any(v for kind in problems for v in kind.values())
 
 
 def compare(ckpt: Checkpoint, model) -> KeyReport:

@@ -7,9 +7,9 @@ import os
 
 import torch
 
-log = logging.getLogger("tadisr")
-
 from .descriptor import DESCRIPTOR, WEIGHT_DTYPES, part_dtypes
+
+log = logging.getLogger("tadisr")
 
 DTYPES = {name: storage for name, (storage, _) in WEIGHT_DTYPES.items()}
 DTYPE_CHOICES = DESCRIPTOR.dtype_choices

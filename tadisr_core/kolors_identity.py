@@ -91,7 +91,7 @@ def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPar
     if "add_embedding.linear_1.weight" not in shapes:
         raise _fail(path, what, "the text_time addition embedding (add_embedding / label_emb)", "none")
     if cross_dim is None or hid[0] != cross_dim:
-        raise _fail(path, what, f"encoder_hid_proj output = cross-attention dim", f"{hid[0]} vs {cross_dim}")
+        raise _fail(path, what, "encoder_hid_proj output = cross-attention dim", f"{hid[0]} vs {cross_dim}")
     n_blocks = _count(shapes, r"down_blocks\.(\d+)\.resnets\.0\.conv1\.weight")
     channels = tuple(shapes[f"down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(n_blocks))
     layers = _count(shapes, r"down_blocks\.0\.resnets\.(\d+)\.conv1\.weight")

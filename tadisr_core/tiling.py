@@ -121,7 +121,8 @@ def extract_tile(image: torch.Tensor, grid: TileGrid, index: int, pad_mode: str 
     return t
 
 
-def extract_units(images: torch.Tensor, grid: TileGrid, units: Sequence[int], pad_mode: str = "replicate") -> torch.Tensor:
+def extract_units(images: torch.Tensor, grid: TileGrid, units: Sequence[int],
+                  pad_mode: str = "replicate") -> torch.Tensor:
     """Work units `units` (unit u = image u // len(grid), tile u % len(grid)) stacked as [n, C, tile_h, tile_w]."""
     n = len(grid)
     return torch.cat([extract_tile(images[u // n:u // n + 1], grid, u % n, pad_mode) for u in units])

@@ -1,4 +1,5 @@
-"""Test helpers: converted LPIPS weights in the repo's ``.build/lpips`` (gitignored, made once) and the reference images."""
+"""Test helpers: converted LPIPS weights in the repo's ``.build/lpips`` (gitignored, made once) and the
+reference images."""
 from __future__ import annotations
 
 import os

@@ -6,8 +6,9 @@ import importlib
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from tadisr_core import cli
 

@@ -71,7 +71,8 @@ def test_channel_counts_at_full_size():
     assert attention_channels(unet, AttentionSpec(layout="release")) == 550
     assert attention_channels(unet, AttentionSpec(layout="paper")) == 1300
     names = [n for n, _ in cross_attention_layers(unet, AttentionSpec(layout="paper"))]
-    assert names[0].startswith("down_blocks.1") and names[24].startswith("mid_block") and names[-1].startswith("up_blocks.1")
+    assert names[0].startswith("down_blocks.1") and names[24].startswith("mid_block")
+    assert names[-1].startswith("up_blocks.1")
 
 
 def test_assemble_resizes_to_the_latent_grid_in_execution_order():

@@ -5,8 +5,17 @@ import json
 import pytest
 import torch
 
-from tadisr_core.checkpoint import (CheckpointError, Checkpoint, apply_checkpoint, compare, convert, load_checkpoint,
-                                    main as checkpoint_cli, trainable_state_dict, verify_manifest)
+from tadisr_core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    apply_checkpoint,
+    compare,
+    convert,
+    load_checkpoint,
+    trainable_state_dict,
+    verify_manifest,
+)
+from tadisr_core.checkpoint import main as checkpoint_cli
 from tadisr_core.loading import load_tadisr
 from tadisr_core.model import build_model
 from tadisr_core.spec import full_spec

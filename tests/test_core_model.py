@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tadisr_core.decoders import CDIBlock, MaskDecoder
-from tadisr_core.prompt import PromptCache, RELEASE_PAD_COLUMN
+from tadisr_core.prompt import RELEASE_PAD_COLUMN, PromptCache
 from tadisr_core.spec import full_spec
 
 

@@ -23,8 +23,16 @@ from tadisr_core.checkpoint import main as checkpoint_cli
 from tadisr_core.loading import load_tadisr
 from tadisr_core.prompt import PromptCache
 from tadisr_core.safe_pickle import MAX_DEPTH, UnsafePickleError, scan_torch_zip
-from tests.hostile_files import (FakeStorage, FakeTensor, corrupt_one_record, dag_key_pickle, deep_tuple_pickle,
-                                 floats, torch_like, torch_zip)
+from tests.hostile_files import (
+    FakeStorage,
+    FakeTensor,
+    corrupt_one_record,
+    dag_key_pickle,
+    deep_tuple_pickle,
+    floats,
+    torch_like,
+    torch_zip,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from training.config import Config
-from training.losses import (PRESETS, TADiSRLoss, dice_loss, loss_settings, modified_focal_loss,
-                             sigmoid_focal_loss, sobel_gradients)
+from training.losses import (
+    PRESETS,
+    TADiSRLoss,
+    dice_loss,
+    loss_settings,
+    modified_focal_loss,
+    sigmoid_focal_loss,
+    sobel_gradients,
+)
 
 
 class FakeLPIPS(torch.nn.Module):

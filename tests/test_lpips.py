@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.lpips_weights import ensure_lpips_weights, lpips_reference_dir
 from training.convert_lpips_weights import load_numpy_pickle
 from training.lpips import LPIPS
-
-from tests.lpips_weights import ensure_lpips_weights, lpips_reference_dir
 
 
 def _load(path: Path) -> torch.Tensor:

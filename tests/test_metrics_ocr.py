@@ -9,12 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from training import evaluate
-from training.metrics import (OCRAResult, ocr_accuracy, psnr, ssim, summarize_ocr, text_similarity,
-                              to_tensor)
-from training.ocr import OCREngine
-
 from tests.lpips_weights import ensure_lpips_weights
+from training import evaluate
+from training.metrics import OCRAResult, ocr_accuracy, psnr, ssim, summarize_ocr, text_similarity, to_tensor
+from training.ocr import OCREngine
 
 skm = pytest.importorskip("skimage.metrics")
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tadisr_core import devices
-from tadisr_core.pipeline import (UpscaleCancelled, decode_tiles, denoise_tiles, encode_tiles, output_size,
-                                  upscale)
+from tadisr_core.pipeline import UpscaleCancelled, decode_tiles, denoise_tiles, encode_tiles, output_size, upscale
 
 TILE = dict(tile=64, overlap=16)
 

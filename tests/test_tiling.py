@@ -7,8 +7,7 @@ import logging
 import pytest
 import torch
 
-from tadisr_core.tiling import (UpscaleCancelled, WINDOW_FLOOR, hann_1d, make_grid, run_batches, tile_starts,
-                                tiled_map)
+from tadisr_core.tiling import WINDOW_FLOOR, UpscaleCancelled, hann_1d, make_grid, run_batches, tile_starts, tiled_map
 
 
 def test_tile_starts_follow_the_release_rule():

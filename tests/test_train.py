@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import Config, ConfigError, load_config
-
 from tests.lpips_weights import ensure_lpips_weights
+from training.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"

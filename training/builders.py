@@ -186,8 +186,8 @@ def build_loss(cfg: Config, device: str | torch.device = "cpu"):
 
     lc = cfg.loss
     overrides = {k: getattr(lc, k) for k in ("mse", "lpips", "mfl", "mask_mse", "mask_focal", "mask_dice",
-                                              "lpips_net", "mfl_gamma", "mfl_detach_weight", "focal_alpha", "focal_gamma",
-                                              "dice_smooth")}
+                                              "lpips_net", "mfl_gamma", "mfl_detach_weight", "focal_alpha",
+                                              "focal_gamma", "dice_smooth")}
     if cfg.ablation.no_mfl:
         overrides["mfl"] = 0.0
     settings = loss_settings(lc.preset, **overrides)
@@ -204,7 +204,7 @@ def build_loss(cfg: Config, device: str | torch.device = "cpu"):
 
 
 # -- data ---------------------------------------------------------------------------------------
-def _write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Path:
+def write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Path:
     """Text-free backgrounds for synthesis: scikit-image's sample photos or smooth random fields."""
     from PIL import Image
 
@@ -256,7 +256,7 @@ def build_datasets(cfg: Config, work_dir: str | Path) -> tuple[Dataset, Dataset 
     if d.kind == "synth":
         bg = d.backgrounds or "skimage"
         if bg in (*SKIMAGE_BACKGROUNDS, "procedural"):
-            bg = _write_backgrounds(bg, Path(work_dir) / f"backgrounds_{bg}", max(4 * (d.crop or 512), 256),
+            bg = write_backgrounds(bg, Path(work_dir) / f"backgrounds_{bg}", max(4 * (d.crop or 512), 256),
                                     cfg.train.seed)
         from training.data.synthesis import SynthesisConfig
 

@@ -45,7 +45,8 @@ class DataConfig:
     kind: str = "synth"                     # synth | triplets | realce
     root: str | None = None                 # triplets: folder with hr/ mask/ [lr/]; realce: dataset root
     list_file: str | None = None            # realce: training list
-    backgrounds: str | None = "skimage"     # synth: a folder of text-free images, "skimage" / "skimage-all" (built-in samples)
+    backgrounds: str | None = "skimage"     # synth: a folder of text-free images, or built-in samples:
+                                            # "skimage" (5 photos) / "skimage-all" (12)
     fonts: str | None = None                # synth: a font folder; None: system fonts
     text_crops: str | None = None           # synth: TextSeg/BTS/CTR-layout folder of text crops
     length: int = 1000                      # synth: samples per epoch

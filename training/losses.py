@@ -30,8 +30,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 import kornia
+import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -18,14 +18,23 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from training.builders import SKIMAGE_BACKGROUNDS, write_backgrounds
 from training.data.degradation import PRESETS
-from training.data.synthesis import (SynthesisConfig, TextSynthesizer, find_text_crops, fonts_in_folder,
-                                     list_images, sample_seed, system_fonts)
+from training.data.synthesis import (
+    SynthesisConfig,
+    TextSynthesizer,
+    find_text_crops,
+    fonts_in_folder,
+    list_images,
+    sample_seed,
+    system_fonts,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.synthesize", description=__doc__.split("\n")[0])
-    p.add_argument("--backgrounds", required=True, type=Path, help="folder of text-free HR photographs")
+    p.add_argument("--backgrounds", required=True, type=Path,
+                   help="folder of text-free HR photographs, or skimage / skimage-all (scikit-image's samples)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--count", required=True, type=int, help="number of samples")
     p.add_argument("--text-crops", type=Path, help="folder with text crops + masks (TextSeg/BTS/CTR layout)")
@@ -61,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.count < 1:
         parser.error("--count must be at least 1")
     try:
+        if str(args.backgrounds) in SKIMAGE_BACKGROUNDS:
+            folder = args.out / f"backgrounds_{args.backgrounds}"
+            args.backgrounds = write_backgrounds(str(args.backgrounds), folder, 2 * args.size, args.seed)
         backgrounds = list_images(args.backgrounds)
         crops = find_text_crops(args.text_crops) if args.text_crops else []
         fonts = fonts_in_folder(args.fonts) if args.fonts else system_fonts()

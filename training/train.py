@@ -133,8 +133,14 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
         from tadisr_core.checkpoint import trainable_state_dict
-        from training.builders import (TrainingForward, build_loss, build_model_from_config, cast_frozen_,
-                                       configure_trainable, enable_gradient_checkpointing)
+        from training.builders import (
+            TrainingForward,
+            build_loss,
+            build_model_from_config,
+            cast_frozen_,
+            configure_trainable,
+            enable_gradient_checkpointing,
+        )
 
         self.cfg, self.force = cfg, force
         t = cfg.train
