@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, tile 64: the same code path, in seconds")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device (no GPU needed)")
-    p.add_argument("--variant", default="official-kolors", choices=("official-kolors", "paper"))
+    p.add_argument("--variant", default="release", choices=("release", "paper"))
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default bf16 (fp32 with --smoke)")
     p.add_argument("--tiles", type=int, nargs="+", default=None, help="tile sizes (default 768; 64 with --smoke)")
     p.add_argument("--tile-batch", type=int, default=1, help="tiles per forward in the stage timings")

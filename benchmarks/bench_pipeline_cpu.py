@@ -42,7 +42,7 @@ def _setup(threads: int):
     from tadisr_core.model import build_model, random_prompt
     from tadisr_core.spec import tiny_spec
 
-    spec = tiny_spec("official-kolors")
+    spec = tiny_spec("release")
     return build_model(spec, prompt=random_prompt(spec), seed=0).eval().requires_grad_(False)
 
 
@@ -135,7 +135,7 @@ def _tile_modes(threads: int, tile: int, repeats: int) -> dict:
 
     torch.set_num_threads(threads)
     out = {"tile": tile, "repeats": repeats}
-    for variant in ("official-kolors", "paper"):
+    for variant in ("release", "paper"):
         spec = tiny_spec(variant)
         model = build_model(spec, prompt=random_prompt(spec, seed=3), seed=11)
         g = torch.Generator().manual_seed(12)

@@ -128,7 +128,7 @@ def bench(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny spec on the CPU (smoke test of this script)")
-    p.add_argument("--variant", default="paper", choices=("paper", "official-kolors"))
+    p.add_argument("--variant", default="paper", choices=("paper", "release"))
     p.add_argument("--size", type=int, default=768, help="HR crop size (a multiple of 32)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10,

@@ -224,7 +224,7 @@ def check_spec(spec: TADiSRSpec, path: Path) -> None:
             problems.append(f"{name}.rank {lora.rank!r} (must be >= 1)")
         if not (isinstance(lora.alpha, (int, float)) and math.isfinite(lora.alpha) and 0 < lora.alpha <= 1e4):
             problems.append(f"{name}.alpha {lora.alpha!r} (must be a finite number > 0)")
-    if spec.variant not in ("official-kolors", "paper"):
+    if spec.variant not in ("release", "paper"):
         problems.append(f"variant {spec.variant!r}")
     if problems:
         raise CheckpointError(f"{path}: bad spec metadata: {'; '.join(problems)}")
@@ -267,7 +267,7 @@ def _spec_for(groups: dict[str, dict[str, torch.Tensor]], path: Path) -> TADiSRS
     conv_in = groups["unet"].get("conv_in.weight")
     if conv_in is None:
         raise CheckpointError(f"{path}: group 'unet' has no conv_in.weight")
-    base = full_spec("official-kolors") if conv_in.shape[0] == 320 else tiny_spec("official-kolors")
+    base = full_spec("release") if conv_in.shape[0] == 320 else tiny_spec("release")
     r_unet = lora_rank(groups["unet"], "default")
     r_vae = lora_rank(groups["vae"], "vae_skip")
     if r_unet is None or r_vae is None:

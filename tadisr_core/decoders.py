@@ -4,7 +4,7 @@ The image stream is the (LoRA-tuned) VAE decoder itself; `model.py` walks it up 
 and, before each, lets an interaction block exchange information between the streams.
 
 Two variants share one layout (`interaction_blocks.i.0.*`, `up_blocks.i.*`, `out_block.*`):
-- "official-kolors": MuGI blocks with tied branch weights, as stored in the released checkpoint.
+- "release": MuGI blocks with tied branch weights, as stored in the released checkpoint.
   Their image stream passes unchanged; only the mask stream is updated.
 - "paper": CDIB blocks (residual with zero-initialised scales, so identity at initialisation)
   and a text-segmentation decoder symmetric to the VAE decoder.
@@ -196,7 +196,7 @@ class MaskDecoder(nn.Module):
         inter = vae.interaction_channels()
         c0, c1, c2, c3 = vae.block_out_channels
         self.variant = spec.variant
-        if spec.variant == "official-kolors":
+        if spec.variant == "release":
             outs, layers = (c3, c2, c1, c1), 2
             self.interaction_blocks = nn.ModuleList(StreamSequential([MuGIBlock(c)]) for c in inter)
         else:

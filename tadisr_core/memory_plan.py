@@ -22,7 +22,7 @@ MODES = (("bf16", torch.bfloat16, "none"), ("fp8", torch.float8_e4m3fn, "none"),
          ("fp8 + offload", torch.float8_e4m3fn, "sequential"))
 
 
-def _meta_model(variant: str = "official-kolors"):
+def _meta_model(variant: str = "release"):
     from .model import build_model
     from .spec import full_spec
 
@@ -83,7 +83,7 @@ def choose_offload(model_size: int, tile_bytes: int, free_bytes: int, host_low_v
     return "none"
 
 
-def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str = "official-kolors"):
+def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str = "release"):
     """Rows of (GPU GB, {tile: lightest mode that fits or None}) plus the needed GiB per mode and tile."""
     model = _meta_model(variant)
     need = {(label, tile): needed_bytes(model, dtype, tile, offload)

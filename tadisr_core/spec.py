@@ -12,8 +12,20 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-Variant = Literal["official-kolors", "paper"]
-VARIANTS: tuple[str, ...] = ("official-kolors", "paper")
+# The two layouts, in one vocabulary everywhere (spec variant, attention layout, loss preset):
+# "release" = what the authors' released Kolors checkpoint holds, "paper" = the paper's design.
+Variant = Literal["release", "paper"]
+VARIANTS: tuple[str, ...] = ("release", "paper")
+# Older spellings still found in saved checkpoints and configs.
+VARIANT_ALIASES = {"official-kolors": "release"}
+
+
+def canonical_variant(name: str) -> str:
+    """`name` in today's vocabulary ("official-kolors" -> "release"); ValueError if unknown."""
+    name = VARIANT_ALIASES.get(name, name)
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {VARIANTS}")
+    return name
 
 # The 13 module names the release's UNet LoRA targets (PEFT suffix matching).
 UNET_LORA_TARGETS: tuple[str, ...] = (
@@ -140,7 +152,7 @@ class AttentionSpec:
 class TADiSRSpec:
     """The whole model: backbone shapes, adapters, decoder variant and one-step constants."""
 
-    variant: Variant = "official-kolors"
+    variant: Variant = "release"
     unet: UNetSpec = field(default_factory=UNetSpec)
     vae: VAESpec = field(default_factory=VAESpec)
     unet_lora: LoRASpec = field(default_factory=lambda: LoRASpec(4, 8.0, UNET_LORA_TARGETS, "default"))
@@ -165,7 +177,7 @@ class TADiSRSpec:
         """Inverse of `to_json`."""
         d = json.loads(text)
         return cls(
-            variant=d["variant"],
+            variant=VARIANT_ALIASES.get(d["variant"], d["variant"]),
             unet=UNetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["unet"].items()}),
             vae=VAESpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["vae"].items()}),
             unet_lora=LoRASpec(**{**d["unet_lora"], "targets": tuple(d["unet_lora"]["targets"])}),
@@ -184,17 +196,16 @@ class TADiSRSpec:
         )
 
 
-def full_spec(variant: Variant = "official-kolors") -> TADiSRSpec:
-    """The full-size Kolors TADiSR spec. `official-kolors` matches tadisr_kolors_ftsr_526000.pkl."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    if variant == "official-kolors":
+def full_spec(variant: Variant = "release") -> TADiSRSpec:
+    """The full-size Kolors TADiSR spec. `release` matches tadisr_kolors_ftsr_526000.pkl."""
+    variant = canonical_variant(variant)
+    if variant == "release":
         return TADiSRSpec(variant=variant, attention=AttentionSpec(layout="release", token="text"))
     return TADiSRSpec(variant=variant, attention=AttentionSpec(layout="paper", token="text"),
                       mask_input="attention")
 
 
-def tiny_spec(variant: Variant = "official-kolors") -> TADiSRSpec:
+def tiny_spec(variant: Variant = "release") -> TADiSRSpec:
     """A spec with the full spec's module tree and tiny widths: milliseconds per forward on a CPU."""
     full = full_spec(variant)
     return dataclasses.replace(

@@ -79,7 +79,7 @@ def make_tiny(out: str | Path, spec: TADiSRSpec | None = None, seed: int = 0) ->
 
     from .prompt import compute_prompt_cache_from_kolors
 
-    spec = spec or tiny_spec("official-kolors")
+    spec = spec or tiny_spec("release")
     out = Path(out)
     kolors = out / TINY_FILES["kolors"]
     torch.manual_seed(seed)
@@ -105,7 +105,7 @@ def add_command(sub) -> None:
     """The `make-tiny` sub-command (shared by `tadisr` and `python -m tadisr_core.testing`)."""
     p = sub.add_parser("make-tiny", help="write a tiny random TADiSR (Kolors folder, checkpoints, prompt cache)")
     p.add_argument("dir")
-    p.add_argument("--variant", choices=("official-kolors", "paper"), default="official-kolors")
+    p.add_argument("--variant", choices=("release", "paper"), default="release")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_make_tiny)
 

@@ -26,11 +26,11 @@ def tiny_dir(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model_factory():
-    """Build a fresh tiny random model: factory(variant="official-kolors", seed=0)."""
+    """Build a fresh tiny random model: factory(variant="release", seed=0)."""
     from tadisr_core.model import build_model, random_prompt
     from tadisr_core.spec import tiny_spec
 
-    def make(variant: str = "official-kolors", seed: int = 0):
+    def make(variant: str = "release", seed: int = 0):
         spec = tiny_spec(variant)
         return build_model(spec, prompt=random_prompt(spec), seed=seed).eval()
 

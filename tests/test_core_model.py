@@ -8,7 +8,7 @@ from tadisr_core.prompt import RELEASE_PAD_COLUMN, PromptCache
 from tadisr_core.spec import full_spec
 
 
-@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+@pytest.mark.parametrize("variant", ["release", "paper"])
 @torch.no_grad()
 def test_steps_compose_into_forward(tiny_model_factory, variant):
     model = tiny_model_factory(variant)
@@ -33,7 +33,7 @@ def test_cdib_is_identity_at_initialisation():
 
 @torch.no_grad()
 def test_release_variant_image_ignores_the_mask_stream_input(tiny_model_factory):
-    model = tiny_model_factory("official-kolors")
+    model = tiny_model_factory("release")
     for name, p in model.mi_decoder.named_parameters():  # make the interaction blocks active
         if name.split(".")[-1] in ("a_l", "a_r", "b_l", "b_r"):
             p.normal_(0, 0.5)

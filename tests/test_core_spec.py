@@ -19,13 +19,13 @@ def test_full_unet_and_vae_parameter_counts_on_meta():
     assert _count(build_vae(full_spec().vae, "meta")) == pytest.approx(83.65e6, rel=1e-3)
 
 
-@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+@pytest.mark.parametrize("variant", ["release", "paper"])
 def test_tiny_spec_has_the_full_key_set(variant):
     full = trainable_state_dict(build_model(full_spec(variant), "meta"))
     tiny = trainable_state_dict(build_model(tiny_spec(variant), "meta"))
     for group in full:
         assert set(full[group]) == set(tiny[group]), group
-    if variant == "official-kolors":
+    if variant == "release":
         assert {g: len(v) for g, v in full.items()} == {"unet": 1546, "vae": 152, "mi_decoder": 220}
 
 

@@ -57,7 +57,7 @@ def test_backbone_checkpoint_runs_standalone(tmp_path):
 
 
 def test_adapter_checkpoint_is_refused_on_another_backbone(tmp_path):
-    spec = tiny_spec("official-kolors")
+    spec = tiny_spec("release")
     trained = build_model(spec, prompt=random_prompt(spec), seed=0)
     with torch.no_grad():
         for name, p in trained.named_parameters():
@@ -118,7 +118,7 @@ def test_cli_without_weights_says_how_to_get_them(tmp_path, capsys):
 
 
 def test_adapter_run_without_its_base_asks_for_kolors(tmp_path):
-    spec = tiny_spec("official-kolors")
+    spec = tiny_spec("release")
     save_model(_perturbed(spec, 0), tmp_path / "adapters.safetensors")
     with pytest.raises(FileNotFoundError, match="--kolors DIR"):
         load_model(tmp_path / "adapters.safetensors")

@@ -69,7 +69,7 @@ def run_upscale(model) -> dict[str, torch.Tensor]:
 
 
 GOLDEN = {
-    "official-kolors": {
+    "release": {
         'encode': [-0.158173, -0.249862, -0.001327, -0.049513, -0.109909, 0.066268, 0.017376, -0.024657, -0.030104],
         'skip': [-5.421913, 11.86827, 5.666566, -0.129259, 14.208966, -0.560152, -14.968628, 6.686975, 1.756687],
         'denoise': [-0.253323, -0.021792, -0.012891, -0.355666, -0.223167, 0.02845, 0.227318, 0.282096, -0.002948],
@@ -92,7 +92,7 @@ GOLDEN = {
 }
 
 
-@pytest.fixture(scope="module", params=["official-kolors", "paper"])
+@pytest.fixture(scope="module", params=["release", "paper"])
 def variant_model(request):
     return request.param, golden_model(request.param)
 

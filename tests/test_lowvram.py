@@ -46,7 +46,7 @@ def test_fp8_storage_runs_on_cpu_and_stays_close_to_bf16(tiny_dir, bf16_out):
 
 
 def test_sequential_offload_keeps_the_output(tiny_model_factory):
-    model = tiny_model_factory("official-kolors")
+    model = tiny_model_factory("release")
     with torch.no_grad():
         ref = model(X)
     moving = enable_sequential_offload(model, "cpu", block_bytes=64 << 10, resident_bytes=4 << 10)
@@ -73,7 +73,7 @@ def test_one_precision_rule_and_one_auto():
 
 
 def test_place_model_fp16_keeps_vae_fp32(tiny_model_factory):
-    m = place_model(tiny_model_factory("official-kolors"), "cpu", torch.float16)
+    m = place_model(tiny_model_factory("release"), "cpu", torch.float16)
     assert m.unet.conv_in.weight.dtype == torch.float16
     assert m.vae.encoder.conv_in.weight.dtype == torch.float32
     assert m.mi_decoder.out_block[-1].weight.dtype == torch.float32

@@ -16,7 +16,7 @@ TILE = dict(tile=64, overlap=16)
 
 @pytest.fixture(scope="module")
 def model(tiny_model_factory):
-    return tiny_model_factory("official-kolors")
+    return tiny_model_factory("release")
 
 
 @pytest.mark.parametrize("shape, scale", [
@@ -64,7 +64,7 @@ def test_batched_tiles_equal_batch_one(model, tiny_model_factory):
     assert (one.image - many.image).abs().max() < 2e-4
     assert (one.mask - many.mask).abs().max() < 2e-4
     # fp64 shows the tiling/batching logic itself is exact.
-    m64 = tiny_model_factory("official-kolors").double()
+    m64 = tiny_model_factory("release").double()
     m64.set_prompt(m64.prompt)
     one = upscale(m64, x, 4, tile_batch=1, **TILE)
     many = upscale(m64, x, 4, tile_batch=4, **TILE)
@@ -72,9 +72,9 @@ def test_batched_tiles_equal_batch_one(model, tiny_model_factory):
     assert (one.mask - many.mask).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+@pytest.mark.parametrize("variant", ["release", "paper"])
 def test_staged_equals_fused(variant, model, tiny_model_factory):
-    m = model if variant == "official-kolors" else tiny_model_factory("paper")
+    m = model if variant == "release" else tiny_model_factory("paper")
     x = torch.rand(1, 4, 12, 21, generator=torch.Generator().manual_seed(3))
     fused = upscale(m, x, 4, tile_batch=2, attention=True, **TILE)
     tiled = encode_tiles(m, x, 4, tile_batch=2, **TILE)
@@ -173,7 +173,7 @@ def test_auto_tile_batch_and_device_choices(model):
 
 
 def test_fp16_keeps_the_vae_in_fp32(tiny_model_factory):
-    m = devices.configure_model(tiny_model_factory("official-kolors"), torch.float16)
+    m = devices.configure_model(tiny_model_factory("release"), torch.float16)
     assert m.unet.conv_in.weight.dtype == torch.float16
     assert all(p.dtype == torch.float32 for p in m.vae.parameters())
     assert all(p.dtype == torch.float32 for p in m.mi_decoder.parameters())
@@ -230,7 +230,7 @@ def test_identity_model_through_upscale_gives_the_canvas(shape, scale, tile_batc
     assert alone.mask is None and torch.equal(alone.image, out.image)
 
 
-@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+@pytest.mark.parametrize("variant", ["release", "paper"])
 def test_staged_recomputed_skips_equal_kept_skips(variant, tiny_model_factory):
     m = tiny_model_factory(variant)
     x = torch.rand(1, 3, 12, 21, generator=torch.Generator().manual_seed(3))
@@ -263,14 +263,14 @@ def test_graph_blocks_on_a_1024_px_photo_keep_under_2_gb():
     from tadisr_core.pipeline import kept_state_bytes
     from tadisr_core.spec import full_spec
 
-    full = build_model(full_spec("official-kolors"), device="meta")
+    full = build_model(full_spec("release"), device="meta")
     kept = kept_state_bytes(full, 1024, 1024, 4, tile=768, overlap=256, keep_attention=True)
     assert kept < 2e9, kept
     with_skips = kept_state_bytes(full, 1024, 1024, 4, tile=768, overlap=256, keep_attention=True, keep_skips=True)
     assert with_skips > 25e9      # what keeping the encoder features would cost: ~27 GB
 
 
-@pytest.mark.parametrize("variant", ["official-kolors", "paper"])
+@pytest.mark.parametrize("variant", ["release", "paper"])
 def test_one_heat_map_for_the_cli_and_the_node(variant, tiny_model_factory):
     from tadisr_core.heatmap import heatmap
 
@@ -284,10 +284,10 @@ def test_one_heat_map_for_the_cli_and_the_node(variant, tiny_model_factory):
     staged = denoise_tiles(m, encode_tiles(m, x, 4, tile_batch=2, **TILE), tile_batch=2, keep_attention=True)
     for a, b in zip(staged.attention_tiles().maps, kept.attention_tiles.maps):
         assert torch.equal(a, b)
-    assert set(kept.attention_tiles.groups) == ({"down", "up"} if variant == "official-kolors" else
+    assert set(kept.attention_tiles.groups) == ({"down", "up"} if variant == "release" else
                                                {"down", "mid", "up"})
     with pytest.raises(ValueError, match="no attention in the 'mid' layers|layers must be"):
-        if variant == "official-kolors":
+        if variant == "release":
             heatmap(kept.attention_tiles, "mid")
         else:
             heatmap(kept.attention_tiles, "sideways")

@@ -235,7 +235,7 @@ def test_build_from_kolors_folder_and_checkpoint(tiny_dir):
     from training.builders import build_model_from_config
 
     cfg = Config()
-    cfg.model.variant = "official-kolors"
+    cfg.model.variant = "release"
     cfg.model.kolors_dir, cfg.model.init_checkpoint = str(tiny_dir["kolors"]), str(tiny_dir["checkpoint"])
     cfg.model.prompt_cache = str(tiny_dir["prompt_cache"])
     model = build_model_from_config(cfg)
@@ -243,7 +243,7 @@ def test_build_from_kolors_folder_and_checkpoint(tiny_dir):
     got = trainable_state_dict(model)["unet"]
     assert all(torch.equal(got[k], v) for k, v in ckpt.groups["unet"].items())
     cfg.model.variant = "paper"
-    with pytest.raises(ConfigError, match="official-kolors"):
+    with pytest.raises(ConfigError, match="release"):
         build_model_from_config(cfg)
 
 

@@ -24,9 +24,9 @@ TILE = dict(tile=64, overlap=16, tile_batch=2, canvas_device="cpu")
 
 CASES = [
     # (id, variant, dtype, merged-vs-unmerged tolerance)
-    ("release-fp32", "official-kolors", torch.float32, 1e-4),
+    ("release-fp32", "release", torch.float32, 1e-4),
     ("paper-fp32", "paper", torch.float32, 1e-4),
-    ("release-fp64", "official-kolors", torch.float64, 1e-6),    # outputs are float32: 1e-6 is rounding
+    ("release-fp64", "release", torch.float64, 1e-6),    # outputs are float32: 1e-6 is rounding
     ("paper-fp64", "paper", torch.float64, 1e-6),
 ]
 

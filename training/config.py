@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which model to train and where its weights come from."""
 
-    variant: str = "paper"                  # paper | official-kolors
+    variant: str = "paper"                  # paper | release (old spelling: official-kolors)
     size: str = "tiny"                      # tiny | demo | full (only used without kolors_dir: random weights)
     train_backbone: bool = False            # train every UNet/VAE weight too (saved inside the checkpoint)
     kolors_dir: str | None = None           # Kolors diffusers folder with the base UNet/VAE weights
@@ -143,8 +143,10 @@ class Config:
 
     def validate(self, source: str = "<config>") -> "Config":
         """Check enumerations and ranges; raises ConfigError naming the key."""
+        if self.model.variant == "official-kolors":  # the old spelling of "release"
+            self.model.variant = "release"
         choices = {
-            "model.variant": (self.model.variant, ("paper", "official-kolors")),
+            "model.variant": (self.model.variant, ("paper", "release", "official-kolors")),
             "model.size": (self.model.size, ("tiny", "demo", "full")),
             "model.mask_input": (self.model.mask_input, (None, "attention", "mid-block")),
             "data.kind": (self.data.kind, ("synth", "triplets", "realce")),
