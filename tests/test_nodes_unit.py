@@ -263,6 +263,21 @@ def test_image_only_when_the_text_mask_is_not_connected(handle):
     assert zeros.shape == mask.shape and not zeros.any() and mask.any()
 
 
+def test_loading_and_running_under_inference_mode_as_comfyui_does(handle):
+    """Defect: the prompt K/V cache read the version counter of inference tensors, which ComfyUI's
+    inference mode makes of everything a node creates ("Inference tensors do not track version counter")."""
+    img = _image(seed=11)
+    ref = upscale.upscale(handle, img, **TILE)
+    model_cache.clear()
+    with torch.inference_mode():
+        h = loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu",
+                               False)
+        assert h is not handle and h.model.prompt_embeds.is_inference()
+        for _ in range(2):  # the second run reuses the cached prompt keys and values
+            out = upscale.upscale(h, img, **TILE)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 def test_prompt_hook_marks_whether_the_text_mask_is_connected():
     prompt = {"1": {"class_type": "TADiSRUpscale", "inputs": {"image": ["0", 0]}},
               "2": {"class_type": "TADiSRUpscale", "inputs": {"image": ["0", 0]}},
