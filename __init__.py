@@ -30,8 +30,9 @@ _provide_core()
 
 async def comfy_entrypoint():
     """The pack's ComfyExtension (ComfyUI's V3 entry point)."""
-    from .nodes import host
+    from .nodes import graph, host
     from .nodes.v3 import TADiSRExtension
 
     host.register_model_folders()
+    host.add_prompt_hook(graph.mark_text_mask_use)
     return TADiSRExtension()

@@ -35,3 +35,27 @@ def check_attention_use(prompt: dict, node_id: str, output_index: int, groups: d
             raise ValueError(f"TADiSR: TADiSR Text Attention (node {nid}): layers='{layers}' is impossible for "
                              f"this model, which captures no attention in the {layers} layers; choose one of: "
                              f"{have}")
+
+
+UPSCALE = "TADiSRUpscale"
+TEXT_MASK_OUTPUT = 1
+MASK_USE_KEY = "tadisr_text_mask_used"  # not a declared input: ComfyUI passes it to no node, but caches by it
+
+
+def text_mask_wanted(prompt: dict, node_id: str) -> bool:
+    """False only when `mark_text_mask_use` saw this Upscale node's text_mask output unconnected
+    (without that mark, e.g. a prompt that did not come through ComfyUI's queue, the mask is made)."""
+    node = (prompt or {}).get(str(node_id)) or {}
+    return (node.get("inputs") or {}).get(MASK_USE_KEY) is not False
+
+
+def mark_text_mask_use(json_data: dict) -> dict:
+    """ComfyUI on-prompt hook: write into each Upscale node's inputs whether its text_mask output is
+    connected. Upscale skips the mask when it is not, and ComfyUI caches a node by its inputs: this
+    entry makes a later run with the mask connected a different cache entry (not a stale empty mask)."""
+    prompt = (json_data or {}).get("prompt")
+    if isinstance(prompt, dict):
+        for nid, node in prompt.items():
+            if isinstance(node, dict) and node.get("class_type") == UPSCALE and isinstance(node.get("inputs"), dict):
+                node["inputs"][MASK_USE_KEY] = bool(consumers(prompt, nid, TEXT_MASK_OUTPUT))
+    return json_data

@@ -21,6 +21,9 @@ log = logging.getLogger("tadisr")
 
 TADISR_FOLDER = "tadisr"          # models/tadisr: checkpoints and prompt caches (registered by us)
 DIFFUSERS_FOLDER = "diffusers"    # models/diffusers: Kolors folders (ComfyUI's own folder name)
+UNET_FOLDER = "diffusion_models"  # models/diffusion_models and models/unet: single Kolors UNet files
+VAE_FOLDER = "vae"                # models/vae: the SDXL VAE file beside a single UNet
+LLM_FOLDER = "LLM"                # models/LLM: a ChatGLM3 folder (not registered by ComfyUI 0.3.75)
 CHECKPOINT_EXTS = (".pkl", ".safetensors")
 
 
@@ -91,8 +94,17 @@ def register_model_folders() -> None:
     fp.folder_names_and_paths[TADISR_FOLDER] = (paths, set(CHECKPOINT_EXTS))
 
 
+def add_prompt_hook(hook: Callable[[dict], dict]) -> None:
+    """Have ComfyUI pass every queued prompt's JSON through `hook` before it is validated (once per hook)."""
+    server = _module("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None and hook not in getattr(instance, "on_prompt_handlers", [hook]):
+        instance.add_on_prompt_handler(hook)
+
+
 def model_folders(kind: str) -> list[str]:
-    """The folders searched for `kind` ("tadisr" or "diffusers"), first one = where new files go."""
+    """The folders searched for `kind` (a ComfyUI folder name such as "tadisr", "diffusers", "vae",
+    "diffusion_models"; extra_model_paths.yaml honoured), first one = where new files go."""
     fp = _module("folder_paths")
     if fp is not None:
         if kind == TADISR_FOLDER and kind not in fp.folder_names_and_paths:
@@ -115,19 +127,6 @@ def list_files(kind: str, exts: tuple[str, ...]) -> list[str]:
             for f in files:
                 if f.lower().endswith(exts):
                     names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return sorted(names)
-
-
-def list_subfolders(kind: str, required: tuple[str, ...] = ()) -> list[str]:
-    """Names of direct subfolders of the `kind` folders that contain every entry of `required`."""
-    names = set()
-    for root in model_folders(kind):
-        if not os.path.isdir(root):
-            continue
-        for name in os.listdir(root):
-            path = os.path.join(root, name)
-            if os.path.isdir(path) and all(os.path.exists(os.path.join(path, r)) for r in required):
-                names.add(name)
     return sorted(names)
 
 
@@ -181,16 +180,49 @@ class _Holder(torch.nn.Module):
 
 
 def make_patcher(model: torch.nn.Module, device: torch.device):
-    """A ComfyUI ModelPatcher for `model` so ComfyUI can unload it when others need memory; None
-    without ComfyUI (or if this ComfyUI's patcher cannot wrap a plain module)."""
+    """A ComfyUI ModelPatcher for `model`, told the model's true size (`memory_plan.model_bytes`), so
+    ComfyUI can unload it when others need memory; None without ComfyUI (or if this ComfyUI's
+    patcher cannot wrap a plain module)."""
+    from tadisr_core.memory_plan import model_bytes
+
     mp = _module("comfy.model_patcher")
     if mp is None:
         return None
     try:
-        return mp.ModelPatcher(_Holder(model), load_device=device, offload_device=offload_device())
+        return mp.ModelPatcher(_Holder(model), load_device=device, offload_device=offload_device(),
+                               size=model_bytes(model))
     except Exception as exc:  # noqa: BLE001 - fall back to plain .to() moves
         log.warning("TADiSR: ComfyUI model patcher unavailable (%s); managing devices directly", exc)
         return None
+
+
+def low_vram_host() -> bool:
+    """True when ComfyUI runs with --lowvram or --novram."""
+    mm = _module("comfy.model_management")
+    state = getattr(getattr(mm, "vram_state", None), "name", "")
+    return state in ("LOW_VRAM", "NO_VRAM")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` (ComfyUI's count inside ComfyUI)."""
+    mm = _module("comfy.model_management")
+    if mm is not None:
+        return int(mm.get_free_memory(device))
+    from tadisr_core.devices import free_memory as core_free
+
+    return core_free(device)
+
+
+def offload_mode(model: torch.nn.Module, device: torch.device, memory_required: int = 0) -> str:
+    """"sequential" (weights stay on the CPU, blocks visit the GPU) on --lowvram / --novram hosts or when
+    the weights plus `memory_required` exceed the whole device (ComfyUI evicts other models first);
+    else "none" (`memory_plan.choose_offload`)."""
+    from tadisr_core.memory_plan import choose_offload, model_bytes
+
+    mm = _module("comfy.model_management")
+    if mm is None or device.type == "cpu":
+        return "none"
+    return choose_offload(model_bytes(model), memory_required, int(mm.get_total_memory(device)), low_vram_host())
 
 
 @contextlib.contextmanager
@@ -199,21 +231,28 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
     """Run with `model` on `device`.
 
     With a patcher, ComfyUI loads it (evicting other models if needed) and keeps it loaded until
-    something else needs the memory. Without one, memory is freed first (inside ComfyUI), the
-    model moved, and offloaded afterwards.
+    something else needs the memory; on a low-VRAM host (or a device too small for the weights) the
+    weights stay on the CPU and each block visits the device as it runs. Without a patcher, memory
+    is freed first (inside ComfyUI), the model moved, and offloaded afterwards.
     """
     mm = _module("comfy.model_management")
     if patcher is not None and mm is not None:
+        if offload_mode(model, device, memory_required) == "sequential":
+            _sequential(model, device, memory_required)
+            yield model
+            return
         try:
-            mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+            mm.load_models_gpu([patcher], memory_required=memory_required)
         except Exception as exc:  # noqa: BLE001 - a ComfyUI whose patcher cannot drive a plain module
             log.warning("TADiSR: ComfyUI could not load the model (%s); moving it directly", exc)
         else:
-            model.to(device)  # no-op after a full load; covers --novram partial loads
+            model.to(device)  # no-op after a full load; plain modules ComfyUI left out of a partial load
             yield model
             return
     if mm is not None and device.type != "cpu":
-        mm.free_memory(_module_bytes(model) + memory_required, device)
+        from tadisr_core.memory_plan import model_bytes
+
+        mm.free_memory(model_bytes(model) + memory_required, device)
     model.to(device)
     try:
         yield model
@@ -223,12 +262,23 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
             mm.soft_empty_cache()
 
 
+def _sequential(model: torch.nn.Module, device: torch.device, memory_required: int) -> None:
+    """Sequential offload onto `device`, set up once per model (`devices.place_model`)."""
+    from tadisr_core.devices import place_model
+    from tadisr_core.memory_plan import weight_bytes
+
+    mm = _module("comfy.model_management")
+    dtype = next(model.unet.parameters()).dtype
+    mm.free_memory(weight_bytes(model, dtype, "sequential") + memory_required, device)  # resident + one block
+    if getattr(model, "_tadisr_sequential_on", None) != device:
+        log.info("TADiSR: low VRAM: weights stay on the CPU, blocks run on %s one at a time", device)
+        place_model(model, device, None, offload="sequential")
+        model._tadisr_sequential_on = device
+
+
 def make_room(nbytes: int, device: torch.device) -> None:
     """Ask ComfyUI to unload models until `nbytes` are free on `device` (no-op on CPU / without ComfyUI)."""
     mm = _module("comfy.model_management")
     if mm is not None and device.type != "cpu":
         mm.free_memory(nbytes, device)
 
-
-def _module_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

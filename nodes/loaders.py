@@ -1,4 +1,9 @@
-"""Load TADiSR Model, the logic: Kolors folder + TADiSR checkpoint + prompt cache -> a model handle."""
+"""Load TADiSR Model, the logic: Kolors files + TADiSR checkpoint + prompt cache -> a model handle.
+
+The Kolors choices and what they resolve to come from `tadisr_core.kolors_files` (every layout
+users keep: diffusers folders, folders without vae/, single UNet + VAE files), read from ComfyUI's
+model folders. One more choice, the shipped demo model, needs no Kolors at all.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,29 @@ log = logging.getLogger("tadisr")
 
 AUTO_CACHE = "auto (compute once)"
 PROMPT_CACHE_PREFIX = "prompt_cache"
-KOLORS_REQUIRED = ("unet", "vae")
-CHATGLM_BYTES = 14 << 30  # ChatGLM3-6B in bf16 plus activations, for the one-off prompt cache
+DEMO_CHOICE = "demo (small built-in model, no Kolors needed)"
+NO_CHECKPOINT = "none found (put one in models/tadisr)"
+
+
+def _kolors_dirs() -> tuple[list[str], list[str], list[str]]:
+    """(diffusers, diffusion_models = models/unet too, vae) folders, as ComfyUI knows them."""
+    return (host.model_folders(host.DIFFUSERS_FOLDER), host.model_folders(host.UNET_FOLDER),
+            host.model_folders(host.VAE_FOLDER))
+
+
+def demo_available() -> bool:
+    """Whether the shipped demo model's weights are in the pack."""
+    from tadisr_core import model_ref
+
+    return model_ref.DEMO_CHECKPOINT.is_file()
 
 
 def kolors_choices() -> list[str]:
-    """The Kolors base models the loader offers: folders in models/diffusers with unet/ and vae/.
-    (The one place that lists Kolors candidates.)"""
-    return host.list_subfolders(host.DIFFUSERS_FOLDER, KOLORS_REQUIRED)
+    """The Kolors backbones the loader offers (`kolors_files.list_kolors_candidates` over ComfyUI's
+    diffusers, diffusion_models/unet and vae folders), then the demo model when it is shipped."""
+    from tadisr_core.kolors_files import list_kolors_candidates
+
+    return list_kolors_candidates(*_kolors_dirs()) + ([DEMO_CHOICE] if demo_available() else [])
 
 
 def _is_prompt_cache(name: str) -> bool:
@@ -29,8 +49,10 @@ def _is_prompt_cache(name: str) -> bool:
 
 
 def checkpoint_choices() -> list[str]:
-    """TADiSR checkpoints (.pkl / .safetensors) in models/tadisr, prompt caches left out."""
-    return [f for f in host.list_files(host.TADISR_FOLDER, host.CHECKPOINT_EXTS) if not _is_prompt_cache(f)]
+    """TADiSR checkpoints (.pkl / .safetensors) in models/tadisr, prompt caches left out; a
+    placeholder when there is none (the demo model needs none)."""
+    names = [f for f in host.list_files(host.TADISR_FOLDER, host.CHECKPOINT_EXTS) if not _is_prompt_cache(f)]
+    return names or [NO_CHECKPOINT]
 
 
 def prompt_cache_choices() -> list[str]:
@@ -53,36 +75,37 @@ def _folders(kind: str) -> str:
     return ", ".join(host.model_folders(kind))
 
 
-def resolve_kolors(name: str) -> str:
-    """Full path of a Kolors folder; FileNotFoundError saying where it belongs."""
-    path = host.find_path(host.DIFFUSERS_FOLDER, name, folder=True) if name else None
-    if path is None:
-        raise FileNotFoundError(
-            f"TADiSR: Kolors folder '{name}' not found in models/diffusers ({_folders(host.DIFFUSERS_FOLDER)}). "
-            "Put the Kolors diffusers folder (with unet/, vae/, text_encoder/, tokenizer/) there, "
-            "e.g. models/diffusers/Kolors.")
-    missing = [r for r in KOLORS_REQUIRED if not os.path.isdir(os.path.join(path, r))]
-    if missing:
-        raise FileNotFoundError(f"TADiSR: Kolors folder {path} has no {' or '.join(m + '/' for m in missing)}: "
-                                "it must be a Kolors diffusers folder (unet/, vae/, text_encoder/, tokenizer/).")
-    return path
+def resolve_kolors(name: str):
+    """The `KolorsFiles` behind a Kolors choice (`kolors_files.resolve_choice`); its KolorsFolderError
+    (what is missing and where it belongs) passes through unchanged."""
+    from tadisr_core.kolors_files import resolve_choice
+
+    return resolve_choice(name, *_kolors_dirs())
 
 
 def resolve_checkpoint(name: str) -> str:
     """Full path of a TADiSR checkpoint; FileNotFoundError saying where it belongs."""
-    path = host.find_path(host.TADISR_FOLDER, name) if name else None
+    path = host.find_path(host.TADISR_FOLDER, name) if name and name != NO_CHECKPOINT else None
     if path is None:
         raise FileNotFoundError(
             f"TADiSR: checkpoint '{name}' not found in models/tadisr ({_folders(host.TADISR_FOLDER)}). "
-            "Put a TADiSR checkpoint there: the released tadisr_kolors_ftsr_526000.pkl or a converted .safetensors.")
+            "Put a TADiSR checkpoint there: the released tadisr_kolors_ftsr_526000.pkl or a converted .safetensors."
+            + (f" (The '{DEMO_CHOICE}' Kolors choice ignores this input: pick any listed entry.)"
+               if demo_available() else ""))
     return path
 
 
-def resolve_prompt_cache(name: str, kolors_path: str) -> str:
-    """The prompt-cache file to use. "auto": prompt_cache_<kolors folder>.safetensors in models/tadisr
-    (computed from the folder's ChatGLM3 on first use when it does not exist yet)."""
+def auto_cache_name(files) -> str:
+    """prompt_cache_<Kolors folder name>.safetensors, or <UNet file stem> when there is no folder."""
+    base = files.root.name if files.root is not None else files.unet.stem
+    return f"{PROMPT_CACHE_PREFIX}_{base}.safetensors"
+
+
+def resolve_prompt_cache(name: str, files) -> str:
+    """The prompt-cache file to use. "auto": `auto_cache_name(files)` in models/tadisr (computed with
+    ChatGLM3 on first use when it does not exist yet)."""
     if name == AUTO_CACHE or not name:
-        auto = f"{PROMPT_CACHE_PREFIX}_{os.path.basename(os.path.normpath(kolors_path))}.safetensors"
+        auto = auto_cache_name(files)
         return host.find_path(host.TADISR_FOLDER, auto) or os.path.join(host.model_folders(host.TADISR_FOLDER)[0], auto)
     path = host.find_path(host.TADISR_FOLDER, name)
     if path is None:
@@ -91,54 +114,105 @@ def resolve_prompt_cache(name: str, kolors_path: str) -> str:
     return path
 
 
+def text_encoder_source(files):
+    """Where ChatGLM3 is read from to compute a prompt cache: the Kolors folder when it has
+    text_encoder/, else the first ChatGLM3 found in models/LLM or models/diffusers; None if none."""
+    from tadisr_core.prompt import list_text_encoders
+
+    if files.root is not None and (files.root / "text_encoder").is_dir():
+        return files.root
+    found = list_text_encoders(*host.model_folders(host.LLM_FOLDER), *host.model_folders(host.DIFFUSERS_FOLDER))
+    return found[0] if found else None
+
+
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> ComfyUI's compute device; anything else as torch understands it."""
-    if name in ("auto", "", None):
-        return host.torch_device()
+    """"auto" -> ComfyUI's compute device (`devices.resolve_device`); anything else as torch understands it."""
+    from tadisr_core.devices import resolve_device as core_resolve
+
     try:
-        return torch.device(name)
+        return core_resolve(name, auto=host.torch_device())
     except RuntimeError as exc:
-        raise ValueError(f"TADiSR: unknown device '{name}'; choose one of {device_choices()}") from exc
+        raise ValueError(f"TADiSR: device '{name}' cannot be used ({exc}); choose one of {device_choices()}") from None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" -> bf16 / fp16 on CUDA (as supported), fp32 elsewhere."""
+    """"auto" -> bf16 / fp16 on CUDA (as supported), fp32 elsewhere; fp8_e4m3fn stores the UNet in fp8."""
     from tadisr_core.devices import DTYPE_CHOICES, resolve_dtype as core_resolve
 
     if name not in DTYPE_CHOICES:
-        raise ValueError(f"TADiSR: unknown dtype '{name}'; choose one of {DTYPE_CHOICES}")
+        raise ValueError(f"TADiSR: unknown dtype '{name}'; choose one of {list(DTYPE_CHOICES)}")
     return core_resolve(name, device)
 
 
-def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dtype: str = "auto",
-               device: str = "auto", merge_lora: bool = False) -> TADiSRHandle:
-    """Resolve names to files and load (or reuse) the model. Errors name the file and its folder."""
-    kolors_path = resolve_kolors(kolors)
-    ckpt_path = resolve_checkpoint(checkpoint)
-    cache_path = resolve_prompt_cache(prompt_cache, kolors_path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    key = (file_key(kolors_path), file_key(ckpt_path), os.path.realpath(cache_path), str(dt), str(dev), bool(merge_lora))
+def _ensure_prompt_cache(cache_path: str, files, dev: torch.device) -> None:
+    """Compute the prompt cache once with ChatGLM3 (on the GPU when it has room, else the CPU)."""
+    from tadisr_core.loading import ensure_prompt_cache
+    from tadisr_core.prompt import CHATGLM_BYTES, text_encoder_device
+
+    source = text_encoder_source(files)
+    if source is None:
+        raise FileNotFoundError(
+            f"TADiSR: the prompt cache {cache_path} does not exist and no ChatGLM3 was found to compute it: put "
+            f"Kolors' text_encoder/ + tokenizer/ in the Kolors folder, or a ChatGLM3 folder in models/LLM "
+            f"({_folders(host.LLM_FOLDER)}), or choose a prompt_cache*.safetensors file.")
+    host.make_room(CHATGLM_BYTES, dev)
+    encoder_device = text_encoder_device("auto", dev, host.free_memory(dev))
+    log.info("TADiSR: computing the prompt cache %s with ChatGLM3 from %s on %s (once)", cache_path, source,
+             encoder_device)
+    ensure_prompt_cache(cache_path, source, device=encoder_device)
+
+
+def _load_demo(dt: torch.dtype, dev: torch.device, merge_lora: bool) -> TADiSRHandle:
+    """The shipped demo model (a standalone checkpoint: no Kolors, no checkpoint or prompt-cache input)."""
+    from tadisr_core import model_ref
+
+    ckpt = model_ref.DEMO_CHECKPOINT
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"TADiSR: the built-in demo model is missing from {ckpt.parent} (this copy of the "
+                                "pack was installed without it); choose a Kolors model instead.")
+    key = ("demo", file_key(str(ckpt)), str(dt), str(dev), bool(merge_lora))
 
     def load() -> TADiSRHandle:
-        from tadisr_core.loading import ensure_prompt_cache, load_tadisr
-
-        if not os.path.isfile(cache_path):
-            log.info("TADiSR: computing the prompt cache %s from %s (once)", cache_path, kolors_path)
-            encoder_device = dev if dev.type == "cuda" else torch.device("cpu")
-            host.make_room(CHATGLM_BYTES, encoder_device)
-            ensure_prompt_cache(cache_path, kolors_path, device=str(encoder_device))
-        log.info("TADiSR: loading %s + %s (%s, %s%s)", kolors_path, ckpt_path, dt, dev, ", LoRA merged" if merge_lora else "")
-        model = load_tadisr(kolors_path, ckpt_path, cache_path, dtype=dt, device=host.offload_device(),
-                            merge_lora_weights=bool(merge_lora))
-        return TADiSRHandle(model, dev, dt, key, {"kolors": kolors_path, "checkpoint": ckpt_path, "prompt": cache_path},
+        log.info("TADiSR: loading the demo model %s (%s, %s)", ckpt, dt, dev)
+        model = model_ref.load_model("demo", dtype=dt, device=host.offload_device(), merge_lora_weights=bool(merge_lora))
+        return TADiSRHandle(model, dev, dt, key, {"checkpoint": str(ckpt), "prompt": str(model_ref.DEMO_PROMPT_CACHE)},
                             host.make_patcher(model, dev))
 
     return get_or_load(key, load)
 
 
+def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dtype: str = "auto",
+               device: str = "auto", merge_lora: bool = True) -> TADiSRHandle:
+    """Resolve names to files and load (or reuse) the model. Errors name the file and its folder;
+    the Kolors ones (KolorsFolderError, NotKolorsError) are the library's own words."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if kolors == DEMO_CHOICE:
+        return _load_demo(dt, dev, merge_lora)
+    files = resolve_kolors(kolors)
+    ckpt_path = resolve_checkpoint(checkpoint)
+    cache_path = resolve_prompt_cache(prompt_cache, files)
+    key = (files.key(), file_key(ckpt_path), os.path.realpath(cache_path), str(dt), str(dev), bool(merge_lora))
+
+    def load() -> TADiSRHandle:
+        from tadisr_core.loading import load_tadisr
+
+        if not os.path.isfile(cache_path):
+            _ensure_prompt_cache(cache_path, files, dev)
+        log.info("TADiSR: loading %s + %s (%s, %s%s)", kolors, ckpt_path, dt, dev, ", LoRA merged" if merge_lora else "")
+        model = load_tadisr(files, ckpt_path, cache_path, dtype=dt, device=host.offload_device(),
+                            merge_lora_weights=bool(merge_lora))
+        sources = {"kolors": str(files.root or files.unet), "checkpoint": ckpt_path, "prompt": cache_path}
+        return TADiSRHandle(model, dev, dt, key, sources, host.make_patcher(model, dev))
+
+    return get_or_load(key, load)
+
+
 def validate_checkpoint(checkpoint: str) -> bool | str:
-    """True, or the message saying where the checkpoint belongs (for the loader's early check)."""
+    """True, or the message saying where the checkpoint belongs (for the loader's early check).
+    The "none found" placeholder passes: it is fine with the demo model and reported at run otherwise."""
+    if checkpoint == NO_CHECKPOINT:
+        return True
     try:
         resolve_checkpoint(checkpoint)
     except FileNotFoundError as exc:

@@ -15,11 +15,15 @@ def tile_batch_arg(value: int) -> int | str:
 
 
 def check_tiling(scale: float, tile: int, overlap: int) -> None:
-    """ValueError naming the input when scale / tile / overlap cannot work."""
-    from tadisr_core.pipeline import MIN_TILE, check_settings
+    """ValueError naming the input when scale / tile / overlap cannot work (the limits of
+    `descriptor.DESCRIPTOR`, which the CLI and the pipeline read too)."""
+    from tadisr_core.descriptor import DESCRIPTOR
+    from tadisr_core.pipeline import check_settings
 
     try:
-        check_settings(float(scale), int(tile), int(overlap), min_tile=MIN_TILE)
+        DESCRIPTOR.check_scale(float(scale))
+        DESCRIPTOR.check_tile(int(tile))
+        check_settings(float(scale), int(tile), int(overlap), min_tile=DESCRIPTOR.size.min_tile)
     except ValueError as exc:
         raise ValueError(f"TADiSR: {exc}") from None
 

@@ -5,21 +5,26 @@ from __future__ import annotations
 from . import convert, host, running
 
 
-def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, attention=False, color_fix="none"):
+def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, attention=False, color_fix="none",
+            mask=True):
     """(image [B,H,W,C], mask [B,H,W], attention tiles | None) in ComfyUI layouts.
+
+    `mask=False` (the node's text_mask output unconnected): the image alone, faster, the same
+    image; the mask returned is all zeros.
 
     The tiles run fused (encode -> denoise -> decode per batch, blended at once); with attention
     each tile's maps are kept as well. `color_fix="wavelet"` takes the colours from the bicubic
     upscale (tadisr_core.color).
     """
     from tadisr_core import pipeline
-    from tadisr_core.color import apply_color_fix
 
     img = convert.image_to_core(image)
     running.check_tiling(scale, tile, overlap)
     batch = running.tile_batch_arg(tile_batch)
     with running.running(handle, tile, batch) as (m, progress, cancel):
         res = pipeline.upscale(m, img, float(scale), int(tile), int(overlap), batch, progress=progress,
-                               cancel=cancel, keep_attention=bool(attention), color_fix=color_fix)
+                               cancel=cancel, keep_attention=bool(attention), color_fix=color_fix, mask=bool(mask))
     dev = host.intermediate_device()
-    return convert.image_from_core(res.image, dev), convert.mask_from_core(res.mask, dev), res.attention_tiles
+    out = convert.image_from_core(res.image, dev)
+    text_mask = convert.mask_from_core(res.mask, dev) if mask else out.new_zeros(out.shape[:3])
+    return out, text_mask, res.attention_tiles

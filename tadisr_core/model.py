@@ -211,7 +211,8 @@ class TADiSRModel(nn.Module):
     def _prompt_fingerprint(self) -> tuple:
         """Identity of the prompt and of the weights its keys and values come from (PromptKV's key)."""
         def state(t: torch.Tensor) -> tuple:
-            return t.data_ptr(), t._version, t.dtype, str(t.device)
+            # inference tensors (made under torch.inference_mode, as in ComfyUI) have no version counter
+            return t.data_ptr(), None if t.is_inference() else t._version, t.dtype, str(t.device)
 
         parts = [state(self.prompt_embeds)]
         for module in self._kv_modules:

@@ -117,6 +117,11 @@ def test_object_info_lists_every_node_as_v3_with_tooltips(server):
     assert info["TADiSRLoadImageFromFolder"]["input"]["required"]["index"][1]["control_after_generate"] is True
     loader = info["TADiSRLoadModel"]["input"]["required"]
     assert "tadisr-tiny-kolors" in loader["kolors"][1]["options"]
+    from nodes.loaders import DEMO_CHOICE
+    from tadisr_core.model_ref import DEMO_CHECKPOINT
+
+    assert (DEMO_CHOICE in loader["kolors"][1]["options"]) == DEMO_CHECKPOINT.is_file()
+    assert loader_defaults["merge_lora"] is True and "fp8_e4m3fn" in loader["dtype"][1]["options"]
     assert "tadisr_tiny.safetensors" in loader["checkpoint"][1]["options"]
     assert "prompt_cache.safetensors" not in loader["checkpoint"][1]["options"]
     assert server.pack_import_failures() == []
@@ -265,6 +270,30 @@ def test_text_composite_is_the_other_upscale_outside_the_grown_mask_and_tadisr_i
     assert outside.sum() > 0.5 * used.size and inside.sum() >= 40 * 20, (outside.sum(), inside.sum())
     assert np.array_equal(out[outside], other[outside])
     assert np.array_equal(out[inside], tadisr[inside])
+
+
+def test_image_only_run_then_a_connected_text_mask_is_computed_not_a_cached_empty_one(server):
+    """The text mask is skipped while its output is unconnected; connecting it later must not reuse the
+    cached all-zero mask, and the image is the same either way."""
+    import numpy as np
+
+    from nodes.graph import MASK_USE_KEY
+
+    save_image = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "image_only/image"}}
+    entries = []
+    for extra in ({}, {"5": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 1]}},
+                       "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "image_only/mask"}}}):
+        entry = server.run(_upscale_then({"4": save_image, **extra}), timeout=180)
+        _assert_success(entry, server)
+        entries.append(entry)
+    assert [e["prompt"][2]["3"]["inputs"][MASK_USE_KEY] for e in entries] == [False, True]
+
+    def read(entry, node):
+        with Image.open(server.output_file(entry["outputs"][node]["images"][0])) as im:
+            return np.asarray(im.convert("RGB"))
+
+    assert np.array_equal(read(entries[0], "4"), read(entries[1], "4"))
+    assert read(entries[1], "6").any(), "the connected text mask came back empty"
 
 
 def test_out_of_range_input_is_a_node_error(server):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from nodes import attention_view, blocks, convert, folder_io, graph, host, loaders, model_cache, text_tools, upscale
-from tadisr_core.heatmap import AttentionTiles
+from tadisr_core.heatmap import AttentionTiles, channel_groups
 
 TILE = dict(scale=4.0, tile=64, overlap=16, tile_batch=2)
 
@@ -88,13 +88,14 @@ def test_conversions_round_trip():
 
 # -- loading ------------------------------------------------------------------------------------
 def test_loader_choices(models_dir):
-    assert loaders.kolors_choices() == ["tiny-kolors"]
+    assert loaders.kolors_choices() == ["tiny-kolors"] + [loaders.DEMO_CHOICE] * loaders.demo_available()
     assert loaders.checkpoint_choices() == ["tadisr_tiny.safetensors", "tadisr_tiny_official.pkl"]
     assert loaders.prompt_cache_choices() == [loaders.AUTO_CACHE, "prompt_cache.safetensors"]
 
 
 def test_loader_caches_and_reuses(handle):
-    again = loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu")
+    again = loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu",
+                               merge_lora=False)
     assert again is handle
     assert handle.dtype == torch.float32 and handle.device == torch.device("cpu")
     assert "tadisr_tiny.safetensors" in repr(handle)
@@ -127,15 +128,19 @@ def test_missing_files_name_the_file_and_the_folder(models_dir):
         loaders.load_model("tiny-kolors", "nope.pkl")
     with pytest.raises(FileNotFoundError, match=r"'Kolors' not found in models/diffusers"):
         loaders.load_model("Kolors", "tadisr_tiny.safetensors")
-    with pytest.raises(FileNotFoundError, match="no unet/ or vae/"):
+    with pytest.raises(FileNotFoundError, match="is not a complete Kolors diffusers folder"):
         loaders.load_model("not-kolors", "tadisr_tiny.safetensors")
     msg = loaders.validate_checkpoint("nope.pkl")  # the loader's early check names only the checkpoint
     assert "nope.pkl" in msg and "models/tadisr" in msg and "diffusers" not in msg
     assert loaders.validate_checkpoint("tadisr_tiny.safetensors") is True
     with pytest.raises(FileNotFoundError, match="'x.safetensors' not found"):
-        loaders.resolve_prompt_cache("x.safetensors", str(models_dir / "diffusers" / "tiny-kolors"))
+        loaders.resolve_prompt_cache("x.safetensors", loaders.resolve_kolors("tiny-kolors"))
     with pytest.raises(ValueError, match="dtype"):
         loaders.resolve_dtype("fp8", torch.device("cpu"))
+    assert loaders.resolve_dtype("fp8_e4m3fn", torch.device("cpu")) == torch.float8_e4m3fn
+    assert loaders.validate_checkpoint(loaders.NO_CHECKPOINT) is True  # fine for the demo; run-time error otherwise
+    with pytest.raises(FileNotFoundError, match="not found in models/tadisr"):
+        loaders.load_model("tiny-kolors", loaders.NO_CHECKPOINT)
 
 
 def test_auto_prompt_cache_is_computed_once_into_models_tadisr(models_dir, tiny_dir):
@@ -150,6 +155,97 @@ def test_auto_prompt_cache_is_computed_once_into_models_tadisr(models_dir, tiny_
     assert loaders.prompt_cache_choices()[-1] == "prompt_cache_tiny-kolors.safetensors"
 
 
+@pytest.fixture
+def files_only_models(tiny_dir, tmp_path, monkeypatch):
+    """A models/ folder with no Kolors folder: a UNet file in models/diffusion_models, the VAE file in
+    models/vae, a non-UNet file beside the UNet, ChatGLM3 in models/LLM and the checkpoint."""
+    root = tmp_path / "models"
+    for sub in ("diffusion_models", "vae", "tadisr", "LLM"):
+        (root / sub).mkdir(parents=True)
+    from safetensors.torch import load_file, save_file
+
+    kolors = tiny_dir["kolors"]
+    for sub, target in (("unet", "diffusion_models/kolors_unet"), ("vae", "diffusion_models/not_a_unet"),
+                        ("vae", "vae/sdxl_vae")):  # tiny files carry their config (real ones are found by shape)
+        save_file(load_file(kolors / sub / "diffusion_pytorch_model.safetensors"), root / f"{target}.safetensors",
+                  metadata={"config": (kolors / sub / "config.json").read_text()})
+    (root / "LLM" / "chatglm3-6b").symlink_to(kolors)  # text_encoder/ + tokenizer/ are a ChatGLM3 source
+    for key in ("checkpoint", "prompt_cache"):
+        (root / "tadisr" / tiny_dir[key].name).symlink_to(tiny_dir[key])
+    monkeypatch.setenv("TADISR_MODELS_DIR", str(root))
+    return root
+
+
+def test_single_unet_and_vae_files_load_like_the_folder(files_only_models, handle):
+    pair = "unet/kolors_unet.safetensors + vae/sdxl_vae.safetensors"
+    assert loaders.kolors_choices() == [pair] + [loaders.DEMO_CHOICE] * loaders.demo_available()
+    h = loaders.load_model(pair, "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu", False)
+    assert h.key[0] == loaders.resolve_kolors(pair).key()
+    img = _image(seed=3)
+    assert torch.equal(upscale.upscale(h, img, **TILE)[0], upscale.upscale(handle, img, **TILE)[0])
+
+
+def test_auto_prompt_cache_without_a_folder_uses_chatglm_from_models_llm(files_only_models):
+    pair = "unet/kolors_unet.safetensors + vae/sdxl_vae.safetensors"
+    h = loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
+    target = files_only_models / "tadisr" / "prompt_cache_kolors_unet.safetensors"
+    assert target.is_file() and h.sources["prompt"] == str(target)
+    (files_only_models / "LLM" / "chatglm3-6b").unlink()
+    target.unlink()
+    model_cache.clear()
+    with pytest.raises(FileNotFoundError, match=r"no ChatGLM3 was found to compute it.*models/LLM"):
+        loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
+
+
+def test_kolors_errors_are_the_library_messages(files_only_models):
+    from tadisr_core.kolors_files import KolorsFolderError
+    from tadisr_core.kolors_identity import NotKolorsError
+
+    with pytest.raises(NotKolorsError, match=r"not_a_unet.safetensors: not a Kolors UNet"):
+        loaders.load_model("unet/not_a_unet.safetensors + vae/sdxl_vae.safetensors", "tadisr_tiny.safetensors")
+    with pytest.raises(KolorsFolderError, match="a single UNet file needs a VAE file too"):
+        loaders.load_model("unet/kolors_unet.safetensors", "tadisr_tiny.safetensors")
+
+
+@pytest.fixture
+def demo_files(tmp_path, monkeypatch):
+    """A standalone tiny checkpoint standing in for the shipped demo (its weights may not exist yet)."""
+    from tadisr_core import model_ref
+    from tadisr_core.checkpoint import save_model
+    from tadisr_core.model import build_model, random_prompt
+    from tadisr_core.spec import tiny_spec
+
+    spec = tiny_spec("paper")
+    model = build_model(spec, prompt=random_prompt(spec), seed=4).eval()
+    ckpt, cache = tmp_path / "tadisr_demo.safetensors", tmp_path / "prompt_cache.safetensors"
+    save_model(model, ckpt, backbone=True)
+    model.prompt.save(cache)
+    monkeypatch.setattr(model_ref, "DEMO_CHECKPOINT", ckpt)
+    monkeypatch.setattr(model_ref, "DEMO_PROMPT_CACHE", cache)
+    return model
+
+
+def test_demo_choice_loads_the_built_in_model_and_ignores_checkpoint_and_cache(models_dir, demo_files):
+    from tadisr_core import pipeline
+
+    assert loaders.kolors_choices()[-1] == loaders.DEMO_CHOICE
+    h = loaders.load_model(loaders.DEMO_CHOICE, loaders.NO_CHECKPOINT, "missing.safetensors", "fp32", "cpu", False)
+    assert h.sources["checkpoint"].endswith("tadisr_demo.safetensors")
+    img = _image(seed=6)
+    image, mask, _ = upscale.upscale(h, img, **TILE)
+    ref = pipeline.upscale(demo_files, convert.image_to_core(img), 4.0, 64, 16, 2)
+    assert torch.equal(image, convert.image_from_core(ref.image)) and torch.equal(mask, convert.mask_from_core(ref.mask))
+
+
+def test_without_demo_weights_the_choice_is_absent_and_explains(models_dir, monkeypatch, tmp_path):
+    from tadisr_core import model_ref
+
+    monkeypatch.setattr(model_ref, "DEMO_CHECKPOINT", tmp_path / "absent.safetensors")
+    assert loaders.DEMO_CHOICE not in loaders.kolors_choices()
+    with pytest.raises(FileNotFoundError, match="built-in demo model is missing"):
+        loaders.load_model(loaders.DEMO_CHOICE, loaders.NO_CHECKPOINT)
+
+
 # -- running -----------------------------------------------------------------------------------
 def test_upscale_gives_scale_times_the_size_for_a_batch(handle):
     image, mask, att = upscale.upscale(handle, _image(2), **TILE)
@@ -157,6 +253,41 @@ def test_upscale_gives_scale_times_the_size_for_a_batch(handle):
     assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
     assert 0 <= mask.min() and mask.max() <= 1
     assert not torch.equal(image[0], image[1])
+
+
+def test_image_only_when_the_text_mask_is_not_connected(handle):
+    img = _image(2, seed=9)
+    image, mask, _ = upscale.upscale(handle, img, **TILE)
+    image_only, zeros, _ = upscale.upscale(handle, img, **TILE, mask=False)
+    assert torch.equal(image_only, image)
+    assert zeros.shape == mask.shape and not zeros.any() and mask.any()
+
+
+def test_loading_and_running_under_inference_mode_as_comfyui_does(handle):
+    """Defect: the prompt K/V cache read the version counter of inference tensors, which ComfyUI's
+    inference mode makes of everything a node creates ("Inference tensors do not track version counter")."""
+    img = _image(seed=11)
+    ref = upscale.upscale(handle, img, **TILE)
+    model_cache.clear()
+    with torch.inference_mode():
+        h = loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu",
+                               False)
+        assert h is not handle and h.model.prompt_embeds.is_inference()
+        for _ in range(2):  # the second run reuses the cached prompt keys and values
+            out = upscale.upscale(h, img, **TILE)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_prompt_hook_marks_whether_the_text_mask_is_connected():
+    prompt = {"1": {"class_type": "TADiSRUpscale", "inputs": {"image": ["0", 0]}},
+              "2": {"class_type": "TADiSRUpscale", "inputs": {"image": ["0", 0]}},
+              "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+              "4": {"class_type": "MaskPreview", "inputs": {"mask": ["2", 1]}}}
+    assert graph.text_mask_wanted(prompt, "1")  # not marked: the mask is made
+    assert graph.mark_text_mask_use({"prompt": prompt})["prompt"] is prompt
+    assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is False and prompt["2"]["inputs"][graph.MASK_USE_KEY] is True
+    assert not graph.text_mask_wanted(prompt, "1") and graph.text_mask_wanted(prompt, 2)
+    assert graph.text_mask_wanted(None, "1")
 
 
 @pytest.mark.parametrize("channels", [1, 4])
@@ -346,7 +477,7 @@ def test_consumers_of_an_output():
 
 def test_impossible_attention_use_is_refused_before_any_tile(handle, monkeypatch):
     """Defect: layers=mid on the release layout and an unconnected capture failed only after the upscale."""
-    groups = attention_view.channel_groups(handle.model)
+    groups = channel_groups(handle.model)
     assert "mid" not in groups
     with pytest.raises(ValueError, match=r"node 2\): layers='mid' is impossible for this model"):
         graph.check_attention_use(_prompt("mid"), "1", 2, groups)
@@ -458,9 +589,15 @@ def fake_comfy(monkeypatch, tmp_path):
     class ModelPatcher:
         def __init__(self, model, load_device, offload_device, size=0):
             model.device = offload_device  # what the real one does: why models are wrapped
-            self.model, self.load_device = model, load_device
+            self.model, self.load_device, self.size = model, load_device, size
 
     mp.ModelPatcher = ModelPatcher
+    mm.VRAMState = types.SimpleNamespace(LOW_VRAM=types.SimpleNamespace(name="LOW_VRAM"),
+                                         NORMAL_VRAM=types.SimpleNamespace(name="NORMAL_VRAM"))
+    mm.vram_state = mm.VRAMState.NORMAL_VRAM
+    mm.get_total_memory = lambda dev=None: 24 << 30
+    mm.get_free_memory = lambda dev=None: 20 << 30
+    state["mm"] = mm
     fp = types.ModuleType("folder_paths")
     fp.models_dir = str(tmp_path / "models")
     fp.folder_names_and_paths = {"diffusers": ([str(tmp_path / "models" / "diffusers")], ["folder"])}
@@ -492,7 +629,29 @@ def test_host_uses_comfyui_when_present(fake_comfy, tmp_path):
     assert patcher.model.inner is module
     with host.model_on_device(module, torch.device("cpu"), patcher, memory_required=123) as m:
         assert m is module
-    assert fake_comfy["loaded"] == [([patcher], 123, True)]
+    assert fake_comfy["loaded"] == [([patcher], 123, False)]  # ComfyUI may load it partially
+    assert patcher.size == 2 * 2 * 4 + 2 * 4
+
+
+def test_low_vram_host_runs_the_model_with_sequential_offload(fake_comfy, monkeypatch, tiny_model_factory):
+    from tadisr_core import devices
+    from tadisr_core.memory_plan import model_bytes
+
+    placed = []
+    monkeypatch.setattr(devices, "place_model", lambda *a, **k: placed.append((a, k)))
+    model = tiny_model_factory()
+    gpu = torch.device("cuda", 0)  # never touched: loading and placing are faked
+    patcher = host.make_patcher(model, gpu)
+    assert patcher.size == model_bytes(model)
+    assert host.offload_mode(model, gpu, 1 << 20) == "none" and host.offload_mode(model, torch.device("cpu")) == "none"
+    fake_comfy["mm"].get_total_memory = lambda dev=None: model_bytes(model)  # weights + a tile do not fit
+    assert host.offload_mode(model, gpu, 1 << 20) == "sequential"
+    fake_comfy["mm"].get_total_memory = lambda dev=None: 24 << 30
+    fake_comfy["mm"].vram_state = fake_comfy["mm"].VRAMState.LOW_VRAM
+    for _ in range(2):
+        with host.model_on_device(model, gpu, patcher, 1 << 20) as m:
+            assert m is model
+    assert fake_comfy["loaded"] == [] and placed == [((model, gpu, None), {"offload": "sequential"})]
 
 
 def test_extra_model_paths_add_to_models_tadisr(fake_comfy, tmp_path):

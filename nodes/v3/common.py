@@ -35,17 +35,22 @@ def tile_batch_input() -> io.Input:
 
 
 def tiling_inputs() -> list[io.Input]:
-    """scale / tile / overlap / tile_batch widgets shared by Upscale and Encode."""
-    from tadisr_core.pipeline import MAX_SCALE, MIN_TILE
+    """scale / tile / overlap / tile_batch widgets shared by Upscale and Encode (limits and defaults
+    from `descriptor.DESCRIPTOR.size`)."""
+    from tadisr_core.descriptor import DESCRIPTOR
 
+    size = DESCRIPTOR.size
     return [
-        io.Float.Input("scale", default=4.0, min=1.0, max=MAX_SCALE, step=0.5, tooltip=(
+        io.Float.Input("scale", default=size.default_scale, min=size.min_scale, max=size.max_scale, step=0.5,
+                       tooltip=(
             "Upscale factor. TADiSR is trained for 4x; the image is resized bicubically by this factor, then "
             "restored.")),
-        io.Int.Input("tile", default=768, min=MIN_TILE, max=4096, step=8, tooltip=(
+        io.Int.Input("tile", default=size.default_tile, min=size.min_tile, max=size.max_tile,
+                     step=size.tile_multiple, tooltip=(
             "Tile size in output pixels (multiple of 8). 768 is what the model was trained for; lower it if VRAM "
             "is short (out-of-memory also halves it automatically).")),
-        io.Int.Input("overlap", default=256, min=0, max=4088, step=8, tooltip=(
+        io.Int.Input("overlap", default=size.default_overlap, min=0, max=size.max_tile - size.tile_multiple,
+                     step=size.tile_multiple, tooltip=(
             "Overlap of neighbouring tiles in output pixels (< tile). Tiles are blended with a Hann window; "
             "more overlap hides seams, costs more tiles.")),
         tile_batch_input(),

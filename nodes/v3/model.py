@@ -20,29 +20,34 @@ class TADiSRLoadModel(io.ComfyNode):
             node_id="TADiSRLoadModel",
             display_name="Load TADiSR Model (Kolors)",
             description=(
-                "Loads TADiSR (text-aware 4x super-resolution): a Kolors diffusers folder from models/diffusers, "
-                "the TADiSR checkpoint from models/tadisr and the cached prompt conditioning. Loaded models are "
-                "cached and handed to ComfyUI's memory manager, which offloads them when other models need VRAM."),
+                "Loads TADiSR (text-aware 4x super-resolution): the Kolors base model (a diffusers folder in "
+                "models/diffusers, or a Kolors UNet file in models/unet + the SDXL VAE in models/vae), the TADiSR "
+                "checkpoint from models/tadisr and the cached prompt conditioning; or the small built-in demo "
+                "model, which needs none of them. Loaded models are cached and handed to ComfyUI's memory manager, "
+                "which offloads them when other models need VRAM."),
             inputs=[
                 io.Combo.Input("kolors", options=loaders.kolors_choices(), tooltip=(
-                    "Kolors base model: a diffusers folder in models/diffusers (with unet/ and vae/; text_encoder/ "
-                    "+ tokenizer/ are only read once, to compute the prompt cache).")),
+                    "Kolors base model: a diffusers folder in models/diffusers (unet/ and vae/, or a folder without "
+                    "vae/ + an SDXL VAE file from models/vae), or a Kolors UNet file from models/unet + an SDXL VAE "
+                    "file. text_encoder/ + tokenizer/ (or a ChatGLM3 folder in models/LLM) are only read once, to "
+                    "compute the prompt cache. 'demo': the small model shipped with the pack (trained on synthetic "
+                    "text scenes), no Kolors needed; it ignores checkpoint and prompt_cache.")),
                 io.Combo.Input("checkpoint", options=loaders.checkpoint_choices(), tooltip=(
                     "TADiSR weights in models/tadisr: the released tadisr_kolors_ftsr_526000.pkl or a .safetensors "
-                    "conversion (python -m tadisr_core.checkpoint convert).")),
+                    "conversion (python -m tadisr_core.checkpoint convert). Ignored by the demo model.")),
                 io.Combo.Input("prompt_cache", options=loaders.prompt_cache_choices(), default=loaders.AUTO_CACHE,
                                tooltip=(
                     "Prompt conditioning. 'auto' uses models/tadisr/prompt_cache_<kolors folder>.safetensors and "
                     "computes it once from the folder's ChatGLM3 when missing (needs ~13 GB VRAM or a few minutes "
-                    "on CPU); afterwards ChatGLM3 is never loaded again.")),
+                    "on CPU); afterwards ChatGLM3 is never loaded again. Ignored by the demo model.")),
                 io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=(
                     "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32), fp32 on CPU. "
-                    "bf16/fp16 halve VRAM.")),
+                    "bf16/fp16 halve VRAM; fp8_e4m3fn stores the UNet in fp8 (computed in bf16), about half of bf16.")),
                 io.Combo.Input("device", options=loaders.device_choices(), default="auto",
                                tooltip="Where to run. auto = ComfyUI's device."),
-                io.Boolean.Input("merge_lora", default=False, tooltip=(
-                    "Fold the LoRA weights into the base layers once at load: a little faster per tile, same "
-                    "result up to rounding.")),
+                io.Boolean.Input("merge_lora", default=True, tooltip=(
+                    "Fold the LoRA weights into the base layers once at load: faster per tile, same result up to "
+                    "rounding. Off keeps the LoRA layers separate.")),
             ],
             outputs=[TADiSRModel.Output(display_name="model", tooltip=(
                 "The loaded TADiSR model, for the Upscale / Encode / Denoise / Decode nodes."))],
@@ -50,13 +55,14 @@ class TADiSRLoadModel(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, checkpoint) -> bool | str:
-        # Only 'checkpoint' is named, so its message (where the file belongs) is attached to it alone;
-        # 'kolors' keeps ComfyUI's own "not in list" check, attached to 'kolors'.
+        # Only 'checkpoint' is named, so its message (where the file belongs) is attached to it alone
+        # (ComfyUI 0.3.75 attaches a message to every input named here). The Kolors choice is resolved
+        # when the loader runs: the library's KolorsFolderError / NotKolorsError message, unchanged.
         return True if checkpoint is None else loaders.validate_checkpoint(checkpoint)
 
     @classmethod
     def execute(cls, kolors, checkpoint, prompt_cache=loaders.AUTO_CACHE, dtype="auto", device="auto",
-                merge_lora=False) -> io.NodeOutput:
+                merge_lora=True) -> io.NodeOutput:
         return io.NodeOutput(loaders.load_model(kolors, checkpoint, prompt_cache, dtype, device, merge_lora))
 
 
@@ -87,8 +93,9 @@ class TADiSRUpscale(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The upscaled image (scale x the input size)."),
-                io.Mask.Output(display_name="text_mask",
-                               tooltip="Where the model sees text: 0..1, same size as the image."),
+                io.Mask.Output(display_name="text_mask", tooltip=(
+                    "Where the model sees text: 0..1, same size as the image. When nothing is connected here the "
+                    "mask is not computed (faster, the same image).")),
                 TADiSRAttention.Output(display_name="attention", tooltip=(
                     "Captured 'text' attention for TADiSR Text Attention; empty unless 'capture_attention' is on.")),
             ],
@@ -107,5 +114,6 @@ class TADiSRUpscale(io.ComfyNode):
 
             graph.check_attention_use(cls.hidden.prompt, cls.hidden.unique_id, 2,
                                       channel_groups(model.model), bool(capture_attention))
+        mask = graph.text_mask_wanted(cls.hidden.prompt, cls.hidden.unique_id)
         return io.NodeOutput(*upscale.upscale(model, image, scale, tile, overlap, tile_batch,
-                                              bool(capture_attention), color_fix))
+                                              bool(capture_attention), color_fix, mask))
