@@ -137,7 +137,8 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """"auto" -> bf16 / fp16 on CUDA (as supported), fp32 elsewhere; fp8_e4m3fn stores the UNet in fp8."""
-    from tadisr_core.devices import DTYPE_CHOICES, resolve_dtype as core_resolve
+    from tadisr_core.devices import DTYPE_CHOICES
+    from tadisr_core.devices import resolve_dtype as core_resolve
 
     if name not in DTYPE_CHOICES:
         raise ValueError(f"TADiSR: unknown dtype '{name}'; choose one of {list(DTYPE_CHOICES)}")
@@ -174,7 +175,8 @@ def _load_demo(dt: torch.dtype, dev: torch.device, merge_lora: bool) -> TADiSRHa
 
     def load() -> TADiSRHandle:
         log.info("TADiSR: loading the demo model %s (%s, %s)", ckpt, dt, dev)
-        model = model_ref.load_model("demo", dtype=dt, device=host.offload_device(), merge_lora_weights=bool(merge_lora))
+        model = model_ref.load_model("demo", dtype=dt, device=host.offload_device(),
+                                     merge_lora_weights=bool(merge_lora))
         return TADiSRHandle(model, dev, dt, key, {"checkpoint": str(ckpt), "prompt": str(model_ref.DEMO_PROMPT_CACHE)},
                             host.make_patcher(model, dev))
 
@@ -199,7 +201,8 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
 
         if not os.path.isfile(cache_path):
             _ensure_prompt_cache(cache_path, files, dev)
-        log.info("TADiSR: loading %s + %s (%s, %s%s)", kolors, ckpt_path, dt, dev, ", LoRA merged" if merge_lora else "")
+        log.info("TADiSR: loading %s + %s (%s, %s%s)", kolors, ckpt_path, dt, dev,
+                 ", LoRA merged" if merge_lora else "")
         model = load_tadisr(files, ckpt_path, cache_path, dtype=dt, device=host.offload_device(),
                             merge_lora_weights=bool(merge_lora))
         sources = {"kolors": str(files.root or files.unet), "checkpoint": ckpt_path, "prompt": cache_path}

@@ -282,7 +282,8 @@ def test_image_only_run_then_a_connected_text_mask_is_computed_not_a_cached_empt
     save_image = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "image_only/image"}}
     entries = []
     for extra in ({}, {"5": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 1]}},
-                       "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "image_only/mask"}}}):
+                       "6": {"class_type": "SaveImage",
+                             "inputs": {"images": ["5", 0], "filename_prefix": "image_only/mask"}}}):
         entry = server.run(_upscale_then({"4": save_image, **extra}), timeout=180)
         _assert_success(entry, server)
         entries.append(entry)

@@ -234,7 +234,8 @@ def test_demo_choice_loads_the_built_in_model_and_ignores_checkpoint_and_cache(m
     img = _image(seed=6)
     image, mask, _ = upscale.upscale(h, img, **TILE)
     ref = pipeline.upscale(demo_files, convert.image_to_core(img), 4.0, 64, 16, 2)
-    assert torch.equal(image, convert.image_from_core(ref.image)) and torch.equal(mask, convert.mask_from_core(ref.mask))
+    assert torch.equal(image, convert.image_from_core(ref.image))
+    assert torch.equal(mask, convert.mask_from_core(ref.mask))
 
 
 def test_without_demo_weights_the_choice_is_absent_and_explains(models_dir, monkeypatch, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .. import attention_view, blocks, graph
+from .. import blocks, graph
 from .common import (
     TADiSRAttention,
     TADiSRLatents,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .. import attention_view, graph, loaders, upscale
+from .. import graph, loaders, upscale
 from .common import TADiSRAttention, TADiSRModel, image_input, model_input, schema, tiling_inputs, validate_tiling
 
 
