@@ -1,8 +1,10 @@
 """Regenerate the example workflows: UI-format JSON, API-format copies, template titles and thumbnails.
 
-    python -m devtools.build_workflows [NAME ...]                      # graphs + graph thumbnails
+    python -m devtools.build_workflows [NAME ...]            # graphs + before/after thumbnails (demo model)
+    python -m devtools.build_workflows --graph-thumbnails    # graphs + pictures of the graphs instead
     python -m devtools.build_workflows --kolors DIR_NAME --checkpoint FILE [NAME ...]
-                                                                       # + before/after thumbnails
+                                                             # before/after made by a real model instead
+    python -m devtools.build_workflows --input tadisr_core/demo/inputs/text_scene_2.png   # another scene
 
 Needs the development host (`python -m devtools.comfy_host install` + `prepare`) and Chromium.
 Each graph is built in the real ComfyUI frontend from the specs below and laid out there in
@@ -11,11 +13,15 @@ opens framed right of the sidebar. The UI JSON is what that frontend saves; the 
 own graphToPrompt() conversion. Titles and descriptions for the template browser go to
 locales/{en,zh}/main.json.
 
-Thumbnails: without a model (the default) the thumbnail is the graph itself with the user-facing
-settings. With --kolors/--checkpoint naming a real model in the host's models folders (the demo
-model once it exists), each workflow is run on the sample sign and the thumbnail shows the same
-crop as bicubic (left) and TADiSR (right). The random tiny test model is refused for that: its
-output is noise.
+The graphs load the demo model that ships with the pack (it runs without any download); their note
+says how to choose the real Kolors model and checkpoint instead.
+
+Thumbnails: each workflow is run in the host on a text scene (the sample sign below, or --input)
+and the thumbnail shows the same crop as bicubic (left) and TADiSR (right). By default the graph's
+own demo model makes it (its weights must be in tadisr_core/demo/; without them the thumbnails
+are pictures of the graphs, as with --graph-thumbnails); --kolors/--checkpoint name a real model
+in the host's models folders instead. The random tiny test model is refused for that: its output
+is noise.
 """
 
 from __future__ import annotations
@@ -27,20 +33,28 @@ import json
 import time
 from pathlib import Path
 
+from nodes.loaders import DEMO_CHOICE, NO_CHECKPOINT
+from tadisr_core.model_ref import DEMO_CHECKPOINT
+
 from .browser import Browser
 from .server import REPO, ComfyServer
 
 OUT = REPO / "example_workflows"
 PACK = "tadisr"
-MODEL = {"kolors": "Kolors", "checkpoint": "tadisr_kolors_ftsr_526000.pkl", "prompt_cache": "auto (compute once)",
-         "dtype": "auto", "device": "auto", "merge_lora": False}
+# The demo model runs as shipped; the checkpoint placeholder passes the loader's check (the demo ignores it).
+MODEL = {"kolors": DEMO_CHOICE, "checkpoint": NO_CHECKPOINT, "prompt_cache": "auto (compute once)",
+         "dtype": "auto", "device": "auto", "merge_lora": True}
 TILING = {"scale": 4.0, "tile": 768, "overlap": 256, "tile_batch": 0}
 UPSCALE = {**TILING, "capture_attention": False, "color_fix": "none"}
 SAMPLE = "tadisr_sample_sign.png"
 TINY_NAMES = ("tadisr-tiny-kolors", "tadisr_tiny")
-SETUP = ("Setup: put the Kolors diffusers folder in models/diffusers/Kolors and the TADiSR checkpoint "
-         "(tadisr_kolors_ftsr_526000.pkl or a .safetensors conversion) in models/tadisr. The first run computes "
-         "the prompt cache once from Kolors' ChatGLM3 and saves it in models/tadisr.")
+SETUP = ("Model: this graph runs the small demo model built into the pack (kolors = 'demo'), with no download: "
+         "a quick look at what TADiSR does, far below the real model's quality.\n"
+         "The real model: put the Kolors diffusers folder in models/diffusers (e.g. models/diffusers/Kolors) and "
+         "the TADiSR checkpoint (tadisr_kolors_ftsr_526000.pkl or a .safetensors conversion) in models/tadisr, "
+         "press R to refresh, then in Load TADiSR Model choose your Kolors folder as 'kolors' and the checkpoint "
+         "as 'checkpoint'. The first run computes the prompt cache once from Kolors' ChatGLM3 and saves it in "
+         "models/tadisr.")
 TILES = ("Tiles: 768 px with 256 px overlap, as trained. Lower 'tile' if VRAM is short (out-of-memory also "
          "lowers it automatically).")
 
@@ -293,32 +307,37 @@ def write_template_text() -> None:
 
 
 def sample_sign(path: Path) -> Path:
-    """A small photo-like sign with text: the input of the before/after thumbnails."""
+    """A small photo-like sign with text, square so the thumbnails' square crop keeps all of it: the
+    input of the before/after thumbnails."""
     from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-    im = Image.new("RGB", (192, 128), (120, 140, 150))
+    im = Image.new("RGB", (128, 128), (120, 140, 150))
     d = ImageDraw.Draw(im)
-    d.rectangle((16, 24, 176, 104), fill=(20, 70, 40), outline=(230, 230, 230), width=3)
-    font = ImageFont.truetype("DejaVuSans-Bold.ttf", 22)
-    d.text((30, 36), "EXIT 24", fill=(245, 245, 245), font=font)
-    d.text((30, 68), "Main St", fill=(245, 245, 245), font=font)
-    im.filter(ImageFilter.GaussianBlur(0.6)).resize((96, 64), Image.BICUBIC).save(path)
+    d.rectangle((6, 24, 122, 104), fill=(20, 70, 40), outline=(230, 230, 230), width=3)
+    font = ImageFont.truetype("DejaVuSans-Bold.ttf", 20)
+    d.text((16, 36), "EXIT 24", fill=(245, 245, 245), font=font)
+    d.text((16, 66), "Main St", fill=(245, 245, 245), font=font)
+    im.filter(ImageFilter.GaussianBlur(0.6)).resize((64, 64), Image.BICUBIC).save(path)
     return path
 
 
-def before_after(lr_path: Path, sr_path: Path, out: Path, width: int = 480) -> None:
-    """Thumbnail: the same crop as bicubic (left) and TADiSR (right), labelled."""
-    from PIL import Image, ImageDraw
+def before_after(lr_path: Path, sr_path: Path, out: Path, width: int = 480, label: str = "TADiSR") -> None:
+    """Thumbnail: the same crop as bicubic (left) and TADiSR (right, named `label`), labelled."""
+    from PIL import Image, ImageDraw, ImageFont
 
+    font = ImageFont.truetype("DejaVuSans-Bold.ttf", 14)
     sr = Image.open(sr_path).convert("RGB")
     bic = Image.open(lr_path).convert("RGB").resize(sr.size, Image.BICUBIC)
     side = min(sr.size)
     box = ((sr.width - side) // 2, (sr.height - side) // 2, (sr.width + side) // 2, (sr.height + side) // 2)
     half = width // 2
     canvas = Image.new("RGB", (width, half))
-    for k, (im, label) in enumerate(((bic, "bicubic"), (sr, "TADiSR"))):
+    for k, (im, text) in enumerate(((bic, "bicubic"), (sr, label))):
         tile = im.crop(box).resize((half, half), Image.LANCZOS)
-        ImageDraw.Draw(tile).text((8, 8), label, fill=(255, 255, 0))
+        draw = ImageDraw.Draw(tile)
+        x0, y0, x1, y1 = draw.textbbox((8, 8), text, font=font)
+        draw.rectangle((x0 - 4, y0 - 4, x1 + 4, y1 + 4), fill=(0, 0, 0))  # readable on any picture
+        draw.text((8, 8), text, fill=(255, 255, 0), font=font)
         canvas.paste(tile, (k * half, 0))
     canvas.save(out, "JPEG", quality=85, optimize=True)
 
@@ -366,19 +385,42 @@ def _upscaled_output(server: ComfyServer, entry: dict) -> Path | None:
     return None
 
 
-def build(names: list[str], kolors: str | None = None, checkpoint: str | None = None) -> None:
-    """Build, convert and photograph the named workflows (all by default)."""
-    if kolors and any(t in (kolors + (checkpoint or "")) for t in TINY_NAMES):
-        raise SystemExit("the tiny test model outputs noise: give a real model (the demo model) for before/after")
+def _thumbnail_model(kolors: str | None, checkpoint: str | None, graph_thumbnails: bool) -> dict | None:
+    """The loader settings that make the before/after thumbnails, or None for pictures of the graphs."""
+    if graph_thumbnails:
+        return None
+    if kolors:
+        if any(t in kolors + (checkpoint or "") for t in TINY_NAMES):
+            raise SystemExit("the tiny test model outputs noise: give a real model (or use the demo) for before/after")
+        return {"kolors": kolors, "checkpoint": checkpoint}
+    if not DEMO_CHECKPOINT.is_file():
+        print(f"no demo model in {DEMO_CHECKPOINT.parent}: the thumbnails show the graphs")
+        return None
+    return {}  # the graphs' own model: the demo
+
+
+def build(names: list[str], kolors: str | None = None, checkpoint: str | None = None,
+          graph_thumbnails: bool = False, scene: Path | None = None) -> None:
+    """Build, convert and photograph the named workflows (all by default); before/after thumbnails
+    on `scene` (default: the sample sign) unless `_thumbnail_model` says pictures of the graphs."""
+    model = _thumbnail_model(kolors, checkpoint, graph_thumbnails)
+    label = "TADiSR" if kolors else "TADiSR (demo model)"
     (OUT / "api").mkdir(parents=True, exist_ok=True)
     write_template_text()
+    t0 = time.monotonic()
     with ComfyServer(log_path=REPO / "artifacts" / "logs" / "build_workflows.log") as server, Browser() as browser:
         import shutil
 
         from . import comfy_host
 
         shutil.copy(comfy_host.comfy_dir() / "input" / "example.png", server.input_dir / "example.png")
-        lr = sample_sign(server.input_dir / SAMPLE)
+        lr = server.input_dir / SAMPLE
+        if scene:
+            from PIL import Image
+
+            Image.open(scene).convert("RGB").save(lr)
+        else:
+            sample_sign(lr)
         (server.input_dir / "tadisr_batch").mkdir(exist_ok=True)
         shutil.copy(lr, server.input_dir / "tadisr_batch" / SAMPLE)
         browser.goto(server.url)
@@ -391,35 +433,41 @@ def build(names: list[str], kolors: str | None = None, checkpoint: str | None = 
             ui_file(name).write_text(json.dumps(graph["ui"], indent=2) + "\n")
             (OUT / "api" / f"{name}.json").write_text(json.dumps(graph["api"], indent=2) + "\n")
             thumb = ui_file(name, ".jpg")
-            if kolors:
-                browser.run(OVERRIDE_JS % json.dumps({"TADiSRLoadModel": {"kolors": kolors, "checkpoint": checkpoint},
-                                                      "LoadImage": {"image": SAMPLE}}))
+            if model is not None:
+                overrides = {"LoadImage": {"image": SAMPLE}, **({"TADiSRLoadModel": model} if model else {})}
+                browser.run(OVERRIDE_JS % json.dumps(overrides))
                 before = set(server.get_json("history"))
                 browser.run("await app.queuePrompt(0, 1);")
                 server.wait_idle(timeout=1800)
                 entry = next(v for k, v in server.get_json("history").items() if k not in before)
+                if entry["status"]["status_str"] != "success":
+                    raise RuntimeError(f"{name}: the run failed: {json.dumps(entry['status'])[-2000:]}")
                 sr = _upscaled_output(server, entry)
                 if sr is None:
                     raise RuntimeError(f"{name}: no saved image to make a thumbnail from")
-                before_after(lr, sr, thumb)
+                before_after(lr, sr, thumb, label=label)
             else:
                 graph_thumbnail(browser, thumb)
             zoom = graph["ui"]["extra"]["ds"]["scale"]
             print(f"{name}: {len(graph['ui']['nodes'])} nodes, opens at zoom {zoom:.2f}, "
                   f"thumbnail {thumb.stat().st_size} B")
+    print(f"built {len(names)} workflow(s) in {time.monotonic() - t0:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help=f"workflows to build (default: all of {', '.join(SPECS)})")
-    p.add_argument("--kolors", help="Kolors folder name in the host's models/diffusers (before/after thumbnails)")
-    p.add_argument("--checkpoint", help="TADiSR checkpoint name in the host's models/tadisr")
+    p.add_argument("--kolors", help="Kolors folder name in the host's models/diffusers: before/after by a real "
+                                    "model instead of the demo")
+    p.add_argument("--checkpoint", help="TADiSR checkpoint name in the host's models/tadisr (with --kolors)")
+    p.add_argument("--graph-thumbnails", action="store_true", help="thumbnails show the graphs (no model run)")
+    p.add_argument("--input", type=Path, help="the scene of the before/after thumbnails (default: a sample sign)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.names) - set(SPECS))
     if unknown:
         p.error(f"unknown workflows {unknown}; choose from {list(SPECS)}")
-    build(args.names or list(SPECS), args.kolors, args.checkpoint)
+    build(args.names or list(SPECS), args.kolors, args.checkpoint, args.graph_thumbnails, args.input)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,19 @@ def test_example_workflow_is_for_users(path):
     assert "tadisr_tiny" not in text and "tadisr-tiny" not in text
 
 
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_example_workflow_runs_the_demo_model_and_says_how_to_pick_the_real_one(path):
+    from nodes import loaders
+
+    ui = json.loads(path.read_text())
+    api = json.loads((REPO / "example_workflows" / "api" / f"{ui['extra']['tadisr_template']}.json").read_text())
+    (model,) = [v["inputs"] for v in api.values() if v["class_type"] == "TADiSRLoadModel"]
+    assert model["kolors"] == loaders.DEMO_CHOICE and model["merge_lora"] is True
+    assert loaders.validate_checkpoint(model["checkpoint"]) is True  # passes with no checkpoint installed
+    (note,) = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "Note"]
+    assert "demo" in note and "tadisr_kolors_ftsr_526000.pkl" in note and "choose your Kolors folder" in note
+
+
 def test_template_titles_in_both_languages():
     names = sorted(p.stem for p in UI_FILES)
     for lang in ("en", "zh"):
