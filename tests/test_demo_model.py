@@ -183,3 +183,13 @@ def test_mask_metrics_on_hand_made_masks():
     assert (c.tp, c.fp, c.fn) == (4, 1, 4)
     assert c.iou == pytest.approx(4 / 9) and c.f1 == pytest.approx(8 / 13)
     assert mask_counts(gt, gt).f1 == 1.0 and mask_counts(np.zeros((2, 2)), np.zeros((2, 2))).iou == 1.0
+
+
+def test_auroc_on_hand_made_scores():
+    from training.metrics import auroc
+
+    labels = torch.tensor([0, 0, 1, 1])
+    assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), labels) == 1.0
+    assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
+    assert auroc(torch.full((4,), 0.5), labels) == 0.5                 # all tied: chance
+    assert auroc(torch.tensor([0.1, 0.6, 0.6, 0.9]), labels) == pytest.approx(0.875)  # 3.5 of 4 pairs

@@ -151,3 +151,15 @@ def mask_counts(prob: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, 
     if p.shape != g.shape:
         raise ValueError(f"mask shapes differ: prediction {tuple(p.shape)}, ground truth {tuple(g.shape)}")
     return MaskCounts(int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum()))
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of `scores` for binary `labels` (ties get half credit; 0.5 = chance)."""
+    s, y = scores.flatten().double(), labels.flatten() > 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # average rank of each tie group, 1-based
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
