@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tadisr_core.devices import configure_model  # noqa: E402
+from tadisr_core.devices import place_model  # noqa: E402
 from tadisr_core.model import build_model, random_prompt  # noqa: E402
 from tadisr_core.pipeline import upscale  # noqa: E402
 from tadisr_core.spec import full_spec, tiny_spec  # noqa: E402
@@ -47,7 +47,7 @@ STAGES = ("encode", "unet", "decode_joint", "decode_image_only", "tile_joint", "
 def build_on_device(spec, device: torch.device, dtype: torch.dtype, merge_lora: bool = True, seed: int = 0):
     """Meta build -> dtype -> materialised on `device` with seeded random values; LoRA merged by default."""
     model = build_model(spec, device="meta")
-    configure_model(model, dtype)                      # fp16 keeps the VAE in fp32, as loading does
+    place_model(model, None, dtype)                    # fp16 keeps the VAE in fp32, as loading does
     model.to_empty(device=device)
     _random_fill_(model, seed)
     model.set_prompt(random_prompt(spec, seed=seed))  # buffers are not kept by to_empty
@@ -109,7 +109,7 @@ def job_tiles(lr: int = 1024, scale: float = 4, tile: int = 768, overlap: int = 
 def flops_report(variant: str, dtype: torch.dtype, tiles: list[int], merge_lora: bool = True) -> dict:
     """FLOPs per tile (per stage) and per 1024 -> 4096 job, counted on the meta device."""
     model = build_model(full_spec(variant), device="meta", prompt=random_prompt(full_spec(variant)))
-    configure_model(model, dtype)
+    place_model(model, None, dtype)
     model.for_inference(merge_lora=merge_lora)
     per_tile = {t: stage_flops(model, t) for t in tiles}
     report = {"per_tile_tflop": {t: {k: round(v / 1e12, 3) for k, v in f.items()} for t, f in per_tile.items()}}
@@ -242,7 +242,7 @@ def run(args) -> dict:
     if device.type == "cuda":
         result["weights_gib"] = round(torch.cuda.memory_allocated(device) / 2 ** 30, 3)
     flops_model = build_model(spec, device="meta", prompt=random_prompt(spec))
-    configure_model(flops_model, dtype)
+    place_model(flops_model, None, dtype)
     flops_model.for_inference(merge_lora=not args.keep_lora)
     rate = matmul_rate(device, dtype, n=256 if smoke else 8192, iters=2 if smoke else 20)
     result["matmul_tflops_measured"] = round(rate / 1e12, 3)

@@ -22,15 +22,15 @@ STRIP_GAP = 4  # white pixels between the panels
 
 
 def comparison_strip(lr: torch.Tensor, sr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[3, H, 3W + gaps]: bicubic upscale of `lr` | `sr` | `mask` as gray; inputs 0..1, [C, h, w] / [C, H, W]."""
+    """[3, H, 3W + gaps]: bicubic upscale of `lr` | `sr` | `mask` as gray; [C, h, w] / [C, H, W] in 0..1."""
     from .pipeline import upscale_canvas
 
-    h, w = sr.shape[-2:]
-    bicubic = upscale_canvas(lr[None, :3], h / lr.shape[-2])[0]
-    bicubic = torch.nn.functional.interpolate(bicubic[None], size=(h, w), mode="bicubic", align_corners=False)[0]
-    gap = torch.ones(3, h, STRIP_GAP)
-    panels = [bicubic.clamp(0, 1), sr[:3], mask[:1].expand(3, -1, -1)]
-    return torch.cat([panels[0], gap, panels[1], gap, panels[2]], dim=-1)
+    rgb = lr[:3] if lr.shape[0] >= 3 else lr[:1].expand(3, -1, -1)
+    bicubic = upscale_canvas(rgb[None], sr.shape[-2] / lr.shape[-2])[0]
+    if bicubic.shape[-2:] != sr.shape[-2:]:
+        raise ValueError(f"SR image {tuple(sr.shape[-2:])} is not an upscale of the input {tuple(lr.shape[-2:])}")
+    gap = torch.ones(3, sr.shape[-2], STRIP_GAP)
+    return torch.cat([bicubic, gap, sr[:3], gap, mask[:1].expand(3, -1, -1)], dim=-1)
 
 
 def run_demo(out: Path, inputs: list[Path]) -> list[Path]:

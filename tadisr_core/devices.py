@@ -90,11 +90,6 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
     return model
 
 
-def configure_model(model, dtype: torch.dtype, *, channels_last: bool = False, compile: bool = False):
-    """`place_model` without a device change (kept for existing callers)."""
-    return place_model(model, None, dtype, channels_last=channels_last, compile=compile)
-
-
 def compile_targets(model) -> list[torch.nn.Module]:
     """The modules `--compile` compiles: the UNet and every VAE / mask-decoder block (decode calls
     them one by one, so compiling `vae.decoder` as a whole would never be used)."""

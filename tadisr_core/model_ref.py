@@ -90,7 +90,7 @@ def load_model(ref: str | Path, *, kolors: str | None = None, prompt_cache: str 
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                merge_lora_weights: bool = False):
     """Load the model `ref` names (see the module doc), on `device` in `dtype`."""
-    from .devices import configure_model
+    from .devices import place_model
     from .lora import merge_lora
 
     files = resolve_model(ref)
@@ -103,8 +103,7 @@ def load_model(ref: str | Path, *, kolors: str | None = None, prompt_cache: str 
         model = load_standalone(ckpt, prompt)
         if merge_lora_weights:
             merge_lora(model)
-        model.to(device)
-        return configure_model(model, dtype)
+        return place_model(model, device, dtype)
     base = kolors or files.kolors
     if not base:
         raise FileNotFoundError(f"{files.checkpoint} holds adapters only: give the Kolors base it was trained "

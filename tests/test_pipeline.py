@@ -173,11 +173,11 @@ def test_auto_tile_batch_and_device_choices(model):
 
 
 def test_fp16_keeps_the_vae_in_fp32(tiny_model_factory):
-    m = devices.configure_model(tiny_model_factory("release"), torch.float16)
+    m = devices.place_model(tiny_model_factory("release"), None, torch.float16)
     assert m.unet.conv_in.weight.dtype == torch.float16
     assert all(p.dtype == torch.float32 for p in m.vae.parameters())
     assert all(p.dtype == torch.float32 for p in m.mi_decoder.parameters())
-    m = devices.configure_model(m, torch.bfloat16, channels_last=True)
+    m = devices.place_model(m, None, torch.bfloat16, channels_last=True)
     assert m.vae.encoder.conv_in.weight.dtype == torch.bfloat16
     out = upscale(m, torch.rand(1, 3, 8, 8), 4, tile_batch=1, **TILE)
     assert out.image.dtype == torch.float32 and torch.isfinite(out.image).all()
