@@ -205,17 +205,19 @@ def full_spec(variant: Variant = "release") -> TADiSRSpec:
                       mask_input="attention")
 
 
+def _narrowed(variant: Variant, unet: UNetSpec, vae: VAESpec, text_hidden: int) -> TADiSRSpec:
+    """`full_spec(variant)` with other widths: the same module tree, so the same checkpoint keys."""
+    return dataclasses.replace(full_spec(variant), unet=unet, vae=vae, text_hidden=text_hidden, prompt_tokens=32)
+
+
 def tiny_spec(variant: Variant = "release") -> TADiSRSpec:
     """A spec with the full spec's module tree and tiny widths: milliseconds per forward on a CPU."""
-    full = full_spec(variant)
-    return dataclasses.replace(
-        full,
-        unet=UNetSpec(block_out_channels=(8, 16, 32), attention_head_dim=(1, 1, 2), cross_attention_dim=32,
-                      encoder_hid_dim=64, addition_time_embed_dim=8, norm_num_groups=8, sample_size=16),
-        vae=VAESpec(block_out_channels=(8, 16, 32, 32), norm_num_groups=4, sample_size=64),
-        text_hidden=64,
-        prompt_tokens=32,
-    )
+    return _narrowed(
+        variant,
+        UNetSpec(block_out_channels=(8, 16, 32), attention_head_dim=(1, 1, 2), cross_attention_dim=32,
+                 encoder_hid_dim=64, addition_time_embed_dim=8, norm_num_groups=8, sample_size=16),
+        VAESpec(block_out_channels=(8, 16, 32, 32), norm_num_groups=4, sample_size=64),
+        text_hidden=64)
 
 
 def demo_spec(variant: Variant = "paper") -> TADiSRSpec:
@@ -225,15 +227,12 @@ def demo_spec(variant: Variant = "paper") -> TADiSRSpec:
     (about 9 M parameters), 32 prompt tokens of width 128. Its backbone has no pretrained prior, so
     it is trained whole and shipped inside its checkpoint (see `training/configs/demo.yaml`).
     """
-    full = full_spec(variant)
-    return dataclasses.replace(
-        full,
-        unet=UNetSpec(block_out_channels=(16, 32, 64), attention_head_dim=(1, 2, 4), cross_attention_dim=64,
-                      encoder_hid_dim=128, addition_time_embed_dim=16, norm_num_groups=8, sample_size=32),
-        vae=VAESpec(block_out_channels=(16, 32, 48, 48), norm_num_groups=8, sample_size=256),
-        text_hidden=128,
-        prompt_tokens=32,
-    )
+    return _narrowed(
+        variant,
+        UNetSpec(block_out_channels=(16, 32, 64), attention_head_dim=(1, 2, 4), cross_attention_dim=64,
+                 encoder_hid_dim=128, addition_time_embed_dim=16, norm_num_groups=8, sample_size=32),
+        VAESpec(block_out_channels=(16, 32, 48, 48), norm_num_groups=8, sample_size=256),
+        text_hidden=128)
 
 
 SIZES = {"full": full_spec, "demo": demo_spec, "tiny": tiny_spec}
