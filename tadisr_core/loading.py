@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .backbone import check_backbone, load_unet, load_vae
-from .checkpoint import apply_checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, apply_checkpoint, load_checkpoint
 from .descriptor import WEIGHT_DTYPES, dtype_name, part_dtypes
 from .devices import place_model
 from .kolors_files import KolorsFiles, find_kolors_files
@@ -95,7 +95,7 @@ def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
         p.data = p.data.to(dtype)
 
 
-def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path,
+def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path | Checkpoint,
                 prompt_cache: str | Path | PromptCache | None = None, *, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", merge_lora_weights: bool = True,
                 unet: str | Path | None = None, vae: str | Path | None = None,
@@ -115,7 +115,7 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     """
     files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae)
     unet_part, vae_part = check_backbone(files)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     spec = dataclasses.replace(ckpt.spec, unet=unet_part.spec, vae=vae_part.spec)
     encoder_source = text_encoder or files.root
     if isinstance(prompt_cache, PromptCache):

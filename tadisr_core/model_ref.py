@@ -88,8 +88,9 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
 
 def load_model(ref: str | Path, *, kolors: str | None = None, prompt_cache: str | Path | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               merge_lora_weights: bool = False):
-    """Load the model `ref` names (see the module doc), on `device` in `dtype`."""
+               merge_lora_weights: bool = True):
+    """Load the model `ref` names (see the module doc), on `device` in `dtype`; the LoRA is merged
+    unless `merge_lora_weights=False` (as `loading.load_tadisr`)."""
     from .devices import place_model
     from .lora import merge_lora
 
@@ -110,5 +111,5 @@ def load_model(ref: str | Path, *, kolors: str | None = None, prompt_cache: str 
                                 f"on with --kolors DIR")
     from .loading import load_tadisr
 
-    return load_tadisr(base, files.checkpoint, prompt, dtype=dtype, device=device,
+    return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device,
                        merge_lora_weights=merge_lora_weights)
