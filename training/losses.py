@@ -110,14 +110,9 @@ def modified_focal_loss(sr: torch.Tensor, hr: torch.Tensor, mask_logits: torch.T
 
 def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
                        gamma: float = 2.0) -> torch.Tensor:
-    """RetinaNet focal loss on logits, mean over pixels and batch (``alpha < 0`` disables alpha)."""
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * (1 - p_t).pow(gamma)
-    if alpha >= 0:
-        loss = loss * (alpha * target + (1 - alpha) * (1 - target))
-    return loss.mean()
+    """RetinaNet focal loss on logits, mean over pixels and batch (``alpha < 0`` disables alpha); kornia's."""
+    return kornia.losses.binary_focal_loss_with_logits(logits, target, alpha=alpha if alpha >= 0 else None,
+                                                       gamma=gamma, reduction="mean")
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
