@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     root = _write(Path(args.workdir))
     rows = []
     for part in ("unet", "vae", "tadisr"):
-        for dtype in ("fp32", "bf16"):
+        for dtype in ("fp32", "bf16", "fp16"):
             for mode in ("before", "after"):
                 out = subprocess.run([sys.executable, __file__, "--child", mode, part, dtype, str(root)],
                                      capture_output=True, text=True, check=True,

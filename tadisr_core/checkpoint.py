@@ -133,12 +133,13 @@ def _dedupe_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Re-create `seq_r` keys for tied blocks from their `seq_l` twins."""
+def _untie(sd: dict[str, torch.Tensor], copy: bool = False) -> dict[str, torch.Tensor]:
+    """Re-create `seq_r` keys for tied blocks from their `seq_l` twins (`copy`: as their own tensors)."""
     out = dict(sd)
     for key, value in sd.items():
-        if ".seq_l." in key:
-            out.setdefault(key.replace(".seq_l.", ".seq_r."), value)
+        twin = key.replace(".seq_l.", ".seq_r.")
+        if ".seq_l." in key and twin not in out:
+            out[twin] = value.clone() if copy else value
     return out
 
 
@@ -275,29 +276,53 @@ def _spec_for(groups: dict[str, dict[str, torch.Tensor]], path: Path) -> TADiSRS
     return base.with_ranks(r_unet, r_vae)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a released `.pkl` (weights-only unpickling) or a native `.safetensors` checkpoint."""
+def load_checkpoint(path: str | Path, dtypes: dict[str, torch.dtype] | None = None) -> Checkpoint:
+    """Read a released `.pkl` (weights-only unpickling) or a native `.safetensors` checkpoint.
+
+    `dtypes` (group -> dtype) casts each floating tensor of a group as it is read, except the
+    tensors of LoRA layers (factors and base weights), which keep the file's precision for a merge
+    in fp32. A native file is read one tensor at a time without a memory map, so a load holds the
+    checkpoint once, in its target dtype.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return _load_native(path)
+        return _load_native(path, dtypes or {})
     raw = _torch_load(path)
     groups = _official_groups(raw, path)
-    return Checkpoint(path, "official", _spec_for(groups, path), groups)
+    return cast_for_load(Checkpoint(path, "official", _spec_for(groups, path), groups), dtypes or {})
 
 
-def _load_native(path: Path) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
+def cast_for_load(ckpt: Checkpoint, dtypes: dict[str, torch.dtype]) -> Checkpoint:
+    """Cast a read checkpoint's tensors in place as `load_checkpoint(path, dtypes)` would have."""
+    for group, sd in ckpt.groups.items():
+        for key, value in sd.items():
+            sd[key] = _cast_for_load(group, key, value, dtypes)
+    return ckpt
+
+
+def _cast_for_load(group: str, key: str, value: torch.Tensor, dtypes: dict[str, torch.dtype]) -> torch.Tensor:
+    dtype = dtypes.get(group)
+    if dtype is None or not value.is_floating_point() or ".lora_" in f".{key}" or ".base_layer." in f".{key}":
+        return value
+    return value.to(dtype)
+
+
+def _load_native(path: Path, dtypes: dict[str, torch.dtype]) -> Checkpoint:
+    from .streaming import iter_tensors, read_header
 
     require_readable(path, "checkpoint")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != NATIVE_FORMAT:
-                kind = " (it is a prompt cache)" if meta.get("format", "").startswith("tadisr-prompt-cache") else ""
-                raise CheckpointError(f"{path}: not a native TADiSR checkpoint{kind} "
-                                      f"(metadata format={meta.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
+        header = read_header(path)
+        meta = header.metadata
+        if meta.get("format") != NATIVE_FORMAT:
+            kind = " (it is a prompt cache)" if meta.get("format", "").startswith("tadisr-prompt-cache") else ""
+            raise CheckpointError(f"{path}: not a native TADiSR checkpoint{kind} "
+                                  f"(metadata format={meta.get('format')!r})")
+        tensors = {key: _cast_for_load(key.partition(".")[0], key.partition(".")[2], value, dtypes)
+                   for key, value in iter_tensors(path, header=header)}
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({e})") from None
     try:
         spec = TADiSRSpec.from_json(meta["spec"])
@@ -407,8 +432,12 @@ def apply_checkpoint(model, ckpt: Checkpoint) -> KeyReport:
     if not ckpt.includes_backbone:
         check_base(model, ckpt)
     for g in GROUPS:
-        sd = _untie(ckpt.groups[g]) if g == "mi_decoder" else ckpt.groups[g]
-        getattr(model, g).load_state_dict(sd, strict=False)
+        module = getattr(model, g)
+        # A part built on the meta device (the loader's mask decoder) takes the checkpoint's tensors
+        # themselves, in their dtype, instead of a copy of them.
+        assign = any(p.is_meta for p in module.parameters())
+        sd = _untie(ckpt.groups[g], copy=assign) if g == "mi_decoder" else ckpt.groups[g]
+        module.load_state_dict(sd, strict=False, assign=assign)
     bad = first_problem((n, p) for n, p in model.named_parameters()
                         if n.split(".", 1)[0] in ("unet", "vae") and not _is_saved(*n.split(".", 1)))
     if bad:  # the base weights, read from the Kolors folder

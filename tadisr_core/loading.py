@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .backbone import check_backbone, load_unet, load_vae
-from .checkpoint import Checkpoint, apply_checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, apply_checkpoint, cast_for_load, load_checkpoint
 from .descriptor import WEIGHT_DTYPES, dtype_name, part_dtypes
 from .devices import place_model
 from .kolors_files import KolorsFiles, find_kolors_files
@@ -75,24 +75,28 @@ def _merge_in_fp32(model: TADiSRModel, parts: dict, ckpt) -> None:
             new = part.rename(key)
             return new if new in wanted else None
 
-        sources = ((wanted[k], t) for k, t in iter_tensors(part.path, torch.float32, rename))
-        from_ckpt = ((n, saved[f"{n}.base_layer.weight"]) for n in layers if f"{n}.base_layer.weight" in saved)
-        for name, weight in (*from_ckpt, *sources):
-            _merge_layer(layers[name], name, weight, saved)
+        for name in layers:
+            if f"{name}.base_layer.weight" in saved:
+                _merge_layer(layers[name], name, saved[f"{name}.base_layer.weight"], saved)
+        for key, weight in iter_tensors(part.path, torch.float32, rename):
+            _merge_layer(layers[wanted[key]], wanted[key], weight, saved)
+            del weight  # one fp32 base weight alive at a time: gone before the next read
 
 
 @torch.no_grad()
 def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
     base = layer.get_base_layer()
-    dtype = base.weight.dtype
     factors = [(p, saved[f"{name}.{pname}"]) for pname, p in layer.named_parameters() if ".lora_" in f".{pname}"]
+    # The merged values are copied back into the tensors the layer already has: the fp32 temporaries
+    # are then the only allocations, and each layer's reuse the last one's (no heap growth).
+    kept = [(base.weight, base.weight.data)] + [(p, p.data) for p, _ in factors]
     base.weight.data = weight.to(base.weight.device, torch.float32)
     for p, value in factors:
         p.data = value.to(p.device, torch.float32)
     layer.merge()
-    base.weight.data = base.weight.data.to(dtype)
-    for p, _ in factors:
-        p.data = p.data.to(dtype)
+    for p, storage in kept:
+        storage.copy_(p.data)
+        p.data = storage
 
 
 def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path | Checkpoint,
@@ -115,7 +119,11 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     """
     files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae)
     unet_part, vae_part = check_backbone(files)
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    load_dtype = _load_dtype(dtype)
+    wide = part_dtypes(load_dtype)["vae"]
+    dtypes = {"unet": load_dtype, "vae": wide, "mi_decoder": wide}
+    ckpt = (cast_for_load(checkpoint, dtypes) if isinstance(checkpoint, Checkpoint)
+            else load_checkpoint(checkpoint, dtypes))
     spec = dataclasses.replace(ckpt.spec, unet=unet_part.spec, vae=vae_part.spec)
     encoder_source = text_encoder or files.root
     if isinstance(prompt_cache, PromptCache):
@@ -129,12 +137,10 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
         prompt = compute_prompt_cache_from_kolors(encoder_source, device=text_encoder_device(text_encoder_device_name))
     spec = dataclasses.replace(spec, prompt_tokens=prompt.prompt_embeds.shape[1],
                                text_hidden=prompt.prompt_embeds.shape[2])
-    load_dtype = _load_dtype(dtype)
-    wide = part_dtypes(load_dtype)["vae"]
     unet_module = load_unet(files, load_dtype, checked=unet_part)
     vae_module = load_vae(files, wide, checked=vae_part)
-    with _default_dtype(wide):  # LoRA, skip convs and decoders are born in their dtype (the checkpoint fills them)
-        model = TADiSRModel(spec, unet_module, vae_module)
+    with _default_dtype(wide):  # LoRA and skip convs are born in their dtype (the checkpoint fills them)...
+        model = TADiSRModel(spec, unet_module, vae_module, decoder_device="meta")  # ...the decoder takes its tensors
     if not merge_lora_weights:  # cast the checkpoint tensor by tensor: the same rounding as a cast afterwards
         for group, part_dtype in (("unet", load_dtype), ("vae", wide), ("mi_decoder", wide)):
             sd = ckpt.groups.get(group, {})

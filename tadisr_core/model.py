@@ -44,7 +44,10 @@ class Decoded:
 class TADiSRModel(nn.Module):
     """The whole model. Build it with `build_model` (random / meta) or `tadisr_core.loading`."""
 
-    def __init__(self, spec: TADiSRSpec, unet: nn.Module, vae: nn.Module, prompt: PromptCache | None = None):
+    def __init__(self, spec: TADiSRSpec, unet: nn.Module, vae: nn.Module, prompt: PromptCache | None = None,
+                 decoder_device: str | torch.device | None = None):
+        """`decoder_device` (default: the UNet's) builds the mask decoder elsewhere; "meta" leaves it
+        to be filled by `apply_checkpoint`, which then assigns the checkpoint's tensors."""
         super().__init__()
         self.spec = spec
         self.unet = unet
@@ -58,8 +61,7 @@ class TADiSRModel(nn.Module):
         self.attention_store = install_capture(unet, spec.attention, self.prompt_kv)
         self._kv_modules = prompt_projections(unet)
         n_att = attention_channels(unet, spec.attention) if spec.mask_input == "attention" else 0
-        device = unet.conv_in.weight.device
-        with torch.device(device):
+        with torch.device(decoder_device or unet.conv_in.weight.device):
             self.mi_decoder = MaskDecoder(spec, n_att)
         self.one_step = OneStep(spec.schedule, spec.timestep)
         self._prompt_meta: tuple[str, tuple[int, ...]] | None = None

@@ -61,10 +61,15 @@ def read_header(path: str | Path) -> WeightsHeader:
                 table = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
                 raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+        if not isinstance(table, dict):
+            raise ValueError(f"{path} is not a safetensors file (its header is not a table)")
         meta = table.pop("__metadata__", None) or {}
         base = 8 + n
-        tensors = {k: TensorInfo(_ST_DTYPES[v["dtype"]], tuple(v["shape"]), base + v["data_offsets"][0],
-                                 base + v["data_offsets"][1]) for k, v in table.items()}
+        try:
+            tensors = {k: TensorInfo(_ST_DTYPES[v["dtype"]], tuple(v["shape"]), base + v["data_offsets"][0],
+                                     base + v["data_offsets"][1]) for k, v in table.items()}
+        except (KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{path} is not a safetensors file (bad tensor entry: {type(e).__name__} {e})") from None
         return WeightsHeader(path, tensors, meta)
     sd = _torch_file(path)
     return WeightsHeader(path, {k: TensorInfo(t.dtype, tuple(t.shape), 0, 0) for k, t in sd.items()}, {})
@@ -115,6 +120,7 @@ def iter_tensors(path: str | Path, dtype: torch.dtype | None = None, rename: Ren
                 got += n
             t = torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
             yield new, _cast(t, dtype)
+            del t, buf  # before the next tensor is read
 
 
 def assign_weights(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], source: str | Path) -> None:

@@ -160,3 +160,18 @@ def test_native_round_trip_of_a_paper_model(tiny_model_factory, tmp_path):
     apply_checkpoint(other, ckpt)
     want, got = trainable_state_dict(model), trainable_state_dict(other)
     assert all(torch.equal(want[g][k], got[g][k]) for g in want for k in want[g])
+
+
+def test_load_in_target_dtypes_keeps_lora_layers_at_file_precision(tiny_dir):
+    """`dtypes` casts as the file is read, except LoRA factors and LoRA base weights (merged in fp32)."""
+    plain = load_checkpoint(tiny_dir["checkpoint"])
+    cast = load_checkpoint(tiny_dir["checkpoint"], {g: torch.bfloat16 for g in ("unet", "vae", "mi_decoder")})
+    kept = 0
+    for group, sd in plain.groups.items():
+        assert sd.keys() == cast.groups[group].keys()
+        for key, value in sd.items():
+            lora_layer = ".lora_" in f".{key}" or ".base_layer." in f".{key}"
+            kept += lora_layer
+            want = value if lora_layer else value.to(torch.bfloat16)
+            assert cast.groups[group][key].dtype == want.dtype and torch.equal(cast.groups[group][key], want), key
+    assert kept and {t.dtype for t in cast.groups["mi_decoder"].values()} == {torch.bfloat16}

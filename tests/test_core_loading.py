@@ -110,3 +110,26 @@ def test_low_precision_load_equals_fp32_load_then_cast(tiny_dir, dtype, merge):
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
     assert ref_sd.keys() == got_sd.keys()
     assert all(ref_sd[k].dtype == got_sd[k].dtype and torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
+
+
+def test_low_precision_merge_holds_one_fp32_base_weight_at_a_time(tiny_dir, monkeypatch):
+    """The fp32 merge re-reads each LoRA layer's base weight; the previous one must be gone when the
+    next is read (collecting them first held a whole fp32 copy of every LoRA'd layer)."""
+    import weakref
+
+    import tadisr_core.streaming as streaming
+
+    real, alive, most = streaming.iter_tensors, [], []
+
+    def tracked(path, dtype=None, *args, **kwargs):
+        for name, t in real(path, dtype, *args, **kwargs):
+            if dtype == torch.float32:  # the merge's reads (the backbone is streamed in bf16)
+                most.append(sum(r() is not None for r in alive))
+                alive.append(weakref.ref(t))
+            yield name, t
+
+    monkeypatch.setattr(streaming, "iter_tensors", tracked)
+    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.bfloat16)
+    assert len(alive) > 10, "the merge read no base weights"
+    assert max(most) == 0, f"{max(most)} earlier fp32 base weights were still alive when the next was read"
+    assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
