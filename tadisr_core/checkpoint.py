@@ -21,6 +21,7 @@ import json
 import pickle
 import sys
 import zipfile
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,11 +294,10 @@ def load_checkpoint(path: str | Path, dtypes: dict[str, torch.dtype] | None = No
 
 
 def cast_for_load(ckpt: Checkpoint, dtypes: dict[str, torch.dtype]) -> Checkpoint:
-    """Cast a read checkpoint's tensors in place as `load_checkpoint(path, dtypes)` would have."""
-    for group, sd in ckpt.groups.items():
-        for key, value in sd.items():
-            sd[key] = _cast_for_load(group, key, value, dtypes)
-    return ckpt
+    """A copy of a read checkpoint cast as `load_checkpoint(path, dtypes)` would have read it (the
+    original is left as it is; tensors that need no cast are shared)."""
+    groups = {g: {k: _cast_for_load(g, k, v, dtypes) for k, v in sd.items()} for g, sd in ckpt.groups.items()}
+    return dataclasses.replace(ckpt, groups=groups)
 
 
 def _cast_for_load(group: str, key: str, value: torch.Tensor, dtypes: dict[str, torch.dtype]) -> torch.Tensor:

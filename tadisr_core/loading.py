@@ -76,8 +76,8 @@ def _merge_in_fp32(model: TADiSRModel, parts: dict, ckpt) -> None:
             return new if new in wanted else None
 
         for name in layers:
-            if f"{name}.base_layer.weight" in saved:
-                _merge_layer(layers[name], name, saved[f"{name}.base_layer.weight"], saved)
+            if f"{name}.base_layer.weight" in saved:  # merged into a copy: the checkpoint stays as it was
+                _merge_layer(layers[name], name, saved[f"{name}.base_layer.weight"].clone(), saved)
         for key, weight in iter_tensors(part.path, torch.float32, rename):
             _merge_layer(layers[wanted[key]], wanted[key], weight, saved)
             del weight  # one fp32 base weight alive at a time: gone before the next read
@@ -122,8 +122,8 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     load_dtype = _load_dtype(dtype)
     wide = part_dtypes(load_dtype)["vae"]
     dtypes = {"unet": load_dtype, "vae": wide, "mi_decoder": wide}
-    ckpt = (cast_for_load(checkpoint, dtypes) if isinstance(checkpoint, Checkpoint)
-            else load_checkpoint(checkpoint, dtypes))
+    given = isinstance(checkpoint, Checkpoint)  # the caller's: never changed, never shared with the model
+    ckpt = cast_for_load(checkpoint, dtypes) if given else load_checkpoint(checkpoint, dtypes)
     spec = dataclasses.replace(ckpt.spec, unet=unet_part.spec, vae=vae_part.spec)
     encoder_source = text_encoder or files.root
     if isinstance(prompt_cache, PromptCache):
@@ -139,8 +139,9 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
                                text_hidden=prompt.prompt_embeds.shape[2])
     unet_module = load_unet(files, load_dtype, checked=unet_part)
     vae_module = load_vae(files, wide, checked=vae_part)
-    with _default_dtype(wide):  # LoRA and skip convs are born in their dtype (the checkpoint fills them)...
-        model = TADiSRModel(spec, unet_module, vae_module, decoder_device="meta")  # ...the decoder takes its tensors
+    with _default_dtype(wide):  # LoRA, skip convs (and a given checkpoint's decoder) are born in their dtype;
+        # the decoder of a checkpoint read here takes its tensors instead of a copy
+        model = TADiSRModel(spec, unet_module, vae_module, decoder_device=None if given else "meta")
     if not merge_lora_weights:  # cast the checkpoint tensor by tensor: the same rounding as a cast afterwards
         for group, part_dtype in (("unet", load_dtype), ("vae", wide), ("mi_decoder", wide)):
             sd = ckpt.groups.get(group, {})

@@ -10,6 +10,7 @@ no fp32 copy of the whole model.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 Rename = Callable[[str], str | None]
 
@@ -61,18 +62,50 @@ def read_header(path: str | Path) -> WeightsHeader:
                 table = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
                 raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
-        if not isinstance(table, dict):
-            raise ValueError(f"{path} is not a safetensors file (its header is not a table)")
-        meta = table.pop("__metadata__", None) or {}
-        base = 8 + n
-        try:
-            tensors = {k: TensorInfo(_ST_DTYPES[v["dtype"]], tuple(v["shape"]), base + v["data_offsets"][0],
-                                     base + v["data_offsets"][1]) for k, v in table.items()}
-        except (KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"{path} is not a safetensors file (bad tensor entry: {type(e).__name__} {e})") from None
+        meta, tensors = _parse_table(path, table, 8 + n)
         return WeightsHeader(path, tensors, meta)
     sd = _torch_file(path)
     return WeightsHeader(path, {k: TensorInfo(t.dtype, tuple(t.shape), 0, 0) for k, t in sd.items()}, {})
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _parse_table(path: Path, table, base: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    """Metadata and tensor table of a safetensors header, checked as the format requires: string
+    metadata, known dtypes, integer shapes, and byte spans that fit their shapes and tile the data
+    buffer exactly (no overlaps, no holes, nothing past the end of the file)."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path} is not a valid safetensors file ({why})")
+
+    if not isinstance(table, dict):
+        raise bad("its header is not a table")
+    meta = table.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("its metadata is not a table of strings")
+    tensors = {}
+    for k, v in table.items():
+        shape, offsets = (v.get("shape"), v.get("data_offsets")) if isinstance(v, dict) else (None, None)
+        if (not isinstance(v, dict) or v.get("dtype") not in _ST_DTYPES or not isinstance(shape, list)
+                or not all(map(_is_count, shape)) or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(map(_is_count, offsets)) or offsets[0] > offsets[1]):
+            raise bad(f"bad entry for tensor {k}: {str(v)[:120]}")
+        info = TensorInfo(_ST_DTYPES[v["dtype"]], tuple(shape), base + offsets[0], base + offsets[1])
+        if info.end - info.start != math.prod(info.shape) * info.dtype.itemsize:
+            raise ValueError(f"{path} is corrupt: tensor {k} spans {info.end - info.start} bytes, its shape "
+                             f"{list(info.shape)} needs {math.prod(info.shape) * info.dtype.itemsize}")
+        tensors[k] = info
+    end = base
+    for k, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != end:
+            raise ValueError(f"{path} is corrupt: tensor {k} starts at byte {info.start}, expected {end} "
+                             f"(tensors overlap or leave a hole)")
+        end = info.end
+    size = path.stat().st_size
+    if end > size:
+        raise ValueError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")
+    return meta, tensors
 
 
 def _torch_file(path: Path) -> dict[str, torch.Tensor]:

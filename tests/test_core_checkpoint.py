@@ -110,6 +110,24 @@ def test_truncated_and_missing_files_are_reported(tiny_dir, tmp_path):
         load_checkpoint(tmp_path / "absent.pkl")
 
 
+def test_header_that_disagrees_with_its_shapes_is_refused_before_reading(tiny_dir, tmp_path):
+    """The checkpoint is read without safetensors' own checks: a header claiming a 1 TB tensor, or
+    offsets that do not match the shape, must be refused without allocating anything."""
+    data = tiny_dir["checkpoint"].read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    for name, entry in (("huge", {"shape": [1 << 20, 1 << 20], "data_offsets": [0, 1 << 42]}),
+                        ("skewed", {"data_offsets": [header[key]["data_offsets"][0], header[key]["data_offsets"][1] + 4]})):
+        bad = json.loads(data[8:8 + n])
+        bad[key].update(entry)
+        raw = json.dumps(bad).encode()
+        raw += b" " * (-len(raw) % 8)
+        (tmp_path / f"{name}.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+        with pytest.raises(CheckpointError, match=rf"{name}\.safetensors.*(truncated|corrupt)"):
+            load_checkpoint(tmp_path / f"{name}.safetensors")
+
+
 def test_wrong_shape_error_names_key_and_shapes(tiny_dir, tmp_path, tiny_model_factory):
     raw = torch.load(tiny_dir["official"], weights_only=True)
     raw["state_dict_unet"]["conv_in.bias"] = torch.zeros(7)
@@ -175,3 +193,22 @@ def test_load_in_target_dtypes_keeps_lora_layers_at_file_precision(tiny_dir):
             want = value if lora_layer else value.to(torch.bfloat16)
             assert cast.groups[group][key].dtype == want.dtype and torch.equal(cast.groups[group][key], want), key
     assert kept and {t.dtype for t in cast.groups["mi_decoder"].values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("header, why", [
+    ({"__metadata__": ["format"]}, "metadata is not a table of strings"),
+    ({"__metadata__": {"format": 5}}, "metadata is not a table of strings"),
+    ({"unet.a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, "bad entry for tensor unet.a"),
+    ({"unet.a": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}, "bad entry for tensor unet.a"),
+    ({"unet.a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+      "unet.b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "overlap or leave a hole"),
+])
+def test_malformed_safetensors_headers_name_the_file(tmp_path, header, why):
+    """Every malformed header is one CheckpointError naming the file, before any tensor is allocated
+    (two entries sharing bytes would otherwise each get their own copy)."""
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 8)
+    with pytest.raises(CheckpointError, match=rf"bad\.safetensors.*{why}"):
+        load_checkpoint(path)

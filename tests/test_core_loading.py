@@ -133,3 +133,19 @@ def test_low_precision_merge_holds_one_fp32_base_weight_at_a_time(tiny_dir, monk
     assert len(alive) > 10, "the merge read no base weights"
     assert max(most) == 0, f"{max(most)} earlier fp32 base weights were still alive when the next was read"
     assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
+
+
+def test_a_given_checkpoint_object_is_neither_changed_nor_shared(tiny_dir):
+    """load_tadisr may be handed a Checkpoint the caller keeps: loading in bf16 must not cast or
+    merge into it, and the model must not alias its tensors (a later fp32 load equals a fresh one)."""
+    from tadisr_core.checkpoint import load_checkpoint
+
+    args = (tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    ckpt = load_checkpoint(tiny_dir["checkpoint"])
+    before = {(g, k): v.clone() for g, sd in ckpt.groups.items() for k, v in sd.items()}
+    bf16 = load_tadisr(args[0], ckpt, args[2], dtype=torch.bfloat16)
+    assert all(torch.equal(ckpt.groups[g][k], v) and ckpt.groups[g][k].dtype == v.dtype for (g, k), v in before.items())
+    ours = {t.data_ptr() for t in bf16.state_dict().values()}
+    assert not ours & {t.data_ptr() for sd in ckpt.groups.values() for t in sd.values()}
+    again, fresh = load_tadisr(args[0], ckpt, args[2]).state_dict(), load_tadisr(*args).state_dict()
+    assert all(torch.equal(again[k], fresh[k]) for k in fresh)
