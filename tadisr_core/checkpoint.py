@@ -16,12 +16,12 @@ CLI (also `tadisr inspect` / `tadisr convert`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import pickle
 import sys
 import zipfile
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -117,8 +117,9 @@ def test_header_that_disagrees_with_its_shapes_is_refused_before_reading(tiny_di
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     key = next(k for k in header if k != "__metadata__")
+    start, end = header[key]["data_offsets"]
     for name, entry in (("huge", {"shape": [1 << 20, 1 << 20], "data_offsets": [0, 1 << 42]}),
-                        ("skewed", {"data_offsets": [header[key]["data_offsets"][0], header[key]["data_offsets"][1] + 4]})):
+                        ("skewed", {"data_offsets": [start, end + 4]})):
         bad = json.loads(data[8:8 + n])
         bad[key].update(entry)
         raw = json.dumps(bad).encode()
