@@ -185,3 +185,13 @@ def test_usm_ground_truth_sharpens_edges_only():
     assert ground_truth(x, REALESRGAN) is x
     import dataclasses
     assert torch.equal(ground_truth(x, dataclasses.replace(REALESRGAN, usm_gt=True)), y)
+
+
+def test_bicubic_preset_is_a_plain_downscale_and_the_identity_at_scale_1(hr):
+    """`bicubic`: no blur, noise or JPEG; at scale 1 the LR is the (8-bit) HR itself (the demo's prior phase)."""
+    q = D.quantise(hr)
+    assert torch.equal(D.degrade(q, 1, "bicubic", torch.Generator().manual_seed(0)), q)
+    lr = D.degrade(hr, 4, "bicubic", torch.Generator().manual_seed(0))
+    want = D.quantise(torch.nn.functional.interpolate(hr, size=(32, 32), mode="bicubic", antialias=True))
+    assert torch.equal(lr, want)
+    assert torch.equal(lr, D.degrade(hr, 4, "bicubic", torch.Generator().manual_seed(1)))  # nothing random

@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Held-out figures of the shipped demo (tadisr_core/demo/MODEL_CARD.md, 60 scenes): mask AUROC 0.818,
 # PSNR 1.23 dB under bicubic, LPIPS 0.399 against bicubic's 0.741. The function test (8 scenes) asserts
 # them with a margin, so a change to the model code or the weights that loses what the demo learned fails.
-FUNCTION_MIN_MASK_AUROC = 0.70
-FUNCTION_MAX_PSNR_GAP_DB = 2.0   # demo PSNR >= bicubic PSNR - this
+# Measured on these 8 scenes: AUROC 0.874, F1@0.5 0.039, PSNR 0.07 dB under bicubic, LPIPS 0.316 under it.
+FUNCTION_MIN_MASK_AUROC = 0.80
+FUNCTION_MIN_MASK_F1 = 0.02
+FUNCTION_MAX_PSNR_GAP_DB = 0.5   # demo PSNR >= bicubic PSNR - this
 FUNCTION_MIN_LPIPS_GAIN = 0.2    # demo LPIPS <= bicubic LPIPS - this
 
 
@@ -152,6 +154,7 @@ def test_shipped_demo_function_on_held_out_scenes(tmp_path):
     print(f"demo: mask AUROC {demo['mask_auroc']:.3f}, F1@0.5 {demo['mask_f1']:.3f}, PSNR {demo['psnr']:.2f} dB, "
           f"LPIPS {demo['lpips']:.3f} (bicubic {base['psnr']:.2f} dB, LPIPS {base['lpips']:.3f})")
     assert demo["mask_auroc"] >= FUNCTION_MIN_MASK_AUROC
+    assert demo["mask_f1"] >= FUNCTION_MIN_MASK_F1
     assert demo["psnr"] >= base["psnr"] - FUNCTION_MAX_PSNR_GAP_DB
     assert demo["lpips"] <= base["lpips"] - FUNCTION_MIN_LPIPS_GAIN
 

@@ -326,21 +326,36 @@ def test_lr_factor_warmup_then_cosine_to_five_percent():
     assert lr_factor(500, 0, "constant", 110) == 1.0
 
 
-def test_demo_config_smoke_trains_its_backbone_and_runs_as_a_model(tmp_path, lpips_dir):
-    """A few steps of demo.yaml: every weight trains, and the run folder is a runnable model."""
+def test_demo_recipe_smoke_both_phases_train_the_backbone_and_run_as_a_model(tmp_path, lpips_dir):
+    """A few steps of each demo phase, as `make demo-model` chains them: the autoencoder prior
+    (demo_prior.yaml: scale 1, the HR itself as input), then demo.yaml from its weights. Every weight
+    trains, and the run folder is a runnable model."""
     from tadisr_core.checkpoint import load_checkpoint
     from tadisr_core.model_ref import load_model
     from tadisr_core.pipeline import upscale
 
-    demo = REPO / "training" / "configs" / "demo.yaml"
-    cfg = load_config(demo, tiny_overrides(tmp_path, lpips_dir, train__max_steps=2, data__length=4, data__crop=64,
-                                           train__checkpoint_every=2, train__batch_size=1))
-    assert cfg.model.size == "demo" and cfg.model.train_backbone
-    summary = run(cfg)
+    small = dict(train__max_steps=2, data__length=4, data__crop=64, train__checkpoint_every=2, train__batch_size=1)
+    prior = load_config(REPO / "training" / "configs" / "demo_prior.yaml",
+                        tiny_overrides(tmp_path / "prior", lpips_dir, **small))
+    assert (prior.data.scale, prior.data.degradation, prior.model.train_backbone) == (1, "bicubic", True)
+    run(prior)
+    first = load_checkpoint(tmp_path / "prior" / "model_final.safetensors")
+    cfg = load_config(REPO / "training" / "configs" / "demo.yaml", tiny_overrides(
+        tmp_path / "demo", lpips_dir, model__init_checkpoint=str(tmp_path / "prior" / "model_final.safetensors"),
+        **small))
+    assert cfg.model.size == "demo" and cfg.model.train_backbone and cfg.data.scale == 4
+    from training.train import Trainer
+
+    trainer = Trainer(cfg)
+    key = "conv_out.base_layer.weight"  # phase 2 starts from phase 1's weights, backbone included
+    assert torch.equal(dict(trainer.model.unet.named_parameters())[key].detach(), first.groups["unet"][key])
+    summary = trainer.run()
     assert summary["step"] == 2
-    ckpt = load_checkpoint(tmp_path / "model_final.safetensors")
+    ckpt = load_checkpoint(tmp_path / "demo" / "model_final.safetensors")
     assert ckpt.includes_backbone and "conv_out.base_layer.weight" in ckpt.groups["unet"]
-    assert (tmp_path / "prompt_cache.safetensors").is_file()
-    model = load_model(tmp_path)
+    assert not torch.equal(ckpt.groups["unet"]["conv_out.base_layer.weight"],
+                           first.groups["unet"]["conv_out.base_layer.weight"])  # and trains it further
+    assert (tmp_path / "demo" / "prompt_cache.safetensors").is_file()
+    model = load_model(tmp_path / "demo")
     out = upscale(model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, tile_batch=1)
     assert out.image.shape == (1, 3, 64, 64) and torch.isfinite(out.mask).all()

@@ -53,7 +53,7 @@ class DataConfig:
     crop: int | None = 512                  # HR crop (synth: canvas size); None: whole images
     font_scale: tuple[float, float] | None = None  # synth: font size / canvas side; None: (0.04, 0.16)
     scale: int = 4
-    degradation: str = "ftsr"               # ftsr | realesrgan | realesrgan-mild (on-the-fly LR)
+    degradation: str = "ftsr"               # ftsr | realesrgan | realesrgan-mild | bicubic (on-the-fly LR)
     usm_gt: bool | None = None              # sharpen the GT as Real-ESRGAN does (None: the preset's choice)
     jpeg_codec: str | None = None           # kornia (fast) | libjpeg (exact); None: the preset's choice
     val_root: str | None = None             # triplets: validation folder; None: no validation for triplets
@@ -150,7 +150,7 @@ class Config:
             "model.size": (self.model.size, ("tiny", "demo", "full")),
             "model.mask_input": (self.model.mask_input, (None, "attention", "mid-block")),
             "data.kind": (self.data.kind, ("synth", "triplets", "realce")),
-            "data.degradation": (self.data.degradation, ("ftsr", "realesrgan", "realesrgan-mild")),
+            "data.degradation": (self.data.degradation, ("ftsr", "realesrgan", "realesrgan-mild", "bicubic")),
             "loss.preset": (self.loss.preset, ("paper", "release")),
             "loss.lpips_net": (self.loss.lpips_net, (None, "alex", "vgg", "none")),
             "train.mixed_precision": (self.train.mixed_precision, ("no", "bf16", "fp16")),

@@ -1,7 +1,7 @@
 """Write an FTSR-style synthetic training set: ``OUT/{hr,lr,mask}/000001.png`` and ``OUT/manifest.jsonl``.
 
     python -m training.synthesize --backgrounds DIR --out DIR --count N [--text-crops DIR]
-        [--fonts DIR] [--size 512] [--scale 4] [--seed 0] [--preset ftsr|realesrgan|realesrgan-mild]
+        [--fonts DIR] [--size 512] [--scale 4] [--seed 0] [--preset ftsr|realesrgan|realesrgan-mild|bicubic]
         [--font-scale MIN MAX]
         [--check-backgrounds]
 

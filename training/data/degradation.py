@@ -90,6 +90,9 @@ class DegradationPreset:
     # "kornia": its fast differentiable JPEG; "libjpeg": Pillow's libjpeg, the codec Real-ESRGAN uses
     # (kornia's output is 0.7-1.0 dB milder at the same quality).
     jpeg_codec: str = "kornia"
+    # True: no blur, noise or JPEG, only an antialiased bicubic downscale (the identity at scale 1);
+    # the stage settings above are then unused.
+    clean: bool = False
 
 
 REALESRGAN = DegradationPreset(
@@ -138,7 +141,11 @@ REALESRGAN_MILD = dataclasses.replace(
     final_sinc_prob=0.5,
 )
 
-PRESETS = {p.name: p for p in (REALESRGAN, REALESRGAN_MILD, FTSR_RELEASE)}
+# The classic SR degradation (antialiased bicubic only). At scale 1 the "LR" is the HR itself, which
+# makes the model an autoencoder: the demo model's first phase learns this before the real task.
+BICUBIC = dataclasses.replace(REALESRGAN, name="bicubic", clean=True)
+
+PRESETS = {p.name: p for p in (REALESRGAN, REALESRGAN_MILD, FTSR_RELEASE, BICUBIC)}
 
 
 def get_preset(preset: str | DegradationPreset) -> DegradationPreset:
@@ -446,6 +453,8 @@ def degrade_one(hr: Tensor, scale: int, preset: DegradationPreset, rng: random.R
                 generator: torch.Generator | None = None) -> Tensor:
     """Degrade one image ``[1,3,H,W]`` with parameters from ``rng`` and noise from ``generator``."""
     lr_size = (hr.shape[-2] // scale, hr.shape[-1] // scale)
+    if preset.clean:
+        return quantise(hr if scale == 1 else F.interpolate(hr, size=lr_size, mode="bicubic", antialias=True))
     out = _stage1(hr, preset, rng, generator)
     out = _stage2(out, lr_size, preset, rng, generator)
     return quantise(_final(out, lr_size, preset, rng))
