@@ -3,12 +3,16 @@
     python benchmarks/bench_train_step.py                    # CUDA: 768 px, batch 1, bf16, grad checkpointing
     python benchmarks/bench_train_step.py --no-gc --size 512 # variations
     python benchmarks/bench_train_step.py --tiny             # CPU smoke mode: tiny spec, 64 px, fp32
+    python benchmarks/bench_train_step.py --demo             # CPU: the demo spec as demo.yaml trains it
 
 The model is the full Kolors-size TADiSR built on the meta device and materialised directly on the
 GPU with random weights (no CPU copy), trained exactly as `training/train.py` does: the same
 trainable set, frozen weights stored in bf16, the paper loss (MSE + LPIPS-VGG + MFL, mask MSE +
 focal + Dice) and AdamW with clipping. LPIPS gets random weights unless --lpips-weights is given
-(same compute). Prints one JSON object.
+(same compute). `--demo` times the shipped demo model's training step on the CPU instead: demo spec,
+every weight trained (backbone included), fp32, LPIPS-alex, no gradient checkpointing, a 256 px crop
+unless --size says otherwise (the demo's issue asks for about a second per 256 px step on 2 cores).
+Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -50,9 +54,9 @@ def random_lpips_weights(net: str, folder: Path) -> Path:
 
 def bench(args) -> dict:
     """Build, run `args.steps` timed steps after `args.warmup` warm-up steps, return the measurements."""
-    device = torch.device("cpu" if args.tiny else "cuda")
+    device = torch.device("cpu" if args.tiny or args.demo else "cuda")
     cfg = Config()
-    cfg.model.variant, cfg.model.size = args.variant, "tiny" if args.tiny else "full"
+    cfg.model.variant, cfg.model.size = args.variant, "tiny" if args.tiny else "demo" if args.demo else "full"
     cfg.loss.lpips_net = args.lpips_net
     tmp = tempfile.TemporaryDirectory()
     if args.lpips_net != "none":
@@ -60,7 +64,7 @@ def bench(args) -> dict:
     t0 = time.perf_counter()
     model = build_model_from_config(cfg, device)
     model.to(device)
-    trainable = configure_trainable(model)
+    trainable = configure_trainable(model, backbone=args.demo)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
     if dtype is not None and device.type == "cuda":  # as the trainer: CPU autocast keeps norms mixed-dtype
         cast_frozen_(model, dtype, (model.vae, model.mi_decoder) if dtype == torch.float16 else ())
@@ -108,6 +112,7 @@ def bench(args) -> dict:
         times.append(time.perf_counter() - t)
     out = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "spec": cfg.model.size,
         "variant": args.variant, "size": size, "batch": args.batch, "precision": args.precision,
         "gradient_checkpointing": args.gc, "lpips_net": args.lpips_net,
         "trainable_params": sum(p.numel() for p in params),
@@ -127,26 +132,35 @@ def bench(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny spec on the CPU (smoke test of this script)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--tiny", action="store_true", help="tiny spec on the CPU (smoke test of this script)")
+    mode.add_argument("--demo", action="store_true", help="the demo spec on the CPU, trained as demo.yaml does")
     p.add_argument("--variant", default="paper", choices=("paper", "release"))
-    p.add_argument("--size", type=int, default=768, help="HR crop size (a multiple of 32)")
+    p.add_argument("--size", type=int, default=None, help="HR crop size, a multiple of 32 (default 768; --demo 256)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10,
                    help="timed steps after the warm-up; reported as median, min, max and spread")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, autotuning)")
     p.add_argument("--precision", default=None, choices=("bf16", "fp16", "no"),
                    help="default: bf16 on CUDA, no (fp32) with --tiny")
-    p.add_argument("--no-gc", dest="gc", action="store_false", help="disable gradient checkpointing")
-    p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex", "none"))
+    p.add_argument("--no-gc", dest="gc", action="store_false", default=None,
+                   help="disable gradient checkpointing (off by default with --demo, as in demo.yaml)")
+    p.add_argument("--lpips-net", default=None, choices=("vgg", "alex", "none"),
+                   help="default: vgg (the paper's), alex with --tiny or --demo (as the CPU configs)")
     p.add_argument("--lpips-weights", help="converted LPIPS weights (default: random weights, same compute)")
     args = p.parse_args(argv)
+    cpu = args.tiny or args.demo
     if args.precision is None:
-        args.precision = "no" if args.tiny else "bf16"
-    if not args.tiny and not torch.cuda.is_available():
-        print("no CUDA device: run with --tiny for the CPU smoke mode", file=sys.stderr)
+        args.precision = "no" if cpu else "bf16"
+    if args.size is None:
+        args.size = 256 if args.demo else 768
+    if args.gc is None:
+        args.gc = not args.demo
+    if not cpu and not torch.cuda.is_available():
+        print("no CUDA device: run with --tiny for the CPU smoke mode or --demo for the demo model", file=sys.stderr)
         return 2
-    if args.tiny:
-        args.lpips_net = "alex" if args.lpips_net == "vgg" and args.lpips_weights is None else args.lpips_net
+    if args.lpips_net is None:
+        args.lpips_net = "alex" if cpu else "vgg"
     print(json.dumps(bench(args), indent=2))
     return 0
 

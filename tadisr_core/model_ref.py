@@ -2,6 +2,7 @@
 
     --model demo                       the demo model shipped in tadisr_core/demo/ (no other files)
     --model runs/demo                  a training run: model_final.safetensors, else its newest checkpoint
+    --model runs/demo/checkpoints/step_00000600   one checkpoint of a run (the folder or its model.safetensors)
     --model path/to/model.safetensors  a native checkpoint (or the release .pkl)
 
 A checkpoint that holds its whole backbone (trained from scratch, `backbone=included` in its
@@ -25,6 +26,7 @@ DEMO_CHECKPOINT = DEMO_DIR / "tadisr_demo.safetensors"
 DEMO_PROMPT_CACHE = DEMO_DIR / "prompt_cache.safetensors"
 RUN_FINAL = "model_final.safetensors"
 RUN_PROMPT_CACHE = "prompt_cache.safetensors"
+RUN_STEP_MODEL = "model.safetensors"   # in each checkpoints/step_N/ of a run
 NO_WEIGHTS_HELP = ("no model given. Try the shipped demo model: --model demo (small, trained on synthetic "
                    "text scenes). For the real model: --kolors DIR (Kwai-Kolors/Kolors) and --checkpoint "
                    "tadisr_kolors_ftsr_526000.pkl (huqiming513/TADiSR-Models); see README, Weights")
@@ -40,7 +42,7 @@ class ModelFiles:
 
 
 def _newest_checkpoint(run: Path) -> Path | None:
-    steps = sorted((run / "checkpoints").glob("step_*/model.safetensors"))
+    steps = sorted((run / "checkpoints").glob(f"step_*/{RUN_STEP_MODEL}"))
     return steps[-1] if steps else None
 
 
@@ -52,18 +54,26 @@ def resolve_model(ref: str | Path) -> ModelFiles:
                                     f"re-create it with `make demo-model`")
         return ModelFiles(DEMO_CHECKPOINT, DEMO_PROMPT_CACHE)
     path = Path(ref).expanduser()
+    if path.is_dir() and (path / RUN_STEP_MODEL).is_file():
+        path = path / RUN_STEP_MODEL  # one step's folder of a run: runs/X/checkpoints/step_N/
     if path.is_file():
-        return ModelFiles(path)
+        run = path.parent.parent.parent  # runs/X/checkpoints/step_N/model.safetensors -> runs/X
+        return _with_run_files(path, run) if path.parent.parent.name == "checkpoints" else ModelFiles(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {ref}: no such file or folder (give 'demo', a training run folder "
                                 f"or a checkpoint file)")
     checkpoint = path / RUN_FINAL if (path / RUN_FINAL).is_file() else _newest_checkpoint(path)
     if checkpoint is None:
         raise FileNotFoundError(f"--model {ref}: the folder holds neither {RUN_FINAL} nor "
-                                f"checkpoints/step_*/model.safetensors; is it a training run's output_dir?")
-    prompt = path / RUN_PROMPT_CACHE
+                                f"checkpoints/step_*/{RUN_STEP_MODEL}; is it a training run's output_dir?")
+    return _with_run_files(checkpoint, path)
+
+
+def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
+    """`checkpoint` with what its run folder knows: the prompt cache and the Kolors base of its config."""
+    prompt = run / RUN_PROMPT_CACHE
     kolors = None
-    config = path / "config.json"
+    config = run / "config.json"
     if config.is_file():
         model_cfg = json.loads(config.read_text()).get("model", {})
         kolors = model_cfg.get("kolors_dir")

@@ -271,6 +271,15 @@ def test_config_files_load():
     assert load_config(REPO / "training" / "configs" / "kolors_realce.yaml").optim.lr == 2e-5
 
 
+def test_demo_phases_chain_by_their_defaults():
+    # run without --output-dir, each demo phase starts from the one before it
+    phases = [load_config(REPO / "training" / "configs" / f"{name}.yaml")
+              for name in ("demo_prior", "demo", "demo_finetune")]
+    for before, after in zip(phases, phases[1:]):
+        assert after.model.init_checkpoint == f"{before.train.output_dir}/model_final.safetensors"
+    assert phases[2].train.seed != phases[1].train.seed  # the last phase sees fresh scenes
+
+
 def test_config_errors_name_key_and_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_step: 3\n")
@@ -306,13 +315,19 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 
 # -- benchmark smoke -----------------------------------------------------------------------------
-def test_bench_train_step_tiny_mode(lpips_dir):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--tiny", "--steps", "1",
-           "--lpips-weights", str(lpips_dir / "lpips_alex.safetensors"), "--lpips-net", "alex"]
+@pytest.mark.parametrize("mode", [["--tiny"], ["--demo", "--size", "64"]])
+def test_bench_train_step_cpu_modes(lpips_dir, mode):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), *mode, "--steps", "1",
+           "--warmup", "1", "--lpips-weights", str(lpips_dir / "lpips_alex.safetensors"), "--lpips-net", "alex"]
     proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
-    assert out["s_per_step"] > 0 and out["gradient_checkpointing"] and out["trainable_params"] > 0
+    assert out["s_per_step"] > 0 and out["trainable_params"] > 0
+    if mode[0] == "--tiny":
+        assert out["spec"] == "tiny" and out["gradient_checkpointing"]
+    else:  # as demo.yaml: every weight trains, no checkpointing
+        assert out["spec"] == "demo" and not out["gradient_checkpointing"]
+        assert out["trainable_params"] == out["total_params"]
 
 
 def test_lr_factor_warmup_then_cosine_to_five_percent():
@@ -326,36 +341,36 @@ def test_lr_factor_warmup_then_cosine_to_five_percent():
     assert lr_factor(500, 0, "constant", 110) == 1.0
 
 
-def test_demo_recipe_smoke_both_phases_train_the_backbone_and_run_as_a_model(tmp_path, lpips_dir):
+def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(tmp_path, lpips_dir):
     """A few steps of each demo phase, as `make demo-model` chains them: the autoencoder prior
-    (demo_prior.yaml: scale 1, the HR itself as input), then demo.yaml from its weights. Every weight
-    trains, and the run folder is a runnable model."""
+    (demo_prior.yaml: scale 1, the HR itself as input), then demo.yaml and demo_finetune.yaml, each
+    from the previous phase's weights. Every weight trains, and the run folder is a runnable model."""
     from tadisr_core.checkpoint import load_checkpoint
     from tadisr_core.model_ref import load_model
     from tadisr_core.pipeline import upscale
+    from training.train import Trainer
 
     small = dict(train__max_steps=2, data__length=4, data__crop=64, train__checkpoint_every=2, train__batch_size=1)
     prior = load_config(REPO / "training" / "configs" / "demo_prior.yaml",
                         tiny_overrides(tmp_path / "prior", lpips_dir, **small))
     assert (prior.data.scale, prior.data.degradation, prior.model.train_backbone) == (1, "bicubic", True)
     run(prior)
-    first = load_checkpoint(tmp_path / "prior" / "model_final.safetensors")
-    cfg = load_config(REPO / "training" / "configs" / "demo.yaml", tiny_overrides(
-        tmp_path / "demo", lpips_dir, model__init_checkpoint=str(tmp_path / "prior" / "model_final.safetensors"),
-        **small))
-    assert cfg.model.size == "demo" and cfg.model.train_backbone and cfg.data.scale == 4
-    from training.train import Trainer
-
-    trainer = Trainer(cfg)
-    key = "conv_out.base_layer.weight"  # phase 2 starts from phase 1's weights, backbone included
-    assert torch.equal(dict(trainer.model.unet.named_parameters())[key].detach(), first.groups["unet"][key])
-    summary = trainer.run()
-    assert summary["step"] == 2
-    ckpt = load_checkpoint(tmp_path / "demo" / "model_final.safetensors")
-    assert ckpt.includes_backbone and "conv_out.base_layer.weight" in ckpt.groups["unet"]
-    assert not torch.equal(ckpt.groups["unet"]["conv_out.base_layer.weight"],
-                           first.groups["unet"]["conv_out.base_layer.weight"])  # and trains it further
-    assert (tmp_path / "demo" / "prompt_cache.safetensors").is_file()
-    model = load_model(tmp_path / "demo")
+    key = "conv_out.base_layer.weight"
+    previous = tmp_path / "prior" / "model_final.safetensors"
+    for phase in ("demo", "demo_finetune"):
+        before = load_checkpoint(previous)
+        cfg = load_config(REPO / "training" / "configs" / f"{phase}.yaml", tiny_overrides(
+            tmp_path / phase, lpips_dir, model__init_checkpoint=str(previous), **small))
+        assert cfg.model.size == "demo" and cfg.model.train_backbone and cfg.data.scale == 4
+        trainer = Trainer(cfg)
+        # each phase starts from the previous phase's weights, backbone included...
+        assert torch.equal(dict(trainer.model.unet.named_parameters())[key].detach(), before.groups["unet"][key])
+        assert trainer.run()["step"] == 2
+        previous = tmp_path / phase / "model_final.safetensors"
+        ckpt = load_checkpoint(previous)
+        assert ckpt.includes_backbone and key in ckpt.groups["unet"]
+        assert not torch.equal(ckpt.groups["unet"][key], before.groups["unet"][key])  # ...and trains it further
+        assert (tmp_path / phase / "prompt_cache.safetensors").is_file()
+    model = load_model(tmp_path / "demo_finetune")
     out = upscale(model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, tile_batch=1)
     assert out.image.shape == (1, 3, 64, 64) and torch.isfinite(out.mask).all()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from tadisr_core.files import atomic_path
 from tadisr_core.images import save_image
+from tadisr_core.model_ref import RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL
 from tadisr_core.pipeline import upscale_canvas
 from training.config import Config, ConfigError, load_config
 
@@ -230,7 +231,7 @@ class Trainer:
             return None
         for _, path in reversed(found):
             try:
-                ckpt = load_checkpoint(path / "model.safetensors")
+                ckpt = load_checkpoint(path / RUN_STEP_MODEL)
                 self._resumed = load_training_state(path, self.acc.process_index)
             except (CheckpointError, OSError, RuntimeError, ValueError, EOFError) as exc:
                 self._print(f"warning: checkpoint {path} is damaged ({str(exc).splitlines()[0]}); trying the "
@@ -444,7 +445,7 @@ class Trainer:
         if self.main:
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
             if self.model.prompt is not None:  # with the weights, the run folder is a runnable model
-                self.model.prompt.save(self.out / "prompt_cache.safetensors")
+                self.model.prompt.save(self.out / RUN_PROMPT_CACHE)
         batches = iter(self.loader)
         self._last_end = time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
@@ -467,8 +468,8 @@ class Trainer:
                     self._last_end = time.perf_counter()
         bar.close()
         if self.main and last_saved is not None and self.step >= t.max_steps:
-            with atomic_path(self.out / "model_final.safetensors") as tmp:  # the finished run's weights
-                shutil.copyfile(last_saved / "model.safetensors", tmp)
+            with atomic_path(self.out / RUN_FINAL) as tmp:  # the finished run's weights
+                shutil.copyfile(last_saved / RUN_STEP_MODEL, tmp)
         summary = {"step": self.step, "stopped": stopped, "nonfinite": self.nonfinite,
                    "checkpoint": str(last_saved) if last_saved else None}
         if t.weight_digest:

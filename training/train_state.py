@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tadisr_core.files import atomic_path
+from tadisr_core.model_ref import RUN_STEP_MODEL
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -36,7 +37,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "state.pt").is_file() and (p / "model.safetensors").is_file():
+        if m and p.is_dir() and (p / "state.pt").is_file() and (p / RUN_STEP_MODEL).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -92,7 +93,7 @@ def save_training_checkpoint(accelerator, *, root: Path, step: int, write_weight
         rank_state["optimizer"] = sharded_optimizer
     _atomic_torch_save(rank_state, tmp / f"rank_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        write_weights(tmp / "model.safetensors")
+        write_weights(tmp / RUN_STEP_MODEL)
         _atomic_torch_save(state, tmp / "state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
