@@ -130,7 +130,8 @@ def bench(args) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with the mode's defaults filled in (full size on CUDA, or --tiny / --demo on the CPU)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--tiny", action="store_true", help="tiny spec on the CPU (smoke test of this script)")
@@ -142,25 +143,31 @@ def main(argv=None) -> int:
                    help="timed steps after the warm-up; reported as median, min, max and spread")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, autotuning)")
     p.add_argument("--precision", default=None, choices=("bf16", "fp16", "no"),
-                   help="default: bf16 on CUDA, no (fp32) with --tiny")
-    p.add_argument("--no-gc", dest="gc", action="store_false", default=None,
-                   help="disable gradient checkpointing (off by default with --demo, as in demo.yaml)")
+                   help="default: bf16 on CUDA, no (fp32) with --tiny or --demo")
+    p.add_argument("--gc", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing (default on; off with --demo, as in demo.yaml)")
     p.add_argument("--lpips-net", default=None, choices=("vgg", "alex", "none"),
                    help="default: vgg (the paper's), alex with --tiny or --demo (as the CPU configs)")
     p.add_argument("--lpips-weights", help="converted LPIPS weights (default: random weights, same compute)")
     args = p.parse_args(argv)
-    cpu = args.tiny or args.demo
+    args.cpu = args.tiny or args.demo
     if args.precision is None:
-        args.precision = "no" if cpu else "bf16"
+        args.precision = "no" if args.cpu else "bf16"
     if args.size is None:
         args.size = 256 if args.demo else 768
     if args.gc is None:
         args.gc = not args.demo
-    if not cpu and not torch.cuda.is_available():
+    if args.lpips_net is None:
+        args.lpips_net = "alex" if args.cpu else "vgg"
+    return args
+
+
+def main(argv=None) -> int:
+    """Run the benchmark and print its JSON; exit code 2 without CUDA outside the CPU modes."""
+    args = parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
         print("no CUDA device: run with --tiny for the CPU smoke mode or --demo for the demo model", file=sys.stderr)
         return 2
-    if args.lpips_net is None:
-        args.lpips_net = "alex" if cpu else "vgg"
     print(json.dumps(bench(args), indent=2))
     return 0
 

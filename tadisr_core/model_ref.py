@@ -13,6 +13,8 @@ metadata) runs alone. One that holds adapters only needs the Kolors weights it w
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,9 @@ DEMO_CHECKPOINT = DEMO_DIR / "tadisr_demo.safetensors"
 DEMO_PROMPT_CACHE = DEMO_DIR / "prompt_cache.safetensors"
 RUN_FINAL = "model_final.safetensors"
 RUN_PROMPT_CACHE = "prompt_cache.safetensors"
-RUN_STEP_MODEL = "model.safetensors"   # in each checkpoints/step_N/ of a run
+RUN_CHECKPOINTS = "checkpoints"          # a run's step checkpoints: RUN/checkpoints/step_00000600/
+RUN_STEP_DIR = re.compile(r"^step_(\d{8})$")
+RUN_STEP_MODEL = "model.safetensors"     # the weights in each step folder
 NO_WEIGHTS_HELP = ("no model given. Try the shipped demo model: --model demo (small, trained on synthetic "
                    "text scenes). For the real model: --kolors DIR (Kwai-Kolors/Kolors) and --checkpoint "
                    "tadisr_kolors_ftsr_526000.pkl (huqiming513/TADiSR-Models); see README, Weights")
@@ -39,15 +43,26 @@ class ModelFiles:
     checkpoint: Path
     prompt_cache: Path | None = None
     kolors: str | None = None
+    run: Path | None = None     # the training run folder the checkpoint belongs to
 
 
 def _newest_checkpoint(run: Path) -> Path | None:
-    steps = sorted((run / "checkpoints").glob(f"step_*/{RUN_STEP_MODEL}"))
+    steps = sorted((run / RUN_CHECKPOINTS).glob(f"step_*/{RUN_STEP_MODEL}"))
     return steps[-1] if steps else None
 
 
+def _run_of(checkpoint: Path) -> Path | None:
+    """The run folder of a step checkpoint (RUN/checkpoints/step_N/model.safetensors), else None."""
+    path = Path(os.path.abspath(checkpoint))  # `..` and `.` folded, symlinks kept
+    step = path.parent
+    if path.name == RUN_STEP_MODEL and RUN_STEP_DIR.match(step.name) and step.parent.name == RUN_CHECKPOINTS:
+        return step.parent.parent
+    return None
+
+
 def resolve_model(ref: str | Path) -> ModelFiles:
-    """Turn `demo`, a run folder or a checkpoint file into files; FileNotFoundError names what is missing."""
+    """Turn `demo`, a run folder, one of its step folders or a checkpoint file into files;
+    FileNotFoundError names what is missing."""
     if str(ref) == "demo":
         if not DEMO_CHECKPOINT.is_file():
             raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; reinstall the pack or "
@@ -57,15 +72,15 @@ def resolve_model(ref: str | Path) -> ModelFiles:
     if path.is_dir() and (path / RUN_STEP_MODEL).is_file():
         path = path / RUN_STEP_MODEL  # one step's folder of a run: runs/X/checkpoints/step_N/
     if path.is_file():
-        run = path.parent.parent.parent  # runs/X/checkpoints/step_N/model.safetensors -> runs/X
-        return _with_run_files(path, run) if path.parent.parent.name == "checkpoints" else ModelFiles(path)
+        run = _run_of(path)
+        return _with_run_files(path, run) if run is not None else ModelFiles(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model {ref}: no such file or folder (give 'demo', a training run folder "
-                                f"or a checkpoint file)")
+        raise FileNotFoundError(f"--model {ref}: no such file or folder (give 'demo', a training run folder, "
+                                f"one of its {RUN_CHECKPOINTS}/step_N folders or a checkpoint file)")
     checkpoint = path / RUN_FINAL if (path / RUN_FINAL).is_file() else _newest_checkpoint(path)
     if checkpoint is None:
         raise FileNotFoundError(f"--model {ref}: the folder holds neither {RUN_FINAL} nor "
-                                f"checkpoints/step_*/{RUN_STEP_MODEL}; is it a training run's output_dir?")
+                                f"{RUN_CHECKPOINTS}/step_*/{RUN_STEP_MODEL}; is it a training run's output_dir?")
     return _with_run_files(checkpoint, path)
 
 
@@ -75,11 +90,12 @@ def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
     kolors = None
     config = run / "config.json"
     if config.is_file():
-        model_cfg = json.loads(config.read_text()).get("model", {})
+        recorded = json.loads(config.read_text())
+        model_cfg = recorded.get("model", {}) if isinstance(recorded, dict) else {}
         kolors = model_cfg.get("kolors_dir")
         if not prompt.is_file() and model_cfg.get("prompt_cache"):
             prompt = Path(model_cfg["prompt_cache"])
-    return ModelFiles(checkpoint, prompt if prompt.is_file() else None, kolors)
+    return ModelFiles(checkpoint, prompt if prompt.is_file() else None, kolors, run)
 
 
 def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Path | PromptCache):

@@ -12,7 +12,7 @@ import torch
 from tadisr_core.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint, save_model
 from tadisr_core.cli import main as cli_main
 from tadisr_core.model import build_model, random_prompt
-from tadisr_core.model_ref import DEMO_CHECKPOINT, DEMO_DIR, load_model, load_standalone, resolve_model
+from tadisr_core.model_ref import DEMO_CHECKPOINT, DEMO_DIR, ModelFiles, load_model, load_standalone, resolve_model
 from tadisr_core.spec import VARIANTS, demo_spec, full_spec, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,22 +97,31 @@ def test_resolve_model_finds_a_runs_newest_checkpoint_and_prompt(tmp_path):
         resolve_model(tmp_path / "nope")
 
 
-def test_one_checkpoint_of_a_run_finds_the_runs_prompt_cache(tmp_path):
+def test_one_checkpoint_of_a_run_finds_the_runs_prompt_cache(tmp_path, monkeypatch):
     # picking an earlier step of a run: its folder or its model.safetensors, with the run's prompt
     model = _fake_run(tmp_path, tiny_spec("paper"))
     step = tmp_path / "checkpoints" / "step_00000002"
     for ref in (step, step / "model.safetensors"):
         files = resolve_model(ref)
         assert files.checkpoint == step / "model.safetensors"
-        assert files.prompt_cache == tmp_path / "prompt_cache.safetensors"
+        assert files.prompt_cache == tmp_path / "prompt_cache.safetensors" and files.run == tmp_path
+    monkeypatch.chdir(step)  # relative references from inside the run find it too
+    for ref in (".", "model.safetensors", "../step_00000002"):
+        assert resolve_model(ref).prompt_cache == tmp_path / "prompt_cache.safetensors", ref
     loaded = load_model(step, merge_lora_weights=False)  # unmerged: bit-exact
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x).image, loaded(x).image)
-    # a checkpoint file anywhere else is taken alone, as before
+    # a checkpoint file anywhere else is taken alone, as before, even under a folder named checkpoints
     alone = tmp_path / "elsewhere.safetensors"
     alone.write_bytes((step / "model.safetensors").read_bytes())
-    assert resolve_model(alone).prompt_cache is None
+    other = tmp_path / "data" / "checkpoints" / "tadisr" / "model.safetensors"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(alone.read_bytes())
+    (tmp_path / "data" / "config.json").write_text("[]")
+    (tmp_path / "data" / "prompt_cache.safetensors").write_bytes(b"not this run's")
+    for ref in (alone, other):
+        assert resolve_model(ref) == ModelFiles(ref)
 
 
 def test_cli_upscales_with_a_run_folder_and_matches_the_model(tmp_path):
@@ -220,3 +229,34 @@ def test_auroc_on_hand_made_scores():
     assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
     assert auroc(torch.full((4,), 0.5), labels) == 0.5                 # all tied: chance
     assert auroc(torch.tensor([0.1, 0.6, 0.6, 0.9]), labels) == pytest.approx(0.875)  # 3.5 of 4 pairs
+
+
+def test_export_writes_a_standalone_fp16_model_from_a_run_or_one_of_its_steps(tmp_path):
+    """`python -m training.export_model RUN OUT`, as `make demo-model` ships the demo: fp16 weights that
+    run alone, the run's prompt and its recorded config, from the run folder or one step folder."""
+    from safetensors import safe_open
+
+    from training.export_model import export_run
+
+    model = _fake_run(tmp_path / "run", tiny_spec("paper"))
+    rounded = _perturbed(tiny_spec("paper"), 4)  # the same weights, rounded to fp16 as the export stores them
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for ref in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_00000002"):
+        paths = export_run(ref, tmp_path / "out", name="m")
+        with safe_open(paths["weights"], "pt") as f:
+            meta = f.metadata()
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert meta["exported_from"] == "run" and meta["stored_dtype"] == "fp16"
+        assert json.loads(meta["training_config"]) == {"model": {"kolors_dir": None}}
+        loaded = load_standalone(paths["weights"], paths["prompt_cache"])
+        with torch.no_grad():
+            assert torch.equal(loaded(x).image, rounded(x).image)
+            assert (loaded(x).image - model(x).image).abs().max() < 0.05
+    adapters = tmp_path / "adapters"
+    (adapters / "checkpoints" / "step_00000001").mkdir(parents=True)
+    save_model(model, adapters / "checkpoints" / "step_00000001" / "model.safetensors", backbone=False)
+    with pytest.raises(ValueError, match="holds adapters only"):
+        export_run(adapters, tmp_path / "out2")

@@ -315,6 +315,24 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 
 # -- benchmark smoke -----------------------------------------------------------------------------
+def test_bench_train_step_defaults_per_mode():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_train_step import parse_args
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    def pick(argv):
+        a = parse_args(argv)
+        return a.size, a.gc, a.lpips_net, a.precision, a.cpu
+    assert pick([]) == (768, True, "vgg", "bf16", False)     # the full-size GPU step, as kolors_ftsr.yaml
+    assert pick(["--demo"]) == (256, False, "alex", "no", True)
+    assert pick(["--tiny"]) == (768, True, "alex", "no", True)  # the tiny mode's crop is fixed at 64
+    assert pick(["--demo", "--gc", "--size", "128"])[:2] == (128, True)
+    with pytest.raises(SystemExit):
+        parse_args(["--tiny", "--demo"])
+
+
 @pytest.mark.parametrize("mode", [["--tiny"], ["--demo", "--size", "64"]])
 def test_bench_train_step_cpu_modes(lpips_dir, mode):
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), *mode, "--steps", "1",

@@ -34,6 +34,7 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
               else random_prompt(ckpt.spec))  # what the trainer conditions a random-size model on
     groups = {g: {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
               for g, sd in ckpt.groups.items()}
+    run = files.run or Path(run)  # a step folder or checkpoint of a run: the run's own folder
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     meta = {k: v for k, v in ckpt.metadata.items() if k in ("train_step", "backbone")}
     meta.update({"exported_from": run.name, "stored_dtype": dtype, "training_config": json.dumps(config)})

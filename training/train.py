@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from tadisr_core.files import atomic_path
 from tadisr_core.images import save_image
-from tadisr_core.model_ref import RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL
+from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL
 from tadisr_core.pipeline import upscale_canvas
 from training.config import Config, ConfigError, load_config
 
@@ -72,7 +72,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 def check_run_folder(out: Path, resume: bool) -> None:
     """A new run (no --resume) must not mix its metrics and checkpoints with an earlier run's."""
-    used = [p.name for p in (out / "metrics.jsonl", out / "checkpoints") if p.exists()]
+    used = [p.name for p in (out / "metrics.jsonl", out / RUN_CHECKPOINTS) if p.exists()]
     if used and not resume:
         raise RunFolderError(f"{out} already holds a training run ({', '.join(used)}); pass --resume to continue "
                              f"it, or choose another --output-dir")
@@ -225,7 +225,7 @@ class Trainer:
         from tadisr_core.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint
         from training.train_state import list_checkpoints, load_training_state
 
-        found = list_checkpoints(self.out / "checkpoints")
+        found = list_checkpoints(self.out / RUN_CHECKPOINTS)
         if not found:
             self._print(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
             return None
@@ -328,7 +328,7 @@ class Trainer:
         if not self.fsdp:
             state["optimizer"] = self.optimizer.state_dict()
         path = save_training_checkpoint(
-            self.acc, root=self.out / "checkpoints", step=self.step, write_weights=self._write_weights,
+            self.acc, root=self.out / RUN_CHECKPOINTS, step=self.step, write_weights=self._write_weights,
             state=state, sharded_optimizer=self.optimizer.state_dict() if self.fsdp else None,
             keep=self.cfg.train.keep_checkpoints)
         self._fsdp_full_state = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -19,9 +18,7 @@ import numpy as np
 import torch
 
 from tadisr_core.files import atomic_path
-from tadisr_core.model_ref import RUN_STEP_MODEL
-
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+from tadisr_core.model_ref import RUN_STEP_DIR, RUN_STEP_MODEL
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -36,7 +33,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
         return []
     found = []
     for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
+        m = RUN_STEP_DIR.match(p.name)
         if m and p.is_dir() and (p / "state.pt").is_file() and (p / RUN_STEP_MODEL).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
