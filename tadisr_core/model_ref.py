@@ -46,8 +46,14 @@ class ModelFiles:
     run: Path | None = None     # the training run folder the checkpoint belongs to
 
 
+def run_step_folder(step: int) -> str:
+    """The name of a run's checkpoint folder for `step` (the one `RUN_STEP_DIR` matches)."""
+    return f"step_{step:08d}"
+
+
 def _newest_checkpoint(run: Path) -> Path | None:
-    steps = sorted((run / RUN_CHECKPOINTS).glob(f"step_*/{RUN_STEP_MODEL}"))
+    steps = sorted(p for p in (run / RUN_CHECKPOINTS).glob(f"step_*/{RUN_STEP_MODEL}")
+                   if RUN_STEP_DIR.match(p.parent.name))
     return steps[-1] if steps else None
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from tadisr_core.files import atomic_path
-from tadisr_core.model_ref import RUN_STEP_DIR, RUN_STEP_MODEL
+from tadisr_core.model_ref import RUN_STEP_DIR, RUN_STEP_MODEL, run_step_folder
 
 
 def step_dir(root: Path, step: int) -> Path:
     """`root/step_00000042`."""
-    return Path(root) / f"step_{step:08d}"
+    return Path(root) / run_step_folder(step)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
