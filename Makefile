@@ -20,12 +20,14 @@ demo: venv  # the main job: the shipped demo model upscales the bundled inputs i
 
 DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 DEMO_RUN ?= runs/demo-model-$(DEMO_STAMP)
-demo-model: venv  # re-train the demo model from scratch (about 2 h on 2 CPU cores, three phases) and ship it
+demo-model: venv  # re-train the demo model from scratch (about 4 h on 2 CPU cores, four phases) and ship it
 	OMP_NUM_THREADS=1 $(VPY) -m training.train --config training/configs/demo_prior.yaml --output-dir $(DEMO_RUN)-prior
 	OMP_NUM_THREADS=1 $(VPY) -m training.train --config training/configs/demo.yaml --output-dir $(DEMO_RUN)-task \
 		--set model.init_checkpoint=$(DEMO_RUN)-prior/model_final.safetensors
-	OMP_NUM_THREADS=1 $(VPY) -m training.train --config training/configs/demo_finetune.yaml --output-dir $(DEMO_RUN) \
+	OMP_NUM_THREADS=1 $(VPY) -m training.train --config training/configs/demo_finetune.yaml --output-dir $(DEMO_RUN)-finetune \
 		--set model.init_checkpoint=$(DEMO_RUN)-task/model_final.safetensors
+	OMP_NUM_THREADS=1 $(VPY) -m training.train --config training/configs/demo_crop256.yaml --output-dir $(DEMO_RUN) \
+		--set model.init_checkpoint=$(DEMO_RUN)-finetune/model_final.safetensors
 	$(VPY) -m training.export_model $(DEMO_RUN) tadisr_core/demo
 
 test-deps:

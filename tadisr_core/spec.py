@@ -226,7 +226,7 @@ def demo_spec(variant: Variant = "paper") -> TADiSRSpec:
     Same blocks, layer counts and LoRA targets as `full_spec`; a 64-wide UNet and a 48-wide VAE
     (about 9 M parameters), 32 prompt tokens of width 128. Its backbone has no pretrained prior, so
     it is trained whole (first as an autoencoder, `training/configs/demo_prior.yaml`, then on the
-    task, `demo.yaml` and `demo_finetune.yaml`) and shipped inside its checkpoint.
+    task, `demo.yaml`, `demo_finetune.yaml` and `demo_crop256.yaml`) and shipped inside its checkpoint.
     """
     return _narrowed(
         variant,

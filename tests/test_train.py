@@ -271,13 +271,20 @@ def test_config_files_load():
     assert load_config(REPO / "training" / "configs" / "kolors_realce.yaml").optim.lr == 2e-5
 
 
+DEMO_PHASES = ("demo_prior", "demo", "demo_finetune", "demo_crop256")
+
+
 def test_demo_phases_chain_by_their_defaults():
     # run without --output-dir, each demo phase starts from the one before it
     phases = [load_config(REPO / "training" / "configs" / f"{name}.yaml")
-              for name in ("demo_prior", "demo", "demo_finetune")]
+              for name in DEMO_PHASES]
     for before, after in zip(phases, phases[1:]):
         assert after.model.init_checkpoint == f"{before.train.output_dir}/model_final.safetensors"
-    assert phases[2].train.seed != phases[1].train.seed  # the last phase sees fresh scenes
+    task_seeds = [p.train.seed for p in phases[1:]]
+    assert len(set(task_seeds)) == len(task_seeds)  # each task phase sees fresh scenes
+    makefile = (REPO / "Makefile").read_text()  # and `make demo-model` runs them all, in this order
+    assert [makefile.index(f"configs/{name}.yaml") for name in DEMO_PHASES] == sorted(
+        makefile.index(f"configs/{name}.yaml") for name in DEMO_PHASES)
 
 
 def test_config_errors_name_key_and_file(tmp_path):
@@ -359,23 +366,27 @@ def test_lr_factor_warmup_then_cosine_to_five_percent():
     assert lr_factor(500, 0, "constant", 110) == 1.0
 
 
-def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(tmp_path, lpips_dir):
+@pytest.mark.parametrize("variant", ["paper", "release"])
+def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(tmp_path, lpips_dir, variant):
     """A few steps of each demo phase, as `make demo-model` chains them: the autoencoder prior
-    (demo_prior.yaml: scale 1, the HR itself as input), then demo.yaml and demo_finetune.yaml, each
-    from the previous phase's weights. Every weight trains, and the run folder is a runnable model."""
+    (demo_prior.yaml: scale 1, the HR itself as input), then the task phases (demo.yaml,
+    demo_finetune.yaml, demo_crop256.yaml), each from the previous phase's weights. Every weight
+    trains, and the run folder is a runnable model. The shipped demo is the paper variant; the
+    release variant trains by the same recipe with `--set model.variant=release`."""
     from tadisr_core.checkpoint import load_checkpoint
     from tadisr_core.model_ref import load_model
     from tadisr_core.pipeline import upscale
     from training.train import Trainer
 
-    small = dict(train__max_steps=2, data__length=4, data__crop=64, train__checkpoint_every=2, train__batch_size=1)
+    small = dict(train__max_steps=2, data__length=4, data__crop=64, train__checkpoint_every=2, train__batch_size=1,
+                 model__variant=variant)
     prior = load_config(REPO / "training" / "configs" / "demo_prior.yaml",
                         tiny_overrides(tmp_path / "prior", lpips_dir, **small))
     assert (prior.data.scale, prior.data.degradation, prior.model.train_backbone) == (1, "bicubic", True)
     run(prior)
     key = "conv_out.base_layer.weight"
     previous = tmp_path / "prior" / "model_final.safetensors"
-    for phase in ("demo", "demo_finetune"):
+    for phase in DEMO_PHASES[1:]:
         before = load_checkpoint(previous)
         cfg = load_config(REPO / "training" / "configs" / f"{phase}.yaml", tiny_overrides(
             tmp_path / phase, lpips_dir, model__init_checkpoint=str(previous), **small))
@@ -389,6 +400,7 @@ def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(t
         assert ckpt.includes_backbone and key in ckpt.groups["unet"]
         assert not torch.equal(ckpt.groups["unet"][key], before.groups["unet"][key])  # ...and trains it further
         assert (tmp_path / phase / "prompt_cache.safetensors").is_file()
-    model = load_model(tmp_path / "demo_finetune")
+    model = load_model(tmp_path / DEMO_PHASES[-1])
+    assert model.spec.variant == variant
     out = upscale(model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, tile_batch=1)
     assert out.image.shape == (1, 3, 64, 64) and torch.isfinite(out.mask).all()
