@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tadisr_core.spec import VARIANTS
 from tests.lpips_weights import ensure_lpips_weights
 from training.config import Config, ConfigError, load_config
 
@@ -282,9 +284,12 @@ def test_demo_phases_chain_by_their_defaults():
         assert after.model.init_checkpoint == f"{before.train.output_dir}/model_final.safetensors"
     task_seeds = [p.train.seed for p in phases[1:]]
     assert len(set(task_seeds)) == len(task_seeds)  # each task phase sees fresh scenes
-    makefile = (REPO / "Makefile").read_text()  # and `make demo-model` runs them all, in this order
-    assert [makefile.index(f"configs/{name}.yaml") for name in DEMO_PHASES] == sorted(
-        makefile.index(f"configs/{name}.yaml") for name in DEMO_PHASES)
+    # `make demo-model` runs them all, in this order, each from the run before it
+    runs = re.findall(r"--config training/configs/(\w+)\.yaml --output-dir (\S+)(?: \\\n\s+--set "
+                      r"model\.init_checkpoint=(\S+))?", (REPO / "Makefile").read_text())
+    assert [name for name, _, _ in runs] == list(DEMO_PHASES)
+    for (_, out, _), (_, _, init) in zip(runs, runs[1:]):
+        assert init == f"{out}/model_final.safetensors"
 
 
 def test_config_errors_name_key_and_file(tmp_path):
@@ -366,7 +371,7 @@ def test_lr_factor_warmup_then_cosine_to_five_percent():
     assert lr_factor(500, 0, "constant", 110) == 1.0
 
 
-@pytest.mark.parametrize("variant", ["paper", "release"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(tmp_path, lpips_dir, variant):
     """A few steps of each demo phase, as `make demo-model` chains them: the autoencoder prior
     (demo_prior.yaml: scale 1, the HR itself as input), then the task phases (demo.yaml,
