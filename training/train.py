@@ -227,7 +227,7 @@ class Trainer:
 
         found = list_checkpoints(self.out / RUN_CHECKPOINTS)
         if not found:
-            self._print(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
+            self._print(f"--resume: no checkpoint under {self.out / RUN_CHECKPOINTS}; starting from step 0")
             return None
         for _, path in reversed(found):
             try:
@@ -245,7 +245,7 @@ class Trainer:
                 self._print(f"--resume --force: continuing with a changed config: {'; '.join(changes)}")
             apply_checkpoint(self.model, ckpt)
             return path
-        raise RunFolderError(f"--resume: every checkpoint under {self.out / 'checkpoints'} is damaged")
+        raise RunFolderError(f"--resume: every checkpoint under {self.out / RUN_CHECKPOINTS} is damaged")
 
     def _resume_state(self, path: Path) -> None:
         """Optimiser, scheduler, counters and RNG of checkpoint `path` (after `prepare`)."""
