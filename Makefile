@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PORT ?= 8188
 
-.PHONY: venv demo demo-model test test-deps test-fast lint tiny serve workflows locales registry-check bench clean
+.PHONY: venv demo demo-model demo-model-release test test-deps test-fast lint tiny serve workflows locales registry-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo-model: venv  # re-train the demo model from scratch (about 4 h on 2 CPU cor
 	OMP_NUM_THREADS=1 $(VPY) -m training.train --config training/configs/demo_crop256.yaml --output-dir $(DEMO_RUN) \
 		--set model.init_checkpoint=$(DEMO_RUN)-finetune/model_final.safetensors
 	$(VPY) -m training.export_model $(DEMO_RUN) tadisr_core/demo
+
+demo-model-release: venv  # the release-layout demo, from the shipped paper demo (about 40 min on 2 CPU cores), shipped
+	$(VPY) -m training.train --config training/configs/demo_release.yaml --output-dir $(DEMO_RUN)-release
+	$(VPY) -m training.export_model $(DEMO_RUN)-release tadisr_core/demo_release --name tadisr_demo_release
 
 test-deps:
 	bash scripts/install_test_deps.sh

@@ -2,7 +2,7 @@
 
 The Kolors choices and what they resolve to come from `tadisr_core.kolors_files` (every layout
 users keep: diffusers folders, folders without vae/, single UNet + VAE files), read from ComfyUI's
-model folders. One more choice, the shipped demo model, needs no Kolors at all.
+model folders. Two more choices, the shipped demo models, need no Kolors at all.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ log = logging.getLogger("tadisr")
 AUTO_CACHE = "auto (compute once)"
 PROMPT_CACHE_PREFIX = "prompt_cache"
 DEMO_CHOICE = "demo (small built-in model, no Kolors needed)"
+DEMO_RELEASE_CHOICE = "demo-release (small built-in model, release layout, no Kolors needed)"
+DEMO_CHOICES = {DEMO_CHOICE: "demo", DEMO_RELEASE_CHOICE: "demo-release"}  # choice -> model_ref name
 NO_CHECKPOINT = "none found (put one in models/tadisr)"
 
 
@@ -29,19 +31,20 @@ def _kolors_dirs() -> tuple[list[str], list[str], list[str]]:
             host.model_folders(host.VAE_FOLDER))
 
 
-def demo_available() -> bool:
-    """Whether the shipped demo model's weights are in the pack."""
+def demo_choices() -> list[str]:
+    """The built-in demo models whose weights are in the pack."""
     from tadisr_core import model_ref
 
-    return model_ref.DEMO_CHECKPOINT.is_file()
+    shipped = model_ref.shipped_models()
+    return [choice for choice, name in DEMO_CHOICES.items() if shipped[name].checkpoint.is_file()]
 
 
 def kolors_choices() -> list[str]:
     """The Kolors backbones the loader offers (`kolors_files.list_kolors_candidates` over ComfyUI's
-    diffusers, diffusion_models/unet and vae folders), then the demo model when it is shipped."""
+    diffusers, diffusion_models/unet and vae folders), then the demo models that are shipped."""
     from tadisr_core.kolors_files import list_kolors_candidates
 
-    return list_kolors_candidates(*_kolors_dirs()) + ([DEMO_CHOICE] if demo_available() else [])
+    return list_kolors_candidates(*_kolors_dirs()) + demo_choices()
 
 
 def _is_prompt_cache(name: str) -> bool:
@@ -50,7 +53,7 @@ def _is_prompt_cache(name: str) -> bool:
 
 def checkpoint_choices() -> list[str]:
     """TADiSR checkpoints (.pkl / .safetensors) in models/tadisr, prompt caches left out; a
-    placeholder when there is none (the demo model needs none)."""
+    placeholder when there is none (the demo models need none)."""
     names = [f for f in host.list_files(host.TADISR_FOLDER, host.CHECKPOINT_EXTS) if not _is_prompt_cache(f)]
     return names or [NO_CHECKPOINT]
 
@@ -90,8 +93,8 @@ def resolve_checkpoint(name: str) -> str:
         raise FileNotFoundError(
             f"TADiSR: checkpoint '{name}' not found in models/tadisr ({_folders(host.TADISR_FOLDER)}). "
             "Put a TADiSR checkpoint there: the released tadisr_kolors_ftsr_526000.pkl or a converted .safetensors."
-            + (f" (The '{DEMO_CHOICE}' Kolors choice ignores this input: pick any listed entry.)"
-               if demo_available() else ""))
+            + (" (The built-in demo Kolors choices ignore this input: pick any listed entry.)"
+               if demo_choices() else ""))
     return path
 
 
@@ -163,21 +166,23 @@ def _ensure_prompt_cache(cache_path: str, files, dev: torch.device) -> None:
     ensure_prompt_cache(cache_path, source, device=encoder_device)
 
 
-def _load_demo(dt: torch.dtype, dev: torch.device, merge_lora: bool) -> TADiSRHandle:
-    """The shipped demo model (a standalone checkpoint: no Kolors, no checkpoint or prompt-cache input)."""
+def _load_demo(name: str, dt: torch.dtype, dev: torch.device, merge_lora: bool) -> TADiSRHandle:
+    """A shipped demo model, by model_ref name (a standalone checkpoint: no Kolors, no checkpoint or
+    prompt-cache input)."""
     from tadisr_core import model_ref
 
-    ckpt = model_ref.DEMO_CHECKPOINT
+    shipped = model_ref.shipped_models()[name]
+    ckpt = shipped.checkpoint
     if not ckpt.is_file():
-        raise FileNotFoundError(f"TADiSR: the built-in demo model is missing from {ckpt.parent} (this copy of the "
-                                "pack was installed without it); choose a Kolors model instead.")
-    key = ("demo", file_key(str(ckpt)), str(dt), str(dev), bool(merge_lora))
+        raise FileNotFoundError(f"TADiSR: the built-in {name} model is missing from {ckpt.parent} (this copy of "
+                                "the pack was installed without it); choose a Kolors model instead.")
+    key = (name, file_key(str(ckpt)), str(dt), str(dev), bool(merge_lora))
 
     def load() -> TADiSRHandle:
-        log.info("TADiSR: loading the demo model %s (%s, %s)", ckpt, dt, dev)
-        model = model_ref.load_model("demo", dtype=dt, device=host.offload_device(),
+        log.info("TADiSR: loading the %s model %s (%s, %s)", name, ckpt, dt, dev)
+        model = model_ref.load_model(name, dtype=dt, device=host.offload_device(),
                                      merge_lora_weights=bool(merge_lora))
-        return TADiSRHandle(model, dev, dt, key, {"checkpoint": str(ckpt), "prompt": str(model_ref.DEMO_PROMPT_CACHE)},
+        return TADiSRHandle(model, dev, dt, key, {"checkpoint": str(ckpt), "prompt": str(shipped.prompt_cache)},
                             host.make_patcher(model, dev))
 
     return get_or_load(key, load)
@@ -189,8 +194,8 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
     the Kolors ones (KolorsFolderError, NotKolorsError) are the library's own words."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if kolors == DEMO_CHOICE:
-        return _load_demo(dt, dev, merge_lora)
+    if kolors in DEMO_CHOICES:
+        return _load_demo(DEMO_CHOICES[kolors], dt, dev, merge_lora)
     files = resolve_kolors(kolors)
     ckpt_path = resolve_checkpoint(checkpoint)
     cache_path = resolve_prompt_cache(prompt_cache, files)
@@ -213,7 +218,7 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
 
 def validate_checkpoint(checkpoint: str) -> bool | str:
     """True, or the message saying where the checkpoint belongs (for the loader's early check).
-    The "none found" placeholder passes: it is fine with the demo model and reported at run otherwise."""
+    The "none found" placeholder passes: it is fine with the demo models and reported at run otherwise."""
     if checkpoint == NO_CHECKPOINT:
         return True
     try:

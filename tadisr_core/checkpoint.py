@@ -22,6 +22,7 @@ import json
 import pickle
 import sys
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -395,6 +396,12 @@ class KeyReport:
         problems = (self.missing, self.unexpected, self.mismatched)
         return not any(v for kind in problems for v in kind.values())
 
+    def only(self, groups: Iterable[str]) -> "KeyReport":
+        """The report of these groups alone (the others count as fitting)."""
+        keep = set(groups)
+        return KeyReport(self.counts, *({g: v if g in keep else [] for g, v in kind.items()}
+                                        for kind in (self.missing, self.unexpected, self.mismatched)))
+
 
 def compare(ckpt: Checkpoint, model) -> KeyReport:
     """Compare checkpoint keys and shapes with what `model` saves (works on meta models)."""
@@ -424,14 +431,19 @@ def describe_problems(report: KeyReport, path: Path, limit: int = 5) -> str:
     return f"{path} does not fit the model:\n" + "\n".join(lines)
 
 
-def apply_checkpoint(model, ckpt: Checkpoint) -> KeyReport:
-    """Load a checkpoint into a model; raises CheckpointError unless every key and shape fits."""
+def apply_checkpoint(model, ckpt: Checkpoint, parts: Iterable[str] | None = None) -> KeyReport:
+    """Load a checkpoint into a model; raises CheckpointError unless every key and shape fits.
+
+    With `parts` (some of GROUPS) only those parts are loaded, and only they must fit; the others
+    keep their initialisation (a training run started from another variant's backbone).
+    """
+    taken = tuple(GROUPS if parts is None else parts)
     report = compare(ckpt, model)
-    if not report.ok:
-        raise CheckpointError(describe_problems(report, ckpt.path))
+    if not report.only(taken).ok:
+        raise CheckpointError(describe_problems(report.only(taken), ckpt.path))
     if not ckpt.includes_backbone:
         check_base(model, ckpt)
-    for g in GROUPS:
+    for g in taken:
         module = getattr(model, g)
         # A part built on the meta device (the loader's mask decoder) takes the checkpoint's tensors
         # themselves, in their dtype, instead of a copy of them.

@@ -1,10 +1,10 @@
 """`make demo`: upscale the bundled inputs with the shipped demo model and write comparison strips.
 
-    python -m tadisr_core.demo [-o out/demo] [INPUT ...]
+    python -m tadisr_core.demo [-o out/demo] [--model demo|demo-release] [INPUT ...]
 
 For every input (default: tadisr_core/demo/inputs/*.png) it writes NAME_x4.png and
-NAME_text_mask.png through the same CLI a user runs (`upscale --model demo`), then
-NAME_strip.png: bicubic | TADiSR | text mask, side by side at the output size.
+NAME_text_mask.png through the same CLI a user runs (`upscale --model MODEL`), then NAME_strip.png:
+bicubic | TADiSR | text mask, side by side at the output size.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .model_ref import DEMO_DIR
+from .model_ref import DEMO_DIR, shipped_models
 
 DEMO_INPUTS = DEMO_DIR / "inputs"
 STRIP_GAP = 4  # white pixels between the panels
@@ -33,12 +33,12 @@ def comparison_strip(lr: torch.Tensor, sr: torch.Tensor, mask: torch.Tensor) -> 
     return torch.cat([bicubic, gap, sr[:3], gap, mask[:1].expand(3, -1, -1)], dim=-1)
 
 
-def run_demo(out: Path, inputs: list[Path]) -> list[Path]:
-    """Upscale `inputs` with the demo model into `out`; returns the strip paths."""
+def run_demo(out: Path, inputs: list[Path], model: str = "demo") -> list[Path]:
+    """Upscale `inputs` with the shipped `model` into `out`; returns the strip paths."""
     from .cli import main as cli_main
     from .images import load_image, save_image
 
-    code = cli_main(["upscale", *map(str, inputs), "-o", str(out), "--model", "demo", "--tile", "256",
+    code = cli_main(["upscale", *map(str, inputs), "-o", str(out), "--model", model, "--tile", "256",
                      "--overlap", "64", "--quiet"])
     if code != 0:
         raise SystemExit(code)
@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tadisr_core.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path, help="images (default: the bundled demo inputs)")
     p.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
+    p.add_argument("--model", choices=sorted(shipped_models()), default="demo",
+                   help="which shipped model (default demo; demo-release: the release layout)")
     args = p.parse_args(argv)
     inputs = args.inputs or sorted(DEMO_INPUTS.glob("*.png"))
-    strips = run_demo(args.output, inputs)
-    print(f"demo model: {len(inputs)} inputs upscaled into {args.output}/")
+    strips = run_demo(args.output, inputs, args.model)
+    print(f"{args.model} model: {len(inputs)} inputs upscaled into {args.output}/")
     for s in strips:
-        print(f"  {s}   (bicubic | TADiSR demo | text mask)")
+        print(f"  {s}   (bicubic | TADiSR {args.model} | text mask)")
     return 0
 
 

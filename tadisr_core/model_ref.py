@@ -1,6 +1,7 @@
 """Runnable models by reference: the shipped demo, a training run's folder, or a checkpoint file.
 
     --model demo                       the demo model shipped in tadisr_core/demo/ (no other files)
+    --model demo-release               its release-layout twin, shipped in tadisr_core/demo_release/
     --model runs/demo                  a training run: model_final.safetensors, else its newest checkpoint
     --model runs/demo/checkpoints/step_00000600   one checkpoint of a run (the folder or its model.safetensors)
     --model path/to/model.safetensors  a native checkpoint (or the release .pkl)
@@ -26,6 +27,9 @@ from .prompt import PromptCache
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_CHECKPOINT = DEMO_DIR / "tadisr_demo.safetensors"
 DEMO_PROMPT_CACHE = DEMO_DIR / "prompt_cache.safetensors"
+DEMO_RELEASE_DIR = Path(__file__).resolve().parent / "demo_release"
+DEMO_RELEASE_CHECKPOINT = DEMO_RELEASE_DIR / "tadisr_demo_release.safetensors"
+DEMO_RELEASE_PROMPT_CACHE = DEMO_RELEASE_DIR / "prompt_cache.safetensors"
 RUN_FINAL = "model_final.safetensors"
 RUN_PROMPT_CACHE = "prompt_cache.safetensors"
 RUN_CHECKPOINTS = "checkpoints"          # a run's step checkpoints: RUN/checkpoints/step_00000600/
@@ -44,6 +48,21 @@ class ModelFiles:
     prompt_cache: Path | None = None
     kolors: str | None = None
     run: Path | None = None     # the training run folder the checkpoint belongs to
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model that comes with the pack: its files and the Makefile target that re-creates them."""
+
+    checkpoint: Path
+    prompt_cache: Path
+    make_target: str
+
+
+def shipped_models() -> dict[str, ShippedModel]:
+    """The pack's own models by reference name (`--model NAME`), whether their files are present or not."""
+    return {"demo": ShippedModel(DEMO_CHECKPOINT, DEMO_PROMPT_CACHE, "demo-model"),
+            "demo-release": ShippedModel(DEMO_RELEASE_CHECKPOINT, DEMO_RELEASE_PROMPT_CACHE, "demo-model-release")}
 
 
 def run_step_folder(step: int) -> str:
@@ -67,13 +86,14 @@ def _run_of(checkpoint: Path) -> Path | None:
 
 
 def resolve_model(ref: str | Path) -> ModelFiles:
-    """Turn `demo`, a run folder, one of its step folders or a checkpoint file into files;
-    FileNotFoundError names what is missing."""
-    if str(ref) == "demo":
-        if not DEMO_CHECKPOINT.is_file():
-            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; reinstall the pack or "
-                                    f"re-create it with `make demo-model`")
-        return ModelFiles(DEMO_CHECKPOINT, DEMO_PROMPT_CACHE)
+    """Turn a shipped model's name (`demo`, `demo-release`), a run folder, one of its step folders or a
+    checkpoint file into files; FileNotFoundError names what is missing."""
+    shipped = shipped_models().get(str(ref))
+    if shipped is not None:
+        if not shipped.checkpoint.is_file():
+            raise FileNotFoundError(f"the {ref} model is missing from {shipped.checkpoint.parent}; reinstall the "
+                                    f"pack or re-create it with `make {shipped.make_target}`")
+        return ModelFiles(shipped.checkpoint, shipped.prompt_cache)
     path = Path(ref).expanduser()
     if path.is_dir() and (path / RUN_STEP_MODEL).is_file():
         path = path / RUN_STEP_MODEL  # one step's folder of a run: runs/X/checkpoints/step_N/
@@ -81,7 +101,8 @@ def resolve_model(ref: str | Path) -> ModelFiles:
         run = _run_of(path)
         return _with_run_files(path, run) if run is not None else ModelFiles(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model {ref}: no such file or folder (give 'demo', a training run folder, "
+        names = ", ".join(f"'{n}'" for n in shipped_models())
+        raise FileNotFoundError(f"--model {ref}: no such file or folder (give {names}, a training run folder, "
                                 f"one of its {RUN_CHECKPOINTS}/step_N folders or a checkpoint file)")
     checkpoint = path / RUN_FINAL if (path / RUN_FINAL).is_file() else _newest_checkpoint(path)
     if checkpoint is None:

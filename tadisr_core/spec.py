@@ -227,6 +227,7 @@ def demo_spec(variant: Variant = "paper") -> TADiSRSpec:
     (about 9 M parameters), 32 prompt tokens of width 128. Its backbone has no pretrained prior, so
     it is trained whole (first as an autoencoder, `training/configs/demo_prior.yaml`, then on the
     task, `demo.yaml`, `demo_finetune.yaml` and `demo_crop256.yaml`) and shipped inside its checkpoint.
+    The release variant is shipped too, trained from the paper demo's backbone (`demo_release.yaml`).
     """
     return _narrowed(
         variant,

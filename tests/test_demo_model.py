@@ -1,8 +1,9 @@
 """Runnable trained models: the demo spec, checkpoints that carry their backbone, base checks,
-`--model demo|RUN|CHECKPOINT`, the shipped demo's function test and `make demo`'s strips."""
+`--model demo|demo-release|RUN|CHECKPOINT`, the shipped demos' function tests and `make demo`'s strips."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +13,38 @@ import torch
 from tadisr_core.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint, save_model
 from tadisr_core.cli import main as cli_main
 from tadisr_core.model import build_model, random_prompt
-from tadisr_core.model_ref import DEMO_CHECKPOINT, DEMO_DIR, ModelFiles, load_model, load_standalone, resolve_model
+from tadisr_core.model_ref import (
+    DEMO_CHECKPOINT,
+    ModelFiles,
+    load_model,
+    load_standalone,
+    resolve_model,
+    shipped_models,
+)
 from tadisr_core.spec import VARIANTS, demo_spec, full_spec, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
-# Held-out figures of the shipped demo (tadisr_core/demo/MODEL_CARD.md, 60 scenes): mask AUROC 0.908,
-# F1@0.5 0.409, PSNR 0.03 dB under bicubic, LPIPS 0.422 against bicubic's 0.741. The function test (8 scenes)
-# asserts them with a margin, so a change to the model code or the weights that loses what the demo learned fails.
-# Measured on these 8 scenes: AUROC 0.895, F1@0.5 0.406, PSNR 0.05 dB over bicubic, LPIPS 0.322 under it.
-FUNCTION_MIN_MASK_AUROC = 0.85
-FUNCTION_MIN_MASK_F1 = 0.32
-FUNCTION_MAX_PSNR_GAP_DB = 0.2   # demo PSNR >= bicubic PSNR - this
-FUNCTION_MIN_LPIPS_GAIN = 0.25   # demo LPIPS <= bicubic LPIPS - this
+
+
+@dataclass(frozen=True)
+class FunctionFloor:
+    """What a shipped model must keep on the first 8 held-out scenes: its model card's figures with
+    a margin, so a change to the model code or the weights that loses what it learned fails."""
+
+    mask_auroc: float
+    mask_f1: float
+    psnr_gap_db: float   # model PSNR >= bicubic PSNR - this
+    lpips_gain: float    # model LPIPS <= bicubic LPIPS - this
+
+
+FUNCTION_FLOORS = {
+    # tadisr_core/demo/MODEL_CARD.md, 60 scenes: AUROC 0.908, F1@0.5 0.409, PSNR 0.03 dB under bicubic,
+    # LPIPS 0.422 against 0.741. On the 8 scenes: AUROC 0.895, F1 0.406, PSNR +0.05 dB, LPIPS 0.322 under.
+    "demo": FunctionFloor(mask_auroc=0.85, mask_f1=0.32, psnr_gap_db=0.2, lpips_gain=0.25),
+    # tadisr_core/demo_release/MODEL_CARD.md, 60 scenes: AUROC 0.905, F1@0.5 0.403, PSNR 0.01 dB over
+    # bicubic, LPIPS 0.414 against 0.741. On the 8 scenes: AUROC 0.887, F1 0.404, PSNR +0.07 dB, LPIPS 0.327 under.
+    "demo-release": FunctionFloor(mask_auroc=0.85, mask_f1=0.32, psnr_gap_db=0.2, lpips_gain=0.25),
+}
 
 
 def _perturbed(spec, seed: int):
@@ -139,6 +160,17 @@ def test_cli_upscales_with_a_run_folder_and_matches_the_model(tmp_path):
     assert (got - want.image).abs().max() <= 1 / 255 + 1e-6
 
 
+def test_a_missing_shipped_model_names_its_folder_and_make_target(tmp_path, monkeypatch):
+    from tadisr_core import model_ref
+
+    for attr in ("DEMO_CHECKPOINT", "DEMO_RELEASE_CHECKPOINT"):
+        monkeypatch.setattr(model_ref, attr, tmp_path / attr.lower() / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"demo model is missing from .*demo_checkpoint.*`make demo-model`"):
+        resolve_model("demo")
+    with pytest.raises(FileNotFoundError, match=r"demo-release model is missing .*`make demo-model-release`"):
+        resolve_model("demo-release")
+
+
 def test_cli_without_weights_says_how_to_get_them(tmp_path, capsys):
     from tadisr_core.images import save_image
 
@@ -155,35 +187,41 @@ def test_adapter_run_without_its_base_asks_for_kolors(tmp_path):
         load_model(tmp_path / "adapters.safetensors")
 
 
-# -- the shipped demo ---------------------------------------------------------------------------
+# -- the shipped demo models -------------------------------------------------------------------
 demo_only = pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="the demo weights are not in this checkout")
+SHIPPED = [pytest.param(name, marks=pytest.mark.skipif(not m.checkpoint.is_file(),
+                                                       reason=f"the {name} weights are not in this checkout"))
+           for name, m in shipped_models().items()]
 
 
-@demo_only
-def test_shipped_demo_is_small_and_standalone():
-    size = sum(p.stat().st_size for p in DEMO_DIR.glob("*.safetensors"))
-    assert size <= 20e6
-    ckpt = load_checkpoint(DEMO_CHECKPOINT)
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_is_small_and_standalone(name):
+    shipped = shipped_models()[name]
+    assert sum(p.stat().st_size for p in shipped.checkpoint.parent.glob("*.safetensors")) <= 20e6
+    assert (shipped.checkpoint.parent / "MODEL_CARD.md").is_file() and shipped.prompt_cache.is_file()
+    ckpt = load_checkpoint(shipped.checkpoint)
     assert ckpt.includes_backbone and ckpt.spec == demo_spec(ckpt.spec.variant)
+    assert ckpt.spec.variant == ("release" if name == "demo-release" else "paper")
 
 
-@demo_only
 @pytest.mark.slow
-def test_shipped_demo_function_on_held_out_scenes(tmp_path):
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_demo_function_on_held_out_scenes(tmp_path, name):
     """8 held-out scenes (never trained on): the figures of the model card, within a margin."""
     from training.heldout import bicubic, load_set, make_set, model_runner, score
     from training.lpips import LPIPS
 
+    floor = FUNCTION_FLOORS[name]
     items = load_set(make_set(tmp_path / "set", count=8))
     lpips = LPIPS("alex")
-    demo = score(items, model_runner(load_model("demo")), lpips)
+    demo = score(items, model_runner(load_model(name)), lpips)
     base = score(items, bicubic, lpips)
-    print(f"demo: mask AUROC {demo['mask_auroc']:.3f}, F1@0.5 {demo['mask_f1']:.3f}, PSNR {demo['psnr']:.2f} dB, "
+    print(f"{name}: mask AUROC {demo['mask_auroc']:.3f}, F1@0.5 {demo['mask_f1']:.3f}, PSNR {demo['psnr']:.2f} dB, "
           f"LPIPS {demo['lpips']:.3f} (bicubic {base['psnr']:.2f} dB, LPIPS {base['lpips']:.3f})")
-    assert demo["mask_auroc"] >= FUNCTION_MIN_MASK_AUROC
-    assert demo["mask_f1"] >= FUNCTION_MIN_MASK_F1
-    assert demo["psnr"] >= base["psnr"] - FUNCTION_MAX_PSNR_GAP_DB
-    assert demo["lpips"] <= base["lpips"] - FUNCTION_MIN_LPIPS_GAIN
+    assert demo["mask_auroc"] >= floor.mask_auroc
+    assert demo["mask_f1"] >= floor.mask_f1
+    assert demo["psnr"] >= base["psnr"] - floor.psnr_gap_db
+    assert demo["lpips"] <= base["lpips"] - floor.lpips_gain
 
 
 @demo_only
@@ -205,6 +243,21 @@ def test_make_demo_writes_outputs_and_strips(tmp_path, capsys):
         w = sr.shape[-1]
         assert torch.equal(strip[..., :3, :, w + STRIP_GAP:2 * w + STRIP_GAP], sr[..., :3, :, :])
     assert "bicubic | TADiSR demo | text mask" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_demo_runs_each_shipped_model(tmp_path, capsys, name):
+    from tadisr_core.demo import DEMO_INPUTS
+    from tadisr_core.demo import main as demo_main
+    from tadisr_core.images import load_image
+    from tadisr_core.pipeline import upscale
+
+    first = sorted(DEMO_INPUTS.glob("*.png"))[0]
+    assert demo_main(["-o", str(tmp_path), "--model", name, str(first)]) == 0
+    sr = load_image(tmp_path / f"{first.stem}_x4.png")
+    want = upscale(load_model(name), load_image(first), 4, tile=256, overlap=64, tile_batch=1).image
+    assert (sr - want).abs().max() <= 1 / 255 + 1e-6  # the model named, saved as 8-bit PNG
+    assert f"bicubic | TADiSR {name} | text mask" in capsys.readouterr().out
 
 
 def test_mask_metrics_on_hand_made_masks():

@@ -95,6 +95,18 @@ def test_a_used_folder_needs_resume_and_a_changed_config_needs_force(tmp_path):
     assert main(["--config", str(TINY), "--output-dir", str(out)]) == 2
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_without_force():
+    # config.json of an older run lacks newer keys: they count as their defaults, not as changes
+    from training.config import Config
+    from training.train import config_changes
+
+    new = Config().to_dict()
+    old = {s: {k: v for k, v in values.items() if k != "init_parts"} for s, values in new.items()}
+    assert config_changes(old, new) == []
+    new["model"]["init_parts"] = ["unet", "vae"]
+    assert config_changes(old, new) == ["model.init_parts: None -> ['unet', 'vae']"]
+
+
 @pytest.mark.parametrize("override, field", [
     ("data.crop=0", "data.crop"), ("optim.lr=-1", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
     ("optim.betas=[0.9, 1.5]", r"optim.betas\[1\]"), ("train.num_workers=-2", "train.num_workers"),

@@ -117,10 +117,11 @@ def test_object_info_lists_every_node_as_v3_with_tooltips(server):
     assert info["TADiSRLoadImageFromFolder"]["input"]["required"]["index"][1]["control_after_generate"] is True
     loader = info["TADiSRLoadModel"]["input"]["required"]
     assert "tadisr-tiny-kolors" in loader["kolors"][1]["options"]
-    from nodes.loaders import DEMO_CHOICE
-    from tadisr_core.model_ref import DEMO_CHECKPOINT
+    from nodes.loaders import DEMO_CHOICES
+    from tadisr_core.model_ref import shipped_models
 
-    assert (DEMO_CHOICE in loader["kolors"][1]["options"]) == DEMO_CHECKPOINT.is_file()
+    for choice, name in DEMO_CHOICES.items():
+        assert (choice in loader["kolors"][1]["options"]) == shipped_models()[name].checkpoint.is_file()
     assert loader_defaults["merge_lora"] is True and "fp8_e4m3fn" in loader["dtype"][1]["options"]
     assert "tadisr_tiny.safetensors" in loader["checkpoint"][1]["options"]
     assert "prompt_cache.safetensors" not in loader["checkpoint"][1]["options"]

@@ -88,7 +88,10 @@ def test_conversions_round_trip():
 
 # -- loading ------------------------------------------------------------------------------------
 def test_loader_choices(models_dir):
-    assert loaders.kolors_choices() == ["tiny-kolors"] + [loaders.DEMO_CHOICE] * loaders.demo_available()
+    assert loaders.kolors_choices() == ["tiny-kolors"] + loaders.demo_choices()
+    from tadisr_core.model_ref import shipped_models
+
+    assert sorted(loaders.DEMO_CHOICES.values()) == sorted(shipped_models())  # one choice per shipped model
     assert loaders.checkpoint_choices() == ["tadisr_tiny.safetensors", "tadisr_tiny_official.pkl"]
     assert loaders.prompt_cache_choices() == [loaders.AUTO_CACHE, "prompt_cache.safetensors"]
 
@@ -178,7 +181,7 @@ def files_only_models(tiny_dir, tmp_path, monkeypatch):
 
 def test_single_unet_and_vae_files_load_like_the_folder(files_only_models, handle):
     pair = "unet/kolors_unet.safetensors + vae/sdxl_vae.safetensors"
-    assert loaders.kolors_choices() == [pair] + [loaders.DEMO_CHOICE] * loaders.demo_available()
+    assert loaders.kolors_choices() == [pair] + loaders.demo_choices()
     h = loaders.load_model(pair, "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu", False)
     assert h.key[0] == loaders.resolve_kolors(pair).key()
     img = _image(seed=3)
@@ -207,44 +210,55 @@ def test_kolors_errors_are_the_library_messages(files_only_models):
         loaders.load_model("unet/kolors_unet.safetensors", "tadisr_tiny.safetensors")
 
 
-@pytest.fixture
-def demo_files(tmp_path, monkeypatch):
-    """A standalone tiny checkpoint standing in for the shipped demo (its weights may not exist yet)."""
+# model_ref's files of each shipped model, as the loader's fixtures replace them
+DEMO_FILES = {"demo": ("DEMO_CHECKPOINT", "DEMO_PROMPT_CACHE"),
+              "demo-release": ("DEMO_RELEASE_CHECKPOINT", "DEMO_RELEASE_PROMPT_CACHE")}
+
+
+@pytest.fixture(params=sorted(DEMO_FILES))
+def demo_files(request, tmp_path, monkeypatch):
+    """(name, model): a standalone tiny checkpoint of the shipped demo's variant standing in for it."""
     from tadisr_core import model_ref
     from tadisr_core.checkpoint import save_model
     from tadisr_core.model import build_model, random_prompt
     from tadisr_core.spec import tiny_spec
 
-    spec = tiny_spec("paper")
+    name = request.param
+    spec = tiny_spec("release" if name == "demo-release" else "paper")
     model = build_model(spec, prompt=random_prompt(spec), seed=4).eval()
-    ckpt, cache = tmp_path / "tadisr_demo.safetensors", tmp_path / "prompt_cache.safetensors"
+    ckpt, cache = tmp_path / f"{name}.safetensors", tmp_path / "prompt_cache.safetensors"
     save_model(model, ckpt, backbone=True)
     model.prompt.save(cache)
-    monkeypatch.setattr(model_ref, "DEMO_CHECKPOINT", ckpt)
-    monkeypatch.setattr(model_ref, "DEMO_PROMPT_CACHE", cache)
-    return model
+    for attr, path in zip(DEMO_FILES[name], (ckpt, cache)):
+        monkeypatch.setattr(model_ref, attr, path)
+    return name, model
 
 
 def test_demo_choice_loads_the_built_in_model_and_ignores_checkpoint_and_cache(models_dir, demo_files):
     from tadisr_core import pipeline
 
-    assert loaders.kolors_choices()[-1] == loaders.DEMO_CHOICE
-    h = loaders.load_model(loaders.DEMO_CHOICE, loaders.NO_CHECKPOINT, "missing.safetensors", "fp32", "cpu", False)
-    assert h.sources["checkpoint"].endswith("tadisr_demo.safetensors")
+    name, model = demo_files
+    (choice,) = [c for c, n in loaders.DEMO_CHOICES.items() if n == name]
+    assert choice in loaders.kolors_choices()
+    h = loaders.load_model(choice, loaders.NO_CHECKPOINT, "missing.safetensors", "fp32", "cpu", False)
+    assert h.sources["checkpoint"].endswith(f"{name}.safetensors")
+    assert h.model.spec.variant == model.spec.variant
     img = _image(seed=6)
     image, mask, _ = upscale.upscale(h, img, **TILE)
-    ref = pipeline.upscale(demo_files, convert.image_to_core(img), 4.0, 64, 16, 2)
+    ref = pipeline.upscale(model, convert.image_to_core(img), 4.0, 64, 16, 2)
     assert torch.equal(image, convert.image_from_core(ref.image))
     assert torch.equal(mask, convert.mask_from_core(ref.mask))
 
 
-def test_without_demo_weights_the_choice_is_absent_and_explains(models_dir, monkeypatch, tmp_path):
+def test_without_demo_weights_the_choices_are_absent_and_explain(models_dir, monkeypatch, tmp_path):
     from tadisr_core import model_ref
 
-    monkeypatch.setattr(model_ref, "DEMO_CHECKPOINT", tmp_path / "absent.safetensors")
-    assert loaders.DEMO_CHOICE not in loaders.kolors_choices()
-    with pytest.raises(FileNotFoundError, match="built-in demo model is missing"):
-        loaders.load_model(loaders.DEMO_CHOICE, loaders.NO_CHECKPOINT)
+    for attr, _ in DEMO_FILES.values():
+        monkeypatch.setattr(model_ref, attr, tmp_path / "absent.safetensors")
+    assert loaders.demo_choices() == [] and not set(loaders.DEMO_CHOICES) & set(loaders.kolors_choices())
+    for choice, name in loaders.DEMO_CHOICES.items():
+        with pytest.raises(FileNotFoundError, match=f"built-in {name} model is missing"):
+            loaders.load_model(choice, loaders.NO_CHECKPOINT)
 
 
 # -- running -----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 non-finite steps, gradient checkpointing, ablations, configs, the training-step benchmark."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -249,6 +250,47 @@ def test_build_from_kolors_folder_and_checkpoint(tiny_dir):
         build_model_from_config(cfg)
 
 
+def test_init_parts_start_another_variant_from_the_backbone(tmp_path):
+    # the release-layout demo starts from the paper demo's backbone, with a fresh mask decoder
+    from tadisr_core.checkpoint import CheckpointError, save_model
+    from tadisr_core.model import build_model, random_prompt
+    from tadisr_core.spec import tiny_spec
+    from training.builders import build_model_from_config
+
+    paper = build_model(tiny_spec("paper"), prompt=random_prompt(tiny_spec("paper")), seed=3)
+    path = save_model(paper, tmp_path / "paper.safetensors", backbone=True)
+    cfg = Config()
+    cfg.model.variant, cfg.model.size, cfg.model.init_checkpoint = "release", "tiny", str(path)
+    with pytest.raises(ConfigError, match=r"init_parts: \[unet, vae\]"):
+        build_model_from_config(cfg)
+    cfg.model.init_parts = ["unet", "vae"]
+    said = []
+    model = build_model_from_config(cfg, log=said.append)
+    fresh = build_model_from_config(dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, init_checkpoint=None, init_parts=None)))
+    assert model.spec.variant == "release" and not model.needs_attention
+    for part in ("unet", "vae"):  # taken whole
+        want = getattr(paper, part).state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in getattr(model, part).state_dict().items())
+    got, init = model.mi_decoder.state_dict(), fresh.mi_decoder.state_dict()
+    assert all(torch.equal(v, init[k]) for k, v in got.items())  # the config's own initialisation
+    assert said == [f"model.init_parts: took unet, vae from {path}; kept their initialisation: mi_decoder"]
+    # the parts taken must fit whole: a checkpoint of another size is refused, not half loaded
+    cfg.model.size = "demo"
+    with pytest.raises(CheckpointError, match=r"paper\.safetensors(.|\n)*unet\.\S+: expected shape"):
+        build_model_from_config(cfg)
+
+
+def test_init_parts_are_checked_when_the_config_loads():
+    from training.config import config_from_dict
+
+    base = {"model": {"init_checkpoint": "x.safetensors", "init_parts": ["unet", "decoder"]}}
+    with pytest.raises(ConfigError, match=r"init_parts = \['unet', 'decoder'\]; choose .*'mi_decoder'"):
+        config_from_dict(base, "c.yaml").validate("c.yaml")
+    with pytest.raises(ConfigError, match="init_parts .* needs model.init_checkpoint"):
+        config_from_dict({"model": {"init_parts": ["unet"]}}, "c.yaml").validate("c.yaml")
+
+
 def test_meta_materialise_gives_a_finite_model():
     from tadisr_core.model import build_model, random_prompt
     from tadisr_core.spec import tiny_spec
@@ -276,6 +318,29 @@ def test_config_files_load():
 DEMO_PHASES = ("demo_prior", "demo", "demo_finetune", "demo_crop256")
 
 
+def _make_recipe(target: str) -> str:
+    """The lines of one Makefile target's recipe."""
+    text = (REPO / "Makefile").read_text()
+    return re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, re.M).group(1)
+
+
+def test_release_demo_starts_from_the_shipped_paper_demo_and_ships_where_the_loader_looks():
+    from tadisr_core import model_ref
+
+    cfg = load_config(REPO / "training" / "configs" / "demo_release.yaml")
+    paper = load_config(REPO / "training" / "configs" / f"{DEMO_PHASES[-1]}.yaml")
+    assert (cfg.model.variant, cfg.model.size, cfg.model.train_backbone) == ("release", "demo", True)
+    assert (REPO / cfg.model.init_checkpoint).resolve() == model_ref.DEMO_CHECKPOINT
+    assert cfg.model.init_parts == ["unet", "vae"]
+    assert cfg.data == paper.data  # phase 4's task...
+    assert cfg.train.seed not in {load_config(REPO / "training" / "configs" / f"{p}.yaml").train.seed
+                                  for p in DEMO_PHASES}  # ...on scenes no paper phase saw
+    recipe = _make_recipe("demo-model-release")
+    out = model_ref.DEMO_RELEASE_CHECKPOINT
+    assert "--config training/configs/demo_release.yaml" in recipe
+    assert f"{out.parent.relative_to(REPO)} --name {out.stem}\n" in recipe
+
+
 def test_demo_phases_chain_by_their_defaults():
     # run without --output-dir, each demo phase starts from the one before it
     phases = [load_config(REPO / "training" / "configs" / f"{name}.yaml")
@@ -286,7 +351,7 @@ def test_demo_phases_chain_by_their_defaults():
     assert len(set(task_seeds)) == len(task_seeds)  # each task phase sees fresh scenes
     # `make demo-model` runs them all, in this order, each from the run before it
     runs = re.findall(r"--config training/configs/(\w+)\.yaml --output-dir (\S+)(?: \\\n\s+--set "
-                      r"model\.init_checkpoint=(\S+))?", (REPO / "Makefile").read_text())
+                      r"model\.init_checkpoint=(\S+))?", _make_recipe("demo-model"))
     assert [name for name, _, _ in runs] == list(DEMO_PHASES)
     for (_, out, _), (_, _, init) in zip(runs, runs[1:]):
         assert init == f"{out}/model_final.safetensors"

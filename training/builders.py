@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,8 @@ def materialise_random_(model: nn.Module, device: str | torch.device, seed: int 
     return model
 
 
-def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
+def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
+                            log: Callable[[str], None] = print):
     """The TADiSR model a config describes, fp32, before any trainable/frozen split.
 
     - `model.kolors_dir` set: Kolors base weights from that folder (full or a make-tiny folder), the
@@ -63,24 +65,29 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
     - otherwise random weights of the tiny or full spec and a random prompt (tests, benchmarks);
       a full random model on CUDA is built on the meta device and materialised there.
     `model.init_checkpoint` (release .pkl or native .safetensors) is applied on top; its spec
-    (variant, ranks) wins over the config's defaults, and a conflicting `model.variant` is an error.
+    (variant, ranks) wins over the config's defaults, and a conflicting `model.variant` is an error;
+    with `model.init_parts` the config defines the model, only those parts are taken (they must fit)
+    and `log` is told what kept its initialisation.
     """
-    from tadisr_core.checkpoint import apply_checkpoint, load_checkpoint
+    from tadisr_core.checkpoint import GROUPS, apply_checkpoint, load_checkpoint
     from tadisr_core.model import TADiSRModel, build_model, random_prompt
     from tadisr_core.spec import spec_for_size
 
     m = cfg.model
     ckpt = load_checkpoint(m.init_checkpoint) if m.init_checkpoint else None
-    if ckpt is not None and ckpt.spec.variant != m.variant:
+    if ckpt is not None and ckpt.spec.variant != m.variant and m.init_parts is None:
         raise ConfigError(f"model.variant = {m.variant!r} but {m.init_checkpoint} is a {ckpt.spec.variant!r} "
-                          f"checkpoint; set model.variant: {ckpt.spec.variant}")
+                          f"checkpoint; set model.variant: {ckpt.spec.variant} (or model.init_parts: [unet, vae] "
+                          f"to start a {m.variant!r} model from its backbone)")
+    # With init_parts the config's variant and size define the model and the checkpoint only fills it.
+    spec_from_ckpt = ckpt is not None and m.init_parts is None
     if m.kolors_dir:
         from tadisr_core.backbone import check_kolors_folder, load_unet, load_vae, read_unet_spec, read_vae_spec
         from tadisr_core.loading import ensure_prompt_cache
         from tadisr_core.prompt import compute_prompt_cache_from_kolors
 
         check_kolors_folder(m.kolors_dir)
-        base = ckpt.spec if ckpt is not None else spec_for_size("full", m.variant)
+        base = ckpt.spec if spec_from_ckpt else spec_for_size("full", m.variant)
         prompt = (ensure_prompt_cache(m.prompt_cache, m.kolors_dir) if m.prompt_cache
                   else compute_prompt_cache_from_kolors(m.kolors_dir))
         spec = dataclasses.replace(base, unet=read_unet_spec(m.kolors_dir), vae=read_vae_spec(m.kolors_dir),
@@ -90,7 +97,7 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
         torch.manual_seed(m.init_seed)
         model = TADiSRModel(spec, load_unet(m.kolors_dir), load_vae(m.kolors_dir), prompt)
     else:
-        base = ckpt.spec if ckpt is not None else spec_for_size(m.size, m.variant)
+        base = ckpt.spec if spec_from_ckpt else spec_for_size(m.size, m.variant)
         spec = _customise_spec(base, cfg)
         if torch.device(device).type == "cuda" and m.size == "full":
             model = build_model(spec, device="meta")
@@ -99,7 +106,11 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu"):
         else:
             model = build_model(spec, prompt=random_prompt(spec), seed=m.init_seed)
     if ckpt is not None:
-        apply_checkpoint(model, ckpt)
+        apply_checkpoint(model, ckpt, m.init_parts)
+        if m.init_parts is not None:
+            kept = [g for g in GROUPS if g not in m.init_parts]
+            log(f"model.init_parts: took {', '.join(m.init_parts)} from {m.init_checkpoint}; kept their "
+                f"initialisation: {', '.join(kept) or 'nothing'}")
     return model
 
 

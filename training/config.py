@@ -30,6 +30,8 @@ class ModelConfig:
     train_backbone: bool = False            # train every UNet/VAE weight too (saved inside the checkpoint)
     kolors_dir: str | None = None           # Kolors diffusers folder with the base UNet/VAE weights
     init_checkpoint: str | None = None      # TADiSR checkpoint (.safetensors or the release .pkl) to start from
+    init_parts: list[str] | None = None     # take only these parts of init_checkpoint (unet, vae, mi_decoder),
+                                            # e.g. another variant's backbone; None: all of it
     prompt_cache: str | None = None         # prompt cache file; computed with Kolors' ChatGLM3 when absent
     unet_rank: int | None = None            # None: the variant's default (4)
     vae_rank: int | None = None             # None: the variant's default (2)
@@ -168,6 +170,14 @@ class Config:
             raise ConfigError(f"{source}: data.root is required for data.kind = {self.data.kind}")
         if self.data.kind == "realce" and not self.data.list_file:
             raise ConfigError(f"{source}: data.list_file is required for data.kind = realce")
+        parts = self.model.init_parts
+        if parts is not None:
+            from tadisr_core.checkpoint import GROUPS
+
+            if not self.model.init_checkpoint:
+                raise ConfigError(f"{source}: model.init_parts = {parts} needs model.init_checkpoint")
+            if not parts or any(p not in GROUPS for p in parts):
+                raise ConfigError(f"{source}: model.init_parts = {parts}; choose one or more of {list(GROUPS)}")
         if self.model.size == "full" and not self.model.kolors_dir and self.model.init_checkpoint:
             raise ConfigError(f"{source}: model.init_checkpoint needs model.kolors_dir (the base weights)")
         return self

@@ -59,14 +59,17 @@ LOOP_ONLY = {"train.max_steps", "train.output_dir", "train.log_every", "train.ch
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-    """`section.key: old -> new` for every setting that differs, loop-only settings left out."""
+    """`section.key: old -> new` for every setting that differs, loop-only settings left out; a key
+    that one side lacks (a run recorded before the key existed) counts as its default."""
+    defaults = Config().to_dict()
     changes = []
     for section in sorted(set(old) | set(new)):
-        a, b = old.get(section) or {}, new.get(section) or {}
+        a, b, d = old.get(section) or {}, new.get(section) or {}, defaults.get(section) or {}
         for key in sorted(set(a) | set(b)):
             name = f"{section}.{key}"
-            if name not in LOOP_ONLY and a.get(key) != b.get(key):
-                changes.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
+            before, after = a.get(key, d.get(key)), b.get(key, d.get(key))
+            if name not in LOOP_ONLY and before != after:
+                changes.append(f"{name}: {before!r} -> {after!r}")
     return changes
 
 
@@ -157,7 +160,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
 
-        model = build_model_from_config(cfg, self.acc.device)
+        model = build_model_from_config(cfg, self.acc.device, log=self._print)
         self.backbone = cfg.model.train_backbone
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=self.backbone)
         self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model, self.backbone).items()}

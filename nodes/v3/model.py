@@ -22,8 +22,8 @@ class TADiSRLoadModel(io.ComfyNode):
             description=(
                 "Loads TADiSR (text-aware 4x super-resolution): the Kolors base model (a diffusers folder in "
                 "models/diffusers, or a Kolors UNet file in models/unet + the SDXL VAE in models/vae), the TADiSR "
-                "checkpoint from models/tadisr and the cached prompt conditioning; or the small built-in demo "
-                "model, which needs none of them. Loaded models are cached and handed to ComfyUI's memory manager, "
+                "checkpoint from models/tadisr and the cached prompt conditioning; or one of the small built-in demo "
+                "models, which need none of them. Loaded models are cached and handed to ComfyUI's memory manager, "
                 "which offloads them when other models need VRAM."),
             inputs=[
                 io.Combo.Input("kolors", options=loaders.kolors_choices(), tooltip=(
@@ -31,15 +31,16 @@ class TADiSRLoadModel(io.ComfyNode):
                     "vae/ + an SDXL VAE file from models/vae), or a Kolors UNet file from models/unet + an SDXL VAE "
                     "file. text_encoder/ + tokenizer/ (or a ChatGLM3 folder in models/LLM) are only read once, to "
                     "compute the prompt cache. 'demo': the small model shipped with the pack (trained on synthetic "
-                    "text scenes), no Kolors needed; it ignores checkpoint and prompt_cache.")),
+                    "text scenes), no Kolors needed; 'demo-release': its twin with the released checkpoint's layout. "
+                    "Both ignore checkpoint and prompt_cache.")),
                 io.Combo.Input("checkpoint", options=loaders.checkpoint_choices(), tooltip=(
                     "TADiSR weights in models/tadisr: the released tadisr_kolors_ftsr_526000.pkl or a .safetensors "
-                    "conversion (python -m tadisr_core.checkpoint convert). Ignored by the demo model.")),
+                    "conversion (python -m tadisr_core.checkpoint convert). Ignored by the demo models.")),
                 io.Combo.Input("prompt_cache", options=loaders.prompt_cache_choices(), default=loaders.AUTO_CACHE,
                                tooltip=(
                     "Prompt conditioning. 'auto' uses models/tadisr/prompt_cache_<kolors folder>.safetensors and "
                     "computes it once from the folder's ChatGLM3 when missing (needs ~13 GB VRAM or a few minutes "
-                    "on CPU); afterwards ChatGLM3 is never loaded again. Ignored by the demo model.")),
+                    "on CPU); afterwards ChatGLM3 is never loaded again. Ignored by the demo models.")),
                 io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=(
                     "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32), fp32 on CPU. "
                     "bf16/fp16 halve VRAM; fp8_e4m3fn stores the UNet in fp8 (computed in bf16), about half of bf16.")),
