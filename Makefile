@@ -30,7 +30,7 @@ demo-model: venv  # re-train the demo model from scratch (about 4 h on 2 CPU cor
 		--set model.init_checkpoint=$(DEMO_RUN)-finetune/model_final.safetensors
 	$(VPY) -m training.export_model $(DEMO_RUN) tadisr_core/demo
 
-demo-model-release: venv  # the release-layout demo, from the shipped paper demo (about 40 min on 2 CPU cores), shipped
+demo-model-release: venv  # train the release-layout demo from the shipped paper demo (about 50 min on 2 CPU cores) and ship it
 	$(VPY) -m training.train --config training/configs/demo_release.yaml --output-dir $(DEMO_RUN)-release
 	$(VPY) -m training.export_model $(DEMO_RUN)-release tadisr_core/demo_release --name tadisr_demo_release
 

@@ -438,6 +438,8 @@ def apply_checkpoint(model, ckpt: Checkpoint, parts: Iterable[str] | None = None
     keep their initialisation (a training run started from another variant's backbone).
     """
     taken = tuple(GROUPS if parts is None else parts)
+    if not set(taken) <= set(GROUPS):
+        raise ValueError(f"parts {list(taken)}: choose among {list(GROUPS)}")
     report = compare(ckpt, model)
     if not report.only(taken).ok:
         raise CheckpointError(describe_problems(report.only(taken), ckpt.path))

@@ -1,6 +1,6 @@
 """`make demo`: upscale the bundled inputs with the shipped demo model and write comparison strips.
 
-    python -m tadisr_core.demo [-o out/demo] [--model demo|demo-release] [INPUT ...]
+    python -m tadisr_core.demo [--model demo|demo-release] [-o out/MODEL] [INPUT ...]
 
 For every input (default: tadisr_core/demo/inputs/*.png) it writes NAME_x4.png and
 NAME_text_mask.png through the same CLI a user runs (`upscale --model MODEL`), then NAME_strip.png:
@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m tadisr_core.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path, help="images (default: the bundled demo inputs)")
-    p.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="output folder (default out/MODEL: out/demo)")
     p.add_argument("--model", choices=sorted(shipped_models()), default="demo",
                    help="which shipped model (default demo; demo-release: the release layout)")
     args = p.parse_args(argv)
+    args.output = args.output or Path("out") / args.model
     inputs = args.inputs or sorted(DEMO_INPUTS.glob("*.png"))
     strips = run_demo(args.output, inputs, args.model)
     print(f"{args.model} model: {len(inputs)} inputs upscaled into {args.output}/")

@@ -246,15 +246,16 @@ def test_make_demo_writes_outputs_and_strips(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_demo_runs_each_shipped_model(tmp_path, capsys, name):
+def test_demo_runs_each_shipped_model_into_its_own_folder(tmp_path, monkeypatch, capsys, name):
     from tadisr_core.demo import DEMO_INPUTS
     from tadisr_core.demo import main as demo_main
     from tadisr_core.images import load_image
     from tadisr_core.pipeline import upscale
 
     first = sorted(DEMO_INPUTS.glob("*.png"))[0]
-    assert demo_main(["-o", str(tmp_path), "--model", name, str(first)]) == 0
-    sr = load_image(tmp_path / f"{first.stem}_x4.png")
+    monkeypatch.chdir(tmp_path)
+    assert demo_main(["--model", name, str(first)]) == 0
+    sr = load_image(tmp_path / "out" / name / f"{first.stem}_x4.png")  # out/MODEL by default
     want = upscale(load_model(name), load_image(first), 4, tile=256, overlap=64, tile_batch=1).image
     assert (sr - want).abs().max() <= 1 / 255 + 1e-6  # the model named, saved as 8-bit PNG
     assert f"bicubic | TADiSR {name} | text mask" in capsys.readouterr().out

@@ -252,7 +252,7 @@ def test_build_from_kolors_folder_and_checkpoint(tiny_dir):
 
 def test_init_parts_start_another_variant_from_the_backbone(tmp_path):
     # the release-layout demo starts from the paper demo's backbone, with a fresh mask decoder
-    from tadisr_core.checkpoint import CheckpointError, save_model
+    from tadisr_core.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint, save_model
     from tadisr_core.model import build_model, random_prompt
     from tadisr_core.spec import tiny_spec
     from training.builders import build_model_from_config
@@ -275,6 +275,8 @@ def test_init_parts_start_another_variant_from_the_backbone(tmp_path):
     got, init = model.mi_decoder.state_dict(), fresh.mi_decoder.state_dict()
     assert all(torch.equal(v, init[k]) for k, v in got.items())  # the config's own initialisation
     assert said == [f"model.init_parts: took unet, vae from {path}; kept their initialisation: mi_decoder"]
+    with pytest.raises(ValueError, match=r"parts \['decoder'\]: choose among"):
+        apply_checkpoint(model, load_checkpoint(path), ["decoder"])
     # the parts taken must fit whole: a checkpoint of another size is refused, not half loaded
     cfg.model.size = "demo"
     with pytest.raises(CheckpointError, match=r"paper\.safetensors(.|\n)*unet\.\S+: expected shape"):
@@ -441,8 +443,8 @@ def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(t
     """A few steps of each demo phase, as `make demo-model` chains them: the autoencoder prior
     (demo_prior.yaml: scale 1, the HR itself as input), then the task phases (demo.yaml,
     demo_finetune.yaml, demo_crop256.yaml), each from the previous phase's weights. Every weight
-    trains, and the run folder is a runnable model. The shipped demo is the paper variant; the
-    release variant trains by the same recipe with `--set model.variant=release`."""
+    trains, and the run folder is a runnable model. The recipe trains either variant; the shipped
+    `demo-release` instead starts from the paper demo (demo_release.yaml, tested above)."""
     from tadisr_core.checkpoint import load_checkpoint
     from tadisr_core.model_ref import load_model
     from tadisr_core.pipeline import upscale

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("score", help="score bicubic, the given models and the random tiny model")
     sc.add_argument("dir", type=Path)
     sc.add_argument("--model", action="append", default=[],
-                    help="demo, a run folder, one of its step folders or a checkpoint (repeatable)")
+                    help="demo, demo-release, a run folder, one of its step folders or a checkpoint (repeatable)")
     sc.add_argument("--json", type=Path, help="also write the report here")
     sc.add_argument("--no-ocr", action="store_true")
     sc.add_argument("--no-lpips", action="store_true")
