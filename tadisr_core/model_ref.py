@@ -1,4 +1,4 @@
-"""Runnable models by reference: the shipped demo, a training run's folder, or a checkpoint file.
+"""Runnable models by reference: a shipped demo, a training run's folder, or a checkpoint file.
 
     --model demo                       the demo model shipped in tadisr_core/demo/ (no other files)
     --model demo-release               its release-layout twin, shipped in tadisr_core/demo_release/
