@@ -196,7 +196,7 @@ def build_loss(cfg: Config, device: str | torch.device = "cpu"):
     from training.losses import TADiSRLoss, loss_settings
 
     lc = cfg.loss
-    overrides = {k: getattr(lc, k) for k in ("mse", "lpips", "mfl", "mask_mse", "mask_focal", "mask_dice",
+    overrides = {k: getattr(lc, k) for k in ("mse", "lpips", "mfl", "ocr", "mask_mse", "mask_focal", "mask_dice",
                                               "lpips_net", "mfl_gamma", "mfl_detach_weight", "focal_alpha",
                                               "focal_gamma", "dice_smooth")}
     if cfg.ablation.no_mfl:
@@ -211,7 +211,12 @@ def build_loss(cfg: Config, device: str | torch.device = "cpu"):
         from training.lpips import LPIPS
 
         lpips = LPIPS(settings.lpips_net, lc.lpips_weights).to(device)
-    return TADiSRLoss(settings, lpips, use_mask=not cfg.ablation.no_jsd).to(device)
+    ocr_features = None
+    if settings.weights.ocr:
+        from training.ocr_features import RecognizerFeatures
+
+        ocr_features = RecognizerFeatures()
+    return TADiSRLoss(settings, lpips, use_mask=not cfg.ablation.no_jsd, ocr_features=ocr_features).to(device)
 
 
 # -- data ---------------------------------------------------------------------------------------

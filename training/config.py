@@ -72,6 +72,7 @@ class LossConfig:
     mse: float | None = None
     lpips: float | None = None
     mfl: float | None = None
+    ocr: float | None = None                # legibility: PP-OCR recogniser features on the text (off)
     mask_mse: float | None = None
     mask_focal: float | None = None
     mask_dice: float | None = None
@@ -198,7 +199,7 @@ class Config:
             "train.keep_checkpoints": (t.keep_checkpoints, 0), "train.validate_every": (t.validate_every, 0),
             "train.num_workers": (t.num_workers, 0), "train.max_nonfinite": (t.max_nonfinite, 0),
             "train.max_bad_samples": (t.max_bad_samples, 0),
-            **{f"loss.{k}": (getattr(ls, k), 0) for k in ("mse", "lpips", "mfl", "mask_mse", "mask_focal",
+            **{f"loss.{k}": (getattr(ls, k), 0) for k in ("mse", "lpips", "mfl", "ocr", "mask_mse", "mask_focal",
                                                          "mask_dice", "mfl_gamma", "focal_gamma", "dice_smooth")},
         }
         for key, (value, low) in at_least.items():

@@ -22,6 +22,11 @@ detached: the MFL also trains the mask stream (towards the GT wherever edges are
 ``mfl_detach_weight=True`` stops that gradient (the image stream alone is steered). The released
 training scripts use no MFL at all (see the ``release`` preset).
 
+The legibility loss (``ocr``, off in both presets; not in the paper) compares what a text recogniser
+sees: the L1 distance between the features of PP-OCR's recogniser backbone
+(``training.ocr_features``) on the output and on the ground truth, averaged over the feature cells
+that hold GT text (the GT mask max-pooled to the feature grid). Crops without text add nothing.
+
 All terms are means over pixels and over the batch (the release sums focal and Dice over the batch;
 at its batch size of 1 that is the same).
 """
@@ -35,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGE_TERMS = ("mse", "lpips", "mfl")
+IMAGE_TERMS = ("mse", "lpips", "mfl", "ocr")
 MASK_TERMS = ("mask_mse", "mask_focal", "mask_dice")
 TERMS = IMAGE_TERMS + MASK_TERMS
 
@@ -47,6 +52,7 @@ class LossWeights:
     mse: float = 1.0
     lpips: float = 5.0
     mfl: float = 10.0
+    ocr: float = 0.0
     mask_mse: float = 1.0
     mask_focal: float = 10.0
     mask_dice: float = 1.0
@@ -108,6 +114,16 @@ def modified_focal_loss(sr: torch.Tensor, hr: torch.Tensor, mask_logits: torch.T
     return (sq_err * weight).mean()
 
 
+def ocr_feature_loss(sr: torch.Tensor, hr: torch.Tensor, mask_gt: torch.Tensor, features: nn.Module) -> torch.Tensor:
+    """L1 between recogniser features of ``sr`` and ``hr``, mean over the feature cells holding GT text."""
+    f_sr = features(sr)
+    with torch.no_grad():
+        f_hr = features(hr)
+    weight = F.adaptive_max_pool2d(mask_gt.float(), f_sr.shape[-2:])
+    err = (f_sr - f_hr).abs().mean(1, keepdim=True)
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
                        gamma: float = 2.0) -> torch.Tensor:
     """RetinaNet focal loss on logits, mean over pixels and batch (``alpha < 0`` disables alpha); kornia's."""
@@ -127,15 +143,17 @@ class TADiSRLoss(nn.Module):
     """Image + mask loss. ``forward`` returns a dict of unweighted terms plus the weighted ``total``.
 
     ``lpips``: an LPIPS module (``training.lpips.LPIPS``) or None; required when the LPIPS weight
-    is non-zero. ``use_mask=False`` (the no-JSD ablation) drops every term that reads the predicted
-    mask: the three mask terms and the MFL.
+    is non-zero; ``ocr_features``: a ``training.ocr_features.RecognizerFeatures`` or None, required
+    when the ``ocr`` weight is non-zero. ``use_mask=False`` (the no-JSD ablation) drops every term
+    that reads the predicted mask: the three mask terms and the MFL.
     """
 
     def __init__(self, settings: LossSettings = LossSettings(), lpips: nn.Module | None = None,
-                 use_mask: bool = True):
+                 use_mask: bool = True, ocr_features: nn.Module | None = None):
         super().__init__()
         self.settings = settings
         self.lpips = lpips
+        self.ocr_features = ocr_features
         w = settings.weights
         self.weights = {name: float(getattr(w, name)) for name in TERMS}
         if not use_mask:
@@ -145,6 +163,9 @@ class TADiSRLoss(nn.Module):
         if "lpips" in self.weights and lpips is None:
             raise ValueError("the LPIPS weight is non-zero but no LPIPS network was given "
                              "(set loss.lpips_net to alex/vgg, or the LPIPS weight to 0)")
+        if "ocr" in self.weights and ocr_features is None:
+            raise ValueError("the ocr weight is non-zero but no recogniser features were given "
+                             "(training.ocr_features.RecognizerFeatures)")
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -161,6 +182,8 @@ class TADiSRLoss(nn.Module):
             if mask_logits is None or mask_gt is None:
                 raise ValueError(f"terms {self.terms} need the predicted mask logits and the GT mask")
             m, t = mask_logits.float(), mask_gt.float()
+        if "ocr" in self.weights and mask_gt is None:
+            raise ValueError("the ocr term needs the GT mask (it weights the text regions)")
         out: dict[str, torch.Tensor] = {}
         if "mse" in self.weights:
             out["mse"] = F.mse_loss(sr, hr)
@@ -168,6 +191,8 @@ class TADiSRLoss(nn.Module):
             out["lpips"] = self.lpips(sr, hr, normalize=s.lpips_normalize).mean()
         if "mfl" in self.weights:
             out["mfl"] = modified_focal_loss(sr, hr, m, t, s.mfl_gamma, s.mfl_detach_weight)
+        if "ocr" in self.weights:
+            out["ocr"] = ocr_feature_loss(sr, hr, mask_gt, self.ocr_features)
         if "mask_mse" in self.weights:
             out["mask_mse"] = F.mse_loss(m if s.mask_mse_on_logits else torch.sigmoid(m), t)
         if "mask_focal" in self.weights:
