@@ -193,11 +193,10 @@ class TrainingForward(nn.Module):
 # -- loss ---------------------------------------------------------------------------------------
 def build_loss(cfg: Config, device: str | torch.device = "cpu"):
     """The TADiSRLoss a config describes (LPIPS loaded from `loss.lpips_weights` / the default dir)."""
-    from training.losses import TADiSRLoss, loss_settings
+    from training.losses import TERMS, TADiSRLoss, loss_settings
 
     lc = cfg.loss
-    overrides = {k: getattr(lc, k) for k in ("mse", "lpips", "mfl", "ocr", "mask_mse", "mask_focal", "mask_dice",
-                                              "lpips_net", "mfl_gamma", "mfl_detach_weight", "focal_alpha",
+    overrides = {k: getattr(lc, k) for k in (*TERMS, "lpips_net", "mfl_gamma", "mfl_detach_weight", "focal_alpha",
                                               "focal_gamma", "dice_smooth")}
     if cfg.ablation.no_mfl:
         overrides["mfl"] = 0.0
