@@ -224,6 +224,26 @@ def test_shipped_demo_function_on_held_out_scenes(tmp_path, name):
     assert demo["lpips"] <= base["lpips"] - floor.lpips_gain
 
 
+@pytest.mark.slow
+@demo_only
+def test_held_out_score_gives_a_row_per_colour_fix(tmp_path):
+    """`training.heldout score --color-fix none --color-fix wavelet`: a row per fix for each model; the
+    fix changes the image figures and leaves the mask's."""
+    from training.heldout import main as heldout_main
+    from training.heldout import make_set
+
+    make_set(tmp_path / "set", count=2, size=128)
+    out = tmp_path / "report.json"
+    assert heldout_main(["score", str(tmp_path / "set"), "--model", "demo", "--color-fix", "none",
+                         "--color-fix", "wavelet", "--no-ocr", "--no-lpips", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["bicubic", "demo", "demo, --color-fix wavelet", "tiny-random"]
+    plain, fixed = rows["demo"], rows["demo, --color-fix wavelet"]
+    assert [fixed[k] for k in ("mask_iou", "mask_f1", "mask_auroc")] == \
+        [plain[k] for k in ("mask_iou", "mask_f1", "mask_auroc")]
+    assert fixed["psnr"] != plain["psnr"] and fixed["mask_f1"] > 0
+
+
 @demo_only
 def test_make_demo_writes_outputs_and_strips(tmp_path, capsys):
     from tadisr_core.demo import DEMO_INPUTS, STRIP_GAP
@@ -273,6 +293,33 @@ def test_mask_metrics_on_hand_made_masks():
     assert (c.tp, c.fp, c.fn) == (4, 1, 4)
     assert c.iou == pytest.approx(4 / 9) and c.f1 == pytest.approx(8 / 13)
     assert mask_counts(gt, gt).f1 == 1.0 and mask_counts(np.zeros((2, 2)), np.zeros((2, 2))).iou == 1.0
+
+
+def test_grown_truth_reference_on_hand_made_masks(tmp_path, capsys):
+    """`training.heldout mask-reference`: the ground truth grown by k px (a square, clipped at the
+    border) scored against itself, as a yardstick for the mask F1 target."""
+    from PIL import Image
+
+    from training.heldout import grown_truth_counts, main
+
+    middle = np.zeros((7, 7), np.float32)
+    middle[3, 3] = 1
+    corner = np.zeros((7, 7), np.float32)
+    corner[0, 0] = 1
+    c = grown_truth_counts([{"mask": middle}], 1)
+    assert (c.tp, c.fp, c.fn) == (1, 8, 0) and c.f1 == pytest.approx(2 / 10)
+    c = grown_truth_counts([{"mask": middle}, {"mask": corner}], 2)  # 25 pixels, and 9 at the corner
+    assert (c.tp, c.fp, c.fn) == (2, 24 + 8, 0)
+
+    for sub, img in (("hr", np.zeros((7, 7, 3), np.uint8)), ("lr", np.zeros((2, 2, 3), np.uint8)),
+                     ("mask", (middle * 255).astype(np.uint8))):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(img).save(tmp_path / sub / "000001.png")
+    assert main(["mask-reference", str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2:] == ["| 1 px | 0.111 | 0.200 |", "| 2 px | 0.040 | 0.077 |", "| 3 px | 0.020 | 0.040 |"]
+    assert main(["mask-reference", str(tmp_path / "missing")]) == 2
+    assert "training.heldout make" in capsys.readouterr().err
 
 
 def test_auroc_on_hand_made_scores():

@@ -1,8 +1,11 @@
 """The held-out test of the demo model: a fixed set of synthesised text scenes and one score table.
 
     python -m training.heldout make DIR [--count 60] [--seed 20261130] [--size 256]
-    python -m training.heldout score DIR [--model demo] [--model RUN_DIR ...] [--json OUT] [--no-ocr]
+    python -m training.heldout score DIR [--model demo] [--model RUN_DIR ...]
+                                     [--color-fix none --color-fix wavelet]
+                                     [--json OUT] [--no-ocr]
     python -m training.heldout demo-inputs DIR       # the LR inputs `make demo` ships
+    python -m training.heldout mask-reference DIR    # the mask F1 of the ground truth grown by 1-3 px
 
 `make` writes DIR/{hr,lr,mask}/NNNNNN.png: FTSR-style text (Latin and CJK, horizontal and vertical)
 on scikit-image's sample photos, x4 Real-ESRGAN-mild degradation, text 13-38 HR px tall as in the
@@ -13,6 +16,9 @@ demo's training data. Its seed is disjoint from every training seed, so no scene
 text mask's IoU and F1 at threshold 0.5, pooled over all pixels of the set, and its AUROC (every
 4th pixel: how well the mask ranks text above background, whatever the threshold). Rows: plain bicubic,
 each `--model`, and `tiny-random` (the random tiny model of `make-tiny`, what a newcomer used to run).
+
+`mask-reference` scores the ground-truth mask itself grown by 1, 2 and 3 px (every pixel within that
+distance, diagonals included): how close to the glyph outlines a mask must be for a given F1@0.5.
 """
 from __future__ import annotations
 
@@ -21,9 +27,15 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from tadisr_core.color import COLOR_FIXES
+
+if TYPE_CHECKING:
+    from training.metrics import MaskCounts
 
 HELDOUT_SEED = 20261130
 DEFAULT_COUNT = 60
@@ -116,12 +128,12 @@ def bicubic(lr: torch.Tensor) -> tuple[torch.Tensor, None]:
     return upscale_canvas(lr, 4), None
 
 
-def model_runner(model, tile: int = 256, overlap: int = 64):
+def model_runner(model, tile: int = 256, overlap: int = 64, color_fix: str = "none"):
     """A row function that upscales with a TADiSR model (mask included)."""
     from tadisr_core.pipeline import upscale
 
     def run(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = upscale(model, lr, 4, tile=tile, overlap=overlap, tile_batch=1)
+        out = upscale(model, lr, 4, tile=tile, overlap=overlap, tile_batch=1, color_fix=color_fix)
         return out.image, out.mask
     return run
 
@@ -163,8 +175,23 @@ def score(items: list[dict], run, lpips_model=None, ocr_engine=None) -> dict:
     return out
 
 
-def run_score(folder: Path, models: list[str], ocr: bool = True, lpips: bool = True) -> dict:
-    """The whole table: bicubic, each model reference, and the random tiny model."""
+def grown_truth_counts(items: list[dict], pixels: int) -> MaskCounts:
+    """Pooled mask counts of each item's ground truth grown by `pixels` (a square of side
+    2 * pixels + 1 around every text pixel) against the ground truth itself."""
+    from training.metrics import MaskCounts, mask_counts
+
+    counts = MaskCounts()
+    for item in items:
+        truth = torch.from_numpy(np.ascontiguousarray(item["mask"]))[None, None]
+        grown = torch.nn.functional.max_pool2d((truth > 0.5).float(), 2 * pixels + 1, stride=1, padding=pixels)
+        counts = counts + mask_counts(grown[0, 0], truth[0, 0])
+    return counts
+
+
+def run_score(folder: Path, models: list[str], ocr: bool = True, lpips: bool = True,
+              color_fixes: tuple[str, ...] = ("none",)) -> dict:
+    """The whole table: bicubic, each model reference (a row per colour fix of its output), and the
+    random tiny model."""
     from tadisr_core.model_ref import load_model
 
     items = load_set(folder)
@@ -181,7 +208,10 @@ def run_score(folder: Path, models: list[str], ocr: bool = True, lpips: bool = T
         engine.load()
     table = {"bicubic": score(items, bicubic, lpips_model, engine)}
     for ref in models:
-        table[ref] = score(items, model_runner(load_model(ref)), lpips_model, engine)
+        model = load_model(ref)
+        for fix in color_fixes:
+            name = ref if fix == "none" else f"{ref}, --color-fix {fix}"
+            table[name] = score(items, model_runner(model, color_fix=fix), lpips_model, engine)
     with tempfile.TemporaryDirectory() as tmp:
         table["tiny-random"] = score(items, model_runner(tiny_random_model(Path(tmp))), lpips_model, engine)
     return {"set": str(folder), "n": len(items), "rows": table}
@@ -209,10 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--size", type=int, default=DEFAULT_SIZE)
     di = sub.add_parser("demo-inputs", help="write the LR inputs `make demo` ships")
     di.add_argument("dir", type=Path)
+    mr = sub.add_parser("mask-reference", help="the mask F1 of the ground truth grown by 1-3 px")
+    mr.add_argument("dir", type=Path)
     sc = sub.add_parser("score", help="score bicubic, the given models and the random tiny model")
     sc.add_argument("dir", type=Path)
     sc.add_argument("--model", action="append", default=[],
                     help="demo, demo-release, a run folder, one of its step folders or a checkpoint (repeatable)")
+    sc.add_argument("--color-fix", choices=COLOR_FIXES, action="append",
+                    help="a row per model with the CLI's colour fix of its output (wavelet: the input's "
+                         "colours; repeatable; default: none)")
     sc.add_argument("--json", type=Path, help="also write the report here")
     sc.add_argument("--no-ocr", action="store_true")
     sc.add_argument("--no-lpips", action="store_true")
@@ -224,8 +259,20 @@ def main(argv: list[str] | None = None) -> int:
         for path in make_demo_inputs(args.dir):
             print(path)
         return 0
+    if args.command == "mask-reference":
+        try:
+            items = load_set(args.dir)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("| ground truth grown by | mask IoU@0.5 | mask F1@0.5 |\n|---|---|---|")
+        for pixels in (1, 2, 3):
+            counts = grown_truth_counts(items, pixels)
+            print(f"| {pixels} px | {counts.iou:.3f} | {counts.f1:.3f} |")
+        return 0
     try:
-        report = run_score(args.dir, args.model or ["demo"], ocr=not args.no_ocr, lpips=not args.no_lpips)
+        report = run_score(args.dir, args.model or ["demo"], ocr=not args.no_ocr, lpips=not args.no_lpips,
+                           color_fixes=tuple(args.color_fix or ["none"]))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
