@@ -237,7 +237,7 @@ def test_held_out_score_gives_a_row_per_colour_fix(tmp_path):
     mask = np.zeros((128, 128), np.uint8)
     mask[40:60, 20:100] = 255
     hr = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
-    hr[mask > 0] = (250, 240, 30)  # a coloured band the mask should find
+    hr[mask > 0] = (250, 240, 30)  # a coloured band, as text would be
     for sub, img in (("hr", hr), ("lr", hr[::4, ::4]), ("mask", mask)):
         (tmp_path / "set" / sub).mkdir(parents=True)
         Image.fromarray(img).save(tmp_path / "set" / sub / "000001.png")
