@@ -178,13 +178,13 @@ def score(items: list[dict], run, lpips_model=None, ocr_engine=None) -> dict:
 def grown_truth_counts(items: list[dict], pixels: int) -> MaskCounts:
     """Pooled mask counts of each item's ground truth grown by `pixels` (a square of side
     2 * pixels + 1 around every text pixel) against the ground truth itself."""
+    from tadisr_core.composite import grow
     from training.metrics import MaskCounts, mask_counts
 
     counts = MaskCounts()
     for item in items:
-        truth = torch.from_numpy(np.ascontiguousarray(item["mask"]))[None, None]
-        grown = torch.nn.functional.max_pool2d((truth > 0.5).float(), 2 * pixels + 1, stride=1, padding=pixels)
-        counts = counts + mask_counts(grown[0, 0], truth[0, 0])
+        truth = (torch.from_numpy(item["mask"]) > 0.5).float()[None, None]
+        counts = counts + mask_counts(grow(truth, pixels)[0, 0], truth[0, 0])
     return counts
 
 
@@ -259,18 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         for path in make_demo_inputs(args.dir):
             print(path)
         return 0
-    if args.command == "mask-reference":
-        try:
-            items = load_set(args.dir)
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print("| ground truth grown by | mask IoU@0.5 | mask F1@0.5 |\n|---|---|---|")
-        for pixels in (1, 2, 3):
-            counts = grown_truth_counts(items, pixels)
-            print(f"| {pixels} px | {counts.iou:.3f} | {counts.f1:.3f} |")
-        return 0
     try:
+        if args.command == "mask-reference":
+            items = load_set(args.dir)
+            print("| ground truth grown by | mask IoU@0.5 | mask F1@0.5 |\n|---|---|---|")
+            for pixels in (1, 2, 3):
+                counts = grown_truth_counts(items, pixels)
+                print(f"| {pixels} px | {counts.iou:.3f} | {counts.f1:.3f} |")
+            return 0
         report = run_score(args.dir, args.model or ["demo"], ocr=not args.no_ocr, lpips=not args.no_lpips,
                            color_fixes=tuple(args.color_fix or ["none"]))
     except FileNotFoundError as e:
