@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 PORT ?= 8188
+# pytest-xdist workers for `make test`; the real-host and browser tests stay together on one of them
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo demo-model demo-model-release test test-deps test-fast lint tiny serve workflows locales registry-check bench clean
 
@@ -38,13 +40,13 @@ test-deps:
 	bash scripts/install_test_deps.sh
 
 test: venv test-deps
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: venv
 	$(VPY) -m ruff check .
 
 test-fast: venv
-	$(VPY) -m pytest -q -m "not slow and not host and not browser"
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not host and not browser"
 
 tiny: venv
 	$(VPY) -m tadisr_core.testing make-tiny .build/tiny

@@ -15,6 +15,16 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves a core
 
 from tests.host_fixtures import *  # noqa: E402,F401,F403  (the real-host fixtures: ComfyUI server, Chromium)
 
+HOST_FIXTURES = {"comfy_host", "comfy_server", "browser"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Under pytest-xdist (`make test` runs two workers), keep every test of the real ComfyUI host and
+    Chromium on one worker, so the host is installed once and one server serves them all."""
+    for item in items:
+        if HOST_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("comfy_host"))
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> dict[str, Path]:
