@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.builders import (  # noqa: E402
     build_loss,
     build_model_from_config,
+    build_optimizer,
     cast_frozen_,
     configure_trainable,
     enable_gradient_checkpointing,
@@ -73,7 +74,7 @@ def bench(args) -> dict:
     model.train()
     loss_fn = build_loss(cfg, device)
     params = [p for _, p in trainable]
-    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=1e-2)
+    opt = build_optimizer(cfg, params)
     build_s = time.perf_counter() - t0
 
     size = 64 if args.tiny else args.size

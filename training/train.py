@@ -141,6 +141,7 @@ class Trainer:
             TrainingForward,
             build_loss,
             build_model_from_config,
+            build_optimizer,
             cast_frozen_,
             configure_trainable,
             enable_gradient_checkpointing,
@@ -176,8 +177,8 @@ class Trainer:
         self.model = model
         self.loss_fn = build_loss(cfg, self.acc.device)
         params = [p for _, p in self.trainable]
+        optimizer = build_optimizer(cfg, params)
         o = cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
         # Not prepared by accelerate: its scheduler wrapper steps once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, warmup=o.warmup_steps, decay=o.decay, total=t.max_steps))
