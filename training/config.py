@@ -87,7 +87,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a constant learning rate (optional linear warm-up)."""
+    """AdamW (torch's fused form, `builders.build_optimizer`): linear warm-up, then a constant or cosine rate."""
 
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)
