@@ -221,8 +221,8 @@ def build_loss(cfg: Config, device: str | torch.device = "cpu"):
 # -- optimiser ----------------------------------------------------------------------------------
 def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.AdamW:
     """AdamW with the config's `optim` settings, in torch's fused form: the same update as the
-    per-tensor loop to float rounding, and about 3x faster on the thousands of small LoRA tensors
-    (0.25 -> 0.07 s a step for the demo spec's 3948 tensors on 2 CPU cores)."""
+    per-tensor loop to float rounding, and much faster on the thousands of small LoRA tensors (demo
+    spec, 3948 tensors, one CPU thread: 0.27 -> 0.06 s a step; `benchmarks/bench_optimizer_step.py`)."""
     o = cfg.optim
     return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps, fused=True)
 
