@@ -6,8 +6,8 @@
     --model runs/demo/checkpoints/step_00000600   one checkpoint of a run (the folder or its model.safetensors)
     --model path/to/model.safetensors  a native checkpoint (or the release .pkl)
 
-A checkpoint that holds its whole backbone (trained from scratch, `backbone=included` in its
-metadata) runs alone. One that holds adapters only needs the Kolors weights it was trained on
+A checkpoint that holds its whole backbone (trained, or a base no Kolors folder holds; `backbone=included`
+in its metadata) runs alone. One that holds adapters only needs the Kolors weights it was trained on
 (`kolors`, or the run's `model.kolors_dir`); another backbone is refused (`checkpoint.check_base`).
 """
 

@@ -92,6 +92,28 @@ def test_tiny_config_trains_and_loss_falls(tmp_path, lpips_dir, capsys):
     assert ckpt.spec.variant == "paper" and ckpt.metadata["train_step"] == "40"
 
 
+def test_a_run_on_a_random_base_is_a_model_by_itself(tmp_path, lpips_dir):
+    """tiny.yaml trains adapters on a random backbone that no Kolors folder holds: the run saves that
+    backbone too, so `--model RUN` runs it with no other weights (the README's training step 3)."""
+    from tadisr_core.checkpoint import load_checkpoint
+    from tadisr_core.model_ref import load_model
+    from training.train import Trainer
+
+    trainer = Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, train__checkpoint_every=2))
+    assert trainer.cfg.model.kolors_dir is None and not trainer.cfg.model.train_backbone
+    key = "conv_out.base_layer.weight"  # a frozen base weight of the UNet
+    base = dict(trainer.model.unet.named_parameters())[key].detach().clone()
+    trainer.run()
+    ckpt = load_checkpoint(tmp_path / "model_final.safetensors")
+    assert ckpt.includes_backbone and torch.equal(ckpt.groups["unet"][key], base)  # saved, still untrained
+    model = load_model(tmp_path, merge_lora_weights=False)  # no --kolors
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    trainer.model.eval()
+    with torch.no_grad():
+        want, got = trainer.model(x), model(x)
+    assert torch.equal(got.image, want.image) and torch.equal(got.mask_logits, want.mask_logits)
+
+
 # -- resume ---------------------------------------------------------------------------------------
 def test_resume_reproduces_uninterrupted_run(tmp_path, lpips_dir):
     from safetensors.torch import load_file

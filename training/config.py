@@ -27,7 +27,8 @@ class ModelConfig:
 
     variant: str = "paper"                  # paper | release (old spelling: official-kolors)
     size: str = "tiny"                      # tiny | demo | full (only used without kolors_dir: random weights)
-    train_backbone: bool = False            # train every UNet/VAE weight too (saved inside the checkpoint)
+    train_backbone: bool = False            # train every UNet/VAE weight too (saved inside the checkpoint,
+                                            # as is a base no kolors_dir holds, e.g. a random tiny one)
     kolors_dir: str | None = None           # Kolors diffusers folder with the base UNet/VAE weights
     init_checkpoint: str | None = None      # TADiSR checkpoint (.safetensors or the release .pkl) to start from
     init_parts: list[str] | None = None     # take only these parts of init_checkpoint (unet, vae, mi_decoder),

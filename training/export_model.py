@@ -3,8 +3,9 @@
     python -m training.export_model RUN_DIR OUT_DIR [--name tadisr_demo] [--dtype fp16]
 
 Writes OUT_DIR/NAME.safetensors (every tensor, cast to `--dtype`; metadata: the run's step and
-config) and OUT_DIR/prompt_cache.safetensors. The run must have trained its backbone
-(`model.train_backbone: true`), otherwise its checkpoint needs the Kolors base and is not standalone.
+config) and OUT_DIR/prompt_cache.safetensors. The run's checkpoint must hold its backbone (it trained
+it, `model.train_backbone: true`, or had no `model.kolors_dir`); one that holds adapters only needs
+the Kolors base and is not standalone.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
     files = resolve_model(run)
     ckpt = load_checkpoint(files.checkpoint)
     if not ckpt.includes_backbone:
-        raise ValueError(f"{files.checkpoint} holds adapters only (the run did not train its backbone): "
-                         f"it cannot run without the Kolors base, so it is not exported standalone")
+        raise ValueError(f"{files.checkpoint} holds adapters only: it runs only on the Kolors base it was "
+                         f"trained on, so it is not exported standalone")
     prompt = (PromptCache.load(files.prompt_cache) if files.prompt_cache
               else random_prompt(ckpt.spec))  # what the trainer conditions a random-size model on
     groups = {g: {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}

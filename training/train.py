@@ -162,9 +162,11 @@ class Trainer:
         self.acc.wait_for_everyone()
 
         model = build_model_from_config(cfg, self.acc.device, log=self._print)
-        self.backbone = cfg.model.train_backbone
-        self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=self.backbone)
-        self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model, self.backbone).items()}
+        self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
+        # A base that no Kolors folder holds (random, or taken from init_checkpoint) is saved with the run,
+        # or its checkpoints could not run anywhere.
+        self.save_backbone = cfg.model.train_backbone or not cfg.model.kolors_dir
+        self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model, self.save_backbone).items()}
         if mp in ("bf16", "fp16") and self.acc.device.type == "cuda" and not self.fsdp:
             # Frozen weights in half precision save memory. Only on CUDA, whose autocast runs norms in
             # fp32 with cast weights (CPU autocast does not); FSDP wants one dtype per flat parameter.
@@ -313,12 +315,12 @@ class Trainer:
 
         meta = {"train_step": str(self.step)}
         if not self.fsdp:
-            save_model(self.model, path, meta, backbone=self.backbone)
+            save_model(self.model, path, meta, backbone=self.save_backbone)
             return
         full = self._fsdp_full_state
         groups = {g: {k: full[f"model.{g}.{k}"] for k in keys} for g, keys in self.saved_keys.items()}
         prompt = self.model.prompt.prompt if self.model.prompt is not None else None
-        save_native(groups, self.model.spec, path, {**meta, **base_metadata(self.model, self.backbone)}, prompt)
+        save_native(groups, self.model.spec, path, {**meta, **base_metadata(self.model, self.save_backbone)}, prompt)
 
     def save_checkpoint(self) -> Path:
         """Write checkpoint `self.step` (collective: every process calls it)."""
