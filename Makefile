@@ -5,13 +5,16 @@ VPY := $(VENV)/bin/python
 PORT ?= 8188
 # pytest-xdist workers for `make test`; the real-host and browser tests stay together on one of them
 TEST_WORKERS ?= 2
+# where the venv's torch comes from when none is installed: empty = your pip index (PyPI's Linux wheel
+# is the CUDA build); https://download.pytorch.org/whl/cpu for the small CPU-only wheel
+TORCH_INDEX ?=
 
 .PHONY: venv demo demo-model demo-model-release test test-deps test-fast lint tiny serve workflows locales registry-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VPY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -138,14 +138,15 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"TADiSR: device '{name}' cannot be used ({exc}); choose one of {device_choices()}") from None
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" -> bf16 / fp16 on CUDA (as supported), fp32 elsewhere; fp8_e4m3fn stores the UNet in fp8."""
+def resolve_dtype(name: str, device: torch.device, fp16_safe: bool = True) -> torch.dtype:
+    """"auto" -> bf16 / fp16 on CUDA (as supported; fp32 instead of fp16 for a model that is not
+    `fp16_safe`), fp32 elsewhere; fp8_e4m3fn stores the UNet in fp8."""
     from tadisr_core.devices import DTYPE_CHOICES
     from tadisr_core.devices import resolve_dtype as core_resolve
 
     if name not in DTYPE_CHOICES:
         raise ValueError(f"TADiSR: unknown dtype '{name}'; choose one of {list(DTYPE_CHOICES)}")
-    return core_resolve(name, device)
+    return core_resolve(name, device, fp16_safe=fp16_safe)
 
 
 def _ensure_prompt_cache(cache_path: str, files, dev: torch.device) -> None:
@@ -193,7 +194,7 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
     """Resolve names to files and load (or reuse) the model. Errors name the file and its folder;
     the Kolors ones (KolorsFolderError, NotKolorsError) are the library's own words."""
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, fp16_safe=kolors not in DEMO_CHOICES)  # the demos were trained in fp32
     if kolors in DEMO_CHOICES:
         return _load_demo(DEMO_CHOICES[kolors], dt, dev, merge_lora)
     files = resolve_kolors(kolors)

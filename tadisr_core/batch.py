@@ -76,10 +76,21 @@ def looks_like_output(path: str | Path) -> bool:
     return bool(OUTPUT_NAME.search(Path(path).name))
 
 
-def _walk(folder: Path, recursive: bool, exclude: Path | None) -> tuple[list[Path], int]:
-    """Image files under `folder` (symlinked sub-folders followed once, `exclude` skipped), and how many
-    output-named files were left out."""
-    files, skipped, seen = [], 0, set()
+@dataclass
+class _Walk:
+    """What a folder walk found: image files, and what it left out."""
+
+    files: list[Path] = field(default_factory=list)
+    outputs: int = 0                                          # files named like our outputs
+    others: list[Path] = field(default_factory=list)          # files that are not images
+    subfolders: int = 0                                       # not entered (no --recursive)
+
+
+def _walk(folder: Path, recursive: bool, exclude: Path | None) -> _Walk:
+    """Image files under `folder` (symlinked sub-folders followed once, `exclude` and hidden names
+    skipped), and what was left out."""
+    found, seen = _Walk(), set()
+
     def unreadable(err: OSError) -> None:
         log.warning("cannot list %s: %s", err.filename, err.strerror)
 
@@ -89,16 +100,23 @@ def _walk(folder: Path, recursive: bool, exclude: Path | None) -> tuple[list[Pat
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        visible = sorted(d for d in dirs if not d.startswith(".")
+                         and not (exclude is not None and same_file(Path(root) / d, exclude)))
+        if not recursive:
+            found.subfolders += len(visible)
+        dirs[:] = visible if recursive else []
         for name in names:
             p = Path(root) / name
-            if name.startswith(".") or not is_image_file(p) or not p.is_file():
+            if name.startswith(".") or not p.is_file():
                 continue
-            if looks_like_output(p):
-                skipped += 1
-                continue
-            files.append(p)
-    return sorted(files), skipped
+            if not is_image_file(p):
+                found.others.append(p)
+            elif looks_like_output(p):
+                found.outputs += 1
+            else:
+                found.files.append(p)
+    found.files.sort()
+    return found
 
 
 def collect_inputs(inputs: list[str | Path], recursive: bool = False,
@@ -123,13 +141,20 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
             found.append((path, None, f"input not found: {path}"))
             continue
         if path.is_dir():
-            files, skipped = _walk(path, recursive, exclude)
-            if skipped:
+            walk = _walk(path, recursive, exclude)
+            if walk.outputs:
                 log.warning("%s: left out %d file(s) named like outputs (*_x4.png, *_text_mask.png); name them "
-                            "explicitly to upscale them", path, skipped)
-            if not files:
+                            "explicitly to upscale them", path, walk.outputs)
+            if walk.others:
+                names = ", ".join(p.name for p in sorted(walk.others)[:3]) + (", ..." if len(walk.others) > 3 else "")
+                log.warning("%s: left out %d file(s) that are not images we read (%s)", path, len(walk.others),
+                            names)
+            if walk.subfolders:
+                log.warning("%s: %d sub-folder(s) not searched; add --recursive to upscale the images in them",
+                            path, walk.subfolders)
+            if not walk.files:
                 log.warning("no image files in folder %s", path)
-            found.extend((p, path, None) for p in files)
+            found.extend((p, path, None) for p in walk.files)
         else:
             found.append((path, None, None))
     return found

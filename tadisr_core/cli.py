@@ -81,12 +81,12 @@ def _scale(value: str) -> float:
     return s
 
 
-def kolors_from_env() -> str | None:
-    """$TADISR_KOLORS, or the old name $TADISR_KOLORS_DIR (with a deprecation note)."""
+def kolors_from_env(note: bool = True) -> str | None:
+    """$TADISR_KOLORS, or the old name $TADISR_KOLORS_DIR (with a deprecation `note`)."""
     if os.environ.get("TADISR_KOLORS"):
         return os.environ["TADISR_KOLORS"]
     old = os.environ.get("TADISR_KOLORS_DIR")
-    if old:
+    if old and note:
         print("note: TADISR_KOLORS_DIR is deprecated; set TADISR_KOLORS instead", file=sys.stderr)
     return old or None
 
@@ -126,7 +126,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32), fp32 on CPU; "
+                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32; fp32 for a --model that "
+                        "runs alone, such as the demo, trained in fp32), fp32 on CPU; "
                         "fp8_e4m3fn: UNet weights stored in fp8, computed in bf16 (half the UNet's VRAM)")
     p.add_argument("--offload", default="none", choices=("none", "sequential"),
                    help="sequential: keep weights in RAM and move each block to the GPU as it runs (small GPUs)")
@@ -156,10 +157,14 @@ def load_model(args: argparse.Namespace):
     if not args.model and not args.checkpoint:
         raise SetupError("--checkpoint PATH is required (or set TADISR_CHECKPOINT): tadisr_kolors_ftsr_526000.pkl "
                          "from https://huggingface.co/huqiming513/TADiSR-Models, or a native .safetensors")
+    from .model_ref import load_model as load_model_ref
+    from .model_ref import runs_alone
+
     try:
         device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-    except (RuntimeError, ValueError) as exc:
+        alone = bool(args.model) and runs_alone(args.model)
+        dtype = resolve_dtype(args.dtype, device, fp16_safe=not alone)
+    except (RuntimeError, ValueError, OSError) as exc:
         raise SetupError(str(exc)) from None
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("fp16 on the CPU is slow and poorly supported; prefer --dtype fp32 or bf16")
@@ -167,15 +172,12 @@ def load_model(args: argparse.Namespace):
     from .kolors_identity import NotKolorsError
     from .loading import load_tadisr
 
-    if not args.verbose:
-        _quiet_libraries()
-
-    from .model_ref import load_model as load_model_ref
-
+    _quiet_libraries(messages=not args.verbose, progress=getattr(args, "quiet", False))
     try:
         if args.model:
-            model = load_model_ref(args.model, kolors=args.kolors, prompt_cache=args.prompt_cache, dtype=dtype,
-                                   device=device, merge_lora_weights=args.merge_lora)
+            model = load_model_ref(args.model, prompt_cache=args.prompt_cache, dtype=dtype, device=device,
+                                   merge_lora_weights=args.merge_lora, offload=args.offload,
+                                   **_base_weight_args(args, alone))
         else:
             model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
                                 merge_lora_weights=args.merge_lora, unet=args.unet, vae=args.vae,
@@ -189,11 +191,28 @@ def load_model(args: argparse.Namespace):
     return place_model(model, None, None, channels_last=args.channels_last, compile=args.compile)
 
 
-def _quiet_libraries() -> None:
-    """Silence diffusers / transformers info and cast warnings (our own log stays)."""
+def _base_weight_args(args: argparse.Namespace, alone: bool) -> dict:
+    """The base-weight flags for `model_ref.load_model`. For a model that runs alone, values that only
+    came from their environment variables (set for the Kolors model) are dropped: given on the command
+    line, they are an error there."""
+    env = {"kolors": kolors_from_env(note=False), "unet": os.environ.get("TADISR_UNET"),
+           "vae": os.environ.get("TADISR_VAE"), "text_encoder": os.environ.get("TADISR_TEXT_ENCODER")}
+    given = {name: getattr(args, name) for name in env}
+    if alone:
+        given = {name: value for name, value in given.items() if value != env[name]}
+    return {**given, "text_encoder_device_name": args.text_encoder_device}
+
+
+def _quiet_libraries(messages: bool = True, progress: bool = False) -> None:
+    """Silence diffusers / transformers info and cast warnings (`messages`; our own log stays) and
+    their progress bars (`progress`, for -q)."""
     for name in ("diffusers", "transformers"):
         try:
-            __import__(name).utils.logging.set_verbosity_error()
+            logging_ = __import__(name).utils.logging
+            if messages:
+                logging_.set_verbosity_error()
+            if progress:
+                logging_.disable_progress_bar()
         except (ImportError, AttributeError):
             pass
 
@@ -236,6 +255,8 @@ def ensure_writable_folder(folder: Path) -> None:
     """Create `folder` and prove it takes a file, before any model is loaded (SetupError otherwise)."""
     import tempfile
 
+    if folder.exists() and not folder.is_dir():
+        raise SetupError(f"the output folder {folder} is a file; give a folder with -o")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".tadisr-write-test-"):
@@ -283,6 +304,14 @@ def _validate_upscale(args) -> None:
         check_settings(args.scale, args.tile, args.overlap, min_tile=DESCRIPTOR.size.min_tile)
     except ValueError as exc:
         raise SetupError(f"--{exc}") from None
+    if args.text_encoder_device != "auto":
+        import torch
+
+        try:
+            torch.device(args.text_encoder_device)
+        except RuntimeError:
+            raise SetupError(f"--text-encoder-device {args.text_encoder_device}: not a device; use auto, cpu, "
+                             f"cuda or cuda:N") from None
 
 
 def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None = None, model=None) -> int:
@@ -297,12 +326,23 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     rank, world = distributed_rank()
     planned = plan_jobs(collect_inputs(args.inputs, args.recursive, exclude=args.output), args.output, args.scale,
                         args.attention, mask=args.mask)
+    if not planned:
+        raise SetupError(f"nothing to upscale: no image files in {' '.join(map(str, args.inputs))}"
+                         + ("" if args.recursive else " (add --recursive for the images in sub-folders)"))
     jobs = shard(planned, rank, world)
     quiet = args.quiet or rank > 0
-    ensure_writable_folder(Path(args.output))
+    output = Path(args.output)
+    new_folders = [p for p in (output, *output.parents) if not p.exists()]  # what ensure_writable_folder makes
+    ensure_writable_folder(output)
     t0 = time.perf_counter()
     if model is None:
-        model = load_model(args)
+        try:
+            model = load_model(args)
+        except SetupError:
+            for folder in new_folders:  # leave no empty folders behind a run that never started
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     load_s = time.perf_counter() - t0
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
                       args.skip_existing, args.color_fix)
@@ -346,7 +386,9 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
         print(json.dumps(report))
     elif not quiet:
         share = f" (this process's share: rank {rank} of {world}, {len(planned)} inputs in all)" if world > 1 else ""
-        print(f"{len(records) - len(failed)} of {len(jobs)} files written to {args.output}"
+        skipped = sum(r.skipped for r in records)
+        print(f"{len(records) - len(failed) - skipped} of {len(jobs)} files written to {args.output}"
+              + (f", {skipped} skipped (their outputs exist)" if skipped else "")
               + (f", {len(failed)} failed" if failed else "") + share, file=sys.stderr)
     if cancelled:
         return EXIT_CANCELLED

@@ -30,7 +30,10 @@ def resolve_device(name: str | torch.device | None = "auto", auto: torch.device 
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {name}: CUDA is not available in this torch build / machine")
@@ -39,15 +42,22 @@ def resolve_device(name: str | torch.device | None = "auto", auto: torch.device 
     return device
 
 
-def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
-    """"auto" -> bf16 on CUDA with bf16 support, fp16 on other CUDA GPUs, fp32 elsewhere;
-    "fp8_e4m3fn" -> torch.float8_e4m3fn (UNet weight storage, computed in bf16)."""
+def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str = "cpu", *,
+                  fp16_safe: bool = True) -> torch.dtype:
+    """"auto" -> bf16 on CUDA with bf16 support, fp16 on other CUDA GPUs (fp32 for a model that is not
+    `fp16_safe`), fp32 elsewhere; "fp8_e4m3fn" -> torch.float8_e4m3fn (UNet weight storage, computed in bf16).
+
+    The Kolors UNet runs in fp16; a model trained from scratch in fp32, such as the shipped demo models
+    (`model_ref.runs_alone`), can overflow fp16's range (65504), so `auto` does not choose it for them.
+    """
     if isinstance(name, torch.dtype):
         return name
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return torch.float16 if fp16_safe else torch.float32
         return torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {DTYPE_CHOICES}")

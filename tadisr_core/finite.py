@@ -51,8 +51,12 @@ def first_problem(named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
     return None
 
 
-def check_finite(t: torch.Tensor | Sequence[torch.Tensor], what: str) -> None:
-    """Raise NonFiniteError naming `what` if `t` (or any of several tensors) holds NaN or Inf.
+DAMAGED = "the weights or the input are damaged (check the checkpoint with `tadisr inspect`)"
+
+
+def check_finite(t: torch.Tensor | Sequence[torch.Tensor], what: str, cause: str = DAMAGED) -> None:
+    """Raise NonFiniteError naming `what` and the likely `cause` if `t` (or any of several tensors)
+    holds NaN or Inf.
 
     Cheap on the happy path: one float32 sum per tensor; the count is taken only on failure.
     """
@@ -60,5 +64,4 @@ def check_finite(t: torch.Tensor | Sequence[torch.Tensor], what: str) -> None:
         if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x.sum(dtype=torch.float32))):
             bad = int((~torch.isfinite(x)).sum())
             if bad:
-                raise NonFiniteError(f"{what}: {bad} non-finite value(s) (NaN/Inf); the weights or the input are "
-                                     f"damaged (check the checkpoint with `tadisr inspect`)")
+                raise NonFiniteError(f"{what}: {bad} non-finite value(s) (NaN/Inf); {cause}")

@@ -134,9 +134,9 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
         with _pil_bomb_limit(limit), Image.open(path) as im:
             w, h = im.size
             if w * h > limit:
-                raise ImageReadError(f"cannot use {path}: {w}x{h} = {w * h / 1e6:.1f} MP is above the limit of "
-                                     f"{limit / 1e6:.1f} MP (a decompression bomb?); raise it with "
-                                     f"TADISR_MAX_PIXELS if the image is genuine")
+                raise ImageReadError(f"cannot use {path}: {w}x{h} = {w * h:,} pixels is above the limit of "
+                                     f"{limit:,} (a decompression bomb?); raise it with TADISR_MAX_PIXELS if the "
+                                     f"image is genuine")
             frames = int(getattr(im, "n_frames", 1) or 1)
             icc = im.info.get("icc_profile")
             args = im.tile[0][3] if im.tile else ""

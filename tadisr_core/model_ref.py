@@ -139,11 +139,26 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
     return model.eval().requires_grad_(False)
 
 
-def load_model(ref: str | Path, *, kolors: str | None = None, prompt_cache: str | Path | None = None,
+def runs_alone(ref: str | Path) -> bool:
+    """Whether the model `ref` names holds its whole backbone (`backbone=included`), from the file's header."""
+    from .streaming import read_header
+
+    checkpoint = resolve_model(ref).checkpoint
+    return checkpoint.suffix == ".safetensors" and read_header(checkpoint).metadata.get("backbone") == "included"
+
+
+def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path | None = None,
+               vae: str | Path | None = None, text_encoder: str | Path | None = None,
+               text_encoder_device_name: str = "cpu", prompt_cache: str | Path | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               merge_lora_weights: bool = True):
+               merge_lora_weights: bool = True, offload: str = "none"):
     """Load the model `ref` names (see the module doc), on `device` in `dtype`; the LoRA is merged
-    unless `merge_lora_weights=False` (as `loading.load_tadisr`)."""
+    unless `merge_lora_weights=False`, and `offload` is as in `devices.place_model`.
+
+    A checkpoint of adapters takes its base from `kolors` (else its run's `model.kolors_dir`), `unet`,
+    `vae` and `text_encoder` as `loading.load_tadisr` does; one that holds its whole backbone refuses
+    them (ValueError), rather than ignoring them.
+    """
     from .devices import place_model
     from .lora import merge_lora
 
@@ -151,18 +166,24 @@ def load_model(ref: str | Path, *, kolors: str | None = None, prompt_cache: str 
     prompt = prompt_cache or files.prompt_cache
     ckpt = load_checkpoint(files.checkpoint)
     if ckpt.includes_backbone:
+        given = [name for name, value in (("kolors", kolors), ("unet", unet), ("vae", vae),
+                                          ("text-encoder", text_encoder)) if value]
+        if given:
+            raise ValueError(f"{files.checkpoint} holds its whole backbone and takes no base weights: leave out "
+                             + ", ".join(f"--{name}" for name in given))
         if prompt is None:
             raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
                                     f"(a training run keeps it as {RUN_PROMPT_CACHE})")
         model = load_standalone(ckpt, prompt)
         if merge_lora_weights:
             merge_lora(model)
-        return place_model(model, device, dtype)
+        return place_model(model, device, dtype, offload=offload)
     base = kolors or files.kolors
-    if not base:
+    if not (base or unet or vae):
         raise FileNotFoundError(f"{files.checkpoint} holds adapters only: give the Kolors base it was trained "
-                                f"on with --kolors DIR")
+                                f"on with --kolors DIR (or --unet FILE and --vae FILE)")
     from .loading import load_tadisr
 
-    return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device,
-                       merge_lora_weights=merge_lora_weights)
+    return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
+                       unet=unet, vae=vae, text_encoder=text_encoder,
+                       text_encoder_device_name=text_encoder_device_name, offload=offload)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .color import apply_color_fix
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
-from .finite import check_finite
+from .finite import DAMAGED, check_finite
 from .heatmap import AttentionTiles, channel_groups, stretch, tile_heat
 from .tiling import Cancel, Progress, TileGrid, UpscaleCancelled, blend_tiles, extract_units, make_grid, run_batches
 
@@ -102,6 +102,16 @@ class TiledLatents:
         if self.stage != "denoised" or any(m is None for m in maps):
             raise ValueError("these latents carry no attention maps (denoise them with keep_attention=True)")
         return AttentionTiles(self.grid, self.batch, maps, self.groups or {})
+
+
+
+def _nonfinite_cause(model) -> str:
+    """The likely cause of a non-finite output: fp16's range when the UNet computes in fp16, else damage."""
+    conv_in = getattr(getattr(model, "unet", None), "conv_in", None)
+    if conv_in is not None and conv_in.weight.dtype == torch.float16:
+        return ("the UNet computes in fp16 here, and this model's activations most likely exceed fp16's range "
+                "(65504): load it in bf16 or fp32 (--dtype, or the loader's dtype input)")
+    return DAMAGED
 
 
 def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -266,7 +276,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
             if keep_attention:
                 kept.extend(den.attention.cpu().split(1))
             outs = [dec.image] + ([dec.mask_logits] if mask else [])
-            check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}")
+            check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}", _nonfinite_cause(model))
             return outs + ([tile_heat(den.attention, grid)] if attention else [])
 
         res = _blend(model, grid, b, image.shape[1], work, tile_batch, mask=mask, heat=attention,
@@ -422,7 +432,7 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
         att = _stack([s.attention for s in states], dev) if reads else None
         dec = model.decode(_stack([s.latents for s in states], dev), skips, att, mask=mask)
         outs = [dec.image] + ([dec.mask_logits] if mask else [])
-        check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}")
+        check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}", _nonfinite_cause(model))
         if tiled.heatmap:
             outs.append(tile_heat(_stack([s.heatmap for s in states], dev), grid))
         return outs

@@ -19,6 +19,7 @@ from tadisr_core.model_ref import (
     load_model,
     load_standalone,
     resolve_model,
+    runs_alone,
     shipped_models,
 )
 from tadisr_core.spec import VARIANTS, demo_spec, full_spec, tiny_spec
@@ -189,6 +190,60 @@ def test_adapter_run_without_its_base_asks_for_kolors(tmp_path):
 
 # -- the shipped demo models -------------------------------------------------------------------
 demo_only = pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="the demo weights are not in this checkout")
+
+
+def test_a_model_that_runs_alone_refuses_base_weights_and_takes_the_offload_mode(tmp_path):
+    model = _perturbed(tiny_spec("paper"), 5)
+    save_model(model, tmp_path / "whole.safetensors", backbone=True)
+    save_model(model, tmp_path / "adapters.safetensors")
+    prompt = tmp_path / "p.safetensors"
+    model.prompt.save(prompt)
+    assert runs_alone(tmp_path / "whole.safetensors") and not runs_alone(tmp_path / "adapters.safetensors")
+    with pytest.raises(ValueError, match=r"whole\.safetensors holds its whole backbone and takes no base weights: "
+                                         r"leave out --unet, --vae$"):
+        load_model(tmp_path / "whole.safetensors", prompt_cache=prompt, unet="unet.safetensors", vae="vae")
+    with pytest.raises(ValueError, match="unknown offload mode 'bogus'"):
+        load_model(tmp_path / "whole.safetensors", prompt_cache=prompt, offload="bogus")
+
+
+@demo_only
+def test_cli_refuses_base_flags_with_the_demo_but_not_the_same_setting_from_the_environment(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from tadisr_core.images import save_image
+
+    save_image(torch.rand(1, 3, 16, 16), tmp_path / "a.png")
+    out = tmp_path / "out"
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(out), "--model", "demo", "-q", "--tile", "64",
+            "--overlap", "16"]
+    assert cli_main([*argv, "--vae", "sdxl_vae.safetensors"]) == 2
+    assert "leave out --vae" in capsys.readouterr().err
+    assert not out.exists()  # the setup error leaves no empty output folder behind
+    monkeypatch.setenv("TADISR_VAE", "sdxl_vae.safetensors")  # set for the Kolors model: not this one's business
+    assert cli_main(argv) == 0 and (out / "a_x4.png").is_file()
+
+
+@demo_only
+def test_fp16_overflow_is_named_and_auto_keeps_the_demos_out_of_fp16(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from nodes import loaders
+    from tadisr_core.devices import resolve_dtype
+
+    Image.open(REPO / "tadisr_core" / "demo" / "inputs" / "text_scene_1.png").crop((0, 0, 32, 32)).save(
+        tmp_path / "scene.png")
+    code = cli_main(["upscale", str(tmp_path / "scene.png"), "-o", str(tmp_path / "out"), "--model", "demo",
+                     "--dtype", "fp16", "-q", "--json"])
+    error = json.loads(capsys.readouterr().out)["files"][0]["error"]
+    assert code == 1 and "non-finite" in error and "fp16's range (65504)" in error and "bf16 or fp32" in error
+    # on a GPU without bf16, `auto` is fp16 for the Kolors model and fp32 for the demos (CLI and nodes)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    gpu = torch.device("cuda", 0)
+    assert resolve_dtype("auto", gpu) == torch.float16
+    assert resolve_dtype("auto", gpu, fp16_safe=False) == torch.float32
+    assert resolve_dtype("fp16", gpu, fp16_safe=False) == torch.float16  # asked for: given
+    monkeypatch.setattr(loaders, "resolve_device", lambda name: gpu)
+    monkeypatch.setattr(loaders, "_load_demo", lambda name, dt, dev, merge: dt)
+    assert loaders.load_model(loaders.DEMO_CHOICE, "", dtype="auto") == torch.float32
 SHIPPED = [pytest.param(name, marks=pytest.mark.skipif(not m.checkpoint.is_file(),
                                                        reason=f"the {name} weights are not in this checkout"))
            for name, m in shipped_models().items()]
@@ -369,3 +424,21 @@ def test_export_writes_a_standalone_fp16_model_from_a_run_or_one_of_its_steps(tm
     save_model(model, adapters / "checkpoints" / "step_00000001" / "model.safetensors", backbone=False)
     with pytest.raises(ValueError, match="holds adapters only"):
         export_run(adapters, tmp_path / "out2")
+
+
+@demo_only
+def test_quiet_also_silences_the_libraries_progress_bars(tmp_path):
+    import diffusers
+    import transformers
+
+    from tadisr_core.images import save_image
+
+    save_image(torch.rand(1, 3, 16, 16), tmp_path / "a.png")
+    try:
+        assert cli_main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--model", "demo", "-q",
+                         "--tile", "64", "--overlap", "16"]) == 0
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert not diffusers.utils.logging.is_progress_bar_enabled()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        diffusers.utils.logging.enable_progress_bar()

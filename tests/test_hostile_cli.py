@@ -233,3 +233,49 @@ def test_sigterm_during_convert_leaves_no_temporary_file(tiny_dir, tmp_path, mon
     monkeypatch.setattr(safetensors.torch, "save_file", write_then_terminate)
     assert cli.main(["convert", str(tiny_dir["official"]), str(tmp_path / "n.safetensors")]) == cli.EXIT_CANCELLED
     assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_walks_name_what_they_leave_out(tiny_model, tmp_path, capsys):
+    d = tmp_path / "mixed"
+    (d / "sub").mkdir(parents=True)
+    _png(d / "a.png")
+    _png(d / "sub" / "b.png")
+    (d / "notes.txt").write_text("not an image")
+    rc, rep, err = run(["upscale", str(d), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys, model=tiny_model)
+    assert rc == 0 and [Path(f["input"]).name for f in rep["files"]] == ["a.png"]
+    assert "left out 1 file(s) that are not images we read (notes.txt)" in err
+    assert "1 sub-folder(s) not searched; add --recursive" in err
+
+
+def test_inputs_without_any_image_are_a_setup_error_before_weights(tmp_path, capsys):
+    only = tmp_path / "only"
+    (only / "sub").mkdir(parents=True)
+    _png(only / "sub" / "a.png")
+    rc = cli.main(["upscale", str(only), "-o", str(tmp_path / "o")])  # no weight flag either
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_SETUP and f"nothing to upscale: no image files in {only}" in err
+    assert "(add --recursive for the images in sub-folders)" in err and "--model demo" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_skip_existing_reports_skipped_files_apart_from_written_ones(tiny_model, tmp_path, capsys):
+    _png(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *[a for a in FAST if a != "-q"],
+            "--skip-existing"]
+    assert run(argv, capsys, model=tiny_model)[0] == 0
+    rc, _, err = run(argv, capsys, model=tiny_model)
+    assert rc == 0 and f"0 of 1 files written to {tmp_path / 'o'}, 1 skipped (their outputs exist)" in err
+
+
+def test_bad_devices_and_an_output_that_is_a_file_are_named(tmp_path, capsys):
+    _png(tmp_path / "a.png")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    cases = [(["-o", str(blocker)], f"the output folder {blocker} is a file; give a folder with -o"),
+             (["-o", str(tmp_path / "o" / "x4"), "--device", "gpu"], "--device gpu: not a device; use auto, cpu"),
+             (["-o", str(tmp_path / "o"), "--text-encoder-device", "bogus"],
+              "--text-encoder-device bogus: not a device")]
+    for extra, message in cases:
+        assert cli.main(["upscale", str(tmp_path / "a.png"), "--kolors", "k", "--checkpoint", "c", *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()

@@ -60,10 +60,11 @@ def test_nan_pixels_are_an_error_naming_the_file(tmp_path):
 def test_decompression_bombs_are_refused_before_decoding(tmp_path, monkeypatch):
     Image.new("L", (3000, 2000)).save(tmp_path / "big.png", optimize=True)
     assert (tmp_path / "big.png").stat().st_size < 50_000
-    with pytest.raises(ImageReadError, match=r"3000x2000 = 6\.0 MP is above the limit of 1\.0 MP.*TADISR_MAX_PIXELS"):
+    bomb = r"3000x2000 = 6,000,000 pixels is above the limit of 1,000,000 .*TADISR_MAX_PIXELS"
+    with pytest.raises(ImageReadError, match=bomb):
         load_image(tmp_path / "big.png", max_pixels=1_000_000)
     monkeypatch.setenv("TADISR_MAX_PIXELS", "5e6")
-    with pytest.raises(ImageReadError, match="above the limit of 5.0 MP"):
+    with pytest.raises(ImageReadError, match="above the limit of 5,000,000 "):
         load_image(tmp_path / "big.png")
     monkeypatch.setenv("TADISR_MAX_PIXELS", "7e6")
     assert load_image(tmp_path / "big.png").shape == (1, 1, 2000, 3000)

@@ -42,7 +42,8 @@ class TADiSRLoadModel(io.ComfyNode):
                     "computes it once from the folder's ChatGLM3 when missing (needs ~13 GB VRAM or a few minutes "
                     "on CPU); afterwards ChatGLM3 is never loaded again. Ignored by the demo models.")),
                 io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=(
-                    "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32), fp32 on CPU. "
+                    "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32; fp32 for the "
+                    "demo models, trained in fp32), fp32 on CPU. "
                     "bf16/fp16 halve VRAM; fp8_e4m3fn stores the UNet in fp8 (computed in bf16), about half of bf16.")),
                 io.Combo.Input("device", options=loaders.device_choices(), default="auto",
                                tooltip="Where to run. auto = ComfyUI's device."),
