@@ -283,10 +283,12 @@ def test_shipped_demo_function_on_held_out_scenes(tmp_path, name):
 @demo_only
 def test_held_out_score_gives_a_row_per_colour_fix(tmp_path):
     """`training.heldout score --color-fix none --color-fix wavelet`: a row per fix for each model; the
-    fix changes the image figures and leaves the mask's."""
+    fix changes the image figures and leaves the mask's and the heat map's."""
     from PIL import Image
 
+    from tadisr_core.pipeline import upscale
     from training.heldout import main as heldout_main
+    from training.metrics import auroc
 
     rng = np.random.default_rng(0)
     mask = np.zeros((128, 128), np.uint8)
@@ -302,9 +304,15 @@ def test_held_out_score_gives_a_row_per_colour_fix(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert list(rows) == ["bicubic", "demo", "demo, --color-fix wavelet", "tiny-random"]
     plain, fixed = rows["demo"], rows["demo, --color-fix wavelet"]
-    assert [fixed[k] for k in ("mask_iou", "mask_f1", "mask_auroc")] == \
-        [plain[k] for k in ("mask_iou", "mask_f1", "mask_auroc")]
+    assert [fixed[k] for k in ("mask_iou", "mask_f1", "mask_auroc", "heat_auroc")] == \
+        [plain[k] for k in ("mask_iou", "mask_f1", "mask_auroc", "heat_auroc")]
     assert fixed["psnr"] != plain["psnr"]
+    assert rows["bicubic"]["heat_auroc"] is None
+    # the heat-map column ranks the --attention map against the text, every 4th pixel as for the mask
+    lr = torch.from_numpy(hr[::4, ::4].copy()).permute(2, 0, 1)[None].float() / 255
+    heat = upscale(load_model("demo"), lr, 4, tile=256, overlap=64, tile_batch=1, attention=True).attention
+    truth = torch.from_numpy(mask[::2, ::2] > 0).flatten()
+    assert plain["heat_auroc"] == pytest.approx(auroc(heat[0, 0, ::2, ::2].flatten(), truth), abs=1e-6)
 
 
 @demo_only

@@ -14,7 +14,8 @@ demo's training data. Its seed is disjoint from every training seed, so no scene
 
 `score` reports, per row: PSNR, SSIM, LPIPS (alex), OCR-A (rapidocr) against the HR image, and the
 text mask's IoU and F1 at threshold 0.5, pooled over all pixels of the set, and its AUROC (every
-4th pixel: how well the mask ranks text above background, whatever the threshold). Rows: plain bicubic,
+4th pixel: how well the mask ranks text above background, whatever the threshold), and the same
+AUROC for the text-attention heat map (`--attention`). Rows: plain bicubic,
 each `--model`, and `tiny-random` (the random tiny model of `make-tiny`, what a newcomer used to run).
 
 `mask-reference` scores the ground-truth mask itself grown by 1, 2 and 3 px (every pixel within that
@@ -121,20 +122,20 @@ def _uint8(x: torch.Tensor) -> np.ndarray:
     return (x[0, :3].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def bicubic(lr: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """The baseline row: bicubic x4, no mask."""
+def bicubic(lr: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    """The baseline row: bicubic x4, no mask, no heat map."""
     from tadisr_core.pipeline import upscale_canvas
 
-    return upscale_canvas(lr, 4), None
+    return upscale_canvas(lr, 4), None, None
 
 
 def model_runner(model, tile: int = 256, overlap: int = 64, color_fix: str = "none"):
-    """A row function that upscales with a TADiSR model (mask included)."""
+    """A row function that upscales with a TADiSR model (mask and heat map included)."""
     from tadisr_core.pipeline import upscale
 
-    def run(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = upscale(model, lr, 4, tile=tile, overlap=overlap, tile_batch=1, color_fix=color_fix)
-        return out.image, out.mask
+    def run(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = upscale(model, lr, 4, tile=tile, overlap=overlap, tile_batch=1, color_fix=color_fix, attention=True)
+        return out.image, out.mask, out.attention
     return run
 
 
@@ -149,20 +150,23 @@ def tiny_random_model(workdir: Path):
 
 
 def score(items: list[dict], run, lpips_model=None, ocr_engine=None) -> dict:
-    """Mean PSNR / SSIM / LPIPS / OCR-A and pooled mask IoU / F1 of one row function over the set."""
+    """Mean PSNR / SSIM / LPIPS / OCR-A, pooled mask IoU / F1, and the AUROC of the mask and of the heat
+    map of one row function over the set."""
     from training.evaluate import evaluate_pair
     from training.metrics import MaskCounts, OCRAResult, auroc, mask_counts, summarize_ocr
 
-    rows, counts, probs, truths = [], MaskCounts(), [], []
+    rows, counts, probs, heats, truths = [], MaskCounts(), [], [], []
     for item in items:
         with torch.inference_mode():
-            sr, mask = run(_tensor(item["lr"]))
+            sr, mask, heat = run(_tensor(item["lr"]))
         row = evaluate_pair(_uint8(sr), item["hr"], lpips_model=lpips_model, ocr_engine=ocr_engine,
                             y_channel=False, crop_border=0, device=torch.device("cpu"))
         if mask is not None:
             counts = counts + mask_counts(mask[0, 0].numpy(), item["mask"])
             probs.append(mask[0, 0, ::2, ::2].flatten())  # every 4th pixel keeps the ranking cheap
             truths.append(torch.from_numpy(item["mask"][::2, ::2].copy()).flatten())
+        if heat is not None:
+            heats.append(heat[0, 0, ::2, ::2].flatten())
         rows.append(row)
     out = {"n": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim")}}
     if lpips_model is not None:
@@ -172,6 +176,7 @@ def score(items: list[dict], run, lpips_model=None, ocr_engine=None) -> dict:
     out["mask_iou"] = counts.iou if mask is not None else None
     out["mask_f1"] = counts.f1 if mask is not None else None
     out["mask_auroc"] = auroc(torch.cat(probs), torch.cat(truths)) if mask is not None else None
+    out["heat_auroc"] = auroc(torch.cat(heats), torch.cat(truths)) if heat is not None else None
     return out
 
 
@@ -220,7 +225,8 @@ def run_score(folder: Path, models: list[str], ocr: bool = True, lpips: bool = T
 def format_table(report: dict) -> str:
     """A Markdown table of the report's rows."""
     cols = [("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".3f"), ("ocr_a", "OCR-A", ".3f"),
-            ("mask_iou", "mask IoU@0.5", ".3f"), ("mask_f1", "mask F1@0.5", ".3f"), ("mask_auroc", "mask AUROC", ".3f")]
+            ("mask_iou", "mask IoU@0.5", ".3f"), ("mask_f1", "mask F1@0.5", ".3f"), ("mask_auroc", "mask AUROC", ".3f"),
+            ("heat_auroc", "heat-map AUROC", ".3f")]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in report["rows"].items():
         cells = [("-" if row.get(k) is None else format(row[k], f)) for k, _, f in cols]
