@@ -17,6 +17,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -63,7 +64,15 @@ def bench(args) -> dict:
     if args.lpips_net != "none":
         cfg.loss.lpips_weights = args.lpips_weights or str(random_lpips_weights(args.lpips_net, Path(tmp.name)))
     t0 = time.perf_counter()
-    model = build_model_from_config(cfg, device)
+    if args.vae_widths:  # the demo spec with other VAE / joint-decoder widths (what a narrower demo would cost)
+        from tadisr_core.model import build_model, random_prompt
+        from tadisr_core.spec import spec_for_size
+
+        spec = spec_for_size(cfg.model.size, args.variant)
+        spec = dataclasses.replace(spec, vae=dataclasses.replace(spec.vae, block_out_channels=args.vae_widths))
+        model = build_model(spec, prompt=random_prompt(spec), seed=cfg.model.init_seed)
+    else:
+        model = build_model_from_config(cfg, device)
     model.to(device)
     trainable = configure_trainable(model, backbone=args.demo)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
@@ -115,6 +124,7 @@ def bench(args) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "spec": cfg.model.size,
         "variant": args.variant, "size": size, "batch": args.batch, "precision": args.precision,
+        "vae_widths": list(model.spec.vae.block_out_channels),
         "gradient_checkpointing": args.gc, "lpips_net": args.lpips_net,
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -150,8 +160,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lpips-net", default=None, choices=("vgg", "alex", "none"),
                    help="default: vgg (the paper's), alex with --tiny or --demo (as the CPU configs)")
     p.add_argument("--lpips-weights", help="converted LPIPS weights (default: random weights, same compute)")
+    p.add_argument("--vae-widths", type=lambda v: tuple(int(c) for c in v.split(",")), default=None,
+                   metavar="C0,C1,C2,C3", help="--demo only: other VAE block widths (the demo's are 16,32,48,48)")
     args = p.parse_args(argv)
     args.cpu = args.tiny or args.demo
+    if args.vae_widths is not None and (not args.demo or len(args.vae_widths) != 4):
+        p.error("--vae-widths takes four widths and goes with --demo")
     if args.precision is None:
         args.precision = "no" if args.cpu else "bf16"
     if args.size is None:

@@ -433,9 +433,14 @@ def test_bench_train_step_defaults_per_mode():
     assert pick(["--demo", "--gc", "--size", "128"])[:2] == (128, True)
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--demo"])
+    assert parse_args(["--demo", "--vae-widths", "8,16,48,48"]).vae_widths == (8, 16, 48, 48)
+    for bad in (["--vae-widths", "8,16,48,48"], ["--demo", "--vae-widths", "8,16,48"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
-@pytest.mark.parametrize("mode", [["--tiny"], ["--demo", "--size", "64"]])
+@pytest.mark.parametrize("mode", [["--tiny"], ["--demo", "--size", "64"],
+                                  ["--demo", "--size", "64", "--vae-widths", "8,16,48,48"]])
 def test_bench_train_step_cpu_modes(lpips_dir, mode):
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), *mode, "--steps", "1",
            "--warmup", "1", "--lpips-weights", str(lpips_dir / "lpips_alex.safetensors"), "--lpips-net", "alex"]
@@ -448,6 +453,8 @@ def test_bench_train_step_cpu_modes(lpips_dir, mode):
     else:  # as demo.yaml: every weight trains, no checkpointing
         assert out["spec"] == "demo" and not out["gradient_checkpointing"]
         assert out["trainable_params"] == out["total_params"]
+        widths = [8, 16, 48, 48] if "--vae-widths" in mode else [16, 32, 48, 48]  # the shipped demo's
+        assert out["vae_widths"] == widths and (out["total_params"] < 8_746_944) == (widths[0] == 8)
 
 
 def test_bench_optimizer_step_smoke():
