@@ -10,7 +10,6 @@ channels in forward-execution order, the layout the mask stream's W_a projection
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -72,16 +71,27 @@ class AttentionStore:
         out = []
         for probs in self.maps:  # (B, heads, N)
             b, heads, n = probs.shape
-            factor = math.sqrt(h * w / n)
-            lh, lw = round(h / factor), round(w / factor)
-            if lh * lw != n:
-                raise RuntimeError(f"attention map of {n} positions does not tile a {h}x{w} grid")
+            lh, lw = level_grid(h, w, n)
             m = probs.reshape(b, heads, lh, lw)
             if (lh, lw) != (h, w):
                 m = F.interpolate(m, size=(h, w), mode="bicubic", align_corners=False)
             out.append(m.clamp_min(0))
         self.maps = []
         return torch.cat(out, dim=1)
+
+
+def level_grid(h: int, w: int, positions: int) -> tuple[int, int]:
+    """The grid of the UNet level whose attention has `positions` positions, for an `h` x `w` latent.
+
+    Each down block halves the grid rounding up (stride-2 convolutions with padding 1), so an odd side
+    such as 15 goes 15 -> 8 -> 4; the level is the one whose area is `positions`.
+    """
+    lh, lw = h, w
+    while lh * lw > positions and lh * lw > 1:
+        lh, lw = -(-lh // 2), -(-lw // 2)
+    if lh * lw != positions:
+        raise RuntimeError(f"attention map of {positions} positions does not tile a {h}x{w} latent grid")
+    return lh, lw
 
 
 class PromptKV:

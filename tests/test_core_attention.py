@@ -5,7 +5,13 @@ import copy
 import pytest
 import torch
 
-from tadisr_core.attention import AttentionStore, attention_channels, cross_attention_layers, install_capture
+from tadisr_core.attention import (
+    AttentionStore,
+    attention_channels,
+    cross_attention_layers,
+    install_capture,
+    level_grid,
+)
 from tadisr_core.backbone import build_unet
 from tadisr_core.lora import add_lora
 from tadisr_core.spec import AttentionSpec, full_spec, tiny_spec
@@ -82,6 +88,31 @@ def test_assemble_resizes_to_the_latent_grid_in_execution_order():
     assert out.shape == (1, 5, 8, 8) and out.min() >= 0
     with pytest.raises(RuntimeError, match="no attention"):
         store.assemble((8, 8))
+
+
+def test_level_grids_of_odd_latent_sides_round_up_as_the_down_blocks_do():
+    assert level_grid(15, 32, 15 * 32) == (15, 32)
+    assert level_grid(15, 32, 128) == (8, 16)   # 15 -> 8, 32 -> 16 (a guess from the aspect ratio gave 8x17)
+    assert level_grid(15, 32, 32) == (4, 8)
+    assert level_grid(25, 7, 13 * 4) == (13, 4)
+    with pytest.raises(RuntimeError, match="100 positions does not tile a 15x32 latent grid"):
+        level_grid(15, 32, 100)
+
+
+@pytest.mark.parametrize("size", [(30, 64), (64, 30), (30, 100), (41, 150), (100, 33)])
+def test_upscale_with_attention_runs_on_odd_latent_grids(size):
+    """Inputs whose 4x tile has an odd latent side (e.g. 120 / 8 = 15) once failed in the heat map."""
+    from tadisr_core.model import build_model, random_prompt
+    from tadisr_core.pipeline import upscale
+
+    spec = tiny_spec("paper")  # its mask stream reads the attention maps
+    model = build_model(spec, prompt=random_prompt(spec), seed=0).eval()
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = upscale(model, x, 4, tile=768, overlap=256, attention=True)
+    hr = (4 * size[0], 4 * size[1])
+    assert out.image.shape == (1, 3, *hr) and out.attention.shape == (1, 1, *hr)
+    assert torch.isfinite(out.mask).all() and torch.isfinite(out.attention).all()
 
 
 @pytest.mark.parametrize("capture", [True, False])
