@@ -193,9 +193,16 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
                device: str = "auto", merge_lora: bool = True) -> TADiSRHandle:
     """Resolve names to files and load (or reuse) the model. Errors name the file and its folder;
     the Kolors ones (KolorsFolderError, NotKolorsError) are the library's own words."""
+    from tadisr_core import model_ref
+
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, fp16_safe=kolors not in DEMO_CHOICES)  # the demos were trained in fp32
+    shipped = model_ref.shipped_models().get(DEMO_CHOICES.get(kolors, ""))
+    dt = resolve_dtype(dtype, dev, fp16_safe=shipped is None or shipped.fp16_safe)
     if kolors in DEMO_CHOICES:
+        try:
+            model_ref.check_dtype(DEMO_CHOICES[kolors], dt)
+        except ValueError as exc:
+            raise ValueError(f"TADiSR: {exc} (dtype auto chooses one for it)") from None
         return _load_demo(DEMO_CHOICES[kolors], dt, dev, merge_lora)
     files = resolve_kolors(kolors)
     ckpt_path = resolve_checkpoint(checkpoint)

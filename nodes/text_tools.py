@@ -12,8 +12,11 @@ def composite(tadisr_image, text_mask, other_image, grow=8, feather=4, threshold
     from tadisr_core.composite import text_composite
 
     host.check_interrupt()
-    out, used = text_composite(convert.image_to_core(tadisr_image), convert.mask_to_core(text_mask),
-                               convert.image_to_core(other_image), int(grow), int(feather), float(threshold))
+    try:
+        out, used = text_composite(convert.image_to_core(tadisr_image), convert.mask_to_core(text_mask),
+                                   convert.image_to_core(other_image), int(grow), int(feather), float(threshold))
+    except ValueError as exc:
+        raise ValueError(f"TADiSR: {exc}") from None
     dev = host.intermediate_device()
     return convert.image_from_core(out, dev), convert.mask_from_core(used, dev)
 
@@ -22,12 +25,15 @@ def read_text(image, text_mask=None, min_score=0.5, min_coverage=0.25, engine=No
     """(STRING, IMAGE): the recognised lines (images of a batch separated by a blank line) and the
     image with their boxes drawn. With a mask, only lines it covers are kept."""
     from tadisr_core import reading
+    from tadisr_core.composite import check_mask_size
 
     img = convert.image_to_core(image)
     mask = None if text_mask is None else convert.mask_to_core(text_mask)
-    if mask is not None and tuple(mask.shape[-2:]) != tuple(img.shape[-2:]):
-        raise ValueError(f"TADiSR: the text mask ({mask.shape[-1]}x{mask.shape[-2]}) and the image "
-                         f"({img.shape[-1]}x{img.shape[-2]}) differ in size; use the mask of this image")
+    if mask is not None:
+        try:
+            check_mask_size(mask, img)
+        except ValueError as exc:
+            raise ValueError(f"TADiSR: {exc}") from None
     texts, drawn = [], []
     for b in range(img.shape[0]):
         host.check_interrupt()

@@ -39,8 +39,13 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int 
     return (image - wavelet_lowpass(image, levels) + wavelet_lowpass(ref, levels)).clamp(0, 1)
 
 
+def check_color_fix(mode: str) -> None:
+    """ValueError naming the choices unless `mode` is one of `COLOR_FIXES`."""
+    if mode not in COLOR_FIXES:
+        raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {mode!r}")
+
+
 def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, mode: str = "none") -> torch.Tensor:
     """`image` corrected by `mode` ("none" returns it unchanged, "wavelet": see `wavelet_color_fix`)."""
-    if mode not in COLOR_FIXES:
-        raise ValueError(f"colour fix must be one of {COLOR_FIXES}, got {mode!r}")
+    check_color_fix(mode)
     return image if mode == "none" else wavelet_color_fix(image, reference)

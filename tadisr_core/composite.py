@@ -75,16 +75,26 @@ def _rgb(image: torch.Tensor) -> torch.Tensor:
     return image.float().expand(-1, 3, -1, -1) if image.shape[1] == 1 else image.float()[:, :3]
 
 
+def check_mask_size(text_mask: torch.Tensor, image: torch.Tensor) -> None:
+    """ValueError unless the text mask [.., H, W] is the size of the image it belongs to [.., H, W]."""
+    if tuple(text_mask.shape[-2:]) != tuple(image.shape[-2:]):
+        raise ValueError(f"the text mask ({text_mask.shape[-1]}x{text_mask.shape[-2]}) and the image "
+                         f"({image.shape[-1]}x{image.shape[-2]}) differ in size; use the mask of this image")
+
+
 def text_composite(tadisr: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, grow_px: int = 8,
                    feather_px: int = 4, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """(composite [B, C, H, W], used mask [B, 1, H, W]): TADiSR's text regions on the other image.
 
-    `other` is resized to TADiSR's size; `text_mask` to the same size if it differs.
+    `other` is resized to TADiSR's size; `text_mask` must be TADiSR's size (`check_mask_size`).
     """
+    check_mask_size(text_mask, tadisr)
+    batches = {"TADiSR image": tadisr.shape[0], "text mask": text_mask.shape[0], "other image": other.shape[0]}
+    if len(set(batches.values()) - {1}) > 1:
+        raise ValueError("batch sizes differ: " + ", ".join(f"{k} {n}" for k, n in batches.items())
+                         + "; each must be the same, or 1")
     h, w = tadisr.shape[-2:]
     other = match_size(other, h, w)
-    if tuple(text_mask.shape[-2:]) != (h, w):
-        text_mask = F.interpolate(text_mask.float(), size=(h, w), mode="bilinear", align_corners=False)
     used = region_mask(text_mask.float(), grow_px, feather_px, threshold)
     out = paste(_rgb(other), _rgb(tadisr), used)
     return out, used.expand(out.shape[0], -1, -1, -1)

@@ -34,6 +34,9 @@ def resolve_device(name: str | torch.device | None = "auto", auto: torch.device 
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise RuntimeError(f"--device {name}: MPS (Apple GPUs) is not available on this machine")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {name}: CUDA is not available in this torch build / machine")

@@ -80,12 +80,18 @@ def tile_heat(maps: torch.Tensor, grid: TileGrid, groups: dict[str, tuple[int, i
     return F.interpolate(m, size=(grid.tile_h, grid.tile_w), mode="bilinear", align_corners=False)
 
 
+FLAT = 1e-3  # a map whose range is below this share of its magnitude is flat: stretching it shows rounding noise
+
+
 def stretch(heat: torch.Tensor) -> torch.Tensor:
-    """Each image's map [B, 1, H, W] stretched to 0..1 (in place)."""
+    """Each image's map [B, 1, H, W] stretched to 0..1 (in place); a flat map (range under `FLAT` of
+    its magnitude, e.g. every position at the maximum 1.0) becomes all zeros."""
     flat = heat.flatten(1)
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-    heat.sub_(lo.view(-1, 1, 1, 1)).div_((hi - lo).clamp_min(1e-12).view(-1, 1, 1, 1))
-    return heat.clamp_(0, 1)
+    span = hi - lo
+    level = (span <= FLAT * torch.maximum(hi.abs(), lo.abs())).view(-1, 1, 1, 1)
+    heat.sub_(lo.view(-1, 1, 1, 1)).div_(span.clamp_min(1e-12).view(-1, 1, 1, 1))
+    return heat.masked_fill_(level, 0).clamp_(0, 1)
 
 
 def heatmap(att: AttentionTiles, layers: str = "all", heads: str = "mean", normalize: bool = True, *,

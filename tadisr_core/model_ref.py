@@ -52,17 +52,27 @@ class ModelFiles:
 
 @dataclass(frozen=True)
 class ShippedModel:
-    """A model that comes with the pack: its files and the Makefile target that re-creates them."""
+    """A model that comes with the pack: its files, the Makefile target that re-creates them, and
+    whether it runs in fp16 (the demos, trained in fp32, overflow it)."""
 
     checkpoint: Path
     prompt_cache: Path
     make_target: str
+    fp16_safe: bool = False
 
 
 def shipped_models() -> dict[str, ShippedModel]:
     """The pack's own models by reference name (`--model NAME`), whether their files are present or not."""
     return {"demo": ShippedModel(DEMO_CHECKPOINT, DEMO_PROMPT_CACHE, "demo-model"),
             "demo-release": ShippedModel(DEMO_RELEASE_CHECKPOINT, DEMO_RELEASE_PROMPT_CACHE, "demo-model-release")}
+
+
+def check_dtype(ref: str | Path, dtype: torch.dtype) -> None:
+    """ValueError when `ref` names a shipped model that overflows fp16 and `dtype` is fp16."""
+    shipped = shipped_models().get(str(ref))
+    if shipped is not None and not shipped.fp16_safe and dtype == torch.float16:
+        raise ValueError(f"the {ref} model overflows fp16 (it was trained in fp32, and its activations exceed "
+                         f"fp16's 65504): use bf16 or fp32")
 
 
 def run_step_folder(step: int) -> str:
@@ -162,6 +172,7 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
     from .devices import place_model
     from .lora import merge_lora
 
+    check_dtype(ref, dtype)
     files = resolve_model(ref)
     prompt = prompt_cache or files.prompt_cache
     ckpt = load_checkpoint(files.checkpoint)

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .color import apply_color_fix
+from .color import apply_color_fix, check_color_fix
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .finite import DAMAGED, check_finite
 from .heatmap import AttentionTiles, channel_groups, stretch, tile_heat
@@ -255,6 +255,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     _check_input(image)
     check_finite(image, "input image")
     check_settings(scale, tile, overlap)
+    check_color_fix(color_fix)  # before any tile runs
     size = output_size(image.shape[2], image.shape[3], scale)
     canvas_device = _resolve_canvas_device(model, canvas_device, image.shape[0], *size, image.shape[1], mask,
                                            attention)

@@ -176,3 +176,15 @@ def test_a_batch_one_prompt_is_shared_over_the_batch_and_cached_exactly():
     assert torch.equal(first, out) and torch.equal(cached, out) and torch.equal(cached_maps, maps)
     kv.validate("other weights")
     assert not kv.entries
+
+
+def test_stretch_spreads_a_map_to_0_1_but_leaves_a_flat_one_flat():
+    from tadisr_core.heatmap import stretch
+
+    g = torch.Generator().manual_seed(0)
+    varied = 0.01 + 0.01 * torch.rand(1, 1, 8, 8, generator=g)               # small but real differences
+    saturated = 1 - 1e-7 * torch.rand(1, 1, 8, 8, generator=g)               # every position at the maximum
+    out = stretch(torch.cat([varied, saturated]))
+    assert out[0].min() == 0 and out[0].max() == 1
+    assert torch.allclose(out[0], (varied - varied.min()) / (varied.max() - varied.min()))
+    assert torch.equal(out[1], torch.zeros(1, 8, 8))  # not rounding noise blown up to 0..1

@@ -28,7 +28,7 @@ def test_colour_cast_is_removed_and_detail_kept():
     assert (fixed - reference - detail).abs().mean() < (image - reference - detail).abs().mean() / 3
     assert torch.equal(apply_color_fix(image, reference, "none"), image)
     assert torch.allclose(wavelet_color_fix(reference, reference), reference, atol=1e-6)
-    with pytest.raises(ValueError, match="colour fix must be one of"):
+    with pytest.raises(ValueError, match="color_fix must be one of"):
         apply_color_fix(image, reference, "lab")
 
 

@@ -223,18 +223,27 @@ def test_cli_refuses_base_flags_with_the_demo_but_not_the_same_setting_from_the_
 
 
 @demo_only
-def test_fp16_overflow_is_named_and_auto_keeps_the_demos_out_of_fp16(tmp_path, capsys, monkeypatch):
+def test_the_demos_are_kept_out_of_fp16_which_they_overflow(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from nodes import loaders
-    from tadisr_core.devices import resolve_dtype
+    from tadisr_core.devices import place_model, resolve_dtype
+    from tadisr_core.finite import NonFiniteError
+    from tadisr_core.pipeline import upscale
 
-    Image.open(REPO / "tadisr_core" / "demo" / "inputs" / "text_scene_1.png").crop((0, 0, 32, 32)).save(
-        tmp_path / "scene.png")
+    scene = Image.open(REPO / "tadisr_core" / "demo" / "inputs" / "text_scene_1.png").crop((0, 0, 32, 32))
+    scene.save(tmp_path / "scene.png")
+    x = torch.from_numpy(np.asarray(scene)[..., :3].copy()).permute(2, 0, 1)[None].float() / 255
+    half = place_model(load_model("demo"), "cpu", torch.float16)  # around the refusal: what it prevents
+    with torch.no_grad(), pytest.raises(NonFiniteError, match=r"fp16's range \(65504\): load it in bf16 or fp32"):
+        upscale(half, x, 4, tile=128, overlap=32)
     code = cli_main(["upscale", str(tmp_path / "scene.png"), "-o", str(tmp_path / "out"), "--model", "demo",
-                     "--dtype", "fp16", "-q", "--json"])
-    error = json.loads(capsys.readouterr().out)["files"][0]["error"]
-    assert code == 1 and "non-finite" in error and "fp16's range (65504)" in error and "bf16 or fp32" in error
+                     "--dtype", "fp16", "-q"])
+    assert code == 2 and "the demo model overflows fp16" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(loaders, "resolve_device", lambda name: torch.device("cpu"))
+    with pytest.raises(ValueError, match="TADiSR: the demo-release model overflows fp16 .* use bf16 or fp32"):
+        loaders.load_model(loaders.DEMO_RELEASE_CHOICE, "", dtype="fp16")
     # on a GPU without bf16, `auto` is fp16 for the Kolors model and fp32 for the demos (CLI and nodes)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     gpu = torch.device("cuda", 0)
@@ -244,6 +253,8 @@ def test_fp16_overflow_is_named_and_auto_keeps_the_demos_out_of_fp16(tmp_path, c
     monkeypatch.setattr(loaders, "resolve_device", lambda name: gpu)
     monkeypatch.setattr(loaders, "_load_demo", lambda name, dt, dev, merge: dt)
     assert loaders.load_model(loaders.DEMO_CHOICE, "", dtype="auto") == torch.float32
+
+
 SHIPPED = [pytest.param(name, marks=pytest.mark.skipif(not m.checkpoint.is_file(),
                                                        reason=f"the {name} weights are not in this checkout"))
            for name, m in shipped_models().items()]

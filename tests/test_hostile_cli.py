@@ -148,6 +148,16 @@ def test_non_finite_model_output_is_an_error_naming_file_and_tiles(tiny_dir, tmp
     assert not (tmp_path / "o" / "sign_x4.png").exists()
 
 
+def test_a_bad_color_fix_is_refused_before_any_tile(tiny_model, capsys):
+    from tadisr_core.pipeline import upscale
+
+    tiles = []
+    with pytest.raises(ValueError, match=r"color_fix must be one of \('none', 'wavelet'\), got 'bogus'"):
+        upscale(tiny_model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, color_fix="bogus",
+                progress=lambda done, total: tiles.append(done))
+    assert tiles == []
+
+
 def test_unwritable_output_folder_is_reported_before_loading(tmp_path, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
@@ -274,7 +284,8 @@ def test_bad_devices_and_an_output_that_is_a_file_are_named(tmp_path, capsys):
     cases = [(["-o", str(blocker)], f"the output folder {blocker} is a file; give a folder with -o"),
              (["-o", str(tmp_path / "o" / "x4"), "--device", "gpu"], "--device gpu: not a device; use auto, cpu"),
              (["-o", str(tmp_path / "o"), "--text-encoder-device", "bogus"],
-              "--text-encoder-device bogus: not a device")]
+              "--text-encoder-device bogus: not a device"),
+             (["-o", str(tmp_path / "o"), "--device", "mps"], "--device mps: MPS (Apple GPUs) is not available")]
     for extra, message in cases:
         assert cli.main(["upscale", str(tmp_path / "a.png"), "--kolors", "k", "--checkpoint", "c", *extra]) == 2
         assert message in capsys.readouterr().err

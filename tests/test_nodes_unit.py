@@ -533,6 +533,14 @@ def test_text_composite_without_feather_is_a_hard_paste(handle):
                                                                                            b[0][~inside])
 
 
+def test_text_composite_refuses_a_mask_of_another_size_or_batch(handle):
+    a, b = _image(2, 8, 8, seed=1), _image(3, 8, 8, seed=2)
+    with pytest.raises(ValueError, match=r"TADiSR: the text mask \(16x8\) and the image \(8x8\) differ in size"):
+        text_tools.composite(a, torch.zeros(1, 8, 16), b)  # was stretched to fit without a word
+    with pytest.raises(ValueError, match=r"TADiSR: batch sizes differ: TADiSR image 2, text mask 1, other image 3"):
+        text_tools.composite(a, torch.zeros(1, 8, 8), b)
+
+
 class _FakeOCR:
     """Stands in for RapidOCR's engine: returns fixed lines (the node logic around it is what is tested)."""
 

@@ -26,7 +26,7 @@ class TADiSRTextComposite(io.ComfyNode):
                          "other image; on the text it is TADiSR's."),
             inputs=[
                 io.Image.Input("tadisr_image", tooltip="The upscaled image from TADiSR Upscale (or Joint Decode)."),
-                io.Mask.Input("text_mask", tooltip="TADiSR's text mask of that image."),
+                io.Mask.Input("text_mask", tooltip="TADiSR's text mask of that image (the same size)."),
                 io.Image.Input("other_image", tooltip=(
                     "Any other upscaler's result for the same input (e.g. an ESRGAN model via Upscale Image (using "
                     "Model)); resized to TADiSR's size.")),
