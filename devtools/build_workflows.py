@@ -152,8 +152,8 @@ def _attention_spec() -> dict:
         _note("Where does TADiSR read text? With capture_attention on, TADiSR Upscale also outputs its "
               "cross-attention to the word 'text'; TADiSR Text Attention Heat Map turns it into a heat map and an "
               "overlay on the upscaled image. With the real model, try layers = up and heads = max for sharper maps "
-              "(the released model has no mid-block layer). The built-in demo models attend to a random prompt "
-              "embedding, so their maps hardly show the text (see their model cards): with them this graph shows "
+              "(the released model has no mid-block layer). The built-in demo models never learned Kolors' word "
+              "'text', so their maps hardly show the text (see their model cards): with them this graph shows "
               f"the wiring only.\n\n{SETUP}")]
     links = [("model", 0, "upscale", "model"), ("image", 0, "upscale", "image"),
              ("upscale", 2, "attention", "attention"), ("upscale", 0, "attention", "image"),

@@ -90,9 +90,12 @@ def resolve_checkpoint(name: str) -> str:
     """Full path of a TADiSR checkpoint; FileNotFoundError saying where it belongs."""
     path = host.find_path(host.TADISR_FOLDER, name) if name and name != NO_CHECKPOINT else None
     if path is None:
+        found = [c for c in checkpoint_choices() if c != NO_CHECKPOINT]
         raise FileNotFoundError(
             f"TADiSR: checkpoint '{name}' not found in models/tadisr ({_folders(host.TADISR_FOLDER)}). "
-            "Put a TADiSR checkpoint there: the released tadisr_kolors_ftsr_526000.pkl or a converted .safetensors."
+            + (f"Choose one of {found}." if found else
+               "Put a TADiSR checkpoint there: the released tadisr_kolors_ftsr_526000.pkl or a converted "
+               ".safetensors.")
             + (" (The built-in demo Kolors choices ignore this input: pick any listed entry.)"
                if demo_choices() else ""))
     return path

@@ -127,7 +127,8 @@ def test_prompt_conditioning_follows_the_model_between_devices(handle):
 
 
 def test_missing_files_name_the_file_and_the_folder(models_dir):
-    with pytest.raises(FileNotFoundError, match=r"'nope.pkl' not found in models/tadisr"):
+    with pytest.raises(FileNotFoundError, match=r"'nope.pkl' not found in models/tadisr .*Choose one of \[.*"
+                                                r"'tadisr_tiny.safetensors'"):
         loaders.load_model("tiny-kolors", "nope.pkl")
     with pytest.raises(FileNotFoundError, match=r"'Kolors' not found in models/diffusers"):
         loaders.load_model("Kolors", "tadisr_tiny.safetensors")
