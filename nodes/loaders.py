@@ -137,7 +137,7 @@ def resolve_device(name: str) -> torch.device:
 
     try:
         return core_resolve(name, auto=host.torch_device())
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise ValueError(f"TADiSR: device '{name}' cannot be used ({exc}); choose one of {device_choices()}") from None
 
 

@@ -686,3 +686,11 @@ def test_extra_model_paths_add_to_models_tadisr(fake_comfy, tmp_path):
         ["/data/tadisr", str(tmp_path / "models" / "tadisr")], {".pkl", ".safetensors"})
     host.register_model_folders()  # twice (pack reloaded): no duplicate
     assert len(fake_comfy["fp"].folder_names_and_paths["tadisr"][0]) == 2
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_a_device_this_machine_lacks_is_refused_by_the_loader():
+    # ComfyUI 0.3.75 does not check V3 combo values: a workflow from a Mac still says "mps"
+    for name, why in (("mps", "MPS .* is not available"), ("gpu", "not a device")):
+        with pytest.raises(ValueError, match=f"TADiSR: device '{name}' cannot be used .*{why}.*choose one of"):
+            loaders.resolve_device(name)
