@@ -93,7 +93,12 @@ def fingerprint(folder: str, index: int, when_done: str = "wrap around") -> str 
 
 def load(folder: str, index: int = 0, prefix: str = "tadisr/", when_done: str = "wrap around"):
     """The image served for `index`, output prefixes for it and its mask, and the folder's image count."""
+    from tadisr_core.images import ImageReadError
+
     path, name, count = chosen_file(folder, index, when_done)
-    image = read_image(os.path.join(path, name))
+    try:
+        image = read_image(os.path.join(path, name))
+    except ImageReadError as exc:
+        raise ValueError(f"TADiSR: {exc}. Move it out of the folder (or fix it) and run again.") from None
     stem = f"{prefix}{os.path.splitext(name)[0]}"
     return image, stem, f"{stem}_text_mask", count

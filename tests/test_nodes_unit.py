@@ -446,6 +446,9 @@ def test_load_image_from_folder(tmp_path):
         folder_io.load(str(tmp_path / "missing"), 0, "")
     first = folder_io.fingerprint(str(tmp_path), 0)
     assert first == folder_io.fingerprint(str(tmp_path), 0) and first != folder_io.fingerprint(str(tmp_path), 1)
+    (tmp_path / "img_2.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"^TADiSR: cannot read .*img_2\.png as an image.*Move it out of the folder"):
+        folder_io.load(str(tmp_path), 2, "")
 
 
 def test_folder_index_wraps_or_stops_with_done(tmp_path):
