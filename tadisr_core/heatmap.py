@@ -86,8 +86,8 @@ FLAT = 1e-3  # a map whose range is below this share of its magnitude is flat: s
 def stretch(heat: torch.Tensor) -> torch.Tensor:
     """Each image's map [B, 1, H, W] stretched to 0..1 (in place); a flat map (range under `FLAT` of
     its magnitude, e.g. every position at the maximum 1.0) becomes all zeros."""
-    flat = heat.flatten(1)
-    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    per_image = heat.flatten(1)
+    lo, hi = per_image.min(dim=1).values, per_image.max(dim=1).values
     span = hi - lo
     level = (span <= FLAT * torch.maximum(hi.abs(), lo.abs())).view(-1, 1, 1, 1)
     heat.sub_(lo.view(-1, 1, 1, 1)).div_(span.clamp_min(1e-12).view(-1, 1, 1, 1))

@@ -264,6 +264,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     gen = _generator(model, sample, generator, seed)
     capture = attention or keep_attention or model.needs_capture(mask)
     reads = model.needs_capture(mask)
+    cause = _nonfinite_cause(model)
     b = hr.shape[0]
 
     def run(tile: int, overlap: int) -> UpscaleResult:
@@ -277,7 +278,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
             if keep_attention:
                 kept.extend(den.attention.cpu().split(1))
             outs = [dec.image] + ([dec.mask_logits] if mask else [])
-            check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}", _nonfinite_cause(model))
+            check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}", cause)
             return outs + ([tile_heat(den.attention, grid)] if attention else [])
 
         res = _blend(model, grid, b, image.shape[1], work, tile_batch, mask=mask, heat=attention,
@@ -418,6 +419,7 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
     grid = tiled.grid
     dev = model.device
     reads = model.needs_capture(mask)
+    cause = _nonfinite_cause(model)
     rgb = None
     if tiled.source is not None and model.spec.skip_convs:
         rgb = _split_alpha(upscale_canvas(tiled.source, tiled.scale, tiled.source.device))[0]
@@ -433,7 +435,7 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
         att = _stack([s.attention for s in states], dev) if reads else None
         dec = model.decode(_stack([s.latents for s in states], dev), skips, att, mask=mask)
         outs = [dec.image] + ([dec.mask_logits] if mask else [])
-        check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}", _nonfinite_cause(model))
+        check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}", cause)
         if tiled.heatmap:
             outs.append(tile_heat(_stack([s.heatmap for s in states], dev), grid))
         return outs

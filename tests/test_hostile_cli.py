@@ -148,7 +148,7 @@ def test_non_finite_model_output_is_an_error_naming_file_and_tiles(tiny_dir, tmp
     assert not (tmp_path / "o" / "sign_x4.png").exists()
 
 
-def test_a_bad_color_fix_is_refused_before_any_tile(tiny_model, capsys):
+def test_a_bad_color_fix_is_refused_before_any_tile(tiny_model):
     from tadisr_core.pipeline import upscale
 
     tiles = []
