@@ -45,7 +45,7 @@ PACK = "tadisr"
 MODEL = {"kolors": DEMO_CHOICE, "checkpoint": NO_CHECKPOINT, "prompt_cache": "auto (compute once)",
          "dtype": "auto", "device": "auto", "merge_lora": True}
 TILING = {"scale": 4.0, "tile": 768, "overlap": 256, "tile_batch": 0}
-UPSCALE = {**TILING, "capture_attention": False, "color_fix": "none"}
+UPSCALE = {**TILING, "capture_attention": False, "color_fix": "auto"}
 SAMPLE = "tadisr_sample_sign.png"
 TINY_NAMES = ("tadisr-tiny-kolors", "tadisr_tiny")
 SETUP = ("Model: this graph runs the small demo model built into the pack (kolors = 'demo'), with no download: "
@@ -56,7 +56,9 @@ SETUP = ("Model: this graph runs the small demo model built into the pack (kolor
          "as 'checkpoint'. The first run computes the prompt cache once from Kolors' ChatGLM3 and saves it in "
          "models/tadisr.")
 TILES = ("Tiles: 768 px with 256 px overlap, as trained. Lower 'tile' if VRAM is short (out-of-memory also "
-         "lowers it automatically).")
+         "lowers it automatically).\n"
+         "color_fix auto: the demo model's colours are taken back from the input (wavelet); the real model's "
+         "output is left as the release makes it (none).")
 
 # name: (en title, en description, zh title, zh description). ComfyUI 0.3.75's template browser
 # shows a pack's templates by file name, so the UI file is named by its English title (no "-" or
@@ -125,7 +127,7 @@ def _blocks_spec() -> dict:
     mask_nodes, mask_links = _mask_save("tadisr_blocks", ("decode", 1))
     nodes = _base() + [_node("encode", "TADiSREncode", [300, 220], **TILING),
                        _node("denoise", "TADiSRDenoise", [300, 110], tile_batch=0),
-                       _node("decode", "TADiSRDecode", [300, 110], tile_batch=0),
+                       _node("decode", "TADiSRDecode", [300, 130], tile_batch=0, color_fix="auto"),
                        _node("save_image", "SaveImage", [340, 330], filename_prefix="tadisr_blocks/upscaled"),
                        *mask_nodes,
                        _note("TADiSR step by step: Encode (bicubic x scale, tiles, VAE encoder) -> One-Step Denoise "

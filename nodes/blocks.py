@@ -43,13 +43,13 @@ def denoise(model, latents, tile_batch=0):
     return out, attention_view.from_tiles(out)
 
 
-def decode(model, latents, tile_batch=0):
-    """Upscaled image and text mask (ComfyUI layouts)."""
+def decode(model, latents, tile_batch=0, color_fix="auto"):
+    """Upscaled image and text mask (ComfyUI layouts); `color_fix` as in `upscale.upscale`."""
     from tadisr_core.pipeline import decode_tiles
 
     tiled = _check_latents(latents, "denoised")
     batch = running.tile_batch_arg(tile_batch)
     with running.running(model, tiled.grid.tile_h, batch) as (m, progress, cancel):
-        res = decode_tiles(m, tiled, batch, progress=progress, cancel=cancel)
+        res = decode_tiles(m, tiled, batch, progress=progress, cancel=cancel, color_fix=color_fix)
     dev = host.intermediate_device()
     return convert.image_from_core(res.image, dev), convert.mask_from_core(res.mask, dev)

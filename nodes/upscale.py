@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import convert, host, running
 
 
-def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, attention=False, color_fix="none",
+def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, attention=False, color_fix="auto",
             mask=True):
     """(image [B,H,W,C], mask [B,H,W], attention tiles | None) in ComfyUI layouts.
 
@@ -14,7 +14,7 @@ def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, atten
 
     The tiles run fused (encode -> denoise -> decode per batch, blended at once); with attention
     each tile's maps are kept as well. `color_fix="wavelet"` takes the colours from the bicubic
-    upscale (tadisr_core.color).
+    upscale, "auto" does what the model recommends (tadisr_core.color).
     """
     from tadisr_core import pipeline
 

@@ -43,7 +43,7 @@ class Options:
     attention: bool = False
     seed: int | None = None           # set: sample the latent with this seed (as the release did)
     skip_existing: bool = False
-    color_fix: str = "none"           # "wavelet": colours from the bicubic input (color.py)
+    color_fix: str = "auto"           # "wavelet": colours from the bicubic input; "auto": the model's choice (color.py)
 
 
 @dataclass

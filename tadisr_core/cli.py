@@ -267,6 +267,8 @@ def ensure_writable_folder(folder: Path) -> None:
 
 # -- upscale ----------------------------------------------------------------------------------------
 def add_upscale(sub) -> None:
+    from .color import COLOR_FIX_CHOICES
+
     p = sub.add_parser("upscale", help="super-resolve image files and write SR images + text masks",
                        description="Super-resolve images: writes <name>_x<scale>.png and <name>_text_mask.png "
                                    "(and <name>_attention.png with --attention) to OUTDIR.")
@@ -285,9 +287,10 @@ def add_upscale(sub) -> None:
     p.add_argument("--attention", action="store_true", help="also write the text-attention heat map")
     p.add_argument("--no-mask", dest="mask", action="store_false",
                    help="write the image only: skips the text-mask decoder (faster; the image is the same)")
-    p.add_argument("--color-fix", choices=("none", "wavelet"), default="none",
+    p.add_argument("--color-fix", choices=COLOR_FIX_CHOICES, default="auto",
                    help="wavelet: keep the input's colours (low frequencies of the bicubic upscale) under the "
-                        "model's detail; none (default): the model's output as it is")
+                        "model's detail; none: the model's output as it is; auto (default): wavelet for the "
+                        "shipped demo models (they shift colours), none for the others")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs all exist")
     p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")

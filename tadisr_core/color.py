@@ -2,7 +2,10 @@
 
 One-step diffusion SR can shift colours slightly. The wavelet fix keeps the model's fine detail
 (its high frequencies) and takes the coarse colour (the low frequencies) from the bicubic
-upscale of the input. Off by default: the released model's output is left as it is.
+upscale of the input. `color_fix="auto"` (the default of the CLI, the library and the nodes) applies
+the fix a model recommends (`TADiSRModel.default_color_fix`): the shipped demo models, whose colours
+drift, get the wavelet fix; the released model and trained runs get none, so their output is left as
+it is.
 
 The low-pass is an "a trous" wavelet: a 3x3 binomial kernel applied `levels` times with the
 dilation doubling each time (1, 2, 4, ...), borders replicated.
@@ -14,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 COLOR_FIXES = ("none", "wavelet")
+AUTO_COLOR_FIX = "auto"
+COLOR_FIX_CHOICES = (AUTO_COLOR_FIX, *COLOR_FIXES)   # what a user may ask for
 WAVELET_LEVELS = 5
 _BINOMIAL = torch.tensor([1.0, 2.0, 1.0])
 
@@ -43,6 +48,16 @@ def check_color_fix(mode: str) -> None:
     """ValueError naming the choices unless `mode` is one of `COLOR_FIXES`."""
     if mode not in COLOR_FIXES:
         raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {mode!r}")
+
+
+def resolve_color_fix(mode: str, model) -> str:
+    """The colour fix to apply: `mode`, or for "auto" the one `model` recommends (its
+    `default_color_fix`, "none" when it has none). ValueError naming the choices for anything else."""
+    if mode == AUTO_COLOR_FIX:
+        return getattr(model, "default_color_fix", "none")
+    if mode not in COLOR_FIXES:
+        raise ValueError(f"color_fix must be one of {COLOR_FIX_CHOICES}, got {mode!r}")
+    return mode
 
 
 def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, mode: str = "none") -> torch.Tensor:

@@ -65,6 +65,7 @@ class TADiSRModel(nn.Module):
             self.mi_decoder = MaskDecoder(spec, n_att)
         self.one_step = OneStep(spec.schedule, spec.timestep)
         self._prompt_meta: tuple[str, tuple[int, ...]] | None = None
+        self.default_color_fix = "none"    # what color_fix="auto" applies (color.py); the demos recommend "wavelet"
         if prompt is not None:
             self.set_prompt(prompt)
 

@@ -52,13 +52,15 @@ class ModelFiles:
 
 @dataclass(frozen=True)
 class ShippedModel:
-    """A model that comes with the pack: its files, the Makefile target that re-creates them, and
-    whether it runs in fp16 (the demos, trained in fp32, overflow it)."""
+    """A model that comes with the pack: its files, the Makefile target that re-creates them, whether
+    it runs in fp16 (the demos, trained in fp32, overflow it) and the colour fix `color_fix="auto"`
+    gives it (the demos shift colours; the wavelet fix was chosen on their validation set)."""
 
     checkpoint: Path
     prompt_cache: Path
     make_target: str
     fp16_safe: bool = False
+    color_fix: str = "wavelet"
 
 
 def shipped_models() -> dict[str, ShippedModel]:
@@ -186,6 +188,9 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
             raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
                                     f"(a training run keeps it as {RUN_PROMPT_CACHE})")
         model = load_standalone(ckpt, prompt)
+        shipped = shipped_models().get(str(ref))
+        if shipped is not None:
+            model.default_color_fix = shipped.color_fix
         if merge_lora_weights:
             merge_lora(model)
         return place_model(model, device, dtype, offload=offload)

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .color import apply_color_fix, check_color_fix
+from .color import apply_color_fix, resolve_color_fix
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .finite import DAMAGED, check_finite
 from .heatmap import AttentionTiles, channel_groups, stretch, tile_heat
@@ -84,7 +84,8 @@ class TiledLatents:
     alpha: torch.Tensor | None        # upscaled alpha [B, 1, H, W], re-attached at decode
     stage: str = "encoded"            # "encoded" or "denoised"
     heatmap: bool = False
-    source: torch.Tensor | None = None   # the LR input (float32), to re-encode skips when they were not kept
+    source: torch.Tensor | None = None   # the LR input (float32): skips not kept are re-encoded from it, and
+    #                                      the colour fix takes its colours from its bicubic upscale
     groups: dict[str, tuple[int, int]] | None = None   # TACA channel groups of the kept maps
 
     @property
@@ -240,7 +241,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
             tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
             attention: bool = False, keep_attention: bool = False, mask: bool = True, sample: bool = False,
             generator: torch.Generator | None = None, seed: int | None = None,
-            canvas_device: torch.device | str = "auto", color_fix: str = "none") -> UpscaleResult:
+            canvas_device: torch.device | str = "auto", color_fix: str = "auto") -> UpscaleResult:
     """Super-resolve `image` [B, C, h, w] (0..1; C = 1 gray, 3 RGB or 4 RGBA) by `scale`.
 
     Tiles of `tile` px overlapping by `overlap` go through the model `tile_batch` at a time ("auto":
@@ -250,12 +251,13 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     returns every tile's maps in `attention_tiles` (see `heatmap.heatmap`). `mask=False` gives the
     image alone, faster (no text mask). `sample` draws the latent like the release (seeded by
     `generator` or `seed`) instead of using its mean. `color_fix="wavelet"` takes the low frequencies
-    from the bicubic canvas (see `color.py`). Results are float32 on the CPU.
+    from the bicubic canvas, "none" leaves the output as it is, "auto" does what the model recommends
+    (see `color.py`). Results are float32 on the CPU.
     """
     _check_input(image)
     check_finite(image, "input image")
     check_settings(scale, tile, overlap)
-    check_color_fix(color_fix)  # before any tile runs
+    color_fix = resolve_color_fix(color_fix, model)  # checked before any tile runs
     size = output_size(image.shape[2], image.shape[3], scale)
     canvas_device = _resolve_canvas_device(model, canvas_device, image.shape[0], *size, image.shape[1], mask,
                                            attention)
@@ -316,11 +318,9 @@ def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int
         from .attention import attention_channels
 
         per_tile += attention_channels(model.unet, model.spec.attention) * latent_cells * 4
-    source = 0
     if _keep_skips(model, keep_skips, units, cells):
         per_tile += skip_bytes_per_pixel(model) * cells
-    elif model.spec.skip_convs:
-        source = batch * channels * height * width * 4          # the LR input, float32
+    source = batch * channels * height * width * 4          # the LR input, float32
     alpha = batch * h * w * 4 if channels == 4 else 0
     return units * per_tile + source + alpha
 
@@ -364,7 +364,7 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
                 states.append(TileState(_store(enc.latents[k:k + 1], store_device), skips))
 
         run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
-        source = None if keep or not model.spec.skip_convs else image.detach().to(store_device, torch.float32)
+        source = image.detach().to(store_device, torch.float32)
         return TiledLatents(grid, b, states, tuple(image.shape[-2:]), float(scale), image.shape[1], alpha,
                             source=source)
 
@@ -409,24 +409,27 @@ def denoise_tiles(model, tiled: TiledLatents, capture: bool = False, tile_batch:
 @torch.no_grad()
 def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, progress: Progress | None = None,
                  cancel: Cancel | None = None, canvas_device: torch.device | str = "auto",
-                 mask: bool = True) -> UpscaleResult:
+                 mask: bool = True, color_fix: str = "auto") -> UpscaleResult:
     """Staged step 3: joint decode of every tile and the Hann blend into the SR image and text mask.
 
     Skip features that were not kept are re-encoded from the LR input. `mask=False`: image only.
+    `color_fix` as in `upscale`.
     """
     if tiled.stage != "denoised":
         raise ValueError(f"these tiles are {tiled.stage}; decode takes denoised tiles")
+    color_fix = resolve_color_fix(color_fix, model)
     grid = tiled.grid
     dev = model.device
     reads = model.needs_capture(mask)
     cause = _nonfinite_cause(model)
+    reencode = model.spec.skip_convs and tiled.tiles[0].skips is None
     rgb = None
-    if tiled.source is not None and model.spec.skip_convs:
+    if reencode or color_fix != "none":
         rgb = _split_alpha(upscale_canvas(tiled.source, tiled.scale, tiled.source.device))[0]
 
     def work(units: range) -> list[torch.Tensor]:
         states = [tiled.tiles[u] for u in units]
-        if rgb is not None:
+        if reencode:
             skips = model.encode(_gather(rgb, grid, units, model)).skips
         elif states[0].skips is not None:
             skips = [_stack([s.skips[j] for s in states], dev) for j in range(len(states[0].skips))]
@@ -440,5 +443,8 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
             outs.append(tile_heat(_stack([s.heatmap for s in states], dev), grid))
         return outs
 
-    return _blend(model, grid, tiled.batch, tiled.channels, work, tile_batch, mask=mask, heat=tiled.heatmap,
-                  canvas_device=canvas_device, alpha=tiled.alpha, progress=progress, cancel=cancel)
+    res = _blend(model, grid, tiled.batch, tiled.channels, work, tile_batch, mask=mask, heat=tiled.heatmap,
+                 canvas_device=canvas_device, alpha=tiled.alpha, progress=progress, cancel=cancel)
+    if color_fix != "none":
+        res.image[:, :3] = apply_color_fix(res.image[:, :3], rgb.to(res.image.device), color_fix)
+    return res

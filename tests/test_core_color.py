@@ -1,4 +1,5 @@
-"""The optional wavelet colour fix (tadisr_core.color) and its use in pipeline.upscale."""
+"""The wavelet colour fix (tadisr_core.color), its use in pipeline.upscale and the staged decode, and
+"auto": the fix a model recommends (wavelet for the shipped demos, none for the release path)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_upscale_colour_fix_is_off_by_default_and_changes_only_low_frequencies(t
 
     torch.manual_seed(0)
     model = tiny_model_factory()
+    assert model.default_color_fix == "none"  # a model loaded from Kolors weights or built: as the release
     lr = _img(3, (1, 3, 16, 24))
     plain = upscale(model, lr, 4, 64, 16, 2)
     again = upscale(model, lr, 4, 64, 16, 2, color_fix="none")
@@ -69,4 +71,65 @@ def test_cli_color_fix_flag(tiny_dir, tmp_path, capsys):
     bicubic = upscale_canvas(torch.from_numpy(np.asarray(Image.open(src))).permute(2, 0, 1)[None] / 255, 4)
     err = {m: (wavelet_lowpass(o.float()) - wavelet_lowpass(bicubic)).abs().mean() for m, o in outs.items()}
     assert err["wavelet"] < err["none"] / 2, err
-    assert cli.build_parser().parse_args(["upscale", "a.png", "-o", "o"]).color_fix == "none"
+    assert cli.build_parser().parse_args(["upscale", "a.png", "-o", "o"]).color_fix == "auto"
+
+
+def test_auto_is_the_models_own_choice_and_anything_else_is_named():
+    from tadisr_core.color import resolve_color_fix
+
+    class Recommends:
+        default_color_fix = "wavelet"
+
+    assert resolve_color_fix("auto", Recommends()) == "wavelet"
+    assert resolve_color_fix("auto", object()) == "none"
+    assert resolve_color_fix("none", Recommends()) == "none"
+    with pytest.raises(ValueError, match=r"color_fix must be one of \('auto', 'none', 'wavelet'\), got 'lab'"):
+        resolve_color_fix("lab", Recommends())
+
+
+@pytest.mark.parametrize("keep_skips", [True, False])
+def test_staged_decode_fixes_colours_as_the_all_in_one_upscale(tiny_model_factory, keep_skips):
+    from tadisr_core.pipeline import decode_tiles, denoise_tiles, encode_tiles, upscale
+
+    model = tiny_model_factory("paper")
+    model.default_color_fix = "wavelet"
+    lr = _img(5, (1, 3, 16, 24))
+    tiled = denoise_tiles(model, encode_tiles(model, lr, 4, 64, 16, 2, keep_skips=keep_skips), tile_batch=2)
+    for mode in ("auto", "none", "wavelet"):
+        staged = decode_tiles(model, tiled, 2, color_fix=mode)
+        fused = upscale(model, lr, 4, 64, 16, 2, color_fix=mode)
+        assert torch.allclose(staged.image, fused.image, atol=1e-5), mode
+        assert torch.allclose(staged.mask, fused.mask, atol=1e-5), mode
+    auto, none = decode_tiles(model, tiled, 2).image, decode_tiles(model, tiled, 2, color_fix="none").image
+    assert (auto - none).abs().max() > 1e-3  # "auto" took the model's wavelet fix
+
+
+def test_the_shipped_demo_recommends_the_wavelet_fix_and_auto_applies_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tadisr_core.cli import main as cli_main
+    from tadisr_core.model_ref import load_model, shipped_models
+    from tadisr_core.pipeline import upscale
+
+    assert {name: m.color_fix for name, m in shipped_models().items()} == {"demo": "wavelet",
+                                                                           "demo-release": "wavelet"}
+    demo = load_model("demo")
+    assert demo.default_color_fix == "wavelet"
+    lr = _img(6, (1, 3, 24, 32))
+    auto = upscale(demo, lr, 4, tile=128, overlap=32, tile_batch=1).image
+    assert torch.equal(auto, upscale(demo, lr, 4, tile=128, overlap=32, tile_batch=1, color_fix="wavelet").image)
+    assert not torch.equal(auto, upscale(demo, lr, 4, tile=128, overlap=32, tile_batch=1, color_fix="none").image)
+    src = tmp_path / "in.png"
+    Image.fromarray((lr[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(src)
+    outs = {}
+    for mode in ("auto", "none"):
+        extra = [] if mode == "auto" else ["--color-fix", mode]
+        assert cli_main(["upscale", str(src), "-o", str(tmp_path / mode), "--model", "demo", "--tile", "128",
+                         "--overlap", "32", "-q", *extra]) == 0
+        outs[mode] = np.asarray(Image.open(tmp_path / mode / "in_x4.png"))
+    read = torch.from_numpy(np.asarray(Image.open(src))).permute(2, 0, 1)[None] / 255
+    want = upscale(demo, read, 4, tile=128, overlap=32, tile_batch=1, color_fix="wavelet").image
+    want = (want[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.abs(outs["auto"].astype(int) - want).max() <= 1
+    assert np.abs(outs["none"].astype(int) - want).max() > 1

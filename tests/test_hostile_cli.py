@@ -152,7 +152,7 @@ def test_a_bad_color_fix_is_refused_before_any_tile(tiny_model):
     from tadisr_core.pipeline import upscale
 
     tiles = []
-    with pytest.raises(ValueError, match=r"color_fix must be one of \('none', 'wavelet'\), got 'bogus'"):
+    with pytest.raises(ValueError, match=r"color_fix must be one of \('auto', 'none', 'wavelet'\), got 'bogus'"):
         upscale(tiny_model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, color_fix="bogus",
                 progress=lambda done, total: tiles.append(done))
     assert tiles == []

@@ -110,7 +110,8 @@ def test_object_info_lists_every_node_as_v3_with_tooltips(server):
                 for nid in NODE_IDS}
     assert {k: defaults["TADiSRUpscale"][k] for k in ("scale", "tile", "overlap", "tile_batch", "capture_attention",
                                                       "color_fix")} == {
-        "scale": 4.0, "tile": 768, "overlap": 256, "tile_batch": 0, "capture_attention": False, "color_fix": "none"}
+        "scale": 4.0, "tile": 768, "overlap": 256, "tile_batch": 0, "capture_attention": False, "color_fix": "auto"}
+    assert defaults["TADiSRDecode"]["color_fix"] == "auto"
     loader_defaults = defaults["TADiSRLoadModel"]
     assert loader_defaults["dtype"] == "auto" and loader_defaults["prompt_cache"].startswith("auto")
     assert defaults["TADiSRLoadImageFromFolder"]["when_done"] == "wrap around"

@@ -244,9 +244,10 @@ def test_demo_choice_loads_the_built_in_model_and_ignores_checkpoint_and_cache(m
     h = loaders.load_model(choice, loaders.NO_CHECKPOINT, "missing.safetensors", "fp32", "cpu", False)
     assert h.sources["checkpoint"].endswith(f"{name}.safetensors")
     assert h.model.spec.variant == model.spec.variant
+    assert h.model.default_color_fix == "wavelet"  # what color_fix "auto" gives the demos
     img = _image(seed=6)
     image, mask, _ = upscale.upscale(h, img, **TILE)
-    ref = pipeline.upscale(model, convert.image_to_core(img), 4.0, 64, 16, 2)
+    ref = pipeline.upscale(model, convert.image_to_core(img), 4.0, 64, 16, 2, color_fix="wavelet")
     assert torch.equal(image, convert.image_from_core(ref.image))
     assert torch.equal(mask, convert.mask_from_core(ref.mask))
 

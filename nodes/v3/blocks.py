@@ -8,6 +8,7 @@ from .. import blocks, graph
 from .common import (
     TADiSRAttention,
     TADiSRLatents,
+    color_fix_input,
     image_input,
     model_input,
     schema,
@@ -84,12 +85,12 @@ class TADiSRDecode(io.ComfyNode):
                          "tile; tiles are blended (Hann window) into the upscaled image and its text mask."),
             inputs=[model_input(),
                     TADiSRLatents.Input("latents", tooltip="Denoised tiles from TADiSR One-Step Denoise."),
-                    tile_batch_input()],
+                    tile_batch_input(), color_fix_input()],
             outputs=[io.Image.Output(display_name="image", tooltip="The upscaled image (scale x the input size)."),
                      io.Mask.Output(display_name="text_mask",
                                     tooltip="Where the model sees text: 0..1, same size as the image.")],
         )
 
     @classmethod
-    def execute(cls, model, latents, tile_batch=0) -> io.NodeOutput:
-        return io.NodeOutput(*blocks.decode(model, latents, tile_batch))
+    def execute(cls, model, latents, tile_batch=0, color_fix="auto") -> io.NodeOutput:
+        return io.NodeOutput(*blocks.decode(model, latents, tile_batch, color_fix))

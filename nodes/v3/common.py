@@ -34,6 +34,16 @@ def tile_batch_input() -> io.Input:
         "Tiles per model call. 0 = auto (from free memory). Halved automatically on out-of-memory."))
 
 
+def color_fix_input() -> io.Input:
+    """The colour-fix choice of Upscale and Joint Decode (choices from `tadisr_core.color`)."""
+    from tadisr_core.color import COLOR_FIX_CHOICES
+
+    return io.Combo.Input("color_fix", options=list(COLOR_FIX_CHOICES), default="auto", tooltip=(
+        "none: the model's output as it is (faithful to the release). wavelet: keep the input's colours (low "
+        "frequencies of the bicubic upscale) under the model's detail. auto: wavelet for the built-in demo "
+        "models (they shift colours), none for the others."))
+
+
 def tiling_inputs() -> list[io.Input]:
     """scale / tile / overlap / tile_batch widgets shared by Upscale and Encode (limits and defaults
     from `descriptor.DESCRIPTOR.size`)."""

@@ -5,7 +5,16 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import graph, loaders, upscale
-from .common import TADiSRAttention, TADiSRModel, image_input, model_input, schema, tiling_inputs, validate_tiling
+from .common import (
+    TADiSRAttention,
+    TADiSRModel,
+    color_fix_input,
+    image_input,
+    model_input,
+    schema,
+    tiling_inputs,
+    validate_tiling,
+)
 
 
 class TADiSRLoadModel(io.ComfyNode):
@@ -89,9 +98,7 @@ class TADiSRUpscale(io.ComfyNode):
                 io.Boolean.Input("capture_attention", default=False, tooltip=(
                     "Also output the cross-attention to the word 'text' (for TADiSR Text Attention). Same image "
                     "and mask, but the tiles run in three passes that keep per-tile state in RAM.")),
-                io.Combo.Input("color_fix", options=["none", "wavelet"], default="none", tooltip=(
-                    "none: the model's output as it is (faithful to the release). wavelet: keep the input's "
-                    "colours (low frequencies of the bicubic upscale) under the model's detail.")),
+                color_fix_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The upscaled image (scale x the input size)."),
@@ -110,7 +117,7 @@ class TADiSRUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, scale=4.0, tile=768, overlap=256, tile_batch=0, capture_attention=False,
-                color_fix="none") -> io.NodeOutput:
+                color_fix="auto") -> io.NodeOutput:
         if hasattr(model, "model"):  # a wrong 'model' input is reported by upscale() itself
             from tadisr_core.heatmap import channel_groups
 
