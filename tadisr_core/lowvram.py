@@ -4,8 +4,11 @@
   cast to the compute dtype when the layer runs (a weight parametrization, so `layer.weight`
   reads as the compute dtype everywhere and LoRA wrappers keep working). Biases, norms and LoRA
   factors stay in the compute dtype.
-* `enable_sequential_offload`: weights wait on the CPU; each block moves to the GPU when its
-  forward starts and back when it ends. Small modules stay resident (so the model reports the
+* `enable_sequential_offload`: weights wait on the CPU and one block at a time visits the GPU: the
+  block a layer belongs to moves there when that layer runs, and the block that was there goes
+  back. Every module of a block carries the hook, not only the block itself, because the model
+  calls many blocks piece by piece (`TADiSRModel.encode` runs the VAE encoder's parts, and a
+  `ModuleList` has no forward of its own). Small modules stay resident (so the model reports the
   GPU as its device and inputs land there).
 """
 
@@ -65,17 +68,26 @@ def _to_device(x, device):
     return x
 
 
-def _hook(block: nn.Module, device: torch.device, home: torch.device) -> None:
-    def before(mod, args, kwargs):
-        mod.to(device)
-        return _to_device(args, device), _to_device(kwargs, device)
+class _OneBlockOnDevice:
+    """Swaps blocks so that only the one whose layer runs now is on `device`."""
 
-    def after(mod, args, output):
-        mod.to(home)
-        return output
+    def __init__(self, device: torch.device, home: torch.device):
+        self.device, self.home = device, home
+        self.active: nn.Module | None = None
 
-    block.register_forward_pre_hook(before, with_kwargs=True)
-    block.register_forward_hook(after)
+    def hook(self, block: nn.Module) -> None:
+        """Before any module of `block` runs: `block` on the device (the previous one sent home), the
+        module's tensor inputs moved there too."""
+        def before(mod, args, kwargs):
+            if self.active is not block:
+                if self.active is not None:
+                    self.active.to(self.home)
+                block.to(self.device)
+                self.active = block
+            return _to_device(args, self.device), _to_device(kwargs, self.device)
+
+        for module in block.modules():
+            module.register_forward_pre_hook(before, with_kwargs=True)
 
 
 def offload_plan(model: nn.Module, block_bytes: int = 512 << 20,
@@ -102,17 +114,19 @@ def offload_plan(model: nn.Module, block_bytes: int = 512 << 20,
 
 def enable_sequential_offload(model: nn.Module, device: torch.device | str, block_bytes: int = 512 << 20,
                               home: torch.device | str = "cpu", resident_bytes: int = RESIDENT_BYTES) -> list[str]:
-    """Keep `model`'s weights on `home` and run each block on `device` only while it runs
-    (`offload_plan`); small modules, direct parameters of split modules and buffers stay on `device`.
+    """Keep `model`'s weights on `home` and bring each block (`offload_plan`) to `device` when one of
+    its modules runs; small modules, direct parameters of split modules and buffers stay on `device`.
     Returns the names of the moving blocks. Peak device memory: the resident part plus the
-    largest block plus one block's activations.
+    largest block plus one block's activations; the block used last stays on `device` until another
+    one runs.
     """
     device, home = torch.device(device), torch.device(home)
     moving, _ = offload_plan(model, block_bytes, resident_bytes)
+    swapper = _OneBlockOnDevice(device, home)
     for name in moving:  # never the whole model on the device, not even for a moment
         block = model.get_submodule(name)
         block.to(home)
-        _hook(block, device, home)
+        swapper.hook(block)
     prefixes = ("",) if "" in moving else tuple(f"{name}." for name in moving)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if not name.startswith(prefixes):

@@ -45,18 +45,55 @@ def test_fp8_storage_runs_on_cpu_and_stays_close_to_bf16(tiny_dir, bf16_out):
     assert torch.isfinite(out.image).all() and image > 25
 
 
-def test_sequential_offload_keeps_the_output(tiny_model_factory):
-    model = tiny_model_factory("release")
+@pytest.mark.parametrize("variant", ["release", "paper"])
+@pytest.mark.parametrize("block_bytes", [64 << 10, 512 << 10])
+def test_sequential_offload_has_every_layer_on_the_device_when_it_runs(tiny_model_factory, monkeypatch, variant,
+                                                                        block_bytes):
+    """Whatever way the model calls its blocks (whole, piece by piece as the VAE, or the items of a
+    ModuleList, which has no forward), each layer's weights are on the device when it runs, one
+    block at a time, and the output is unchanged. Moves are followed through Module.to: the device
+    is "cpu:0" and the home "cpu", the same memory on a machine without a GPU."""
+    device, home = torch.device("cpu", 0), torch.device("cpu")
+    model = tiny_model_factory(variant)
+    ran_plain = set()
+    handles = [m.register_forward_pre_hook(lambda m, a: ran_plain.add(id(m))) for m in model.modules()
+               if any(True for _ in m.parameters(recurse=False))]
     with torch.no_grad():
         ref = model(X)
-    moving = enable_sequential_offload(model, "cpu", block_bytes=64 << 10, resident_bytes=4 << 10)
-    assert moving, "no block would move"
-    calls = []
-    for name in moving[:3]:
-        model.get_submodule(name).register_forward_pre_hook(lambda m, a: calls.append(1))
+    for handle in handles:
+        handle.remove()
+    where: dict[int, torch.device] = {}
+    real_to = torch.nn.Module.to
+
+    def spy(module, *args, **kwargs):
+        if args and isinstance(args[0], torch.device):
+            where.update((id(t), args[0]) for t in module.parameters())
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    moving = enable_sequential_offload(model, device, block_bytes=block_bytes, resident_bytes=4 << 10, home=home)
+    assert len(moving) > 3, moving
+    blocks = [model.get_submodule(name) for name in moving]
+    owner = {id(t): block for block in blocks for t in block.parameters()}
+    ran, wrong = set(), []
+
+    def check(module, args):
+        on_device = {id(b) for b in blocks if all(where.get(id(t)) == device for t in b.parameters())}
+        if len(on_device) > 1:
+            wrong.append(f"{len(on_device)} blocks on the device at once")
+        for t in module.parameters(recurse=False):
+            ran.add(id(module))
+            if id(t) in owner and where.get(id(t)) != device:
+                wrong.append(f"{type(module).__name__} ran with its weights at home")
+
+    for module in model.modules():
+        module.register_forward_pre_hook(check)
     with torch.no_grad():
         out = model(X)
-    assert calls and torch.equal(out.image, ref.image) and torch.equal(out.mask_logits, ref.mask_logits)
+    assert not wrong, sorted(set(wrong))[:5]
+    assert ran == ran_plain  # every layer that runs without offload was checked
+    assert any(id(m) in ran for b in blocks for m in b.modules()), "no moving block ran"
+    assert torch.equal(out.image, ref.image) and torch.equal(out.mask_logits, ref.mask_logits)
 
 
 def test_one_precision_rule_and_one_auto():
