@@ -19,11 +19,13 @@ from .prompt import PromptCache, compute_prompt_cache_from_kolors, text_encoder_
 
 
 def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device: str | torch.device = "cpu",
-                        time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768)) -> PromptCache:
+                        time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768),
+                        compute: str | torch.device = "cpu") -> PromptCache:
     """Load the prompt cache at `path`, computing it once with ChatGLM3 when absent.
 
     `kolors_dir`: a Kolors folder, a ChatGLM3 folder or a text_encoder folder with its tokenizer
-    (`prompt.find_text_encoder`); `device` may be "auto" (`prompt.text_encoder_device`).
+    (`prompt.find_text_encoder`); `device` may be "auto": `compute` (the model's device) when it is
+    a GPU with room for ChatGLM3, else the CPU (`prompt.text_encoder_device`).
     """
     path = Path(path)
     if path.is_file():
@@ -31,7 +33,7 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
     if kolors_dir is None:
         raise FileNotFoundError(f"prompt cache not found: {path}, and no ChatGLM3 folder to compute it from "
                                 f"(pass --text-encoder DIR or a Kolors folder with text_encoder/ and tokenizer/)")
-    cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids, device=text_encoder_device(device))
+    cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids, device=text_encoder_device(device, compute))
     path.parent.mkdir(parents=True, exist_ok=True)
     cache.save(path)
     return cache
@@ -129,12 +131,13 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     if isinstance(prompt_cache, PromptCache):
         prompt = prompt_cache
     elif prompt_cache is not None:
-        prompt = ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name)
+        prompt = ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=device)
     else:
         if encoder_source is None:
             raise FileNotFoundError("no prompt cache given and no ChatGLM3 folder to compute one "
                                     "(pass --prompt-cache FILE or --text-encoder DIR)")
-        prompt = compute_prompt_cache_from_kolors(encoder_source, device=text_encoder_device(text_encoder_device_name))
+        prompt = compute_prompt_cache_from_kolors(encoder_source,
+                                                  device=text_encoder_device(text_encoder_device_name, device))
     spec = dataclasses.replace(spec, prompt_tokens=prompt.prompt_embeds.shape[1],
                                text_hidden=prompt.prompt_embeds.shape[2])
     unet_module = load_unet(files, load_dtype, checked=unet_part)

@@ -189,12 +189,26 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
     """
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
+    from .finite import first_problem
+
     encoder_dir, tokenizer_dir = find_text_encoder(kolors_dir)
     tokenizer = ChatGLMTokenizer.from_pretrained(tokenizer_dir)
-    encoder = ChatGLMModel.from_pretrained(encoder_dir, torch_dtype=dtype, low_cpu_mem_usage=True)
-    encoder = encoder.to(device).eval()
+    encoder, info = ChatGLMModel.from_pretrained(encoder_dir, torch_dtype=dtype, low_cpu_mem_usage=True,
+                                                 output_loading_info=True)
     try:
-        return compute_prompt_cache(encoder, tokenizer, prompt, max_length, time_ids)
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"{encoder_dir}: ChatGLM3's weights are incomplete ({len(missing)} tensors missing, e.g. "
+                             f"{missing[0]}); re-download text_encoder/ (Kwai-Kolors/Kolors) and compute the "
+                             f"prompt cache again")
+        encoder = encoder.to(device).eval()
+        cache = compute_prompt_cache(encoder, tokenizer, prompt, max_length, time_ids)
+        bad = first_problem({"prompt_embeds": cache.prompt_embeds, "text_embeds": cache.text_embeds})
+        if bad:
+            raise ValueError(f"{encoder_dir}: ChatGLM3's prompt embedding {bad[0]} {bad[1]} (computed on {device}); "
+                             f"its weights are damaged: re-download text_encoder/ (Kwai-Kolors/Kolors), or compute "
+                             f"on the CPU (--text-encoder-device cpu)")
+        return cache
     finally:
         del encoder
         gc.collect()

@@ -1,6 +1,8 @@
 """Loading a Kolors diffusers folder: fp16 variant files, and errors that name what is missing."""
 
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +88,65 @@ def test_prompt_cache_from_every_chatglm_layout(tiny_dir, tmp_path):
     for source in (llm, te_only):
         cache = compute_prompt_cache_from_kolors(source, **kw)
         assert torch.equal(cache.prompt_embeds, ref.prompt_embeds) and cache.text_columns == ref.text_columns
+
+
+def _chatglm_copy(kolors: Path, folder: Path, edit) -> Path:
+    """A ChatGLM3 folder (models/LLM style) copied from the tiny Kolors one, its weights passed through `edit`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(kolors / "text_encoder", folder)
+    for f in (kolors / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    weights = folder / "model.safetensors"
+    save_file(edit(load_file(str(weights))), str(weights))
+    return folder
+
+
+def test_incomplete_or_damaged_chatglm_is_refused_and_writes_no_cache(tiny_dir, tmp_path):
+    """ChatGLM3 with missing tensors (transformers would fill them at random) or NaN weights: a
+    ValueError naming the folder and what to do, and no prompt cache is saved."""
+    from tadisr_core.loading import ensure_prompt_cache
+
+    def drop(tensors):
+        return {k: v for k, v in tensors.items() if ".layers.0." not in k}
+
+    def poison(tensors):
+        key = next(k for k in sorted(tensors) if k.endswith("weight") and tensors[k].ndim == 2)
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+        return tensors
+
+    for name, edit, words in (("missing", drop, "weights are incomplete"), ("nan", poison, "contains NaN")):
+        folder = _chatglm_copy(tiny_dir["kolors"], tmp_path / name / "chatglm3-6b", edit)
+        cache = tmp_path / name / "prompt_cache.safetensors"
+        with pytest.raises(ValueError, match=re.escape(str(folder)) + ".*" + words + ".*re-download text_encoder/"):
+            ensure_prompt_cache(cache, folder)
+        assert not cache.exists()
+
+
+def test_text_encoder_auto_runs_on_the_models_gpu_when_it_has_room(tiny_dir, tmp_path, monkeypatch):
+    """`text_encoder_device_name="auto"` while loading for a GPU: ChatGLM3 goes to that GPU (it
+    used to stay on the CPU, as "auto" was resolved without the model's device)."""
+    from tadisr_core import devices, loading
+    from tadisr_core.prompt import CHATGLM_BYTES
+
+    monkeypatch.setattr(devices, "free_memory", lambda device: CHATGLM_BYTES)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(source, device, **kwargs):
+        seen.append(torch.device(device))
+        raise Stop
+
+    monkeypatch.setattr(loading, "compute_prompt_cache_from_kolors", record)
+    for cache in (tmp_path / "absent.safetensors", None):  # computed and saved, or computed in memory
+        with pytest.raises(Stop):
+            loading.load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], cache, device="cuda:0",
+                                text_encoder_device_name="auto")
+    with pytest.raises(Stop):
+        loading.load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None, device="cuda:0")
+    assert seen == [torch.device("cuda:0")] * 2 + [torch.device("cpu")]  # the default stays the CPU
 
 
 def test_text_encoder_device_auto_falls_back_to_cpu():
