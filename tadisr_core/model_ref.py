@@ -4,7 +4,9 @@
     --model demo-release               its release-layout twin, shipped in tadisr_core/demo_release/
     --model runs/demo                  a training run: model_final.safetensors, else its newest checkpoint
     --model runs/demo/checkpoints/step_00000600   one checkpoint of a run (the folder or its model.safetensors)
-    --model path/to/model.safetensors  a native checkpoint (or the release .pkl)
+    --model path/to/model.safetensors  a native checkpoint (or the release .pkl); a prompt_cache.safetensors
+                                       beside it is its prompt conditioning
+    --model exported/                  a folder of `training.export_model`: one .safetensors + prompt_cache.safetensors
 
 A checkpoint that holds its whole backbone (trained, or a base no Kolors folder holds; `backbone=included`
 in its metadata) runs alone. One that holds adapters only needs the Kolors weights it was trained on
@@ -111,16 +113,28 @@ def resolve_model(ref: str | Path) -> ModelFiles:
         path = path / RUN_STEP_MODEL  # one step's folder of a run: runs/X/checkpoints/step_N/
     if path.is_file():
         run = _run_of(path)
-        return _with_run_files(path, run) if run is not None else ModelFiles(path)
+        return _with_run_files(path, run) if run is not None else ModelFiles(path, _prompt_beside(path))
     if not path.is_dir():
         names = ", ".join(f"'{n}'" for n in shipped_models())
         raise FileNotFoundError(f"--model {ref}: no such file or folder (give {names}, a training run folder, "
-                                f"one of its {RUN_CHECKPOINTS}/step_N folders or a checkpoint file)")
+                                f"one of its {RUN_CHECKPOINTS}/step_N folders, an exported model folder or a "
+                                f"checkpoint file)")
     checkpoint = path / RUN_FINAL if (path / RUN_FINAL).is_file() else _newest_checkpoint(path)
-    if checkpoint is None:
-        raise FileNotFoundError(f"--model {ref}: the folder holds neither {RUN_FINAL} nor "
-                                f"{RUN_CHECKPOINTS}/step_*/{RUN_STEP_MODEL}; is it a training run's output_dir?")
-    return _with_run_files(checkpoint, path)
+    if checkpoint is not None:
+        return _with_run_files(checkpoint, path)
+    weights = sorted(p for p in path.glob("*.safetensors") if p.name != RUN_PROMPT_CACHE)
+    if len(weights) == 1 and _run_of(weights[0]) is None:  # an exported model (training.export_model)
+        return ModelFiles(weights[0], _prompt_beside(weights[0]))
+    found = f" (it holds {len(weights)} .safetensors files: give one)" if len(weights) > 1 else ""
+    raise FileNotFoundError(f"--model {ref}: the folder holds neither {RUN_FINAL} nor "
+                            f"{RUN_CHECKPOINTS}/step_*/{RUN_STEP_MODEL}, nor one exported model{found}; is it a "
+                            f"training run's output_dir?")
+
+
+def _prompt_beside(checkpoint: Path) -> Path | None:
+    """The prompt cache kept next to a checkpoint outside a run (an exported model's), if any."""
+    prompt = checkpoint.parent / RUN_PROMPT_CACHE
+    return prompt if prompt.is_file() else None
 
 
 def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:

@@ -134,7 +134,8 @@ def test_one_checkpoint_of_a_run_finds_the_runs_prompt_cache(tmp_path, monkeypat
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x).image, loaded(x).image)
-    # a checkpoint file anywhere else is taken alone, as before, even under a folder named checkpoints
+    # a checkpoint file anywhere else is not part of a run, even under a folder named checkpoints (a
+    # prompt_cache.safetensors beside it is its own, as an exported model keeps it)
     alone = tmp_path / "elsewhere.safetensors"
     alone.write_bytes((step / "model.safetensors").read_bytes())
     other = tmp_path / "data" / "checkpoints" / "tadisr" / "model.safetensors"
@@ -142,8 +143,8 @@ def test_one_checkpoint_of_a_run_finds_the_runs_prompt_cache(tmp_path, monkeypat
     other.write_bytes(alone.read_bytes())
     (tmp_path / "data" / "config.json").write_text("[]")
     (tmp_path / "data" / "prompt_cache.safetensors").write_bytes(b"not this run's")
-    for ref in (alone, other):
-        assert resolve_model(ref) == ModelFiles(ref)
+    assert resolve_model(alone) == ModelFiles(alone, tmp_path / "prompt_cache.safetensors")
+    assert resolve_model(other) == ModelFiles(other)
 
 
 def test_cli_upscales_with_a_run_folder_and_matches_the_model(tmp_path):
@@ -443,6 +444,25 @@ def test_export_writes_a_standalone_fp16_model_from_a_run_or_one_of_its_steps(tm
     save_model(model, adapters / "checkpoints" / "step_00000001" / "model.safetensors", backbone=False)
     with pytest.raises(ValueError, match="holds adapters only"):
         export_run(adapters, tmp_path / "out2")
+
+
+def test_an_exported_folder_or_its_weights_file_is_a_model(tmp_path):
+    """`--model OUT` (the folder `export_model` wrote) and `--model OUT/NAME.safetensors` find the
+    prompt cache beside the weights; a folder of several models asks for one."""
+    from training.export_model import export_run
+
+    _fake_run(tmp_path / "run", tiny_spec("paper"))
+    paths = export_run(tmp_path / "run", tmp_path / "out", name="mine")
+    for ref in (tmp_path / "out", paths["weights"]):
+        files = resolve_model(ref)
+        assert (files.checkpoint, files.prompt_cache) == (paths["weights"], paths["prompt_cache"])
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    want = load_standalone(paths["weights"], paths["prompt_cache"])
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "out", merge_lora_weights=False)(x).image, want(x).image)
+    (tmp_path / "out" / "other.safetensors").write_bytes(paths["weights"].read_bytes())
+    with pytest.raises(FileNotFoundError, match="holds 2 .safetensors files: give one"):
+        resolve_model(tmp_path / "out")
 
 
 @demo_only
