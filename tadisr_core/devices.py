@@ -49,11 +49,15 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str =
                   fp16_safe: bool = True) -> torch.dtype:
     """"auto" -> bf16 on CUDA with bf16 support, fp16 on other CUDA GPUs (fp32 for a model that is not
     `fp16_safe`), fp32 elsewhere; "fp8_e4m3fn" -> torch.float8_e4m3fn (UNet weight storage, computed in bf16).
+    A torch dtype is returned as it is if TADiSR runs in it (ValueError otherwise, as for unknown names).
 
     The Kolors UNet runs in fp16; a model trained from scratch in fp32, such as the shipped demo models
     (`model_ref.runs_alone`), can overflow fp16's range (65504), so `auto` does not choose it for them.
     """
     if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"dtype {name} is not one TADiSR runs in; choose one of {DTYPE_CHOICES} (or its torch "
+                             f"dtype)")
         return name
     device = torch.device(device)
     if name == "auto":

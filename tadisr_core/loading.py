@@ -11,7 +11,7 @@ import torch
 from .backbone import check_backbone, load_unet, load_vae
 from .checkpoint import Checkpoint, apply_checkpoint, cast_for_load, load_checkpoint
 from .descriptor import WEIGHT_DTYPES, dtype_name, part_dtypes
-from .devices import place_model
+from .devices import place_model, resolve_device, resolve_dtype
 from .kolors_files import KolorsFiles, find_kolors_files
 from .lora import merge_lora
 from .model import TADiSRModel
@@ -117,8 +117,11 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     `dtype` fp8_e4m3fn stores the UNet weights in fp8 and computes in bf16; under fp16 the VAE stays
     fp32 (`descriptor.part_dtypes`). `offload="sequential"` keeps weights on the CPU between blocks.
     The LoRA is merged into the base weights unless `merge_lora_weights=False` (equal within float
-    rounding, fewer kernels).
+    rounding, fewer kernels). `dtype` and `device` may also be given by name, as on the command line
+    ("auto", "bf16", "cuda:1": `devices.resolve_dtype` / `resolve_device`).
     """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae)
     unet_part, vae_part = check_backbone(files)
     load_dtype = _load_dtype(dtype)
@@ -138,6 +141,11 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
                                     "(pass --prompt-cache FILE or --text-encoder DIR)")
         prompt = compute_prompt_cache_from_kolors(encoder_source,
                                                   device=text_encoder_device(text_encoder_device_name, device))
+    try:  # before the weights are read
+        prompt.check_fits(unet_part.spec.encoder_hid_dim)
+    except ValueError as exc:
+        where = "" if isinstance(prompt_cache, PromptCache) or prompt_cache is None else f"{prompt_cache}: "
+        raise ValueError(f"{where}{exc}") from None
     spec = dataclasses.replace(spec, prompt_tokens=prompt.prompt_embeds.shape[1],
                                text_hidden=prompt.prompt_embeds.shape[2])
     unet_module = load_unet(files, load_dtype, checked=unet_part)

@@ -72,6 +72,7 @@ class TADiSRModel(nn.Module):
     # -- conditioning -------------------------------------------------------------------------
     def set_prompt(self, prompt: PromptCache) -> None:
         """Use this prompt conditioning; it is kept as (non-saved) buffers, so it follows `.to(device)`."""
+        prompt.check_fits(self.spec.unet.encoder_hid_dim)
         want = (self.spec.prompt_tokens, self.spec.text_hidden)
         if tuple(prompt.prompt_embeds.shape[1:]) != want:
             raise ValueError(f"prompt cache has embeddings {tuple(prompt.prompt_embeds.shape)}, "

@@ -183,11 +183,13 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
 
     A checkpoint of adapters takes its base from `kolors` (else its run's `model.kolors_dir`), `unet`,
     `vae` and `text_encoder` as `loading.load_tadisr` does; one that holds its whole backbone refuses
-    them (ValueError), rather than ignoring them.
+    them (ValueError), rather than ignoring them. `dtype` and `device` may be names, as in `loading.load_tadisr`.
     """
-    from .devices import place_model
+    from .devices import place_model, resolve_device, resolve_dtype
     from .lora import merge_lora
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, fp16_safe=str(ref) not in shipped_models())
     check_dtype(ref, dtype)
     files = resolve_model(ref)
     prompt = prompt_cache or files.prompt_cache

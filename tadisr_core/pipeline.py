@@ -213,23 +213,35 @@ def _blend(model, grid: TileGrid, batch: int, channels: int, work, tile_batch, *
     return UpscaleResult(image.cpu(), mask_c, heat_c, grid)
 
 
-def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: int):
-    """Call run(tile, overlap); on out-of-memory with one tile per batch, halve the tile and retry."""
+LOW_MEMORY_HINT = ("use a lower-memory setting: fp8_e4m3fn weights, sequential offload (--offload sequential, "
+                   "or ComfyUI's --lowvram), no text mask, or a smaller tile")
+
+
+def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: int, size: tuple[int, int]):
+    """Call run(tile, overlap) on a canvas of `size`; on out-of-memory with one tile per batch, halve
+    the tile actually used (a small canvas takes one tile smaller than `tile`) and retry, down to
+    MIN_TILE; below that, the out-of-memory error says what else to try."""
     while True:
-        failed = False
         try:
             return run(tile, overlap)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled
-            if not is_oom(exc) or tile // 2 < MIN_TILE:
+            if not is_oom(exc):
                 raise
-            failed = True
-        if failed:
-            release_cached_memory()
-            new_tile = max(MIN_TILE, tile // 2 // LATENT_FACTOR * LATENT_FACTOR)
-            new_overlap = min(new_tile - LATENT_FACTOR, overlap * new_tile // tile // LATENT_FACTOR * LATENT_FACTOR)
-            log.warning("out of memory with one %d px tile; restarting with tile %d, overlap %d",
-                        tile, new_tile, new_overlap)
-            tile, overlap = new_tile, new_overlap
+            grid = make_grid(*size, tile, overlap, multiple=LATENT_FACTOR)
+            used = max(grid.tile_h, grid.tile_w)
+            if used <= MIN_TILE:
+                message = f"out of memory even with one {used} px tile per model call ({exc}); {LOW_MEMORY_HINT}"
+                try:
+                    hinted = type(exc)(message)  # the same type: hosts such as ComfyUI act on out-of-memory
+                except TypeError:
+                    hinted = RuntimeError(message)
+                raise hinted from exc
+        release_cached_memory()  # outside the except block: the failed attempt's frames are gone
+        new_tile = max(MIN_TILE, used // 2 // LATENT_FACTOR * LATENT_FACTOR)
+        new_overlap = min(new_tile - LATENT_FACTOR, overlap * new_tile // tile // LATENT_FACTOR * LATENT_FACTOR)
+        log.warning("out of memory with one %d px tile; restarting with tile %d, overlap %d", used, new_tile,
+                    new_overlap)
+        tile, overlap = new_tile, new_overlap
 
 
 def _split_alpha(hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -291,7 +303,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
             res.attention_tiles = AttentionTiles(grid, b, kept, channel_groups(model))
         return res
 
-    return _with_tile_fallback(run, tile, overlap)
+    return _with_tile_fallback(run, tile, overlap, size)
 
 
 def _store(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -368,7 +380,7 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
         return TiledLatents(grid, b, states, tuple(image.shape[-2:]), float(scale), image.shape[1], alpha,
                             source=source)
 
-    return _with_tile_fallback(run, tile, overlap)
+    return _with_tile_fallback(run, tile, overlap, (h, w))
 
 
 def _stack(tensors: list[torch.Tensor], device) -> torch.Tensor:

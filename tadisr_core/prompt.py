@@ -41,6 +41,16 @@ class PromptCache:
             raise ValueError(f"the prompt cache has no column for the word 'text' (prompt {self.prompt!r})")
         return self.text_columns
 
+    def check_fits(self, hidden: int) -> None:
+        """ValueError unless this conditioning fits a UNet whose text projection takes `hidden`-wide
+        embeddings (4096 for Kolors' ChatGLM3): prompt and pooled embeddings that wide, 6 time ids."""
+        got = (self.prompt_embeds.shape[-1], self.text_embeds.shape[-1], self.time_ids.numel())
+        if got != (hidden, hidden, 6):
+            raise ValueError(f"the prompt cache does not fit this model: its embeddings are {got[0]} / {got[1]} "
+                             f"wide with {got[2]} time ids, the UNet takes {hidden} / {hidden} and 6 (was it made "
+                             f"for another model?); compute it from this model's ChatGLM3 with `tadisr "
+                             f"prompt-cache --kolors DIR -o FILE`")
+
     def save(self, path: str | Path) -> None:
         """Write the cache as one safetensors file with metadata (atomically)."""
         from safetensors.torch import save_file

@@ -129,6 +129,7 @@ def test_text_encoder_auto_runs_on_the_models_gpu_when_it_has_room(tiny_dir, tmp
     from tadisr_core import devices, loading
     from tadisr_core.prompt import CHATGLM_BYTES
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, as far as the loader can tell
     monkeypatch.setattr(devices, "free_memory", lambda device: CHATGLM_BYTES)
     seen = []
 
@@ -210,3 +211,50 @@ def test_a_given_checkpoint_object_is_neither_changed_nor_shared(tiny_dir):
     assert not ours & {t.data_ptr() for sd in ckpt.groups.values() for t in sd.values()}
     again, fresh = load_tadisr(args[0], ckpt, args[2]).state_dict(), load_tadisr(*args).state_dict()
     assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+
+
+def test_a_prompt_cache_of_another_model_is_refused_at_load_naming_it(tiny_dir, tmp_path, capsys):
+    """A cache made for a UNet of another width (here Kolors' 4096 on the tiny model's 64): one
+    error at load naming the file, not a shape error for every image."""
+    from PIL import Image
+
+    from tadisr_core.cli import main as cli_main
+    from tadisr_core.prompt import PromptCache
+
+    tiny = PromptCache.load(tiny_dir["prompt_cache"])
+    other = tmp_path / "kolors_prompt_cache.safetensors"
+    PromptCache(torch.zeros(1, tiny.prompt_embeds.shape[1], 4096), torch.zeros(1, 4096), tiny.time_ids,
+                tiny.prompt, tiny.text_columns).save(other)
+    with pytest.raises(ValueError, match=re.escape(str(other)) + ": the prompt cache does not fit this model: its "
+                       "embeddings are 4096 / 4096 wide with 6 time ids, the UNet takes 64 / 64 and 6"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], other)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16)).save(image)
+    code = cli_main(["upscale", str(image), "-o", str(tmp_path / "out"), "--kolors", str(tiny_dir["kolors"]),
+                     "--checkpoint", str(tiny_dir["checkpoint"]), "--prompt-cache", str(other), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(other) in err and "prompt-cache --kolors DIR" in err, err
+
+
+def test_dtype_and_device_by_name_or_a_clear_error_before_loading(tiny_dir):
+    """The library takes the command line's names ("auto", "bf16"); a dtype or device it cannot use is
+    a ValueError naming it, not a checkpoint said to be damaged."""
+    from tadisr_core.model_ref import load_model
+
+    by_name = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype="bf16",
+                          device="cpu")
+    assert by_name.unet.conv_in.weight.dtype == torch.bfloat16
+    auto = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype="auto")
+    assert auto.unet.conv_in.weight.dtype == torch.float32  # auto on the CPU
+    for dtype, words in (("float", "unknown dtype 'float'"),
+                         (torch.int8, "dtype torch.int8 is not one TADiSR runs in")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=dtype)
+    with pytest.raises(ValueError, match="bf16: not a device"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], device="bf16")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], device="cuda")
+    with pytest.raises(ValueError, match="unknown dtype 'half'"):
+        load_model(tiny_dir["checkpoint"], kolors=str(tiny_dir["kolors"]), prompt_cache=tiny_dir["prompt_cache"],
+                   dtype="half")

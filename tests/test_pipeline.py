@@ -136,6 +136,29 @@ def test_out_of_memory_halves_the_batch_then_the_tile(model, caplog):
     assert (ref.image - out.image).abs().max() < 2e-4
 
 
+def test_out_of_memory_halves_the_tile_actually_used_then_says_what_else_to_try(model, caplog):
+    """A small canvas runs as one tile smaller than the tile asked for: the fallback halves that one
+    (no attempt repeats a size), and when even the smallest tile does not fit, the error (still an
+    out-of-memory error) names the lower-memory settings."""
+    x = torch.rand(1, 3, 24, 24)           # x8: one 192 px tile, although 768 px are asked for
+    sizes = []
+
+    def no_memory(latents, *a, **k):
+        sizes.append(latents.shape[-1] * 8)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model.decode = no_memory
+    try:
+        with caplog.at_level(logging.WARNING, logger="tadisr"), \
+                pytest.raises(torch.OutOfMemoryError, match="even with one 64 px tile .*fp8_e4m3fn weights, "
+                                                            "sequential offload"):
+            upscale(model, x, 8, tile=768, overlap=256, tile_batch=1)
+    finally:
+        del model.decode
+    assert sizes == [192, 96, 64]
+    assert "out of memory with one 192 px tile; restarting with tile 96" in caplog.text
+
+
 def test_sampled_latent_is_seeded(model):
     x = torch.rand(1, 3, 12, 12)
     a = upscale(model, x, 4, tile_batch=1, sample=True, seed=5, **TILE)
