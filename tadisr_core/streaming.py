@@ -110,7 +110,18 @@ def _parse_table(path: Path, table, base: int) -> tuple[dict[str, str], dict[str
 
 
 def _torch_file(path: Path) -> dict[str, torch.Tensor]:
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """The tensors of a torch pickle (.bin / .ckpt / .pt), read with torch's weights-only loader; a
+    training checkpoint's {"state_dict": ...} is unwrapped."""
+    import pickle
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is a pickle that holds more than weights (a training checkpoint?), and such files "
+                         f"are not opened here for safety; save its state dict as .safetensors "
+                         f"(safetensors.torch.save_file) and give that file") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds no state dict")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}

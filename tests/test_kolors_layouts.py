@@ -327,3 +327,24 @@ def test_bin_weights_load_like_safetensors(tiny_dir, tmp_path):
     assert files.unet.suffix == ".bin"
     a, b = load_unet(files, torch.bfloat16), load_unet(find_kolors_files(tiny_dir["kolors"]), torch.bfloat16)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_training_checkpoint_pickle_is_unwrapped_or_refused_in_one_line(tiny_dir, tmp_path):
+    """A .ckpt of {"state_dict": weights} loads like the weights; one that pickles other objects is
+    refused with one line naming the file and the safe way out (never an unsafe load)."""
+    from pathlib import PurePosixPath
+
+    from tadisr_core.streaming import iter_tensors, read_header
+
+    weights = load_file(tiny_dir["kolors"] / "unet" / "diffusion_pytorch_model.safetensors")
+    wrapped = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": weights, "epoch": 3}, wrapped)
+    assert set(read_header(wrapped).tensors) == set(weights)
+    assert all(torch.equal(t, weights[k]) for k, t in iter_tensors(wrapped))
+    other = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": weights, "path": PurePosixPath("/x")}, other)
+    with pytest.raises(ValueError) as err:
+        read_header(other)
+    message = str(err.value)
+    assert message.startswith(f"{other} is a pickle that holds more than weights") and "\n" not in message
+    assert "safetensors.torch.save_file" in message and "weights_only" not in message
