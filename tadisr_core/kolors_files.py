@@ -68,6 +68,12 @@ def _component(path: Path, sub: str) -> tuple[Path, Path | None]:
     folder = path / sub if (path / sub).is_dir() and not (path / "config.json").is_file() else path
     weights = weights_file(folder)
     if weights is None:
+        shards = sorted(folder.glob("diffusion_pytorch_model*.index.json"))
+        if shards:
+            raise KolorsFolderError(f"{folder} holds its weights in shards ({shards[0].name}), which TADiSR does not "
+                                    f"read: save them as one file, e.g. with diffusers' from_pretrained(DIR) then "
+                                    f"save_pretrained(NEW_DIR, max_shard_size='50GB'), or use Kwai-Kolors/Kolors' "
+                                    f"{sub}/ as published")
         raise KolorsFolderError(f"no weights in {folder}: expected diffusion_pytorch_model[.fp16].safetensors "
                                 f"(or .bin) from Kwai-Kolors/Kolors/{sub}/")
     config = folder / "config.json"

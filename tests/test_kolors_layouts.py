@@ -348,3 +348,16 @@ def test_a_training_checkpoint_pickle_is_unwrapped_or_refused_in_one_line(tiny_d
     message = str(err.value)
     assert message.startswith(f"{other} is a pickle that holds more than weights") and "\n" not in message
     assert "safetensors.torch.save_file" in message and "weights_only" not in message
+
+
+def test_sharded_weights_are_named_with_how_to_join_them(tiny_dir, tmp_path):
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    shutil.copy(tiny_dir["kolors"] / "unet" / "config.json", folder)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    for k in (1, 2):
+        (folder / f"diffusion_pytorch_model-0000{k}-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(KolorsFolderError, match=re.escape(f"{folder} holds its weights in shards "
+                                                          "(diffusion_pytorch_model.safetensors.index.json)")
+                       + ".*save_pretrained"):
+        find_kolors_files(None, unet=folder, vae=tiny_dir["kolors"] / "vae")
