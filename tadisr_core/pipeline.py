@@ -267,7 +267,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     (see `color.py`). Results are float32 on the CPU.
     """
     _check_input(image)
-    check_finite(image, "input image")
+    check_finite(image, "input image", "the image holds NaN or Inf pixels: fix or replace it")
     check_settings(scale, tile, overlap)
     color_fix = resolve_color_fix(color_fix, model)  # checked before any tile runs
     size = output_size(image.shape[2], image.shape[3], scale)

@@ -290,3 +290,14 @@ def test_bad_devices_and_an_output_that_is_a_file_are_named(tmp_path, capsys):
         assert cli.main(["upscale", str(tmp_path / "a.png"), "--kolors", "k", "--checkpoint", "c", *extra]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
+
+
+def test_a_nan_input_is_blamed_on_the_image_not_the_weights(tiny_model):
+    from tadisr_core.finite import NonFiniteError
+    from tadisr_core.pipeline import upscale
+
+    image = torch.rand(1, 3, 16, 16)
+    image[0, 1, 2, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"input image: 1 non-finite value\(s\) \(NaN/Inf\); the image holds NaN "
+                                             r"or Inf pixels: fix or replace it$"):
+        upscale(tiny_model, image, 4, tile=64, overlap=16)

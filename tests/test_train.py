@@ -163,11 +163,16 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
     lines = train_lines(tmp_path)
     assert [r["step"] for r in lines] == [1, 2, 3]  # logged by the main process only
     assert all(r["samples_per_s"] > 0 and not r["skipped"] for r in lines)
+    # one process resuming it would halve the global batch: not without --force
+    from training.train import RunFolderError
+
+    with pytest.raises(RunFolderError, match=r"number of processes: 2 -> 1 \(global batch 2 -> 1 .*--force"):
+        run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=4, train__weight_digest=True), resume=True)
 
 
 # -- interruption and failure -----------------------------------------------------------------
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, lpips_dir):
+def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, lpips_dir):
     cmd = [sys.executable, "-m", "training.train", "--config", str(TINY), "--max-steps", "1000"]
     for item in tiny_overrides(tmp_path, lpips_dir, train__checkpoint_every=1000):
         cmd += ["--set", item]
@@ -180,7 +185,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, lpips_dir):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]  # "cancelled", as every tadisr command
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["stopped"] and 2 <= summary["step"] < 1000
     from training.train_state import latest_checkpoint
@@ -540,3 +545,36 @@ def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(t
     assert model.spec.variant == variant
     out = upscale(model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, tile_batch=1)
     assert out.image.shape == (1, 3, 64, 64) and torch.isfinite(out.mask).all()
+
+
+# -- the synthesis command ------------------------------------------------------------------------
+def test_synthesize_leaves_out_unreadable_backgrounds_up_front(tmp_path, capsys):
+    import skimage.data
+    from PIL import Image
+
+    from training import synthesize
+    from training.data.synthesis import system_fonts
+
+    if not system_fonts():
+        pytest.skip("no system fonts found by fc-match (install fonts-dejavu / fonts-noto-cjk)")
+    folder = tmp_path / "backgrounds"
+    folder.mkdir()
+    Image.fromarray(skimage.data.coffee()).save(folder / "a_coffee.png")
+    Image.fromarray(skimage.data.chelsea()).save(folder / "b_torn.png")
+    torn = folder / "b_torn.png"
+    torn.write_bytes(torn.read_bytes()[:2000])  # a truncated download
+    out = tmp_path / "out"
+    argv = ["--backgrounds", str(folder), "--out", str(out), "--count", "6", "--size", "64"]
+    assert synthesize.main(argv) == 0
+    assert len(list((out / "hr").glob("*.png"))) == 6
+    err = capsys.readouterr().err
+    assert "1 of 2 backgrounds cannot be read" in err and "b_torn.png" in err and "a_coffee.png" not in err
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {Path(r["background"]).name for r in manifest} == {"a_coffee.png"}
+
+    (folder / "a_coffee.png").write_bytes(b"not an image")
+    empty_out = tmp_path / "none"
+    assert synthesize.main(["--backgrounds", str(folder), "--out", str(empty_out), "--count", "2"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "check backgrounds" not in ln]
+    assert lines == [f"error: none of the 2 images in --backgrounds {folder} can be read"]
+    assert not empty_out.exists()  # nothing half-written

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from tadisr_core.images import ImageReadError
 from training.builders import SKIMAGE_BACKGROUNDS, write_backgrounds
 from training.data.degradation import PRESETS
 from training.data.synthesis import (
@@ -26,6 +27,7 @@ from training.data.synthesis import (
     find_text_crops,
     fonts_in_folder,
     list_images,
+    load_rgb,
     sample_seed,
     system_fonts,
 )
@@ -63,6 +65,20 @@ def _manifest_line(index_name: str, sample) -> str:
     }, ensure_ascii=False)
 
 
+def readable_backgrounds(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """(the backgrounds that decode, the reader's message for each one that does not), reading each once,
+    so that a damaged file is left out up front rather than failing the run half-way."""
+    kept, dropped = [], []
+    for path in tqdm(paths, desc="check backgrounds", unit="img", leave=False):
+        try:
+            load_rgb(path)
+        except ImageReadError as e:  # its message names the file and why
+            dropped.append(str(e).splitlines()[0])
+        else:
+            kept.append(path)
+    return kept, dropped
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _parser()
@@ -84,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         where = f"in --fonts {args.fonts}" if args.fonts else "on this system (fc-match found none)"
         parser.error(f"no usable fonts {where}: install fonts-dejavu and fonts-noto-cjk, "
                      "pass --fonts DIR, or give --text-crops")
+    backgrounds, unreadable = readable_backgrounds(backgrounds)
+    if not backgrounds:
+        print(f"error: none of the {len(unreadable)} images in --backgrounds {args.backgrounds} can be read",
+              file=sys.stderr)
+        return 2
+    if unreadable:
+        print(f"warning: {len(unreadable)} of {len(unreadable) + len(backgrounds)} backgrounds cannot be read and "
+              f"are left out:", file=sys.stderr)
+        for reason in unreadable:
+            print(f"  dropped: {reason}", file=sys.stderr)
     has_text = None
     if args.check_backgrounds:
         from training.ocr import has_text  # lazy: rapidocr is only needed for this flag

@@ -9,11 +9,14 @@ One optimiser step = `train.grad_accum` micro-batches of `train.batch_size` per 
 appends a JSON line to OUTPUT/metrics.jsonl (main process): the loss terms, total, lr, grad norm,
 samples/s. Checkpoints (OUTPUT/checkpoints/step_N) hold the trainable weights as a native
 safetensors file plus optimiser/scheduler/RNG state; `--resume` continues from the newest one and
-reproduces the uninterrupted run's losses. SIGTERM saves a checkpoint and exits cleanly.
+reproduces the uninterrupted run's losses. SIGTERM or Ctrl-C stops after the current step, saves a
+checkpoint and exits 130 (a second Ctrl-C aborts at once); DataLoader workers leave both signals to
+the main process, so a signal to the whole process group (SLURM, a terminal) is handled the same.
 A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
 A sample that cannot be loaded is replaced by the next one and logged; more than
 `train.max_bad_samples` aborts (with a checkpoint). `--resume` uses the newest complete checkpoint
-that loads (damaged ones are skipped with a warning) and refuses a changed config without `--force`;
+that loads (damaged ones are skipped with a warning) and refuses a changed config without `--force`
+(also another `train.max_steps` under a decaying learning rate, or another number of processes);
 a run into a folder that already holds one needs `--resume` (or another output folder).
 DDP (`find_unused_parameters`, as the release) and FSDP come from Accelerate (`accelerate config`);
 the FSDP path (full-state weight export, per-rank optimiser shards) is untested on CPU. Precision is
@@ -58,19 +61,44 @@ LOOP_ONLY = {"train.max_steps", "train.output_dir", "train.log_every", "train.ch
              "train.max_nonfinite", "train.max_bad_samples", "train.inject_nonfinite_at"}
 
 
+def _setting(cfg: dict, section: str, key: str, defaults: dict):
+    """`cfg[section][key]`, or its default when the run was recorded before the key existed."""
+    return (cfg.get(section) or {}).get(key, (defaults.get(section) or {}).get(key))
+
+
 def config_changes(old: dict, new: dict) -> list[str]:
     """`section.key: old -> new` for every setting that differs, loop-only settings left out; a key
-    that one side lacks (a run recorded before the key existed) counts as its default."""
+    that one side lacks (a run recorded before the key existed) counts as its default.
+
+    `train.max_steps` counts too when the learning rate decays over it (`optim.decay` not constant).
+    """
     defaults = Config().to_dict()
     changes = []
     for section in sorted(set(old) | set(new)):
-        a, b, d = old.get(section) or {}, new.get(section) or {}, defaults.get(section) or {}
-        for key in sorted(set(a) | set(b)):
+        for key in sorted(set(old.get(section) or {}) | set(new.get(section) or {})):
             name = f"{section}.{key}"
-            before, after = a.get(key, d.get(key)), b.get(key, d.get(key))
+            before, after = _setting(old, section, key, defaults), _setting(new, section, key, defaults)
             if name not in LOOP_ONLY and before != after:
                 changes.append(f"{name}: {before!r} -> {after!r}")
+    before, after = (_setting(c, "train", "max_steps", defaults) for c in (old, new))
+    decay = _setting(new, "optim", "decay", defaults)
+    if before != after and decay != "constant":
+        changes.append(f"train.max_steps: {before!r} -> {after!r} (optim.decay = {decay} decays the learning rate "
+                       f"over train.max_steps: the schedule would change and the rate jump at the resumed step)")
     return changes
+
+
+def process_change(state: dict, checkpoint: Path, processes: int, batch: int) -> str | None:
+    """A note when checkpoint `state` was written by another number of processes than `processes`; `batch`
+    = samples per step and process (train.batch_size x train.grad_accum). None when the count is the same.
+
+    Checkpoints from before the count was recorded are counted by their per-rank files.
+    """
+    before = int(state.get("num_processes") or len(list(Path(checkpoint).glob("rank_*.pt"))) or 1)
+    if before == processes:
+        return None
+    return (f"number of processes: {before} -> {processes} (global batch {before * batch} -> {processes * batch} "
+            f"samples per step; the data order continues from another position)")
 
 
 def check_run_folder(out: Path, resume: bool) -> None:
@@ -107,26 +135,55 @@ def _multi_process_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not xpu
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _ignore_stop_signals(worker_id: int, inner=None) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if inner is not None:
+        inner(worker_id)
+
+
+def worker_init_ignoring_stop_signals(inner=None):
+    """A DataLoader `worker_init_fn` that makes the worker ignore SIGTERM and SIGINT, then calls `inner`.
+
+    A signal sent to the whole process group (SLURM's SIGTERM, a terminal's Ctrl-C) reaches the workers
+    too; dying of it, they would take the run down before the main process could save a checkpoint.
+    """
+    return functools.partial(_ignore_stop_signals, inner=inner)
+
+
 class _StopFlag:
-    """SIGTERM -> a flag the loop checks between steps (Ctrl-C still interrupts at once)."""
+    """SIGTERM or Ctrl-C (SIGINT) -> a flag the loop checks between steps. Another Ctrl-C, a second or more
+    after the first, interrupts at once (KeyboardInterrupt)."""
+
+    # `accelerate launch` forwards the terminal's Ctrl-C to processes that got it already: one press, two signals.
+    REPEAT_S = 1.0
 
     def __init__(self):
-        self.raised = False
-        self._previous = None
+        self.raised, self.name, self._since = False, None, 0.0
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, the run is simply not interruptible
-            pass
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, the run is simply not interruptible
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
+        now = time.monotonic()
+        if not self.raised:
+            self.raised, self.name, self._since = True, "Ctrl-C" if signum == signal.SIGINT else "SIGTERM", now
+        elif signum == signal.SIGINT and now - self._since >= self.REPEAT_S:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
 
 
 class Trainer:
@@ -213,7 +270,8 @@ class Trainer:
                                    t.seed, start=self.step * t.grad_accum)
         self.loader = DataLoader(self.train_items, batch_sampler=sampler, num_workers=t.num_workers,
                                  pin_memory=self.acc.device.type == "cuda",
-                                 persistent_workers=t.num_workers > 0)
+                                 persistent_workers=t.num_workers > 0,
+                                 worker_init_fn=worker_init_ignoring_stop_signals())
         n_val = min(cfg.data.val_size, len(val)) if val is not None else 0
         self.val_items = []
         for i in range(n_val):
@@ -244,11 +302,14 @@ class Trainer:
                             f"previous one")
                 continue
             changes = config_changes(self._resumed[0].get("config") or {}, self.cfg.to_dict())
+            t = self.cfg.train
+            world = process_change(self._resumed[0], path, self.acc.num_processes, t.batch_size * t.grad_accum)
+            changes += [world] if world else []
             if changes and not self.force:
-                raise RunFolderError(f"--resume: the config differs from the one {path} was trained with: "
-                                     f"{'; '.join(changes)}. Pass --force to continue with the new config")
+                raise RunFolderError(f"--resume: this run differs from the one {path} was trained with: "
+                                     f"{'; '.join(changes)}. Pass --force to continue with the change")
             if changes:
-                self._print(f"--resume --force: continuing with a changed config: {'; '.join(changes)}")
+                self._print(f"warning: --resume --force: continuing with a change: {'; '.join(changes)}")
             apply_checkpoint(self.model, ckpt)
             return path
         raise RunFolderError(f"--resume: every checkpoint under {self.out / RUN_CHECKPOINTS} is damaged")
@@ -329,7 +390,7 @@ class Trainer:
         if self.fsdp:
             self._fsdp_full_state = self.acc.get_state_dict(self.forward)
         state = {"step": self.step, "nonfinite": self.nonfinite, "bad_samples": self.bad_samples,
-                 "scheduler": self.scheduler.state_dict(),
+                 "num_processes": self.acc.num_processes, "scheduler": self.scheduler.state_dict(),
                  "config": self.cfg.to_dict()}
         if not self.fsdp:
             state["optimizer"] = self.optimizer.state_dict()
@@ -444,7 +505,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train until `train.max_steps` (or SIGTERM); returns a summary dict."""
+        """Train until `train.max_steps` (or SIGTERM / Ctrl-C: summary["stopped"]); returns a summary dict."""
         from tqdm import tqdm
 
         t = self.cfg.train
@@ -466,8 +527,11 @@ class Trainer:
                     self.validate()
                     self._last_end = time.perf_counter()
                 if self._any_across(flag.raised):
-                    self._print(f"stop requested (SIGTERM) at step {self.step}: saving a checkpoint")
+                    self._print(f"stop requested ({flag.name or 'by another process'}) at step {self.step}: "
+                                f"saving a checkpoint (Ctrl-C again to abort without it)")
                     last_saved, stopped = self.save_checkpoint(), True
+                    self._print(f"stopped at step {self.step}; saved {last_saved}. To continue, run the same "
+                                f"command with --resume")
                     break
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.max_steps:
                     last_saved = self.save_checkpoint()
@@ -506,7 +570,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """CLI entry point; returns the exit code."""
+    """CLI entry point; returns the exit code: 0 done, 1 aborted, 2 setup error, 130 stopped by a signal."""
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -522,9 +586,12 @@ def main(argv=None) -> int:
     except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
-    return 0
+    return 130 if summary["stopped"] else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,167 @@
+"""Stopping and resuming the trainer: Ctrl-C and SIGTERM (also sent to the whole process group, with
+DataLoader workers) save a checkpoint and exit 130; a resume that would silently change the run (the
+cosine schedule's length, the number of processes) needs --force."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train import REPO, TINY, _subprocess_env, lpips_dir, run, tiny_cfg, tiny_overrides  # noqa: F401
+
+
+# -- the signal handling, in this process ---------------------------------------------------------
+@pytest.fixture
+def stop_flag():
+    """`_StopFlag` installed in this (the main) thread; the previous handlers come back afterwards."""
+    from training.train import _StopFlag
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with _StopFlag() as flag:
+        yield flag
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _deliver(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)  # the handler runs at the next bytecode boundary
+
+
+def test_first_ctrl_c_asks_to_stop_a_later_one_interrupts(stop_flag):
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # else pytest itself is interrupted
+    _deliver(signal.SIGINT)
+    assert stop_flag.raised and stop_flag.name == "Ctrl-C"
+    _deliver(signal.SIGINT)  # at once: the launcher forwarding the same Ctrl-C, not a second press
+    assert stop_flag.raised
+    stop_flag._since -= stop_flag.REPEAT_S  # as if a second had passed
+    with pytest.raises(KeyboardInterrupt):
+        _deliver(signal.SIGINT)
+
+
+def test_sigterm_asks_to_stop_however_often(stop_flag):
+    _deliver(signal.SIGTERM)
+    stop_flag._since -= stop_flag.REPEAT_S
+    _deliver(signal.SIGTERM)
+    assert stop_flag.raised and stop_flag.name == "SIGTERM"
+
+
+def test_worker_init_ignores_stop_signals_then_runs_the_inner_one():
+    from training.train import worker_init_ignoring_stop_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
+    try:
+        worker_init_ignoring_stop_signals(seen.append)(3)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert seen == [3]
+
+
+# -- a real run, signalled as SLURM and a terminal do -----------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_signal_to_the_process_group_saves_a_checkpoint_and_exits_130(tmp_path, lpips_dir, sig, name):  # noqa: F811
+    cmd = [sys.executable, "-m", "training.train", "--config", str(TINY), "--max-steps", "16"]
+    for item in tiny_overrides(tmp_path, lpips_dir, train__checkpoint_every=1000, train__num_workers=2):
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    log = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, sig)  # the workers get it too
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped"] and 2 <= summary["step"] < 16
+    step = f"step_{summary['step']:08d}"
+    assert summary["checkpoint"].endswith(step) and (tmp_path / "checkpoints" / step / "model.safetensors").is_file()
+    assert f"stop requested ({name})" in out and "run the same command with --resume" in out
+    assert "Traceback" not in err
+
+
+# -- resuming into a changed run ------------------------------------------------------------------
+def test_max_steps_is_a_change_only_when_the_learning_rate_decays_over_it():
+    from training.config import Config
+    from training.train import config_changes
+
+    old, new = Config(), Config()
+    old.train.max_steps, new.train.max_steps = 8, 16
+    assert config_changes(old.to_dict(), new.to_dict()) == []  # constant rate: free to change
+    old.optim.decay = new.optim.decay = "cosine"
+    (change,) = config_changes(old.to_dict(), new.to_dict())
+    assert change.startswith("train.max_steps: 8 -> 16") and "learning rate" in change and "schedule" in change
+    new.train.max_steps = 8
+    assert config_changes(old.to_dict(), new.to_dict()) == []
+
+
+def test_resume_with_another_cosine_length_needs_force(tmp_path, lpips_dir, capsys):  # noqa: F811
+    from training.train import RunFolderError
+
+    run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, optim__decay="cosine"))
+    with pytest.raises(RunFolderError, match=r"train\.max_steps: 2 -> 3 .*learning rate.*--force"):
+        run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=3, optim__decay="cosine"), resume=True)
+    from training.train import Trainer
+
+    summary = Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=3, optim__decay="cosine"), resume=True,
+                      force=True).run()
+    assert summary["step"] == 3 and "train.max_steps: 2 -> 3" in capsys.readouterr().out
+
+
+def _as_written_by(checkpoint: Path, processes: int | None) -> None:
+    """Make a one-process checkpoint look written by `processes` processes (None: by a trainer that did not
+    record the count, which is then read from the per-rank files)."""
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    state.pop("num_processes", None)
+    if processes is not None:
+        state["num_processes"] = processes
+    torch.save(state, checkpoint / "state.pt")
+    for rank in range(1, processes or 2):
+        shutil.copyfile(checkpoint / "rank_0.pt", checkpoint / f"rank_{rank}.pt")
+
+
+@pytest.mark.parametrize("recorded", [4, None])
+def test_resume_with_another_number_of_processes_needs_force(tmp_path, lpips_dir, capsys, recorded):  # noqa: F811
+    from training.train import RunFolderError, Trainer
+
+    run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1, train__grad_accum=2))
+    state = torch.load(tmp_path / "checkpoints" / "step_00000001" / "state.pt", weights_only=True)
+    assert state["num_processes"] == 1
+    _as_written_by(tmp_path / "checkpoints" / "step_00000001", recorded)
+    n = recorded or 2
+    cfg = tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, train__grad_accum=2)
+    with pytest.raises(RunFolderError, match=rf"number of processes: {n} -> 1 \(global batch {2 * n} -> 2 .*--force"):
+        run(cfg, resume=True)
+    if recorded is None:
+        return
+    assert Trainer(cfg, resume=True, force=True).run()["step"] == 2
+    assert f"warning: --resume --force: continuing with a change: number of processes: {n} -> 1" in \
+        capsys.readouterr().out
+
+
+def test_an_abort_by_a_second_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    from training import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted)
+    assert train.main(["--config", str(TINY)]) == 130
+    assert capsys.readouterr().err == "interrupted: nothing saved since the last checkpoint\n"
