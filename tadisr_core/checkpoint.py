@@ -454,9 +454,11 @@ def apply_checkpoint(model, ckpt: Checkpoint, parts: Iterable[str] | None = None
         module.load_state_dict(sd, strict=False, assign=assign)
     bad = first_problem((n, p) for n, p in model.named_parameters()
                         if n.split(".", 1)[0] in ("unet", "vae") and not _is_saved(*n.split(".", 1)))
-    if bad:  # the base weights, read from the Kolors folder
-        raise CheckpointError(f"base weight {bad[0]} {bad[1]}: the Kolors folder's weights are damaged "
-                              f"(re-download unet/ and vae/)")
+    if bad:  # the base weights, read from the Kolors files
+        part = bad[0].split(".", 1)[0]
+        name = {"unet": "UNet", "vae": "VAE"}[part]
+        raise CheckpointError(f"base weight {bad[0]} {bad[1]}: the Kolors {name} weights are damaged (re-download "
+                              f"the {name} file given as --{part}, or the Kolors folder's {part}/)")
     return report
 
 

@@ -130,3 +130,33 @@ def test_training_masks_are_read_by_the_one_reader(tmp_path):
     Image.fromarray(a16).save(tmp_path / "m16.png")            # 16-bit: no longer all white
     assert (load_mask(tmp_path / "m16.png") == (np.round(a16 / 65535 * 255) > 127)).all()
     assert (load_rgb(tmp_path / "m16.png")[..., 0] == np.round(a16 / 65535 * 255)).all()
+
+
+def test_data_problems_are_one_line_setup_errors_found_before_the_model(tmp_path, capsys, monkeypatch):
+    """A background folder with no image, a dataset smaller than one batch, a damaged init
+    checkpoint: `error: ...` naming what to fix, exit 2, no traceback; the data folders are read
+    before the model is built."""
+    from training import builders
+    from training.train import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no pictures here")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    built = []
+    real_build = builders.build_model_from_config
+    monkeypatch.setattr(builders, "build_model_from_config", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    cases = [(["data.backgrounds=" + json.dumps(str(empty))], f"no background images in {empty} (data.backgrounds)",
+              False),
+             (["train.batch_size=4", "data.length=3"], "the dataset has 3 items, fewer than one global batch", True),
+             (["model.init_checkpoint=" + json.dumps(str(bad))], str(bad), True)]
+    for k, (sets, words, model_built) in enumerate(cases):
+        built.clear()
+        argv = ["--config", str(TINY), "--output-dir", str(tmp_path / f"run{k}")]
+        for s in sets:
+            argv += ["--set", s]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, err
+        assert bool(built) == model_built, words

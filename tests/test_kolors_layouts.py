@@ -361,3 +361,21 @@ def test_sharded_weights_are_named_with_how_to_join_them(tiny_dir, tmp_path):
                                                           "(diffusion_pytorch_model.safetensors.index.json)")
                        + ".*save_pretrained"):
         find_kolors_files(None, unet=folder, vae=tiny_dir["kolors"] / "vae")
+
+
+def test_a_nan_in_the_vae_file_names_the_vae(tiny_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from tadisr_core.checkpoint import CheckpointError
+    from tadisr_core.loading import load_tadisr
+
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_dir["kolors"] / "vae", vae)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if k.startswith("decoder.") and k.endswith("weight"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"the Kolors VAE weights are damaged \(re-download the VAE file given "
+                                              r"as --vae, or the Kolors folder's vae/\)"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], vae=vae)

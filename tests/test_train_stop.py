@@ -159,9 +159,13 @@ def test_resume_with_another_number_of_processes_needs_force(tmp_path, lpips_dir
 def test_an_abort_by_a_second_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     from training import train
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    class Interrupted:
+        def __init__(self, *args, **kwargs):
+            pass
 
-    monkeypatch.setattr(train, "train", interrupted)
+        def run(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "Trainer", Interrupted)
     assert train.main(["--config", str(TINY)]) == 130
     assert capsys.readouterr().err == "interrupted: nothing saved since the last checkpoint\n"

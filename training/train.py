@@ -217,6 +217,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
+        datasets = self._build_datasets()  # before the model: a data problem shows in seconds, not minutes
 
         model = build_model_from_config(cfg, self.acc.device, log=self._print)
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
@@ -248,22 +249,28 @@ class Trainer:
         self.params = params
         if resume_from is not None:
             self._resume_state(resume_from)
-        self._build_data()
+        self._build_data(*datasets)
 
     # -- setup ------------------------------------------------------------------------------------
-    def _build_data(self) -> None:
-        from torch.utils.data import DataLoader
+    def _build_datasets(self) -> tuple:
+        """(train, val) datasets of the config; every rank builds the same background folder, the main
+        process first."""
+        from training.builders import build_datasets
 
-        from training.builders import SeededItems, StepBatchSampler, build_datasets
-
-        cfg, t = self.cfg, self.cfg.train
-        # Every rank builds the same background folder; let the main process write it first.
         if self.main:
-            train, val = build_datasets(cfg, self.out)
+            datasets = build_datasets(self.cfg, self.out)
         self.acc.wait_for_everyone()
         if not self.main:
-            train, val = build_datasets(cfg, self.out)
+            datasets = build_datasets(self.cfg, self.out)
+        return datasets
+
+    def _build_data(self, train, val) -> None:
+        from torch.utils.data import DataLoader
+
         from training.bad_samples import TolerantItems, sample_describer
+        from training.builders import SeededItems, StepBatchSampler
+
+        cfg, t = self.cfg, self.cfg.train
 
         self.train_items = TolerantItems(SeededItems(train, t.seed), sample_describer(train))
         sampler = StepBatchSampler(len(train), t.batch_size, self.acc.num_processes, self.acc.process_index,
@@ -579,8 +586,16 @@ def main(argv=None) -> int:
         overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")
     try:
         cfg = load_config(args.config, overrides)
-        summary = train(cfg, resume=args.resume, force=args.force)
-    except (ConfigError, FileNotFoundError, RunFolderError) as e:  # setup problems: exit 2, as every tadisr command
+        trainer = Trainer(cfg, resume=args.resume, force=args.force)
+    except (ConfigError, FileNotFoundError, RunFolderError, ValueError) as e:  # setup: exit 2, as every tadisr command
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started", file=sys.stderr)
+        return 130
+    try:
+        summary = trainer.run()
+    except (FileNotFoundError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingAborted as e:

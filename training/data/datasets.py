@@ -211,7 +211,10 @@ class OnTheFlySynthesisDataset(Dataset):
                  size: int = 512, scale: int = 4, preset: str | DegradationPreset = FTSR_RELEASE,
                  seed: int = 0, config: SynthesisConfig | None = None, has_text=None):
         if isinstance(backgrounds, (str, os.PathLike)):
-            backgrounds = list_images(backgrounds)
+            folder, backgrounds = backgrounds, list_images(backgrounds)
+            if not backgrounds:
+                raise ValueError(f"no background images in {folder} (data.backgrounds): put .png / .jpg photos "
+                                 f"without text there, or use 'skimage'")
         if fonts is None:
             fonts = system_fonts()
         elif isinstance(fonts, (str, os.PathLike)):
