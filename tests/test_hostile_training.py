@@ -4,6 +4,7 @@ output folder, a changed config on resume, out-of-range config values."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,20 @@ def test_data_problems_are_one_line_setup_errors_found_before_the_model(tmp_path
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and "Traceback" not in err, err
         assert bool(built) == model_built, words
+
+
+def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_yaml(tmp_path):
+    for item, words in (("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+                        ("data.degradation=realesrgan_mild", "data.degradation = 'realesrgan_mild'; choose one of")):
+        with pytest.raises(ConfigError, match=re.escape(f"command line (--set {item}): {words}")):
+            load_config(TINY, [item])
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(TINY.read_text() + "\noptim:\n  decay: sometimes\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad_yaml}: optim.decay = 'sometimes'")):
+        load_config(bad_yaml, ["train.batch_size=2"])
+
+
+def test_a_font_scale_range_upside_down_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("data.font_scale must be [smallest, largest]") + ".*got \\[0.2, 0.1\\]"):
+        load_config(TINY, ["data.font_scale=[0.2, 0.1]"])
+    assert load_config(TINY, ["data.font_scale=[0.1, 0.2]"]).data.font_scale == (0.1, 0.2)

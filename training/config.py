@@ -215,6 +215,9 @@ class Config:
                 raise ConfigError(f"{source}: optim.betas[{i}] must be in [0, 1), got {beta}")
         if ls.focal_alpha is not None and not 0 <= ls.focal_alpha <= 1:
             raise ConfigError(f"{source}: loss.focal_alpha must be in [0, 1], got {ls.focal_alpha}")
+        if d.font_scale is not None and not (len(d.font_scale) == 2 and 0 < d.font_scale[0] <= d.font_scale[1]):
+            raise ConfigError(f"{source}: data.font_scale must be [smallest, largest] font size / canvas side, with "
+                              f"0 < smallest <= largest, got {list(d.font_scale)}")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -337,4 +340,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         cfg, source = config_from_dict(data, str(path)), str(path)
     apply_overrides(cfg, overrides or [])
-    return cfg.validate(source)
+    try:
+        return cfg.validate(source)
+    except ConfigError as e:
+        problem = str(e).removeprefix(f"{source}: ")
+        for item in overrides or []:
+            if problem.startswith(item.split("=", 1)[0].strip() + " "):  # the value came from the command line
+                raise ConfigError(f"command line (--set {item}): {problem}") from None
+        raise
