@@ -98,6 +98,9 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
         if offload == "sequential" and device.type != "cpu":
             enable_sequential_offload(model, device)
         else:
+            if offload == "sequential":
+                log.warning("offload sequential has nothing to do on the CPU (the weights are in RAM already): "
+                            "ignored")
             model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

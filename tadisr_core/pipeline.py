@@ -153,9 +153,12 @@ def _resolve_batch(model, grid: TileGrid, units: int, tile_batch: int | str) -> 
         n = choose_tile_batch(model, grid.tile_h, grid.tile_w, units)
         log.info("tile batch %d (auto, %dx%d tiles on %s)", n, grid.tile_h, grid.tile_w, model.device)
         return n
-    n = int(tile_batch)
+    try:
+        n = int(tile_batch)
+    except (TypeError, ValueError):
+        n = 0
     if n < 1:
-        raise ValueError(f"tile_batch must be >= 1 or 'auto', got {tile_batch}")
+        raise ValueError(f"tile_batch must be >= 1 or 'auto', got {tile_batch!r}")
     return n
 
 

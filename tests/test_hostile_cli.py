@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -301,3 +302,21 @@ def test_a_nan_input_is_blamed_on_the_image_not_the_weights(tiny_model):
     with pytest.raises(NonFiniteError, match=r"input image: 1 non-finite value\(s\) \(NaN/Inf\); the image holds NaN "
                                              r"or Inf pixels: fix or replace it$"):
         upscale(tiny_model, image, 4, tile=64, overlap=16)
+
+
+def test_a_tile_batch_that_is_no_number_is_named(tiny_model):
+    from tadisr_core.pipeline import upscale
+
+    for bad in ("x", 0, -2):
+        with pytest.raises(ValueError, match=re.escape(f"tile_batch must be >= 1 or 'auto', got {bad!r}")):
+            upscale(tiny_model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, tile_batch=bad)
+
+
+def test_sequential_offload_on_the_cpu_says_it_is_ignored(tiny_model, caplog):
+    import logging
+
+    from tadisr_core.devices import place_model
+
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        place_model(tiny_model, "cpu", offload="sequential")
+    assert "offload sequential has nothing to do on the CPU" in caplog.text
