@@ -413,6 +413,7 @@ def run_prompt_cache(args) -> int:
     from .prompt import text_encoder_device
 
     dtype = DTYPES[args.dtype]
+    _quiet_libraries()  # transformers' notices about ChatGLM3's remote-code layout are not the user's to act on
     try:
         device = text_encoder_device(args.device, resolve_device("auto"))
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
