@@ -25,17 +25,18 @@ demo: venv  # the main job: the shipped demo model upscales the bundled inputs i
 
 DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 DEMO_RUN ?= runs/demo-model-$(DEMO_STAMP)
+DEMO_DIR = $(patsubst %/,%,$(DEMO_RUN))
 # One training phase (config, run folder, more arguments): skipped when that run finished, resumed when it
 # was stopped, so an interrupted `make demo-model` continues with `make demo-model DEMO_RUN=<its folder>`.
 train_phase = test -f $(2)/model_final.safetensors || OMP_NUM_THREADS=1 $(VPY) -m training.train --config $(1) \
 	--output-dir $(2) $(3) $$(test -d $(2) && echo --resume)
 demo-model: venv  # re-train the demo model from scratch (about 4 h on 2 CPU cores, four phases) and ship it
-	@echo "demo-model: runs in $(DEMO_RUN)-*; if stopped, continue with: make demo-model DEMO_RUN=$(DEMO_RUN)"
-	$(call train_phase,training/configs/demo_prior.yaml,$(DEMO_RUN)-prior)
-	$(call train_phase,training/configs/demo.yaml,$(DEMO_RUN)-task,--set model.init_checkpoint=$(DEMO_RUN)-prior/model_final.safetensors)
-	$(call train_phase,training/configs/demo_finetune.yaml,$(DEMO_RUN)-finetune,--set model.init_checkpoint=$(DEMO_RUN)-task/model_final.safetensors)
-	$(call train_phase,training/configs/demo_crop256.yaml,$(DEMO_RUN),--set model.init_checkpoint=$(DEMO_RUN)-finetune/model_final.safetensors)
-	$(VPY) -m training.export_model $(DEMO_RUN) tadisr_core/demo
+	@echo "demo-model: runs in $(DEMO_DIR)-*; if stopped, continue with: make demo-model DEMO_RUN=$(DEMO_DIR)"
+	$(call train_phase,training/configs/demo_prior.yaml,$(DEMO_DIR)-prior)
+	$(call train_phase,training/configs/demo.yaml,$(DEMO_DIR)-task,--set model.init_checkpoint=$(DEMO_DIR)-prior/model_final.safetensors)
+	$(call train_phase,training/configs/demo_finetune.yaml,$(DEMO_DIR)-finetune,--set model.init_checkpoint=$(DEMO_DIR)-task/model_final.safetensors)
+	$(call train_phase,training/configs/demo_crop256.yaml,$(DEMO_DIR),--set model.init_checkpoint=$(DEMO_DIR)-finetune/model_final.safetensors)
+	$(VPY) -m training.export_model $(DEMO_DIR) tadisr_core/demo
 
 demo-model-release: venv  # train the release-layout demo from the shipped paper demo (about 50 min on 2 CPU cores) and ship it
 	$(VPY) -m training.train --config training/configs/demo_release.yaml --output-dir $(DEMO_RUN)-release

@@ -68,26 +68,35 @@ def _to_device(x, device):
     return x
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 class _OneBlockOnDevice:
     """Swaps blocks so that only the one whose layer runs now is on `device`."""
 
     def __init__(self, device: torch.device, home: torch.device):
         self.device, self.home = device, home
         self.active: nn.Module | None = None
+        self.handles: list = []
 
     def hook(self, block: nn.Module) -> None:
         """Before any module of `block` runs: `block` on the device (the previous one sent home), the
-        module's tensor inputs moved there too."""
+        module's tensor inputs moved there too. Where the block is comes from its weights, not from
+        memory: something else (a host freeing memory) may have moved the model meanwhile."""
+        probe = next(block.parameters(), None)
+
         def before(mod, args, kwargs):
-            if self.active is not block:
-                if self.active is not None:
+            if self.active is not block or (probe is not None and not _same_device(probe.device, self.device)):
+                if self.active is not None and self.active is not block:
                     self.active.to(self.home)
                 block.to(self.device)
                 self.active = block
             return _to_device(args, self.device), _to_device(kwargs, self.device)
 
-        for module in block.modules():
-            module.register_forward_pre_hook(before, with_kwargs=True)
+        for name, module in block.named_modules():
+            if "parametrizations" not in name.split("."):  # reading an fp8 weight is not running a layer
+                self.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
 
 
 def offload_plan(model: nn.Module, block_bytes: int = 512 << 20,
@@ -122,7 +131,12 @@ def enable_sequential_offload(model: nn.Module, device: torch.device | str, bloc
     """
     device, home = torch.device(device), torch.device(home)
     moving, _ = offload_plan(model, block_bytes, resident_bytes)
+    previous = getattr(model, "_tadisr_offload", None)
+    if previous is not None:  # set up again (another device): the old hooks go
+        for handle in previous.handles:
+            handle.remove()
     swapper = _OneBlockOnDevice(device, home)
+    model._tadisr_offload = swapper
     for name in moving:  # never the whole model on the device, not even for a moment
         block = model.get_submodule(name)
         block.to(home)

@@ -71,9 +71,21 @@ def shipped_models() -> dict[str, ShippedModel]:
             "demo-release": ShippedModel(DEMO_RELEASE_CHECKPOINT, DEMO_RELEASE_PROMPT_CACHE, "demo-model-release")}
 
 
+def shipped_model(ref: str | Path) -> ShippedModel | None:
+    """The shipped model `ref` stands for: by its name, or by a path to its folder or weights file."""
+    models = shipped_models()
+    if str(ref) in models:
+        return models[str(ref)]
+    try:
+        checkpoint = resolve_model(ref).checkpoint.resolve()
+    except FileNotFoundError:
+        return None
+    return next((m for m in models.values() if m.checkpoint.resolve() == checkpoint), None)
+
+
 def check_dtype(ref: str | Path, dtype: torch.dtype) -> None:
-    """ValueError when `ref` names a shipped model that overflows fp16 and `dtype` is fp16."""
-    shipped = shipped_models().get(str(ref))
+    """ValueError when `ref` stands for a shipped model that overflows fp16 and `dtype` is fp16."""
+    shipped = shipped_model(ref)
     if shipped is not None and not shipped.fp16_safe and dtype == torch.float16:
         raise ValueError(f"the {ref} model overflows fp16 (it was trained in fp32, and its activations exceed "
                          f"fp16's 65504): use bf16 or fp32")
@@ -123,12 +135,23 @@ def resolve_model(ref: str | Path) -> ModelFiles:
     if checkpoint is not None:
         return _with_run_files(checkpoint, path)
     weights = sorted(p for p in path.glob("*.safetensors") if p.name != RUN_PROMPT_CACHE)
-    if len(weights) == 1 and _run_of(weights[0]) is None:  # an exported model (training.export_model)
+    if len(weights) == 1 and _is_tadisr_checkpoint(weights[0]):  # an exported model (training.export_model)
         return ModelFiles(weights[0], _prompt_beside(weights[0]))
     found = f" (it holds {len(weights)} .safetensors files: give one)" if len(weights) > 1 else ""
     raise FileNotFoundError(f"--model {ref}: the folder holds neither {RUN_FINAL} nor "
                             f"{RUN_CHECKPOINTS}/step_*/{RUN_STEP_MODEL}, nor one exported model{found}; is it a "
                             f"training run's output_dir?")
+
+
+def _is_tadisr_checkpoint(path: Path) -> bool:
+    """Whether a .safetensors file is a native TADiSR checkpoint (by its header's format)."""
+    from .checkpoint import NATIVE_FORMAT
+    from .streaming import read_header
+
+    try:
+        return read_header(path).metadata.get("format") == NATIVE_FORMAT
+    except ValueError:
+        return False
 
 
 def _prompt_beside(checkpoint: Path) -> Path | None:
@@ -160,6 +183,10 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
         raise CheckpointError(f"{ckpt.path} holds adapters only; it needs the Kolors base weights it was "
                               f"trained on (--kolors DIR)")
     prompt = prompt_cache if isinstance(prompt_cache, PromptCache) else PromptCache.load(prompt_cache)
+    try:
+        prompt.check_fits(ckpt.spec.unet.encoder_hid_dim)
+    except ValueError as exc:
+        raise ValueError(f"{prompt_cache}: {exc}" if not isinstance(prompt_cache, PromptCache) else str(exc)) from None
     model = build_model(ckpt.spec, prompt=prompt)
     apply_checkpoint(model, ckpt)
     return model.eval().requires_grad_(False)
@@ -188,10 +215,10 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
     from .devices import place_model, resolve_device, resolve_dtype
     from .lora import merge_lora
 
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device, fp16_safe=str(ref) not in shipped_models())
-    check_dtype(ref, dtype)
     files = resolve_model(ref)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, fp16_safe=not runs_alone(ref))  # as the CLI's auto
+    check_dtype(ref, dtype)
     prompt = prompt_cache or files.prompt_cache
     ckpt = load_checkpoint(files.checkpoint)
     if ckpt.includes_backbone:
@@ -204,7 +231,7 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
             raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
                                     f"(a training run keeps it as {RUN_PROMPT_CACHE})")
         model = load_standalone(ckpt, prompt)
-        shipped = shipped_models().get(str(ref))
+        shipped = shipped_model(ref)
         if shipped is not None:
             model.default_color_fix = shipped.color_fix
         if merge_lora_weights:

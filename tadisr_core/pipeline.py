@@ -39,6 +39,7 @@ __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "up
 
 log = logging.getLogger("tadisr")
 
+BAD_INPUT = "the image holds NaN or Inf pixels: fix or replace it"
 MIN_TILE = 64          # the OOM fallback halves the tile down to this, then gives up
 LATENT_FACTOR = 8
 MAX_SCALE = 8.0
@@ -154,10 +155,10 @@ def _resolve_batch(model, grid: TileGrid, units: int, tile_batch: int | str) -> 
         log.info("tile batch %d (auto, %dx%d tiles on %s)", n, grid.tile_h, grid.tile_w, model.device)
         return n
     try:
-        n = int(tile_batch)
+        n = int(tile_batch) if not isinstance(tile_batch, (bool, float)) or tile_batch == int(tile_batch) else 0
     except (TypeError, ValueError):
         n = 0
-    if n < 1:
+    if n < 1 or isinstance(tile_batch, bool):
         raise ValueError(f"tile_batch must be >= 1 or 'auto', got {tile_batch!r}")
     return n
 
@@ -270,7 +271,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     (see `color.py`). Results are float32 on the CPU.
     """
     _check_input(image)
-    check_finite(image, "input image", "the image holds NaN or Inf pixels: fix or replace it")
+    check_finite(image, "input image", BAD_INPUT)
     check_settings(scale, tile, overlap)
     color_fix = resolve_color_fix(color_fix, model)  # checked before any tile runs
     size = output_size(image.shape[2], image.shape[3], scale)
@@ -359,6 +360,7 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
     them when all fit SKIP_BUDGET_BYTES.
     """
     _check_input(image)
+    check_finite(image, "input image", BAD_INPUT)
     check_settings(scale, tile, overlap)
     hr = upscale_canvas(image, scale, store_device)
     rgb, alpha = _split_alpha(hr)
@@ -438,6 +440,10 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
     reads = model.needs_capture(mask)
     cause = _nonfinite_cause(model)
     reencode = model.spec.skip_convs and tiled.tiles[0].skips is None
+    if (reencode or color_fix != "none") and tiled.source is None:
+        raise ValueError("these latents carry no LR input (TiledLatents.source), which decode needs to "
+                         f"{'re-encode the skip features' if reencode else 'fix the colours'}: encode with "
+                         "encode_tiles, or decode with color_fix='none'")
     rgb = None
     if reencode or color_fix != "none":
         rgb = _split_alpha(upscale_canvas(tiled.source, tiled.scale, tiled.source.device))[0]

@@ -133,3 +133,31 @@ def test_the_shipped_demo_recommends_the_wavelet_fix_and_auto_applies_it(tmp_pat
     want = (want[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert np.abs(outs["auto"].astype(int) - want).max() <= 1
     assert np.abs(outs["none"].astype(int) - want).max() > 1
+
+
+def test_latents_without_their_input_are_refused_by_a_decode_that_needs_it(tiny_model_factory):
+    import dataclasses
+
+    from tadisr_core.pipeline import decode_tiles, denoise_tiles, encode_tiles
+
+    model = tiny_model_factory("release")
+    model.default_color_fix = "wavelet"
+    tiled = denoise_tiles(model, encode_tiles(model, _img(7, (1, 3, 16, 16)), 4, 64, 16, 1), tile_batch=1)
+    bare = dataclasses.replace(tiled, source=None)
+    with pytest.raises(ValueError, match="carry no LR input .* to fix the colours: encode with encode_tiles, or "
+                                         "decode with color_fix='none'"):
+        decode_tiles(model, bare, 1)
+    assert torch.equal(decode_tiles(model, bare, 1, color_fix="none").image,
+                       decode_tiles(model, tiled, 1, color_fix="none").image)
+
+
+def test_the_demo_by_path_is_the_demo(tmp_path):
+    """`--model tadisr_core/demo` or its weights file: the same colour fix and fp16 refusal as `demo`."""
+    from tadisr_core.model_ref import DEMO_CHECKPOINT, check_dtype, load_model, shipped_model
+
+    for ref in (DEMO_CHECKPOINT.parent, DEMO_CHECKPOINT):
+        assert shipped_model(ref) == shipped_model("demo")
+        assert load_model(ref).default_color_fix == "wavelet"
+        with pytest.raises(ValueError, match="overflows fp16"):
+            check_dtype(ref, torch.float16)
+    assert shipped_model(tmp_path) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -481,3 +482,22 @@ def test_quiet_also_silences_the_libraries_progress_bars(tmp_path):
     finally:
         transformers.utils.logging.enable_progress_bar()
         diffusers.utils.logging.enable_progress_bar()
+
+
+def test_a_folder_with_another_kind_of_safetensors_is_no_model_and_a_wrong_cache_is_named(tmp_path):
+    """A Kolors component folder is not taken for an exported model; a prompt cache of another width
+    given to a model that runs alone is named."""
+    from safetensors.torch import save_file
+
+    from tadisr_core.prompt import PromptCache
+
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    save_file({"conv_in.weight": torch.zeros(1)}, str(unet / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="nor one exported model"):
+        resolve_model(unet)
+    _fake_run(tmp_path / "run", tiny_spec("paper"))
+    wide = tmp_path / "wide.safetensors"
+    PromptCache(torch.zeros(1, 32, 4096), torch.zeros(1, 4096), torch.zeros(1, 6)).save(wide)
+    with pytest.raises(ValueError, match=re.escape(f"{wide}: the prompt cache does not fit this model")):
+        load_model(tmp_path / "run", prompt_cache=wide)

@@ -320,3 +320,21 @@ def test_sequential_offload_on_the_cpu_says_it_is_ignored(tiny_model, caplog):
     with caplog.at_level(logging.WARNING, logger="tadisr"):
         place_model(tiny_model, "cpu", offload="sequential")
     assert "offload sequential has nothing to do on the CPU" in caplog.text
+
+
+def test_the_staged_encode_blames_a_nan_input_on_the_image(tiny_model):
+    from tadisr_core.finite import NonFiniteError
+    from tadisr_core.pipeline import encode_tiles
+
+    image = torch.rand(1, 3, 16, 16)
+    image[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="input image: 1 non-finite value.*fix or replace it$"):
+        encode_tiles(tiny_model, image, 4, tile=64, overlap=16)
+
+
+def test_a_fractional_or_boolean_tile_batch_is_named(tiny_model):
+    from tadisr_core.pipeline import upscale
+
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"tile_batch must be >= 1 or 'auto', got {bad!r}")):
+            upscale(tiny_model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, tile_batch=bad)

@@ -141,3 +141,33 @@ def test_true_size_and_offload_choice(tiny_dir):
     assert choose_offload(5 << 30, 1 << 30, 16 << 30) == "none"
     assert choose_offload(5 << 30, 1 << 30, 6 << 30) == "sequential"
     assert choose_offload(1 << 20, 1 << 20, 16 << 30, host_low_vram=True) == "sequential"
+
+
+def test_sequential_offload_set_up_twice_keeps_one_set_of_hooks(tiny_model_factory):
+    model = tiny_model_factory("paper")
+    with torch.no_grad():
+        ref = model(X)
+
+    def hooks() -> int:
+        return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+    enable_sequential_offload(model, "cpu", block_bytes=64 << 10, resident_bytes=4 << 10)
+    once = hooks()
+    enable_sequential_offload(model, "cpu", block_bytes=64 << 10, resident_bytes=4 << 10)
+    assert once > 0 and hooks() == once
+    with torch.no_grad():
+        assert torch.equal(model(X).image, ref.image)
+
+
+def test_sequential_offload_leaves_fp8_weight_reads_alone(tiny_dir):
+    """Reading an fp8 layer's weight (as memory estimates do) runs no layer, so it moves no block."""
+    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=FP8)
+    enable_sequential_offload(model, "cpu", block_bytes=64 << 10, resident_bytes=4 << 10)
+    swapper = model._tadisr_offload
+    with torch.no_grad():
+        model(X)
+    active = swapper.active
+    layer = next(m for m in model.unet.modules() if isinstance(m, torch.nn.Linear)
+                 and hasattr(m, "parametrizations") and all(m is not x for x in active.modules()))
+    assert layer.weight.dtype == torch.bfloat16
+    assert swapper.active is active

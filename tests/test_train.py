@@ -379,11 +379,16 @@ def test_demo_phases_chain_by_their_defaults():
         assert after.model.init_checkpoint == f"{before.train.output_dir}/model_final.safetensors"
     task_seeds = [p.train.seed for p in phases[1:]]
     assert len(set(task_seeds)) == len(task_seeds)  # each task phase sees fresh scenes
-    # `make demo-model` runs them all, in this order, each from the run before it
-    runs = re.findall(r"--config training/configs/(\w+)\.yaml --output-dir (\S+)(?: \\\n\s+--set "
-                      r"model\.init_checkpoint=(\S+))?", _make_recipe("demo-model"))
-    assert [name for name, _, _ in runs] == list(DEMO_PHASES)
-    for (_, out, _), (_, _, init) in zip(runs, runs[1:]):
+    # `make demo-model` runs them all, in this order, each from the run before it, each skipped when
+    # finished and resumed when stopped (a trailing slash in DEMO_RUN is dropped)
+    dry = subprocess.run(["make", "-n", "demo-model", "DEMO_RUN=runs/x/"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    runs = re.findall(r"test -f (\S+)/model_final\.safetensors \|\| .*--config training/configs/(\w+)\.yaml "
+                      r"--output-dir (\S+) (?:--set model\.init_checkpoint=(\S+) )? *\$\(test -d (\S+) && echo "
+                      r"--resume\)", dry)
+    assert [name for _, name, _, _, _ in runs] == list(DEMO_PHASES)
+    assert all(done == out == resumed and out.startswith("runs/x") for done, _, out, _, resumed in runs), runs
+    for (_, _, out, _, _), (_, _, _, init, _) in zip(runs, runs[1:]):
         assert init == f"{out}/model_final.safetensors"
 
 

@@ -345,6 +345,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     except ConfigError as e:
         problem = str(e).removeprefix(f"{source}: ")
         for item in overrides or []:
-            if problem.startswith(item.split("=", 1)[0].strip() + " "):  # the value came from the command line
-                raise ConfigError(f"command line (--set {item}): {problem}") from None
+            key = item.split("=", 1)[0].strip()
+            if problem.startswith((key + " ", key + "[")):  # the value came from the command line
+                raise ConfigError(f"command line ({item}): {problem}") from None
         raise

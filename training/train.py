@@ -533,7 +533,7 @@ class Trainer:
                 if t.validate_every and self.step % t.validate_every == 0:
                     self.validate()
                     self._last_end = time.perf_counter()
-                if self._any_across(flag.raised):
+                if self._any_across(flag.raised) and self.step < t.max_steps:  # at the last step: just finish
                     self._print(f"stop requested ({flag.name or 'by another process'}) at step {self.step}: "
                                 f"saving a checkpoint (Ctrl-C again to abort without it)")
                     last_saved, stopped = self.save_checkpoint(), True
