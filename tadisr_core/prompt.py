@@ -206,8 +206,9 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
     encoder, info = ChatGLMModel.from_pretrained(encoder_dir, torch_dtype=dtype, low_cpu_mem_usage=True,
                                                  output_loading_info=True)
     try:
-        if info.get("missing_keys"):
-            missing = sorted(info["missing_keys"])
+        weights = dict(encoder.named_parameters())  # a missing buffer (e.g. rotary inv_freq) is rebuilt at init
+        missing = sorted(k for k in info.get("missing_keys", ()) if k in weights)
+        if missing:
             raise ValueError(f"{encoder_dir}: ChatGLM3's weights are incomplete ({len(missing)} tensors missing, e.g. "
                              f"{missing[0]}); re-download text_encoder/ (Kwai-Kolors/Kolors) and compute the "
                              f"prompt cache again")

@@ -258,3 +258,15 @@ def test_dtype_and_device_by_name_or_a_clear_error_before_loading(tiny_dir):
     with pytest.raises(ValueError, match="unknown dtype 'half'"):
         load_model(tiny_dir["checkpoint"], kolors=str(tiny_dir["kolors"]), prompt_cache=tiny_dir["prompt_cache"],
                    dtype="half")
+
+
+def test_a_chatglm_without_its_rotary_buffer_still_makes_the_same_cache(tiny_dir, tmp_path):
+    """Only missing weights are refused: the rotary inv_freq buffer, if a download lacks it, is rebuilt
+    by the model itself, and the cache is the same."""
+    from tadisr_core.prompt import compute_prompt_cache_from_kolors
+
+    folder = _chatglm_copy(tiny_dir["kolors"], tmp_path / "chatglm3-6b",
+                           lambda tensors: {k: v for k, v in tensors.items() if not k.endswith("inv_freq")})
+    kw = dict(max_length=32, dtype=torch.float32, time_ids=(64, 64, 0, 0, 64, 64))
+    ref = compute_prompt_cache_from_kolors(tiny_dir["kolors"], **kw)
+    assert torch.equal(compute_prompt_cache_from_kolors(folder, **kw).prompt_embeds, ref.prompt_embeds)
