@@ -154,11 +154,12 @@ def _resolve_batch(model, grid: TileGrid, units: int, tile_batch: int | str) -> 
         n = choose_tile_batch(model, grid.tile_h, grid.tile_w, units)
         log.info("tile batch %d (auto, %dx%d tiles on %s)", n, grid.tile_h, grid.tile_w, model.device)
         return n
+    whole = not isinstance(tile_batch, bool) and (not isinstance(tile_batch, float) or tile_batch.is_integer())
     try:
-        n = int(tile_batch) if not isinstance(tile_batch, (bool, float)) or tile_batch == int(tile_batch) else 0
+        n = int(tile_batch) if whole else 0
     except (TypeError, ValueError):
         n = 0
-    if n < 1 or isinstance(tile_batch, bool):
+    if n < 1:
         raise ValueError(f"tile_batch must be >= 1 or 'auto', got {tile_batch!r}")
     return n
 
