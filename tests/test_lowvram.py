@@ -45,8 +45,7 @@ def test_fp8_storage_runs_on_cpu_and_stays_close_to_bf16(tiny_dir, bf16_out):
     assert torch.isfinite(out.image).all() and image > 25
 
 
-@pytest.mark.parametrize("variant", ["release", "paper"])
-@pytest.mark.parametrize("block_bytes", [64 << 10, 512 << 10])
+@pytest.mark.parametrize("variant, block_bytes", [("paper", 64 << 10), ("release", 512 << 10)])
 def test_sequential_offload_has_every_layer_on_the_device_when_it_runs(tiny_model_factory, monkeypatch, variant,
                                                                         block_bytes):
     """Whatever way the model calls its blocks (whole, piece by piece as the VAE, or the items of a
