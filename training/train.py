@@ -10,8 +10,9 @@ appends a JSON line to OUTPUT/metrics.jsonl (main process): the loss terms, tota
 samples/s. Checkpoints (OUTPUT/checkpoints/step_N) hold the trainable weights as a native
 safetensors file plus optimiser/scheduler/RNG state; `--resume` continues from the newest one and
 reproduces the uninterrupted run's losses. SIGTERM or Ctrl-C stops after the current step, saves a
-checkpoint and exits 130 (a second Ctrl-C aborts at once); DataLoader workers leave both signals to
-the main process, so a signal to the whole process group (SLURM, a terminal) is handled the same.
+checkpoint and exits 130 (another Ctrl-C, a second or more later, aborts at once); DataLoader workers
+leave both signals to the main process, so a signal to the whole process group (SLURM, a terminal)
+is handled the same.
 A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
 A sample that cannot be loaded is replaced by the next one and logged; more than
 `train.max_bad_samples` aborts (with a checkpoint). `--resume` uses the newest complete checkpoint
