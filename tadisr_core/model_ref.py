@@ -216,6 +216,7 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
     from .lora import merge_lora
 
     files = resolve_model(ref)
+    shipped = shipped_model(ref)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, fp16_safe=not runs_alone(ref))  # as the CLI's auto
     check_dtype(ref, dtype)
@@ -231,7 +232,6 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
             raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
                                     f"(a training run keeps it as {RUN_PROMPT_CACHE})")
         model = load_standalone(ckpt, prompt)
-        shipped = shipped_model(ref)
         if shipped is not None:
             model.default_color_fix = shipped.color_fix
         if merge_lora_weights:

@@ -559,11 +559,6 @@ class Trainer:
         return summary
 
 
-def train(cfg: Config, resume: bool = False, force: bool = False) -> dict:
-    """Train with a loaded config; returns the summary of `Trainer.run`."""
-    return Trainer(cfg, resume=resume, force=force).run()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments of `python -m training.train`."""
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
