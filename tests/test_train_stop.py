@@ -93,6 +93,10 @@ def test_a_signal_to_the_process_group_saves_a_checkpoint_and_exits_130(tmp_path
     assert summary["stopped"] and 2 <= summary["step"] < 16
     step = f"step_{summary['step']:08d}"
     assert summary["checkpoint"].endswith(step) and (tmp_path / "checkpoints" / step / "model.safetensors").is_file()
+    from training.train_state import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "checkpoints").name == step  # what --resume picks
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     assert f"stop requested ({name})" in out and "run the same command with --resume" in out
     assert "Traceback" not in err
 
@@ -112,12 +116,16 @@ def test_max_steps_is_a_change_only_when_the_learning_rate_decays_over_it():
     assert config_changes(old.to_dict(), new.to_dict()) == []
 
 
-def test_resume_with_another_cosine_length_needs_force(tmp_path, lpips_dir, capsys):  # noqa: F811
+def test_resume_with_another_cosine_length_needs_force(tmp_path, lpips_dir, capsys, monkeypatch):  # noqa: F811
+    from training import builders
     from training.train import RunFolderError
 
     run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, optim__decay="cosine"))
-    with pytest.raises(RunFolderError, match=r"train\.max_steps: 2 -> 3 .*learning rate.*--force"):
-        run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=3, optim__decay="cosine"), resume=True)
+    with monkeypatch.context() as m:  # refused before the data and the model are built (minutes at full size)
+        for slow in ("build_datasets", "build_model_from_config"):
+            m.setattr(builders, slow, lambda *a, slow=slow, **k: pytest.fail(f"{slow} ran before the refusal"))
+        with pytest.raises(RunFolderError, match=r"train\.max_steps: 2 -> 3 .*learning rate.*--force"):
+            run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=3, optim__decay="cosine"), resume=True)
     from training.train import Trainer
 
     summary = Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=3, optim__decay="cosine"), resume=True,

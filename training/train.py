@@ -37,6 +37,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,9 @@ from tadisr_core.images import save_image
 from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL
 from tadisr_core.pipeline import upscale_canvas
 from training.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from tadisr_core.checkpoint import Checkpoint
 
 
 class TrainingAborted(RuntimeError):
@@ -194,7 +198,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-        from tadisr_core.checkpoint import trainable_state_dict
+        from tadisr_core.checkpoint import apply_checkpoint, trainable_state_dict
         from training.builders import (
             TrainingForward,
             build_loss,
@@ -218,7 +222,9 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
-        datasets = self._build_datasets()  # before the model: a data problem shows in seconds, not minutes
+        # Both before the model: a changed run or a data problem shows in seconds, not minutes.
+        resume_from = self._resume_checkpoint() if resume else None
+        datasets = self._build_datasets()
 
         model = build_model_from_config(cfg, self.acc.device, log=self._print)
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
@@ -245,11 +251,12 @@ class Trainer:
             optimizer, functools.partial(lr_factor, warmup=o.warmup_steps, decay=o.decay, total=t.max_steps))
         self.step, self.nonfinite, self.bad_samples, self._last_end = 0, 0, 0, None
         torch.manual_seed(t.seed + 1_000_003 * self.acc.process_index)
-        resume_from = self._resume_weights() if resume else None
+        if resume_from is not None:  # the weights before wrapping, so FSDP shards them
+            apply_checkpoint(model, resume_from[1])
         self.forward, self.optimizer = self.acc.prepare(TrainingForward(model), optimizer)
         self.params = params
         if resume_from is not None:
-            self._resume_state(resume_from)
+            self._resume_state(resume_from[0])
         self._build_data(*datasets)
 
     # -- setup ------------------------------------------------------------------------------------
@@ -288,13 +295,13 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - a damaged validation sample is left out, not fatal
                 self._print(f"warning: validation sample {i} left out: {type(exc).__name__}: {exc}")
 
-    def _resume_weights(self) -> Path | None:
-        """Load the newest checkpoint that is whole (before wrapping, so FSDP shards them); None if none.
+    def _resume_checkpoint(self) -> tuple[Path, Checkpoint] | None:
+        """The newest checkpoint that is whole, as (folder, its loaded weights); None if there is none.
 
         A damaged checkpoint (truncated weights or state) is skipped with a warning in favour of the
         previous one. A changed config is refused unless `force`.
         """
-        from tadisr_core.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint
+        from tadisr_core.checkpoint import CheckpointError, load_checkpoint
         from training.train_state import list_checkpoints, load_training_state
 
         found = list_checkpoints(self.out / RUN_CHECKPOINTS)
@@ -318,8 +325,7 @@ class Trainer:
                                      f"{'; '.join(changes)}. Pass --force to continue with the change")
             if changes:
                 self._print(f"warning: --resume --force: continuing with a change: {'; '.join(changes)}")
-            apply_checkpoint(self.model, ckpt)
-            return path
+            return path, ckpt
         raise RunFolderError(f"--resume: every checkpoint under {self.out / RUN_CHECKPOINTS} is damaged")
 
     def _resume_state(self, path: Path) -> None:
