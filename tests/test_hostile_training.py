@@ -180,3 +180,62 @@ def test_a_font_scale_range_upside_down_is_refused():
     with pytest.raises(ConfigError, match=words):
         load_config(TINY, ["data.font_scale=[0.2, 0.1]"])
     assert load_config(TINY, ["data.font_scale=[0.1, 0.2]"]).data.font_scale == (0.1, 0.2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_broken_in_the_loop_is_one_line_exit_1(tmp_path, capsys, workers):
+    """Data found broken once training runs (every file damaged; whole images of different sizes
+    batched with data.crop null): `error: training data: ...` naming it and what to change, exit 1,
+    no traceback, also when a DataLoader worker finds it."""
+    from training.train import main
+
+    broken = _triplets(tmp_path / "broken")
+    for f in (broken / "hr").iterdir():
+        f.write_bytes(b"\x89PNG\r\n\x1a\n torn download")
+    sizes = tmp_path / "sizes"
+    rng = np.random.default_rng(1)
+    for sub in ("hr", "mask"):
+        (sizes / sub).mkdir(parents=True)
+    for i, side in enumerate((64, 96)):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(sizes / "hr" / f"{i}.png")
+        Image.fromarray(np.zeros((side, side), np.uint8)).save(sizes / "mask" / f"{i}.png")
+    cases = [(broken, ["data.crop=64"], "16 samples in a row could not be loaded; the data is broken"),
+             (sizes, ["data.crop=null", "train.batch_size=2"],
+              "one batch holds images of different sizes (0 64x64, 1 96x96): with data.crop null every image "
+              "must have the same size; set data.crop, or train.batch_size: 1")]
+    for k, (root, sets, words) in enumerate(cases):
+        argv = ["--config", str(TINY), "--output-dir", str(tmp_path / f"run{k}"), "--set", "data.kind=\"triplets\"",
+                "--set", f"data.root={json.dumps(str(root))}", "--set", f"train.num_workers={workers}",
+                "--set", "loss.lpips_net=\"none\"", "--set", "loss.lpips=0", "--set", "train.validate_every=0"]
+        for s in sets:
+            argv += ["--set", s]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"error: training data: {words}" in err and "Traceback" not in err, err
+
+
+def test_data_broken_after_some_steps_saves_them_first(tmp_path, capsys, monkeypatch):
+    """Every file damaged after step 1 (a drive gone): the step is saved before the one-line stop."""
+    from training.train import Trainer, main
+    from training.train_state import latest_checkpoint
+
+    data = _triplets(tmp_path / "data")
+    real_step = Trainer.train_step
+
+    def step_then_damage(self, batches):
+        record = real_step(self, batches)
+        for f in (data / "hr").iterdir():
+            f.write_bytes(b"\x89PNG\r\n\x1a\n torn download")
+        return record
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_damage)
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY), "--output-dir", str(out), "--set", "data.kind=\"triplets\"",
+            "--set", f"data.root={json.dumps(str(data))}", "--set", "data.crop=64", "--set", "train.max_steps=4",
+            "--set", "train.checkpoint_every=100", "--set", "loss.lpips_net=\"none\"", "--set", "loss.lpips=0",
+            "--set", "train.validate_every=0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: training data: 16 samples in a row could not be loaded" in err and "Traceback" not in err
+    assert f"stopped at step 1; saved {out / 'checkpoints' / 'step_00000001'}: once the data is fixed" in err
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000001"

@@ -4,12 +4,40 @@
 mask or LR, unreadable file), the next index is tried, deterministically, so a resumed run sees
 the same replacements. The returned item's "bad" field lists what was skipped ("" when nothing), so
 the trainer can count and log it in the main process whatever the number of data-loader workers.
+When the data itself is broken (every sample fails, or samples of different sizes meet in a batch),
+`DataBroken` says so in words, and the trainer stops with that message instead of a traceback.
 """
 from __future__ import annotations
 
 from torch.utils.data import Dataset
 
 MAX_TRIES = 16   # consecutive bad samples before the data itself is declared broken
+
+
+class DataBroken(RuntimeError):
+    """The training data cannot make a batch; the message says why and what to change."""
+
+
+def data_broken_message(exc: DataBroken) -> str:
+    """The message of `exc`, also when a DataLoader worker raised it (torch then re-raises it in the main
+    process with the worker's traceback in front of the message)."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        text = text.rsplit(f"{DataBroken.__name__}: ", 1)[-1]
+    return text.strip()
+
+
+def collate_same_size(items: list[dict]) -> dict:
+    """torch's default batching, after checking the samples have one size (they differ when `data.crop`
+    is null and the images do)."""
+    from torch.utils.data import default_collate
+
+    sizes = {tuple(item["hr"].shape[-2:]) for item in items}
+    if len(sizes) > 1:
+        found = ", ".join(f"{item['name']} {item['hr'].shape[-1]}x{item['hr'].shape[-2]}" for item in items)
+        raise DataBroken(f"one batch holds images of different sizes ({found}): with data.crop null every "
+                         "image must have the same size; set data.crop, or train.batch_size: 1")
+    return default_collate(items)
 
 
 class TolerantItems(Dataset):
@@ -33,8 +61,8 @@ class TolerantItems(Dataset):
                 bad.append(f"{self.describe(i)}: {type(exc).__name__}: {exc}")
                 continue
             return {**item, "bad": "\n".join(bad)}
-        raise RuntimeError(f"{MAX_TRIES} samples in a row could not be loaded; the data is broken. Last errors:\n"
-                           + "\n".join(bad[-3:]))
+        raise DataBroken(f"{MAX_TRIES} samples in a row could not be loaded; the data is broken. Last errors:\n"
+                         + "\n".join(bad[-3:]))
 
 
 def sample_describer(dataset):

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 
 from tadisr_core.files import atomic_path
 from tadisr_core.images import save_image
-from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL
+from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL, run_step_folder
 from tadisr_core.pipeline import upscale_canvas
+from training.bad_samples import DataBroken, data_broken_message
 from training.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -275,7 +276,7 @@ class Trainer:
     def _build_data(self, train, val) -> None:
         from torch.utils.data import DataLoader
 
-        from training.bad_samples import TolerantItems, sample_describer
+        from training.bad_samples import TolerantItems, collate_same_size, sample_describer
         from training.builders import SeededItems, StepBatchSampler
 
         cfg, t = self.cfg, self.cfg.train
@@ -284,6 +285,7 @@ class Trainer:
         sampler = StepBatchSampler(len(train), t.batch_size, self.acc.num_processes, self.acc.process_index,
                                    t.seed, start=self.step * t.grad_accum)
         self.loader = DataLoader(self.train_items, batch_sampler=sampler, num_workers=t.num_workers,
+                                 collate_fn=collate_same_size,
                                  pin_memory=self.acc.device.type == "cuda",
                                  persistent_workers=t.num_workers > 0,
                                  worker_init_fn=worker_init_ignoring_stop_signals())
@@ -517,6 +519,18 @@ class Trainer:
         self._log(record)
         return record
 
+    def _save_for_data_fix(self, last_saved: Path | None) -> str:
+        """Before stopping on broken data: save the steps trained so far (with one process only: the
+        others would wait for this one in a collective), and say how to continue."""
+        if self.step == 0:
+            return "stopped before step 1: nothing was trained"
+        if self.acc.num_processes == 1 and (last_saved is None or last_saved.name != run_step_folder(self.step)):
+            last_saved = self.save_checkpoint()
+        if last_saved is None:
+            return f"stopped at step {self.step}, with no checkpoint yet"
+        return (f"stopped at step {self.step}; saved {last_saved}: once the data is fixed, continue with "
+                f"--resume (and --force if the config changed)")
+
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train until `train.max_steps` (or SIGTERM / Ctrl-C: summary["stopped"]); returns a summary dict."""
@@ -533,7 +547,11 @@ class Trainer:
         stopped, last_saved = False, None
         with _StopFlag() as flag:
             while self.step < t.max_steps:
-                record = self.train_step([next(batches) for _ in range(t.grad_accum)])
+                try:
+                    got = [next(batches) for _ in range(t.grad_accum)]
+                except DataBroken as exc:
+                    raise DataBroken(f"{data_broken_message(exc)}\n{self._save_for_data_fix(last_saved)}") from None
+                record = self.train_step(got)
                 bar.update(1)
                 if self.step % max(t.log_every, 1) == 0:
                     bar.set_postfix(loss=f"{record['total']:.4f}", sps=f"{record['samples_per_s']:.2f}")
@@ -602,6 +620,9 @@ def main(argv=None) -> int:
         return 2
     except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except DataBroken as e:
+        print(f"error: training data: {data_broken_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
