@@ -84,7 +84,8 @@ def choose_offload(model_size: int, tile_bytes: int, free_bytes: int, host_low_v
 
 
 def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str = "release"):
-    """Rows of (GPU GB, {tile: lightest mode that fits or None}) plus the needed GiB per mode and tile."""
+    """Rows of (GPU GB, {tile: the first of MODES that fits, or None}) plus the needed GiB per mode and
+    tile. MODES go from the most faithful and fastest (bf16) to the lightest (fp8 with offload)."""
     model = _meta_model(variant)
     need = {(label, tile): needed_bytes(model, dtype, tile, offload)
             for label, dtype, offload in MODES for tile in tiles}

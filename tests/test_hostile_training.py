@@ -57,6 +57,23 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, capsys):
     assert "skipped a damaged sample" in capsys.readouterr().err
 
 
+def test_a_damaged_sample_counts_once_whatever_the_epochs(tmp_path):
+    """Three epochs (the last two after a resume) meet the same two damaged samples: two warnings, two
+    log lines, a count of 2, and no abort at train.max_bad_samples = 2."""
+    data = _triplets(tmp_path / "data")
+    out = tmp_path / "run"
+
+    def cfg(steps):
+        return _cfg(out, data__kind="triplets", data__root=str(data), train__max_steps=steps,
+                    train__max_bad_samples=2, train__checkpoint_every=4)
+
+    assert _run(cfg(4))["step"] == 4  # one epoch: 4 samples at batch 1
+    assert _run(cfg(12), resume=True)["step"] == 12
+    bad = _lines(out, "bad_sample")
+    assert sorted(b["sample"].split(" (")[0] for b in bad) == ["sample 1", "sample 2"]
+    assert _lines(out)[-1]["bad_samples"] == 2
+
+
 def test_too_many_bad_samples_abort_with_a_checkpoint(tmp_path):
     from training.train import TrainingAborted
     from training.train_state import latest_checkpoint

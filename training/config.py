@@ -116,7 +116,7 @@ class TrainConfig:
     validate_every: int = 0                 # 0: never
     num_workers: int = 0
     max_nonfinite: int = 20                 # skipped non-finite steps tolerated before aborting
-    max_bad_samples: int = 100              # damaged samples skipped (and logged) before aborting
+    max_bad_samples: int = 100              # different damaged samples skipped (and logged) before aborting
     weight_digest: bool = False             # write a per-rank digest of the trainable weights at the end
     inject_nonfinite_at: list[int] = field(default_factory=list)  # testing aid: steps whose loss is made NaN
 

@@ -14,10 +14,11 @@ checkpoint and exits 130 (another Ctrl-C, a second or more later, aborts at once
 leave both signals to the main process, so a signal to the whole process group (SLURM, a terminal)
 is handled the same.
 A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
-A sample that cannot be loaded is replaced by the next one and logged; more than
-`train.max_bad_samples` aborts (with a checkpoint). `--resume` uses the newest complete checkpoint
-that loads (damaged ones are skipped with a warning) and refuses a changed config without `--force`
-(also another `train.max_steps` under a decaying learning rate, or another number of processes);
+A sample that cannot be loaded is replaced by the next one and logged (once, whatever the epochs);
+more than `train.max_bad_samples` different ones abort (with a checkpoint). `--resume` uses the
+newest complete checkpoint that loads (damaged ones are skipped with a warning) and refuses a
+changed config without `--force` (also another `train.max_steps` under a decaying learning rate, or
+another number of processes);
 a run into a folder that already holds one needs `--resume` (or another output folder).
 DDP (`find_unused_parameters`, as the release) and FSDP come from Accelerate (`accelerate config`);
 the FSDP path (full-state weight export, per-rank optimiser shards) is untested on CPU. Precision is
@@ -251,6 +252,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, warmup=o.warmup_steps, decay=o.decay, total=t.max_steps))
         self.step, self.nonfinite, self.bad_samples, self._last_end = 0, 0, 0, None
+        self.bad_seen: set[str] = set()  # the damaged samples met so far (each epoch meets them again)
         torch.manual_seed(t.seed + 1_000_003 * self.acc.process_index)
         if resume_from is not None:  # the weights before wrapping, so FSDP shards them
             apply_checkpoint(model, resume_from[1])
@@ -339,6 +341,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
         self.bad_samples = int(state.get("bad_samples", 0))
+        self.bad_seen = set(state.get("bad_sample_list", ()))
         set_rng_state(rank_state["rng"])
         if self.main:  # drop log lines written after the checkpoint by the interrupted run
             self._trim_metrics()
@@ -406,6 +409,7 @@ class Trainer:
         if self.fsdp:
             self._fsdp_full_state = self.acc.get_state_dict(self.forward)
         state = {"step": self.step, "nonfinite": self.nonfinite, "bad_samples": self.bad_samples,
+                 "bad_sample_list": sorted(self.bad_seen),
                  "num_processes": self.acc.num_processes, "scheduler": self.scheduler.state_dict(),
                  "config": self.cfg.to_dict()}
         if not self.fsdp:
@@ -418,12 +422,14 @@ class Trainer:
         return path
 
     def _count_bad_samples(self, batches) -> None:
-        """Log the samples replaced in these batches; past `train.max_bad_samples` save and abort."""
+        """Log the damaged samples replaced in these batches the first time they are met; past
+        `train.max_bad_samples` different ones, save and abort."""
         bad = [b for batch in batches for entry in batch.get("bad", []) if entry for b in entry.split("\n")]
-        for entry in bad:
+        for entry in dict.fromkeys(b for b in bad if b not in self.bad_seen):
             print(f"warning: skipped a damaged sample: {entry}", file=sys.stderr)
             self._log({"kind": "bad_sample", "step": self.step + 1, "sample": entry})
-        self.bad_samples += len(bad)
+            self.bad_seen.add(entry)
+            self.bad_samples += 1
         limit = self.cfg.train.max_bad_samples
         if self._any_across(self.bad_samples > limit):
             path = self.save_checkpoint()
