@@ -57,7 +57,8 @@ HOST_DEPS = [
     "pydantic-settings", "alembic", "SQLAlchemy", "kornia",
 ]
 PACK_DEPS = ["diffusers", "peft", "safetensors", "sentencepiece", "accelerate", "rapidocr", "onnxruntime"]
-CACHE = Path(os.environ.get("TADISR_HOST_CACHE") or Path.home() / ".cache" / "tadisr" / "comfyhost").expanduser()
+CACHE = Path(os.environ.get("TADISR_HOST_CACHE") or Path.home() / ".cache" / "tadisr" / "comfyhost")
+CACHE = CACHE.expanduser().resolve()
 
 
 def _pins() -> str:
@@ -174,6 +175,10 @@ def install(force: bool = False) -> None:
             _finish_venv()
             return
         t0 = time.monotonic()
+        if python().exists() and subprocess.run([str(python()), "-m", "pip", "--version"],
+                                                capture_output=True).returncode != 0:
+            log(f"{VENV} is incomplete (an interrupted install?): making it again")
+            shutil.rmtree(VENV)
         if not python().exists():
             log(f"creating venv {VENV}")
             subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)

@@ -358,8 +358,8 @@ def test_demo_runs_each_shipped_model_into_its_own_folder(tmp_path, monkeypatch,
     from tadisr_core.images import load_image
     from tadisr_core.pipeline import upscale
 
-    first = tmp_path / "scene.png"  # a corner of a bundled input: one tile (the whole inputs are make demo's test)
-    Image.open(DEMO_INPUTS / "text_scene_1.png").crop((0, 0, 48, 40)).save(first)
+    first = tmp_path / "scene.png"  # a strip of a bundled input: two tiles (the whole inputs are make demo's test)
+    Image.open(DEMO_INPUTS / "text_scene_1.png").crop((0, 0, 96, 40)).save(first)
     monkeypatch.chdir(tmp_path)
     assert demo_main(["--model", name, str(first)]) == 0
     sr = load_image(tmp_path / "out" / name / f"{first.stem}_x4.png")  # out/MODEL by default

@@ -200,10 +200,10 @@ def test_a_font_scale_range_upside_down_is_refused():
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_data_broken_in_the_loop_is_one_line_exit_1(tmp_path, capsys, workers):
+def test_data_broken_in_the_loop_is_a_short_message_exit_1(tmp_path, capsys, workers):
     """Data found broken once training runs (every file damaged; whole images of different sizes
-    batched with data.crop null): `error: training data: ...` naming it and what to change, exit 1,
-    no traceback, also when a DataLoader worker finds it."""
+    batched with data.crop null): `error: training data: ...` naming it and what to change, on a line
+    of its own (not after the progress bar), exit 1, no traceback, also when a DataLoader worker finds it."""
     from training.train import main
 
     broken = _triplets(tmp_path / "broken")
@@ -218,8 +218,8 @@ def test_data_broken_in_the_loop_is_one_line_exit_1(tmp_path, capsys, workers):
         Image.fromarray(np.zeros((side, side), np.uint8)).save(sizes / "mask" / f"{i}.png")
     cases = [(broken, ["data.crop=64"], "16 samples in a row could not be loaded; the data is broken"),
              (sizes, ["data.crop=null", "train.batch_size=2"],
-              "one batch holds images of different sizes (0 64x64, 1 96x96): with data.crop null every image "
-              "must have the same size; set data.crop, or train.batch_size: 1")]
+              "one batch holds images of different sizes (64x64: 0; 96x96: 1): with data.crop null every "
+              "image must have the same size; set data.crop, or train.batch_size: 1")]
     for k, (root, sets, words) in enumerate(cases):
         argv = ["--config", str(TINY), "--output-dir", str(tmp_path / f"run{k}"), "--set", "data.kind=\"triplets\"",
                 "--set", f"data.root={json.dumps(str(root))}", "--set", f"train.num_workers={workers}",
@@ -228,7 +228,7 @@ def test_data_broken_in_the_loop_is_one_line_exit_1(tmp_path, capsys, workers):
             argv += ["--set", s]
         assert main(argv) == 1
         err = capsys.readouterr().err
-        assert f"error: training data: {words}" in err and "Traceback" not in err, err
+        assert f"\nerror: training data: {words}" in err and "Traceback" not in err, err
 
 
 def test_data_broken_after_some_steps_saves_them_first(tmp_path, capsys, monkeypatch):
@@ -254,5 +254,6 @@ def test_data_broken_after_some_steps_saves_them_first(tmp_path, capsys, monkeyp
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "error: training data: 16 samples in a row could not be loaded" in err and "Traceback" not in err
-    assert f"stopped at step 1; saved {out / 'checkpoints' / 'step_00000001'}: once the data is fixed" in err
+    assert f"stopped at step 1; the last checkpoint is {out / 'checkpoints' / 'step_00000001'}: once the data " \
+        "is fixed, continue with --resume" in err
     assert latest_checkpoint(out / "checkpoints").name == "step_00000001"

@@ -487,12 +487,13 @@ def test_lr_factor_warmup_then_cosine_to_five_percent():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_demo_recipe_smoke_every_phase_trains_the_backbone_and_runs_as_a_model(tmp_path, lpips_dir, variant):
+def test_demo_recipe_smoke_chains_its_phases_trains_the_backbone_and_runs_as_a_model(tmp_path, lpips_dir, variant):
     """A few steps of each demo phase, as `make demo-model` chains them: the autoencoder prior
     (demo_prior.yaml: scale 1, the HR itself as input), then the task phases (demo.yaml,
     demo_finetune.yaml, demo_crop256.yaml), each from the previous phase's weights. Every weight
     trains, and the run folder is a runnable model. The recipe trains either variant (the release
-    variant here runs the prior and the last phase only: the phases between differ in settings); the shipped
+    variant here runs the prior and the last phase only: the two between differ from those in settings
+    that do not depend on the variant); the shipped
     `demo-release` instead starts from the paper demo (demo_release.yaml, tested above)."""
     from tadisr_core.checkpoint import load_checkpoint
     from tadisr_core.model_ref import load_model

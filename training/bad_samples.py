@@ -32,9 +32,12 @@ def collate_same_size(items: list[dict]) -> dict:
     is null and the images do)."""
     from torch.utils.data import default_collate
 
-    sizes = {tuple(item["hr"].shape[-2:]) for item in items}
-    if len(sizes) > 1:
-        found = ", ".join(f"{item['name']} {item['hr'].shape[-1]}x{item['hr'].shape[-2]}" for item in items)
+    by_size: dict[str, list[str]] = {}
+    for item in items:
+        by_size.setdefault(f"{item['hr'].shape[-1]}x{item['hr'].shape[-2]}", []).append(str(item["name"]))
+    if len(by_size) > 1:
+        found = "; ".join(f"{size}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                          for size, names in by_size.items())
         raise DataBroken(f"one batch holds images of different sizes ({found}): with data.crop null every "
                          "image must have the same size; set data.crop, or train.batch_size: 1")
     return default_collate(items)

@@ -15,7 +15,8 @@ leave both signals to the main process, so a signal to the whole process group (
 is handled the same.
 A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
 A sample that cannot be loaded is replaced by the next one and logged (once, whatever the epochs);
-more than `train.max_bad_samples` different ones abort (with a checkpoint). `--resume` uses the
+more than `train.max_bad_samples` different ones abort (with a checkpoint), as does data that cannot
+make a batch at all (`training.bad_samples.DataBroken`), exit code 1. `--resume` uses the
 newest complete checkpoint that loads (damaged ones are skipped with a warning) and refuses a
 changed config without `--force` (also another `train.max_steps` under a decaying learning rate, or
 another number of processes);
@@ -36,9 +37,8 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +49,6 @@ from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, 
 from tadisr_core.pipeline import upscale_canvas
 from training.bad_samples import DataBroken, data_broken_message
 from training.config import Config, ConfigError, load_config
-
-if TYPE_CHECKING:
-    from tadisr_core.checkpoint import Checkpoint
 
 
 class TrainingAborted(RuntimeError):
@@ -200,7 +197,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-        from tadisr_core.checkpoint import apply_checkpoint, trainable_state_dict
+        from tadisr_core.checkpoint import apply_checkpoint, load_checkpoint, trainable_state_dict
         from training.builders import (
             TrainingForward,
             build_loss,
@@ -253,13 +250,14 @@ class Trainer:
             optimizer, functools.partial(lr_factor, warmup=o.warmup_steps, decay=o.decay, total=t.max_steps))
         self.step, self.nonfinite, self.bad_samples, self._last_end = 0, 0, 0, None
         self.bad_seen: set[str] = set()  # the damaged samples met so far (each epoch meets them again)
+        self._resumed_from: Path | None = None
         torch.manual_seed(t.seed + 1_000_003 * self.acc.process_index)
         if resume_from is not None:  # the weights before wrapping, so FSDP shards them
-            apply_checkpoint(model, resume_from[1])
+            apply_checkpoint(model, load_checkpoint(resume_from / RUN_STEP_MODEL))
         self.forward, self.optimizer = self.acc.prepare(TrainingForward(model), optimizer)
         self.params = params
         if resume_from is not None:
-            self._resume_state(resume_from[0])
+            self._resume_state(resume_from)
         self._build_data(*datasets)
 
     # -- setup ------------------------------------------------------------------------------------
@@ -299,11 +297,13 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - a damaged validation sample is left out, not fatal
                 self._print(f"warning: validation sample {i} left out: {type(exc).__name__}: {exc}")
 
-    def _resume_checkpoint(self) -> tuple[Path, Checkpoint] | None:
-        """The newest checkpoint that is whole, as (folder, its loaded weights); None if there is none.
+    def _resume_checkpoint(self) -> Path | None:
+        """The newest checkpoint folder that is whole (its training state kept for `_resume_state`);
+        None if there is none.
 
         A damaged checkpoint (truncated weights or state) is skipped with a warning in favour of the
-        previous one. A changed config is refused unless `force`.
+        previous one. A changed config is refused unless `force`. The weights are read here to check
+        them, and read again once the model is built, so that they are not held while it is.
         """
         from tadisr_core.checkpoint import CheckpointError, load_checkpoint
         from training.train_state import list_checkpoints, load_training_state
@@ -314,7 +314,7 @@ class Trainer:
             return None
         for _, path in reversed(found):
             try:
-                ckpt = load_checkpoint(path / RUN_STEP_MODEL)
+                load_checkpoint(path / RUN_STEP_MODEL)  # to check it; not kept
                 self._resumed = load_training_state(path, self.acc.process_index)
             except (CheckpointError, OSError, RuntimeError, ValueError, EOFError) as exc:
                 self._print(f"warning: checkpoint {path} is damaged ({str(exc).splitlines()[0]}); trying the "
@@ -329,7 +329,7 @@ class Trainer:
                                      f"{'; '.join(changes)}. Pass --force to continue with the change")
             if changes:
                 self._print(f"warning: --resume --force: continuing with a change: {'; '.join(changes)}")
-            return path, ckpt
+            return path
         raise RunFolderError(f"--resume: every checkpoint under {self.out / RUN_CHECKPOINTS} is damaged")
 
     def _resume_state(self, path: Path) -> None:
@@ -345,6 +345,7 @@ class Trainer:
         set_rng_state(rank_state["rng"])
         if self.main:  # drop log lines written after the checkpoint by the interrupted run
             self._trim_metrics()
+        self._resumed_from = path
         self._print(f"resumed from {path} at step {self.step}")
 
     def _trim_metrics(self) -> None:
@@ -527,15 +528,16 @@ class Trainer:
 
     def _save_for_data_fix(self, last_saved: Path | None) -> str:
         """Before stopping on broken data: save the steps trained so far (with one process only: the
-        others would wait for this one in a collective), and say how to continue."""
+        others would wait for this one in a collective), and say what is saved and how to continue."""
         if self.step == 0:
             return "stopped before step 1: nothing was trained"
         if self.acc.num_processes == 1 and (last_saved is None or last_saved.name != run_step_folder(self.step)):
             last_saved = self.save_checkpoint()
         if last_saved is None:
-            return f"stopped at step {self.step}, with no checkpoint yet"
-        return (f"stopped at step {self.step}; saved {last_saved}: once the data is fixed, continue with "
-                f"--resume (and --force if the config changed)")
+            return f"stopped at step {self.step}; no checkpoint was saved, so those steps are lost"
+        lost = "" if last_saved.name == run_step_folder(self.step) else " (the steps after it are lost)"
+        return (f"stopped at step {self.step}; the last checkpoint is {last_saved}{lost}: once the data is "
+                f"fixed, continue with --resume (and --force if the config changed)")
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -550,8 +552,8 @@ class Trainer:
         batches = iter(self.loader)
         self._last_end = time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
-        stopped, last_saved = False, None
-        with _StopFlag() as flag:
+        stopped, last_saved = False, self._resumed_from
+        with _StopFlag() as flag, closing(bar):
             while self.step < t.max_steps:
                 try:
                     got = [next(batches) for _ in range(t.grad_accum)]
@@ -574,7 +576,6 @@ class Trainer:
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.max_steps:
                     last_saved = self.save_checkpoint()
                     self._last_end = time.perf_counter()
-        bar.close()
         if self.main and last_saved is not None and self.step >= t.max_steps:
             with atomic_path(self.out / RUN_FINAL) as tmp:  # the finished run's weights
                 shutil.copyfile(last_saved / RUN_STEP_MODEL, tmp)
