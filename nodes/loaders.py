@@ -25,10 +25,10 @@ DEMO_CHOICES = {DEMO_CHOICE: "demo", DEMO_RELEASE_CHOICE: "demo-release"}  # cho
 NO_CHECKPOINT = "none found (put one in models/tadisr)"
 
 
-def _kolors_dirs() -> tuple[list[str], list[str], list[str]]:
-    """(diffusers, diffusion_models = models/unet too, vae) folders, as ComfyUI knows them."""
+def _kolors_dirs() -> tuple[list[str], list[str], list[str], list[str]]:
+    """(diffusers, diffusion_models = models/unet too, vae, checkpoints) folders, as ComfyUI knows them."""
     return (host.model_folders(host.DIFFUSERS_FOLDER), host.model_folders(host.UNET_FOLDER),
-            host.model_folders(host.VAE_FOLDER))
+            host.model_folders(host.VAE_FOLDER), host.model_folders(host.CHECKPOINTS_FOLDER))
 
 
 def demo_choices() -> list[str]:
@@ -41,7 +41,7 @@ def demo_choices() -> list[str]:
 
 def kolors_choices() -> list[str]:
     """The Kolors backbones the loader offers (`kolors_files.list_kolors_candidates` over ComfyUI's
-    diffusers, diffusion_models/unet and vae folders), then the demo models that are shipped."""
+    diffusers, diffusion_models/unet, vae and checkpoints folders), then the demo models that are shipped."""
     from tadisr_core.kolors_files import list_kolors_candidates
 
     return list_kolors_candidates(*_kolors_dirs()) + demo_choices()

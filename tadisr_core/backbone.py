@@ -16,7 +16,7 @@ from .spec import UNetSpec, VAESpec
 from .streaming import assign_weights, iter_tensors
 
 __all__ = ["KolorsFiles", "KolorsFolderError", "NotKolorsError", "build_unet", "build_vae", "check_backbone",
-           "check_kolors_folder", "load_unet", "load_vae", "read_unet_spec", "read_vae_spec"]
+           "load_unet", "load_vae"]
 
 
 def _files(source) -> KolorsFiles:
@@ -37,19 +37,6 @@ def build_vae(spec: VAESpec, device: str | torch.device = "cpu"):
 
     with torch.device(device):
         return AutoencoderKL(**spec.diffusers_config())
-
-
-def check_kolors_folder(root: str | Path, need_text_encoder: bool = False) -> dict[str, Path]:
-    """Check a Kolors diffusers folder and return the weight files found ({"unet": .., "vae": ..}).
-
-    Raises KolorsFolderError naming the first missing file or folder and what belongs there.
-    """
-    files = find_kolors_files(root)
-    if need_text_encoder:
-        from .prompt import find_text_encoder
-
-        find_text_encoder(root)
-    return {"unet": files.unet, "vae": files.vae}
 
 
 def check_backbone(source: str | Path | KolorsFiles) -> tuple[CheckedPart, CheckedPart]:
@@ -82,15 +69,3 @@ def load_vae(source: str | Path | KolorsFiles, dtype: torch.dtype | None = torch
         files = _files(source)
         checked = check_vae(files.vae, files.vae_config)
     return _load(checked, build_vae, dtype)
-
-
-def read_unet_spec(root: str | Path | KolorsFiles) -> UNetSpec:
-    """The UNetSpec of a Kolors folder's (or file's) UNet, as found by the identity check."""
-    files = _files(root)
-    return check_unet(files.unet, files.unet_config).spec
-
-
-def read_vae_spec(root: str | Path | KolorsFiles) -> VAESpec:
-    """The VAESpec of a Kolors folder's (or file's) VAE."""
-    files = _files(root)
-    return check_vae(files.vae, files.vae_config).spec

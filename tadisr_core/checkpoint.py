@@ -121,7 +121,7 @@ def check_base(model, ckpt: "Checkpoint") -> None:
             raise CheckpointError(
                 f"{ckpt.path} was trained on a different base model: its {key} does not match the loaded "
                 f"backbone's. Load it with the Kolors files it was trained on (its training config's "
-                f"model.kolors_dir), or retrain it on this base.")
+                f"model.kolors_dir, model.unet, model.vae), or retrain it on this base.")
 
 
 def _dedupe_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

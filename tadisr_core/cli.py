@@ -102,8 +102,8 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")
     p.add_argument("--unet", metavar="FILE|DIR", default=os.environ.get("TADISR_UNET"),
-                   help="Kolors UNet file (diffusers or SGM names, e.g. models/unet/*.safetensors) or folder; "
-                        "overrides the --kolors folder's unet/ [env TADISR_UNET]")
+                   help="Kolors UNet file (diffusers or SGM names, e.g. models/unet/*.safetensors; an all-in-one "
+                        "checkpoint brings its VAE) or folder; overrides the --kolors folder's unet/ [env TADISR_UNET]")
     p.add_argument("--vae", metavar="FILE|DIR", default=os.environ.get("TADISR_VAE"),
                    help="SDXL VAE file (diffusers or LDM names, e.g. models/vae/sdxl_vae.safetensors) or folder; "
                         "overrides the --kolors folder's vae/ [env TADISR_VAE]")
@@ -152,7 +152,7 @@ def load_model(args: argparse.Namespace):
         raise SetupError(NO_WEIGHTS_HELP)
     if args.model and args.checkpoint:
         raise SetupError("give either --model or --checkpoint, not both")
-    if not args.model and not args.kolors and not (args.unet and args.vae):
+    if not args.model and not args.kolors and not args.unet:
         raise SetupError("--kolors DIR (or --unet FILE and --vae FILE) is required (or set TADISR_KOLORS): the "
                          "Kwai-Kolors/Kolors diffusers folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
     if not args.model and not args.checkpoint:

@@ -5,6 +5,7 @@ Accepted layouts (each UNet / VAE file may use diffusers or the original SGM / L
 * a Kolors diffusers folder: unet/, vae/ (+ text_encoder/, tokenizer/, scheduler/), fp16 variants ok
 * a Kolors folder without vae/ (kijai's KwaiKolorsWrapper download) + a separate SDXL VAE file
 * one UNet file (e.g. models/unet/kolors.safetensors) + one SDXL VAE file, no folder at all
+* an all-in-one checkpoint (models/checkpoints: UNet and VAE in one file), or one without a VAE + a VAE file
 
 `find_kolors_files` turns CLI-style arguments into `KolorsFiles`; `list_kolors_candidates` and
 `resolve_choice` give the ComfyUI loader its list of named choices from plain folder lists.
@@ -93,6 +94,8 @@ def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None 
     for sub, given in (("unet", unet), ("vae", vae)):
         if given:
             parts[sub] = _component(Path(given), sub)
+        elif sub == "vae" and unet and (root is None or not (root / sub).is_dir()) and _holds_vae(parts["unet"][0]):
+            parts[sub] = (parts["unet"][0], None)  # an all-in-one checkpoint's own VAE
         elif root is None:
             raise KolorsFolderError(f"no {sub} given: pass --kolors DIR (a Kolors diffusers folder) or --{sub} FILE|DIR"
                                     + (f"; {VAE_HINT}" if sub == "vae" else ""))
@@ -139,6 +142,12 @@ def _quick(check, path: Path) -> bool:
     return True
 
 
+def _holds_vae(path: Path) -> bool:
+    from .kolors_identity import holds_vae
+
+    return holds_vae(path)
+
+
 def _kolors_unet_files(unet_dirs) -> dict[str, Path]:
     from .kolors_identity import check_unet
 
@@ -151,12 +160,14 @@ def _sdxl_vae_files(vae_dirs) -> dict[str, Path]:
     return {n: p for n, p in _files(vae_dirs, SINGLE_FILE_EXTS).items() if _quick(check_vae, p)}
 
 
-def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=()) -> list[str]:
+def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint_dirs=()) -> list[str]:
     """Every Kolors backbone that can be assembled from these folders, as choice names:
 
     "Kolors"                                     a complete diffusers folder in a diffusers dir
     "Kolors + vae/sdxl_vae.safetensors"          a folder without vae/ plus a VAE file
     "unet/kolors.safetensors + vae/sdxl_vae.safetensors"   single UNet file plus VAE file
+    "checkpoints/kolors_aio.safetensors"         an all-in-one checkpoint with its VAE inside
+    "checkpoints/kolors_ckpt.safetensors + vae/sdxl_vae.safetensors"   one without a VAE, plus a VAE file
     Files are checked from their headers only (cheap); non-Kolors UNets and non-SDXL VAEs are left out.
     """
     folders, no_vae = [], []
@@ -167,11 +178,15 @@ def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=()) -> list[st
         for sub in sorted(root.iterdir()):
             if sub.is_dir() and _is_kolors_unet_folder(sub / "unet"):
                 (folders if (sub / "vae" / "config.json").is_file() else no_vae).append(sub.name)
-    vaes = list(_sdxl_vae_files(vae_dirs)) if (no_vae or unet_dirs) else []
+    checkpoints = _kolors_unet_files(checkpoint_dirs)
+    alone = [c for c, p in checkpoints.items() if _holds_vae(p)]
+    vaes = list(_sdxl_vae_files(vae_dirs)) if (no_vae or unet_dirs or len(alone) < len(checkpoints)) else []
     unets = list(_kolors_unet_files(unet_dirs)) if vaes else []
     out = sorted(set(folders))
     out += [f"{f}{JOIN}vae/{v}" for f in sorted(set(no_vae)) for v in vaes]
     out += [f"unet/{u}{JOIN}vae/{v}" for u in unets for v in vaes]
+    for c in checkpoints:
+        out += [f"checkpoints/{c}"] if c in alone else [f"checkpoints/{c}{JOIN}vae/{v}" for v in vaes]
     return out
 
 
@@ -186,7 +201,7 @@ def _find(dirs, rel: str, folder: bool = False) -> Path | None:
     return None
 
 
-def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=()) -> KolorsFiles:
+def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint_dirs=()) -> KolorsFiles:
     """The files behind a name from `list_kolors_candidates` (also a bare folder name, as saved in
     older workflows). Raises KolorsFolderError saying where the missing part belongs."""
     first, _, second = (name or "").partition(JOIN)
@@ -196,12 +211,15 @@ def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=()) -> Kolo
         vae = _find(vae_dirs, rel)
         if vae is None:
             raise KolorsFolderError(f"VAE file '{rel}' not found in models/vae ({', '.join(map(str, vae_dirs))})")
-    if first.startswith("unet/"):
-        rel = first.removeprefix("unet/")
-        unet = _find(unet_dirs, rel)
+    for prefix, dirs in (("unet/", unet_dirs), ("checkpoints/", checkpoint_dirs)):
+        if not first.startswith(prefix):
+            continue
+        rel = first.removeprefix(prefix)
+        unet = _find(dirs, rel)
         if unet is None:
-            raise KolorsFolderError(f"UNet file '{rel}' not found in models/unet ({', '.join(map(str, unet_dirs))})")
-        if vae is None:
+            raise KolorsFolderError(f"UNet file '{rel}' not found in models/{prefix[:-1]} "
+                                    f"({', '.join(map(str, dirs))})")
+        if vae is None and not _holds_vae(unet):
             raise KolorsFolderError(f"'{name}': a single UNet file needs a VAE file too ({VAE_HINT})")
         return find_kolors_files(None, unet, vae)
     folder = _find(diffusers_dirs, first, folder=True) if first else None

@@ -4,10 +4,15 @@ The check runs before any module is built: a UNet that is not Kolors (no `encode
 projection, no `text_time` addition embedding, another block layout) or a VAE that is not the
 SDXL-type VAE gets one `NotKolorsError` naming the file, what was expected and what was found.
 
+An all-in-one checkpoint (ComfyUI's models/checkpoints: the UNet under `model.diffusion_model.`, the
+VAE under `first_stage_model.`, perhaps a text encoder beside them) is read as each part's section;
+the other tensors are left alone.
+
 Widths are read from the tensor shapes. Two numbers are not in any shape: the attention head
 counts and the GroupNorm group count. They come from the component's config.json when there is
-one, else from a `config` entry in the safetensors metadata (our tiny test files carry one), else
-Kolors' own values (64-wide heads, 32 groups), which is what a real Kolors file needs.
+one, else from a `config` entry in the safetensors metadata (`unet_config` / `vae_config` in a file
+holding both; our tiny test files carry them), else Kolors' own values (64-wide heads, 32 groups),
+which is what a real Kolors file needs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .spec import UNetSpec, VAESpec
 from .streaming import WeightsHeader, read_header
 
 KOLORS_HEAD_WIDTH = 64
+CHECKPOINT_SECTIONS = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}  # all-in-one files
 SDXL_VAE_SCALING = 0.13025
 _FULL = UNetSpec()
 
@@ -38,9 +44,12 @@ class CheckedPart:
     spec: UNetSpec | VAESpec
     ldm_names: bool
     header: WeightsHeader
+    section: str | None = None  # the part's key prefix in an all-in-one checkpoint
 
-    def rename(self, key: str) -> str:
-        """The diffusers name of one of the file's keys."""
+    def rename(self, key: str) -> str | None:
+        """The diffusers name of one of the file's keys; None for a key of another part."""
+        if self.section is not None and not key.startswith(self.section):
+            return None
         if isinstance(self.spec, UNetSpec):
             return ldm_names.unet_key(key) if self.ldm_names else ldm_names.strip_prefix(key, ("unet.",))
         if self.ldm_names:
@@ -48,11 +57,30 @@ class CheckedPart:
         return ldm_names.strip_prefix(key, ("vae.",))
 
 
-def _config(path: Path, config: Path | None, header: WeightsHeader) -> dict:
+def _config(path: Path, config: Path | None, header: WeightsHeader, part: str) -> dict:
     if config is not None and config.is_file():
         return json.loads(config.read_text())
-    text = header.metadata.get("config")
+    text = header.metadata.get(f"{part}_config") or header.metadata.get("config")
     return json.loads(text) if text else {}
+
+
+def _section(header: WeightsHeader, part: str) -> str | None:
+    """`part`'s key prefix when the file also holds other tensors (an all-in-one checkpoint), else None."""
+    prefix = CHECKPOINT_SECTIONS[part]
+    inside = sum(k.startswith(prefix) for k in header.tensors)
+    return prefix if 0 < inside < len(header.tensors) else None
+
+
+def _part_tensors(header: WeightsHeader, section: str | None) -> dict:
+    return {k: v for k, v in header.tensors.items() if section is None or k.startswith(section)}
+
+
+def holds_vae(path: str | Path) -> bool:
+    """Whether a UNet file is an all-in-one checkpoint with the VAE inside (`first_stage_model.` keys)."""
+    try:
+        return _section(read_header(path), "vae") is not None
+    except (ValueError, OSError):
+        return False
 
 
 def _count(shapes: dict, pattern: str) -> int:
@@ -70,17 +98,19 @@ def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPar
     """Check that `path` is a Kolors UNet (diffusers or SGM names) and return its spec."""
     path = Path(path)
     header = read_header(path)
-    ldm = ldm_names.is_ldm_unet(header.tensors)
+    section = _section(header, "unet")
+    tensors = _part_tensors(header, section)
+    ldm = ldm_names.is_ldm_unet(tensors)
     rename = ldm_names.unet_key if ldm else (lambda k: ldm_names.strip_prefix(k, ("unet.",)))
-    shapes = {rename(k): v for k, v in header.shapes().items()}
-    cfg = _config(path, Path(config) if config else None, header)
+    shapes = {rename(k): v.shape for k, v in tensors.items()}
+    cfg = _config(path, Path(config) if config else None, header, "unet")
     what = "UNet"
     cross_key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     cross = shapes.get(cross_key, shapes.get("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"))
     cross_dim = cross[1] if cross else None
     if "conv_in.weight" not in shapes:
         raise _fail(path, what, "a diffusion UNet (conv_in / input_blocks.0.0)",
-                    f"none of its keys (first: {next(iter(header.tensors), 'no tensors')})",
+                    f"none of its keys (first: {next(iter(tensors), 'no tensors')})",
                     "Is this a VAE, a text encoder or a LoRA?")
     hid = shapes.get("encoder_hid_proj.weight")
     if hid is None:
@@ -114,7 +144,7 @@ def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPar
                     cross_attention_dim=cross_dim, encoder_hid_dim=hid[1], addition_time_embed_dim=extra // 6,
                     norm_num_groups=groups, sample_size=cfg.get("sample_size", _FULL.sample_size))
     _compare_with_meta(path, what, shapes, _meta_shapes_unet(spec))
-    return CheckedPart(path, spec, ldm, header)
+    return CheckedPart(path, spec, ldm, header, section)
 
 
 # -- VAE --------------------------------------------------------------------------------------------
@@ -122,16 +152,18 @@ def check_vae(path: str | Path, config: str | Path | None = None) -> CheckedPart
     """Check that `path` is an SDXL-type VAE (diffusers or LDM names) and return its spec."""
     path = Path(path)
     header = read_header(path)
-    ldm = ldm_names.is_ldm_vae(header.tensors)
-    levels = ldm_names.vae_levels(header.tensors) if ldm else 0
-    shapes = {(ldm_names.vae_key(k, levels) if ldm else ldm_names.strip_prefix(k, ("vae.",))): v
-              for k, v in header.shapes().items()}
-    cfg = _config(path, Path(config) if config else None, header)
+    section = _section(header, "vae")
+    tensors = _part_tensors(header, section)
+    ldm = ldm_names.is_ldm_vae(tensors)
+    levels = ldm_names.vae_levels(tensors) if ldm else 0
+    shapes = {(ldm_names.vae_key(k, levels) if ldm else ldm_names.strip_prefix(k, ("vae.",))): v.shape
+              for k, v in tensors.items()}
+    cfg = _config(path, Path(config) if config else None, header, "vae")
     what = "VAE (the SDXL VAE)"
     quant = shapes.get("quant_conv.weight")
     if quant is None or "encoder.conv_in.weight" not in shapes or "decoder.conv_out.weight" not in shapes:
         raise _fail(path, what, "an AutoencoderKL with encoder, decoder and quant_conv",
-                    f"keys such as {list(header.tensors)[:2]}", "Is this a UNet or a full checkpoint?")
+                    f"keys such as {list(tensors)[:2]}", "Is this a UNet, or a checkpoint without a VAE?")
     latent = quant[0] // 2
     n = _count(shapes, r"encoder\.down_blocks\.(\d+)\.resnets\.0\.conv1\.weight")
     channels = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(n))
@@ -148,7 +180,7 @@ def check_vae(path: str | Path, config: str | Path | None = None) -> CheckedPart
                    norm_num_groups=cfg.get("norm_num_groups", VAESpec().norm_num_groups), scaling_factor=scaling,
                    sample_size=cfg.get("sample_size", VAESpec().sample_size))
     _compare_with_meta(path, what, shapes, _meta_shapes_vae(spec))
-    return CheckedPart(path, spec, ldm, header)
+    return CheckedPart(path, spec, ldm, header, section)
 
 
 # -- the structural comparison ----------------------------------------------------------------------

@@ -10,7 +10,8 @@
 
 A checkpoint that holds its whole backbone (trained, or a base no Kolors folder holds; `backbone=included`
 in its metadata) runs alone. One that holds adapters only needs the Kolors weights it was trained on
-(`kolors`, or the run's `model.kolors_dir`); another backbone is refused (`checkpoint.check_base`).
+(`kolors` / `unet` / `vae`, or the run's `model.kolors_dir` / `model.unet` / `model.vae`); another
+backbone is refused (`checkpoint.check_base`).
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ NO_WEIGHTS_HELP = ("no model given. Try the shipped demo model: --model demo (sm
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """What a model reference points at: a checkpoint, its prompt cache and base folder when known."""
+    """What a model reference points at: a checkpoint, its prompt cache and Kolors base when known."""
 
     checkpoint: Path
     prompt_cache: Path | None = None
     kolors: str | None = None
     run: Path | None = None     # the training run folder the checkpoint belongs to
+    unet: str | None = None     # the run's model.unet / model.vae (files or folders overriding kolors')
+    vae: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,15 +166,15 @@ def _prompt_beside(checkpoint: Path) -> Path | None:
 def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
     """`checkpoint` with what its run folder knows: the prompt cache and the Kolors base of its config."""
     prompt = run / RUN_PROMPT_CACHE
-    kolors = None
+    model_cfg = {}
     config = run / "config.json"
     if config.is_file():
         recorded = json.loads(config.read_text())
         model_cfg = recorded.get("model", {}) if isinstance(recorded, dict) else {}
-        kolors = model_cfg.get("kolors_dir")
         if not prompt.is_file() and model_cfg.get("prompt_cache"):
             prompt = Path(model_cfg["prompt_cache"])
-    return ModelFiles(checkpoint, prompt if prompt.is_file() else None, kolors, run)
+    return ModelFiles(checkpoint, prompt if prompt.is_file() else None, model_cfg.get("kolors_dir"), run,
+                      model_cfg.get("unet"), model_cfg.get("vae"))
 
 
 def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Path | PromptCache):
@@ -208,9 +211,10 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
     """Load the model `ref` names (see the module doc), on `device` in `dtype`; the LoRA is merged
     unless `merge_lora_weights=False`, and `offload` is as in `devices.place_model`.
 
-    A checkpoint of adapters takes its base from `kolors` (else its run's `model.kolors_dir`), `unet`,
-    `vae` and `text_encoder` as `loading.load_tadisr` does; one that holds its whole backbone refuses
-    them (ValueError), rather than ignoring them. `dtype` and `device` may be names, as in `loading.load_tadisr`.
+    A checkpoint of adapters takes its base from `kolors`, `unet`, `vae` and `text_encoder` as
+    `loading.load_tadisr` does; without `kolors` its run's recorded base fills in what is not given
+    (`model.kolors_dir`, `model.unet`, `model.vae`). One that holds its whole backbone refuses them
+    (ValueError), rather than ignoring them. `dtype` and `device` may be names, as in `loading.load_tadisr`.
     """
     from .devices import place_model, resolve_device, resolve_dtype
     from .lora import merge_lora
@@ -237,12 +241,13 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
         if merge_lora_weights:
             merge_lora(model)
         return place_model(model, device, dtype, offload=offload)
-    base = kolors or files.kolors
-    if not (base or unet or vae):
+    if not kolors:  # a given Kolors folder is the whole base; else the run's, with given parts overriding
+        kolors, unet, vae = files.kolors, unet or files.unet, vae or files.vae
+    if not (kolors or unet or vae):
         raise FileNotFoundError(f"{files.checkpoint} holds adapters only: give the Kolors base it was trained "
                                 f"on with --kolors DIR (or --unet FILE and --vae FILE)")
     from .loading import load_tadisr
 
-    return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
+    return load_tadisr(kolors, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
                        unet=unet, vae=vae, text_encoder=text_encoder,
                        text_encoder_device_name=text_encoder_device_name, offload=offload)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tadisr_core.backbone import KolorsFolderError, check_kolors_folder
+from tadisr_core.kolors_files import KolorsFolderError, find_kolors_files
 from tadisr_core.loading import ensure_prompt_cache, load_tadisr
 
 
@@ -22,8 +22,8 @@ def test_fp16_variant_files_are_accepted(kolors_copy, tiny_dir):
     for sub in ("unet", "vae"):
         f = kolors_copy / sub / "diffusion_pytorch_model.safetensors"
         f.rename(f.with_name("diffusion_pytorch_model.fp16.safetensors"))
-    found = check_kolors_folder(kolors_copy)
-    assert found["unet"].name == "diffusion_pytorch_model.fp16.safetensors"
+    found = find_kolors_files(kolors_copy)
+    assert found.unet.name == "diffusion_pytorch_model.fp16.safetensors"
     model = load_tadisr(kolors_copy, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
     ref = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
     x = torch.rand(1, 3, 32, 32)
@@ -37,9 +37,9 @@ def test_missing_pieces_are_named(kolors_copy, tiny_dir):
         load_tadisr(kolors_copy, tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
     shutil.rmtree(kolors_copy / "unet")
     with pytest.raises(KolorsFolderError, match=r"unet/config\.json is missing"):
-        check_kolors_folder(kolors_copy)
+        find_kolors_files(kolors_copy)
     with pytest.raises(KolorsFolderError, match="Kolors folder not found"):
-        check_kolors_folder(kolors_copy / "nope")
+        find_kolors_files(kolors_copy / "nope")
 
 
 def test_text_encoder_is_only_needed_for_the_prompt_cache(kolors_copy, tiny_dir, tmp_path):

@@ -17,7 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from tadisr_core import cli
 from tadisr_core.backbone import load_unet
-from tadisr_core.kolors_files import KolorsFolderError, find_kolors_files, list_kolors_candidates, resolve_choice
+from tadisr_core.kolors_files import (
+    KolorsFiles,
+    KolorsFolderError,
+    find_kolors_files,
+    list_kolors_candidates,
+    resolve_choice,
+)
 from tadisr_core.kolors_identity import NotKolorsError, check_unet, check_vae
 from tadisr_core.loading import load_tadisr
 from tadisr_core.spec import UNetSpec, full_spec
@@ -116,6 +122,16 @@ def layouts(tiny_dir, tmp_path_factory):
               metadata=_with_config(kolors / "unet"))
     paths["vae_ldm"] = root / "vae" / "sdxl_vae_ldm.safetensors"
     save_file(_ldm_vae(vae_sd), paths["vae_ldm"], metadata=_with_config(kolors / "vae"))
+    # all-in-one checkpoints (models/checkpoints): SGM UNet + LDM VAE + a text encoder's tensor, and one without VAE
+    (root / "checkpoints").mkdir()
+    sgm = {f"model.diffusion_model.{k}": v for k, v in _sgm_unet(unet_sd).items()}
+    other = {"conditioner.embedders.0.transformer.final_layernorm.weight": torch.ones(4)}
+    configs = {f"{part}_config": (kolors / part / "config.json").read_text() for part in ("unet", "vae")}
+    paths["aio"] = root / "checkpoints" / "kolors_aio.safetensors"
+    save_file({**sgm, **{f"first_stage_model.{k}": v for k, v in _ldm_vae(vae_sd).items()}, **other}, paths["aio"],
+              metadata=configs)
+    paths["aio_no_vae"] = root / "checkpoints" / "kolors_no_vae.safetensors"
+    save_file({**sgm, **other}, paths["aio_no_vae"], metadata=configs)
     return paths
 
 
@@ -142,12 +158,14 @@ def reference(tiny_dir):
         return model(X)
 
 
-@pytest.mark.parametrize("layout", ["no_vae+vae_file", "unet_file+vae_file", "unet_sgm+vae_ldm", "unet_sgm+vae_file"])
+@pytest.mark.parametrize("layout", ["no_vae+vae_file", "unet_file+vae_file", "unet_sgm+vae_ldm", "unet_sgm+vae_file",
+                                    "aio+", "aio_no_vae+vae_ldm", "no_vae+aio"])
 def test_every_layout_loads_the_same_model(layout, layouts, tiny_dir, reference):
     first, second = layout.split("+")
     kolors = layouts["no_vae"] if first == "no_vae" else None
     unet = None if first == "no_vae" else layouts[first]
-    model = load_tadisr(kolors, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=unet, vae=layouts[second])
+    vae = layouts[second] if second else None  # an all-in-one checkpoint brings its own VAE
+    model = load_tadisr(kolors, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=unet, vae=vae)
     with torch.no_grad():
         out = model(X)
     assert torch.equal(out.image, reference.image) and torch.equal(out.mask_logits, reference.mask_logits)
@@ -176,7 +194,8 @@ def test_cli_layouts_give_identical_files(layouts, tiny_dir, tmp_path):
     code, ref = _cli_upscale(tmp_path / "a", tiny_dir, "--kolors", str(layouts["folder"]))
     assert code == 0
     for i, weights in enumerate((["--kolors", str(layouts["no_vae"]), "--vae", str(layouts["vae_file"])],
-                                 ["--unet", str(layouts["unet_sgm"]), "--vae", str(layouts["vae_ldm"])])):
+                                 ["--unet", str(layouts["unet_sgm"]), "--vae", str(layouts["vae_ldm"])],
+                                 ["--unet", str(layouts["aio"])])):
         code, out = _cli_upscale(tmp_path / f"b{i}", tiny_dir, *weights)
         assert code == 0
         for f in ref.iterdir():
@@ -259,11 +278,13 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
     diffusers_dir = layouts["root"] / "diffusers"
     shutil.copytree(tiny_dir["kolors"], diffusers_dir / "Kolors", dirs_exist_ok=True)
     shutil.copytree(sd15_folder, diffusers_dir / "sd15", dirs_exist_ok=True)
-    dirs = ([diffusers_dir], [layouts["root"] / "unet"], [layouts["root"] / "vae"])
+    dirs = ([diffusers_dir], [layouts["root"] / "unet"], [layouts["root"] / "vae"], [layouts["root"] / "checkpoints"])
     names = list_kolors_candidates(*dirs)
     assert "Kolors" in names and "sd15" not in " ".join(names)
     assert "KolorsNoVae + vae/sdxl_vae.safetensors" in names
     assert "unet/kolors_unet_sgm.safetensors + vae/sdxl_vae_ldm.safetensors" in names
+    assert "checkpoints/kolors_aio.safetensors" in names  # its VAE inside: no pairing
+    assert "checkpoints/kolors_no_vae.safetensors + vae/sdxl_vae.safetensors" in names
     # what the loader node does with a choice: the files behind each name (each file's loading is
     # test_every_layout_loads_the_same_model's), and one choice loaded through to the model
     copied, no_vae = diffusers_dir / "Kolors", layouts["no_vae"]
@@ -273,6 +294,9 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
         for unet in ("unet_file", "unet_sgm"):
             want[f"unet/{layouts[unet].name} + vae/{layouts[vae].name}"] = \
                 find_kolors_files(None, layouts[unet], layouts[vae])
+        want[f"checkpoints/kolors_no_vae.safetensors + vae/{layouts[vae].name}"] = \
+            find_kolors_files(None, layouts["aio_no_vae"], layouts[vae])
+    want["checkpoints/kolors_aio.safetensors"] = KolorsFiles(layouts["aio"], layouts["aio"])
     assert {name: resolve_choice(name, *dirs) for name in names} == want
     model = load_tadisr(resolve_choice("unet/kolors_unet.safetensors + vae/sdxl_vae_ldm.safetensors", *dirs),
                         tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
@@ -283,6 +307,10 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
     assert list_text_encoders(diffusers_dir, layouts["root"] / "LLM") == [diffusers_dir / "Kolors", layouts["no_vae"]]
     with pytest.raises(KolorsFolderError, match="needs a VAE file too"):
         resolve_choice("unet/kolors_unet.safetensors", *dirs)
+    with pytest.raises(KolorsFolderError, match="kolors_no_vae.safetensors': a single UNet file needs a VAE file too"):
+        resolve_choice("checkpoints/kolors_no_vae.safetensors", *dirs)
+    with pytest.raises(KolorsFolderError, match="no vae given: pass --kolors DIR .* or --vae FILE"):
+        find_kolors_files(None, layouts["aio_no_vae"])
     with pytest.raises(KolorsFolderError, match="'nope' not found in models/diffusers"):
         resolve_choice("nope", *dirs)
 

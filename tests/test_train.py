@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,6 +112,58 @@ def test_a_run_on_a_random_base_is_a_model_by_itself(tmp_path, lpips_dir):
     with torch.no_grad():
         want, got = trainer.model(x), model(x)
     assert torch.equal(got.image, want.image) and torch.equal(got.mask_logits, want.mask_logits)
+
+
+def test_a_run_on_kolors_files_records_its_base_and_runs_as_a_model(tmp_path, lpips_dir, tiny_dir):
+    """A Kolors folder without vae/ (as kijai's wrapper keeps it) plus the SDXL VAE as a lone file, the
+    CLI's `--kolors DIR --vae FILE` as `model.vae`: the run saves adapters only, and `--model RUN`
+    finds that base in its config.json, with no base flag."""
+    from safetensors.torch import load_file, save_file
+
+    from tadisr_core.checkpoint import load_checkpoint
+    from tadisr_core.model_ref import load_model
+    from training.train import Trainer
+
+    folder = tmp_path / "KolorsNoVae"
+    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("vae"))
+    vae = tmp_path / "sdxl_vae.safetensors"  # a lone file names its (tiny) structure in its metadata
+    save_file(load_file(tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors"), vae,
+              metadata={"config": (tiny_dir["kolors"] / "vae" / "config.json").read_text()})
+    base = {"model__kolors_dir": str(folder), "model__prompt_cache": str(tiny_dir["prompt_cache"]),
+            "train__max_steps": 2, "train__checkpoint_every": 2}
+    with pytest.raises(ConfigError, match=r"model\.vae\): \S*KolorsNoVae has no vae/ folder.* are model\.unet and "
+                                          r"model\.vae\)$"):
+        Trainer(tiny_cfg(tmp_path / "run", lpips_dir, **base))
+    trainer = Trainer(tiny_cfg(tmp_path / "run", lpips_dir, model__vae=str(vae), **base))
+    trainer.run()
+    ckpt = load_checkpoint(tmp_path / "run" / "model_final.safetensors")
+    assert not ckpt.includes_backbone and ckpt.metadata["backbone"] == "external"
+    model = load_model(tmp_path / "run", merge_lora_weights=False)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    trainer.model.eval()
+    with torch.no_grad():
+        want, got = trainer.model(x), model(x)
+    assert torch.equal(got.image, want.image) and torch.equal(got.mask_logits, want.mask_logits)
+
+
+def test_kolors_files_without_a_folder_build_the_same_model(tiny_dir, tmp_path):
+    """`model.unet` + `model.vae` (here component folders) stand without `model.kolors_dir`, given a prompt cache."""
+    from training.builders import build_model_from_config
+    from training.config import config_from_dict
+
+    unet, vae = (str(tiny_dir["kolors"] / part) for part in ("unet", "vae"))
+    with pytest.raises(ConfigError, match=r"c\.yaml: model\.unet and model\.vae without model\.kolors_dir need "
+                                          r"model\.prompt_cache .*model\.text_encoder"):
+        config_from_dict({"model": {"unet": unet, "vae": vae}}, "c.yaml").validate("c.yaml")
+    prompt = str(tiny_dir["prompt_cache"])
+    with pytest.raises(ConfigError, match=r"model\.vae\): no vae given: pass --kolors DIR .* or --vae FILE\|DIR; .* "
+                                          r"are model\.unet and model\.vae\)$"):
+        build_model_from_config(config_from_dict({"model": {"unet": unet, "prompt_cache": prompt}}, "c.yaml"))
+    folder = Config()
+    folder.model.kolors_dir, folder.model.prompt_cache = str(tiny_dir["kolors"]), prompt
+    files = config_from_dict({"model": {"unet": unet, "vae": vae, "prompt_cache": prompt}}, "c.yaml").validate("c.yaml")
+    want, got = build_model_from_config(folder).state_dict(), build_model_from_config(files).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
 
 
 # -- resume ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from training.config import Config, ConfigError
+from training.config import Config, ConfigError, ModelConfig
 
 # scikit-image's bundled, text-free sample photos: "skimage" uses the five colour ones, "skimage-all"
 # adds the rest (gray ones as RGB).
@@ -56,12 +56,30 @@ def materialise_random_(model: nn.Module, device: str | torch.device, seed: int 
     return model
 
 
+def base_files(m: ModelConfig):
+    """The Kolors files a model config names (`tadisr_core.kolors_files.KolorsFiles`), None for a random base.
+
+    `model.unet` / `model.vae` (a file or a folder) override the parts of `model.kolors_dir`, as the
+    CLI's --unet / --vae override --kolors. ConfigError names the missing file or folder.
+    """
+    if not m.has_base:
+        return None
+    from tadisr_core.kolors_files import KolorsFolderError, find_kolors_files
+
+    try:
+        return find_kolors_files(m.kolors_dir, m.unet, m.vae)
+    except KolorsFolderError as e:
+        raise ConfigError(f"the Kolors base (model.kolors_dir, model.unet, model.vae): {e} (in a training config "
+                          f"--unet and --vae are model.unet and model.vae)") from None
+
+
 def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
                             log: Callable[[str], None] = print):
     """The TADiSR model a config describes, fp32, before any trainable/frozen split.
 
-    - `model.kolors_dir` set: Kolors base weights from that folder (full or a make-tiny folder), the
-      prompt cache from `model.prompt_cache` (computed with ChatGLM3 when the file is missing);
+    - a Kolors base (`model.kolors_dir`, `model.unet`, `model.vae`; see `base_files`): its UNet and VAE
+      weights, the prompt cache from `model.prompt_cache` (computed with ChatGLM3, from
+      `model.text_encoder` or the Kolors folder, when the file is missing);
     - otherwise random weights of the tiny or full spec and a random prompt (tests, benchmarks);
       a full random model on CUDA is built on the meta device and materialised there.
     `model.init_checkpoint` (release .pkl or native .safetensors) is applied on top; its spec
@@ -81,21 +99,23 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
                           f"to start a {m.variant!r} model from its backbone)")
     # With init_parts the config's variant and size define the model and the checkpoint only fills it.
     spec_from_ckpt = ckpt is not None and m.init_parts is None
-    if m.kolors_dir:
-        from tadisr_core.backbone import check_kolors_folder, load_unet, load_vae, read_unet_spec, read_vae_spec
+    files = base_files(m)
+    if files is not None:
+        from tadisr_core.backbone import check_backbone, load_unet, load_vae
         from tadisr_core.loading import ensure_prompt_cache
         from tadisr_core.prompt import compute_prompt_cache_from_kolors
 
-        check_kolors_folder(m.kolors_dir)
         base = ckpt.spec if spec_from_ckpt else spec_for_size("full", m.variant)
-        prompt = (ensure_prompt_cache(m.prompt_cache, m.kolors_dir) if m.prompt_cache
-                  else compute_prompt_cache_from_kolors(m.kolors_dir))
-        spec = dataclasses.replace(base, unet=read_unet_spec(m.kolors_dir), vae=read_vae_spec(m.kolors_dir),
+        chatglm = m.text_encoder or m.kolors_dir
+        prompt = (ensure_prompt_cache(m.prompt_cache, chatglm) if m.prompt_cache
+                  else compute_prompt_cache_from_kolors(chatglm))
+        unet, vae = check_backbone(files)  # headers only: a wrong file is named before anything is built
+        spec = dataclasses.replace(base, unet=unet.spec, vae=vae.spec,
                                    prompt_tokens=prompt.prompt_embeds.shape[1],
                                    text_hidden=prompt.prompt_embeds.shape[2])
         spec = _customise_spec(spec, cfg)
         torch.manual_seed(m.init_seed)
-        model = TADiSRModel(spec, load_unet(m.kolors_dir), load_vae(m.kolors_dir), prompt)
+        model = TADiSRModel(spec, load_unet(files, checked=unet), load_vae(files, checked=vae), prompt)
     else:
         base = ckpt.spec if spec_from_ckpt else spec_for_size(m.size, m.variant)
         spec = _customise_spec(base, cfg)

@@ -26,10 +26,14 @@ class ModelConfig:
     """Which model to train and where its weights come from."""
 
     variant: str = "paper"                  # paper | release (old spelling: official-kolors)
-    size: str = "tiny"                      # tiny | demo | full (only used without kolors_dir: random weights)
+    size: str = "tiny"                      # tiny | demo | full (only used without a base: random weights)
     train_backbone: bool = False            # train every UNet/VAE weight too (saved inside the checkpoint,
-                                            # as is a base no kolors_dir holds, e.g. a random tiny one)
+                                            # as is a random base that no Kolors files hold, e.g. tiny's)
     kolors_dir: str | None = None           # Kolors diffusers folder with the base UNet/VAE weights
+    unet: str | None = None                 # Kolors UNet file or folder (overrides kolors_dir's unet/)
+    vae: str | None = None                  # SDXL VAE file or folder (overrides kolors_dir's vae/, which
+                                            # kijai's KwaiKolorsWrapper folder lacks)
+    text_encoder: str | None = None         # ChatGLM3 folder for a missing prompt_cache (else kolors_dir's)
     init_checkpoint: str | None = None      # TADiSR checkpoint (.safetensors or the release .pkl) to start from
     init_parts: list[str] | None = None     # take only these parts of init_checkpoint (unet, vae, mi_decoder),
                                             # e.g. another variant's backbone; None: all of it
@@ -39,6 +43,11 @@ class ModelConfig:
     mask_input: str | None = None           # attention | mid-block; None: the variant's default
     skip_convs: bool = True
     init_seed: int = 0                      # seed of the random initialisation (LoRA A, decoders, tiny backbone)
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the backbone comes from Kolors files (kolors_dir, unet, vae) rather than random weights."""
+        return bool(self.kolors_dir or self.unet or self.vae)
 
 
 @dataclass
@@ -180,10 +189,23 @@ class Config:
                 raise ConfigError(f"{source}: model.init_parts = {parts} needs model.init_checkpoint")
             if not parts or any(p not in GROUPS for p in parts):
                 raise ConfigError(f"{source}: model.init_parts = {parts}; choose one or more of {list(GROUPS)}")
-        if self.model.size == "full" and not self.model.kolors_dir and self.model.init_checkpoint:
-            raise ConfigError(f"{source}: model.init_checkpoint needs model.kolors_dir (the base weights)")
+        self._check_base(source)
         return self
 
+
+    def _check_base(self, source: str) -> None:
+        """A base of files without a Kolors folder needs a way to the prompt cache (the files themselves
+        are found, or named as missing, by `training.builders.base_files`)."""
+        m = self.model
+        if m.has_base and not m.kolors_dir:
+            if not m.prompt_cache and not m.text_encoder:
+                raise ConfigError(f"{source}: model.unet and model.vae without model.kolors_dir need "
+                                  f"model.prompt_cache (an existing file, or one to compute with "
+                                  f"model.text_encoder: a ChatGLM3 folder; `python -m tadisr_core prompt-cache` "
+                                  f"writes one)")
+        if m.size == "full" and not m.has_base and m.init_checkpoint:
+            raise ConfigError(f"{source}: model.init_checkpoint needs the base weights (model.kolors_dir, or "
+                              f"model.unet and model.vae)")
 
     def _check_ranges(self, source: str) -> None:
         """Numbers outside their meaningful range: ConfigError naming the field."""

@@ -4,7 +4,7 @@
 
 Writes OUT_DIR/NAME.safetensors (every tensor, cast to `--dtype`; metadata: the run's step and
 config) and OUT_DIR/prompt_cache.safetensors. The run's checkpoint must hold its backbone (it trained
-it, `model.train_backbone: true`, or had no `model.kolors_dir`); one that holds adapters only needs
+it, `model.train_backbone: true`, or had no Kolors base); one that holds adapters only needs
 the Kolors base and is not standalone.
 """
 from __future__ import annotations

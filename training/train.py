@@ -229,7 +229,7 @@ class Trainer:
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
         # A base that no Kolors folder holds (random, or taken from init_checkpoint) is saved with the run,
         # or its checkpoints could not run anywhere.
-        self.save_backbone = cfg.model.train_backbone or not cfg.model.kolors_dir
+        self.save_backbone = cfg.model.train_backbone or not cfg.model.has_base
         self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model, self.save_backbone).items()}
         if mp in ("bf16", "fp16") and self.acc.device.type == "cuda" and not self.fsdp:
             # Frozen weights in half precision save memory. Only on CUDA, whose autocast runs norms in

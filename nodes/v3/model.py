@@ -30,18 +30,20 @@ class TADiSRLoadModel(io.ComfyNode):
             display_name="Load TADiSR Model (Kolors)",
             description=(
                 "Loads TADiSR (text-aware 4x super-resolution): the Kolors base model (a diffusers folder in "
-                "models/diffusers, or a Kolors UNet file in models/unet + the SDXL VAE in models/vae), the TADiSR "
+                "models/diffusers, a Kolors UNet file in models/unet + the SDXL VAE in models/vae, or a Kolors "
+                "checkpoint in models/checkpoints), the TADiSR "
                 "checkpoint from models/tadisr and the cached prompt conditioning; or one of the small built-in demo "
                 "models, which need none of them. Loaded models are cached and handed to ComfyUI's memory manager, "
                 "which offloads them when other models need VRAM."),
             inputs=[
                 io.Combo.Input("kolors", options=loaders.kolors_choices(), tooltip=(
                     "Kolors base model: a diffusers folder in models/diffusers (unet/ and vae/, or a folder without "
-                    "vae/ + an SDXL VAE file from models/vae), or a Kolors UNet file from models/unet + an SDXL VAE "
-                    "file. text_encoder/ + tokenizer/ (or a ChatGLM3 folder in models/LLM) are only read once, to "
-                    "compute the prompt cache. 'demo': the small model shipped with the pack (trained on synthetic "
-                    "text scenes), no Kolors needed; 'demo-release': its twin with the released checkpoint's layout. "
-                    "Both ignore checkpoint and prompt_cache.")),
+                    "vae/ + an SDXL VAE file from models/vae), a Kolors UNet file from models/unet + an SDXL VAE "
+                    "file, or an all-in-one Kolors checkpoint from models/checkpoints (+ an SDXL VAE file when it has "
+                    "none inside). text_encoder/ + tokenizer/ (or a ChatGLM3 folder in models/LLM) are only read "
+                    "once, to compute the prompt cache. 'demo': the small model shipped with the pack (trained on "
+                    "synthetic text scenes), no Kolors needed; 'demo-release': its twin with the released checkpoint's "
+                    "layout. Both ignore checkpoint and prompt_cache.")),
                 io.Combo.Input("checkpoint", options=loaders.checkpoint_choices(), tooltip=(
                     "TADiSR weights in models/tadisr: the released tadisr_kolors_ftsr_526000.pkl or a .safetensors "
                     "conversion (python -m tadisr_core.checkpoint convert). Ignored by the demo models.")),
