@@ -612,3 +612,34 @@ def test_synthesize_leaves_out_unreadable_backgrounds_up_front(tmp_path, capsys)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "check backgrounds" not in ln]
     assert lines == [f"error: none of the 2 images in --backgrounds {folder} can be read"]
     assert not empty_out.exists()  # nothing half-written
+
+
+def test_backgrounds_smaller_than_the_crop_are_named(tmp_path, capsys):
+    """They are upscaled to the crop, blurring the ground truth: the synthesis command and the trainer say which."""
+    import skimage.data
+    from PIL import Image
+
+    from training import synthesize
+    from training.builders import build_datasets
+    from training.data.synthesis import system_fonts
+
+    if not system_fonts():
+        pytest.skip("no system fonts found by fc-match (install fonts-dejavu / fonts-noto-cjk)")
+    folder = tmp_path / "backgrounds"
+    folder.mkdir()
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")  # 600x400
+    Image.fromarray(skimage.data.chelsea()[:40, :48]).save(folder / "thumb.png")
+    assert synthesize.main(["--backgrounds", str(folder), "--out", str(tmp_path / "out"), "--count", "1",
+                            "--size", "64"]) == 0
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning")]
+    assert warning == [f"warning: 1 of 2 backgrounds are under the 64 px crop (--size) on their short side and are "
+                       f"upscaled to it, which blurs the ground truth: {folder / 'thumb.png'} (48x40). Use photos at "
+                       f"least 64 px on the short side, or a smaller --size."]
+    said = []
+    cfg = load_config(TINY, [f"data.backgrounds={json.dumps(str(folder))}", "data.crop=64", "data.val_size=0"])
+    build_datasets(cfg, tmp_path / "run", log=said.append)
+    assert len(said) == 1 and "thumb.png (48x40)" in said[0] and "coffee" not in said[0]
+    assert said[0].endswith("or a smaller data.crop.")
+    build_datasets(load_config(TINY, [f"data.backgrounds={json.dumps(str(folder))}", "data.crop=32"]),
+                   tmp_path / "run", log=said.append)
+    assert len(said) == 1  # none under 32 px

@@ -291,8 +291,10 @@ def degradation_preset(cfg: Config):
     return dataclasses.replace(preset, **changes) if changes else preset
 
 
-def build_datasets(cfg: Config, work_dir: str | Path) -> tuple[Dataset, Dataset | None]:
-    """(train, val) datasets; val is None when the config names no validation data."""
+def build_datasets(cfg: Config, work_dir: str | Path,
+                   log: Callable[[str], None] = print) -> tuple[Dataset, Dataset | None]:
+    """(train, val) datasets; val is None when the config names no validation data. `log` is told of
+    synthesis backgrounds smaller than the crop (they are upscaled, blurring the ground truth)."""
     from training.data.datasets import OnTheFlySynthesisDataset, RealCEDataset, TripletFolderDataset
 
     d = cfg.data
@@ -310,6 +312,10 @@ def build_datasets(cfg: Config, work_dir: str | Path) -> tuple[Dataset, Dataset 
                       scale=d.scale, preset=preset, config=synth)
         train = OnTheFlySynthesisDataset(length=d.length, seed=cfg.train.seed, **common)
         val = OnTheFlySynthesisDataset(length=d.val_size, seed=cfg.train.seed + 7919, **common) if d.val_size else None
+        from training.data.synthesis import small_backgrounds, small_backgrounds_warning
+
+        if small := small_backgrounds(train.synth.backgrounds, synth.size):
+            log(f"warning: {small_backgrounds_warning(small, len(train.synth.backgrounds), synth.size, 'data.crop')}")
         return train, val
     if d.kind == "triplets":
         train = TripletFolderDataset(d.root, crop=d.crop, scale=d.scale, preset=preset)

@@ -29,6 +29,8 @@ from training.data.synthesis import (
     list_images,
     load_rgb,
     sample_seed,
+    small_backgrounds,
+    small_backgrounds_warning,
     system_fonts,
 )
 
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
               f"are left out:", file=sys.stderr)
         for reason in unreadable:
             print(f"  dropped: {reason}", file=sys.stderr)
+    small = small_backgrounds(backgrounds, args.size)
+    if small:
+        print(f"warning: {small_backgrounds_warning(small, len(backgrounds), args.size, '--size')}", file=sys.stderr)
     has_text = None
     if args.check_backgrounds:
         from training.ocr import has_text  # lazy: rapidocr is only needed for this flag

@@ -267,10 +267,10 @@ class Trainer:
         from training.builders import build_datasets
 
         if self.main:
-            datasets = build_datasets(self.cfg, self.out)
+            datasets = build_datasets(self.cfg, self.out, log=self._print)
         self.acc.wait_for_everyone()
         if not self.main:
-            datasets = build_datasets(self.cfg, self.out)
+            datasets = build_datasets(self.cfg, self.out, log=self._print)  # which prints on the main process only
         return datasets
 
     def _build_data(self, train, val) -> None:

@@ -62,6 +62,34 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(p for p in it if p.is_file() and is_image_file(p))
 
 
+def small_backgrounds(paths: Sequence[str | os.PathLike], size: int) -> list[tuple[Path, tuple[int, int]]]:
+    """The backgrounds whose short side is under `size`, with their (width, height), from the file headers.
+
+    `TextSynthesizer` upscales them to the crop, which blurs the ground truth a model learns from.
+    Files PIL cannot open are skipped (their reader reports them where they are read).
+    """
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (OSError, ValueError):
+            continue
+        if min(w, h) < size:
+            out.append((Path(path), (w, h)))
+    return out
+
+
+def small_backgrounds_warning(small: Sequence[tuple[Path, tuple[int, int]]], total: int, size: int,
+                              setting: str) -> str:
+    """One warning naming the small backgrounds (up to five) and what to change; `setting` is the crop's option."""
+    names = ", ".join(f"{p} ({w}x{h})" for p, (w, h) in small[:5])
+    more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+    return (f"{len(small)} of {total} backgrounds are under the {size} px crop ({setting}) on their short side and "
+            f"are upscaled to it, which blurs the ground truth: {names}{more}. Use photos at least {size} px on "
+            f"the short side, or a smaller {setting}.")
+
+
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 RGB ``(H, W, 3)``, read by the project's one reader (EXIF, 16-bit, float files)."""
     return load_rgb_uint8(path)
