@@ -96,8 +96,9 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="demo|demo-release|RUN_DIR|CHECKPOINT", default=os.environ.get("TADISR_MODEL"),
                    help="'demo' (the small shipped model; 'demo-release' is its release-layout twin), a training "
                         "run folder, one of its checkpoints/step_N folders, a folder written by "
-                        "training.export_model or a checkpoint file; a checkpoint "
-                        "that holds adapters only also needs --kolors [env TADISR_MODEL]")
+                        "training.export_model or a checkpoint file; a checkpoint that holds adapters only "
+                        "needs its Kolors base: its run's recorded one, or --kolors (which replaces it), "
+                        "--unet / --vae [env TADISR_MODEL]")
     p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")

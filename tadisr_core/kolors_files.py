@@ -166,10 +166,13 @@ def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint
     "Kolors"                                     a complete diffusers folder in a diffusers dir
     "Kolors + vae/sdxl_vae.safetensors"          a folder without vae/ plus a VAE file
     "unet/kolors.safetensors + vae/sdxl_vae.safetensors"   single UNet file plus VAE file
-    "checkpoints/kolors_aio.safetensors"         an all-in-one checkpoint with its VAE inside
+    "checkpoints/kolors_aio.safetensors"         an all-in-one checkpoint with its SDXL VAE inside
     "checkpoints/kolors_ckpt.safetensors + vae/sdxl_vae.safetensors"   one without a VAE, plus a VAE file
+    (an all-in-one file in a UNet folder is listed alone too, as "unet/NAME").
     Files are checked from their headers only (cheap); non-Kolors UNets and non-SDXL VAEs are left out.
     """
+    from .kolors_identity import check_vae
+
     folders, no_vae = [], []
     for root in diffusers_dirs:
         root = Path(root)
@@ -178,15 +181,16 @@ def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint
         for sub in sorted(root.iterdir()):
             if sub.is_dir() and _is_kolors_unet_folder(sub / "unet"):
                 (folders if (sub / "vae" / "config.json").is_file() else no_vae).append(sub.name)
-    checkpoints = _kolors_unet_files(checkpoint_dirs)
-    alone = [c for c, p in checkpoints.items() if _holds_vae(p)]
-    vaes = list(_sdxl_vae_files(vae_dirs)) if (no_vae or unet_dirs or len(alone) < len(checkpoints)) else []
-    unets = list(_kolors_unet_files(unet_dirs)) if vaes else []
+    singles = {prefix: _kolors_unet_files(dirs) for prefix, dirs in (("unet/", unet_dirs),
+                                                                    ("checkpoints/", checkpoint_dirs))}
+    alone = {p for files in singles.values() for p in files.values() if _quick(check_vae, p)}  # VAE inside
+    need_vae = no_vae or any(p not in alone for files in singles.values() for p in files.values())
+    vaes = list(_sdxl_vae_files(vae_dirs)) if need_vae else []
     out = sorted(set(folders))
     out += [f"{f}{JOIN}vae/{v}" for f in sorted(set(no_vae)) for v in vaes]
-    out += [f"unet/{u}{JOIN}vae/{v}" for u in unets for v in vaes]
-    for c in checkpoints:
-        out += [f"checkpoints/{c}"] if c in alone else [f"checkpoints/{c}{JOIN}vae/{v}" for v in vaes]
+    for prefix, files in singles.items():
+        for name, path in files.items():
+            out += [f"{prefix}{name}"] if path in alone else [f"{prefix}{name}{JOIN}vae/{v}" for v in vaes]
     return out
 
 

@@ -48,8 +48,10 @@ class CheckedPart:
 
     def rename(self, key: str) -> str | None:
         """The diffusers name of one of the file's keys; None for a key of another part."""
-        if self.section is not None and not key.startswith(self.section):
-            return None
+        if self.section is not None:
+            if not key.startswith(self.section):
+                return None
+            key = key[len(self.section):]
         if isinstance(self.spec, UNetSpec):
             return ldm_names.unet_key(key) if self.ldm_names else ldm_names.strip_prefix(key, ("unet.",))
         if self.ldm_names:
@@ -72,7 +74,10 @@ def _section(header: WeightsHeader, part: str) -> str | None:
 
 
 def _part_tensors(header: WeightsHeader, section: str | None) -> dict:
-    return {k: v for k, v in header.tensors.items() if section is None or k.startswith(section)}
+    """The part's tensors by key, its section prefix taken off (as `CheckedPart.rename` takes it off)."""
+    if section is None:
+        return header.tensors
+    return {k[len(section):]: v for k, v in header.tensors.items() if k.startswith(section)}
 
 
 def holds_vae(path: str | Path) -> bool:

@@ -241,13 +241,23 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
         if merge_lora_weights:
             merge_lora(model)
         return place_model(model, device, dtype, offload=offload)
+    recorded = not kolors and files.run is not None
     if not kolors:  # a given Kolors folder is the whole base; else the run's, with given parts overriding
         kolors, unet, vae = files.kolors, unet or files.unet, vae or files.vae
     if not (kolors or unet or vae):
         raise FileNotFoundError(f"{files.checkpoint} holds adapters only: give the Kolors base it was trained "
                                 f"on with --kolors DIR (or --unet FILE and --vae FILE)")
+    from .kolors_files import KolorsFolderError, find_kolors_files
     from .loading import load_tadisr
 
-    return load_tadisr(kolors, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
-                       unet=unet, vae=vae, text_encoder=text_encoder,
-                       text_encoder_device_name=text_encoder_device_name, offload=offload)
+    try:
+        base = find_kolors_files(kolors, unet, vae)
+    except KolorsFolderError as e:
+        if not recorded:
+            raise
+        raise KolorsFolderError(f"{e} (the Kolors base recorded in {files.run / 'config.json'}, whose relative "
+                                f"paths are relative to the folder training ran in: run from there, or give "
+                                f"--kolors DIR, or --unet and --vae)") from None
+    return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
+                       text_encoder=text_encoder, text_encoder_device_name=text_encoder_device_name,
+                       offload=offload)

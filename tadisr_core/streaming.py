@@ -115,7 +115,12 @@ def _torch_file(path: Path) -> dict[str, torch.Tensor]:
     import pickle
 
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a legacy (pre-zip) torch file cannot be memory-mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(f"{path} is a pickle that holds more than weights (a training checkpoint?), and such files "
                          f"are not opened here for safety; save its state dict as .safetensors "

@@ -279,11 +279,13 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
     shutil.copytree(tiny_dir["kolors"], diffusers_dir / "Kolors", dirs_exist_ok=True)
     shutil.copytree(sd15_folder, diffusers_dir / "sd15", dirs_exist_ok=True)
     dirs = ([diffusers_dir], [layouts["root"] / "unet"], [layouts["root"] / "vae"], [layouts["root"] / "checkpoints"])
+    in_unet_dir = layouts["root"] / "unet" / "kolors_aio_copy.safetensors"  # an all-in-one among the UNet files
+    shutil.copy(layouts["aio"], in_unet_dir)
     names = list_kolors_candidates(*dirs)
     assert "Kolors" in names and "sd15" not in " ".join(names)
     assert "KolorsNoVae + vae/sdxl_vae.safetensors" in names
     assert "unet/kolors_unet_sgm.safetensors + vae/sdxl_vae_ldm.safetensors" in names
-    assert "checkpoints/kolors_aio.safetensors" in names  # its VAE inside: no pairing
+    assert "checkpoints/kolors_aio.safetensors" in names and "unet/kolors_aio_copy.safetensors" in names  # VAE inside
     assert "checkpoints/kolors_no_vae.safetensors + vae/sdxl_vae.safetensors" in names
     # what the loader node does with a choice: the files behind each name (each file's loading is
     # test_every_layout_loads_the_same_model's), and one choice loaded through to the model
@@ -297,6 +299,7 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
         want[f"checkpoints/kolors_no_vae.safetensors + vae/{layouts[vae].name}"] = \
             find_kolors_files(None, layouts["aio_no_vae"], layouts[vae])
     want["checkpoints/kolors_aio.safetensors"] = KolorsFiles(layouts["aio"], layouts["aio"])
+    want["unet/kolors_aio_copy.safetensors"] = KolorsFiles(in_unet_dir, in_unet_dir)
     assert {name: resolve_choice(name, *dirs) for name in names} == want
     model = load_tadisr(resolve_choice("unet/kolors_unet.safetensors + vae/sdxl_vae_ldm.safetensors", *dirs),
                         tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
@@ -354,11 +357,13 @@ def load_file_metadata(path):
         return f.metadata()
 
 
-def test_bin_weights_load_like_safetensors(tiny_dir, tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_bin_weights_load_like_safetensors(tiny_dir, tmp_path, legacy):
+    """Also a legacy (pre-zip) torch file, which cannot be memory-mapped: it is read whole instead."""
     folder = tmp_path / "kolors"
     shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("text_encoder"))
     st = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    torch.save(load_file(st), st.with_suffix(".bin"))
+    torch.save(load_file(st), st.with_suffix(".bin"), _use_new_zipfile_serialization=not legacy)
     st.unlink()
     files = find_kolors_files(folder)
     assert files.unet.suffix == ".bin"

@@ -114,36 +114,48 @@ def test_a_run_on_a_random_base_is_a_model_by_itself(tmp_path, lpips_dir):
     assert torch.equal(got.image, want.image) and torch.equal(got.mask_logits, want.mask_logits)
 
 
-def test_a_run_on_kolors_files_records_its_base_and_runs_as_a_model(tmp_path, lpips_dir, tiny_dir):
-    """A Kolors folder without vae/ (as kijai's wrapper keeps it) plus the SDXL VAE as a lone file, the
-    CLI's `--kolors DIR --vae FILE` as `model.vae`: the run saves adapters only, and `--model RUN`
-    finds that base in its config.json, with no base flag."""
+def test_a_run_on_kolors_files_records_its_base_and_runs_as_a_model(tmp_path, lpips_dir, tiny_dir, monkeypatch):
+    """An all-in-one Kolors checkpoint (UNet and VAE in one file, as models/checkpoints keeps it) as
+    `model.unet`, no Kolors folder: the run saves adapters only, and `--model RUN` finds that base in
+    its config.json with no base flag; when a relative path there cannot be found, the message says
+    where it came from and what it is relative to."""
     from safetensors.torch import load_file, save_file
 
     from tadisr_core.checkpoint import load_checkpoint
+    from tadisr_core.kolors_files import KolorsFolderError
+    from tadisr_core.kolors_identity import CHECKPOINT_SECTIONS
     from tadisr_core.model_ref import load_model
     from training.train import Trainer
 
-    folder = tmp_path / "KolorsNoVae"
-    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("vae"))
-    vae = tmp_path / "sdxl_vae.safetensors"  # a lone file names its (tiny) structure in its metadata
-    save_file(load_file(tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors"), vae,
-              metadata={"config": (tiny_dir["kolors"] / "vae" / "config.json").read_text()})
-    base = {"model__kolors_dir": str(folder), "model__prompt_cache": str(tiny_dir["prompt_cache"]),
-            "train__max_steps": 2, "train__checkpoint_every": 2}
-    with pytest.raises(ConfigError, match=r"model\.vae\): \S*KolorsNoVae has no vae/ folder.* are model\.unet and "
-                                          r"model\.vae\)$"):
-        Trainer(tiny_cfg(tmp_path / "run", lpips_dir, **base))
-    trainer = Trainer(tiny_cfg(tmp_path / "run", lpips_dir, model__vae=str(vae), **base))
+    kolors, run_dir = tiny_dir["kolors"], tmp_path / "run"
+    tensors = {f"{CHECKPOINT_SECTIONS[part]}{k}": v for part in ("unet", "vae")
+               for k, v in load_file(kolors / part / "diffusion_pytorch_model.safetensors").items()}
+    monkeypatch.chdir(tmp_path)  # the config names the file relative to the folder training runs in
+    save_file(tensors, "kolors_aio.safetensors",  # the tiny structure in its metadata, as the tiny files do
+              metadata={f"{part}_config": (kolors / part / "config.json").read_text() for part in ("unet", "vae")})
+    base = {"model__prompt_cache": str(tiny_dir["prompt_cache"]), "train__max_steps": 2, "train__checkpoint_every": 2}
+    no_vae = tmp_path / "KolorsNoVae"  # kijai's wrapper keeps Kolors so: the VAE goes in model.vae
+    shutil.copytree(kolors, no_vae, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(ConfigError, match=r"model\.vae\): \S*KolorsNoVae has no vae/ folder.* are "
+                                          r"model\.kolors_dir, model\.unet and model\.vae\)$"):
+        Trainer(tiny_cfg(run_dir, lpips_dir, model__kolors_dir=str(no_vae), **base))
+    trainer = Trainer(tiny_cfg(run_dir, lpips_dir, model__unet="kolors_aio.safetensors", **base))
     trainer.run()
-    ckpt = load_checkpoint(tmp_path / "run" / "model_final.safetensors")
+    assert json.loads((run_dir / "config.json").read_text())["model"]["unet"] == "kolors_aio.safetensors"
+    ckpt = load_checkpoint(run_dir / "model_final.safetensors")
     assert not ckpt.includes_backbone and ckpt.metadata["backbone"] == "external"
-    model = load_model(tmp_path / "run", merge_lora_weights=False)
+    model = load_model(run_dir, merge_lora_weights=False)
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     trainer.model.eval()
     with torch.no_grad():
         want, got = trainer.model(x), model(x)
     assert torch.equal(got.image, want.image) and torch.equal(got.mask_logits, want.mask_logits)
+    monkeypatch.chdir(run_dir)
+    recorded = re.escape(str(run_dir / "config.json"))
+    with pytest.raises(KolorsFolderError, match=rf"^unet weights not found: kolors_aio\.safetensors \(the Kolors base "
+                                                rf"recorded in {recorded}, whose relative paths are relative to the "
+                                                rf"folder training ran in"):
+        load_model(run_dir)
 
 
 def test_kolors_files_without_a_folder_build_the_same_model(tiny_dir, tmp_path):
@@ -152,13 +164,18 @@ def test_kolors_files_without_a_folder_build_the_same_model(tiny_dir, tmp_path):
     from training.config import config_from_dict
 
     unet, vae = (str(tiny_dir["kolors"] / part) for part in ("unet", "vae"))
-    with pytest.raises(ConfigError, match=r"c\.yaml: model\.unet and model\.vae without model\.kolors_dir need "
-                                          r"model\.prompt_cache .*model\.text_encoder"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: a base of model\.unet / model\.vae files without "
+                                          r"model\.kolors_dir needs model\.prompt_cache .*model\.text_encoder"):
         config_from_dict({"model": {"unet": unet, "vae": vae}}, "c.yaml").validate("c.yaml")
     prompt = str(tiny_dir["prompt_cache"])
     with pytest.raises(ConfigError, match=r"model\.vae\): no vae given: pass --kolors DIR .* or --vae FILE\|DIR; .* "
-                                          r"are model\.unet and model\.vae\)$"):
+                                          r"are model\.kolors_dir, model\.unet and model\.vae\)$"):
         build_model_from_config(config_from_dict({"model": {"unet": unet, "prompt_cache": prompt}}, "c.yaml"))
+    with pytest.raises(ConfigError, match=r"^model\.prompt_cache not found: \S*missing\.safetensors; give an existing "
+                                          r"prompt cache, or model\.text_encoder \(a ChatGLM3 folder\) or "
+                                          r"model\.kolors_dir to compute it there$"):
+        build_model_from_config(config_from_dict({"model": {"unet": unet, "vae": vae, "prompt_cache": str(
+            tmp_path / "missing.safetensors")}}, "c.yaml"))
     folder = Config()
     folder.model.kolors_dir, folder.model.prompt_cache = str(tiny_dir["kolors"]), prompt
     files = config_from_dict({"model": {"unet": unet, "vae": vae, "prompt_cache": prompt}}, "c.yaml").validate("c.yaml")

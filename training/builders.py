@@ -70,7 +70,7 @@ def base_files(m: ModelConfig):
         return find_kolors_files(m.kolors_dir, m.unet, m.vae)
     except KolorsFolderError as e:
         raise ConfigError(f"the Kolors base (model.kolors_dir, model.unet, model.vae): {e} (in a training config "
-                          f"--unet and --vae are model.unet and model.vae)") from None
+                          f"--kolors, --unet and --vae are model.kolors_dir, model.unet and model.vae)") from None
 
 
 def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
@@ -107,6 +107,9 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
 
         base = ckpt.spec if spec_from_ckpt else spec_for_size("full", m.variant)
         chatglm = m.text_encoder or m.kolors_dir
+        if m.prompt_cache and not chatglm and not Path(m.prompt_cache).is_file():
+            raise ConfigError(f"model.prompt_cache not found: {m.prompt_cache}; give an existing prompt cache, or "
+                              f"model.text_encoder (a ChatGLM3 folder) or model.kolors_dir to compute it there")
         prompt = (ensure_prompt_cache(m.prompt_cache, chatglm) if m.prompt_cache
                   else compute_prompt_cache_from_kolors(chatglm))
         unet, vae = check_backbone(files)  # headers only: a wrong file is named before anything is built
@@ -292,9 +295,10 @@ def degradation_preset(cfg: Config):
 
 
 def build_datasets(cfg: Config, work_dir: str | Path,
-                   log: Callable[[str], None] = print) -> tuple[Dataset, Dataset | None]:
+                   log: Callable[[str], None] | None = print) -> tuple[Dataset, Dataset | None]:
     """(train, val) datasets; val is None when the config names no validation data. `log` is told of
-    synthesis backgrounds smaller than the crop (they are upscaled, blurring the ground truth)."""
+    synthesis backgrounds smaller than the crop (they are upscaled, blurring the ground truth); None
+    skips that check."""
     from training.data.datasets import OnTheFlySynthesisDataset, RealCEDataset, TripletFolderDataset
 
     d = cfg.data
@@ -314,7 +318,7 @@ def build_datasets(cfg: Config, work_dir: str | Path,
         val = OnTheFlySynthesisDataset(length=d.val_size, seed=cfg.train.seed + 7919, **common) if d.val_size else None
         from training.data.synthesis import small_backgrounds, small_backgrounds_warning
 
-        if small := small_backgrounds(train.synth.backgrounds, synth.size):
+        if log is not None and (small := small_backgrounds(train.synth.backgrounds, synth.size)):
             log(f"warning: {small_backgrounds_warning(small, len(train.synth.backgrounds), synth.size, 'data.crop')}")
         return train, val
     if d.kind == "triplets":

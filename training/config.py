@@ -192,14 +192,13 @@ class Config:
         self._check_base(source)
         return self
 
-
     def _check_base(self, source: str) -> None:
         """A base of files without a Kolors folder needs a way to the prompt cache (the files themselves
         are found, or named as missing, by `training.builders.base_files`)."""
         m = self.model
         if m.has_base and not m.kolors_dir:
             if not m.prompt_cache and not m.text_encoder:
-                raise ConfigError(f"{source}: model.unet and model.vae without model.kolors_dir need "
+                raise ConfigError(f"{source}: a base of model.unet / model.vae files without model.kolors_dir needs "
                                   f"model.prompt_cache (an existing file, or one to compute with "
                                   f"model.text_encoder: a ChatGLM3 folder; `python -m tadisr_core prompt-cache` "
                                   f"writes one)")

@@ -112,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
               f"are left out:", file=sys.stderr)
         for reason in unreadable:
             print(f"  dropped: {reason}", file=sys.stderr)
-    small = small_backgrounds(backgrounds, args.size)
-    if small:
-        print(f"warning: {small_backgrounds_warning(small, len(backgrounds), args.size, '--size')}", file=sys.stderr)
     has_text = None
     if args.check_backgrounds:
         from training.ocr import has_text  # lazy: rapidocr is only needed for this flag
@@ -130,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(synth.backgrounds)} of {len(backgrounds)} backgrounds are text-free", file=sys.stderr)
         for path in dropped:
             print(f"  dropped (OCR found text): {path}", file=sys.stderr)
+    if small := small_backgrounds(synth.backgrounds, args.size):
+        print(f"warning: {small_backgrounds_warning(small, len(synth.backgrounds), args.size, '--size')}",
+              file=sys.stderr)
 
     for sub in ("hr", "lr", "mask"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)

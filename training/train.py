@@ -270,7 +270,7 @@ class Trainer:
             datasets = build_datasets(self.cfg, self.out, log=self._print)
         self.acc.wait_for_everyone()
         if not self.main:
-            datasets = build_datasets(self.cfg, self.out, log=self._print)  # which prints on the main process only
+            datasets = build_datasets(self.cfg, self.out, log=None)  # the main process has said what it found
         return datasets
 
     def _build_data(self, train, val) -> None:
