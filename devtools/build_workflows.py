@@ -17,8 +17,11 @@ The graphs load the demo model that ships with the pack (it runs without any dow
 says how to choose the real Kolors model and checkpoint instead.
 
 Thumbnails: each workflow is run in the host on a text scene (the sample sign below, or --input)
-and the thumbnail shows the same crop as bicubic (left) and TADiSR (right). By default the graph's
-own demo model makes it (its weights must be in tadisr_core/demo/; without them the thumbnails
+and the thumbnail shows the same crop as bicubic (left) and TADiSR (right). So that no two templates
+look alike, three differ (`THUMBNAILS`): the one-node upscale shows its text mask over the right
+half, the batch workflow upscales another scene (a bundled demo input) from its folder, and the
+graph-blocks workflow, whose result is the one-node upscale's, shows its graph. By default the graph's
+own demo model makes them (its weights must be in tadisr_core/demo/; without them the thumbnails
 are pictures of the graphs, as with --graph-thumbnails); --kolors/--checkpoint name a real model
 in the host's models folders instead. The random tiny test model is refused for that: its output
 is noise.
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 from nodes.loaders import DEMO_CHOICE, NO_CHECKPOINT
+from tadisr_core.demo import DEMO_INPUTS
 from tadisr_core.model_ref import DEMO_CHECKPOINT
 
 from .browser import Browser
@@ -47,6 +51,9 @@ MODEL = {"kolors": DEMO_CHOICE, "checkpoint": NO_CHECKPOINT, "prompt_cache": "au
 TILING = {"scale": 4.0, "tile": 768, "overlap": 256, "tile_batch": 0}
 UPSCALE = {**TILING, "capture_attention": False, "color_fix": "auto"}
 SAMPLE = "tadisr_sample_sign.png"
+BATCH_SCENE = DEMO_INPUTS / "text_scene_2.png"  # what the batch workflow's folder holds for its thumbnail
+# Thumbnails that are not bicubic | TADiSR on the sample sign (see the module doc).
+THUMBNAILS = {"tadisr_upscale": "mask", "tadisr_batch_folder": "batch scene", "tadisr_graph_blocks": "graph"}
 TINY_NAMES = ("tadisr-tiny-kolors", "tadisr_tiny")
 SETUP = ("Model: this graph runs the small demo model built into the pack (kolors = 'demo'), with no download: "
          "a quick look at what TADiSR does, far below the real model's quality.\n"
@@ -325,13 +332,18 @@ def sample_sign(path: Path) -> Path:
     return path
 
 
-def before_after(lr_path: Path, sr_path: Path, out: Path, width: int = 480, label: str = "TADiSR") -> None:
-    """Thumbnail: the same crop as bicubic (left) and TADiSR (right, named `label`), labelled."""
+def before_after(lr_path: Path, sr_path: Path, out: Path, width: int = 480, label: str = "TADiSR",
+                 mask_path: Path | None = None) -> None:
+    """Thumbnail: the same crop as bicubic (left) and TADiSR (right, named `label`), labelled; with
+    `mask_path`, the text mask tints the right half red where it finds text."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.truetype("DejaVuSans-Bold.ttf", 14)
     sr = Image.open(sr_path).convert("RGB")
     bic = Image.open(lr_path).convert("RGB").resize(sr.size, Image.BICUBIC)
+    if mask_path is not None:
+        mask = Image.open(mask_path).convert("L").resize(sr.size).point(lambda v: v * 6 // 10)
+        sr = Image.composite(Image.new("RGB", sr.size, (230, 40, 40)), sr, mask)
     side = min(sr.size)
     box = ((sr.width - side) // 2, (sr.height - side) // 2, (sr.width + side) // 2, (sr.height + side) // 2)
     half = width // 2
@@ -380,11 +392,14 @@ def graph_thumbnail(browser: Browser, path: Path, width: int = 480) -> None:
     im.save(path, "JPEG", quality=80, optimize=True)
 
 
-def _upscaled_output(server: ComfyServer, entry: dict) -> Path | None:
-    """The first saved image of a finished run that is not a mask or heat map."""
+def _saved_image(server: ComfyServer, entry: dict, mask: bool = False) -> Path | None:
+    """The first saved image of a finished run that is the upscale (not a mask or heat map), or with
+    `mask` the first text mask."""
     for out in entry["outputs"].values():
         for img in out.get("images", []):
-            if img.get("type") == "output" and not any(w in img["filename"] for w in ("mask", "heatmap")):
+            name = img["filename"]
+            if img.get("type") == "output" and (
+                    "mask" in name if mask else not any(w in name for w in ("mask", "heatmap"))):
                 return server.output_file(img)
     return None
 
@@ -409,6 +424,7 @@ def build(names: list[str], kolors: str | None = None, checkpoint: str | None = 
     on `scene` (default: the sample sign) unless `_thumbnail_model` says pictures of the graphs."""
     model = _thumbnail_model(kolors, checkpoint, graph_thumbnails)
     label = "TADiSR" if kolors else "TADiSR (demo model)"
+    mask_label = "TADiSR + text mask" if kolors else "TADiSR (demo) + text mask"
     (OUT / "api").mkdir(parents=True, exist_ok=True)
     write_template_text()
     t0 = time.monotonic()
@@ -425,19 +441,24 @@ def build(names: list[str], kolors: str | None = None, checkpoint: str | None = 
             Image.open(scene).convert("RGB").save(lr)
         else:
             sample_sign(lr)
-        (server.input_dir / "tadisr_batch").mkdir(exist_ok=True)
-        shutil.copy(lr, server.input_dir / "tadisr_batch" / SAMPLE)
+        batch = server.input_dir / "tadisr_batch"
+        if batch.is_dir():
+            shutil.rmtree(batch)
+        batch.mkdir()
+        shutil.copy(BATCH_SCENE, batch / BATCH_SCENE.name)  # the folder's only image, so the one the run takes
         browser.goto(server.url)
         browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph)", timeout=60)
         time.sleep(2.0)
         browser.eval(CLOSE_DIALOGS_JS)  # the template browser opens by itself on a first start
-        for name in names:
+        # graphs photographed before any run, so that no node shows a picture left by an earlier one
+        for name in sorted(names, key=lambda n: THUMBNAILS.get(n) != "graph"):
             graph = browser.run(BUILD_JS % json.dumps(SPECS[name]()), timeout=60)
             graph["ui"]["extra"][TEMPLATE_KEY] = name
             ui_file(name).write_text(json.dumps(graph["ui"], indent=2) + "\n")
             (OUT / "api" / f"{name}.json").write_text(json.dumps(graph["api"], indent=2) + "\n")
             thumb = ui_file(name, ".jpg")
-            if model is not None:
+            kind = THUMBNAILS.get(name)
+            if model is not None and kind != "graph":
                 overrides = {"LoadImage": {"image": SAMPLE}, **({"TADiSRLoadModel": model} if model else {})}
                 browser.run(OVERRIDE_JS % json.dumps(overrides))
                 before = set(server.get_json("history"))
@@ -446,10 +467,12 @@ def build(names: list[str], kolors: str | None = None, checkpoint: str | None = 
                 entry = next(v for k, v in server.get_json("history").items() if k not in before)
                 if entry["status"]["status_str"] != "success":
                     raise RuntimeError(f"{name}: the run failed: {json.dumps(entry['status'])[-2000:]}")
-                sr = _upscaled_output(server, entry)
-                if sr is None:
-                    raise RuntimeError(f"{name}: no saved image to make a thumbnail from")
-                before_after(lr, sr, thumb, label=label)
+                sr = _saved_image(server, entry)
+                mask = _saved_image(server, entry, mask=True) if kind == "mask" else None
+                if sr is None or (kind == "mask" and mask is None):
+                    raise RuntimeError(f"{name}: no saved image (or text mask) to make a thumbnail from")
+                before_after(BATCH_SCENE if kind == "batch scene" else lr, sr, thumb,
+                             label=mask_label if mask else label, mask_path=mask)
             else:
                 graph_thumbnail(browser, thumb)
             zoom = graph["ui"]["extra"]["ds"]["scale"]

@@ -42,6 +42,19 @@ def test_every_node_has_docs_in_english_and_chinese(node_id):
     assert (docs / node_id / "zh.md").read_text().startswith("# ")
 
 
+def test_no_two_templates_share_a_thumbnail():
+    """The template browser shows them side by side: two equal pictures would look like one template twice."""
+    import hashlib
+
+    from PIL import Image
+
+    seen = {}
+    for path in UI_FILES:
+        digest = hashlib.sha256(Image.open(path.with_suffix(".jpg")).convert("RGB").tobytes()).hexdigest()
+        assert digest not in seen, f"{path.stem} has the thumbnail of {seen[digest]}"
+        seen[digest] = path.stem
+
+
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_example_workflow_is_for_users(path):
     ui = json.loads(path.read_text())
