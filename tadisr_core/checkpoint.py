@@ -156,16 +156,23 @@ def sha256_of(path: str | Path) -> str:
 
 
 def verify_manifest(path: str | Path) -> str:
-    """Check a release file's size and SHA-256 against the published manifest; returns the digest."""
+    """Check a release file's size and SHA-256 against the published manifest; returns the digest.
+
+    The file is known by its name, or, when renamed, by its size (the published files all differ in size).
+    """
     path = Path(path)
-    if path.name not in MANIFEST:
-        raise CheckpointError(f"{path}: not a published release file name ({', '.join(MANIFEST)})")
-    size, digest = MANIFEST[path.name]
-    if path.stat().st_size != size:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the release has {size}: incomplete download?")
+    have = path.stat().st_size
+    name = path.name if path.name in MANIFEST else next((n for n, (size, _) in MANIFEST.items() if size == have), None)
+    if name is None:
+        published = ", ".join(f"{n} ({size:,} bytes)" for n, (size, _) in MANIFEST.items())
+        raise CheckpointError(f"{path}: {have:,} bytes, neither the name nor the size of a published release file "
+                              f"({published}): a renamed, incomplete or other file")
+    size, digest = MANIFEST[name]
+    if have != size:
+        raise CheckpointError(f"{path}: {have} bytes, the release has {size}: incomplete download?")
     actual = sha256_of(path)
     if actual != digest:
-        raise CheckpointError(f"{path}: SHA-256 {actual} does not match the release's {digest}")
+        raise CheckpointError(f"{path}: SHA-256 {actual} does not match the release's {digest} ({name})")
     return actual
 
 

@@ -149,8 +149,26 @@ def test_sha256_manifest_check(tmp_path):
     fake.write_bytes(b"0" * 10)
     with pytest.raises(CheckpointError, match="incomplete download"):
         verify_manifest(fake)
-    with pytest.raises(CheckpointError, match="not a published release"):
+    (tmp_path / "x.pkl").write_bytes(b"0" * 10)
+    with pytest.raises(CheckpointError, match=r"x\.pkl: 10 bytes, neither the name nor the size of a published "
+                                              r"release file \(tadisr_kolors_ftsr_526000\.pkl \(195,866,454 bytes\)"):
         verify_manifest(tmp_path / "x.pkl")
+
+
+def test_a_renamed_release_file_is_verified_by_its_size_and_digest(tmp_path, monkeypatch):
+    import hashlib
+
+    from tadisr_core import checkpoint
+
+    data = b"release bytes"
+    monkeypatch.setattr(checkpoint, "MANIFEST", {"release.pkl": (len(data), hashlib.sha256(data).hexdigest())})
+    renamed = tmp_path / "my_tadisr.pkl"  # as users rename it in models/tadisr
+    renamed.write_bytes(data)
+    assert verify_manifest(renamed) == hashlib.sha256(data).hexdigest()
+    renamed.write_bytes(b"release byteZ")  # same size, other content
+    with pytest.raises(CheckpointError, match=r"my_tadisr\.pkl: SHA-256 \w+ does not match the release's \w+ "
+                                              r"\(release\.pkl\)$"):
+        verify_manifest(renamed)
 
 
 def test_inspect_and_convert_cli(tiny_dir, tmp_path, capsys):
