@@ -134,12 +134,22 @@ def _files(dirs, exts) -> dict[str, Path]:
     return dict(sorted(out.items()))
 
 
+_CHECKED: dict[tuple, bool] = {}  # (check, path, size, mtime) -> passed: a refreshed list re-checks changed files only
+
+
 def _quick(check, path: Path) -> bool:
     try:
-        check(path)
-    except (ValueError, OSError, KeyError):
+        st = path.stat()
+    except OSError:
         return False
-    return True
+    key = (check.__name__, str(path), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKED:
+        try:
+            check(path)
+            _CHECKED[key] = True
+        except (ValueError, OSError, KeyError):
+            _CHECKED[key] = False
+    return _CHECKED[key]
 
 
 def _holds_vae(path: Path) -> bool:
@@ -150,8 +160,11 @@ def _holds_vae(path: Path) -> bool:
 
 def _kolors_unet_files(unet_dirs) -> dict[str, Path]:
     from .kolors_identity import check_unet
+    from .streaming import header_mentions
 
-    return {n: p for n, p in _files(unet_dirs, SINGLE_FILE_EXTS).items() if _quick(check_unet, p)}
+    # Kolors' text projection keeps its name in every layout: most other models are passed over unparsed
+    return {n: p for n, p in _files(unet_dirs, SINGLE_FILE_EXTS).items()
+            if header_mentions(p, "encoder_hid_proj") and _quick(check_unet, p)}
 
 
 def _sdxl_vae_files(vae_dirs) -> dict[str, Path]:

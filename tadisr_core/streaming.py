@@ -69,6 +69,23 @@ def read_header(path: str | Path) -> WeightsHeader:
     return WeightsHeader(path, {k: TensorInfo(t.dtype, tuple(t.shape), 0, 0) for k, t in sd.items()}, {})
 
 
+def header_mentions(path: str | Path, text: str) -> bool:
+    """Whether a `.safetensors` file's header (its tensor names and metadata) contains `text`, read as
+    raw bytes without parsing: a cheap first filter over large model folders. True for other formats."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                return False
+            (n,) = struct.unpack("<Q", head)
+            return text.encode() in f.read(min(n, 100 << 20))
+    except OSError:
+        return False
+
+
 def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 

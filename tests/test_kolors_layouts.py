@@ -318,6 +318,24 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
         resolve_choice("nope", *dirs)
 
 
+def test_listing_passes_over_other_models_unparsed_and_checks_each_file_once(layouts, tmp_path, monkeypatch):
+    """models/checkpoints holds many large non-Kolors models: a header without Kolors' text projection
+    is passed over without parsing, and a file already checked is not checked again until it changes."""
+    from tadisr_core import kolors_identity
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(layouts["vae_ldm"], folder / "other_model.safetensors")
+    shutil.copy(layouts["aio"], folder / "kolors.safetensors")
+    checked, real = [], kolors_identity.check_unet
+    monkeypatch.setattr(kolors_identity, "check_unet", lambda path, *a: checked.append(path.name) or real(path, *a))
+    for _ in range(2):
+        assert list_kolors_candidates([], [], [], [folder]) == ["checkpoints/kolors.safetensors"]
+    assert checked == ["kolors.safetensors"]
+    (folder / "kolors.safetensors").write_bytes((folder / "other_model.safetensors").read_bytes())  # replaced
+    assert list_kolors_candidates([], [], [], [folder]) == []
+
+
 def test_find_files_prefers_explicit_parts(layouts):
     files = find_kolors_files(layouts["folder"], vae=layouts["vae_ldm"])
     assert files.vae == layouts["vae_ldm"] and files.vae_config is None and files.root == layouts["folder"]
