@@ -66,9 +66,9 @@ def test_cli_color_fix_flag(tiny_dir, tmp_path, capsys):
                                               "--checkpoint", "y", "--tile", "64", "--overlap", "16", "-q",
                                               "--color-fix", mode])
         assert args.color_fix == mode and cli.run_upscale(args, model=model) == 0
-        saved = np.asarray(Image.open(tmp_path / mode / "in_x4.png"))
+        saved = np.array(Image.open(tmp_path / mode / "in_x4.png"))
         outs[mode] = torch.from_numpy(saved).permute(2, 0, 1)[None] / 255
-    bicubic = upscale_canvas(torch.from_numpy(np.asarray(Image.open(src))).permute(2, 0, 1)[None] / 255, 4)
+    bicubic = upscale_canvas(torch.from_numpy(np.array(Image.open(src))).permute(2, 0, 1)[None] / 255, 4)
     err = {m: (wavelet_lowpass(o.float()) - wavelet_lowpass(bicubic)).abs().mean() for m, o in outs.items()}
     assert err["wavelet"] < err["none"] / 2, err
     assert cli.build_parser().parse_args(["upscale", "a.png", "-o", "o"]).color_fix == "auto"
@@ -128,7 +128,7 @@ def test_the_shipped_demo_recommends_the_wavelet_fix_and_auto_applies_it(tmp_pat
         assert cli_main(["upscale", str(src), "-o", str(tmp_path / mode), "--model", "demo", "--tile", "128",
                          "--overlap", "32", "-q", *extra]) == 0
         outs[mode] = np.asarray(Image.open(tmp_path / mode / "in_x4.png"))
-    read = torch.from_numpy(np.asarray(Image.open(src))).permute(2, 0, 1)[None] / 255
+    read = torch.from_numpy(np.array(Image.open(src))).permute(2, 0, 1)[None] / 255
     want = upscale(demo, read, 4, tile=128, overlap=32, tile_batch=1, color_fix="wavelet").image
     want = (want[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert np.abs(outs["auto"].astype(int) - want).max() <= 1

@@ -165,7 +165,7 @@ def test_libjpeg_codec_is_pillows_and_harsher_than_kornia():
     buf = io.BytesIO()
     Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(buf, format="JPEG", quality=40,
                                                                                  subsampling=2)
-    want = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
+    want = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
     assert torch.equal(out[0], want)
     err_lib = (out - x).pow(2).mean()
     err_kornia = (jpeg(x, q) - x).pow(2).mean()

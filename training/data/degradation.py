@@ -350,7 +350,7 @@ def libjpeg(x: Tensor, quality: Tensor) -> Tensor:
         arr = (x[i].clamp(0, 1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=int(round(float(q[i]))), subsampling=2)
-        decoded = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB"))).to(x.device)
+        decoded = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).to(x.device)
         out[i] = decoded.permute(2, 0, 1).to(x.dtype) / 255
     return out
 
