@@ -1,4 +1,5 @@
-"""The GPU benchmark's CPU smoke mode: the same code path on the tiny model, so the script cannot rot."""
+"""Benchmark scripts kept from rotting: the GPU benchmark's CPU smoke mode (the same code path on the tiny
+model) and the Kolors listing benchmark."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ def test_bench_gpu_full_smoke_mode(tmp_path):
     assert stages["decode_image_only"]["flop"] < stages["decode_joint"]["flop"]
     assert stages["tile_joint"]["output_mp_per_s"] > 0
     assert stages["tile_joint"]["flop"] == sum(stages[k]["flop"] for k in ("encode", "unet", "decode_joint"))
+
+
+def test_bench_kolors_listing_runs():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kolors_listing.py"), "--files", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["files"] == 2 and report["keys_per_file"] > 2500
+    assert {"first_listing_ms_per_file", "refresh_ms_per_file", "full_checks_ms_per_file"} <= set(report)

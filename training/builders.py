@@ -308,7 +308,7 @@ def build_datasets(cfg: Config, work_dir: str | Path,
         if bg in (*SKIMAGE_BACKGROUNDS, "procedural"):
             bg = write_backgrounds(bg, Path(work_dir) / f"backgrounds_{bg}", max(4 * (d.crop or 512), 256),
                                     cfg.train.seed)
-        from training.data.synthesis import SynthesisConfig
+        from training.data.synthesis import SynthesisConfig, small_backgrounds, small_backgrounds_warning
 
         synth = SynthesisConfig(size=d.crop or 512, scale=d.scale,
                                 **({"font_scale": tuple(d.font_scale)} if d.font_scale else {}))
@@ -316,8 +316,6 @@ def build_datasets(cfg: Config, work_dir: str | Path,
                       scale=d.scale, preset=preset, config=synth)
         train = OnTheFlySynthesisDataset(length=d.length, seed=cfg.train.seed, **common)
         val = OnTheFlySynthesisDataset(length=d.val_size, seed=cfg.train.seed + 7919, **common) if d.val_size else None
-        from training.data.synthesis import small_backgrounds, small_backgrounds_warning
-
         if log is not None and (small := small_backgrounds(train.synth.backgrounds, synth.size)):
             log(f"warning: {small_backgrounds_warning(small, len(train.synth.backgrounds), synth.size, 'data.crop')}")
         return train, val
