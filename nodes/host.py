@@ -24,7 +24,7 @@ DIFFUSERS_FOLDER = "diffusers"    # models/diffusers: Kolors folders (ComfyUI's 
 UNET_FOLDER = "diffusion_models"  # models/diffusion_models and models/unet: single Kolors UNet files
 VAE_FOLDER = "vae"                # models/vae: the SDXL VAE file beside a single UNet
 CHECKPOINTS_FOLDER = "checkpoints"  # models/checkpoints: all-in-one Kolors checkpoints (UNet + VAE)
-LLM_FOLDER = "LLM"                # models/LLM: a ChatGLM3 folder (not registered by ComfyUI 0.3.75)
+LLM_FOLDER = "LLM"                # models/LLM: a ChatGLM3 folder or file (not registered by ComfyUI 0.3.75)
 CHECKPOINT_EXTS = (".pkl", ".safetensors")
 
 

@@ -120,14 +120,16 @@ def resolve_prompt_cache(name: str, files) -> str:
     return path
 
 
-def text_encoder_source(files):
+def text_encoder_source(files, problems: list[str] | None = None):
     """Where ChatGLM3 is read from to compute a prompt cache: the Kolors folder when it has
-    text_encoder/, else the first ChatGLM3 found in models/LLM or models/diffusers; None if none."""
+    text_encoder/, else the first ChatGLM3 (folder or single .safetensors file) found in models/LLM or
+    models/diffusers; None if none (why a ChatGLM3 file found there cannot be used goes to `problems`)."""
     from tadisr_core.prompt import list_text_encoders
 
     if files.root is not None and (files.root / "text_encoder").is_dir():
         return files.root
-    found = list_text_encoders(*host.model_folders(host.LLM_FOLDER), *host.model_folders(host.DIFFUSERS_FOLDER))
+    found = list_text_encoders(*host.model_folders(host.LLM_FOLDER), *host.model_folders(host.DIFFUSERS_FOLDER),
+                               problems=problems)
     return found[0] if found else None
 
 
@@ -157,12 +159,15 @@ def _ensure_prompt_cache(cache_path: str, files, dev: torch.device) -> None:
     from tadisr_core.loading import ensure_prompt_cache
     from tadisr_core.prompt import CHATGLM_BYTES, text_encoder_device
 
-    source = text_encoder_source(files)
+    problems: list[str] = []
+    source = text_encoder_source(files, problems)
     if source is None:
+        found = f" ({problems[0]})" if problems else ""
         raise FileNotFoundError(
-            f"TADiSR: the prompt cache {cache_path} does not exist and no ChatGLM3 was found to compute it: put "
-            f"Kolors' text_encoder/ + tokenizer/ in the Kolors folder, or a ChatGLM3 folder in models/LLM "
-            f"({_folders(host.LLM_FOLDER)}), or choose a prompt_cache*.safetensors file.")
+            f"TADiSR: the prompt cache {cache_path} does not exist and no usable ChatGLM3 was found to compute "
+            f"it{found}: put Kolors' text_encoder/ + tokenizer/ in the Kolors folder, or a ChatGLM3 folder or "
+            f"chatglm3-fp16.safetensors (with its tokenizer) in models/LLM ({_folders(host.LLM_FOLDER)}), or "
+            f"choose a prompt_cache*.safetensors file.")
     host.make_room(CHATGLM_BYTES, dev)
     encoder_device = text_encoder_device("auto", dev, host.free_memory(dev))
     log.info("TADiSR: computing the prompt cache %s with ChatGLM3 from %s on %s (once)", cache_path, source,

@@ -108,9 +108,10 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", metavar="FILE|DIR", default=os.environ.get("TADISR_VAE"),
                    help="SDXL VAE file (diffusers or LDM names, e.g. models/vae/sdxl_vae.safetensors) or folder; "
                         "overrides the --kolors folder's vae/ [env TADISR_VAE]")
-    p.add_argument("--text-encoder", metavar="DIR", default=os.environ.get("TADISR_TEXT_ENCODER"),
-                   help="ChatGLM3 for a missing prompt cache: a ChatGLM3 folder (models/LLM/...) or a text_encoder "
-                        "folder with its tokenizer; default: the --kolors folder [env TADISR_TEXT_ENCODER]")
+    p.add_argument("--text-encoder", metavar="DIR|FILE", default=os.environ.get("TADISR_TEXT_ENCODER"),
+                   help="ChatGLM3 for a missing prompt cache: a ChatGLM3 folder (models/LLM/...), a text_encoder "
+                        "folder with its tokenizer, or chatglm3-fp16.safetensors with its tokenizer beside it or in "
+                        "a Kolors node pack; default: the --kolors folder [env TADISR_TEXT_ENCODER]")
     p.add_argument("--text-encoder-device", default="auto",
                    help="where ChatGLM3 computes a missing prompt cache: auto (the GPU when it has ~14 GB free, "
                         "else the CPU), cpu, cuda, ...")
@@ -401,12 +402,12 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
 
 
 def run_prompt_cache(args) -> int:
-    """Compute the prompt cache once with the Kolors folder's ChatGLM3 and save it."""
+    """Compute the prompt cache once with Kolors' ChatGLM3 (a folder or a single file) and save it."""
     from .backbone import KolorsFolderError
     from .prompt import compute_prompt_cache_from_kolors
 
     if args.kolors is None:
-        raise SetupError("--kolors DIR is required (the Kwai-Kolors/Kolors diffusers folder)")
+        raise SetupError("--kolors DIR|FILE is required (the Kwai-Kolors/Kolors diffusers folder, or ChatGLM3)")
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")
@@ -436,10 +437,11 @@ def add_prompt_cache(sub) -> None:
     p = sub.add_parser("prompt-cache", help="compute the prompt-embedding cache once with Kolors' ChatGLM3",
                        description="Encode the fixed TADiSR prompt with Kolors' ChatGLM3 and save the UNet "
                                    "conditioning, so inference never loads the 6 B-parameter text encoder.")
-    p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
+    p.add_argument("--kolors", metavar="DIR|FILE", default=kolors_from_env(),
                    help="Kwai-Kolors/Kolors diffusers folder (text_encoder/ + tokenizer/), a ChatGLM3 folder "
-                        "(e.g. models/LLM/chatglm3-6b) or a text_encoder folder holding its tokenizer "
-                        "[env TADISR_KOLORS]")
+                        "(e.g. models/LLM/chatglm3-6b), a text_encoder folder holding its tokenizer, or a single "
+                        "ChatGLM3 file (models/LLM/chatglm3-fp16.safetensors: its tokenizer beside it or in a "
+                        "Kolors node pack's configs/tokenizer) [env TADISR_KOLORS]")
     p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")
     p.add_argument("--prompt", default=HEATMAP_PROMPT, help="the prompt (default: the release's)")
     p.add_argument("--tokens", type=int, default=256, help="sequence length, left-padded (Kolors: 256)")

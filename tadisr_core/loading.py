@@ -23,16 +23,16 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
                         compute: str | torch.device = "cpu") -> PromptCache:
     """Load the prompt cache at `path`, computing it once with ChatGLM3 when absent.
 
-    `kolors_dir`: a Kolors folder, a ChatGLM3 folder or a text_encoder folder with its tokenizer
-    (`prompt.find_text_encoder`); `device` may be "auto": `compute` (the model's device) when it is
+    `kolors_dir`: a Kolors folder, a ChatGLM3 folder or file, or a text_encoder folder with its
+    tokenizer (`prompt.find_text_encoder`); `device` may be "auto": `compute` (the model's device) when it is
     a GPU with room for ChatGLM3, else the CPU (`prompt.text_encoder_device`).
     """
     path = Path(path)
     if path.is_file():
         return PromptCache.load(path)
     if kolors_dir is None:
-        raise FileNotFoundError(f"prompt cache not found: {path}, and no ChatGLM3 folder to compute it from "
-                                f"(pass --text-encoder DIR or a Kolors folder with text_encoder/ and tokenizer/)")
+        raise FileNotFoundError(f"prompt cache not found: {path}, and no ChatGLM3 to compute it from "
+                                f"(pass --text-encoder DIR|FILE or a Kolors folder with text_encoder/ and tokenizer/)")
     cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids, device=text_encoder_device(device, compute))
     path.parent.mkdir(parents=True, exist_ok=True)
     cache.save(path)
@@ -137,8 +137,8 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
         prompt = ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=device)
     else:
         if encoder_source is None:
-            raise FileNotFoundError("no prompt cache given and no ChatGLM3 folder to compute one "
-                                    "(pass --prompt-cache FILE or --text-encoder DIR)")
+            raise FileNotFoundError("no prompt cache given and no ChatGLM3 to compute one "
+                                    "(pass --prompt-cache FILE or --text-encoder DIR|FILE)")
         prompt = compute_prompt_cache_from_kolors(encoder_source,
                                                   device=text_encoder_device(text_encoder_device_name, device))
     try:  # before the weights are read

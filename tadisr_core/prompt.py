@@ -132,30 +132,41 @@ CHATGLM_BYTES = 14 << 30  # ChatGLM3-6B in bf16 plus activations: what computing
 
 
 def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
-    """(text_encoder folder, tokenizer folder) for ChatGLM3 from any of the layouts users keep:
-    a Kolors folder (text_encoder/ + tokenizer/), a ChatGLM3 folder (e.g. models/LLM/chatglm3-6b,
-    config.json + tokenizer.model side by side) or a text_encoder folder holding its own tokenizer.
-    Raises KolorsFolderError naming what is missing."""
+    """(ChatGLM3 weights, tokenizer folder) from any of the layouts users keep: a Kolors folder
+    (text_encoder/ + tokenizer/), a ChatGLM3 folder (e.g. models/LLM/chatglm3-6b, config.json +
+    tokenizer.model side by side), a text_encoder folder holding its own tokenizer, or a single
+    ChatGLM3 `.safetensors` file (models/LLM/chatglm3-fp16.safetensors, `chatglm_file`): the weights
+    are a folder in the first three and the file in the last. Raises KolorsFolderError naming what
+    is missing."""
+    from .chatglm_file import find_tokenizer, is_chatglm_file
     from .kolors_files import KolorsFolderError
 
     root = Path(source)
+    if root.is_file():
+        if not is_chatglm_file(root):
+            raise KolorsFolderError(f"{root} is not a ChatGLM3 weights file (.safetensors with ChatGLM3's tensors); "
+                                    f"pass ChatGLM3 (a Kolors folder, a ChatGLM3 folder or chatglm3-fp16.safetensors)")
+        return root, find_tokenizer(root)
     if (root / "config.json").is_file() and (root / "tokenizer.model").is_file():
         return root, root
     if not root.is_dir():
-        raise KolorsFolderError(f"Kolors folder not found: {root} (or a ChatGLM3 folder / text_encoder folder)")
+        raise KolorsFolderError(f"Kolors folder not found: {root} (or a ChatGLM3 folder, text_encoder folder or "
+                                f"ChatGLM3 .safetensors file)")
     encoder = root / "text_encoder"
     tokenizer = encoder if (encoder / "tokenizer.model").is_file() else root / "tokenizer"
     for folder, marker in ((encoder, "config.json"), (tokenizer, "tokenizer.model")):
         if not (folder / marker).is_file():
             raise KolorsFolderError(f"{folder / marker} is missing: computing the prompt cache needs "
                                     f"Kolors' ChatGLM3 {folder.name}/ (or a ChatGLM3 folder with config.json and "
-                                    f"tokenizer.model, or a precomputed prompt cache)")
+                                    f"tokenizer.model, chatglm3-fp16.safetensors, or a precomputed prompt cache)")
     return encoder, tokenizer
 
 
-def list_text_encoders(*dirs) -> list[Path]:
-    """Folders (directly under `dirs`, e.g. ComfyUI's models/LLM and models/diffusers) from which
-    `find_text_encoder` can load ChatGLM3, in order; a missing folder is skipped."""
+def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
+    """Folders and ChatGLM3 `.safetensors` files (directly under `dirs`, e.g. ComfyUI's models/LLM
+    and models/diffusers) from which `find_text_encoder` can load ChatGLM3, in order; a missing folder
+    is skipped. Why a ChatGLM3 file cannot be used (no tokenizer, quantized) is appended to `problems`."""
+    from .chatglm_file import is_chatglm_file
     from .kolors_files import KolorsFolderError
 
     found = []
@@ -163,10 +174,18 @@ def list_text_encoders(*dirs) -> list[Path]:
         root = Path(root)
         if not root.is_dir():
             continue
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        for sub in sorted(root.iterdir()):
+            if not sub.is_dir() and not is_chatglm_file(sub):
+                continue
             try:
                 find_text_encoder(sub)
-            except KolorsFolderError:
+                if sub.is_file():
+                    from .chatglm_file import chatglm_config
+
+                    chatglm_config(sub)  # a quantized file is refused here, not after the user chose it
+            except KolorsFolderError as exc:
+                if sub.is_file() and problems is not None:
+                    problems.append(str(exc))
                 continue
             found.append(sub)
     return found
@@ -188,6 +207,26 @@ def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.
     return compute if free_bytes >= CHATGLM_BYTES else torch.device("cpu")
 
 
+def _load_chatglm(weights: Path, dtype: torch.dtype):
+    """ChatGLM3 from a folder (diffusers' `from_pretrained`) or one `.safetensors` file
+    (`chatglm_file`), its weights streamed in `dtype`; ValueError when any weight is missing."""
+    from diffusers.pipelines.kolors import ChatGLMModel
+
+    from .chatglm_file import load_chatglm_file
+
+    if weights.is_file():
+        return load_chatglm_file(weights, dtype)
+    encoder, info = ChatGLMModel.from_pretrained(weights, torch_dtype=dtype, low_cpu_mem_usage=True,
+                                                 output_loading_info=True)
+    params = dict(encoder.named_parameters())  # a missing buffer (e.g. rotary inv_freq) is rebuilt at init
+    missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
+    if missing:
+        raise ValueError(f"{weights}: ChatGLM3's weights are incomplete ({len(missing)} tensors missing, e.g. "
+                         f"{missing[0]}); re-download text_encoder/ (Kwai-Kolors/Kolors) and compute the "
+                         f"prompt cache again")
+    return encoder
+
+
 def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATMAP_PROMPT, max_length: int = 256,
                                      time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768),
                                      device: str | torch.device = "cpu",
@@ -197,28 +236,21 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
     The encoder is built on the meta device and its weights streamed in `dtype` (low peak RAM);
     on the CPU, bf16 needs about 12.5 GB.
     """
-    from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
 
     from .finite import first_problem
 
-    encoder_dir, tokenizer_dir = find_text_encoder(kolors_dir)
+    weights, tokenizer_dir = find_text_encoder(kolors_dir)
     tokenizer = ChatGLMTokenizer.from_pretrained(tokenizer_dir)
-    encoder, info = ChatGLMModel.from_pretrained(encoder_dir, torch_dtype=dtype, low_cpu_mem_usage=True,
-                                                 output_loading_info=True)
+    encoder = _load_chatglm(weights, dtype)
     try:
-        weights = dict(encoder.named_parameters())  # a missing buffer (e.g. rotary inv_freq) is rebuilt at init
-        missing = sorted(k for k in info.get("missing_keys", ()) if k in weights)
-        if missing:
-            raise ValueError(f"{encoder_dir}: ChatGLM3's weights are incomplete ({len(missing)} tensors missing, e.g. "
-                             f"{missing[0]}); re-download text_encoder/ (Kwai-Kolors/Kolors) and compute the "
-                             f"prompt cache again")
         encoder = encoder.to(device).eval()
         cache = compute_prompt_cache(encoder, tokenizer, prompt, max_length, time_ids)
         bad = first_problem({"prompt_embeds": cache.prompt_embeds, "text_embeds": cache.text_embeds})
         if bad:
-            raise ValueError(f"{encoder_dir}: ChatGLM3's prompt embedding {bad[0]} {bad[1]} (computed on {device}); "
-                             f"its weights are damaged: re-download text_encoder/ (Kwai-Kolors/Kolors), or compute "
-                             f"on the CPU (--text-encoder-device cpu)")
+            raise ValueError(f"{weights}: ChatGLM3's prompt embedding {bad[0]} {bad[1]} (computed on {device}); "
+                             f"its weights are damaged: re-download text_encoder/ (Kwai-Kolors/Kolors) or the "
+                             f"ChatGLM3 file, or compute on the CPU (--text-encoder-device cpu)")
         return cache
     finally:
         del encoder

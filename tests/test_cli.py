@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,15 @@ def test_prompt_cache_command_writes_a_loadable_cache(tiny_dir, tmp_path, capsys
     assert cli.main(argv) == 2 and "pass --force" in capsys.readouterr().err
     assert cli.main(["prompt-cache", "--kolors", str(tmp_path / "none"), "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "Kolors folder not found" in capsys.readouterr().err
+    single = tmp_path / "LLM" / "chatglm3-fp16.safetensors"  # the Kolors node packs' single file
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", single.parent)
+    shutil.copy(tiny_dir["kolors"] / "text_encoder" / "model.safetensors", single)
+    argv[2], argv[4] = str(single), str(tmp_path / "from_file.safetensors")
+    assert cli.main(argv) == 0
+    assert torch.equal(PromptCache.load(argv[4]).prompt_embeds, cache.prompt_embeds)
+    (single.parent / "tokenizer.model").unlink()
+    assert cli.main(argv[:5] + ["--force"]) == 2
+    assert "chatglm3-fp16.safetensors is a ChatGLM3 weights file without its tokenizer" in capsys.readouterr().err
 
 
 def test_no_mask_writes_the_same_image_and_no_mask(tiny_model, inputs, tmp_path, capsys):

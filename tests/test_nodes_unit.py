@@ -5,6 +5,7 @@ host.py's ComfyUI branches."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import types
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from nodes import attention_view, blocks, convert, folder_io, graph, host, loaders, model_cache, text_tools, upscale
 from tadisr_core.heatmap import AttentionTiles, channel_groups
+from tadisr_core.prompt import PromptCache
 
 TILE = dict(scale=4.0, tile=64, overlap=16, tile_batch=2)
 
@@ -197,8 +199,34 @@ def test_auto_prompt_cache_without_a_folder_uses_chatglm_from_models_llm(files_o
     (files_only_models / "LLM" / "chatglm3-6b").unlink()
     target.unlink()
     model_cache.clear()
-    with pytest.raises(FileNotFoundError, match=r"no ChatGLM3 was found to compute it.*models/LLM"):
+    with pytest.raises(FileNotFoundError, match=r"no usable ChatGLM3 was found to compute it: .*models/LLM"):
         loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
+
+
+def test_auto_prompt_cache_from_the_single_chatglm_file_of_the_kolors_node_packs(files_only_models):
+    """models/LLM/chatglm3-fp16.safetensors, as Kolors-MZ and the KwaiKolorsWrapper keep it: without a
+    tokenizer the error names the file and what to do; with the tokenizer those packs ship in
+    custom_nodes/*/configs/tokenizer the cache is the one the ChatGLM3 folder gives."""
+    pair = "unet/kolors_unet.safetensors + vae/sdxl_vae.safetensors"
+    target = files_only_models / "tadisr" / "prompt_cache_kolors_unet.safetensors"
+    loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
+    from_folder = PromptCache.load(target)
+    kolors = (files_only_models / "LLM" / "chatglm3-6b").resolve()
+    (files_only_models / "LLM" / "chatglm3-6b").unlink()
+    target.unlink()
+    model_cache.clear()
+    single = files_only_models / "LLM" / "chatglm3-fp16.safetensors"
+    shutil.copy(kolors / "text_encoder" / "model.safetensors", single)
+    with pytest.raises(FileNotFoundError, match=r"no usable ChatGLM3 was found to compute it \(\S*LLM/chatglm3-fp16"
+                                                r".safetensors is a ChatGLM3 weights file without its tokenizer"):
+        loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
+    shutil.copytree(kolors / "tokenizer", files_only_models.parent / "custom_nodes" / "ComfyUI-Kolors-MZ" / "configs"
+                    / "tokenizer")
+    h = loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
+    assert h.sources["prompt"] == str(target)
+    cache = PromptCache.load(target)
+    assert torch.equal(cache.prompt_embeds, from_folder.prompt_embeds)
+    assert cache.text_columns == from_folder.text_columns
 
 
 def test_kolors_errors_are_the_library_messages(files_only_models):

@@ -172,7 +172,7 @@ def test_kolors_files_without_a_folder_build_the_same_model(tiny_dir, tmp_path):
                                           r"are model\.kolors_dir, model\.unet and model\.vae\)$"):
         build_model_from_config(config_from_dict({"model": {"unet": unet, "prompt_cache": prompt}}, "c.yaml"))
     with pytest.raises(ConfigError, match=r"^model\.prompt_cache not found: \S*missing\.safetensors; give an existing "
-                                          r"prompt cache, or model\.text_encoder \(a ChatGLM3 folder\) or "
+                                          r"prompt cache, or model\.text_encoder \(a ChatGLM3 folder or file\) or "
                                           r"model\.kolors_dir to compute it there$"):
         build_model_from_config(config_from_dict({"model": {"unet": unet, "vae": vae, "prompt_cache": str(
             tmp_path / "missing.safetensors")}}, "c.yaml"))

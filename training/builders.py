@@ -109,7 +109,7 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
         chatglm = m.text_encoder or m.kolors_dir
         if m.prompt_cache and not chatglm and not Path(m.prompt_cache).is_file():
             raise ConfigError(f"model.prompt_cache not found: {m.prompt_cache}; give an existing prompt cache, or "
-                              f"model.text_encoder (a ChatGLM3 folder) or model.kolors_dir to compute it there")
+                              f"model.text_encoder (a ChatGLM3 folder or file) or model.kolors_dir to compute it there")
         prompt = (ensure_prompt_cache(m.prompt_cache, chatglm) if m.prompt_cache
                   else compute_prompt_cache_from_kolors(chatglm))
         unet, vae = check_backbone(files)  # headers only: a wrong file is named before anything is built

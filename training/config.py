@@ -33,7 +33,7 @@ class ModelConfig:
     unet: str | None = None                 # Kolors UNet file or folder (overrides kolors_dir's unet/)
     vae: str | None = None                  # SDXL VAE file or folder (overrides kolors_dir's vae/, which
                                             # kijai's KwaiKolorsWrapper folder lacks)
-    text_encoder: str | None = None         # ChatGLM3 folder for a missing prompt_cache (else kolors_dir's)
+    text_encoder: str | None = None         # ChatGLM3 folder or file for a missing prompt_cache (else kolors_dir's)
     init_checkpoint: str | None = None      # TADiSR checkpoint (.safetensors or the release .pkl) to start from
     init_parts: list[str] | None = None     # take only these parts of init_checkpoint (unet, vae, mi_decoder),
                                             # e.g. another variant's backbone; None: all of it
@@ -200,8 +200,8 @@ class Config:
             if not m.prompt_cache and not m.text_encoder:
                 raise ConfigError(f"{source}: a base of model.unet / model.vae files without model.kolors_dir needs "
                                   f"model.prompt_cache (an existing file, or one to compute with "
-                                  f"model.text_encoder: a ChatGLM3 folder; `python -m tadisr_core prompt-cache` "
-                                  f"writes one)")
+                                  f"model.text_encoder: a ChatGLM3 folder or file; `python -m tadisr_core "
+                                  f"prompt-cache` writes one)")
         if m.size == "full" and not m.has_base and m.init_checkpoint:
             raise ConfigError(f"{source}: model.init_checkpoint needs the base weights (model.kolors_dir, or "
                               f"model.unet and model.vae)")

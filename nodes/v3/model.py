@@ -40,7 +40,7 @@ class TADiSRLoadModel(io.ComfyNode):
                     "Kolors base model: a diffusers folder in models/diffusers (unet/ and vae/, or a folder without "
                     "vae/ + an SDXL VAE file from models/vae), a Kolors UNet file from models/unet + an SDXL VAE "
                     "file, or an all-in-one Kolors checkpoint from models/checkpoints (+ an SDXL VAE file when it has "
-                    "none inside). text_encoder/ + tokenizer/ (or a ChatGLM3 folder in models/LLM) are only read "
+                    "none inside). text_encoder/ + tokenizer/ (or ChatGLM3 in models/LLM) are only read "
                     "once, to compute the prompt cache. 'demo': the small model shipped with the pack (trained on "
                     "synthetic text scenes), no Kolors needed; 'demo-release': its twin with the released checkpoint's "
                     "layout. Both ignore checkpoint and prompt_cache.")),

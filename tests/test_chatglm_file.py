@@ -1,0 +1,161 @@
+"""ChatGLM3 kept as one .safetensors file (models/LLM/chatglm3-fp16.safetensors of the Kolors node packs):
+the prompt cache it makes equals the Kolors folder's, its tokenizer is found where those packs keep it,
+the full-size structure follows from the shapes, and files that cannot serve are named."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tadisr_core.chatglm_file import chatglm_config, is_chatglm_file
+from tadisr_core.kolors_files import KolorsFolderError
+from tadisr_core.prompt import compute_prompt_cache_from_kolors, find_text_encoder, list_text_encoders
+from tadisr_core.streaming import TensorInfo, WeightsHeader
+
+KW = dict(max_length=32, dtype=torch.bfloat16, time_ids=(64, 64, 0, 0, 64, 64))
+
+
+def _weights(tiny_dir) -> dict:
+    return load_file(str(tiny_dir["kolors"] / "text_encoder" / "model.safetensors"))
+
+
+def _single_file(tiny_dir, path, edit=lambda t: t):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(edit(_weights(tiny_dir)), str(path))
+    return path
+
+
+def _hf_names_fp16(tensors):  # chatglm3-6b's layout: the model under "transformer."
+    return {f"transformer.{k}": v.half() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("layout", ["beside", "tokenizer-folder", "node-pack", "hf-names-fp16"])
+def test_a_single_chatglm_file_makes_the_folders_prompt_cache(tiny_dir, tmp_path, layout):
+    kolors = tiny_dir["kolors"]
+    comfy = tmp_path / "ComfyUI"
+    llm = comfy / "models" / "LLM"
+    edit = _hf_names_fp16 if layout == "hf-names-fp16" else (lambda t: t)
+    weights = _single_file(tiny_dir, llm / "chatglm3-fp16.safetensors", edit)
+    tokenizer = {"beside": llm, "tokenizer-folder": llm / "tokenizer", "hf-names-fp16": llm,
+                 "node-pack": comfy / "custom_nodes" / "ComfyUI-Kolors-MZ" / "configs" / "tokenizer"}[layout]
+    shutil.copytree(kolors / "tokenizer", tokenizer, dirs_exist_ok=True)
+    (comfy / "custom_nodes").mkdir(exist_ok=True)
+
+    assert is_chatglm_file(weights) and find_text_encoder(weights) == (weights, tokenizer)
+    ref = compute_prompt_cache_from_kolors(kolors, **KW)
+    if layout == "hf-names-fp16":  # the folder's weights rounded to fp16 first, as the file holds them
+        folder = tmp_path / "fp16"
+        shutil.copytree(kolors, folder)
+        save_file({k: v.half() for k, v in _weights(tiny_dir).items()},
+                  str(folder / "text_encoder" / "model.safetensors"))
+        ref = compute_prompt_cache_from_kolors(folder, **KW)
+    cache = compute_prompt_cache_from_kolors(weights, **KW)
+    assert cache.prompt_embeds.dtype == torch.float32 and cache.text_columns == ref.text_columns == (31,)
+    assert torch.equal(cache.prompt_embeds, ref.prompt_embeds) and torch.equal(cache.text_embeds, ref.text_embeds)
+
+
+def test_a_file_without_the_rotary_buffer_takes_chatglm3s_head_width(tiny_dir, tmp_path):
+    """The rotary buffer is what tells the head width; without it ChatGLM3's 128 is taken. A tiny
+    model with 128-wide heads gives the same cache with and without the buffer."""
+    from diffusers.pipelines.kolors import ChatGLMModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+    cfg = ChatGLMConfig(num_layers=2, hidden_size=128, ffn_hidden_size=64, kv_channels=128, num_attention_heads=1,
+                        padded_vocab_size=256, multi_query_attention=True, multi_query_group_num=1,
+                        add_qkv_bias=True, original_rope=True)
+    model = ChatGLMModel(cfg, empty_init=False)
+    g = torch.Generator().manual_seed(5)
+    tensors = {k: (torch.ones(v.shape) if "norm" in k else torch.randn(v.shape, generator=g) * 0.05)
+               for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    caches = []
+    for name, extra in (("with", {"rotary_pos_emb.inv_freq": model.rotary_pos_emb.inv_freq}), ("without", {})):
+        path = tmp_path / name / "chatglm3.safetensors"
+        path.parent.mkdir()
+        save_file({**tensors, **extra}, str(path))
+        shutil.copytree(tiny_dir["kolors"] / "tokenizer", path.parent, dirs_exist_ok=True)
+        caches.append(compute_prompt_cache_from_kolors(path, **KW))
+    assert torch.equal(caches[0].prompt_embeds, caches[1].prompt_embeds)
+    assert torch.equal(caches[0].text_embeds, caches[1].text_embeds)
+    tiny = _single_file(tiny_dir, tmp_path / "tiny" / "chatglm3.safetensors",
+                        lambda t: {k: v for k, v in t.items() if not k.endswith("inv_freq")})
+    with pytest.raises(KolorsFolderError, match=r"do not fit heads 128 wide, and the file has no rotary_pos_emb"):
+        chatglm_config(tiny)
+
+
+def _architecture(cfg) -> dict:
+    return {name: getattr(cfg, name) for name in (
+        "num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
+        "multi_query_attention", "multi_query_group_num", "add_qkv_bias", "add_bias_linear", "rmsnorm",
+        "post_layer_norm", "layernorm_epsilon", "apply_residual_connection_post_layernorm",
+        "apply_query_key_layer_scaling", "attention_softmax_in_fp32", "fp32_residual_connection", "original_rope")}
+
+
+def test_the_full_size_structure_follows_from_the_shapes(tmp_path):
+    """ChatGLM3-6B as Kolors configures it (text_encoder/config.json), built on the meta device: the
+    config read back from its tensor shapes builds a model with the same tensors and the same sizes."""
+    from diffusers.pipelines.kolors import ChatGLMModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+    kolors = ChatGLMConfig(num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696,
+                           kv_channels=128, num_attention_heads=32, multi_query_attention=True,
+                           multi_query_group_num=2, add_qkv_bias=True, add_bias_linear=False, seq_length=32768,
+                           original_rope=True)
+    with torch.device("meta"):
+        full = ChatGLMModel(kolors, empty_init=False)
+    shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
+    assert shapes["encoder.layers.0.self_attention.query_key_value.weight"] == (4608, 4096)
+    header = WeightsHeader(tmp_path / "chatglm3-fp16.safetensors",
+                           {k: TensorInfo(torch.float16, s, 0, 0) for k, s in shapes.items()}, {})
+    cfg = chatglm_config(header.path, header)
+    assert _architecture(cfg) == _architecture(kolors)
+    with torch.device("meta"):
+        rebuilt = ChatGLMModel(cfg, empty_init=False)
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == shapes
+    del header.tensors["rotary_pos_emb.inv_freq"]  # without the buffer: ChatGLM3's 128-wide heads
+    assert _architecture(chatglm_config(header.path, header)) == _architecture(kolors)
+
+
+def test_files_that_cannot_serve_are_named(tiny_dir, tmp_path):
+    llm = tmp_path / "LLM"
+    alone = _single_file(tiny_dir, llm / "chatglm3-fp16.safetensors")
+    with pytest.raises(KolorsFolderError, match=r"chatglm3-fp16.safetensors is a ChatGLM3 weights file without its "
+                                                r"tokenizer: put ChatGLM3's tokenizer.model"):
+        find_text_encoder(alone)
+
+    def quantize(tensors):  # the 8-bit file's layout: int8 weights and their scales
+        key = "encoder.layers.0.mlp.dense_4h_to_h.weight"
+        tensors[key + "_scale"] = tensors[key].abs().amax(1).half()
+        tensors[key] = tensors[key].to(torch.int8)
+        return tensors
+
+    quant = _single_file(tiny_dir, llm / "chatglm3-8bit.safetensors", quantize)
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", llm, dirs_exist_ok=True)
+    with pytest.raises(KolorsFolderError, match=r"chatglm3-8bit.safetensors is a quantized \(8- or 4-bit\) ChatGLM3.*"
+                                                r"use the fp16 file"):
+        compute_prompt_cache_from_kolors(quant, **KW)
+    vae = tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(KolorsFolderError, match=r"diffusion_pytorch_model.safetensors is not a ChatGLM3 weights file"):
+        compute_prompt_cache_from_kolors(vae, **KW)
+    torn = _single_file(tiny_dir, tmp_path / "torn" / "chatglm3-fp16.safetensors",
+                        lambda t: {k: v for k, v in t.items() if "layers.1.mlp" not in k})
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", torn.parent, dirs_exist_ok=True)
+    with pytest.raises(ValueError, match=r"chatglm3-fp16.safetensors: the weights do not fit the model: missing 2"):
+        compute_prompt_cache_from_kolors(torn, **KW)
+
+
+def test_models_llm_lists_usable_files_and_says_why_others_are_not(tiny_dir, tmp_path):
+    llm = tmp_path / "LLM"
+    _single_file(tiny_dir, llm / "chatglm3-fp16.safetensors")
+    shutil.copy(tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors", llm / "other.safetensors")
+    problems = []
+    assert list_text_encoders(llm, problems=problems) == []
+    assert len(problems) == 1 and "chatglm3-fp16.safetensors is a ChatGLM3 weights file without its tokenizer" \
+        in problems[0]
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", llm / "tokenizer")
+    folder = llm / "chatglm3-6b"
+    shutil.copytree(tiny_dir["kolors"] / "text_encoder", folder)
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", folder, dirs_exist_ok=True)
+    problems = []
+    assert list_text_encoders(llm, problems=problems) == [folder, llm / "chatglm3-fp16.safetensors"]
+    assert problems == []
