@@ -170,12 +170,14 @@ def _generator(model, sample: bool, generator: torch.Generator | None, seed: int
     return torch.Generator(model.device).manual_seed(0 if seed is None else int(seed))
 
 
+def _as_rgb(image: torch.Tensor) -> torch.Tensor:
+    """A gray image [B, 1, H, W] as the RGB image the model sees (a view); RGB as it is."""
+    return image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
+
+
 def _gather(canvas: torch.Tensor, grid: TileGrid, units: range, model) -> torch.Tensor:
     """Model input for `units`: RGB tiles [n, 3, th, tw] on the model's device."""
-    tiles = extract_units(canvas, grid, units)
-    if tiles.shape[1] == 1:
-        tiles = tiles.expand(-1, 3, -1, -1)
-    x = tiles.to(model.device, non_blocking=True)
+    x = _as_rgb(extract_units(canvas, grid, units)).to(model.device, non_blocking=True)
     if model.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -303,7 +305,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
         res = _blend(model, grid, b, image.shape[1], work, tile_batch, mask=mask, heat=attention,
                      canvas_device=hr.device, alpha=alpha, progress=progress, cancel=cancel)
         if color_fix != "none":
-            res.image[:, :3] = apply_color_fix(res.image[:, :3], rgb.to(res.image.device), color_fix)
+            res.image[:, :3] = apply_color_fix(res.image[:, :3], _as_rgb(rgb).to(res.image.device), color_fix)
         if keep_attention:
             res.attention_tiles = AttentionTiles(grid, b, kept, channel_groups(model))
         return res
@@ -468,5 +470,5 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
     res = _blend(model, grid, tiled.batch, tiled.channels, work, tile_batch, mask=mask, heat=tiled.heatmap,
                  canvas_device=canvas_device, alpha=tiled.alpha, progress=progress, cancel=cancel)
     if color_fix != "none":
-        res.image[:, :3] = apply_color_fix(res.image[:, :3], rgb.to(res.image.device), color_fix)
+        res.image[:, :3] = apply_color_fix(res.image[:, :3], _as_rgb(rgb).to(res.image.device), color_fix)
     return res

@@ -104,6 +104,23 @@ def test_staged_decode_fixes_colours_as_the_all_in_one_upscale(tiny_model_factor
     assert (auto - none).abs().max() > 1e-3  # "auto" took the model's wavelet fix
 
 
+def test_a_gray_input_is_colour_fixed_as_its_rgb_form(tiny_model_factory):
+    """A gray image (1 channel: gray PNG, 1-bit, 16-bit) is upscaled as RGB; the wavelet fix takes its
+    low frequencies from that RGB form, in the one-call upscale and the staged decode alike (both
+    used to refuse it: "image (1, 3, ...) and reference (1, 1, ...) differ")."""
+    from tadisr_core.pipeline import decode_tiles, denoise_tiles, encode_tiles, upscale
+
+    model = tiny_model_factory("paper")
+    gray = _img(6, (1, 1, 16, 24))
+    rgb = gray.expand(-1, 3, -1, -1)
+    ref = upscale(model, rgb, 4, 64, 16, 2, color_fix="wavelet").image
+    assert not torch.equal(ref, upscale(model, rgb, 4, 64, 16, 2, color_fix="none").image)
+    assert torch.equal(upscale(model, gray, 4, 64, 16, 2, color_fix="wavelet").image, ref)
+    staged = decode_tiles(model, denoise_tiles(model, encode_tiles(model, gray, 4, 64, 16, 2), tile_batch=2), 2,
+                          color_fix="wavelet")
+    assert torch.allclose(staged.image, ref, atol=1e-5)
+
+
 def test_the_shipped_demo_recommends_the_wavelet_fix_and_auto_applies_it(tmp_path):
     import numpy as np
     from PIL import Image
