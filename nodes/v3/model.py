@@ -50,8 +50,9 @@ class TADiSRLoadModel(io.ComfyNode):
                 io.Combo.Input("prompt_cache", options=loaders.prompt_cache_choices(), default=loaders.AUTO_CACHE,
                                tooltip=(
                     "Prompt conditioning. 'auto' uses models/tadisr/prompt_cache_<kolors folder>.safetensors and "
-                    "computes it once from the folder's ChatGLM3 when missing (needs ~13 GB VRAM or a few minutes "
-                    "on CPU); afterwards ChatGLM3 is never loaded again. Ignored by the demo models.")),
+                    "computes it once when missing, from the folder's ChatGLM3, else from models/LLM (a ChatGLM3 "
+                    "folder or chatglm3-fp16.safetensors); it needs ~13 GB VRAM or a few minutes on CPU; afterwards "
+                    "ChatGLM3 is never loaded again. Ignored by the demo models.")),
                 io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=(
                     "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32; fp32 for the "
                     "demo models, trained in fp32), fp32 on CPU. "
