@@ -159,3 +159,41 @@ def test_models_llm_lists_usable_files_and_says_why_others_are_not(tiny_dir, tmp
     problems = []
     assert list_text_encoders(llm, problems=problems) == [folder, llm / "chatglm3-fp16.safetensors"]
     assert problems == []
+
+
+class _ChatGLM3Pieces:
+    """The pieces and ids ChatGLM3's own tokenizer (Kolors' tokenizer.model) gives these prompts,
+    recorded from it: after a comma the word is 'text' (id 1648), alone or after a space '▁text'
+    (id 2254). Left padding with 0, then [gMASK] sop (64790, 64792), as ChatGLMTokenizer pads."""
+
+    PIECES = {
+        "best quality,highres,extremely detailed,text": (
+            ["▁best", "▁quality", ",", "high", "res", ",", "ext", "rem", "ely", "▁detailed", ",", "text"],
+            [1077, 2145, 30932, 9371, 414, 30932, 3406, 1372, 620, 6374, 30932, 1648]),
+        "text on a sign, best quality": (["▁text", "▁on", "▁a", "▁sign", ",", "▁best", "▁quality"],
+                                         [2254, 331, 260, 1117, 30932, 1077, 2145]),
+        "a sign with Text": (["▁a", "▁sign", "▁with", "▁Text"], [260, 1117, 356, 8484]),
+        "text": (["▁text"], [2254]),
+    }
+
+    def tokenize(self, text):
+        return list(self.PIECES[text][0])
+
+    def __call__(self, text, padding, max_length, truncation):
+        ids = ([64790, 64792] + self.PIECES[text][1])[:max_length]  # truncation keeps the start
+        return {"input_ids": [0] * (max_length - len(ids)) + ids}
+
+
+def test_the_word_text_is_found_in_chatglm3s_own_pieces():
+    """The release prompt ends in 'text' without the word-start mark that "text" alone carries; the
+    column is the last one either way (255 of Kolors' 256), and the mark and case never hide the word."""
+    from tadisr_core.prompt import find_word_columns
+    from tadisr_core.spec import HEATMAP_PROMPT
+
+    tok = _ChatGLM3Pieces()
+    assert find_word_columns(tok, HEATMAP_PROMPT, "text", 256) == (255,)
+    assert find_word_columns(tok, HEATMAP_PROMPT, "text", 32) == (31,)
+    assert find_word_columns(tok, "text on a sign, best quality", "text", 256) == (249,)
+    assert find_word_columns(tok, "a sign with Text", "text", 256) == (255,)
+    with pytest.raises(ValueError, match="prompt of 12 tokens does not fit 13"):
+        find_word_columns(tok, HEATMAP_PROMPT, "text", 13)
