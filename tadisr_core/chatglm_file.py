@@ -6,10 +6,16 @@ fixed choices (RMSNorm, rotary embedding, grouped queries), so none is needed. I
 the file: it is looked for beside the file, in a `tokenizer/` folder beside it, and in the
 `configs/tokenizer/` folder that the node packs ship in `custom_nodes/` of the ComfyUI tree the file
 sits in.
+
+Kolors-MZ also keeps 8- and 4-bit files: the four linear layers of each block as int8 with a
+per-row `weight_scale` (ChatGLM's own quantization: weight = int8 x scale). An 8-bit file is read
+back to fp16 that way; a 4-bit file packs two values a byte in an order only its CUDA kernel
+knows, and is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from itertools import chain
 from pathlib import Path
 
@@ -22,7 +28,9 @@ from .streaming import WeightsHeader, assign_weights, header_mentions, iter_tens
 MARKER = "self_attention.query_key_value"
 _PREFIX = "transformer."  # chatglm3-6b's ChatGLMForConditionalGeneration keeps the model under it
 _ROTARY = "rotary_pos_emb.inv_freq"
+_SCALE = "_scale"  # `<layer>.weight_scale` beside an int8 `<layer>.weight`
 _CHATGLM3_KV_CHANNELS = 128  # per-head width of every ChatGLM3 (used when the file has no rotary buffer)
+log = logging.getLogger(__name__)
 TOKENIZER_HINT = ("put ChatGLM3's tokenizer.model (with tokenizer_config.json: Kolors' tokenizer/ folder, "
                   "Kwai-Kolors/Kolors) beside it or in a tokenizer/ folder beside it")
 
@@ -59,13 +67,19 @@ def find_tokenizer(path: str | Path) -> Path:
                             f"(looked beside it and in the Kolors node packs' configs/tokenizer/)")
 
 
-def _check_not_quantized(path: Path, header: WeightsHeader) -> None:
-    scales = [k for k in header.tensors if k.endswith("weight_scale")]
-    ints = [k for k, v in header.tensors.items() if k.endswith(".weight") and not v.dtype.is_floating_point]
-    if scales or ints:
-        raise KolorsFolderError(f"{path} is a quantized (8- or 4-bit) ChatGLM3 ({(scales or ints)[0]}); the prompt "
-                                f"cache is computed once, at full precision: use the fp16 file "
-                                f"(chatglm3-fp16.safetensors) or Kolors' text_encoder/ folder")
+def quantized_bits(path: str | Path, header: WeightsHeader | None = None) -> int | None:
+    """8 or 4 for a quantized ChatGLM3 file (int8 weights with their scales), None for one in floats."""
+    header = header or read_header(Path(path))
+    shapes = {k.removeprefix(_PREFIX): v for k, v in header.tensors.items()}
+    quantized = [k for k, v in shapes.items() if k.endswith(".weight") and not v.dtype.is_floating_point]
+    if not quantized:
+        return None
+    qkv = shapes.get("encoder.layers.0.self_attention.query_key_value.weight")
+    embedding = shapes.get("embedding.word_embeddings.weight")
+    if qkv is None or embedding is None or qkv.shape[1] not in (embedding.shape[1], embedding.shape[1] // 2):
+        raise KolorsFolderError(f"{path}: integer weights ({quantized[0]}) of a layout that is not ChatGLM3's 8- or "
+                                f"4-bit one; pass the fp16 file (chatglm3-fp16.safetensors)")
+    return 8 if qkv.shape[1] == embedding.shape[1] else 4
 
 
 def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
@@ -75,8 +89,11 @@ def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
 
     path = Path(path)
     header = header or read_header(path)
-    _check_not_quantized(path, header)
-    shapes = {k.removeprefix(_PREFIX): v for k, v in header.shapes().items()}
+    if quantized_bits(path, header) == 4:
+        raise KolorsFolderError(f"{path} is a 4-bit ChatGLM3, packed in a layout only its CUDA kernel reads; the "
+                                f"prompt cache is computed once: use the fp16 file (chatglm3-fp16.safetensors) or the "
+                                f"8-bit one, or Kolors' text_encoder/ folder")
+    shapes = {k.removeprefix(_PREFIX): v for k, v in header.shapes().items() if not k.endswith(_SCALE)}
     try:
         vocab, hidden = shapes["embedding.word_embeddings.weight"]
         layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.layers."))
@@ -99,16 +116,36 @@ def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
                          original_rope=True)
 
 
+def _dequantized(path: Path, header: WeightsHeader, dtype: torch.dtype):
+    """(name, tensor) of an 8-bit file in `dtype`: each int8 weight times its row scales (in the scales'
+    dtype, as ChatGLM's quantized layers compute it), one tensor at a time."""
+    scales = dict(iter_tensors(path, rename=lambda k: k if k.endswith(_SCALE) else None, header=header))
+    for name, t in iter_tensors(path, header=header):
+        if name.endswith(_SCALE):
+            continue
+        scale = scales.get(name + _SCALE)
+        if scale is not None:
+            t = t.to(scale.dtype) * scale[:, None]
+        yield name, t.to(dtype) if t.is_floating_point() else t
+
+
 def load_chatglm_file(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     """diffusers' `ChatGLMModel` with the weights of the ChatGLM3 file `path` in `dtype`, read one
-    tensor at a time into a model built on the meta device (no random init, no fp32 copy)."""
+    tensor at a time into a model built on the meta device (no random init, no fp32 copy). An 8-bit
+    file is dequantized as it is read, with a warning: its prompt cache is close to the fp16 one's."""
     from diffusers.pipelines.kolors import ChatGLMModel
 
     path = Path(path)
     header = read_header(path)
     with torch.device("meta"):
         model = ChatGLMModel(chatglm_config(path, header), empty_init=False)
-    tensors = iter_tensors(path, dtype, rename=lambda k: k.removeprefix(_PREFIX), header=header)
+    if quantized_bits(path, header) == 8:
+        log.warning("%s is an 8-bit ChatGLM3: the prompt cache computed from it is close to, not equal to, the "
+                    "one from the fp16 weights", path)
+        tensors = _dequantized(path, header, dtype)
+    else:
+        tensors = iter_tensors(path, dtype, header=header)
+    tensors = ((k.removeprefix(_PREFIX), t) for k, t in tensors)
     if not any(k.removeprefix(_PREFIX) == _ROTARY for k in header.tensors):  # unused by the forward pass
         rotary = type(model.rotary_pos_emb)(model.rotary_pos_emb.dim, device="cpu").inv_freq.to(dtype)
         tensors = chain(tensors, [(_ROTARY, rotary)])

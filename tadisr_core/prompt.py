@@ -164,12 +164,13 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
 
 def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
     """Folders and ChatGLM3 `.safetensors` files (directly under `dirs`, e.g. ComfyUI's models/LLM
-    and models/diffusers) from which `find_text_encoder` can load ChatGLM3, in order; a missing folder
-    is skipped. Why a ChatGLM3 file cannot be used (no tokenizer, quantized) is appended to `problems`."""
-    from .chatglm_file import is_chatglm_file
+    and models/diffusers) from which `find_text_encoder` can load ChatGLM3, in order, 8-bit files
+    after full-precision ones; a missing folder is skipped. Why a ChatGLM3 file cannot be used (no
+    tokenizer, 4-bit) is appended to `problems`."""
+    from .chatglm_file import chatglm_config, is_chatglm_file, quantized_bits
     from .kolors_files import KolorsFolderError
 
-    found = []
+    found, eight_bit = [], set()
     for root in dirs:
         root = Path(root)
         if not root.is_dir():
@@ -180,15 +181,15 @@ def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
             try:
                 find_text_encoder(sub)
                 if sub.is_file():
-                    from .chatglm_file import chatglm_config
-
-                    chatglm_config(sub)  # a quantized file is refused here, not after the user chose it
+                    chatglm_config(sub)  # a 4-bit file is refused here, not after the user chose it
+                    if quantized_bits(sub) == 8:
+                        eight_bit.add(sub)
             except KolorsFolderError as exc:
                 if sub.is_file() and problems is not None:
                     problems.append(str(exc))
                 continue
             found.append(sub)
-    return found
+    return sorted(found, key=lambda p: p in eight_bit)  # stable: the order above otherwise
 
 
 def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.device = "cpu",

@@ -116,6 +116,49 @@ def test_the_full_size_structure_follows_from_the_shapes(tmp_path):
     assert _architecture(chatglm_config(header.path, header)) == _architecture(kolors)
 
 
+_QUANTIZED = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+def _quantized(tensors, bits):
+    """ChatGLM's quantization as Kolors-MZ's 8- and 4-bit files hold it: each block's four linear weights
+    as int8 (4-bit: two values a byte, here just half the columns) and `weight_scale` = row max / (2^(b-1)-1);
+    with the fp16 weights the 8-bit file reads back as (int8 x scale, computed in fp16)."""
+    quant, back = {}, {}
+    for k, w in tensors.items():
+        if k.startswith("encoder.layers.") and k.removesuffix(".weight").endswith(_QUANTIZED):
+            w = w.half()
+            scale = w.abs().amax(1) / (2 ** (bits - 1) - 1)
+            q = torch.round(w / scale[:, None]).to(torch.int8)
+            quant[k], quant[k + "_scale"] = (q if bits == 8 else q[:, ::2].contiguous()), scale
+            back[k] = q.half() * scale[:, None]
+        else:
+            quant[k] = back[k] = w.half() if w.is_floating_point() and not k.endswith("inv_freq") else w
+    return quant, back
+
+
+def test_an_8bit_file_reads_back_as_its_dequantized_weights(tiny_dir, tmp_path, caplog):
+    """Kolors-MZ's chatglm3-8bit.safetensors: its cache equals the one of a folder holding the weights
+    it stands for (int8 x scale), with a warning that it is close to, not equal to, the fp16 one's."""
+    quant, back = _quantized(_weights(tiny_dir), 8)
+    llm = tmp_path / "LLM"
+    eight = llm / "chatglm3-8bit.safetensors"
+    llm.mkdir()
+    save_file(quant, str(eight))
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", llm, dirs_exist_ok=True)
+    folder = tmp_path / "kolors"
+    shutil.copytree(tiny_dir["kolors"], folder)
+    save_file(back, str(folder / "text_encoder" / "model.safetensors"))
+    with caplog.at_level("WARNING"):
+        cache = compute_prompt_cache_from_kolors(eight, **KW)
+    assert "chatglm3-8bit.safetensors is an 8-bit ChatGLM3" in caplog.text
+    ref = compute_prompt_cache_from_kolors(folder, **KW)
+    assert torch.equal(cache.prompt_embeds, ref.prompt_embeds) and torch.equal(cache.text_embeds, ref.text_embeds)
+    exact = compute_prompt_cache_from_kolors(tiny_dir["kolors"], **KW)
+    assert not torch.equal(cache.prompt_embeds, exact.prompt_embeds)
+    _single_file(tiny_dir, llm / "chatglm3-fp16.safetensors")  # listed after the fp16 file, whatever the names
+    assert list_text_encoders(llm) == [llm / "chatglm3-fp16.safetensors", eight]
+
+
 def test_files_that_cannot_serve_are_named(tiny_dir, tmp_path):
     llm = tmp_path / "LLM"
     alone = _single_file(tiny_dir, llm / "chatglm3-fp16.safetensors")
@@ -123,17 +166,11 @@ def test_files_that_cannot_serve_are_named(tiny_dir, tmp_path):
                                                 r"tokenizer: put ChatGLM3's tokenizer.model"):
         find_text_encoder(alone)
 
-    def quantize(tensors):  # the 8-bit file's layout: int8 weights and their scales
-        key = "encoder.layers.0.mlp.dense_4h_to_h.weight"
-        tensors[key + "_scale"] = tensors[key].abs().amax(1).half()
-        tensors[key] = tensors[key].to(torch.int8)
-        return tensors
-
-    quant = _single_file(tiny_dir, llm / "chatglm3-8bit.safetensors", quantize)
+    four_bit = _single_file(tiny_dir, llm / "chatglm3-4bit.safetensors", lambda t: _quantized(t, 4)[0])
     shutil.copytree(tiny_dir["kolors"] / "tokenizer", llm, dirs_exist_ok=True)
-    with pytest.raises(KolorsFolderError, match=r"chatglm3-8bit.safetensors is a quantized \(8- or 4-bit\) ChatGLM3.*"
-                                                r"use the fp16 file"):
-        compute_prompt_cache_from_kolors(quant, **KW)
+    with pytest.raises(KolorsFolderError, match=r"chatglm3-4bit.safetensors is a 4-bit ChatGLM3.*use the fp16 file "
+                                                r"\(chatglm3-fp16.safetensors\) or the 8-bit one"):
+        compute_prompt_cache_from_kolors(four_bit, **KW)
     vae = tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors"
     with pytest.raises(KolorsFolderError, match=r"diffusion_pytorch_model.safetensors is not a ChatGLM3 weights file"):
         compute_prompt_cache_from_kolors(vae, **KW)
