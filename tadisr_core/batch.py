@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .files import same_file
-from .images import is_image_file, read_image, save_images, written_by_us
+from .images import DEFAULT_QUALITY, check_writable, is_image_file, read_image, save_images, written_by_us
 from .pipeline import UpscaleCancelled, upscale
 
 log = logging.getLogger("tadisr")
@@ -44,6 +44,7 @@ class Options:
     seed: int | None = None           # set: sample the latent with this seed (as the release did)
     skip_existing: bool = False
     color_fix: str = "auto"           # "wavelet": colours from the bicubic input; "auto": the model's choice (color.py)
+    quality: int = DEFAULT_QUALITY    # of a JPEG or WebP image (plan_jobs' image_format)
 
 
 @dataclass
@@ -68,11 +69,12 @@ def scale_tag(scale: float) -> str:
     return f"x{scale:g}"
 
 
-OUTPUT_NAME = re.compile(r"_(x\d+(\.\d+)?|text_mask|attention)(-\d+)?\.png$", re.IGNORECASE)
+OUTPUT_NAME = re.compile(r"_(x\d+(\.\d+)?(-\d+)?\.(png|jpg|webp)|(text_mask|attention)(-\d+)?\.png)$", re.IGNORECASE)
 
 
 def looks_like_output(path: str | Path) -> bool:
-    """Whether a file name follows the pattern of our outputs (`*_x4.png`, `*_text_mask.png`, `*_attention.png`)."""
+    """Whether a file name follows the pattern of our outputs (`*_x4.png` / `.jpg` / `.webp`, `*_text_mask.png`,
+    `*_attention.png`)."""
     return bool(OUTPUT_NAME.search(Path(path).name))
 
 
@@ -161,8 +163,9 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
 
 
 def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | Path, scale: float,
-              attention: bool = False, mask: bool = True) -> list[Job]:
-    """Output paths `<name>_x<scale>.png`, `<name>_text_mask.png` (and `<name>_attention.png`).
+              attention: bool = False, mask: bool = True, image_format: str = "png") -> list[Job]:
+    """Output paths `<name>_x<scale>.<image_format>` (png, jpg or webp), `<name>_text_mask.png` (and
+    `<name>_attention.png`); the mask and the heat map are always PNG, exact.
 
     Files found in folders keep their sub-folder below OUTDIR; a name already taken gets `-2`, `-3`...
     """
@@ -178,7 +181,7 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
             stem = f"{path.stem}-{n}"
         used.add(outdir / sub / stem)
         base = outdir / sub
-        jobs.append(Job(path, base / f"{stem}_{tag}.png", base / f"{stem}_text_mask.png" if mask else None,
+        jobs.append(Job(path, base / f"{stem}_{tag}.{image_format}", base / f"{stem}_text_mask.png" if mask else None,
                         base / f"{stem}_attention.png" if attention else None, error))
     _refuse_overwrites(jobs)
     return jobs
@@ -233,6 +236,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         t1 = time.perf_counter()
         rec.input_size = [image.shape[-1], image.shape[-2]]
         rec.channels = image.shape[1]
+        check_writable(job.image, image.shape[1])  # before the upscale, not after it
         result = upscale(model, image, options.scale, options.tile, options.overlap, options.tile_batch,
                          progress=progress, cancel=cancel, attention=options.attention,
                          sample=options.seed is not None, seed=options.seed, mask=job.mask is not None,
@@ -243,7 +247,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         items += [(result.mask, job.mask)] if job.mask is not None else []
         if job.attention is not None:
             items.append((result.attention, job.attention))
-        save_images(items)
+        save_images(items, options.quality)
         t3 = time.perf_counter()
     except UpscaleCancelled:
         raise

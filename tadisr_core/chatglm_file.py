@@ -30,7 +30,7 @@ _PREFIX = "transformer."  # chatglm3-6b's ChatGLMForConditionalGeneration keeps 
 _ROTARY = "rotary_pos_emb.inv_freq"
 _SCALE = "_scale"  # `<layer>.weight_scale` beside an int8 `<layer>.weight`
 _CHATGLM3_KV_CHANNELS = 128  # per-head width of every ChatGLM3 (used when the file has no rotary buffer)
-log = logging.getLogger(__name__)
+log = logging.getLogger("tadisr")
 TOKENIZER_HINT = ("put ChatGLM3's tokenizer.model (with tokenizer_config.json: Kolors' tokenizer/ folder, "
                   "Kwai-Kolors/Kolors) beside it or in a tokenizer/ folder beside it")
 

@@ -70,6 +70,16 @@ def _finite_float(value: str) -> float:
     return x
 
 
+def _quality(value: str) -> int:
+    try:
+        q = int(value)
+    except ValueError:
+        q = 0
+    if not 1 <= q <= 100:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 100, got {value!r}")
+    return q
+
+
 def _scale(value: str) -> float:
     from .descriptor import DESCRIPTOR
 
@@ -271,10 +281,11 @@ def ensure_writable_folder(folder: Path) -> None:
 # -- upscale ----------------------------------------------------------------------------------------
 def add_upscale(sub) -> None:
     from .color import COLOR_FIX_CHOICES
+    from .images import DEFAULT_QUALITY, OUTPUT_FORMATS
 
     p = sub.add_parser("upscale", help="super-resolve image files and write SR images + text masks",
-                       description="Super-resolve images: writes <name>_x<scale>.png and <name>_text_mask.png "
-                                   "(and <name>_attention.png with --attention) to OUTDIR.")
+                       description="Super-resolve images: writes <name>_x<scale>.png (.jpg / .webp with --format) "
+                                   "and <name>_text_mask.png (and <name>_attention.png with --attention) to OUTDIR.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
     add_weight_args(p)
@@ -294,6 +305,11 @@ def add_upscale(sub) -> None:
                    help="wavelet: keep the input's colours (low frequencies of the bicubic upscale) under the "
                         "model's detail; none: the model's output as it is; auto (default): wavelet for the "
                         "shipped demo models (they shift colours), none for the others")
+    p.add_argument("--format", dest="image_format", choices=tuple(OUTPUT_FORMATS), default="png",
+                   help="file format of the upscaled image (default png; the text mask stays PNG): jpg and webp "
+                        "take a fraction of the space at --quality (jpg cannot keep an alpha channel)")
+    p.add_argument("--quality", type=_quality, default=DEFAULT_QUALITY,
+                   help=f"JPEG / WebP quality, 1 to 100 (default {DEFAULT_QUALITY}; WebP at 100 is lossless)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs all exist")
     p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")
@@ -331,7 +347,7 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     _validate_upscale(args)
     rank, world = distributed_rank()
     planned = plan_jobs(collect_inputs(args.inputs, args.recursive, exclude=args.output), args.output, args.scale,
-                        args.attention, mask=args.mask)
+                        args.attention, mask=args.mask, image_format=args.image_format)
     if not planned:
         raise SetupError(f"nothing to upscale: no image files in {' '.join(map(str, args.inputs))}"
                          + ("" if args.recursive else " (add --recursive for the images in sub-folders)"))
@@ -351,7 +367,7 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
             raise
     load_s = time.perf_counter() - t0
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
-                      args.skip_existing, args.color_fix)
+                      args.skip_existing, args.color_fix, args.quality)
     records, cancelled = [], False
     files_bar = tqdm(total=len(jobs), unit="file", disable=quiet or len(jobs) < 2, position=0)
     with _Interrupt() as interrupt:

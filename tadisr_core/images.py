@@ -13,7 +13,8 @@ Reading gives float32 [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA) as the us
 * the ICC profile is returned with the pixels, so outputs can carry it.
 
 Pillow reads 16-bit-per-channel colour PNGs at 8 bits per channel; a warning says so.
-Saving writes 8-bit PNG (tagged Software=TADiSR) through a hidden temporary file and an atomic
+Saving writes 8 bits per channel, as PNG, JPEG or WebP by the file's suffix (`OUTPUT_FORMATS`), tagged
+Software=TADiSR (PNG text, EXIF in JPEG and WebP), through a hidden temporary file and an atomic
 rename, so an interrupted run never leaves a half-written image under the final name.
 """
 
@@ -39,6 +40,10 @@ DEFAULT_MAX_PIXELS = 64_000_000
 SOFTWARE_TAG = "TADiSR"          # PNG tEXt "Software" of every image we write
 _ROWS_PER_CHUNK = 256            # bounds the float temporaries of the 8-bit conversion
 _PNG_END = b"IEND\xaeB`\x82"
+_JPEG_END = b"\xff\xd9"
+_EXIF_SOFTWARE = 0x0131
+OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}   # suffix -> Pillow format of what we write
+DEFAULT_QUALITY = 95             # JPEG (4:4:4) / WebP quality of what we write; WebP at 100 is lossless
 
 
 class ImageReadError(OSError):
@@ -208,21 +213,50 @@ def _icc_fits(icc: bytes | None, channels: int) -> bool:
     return icc[16:20] == (b"GRAY" if channels == 1 else b"RGB ")
 
 
-def _write_png(image: torch.Tensor, path: Path, icc: bytes | None = None) -> None:
+def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str, quality: int) -> None:
+    """Write `image` to `path` in `image_format` ("PNG", "JPEG", "WEBP") with our Software tag."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     a = to_uint8(image)
     if a.shape[2] not in (1, 3, 4):
-        raise ValueError(f"cannot save {a.shape[2]} channels as PNG (need 1, 3 or 4)")
-    info = PngInfo()
-    info.add_text("Software", SOFTWARE_TAG)
+        raise ValueError(f"cannot save {a.shape[2]} channels as an image (need 1, 3 or 4)")
     extra = {"icc_profile": icc} if _icc_fits(icc, a.shape[2]) else {}
-    Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path, format="PNG", pnginfo=info, **extra)
+    if image_format == "PNG":
+        info = PngInfo()
+        info.add_text("Software", SOFTWARE_TAG)
+        extra["pnginfo"] = info
+    else:
+        exif = Image.Exif()
+        exif[_EXIF_SOFTWARE] = SOFTWARE_TAG
+        extra.update(exif=exif.tobytes(), quality=quality)
+        if image_format == "JPEG":
+            extra["subsampling"] = 0  # full-resolution colour: 4:2:0 blurs the edges of coloured text
+        elif quality == 100:
+            extra["lossless"] = True
+    Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path, format=image_format, **extra)
 
 
-def save_images(items: list[tuple]) -> list[Path]:
-    """Write several images as 8-bit PNGs: items are (image, path) or (image, path, icc_profile).
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    try:
+        return OUTPUT_FORMATS["jpg" if suffix == "jpeg" else suffix]
+    except KeyError:
+        raise ValueError(f"{path}: images are written as {', '.join('.' + k for k in OUTPUT_FORMATS)}") from None
+
+
+def check_writable(path: str | Path, channels: int) -> None:
+    """ValueError naming `path` when an image of `channels` cannot be written there: a suffix we do not
+    write, or an alpha channel (4 channels) for JPEG."""
+    path = Path(path)
+    if _format_of(path) == "JPEG" and channels == 4:
+        raise ValueError(f"{path}: the image has an alpha channel, which JPEG cannot keep; write it as PNG or "
+                         f"WebP (--format png / webp)")
+
+
+def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY) -> list[Path]:
+    """Write several 8-bit images, each in the format of its path's suffix (PNG, JPEG at `quality`,
+    WebP at `quality`): items are (image, path) or (image, path, icc_profile).
 
     Images are [C, H, W] / [1, C, H, W] in 0..1, C = 1, 3 or 4. All are written to hidden temporary
     files first and renamed only when every one succeeded, so the final names appear together or
@@ -235,7 +269,8 @@ def save_images(items: list[tuple]) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.partial")
             staged.append((tmp, path))
-            _write_png(image, tmp, item[2] if len(item) > 2 else None)
+            check_writable(path, image.shape[-3])
+            _write(image, tmp, item[2] if len(item) > 2 else None, _format_of(path), quality)
             os.chmod(tmp, default_file_mode())
         for tmp, path in staged:
             os.replace(tmp, path)
@@ -247,22 +282,35 @@ def save_images(items: list[tuple]) -> list[Path]:
 
 
 def save_image(image: torch.Tensor, path: str | Path, icc_profile: bytes | None = None) -> Path:
-    """Write one image as an 8-bit PNG, atomically (see `save_images`)."""
+    """Write one 8-bit image (PNG, JPEG or WebP by the suffix), atomically (see `save_images`)."""
     return save_images([(image, path, icc_profile)])[0]
 
 
+def _complete(path: Path, image_format: str) -> bool:
+    """Whether the file ends as a whole file of `image_format` does (PNG IEND, JPEG EOI, the RIFF size)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if image_format == "WEBP":
+            head = f.read(12)
+            return head[:4] == b"RIFF" and head[8:] == b"WEBP" and int.from_bytes(head[4:8], "little") + 8 == size
+        f.seek(max(0, size - 12))
+        return f.read().endswith(_PNG_END if image_format == "PNG" else _JPEG_END)
+
+
 def written_by_us(path: str | Path, complete: bool = True) -> bool:
-    """Whether `path` is a PNG this project wrote (Software tag), and with `complete` also whole (final IEND)."""
+    """Whether `path` is an image this project wrote (its Software tag), and with `complete` also whole."""
     from PIL import Image
 
     path = Path(path)
     try:
-        if complete:
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - 12))
-                if not f.read().endswith(_PNG_END):
-                    return False
+        expected = _format_of(path)
+        if complete and not _complete(path, expected):
+            return False
         with Image.open(path) as im:
-            return im.format == "PNG" and im.info.get("Software") == SOFTWARE_TAG
+            if im.format != expected:
+                return False
+            if expected == "PNG":
+                return im.info.get("Software") == SOFTWARE_TAG
+            return im.getexif().get(_EXIF_SOFTWARE) == SOFTWARE_TAG
     except (OSError, ValueError, SyntaxError):
         return False

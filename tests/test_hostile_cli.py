@@ -209,15 +209,15 @@ def test_sigterm_during_a_save_leaves_no_partial_files(tiny_model, tmp_path, cap
     d.mkdir()
     _png(d / "a.png")
     out = tmp_path / "out"
-    real = images._write_png
+    real = images._write
     calls = []
 
-    def write_then_terminate(image, path, icc=None):
-        real(image, path, icc)
+    def write_then_terminate(image, path, *args):
+        real(image, path, *args)
         calls.append(path)
         os.kill(os.getpid(), signal.SIGTERM)             # arrives between the SR image and the mask
 
-    monkeypatch.setattr(images, "_write_png", write_then_terminate)
+    monkeypatch.setattr(images, "_write", write_then_terminate)
     with pytest.raises(KeyboardInterrupt):
         run(["upscale", str(d), "-o", str(out), *FAST], capsys, model=tiny_model)
     assert calls and sorted(p.name for p in out.iterdir()) == []
@@ -338,3 +338,66 @@ def test_a_fractional_or_boolean_tile_batch_is_named(tiny_model):
     for bad in (2.5, True):
         with pytest.raises(ValueError, match=re.escape(f"tile_batch must be >= 1 or 'auto', got {bad!r}")):
             upscale(tiny_model, torch.rand(1, 3, 16, 16), 4, tile=64, overlap=16, tile_batch=bad)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_jpeg_and_webp_outputs_are_tagged_resumed_and_never_taken_as_inputs(tiny_model, tmp_path, capsys, fmt):
+    """`--format jpg|webp`: the SR image in that format (the mask stays PNG), close to the PNG one, a
+    fraction of its size at the default quality; re-runs skip it, redo a torn one, leave the user's
+    own file of that name alone and never upscale it."""
+    d = tmp_path / "in"
+    d.mkdir()
+    _png(d / "a.png", size=(40, 48))
+    png, out = tmp_path / "png", tmp_path / "out"
+    assert run(["upscale", str(d), "-o", str(png), *FAST], capsys, model=tiny_model)[0] == 0
+    argv = ["upscale", str(d), "-o", str(out), *FAST, "--json", "--skip-existing", "--format", fmt]
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    sr = out / f"a_x4.{fmt}"
+    assert rc == 0 and sorted(p.name for p in out.iterdir()) == ["a_text_mask.png", sr.name]
+    assert rep["files"][0]["outputs"]["image"] == str(sr) and images.written_by_us(sr)
+    with Image.open(sr) as im:
+        assert im.format == {"jpg": "JPEG", "webp": "WEBP"}[fmt] and im.size == (192, 160) and im.mode == "RGB"
+        got = np.asarray(im, dtype=np.float32)
+    ref = np.asarray(Image.open(png / "a_x4.png"), dtype=np.float32)
+    assert (out / "a_text_mask.png").read_bytes() == (png / "a_text_mask.png").read_bytes()
+    if fmt == "jpg":  # 4:4:4 at quality 95, even on the random model's noise
+        assert np.abs(got - ref).mean() < 6
+    else:             # WebP at quality 100 is lossless
+        rc, _, _ = run([*argv[:3], str(tmp_path / "lossless"), *argv[4:], "--quality", "100"], capsys, model=tiny_model)
+        assert rc == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "lossless" / sr.name)), ref.astype(np.uint8))
+    assert run(argv, capsys, model=tiny_model)[1]["files"][0]["skipped"] is True
+    sr.write_bytes(sr.read_bytes()[:-30])                  # torn by a crash of some other writer
+    assert not images.written_by_us(sr)
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    if fmt == "jpg":  # its tag comes first, so a torn file is still known as ours, and redone
+        assert rc == 0 and rep["files"][0]["skipped"] is False and images.written_by_us(sr)
+    else:             # WebP keeps EXIF after the pixels: a torn file cannot be told from the user's, and stays
+        assert rc == cli.EXIT_FAILED and "exists and was not written by TADiSR" in rep["files"][0]["error"]
+        sr.unlink()
+        assert run(argv, capsys, model=tiny_model)[0] == 0
+    Image.open(png / "a_x4.png").save(sr)                  # the user's own file under that name
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    assert rc == cli.EXIT_FAILED and f"a_x4.{fmt} exists and was not written by TADiSR" in rep["files"][0]["error"]
+    rc, rep, _ = run(["upscale", str(out), "-o", str(tmp_path / "again"), *FAST, "--json"], capsys, model=tiny_model)
+    assert rc == cli.EXIT_SETUP  # a folder holding only outputs has nothing to upscale
+
+
+def test_an_alpha_image_is_refused_as_jpeg_before_it_is_upscaled_and_kept_as_webp(tiny_model, tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (12, 10, 4), dtype=np.uint8), "RGBA").save(d / "icon.png")
+    _png(d / "photo.png")
+    out = tmp_path / "out"
+    rc, rep, _ = run(["upscale", str(d), "-o", str(out), *FAST, "--json", "--format", "jpg"], capsys, model=tiny_model)
+    by = {Path(f["input"]).name: f for f in rep["files"]}
+    assert rc == cli.EXIT_FAILED and by["photo.png"]["ok"]
+    assert "icon_x4.jpg: the image has an alpha channel, which JPEG cannot keep" in by["icon.png"]["error"]
+    assert "upscale" not in by["icon.png"]["seconds"] and not (out / "icon_text_mask.png").exists()
+    rc, _, _ = run(["upscale", str(d / "icon.png"), "-o", str(out), *FAST, "--format", "webp", "--quality", "100"],
+                   capsys, model=tiny_model)
+    with Image.open(out / "icon_x4.webp") as im:
+        assert rc == 0 and im.mode == "RGBA"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["upscale", "x.png", "-o", str(out), "--quality", "0"])
+    assert "expected a whole number from 1 to 100, got '0'" in capsys.readouterr().err
