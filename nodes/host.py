@@ -24,7 +24,8 @@ DIFFUSERS_FOLDER = "diffusers"    # models/diffusers: Kolors folders (ComfyUI's 
 UNET_FOLDER = "diffusion_models"  # models/diffusion_models and models/unet: single Kolors UNet files
 VAE_FOLDER = "vae"                # models/vae: the SDXL VAE file beside a single UNet
 CHECKPOINTS_FOLDER = "checkpoints"  # models/checkpoints: all-in-one Kolors checkpoints (UNet + VAE)
-LLM_FOLDER = "LLM"                # models/LLM: a ChatGLM3 folder or file (not registered by ComfyUI 0.3.75)
+LLM_FOLDER = "LLM"                # models/LLM: a ChatGLM3 folder or file (not registered by ComfyUI 0.3.75;
+                                  # KwaiKolorsWrapper registers models/LLM/checkpoints under this name)
 CHECKPOINT_EXTS = (".pkl", ".safetensors")
 
 
@@ -115,6 +116,22 @@ def model_folders(kind: str) -> list[str]:
         except KeyError:
             return [os.path.join(fp.models_dir, kind)]
     return [os.path.join(_fallback_models_dir(), kind)]
+
+
+def llm_folders() -> list[str]:
+    """Where ChatGLM3 is looked for: the folders registered as "LLM" plus models/LLM and
+    models/LLM/checkpoints (Kolors-MZ keeps its files in the first, KwaiKolorsWrapper in the second
+    and registers only that one), each once."""
+    fp = _module("folder_paths")
+    models = fp.models_dir if fp is not None else _fallback_models_dir()
+    default = os.path.join(models, LLM_FOLDER)
+    return list(dict.fromkeys([*model_folders(LLM_FOLDER), default, os.path.join(default, "checkpoints")]))
+
+
+def comfy_base_path() -> str | None:
+    """ComfyUI's own folder (the one holding custom_nodes/), None outside ComfyUI."""
+    fp = _module("folder_paths")
+    return getattr(fp, "base_path", None) if fp is not None else None
 
 
 def list_files(kind: str, exts: tuple[str, ...]) -> list[str]:

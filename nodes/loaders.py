@@ -122,14 +122,17 @@ def resolve_prompt_cache(name: str, files) -> str:
 
 def text_encoder_source(files, problems: list[str] | None = None):
     """Where ChatGLM3 is read from to compute a prompt cache: the Kolors folder when it has
-    text_encoder/, else the first ChatGLM3 (folder or single .safetensors file) found in models/LLM or
-    models/diffusers; None if none (why a ChatGLM3 file found there cannot be used goes to `problems`)."""
+    text_encoder/, else the first ChatGLM3 (folder or single .safetensors file) found in models/LLM,
+    models/LLM/checkpoints or models/diffusers; None if none (why a ChatGLM3 file found there cannot be
+    used goes to `problems`)."""
+    from tadisr_core.chatglm_file import add_tokenizer_root
     from tadisr_core.prompt import list_text_encoders
 
     if files.root is not None and (files.root / "text_encoder").is_dir():
         return files.root
-    found = list_text_encoders(*host.model_folders(host.LLM_FOLDER), *host.model_folders(host.DIFFUSERS_FOLDER),
-                               problems=problems)
+    if host.comfy_base_path():  # the node packs' tokenizer, when models/ lies outside the ComfyUI tree
+        add_tokenizer_root(host.comfy_base_path())
+    found = list_text_encoders(*host.llm_folders(), *host.model_folders(host.DIFFUSERS_FOLDER), problems=problems)
     return found[0] if found else None
 
 
@@ -166,7 +169,7 @@ def _ensure_prompt_cache(cache_path: str, files, dev: torch.device) -> None:
         raise FileNotFoundError(
             f"TADiSR: the prompt cache {cache_path} does not exist and no usable ChatGLM3 was found to compute "
             f"it{found}: put Kolors' text_encoder/ + tokenizer/ in the Kolors folder, or a ChatGLM3 folder or "
-            f"chatglm3-fp16.safetensors (with its tokenizer) in models/LLM ({_folders(host.LLM_FOLDER)}), or "
+            f"chatglm3-fp16.safetensors (with its tokenizer) in models/LLM ({', '.join(host.llm_folders())}), or "
             f"choose a prompt_cache*.safetensors file.")
     host.make_room(CHATGLM_BYTES, dev)
     encoder_device = text_encoder_device("auto", dev, host.free_memory(dev))

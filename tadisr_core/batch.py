@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Callable
 
 from .files import same_file
-from .images import DEFAULT_QUALITY, check_writable, is_image_file, read_image, save_images, written_by_us
+from .images import (
+    DEFAULT_QUALITY,
+    OUTPUT_FORMATS,
+    check_writable,
+    is_image_file,
+    read_image,
+    save_images,
+    written_by_us,
+)
 from .pipeline import UpscaleCancelled, upscale
 
 log = logging.getLogger("tadisr")
@@ -69,7 +77,8 @@ def scale_tag(scale: float) -> str:
     return f"x{scale:g}"
 
 
-OUTPUT_NAME = re.compile(r"_(x\d+(\.\d+)?(-\d+)?\.(png|jpg|webp)|(text_mask|attention)(-\d+)?\.png)$", re.IGNORECASE)
+OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})|(text_mask|attention)(-\d+)?\.png)$",
+                         re.IGNORECASE)
 
 
 def looks_like_output(path: str | Path) -> bool:
@@ -145,8 +154,8 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
         if path.is_dir():
             walk = _walk(path, recursive, exclude)
             if walk.outputs:
-                log.warning("%s: left out %d file(s) named like outputs (*_x4.png, *_text_mask.png); name them "
-                            "explicitly to upscale them", path, walk.outputs)
+                log.warning("%s: left out %d file(s) named like outputs (*_x4.png / .jpg / .webp, *_text_mask.png); "
+                            "name them explicitly to upscale them", path, walk.outputs)
             if walk.others:
                 names = ", ".join(p.name for p in sorted(walk.others)[:3]) + (", ..." if len(walk.others) > 3 else "")
                 log.warning("%s: left out %d file(s) that are not images we read (%s)", path, len(walk.others),

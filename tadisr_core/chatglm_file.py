@@ -1,11 +1,12 @@
 """ChatGLM3 kept as one `.safetensors` file, as the Kolors node packs for ComfyUI keep it
-(`models/LLM/chatglm3-fp16.safetensors` for ComfyUI-Kolors-MZ and ComfyUI-KwaiKolorsWrapper).
+(`chatglm3-fp16.safetensors` in `models/LLM/` for ComfyUI-Kolors-MZ, in `models/LLM/checkpoints/` for
+ComfyUI-KwaiKolorsWrapper).
 
 Such a file holds ChatGLM3's weights only. Its config follows from the tensor shapes and ChatGLM3's
 fixed choices (RMSNorm, rotary embedding, grouped queries), so none is needed. Its tokenizer is not in
 the file: it is looked for beside the file, in a `tokenizer/` folder beside it, and in the
-`configs/tokenizer/` folder that the node packs ship in `custom_nodes/` of the ComfyUI tree the file
-sits in.
+`configs/tokenizer/` folder that the node packs ship, in `custom_nodes/` of the ComfyUI tree the file
+sits in or of a root given to `add_tokenizer_root` (the nodes give ComfyUI's own).
 
 Kolors-MZ also keeps 8- and 4-bit files: the four linear layers of each block as int8 with a
 per-row `weight_scale` (ChatGLM's own quantization: weight = int8 x scale). An 8-bit file is read
@@ -28,57 +29,97 @@ from .streaming import WeightsHeader, assign_weights, header_mentions, iter_tens
 MARKER = "self_attention.query_key_value"
 _PREFIX = "transformer."  # chatglm3-6b's ChatGLMForConditionalGeneration keeps the model under it
 _ROTARY = "rotary_pos_emb.inv_freq"
+_EMBEDDING = "embedding.word_embeddings.weight"
+_QKV = "encoder.layers.0.self_attention.query_key_value.weight"
+_PACKS = ("ComfyUI-Kolors-MZ", "ComfyUI-KwaiKolorsWrapper")  # node packs that ship ChatGLM3's tokenizer, first
 _SCALE = "_scale"  # `<layer>.weight_scale` beside an int8 `<layer>.weight`
 _CHATGLM3_KV_CHANNELS = 128  # per-head width of every ChatGLM3 (used when the file has no rotary buffer)
 log = logging.getLogger("tadisr")
+_TOKENIZER_ROOTS: list[Path] = []  # more folders holding custom_nodes/ (add_tokenizer_root)
 TOKENIZER_HINT = ("put ChatGLM3's tokenizer.model (with tokenizer_config.json: Kolors' tokenizer/ folder, "
                   "Kwai-Kolors/Kolors) beside it or in a tokenizer/ folder beside it")
 
 
+def _unprefixed(header: WeightsHeader) -> dict:
+    """The file's tensor table under ChatGLMModel's names (chatglm3-6b's "transformer." taken off)."""
+    return {k.removeprefix(_PREFIX): v for k, v in header.tensors.items()}
+
+
+def _header(path: Path) -> WeightsHeader:
+    try:
+        return read_header(path)
+    except ValueError as exc:  # truncated (an interrupted download) or not a safetensors file
+        raise KolorsFolderError(f"{exc}; download the ChatGLM3 file again") from None
+
+
 def is_chatglm_file(path: str | Path) -> bool:
-    """Whether `path` is a `.safetensors` file holding ChatGLM3 weights (reads the header only)."""
+    """Whether `path` is a `.safetensors` file holding ChatGLM3 weights (reads the header only). A file
+    whose header names ChatGLM3's tensors but cannot be read (a partial download) counts, so that
+    loading it says what is wrong with it."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file() or not header_mentions(path, MARKER):
         return False
     try:
-        keys = read_header(path).tensors
+        return _EMBEDDING in _unprefixed(read_header(path))
     except ValueError:
+        return True
+
+
+def add_tokenizer_root(folder: str | Path) -> None:
+    """Also look for the node packs' tokenizer under `folder`/custom_nodes (ComfyUI's base path, when
+    its model folders lie elsewhere, via extra_model_paths.yaml)."""
+    folder = Path(folder).absolute()
+    if folder not in _TOKENIZER_ROOTS:
+        _TOKENIZER_ROOTS.append(folder)
+
+
+def _is_chatglm_tokenizer(folder: Path) -> bool:
+    """A node pack's tokenizer folder is taken only when its tokenizer_config.json names ChatGLM's."""
+    try:
+        return "ChatGLMTokenizer" in (folder / "tokenizer_config.json").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return False
-    return any(k.removeprefix(_PREFIX) == "embedding.word_embeddings.weight" for k in keys)
 
 
 def tokenizer_folders(path: str | Path) -> list[Path]:
-    """Where the tokenizer of the ChatGLM3 file `path` is looked for, in order."""
+    """Where the tokenizer of the ChatGLM3 file `path` is looked for, in order: beside it, tokenizer/
+    beside it, then the node packs' configs/tokenizer (Kolors-MZ and KwaiKolorsWrapper first) in the
+    ComfyUI tree above it and under the roots of `add_tokenizer_root`."""
     path = Path(path).absolute()
     found = [path.parent, path.parent / "tokenizer"]
-    for root in path.parents:
-        if (root / "custom_nodes").is_dir():  # a ComfyUI tree: the Kolors node packs ship the tokenizer
-            found += sorted((root / "custom_nodes").glob("*/configs/tokenizer"))
+    roots = [r for r in (*path.parents, *_TOKENIZER_ROOTS) if (r / "custom_nodes").is_dir()]
+    for root in dict.fromkeys(roots):
+        packs = sorted((root / "custom_nodes").glob("*/configs/tokenizer"),
+                       key=lambda f: (f.parent.parent.name not in _PACKS, f.parent.parent.name))
+        found += [f for f in packs if _is_chatglm_tokenizer(f)]
     return found
 
 
 def find_tokenizer(path: str | Path) -> Path:
-    """The folder holding the tokenizer of the ChatGLM3 file `path`; KolorsFolderError saying where
-    it was looked for and what to do when there is none."""
-    for folder in tokenizer_folders(path):
+    """The folder holding the tokenizer of the ChatGLM3 file `path`; KolorsFolderError naming the
+    folders looked in and what to do when there is none."""
+    folders = tokenizer_folders(path)
+    for folder in folders:
         if (folder / "tokenizer.model").is_file():
             return folder
     raise KolorsFolderError(f"{path} is a ChatGLM3 weights file without its tokenizer: {TOKENIZER_HINT} "
-                            f"(looked beside it and in the Kolors node packs' configs/tokenizer/)")
+                            f"(looked in {', '.join(str(f) for f in folders)})")
 
 
 def quantized_bits(path: str | Path, header: WeightsHeader | None = None) -> int | None:
-    """8 or 4 for a quantized ChatGLM3 file (int8 weights with their scales), None for one in floats."""
-    header = header or read_header(Path(path))
-    shapes = {k.removeprefix(_PREFIX): v for k, v in header.tensors.items()}
+    """8 or 4 for a quantized ChatGLM3 file (int8 weights, each with its per-row `weight_scale`), None
+    for one in floats; KolorsFolderError for integer weights of any other layout."""
+    shapes = _unprefixed(header or _header(Path(path)))
     quantized = [k for k, v in shapes.items() if k.endswith(".weight") and not v.dtype.is_floating_point]
     if not quantized:
         return None
-    qkv = shapes.get("encoder.layers.0.self_attention.query_key_value.weight")
-    embedding = shapes.get("embedding.word_embeddings.weight")
-    if qkv is None or embedding is None or qkv.shape[1] not in (embedding.shape[1], embedding.shape[1] // 2):
-        raise KolorsFolderError(f"{path}: integer weights ({quantized[0]}) of a layout that is not ChatGLM3's 8- or "
-                                f"4-bit one; pass the fp16 file (chatglm3-fp16.safetensors)")
+    qkv, embedding = shapes.get(_QKV), shapes.get(_EMBEDDING)
+    unscaled = [k for k in quantized if k + _SCALE not in shapes or shapes[k + _SCALE].shape != shapes[k].shape[:1]]
+    if unscaled or qkv is None or embedding is None or qkv.shape[1] not in (embedding.shape[1],
+                                                                             embedding.shape[1] // 2):
+        raise KolorsFolderError(f"{path}: integer weights ({(unscaled or quantized)[0]}) of a layout that is not "
+                                f"ChatGLM3's 8- or 4-bit one (int8 with a per-row weight_scale); pass the fp16 file "
+                                f"(chatglm3-fp16.safetensors)")
     return 8 if qkv.shape[1] == embedding.shape[1] else 4
 
 
@@ -88,20 +129,24 @@ def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
     path = Path(path)
-    header = header or read_header(path)
+    header = header or _header(path)
     if quantized_bits(path, header) == 4:
         raise KolorsFolderError(f"{path} is a 4-bit ChatGLM3, packed in a layout only its CUDA kernel reads; the "
                                 f"prompt cache is computed once: use the fp16 file (chatglm3-fp16.safetensors) or the "
                                 f"8-bit one, or Kolors' text_encoder/ folder")
-    shapes = {k.removeprefix(_PREFIX): v for k, v in header.shapes().items() if not k.endswith(_SCALE)}
+    shapes = {k: v.shape for k, v in _unprefixed(header).items() if not k.endswith(_SCALE)}
     try:
-        vocab, hidden = shapes["embedding.word_embeddings.weight"]
+        vocab, hidden = shapes[_EMBEDDING]
         layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.layers."))
-        qkv = shapes["encoder.layers.0.self_attention.query_key_value.weight"][0]
+        qkv = shapes[_QKV][0]
         attention = shapes["encoder.layers.0.self_attention.dense.weight"][1]  # heads * kv_channels
         ffn = shapes["encoder.layers.0.mlp.dense_4h_to_h.weight"][1]
-    except (KeyError, ValueError) as exc:
-        raise KolorsFolderError(f"{path} is not a ChatGLM3 weights file (no {exc}); pass ChatGLM3 "
+    except KeyError as exc:
+        raise KolorsFolderError(f"{path} is not a ChatGLM3 weights file (it has no {exc}); pass ChatGLM3 "
+                                f"(chatglm3-fp16.safetensors, or a folder with config.json)") from None
+    except ValueError:
+        raise KolorsFolderError(f"{path} is not a ChatGLM3 weights file (its {_EMBEDDING} is "
+                                f"{tuple(shapes[_EMBEDDING])}, not vocabulary x width); pass ChatGLM3 "
                                 f"(chatglm3-fp16.safetensors, or a folder with config.json)") from None
     kv = 4 * shapes[_ROTARY][0] if _ROTARY in shapes else _CHATGLM3_KV_CHANNELS
     groups, odd = divmod(qkv - attention, 2 * kv)
@@ -112,7 +157,7 @@ def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
     return ChatGLMConfig(num_layers=layers, padded_vocab_size=vocab, hidden_size=hidden, ffn_hidden_size=ffn,
                          kv_channels=kv, num_attention_heads=attention // kv, multi_query_attention=True,
                          multi_query_group_num=groups,
-                         add_qkv_bias="encoder.layers.0.self_attention.query_key_value.bias" in shapes,
+                         add_qkv_bias=_QKV.removesuffix("weight") + "bias" in shapes,
                          original_rope=True)
 
 
@@ -136,7 +181,7 @@ def load_chatglm_file(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     from diffusers.pipelines.kolors import ChatGLMModel
 
     path = Path(path)
-    header = read_header(path)
+    header = _header(path)
     with torch.device("meta"):
         model = ChatGLMModel(chatglm_config(path, header), empty_init=False)
     if quantized_bits(path, header) == 8:
@@ -146,7 +191,7 @@ def load_chatglm_file(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     else:
         tensors = iter_tensors(path, dtype, header=header)
     tensors = ((k.removeprefix(_PREFIX), t) for k, t in tensors)
-    if not any(k.removeprefix(_PREFIX) == _ROTARY for k in header.tensors):  # unused by the forward pass
+    if _ROTARY not in _unprefixed(header):  # unused by the forward pass
         rotary = type(model.rotary_pos_emb)(model.rotary_pos_emb.dim, device="cpu").inv_freq.to(dtype)
         tensors = chain(tensors, [(_ROTARY, rotary)])
     assign_weights(model, tensors, path)

@@ -37,7 +37,7 @@ log = logging.getLogger("tadisr")
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".tga"})
 DEFAULT_MAX_PIXELS = 64_000_000
-SOFTWARE_TAG = "TADiSR"          # PNG tEXt "Software" of every image we write
+SOFTWARE_TAG = "TADiSR"          # "Software" of every image we write: PNG text, EXIF in JPEG and WebP
 _ROWS_PER_CHUNK = 256            # bounds the float temporaries of the 8-bit conversion
 _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"
@@ -221,6 +221,8 @@ def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str
     a = to_uint8(image)
     if a.shape[2] not in (1, 3, 4):
         raise ValueError(f"cannot save {a.shape[2]} channels as an image (need 1, 3 or 4)")
+    if image_format == "WEBP" and a.shape[2] == 1:  # WebP has no gray: written as RGB, with an RGB profile only
+        a = np.repeat(a, 3, axis=2)
     extra = {"icc_profile": icc} if _icc_fits(icc, a.shape[2]) else {}
     if image_format == "PNG":
         info = PngInfo()

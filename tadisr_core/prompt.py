@@ -138,7 +138,7 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
     ChatGLM3 `.safetensors` file (models/LLM/chatglm3-fp16.safetensors, `chatglm_file`): the weights
     are a folder in the first three and the file in the last. Raises KolorsFolderError naming what
     is missing."""
-    from .chatglm_file import find_tokenizer, is_chatglm_file
+    from .chatglm_file import chatglm_config, find_tokenizer, is_chatglm_file
     from .kolors_files import KolorsFolderError
 
     root = Path(source)
@@ -146,6 +146,7 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
         if not is_chatglm_file(root):
             raise KolorsFolderError(f"{root} is not a ChatGLM3 weights file (.safetensors with ChatGLM3's tensors); "
                                     f"pass ChatGLM3 (a Kolors folder, a ChatGLM3 folder or chatglm3-fp16.safetensors)")
+        chatglm_config(root)  # a partial download or a 4-bit file is named before its tokenizer is looked for
         return root, find_tokenizer(root)
     if (root / "config.json").is_file() and (root / "tokenizer.model").is_file():
         return root, root
@@ -167,7 +168,7 @@ def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
     and models/diffusers) from which `find_text_encoder` can load ChatGLM3, in order, 8-bit files
     after full-precision ones; a missing folder is skipped. Why a ChatGLM3 file cannot be used (no
     tokenizer, 4-bit) is appended to `problems`."""
-    from .chatglm_file import chatglm_config, is_chatglm_file, quantized_bits
+    from .chatglm_file import is_chatglm_file, quantized_bits
     from .kolors_files import KolorsFolderError
 
     found, eight_bit = [], set()
@@ -179,11 +180,9 @@ def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
             if not sub.is_dir() and not is_chatglm_file(sub):
                 continue
             try:
-                find_text_encoder(sub)
-                if sub.is_file():
-                    chatglm_config(sub)  # a 4-bit file is refused here, not after the user chose it
-                    if quantized_bits(sub) == 8:
-                        eight_bit.add(sub)
+                find_text_encoder(sub)  # a 4-bit file is refused here, not after the user chose it
+                if sub.is_file() and quantized_bits(sub) == 8:
+                    eight_bit.add(sub)
             except KolorsFolderError as exc:
                 if sub.is_file() and problems is not None:
                     problems.append(str(exc))

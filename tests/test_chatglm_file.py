@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tadisr_core.chatglm_file import chatglm_config, is_chatglm_file
+from tadisr_core.chatglm_file import chatglm_config, find_tokenizer, is_chatglm_file
 from tadisr_core.kolors_files import KolorsFolderError
 from tadisr_core.prompt import compute_prompt_cache_from_kolors, find_text_encoder, list_text_encoders
 from tadisr_core.streaming import TensorInfo, WeightsHeader
@@ -179,16 +179,36 @@ def test_files_that_cannot_serve_are_named(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir["kolors"] / "tokenizer", torn.parent, dirs_exist_ok=True)
     with pytest.raises(ValueError, match=r"chatglm3-fp16.safetensors: the weights do not fit the model: missing 2"):
         compute_prompt_cache_from_kolors(torn, **KW)
+    partial = llm / "partial" / "chatglm3-fp16.safetensors"  # an interrupted download
+    partial.parent.mkdir()
+    partial.write_bytes(alone.read_bytes()[: alone.stat().st_size // 2])
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", partial.parent, dirs_exist_ok=True)
+    with pytest.raises(KolorsFolderError, match=r"chatglm3-fp16.safetensors is truncated: .*download the ChatGLM3 "
+                                                r"file again"):
+        compute_prompt_cache_from_kolors(partial, **KW)
+    problems = []
+    assert list_text_encoders(partial.parent, problems=problems) == [] and "is truncated" in problems[0]
+
+    def unscaled(tensors):  # int8 weights without their scales (another quantizer's layout, or damage)
+        quant = _quantized(tensors, 8)[0]
+        return {k: v for k, v in quant.items() if not k.endswith("_scale")}
+
+    other = _single_file(tiny_dir, llm / "chatglm3-int8.safetensors", unscaled)
+    with pytest.raises(KolorsFolderError, match=r"chatglm3-int8.safetensors: integer weights \(encoder.layers.0.\S+\) "
+                                                r"of a layout that is not ChatGLM3's 8- or 4-bit one"):
+        compute_prompt_cache_from_kolors(other, **KW)
 
 
 def test_models_llm_lists_usable_files_and_says_why_others_are_not(tiny_dir, tmp_path):
     llm = tmp_path / "LLM"
     _single_file(tiny_dir, llm / "chatglm3-fp16.safetensors")
     shutil.copy(tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors", llm / "other.safetensors")
+    _single_file(tiny_dir, llm / "chatglm3-4bit.safetensors", lambda t: _quantized(t, 4)[0])
     problems = []
     assert list_text_encoders(llm, problems=problems) == []
-    assert len(problems) == 1 and "chatglm3-fp16.safetensors is a ChatGLM3 weights file without its tokenizer" \
-        in problems[0]
+    assert len(problems) == 2 and "chatglm3-4bit.safetensors is a 4-bit ChatGLM3" in problems[0]
+    assert "chatglm3-fp16.safetensors is a ChatGLM3 weights file without its tokenizer" in problems[1]
+    (llm / "chatglm3-4bit.safetensors").unlink()
     shutil.copytree(tiny_dir["kolors"] / "tokenizer", llm / "tokenizer")
     folder = llm / "chatglm3-6b"
     shutil.copytree(tiny_dir["kolors"] / "text_encoder", folder)
@@ -234,3 +254,31 @@ def test_the_word_text_is_found_in_chatglm3s_own_pieces():
     assert find_word_columns(tok, "a sign with Text", "text", 256) == (255,)
     with pytest.raises(ValueError, match="prompt of 12 tokens does not fit 13"):
         find_word_columns(tok, HEATMAP_PROMPT, "text", 13)
+
+
+def test_the_node_packs_tokenizer_is_chatglms_kolors_mz_and_kwaikolorswrapper_first(tiny_dir, tmp_path):
+    """In custom_nodes, a pack's configs/tokenizer counts only when its tokenizer_config.json names
+    ChatGLMTokenizer, and the two Kolors packs come first; models kept outside the ComfyUI tree
+    (extra_model_paths.yaml) find it under a root given by the nodes."""
+    from tadisr_core import chatglm_file
+
+    comfy = tmp_path / "ComfyUI"
+    weights = _single_file(tiny_dir, comfy / "models" / "LLM" / "checkpoints" / "chatglm3-fp16.safetensors")
+    nodes = comfy / "custom_nodes"
+    for pack in ("A-other-llm", "B-another-chatglm", "ComfyUI-KwaiKolorsWrapper"):
+        shutil.copytree(tiny_dir["kolors"] / "tokenizer", nodes / pack / "configs" / "tokenizer")
+    other = nodes / "A-other-llm" / "configs" / "tokenizer" / "tokenizer_config.json"
+    other.write_text(other.read_text().replace("ChatGLMTokenizer", "LlamaTokenizer"))
+    assert find_tokenizer(weights) == nodes / "ComfyUI-KwaiKolorsWrapper" / "configs" / "tokenizer"
+    shutil.rmtree(nodes / "ComfyUI-KwaiKolorsWrapper")
+    assert find_tokenizer(weights) == nodes / "B-another-chatglm" / "configs" / "tokenizer"
+
+    elsewhere = _single_file(tiny_dir, tmp_path / "models-on-a-nas" / "LLM" / "chatglm3-fp16.safetensors")
+    with pytest.raises(KolorsFolderError, match=r"without its tokenizer: .*\(looked in \S+LLM, \S+LLM/tokenizer\)"):
+        find_tokenizer(elsewhere)
+    roots = list(chatglm_file._TOKENIZER_ROOTS)
+    try:
+        chatglm_file.add_tokenizer_root(comfy)
+        assert find_tokenizer(elsewhere) == nodes / "B-another-chatglm" / "configs" / "tokenizer"
+    finally:
+        chatglm_file._TOKENIZER_ROOTS[:] = roots

@@ -361,7 +361,11 @@ def test_jpeg_and_webp_outputs_are_tagged_resumed_and_never_taken_as_inputs(tiny
     ref = np.asarray(Image.open(png / "a_x4.png"), dtype=np.float32)
     assert (out / "a_text_mask.png").read_bytes() == (png / "a_text_mask.png").read_bytes()
     if fmt == "jpg":  # 4:4:4 at quality 95, even on the random model's noise
-        assert np.abs(got - ref).mean() < 6
+        from PIL import JpegImagePlugin
+
+        assert JpegImagePlugin.get_sampling(Image.open(sr)) == 0 and np.abs(got - ref).mean() < 6
+        rc, _, _ = run([*argv[:3], str(tmp_path / "q50"), *argv[4:], "--quality", "50"], capsys, model=tiny_model)
+        assert rc == 0 and (tmp_path / "q50" / sr.name).stat().st_size < sr.stat().st_size * 0.7
     else:             # WebP at quality 100 is lossless
         rc, _, _ = run([*argv[:3], str(tmp_path / "lossless"), *argv[4:], "--quality", "100"], capsys, model=tiny_model)
         assert rc == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "lossless" / sr.name)), ref.astype(np.uint8))

@@ -88,6 +88,14 @@ def test_icc_profile_is_carried_to_the_output(tmp_path):
     assert Image.open(out).info.get("icc_profile") == icc and written_by_us(out)
     gray = save_image(f.pixels[:, :1], tmp_path / "gray.png", f.icc_profile)   # RGB profile on gray: dropped
     assert "icc_profile" not in Image.open(gray).info
+    for suffix in (".jpg", ".webp"):  # JPEG and WebP carry it too (WebP has no gray: its gray is RGB)
+        out = save_image(f.pixels, tmp_path / f"out{suffix}", f.icc_profile)
+        assert Image.open(out).info.get("icc_profile") == icc and written_by_us(out)
+    gray_icc = icc[:16] + b"GRAY" + icc[20:]  # a profile whose colour space (bytes 16-20) is gray
+    with Image.open(save_image(f.pixels[:, :1], tmp_path / "gray.webp", gray_icc)) as im:
+        assert im.mode == "RGB" and "icc_profile" not in im.info    # a gray profile never lands on RGB data
+    with Image.open(save_image(f.pixels[:, :1], tmp_path / "gray.webp", icc)) as im:
+        assert im.info.get("icc_profile") == icc
 
 
 def test_written_by_us_needs_our_tag_and_a_complete_file(tmp_path):

@@ -203,10 +203,12 @@ def test_auto_prompt_cache_without_a_folder_uses_chatglm_from_models_llm(files_o
         loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
 
 
-def test_auto_prompt_cache_from_the_single_chatglm_file_of_the_kolors_node_packs(files_only_models):
-    """models/LLM/chatglm3-fp16.safetensors, as Kolors-MZ and the KwaiKolorsWrapper keep it: without a
-    tokenizer the error names the file and what to do; with the tokenizer those packs ship in
-    custom_nodes/*/configs/tokenizer the cache is the one the ChatGLM3 folder gives."""
+@pytest.mark.parametrize("folder, pack", [("LLM", "ComfyUI-Kolors-MZ"),
+                                          ("LLM/checkpoints", "ComfyUI-KwaiKolorsWrapper")])
+def test_auto_prompt_cache_from_the_single_chatglm_file_of_the_kolors_node_packs(files_only_models, folder, pack):
+    """chatglm3-fp16.safetensors where Kolors-MZ (models/LLM) and the KwaiKolorsWrapper (models/LLM/checkpoints)
+    keep it: without a tokenizer the error names the file and what to do; with the tokenizer those packs
+    ship in custom_nodes/<pack>/configs/tokenizer the cache is the one the ChatGLM3 folder gives."""
     pair = "unet/kolors_unet.safetensors + vae/sdxl_vae.safetensors"
     target = files_only_models / "tadisr" / "prompt_cache_kolors_unet.safetensors"
     loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
@@ -215,13 +217,13 @@ def test_auto_prompt_cache_from_the_single_chatglm_file_of_the_kolors_node_packs
     (files_only_models / "LLM" / "chatglm3-6b").unlink()
     target.unlink()
     model_cache.clear()
-    single = files_only_models / "LLM" / "chatglm3-fp16.safetensors"
+    single = files_only_models / folder / "chatglm3-fp16.safetensors"
+    single.parent.mkdir(exist_ok=True)
     shutil.copy(kolors / "text_encoder" / "model.safetensors", single)
-    with pytest.raises(FileNotFoundError, match=r"no usable ChatGLM3 was found to compute it \(\S*LLM/chatglm3-fp16"
-                                                r".safetensors is a ChatGLM3 weights file without its tokenizer"):
+    with pytest.raises(FileNotFoundError, match=rf"no usable ChatGLM3 was found to compute it \(\S*{folder}/chatglm3-"
+                                                r"fp16.safetensors is a ChatGLM3 weights file without its tokenizer"):
         loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
-    shutil.copytree(kolors / "tokenizer", files_only_models.parent / "custom_nodes" / "ComfyUI-Kolors-MZ" / "configs"
-                    / "tokenizer")
+    shutil.copytree(kolors / "tokenizer", files_only_models.parent / "custom_nodes" / pack / "configs" / "tokenizer")
     h = loaders.load_model(pair, "tadisr_tiny.safetensors", loaders.AUTO_CACHE, "fp32", "cpu", False)
     assert h.sources["prompt"] == str(target)
     cache = PromptCache.load(target)
