@@ -186,7 +186,7 @@ def load_chatglm_file(path: str | Path, dtype: torch.dtype = torch.bfloat16):
         model = ChatGLMModel(chatglm_config(path, header), empty_init=False)
     if quantized_bits(path, header) == 8:
         log.warning("%s is an 8-bit ChatGLM3: the prompt cache computed from it is close to, not equal to, the "
-                    "one from the fp16 weights", path)
+                    "one from the fp16 weights (the cache says so when it is loaded)", path)
         tensors = _dequantized(path, header, dtype)
     else:
         tensors = iter_tensors(path, dtype, header=header)

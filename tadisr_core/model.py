@@ -64,7 +64,7 @@ class TADiSRModel(nn.Module):
         with torch.device(decoder_device or unet.conv_in.weight.device):
             self.mi_decoder = MaskDecoder(spec, n_att)
         self.one_step = OneStep(spec.schedule, spec.timestep)
-        self._prompt_meta: tuple[str, tuple[int, ...]] | None = None
+        self._prompt_meta: tuple[str, tuple[int, ...], str] | None = None
         self.default_color_fix = "none"    # what color_fix="auto" applies (color.py); the demos recommend "wavelet"
         if prompt is not None:
             self.set_prompt(prompt)
@@ -80,7 +80,7 @@ class TADiSRModel(nn.Module):
         device = self.unet.conv_in.weight.device
         for name in ("prompt_embeds", "text_embeds", "time_ids"):
             self.register_buffer(name, getattr(prompt, name).to(device, torch.float32), persistent=False)
-        self._prompt_meta = (prompt.prompt, tuple(prompt.text_columns))
+        self._prompt_meta = (prompt.prompt, tuple(prompt.text_columns), prompt.note)
         self.prompt_kv.clear()
 
     @property

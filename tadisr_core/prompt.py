@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .spec import HEATMAP_PROMPT
 # The release's heat map read column 12 of the 256-long sequence: a padding position (its index
 # arithmetic assumed a CLIP-style [SOS] and no left padding). Kept to reproduce the release.
 RELEASE_PAD_COLUMN = 12
+log = logging.getLogger("tadisr")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class PromptCache:
     time_ids: torch.Tensor
     prompt: str = HEATMAP_PROMPT
     text_columns: tuple[int, ...] = ()
+    note: str = ""  # set when the conditioning is not ChatGLM3's exact one (from an 8-bit file); warned on load
 
     def columns(self, token: str) -> tuple[int, ...]:
         """Token columns to read attention from: "text" (the real word) or "release-pad"."""
@@ -59,7 +62,8 @@ class PromptCache:
 
         tensors = {"prompt_embeds": self.prompt_embeds, "text_embeds": self.text_embeds, "time_ids": self.time_ids}
         meta = {"format": "tadisr-prompt-cache/1", "prompt": self.prompt,
-                "text_columns": json.dumps(list(self.text_columns)), "tokens": str(self.prompt_embeds.shape[1])}
+                "text_columns": json.dumps(list(self.text_columns)), "tokens": str(self.prompt_embeds.shape[1]),
+                **({"note": self.note} if self.note else {})}
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -93,7 +97,9 @@ class PromptCache:
         bad = first_problem(tensors)
         if bad:
             raise ValueError(f"{path}: prompt cache tensor {bad[0]} {bad[1]}; recompute it with `tadisr prompt-cache`")
-        return cls(prompt=meta["prompt"], text_columns=columns, **tensors)
+        if meta.get("note"):
+            log.warning("%s: %s; delete it to compute it again from the fp16 ChatGLM3", path, meta["note"])
+        return cls(prompt=meta["prompt"], text_columns=columns, note=meta.get("note", ""), **tensors)
 
 
 def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tuple[int, ...]:
@@ -238,6 +244,7 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
     """
     from diffusers.pipelines.kolors import ChatGLMTokenizer
 
+    from .chatglm_file import quantized_bits
     from .finite import first_problem
 
     weights, tokenizer_dir = find_text_encoder(kolors_dir)
@@ -246,6 +253,8 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
     try:
         encoder = encoder.to(device).eval()
         cache = compute_prompt_cache(encoder, tokenizer, prompt, max_length, time_ids)
+        if weights.is_file() and quantized_bits(weights) == 8:
+            cache.note = f"computed from the 8-bit ChatGLM3 {weights.name}, close to the fp16 weights' conditioning"
         bad = first_problem({"prompt_embeds": cache.prompt_embeds, "text_embeds": cache.text_embeds})
         if bad:
             raise ValueError(f"{weights}: ChatGLM3's prompt embedding {bad[0]} {bad[1]} (computed on {device}); "

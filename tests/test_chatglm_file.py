@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from tadisr_core.chatglm_file import chatglm_config, find_tokenizer, is_chatglm_file
 from tadisr_core.kolors_files import KolorsFolderError
-from tadisr_core.prompt import compute_prompt_cache_from_kolors, find_text_encoder, list_text_encoders
+from tadisr_core.prompt import PromptCache, compute_prompt_cache_from_kolors, find_text_encoder, list_text_encoders
 from tadisr_core.streaming import TensorInfo, WeightsHeader
 
 KW = dict(max_length=32, dtype=torch.bfloat16, time_ids=(64, 64, 0, 0, 64, 64))
@@ -155,6 +155,16 @@ def test_an_8bit_file_reads_back_as_its_dequantized_weights(tiny_dir, tmp_path, 
     assert torch.equal(cache.prompt_embeds, ref.prompt_embeds) and torch.equal(cache.text_embeds, ref.text_embeds)
     exact = compute_prompt_cache_from_kolors(tiny_dir["kolors"], **KW)
     assert not torch.equal(cache.prompt_embeds, exact.prompt_embeds)
+    assert exact.note == "" and "8-bit ChatGLM3 chatglm3-8bit.safetensors" in cache.note
+    cache.save(tmp_path / "cache.safetensors")  # the cache remembers, and says so whenever it is loaded
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loaded = PromptCache.load(tmp_path / "cache.safetensors")
+    assert loaded.note == cache.note and "delete it to compute it again from the fp16 ChatGLM3" in caplog.text
+    from tadisr_core.model import build_model
+    from tadisr_core.spec import spec_for_size
+
+    assert build_model(spec_for_size("tiny", "paper"), prompt=loaded).prompt.note == cache.note  # runs keep it
     _single_file(tiny_dir, llm / "chatglm3-fp16.safetensors")  # listed after the fp16 file, whatever the names
     assert list_text_encoders(llm) == [llm / "chatglm3-fp16.safetensors", eight]
 
