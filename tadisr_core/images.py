@@ -283,9 +283,10 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY) -> list[Path
     return [path for _, path in staged]
 
 
-def save_image(image: torch.Tensor, path: str | Path, icc_profile: bytes | None = None) -> Path:
+def save_image(image: torch.Tensor, path: str | Path, icc_profile: bytes | None = None,
+               quality: int = DEFAULT_QUALITY) -> Path:
     """Write one 8-bit image (PNG, JPEG or WebP by the suffix), atomically (see `save_images`)."""
-    return save_images([(image, path, icc_profile)])[0]
+    return save_images([(image, path, icc_profile)], quality)[0]
 
 
 def _complete(path: Path, image_format: str) -> bool:
