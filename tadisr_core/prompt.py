@@ -149,6 +149,9 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
 
     root = Path(source)
     if root.is_file():
+        if "-of-" in root.name and (root.parent / "config.json").is_file():  # model-00001-of-00007.safetensors
+            raise KolorsFolderError(f"{root} is one shard of a ChatGLM3 folder; pass the folder ({root.parent}) or "
+                                    f"the Kolors folder above it")
         if not is_chatglm_file(root):
             raise KolorsFolderError(f"{root} is not a ChatGLM3 weights file (.safetensors with ChatGLM3's tensors); "
                                     f"pass ChatGLM3 (a Kolors folder, a ChatGLM3 folder or chatglm3-fp16.safetensors)")

@@ -184,6 +184,12 @@ def test_files_that_cannot_serve_are_named(tiny_dir, tmp_path):
     vae = tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors"
     with pytest.raises(KolorsFolderError, match=r"diffusion_pytorch_model.safetensors is not a ChatGLM3 weights file"):
         compute_prompt_cache_from_kolors(vae, **KW)
+    shard = tmp_path / "text_encoder" / "model-00001-of-00002.safetensors"  # one shard of a sharded folder
+    shutil.copytree(tiny_dir["kolors"] / "text_encoder", shard.parent)
+    (shard.parent / "model.safetensors").rename(shard)
+    with pytest.raises(KolorsFolderError, match=r"model-00001-of-00002.safetensors is one shard of a ChatGLM3 "
+                                                r"folder; pass the folder \(\S+text_encoder\)"):
+        find_text_encoder(shard)
     torn = _single_file(tiny_dir, tmp_path / "torn" / "chatglm3-fp16.safetensors",
                         lambda t: {k: v for k, v in t.items() if "layers.1.mlp" not in k})
     shutil.copytree(tiny_dir["kolors"] / "tokenizer", torn.parent, dirs_exist_ok=True)
