@@ -531,7 +531,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("inspect", help="report a checkpoint's variant, groups and key fit against the full-size model",
                        description="Check a TADiSR checkpoint without running it: the pickle is scanned before "
                                    "loading, every tensor is checked finite. Exit 0 fits, 1 does not fit, "
-                                   "2 unreadable.")
+                                   "2 unreadable or not a TADiSR checkpoint (a Kolors UNet, VAE or ChatGLM3 "
+                                   "file is named as such, with the flag that takes it).")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--verify-sha", action="store_true", help="check size and SHA-256 against the release manifest")
@@ -550,6 +551,35 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
+def other_weights(path: str | Path) -> str | None:
+    """What a weights file that is not a TADiSR checkpoint is, when it is one of the files TADiSR
+    also takes (a Kolors UNet, an SDXL VAE, an all-in-one Kolors checkpoint, ChatGLM3), and how to
+    pass it; None for anything else."""
+    from .chatglm_file import is_chatglm_file, quantized_bits
+    from .kolors_files import KolorsFolderError
+    from .kolors_identity import check_unet, check_vae, holds_vae
+
+    path = Path(path)
+    if is_chatglm_file(path):
+        try:
+            bits = quantized_bits(path)
+        except KolorsFolderError:
+            bits = None
+        kind = f" ({bits}-bit)" if bits else ""
+        return (f"it is the ChatGLM3 text encoder{kind}: pass it as --text-encoder, or to `tadisr prompt-cache "
+                f"--kolors`")
+    config = path.parent / "config.json"  # a component folder's (unet/, vae/)
+    for check, what in ((check_unet, "a Kolors UNet"), (check_vae, "an SDXL VAE")):
+        try:
+            check(path, config if config.is_file() else None)
+        except (ValueError, OSError):
+            continue
+        if check is check_unet and holds_vae(path):
+            return "it is an all-in-one Kolors checkpoint (UNet and VAE): pass it as --unet"
+        return f"it is {what}: pass it as --{'unet' if check is check_unet else 'vae'}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `inspect` / `convert` command; weight-file problems print one line and return 2."""
     try:
@@ -561,7 +591,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        path = args.path if args.command == "inspect" else args.src
+        other = other_weights(path) if Path(path).is_file() else None
+        print(f"error: {e}" + (f"; {other}" if other else ""), file=sys.stderr)
         return 2
 
 

@@ -61,3 +61,30 @@ def test_module_entry_point_is_kept():
     done = subprocess.run([sys.executable, "-m", "tadisr_core", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "make-tiny" in done.stdout
+
+
+def test_inspect_on_another_weights_file_says_what_it_is_and_how_to_pass_it(tiny_dir, tmp_path, capsys):
+    """Kolors' UNet, its VAE, an all-in-one checkpoint and ChatGLM3 are not TADiSR checkpoints: `inspect`
+    still exits 2, and says which of TADiSR's other inputs the file is."""
+    from safetensors.torch import load_file, save_file
+
+    kolors = tiny_dir["kolors"]
+    unet = load_file(str(kolors / "unet" / "diffusion_pytorch_model.safetensors"))
+    vae = load_file(str(kolors / "vae" / "diffusion_pytorch_model.safetensors"))
+    configs = {"unet_config": (kolors / "unet" / "config.json").read_text(),
+               "vae_config": (kolors / "vae" / "config.json").read_text()}
+    both = tmp_path / "kolors_all_in_one.safetensors"
+    save_file({**{f"model.diffusion_model.{k}": v for k, v in unet.items()},
+               **{f"first_stage_model.{k}": v for k, v in vae.items()}}, str(both), metadata=configs)
+    cases = {kolors / "unet" / "diffusion_pytorch_model.safetensors": "it is a Kolors UNet: pass it as --unet",
+             kolors / "vae" / "diffusion_pytorch_model.safetensors": "it is an SDXL VAE: pass it as --vae",
+             both: "it is an all-in-one Kolors checkpoint (UNet and VAE): pass it as --unet",
+             kolors / "text_encoder" / "model.safetensors": "it is the ChatGLM3 text encoder: pass it as "
+                                                            "--text-encoder"}
+    for path, words in cases.items():
+        assert cli.main(["inspect", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "not a native TADiSR checkpoint" in err and words in err, (path.name, err)
+    (tmp_path / "notes.safetensors").write_bytes(b"not weights")
+    assert cli.main(["inspect", str(tmp_path / "notes.safetensors")]) == 2
+    assert "it is" not in capsys.readouterr().err
