@@ -554,12 +554,15 @@ def main(argv: list[str] | None = None) -> int:
 def other_weights(path: str | Path) -> str | None:
     """What a weights file that is not a TADiSR checkpoint is, when it is one of the files TADiSR
     also takes (a Kolors UNet, an SDXL VAE, an all-in-one Kolors checkpoint, ChatGLM3), and how to
-    pass it; None for anything else."""
+    pass it; None for anything else. Only safetensors headers are read: a pickle that was just
+    refused is never opened again."""
     from .chatglm_file import is_chatglm_file, quantized_bits
     from .kolors_files import KolorsFolderError
     from .kolors_identity import check_unet, check_vae, holds_vae
 
     path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
     if is_chatglm_file(path):
         try:
             bits = quantized_bits(path)
