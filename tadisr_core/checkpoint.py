@@ -575,7 +575,7 @@ def other_weights(path: str | Path) -> str | None:
     for check, what in ((check_unet, "a Kolors UNet"), (check_vae, "an SDXL VAE")):
         try:
             check(path, config if config.is_file() else None)
-        except (ValueError, OSError):
+        except (ValueError, OSError):  # not this part (NotKolorsError), or unreadable
             continue
         if check is check_unet and holds_vae(path):
             return "it is an all-in-one Kolors checkpoint (UNet and VAE): pass it as --unet"

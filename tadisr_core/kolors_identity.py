@@ -17,6 +17,7 @@ which is what a real Kolors file needs.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -98,7 +99,23 @@ def _fail(path: Path, what: str, expected: str, found: str, hint: str = "") -> N
     return NotKolorsError(f"{path}: not a Kolors {what}: expected {expected}; found {found}.{tail}")
 
 
+def _malformed_is_not_kolors(what: str):
+    """A tensor table with Kolors' names but shapes no Kolors file has (too few dimensions, a missing
+    block) fails as NotKolorsError too, never as a bare IndexError from deep inside the check."""
+    def wrap(check):
+        @functools.wraps(check)
+        def checked(path: str | Path, config: str | Path | None = None) -> CheckedPart:
+            try:
+                return check(path, config)
+            except (IndexError, KeyError, TypeError, ZeroDivisionError, RuntimeError) as exc:
+                raise _fail(Path(path), what, "its tensors at the shapes of one",
+                            f"a tensor table it cannot be ({type(exc).__name__}: {exc})") from None
+        return checked
+    return wrap
+
+
 # -- UNet -------------------------------------------------------------------------------------------
+@_malformed_is_not_kolors("UNet")
 def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPart:
     """Check that `path` is a Kolors UNet (diffusers or SGM names) and return its spec."""
     path = Path(path)
@@ -153,6 +170,7 @@ def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPar
 
 
 # -- VAE --------------------------------------------------------------------------------------------
+@_malformed_is_not_kolors("VAE (the SDXL VAE)")
 def check_vae(path: str | Path, config: str | Path | None = None) -> CheckedPart:
     """Check that `path` is an SDXL-type VAE (diffusers or LDM names) and return its spec."""
     path = Path(path)

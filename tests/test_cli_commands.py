@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import tomllib
+import torch
 
 from tadisr_core import cli
 
@@ -85,6 +86,11 @@ def test_inspect_on_another_weights_file_says_what_it_is_and_how_to_pass_it(tiny
         assert cli.main(["inspect", str(path)]) == 2
         err = capsys.readouterr().err
         assert "not a native TADiSR checkpoint" in err and words in err, (path.name, err)
+    odd = tmp_path / "odd.safetensors"  # names of a UNet at shapes no UNet has: no hint, and no traceback
+    save_file({"conv_in.weight": torch.zeros(3), "encoder_hid_proj.weight": torch.zeros(2),
+               "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(5)}, str(odd))
     (tmp_path / "notes.safetensors").write_bytes(b"not weights")
-    assert cli.main(["inspect", str(tmp_path / "notes.safetensors")]) == 2
-    assert "it is" not in capsys.readouterr().err
+    for path in (odd, tmp_path / "notes.safetensors"):
+        assert cli.main(["inspect", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "it is" not in err and "Traceback" not in err

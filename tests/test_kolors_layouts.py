@@ -439,3 +439,24 @@ def test_a_nan_in_the_vae_file_names_the_vae(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"the Kolors VAE weights are damaged \(re-download the VAE file given "
                                               r"as --vae, or the Kolors folder's vae/\)"):
         load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], vae=vae)
+
+
+def test_a_malformed_file_among_the_unets_is_not_kolors_and_never_breaks_the_listing(tmp_path):
+    """Kolors' tensor names at shapes no Kolors file has: NotKolorsError naming the file (it used to be a
+    bare IndexError, which would have broken the loader's list), and the file is not listed."""
+    from tadisr_core.kolors_identity import NotKolorsError, check_unet, check_vae
+
+    odd = tmp_path / "unet" / "odd.safetensors"
+    odd.parent.mkdir()
+    save_file({"conv_in.weight": torch.zeros(3), "encoder_hid_proj.weight": torch.zeros(2),
+               "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(5)}, str(odd))
+    with pytest.raises(NotKolorsError, match=r"odd.safetensors: not a Kolors UNet: .*\(IndexError: "):
+        check_unet(odd)
+    flat = tmp_path / "vae" / "flat.safetensors"
+    flat.parent.mkdir()
+    save_file({"quant_conv.weight": torch.zeros(8), "encoder.conv_in.weight": torch.zeros(1),
+               "decoder.conv_out.weight": torch.zeros(1), "encoder.down_blocks.0.resnets.0.conv1.weight":
+               torch.zeros(())}, str(flat))
+    with pytest.raises(NotKolorsError, match=r"flat.safetensors: not a Kolors VAE \(the SDXL VAE\): "):
+        check_vae(flat)
+    assert list_kolors_candidates([], [odd.parent], [flat.parent]) == []
