@@ -257,3 +257,44 @@ def test_data_broken_after_some_steps_saves_them_first(tmp_path, capsys, monkeyp
     assert f"stopped at step 1; the last checkpoint is {out / 'checkpoints' / 'step_00000001'}: once the data " \
         "is fixed, continue with --resume" in err
     assert latest_checkpoint(out / "checkpoints").name == "step_00000001"
+
+
+@pytest.mark.slow
+def test_data_broken_on_one_of_two_processes_stops_both_with_the_steps_saved(tmp_path):
+    """Two processes; at step 2 only rank 1's batch mixes image sizes. Both stop at once (none waits in a
+    collective for the other), the step trained is saved, and the message names the images, once."""
+    import subprocess
+    import sys
+
+    from tests.test_train import REPO, _free_port, _subprocess_env
+    from training.builders import StepBatchSampler
+    from training.train_state import latest_checkpoint
+
+    ranks = [list(StepBatchSampler(8, 2, world=2, rank=r, seed=0)._perm(0)) for r in (0, 1)]
+    step2_rank1 = ranks[1][6:8]  # global micro-batch 1, rank 1's slice
+    data = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for sub in ("hr", "mask"):
+        (data / sub).mkdir(parents=True)
+    for i in range(8):
+        side = 96 if i == step2_rank1[1] else 64
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(data / "hr" / f"{i}.png")
+        Image.fromarray(np.zeros((side, side), np.uint8)).save(data / "mask" / f"{i}.png")
+    port, out = _free_port(), tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "training.train", "--config", str(TINY), "--output-dir", str(out)]
+    for s in ("data.kind=\"triplets\"", f"data.root={json.dumps(str(data))}", "data.crop=null", "train.batch_size=2",
+              "train.max_steps=4", "train.checkpoint_every=100", "train.num_workers=0", "loss.lpips_net=\"none\"",
+              "loss.lpips=0", "train.validate_every=0"):
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(_subprocess_env(), MASTER_PORT=str(port)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    a, b = step2_rank1
+    words = (f"error: training data: one batch holds images of different sizes (64x64: {a}; 96x96: {b}): with "
+             "data.crop null every image must have the same size")
+    assert proc.stderr.count(words) == 1, proc.stderr[-4000:]
+    assert not re.search(r"\[rank\d\]: Traceback", proc.stderr)  # rank 0 used to die in the step's all-reduce
+    assert f"stopped at step 1; the last checkpoint is {out / 'checkpoints' / 'step_00000001'}" in proc.stderr
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000001"

@@ -391,6 +391,14 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(t, reduction="sum").item() > 0)
 
+    def _first_message(self, message: str | None) -> str:
+        """The first process's non-empty `message`, on every process (collective when there are several)."""
+        if self.acc.num_processes == 1:
+            return message or ""
+        from accelerate.utils import gather_object
+
+        return next((m for m in gather_object([message or ""]) if m), "")
+
     def _write_weights(self, path: Path) -> None:
         from tadisr_core.checkpoint import base_metadata, save_model, save_native
 
@@ -527,16 +535,13 @@ class Trainer:
         return record
 
     def _save_for_data_fix(self, last_saved: Path | None) -> str:
-        """Before stopping on broken data: save the steps trained so far (with one process only: the
-        others would wait for this one in a collective), and say what is saved and how to continue."""
+        """Before stopping on broken data: save the steps trained so far (collective: every process stops
+        here together), and say what is saved and how to continue."""
         if self.step == 0:
             return "stopped before step 1: nothing was trained"
-        if self.acc.num_processes == 1 and (last_saved is None or last_saved.name != run_step_folder(self.step)):
+        if last_saved is None or last_saved.name != run_step_folder(self.step):
             last_saved = self.save_checkpoint()
-        if last_saved is None:
-            return f"stopped at step {self.step}; no checkpoint was saved, so those steps are lost"
-        lost = "" if last_saved.name == run_step_folder(self.step) else " (the steps after it are lost)"
-        return (f"stopped at step {self.step}; the last checkpoint is {last_saved}{lost}: once the data is "
+        return (f"stopped at step {self.step}; the last checkpoint is {last_saved}: once the data is "
                 f"fixed, continue with --resume (and --force if the config changed)")
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -555,10 +560,14 @@ class Trainer:
         stopped, last_saved = False, self._resumed_from
         with _StopFlag() as flag, closing(bar):
             while self.step < t.max_steps:
+                broken = None
                 try:
                     got = [next(batches) for _ in range(t.grad_accum)]
                 except DataBroken as exc:
-                    raise DataBroken(f"{data_broken_message(exc)}\n{self._save_for_data_fix(last_saved)}") from None
+                    broken = data_broken_message(exc)
+                # Every process stops together, or the others would wait for this one in the step's collectives.
+                if self._any_across(broken is not None):
+                    raise DataBroken(f"{self._first_message(broken)}\n{self._save_for_data_fix(last_saved)}")
                 record = self.train_step(got)
                 bar.update(1)
                 if self.step % max(t.log_every, 1) == 0:
@@ -620,21 +629,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)
         return 130
+    rank = int(os.environ.get("RANK", "0"))
     try:
         summary = trainer.run()
     except (FileNotFoundError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingAborted as e:
-        print(f"error: {e}", file=sys.stderr)
+    except TrainingAborted as e:  # decided by all processes together: said once
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except DataBroken as e:
-        print(f"error: training data: {data_broken_message(e)}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: training data: {data_broken_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         print(json.dumps(summary))
     return 130 if summary["stopped"] else 0
 
