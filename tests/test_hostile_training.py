@@ -259,39 +259,80 @@ def test_data_broken_after_some_steps_saves_them_first(tmp_path, capsys, monkeyp
     assert latest_checkpoint(out / "checkpoints").name == "step_00000001"
 
 
-@pytest.mark.slow
-def test_data_broken_on_one_of_two_processes_stops_both_with_the_steps_saved(tmp_path):
-    """Two processes; at step 2 only rank 1's batch mixes image sizes. Both stop at once (none waits in a
-    collective for the other), the step trained is saved, and the message names the images, once."""
+def _launch_two_processes(out: Path, data: Path, *sets: str):
+    """`accelerate launch` of the tiny config as two gloo processes on `data` (triplets), `sets` added."""
     import subprocess
     import sys
 
     from tests.test_train import REPO, _free_port, _subprocess_env
+
+    port = _free_port()
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "training.train", "--config", str(TINY), "--output-dir", str(out)]
+    for s in ("data.kind=\"triplets\"", f"data.root={json.dumps(str(data))}", "train.num_workers=0",
+              "loss.lpips_net=\"none\"", "loss.lpips=0", "train.validate_every=0", *sets):
+        cmd += ["--set", s]
+    return subprocess.run(cmd, cwd=REPO, env=dict(_subprocess_env(), MASTER_PORT=str(port)), capture_output=True,
+                          text=True, timeout=300)
+
+
+def _first_epoch(n: int, batch: int) -> list[list[int]]:
+    """Each of two ranks' sample indices in epoch 0 (seed 0), in the order they are trained."""
     from training.builders import StepBatchSampler
+
+    perm = StepBatchSampler(n, batch, world=2, rank=0, seed=0)._perm(0)
+    return [[i for k in range(0, n, 2 * batch) for i in perm[k + r * batch: k + (r + 1) * batch]] for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_a_damaged_sample_met_by_another_process_is_logged_and_counted_once(tmp_path):
+    """Two processes; only rank 1 meets the damaged file. The main process logs it (it used to log only
+    its own), the count in every step record and in the checkpoint is the run's, and it is said once."""
+    import torch
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(2)
+    for sub in ("hr", "mask", "lr"):
+        (data / sub).mkdir(parents=True)
+    for i in range(8):
+        hr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(hr).save(data / "hr" / f"{i}.png")
+        Image.fromarray(hr[::4, ::4]).save(data / "lr" / f"{i}.png")
+        Image.fromarray((hr[..., 0] > 128).astype(np.uint8) * 255).save(data / "mask" / f"{i}.png")
+    damaged = _first_epoch(8, 2)[1][0]  # rank 1's first sample
+    (data / "hr" / f"{damaged}.png").write_bytes(b"\x89PNG\r\n\x1a\n torn download")
+    out = tmp_path / "run"
+    proc = _launch_two_processes(out, data, "data.crop=64", "train.batch_size=2", "train.max_steps=2",
+                                 "train.checkpoint_every=100")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (bad,) = _lines(out, "bad_sample")
+    assert bad["step"] == 1 and f"hr/{damaged}.png" in bad["sample"]
+    assert [r["bad_samples"] for r in _lines(out)] == [1, 1]
+    assert proc.stderr.count("warning: skipped a damaged sample:") == 1
+    state = torch.load(out / "checkpoints" / "step_00000002" / "state.pt", weights_only=False)
+    assert state["bad_samples"] == 1 and state["bad_sample_list"] == [bad["sample"]]
+
+
+@pytest.mark.slow
+def test_data_broken_on_one_of_two_processes_stops_both_with_the_steps_saved(tmp_path):
+    """Two processes; at step 2 only rank 1's batch mixes image sizes. Both stop at once (none waits in a
+    collective for the other), the step trained is saved, and the message names the images, once."""
     from training.train_state import latest_checkpoint
 
-    ranks = [list(StepBatchSampler(8, 2, world=2, rank=r, seed=0)._perm(0)) for r in (0, 1)]
-    step2_rank1 = ranks[1][6:8]  # global micro-batch 1, rank 1's slice
+    a, b = _first_epoch(8, 2)[1][2:4]  # rank 1's batch of step 2
     data = tmp_path / "data"
     rng = np.random.default_rng(1)
     for sub in ("hr", "mask"):
         (data / sub).mkdir(parents=True)
     for i in range(8):
-        side = 96 if i == step2_rank1[1] else 64
+        side = 96 if i == b else 64
         Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(data / "hr" / f"{i}.png")
         Image.fromarray(np.zeros((side, side), np.uint8)).save(data / "mask" / f"{i}.png")
-    port, out = _free_port(), tmp_path / "run"
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "training.train", "--config", str(TINY), "--output-dir", str(out)]
-    for s in ("data.kind=\"triplets\"", f"data.root={json.dumps(str(data))}", "data.crop=null", "train.batch_size=2",
-              "train.max_steps=4", "train.checkpoint_every=100", "train.num_workers=0", "loss.lpips_net=\"none\"",
-              "loss.lpips=0", "train.validate_every=0"):
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(_subprocess_env(), MASTER_PORT=str(port)), capture_output=True,
-                          text=True, timeout=300)
+    out = tmp_path / "run"
+    proc = _launch_two_processes(out, data, "data.crop=null", "train.batch_size=2", "train.max_steps=4",
+                                 "train.checkpoint_every=100")
     assert proc.returncode != 0
-    a, b = step2_rank1
     words = (f"error: training data: one batch holds images of different sizes (64x64: {a}; 96x96: {b}): with "
              "data.crop null every image must have the same size")
     assert proc.stderr.count(words) == 1, proc.stderr[-4000:]

@@ -431,16 +431,22 @@ class Trainer:
         return path
 
     def _count_bad_samples(self, batches) -> None:
-        """Log the damaged samples replaced in these batches the first time they are met; past
-        `train.max_bad_samples` different ones, save and abort."""
+        """Log the damaged samples replaced in these batches, by any process, the first time they are met
+        (every process keeps the same list and count); past `train.max_bad_samples` different ones, save
+        and abort."""
         bad = [b for batch in batches for entry in batch.get("bad", []) if entry for b in entry.split("\n")]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            bad = gather_object(bad)
         for entry in dict.fromkeys(b for b in bad if b not in self.bad_seen):
-            print(f"warning: skipped a damaged sample: {entry}", file=sys.stderr)
+            if self.main:
+                print(f"warning: skipped a damaged sample: {entry}", file=sys.stderr)
             self._log({"kind": "bad_sample", "step": self.step + 1, "sample": entry})
             self.bad_seen.add(entry)
             self.bad_samples += 1
         limit = self.cfg.train.max_bad_samples
-        if self._any_across(self.bad_samples > limit):
+        if self.bad_samples > limit:  # the same on every process
             path = self.save_checkpoint()
             raise TrainingAborted(f"aborting at step {self.step}: {self.bad_samples} damaged samples were skipped "
                                   f"(train.max_bad_samples = {limit}); fix or remove them (listed above) and "
