@@ -164,6 +164,25 @@ def test_resume_with_another_number_of_processes_needs_force(tmp_path, lpips_dir
         capsys.readouterr().out
 
 
+def test_an_fsdp_run_cannot_resume_the_optimiser_shards_of_another_process_count(tmp_path, lpips_dir, monkeypatch):  # noqa: F811
+    """Per-process optimiser shards do not re-split: refused even with --force, naming both ways on."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from training.train import RunFolderError, Trainer
+
+    run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1))
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    _as_written_by(checkpoint, 4)
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    words = (f"--resume: {checkpoint} holds the FSDP optimiser state in 4 shards, one per process, which 1 "
+             f"processes cannot load (not even with --force). Resume with 4 processes, or start a new run (another "
+             f"--output-dir) from its weights: --set model.init_checkpoint=\"{checkpoint / 'model.safetensors'}\"")
+    with pytest.raises(RunFolderError) as refused:
+        Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2), resume=True, force=True)
+    assert str(refused.value) == words
+
+
 def test_an_abort_by_a_second_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     from training import train
 

@@ -19,7 +19,7 @@ more than `train.max_bad_samples` different ones abort (with a checkpoint), as d
 make a batch at all (`training.bad_samples.DataBroken`), exit code 1. `--resume` uses the
 newest complete checkpoint that loads (damaged ones are skipped with a warning) and refuses a
 changed config without `--force` (also another `train.max_steps` under a decaying learning rate, or
-another number of processes);
+another number of processes, which FSDP's per-process optimiser shards refuse even with `--force`);
 a run into a folder that already holds one needs `--resume` (or another output folder).
 DDP (`find_unused_parameters`, as the release) and FSDP come from Accelerate (`accelerate config`);
 the FSDP path (full-state weight export, per-rank optimiser shards) is untested on CPU. Precision is
@@ -92,13 +92,30 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
+def recorded_processes(state: dict, checkpoint: Path) -> int:
+    """How many processes wrote checkpoint `state`; checkpoints from before the count was recorded are
+    counted by their per-rank files."""
+    return int(state.get("num_processes") or len(list(Path(checkpoint).glob("rank_*.pt"))) or 1)
+
+
+def sharded_optimizer_refusal(state: dict, checkpoint: Path, processes: int) -> str | None:
+    """Why an FSDP run of `processes` processes cannot resume checkpoint `state` (None when it can): each
+    process's optimiser shard is its own file, and another number of processes cannot load them."""
+    before = recorded_processes(state, checkpoint)
+    if before == processes:
+        return None
+    return (f"--resume: {checkpoint} holds the FSDP optimiser state in {before} shards, one per process, which "
+            f"{processes} processes cannot load (not even with --force). Resume with {before} processes, or start "
+            f"a new run (another --output-dir) from its weights: --set "
+            f"model.init_checkpoint={json.dumps(str(Path(checkpoint) / RUN_STEP_MODEL))}")
+
+
 def process_change(state: dict, checkpoint: Path, processes: int, batch: int) -> str | None:
     """A note when checkpoint `state` was written by another number of processes than `processes`; `batch`
     = samples per step and process (train.batch_size x train.grad_accum). None when the count is the same.
 
-    Checkpoints from before the count was recorded are counted by their per-rank files.
     """
-    before = int(state.get("num_processes") or len(list(Path(checkpoint).glob("rank_*.pt"))) or 1)
+    before = recorded_processes(state, checkpoint)
     if before == processes:
         return None
     return (f"number of processes: {before} -> {processes} (global batch {before * batch} -> {processes * batch} "
@@ -320,6 +337,8 @@ class Trainer:
                 self._print(f"warning: checkpoint {path} is damaged ({str(exc).splitlines()[0]}); trying the "
                             f"previous one")
                 continue
+            if self.fsdp and (refusal := sharded_optimizer_refusal(self._resumed[0], path, self.acc.num_processes)):
+                raise RunFolderError(refusal)
             changes = config_changes(self._resumed[0].get("config") or {}, self.cfg.to_dict())
             t = self.cfg.train
             world = process_change(self._resumed[0], path, self.acc.num_processes, t.batch_size * t.grad_accum)
