@@ -13,7 +13,7 @@ import torch
 from .kolors_files import KolorsFiles, KolorsFolderError, find_kolors_files
 from .kolors_identity import CheckedPart, NotKolorsError, check_unet, check_vae
 from .spec import UNetSpec, VAESpec
-from .streaming import assign_weights, iter_tensors
+from .streaming import assign_weights
 
 __all__ = ["KolorsFiles", "KolorsFolderError", "NotKolorsError", "build_unet", "build_vae", "check_backbone",
            "load_unet", "load_vae"]
@@ -47,8 +47,7 @@ def check_backbone(source: str | Path | KolorsFiles) -> tuple[CheckedPart, Check
 
 def _load(part: CheckedPart, build, dtype: torch.dtype | None):
     module = build(part.spec, "meta")
-    tensors = iter_tensors(part.path, dtype, part.rename, part.header if part.path.suffix == ".safetensors" else None)
-    assign_weights(module, tensors, part.path)
+    assign_weights(module, part.tensors(dtype), part.path)
     return module
 
 

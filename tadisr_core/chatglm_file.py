@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .kolors_files import KolorsFolderError
+from .scaled_weights import iter_dequantized
 from .streaming import WeightsHeader, assign_weights, header_mentions, iter_tensors, read_header
 
 # A name every ChatGLM3 weights file holds, looked for in the raw header bytes before any parsing
@@ -161,19 +162,6 @@ def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
                          original_rope=True)
 
 
-def _dequantized(path: Path, header: WeightsHeader, dtype: torch.dtype):
-    """(name, tensor) of an 8-bit file in `dtype`: each int8 weight times its row scales (in the scales'
-    dtype, as ChatGLM's quantized layers compute it), one tensor at a time."""
-    scales = dict(iter_tensors(path, rename=lambda k: k if k.endswith(_SCALE) else None, header=header))
-    for name, t in iter_tensors(path, header=header):
-        if name.endswith(_SCALE):
-            continue
-        scale = scales.get(name + _SCALE)
-        if scale is not None:
-            t = t.to(scale.dtype) * scale[:, None]
-        yield name, t.to(dtype) if t.is_floating_point() else t
-
-
 def load_chatglm_file(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     """diffusers' `ChatGLMModel` with the weights of the ChatGLM3 file `path` in `dtype`, read one
     tensor at a time into a model built on the meta device (no random init, no fp32 copy). An 8-bit
@@ -187,7 +175,7 @@ def load_chatglm_file(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     if quantized_bits(path, header) == 8:
         log.warning("%s is an 8-bit ChatGLM3: the prompt cache computed from it is close to, not equal to, the "
                     "one from the fp16 weights (the cache says so when it is loaded)", path)
-        tensors = _dequantized(path, header, dtype)
+        tensors = iter_dequantized(path, dtype, header=header)
     else:
         tensors = iter_tensors(path, dtype, header=header)
     tensors = ((k.removeprefix(_PREFIX), t) for k, t in tensors)

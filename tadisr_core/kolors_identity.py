@@ -23,9 +23,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import ldm_names
+from .scaled_weights import is_side_tensor, iter_dequantized, unreadable_layout
 from .spec import UNetSpec, VAESpec
-from .streaming import WeightsHeader, read_header
+from .streaming import Rename, WeightsHeader, read_header
 
 KOLORS_HEAD_WIDTH = 64
 CHECKPOINT_SECTIONS = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}  # all-in-one files
@@ -59,6 +62,11 @@ class CheckedPart:
             return ldm_names.vae_key(key, len(self.spec.block_out_channels))
         return ldm_names.strip_prefix(key, ("vae.",))
 
+    def tensors(self, dtype: torch.dtype | None, rename: Rename | None = None):
+        """(diffusers name, tensor) of this part in `dtype`, one at a time; scaled weights (ComfyUI's scaled
+        fp8) as stored x scale. `rename` (default `self.rename`) also picks which tensors are read."""
+        return iter_dequantized(self.path, dtype, rename or self.rename, self.header)
+
 
 def _config(path: Path, config: Path | None, header: WeightsHeader, part: str) -> dict:
     if config is not None and config.is_file():
@@ -75,10 +83,10 @@ def _section(header: WeightsHeader, part: str) -> str | None:
 
 
 def _part_tensors(header: WeightsHeader, section: str | None) -> dict:
-    """The part's tensors by key, its section prefix taken off (as `CheckedPart.rename` takes it off)."""
-    if section is None:
-        return header.tensors
-    return {k[len(section):]: v for k, v in header.tensors.items() if k.startswith(section)}
+    """The part's weights by key, its section prefix taken off (as `CheckedPart.rename` takes it off);
+    the scales and markers of scaled fp8 files are not weights of the model and are left out."""
+    prefix = section or ""
+    return {k[len(prefix):]: v for k, v in header.tensors.items() if k.startswith(prefix) and not is_side_tensor(k)}
 
 
 def holds_vae(path: str | Path) -> bool:
@@ -166,6 +174,10 @@ def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPar
                     cross_attention_dim=cross_dim, encoder_hid_dim=hid[1], addition_time_embed_dim=extra // 6,
                     norm_num_groups=groups, sample_size=cfg.get("sample_size", _FULL.sample_size))
     _compare_with_meta(path, what, shapes, _meta_shapes_unet(spec))
+    why = unreadable_layout(header, section or "")
+    if why:
+        raise NotKolorsError(f"{path}: a Kolors UNet whose weights are stored in a way TADiSR cannot read: {why}. "
+                             f"Use its fp16 / bf16 file, or a plain or scaled fp8 one")
     return CheckedPart(path, spec, ldm, header, section)
 
 

@@ -61,7 +61,6 @@ def _merge_in_fp32(model: TADiSRModel, parts: dict, ckpt) -> None:
     read again in fp32 from its file (or taken from the checkpoint when the checkpoint sets it), the
     LoRA factors from the checkpoint, merged in fp32 and cast back."""
     from .lora import lora_layers
-    from .streaming import iter_tensors
 
     for group, part in parts.items():
         module = getattr(model, group)
@@ -80,7 +79,7 @@ def _merge_in_fp32(model: TADiSRModel, parts: dict, ckpt) -> None:
         for name in layers:
             if f"{name}.base_layer.weight" in saved:  # merged into a copy: the checkpoint stays as it was
                 _merge_layer(layers[name], name, saved[f"{name}.base_layer.weight"].clone(), saved)
-        for key, weight in iter_tensors(part.path, torch.float32, rename):
+        for key, weight in part.tensors(torch.float32, rename):
             _merge_layer(layers[wanted[key]], wanted[key], weight, saved)
             del weight  # one fp32 base weight alive at a time: gone before the next read
 

@@ -179,6 +179,7 @@ def test_low_precision_merge_holds_one_fp32_base_weight_at_a_time(tiny_dir, monk
     next is read (collecting them first held a whole fp32 copy of every LoRA'd layer)."""
     import weakref
 
+    import tadisr_core.scaled_weights as scaled_weights
     import tadisr_core.streaming as streaming
 
     real, alive, most = streaming.iter_tensors, [], []
@@ -191,6 +192,7 @@ def test_low_precision_merge_holds_one_fp32_base_weight_at_a_time(tiny_dir, monk
             yield name, t
 
     monkeypatch.setattr(streaming, "iter_tensors", tracked)
+    monkeypatch.setattr(scaled_weights, "iter_tensors", tracked)  # where the backbone's files are read
     model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.bfloat16)
     assert len(alive) > 10, "the merge read no base weights"
     assert max(most) == 0, f"{max(most)} earlier fp32 base weights were still alive when the next was read"

@@ -33,15 +33,21 @@ def _lines(out: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def _triplets(root: Path) -> Path:
-    rng = np.random.default_rng(0)
+def _clean_triplets(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` whole hr / lr / mask triplets of 64 px random images."""
+    rng = np.random.default_rng(seed)
     for sub in ("hr", "mask", "lr"):
         (root / sub).mkdir(parents=True)
-    for i in range(4):
+    for i in range(count):
         hr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         Image.fromarray(hr).save(root / "hr" / f"{i}.png")
         Image.fromarray(hr[::4, ::4]).save(root / "lr" / f"{i}.png")
         Image.fromarray((hr[..., 0] > 128).astype(np.uint8) * 255).save(root / "mask" / f"{i}.png")
+    return root
+
+
+def _triplets(root: Path) -> Path:
+    _clean_triplets(root, 4)
     (root / "hr" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n torn download")             # corrupt HR
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "mask" / "2.png")      # wrong-size mask
     return root
@@ -291,15 +297,7 @@ def test_a_damaged_sample_met_by_another_process_is_logged_and_counted_once(tmp_
     its own), the count in every step record and in the checkpoint is the run's, and it is said once."""
     import torch
 
-    data = tmp_path / "data"
-    rng = np.random.default_rng(2)
-    for sub in ("hr", "mask", "lr"):
-        (data / sub).mkdir(parents=True)
-    for i in range(8):
-        hr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(hr).save(data / "hr" / f"{i}.png")
-        Image.fromarray(hr[::4, ::4]).save(data / "lr" / f"{i}.png")
-        Image.fromarray((hr[..., 0] > 128).astype(np.uint8) * 255).save(data / "mask" / f"{i}.png")
+    data = _clean_triplets(tmp_path / "data", 8, seed=2)
     damaged = _first_epoch(8, 2)[1][0]  # rank 1's first sample
     (data / "hr" / f"{damaged}.png").write_bytes(b"\x89PNG\r\n\x1a\n torn download")
     out = tmp_path / "run"

@@ -460,3 +460,102 @@ def test_a_malformed_file_among_the_unets_is_not_kolors_and_never_breaks_the_lis
     with pytest.raises(NotKolorsError, match=r"flat.safetensors: not a Kolors VAE \(the SDXL VAE\): "):
         check_vae(flat)
     assert list_kolors_candidates([], [odd.parent], [flat.parent]) == []
+
+
+# -- fp8 and scaled fp8 UNets (ComfyUI's low-memory copies of a model) --------------------------------
+def _fp8_layouts(unet_sd: dict, config: str, root):
+    """The UNet as each fp8 file ComfyUI users keep, and the values each must load as (stored x scale)."""
+    plain = {k: v.to(torch.float8_e4m3fn) if v.ndim >= 2 else v.half() for k, v in unet_sd.items()}
+    scaled, scales, values = {}, {}, {}
+    for k, v in unet_sd.items():
+        if v.ndim >= 2:
+            scales[k] = v.abs().max() / 448
+            scaled[k] = (v / scales[k]).to(torch.float8_e4m3fn)
+            values[k] = scaled[k].float() * scales[k]
+        else:
+            scaled[k], values[k] = v.half(), v.half().float()
+    layers = {k[: -len(".weight")]: {"format": "float8_e4m3fn"} for k in scales}
+    sgm = {_sgm_unet_name(k): k for k in unet_sd}
+    # ComfyUI's older layout: a `scaled_fp8` marker, `scale_weight` / `scale_input`, SGM names
+    legacy = {"scaled_fp8": torch.empty(2, dtype=torch.float8_e4m3fn)}
+    for name, k in sgm.items():
+        legacy[name] = scaled[k]
+        if k in scales:
+            legacy[name[: -len("weight")] + "scale_weight"] = scales[k]
+            legacy[name[: -len("weight")] + "scale_input"] = torch.tensor(1.0)
+    # its newer one: `weight_scale` / `input_scale` and the formats in the header (diffusers names), or in
+    # `.comfy_quant` tensors (here an all-in-one checkpoint's UNet section)
+    header = {k: v for k, v in scaled.items()}
+    header.update({k[: -len("weight")] + "weight_scale": s for k, s in scales.items()})
+    header.update({k[: -len("weight")] + "input_scale": torch.tensor(1.0) for k in scales})
+    records = {f"model.diffusion_model.{name}": scaled[k] for name, k in sgm.items()}
+    for name, k in sgm.items():
+        if k in scales:
+            layer = f"model.diffusion_model.{name[: -len('.weight')]}"
+            records[f"{layer}.weight_scale"] = scales[k]
+            records[f"{layer}.comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    files = {"plain": (plain, {}), "legacy": (legacy, {}),
+             "header": (header, {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}),
+             "records": (records, {})}
+    paths = {}
+    for name, (sd, meta) in files.items():
+        paths[name] = root / f"kolors_unet_{name}_fp8.safetensors"
+        save_file(sd, paths[name], metadata={**meta, "config": config})
+    return paths, {k: v.to(torch.float8_e4m3fn).float() if v.ndim >= 2 else v.half().float()
+                   for k, v in unet_sd.items()}, values
+
+
+
+@pytest.mark.parametrize("layout", ["plain", "legacy", "header", "records"])
+def test_fp8_and_scaled_fp8_unets_load_as_stored_times_scale(layout, layouts, tiny_dir, tmp_path):
+    """Each fp8 copy of the Kolors UNet loads as exactly its stored values x scales, with an adapter
+    checkpoint trained on the original (the fp8 rounding is not "another base"), and is listed."""
+    from tadisr_core.kolors_identity import check_unet as check
+
+    kolors = tiny_dir["kolors"]
+    unet_sd = load_file(kolors / "unet" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "unet").mkdir()
+    paths, plain_values, scaled_values = _fp8_layouts(unet_sd, (kolors / "unet" / "config.json").read_text(),
+                                                      tmp_path / "unet")
+    want = plain_values if layout == "plain" else scaled_values
+    exact = tmp_path / "exact"  # the values it must load as, in an ordinary fp32 file
+    shutil.copytree(kolors, exact)
+    save_file(want, exact / "unet" / "diffusion_pytorch_model.safetensors")
+    model = load_tadisr(None, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=paths[layout],
+                        vae=layouts["vae_file"], dtype=torch.float32)
+    expected = load_tadisr(exact, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.float32)
+    got, ref = model.unet.state_dict(), expected.unet.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    with torch.no_grad():
+        assert torch.equal(model(X).image, expected(X).image)
+    assert check(paths[layout]).spec == check(kolors / "unet" / "diffusion_pytorch_model.safetensors",
+                                              kolors / "unet" / "config.json").spec
+    assert f"unet/{paths[layout].name} + vae/sdxl_vae.safetensors" in list_kolors_candidates(
+        [], [tmp_path / "unet"], [layouts["root"] / "vae"])
+
+
+def test_quantized_unets_that_cannot_be_read_exactly_are_named_and_not_listed(tiny_dir, tmp_path):
+    """Block-wise scales, or layers in another format (4-bit, int8): refused before anything is built,
+    saying what was found and which files work."""
+    kolors = tiny_dir["kolors"]
+    config = {"config": (kolors / "unet" / "config.json").read_text()}
+    unet_sd = load_file(kolors / "unet" / "diffusion_pytorch_model.safetensors")
+    key = "time_embedding.linear_1.weight"
+    rows = unet_sd[key].shape[0]
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    blocks = {**unet_sd, key.replace("weight", "weight_scale"): torch.ones(rows, 2)}
+    save_file(blocks, folder / "blockwise.safetensors", metadata=config)
+    layers = json.dumps({"layers": {key[: -len(".weight")]: {"format": "nvfp4"}}})
+    save_file({**unet_sd, key.replace("weight", "weight_scale"): torch.tensor(1.0)}, folder / "nvfp4.safetensors",
+              metadata={**config, "_quantization_metadata": layers})
+    hint = r"\. Use its fp16 / bf16 file, or a plain or scaled fp8 one$"
+    with pytest.raises(NotKolorsError, match=r"blockwise\.safetensors: a Kolors UNet whose weights are stored in a "
+                                             rf"way TADiSR cannot read: {re.escape(key)} \({rows}, \d+\) has a scale "
+                                             r"of shape \(\d+, 2\): block-wise scales are not read here \(one per "
+                                             rf"tensor or per row are\){hint}"):
+        check_unet(folder / "blockwise.safetensors")
+    with pytest.raises(NotKolorsError, match=r"nvfp4\.safetensors: .* its layers are quantized as nvfp4 \(e\.g\. "
+                                             rf"time_embedding\.linear_1\), a layout read here only as fp8{hint}"):
+        check_unet(folder / "nvfp4.safetensors")
+    assert list_kolors_candidates([], [folder], [tmp_path / "none"]) == []
