@@ -164,8 +164,19 @@ def test_resume_with_another_number_of_processes_needs_force(tmp_path, lpips_dir
         capsys.readouterr().out
 
 
-def test_an_fsdp_run_cannot_resume_the_optimiser_shards_of_another_process_count(tmp_path, lpips_dir, monkeypatch):  # noqa: F811
-    """Per-process optimiser shards do not re-split: refused even with --force, naming both ways on."""
+def _as_written_under_fsdp(checkpoint: Path) -> None:
+    """Move a checkpoint's optimiser state from state.pt into its rank files, as FSDP keeps it (one shard each)."""
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    optimizer = state.pop("optimizer")
+    torch.save(state, checkpoint / "state.pt")
+    for rank_file in checkpoint.glob("rank_*.pt"):
+        torch.save({**torch.load(rank_file, weights_only=True), "optimizer": optimizer}, rank_file)
+
+
+def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(tmp_path, lpips_dir, monkeypatch):  # noqa: F811
+    """FSDP's per-process optimiser shards do not re-split for another process count, and neither an
+    FSDP run nor another loads the other's state: refused even with --force, naming both ways on (the
+    FSDP run used to fall through to loading rank 0's shard, or fail on a missing key)."""
     import accelerate
     from accelerate.utils import DistributedType
 
@@ -173,14 +184,28 @@ def test_an_fsdp_run_cannot_resume_the_optimiser_shards_of_another_process_count
 
     run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1))
     checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    weights = f"--set model.init_checkpoint=\"{checkpoint / 'model.safetensors'}\""
+    fresh = f"or start a new run (another --output-dir) from its weights: {weights}"
+
+    def refused(fsdp: bool) -> str:
+        with monkeypatch.context() as m:
+            if fsdp:
+                m.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+            with pytest.raises(RunFolderError) as caught:
+                Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2), resume=True, force=True)
+        return str(caught.value)
+
+    assert refused(fsdp=True) == (f"--resume: {checkpoint} was written without FSDP (its optimiser state is whole, in "
+                                  f"state.pt), which an FSDP run cannot load (not even with --force). Resume it "
+                                  f"without FSDP, {fresh}")
     _as_written_by(checkpoint, 4)
-    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
-    words = (f"--resume: {checkpoint} holds the FSDP optimiser state in 4 shards, one per process, which 1 "
-             f"processes cannot load (not even with --force). Resume with 4 processes, or start a new run (another "
-             f"--output-dir) from its weights: --set model.init_checkpoint=\"{checkpoint / 'model.safetensors'}\"")
-    with pytest.raises(RunFolderError) as refused:
-        Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2), resume=True, force=True)
-    assert str(refused.value) == words
+    _as_written_under_fsdp(checkpoint)
+    assert refused(fsdp=True) == (f"--resume: {checkpoint} holds the FSDP optimiser state in 4 shards, one per "
+                                  f"process, which 1 processes cannot load (not even with --force). Resume with 4 "
+                                  f"processes, {fresh}")
+    assert refused(fsdp=False) == (f"--resume: {checkpoint} was written under FSDP (its optimiser state in 4 shards, "
+                                   f"one per process), which a run without FSDP cannot load (not even with --force). "
+                                   f"Resume it under FSDP with 4 processes, {fresh}")
 
 
 def test_an_abort_by_a_second_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):

@@ -98,16 +98,26 @@ def recorded_processes(state: dict, checkpoint: Path) -> int:
     return int(state.get("num_processes") or len(list(Path(checkpoint).glob("rank_*.pt"))) or 1)
 
 
-def sharded_optimizer_refusal(state: dict, checkpoint: Path, processes: int) -> str | None:
-    """Why an FSDP run of `processes` processes cannot resume checkpoint `state` (None when it can): each
-    process's optimiser shard is its own file, and another number of processes cannot load them."""
+def optimizer_refusal(state: dict, rank_state: dict, checkpoint: Path, processes: int, fsdp: bool) -> str | None:
+    """Why a run of `processes` processes (under FSDP or not) cannot load the optimiser state of checkpoint
+    `state` / `rank_state`; None when it can. FSDP keeps one shard per process in the rank files, other
+    runs keep it whole in state.pt: neither loads the other's, and shards do not re-split for another
+    number of processes. Not even --force gets past these."""
+    fresh = (f"or start a new run (another --output-dir) from its weights: --set "
+             f"model.init_checkpoint={json.dumps(str(Path(checkpoint) / RUN_STEP_MODEL))}")
     before = recorded_processes(state, checkpoint)
-    if before == processes:
-        return None
-    return (f"--resume: {checkpoint} holds the FSDP optimiser state in {before} shards, one per process, which "
-            f"{processes} processes cannot load (not even with --force). Resume with {before} processes, or start "
-            f"a new run (another --output-dir) from its weights: --set "
-            f"model.init_checkpoint={json.dumps(str(Path(checkpoint) / RUN_STEP_MODEL))}")
+    sharded = "optimizer" in rank_state and "optimizer" not in state
+    if fsdp and not sharded:
+        return (f"--resume: {checkpoint} was written without FSDP (its optimiser state is whole, in state.pt), which "
+                f"an FSDP run cannot load (not even with --force). Resume it without FSDP, {fresh}")
+    if not fsdp and sharded:
+        return (f"--resume: {checkpoint} was written under FSDP (its optimiser state in {before} shards, one per "
+                f"process), which a run without FSDP cannot load (not even with --force). Resume it under FSDP with "
+                f"{before} processes, {fresh}")
+    if fsdp and before != processes:
+        return (f"--resume: {checkpoint} holds the FSDP optimiser state in {before} shards, one per process, which "
+                f"{processes} processes cannot load (not even with --force). Resume with {before} processes, {fresh}")
+    return None
 
 
 def process_change(state: dict, checkpoint: Path, processes: int, batch: int) -> str | None:
@@ -337,7 +347,7 @@ class Trainer:
                 self._print(f"warning: checkpoint {path} is damaged ({str(exc).splitlines()[0]}); trying the "
                             f"previous one")
                 continue
-            if self.fsdp and (refusal := sharded_optimizer_refusal(self._resumed[0], path, self.acc.num_processes)):
+            if refusal := optimizer_refusal(*self._resumed, path, self.acc.num_processes, self.fsdp):
                 raise RunFolderError(refusal)
             changes = config_changes(self._resumed[0].get("config") or {}, self.cfg.to_dict())
             t = self.cfg.train
@@ -454,7 +464,7 @@ class Trainer:
         (every process keeps the same list and count); past `train.max_bad_samples` different ones, save
         and abort."""
         bad = [b for batch in batches for entry in batch.get("bad", []) if entry for b in entry.split("\n")]
-        if self.acc.num_processes > 1:
+        if self.acc.num_processes > 1 and self._any_across(bool(bad)):  # gathered only when there is any
             from accelerate.utils import gather_object
 
             bad = gather_object(bad)
