@@ -150,6 +150,10 @@ def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPar
                     "SD 1.x / SDXL / other UNets cannot run TADiSR; use Kwai-Kolors/Kolors' unet.")
     if "add_embedding.linear_1.weight" not in shapes:
         raise _fail(path, what, "the text_time addition embedding (add_embedding / label_emb)", "none")
+    why = unreadable_layout(header, section or "")  # before the shapes: packed 4-bit weights have other ones
+    if why:
+        raise NotKolorsError(f"{path}: a Kolors UNet whose weights are stored in a layout TADiSR does not read: "
+                             f"{why}. Use its fp16 / bf16 file, or a plain or scaled fp8 one")
     if cross_dim is None or hid[0] != cross_dim:
         raise _fail(path, what, "encoder_hid_proj output = cross-attention dim", f"{hid[0]} vs {cross_dim}")
     n_blocks = _count(shapes, r"down_blocks\.(\d+)\.resnets\.0\.conv1\.weight")
@@ -174,10 +178,6 @@ def check_unet(path: str | Path, config: str | Path | None = None) -> CheckedPar
                     cross_attention_dim=cross_dim, encoder_hid_dim=hid[1], addition_time_embed_dim=extra // 6,
                     norm_num_groups=groups, sample_size=cfg.get("sample_size", _FULL.sample_size))
     _compare_with_meta(path, what, shapes, _meta_shapes_unet(spec))
-    why = unreadable_layout(header, section or "")
-    if why:
-        raise NotKolorsError(f"{path}: a Kolors UNet whose weights are stored in a way TADiSR cannot read: {why}. "
-                             f"Use its fp16 / bf16 file, or a plain or scaled fp8 one")
     return CheckedPart(path, spec, ldm, header, section)
 
 

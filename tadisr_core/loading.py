@@ -16,6 +16,7 @@ from .kolors_files import KolorsFiles, find_kolors_files
 from .lora import merge_lora
 from .model import TADiSRModel
 from .prompt import PromptCache, compute_prompt_cache_from_kolors, text_encoder_device
+from .streaming import fit_shape
 
 
 def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device: str | torch.device = "cpu",
@@ -91,7 +92,7 @@ def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
     # The merged values are copied back into the tensors the layer already has: the fp32 temporaries
     # are then the only allocations, and each layer's reuse the last one's (no heap growth).
     kept = [(base.weight, base.weight.data)] + [(p, p.data) for p, _ in factors]
-    base.weight.data = weight.to(base.weight.device, torch.float32)
+    base.weight.data = fit_shape(weight, base.weight.shape).to(base.weight.device, torch.float32)
     for p, value in factors:
         p.data = value.to(p.device, torch.float32)
     layer.merge()

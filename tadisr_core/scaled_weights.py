@@ -11,9 +11,9 @@ Two kinds of file people keep store weights this way:
   matrix products and are not read.
 
 `iter_dequantized` streams such a file as stored x scale, computed in the scale's dtype (as
-ChatGLM's quantized layers compute it; ComfyUI's fp32 scales make it the exact product), then cast
-to the wanted dtype. Layouts it cannot read exactly (block-wise
-scales, packed 4-bit, rotated weights) are named by `unreadable_layout` before anything is built.
+ChatGLM's quantized layers compute it; ComfyUI's scales are fp32), then cast to the wanted dtype.
+Other layouts (block-wise or per-column scales, int8 or packed 4-bit layers, rotated weights) are
+not read: `unreadable_layout` names them before anything is built.
 """
 
 from __future__ import annotations
@@ -49,26 +49,38 @@ def weight_scales(names) -> dict[str, str]:
     return out
 
 
+def _format(conf) -> str:
+    """A layer's format from its record: a name, or a dict with "format" (and "convrot" for rotated weights)."""
+    if isinstance(conf, str):
+        return conf
+    if not isinstance(conf, dict):
+        return "unreadable"
+    name = str(conf.get("format"))
+    return f"{name} with rotated weights (convrot)" if conf.get("convrot") else name
+
+
 def _formats(header: WeightsHeader) -> dict[str, str]:
     """{layer: format} from the `_quantization_metadata` header entry and any `.comfy_quant` tensors."""
     found = {}
     text = header.metadata.get("_quantization_metadata")
     if text:
         try:
-            layers = json.loads(text).get("layers") or {}
+            layers = json.loads(text).get("layers")
         except (json.JSONDecodeError, AttributeError):
-            layers = {"_quantization_metadata": {"format": "unreadable"}}
-        for layer, conf in layers.items():
-            found[layer] = conf if isinstance(conf, str) else str((conf or {}).get("format"))
+            layers = None
+        if not isinstance(layers, dict):
+            layers = {"_quantization_metadata": "unreadable"}
+        found.update({layer: _format(conf) for layer, conf in layers.items()})
     records = [k for k in header.tensors if k.endswith(_FORMAT_RECORD)]
     if records:
         wanted = set(records)
-        for name, t in iter_tensors(header.path, rename=lambda k: k if k in wanted else None, header=header):
+        table = header if header.path.suffix == ".safetensors" else None
+        for name, t in iter_tensors(header.path, rename=lambda k: k if k in wanted else None, header=table):
             try:
-                conf = json.loads(bytes(t.to(torch.uint8).tolist()).decode())
-            except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
-                conf = {"format": "unreadable"}
-            found[name[: -len(_FORMAT_RECORD)]] = str(conf.get("format") if isinstance(conf, dict) else conf)
+                conf = json.loads(bytes(t.to(torch.uint8).flatten().tolist()).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError):
+                conf = None
+            found[name[: -len(_FORMAT_RECORD)]] = _format(conf)
     return found
 
 
@@ -85,12 +97,11 @@ def unreadable_layout(header: WeightsHeader, prefix: str = "") -> str | None:
         w, s = header.tensors.get(weight), header.tensors[scale]
         if w is None:
             return f"{scale} scales no weight ({weight} is missing)"
-        n = 1
-        for d in s.shape:
-            n *= d
-        if n != 1 and (not w.shape or n != w.shape[0]):
-            return (f"{weight} {tuple(w.shape)} has a scale of shape {tuple(s.shape)}: block-wise scales are not "
-                    f"read here (one per tensor or per row are)")
+        per_tensor = all(d == 1 for d in s.shape)
+        per_row = bool(s.shape) and bool(w.shape) and s.shape[0] == w.shape[0] and all(d == 1 for d in s.shape[1:])
+        if not (per_tensor or per_row):
+            return (f"{weight} {tuple(w.shape)} has a scale of shape {tuple(s.shape)}: only one scale per tensor "
+                    f"or per row is read here, not block-wise or per-column scales")
     return None
 
 

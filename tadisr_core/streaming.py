@@ -190,16 +190,22 @@ def iter_tensors(path: str | Path, dtype: torch.dtype | None = None, rename: Ren
             del t, buf  # before the next tensor is read
 
 
+def fit_shape(t: torch.Tensor, shape) -> torch.Tensor:
+    """`t` in the layer's `shape` when only the layout differs: LDM files store the VAE's attention
+    projections as 1x1 convolutions, where diffusers has linear layers."""
+    if tuple(t.shape) != tuple(shape) and t.numel() == math.prod(shape):
+        return t.reshape(shape)
+    return t
+
+
 def assign_weights(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], source: str | Path) -> None:
-    """Give a meta-built `module` its tensors by assignment (no copy); reshape 1x1-conv weights
-    stored for linear layers (LDM VAE attention). Raises ValueError naming `source` on any gap."""
+    """Give a meta-built `module` its tensors by assignment (no copy), in the shapes of its layers
+    (`fit_shape`). Raises ValueError naming `source` on any gap."""
     want = dict(module.state_dict(keep_vars=True))
     got: dict[str, torch.Tensor] = {}
     for name, t in tensors:
         ref = want.get(name)
-        if ref is not None and tuple(t.shape) != tuple(ref.shape) and t.numel() == ref.numel():
-            t = t.reshape(ref.shape)
-        got[name] = t
+        got[name] = t if ref is None else fit_shape(t, ref.shape)
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     wrong = sorted(k for k in set(want) & set(got) if tuple(want[k].shape) != tuple(got[k].shape))

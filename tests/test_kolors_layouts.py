@@ -171,6 +171,21 @@ def test_every_layout_loads_the_same_model(layout, layouts, tiny_dir, reference)
     assert torch.equal(out.image, reference.image) and torch.equal(out.mask_logits, reference.mask_logits)
 
 
+@pytest.mark.parametrize("layout", ["unet_sgm+vae_ldm", "aio+", "no_vae+vae_ldm"])
+def test_ldm_layouts_load_in_bf16_with_the_lora_merged(layout, layouts, tiny_dir):
+    """In bf16 the LoRA is merged in fp32 from the file's weights read again; an LDM VAE file stores the
+    attention projections as 1x1 convolutions, and that merge used to fail on them (a shape error on
+    every GPU load of ComfyUI's sdxl_vae.safetensors or an all-in-one checkpoint)."""
+    first, second = layout.split("+")
+    kolors = layouts["no_vae"] if first == "no_vae" else None
+    unet = None if first == "no_vae" else layouts[first]
+    model = load_tadisr(kolors, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=unet,
+                        vae=layouts[second] if second else None, dtype=torch.bfloat16)
+    want = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.bfloat16)
+    got, ref = model.state_dict(), want.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k].reshape(got[k].shape)) for k in ref)
+
+
 def test_folder_without_vae_says_what_to_add(layouts, tiny_dir):
     with pytest.raises(KolorsFolderError, match=r"KolorsNoVae has no vae/ folder: the Kolors VAE is the SDXL VAE: "
                                                  r"pass --vae"):
@@ -463,8 +478,11 @@ def test_a_malformed_file_among_the_unets_is_not_kolors_and_never_breaks_the_lis
 
 
 # -- fp8 and scaled fp8 UNets (ComfyUI's low-memory copies of a model) --------------------------------
-def _fp8_layouts(unet_sd: dict, config: str, root):
-    """The UNet as each fp8 file ComfyUI users keep, and the values each must load as (stored x scale)."""
+def _fp8_layouts(kolors, root):
+    """The Kolors UNet as each fp8 file ComfyUI users keep (the "records" one an all-in-one checkpoint with
+    the VAE inside), and the values each must load as (stored x scale): (paths, plain values, scaled values)."""
+    unet_sd = load_file(kolors / "unet" / "diffusion_pytorch_model.safetensors")
+    config = (kolors / "unet" / "config.json").read_text()
     plain = {k: v.to(torch.float8_e4m3fn) if v.ndim >= 2 else v.half() for k, v in unet_sd.items()}
     scaled, scales, values = {}, {}, {}
     for k, v in unet_sd.items():
@@ -494,68 +512,100 @@ def _fp8_layouts(unet_sd: dict, config: str, root):
             layer = f"model.diffusion_model.{name[: -len('.weight')]}"
             records[f"{layer}.weight_scale"] = scales[k]
             records[f"{layer}.comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
-    files = {"plain": (plain, {}), "legacy": (legacy, {}),
-             "header": (header, {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}),
-             "records": (records, {})}
+    vae = _ldm_vae(load_file(kolors / "vae" / "diffusion_pytorch_model.safetensors"))
+    records.update({f"first_stage_model.{k}": v for k, v in vae.items()})
+    both = {"unet_config": config, "vae_config": (kolors / "vae" / "config.json").read_text()}
+    files = {"plain": (plain, {"config": config}), "legacy": (legacy, {"config": config}),
+             "header": (header, {"config": config, "_quantization_metadata": json.dumps({"format_version": "1.0",
+                                                                                         "layers": layers})}),
+             "records": (records, both)}
     paths = {}
     for name, (sd, meta) in files.items():
         paths[name] = root / f"kolors_unet_{name}_fp8.safetensors"
-        save_file(sd, paths[name], metadata={**meta, "config": config})
+        save_file(sd, paths[name], metadata=meta)
     return paths, {k: v.to(torch.float8_e4m3fn).float() if v.ndim >= 2 else v.half().float()
                    for k, v in unet_sd.items()}, values
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["plain", "legacy", "header", "records"])
-def test_fp8_and_scaled_fp8_unets_load_as_stored_times_scale(layout, layouts, tiny_dir, tmp_path):
-    """Each fp8 copy of the Kolors UNet loads as exactly its stored values x scales, with an adapter
-    checkpoint trained on the original (the fp8 rounding is not "another base"), and is listed."""
-    from tadisr_core.kolors_identity import check_unet as check
+def test_fp8_and_scaled_fp8_unets_load_as_stored_times_scale(layout, dtype, layouts, tiny_dir, tmp_path, monkeypatch):
+    """Each fp8 copy of the Kolors UNet loads as exactly its stored values x scales, in fp32 and in bf16
+    (whose LoRA merge reads each base weight again in fp32, one at a time), with an adapter checkpoint
+    trained on the original (the fp8 rounding is not "another base"), and is listed."""
+    import weakref
+
+    from tadisr_core import kolors_identity
 
     kolors = tiny_dir["kolors"]
-    unet_sd = load_file(kolors / "unet" / "diffusion_pytorch_model.safetensors")
     (tmp_path / "unet").mkdir()
-    paths, plain_values, scaled_values = _fp8_layouts(unet_sd, (kolors / "unet" / "config.json").read_text(),
-                                                      tmp_path / "unet")
-    want = plain_values if layout == "plain" else scaled_values
+    paths, plain_values, scaled_values = _fp8_layouts(kolors, tmp_path / "unet")
     exact = tmp_path / "exact"  # the values it must load as, in an ordinary fp32 file
     shutil.copytree(kolors, exact)
-    save_file(want, exact / "unet" / "diffusion_pytorch_model.safetensors")
-    model = load_tadisr(None, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=paths[layout],
-                        vae=layouts["vae_file"], dtype=torch.float32)
-    expected = load_tadisr(exact, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.float32)
-    got, ref = model.unet.state_dict(), expected.unet.state_dict()
+    save_file(plain_values if layout == "plain" else scaled_values,
+              exact / "unet" / "diffusion_pytorch_model.safetensors")
+    real, alive, most = kolors_identity.iter_dequantized, [], []
+
+    def tracked(path, dtype=None, *args, **kwargs):
+        for name, t in real(path, dtype, *args, **kwargs):
+            if dtype == torch.float32 and path == paths[layout]:
+                most.append(sum(r() is not None for r in alive))
+                alive.append(weakref.ref(t))
+            yield name, t
+
+    monkeypatch.setattr(kolors_identity, "iter_dequantized", tracked)
+    vae = None if layout == "records" else layouts["vae_file"]  # the all-in-one brings its own
+    model = load_tadisr(None, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=paths[layout], vae=vae,
+                        dtype=dtype)
+    expected = load_tadisr(exact, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=dtype)
+    got, ref = model.state_dict(), expected.state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     with torch.no_grad():
         assert torch.equal(model(X).image, expected(X).image)
-    assert check(paths[layout]).spec == check(kolors / "unet" / "diffusion_pytorch_model.safetensors",
-                                              kolors / "unet" / "config.json").spec
-    assert f"unet/{paths[layout].name} + vae/sdxl_vae.safetensors" in list_kolors_candidates(
-        [], [tmp_path / "unet"], [layouts["root"] / "vae"])
+    if dtype == torch.bfloat16:
+        assert len(most) > 10 and max(most) == 0, "fp32 base weights of the merge held at once"
+    assert check_unet(paths[layout]).spec == check_unet(kolors / "unet" / "diffusion_pytorch_model.safetensors",
+                                                        kolors / "unet" / "config.json").spec
+    listed = f"unet/{paths[layout].name}" + ("" if layout == "records" else " + vae/sdxl_vae.safetensors")
+    assert listed in list_kolors_candidates([], [tmp_path / "unet"], [layouts["root"] / "vae"])
 
 
-def test_quantized_unets_that_cannot_be_read_exactly_are_named_and_not_listed(tiny_dir, tmp_path):
-    """Block-wise scales, or layers in another format (4-bit, int8): refused before anything is built,
-    saying what was found and which files work."""
+def test_quantized_unets_in_other_layouts_are_named_and_never_break_the_listing(tiny_dir, tmp_path):
+    """Block-wise or per-column scales, packed 4-bit, rotated or int8 layers, an unreadable format record:
+    refused before anything is built, saying what was found and which files work; none is listed."""
     kolors = tiny_dir["kolors"]
     config = {"config": (kolors / "unet" / "config.json").read_text()}
     unet_sd = load_file(kolors / "unet" / "diffusion_pytorch_model.safetensors")
-    key = "time_embedding.linear_1.weight"
-    rows = unet_sd[key].shape[0]
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"  # square
+    layer, rows = key[: -len(".weight")], unet_sd[key].shape[0]
+    scale = f"{layer}.weight_scale"
+    packed = {**unet_sd, key: torch.zeros(rows, rows // 2, dtype=torch.uint8),   # nvfp4: two values a byte
+              scale: torch.ones(rows, rows // 16), f"{layer}.weight_scale_2": torch.tensor(1.0)}
+    record = {f"{layer}.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)}
+    rotated = json.dumps({"layers": {layer: {"format": "float8_e4m3fn", "convrot": True}}})
+    cases = {
+        "blockwise": ({**unet_sd, scale: torch.ones(rows, 2)}, {},
+                      rf"{re.escape(key)} \({rows}, {rows}\) has a scale of shape \({rows}, 2\): only one scale per "
+                      r"tensor or per row is read here, not block-wise or per-column scales"),
+        "per_column": ({**unet_sd, scale: torch.ones(1, rows)}, {},
+                       rf"has a scale of shape \(1, {rows}\): only one scale per tensor or per row"),
+        "nvfp4": ({**packed, **record}, {},
+                  rf"its layers are quantized as nvfp4 \(e\.g\. {re.escape(layer)}\), a layout read here only as fp8"),
+        "convrot": ({**unet_sd, scale: torch.tensor(1.0)}, {"_quantization_metadata": rotated},
+                    r"quantized as float8_e4m3fn with rotated weights \(convrot\)"),
+        "int8": ({**unet_sd, key: unet_sd[key].to(torch.int8), scale: torch.tensor(1.0)},
+                 {"_quantization_metadata": json.dumps({"layers": {layer: "int8_tensorwise"}})},
+                 r"quantized as int8_tensorwise"),
+        "bad_record": ({**unet_sd, scale: torch.tensor(1.0)}, {"_quantization_metadata": '{"layers": [1, 2]}'},
+                       r"quantized as unreadable \(e\.g\. _quantization_metadata\)"),
+    }
     folder = tmp_path / "unet"
     folder.mkdir()
-    blocks = {**unet_sd, key.replace("weight", "weight_scale"): torch.ones(rows, 2)}
-    save_file(blocks, folder / "blockwise.safetensors", metadata=config)
-    layers = json.dumps({"layers": {key[: -len(".weight")]: {"format": "nvfp4"}}})
-    save_file({**unet_sd, key.replace("weight", "weight_scale"): torch.tensor(1.0)}, folder / "nvfp4.safetensors",
-              metadata={**config, "_quantization_metadata": layers})
-    hint = r"\. Use its fp16 / bf16 file, or a plain or scaled fp8 one$"
-    with pytest.raises(NotKolorsError, match=r"blockwise\.safetensors: a Kolors UNet whose weights are stored in a "
-                                             rf"way TADiSR cannot read: {re.escape(key)} \({rows}, \d+\) has a scale "
-                                             r"of shape \(\d+, 2\): block-wise scales are not read here \(one per "
-                                             rf"tensor or per row are\){hint}"):
-        check_unet(folder / "blockwise.safetensors")
-    with pytest.raises(NotKolorsError, match=r"nvfp4\.safetensors: .* its layers are quantized as nvfp4 \(e\.g\. "
-                                             rf"time_embedding\.linear_1\), a layout read here only as fp8{hint}"):
-        check_unet(folder / "nvfp4.safetensors")
+    for name, (sd, meta, words) in cases.items():
+        save_file(sd, folder / f"{name}.safetensors", metadata={**config, **meta})
+        with pytest.raises(NotKolorsError, match=rf"{name}\.safetensors: a Kolors UNet whose weights are stored in a "
+                                                 rf"layout TADiSR does not read: .*{words}.*\. Use its fp16 / bf16 "
+                                                 r"file, or a plain or scaled fp8 one$"):
+            check_unet(folder / f"{name}.safetensors")
     assert list_kolors_candidates([], [folder], [tmp_path / "none"]) == []
