@@ -286,8 +286,7 @@ def _sequential(model: torch.nn.Module, device: torch.device, memory_required: i
     from tadisr_core.memory_plan import weight_bytes
 
     mm = _module("comfy.model_management")
-    dtype = next(model.unet.parameters()).dtype
-    mm.free_memory(weight_bytes(model, dtype, "sequential") + memory_required, device)  # resident + one block
+    mm.free_memory(weight_bytes(model, "sequential") + memory_required, device)  # resident + one block
     if getattr(model, "_tadisr_sequential_on", None) != device:
         log.info("TADiSR: low VRAM: weights stay on the CPU, blocks run on %s one at a time", device)
         place_model(model, device, None, offload="sequential")

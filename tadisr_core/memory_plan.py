@@ -2,18 +2,20 @@
 
     python -m tadisr_core.memory_plan            # prints the README's VRAM table
 
-Method: weights = the meta model's parameter bytes in each part's dtype (`descriptor.part_dtypes`;
-fp8 stores every UNet Linear / Conv2d weight in 1 byte), plus, under sequential offload, only the
-resident modules and the largest moving block (`lowvram.offload_plan`). Activations = one tile's
-estimate (`devices.estimate_tile_bytes`: the full-resolution joint decoder stage with the kept
+Method: weights = the bytes of the meta model stored as `devices.place_model` stores it (each part's
+dtype by `descriptor.part_dtypes`; fp8 UNet weights at 1 byte), or under sequential offload only the
+resident modules and the largest moving block of that stored model (`lowvram.offload_plan`).
+Activations = one tile's estimate (`devices.estimate_tile_bytes`: the full-resolution joint decoder stage with the kept
 encoder skips). Plus CONTEXT_BYTES for the CUDA context and allocator slack. Estimates, to be
 replaced by measurements on GPUs.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
-from torch import nn
 
 from .descriptor import part_dtypes
 
@@ -29,41 +31,47 @@ def _meta_model(variant: str = "release"):
     return build_model(full_spec(variant), "meta")
 
 
-def _part_bytes(module: nn.Module, dtype: torch.dtype, fp8: bool) -> int:
-    total = 0
-    for name, p in module.named_parameters():
-        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        weight_fp8 = fp8 and name.endswith("weight") and ".lora_" not in f".{name}" and isinstance(
-            owner, (nn.Linear, nn.Conv2d))
-        total += p.numel() * (1 if weight_fp8 else torch.finfo(dtype).bits // 8)
-    return total
+def placed_meta(model, dtype: torch.dtype):
+    """A copy of the meta-device `model` stored as `devices.place_model` stores it in `dtype` (each
+    part's dtype, fp8 UNet weights): what the weights take is then read off its tensors."""
+    from .devices import place_model
+
+    if any(not p.is_meta for p in model.parameters()):
+        raise ValueError("placed_meta takes a model built on the meta device (a copy of real weights would "
+                         "double them in RAM)")
+    # diffusers warns on every dtype cast of its models, even with nothing to keep in fp32: not news here
+    cast_log = logging.getLogger("diffusers.models.modeling_utils")
+    level = cast_log.level
+    cast_log.setLevel(logging.ERROR)
+    try:
+        return place_model(copy.deepcopy(model), dtype=dtype)
+    finally:
+        cast_log.setLevel(level)
 
 
-def weight_bytes(model, dtype: torch.dtype, offload: str = "none") -> int:
-    """GPU bytes the weights take in `dtype` (and offload mode)."""
+def weight_bytes(model, offload: str = "none") -> int:
+    """GPU bytes the weights of `model` take, stored as they are: all of them, or under sequential
+    offload the resident modules and the largest moving block (`lowvram.offload_plan`)."""
     from .lowvram import offload_plan
+    from .streaming import tensor_bytes
 
-    dtypes = part_dtypes(dtype)
-    fp8 = dtype == torch.float8_e4m3fn
     if offload == "none":
-        return sum(_part_bytes(getattr(model, part), dt, fp8 and part == "unet") for part, dt in dtypes.items())
+        return model_bytes(model)
     moving, resident = offload_plan(model)
-    sizes = []
-    for name in moving + resident:
-        part = name.split(".")[0]
-        sizes.append((name in moving, _part_bytes(model.get_submodule(name), dtypes.get(part, dtype),
-                                                  fp8 and part == "unet")))
-    return sum(s for mov, s in sizes if not mov) + max((s for mov, s in sizes if mov), default=0)
+    size = {name: tensor_bytes(model.get_submodule(name)) for name in moving + resident}
+    return sum(size[n] for n in resident) + max((size[n] for n in moving), default=0)
 
 
-def needed_bytes(model, dtype: torch.dtype, tile: int, offload: str = "none") -> int:
-    """Estimated peak GPU bytes for one tile at a time."""
+def needed_bytes(model, dtype: torch.dtype, tile: int, offload: str = "none", weights: int | None = None) -> int:
+    """Estimated peak GPU bytes for one tile at a time, the meta-device `model` run in `dtype`
+    (`weights`: its `weight_bytes` in that mode, when already known)."""
     from .devices import estimate_tile_bytes
 
     act_dtype = part_dtypes(dtype)["vae"]
     elem_ratio = (torch.finfo(act_dtype).bits // 8) / (torch.finfo(model.vae.decoder.conv_in.weight.dtype).bits // 8)
-    return int(weight_bytes(model, dtype, offload) + estimate_tile_bytes(model, tile, tile) * elem_ratio
-               + CONTEXT_BYTES)
+    if weights is None:
+        weights = weight_bytes(placed_meta(model, dtype), offload)
+    return int(weights + estimate_tile_bytes(model, tile, tile) * elem_ratio + CONTEXT_BYTES)
 
 
 def model_bytes(model) -> int:
@@ -87,7 +95,8 @@ def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str 
     """Rows of (GPU GB, {tile: the first of MODES that fits, or None}) plus the needed GiB per mode and
     tile. MODES go from the most faithful and fastest (bf16) to the lightest (fp8 with offload)."""
     model = _meta_model(variant)
-    need = {(label, tile): needed_bytes(model, dtype, tile, offload)
+    weights = {label: weight_bytes(placed_meta(model, dtype), offload) for label, dtype, offload in MODES}
+    need = {(label, tile): needed_bytes(model, dtype, tile, offload, weights[label])
             for label, dtype, offload in MODES for tile in tiles}
     rows = []
     for gb in gpus_gb:

@@ -133,6 +133,30 @@ def test_vram_plan_from_the_meta_model():
     assert rows[0][1][512] is not None                             # the goal: 512 px tiles on 8 GB
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, FP8])
+def test_the_plan_counts_the_model_as_a_run_stores_it(dtype):
+    """The plan's meta copy holds every tensor in the dtype `place_model` gives a real model, so its
+    weights and its offload split (here with blocks small enough to split the tiny model) are the
+    real ones. The plan used to count fp8 by rule on the fp32 model and split it as fp32, which put
+    0.2 GiB too little in the full-size fp8 + offload row."""
+    from tadisr_core.lowvram import offload_plan
+    from tadisr_core.memory_plan import placed_meta, weight_bytes
+    from tadisr_core.model import build_model
+    from tadisr_core.spec import tiny_spec
+
+    real = place_model(build_model(tiny_spec("release"), seed=0), dtype=dtype)
+    planned = placed_meta(build_model(tiny_spec("release"), "meta"), dtype)
+    want = {k: (v.dtype, v.shape) for k, v in real.state_dict().items()}
+    assert {k: (v.dtype, v.shape) for k, v in planned.state_dict().items()} == want
+    assert weight_bytes(planned) == weight_bytes(real) == tensor_bytes(real)
+    small = {"block_bytes": 64 << 10, "resident_bytes": 4 << 10}
+    assert offload_plan(planned, **small) == offload_plan(real, **small)
+    moving, _ = offload_plan(real, **small)
+    assert len(moving) > 3
+    with pytest.raises(ValueError, match="takes a model built on the meta device"):
+        placed_meta(real, dtype)
+
+
 def test_true_size_and_offload_choice(tiny_dir):
     from tadisr_core.memory_plan import choose_offload, model_bytes
 
