@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -71,6 +72,19 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str =
     return DTYPES[name]
 
 
+@contextlib.contextmanager
+def _quiet_diffusers_casts():
+    """diffusers warns on every dtype cast of its models ("modules that should be kept in float32: []"),
+    even with none to keep; the casts here are meant, so that warning is held back while they run."""
+    cast_log = logging.getLogger("diffusers.models.modeling_utils")
+    level = cast_log.level
+    cast_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        cast_log.setLevel(level)
+
+
 def place_model(model, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                 offload: str = "none", channels_last: bool = False, compile: bool = False):
     """The one function that puts a TADiSR model where and how it runs. Returns the model.
@@ -86,13 +100,14 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
         raise ValueError(f"unknown offload mode {offload!r}; choose one of {DESCRIPTOR.offload_modes}")
     if dtype is not None:
         want = part_dtypes(dtype)
-        for name, target in want.items():
-            module = getattr(model, name)
-            if name == "unet" and dtype == torch.float8_e4m3fn:
-                if not is_fp8(module):
-                    store_fp8(module, target)
-            elif any(p.dtype != target for p in module.parameters()):
-                module.to(target)
+        with _quiet_diffusers_casts():
+            for name, target in want.items():
+                module = getattr(model, name)
+                if name == "unet" and dtype == torch.float8_e4m3fn:
+                    if not is_fp8(module):
+                        store_fp8(module, target)
+                elif any(p.dtype != target for p in module.parameters()):
+                    module.to(target)
     if device is not None:
         device = torch.device(device)
         if offload == "sequential" and device.type != "cpu":

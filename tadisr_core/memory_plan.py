@@ -13,7 +13,6 @@ replaced by measurements on GPUs.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 
@@ -39,14 +38,7 @@ def placed_meta(model, dtype: torch.dtype):
     if any(not p.is_meta for p in model.parameters()):
         raise ValueError("placed_meta takes a model built on the meta device (a copy of real weights would "
                          "double them in RAM)")
-    # diffusers warns on every dtype cast of its models, even with nothing to keep in fp32: not news here
-    cast_log = logging.getLogger("diffusers.models.modeling_utils")
-    level = cast_log.level
-    cast_log.setLevel(logging.ERROR)
-    try:
-        return place_model(copy.deepcopy(model), dtype=dtype)
-    finally:
-        cast_log.setLevel(level)
+    return place_model(copy.deepcopy(model), dtype=dtype)
 
 
 def weight_bytes(model, offload: str = "none") -> int:
