@@ -253,12 +253,15 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
     weights stay on the CPU and each block visits the device as it runs. Without a patcher, memory
     is freed first (inside ComfyUI), the model moved, and offloaded afterwards.
     """
+    from tadisr_core.lowvram import disable_sequential_offload
+
     mm = _module("comfy.model_management")
     if patcher is not None and mm is not None:
         if offload_mode(model, device, memory_required) == "sequential":
             _sequential(model, device, memory_required)
             yield model
             return
+        disable_sequential_offload(model)  # an earlier run's (a larger tile): its hooks would send blocks home
         try:
             mm.load_models_gpu([patcher], memory_required=memory_required)
         except Exception as exc:  # noqa: BLE001 - a ComfyUI whose patcher cannot drive a plain module
@@ -271,6 +274,7 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
         from tadisr_core.memory_plan import model_bytes
 
         mm.free_memory(model_bytes(model) + memory_required, device)
+    disable_sequential_offload(model)
     model.to(device)
     try:
         yield model
@@ -281,16 +285,17 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
 
 
 def _sequential(model: torch.nn.Module, device: torch.device, memory_required: int) -> None:
-    """Sequential offload onto `device`, set up once per model (`devices.place_model`)."""
+    """Sequential offload onto `device` (`devices.place_model`), set up on every run: ComfyUI may have
+    moved the model home since the last one, resident modules included."""
     from tadisr_core.devices import place_model
+    from tadisr_core.lowvram import sequential_offload_device
     from tadisr_core.memory_plan import weight_bytes
 
     mm = _module("comfy.model_management")
     mm.free_memory(weight_bytes(model, "sequential") + memory_required, device)  # resident + one block
-    if getattr(model, "_tadisr_sequential_on", None) != device:
+    if sequential_offload_device(model) != device:
         log.info("TADiSR: low VRAM: weights stay on the CPU, blocks run on %s one at a time", device)
-        place_model(model, device, None, offload="sequential")
-        model._tadisr_sequential_on = device
+    place_model(model, device, None, offload="sequential")
 
 
 def make_room(nbytes: int, device: torch.device) -> None:

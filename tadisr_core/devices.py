@@ -94,7 +94,7 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
     device: where it computes. offload "sequential": weights stay on the CPU and blocks visit
     `device` as they run (for GPUs smaller than the weights).
     """
-    from .lowvram import enable_sequential_offload, is_fp8, store_fp8
+    from .lowvram import disable_sequential_offload, enable_sequential_offload, is_fp8, store_fp8
 
     if offload not in DESCRIPTOR.offload_modes:
         raise ValueError(f"unknown offload mode {offload!r}; choose one of {DESCRIPTOR.offload_modes}")
@@ -116,6 +116,7 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
             if offload == "sequential":
                 log.warning("offload sequential has nothing to do on the CPU (the weights are in RAM already): "
                             "ignored")
+            disable_sequential_offload(model)  # else its hooks would keep sending the blocks back home
             model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

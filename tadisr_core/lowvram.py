@@ -121,6 +121,24 @@ def offload_plan(model: nn.Module, block_bytes: int = 512 << 20,
     return moving, resident
 
 
+def sequential_offload_device(model: nn.Module) -> torch.device | None:
+    """The device `enable_sequential_offload` runs `model`'s blocks on; None when it is not set up."""
+    swapper = getattr(model, "_tadisr_offload", None)
+    return swapper.device if swapper is not None else None
+
+
+def disable_sequential_offload(model: nn.Module) -> bool:
+    """Take away the hooks of `enable_sequential_offload` (True when there were any). The weights stay
+    where they are: whoever places the model next moves them."""
+    swapper = getattr(model, "_tadisr_offload", None)
+    if swapper is None:
+        return False
+    for handle in swapper.handles:
+        handle.remove()
+    del model._tadisr_offload
+    return True
+
+
 def enable_sequential_offload(model: nn.Module, device: torch.device | str, block_bytes: int = 512 << 20,
                               home: torch.device | str = "cpu", resident_bytes: int = RESIDENT_BYTES) -> list[str]:
     """Keep `model`'s weights on `home` and bring each block (`offload_plan`) to `device` when one of
@@ -131,10 +149,7 @@ def enable_sequential_offload(model: nn.Module, device: torch.device | str, bloc
     """
     device, home = torch.device(device), torch.device(home)
     moving, _ = offload_plan(model, block_bytes, resident_bytes)
-    previous = getattr(model, "_tadisr_offload", None)
-    if previous is not None:  # set up again (another device): the old hooks go
-        for handle in previous.handles:
-            handle.remove()
+    disable_sequential_offload(model)  # set up again (after a host moved the model, or on another device)
     swapper = _OneBlockOnDevice(device, home)
     model._tadisr_offload = swapper
     for name in moving:  # never the whole model on the device, not even for a moment

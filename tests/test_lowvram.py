@@ -185,7 +185,9 @@ def test_true_size_and_offload_choice(tiny_dir):
     assert choose_offload(1 << 20, 1 << 20, 16 << 30, host_low_vram=True) == "sequential"
 
 
-def test_sequential_offload_set_up_twice_keeps_one_set_of_hooks(tiny_model_factory):
+def test_sequential_offload_set_up_twice_keeps_one_set_of_hooks_and_placing_whole_takes_them(tiny_model_factory):
+    from tadisr_core.lowvram import sequential_offload_device
+
     model = tiny_model_factory("paper")
     with torch.no_grad():
         ref = model(X)
@@ -193,12 +195,15 @@ def test_sequential_offload_set_up_twice_keeps_one_set_of_hooks(tiny_model_facto
     def hooks() -> int:
         return sum(len(m._forward_pre_hooks) for m in model.modules())
 
+    plain = hooks()
     enable_sequential_offload(model, "cpu", block_bytes=64 << 10, resident_bytes=4 << 10)
     once = hooks()
     enable_sequential_offload(model, "cpu", block_bytes=64 << 10, resident_bytes=4 << 10)
-    assert once > 0 and hooks() == once
+    assert once > plain and hooks() == once
     with torch.no_grad():
         assert torch.equal(model(X).image, ref.image)
+    place_model(model, "cpu")  # the whole model where it runs: the hooks would keep sending blocks home
+    assert hooks() == plain and sequential_offload_device(model) is None
 
 
 def test_sequential_offload_leaves_fp8_weight_reads_alone(tiny_dir):

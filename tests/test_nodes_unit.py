@@ -709,7 +709,38 @@ def test_low_vram_host_runs_the_model_with_sequential_offload(fake_comfy, monkey
     for _ in range(2):
         with host.model_on_device(model, gpu, patcher, 1 << 20) as m:
             assert m is model
-    assert fake_comfy["loaded"] == [] and placed == [((model, gpu, None), {"offload": "sequential"})]
+    # set up on each run (idempotent), as ComfyUI may have moved the model home in between
+    assert fake_comfy["loaded"] == [] and placed == [((model, gpu, None), {"offload": "sequential"})] * 2
+
+
+def test_offload_follows_each_run_sequential_none_sequential(fake_comfy, monkeypatch, tiny_model_factory):
+    """Defect: the hooks of a sequential run stayed when a later run (a smaller tile) loaded the model
+    whole, and kept sending each block back to the CPU: ComfyUI counted the model as loaded while every
+    run moved the weights again. A run without offload takes them away; the next sequential one (after
+    ComfyUI moved the model home) sets them up again. "cpu:0" stands for the GPU."""
+    from tadisr_core import devices, lowvram
+
+    gpu, home = torch.device("cpu", 0), torch.device("cpu")
+    model = tiny_model_factory()
+    plain = sum(len(m._forward_pre_hooks) for m in model.modules())
+
+    def place(m, device, dtype, offload="none"):
+        if offload == "sequential":  # the real one leaves the CPU alone; small blocks split the tiny model
+            lowvram.enable_sequential_offload(m, device, block_bytes=64 << 10, resident_bytes=4 << 10, home=home)
+        return m
+
+    monkeypatch.setattr(devices, "place_model", place)
+    patcher = host.make_patcher(model, gpu)
+    for mode in ("sequential", "none", "sequential"):
+        monkeypatch.setattr(host, "offload_mode", lambda *a, mode=mode, **k: mode)
+        with host.model_on_device(model, gpu, patcher, 1 << 20) as m, torch.no_grad():
+            m(torch.rand(1, 3, 32, 32))
+        hooks = sum(len(mod._forward_pre_hooks) for mod in model.modules())
+        if mode == "sequential":
+            assert lowvram.sequential_offload_device(model) == gpu and hooks > plain
+        else:
+            assert lowvram.sequential_offload_device(model) is None and hooks == plain
+        model.to(home)  # ComfyUI unloads it between runs
 
 
 def test_extra_model_paths_add_to_models_tadisr(fake_comfy, tmp_path):
