@@ -399,9 +399,11 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
 
         import torch
 
+        from .lowvram import stored_dtype
+
         report = {"ok": len(records) - len(failed), "failed": len(failed), "cancelled": cancelled,
                   "rank": rank, "world_size": world, "device": str(model.device),
-                  "dtype": str(model.unet.conv_in.weight.dtype).replace("torch.", ""),
+                  "dtype": str(stored_dtype(model.unet)).replace("torch.", ""),
                   "threads": torch.get_num_threads(), "model_load_seconds": round(load_s, 4),
                   "total_seconds": round(time.perf_counter() - t0, 4),
                   "files": [dataclasses.asdict(r) for r in records]}

@@ -54,6 +54,12 @@ def is_fp8(module: nn.Module) -> bool:
     return any(t.dtype == FP8 for t in module.parameters())
 
 
+def stored_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype `module`'s weights are kept in: fp8 when they are stored so (their reads give the
+    compute dtype), else that of its first parameter."""
+    return FP8 if is_fp8(module) else next(module.parameters()).dtype
+
+
 def _bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.parameters())
 

@@ -92,6 +92,14 @@ def test_rgba_alpha_is_the_upscaled_input_alpha(tiny_model, inputs, tmp_path, ca
     assert np.abs(got - ref[0, 0].numpy()).max() <= 0.5 / 255 + 1e-6
 
 
+@pytest.mark.parametrize("dtype, stored", [("fp32", "float32"), ("fp8_e4m3fn", "float8_e4m3fn")])
+def test_the_json_report_names_the_dtype_the_weights_are_kept_in(tiny_dir, inputs, tmp_path, capsys, dtype, stored):
+    """fp8 weights are read in bf16: the report said "bfloat16" for an fp8 run."""
+    rc, stdout, _ = run_cli(["upscale", str(inputs / "odd.png"), "-o", str(tmp_path / "out"), *weights(tiny_dir),
+                             *FAST, "--dtype", dtype, "--json"], capsys)
+    assert rc == 0 and json.loads(stdout)["dtype"] == stored
+
+
 def test_module_entry_point_with_scale_2(tiny_dir, inputs, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
