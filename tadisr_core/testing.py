@@ -74,7 +74,8 @@ def _randomise_trainables(model: TADiSRModel, seed: int) -> None:
 
 
 def make_tiny(out: str | Path, spec: TADiSRSpec | None = None, seed: int = 0) -> dict[str, Path]:
-    """Write the tiny Kolors folder, checkpoints and prompt cache; returns their paths."""
+    """Write the tiny Kolors folder, checkpoints and prompt cache; returns their paths. The release's
+    pickle layout (`official`) is written for the release variant only: it cannot hold the paper one."""
     from diffusers import EulerDiscreteScheduler
 
     from .prompt import compute_prompt_cache_from_kolors
@@ -97,7 +98,10 @@ def make_tiny(out: str | Path, spec: TADiSRSpec | None = None, seed: int = 0) ->
     _randomise_trainables(model, seed + 1)
     paths = {k: out / v for k, v in TINY_FILES.items()}
     save_model(model, paths["checkpoint"])
-    save_official(trainable_state_dict(model), spec, paths["official"])
+    if spec.variant == "release":
+        save_official(trainable_state_dict(model), spec, paths["official"])
+    else:  # the release's pickle has no room for the paper layout (its tied decoder branches differ)
+        del paths["official"]
     return paths
 
 

@@ -41,6 +41,11 @@ def test_checkpoint_and_make_tiny_commands_run_through_tadisr(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["fits_model"] is True
     assert cli.main(["convert", str(official), str(tmp_path / "n.safetensors")]) == 0
     assert cli.main(["inspect", str(tmp_path / "absent.pkl")]) == 2
+    # the paper variant has no release pickle (that layout cannot hold it): none is written or listed
+    capsys.readouterr()
+    assert cli.main(["make-tiny", str(tmp_path / "paper"), "--variant", "paper"]) == 0
+    assert "official" not in capsys.readouterr().out and not list((tmp_path / "paper").glob("*.pkl"))
+    assert cli.main(["inspect", str(tmp_path / "paper" / "tadisr_tiny.safetensors")]) == 0
 
 
 def test_training_commands_point_to_their_scripts(capsys):
