@@ -122,9 +122,7 @@ def optimizer_refusal(state: dict, rank_state: dict, checkpoint: Path, processes
 
 def process_change(state: dict, checkpoint: Path, processes: int, batch: int) -> str | None:
     """A note when checkpoint `state` was written by another number of processes than `processes`; `batch`
-    = samples per step and process (train.batch_size x train.grad_accum). None when the count is the same.
-
-    """
+    = samples per step and process (train.batch_size x train.grad_accum). None when the count is the same."""
     before = recorded_processes(state, checkpoint)
     if before == processes:
         return None
