@@ -253,7 +253,7 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
     weights stay on the CPU and each block visits the device as it runs. Without a patcher, memory
     is freed first (inside ComfyUI), the model moved, and offloaded afterwards.
     """
-    from tadisr_core.lowvram import disable_sequential_offload
+    from tadisr_core.devices import place_model
 
     mm = _module("comfy.model_management")
     if patcher is not None and mm is not None:
@@ -261,21 +261,21 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
             _sequential(model, device, memory_required)
             yield model
             return
-        disable_sequential_offload(model)  # an earlier run's (a larger tile): its hooks would send blocks home
         try:
             mm.load_models_gpu([patcher], memory_required=memory_required)
         except Exception as exc:  # noqa: BLE001 - a ComfyUI whose patcher cannot drive a plain module
             log.warning("TADiSR: ComfyUI could not load the model (%s); moving it directly", exc)
         else:
-            model.to(device)  # no-op after a full load; plain modules ComfyUI left out of a partial load
+            # no move after a full load; plain modules ComfyUI left out of a partial load, and an earlier
+            # sequential run's hooks (a larger tile) taken away
+            place_model(model, device)
             yield model
             return
     if mm is not None and device.type != "cpu":
         from tadisr_core.memory_plan import model_bytes
 
         mm.free_memory(model_bytes(model) + memory_required, device)
-    disable_sequential_offload(model)
-    model.to(device)
+    place_model(model, device)
     try:
         yield model
     finally:

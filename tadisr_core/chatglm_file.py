@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from .kolors_files import KolorsFolderError
-from .scaled_weights import iter_dequantized
-from .streaming import WeightsHeader, assign_weights, header_mentions, iter_tensors, read_header
+from .scaled_weights import is_side_tensor, iter_dequantized, weight_scales
+from .streaming import WeightsHeader, assign_weights, header_mentions, read_header
 
 # A name every ChatGLM3 weights file holds, looked for in the raw header bytes before any parsing
 MARKER = "self_attention.query_key_value"
@@ -33,7 +33,6 @@ _ROTARY = "rotary_pos_emb.inv_freq"
 _EMBEDDING = "embedding.word_embeddings.weight"
 _QKV = "encoder.layers.0.self_attention.query_key_value.weight"
 _PACKS = ("ComfyUI-Kolors-MZ", "ComfyUI-KwaiKolorsWrapper")  # node packs that ship ChatGLM3's tokenizer, first
-_SCALE = "_scale"  # `<layer>.weight_scale` beside an int8 `<layer>.weight`
 _CHATGLM3_KV_CHANNELS = 128  # per-head width of every ChatGLM3 (used when the file has no rotary buffer)
 log = logging.getLogger("tadisr")
 _TOKENIZER_ROOTS: list[Path] = []  # more folders holding custom_nodes/ (add_tokenizer_root)
@@ -115,7 +114,8 @@ def quantized_bits(path: str | Path, header: WeightsHeader | None = None) -> int
     if not quantized:
         return None
     qkv, embedding = shapes.get(_QKV), shapes.get(_EMBEDDING)
-    unscaled = [k for k in quantized if k + _SCALE not in shapes or shapes[k + _SCALE].shape != shapes[k].shape[:1]]
+    scale_of = weight_scales(shapes)
+    unscaled = [k for k in quantized if k not in scale_of or shapes[scale_of[k]].shape != shapes[k].shape[:1]]
     if unscaled or qkv is None or embedding is None or qkv.shape[1] not in (embedding.shape[1],
                                                                              embedding.shape[1] // 2):
         raise KolorsFolderError(f"{path}: integer weights ({(unscaled or quantized)[0]}) of a layout that is not "
@@ -135,7 +135,7 @@ def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
         raise KolorsFolderError(f"{path} is a 4-bit ChatGLM3, packed in a layout only its CUDA kernel reads; the "
                                 f"prompt cache is computed once: use the fp16 file (chatglm3-fp16.safetensors) or the "
                                 f"8-bit one, or Kolors' text_encoder/ folder")
-    shapes = {k: v.shape for k, v in _unprefixed(header).items() if not k.endswith(_SCALE)}
+    shapes = {k: v.shape for k, v in _unprefixed(header).items() if not is_side_tensor(k)}
     try:
         vocab, hidden = shapes[_EMBEDDING]
         layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.layers."))
@@ -175,10 +175,7 @@ def load_chatglm_file(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     if quantized_bits(path, header) == 8:
         log.warning("%s is an 8-bit ChatGLM3: the prompt cache computed from it is close to, not equal to, the "
                     "one from the fp16 weights (the cache says so when it is loaded)", path)
-        tensors = iter_dequantized(path, dtype, header=header)
-    else:
-        tensors = iter_tensors(path, dtype, header=header)
-    tensors = ((k.removeprefix(_PREFIX), t) for k, t in tensors)
+    tensors = ((k.removeprefix(_PREFIX), t) for k, t in iter_dequantized(path, dtype, header=header))
     if _ROTARY not in _unprefixed(header):  # unused by the forward pass
         rotary = type(model.rotary_pos_emb)(model.rotary_pos_emb.dim, device="cpu").inv_freq.to(dtype)
         tensors = chain(tensors, [(_ROTARY, rotary)])

@@ -724,9 +724,13 @@ def test_offload_follows_each_run_sequential_none_sequential(fake_comfy, monkeyp
     model = tiny_model_factory()
     plain = sum(len(m._forward_pre_hooks) for m in model.modules())
 
-    def place(m, device, dtype, offload="none"):
-        if offload == "sequential":  # the real one leaves the CPU alone; small blocks split the tiny model
-            lowvram.enable_sequential_offload(m, device, block_bytes=64 << 10, resident_bytes=4 << 10, home=home)
+    real = devices.place_model
+
+    def place(m, device, dtype=None, offload="none"):
+        if offload != "sequential":
+            return real(m, device, dtype)
+        # the real one leaves the CPU alone; small blocks split the tiny model
+        lowvram.enable_sequential_offload(m, device, block_bytes=64 << 10, resident_bytes=4 << 10, home=home)
         return m
 
     monkeypatch.setattr(devices, "place_model", place)
