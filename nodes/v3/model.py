@@ -38,12 +38,12 @@ class TADiSRLoadModel(io.ComfyNode):
             inputs=[
                 io.Combo.Input("kolors", options=loaders.kolors_choices(), tooltip=(
                     "Kolors base model: a diffusers folder in models/diffusers (unet/ and vae/, or a folder without "
-                    "vae/ + an SDXL VAE file from models/vae), a Kolors UNet file from models/unet + an SDXL VAE "
-                    "file, or an all-in-one Kolors checkpoint from models/checkpoints (+ an SDXL VAE file when it has "
-                    "none inside). text_encoder/ + tokenizer/ (or ChatGLM3 in models/LLM) are only read "
-                    "once, to compute the prompt cache. 'demo': the small model shipped with the pack (trained on "
-                    "synthetic text scenes), no Kolors needed; 'demo-release': its twin with the released checkpoint's "
-                    "layout. Both ignore checkpoint and prompt_cache.")),
+                    "vae/ + an SDXL VAE file from models/vae), a Kolors UNet file from models/unet (fp16, or fp8 / "
+                    "scaled fp8) + an SDXL VAE file, or an all-in-one Kolors checkpoint from models/checkpoints (+ an "
+                    "SDXL VAE file when it has none inside). text_encoder/ + tokenizer/ (or ChatGLM3 in models/LLM) are"
+                    " only read once, to compute the prompt cache. 'demo': the small model shipped with the pack "
+                    "(trained on synthetic text scenes), no Kolors needed; 'demo-release': its twin with the released "
+                    "checkpoint's layout. Both ignore checkpoint and prompt_cache.")),
                 io.Combo.Input("checkpoint", options=loaders.checkpoint_choices(), tooltip=(
                     "TADiSR weights in models/tadisr: the released tadisr_kolors_ftsr_526000.pkl or a .safetensors "
                     "conversion (python -m tadisr_core.checkpoint convert). Ignored by the demo models.")),
