@@ -34,5 +34,5 @@ async def comfy_entrypoint():
     from .nodes.v3 import TADiSRExtension
 
     host.register_model_folders()
-    host.add_prompt_hook(graph.mark_text_mask_use)
+    host.add_prompt_hook(graph.mark_prompt)
     return TADiSRExtension()

@@ -10,14 +10,19 @@ from __future__ import annotations
 from . import attention_view, convert, host, running
 
 
-def _check_latents(latents, stage: str):
-    from tadisr_core.pipeline import TiledLatents
+def _check_latents(latents, stage: str, model):
+    from tadisr_core.pipeline import TiledLatents, check_same_model
 
     source = "TADiSR Encode" if stage == "encoded" else "TADiSR One-Step Denoise"
     if not isinstance(latents, TiledLatents):
         raise ValueError(f"TADiSR: 'latents' must come from {source}")
     if latents.stage != stage:
         raise ValueError(f"TADiSR: these latents are {latents.stage}; connect the output of {source} here")
+    try:
+        check_same_model(getattr(model, "model", model), latents)
+    except ValueError as exc:
+        raise ValueError(f"TADiSR: {exc} (connect one Load TADiSR Model to Encode, One-Step Denoise and "
+                         "Joint Decode)") from None
     return latents
 
 
@@ -36,7 +41,7 @@ def denoise(model, latents, tile_batch=0):
     """Denoised tiles and the captured attention."""
     from tadisr_core.pipeline import denoise_tiles
 
-    tiled = _check_latents(latents, "encoded")
+    tiled = _check_latents(latents, "encoded", model)
     batch = running.tile_batch_arg(tile_batch)
     with running.running(model, tiled.grid.tile_h, batch) as (m, progress, cancel):
         out = denoise_tiles(m, tiled, tile_batch=batch, keep_attention=True, progress=progress, cancel=cancel)
@@ -47,7 +52,7 @@ def decode(model, latents, tile_batch=0, color_fix="auto"):
     """Upscaled image and text mask (ComfyUI layouts); `color_fix` as in `upscale.upscale`."""
     from tadisr_core.pipeline import decode_tiles
 
-    tiled = _check_latents(latents, "denoised")
+    tiled = _check_latents(latents, "denoised", model)
     batch = running.tile_batch_arg(tile_batch)
     with running.running(model, tiled.grid.tile_h, batch) as (m, progress, cancel):
         res = decode_tiles(m, tiled, batch, progress=progress, cancel=cancel, color_fix=color_fix)

@@ -104,6 +104,14 @@ def add_prompt_hook(hook: Callable[[dict], dict]) -> None:
         instance.add_on_prompt_handler(hook)
 
 
+def is_output_class(class_type: str) -> bool | None:
+    """Whether ComfyUI runs nodes of `class_type` as outputs (its OUTPUT_NODE flag); None outside
+    ComfyUI or for a class it does not know."""
+    registry = getattr(_module("nodes"), "NODE_CLASS_MAPPINGS", None)  # ComfyUI's nodes.py, not this package
+    cls = registry.get(class_type) if isinstance(registry, dict) else None
+    return None if cls is None else getattr(cls, "OUTPUT_NODE", False) is True
+
+
 def model_folders(kind: str) -> list[str]:
     """The folders searched for `kind` (a ComfyUI folder name such as "tadisr", "diffusers", "vae",
     "diffusion_models"; extra_model_paths.yaml honoured), first one = where new files go."""

@@ -12,8 +12,10 @@ import os
 
 import torch
 
+from tadisr_core.files import file_identity
+
 from . import host
-from .model_cache import TADiSRHandle, file_key, get_or_load
+from .model_cache import TADiSRHandle, get_or_load
 
 log = logging.getLogger("tadisr")
 
@@ -185,10 +187,12 @@ def _load_demo(name: str, dt: torch.dtype, dev: torch.device, merge_lora: bool) 
 
     shipped = model_ref.shipped_models()[name]
     ckpt = shipped.checkpoint
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"TADiSR: the built-in {name} model is missing from {ckpt.parent} (this copy of "
-                                "the pack was installed without it); choose a Kolors model instead.")
-    key = (name, file_key(str(ckpt)), str(dt), str(dev), bool(merge_lora))
+    for path in (ckpt, shipped.prompt_cache):
+        if not path.is_file():
+            raise FileNotFoundError(f"TADiSR: the built-in {name} model's {path.name} is missing from {path.parent} "
+                                    "(this copy of the pack was installed without it): reinstall the pack, or "
+                                    "choose a Kolors model instead.")
+    key = (name, file_identity(ckpt), str(dt), str(dev), bool(merge_lora))
 
     def load() -> TADiSRHandle:
         log.info("TADiSR: loading the %s model %s (%s, %s)", name, ckpt, dt, dev)
@@ -218,7 +222,7 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
     files = resolve_kolors(kolors)
     ckpt_path = resolve_checkpoint(checkpoint)
     cache_path = resolve_prompt_cache(prompt_cache, files)
-    key = (files.key(), file_key(ckpt_path), os.path.realpath(cache_path), str(dt), str(dev), bool(merge_lora))
+    key = (files.key(), file_identity(ckpt_path), os.path.realpath(cache_path), str(dt), str(dev), bool(merge_lora))
 
     def load() -> TADiSRHandle:
         from tadisr_core.loading import load_tadisr
@@ -233,6 +237,24 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
         return TADiSRHandle(model, dev, dt, key, sources, host.make_patcher(model, dev))
 
     return get_or_load(key, load)
+
+
+def fingerprint(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE) -> str | float:
+    """What the loader would read, with each file's size and modification time: a file replaced on
+    disk under the same name is loaded again. NaN (never equal: always run) when a choice does not
+    resolve; running then says why."""
+    from tadisr_core import model_ref
+
+    try:
+        if kolors in DEMO_CHOICES:
+            shipped = model_ref.shipped_models()[DEMO_CHOICES[kolors]]
+            return repr((file_identity(shipped.checkpoint), file_identity(shipped.prompt_cache)))
+        files = resolve_kolors(kolors)
+        cache = resolve_prompt_cache(prompt_cache, files)
+        return repr((files.key(), file_identity(resolve_checkpoint(checkpoint)),
+                     file_identity(cache) if os.path.isfile(cache) else cache))
+    except (OSError, ValueError):  # KolorsFolderError is an OSError, NotKolorsError a ValueError
+        return float("nan")
 
 
 def validate_checkpoint(checkpoint: str) -> bool | str:

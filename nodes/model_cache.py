@@ -41,13 +41,6 @@ class TADiSRHandle:
         return f"TADiSRHandle({names}, {self.dtype}, {self.device})"
 
 
-def file_key(path: str) -> tuple:
-    """Identity of a file or folder for caching: real path, size and modification time."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return real, st.st_size, st.st_mtime_ns
-
-
 _lock = threading.Lock()
 _live: "weakref.WeakValueDictionary[tuple, TADiSRHandle]" = weakref.WeakValueDictionary()
 

@@ -59,3 +59,18 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return Path(a).resolve() == Path(b).resolve()
+
+
+def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
+    """Identity of a file or folder for caches: real path, size and modification time (ns)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_size, st.st_mtime_ns
+
+
+def source_identity(path: str | os.PathLike) -> tuple[str, int, int] | str:
+    """`file_identity`, or the path alone for one that is not on disk (an object built in memory)."""
+    try:
+        return file_identity(path)
+    except OSError:
+        return str(path)

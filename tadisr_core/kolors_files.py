@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import file_identity
+
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 WEIGHT_EXTS = (".safetensors", ".bin")
 SINGLE_FILE_EXTS = (".safetensors",)
@@ -42,11 +44,7 @@ class KolorsFiles:
 
     def key(self) -> tuple:
         """Identity for caches: real paths, sizes and modification times of both files."""
-        out = []
-        for p in (self.unet, self.vae):
-            st = os.stat(p)
-            out.append((os.path.realpath(p), st.st_size, st.st_mtime_ns))
-        return tuple(out)
+        return file_identity(self.unet), file_identity(self.vae)
 
 
 def weights_file(folder: Path) -> Path | None:

@@ -12,6 +12,7 @@ from .backbone import check_backbone, load_unet, load_vae
 from .checkpoint import Checkpoint, apply_checkpoint, cast_for_load, load_checkpoint
 from .descriptor import WEIGHT_DTYPES, dtype_name, part_dtypes
 from .devices import place_model, resolve_device, resolve_dtype
+from .files import source_identity
 from .kolors_files import KolorsFiles, find_kolors_files
 from .lora import merge_lora
 from .model import TADiSRModel
@@ -129,6 +130,7 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     dtypes = {"unet": load_dtype, "vae": wide, "mi_decoder": wide}
     given = isinstance(checkpoint, Checkpoint)  # the caller's: never changed, never shared with the model
     ckpt = cast_for_load(checkpoint, dtypes) if given else load_checkpoint(checkpoint, dtypes)
+    weights_id = (files.key(), source_identity(ckpt.path))
     spec = dataclasses.replace(ckpt.spec, unet=unet_part.spec, vae=vae_part.spec)
     encoder_source = text_encoder or files.root
     if isinstance(prompt_cache, PromptCache):
@@ -166,4 +168,5 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     model.eval().requires_grad_(False)
     place_model(model, device, dtype, offload=offload)
     model.set_prompt(prompt)
+    model.weights_id = weights_id
     return model

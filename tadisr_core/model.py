@@ -66,6 +66,8 @@ class TADiSRModel(nn.Module):
         self.one_step = OneStep(spec.schedule, spec.timestep)
         self._prompt_meta: tuple[str, tuple[int, ...], str] | None = None
         self.default_color_fix = "none"    # what color_fix="auto" applies (color.py); the demos recommend "wavelet"
+        self.weights_id: tuple | None = None  # the files the weights were read from (set by the loaders; staged
+        #                                       latents record it, so another model's latents are refused)
         if prompt is not None:
             self.set_prompt(prompt)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, apply_checkpoint, load_checkpoint
+from .files import source_identity
 from .prompt import PromptCache
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -192,6 +193,7 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
         raise ValueError(f"{prompt_cache}: {exc}" if not isinstance(prompt_cache, PromptCache) else str(exc)) from None
     model = build_model(ckpt.spec, prompt=prompt)
     apply_checkpoint(model, ckpt)
+    model.weights_id = (source_identity(ckpt.path),)
     return model.eval().requires_grad_(False)
 
 

@@ -22,6 +22,7 @@ A work unit is one (image, tile) pair; `tile_batch` units go through the model t
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -88,6 +89,8 @@ class TiledLatents:
     source: torch.Tensor | None = None   # the LR input (float32): skips not kept are re-encoded from it, and
     #                                      the colour fix takes its colours from its bicubic upscale
     groups: dict[str, tuple[int, int]] | None = None   # TACA channel groups of the kept maps
+    spec: object = None                  # the encoding model's TADiSRSpec and weights_id (`check_same_model`)
+    weights_id: tuple | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -105,6 +108,28 @@ class TiledLatents:
             raise ValueError("these latents carry no attention maps (denoise them with keep_attention=True)")
         return AttentionTiles(self.grid, self.batch, maps, self.groups or {})
 
+
+
+def _weights_name(weights_id: tuple | None) -> str:
+    """The checkpoint file a loaded model's weights_id ends with."""
+    last = weights_id[-1] if weights_id else None
+    return os.path.basename(last[0] if isinstance(last, tuple) else str(last)) if last else "?"
+
+
+def check_same_model(model, tiled: TiledLatents) -> None:
+    """ValueError when `tiled` was encoded by another model than `model`: another architecture, or
+    weights read from other files (the same files in another dtype or on another device are the same
+    model). Latents built by hand (no spec recorded) and hand-built models (no weights_id) pass."""
+    if tiled.spec is not None and tiled.spec != model.spec:
+        why = "a model of another architecture"
+    elif None not in (tiled.weights_id, model.weights_id) and tiled.weights_id != model.weights_id:
+        why = (f"the model of {_weights_name(tiled.weights_id)}, not this one "
+               f"({_weights_name(model.weights_id)})")
+        if _weights_name(tiled.weights_id) == _weights_name(model.weights_id):
+            why += ", whose files have changed since, or whose Kolors base differs"
+    else:
+        return
+    raise ValueError(f"these latents were encoded by {why}: encode, denoise and decode with the same model")
 
 
 def _nonfinite_cause(model) -> str:
@@ -386,7 +411,7 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
         run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
         source = image.detach().to(store_device, torch.float32)
         return TiledLatents(grid, b, states, tuple(image.shape[-2:]), float(scale), image.shape[1], alpha,
-                            source=source)
+                            source=source, spec=model.spec, weights_id=model.weights_id)
 
     return _with_tile_fallback(run, tile, overlap, (h, w))
 
@@ -406,6 +431,7 @@ def denoise_tiles(model, tiled: TiledLatents, capture: bool = False, tile_batch:
     """
     if tiled.stage != "encoded":
         raise ValueError(f"these tiles are already {tiled.stage}; denoise takes encoded tiles")
+    check_same_model(model, tiled)
     keep_full = keep_attention or model.needs_attention
     grab = capture or keep_full
     states: list[TileState | None] = [None] * len(tiled.tiles)
@@ -437,6 +463,7 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
     """
     if tiled.stage != "denoised":
         raise ValueError(f"these tiles are {tiled.stage}; decode takes denoised tiles")
+    check_same_model(model, tiled)
     color_fix = resolve_color_fix(color_fix, model)
     grid = tiled.grid
     dev = model.device

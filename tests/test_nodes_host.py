@@ -244,6 +244,50 @@ def test_impossible_attention_settings_are_refused_before_the_upscale_runs(serve
         assert ticks == [], "tiles ran before the refusal"
 
 
+def test_nodes_that_lead_to_no_output_neither_block_nor_slow_the_upscale(server):
+    """Defect: a heat-map node whose Save node was deleted (ComfyUI never runs it) made Upscale refuse to
+    run, and a mask consumer that leads nowhere made it compute the mask."""
+    from nodes.graph import MASK_USE_KEY, RUNS_KEY
+
+    prompt = _upscale_then({
+        "4": {"class_type": "TADiSRTextAttention", "inputs": {"attention": ["3", 2], "image": ["3", 0],
+                                                              "layers": "mid", "heads": "mean", "normalize": True,
+                                                              "colormap": "jet", "opacity": 0.5}},
+        "5": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 1]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "idle/image"}}})
+    entry = server.run(prompt, timeout=180)
+    _assert_success(entry, server)
+    queued = entry["prompt"][2]
+    assert queued["3"]["inputs"][MASK_USE_KEY] is False and queued["4"]["inputs"][RUNS_KEY] is False
+    assert set(entry["outputs"]) == {"6"}
+
+
+def test_a_checkpoint_replaced_on_disk_under_its_name_is_loaded_again(server):
+    """Defect: after a checkpoint was overwritten in models/tadisr, the same prompt came back from the
+    node cache with the old weights."""
+    import shutil
+
+    folder = server.base / "models" / "tadisr"
+    replaced = folder / "tadisr_tiny_replaced.safetensors"
+    shutil.copy(folder / "tadisr_tiny.safetensors", replaced)
+    try:
+        prompt = _upscale_then({"4": {"class_type": "SaveImage",
+                                      "inputs": {"images": ["3", 0], "filename_prefix": "replaced/image"}}})
+        prompt["2"]["inputs"]["checkpoint"] = replaced.name
+
+        def cached():
+            entry = server.run(prompt, timeout=180)
+            _assert_success(entry, server)
+            return {n for m in entry["status"]["messages"] if m[0] == "execution_cached" for n in m[1]["nodes"]}
+
+        assert "2" not in cached() and {"2", "3"} <= cached()
+        st = replaced.stat()
+        os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a new copy of the file would
+        assert not {"2", "3"} & cached()
+    finally:
+        replaced.unlink()
+
+
 def test_text_composite_is_the_other_upscale_outside_the_grown_mask_and_tadisr_inside(server):
     import numpy as np
 

@@ -289,7 +289,7 @@ def test_without_demo_weights_the_choices_are_absent_and_explain(models_dir, mon
         monkeypatch.setattr(model_ref, attr, tmp_path / "absent.safetensors")
     assert loaders.demo_choices() == [] and not set(loaders.DEMO_CHOICES) & set(loaders.kolors_choices())
     for choice, name in loaders.DEMO_CHOICES.items():
-        with pytest.raises(FileNotFoundError, match=f"built-in {name} model is missing"):
+        with pytest.raises(FileNotFoundError, match=f"built-in {name} model's absent.safetensors is missing"):
             loaders.load_model(choice, loaders.NO_CHECKPOINT)
 
 
@@ -325,16 +325,54 @@ def test_loading_and_running_under_inference_mode_as_comfyui_does(handle):
             assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
+OUTPUTS = {"PreviewImage", "MaskPreview", "SaveImage"}  # what ComfyUI's registry flags OUTPUT_NODE here
+
+
+def _is_output(class_type):
+    return class_type in OUTPUTS
+
+
 def test_prompt_hook_marks_whether_the_text_mask_is_connected():
     prompt = {"1": {"class_type": "TADiSRUpscale", "inputs": {"image": ["0", 0]}},
               "2": {"class_type": "TADiSRUpscale", "inputs": {"image": ["0", 0]}},
               "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
               "4": {"class_type": "MaskPreview", "inputs": {"mask": ["2", 1]}}}
     assert graph.text_mask_wanted(prompt, "1")  # not marked: the mask is made
-    assert graph.mark_text_mask_use({"prompt": prompt})["prompt"] is prompt
+    assert graph.mark_prompt({"prompt": prompt}, _is_output)["prompt"] is prompt
     assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is False and prompt["2"]["inputs"][graph.MASK_USE_KEY] is True
     assert not graph.text_mask_wanted(prompt, "1") and graph.text_mask_wanted(prompt, 2)
     assert graph.text_mask_wanted(None, "1")
+
+
+def test_nodes_that_lead_to_no_output_are_idle_for_the_checks():
+    """Defect: a text-mask or heat-map consumer whose outputs go nowhere (its Save node muted or deleted),
+    which ComfyUI never runs, still made Upscale compute the mask, or refuse to run."""
+    prompt = {"1": {"class_type": "TADiSRUpscale", "inputs": {"image": ["0", 0]}},
+              "2": {"class_type": "TADiSRTextAttention", "inputs": {"attention": ["1", 2], "image": ["1", 0],
+                                                                    "layers": "mid"}},
+              "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}},
+              "4": {"class_type": "MaskToImage", "inputs": {"mask": ["1", 1]}},
+              "5": {"class_type": "GrowMask", "inputs": {"mask": ["1", 1]}},
+              "6": {"class_type": "MaskToImage", "inputs": {"mask": ["5", 0]}}}
+    assert graph.running_nodes(prompt, _is_output) == {"1", "3"}
+    graph.mark_prompt({"prompt": prompt}, _is_output)
+    assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is False
+    assert prompt["2"]["inputs"][graph.RUNS_KEY] is False
+    graph.check_attention_use(prompt, "1", 2, {"up": (0, 1)}, captured=False)  # the idle view is not asked
+    # once it leads to an output (here through the mask chain), it runs and is checked
+    prompt["7"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
+    prompt["8"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}
+    graph.mark_prompt({"prompt": prompt}, _is_output)
+    assert graph.running_nodes(prompt, _is_output) == {"1", "2", "3", "5", "6", "7", "8"}
+    assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is True and graph.RUNS_KEY not in prompt["2"]["inputs"]
+    with pytest.raises(ValueError, match="'capture_attention' is off"):
+        graph.check_attention_use(prompt, "1", 2, {"up": (0, 1)}, captured=False)
+    # ComfyUI's partial execution runs only the outputs the client names (and what they read)
+    graph.mark_prompt({"prompt": prompt, "partial_execution_targets": ["3"]}, _is_output)
+    assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is False and prompt["2"]["inputs"][graph.RUNS_KEY] is False
+    # outside ComfyUI no class is known: every node counts as an output, nothing is taken for idle
+    graph.mark_prompt({"prompt": prompt}, host.is_output_class)
+    assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is True and graph.RUNS_KEY not in prompt["2"]["inputs"]
 
 
 @pytest.mark.parametrize("channels", [1, 4])
@@ -457,6 +495,17 @@ def test_paper_layout_blocks_and_attention(paper_handle):
     assert set(att.groups) == {"down", "mid", "up"}
     heat, _ = attention_view.view(att, image, "mid", "max", True, "jet", 0.5)
     assert heat.shape == (1, 96, 64)
+
+
+def test_blocks_refuse_latents_of_another_loader_naming_the_fix(handle, paper_handle):
+    """Defect: Encode with one model, Denoise or Decode with another gave a raw torch channel error."""
+    img = _image(1, seed=5)
+    lat = blocks.encode(paper_handle, img, **TILE)
+    fix = r"\(connect one Load TADiSR Model to Encode, One-Step Denoise and Joint Decode\)"
+    with pytest.raises(ValueError, match="^TADiSR: these latents were encoded by a model of another architecture"):
+        blocks.denoise(handle, lat, 2)
+    with pytest.raises(ValueError, match=fix):
+        blocks.decode(handle, blocks.denoise(paper_handle, lat, 2)[0], 2)
 
 
 # -- folder loader --------------------------------------------------------------------------------
@@ -763,3 +812,20 @@ def test_a_device_this_machine_lacks_is_refused_by_the_loader():
     for name, why in (("mps", "MPS .* is not available"), ("gpu", "not a device")):
         with pytest.raises(ValueError, match=f"TADiSR: device '{name}' cannot be used .*{why}.*choose one of"):
             loaders.resolve_device(name)
+
+
+def test_a_built_in_demo_without_its_prompt_cache_names_it_and_what_to_do(tmp_path, monkeypatch):
+    """Defect: without its prompt cache the demo said to compute one with `tadisr prompt-cache --kolors DIR`,
+    which a model without Kolors cannot do."""
+    import dataclasses
+
+    from tadisr_core import model_ref
+
+    shipped = model_ref.shipped_models()
+    demo = dataclasses.replace(shipped["demo"], prompt_cache=tmp_path / "gone.safetensors")
+    monkeypatch.setattr(model_ref, "shipped_models", lambda: {**shipped, "demo": demo})
+    with pytest.raises(FileNotFoundError) as err:
+        loaders.load_model(loaders.DEMO_CHOICE, loaders.NO_CHECKPOINT, loaders.AUTO_CACHE, "auto", "cpu", True)
+    message = str(err.value)
+    assert message.startswith("TADiSR: the built-in demo model's gone.safetensors is missing from ")
+    assert str(tmp_path) in message and "reinstall the pack" in message and "--kolors" not in message

@@ -314,3 +314,33 @@ def test_one_heat_map_for_the_cli_and_the_node(variant, tiny_model_factory):
             heatmap(kept.attention_tiles, "mid")
         else:
             heatmap(kept.attention_tiles, "sideways")
+
+
+def test_latents_of_another_model_are_refused_by_name(tiny_dir, tiny_model_factory, tmp_path):
+    """Defect: the staged steps took latents encoded by another model: a raw channel error (another
+    architecture), or a silently wrong image (the same architecture with other weights)."""
+    import shutil
+
+    from tadisr_core.loading import load_tadisr
+
+    def load(checkpoint, dtype=torch.float32):
+        return load_tadisr(tiny_dir["kolors"], checkpoint, tiny_dir["prompt_cache"], dtype=dtype)
+
+    other_file = tmp_path / "other.safetensors"
+    shutil.copy(tiny_dir["checkpoint"], other_file)
+    model, same_in_bf16, other = load(tiny_dir["checkpoint"]), load(tiny_dir["checkpoint"], torch.bfloat16), \
+        load(other_file)
+    x = torch.rand(1, 3, 24, 20)
+    encoded = encode_tiles(model, x, 4, tile_batch=2, **TILE)
+    denoised = denoise_tiles(same_in_bf16, encoded, tile_batch=2)  # the same files in another dtype: one model
+    decode_tiles(model, denoised, tile_batch=2)
+    name = tiny_dir["checkpoint"].name
+    for step, latents in ((denoise_tiles, encoded), (decode_tiles, denoised)):
+        with pytest.raises(ValueError, match=rf"encoded by the model of {name}, not this one \(other.safetensors\): "
+                                             "encode, denoise and decode with the same model"):
+            step(other, latents, tile_batch=2)
+    paper = tiny_model_factory("paper")  # built by hand: no files, but another architecture
+    with pytest.raises(ValueError, match="encoded by a model of another architecture"):
+        denoise_tiles(paper, encoded, tile_batch=2)
+    built = tiny_model_factory("release")  # built by hand with this architecture: nothing to tell them apart
+    decode_tiles(built, denoise_tiles(built, encoded, tile_batch=2), tile_batch=2)

@@ -75,6 +75,11 @@ class TADiSRLoadModel(io.ComfyNode):
         return True if checkpoint is None else loaders.validate_checkpoint(checkpoint)
 
     @classmethod
+    def fingerprint_inputs(cls, kolors, checkpoint, prompt_cache=loaders.AUTO_CACHE, **_) -> str | float:
+        # A file replaced on disk under the same name is loaded again, not served from the node cache.
+        return loaders.fingerprint(kolors, checkpoint, prompt_cache)
+
+    @classmethod
     def execute(cls, kolors, checkpoint, prompt_cache=loaders.AUTO_CACHE, dtype="auto", device="auto",
                 merge_lora=True) -> io.NodeOutput:
         return io.NodeOutput(loaders.load_model(kolors, checkpoint, prompt_cache, dtype, device, merge_lora))
