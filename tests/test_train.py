@@ -660,3 +660,26 @@ def test_backgrounds_smaller_than_the_crop_are_named(tmp_path, capsys):
     build_datasets(load_config(TINY, [f"data.backgrounds={json.dumps(str(folder))}", "data.crop=32"]),
                    tmp_path / "run", log=said.append)
     assert len(said) == 1  # none under 32 px
+
+
+def test_a_damaged_background_is_left_out_of_training_by_name(tmp_path):
+    """Defect: one unreadable photo in data.backgrounds failed every sample drawn on it, and its repeats
+    counted as >100 different damaged samples, aborting the run; `training.synthesize` left it out."""
+    import skimage
+    from PIL import Image
+
+    from training.builders import build_datasets
+
+    folder = tmp_path / "backgrounds"
+    folder.mkdir()
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
+    (folder / "torn.jpg").write_bytes(b"\xff\xd8\xff\xe0 torn download")
+    said = []
+    cfg = load_config(TINY, [f"data.backgrounds={json.dumps(str(folder))}", "data.crop=64", "data.val_size=0"])
+    train, _ = build_datasets(cfg, tmp_path / "run", log=said.append)
+    assert [p.name for p in train.synth.backgrounds] == ["coffee.png"]
+    assert len(said) == 1 and said[0].startswith(f"warning: 1 of 2 images in {folder} (data.backgrounds) cannot "
+                                                 "be read and are left out:\n  dropped: ") and "torn.jpg" in said[0]
+    (folder / "coffee.png").unlink()
+    with pytest.raises(ValueError, match=r"none of the 1 images in .* can be read \(e\.g\. .*torn\.jpg"):
+        build_datasets(cfg, tmp_path / "run", log=said.append)

@@ -15,7 +15,8 @@ leave both signals to the main process, so a signal to the whole process group (
 is handled the same.
 A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
 A sample that cannot be loaded is replaced by the next one and logged (once, whatever the epochs);
-more than `train.max_bad_samples` different ones abort (with a checkpoint), as does data that cannot
+more than `train.max_bad_samples` different ones abort (with a checkpoint; a resume counts afresh, so
+fixed or removed ones no longer count), as does data that cannot
 make a batch at all (`training.bad_samples.DataBroken`), exit code 1. `--resume` uses the
 newest complete checkpoint that loads (damaged ones are skipped with a warning) and refuses a
 changed config without `--force` (also another `train.max_steps` under a decaying learning rate, or
@@ -37,8 +38,9 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +183,19 @@ def worker_init_ignoring_stop_signals(inner=None):
     too; dying of it, they would take the run down before the main process could save a checkpoint.
     """
     return functools.partial(_ignore_stop_signals, inner=inner)
+
+
+@contextmanager
+def _workers_stopped(batches) -> Iterator[None]:
+    """Stop the DataLoader's worker processes when the loop ends, however it ends. They ignore SIGTERM
+    (`worker_init_ignoring_stop_signals`), and Python's exit handlers terminate and then join them
+    without a timeout: a run that stopped on an error would print it and then never exit."""
+    try:
+        yield
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator only
+        if shutdown is not None:
+            shutdown()
 
 
 class _StopFlag:
@@ -367,8 +382,8 @@ class Trainer:
         self.optimizer.load_state_dict(rank_state["optimizer"] if self.fsdp else state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
-        self.bad_samples = int(state.get("bad_samples", 0))
-        self.bad_seen = set(state.get("bad_sample_list", ()))
+        # The damaged samples are counted afresh (the checkpoint keeps the list for reference): the abort
+        # asks to fix or remove them and resume, so only those still damaged are met and counted again.
         set_rng_state(rank_state["rng"])
         if self.main:  # drop log lines written after the checkpoint by the interrupted run
             self._trim_metrics()
@@ -591,7 +606,7 @@ class Trainer:
         self._last_end = time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
         stopped, last_saved = False, self._resumed_from
-        with _StopFlag() as flag, closing(bar):
+        with _StopFlag() as flag, closing(bar), _workers_stopped(batches):
             while self.step < t.max_steps:
                 broken = None
                 try:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tadisr_core.images import is_image_file, load_image, load_rgb_uint8, to_uint8
+from tadisr_core.images import ImageReadError, is_image_file, load_image, load_rgb_uint8, to_uint8
 from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade, get_preset, ground_truth
 
 ALPHA_THRESHOLD = 127  # alpha > this counts as text
@@ -93,6 +93,22 @@ def small_backgrounds_warning(small: Sequence[tuple[Path, tuple[int, int]]], tot
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 RGB ``(H, W, 3)``, read by the project's one reader (EXIF, 16-bit, float files)."""
     return load_rgb_uint8(path)
+
+
+def readable_backgrounds(paths: Sequence[str | os.PathLike], progress: bool = False) -> tuple[list[Path], list[str]]:
+    """(the backgrounds that decode, the reader's message for each one that does not), reading each once,
+    so that a damaged file is left out up front rather than failing sample after sample."""
+    from tqdm import tqdm
+
+    kept, dropped = [], []
+    for path in tqdm(paths, desc="check backgrounds", unit="img", leave=False, disable=not progress):
+        try:
+            load_rgb(path)
+        except ImageReadError as e:  # its message names the file and why
+            dropped.append(str(e).splitlines()[0])
+        else:
+            kept.append(Path(path))
+    return kept, dropped
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
