@@ -89,6 +89,28 @@ def test_triplets_without_lr_degrade_on_the_fly(triplets, tmp_path):
     assert 0.005 < (down - a["lr"]).abs().mean() < 0.25  # degraded, but still the same picture
 
 
+def test_whole_images_are_trimmed_to_the_latent_grid(tmp_path):
+    """Defect: with data.crop null a whole image whose side was not a multiple of 8 x scale (132 x 100
+    here) reached the model and crashed the run with a traceback ("multiples of 8"), naming no file."""
+    hr = skimage.data.astronaut()[:100, :132]
+    mask = np.zeros(hr.shape[:2], np.uint8)
+    mask[10:40, 20:90] = 255
+    for layout in ("lr", "no_lr"):
+        root = tmp_path / layout
+        for sub in ("hr", "mask") + (("lr",) if layout == "lr" else ()):
+            (root / sub).mkdir(parents=True)
+        Image.fromarray(hr).save(root / "hr" / "a.png")
+        Image.fromarray(mask).save(root / "mask" / "a.png")
+        if layout == "lr":
+            Image.fromarray(_area_down(hr, 4)).save(root / "lr" / "a.png")  # 33 x 25
+        item = DS.TripletFolderDataset(root, seed=0, preset="ftsr")[0]
+        _check_item(item, 96, 128)  # trimmed at the bottom and right: 32 x 24 LR px, each 8-px cells
+        assert torch.equal(item["mask"][0] > 0, torch.from_numpy(mask[:96, :128] > 0))
+        if layout == "lr":
+            _assert_aligned(item)
+            assert torch.equal(item["hr"], torch.from_numpy(hr[:96, :128]).permute(2, 0, 1).float() / 255)
+
+
 def test_triplet_errors_name_the_missing_thing(triplets, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing folder .*mask"):
         (tmp_path / "x" / "hr").mkdir(parents=True)

@@ -368,3 +368,27 @@ def test_a_run_with_loader_workers_that_stops_on_broken_data_exits(tmp_path):
     done = subprocess.run(argv, cwd=TINY.parents[2], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 1 and "error: training data: 16 samples in a row" in done.stderr, done.stderr[-2000:]
+
+
+def test_an_extended_run_is_no_longer_its_old_final_model(tmp_path, monkeypatch):
+    """Defect: a finished run resumed with a larger train.max_steps and stopped half-way still ran (and
+    exported) its old model_final.safetensors; resumed with a smaller one, it 'finished' past it."""
+    from tadisr_core.model_ref import resolve_model
+    from training.train import RunFolderError, Trainer
+
+    out = tmp_path / "run"
+    assert _run(_cfg(out, train__max_steps=2))["step"] == 2
+    assert resolve_model(out).checkpoint == out / "model_final.safetensors"
+    step = Trainer.train_step
+
+    def interrupted_at_step_4(self, batches):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(out, train__max_steps=5), resume=True)
+    assert resolve_model(out).checkpoint == out / "checkpoints" / "step_00000003" / "model.safetensors"
+    with pytest.raises(RunFolderError, match=r"the run is at step 3, past train\.max_steps = 1: nothing to train"):
+        _run(_cfg(out, train__max_steps=1), resume=True, force=True)

@@ -598,6 +598,15 @@ class Trainer:
         from tqdm import tqdm
 
         t = self.cfg.train
+        if self.step > t.max_steps:
+            raise RunFolderError(f"--resume: the run is at step {self.step}, past train.max_steps = {t.max_steps}: "
+                                 f"nothing to train (its weights are in {self._resumed_from}); give a larger "
+                                 f"--max-steps to go on")
+        final = self.out / RUN_FINAL
+        if self.main and self.step < t.max_steps and final.is_file():  # a finished run, extended
+            final.unlink()  # its weights stay in the checkpoint of its last step
+            kept = f" (step {self.step}'s weights are in {self._resumed_from})" if self._resumed_from else ""
+            self._print(f"{RUN_FINAL} removed: the run goes on to step {t.max_steps}{kept}")
         if self.main:
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
             if self.model.prompt is not None:  # with the weights, the run folder is a runnable model

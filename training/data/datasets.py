@@ -17,10 +17,20 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tadisr_core.pipeline import LATENT_FACTOR
 from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade, get_preset, ground_truth
-from training.data.synthesis import (FontSpec, SynthesisConfig, TextSynthesizer, find_text_crops,
-                                     fonts_in_folder, list_images, load_mask, load_rgb, sample_seed,
-                                     system_fonts)
+from training.data.synthesis import (
+    FontSpec,
+    SynthesisConfig,
+    TextSynthesizer,
+    find_text_crops,
+    fonts_in_folder,
+    list_images,
+    load_mask,
+    load_rgb,
+    sample_seed,
+    system_fonts,
+)
 
 
 def image_tensor(img: np.ndarray) -> torch.Tensor:
@@ -80,9 +90,19 @@ def _crop_hr(hr, mask, crop, rng, name):
     return hr[y:y + crop, x:x + crop], mask[y:y + crop, x:x + crop]
 
 
-def _fit_to_scale(a: np.ndarray, scale: int) -> np.ndarray:
+def _fit_to_grid(a: np.ndarray, scale: int) -> np.ndarray:
+    """A whole HR image (or mask) trimmed at the bottom and right to a multiple of LATENT_FACTOR x scale,
+    the rule data.crop follows: its LR then covers whole latent cells."""
+    m = LATENT_FACTOR * scale
     h, w = a.shape[:2]
-    return a[: h - h % scale, : w - w % scale]
+    return a[: h - h % m, : w - w % m]
+
+
+def _fit_pair_to_grid(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: int):
+    """A whole LR image and its HR (exactly `scale` times its size) trimmed as `_fit_to_grid`."""
+    h, w = lr.shape[:2]
+    h, w = h - h % LATENT_FACTOR, w - w % LATENT_FACTOR
+    return lr[:h, :w], hr[:h * scale, :w * scale], mask[:h * scale, :w * scale]
 
 
 class TripletFolderDataset(Dataset):
@@ -127,7 +147,7 @@ class TripletFolderDataset(Dataset):
         if lr_file is None:
             if self.crop is not None:
                 hr, mask = _crop_hr(hr, mask, self.crop, rng, str(hr_file))
-            hr, mask = _fit_to_scale(hr, self.scale), _fit_to_scale(mask, self.scale)
+            hr, mask = _fit_to_grid(hr, self.scale), _fit_to_grid(mask, self.scale)
             hr, lr = _degrade_np(hr, self.scale, self.preset, rng)
         else:
             lr = load_rgb(lr_file)
@@ -136,6 +156,8 @@ class TripletFolderDataset(Dataset):
                                  f"of HR {hr_file} ({hr.shape[1]}x{hr.shape[0]})")
             if self.crop is not None:
                 lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, self.scale, rng, str(hr_file))
+            else:
+                lr, hr, mask = _fit_pair_to_grid(lr, hr, mask, self.scale)
         return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
 
 
@@ -183,7 +205,7 @@ class RealCEDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         stem, files = self.items[index]
-        hr = _fit_to_scale(load_rgb(files["hr"]), self.scale)
+        hr = load_rgb(files["hr"])
         h, w = hr.shape[:2]
         mask = load_mask(files["mask"], (w, h)) if "mask" in files else np.zeros((h, w), bool)
         lr = load_rgb(files["lr"])
@@ -195,6 +217,8 @@ class RealCEDataset(Dataset):
         if self.crop is not None:
             lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, self.scale, _item_rng(self.seed, index),
                                         str(files["hr"]))
+        else:
+            lr, hr, mask = _fit_pair_to_grid(lr, hr, mask, self.scale)
         return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
 
 
