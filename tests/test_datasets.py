@@ -189,3 +189,29 @@ def test_on_the_fly_synthesis(tmp_path):
         ds[3]
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch["lr"].shape == (2, 3, HR // 4, HR // 4) and batch["mask"].shape == (2, 1, HR, HR)
+
+
+def test_the_authors_ftsr_layout_is_read_with_its_upscaled_lr_as_the_model_input(tmp_path):
+    """Defect: the released FTSR layout (gt/, sr_bicubic/: the LR bicubic-upscaled back to the HR size,
+    mask/) could not be used: no config key named its folders, and LR files had to be 1/scale."""
+    from tadisr_core.pipeline import upscale_canvas
+
+    for sub in ("gt", "sr_bicubic", "mask"):
+        (tmp_path / sub).mkdir()
+    hr = _photos()[0]
+    up = upscale_canvas(torch.from_numpy(_area_down(hr, 4)).permute(2, 0, 1)[None].float() / 255, 4)
+    up_png = (up[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(up_png).save(tmp_path / "sr_bicubic" / "0000201.png")
+    Image.fromarray(hr).save(tmp_path / "gt" / "0000201.png")
+    Image.fromarray(_text_mask(0)).save(tmp_path / "mask" / "0000201.png")
+    ds = DS.TripletFolderDataset(tmp_path, hr_dir="gt", lr_dir="sr_bicubic", mask_dir="mask")
+    item = ds[0]
+    assert item["lr"].shape == item["hr"].shape == (3, HR, HR)
+    assert torch.equal(DS.model_input(item["lr"][None], (HR, HR), 4), item["lr"][None])  # taken as it is
+    assert (item["lr"][None] - up).abs().max() <= 0.5 / 255  # the upscale the trainer would have made
+    cropped = DS.TripletFolderDataset(tmp_path, crop=64, seed=2, hr_dir="gt", lr_dir="sr_bicubic")[0]
+    assert cropped["lr"].shape == cropped["hr"].shape == (3, 64, 64)
+    assert (F.avg_pool2d(cropped["hr"][None], 4) - F.avg_pool2d(cropped["lr"][None], 4)).abs().mean() < 0.05
+    with pytest.raises(FileNotFoundError, match=r"the authors' FTSR layout: set data\.hr_dir: gt and "
+                                                r"data\.lr_dir: sr_bicubic"):
+        DS.TripletFolderDataset(tmp_path)

@@ -4,12 +4,14 @@ output folder, a changed config on resume, out-of-range config values."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from training.config import ConfigError, load_config
@@ -392,3 +394,24 @@ def test_an_extended_run_is_no_longer_its_old_final_model(tmp_path, monkeypatch)
     assert resolve_model(out).checkpoint == out / "checkpoints" / "step_00000003" / "model.safetensors"
     with pytest.raises(RunFolderError, match=r"the run is at step 3, past train\.max_steps = 1: nothing to train"):
         _run(_cfg(out, train__max_steps=1), resume=True, force=True)
+
+
+def test_a_run_trains_and_validates_on_the_authors_ftsr_layout(tmp_path):
+    """gt/, sr_bicubic/ (the LR already upscaled to the HR size: the model's input as it is), mask/."""
+    from tadisr_core.pipeline import upscale_canvas
+
+    root = _clean_triplets(tmp_path / "ftsr", 2)
+    (root / "hr").rename(root / "gt")
+    (root / "sr_bicubic").mkdir()
+    for f in (root / "lr").iterdir():
+        lr = torch.from_numpy(np.asarray(Image.open(f))).permute(2, 0, 1)[None].float() / 255
+        up = (upscale_canvas(lr, 4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(up).save(root / "sr_bicubic" / f.name)
+        f.unlink()
+    (root / "lr").rmdir()
+    out = tmp_path / "run"
+    summary = _run(_cfg(out, data__kind="triplets", data__root=str(root), data__hr_dir="gt",
+                        data__lr_dir="sr_bicubic", data__crop=32, data__val_root=str(root), train__validate_every=2))
+    assert summary["step"] == 2 and _lines(out, "bad_sample") == []
+    val = _lines(out, "val")
+    assert len(val) == 1 and math.isfinite(val[0]["psnr"])

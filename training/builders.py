@@ -337,8 +337,9 @@ def build_datasets(cfg: Config, work_dir: str | Path,
             log(f"warning: {small_backgrounds_warning(small, len(train.synth.backgrounds), synth.size, 'data.crop')}")
         return train, val
     if d.kind == "triplets":
-        train = TripletFolderDataset(d.root, crop=d.crop, scale=d.scale, preset=preset)
-        val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=preset)
+        dirs = dict(hr_dir=d.hr_dir, lr_dir=d.lr_dir, mask_dir=d.mask_dir)
+        train = TripletFolderDataset(d.root, crop=d.crop, scale=d.scale, preset=preset, **dirs)
+        val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=preset, **dirs)
                if d.val_root else None)
         return train, val
     train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale)

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from tadisr_core.files import atomic_path
 from tadisr_core.images import save_image
 from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL, run_step_folder
-from tadisr_core.pipeline import upscale_canvas
 from training.bad_samples import DataBroken, data_broken_message
 from training.config import Config, ConfigError, load_config
 
@@ -497,6 +496,8 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, batches) -> dict:
         """Forward/backward over `grad_accum` micro-batches, then one (or a skipped) optimiser step."""
+        from training.data.datasets import model_input
+
         t = self.cfg.train
         sums: dict[str, float] = {}
         finite, n_samples = True, 0
@@ -508,7 +509,7 @@ class Trainer:
             n_samples += lr.shape[0]
             sync = i == len(batches) - 1
             with nullcontext() if sync else self.acc.no_sync(self.forward):
-                image, logits = self.forward(upscale_canvas(lr, self.cfg.data.scale, lr.device))
+                image, logits = self.forward(model_input(lr, hr.shape[-2:], self.cfg.data.scale))
                 losses = dict(self.loss_fn(image, hr, logits, mask))
                 if self.step + 1 in t.inject_nonfinite_at:
                     losses["total"] = losses["total"] * float("nan")
@@ -551,6 +552,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict | None:
         """PSNR/SSIM over the validation items; a sample strip saved as OUTPUT/samples/step_N.png."""
+        from training.data.datasets import model_input
         from training.metrics import psnr, ssim
 
         if not self.val_items:
@@ -561,11 +563,12 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             for item in self.val_items:
                 lr = item["lr"][None]
+                f = 1 if lr.shape[-2:] == item["hr"].shape[-2:] else scale  # 1: upscaled already (model_input)
                 h, w = (lr.shape[-2] // 8) * 8, (lr.shape[-1] // 8) * 8
                 lr = lr[..., :h, :w].to(self.acc.device)
-                hr = item["hr"][None, :, : h * scale, : w * scale].to(self.acc.device)
-                mask = item["mask"][None, :, : h * scale, : w * scale].to(self.acc.device)
-                up = upscale_canvas(lr, scale, lr.device)
+                hr = item["hr"][None, :, : h * f, : w * f].to(self.acc.device)
+                mask = item["mask"][None, :, : h * f, : w * f].to(self.acc.device)
+                up = model_input(lr, hr.shape[-2:], scale)
                 with self.acc.autocast():
                     image, logits = self.forward(up)
                 image = image.float().clamp(0, 1)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tadisr_core.pipeline import LATENT_FACTOR
+from tadisr_core.pipeline import LATENT_FACTOR, upscale_canvas
 from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade, get_preset, ground_truth
 from training.data.synthesis import (
     FontSpec,
@@ -99,17 +99,26 @@ def _fit_to_grid(a: np.ndarray, scale: int) -> np.ndarray:
 
 
 def _fit_pair_to_grid(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: int):
-    """A whole LR image and its HR (exactly `scale` times its size) trimmed as `_fit_to_grid`."""
+    """A whole LR image and its HR (exactly `scale` times its size; 1: an LR upscaled to the HR size)
+    trimmed to a multiple of LATENT_FACTOR LR pixels."""
     h, w = lr.shape[:2]
     h, w = h - h % LATENT_FACTOR, w - w % LATENT_FACTOR
     return lr[:h, :w], hr[:h * scale, :w * scale], mask[:h * scale, :w * scale]
 
 
-class TripletFolderDataset(Dataset):
-    """FTSR layout: ``root/hr``, ``root/mask`` and optionally ``root/lr`` with matching file stems.
+def model_input(lr: torch.Tensor, hr_size: tuple[int, int], scale: int) -> torch.Tensor:
+    """The model's input for a batch's LR [B, C, h, w]: its bicubic upscale, or the LR itself when a
+    dataset gave it already upscaled to the HR size (the release's sr_bicubic/)."""
+    return lr if tuple(lr.shape[-2:]) == tuple(hr_size) else upscale_canvas(lr, scale, lr.device)
 
-    Without ``lr/`` the LR is degraded on the fly from the (cropped) HR with ``preset``. LR files must
-    be exactly ``1/scale`` of the HR size.
+
+class TripletFolderDataset(Dataset):
+    """``root/hr``, ``root/mask`` and optionally ``root/lr`` with matching file stems (other names with
+    ``hr_dir`` / ``lr_dir`` / ``mask_dir``: the authors' FTSR release is gt/, sr_bicubic/, mask/).
+
+    Without ``lr/`` the LR is degraded on the fly from the (cropped) HR with ``preset``. LR files are
+    exactly ``1/scale`` of the HR size, or the HR size: an LR already upscaled to it (the release's
+    ``sr_bicubic/``), which is then the model's input as it is (`model_input`).
     """
 
     def __init__(self, root: str | os.PathLike, crop: int | None = None, scale: int = 4,
@@ -120,8 +129,11 @@ class TripletFolderDataset(Dataset):
         hr_path, mask_path, lr_path = self.root / hr_dir, self.root / mask_dir, self.root / lr_dir
         for folder in (hr_path, mask_path):
             if not folder.is_dir():
+                ftsr = all((self.root / d).is_dir() for d in ("gt", "sr_bicubic", "mask"))
                 raise FileNotFoundError(f"missing folder {folder} (expected {hr_dir}/, {mask_dir}/ "
-                                        f"and optionally {lr_dir}/ under {self.root})")
+                                        f"and optionally {lr_dir}/ under {self.root})"
+                                        + ("; it holds the authors' FTSR layout: set data.hr_dir: gt and "
+                                           "data.lr_dir: sr_bicubic" if ftsr else ""))
         hrs, masks = _files_by_stem(hr_path), _files_by_stem(mask_path)
         lrs = _files_by_stem(lr_path) if lr_path.is_dir() else None
         if not hrs:
@@ -151,13 +163,16 @@ class TripletFolderDataset(Dataset):
             hr, lr = _degrade_np(hr, self.scale, self.preset, rng)
         else:
             lr = load_rgb(lr_file)
-            if (lr.shape[0] * self.scale, lr.shape[1] * self.scale) != hr.shape[:2]:
+            upscaled = lr.shape[:2] == hr.shape[:2]  # the model's input itself (`model_input`)
+            if not upscaled and (lr.shape[0] * self.scale, lr.shape[1] * self.scale) != hr.shape[:2]:
                 raise ValueError(f"LR {lr_file} is {lr.shape[1]}x{lr.shape[0]}; expected 1/{self.scale} "
-                                 f"of HR {hr_file} ({hr.shape[1]}x{hr.shape[0]})")
+                                 f"of HR {hr_file} ({hr.shape[1]}x{hr.shape[0]}), or the HR size (an LR "
+                                 "already upscaled to it)")
+            step = 1 if upscaled else self.scale
             if self.crop is not None:
-                lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, self.scale, rng, str(hr_file))
+                lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, step, rng, str(hr_file))
             else:
-                lr, hr, mask = _fit_pair_to_grid(lr, hr, mask, self.scale)
+                lr, hr, mask = _fit_pair_to_grid(lr, hr, mask, step)
         return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
 
 
