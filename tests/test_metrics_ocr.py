@@ -55,6 +55,11 @@ def test_psnr_ssim_y_channel_and_crop():
     assert psnr(y, y).item() == float("inf")
     two = psnr(torch.cat([x, y]), torch.cat([y, y]))
     assert two.shape == (2,) and two[1] == float("inf")
+    # defect: a border that leaves nothing failed with "[1, 3, 0, 0]" from deep inside the metric
+    h, w = x.shape[-2:]
+    for bad in (-1, min(h, w) // 2):
+        with pytest.raises(ValueError, match=rf"crop_border {bad} leaves nothing of a {w}x{h} image"):
+            psnr(x, y, crop_border=bad)
 
 
 def test_text_similarity():

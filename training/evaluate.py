@@ -276,7 +276,10 @@ def _json_safe(obj):
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 1 some pair failed, 2 nothing evaluated)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.crop_border < 0:
+        parser.error(f"--crop-border {args.crop_border}: pixels dropped per side, 0 or more")
     for name in ("pred", "gt"):
         if not getattr(args, name).is_dir():
             print(f"error: --{name} {getattr(args, name)} is not a folder", file=sys.stderr)

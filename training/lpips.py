@@ -60,16 +60,18 @@ def resolve_weights(net: str, weights_path: str | os.PathLike | None = None) -> 
     index) and converted there first; an explicit path is never filled in behind the user's back.
     """
     path = Path(weights_path).expanduser() if weights_path is not None else default_weights_dir()
-    if path.is_dir() or weights_path is None:
-        path = path / weights_filename(net)
+    if not path.is_file() and (path.is_dir() or weights_path is None or path.suffix != ".safetensors"):
+        path = path / weights_filename(net)  # a folder (one that does not exist yet too)
     if not path.is_file() and weights_path is None:  # the default place: fetched and converted on first use
         from training.convert_lpips_weights import fetch_default
 
         fetch_default(path.parent)
     if not path.is_file():
+        made = path.parent / weights_filename(net)  # what the converter writes there
+        then = "" if made == path else f", then point loss.lpips_weights at {made}"
         raise FileNotFoundError(
             f"LPIPS weights not found at {path}. Create them with "
-            f"`python -m training.convert_lpips_weights --download --out {path.parent}` "
+            f"`python -m training.convert_lpips_weights --download --out {path.parent}`{then} "
             "(or set TADISR_LPIPS_DIR / pass weights_path)."
         )
     return path

@@ -35,7 +35,10 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int
     if y_channel:
         x, y = rgb_to_y(x), rgb_to_y(y)
     if crop_border:
-        c = int(crop_border)
+        c, (h, w) = int(crop_border), x.shape[-2:]
+        if c < 0 or 2 * c >= min(h, w):
+            raise ValueError(f"crop_border {c} leaves nothing of a {w}x{h} image (0 to {(min(h, w) - 1) // 2} "
+                             "pixels a side)")
         x, y = x[..., c:-c, c:-c], y[..., c:-c, c:-c]
     return x, y
 

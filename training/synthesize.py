@@ -66,6 +66,33 @@ def _manifest_line(index_name: str, sample) -> str:
     }, ensure_ascii=False)
 
 
+SET_FOLDERS = ("hr", "lr", "mask")
+
+
+def clear_previous_set(out: Path) -> str | None:
+    """Remove the files of a set this command wrote into `out` before (named in its manifest), so that
+    a new set never mixes with an older one; the error when `out` holds files it did not write
+    (they are left as they are)."""
+    ids: set[str] = set()
+    manifest = out / "manifest.jsonl"
+    if manifest.is_file():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            try:
+                ids.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                return f"--out {out}: {manifest} is not this command's manifest; choose another --out"
+    ours = {f"{i}.png" for i in ids}
+    files = [f for sub in SET_FOLDERS if (out / sub).is_dir() for f in sorted((out / sub).iterdir())]
+    foreign = [f for f in files if f.name not in ours]
+    if foreign:
+        return (f"--out {out} holds {len(foreign)} files this command did not write (e.g. {foreign[0]}); "
+                "choose another --out, or move them away")
+    for f in files:
+        f.unlink()
+    manifest.unlink(missing_ok=True)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _parser()
@@ -116,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {small_backgrounds_warning(small, len(synth.backgrounds), args.size, '--size')}",
               file=sys.stderr)
 
-    for sub in ("hr", "lr", "mask"):
+    if problem := clear_previous_set(args.out):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    for sub in SET_FOLDERS:
         (args.out / sub).mkdir(parents=True, exist_ok=True)
     with open(args.out / "manifest.jsonl", "w", encoding="utf-8") as manifest:
         for i in tqdm(range(1, args.count + 1), desc="synthesize", unit="img"):

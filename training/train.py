@@ -135,8 +135,10 @@ def check_run_folder(out: Path, resume: bool) -> None:
     """A new run (no --resume) must not mix its metrics and checkpoints with an earlier run's."""
     used = [p.name for p in (out / "metrics.jsonl", out / RUN_CHECKPOINTS) if p.exists()]
     if used and not resume:
-        raise RunFolderError(f"{out} already holds a training run ({', '.join(used)}); pass --resume to continue "
-                             f"it, or choose another --output-dir")
+        go_on = ("continue it" if (out / RUN_CHECKPOINTS).exists()
+                 else "start it over (it saved no checkpoint)")
+        raise RunFolderError(f"{out} already holds a training run ({', '.join(used)}); pass --resume to {go_on}, "
+                             f"or choose another --output-dir")
 
 
 def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
@@ -297,6 +299,8 @@ class Trainer:
         self.params = params
         if resume_from is not None:
             self._resume_state(resume_from)
+        elif resume and self.main:  # nothing saved yet: the run starts over, without the old run's log lines
+            self._trim_metrics()
         self._build_data(*datasets)
 
     # -- setup ------------------------------------------------------------------------------------
@@ -335,6 +339,10 @@ class Trainer:
                 self.val_items.append(SeededItems(val, t.seed + 1)[(0, i)])
             except Exception as exc:  # noqa: BLE001 - a damaged validation sample is left out, not fatal
                 self._print(f"warning: validation sample {i} left out: {type(exc).__name__}: {exc}")
+        if t.validate_every and not self.val_items:
+            source = {"synth": "data.val_size", "triplets": "data.val_root", "realce": "data.val_list_file"}
+            self._print(f"warning: train.validate_every = {t.validate_every}, but there is no validation data "
+                        f"({source[cfg.data.kind]} gives it): no validation will run")
 
     def _resume_checkpoint(self) -> Path | None:
         """The newest checkpoint folder that is whole (its training state kept for `_resume_state`);

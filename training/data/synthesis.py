@@ -113,10 +113,13 @@ def readable_backgrounds(paths: Sequence[str | os.PathLike], progress: bool = Fa
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """A mask file (read by the one reader: EXIF, 16-bit) binarised to bool ``(H, W)`` (any non-black pixel of a
-    0/1 mask, > 127 otherwise);
-    ``size`` = (W, H) resizes it (nearest) first."""
+    0/1 mask, > 127 otherwise); in a file with transparency (RGBA or gray + alpha, not all opaque) the
+    alpha channel is the mask, its colours ignored. ``size`` = (W, H) resizes it (nearest) first."""
     x = load_image(path)
-    a = to_uint8(x[:, :3] if x.shape[1] >= 3 else x[:, :1])
+    if x.shape[1] in (2, 4) and bool((x[:, -1] < 1).any()):
+        a = to_uint8(x[:, -1:])
+    else:
+        a = to_uint8(x[:, :3] if x.shape[1] >= 3 else x[:, :1])
     if a.shape[2] == 3:  # PIL's "L" conversion, exactly: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16
         a = ((a[..., 0].astype(np.uint32) * 19595 + a[..., 1].astype(np.uint32) * 38470
               + a[..., 2].astype(np.uint32) * 7471 + 0x8000) >> 16).astype(np.uint8)
