@@ -80,21 +80,25 @@ def mark_prompt(json_data: dict, is_output: Callable[[str], bool | None] | None 
     """ComfyUI on-prompt hook: marks what only the whole prompt tells (output nodes as
     `is_output`, by default `host.is_output_class`, says).
 
-    Each Upscale node's inputs get whether its text_mask output is read by a node that runs: Upscale
-    skips the mask when it is not, and ComfyUI caches a node by its inputs, so this entry makes a
-    later run with the mask connected a different cache entry (not a stale empty mask). A heat-map
-    node that leads to no output gets RUNS_KEY False, so its settings are not checked for it."""
+    Each Upscale node's inputs get whether its text_mask output is read by a node that leads to an
+    output: Upscale skips the mask when it is not, and ComfyUI caches a node by its inputs, so this
+    entry makes a later run with the mask connected a different cache entry (not a stale empty mask).
+    It ignores a partial run's targets, which would flip it, and so re-run the upscale, between a
+    partial and a whole run. A heat-map node that will not run (in this run) gets RUNS_KEY False, so
+    its settings are not checked for it."""
     prompt = (json_data or {}).get("prompt")
     if not isinstance(prompt, dict):
         return json_data
     if is_output is None:
         from .host import is_output_class as is_output
-    runs = running_nodes(prompt, is_output, json_data.get("partial_execution_targets"))
+    used = running_nodes(prompt, is_output)
+    targets = json_data.get("partial_execution_targets")
+    runs = used if targets is None else running_nodes(prompt, is_output, targets)
     for nid, node in prompt.items():
         if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict):
             continue
         if node.get("class_type") == UPSCALE:
-            node["inputs"][MASK_USE_KEY] = any(cid in runs for cid, _ in consumers(prompt, nid, TEXT_MASK_OUTPUT))
+            node["inputs"][MASK_USE_KEY] = any(cid in used for cid, _ in consumers(prompt, nid, TEXT_MASK_OUTPUT))
         elif node.get("class_type") == ATTENTION_VIEW:
             if str(nid) in runs:
                 node["inputs"].pop(RUNS_KEY, None)

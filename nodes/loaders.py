@@ -240,19 +240,21 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
 
 
 def fingerprint(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE) -> str | float:
-    """What the loader would read, with each file's size and modification time: a file replaced on
-    disk under the same name is loaded again. NaN (never equal: always run) when a choice does not
-    resolve; running then says why."""
+    """What the loader would read, with the size and modification time of its weight files: a file
+    replaced on disk under the same name is loaded again. The prompt cache counts by its path (the
+    'auto' one is written by the first load); an input fed by another node, by ComfyUI's own rule.
+    NaN (never equal: always run) when a choice does not resolve; running then says why."""
     from tadisr_core import model_ref
 
+    if not all(isinstance(v, str) for v in (kolors, checkpoint, prompt_cache)):
+        return "linked"  # ComfyUI passes None for an input fed by another node
     try:
         if kolors in DEMO_CHOICES:
             shipped = model_ref.shipped_models()[DEMO_CHOICES[kolors]]
             return repr((file_identity(shipped.checkpoint), file_identity(shipped.prompt_cache)))
         files = resolve_kolors(kolors)
         cache = resolve_prompt_cache(prompt_cache, files)
-        return repr((files.key(), file_identity(resolve_checkpoint(checkpoint)),
-                     file_identity(cache) if os.path.isfile(cache) else cache))
+        return repr((files.key(), file_identity(resolve_checkpoint(checkpoint)), os.path.realpath(cache)))
     except (OSError, ValueError):  # KolorsFolderError is an OSError, NotKolorsError a ValueError
         return float("nan")
 

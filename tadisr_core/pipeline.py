@@ -120,13 +120,13 @@ def check_same_model(model, tiled: TiledLatents) -> None:
     """ValueError when `tiled` was encoded by another model than `model`: another architecture, or
     weights read from other files (the same files in another dtype or on another device are the same
     model). Latents built by hand (no spec recorded) and hand-built models (no weights_id) pass."""
-    if tiled.spec is not None and tiled.spec != model.spec:
+    weights_id = getattr(model, "weights_id", None)
+    if tiled.spec is not None and tiled.spec != getattr(model, "spec", tiled.spec):
         why = "a model of another architecture"
-    elif None not in (tiled.weights_id, model.weights_id) and tiled.weights_id != model.weights_id:
-        why = (f"the model of {_weights_name(tiled.weights_id)}, not this one "
-               f"({_weights_name(model.weights_id)})")
-        if _weights_name(tiled.weights_id) == _weights_name(model.weights_id):
-            why += ", whose files have changed since, or whose Kolors base differs"
+    elif None not in (tiled.weights_id, weights_id) and tiled.weights_id != weights_id:
+        why = f"the model of {_weights_name(tiled.weights_id)}, not this one ({_weights_name(weights_id)})"
+        if _weights_name(tiled.weights_id) == _weights_name(weights_id):
+            why += ": a file of that name elsewhere, changed since, or on another Kolors base"
     else:
         return
     raise ValueError(f"these latents were encoded by {why}: encode, denoise and decode with the same model")

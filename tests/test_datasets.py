@@ -212,6 +212,11 @@ def test_the_authors_ftsr_layout_is_read_with_its_upscaled_lr_as_the_model_input
     cropped = DS.TripletFolderDataset(tmp_path, crop=64, seed=2, hr_dir="gt", lr_dir="sr_bicubic")[0]
     assert cropped["lr"].shape == cropped["hr"].shape == (3, 64, 64)
     assert (F.avg_pool2d(cropped["hr"][None], 4) - F.avg_pool2d(cropped["lr"][None], 4)).abs().mean() < 0.05
+    with pytest.raises(FileNotFoundError, match=r"missing LR folder .*sr_bicubc \(data\.lr_dir\); set data\.lr_dir: "
+                                                r"null to degrade"):
+        DS.TripletFolderDataset(tmp_path, hr_dir="gt", lr_dir="sr_bicubc")  # a typo is not taken for "degrade"
+    degraded = DS.TripletFolderDataset(tmp_path, crop=64, seed=2, hr_dir="gt", lr_dir=None, preset="ftsr")[0]
+    assert degraded["lr"].shape == (3, 16, 16) and degraded["hr"].shape == (3, 64, 64)
     with pytest.raises(FileNotFoundError, match=r"the authors' FTSR layout: set data\.hr_dir: gt and "
                                                 r"data\.lr_dir: sr_bicubic"):
         DS.TripletFolderDataset(tmp_path)

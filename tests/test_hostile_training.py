@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,11 @@ def test_resume_skips_a_truncated_checkpoint_and_a_torn_metrics_line(tmp_path, c
     newest.write_bytes(newest.read_bytes()[:500])
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 3, "tot')                  # killed mid-line
+    from training.train import RunFolderError
+
+    with pytest.raises(RunFolderError, match="model_final.safetensors holds other weights than .*step_00000001"):
+        _run(_cfg(out, train__max_steps=3), resume=True)  # the finished run's step 2 is only there now
+    (out / "model_final.safetensors").unlink()  # as a run killed while writing step 2 (it never finished)
     summary = _run(_cfg(out, train__max_steps=3), resume=True)
     err = capsys.readouterr().out + capsys.readouterr().err
     assert summary["step"] == 3
@@ -174,6 +180,12 @@ def test_training_masks_are_read_by_the_one_reader(tmp_path):
         Image.fromarray(np.dstack([np.full((9, 7), colour, np.uint8), alpha])).save(tmp_path / "la.png")
         for name in ("alpha.png", "la.png"):
             assert (load_mask(tmp_path / name) == (alpha > 0)).all(), (name, colour)
+    # a black-and-white mask with a transparent margin, or one pixel not quite opaque, is still its colours
+    ink = np.zeros((9, 7), np.uint8)
+    ink[3:6, 2:5] = 255
+    for a in (np.pad(np.full((7, 5), 255, np.uint8), 1), np.where(np.eye(9, 7) > 0, 254, 255).astype(np.uint8)):
+        Image.fromarray(np.dstack([ink, ink, ink, a])).save(tmp_path / "bw.png")
+        assert (load_mask(tmp_path / "bw.png") == ((ink > 0) & (a > 127))).all()
     a16 = np.arange(63, dtype=np.uint16).reshape(9, 7) * 1000
     Image.fromarray(a16).save(tmp_path / "m16.png")            # 16-bit: no longer all white
     assert (load_mask(tmp_path / "m16.png") == (np.round(a16 / 65535 * 255) > 127)).all()
@@ -404,6 +416,16 @@ def test_an_extended_run_is_no_longer_its_old_final_model(tmp_path, monkeypatch)
     assert resolve_model(out).checkpoint == out / "checkpoints" / "step_00000003" / "model.safetensors"
     with pytest.raises(RunFolderError, match=r"the run is at step 3, past train\.max_steps = 1: nothing to train"):
         _run(_cfg(out, train__max_steps=1), resume=True, force=True)
+    # a model_final that no checkpoint holds (checkpoints deleted to save space) is never trained over
+    other = tmp_path / "other"
+    assert _run(_cfg(other, train__max_steps=2))["step"] == 2
+    final = (other / "model_final.safetensors").read_bytes()
+    shutil.rmtree(other / "checkpoints")
+    with pytest.raises(RunFolderError, match=r"model_final\.safetensors is the only copy of its weights"):
+        _run(_cfg(other, train__max_steps=4), resume=True, force=True)
+    with pytest.raises(RunFolderError, match="already holds a training run"):
+        _run(_cfg(other, train__max_steps=4))
+    assert (other / "model_final.safetensors").read_bytes() == final and _lines(other)[-1]["step"] == 2
 
 
 def test_a_run_trains_and_validates_on_the_authors_ftsr_layout(tmp_path):
@@ -433,8 +455,8 @@ def test_validation_asked_for_without_validation_data_is_said(tmp_path, capsys):
     _run(_cfg(tmp_path / "run", data__kind="triplets", data__root=str(data), data__crop=32, train__validate_every=1,
               train__max_steps=1))
     out = capsys.readouterr()
-    assert ("warning: train.validate_every = 1, but there is no validation data (data.val_root gives it): no "
-            "validation will run") in out.out + out.err
+    assert ("warning: train.validate_every = 1, but there is no validation data (data.val_root and data.val_size "
+            "give it): no validation will run") in out.out + out.err
     assert _lines(tmp_path / "run", "val") == []
 
 

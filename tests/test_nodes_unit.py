@@ -367,9 +367,10 @@ def test_nodes_that_lead_to_no_output_are_idle_for_the_checks():
     assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is True and graph.RUNS_KEY not in prompt["2"]["inputs"]
     with pytest.raises(ValueError, match="'capture_attention' is off"):
         graph.check_attention_use(prompt, "1", 2, {"up": (0, 1)}, captured=False)
-    # ComfyUI's partial execution runs only the outputs the client names (and what they read)
+    # ComfyUI's partial execution runs only the outputs the client names (and what they read): the heat map
+    # is not asked, but the mask mark stays, or the upscale would re-run between partial and whole runs
     graph.mark_prompt({"prompt": prompt, "partial_execution_targets": ["3"]}, _is_output)
-    assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is False and prompt["2"]["inputs"][graph.RUNS_KEY] is False
+    assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is True and prompt["2"]["inputs"][graph.RUNS_KEY] is False
     # outside ComfyUI no class is known: every node counts as an output, nothing is taken for idle
     graph.mark_prompt({"prompt": prompt}, host.is_output_class)
     assert prompt["1"]["inputs"][graph.MASK_USE_KEY] is True and graph.RUNS_KEY not in prompt["2"]["inputs"]
@@ -829,3 +830,27 @@ def test_a_built_in_demo_without_its_prompt_cache_names_it_and_what_to_do(tmp_pa
     message = str(err.value)
     assert message.startswith("TADiSR: the built-in demo model's gone.safetensors is missing from ")
     assert str(tmp_path) in message and "reinstall the pack" in message and "--kolors" not in message
+
+
+def test_the_loader_fingerprint_follows_the_weight_files(models_dir, tiny_dir):
+    """ComfyUI re-runs Load Model when this changes: a checkpoint replaced on disk, not the 'auto' prompt
+    cache the first load writes (review: that re-ran the whole graph once), nor a linked input (review:
+    NaN there re-ran the graph on every queue)."""
+    import shutil
+
+    copy = models_dir / "tadisr" / "fingerprinted.safetensors"
+    shutil.copy(tiny_dir["checkpoint"], copy)
+    auto = models_dir / "tadisr" / loaders.auto_cache_name(loaders.resolve_kolors("tiny-kolors"))
+    try:
+        before = loaders.fingerprint("tiny-kolors", copy.name, loaders.AUTO_CACHE)
+        auto.write_bytes(b"written by the first load")
+        assert loaders.fingerprint("tiny-kolors", copy.name, loaders.AUTO_CACHE) == before
+        st = copy.stat()
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert loaders.fingerprint("tiny-kolors", copy.name, loaders.AUTO_CACHE) != before
+    finally:
+        copy.unlink()
+        auto.unlink(missing_ok=True)
+    assert loaders.fingerprint(None, "tadisr_tiny.safetensors", loaders.AUTO_CACHE) == "linked"
+    nan = loaders.fingerprint("no such kolors", "tadisr_tiny.safetensors", loaders.AUTO_CACHE)
+    assert nan != nan  # never equal: the run says what is missing

@@ -205,13 +205,15 @@ def test_cli_writes_triplets_and_manifest(tmp_path, backgrounds, fonts):
     assert (again / "hr/000001.png").read_bytes() == (out / "hr/000001.png").read_bytes()
     # A new set into the same folder replaces the old one (defect: the old files stayed beside the new,
     # the manifest naming only the new); files it did not write are refused, and kept.
+    (out / "manifest.jsonl").write_text('{"id": "000001"}\n{"id": "0000')  # a set cut short by a stop
+    (out / "hr" / ".DS_Store").write_bytes(b"")
     synthesize.main(["--backgrounds", str(backgrounds), "--out", str(out), "--count", "2", "--size", str(SIZE)])
-    assert sorted(f.name for f in (out / "hr").iterdir()) == ["000001.png", "000002.png"]
+    assert sorted(f.name for f in (out / "hr").iterdir()) == [".DS_Store", "000001.png", "000002.png"]
     assert len((out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     (out / "mask" / "mine.png").write_bytes(b"a mask of my own")
     assert synthesize.main(["--backgrounds", str(backgrounds), "--out", str(out), "--count", "1",
                             "--size", str(SIZE)]) == 2
-    assert (out / "mask" / "mine.png").read_bytes() == b"a mask of my own" and len(list((out / "hr").iterdir())) == 2
+    assert (out / "mask" / "mine.png").read_bytes() == b"a mask of my own" and len(list((out / "hr").iterdir())) == 3
 
 
 def test_cli_fails_clearly_without_fonts(tmp_path, backgrounds, capsys):

@@ -662,9 +662,12 @@ def test_backgrounds_smaller_than_the_crop_are_named(tmp_path, capsys):
     assert len(said) == 1  # none under 32 px
 
 
-def test_a_damaged_background_is_left_out_of_training_by_name(tmp_path):
+def test_a_damaged_background_is_left_out_of_training_by_name(tmp_path, caplog):
     """Defect: one unreadable photo in data.backgrounds failed every sample drawn on it, and its repeats
-    counted as >100 different damaged samples, aborting the run; `training.synthesize` left it out."""
+    counted as >100 different damaged samples, aborting the run. It is now named once and left out, when
+    first drawn (not by reading every photo at each start), and a seed still gives the same scene."""
+    import logging
+
     import skimage
     from PIL import Image
 
@@ -674,12 +677,16 @@ def test_a_damaged_background_is_left_out_of_training_by_name(tmp_path):
     folder.mkdir()
     Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
     (folder / "torn.jpg").write_bytes(b"\xff\xd8\xff\xe0 torn download")
-    said = []
     cfg = load_config(TINY, [f"data.backgrounds={json.dumps(str(folder))}", "data.crop=64", "data.val_size=0"])
-    train, _ = build_datasets(cfg, tmp_path / "run", log=said.append)
-    assert [p.name for p in train.synth.backgrounds] == ["coffee.png"]
-    assert len(said) == 1 and said[0].startswith(f"warning: 1 of 2 images in {folder} (data.backgrounds) cannot "
-                                                 "be read and are left out:\n  dropped: ") and "torn.jpg" in said[0]
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        train, _ = build_datasets(cfg, tmp_path / "run", log=None)
+        first = [train[i] for i in range(6)]
+    left_out = [r.getMessage() for r in caplog.records if "background left out" in r.getMessage()]
+    assert len(left_out) == 1 and "torn.jpg" in left_out[0]
+    assert train.synth.unreadable == {folder / "torn.jpg"}
+    fresh, _ = build_datasets(cfg, tmp_path / "run", log=None)  # has not met the torn file yet
+    for i in (5, 0):
+        assert torch.equal(fresh[i]["hr"], first[i]["hr"])
     (folder / "coffee.png").unlink()
-    with pytest.raises(ValueError, match=r"none of the 1 images in .* can be read \(e\.g\. .*torn\.jpg"):
-        build_datasets(cfg, tmp_path / "run", log=said.append)
+    with pytest.raises(ValueError, match=r"none of the 1 backgrounds could be read \(e\.g\. .*torn\.jpg"):
+        build_datasets(cfg, tmp_path / "run", log=None)[0][0]

@@ -294,22 +294,6 @@ def degradation_preset(cfg: Config):
     return dataclasses.replace(preset, **changes) if changes else preset
 
 
-def _readable_backgrounds(folder: str | Path, log: Callable[[str], None] | None) -> list[Path]:
-    """The images of data.backgrounds that decode; the others are named through `log` and left out, as
-    `training.synthesize` does (one damaged photo would otherwise fail every sample drawn on it)."""
-    from training.data.synthesis import list_images, readable_backgrounds
-
-    kept, dropped = readable_backgrounds(list_images(folder))
-    if not kept:
-        what = (f"none of the {len(dropped)} images in {folder} (data.backgrounds) can be read (e.g. {dropped[0]})"
-                if dropped else f"no background images in {folder} (data.backgrounds)")
-        raise ValueError(f"{what}: put .png / .jpg photos without text there, or use 'skimage'")
-    if dropped and log is not None:
-        log(f"warning: {len(dropped)} of {len(dropped) + len(kept)} images in {folder} (data.backgrounds) cannot "
-            "be read and are left out:\n" + "\n".join(f"  dropped: {reason}" for reason in dropped))
-    return kept
-
-
 def build_datasets(cfg: Config, work_dir: str | Path,
                    log: Callable[[str], None] | None = print) -> tuple[Dataset, Dataset | None]:
     """(train, val) datasets; val is None when the config names no validation data. `log` is told of
@@ -326,7 +310,6 @@ def build_datasets(cfg: Config, work_dir: str | Path,
                                     cfg.train.seed)
         from training.data.synthesis import SynthesisConfig, small_backgrounds, small_backgrounds_warning
 
-        bg = _readable_backgrounds(bg, log)
         synth = SynthesisConfig(size=d.crop or 512, scale=d.scale,
                                 **({"font_scale": tuple(d.font_scale)} if d.font_scale else {}))
         common = dict(backgrounds=bg, fonts=d.fonts, text_crops=d.text_crops, size=d.crop or 512,

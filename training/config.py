@@ -57,8 +57,9 @@ class DataConfig:
     kind: str = "synth"                     # synth | triplets | realce
     root: str | None = None                 # triplets: folder with hr/ mask/ [lr/]; realce: dataset root
     hr_dir: str = "hr"                      # triplets: the folder names under root (the authors' FTSR:
-    lr_dir: str = "lr"                      # gt, sr_bicubic, mask); LR files at 1/scale of the HR, or at
-    mask_dir: str = "mask"                  # the HR size (an upscaled LR such as sr_bicubic: the model's input)
+    lr_dir: str | None = "lr"               # gt, sr_bicubic, mask); LR files at 1/scale of the HR, or at
+    mask_dir: str = "mask"                  # the HR size (an upscaled LR such as sr_bicubic: the model's input);
+                                            # lr_dir null (or the default lr/ absent): LR degraded on the fly
     list_file: str | None = None            # realce: training list
     backgrounds: str | None = "skimage"     # synth: a folder of text-free images, or built-in samples:
                                             # "skimage" (5 photos) / "skimage-all" (12)

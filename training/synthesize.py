@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -67,29 +68,22 @@ def _manifest_line(index_name: str, sample) -> str:
 
 
 SET_FOLDERS = ("hr", "lr", "mask")
+SET_FILE = re.compile(r"\d{6,}\.png")  # the names main() writes
 
 
 def clear_previous_set(out: Path) -> str | None:
-    """Remove the files of a set this command wrote into `out` before (named in its manifest), so that
-    a new set never mixes with an older one; the error when `out` holds files it did not write
-    (they are left as they are)."""
-    ids: set[str] = set()
-    manifest = out / "manifest.jsonl"
-    if manifest.is_file():
-        for line in manifest.read_text(encoding="utf-8").splitlines():
-            try:
-                ids.add(str(json.loads(line)["id"]))
-            except (ValueError, KeyError, TypeError):
-                return f"--out {out}: {manifest} is not this command's manifest; choose another --out"
-    ours = {f"{i}.png" for i in ids}
-    files = [f for sub in SET_FOLDERS if (out / sub).is_dir() for f in sorted((out / sub).iterdir())]
-    foreign = [f for f in files if f.name not in ours]
+    """Remove a set this command wrote into `out` before (its NNNNNN.png files and manifest, also one a
+    stop cut short), so that a new set never mixes with an older one; the error when `out` holds
+    other files (left as they are; hidden ones such as .DS_Store are ignored)."""
+    files = [f for sub in SET_FOLDERS if (out / sub).is_dir() for f in sorted((out / sub).iterdir())
+             if not f.name.startswith(".")]
+    foreign = [f for f in files if not SET_FILE.fullmatch(f.name)]
     if foreign:
         return (f"--out {out} holds {len(foreign)} files this command did not write (e.g. {foreign[0]}); "
                 "choose another --out, or move them away")
     for f in files:
         f.unlink()
-    manifest.unlink(missing_ok=True)
+    (out / "manifest.jsonl").unlink(missing_ok=True)
     return None
 
 

@@ -264,6 +264,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         # Both before the model: a changed run or a data problem shows in seconds, not minutes.
         resume_from = self._resume_checkpoint() if resume else None
+        self._settle_final_model(resume_from)
         datasets = self._build_datasets()
 
         model = build_model_from_config(cfg, self.acc.device, log=self._print)
@@ -340,9 +341,9 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - a damaged validation sample is left out, not fatal
                 self._print(f"warning: validation sample {i} left out: {type(exc).__name__}: {exc}")
         if t.validate_every and not self.val_items:
-            source = {"synth": "data.val_size", "triplets": "data.val_root", "realce": "data.val_list_file"}
+            source = {"synth": "", "triplets": "data.val_root and ", "realce": "data.val_list_file and "}
             self._print(f"warning: train.validate_every = {t.validate_every}, but there is no validation data "
-                        f"({source[cfg.data.kind]} gives it): no validation will run")
+                        f"({source[cfg.data.kind]}data.val_size give it): no validation will run")
 
     def _resume_checkpoint(self) -> Path | None:
         """The newest checkpoint folder that is whole (its training state kept for `_resume_state`);
@@ -380,6 +381,33 @@ class Trainer:
                 self._print(f"warning: --resume --force: continuing with a change: {'; '.join(changes)}")
             return path
         raise RunFolderError(f"--resume: every checkpoint under {self.out / RUN_CHECKPOINTS} is damaged")
+
+    def _settle_final_model(self, resume_from: Path | None) -> None:
+        """Before anything in the folder changes: refuse a resume already past train.max_steps, and, when
+        a finished run goes on, remove its model_final.safetensors (it would stand for the run while it
+        trains, and after a stop) only if the checkpoint resumed from holds the same weights; any other
+        model_final (checkpoints deleted or damaged, a new run into its folder) is refused, never lost."""
+        import filecmp
+
+        max_steps = self.cfg.train.max_steps
+        step = int(self._resumed[0]["step"]) if resume_from is not None else 0
+        if step > max_steps:
+            raise RunFolderError(f"--resume: the run is at step {step}, past train.max_steps = {max_steps}: "
+                                 f"nothing to train (its weights are in {resume_from}); give a larger "
+                                 f"--max-steps to go on")
+        final = self.out / RUN_FINAL
+        if step == max_steps or not final.is_file():
+            return
+        if resume_from is None or not filecmp.cmp(final, resume_from / RUN_STEP_MODEL, shallow=False):
+            what = ("is the only copy of its weights (no checkpoint of this run holds them)" if resume_from is None
+                    else f"holds other weights than {resume_from}, which this run resumes from")
+            raise RunFolderError(f"{final} {what}: training on would replace them. Move it away (or give "
+                                 f"another --output-dir) first")
+        self.acc.wait_for_everyone()  # every process compared before the main one removes it
+        if self.main:
+            final.unlink()
+            self._print(f"{RUN_FINAL} removed: the run goes on to step {max_steps} (step {step}'s weights "
+                        f"stay in {resume_from})")
 
     def _resume_state(self, path: Path) -> None:
         """Optimiser, scheduler, counters and RNG of checkpoint `path` (after `prepare`)."""
@@ -609,15 +637,6 @@ class Trainer:
         from tqdm import tqdm
 
         t = self.cfg.train
-        if self.step > t.max_steps:
-            raise RunFolderError(f"--resume: the run is at step {self.step}, past train.max_steps = {t.max_steps}: "
-                                 f"nothing to train (its weights are in {self._resumed_from}); give a larger "
-                                 f"--max-steps to go on")
-        final = self.out / RUN_FINAL
-        if self.main and self.step < t.max_steps and final.is_file():  # a finished run, extended
-            final.unlink()  # its weights stay in the checkpoint of its last step
-            kept = f" (step {self.step}'s weights are in {self._resumed_from})" if self._resumed_from else ""
-            self._print(f"{RUN_FINAL} removed: the run goes on to step {t.max_steps}{kept}")
         if self.main:
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
             if self.model.prompt is not None:  # with the weights, the run folder is a runnable model

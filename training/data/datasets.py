@@ -123,19 +123,24 @@ class TripletFolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, crop: int | None = None, scale: int = 4,
                  preset: str | DegradationPreset = FTSR_RELEASE, seed: int | None = None,
-                 hr_dir: str = "hr", lr_dir: str = "lr", mask_dir: str = "mask"):
+                 hr_dir: str = "hr", lr_dir: str | None = "lr", mask_dir: str = "mask"):
         _check_crop(crop, scale)
         self.root, self.crop, self.scale, self.preset, self.seed = Path(root), crop, scale, preset, seed
-        hr_path, mask_path, lr_path = self.root / hr_dir, self.root / mask_dir, self.root / lr_dir
+        hr_path, mask_path = self.root / hr_dir, self.root / mask_dir
+        lr_path = self.root / lr_dir if lr_dir is not None else None
         for folder in (hr_path, mask_path):
             if not folder.is_dir():
                 ftsr = all((self.root / d).is_dir() for d in ("gt", "sr_bicubic", "mask"))
-                raise FileNotFoundError(f"missing folder {folder} (expected {hr_dir}/, {mask_dir}/ "
-                                        f"and optionally {lr_dir}/ under {self.root})"
+                optional = f" and optionally {lr_dir}/" if lr_dir else ""
+                raise FileNotFoundError(f"missing folder {folder} (expected {hr_dir}/, {mask_dir}/{optional} "
+                                        f"under {self.root})"
                                         + ("; it holds the authors' FTSR layout: set data.hr_dir: gt and "
                                            "data.lr_dir: sr_bicubic" if ftsr else ""))
+        if lr_path is not None and lr_dir != "lr" and not lr_path.is_dir():  # named on purpose: a typo?
+            raise FileNotFoundError(f"missing LR folder {lr_path} (data.lr_dir); set data.lr_dir: null to degrade "
+                                    "the HR on the fly instead")
         hrs, masks = _files_by_stem(hr_path), _files_by_stem(mask_path)
-        lrs = _files_by_stem(lr_path) if lr_path.is_dir() else None
+        lrs = _files_by_stem(lr_path) if lr_path is not None and lr_path.is_dir() else None
         if not hrs:
             raise FileNotFoundError(f"no images in {hr_path}")
         self.items = []

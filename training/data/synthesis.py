@@ -14,6 +14,7 @@ Everything is deterministic given a seed. ``TextSynthesizer.sample(seed)`` retur
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import random
@@ -29,6 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from tadisr_core.images import ImageReadError, is_image_file, load_image, load_rgb_uint8, to_uint8
 from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade, get_preset, ground_truth
+
+log = logging.getLogger("tadisr")
 
 ALPHA_THRESHOLD = 127  # alpha > this counts as text
 LATIN_CHARS = "abcdefghijklmnopqrstuvwxyz"
@@ -113,13 +116,16 @@ def readable_backgrounds(paths: Sequence[str | os.PathLike], progress: bool = Fa
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """A mask file (read by the one reader: EXIF, 16-bit) binarised to bool ``(H, W)`` (any non-black pixel of a
-    0/1 mask, > 127 otherwise); in a file with transparency (RGBA or gray + alpha, not all opaque) the
-    alpha channel is the mask, its colours ignored. ``size`` = (W, H) resizes it (nearest) first."""
+    0/1 mask, > 127 otherwise). A file with transparency (RGBA or gray + alpha, not all opaque) is seen
+    over black; when its visible pixels are all one colour (ink drawn as opacity), the alpha itself is
+    the mask. ``size`` = (W, H) resizes it (nearest) first."""
     x = load_image(path)
     if x.shape[1] in (2, 4) and bool((x[:, -1] < 1).any()):
-        a = to_uint8(x[:, -1:])
-    else:
-        a = to_uint8(x[:, :3] if x.shape[1] >= 3 else x[:, :1])
+        colour, alpha = x[:, :-1], x[:, -1:]
+        seen = colour[:, :, alpha[0, 0] > 0]
+        one_colour = seen.numel() == 0 or bool((seen.amax(dim=-1) == seen.amin(dim=-1)).all())
+        x = alpha if one_colour else colour * alpha
+    a = to_uint8(x[:, :3] if x.shape[1] >= 3 else x[:, :1])
     if a.shape[2] == 3:  # PIL's "L" conversion, exactly: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16
         a = ((a[..., 0].astype(np.uint32) * 19595 + a[..., 1].astype(np.uint32) * 38470
               + a[..., 2].astype(np.uint32) * 7471 + 0x8000) >> 16).astype(np.uint8)
@@ -374,6 +380,7 @@ class TextSynthesizer:
             raise ValueError("no text source: no fonts (install fonts-dejavu / fonts-noto-cjk, or give a "
                              "font folder) and no text crops")
         self.backgrounds = [Path(p) for p in backgrounds]
+        self.unreadable: set[Path] = set()  # met by `_draw_background`, left out from then on
         if has_text is not None:
             self.backgrounds = [p for p in self.backgrounds if not has_text(load_rgb(p))]
         if not self.backgrounds:
@@ -383,11 +390,27 @@ class TextSynthesizer:
 
     # -- public
 
+    def _draw_background(self, rng: random.Random) -> tuple[Path, np.ndarray]:
+        """A background drawn by `rng` and read. One that cannot be read is named once and left out: the
+        draw moves on to the next, and as every draw is made whether a file is known bad or not, a seed
+        gives the same scene whichever bad files this process has met before."""
+        for _ in range(8 * len(self.backgrounds) + 64):
+            path = rng.choice(self.backgrounds)
+            if path in self.unreadable:
+                continue
+            try:
+                return path, load_rgb(path)
+            except ImageReadError as e:  # its message names the file and why
+                self.unreadable.add(path)
+                log.warning("background left out: %s", str(e).splitlines()[0])
+        raise ValueError(f"none of the {len(self.backgrounds)} backgrounds could be read (e.g. "
+                         f"{next(iter(self.unreadable), '?')})")
+
     def compose(self, seed: int) -> SynthSample:
         """HR + mask for ``seed`` (no LR)."""
         rng = random.Random(seed)
-        bg_file = rng.choice(self.backgrounds)
-        bg = self._background_crop(load_rgb(bg_file), rng)
+        bg_file, image = self._draw_background(rng)
+        bg = self._background_crop(image, rng)
         hr, mask = bg.copy(), np.zeros(bg.shape[:2], bool)
         boxes: list[tuple[int, int, int, int]] = []
         items = []
