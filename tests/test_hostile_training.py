@@ -436,7 +436,7 @@ def test_a_run_trains_and_validates_on_the_authors_ftsr_layout(tmp_path):
     (root / "hr").rename(root / "gt")
     (root / "sr_bicubic").mkdir()
     for f in (root / "lr").iterdir():
-        lr = torch.from_numpy(np.asarray(Image.open(f))).permute(2, 0, 1)[None].float() / 255
+        lr = torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)[None].float() / 255
         up = (upscale_canvas(lr, 4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(up).save(root / "sr_bicubic" / f.name)
         f.unlink()
