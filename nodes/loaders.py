@@ -180,6 +180,29 @@ def _ensure_prompt_cache(cache_path: str, files, dev: torch.device) -> None:
     ensure_prompt_cache(cache_path, source, device=encoder_device)
 
 
+def _demo_files_key(name: str) -> tuple:
+    """The files of a shipped demo model (model_ref name), each as `file_identity`; FileNotFoundError
+    naming a missing one and what to do."""
+    from tadisr_core import model_ref
+
+    shipped = model_ref.shipped_models()[name]
+    for path in (shipped.checkpoint, shipped.prompt_cache):
+        if not path.is_file():
+            raise FileNotFoundError(f"TADiSR: the built-in {name} model's {path.name} is missing from {path.parent} "
+                                    "(this copy of the pack was installed without it): reinstall the pack, or "
+                                    "choose a Kolors model instead.")
+    return file_identity(shipped.checkpoint), file_identity(shipped.prompt_cache)
+
+
+def _resolve(kolors: str, checkpoint: str, prompt_cache: str):
+    """(KolorsFiles, checkpoint path, prompt-cache path) of the loader's choices, and the key of those
+    files: their identities, the prompt cache by its path (the 'auto' one is written by the first load)."""
+    files = resolve_kolors(kolors)
+    ckpt_path = resolve_checkpoint(checkpoint)
+    cache_path = resolve_prompt_cache(prompt_cache, files)
+    return files, ckpt_path, cache_path, (files.key(), file_identity(ckpt_path), os.path.realpath(cache_path))
+
+
 def _load_demo(name: str, dt: torch.dtype, dev: torch.device, merge_lora: bool) -> TADiSRHandle:
     """A shipped demo model, by model_ref name (a standalone checkpoint: no Kolors, no checkpoint or
     prompt-cache input)."""
@@ -187,12 +210,7 @@ def _load_demo(name: str, dt: torch.dtype, dev: torch.device, merge_lora: bool) 
 
     shipped = model_ref.shipped_models()[name]
     ckpt = shipped.checkpoint
-    for path in (ckpt, shipped.prompt_cache):
-        if not path.is_file():
-            raise FileNotFoundError(f"TADiSR: the built-in {name} model's {path.name} is missing from {path.parent} "
-                                    "(this copy of the pack was installed without it): reinstall the pack, or "
-                                    "choose a Kolors model instead.")
-    key = (name, file_identity(ckpt), str(dt), str(dev), bool(merge_lora))
+    key = (name, *_demo_files_key(name), str(dt), str(dev), bool(merge_lora))
 
     def load() -> TADiSRHandle:
         log.info("TADiSR: loading the %s model %s (%s, %s)", name, ckpt, dt, dev)
@@ -219,10 +237,8 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
         except ValueError as exc:
             raise ValueError(f"TADiSR: {exc} (dtype auto chooses one for it)") from None
         return _load_demo(DEMO_CHOICES[kolors], dt, dev, merge_lora)
-    files = resolve_kolors(kolors)
-    ckpt_path = resolve_checkpoint(checkpoint)
-    cache_path = resolve_prompt_cache(prompt_cache, files)
-    key = (files.key(), file_identity(ckpt_path), os.path.realpath(cache_path), str(dt), str(dev), bool(merge_lora))
+    files, ckpt_path, cache_path, files_key = _resolve(kolors, checkpoint, prompt_cache)
+    key = (*files_key, str(dt), str(dev), bool(merge_lora))
 
     def load() -> TADiSRHandle:
         from tadisr_core.loading import load_tadisr
@@ -240,21 +256,15 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
 
 
 def fingerprint(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE) -> str | float:
-    """What the loader would read, with the size and modification time of its weight files: a file
-    replaced on disk under the same name is loaded again. The prompt cache counts by its path (the
-    'auto' one is written by the first load); an input fed by another node, by ComfyUI's own rule.
+    """The key of the files the loader would read (as its model cache keys them): a file replaced on
+    disk under the same name is loaded again. An input fed by another node goes by ComfyUI's own rule.
     NaN (never equal: always run) when a choice does not resolve; running then says why."""
-    from tadisr_core import model_ref
-
     if not all(isinstance(v, str) for v in (kolors, checkpoint, prompt_cache)):
         return "linked"  # ComfyUI passes None for an input fed by another node
     try:
         if kolors in DEMO_CHOICES:
-            shipped = model_ref.shipped_models()[DEMO_CHOICES[kolors]]
-            return repr((file_identity(shipped.checkpoint), file_identity(shipped.prompt_cache)))
-        files = resolve_kolors(kolors)
-        cache = resolve_prompt_cache(prompt_cache, files)
-        return repr((files.key(), file_identity(resolve_checkpoint(checkpoint)), os.path.realpath(cache)))
+            return repr(_demo_files_key(DEMO_CHOICES[kolors]))
+        return repr(_resolve(kolors, checkpoint, prompt_cache)[-1])
     except (OSError, ValueError):  # KolorsFolderError is an OSError, NotKolorsError a ValueError
         return float("nan")
 

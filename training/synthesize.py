@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from tadisr_core.images import ImageReadError
 from training.builders import SKIMAGE_BACKGROUNDS, write_backgrounds
 from training.data.degradation import PRESETS
 from training.data.synthesis import (
@@ -27,7 +28,7 @@ from training.data.synthesis import (
     find_text_crops,
     fonts_in_folder,
     list_images,
-    readable_backgrounds,
+    load_rgb,
     sample_seed,
     small_backgrounds,
     small_backgrounds_warning,
@@ -65,6 +66,20 @@ def _manifest_line(index_name: str, sample) -> str:
         "boxes": [it["box"] for it in items],
         "items": items,
     }, ensure_ascii=False)
+
+
+def readable_backgrounds(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """(the backgrounds that decode, the reader's message for each one that does not), reading each once,
+    so that a damaged file is left out up front rather than failing the run half-way."""
+    kept, dropped = [], []
+    for path in tqdm(paths, desc="check backgrounds", unit="img", leave=False):
+        try:
+            load_rgb(path)
+        except ImageReadError as e:  # its message names the file and why
+            dropped.append(str(e).splitlines()[0])
+        else:
+            kept.append(path)
+    return kept, dropped
 
 
 SET_FOLDERS = ("hr", "lr", "mask")
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"in --fonts {args.fonts}" if args.fonts else "on this system (fc-match found none)"
         parser.error(f"no usable fonts {where}: install fonts-dejavu and fonts-noto-cjk, "
                      "pass --fonts DIR, or give --text-crops")
-    backgrounds, unreadable = readable_backgrounds(backgrounds, progress=True)
+    backgrounds, unreadable = readable_backgrounds(backgrounds)
     if not backgrounds:
         print(f"error: none of the {len(unreadable)} images in --backgrounds {args.backgrounds} can be read",
               file=sys.stderr)

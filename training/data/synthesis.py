@@ -98,22 +98,6 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     return load_rgb_uint8(path)
 
 
-def readable_backgrounds(paths: Sequence[str | os.PathLike], progress: bool = False) -> tuple[list[Path], list[str]]:
-    """(the backgrounds that decode, the reader's message for each one that does not), reading each once,
-    so that a damaged file is left out up front rather than failing sample after sample."""
-    from tqdm import tqdm
-
-    kept, dropped = [], []
-    for path in tqdm(paths, desc="check backgrounds", unit="img", leave=False, disable=not progress):
-        try:
-            load_rgb(path)
-        except ImageReadError as e:  # its message names the file and why
-            dropped.append(str(e).splitlines()[0])
-        else:
-            kept.append(Path(path))
-    return kept, dropped
-
-
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """A mask file (read by the one reader: EXIF, 16-bit) binarised to bool ``(H, W)`` (any non-black pixel of a
     0/1 mask, > 127 otherwise). A file with transparency (RGBA or gray + alpha, not all opaque) is seen
