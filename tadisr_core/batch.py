@@ -21,10 +21,11 @@ from .images import (
     check_writable,
     is_image_file,
     read_image,
+    recorded_source,
     save_images,
     written_by_us,
 )
-from .pipeline import UpscaleCancelled, upscale
+from .pipeline import UpscaleCancelled, output_size, upscale
 
 log = logging.getLogger("tadisr")
 
@@ -38,6 +39,7 @@ class Job:
     mask: Path | None                 # None: image only (the text-mask decoder is skipped)
     attention: Path | None = None
     error: str | None = None          # set when the input cannot even be found
+    source: str | None = None         # the input's name and size, recorded in its outputs (source_tag)
 
 
 @dataclass
@@ -177,23 +179,56 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     `<name>_attention.png`); the mask and the heat map are always PNG, exact.
 
     Files found in folders keep their sub-folder below OUTDIR; a name already taken gets `-2`, `-3`...
+    An input keeps the name whose outputs an earlier run made from it (its outputs record it), so
+    names do not move when files of the same name (`a.png`, `a.jpg`) join or leave the inputs.
     """
     outdir = Path(outdir)
-    used: set[Path] = set()
-    jobs = []
     tag = scale_tag(scale)
-    for path, root, error in inputs:
-        sub = path.parent.relative_to(root) if root is not None else Path()
-        stem, n = path.stem, 1
-        while (outdir / sub / stem) in used:
-            n += 1
-            stem = f"{path.stem}-{n}"
-        used.add(outdir / sub / stem)
-        base = outdir / sub
-        jobs.append(Job(path, base / f"{stem}_{tag}.{image_format}", base / f"{stem}_text_mask.png" if mask else None,
-                        base / f"{stem}_attention.png" if attention else None, error))
+
+    def image_path(base: Path, stem: str) -> Path:
+        return base / f"{stem}_{tag}.{image_format}"
+
+    placed = [(path, outdir / (path.parent.relative_to(root) if root is not None else Path()), error,
+               source_tag(path) if error is None else None) for path, root, error in inputs]
+    used: set[Path] = set()
+    stems: list[str | None] = []
+    for path, base, _, source in placed:  # first, the names an earlier run gave these inputs
+        kept = None
+        for stem in _stems(path):
+            if not image_path(base, stem).exists():
+                break
+            if source is not None and base / stem not in used and recorded_source(image_path(base, stem)) == source:
+                kept = stem
+                break
+        if kept is not None:
+            used.add(base / kept)
+        stems.append(kept)
+    jobs = []
+    for (path, base, error, source), stem in zip(placed, stems):
+        if stem is None:
+            stem = next(s for s in _stems(path) if base / s not in used)
+            used.add(base / stem)
+        jobs.append(Job(path, image_path(base, stem), base / f"{stem}_text_mask.png" if mask else None,
+                        base / f"{stem}_attention.png" if attention else None, error, source))
     _refuse_overwrites(jobs)
     return jobs
+
+
+def _stems(path: Path):
+    """The output names an input may take, in order: its stem, then `stem-2`, `stem-3`..."""
+    yield path.stem
+    n = 2
+    while True:
+        yield f"{path.stem}-{n}"
+        n += 1
+
+
+def source_tag(path: Path) -> str | None:
+    """What an output records of its input: the file's name and size (None when it cannot be read)."""
+    try:
+        return f"{path.name} ({path.stat().st_size} bytes)"
+    except OSError:
+        return None
 
 
 def _outputs(job: Job) -> list[Path]:
@@ -234,7 +269,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     outputs = {"image": job.image, **({"mask": job.mask} if job.mask is not None else {})}
     if job.attention is not None:
         outputs["attention"] = job.attention
-    if options.skip_existing and all(written_by_us(p) for p in outputs.values()):
+    if options.skip_existing and all(written_by_us(p, source=job.source) for p in outputs.values()):
         rec.ok, rec.skipped = True, True
         rec.outputs = {k: str(v) for k, v in outputs.items()}
         return rec
@@ -245,7 +280,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         t1 = time.perf_counter()
         rec.input_size = [image.shape[-1], image.shape[-2]]
         rec.channels = image.shape[1]
-        check_writable(job.image, image.shape[1])  # before the upscale, not after it
+        check_writable(job.image, image.shape[1], output_size(*image.shape[-2:], options.scale))  # before the upscale
         result = upscale(model, image, options.scale, options.tile, options.overlap, options.tile_batch,
                          progress=progress, cancel=cancel, attention=options.attention,
                          sample=options.seed is not None, seed=options.seed, mask=job.mask is not None,
@@ -256,7 +291,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         items += [(result.mask, job.mask)] if job.mask is not None else []
         if job.attention is not None:
             items.append((result.attention, job.attention))
-        save_images(items, options.quality)
+        save_images(items, options.quality, job.source)
         t3 = time.perf_counter()
     except UpscaleCancelled:
         raise

@@ -350,24 +350,28 @@ def _load_native(path: Path, dtypes: dict[str, torch.dtype]) -> Checkpoint:
 
 
 # -- writing ------------------------------------------------------------------------------------
+def _spec_metadata(spec: TADiSRSpec, prompt: str | None) -> dict[str, str]:
+    """The metadata every native checkpoint carries: its format, spec and prompt."""
+    from .spec import HEATMAP_PROMPT
+
+    return {"format": NATIVE_FORMAT, "spec": spec.to_json(), "variant": spec.variant,
+            "unet_rank": str(spec.unet_lora.rank), "unet_alpha": str(spec.unet_lora.alpha),
+            "vae_rank": str(spec.vae_lora.rank), "vae_alpha": str(spec.vae_lora.alpha),
+            "unet_targets": ",".join(spec.unet_lora.targets), "vae_targets": ",".join(spec.vae_lora.targets),
+            "schedule": spec.schedule, "timestep": str(spec.timestep), "prompt": prompt or HEATMAP_PROMPT}
+
+
 def save_native(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, path: str | Path,
                 extra_metadata: dict[str, str] | None = None, prompt: str | None = None) -> Path:
     """Write a native checkpoint atomically (temp file + rename)."""
     from safetensors.torch import save_file
-
-    from .spec import HEATMAP_PROMPT
 
     path = Path(path)
     flat = {}
     for g, sd in groups.items():
         sd = _dedupe_tied(sd) if g == "mi_decoder" else sd
         flat.update({f"{g}.{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
-    meta = {"format": NATIVE_FORMAT, "spec": spec.to_json(), "variant": spec.variant,
-            "unet_rank": str(spec.unet_lora.rank), "unet_alpha": str(spec.unet_lora.alpha),
-            "vae_rank": str(spec.vae_lora.rank), "vae_alpha": str(spec.vae_lora.alpha),
-            "unet_targets": ",".join(spec.unet_lora.targets), "vae_targets": ",".join(spec.vae_lora.targets),
-            "schedule": spec.schedule, "timestep": str(spec.timestep), "prompt": prompt or HEATMAP_PROMPT,
-            **(extra_metadata or {})}
+    meta = {**_spec_metadata(spec, prompt), **(extra_metadata or {})}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=meta)
     return path
@@ -499,16 +503,28 @@ def inspect(path: str | Path, verify_sha: bool = False) -> dict:
 
 
 def convert(src: str | Path, dst: str | Path, force: bool = False) -> Path:
-    """Official (or native) checkpoint -> native safetensors, tensors copied bit for bit.
+    """Official (or native) checkpoint -> native safetensors, tensors copied bit for bit; a native
+    source keeps its metadata (whole backbone, the base it was trained on, prompt, training config).
 
-    Refuses to write over `src`, and over any existing `dst` unless `force`.
+    Refuses to write over `src`, and over any existing `dst` unless `force`; creates `dst`'s folder.
     """
-    if Path(dst).exists() and same_file(src, dst):
+    from safetensors import SafetensorError
+
+    dst = Path(dst)
+    if dst.exists() and same_file(src, dst):
         raise CheckpointError(f"{dst}: refusing to convert a file onto itself; name another output")
-    if Path(dst).exists() and not force:
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"{dst}: the native format is safetensors; name the output *.safetensors")
+    if dst.exists() and not force:
         raise CheckpointError(f"{dst} exists; pass --force to replace it")
     ckpt = load_checkpoint(src)
-    return save_native(ckpt.groups, ckpt.spec, dst, {"converted_from": Path(src).name})
+    kept = {k: v for k, v in ckpt.metadata.items() if k not in _spec_metadata(ckpt.spec, None)}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return save_native(ckpt.groups, ckpt.spec, dst, {**kept, "converted_from": Path(src).name},
+                           ckpt.metadata.get("prompt"))
+    except SafetensorError as exc:
+        raise CheckpointError(f"cannot write {dst}: {exc}") from None
 
 
 def _print_human(info: dict) -> None:

@@ -162,7 +162,7 @@ def load_model(args: argparse.Namespace):
         from .model_ref import NO_WEIGHTS_HELP
 
         raise SetupError(NO_WEIGHTS_HELP)
-    if args.model and args.checkpoint:
+    if args.model and _given(args.checkpoint, "TADISR_CHECKPOINT"):
         raise SetupError("give either --model or --checkpoint, not both")
     if not args.model and not args.kolors and not args.unet:
         raise SetupError("--kolors DIR (or --unet FILE and --vae FILE) is required (or set TADISR_KOLORS): the "
@@ -188,7 +188,8 @@ def load_model(args: argparse.Namespace):
     _quiet_libraries(messages=not args.verbose, progress=getattr(args, "quiet", False))
     try:
         if args.model:
-            model = load_model_ref(args.model, prompt_cache=args.prompt_cache, dtype=dtype, device=device,
+            prompt_cache = _given(args.prompt_cache, "TADISR_PROMPT_CACHE") if alone else args.prompt_cache
+            model = load_model_ref(args.model, prompt_cache=prompt_cache, dtype=dtype, device=device,
                                    merge_lora_weights=args.merge_lora, offload=args.offload,
                                    **_base_weight_args(args, alone))
         else:
@@ -204,15 +205,20 @@ def load_model(args: argparse.Namespace):
     return place_model(model, None, None, channels_last=args.channels_last, compile=args.compile)
 
 
+def _given(value: str | None, env_var: str) -> str | None:
+    """A weight flag's value unless it only came from its environment variable (set for the Kolors
+    model), which `--model` ignores where it does not apply."""
+    env = kolors_from_env(note=False) if env_var == "TADISR_KOLORS" else os.environ.get(env_var)
+    return None if value == env else value
+
+
 def _base_weight_args(args: argparse.Namespace, alone: bool) -> dict:
     """The base-weight flags for `model_ref.load_model`. For a model that runs alone, values that only
-    came from their environment variables (set for the Kolors model) are dropped: given on the command
-    line, they are an error there."""
-    env = {"kolors": kolors_from_env(note=False), "unet": os.environ.get("TADISR_UNET"),
-           "vae": os.environ.get("TADISR_VAE"), "text_encoder": os.environ.get("TADISR_TEXT_ENCODER")}
-    given = {name: getattr(args, name) for name in env}
-    if alone:
-        given = {name: value for name, value in given.items() if value != env[name]}
+    came from their environment variables are dropped: given on the command line, they are an error there."""
+    env_vars = {"kolors": "TADISR_KOLORS", "unet": "TADISR_UNET", "vae": "TADISR_VAE",
+                "text_encoder": "TADISR_TEXT_ENCODER"}
+    given = {name: (_given(getattr(args, name), var) if alone else getattr(args, name))
+             for name, var in env_vars.items()}
     return {**given, "text_encoder_device_name": args.text_encoder_device}
 
 
@@ -346,11 +352,14 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
     _setup_logging(args.verbose)
     _validate_upscale(args)
     rank, world = distributed_rank()
-    planned = plan_jobs(collect_inputs(args.inputs, args.recursive, exclude=args.output), args.output, args.scale,
-                        args.attention, mask=args.mask, image_format=args.image_format)
-    if not planned:
+    found = collect_inputs(args.inputs, args.recursive, exclude=args.output)
+    if not found:
         raise SetupError(f"nothing to upscale: no image files in {' '.join(map(str, args.inputs))}"
                          + ("" if args.recursive else " (add --recursive for the images in sub-folders)"))
+    if all(error for _, _, error in found):  # no input exists (a typo?): said before the model loads
+        errors = [error for _, _, error in found]
+        raise SetupError("; ".join(errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else ""))
+    planned = plan_jobs(found, args.output, args.scale, args.attention, mask=args.mask, image_format=args.image_format)
     jobs = shard(planned, rank, world)
     quiet = args.quiet or rank > 0
     output = Path(args.output)

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ _ROWS_PER_CHUNK = 256            # bounds the float temporaries of the 8-bit con
 _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"
 _EXIF_SOFTWARE = 0x0131
+_EXIF_DOCUMENT_NAME = 0x010D     # the input an output came from (save_images' `source`), as is the PNG text:
+_PNG_SOURCE = "TADiSR source"
+_MAX_SIDE = {"JPEG": 65535, "WEBP": 16383}   # the longest side each format can hold
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}   # suffix -> Pillow format of what we write
 DEFAULT_QUALITY = 95             # JPEG (4:4:4) / WebP quality of what we write; WebP at 100 is lossless
 
@@ -136,7 +140,9 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     path = Path(path)
     limit = max_pixels if max_pixels is not None else max_pixels_limit()
     try:
-        with _pil_bomb_limit(limit), Image.open(path) as im:
+        # Opened from a file object: Pillow memory-maps uncompressed one-band TIFFs opened by name and
+        # then drops their Orientation tag unapplied, so exif_transpose would leave gray scans unrotated.
+        with _pil_bomb_limit(limit), open(path, "rb") as f, Image.open(f) as im:
             w, h = im.size
             if w * h > limit:
                 raise ImageReadError(f"cannot use {path}: {w}x{h} = {w * h:,} pixels is above the limit of "
@@ -213,8 +219,10 @@ def _icc_fits(icc: bytes | None, channels: int) -> bool:
     return icc[16:20] == (b"GRAY" if channels == 1 else b"RGB ")
 
 
-def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str, quality: int) -> None:
-    """Write `image` to `path` in `image_format` ("PNG", "JPEG", "WEBP") with our Software tag."""
+def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str, quality: int,
+           source: str | None = None) -> None:
+    """Write `image` to `path` in `image_format` ("PNG", "JPEG", "WEBP") with our Software tag (and the
+    input it came from, `source`)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -227,10 +235,14 @@ def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str
     if image_format == "PNG":
         info = PngInfo()
         info.add_text("Software", SOFTWARE_TAG)
+        if source:
+            info.add_text(_PNG_SOURCE, source)
         extra["pnginfo"] = info
     else:
         exif = Image.Exif()
         exif[_EXIF_SOFTWARE] = SOFTWARE_TAG
+        if source:
+            exif[_EXIF_DOCUMENT_NAME] = source
         extra.update(exif=exif.tobytes(), quality=quality)
         if image_format == "JPEG":
             extra["subsampling"] = 0  # full-resolution colour: 4:2:0 blurs the edges of coloured text
@@ -247,18 +259,25 @@ def _format_of(path: Path) -> str:
         raise ValueError(f"{path}: images are written as {', '.join('.' + k for k in OUTPUT_FORMATS)}") from None
 
 
-def check_writable(path: str | Path, channels: int) -> None:
-    """ValueError naming `path` when an image of `channels` cannot be written there: a suffix we do not
-    write, or an alpha channel (4 channels) for JPEG."""
+def check_writable(path: str | Path, channels: int, size: tuple[int, int] | None = None) -> None:
+    """ValueError naming `path` when an image of `channels` (and `size`, height x width) cannot be
+    written there: a suffix we do not write, an alpha channel (4 channels) for JPEG, or a side longer
+    than JPEG (65535 px) or WebP (16383 px) can hold."""
     path = Path(path)
-    if _format_of(path) == "JPEG" and channels == 4:
+    image_format = _format_of(path)
+    if image_format == "JPEG" and channels == 4:
         raise ValueError(f"{path}: the image has an alpha channel, which JPEG cannot keep; write it as PNG or "
                          f"WebP (--format png / webp)")
+    longest = _MAX_SIDE.get(image_format)
+    if size is not None and longest is not None and max(size) > longest:
+        raise ValueError(f"{path}: a {size[1]}x{size[0]} image is too large for {image_format} (at most {longest} "
+                         f"px a side); write it as PNG (--format png) or upscale by less (--scale)")
 
 
-def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY) -> list[Path]:
+def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str | None = None) -> list[Path]:
     """Write several 8-bit images, each in the format of its path's suffix (PNG, JPEG at `quality`,
-    WebP at `quality`): items are (image, path) or (image, path, icc_profile).
+    WebP at `quality`): items are (image, path) or (image, path, icc_profile). `source` names the input
+    they came from in each file (see `recorded_source`).
 
     Images are [C, H, W] / [1, C, H, W] in 0..1, C = 1, 3 or 4. All are written to hidden temporary
     files first and renamed only when every one succeeded, so the final names appear together or
@@ -272,7 +291,7 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY) -> list[Path
             tmp = path.with_name(f".{path.name}.partial")
             staged.append((tmp, path))
             check_writable(path, image.shape[-3])
-            _write(image, tmp, item[2] if len(item) > 2 else None, _format_of(path), quality)
+            _write(image, tmp, item[2] if len(item) > 2 else None, _format_of(path), quality, source)
             os.chmod(tmp, default_file_mode())
         for tmp, path in staged:
             os.replace(tmp, path)
@@ -300,20 +319,35 @@ def _complete(path: Path, image_format: str) -> bool:
         return f.read().endswith(_PNG_END if image_format == "PNG" else _JPEG_END)
 
 
-def written_by_us(path: str | Path, complete: bool = True) -> bool:
-    """Whether `path` is an image this project wrote (its Software tag), and with `complete` also whole."""
+def _our_tags(path: Path, complete: bool) -> tuple[bool, str | None]:
+    """(whether `path` is an image this project wrote, by its Software tag, and with `complete` also
+    whole; the input it recorded, if any). Only the header is read, whatever the image's size."""
     from PIL import Image
 
-    path = Path(path)
     try:
         expected = _format_of(path)
         if complete and not _complete(path, expected):
-            return False
-        with Image.open(path) as im:
+            return False, None
+        with _pil_bomb_limit(sys.maxsize), Image.open(path) as im:
             if im.format != expected:
-                return False
+                return False, None
             if expected == "PNG":
-                return im.info.get("Software") == SOFTWARE_TAG
-            return im.getexif().get(_EXIF_SOFTWARE) == SOFTWARE_TAG
+                return im.info.get("Software") == SOFTWARE_TAG, im.info.get(_PNG_SOURCE)
+            exif = im.getexif()
+            return exif.get(_EXIF_SOFTWARE) == SOFTWARE_TAG, exif.get(_EXIF_DOCUMENT_NAME)
     except (OSError, ValueError, SyntaxError):
-        return False
+        return False, None
+
+
+def written_by_us(path: str | Path, complete: bool = True, source: str | None = None) -> bool:
+    """Whether `path` is an image this project wrote (its Software tag), with `complete` also whole,
+    and with `source` also from that input (files of versions that recorded no input count as from any)."""
+    ours, recorded = _our_tags(Path(path), complete)
+    return ours and (source is None or recorded is None or recorded == source)
+
+
+def recorded_source(path: str | Path) -> str | None:
+    """The input an image this project wrote was made from (`save_images`' `source`); None when the
+    file is not ours or records none."""
+    ours, recorded = _our_tags(Path(path), complete=False)
+    return recorded if ours else None

@@ -170,8 +170,15 @@ def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
     model_cfg = {}
     config = run / "config.json"
     if config.is_file():
-        recorded = json.loads(config.read_text())
-        model_cfg = recorded.get("model", {}) if isinstance(recorded, dict) else {}
+        try:
+            recorded = json.loads(config.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{config}: unreadable ({exc}); the run's config.json says which base and "
+                             f"prompt its checkpoints take: restore it from a copy of the run") from None
+        model_cfg = recorded.get("model") if isinstance(recorded, dict) else None
+        if not isinstance(model_cfg, dict):
+            raise ValueError(f"{config}: no 'model' section; the run's config.json says which base and prompt "
+                             f"its checkpoints take: restore it from a copy of the run")
         if not prompt.is_file() and model_cfg.get("prompt_cache"):
             prompt = Path(model_cfg["prompt_cache"])
     return ModelFiles(checkpoint, prompt if prompt.is_file() else None, model_cfg.get("kolors_dir"), run,
@@ -237,6 +244,11 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
         if prompt is None:
             raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
                                     f"(a training run keeps it as {RUN_PROMPT_CACHE})")
+        if not Path(prompt).exists():  # not Kolors' (the loader's advice): the one it was trained with
+            raise FileNotFoundError(f"prompt cache not found: {prompt} ({files.checkpoint} runs alone and takes the "
+                                    f"prompt cache it was trained with: its run's {RUN_PROMPT_CACHE}"
+                                    + (f", {files.prompt_cache}; leave out --prompt-cache to use it)"
+                                       if files.prompt_cache else ")"))
         model = load_standalone(ckpt, prompt)
         if shipped is not None:
             model.default_color_fix = shipped.color_fix

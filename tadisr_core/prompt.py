@@ -77,7 +77,7 @@ class PromptCache:
         from .finite import first_problem
 
         path = require_readable(path, "prompt cache", f"compute it once with `tadisr prompt-cache --kolors DIR "
-                                                      f"-o {Path(path).name}`")
+                                                      f"-o {path}`")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -260,3 +260,28 @@ def test_permission_denied_is_not_reported_as_missing(tiny_dir, monkeypatch):
     monkeypatch.setattr(files, "open", no_access, raising=False)  # root reads everything: simulate the denial
     with pytest.raises(PermissionError, match=r"checkpoint .*tadisr_tiny\.safetensors: permission denied"):
         load_checkpoint(tiny_dir["checkpoint"])
+
+
+def test_convert_keeps_what_a_native_checkpoint_says_of_itself(tmp_path):
+    """Defect: converting a native checkpoint kept only `converted_from`, so the copy of the demo lost
+    `backbone=included` (it then asked for a Kolors base) and a trained one lost its base probe."""
+    from tadisr_core.model_ref import resolve_model
+
+    src = resolve_model("demo").checkpoint
+    out = tmp_path / "models" / "tadisr" / "demo_copy.safetensors"          # its folder is made
+    assert checkpoint_cli(["convert", str(src), str(out)]) == 0
+    before, after = load_checkpoint(src), load_checkpoint(out)
+    assert after.includes_backbone
+    assert after.metadata == {**before.metadata, "converted_from": src.name}
+    assert all(torch.equal(after.groups[g][k], t) for g, sd in before.groups.items() for k, t in sd.items())
+
+
+def test_convert_names_a_wrong_output_in_one_line(tiny_dir, tmp_path, capsys):
+    """Defect: `convert X out.pt` wrote safetensors under a torch name (later "not a zip-based torch
+    checkpoint"), and an output that cannot be written was a raw SafetensorError traceback."""
+    assert checkpoint_cli(["convert", str(tiny_dir["official"]), str(tmp_path / "out.pt")]) == 2
+    assert "name the output *.safetensors" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert checkpoint_cli(["convert", str(tiny_dir["official"]), str(tmp_path / "file" / "n.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "file") in err and "Traceback" not in err

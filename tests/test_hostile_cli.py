@@ -405,3 +405,94 @@ def test_an_alpha_image_is_refused_as_jpeg_before_it_is_upscaled_and_kept_as_web
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["upscale", "x.png", "-o", str(out), "--quality", "0"])
     assert "expected a whole number from 1 to 100, got '0'" in capsys.readouterr().err
+
+
+def test_outputs_keep_their_names_when_a_file_of_the_same_name_joins(tiny_model, tmp_path, capsys):
+    """Defect: names were given in sorted order, so adding `a.jpg` beside a processed `a.png` moved
+    `a_x4.png` to `a.jpg`: --skip-existing reported `a.jpg` done with `a.png`'s result and never upscaled
+    it (without the flag, `a.png`'s output was replaced by `a.jpg`'s)."""
+    d, out = tmp_path / "in", tmp_path / "out"
+    d.mkdir()
+    _png(d / "a.png", size=(16, 16))
+    argv = ["upscale", str(d), "-o", str(out), *FAST, "--json", "--skip-existing"]
+    assert run(argv, capsys, model=tiny_model)[0] == 0
+    first = (out / "a_x4.png").read_bytes()
+    Image.fromarray(np.full((24, 20, 3), 200, np.uint8)).save(d / "a.jpg")
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    by_input = {Path(f["input"]).name: f for f in rep["files"]}
+    assert rc == 0 and by_input["a.png"]["skipped"] and by_input["a.png"]["outputs"]["image"] == str(out / "a_x4.png")
+    assert not by_input["a.jpg"]["skipped"] and by_input["a.jpg"]["outputs"]["image"] == str(out / "a-2_x4.png")
+    assert (out / "a_x4.png").read_bytes() == first
+    with Image.open(out / "a-2_x4.png") as im:
+        assert im.size == (80, 96)                                 # a.jpg's, not a.png's 64 x 64
+    rc, rep, _ = run(argv[:-1], capsys, model=tiny_model)          # without --skip-existing: each keeps its own
+    assert rc == 0 and {Path(f["input"]).name: Path(f["outputs"]["image"]).name for f in rep["files"]} == {
+        "a.jpg": "a-2_x4.png", "a.png": "a_x4.png"}
+    (d / "a.png").unlink()                                         # a.jpg stays where it is
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    assert rc == 0 and rep["files"][0]["skipped"] and rep["files"][0]["outputs"]["image"] == str(out / "a-2_x4.png")
+
+
+def test_an_output_too_large_for_webp_is_refused_before_the_upscale(tiny_model, tmp_path, capsys, monkeypatch):
+    """Defect: a 4100 px wide input as WebP (16383 px a side at most) failed only after the whole upscale."""
+    import tadisr_core.batch
+
+    def no_upscale(*args, **kwargs):
+        raise AssertionError("the upscale ran")
+
+    monkeypatch.setattr(tadisr_core.batch, "upscale", no_upscale)
+    Image.fromarray(np.zeros((2, 4100, 3), np.uint8)).save(tmp_path / "wide.png")
+    rc, rep, _ = run(["upscale", str(tmp_path / "wide.png"), "-o", str(tmp_path / "o"), *FAST, "--json",
+                      "--format", "webp"], capsys, model=tiny_model)
+    error = rep["files"][0]["error"]
+    assert rc == cli.EXIT_FAILED and "16400x8 image is too large for WEBP" in error and "--format png" in error
+
+
+def test_a_mistyped_input_is_a_setup_error_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Defect: `upscale phto.png` loaded the model first, then failed the file (exit 1) and left `-o` behind."""
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    rc, _, err = run(["upscale", str(tmp_path / "phto.png"), "-o", str(tmp_path / "out"), "--model", "demo"], capsys)
+    assert rc == cli.EXIT_SETUP and f"input not found: {tmp_path / 'phto.png'}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_variables_set_for_kolors_do_not_break_the_demo(tmp_path, monkeypatch):
+    """Defect: with TADISR_CHECKPOINT set (for the real model) `--model demo` said "give either --model or
+    --checkpoint", and TADISR_PROMPT_CACHE gave the demo Kolors' prompt cache."""
+    monkeypatch.setenv("TADISR_CHECKPOINT", str(tmp_path / "tadisr_kolors_ftsr_526000.pkl"))
+    monkeypatch.setenv("TADISR_PROMPT_CACHE", str(tmp_path / "kolors_prompt_cache.safetensors"))
+    args = cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), "--model", "demo"])
+    assert cli.load_model(args).spec.unet.block_out_channels[0] == 16          # the demo, with its own cache
+    args = cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), "--model", "demo",
+                                          "--checkpoint", "other.pkl"])
+    with pytest.raises(cli.SetupError, match="either --model or --checkpoint"):
+        cli.load_model(args)                                                   # given on the command line: refused
+
+
+def test_a_missing_prompt_cache_for_a_model_that_runs_alone_names_its_own(tmp_path):
+    """Defect: the advice was Kolors' `tadisr prompt-cache --kolors DIR -o NAME` (its folder dropped), for a
+    model that takes only the cache it was trained with."""
+    args = cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), "--model", "demo",
+                                          "--prompt-cache", str(tmp_path / "none.safetensors")])
+    with pytest.raises(cli.SetupError) as err:
+        cli.load_model(args)
+    message = str(err.value)
+    assert str(tmp_path / "none.safetensors") in message and "trained with" in message
+    assert "leave out --prompt-cache" in message and "--kolors" not in message
+
+
+@pytest.mark.parametrize("config", ['{"model": {"kolors_dir": ', '{"model": null}', "[]"])
+def test_a_damaged_run_config_is_named(tmp_path, config):
+    """Defect: a truncated config.json gave a JSON error naming no file; `"model": null` a traceback."""
+    from tadisr_core.model_ref import resolve_model
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model_final.safetensors").write_bytes(resolve_model("demo").checkpoint.read_bytes())
+    (run_dir / "config.json").write_text(config)
+    args = cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), "--model", str(run_dir)])
+    with pytest.raises(cli.SetupError, match=re.escape(str(run_dir / "config.json"))):
+        cli.load_model(args)

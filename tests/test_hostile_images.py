@@ -24,6 +24,29 @@ def test_exif_orientation_is_applied(tmp_path):
     assert x[0, 0, 0, -1] > 0.8 and x[0, 0, 0, 0] < 0.2
 
 
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_exif_orientation_of_gray_scans_is_applied(tmp_path, suffix, dtype):
+    """Defect: Pillow memory-maps an uncompressed gray TIFF opened by name and drops its Orientation tag
+    unapplied, so 8- and 16-bit gray scans came out unrotated (PNG and colour TIFF were right)."""
+    a = (np.arange(4 * 6).reshape(4, 6) * (2000 if dtype == np.uint16 else 10)).astype(dtype)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # "rotate 90 CW to display"
+    Image.fromarray(a).save(tmp_path / f"g.{suffix}", exif=exif.tobytes())
+    got = read_image(tmp_path / f"g.{suffix}").pixels[0, 0].numpy()
+    full = 255.0 if dtype == np.uint8 else 65535.0
+    assert got.shape == (6, 4) and np.allclose(got * full, np.rot90(a, k=-1), atol=0.5)
+
+
+def test_an_output_above_pillows_bomb_limit_is_still_known_as_ours(tmp_path, monkeypatch):
+    """Defect: checking an existing output opened it with Pillow's default limit, so a re-run over a
+    12 MP photo's x4 result (192 MP) stopped the whole batch with DecompressionBombError."""
+    save_image(torch.rand(3, 64, 64), tmp_path / "big_x4.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)      # 64 x 64 is then "a bomb", as 192 MP is
+    assert written_by_us(tmp_path / "big_x4.png")
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
 def test_16_bit_gray_keeps_its_precision(tmp_path):
     a = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
     Image.fromarray(a).save(tmp_path / "g16.png")

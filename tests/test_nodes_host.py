@@ -204,8 +204,14 @@ def test_missing_files_are_reported_once_each_on_their_own_input(server):
     assert "missing.pkl" in errors[0]["details"] and "models/tadisr" in errors[0]["details"]
     # ComfyUI 0.3.75 does not check V3 combo values itself, and a validate_inputs message is attached to
     # every input it names: the Kolors folder is checked first thing when the loader runs (nothing ran before).
+    # Later hosts refuse a combo value not in the list at queue time, naming that input alone.
     prompt = override(prompt, {"TADiSRLoadModel": {"kolors": "Kolors", "checkpoint": "tadisr_tiny.safetensors"}})
-    entry = server.run(prompt, timeout=120)
+    try:
+        entry = server.run(prompt, timeout=120)
+    except PromptRejected as rejected:
+        errors = rejected.node_errors[node_id(prompt, "TADiSRLoadModel")]["errors"]
+        assert [(e["type"], e["extra_info"]["input_name"]) for e in errors] == [("value_not_in_list", "kolors")]
+        return
     assert entry["status"]["status_str"] == "error"
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert len(errors) == 1 and errors[0]["node_type"] == "TADiSRLoadModel"

@@ -70,8 +70,9 @@ class TADiSRLoadModel(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, checkpoint) -> bool | str:
         # Only 'checkpoint' is named, so its message (where the file belongs) is attached to it alone
-        # (ComfyUI 0.3.75 attaches a message to every input named here). The Kolors choice is resolved
-        # when the loader runs: the library's KolorsFolderError / NotKolorsError message, unchanged.
+        # (ComfyUI attaches a message to every input named here). A Kolors choice that is not in the
+        # list is refused by ComfyUI itself since late 2025 ("Value not in list", naming the input);
+        # 0.3.75 passes it on, and the loader then gives the library's KolorsFolderError message.
         return True if checkpoint is None else loaders.validate_checkpoint(checkpoint)
 
     @classmethod
