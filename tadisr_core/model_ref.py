@@ -107,11 +107,14 @@ def _newest_checkpoint(run: Path) -> Path | None:
 
 
 def _run_of(checkpoint: Path) -> Path | None:
-    """The run folder of a step checkpoint (RUN/checkpoints/step_N/model.safetensors), else None."""
+    """The run folder of a run's checkpoint (RUN/checkpoints/step_N/model.safetensors, or
+    RUN/model_final.safetensors beside the run's config.json), else None."""
     path = Path(os.path.abspath(checkpoint))  # `..` and `.` folded, symlinks kept
     step = path.parent
     if path.name == RUN_STEP_MODEL and RUN_STEP_DIR.match(step.name) and step.parent.name == RUN_CHECKPOINTS:
         return step.parent.parent
+    if path.name == RUN_FINAL and (path.parent / "config.json").is_file():
+        return path.parent
     return None
 
 
@@ -204,6 +207,22 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
     return model.eval().requires_grad_(False)
 
 
+def standalone_prompt(files: ModelFiles, given: str | Path | None = None) -> str | Path:
+    """The prompt cache a model that runs alone takes: `given`, else the one kept with it (its run's);
+    FileNotFoundError naming both when there is none, rather than Kolors' advice: it needs the one it
+    was trained with."""
+    prompt = given or files.prompt_cache
+    if prompt is None:
+        raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
+                                f"(a training run keeps it as {RUN_PROMPT_CACHE})")
+    if not Path(prompt).exists():
+        raise FileNotFoundError(f"prompt cache not found: {prompt} ({files.checkpoint} runs alone and takes the "
+                                f"prompt cache it was trained with: its run's {RUN_PROMPT_CACHE}"
+                                + (f", {files.prompt_cache}; leave out --prompt-cache to use it)"
+                                   if files.prompt_cache else ")"))
+    return prompt
+
+
 def runs_alone(ref: str | Path) -> bool:
     """Whether the model `ref` names holds its whole backbone (`backbone=included`), from the file's header."""
     from .streaming import read_header
@@ -241,15 +260,7 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
         if given:
             raise ValueError(f"{files.checkpoint} holds its whole backbone and takes no base weights: leave out "
                              + ", ".join(f"--{name}" for name in given))
-        if prompt is None:
-            raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
-                                    f"(a training run keeps it as {RUN_PROMPT_CACHE})")
-        if not Path(prompt).exists():  # not Kolors' (the loader's advice): the one it was trained with
-            raise FileNotFoundError(f"prompt cache not found: {prompt} ({files.checkpoint} runs alone and takes the "
-                                    f"prompt cache it was trained with: its run's {RUN_PROMPT_CACHE}"
-                                    + (f", {files.prompt_cache}; leave out --prompt-cache to use it)"
-                                       if files.prompt_cache else ")"))
-        model = load_standalone(ckpt, prompt)
+        model = load_standalone(ckpt, standalone_prompt(files, prompt_cache))
         if shipped is not None:
             model.default_color_fix = shipped.color_fix
         if merge_lora_weights:

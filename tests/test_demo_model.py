@@ -469,6 +469,38 @@ def test_an_exported_folder_or_its_weights_file_is_a_model(tmp_path):
         resolve_model(tmp_path / "out")
 
 
+def test_export_never_invents_a_prompt_and_never_breaks_another_export(tmp_path):
+    """Defects: a checkpoint without its prompt cache beside it was exported with a random prompt (a
+    different model, exit 0); exporting into a folder holding another export overwrote that one's
+    prompt cache; `--name prompt_cache` replaced the weights by the cache; `RUN/model_final.safetensors`
+    given as a file lost the run's config."""
+    from tadisr_core.prompt import PromptCache
+    from training.export_model import export_run
+    from training.export_model import main as export_main
+
+    model = _fake_run(tmp_path / "run", tiny_spec("paper"))
+    loose = tmp_path / "loose" / "weights.safetensors"
+    loose.parent.mkdir()
+    loose.write_bytes((tmp_path / "run" / "checkpoints" / "step_00000002" / "model.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match="needs its prompt conditioning: pass --prompt-cache"):
+        export_run(loose, tmp_path / "out_loose")
+    paths = export_run(loose, tmp_path / "out_loose", prompt_cache=tmp_path / "run" / "prompt_cache.safetensors")
+    assert torch.equal(PromptCache.load(paths["prompt_cache"]).prompt_embeds, model.prompt.prompt_embeds)
+
+    first = export_run(tmp_path / "run", tmp_path / "out", name="first")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match=r"already holds another model \(first.safetensors\)"):
+        export_run(tmp_path / "run", tmp_path / "out", name="second")
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--name", "prompt_cache"]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert export_run(tmp_path / "run", tmp_path / "out", name="first") == first      # the same export again
+
+    (tmp_path / "run" / "model_final.safetensors").write_bytes(loose.read_bytes())
+    final = export_run(tmp_path / "run" / "model_final.safetensors", tmp_path / "out_final")
+    meta = load_checkpoint(final["weights"]).metadata
+    assert meta["exported_from"] == "run" and json.loads(meta["training_config"]) == {"model": {"kolors_dir": None}}
+
+
 @demo_only
 def test_quiet_also_silences_the_libraries_progress_bars(tmp_path):
     import diffusers

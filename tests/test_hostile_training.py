@@ -234,6 +234,19 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_yaml(tmp_p
         load_config(bad_yaml, ["train.batch_size=2"])
 
 
+def test_overrides_that_are_no_yaml_and_configs_that_are_no_utf8_are_one_line(tmp_path):
+    """Defects: `--set` values YAML cannot parse were tracebacks, also for text fields, which take the
+    text as typed; a config file that is not UTF-8 gave a decode error naming no file."""
+    with pytest.raises(ConfigError, match=re.escape("override 'data.font_scale=[0.1,': the value is not valid YAML")):
+        load_config(TINY, ["data.font_scale=[0.1,"])
+    cfg = load_config(TINY, ["data.root=[2024] scans", "model.kolors_dir=@models/kolors"])
+    assert (cfg.data.root, cfg.model.kolors_dir) == ("[2024] scans", "@models/kolors")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(TINY.read_bytes() + "\n# r\u00e9sum\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=re.escape(f"{latin1}: not UTF-8 text")):
+        load_config(latin1)
+
+
 def test_a_font_scale_range_upside_down_is_refused():
     words = re.escape("data.font_scale must be [smallest, largest]") + r".*got \[0.2, 0.1\]"
     with pytest.raises(ConfigError, match=words):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,14 @@ def test_identical_batch_and_gradient(weights, ref):
 def test_missing_weights_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="convert_lpips_weights"):
         LPIPS("vgg", tmp_path)
+
+
+def test_a_damaged_weights_file_is_named(tmp_path):
+    """Defect: a file that is not safetensors raised safetensors' own error, naming no file."""
+    junk = tmp_path / "lpips_alex.safetensors"
+    junk.write_bytes(b"not weights")
+    with pytest.raises(ValueError, match=re.escape(f"{junk} is not an LPIPS-alex weights file")):
+        LPIPS("alex", junk)
 
 
 def test_default_weights_are_fetched_on_first_use(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -228,3 +229,43 @@ def test_cli_fails_clearly_without_fonts(tmp_path, backgrounds, capsys):
         synthesize.main(["--backgrounds", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
                          "--count", "1"])
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_a_set_written_inside_its_backgrounds_folder_is_not_drawn_on_again(tmp_path, backgrounds, fonts, capsys):
+    """Defect: backgrounds are listed recursively, so a second run into `--out` inside `--backgrounds`
+    took the first set's HR images and text masks as "text-free" backgrounds."""
+    photos = tmp_path / "photos"
+    shutil.copytree(backgrounds, photos)
+    argv = ["--backgrounds", str(photos), "--out", str(photos / "synth"), "--count", "6", "--size", str(SIZE)]
+    assert synthesize.main(argv) == 0
+    capsys.readouterr()
+    assert synthesize.main(argv) == 0
+    assert "left out" not in capsys.readouterr().err
+    lines = (photos / "synth" / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    assert {Path(json.loads(line)["background"]).parent for line in lines} == {photos}
+
+
+@pytest.mark.parametrize("size, scale", [(0, 4), (128, 0), (130, 4)])
+def test_sizes_that_are_no_multiple_of_the_scale_are_refused_before_any_file(tmp_path, capsys, size, scale):
+    """Defect: `--size 0` or `--scale 0` ended in ZeroDivisionError, after writing the built-in backgrounds."""
+    with pytest.raises(SystemExit) as e:
+        synthesize.main(["--backgrounds", "skimage", "--out", str(tmp_path / "o"), "--count", "1",
+                         "--size", str(size), "--scale", str(scale)])
+    assert e.value.code == 2 and "must be a positive multiple of --scale" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_built_in_backgrounds_are_rewritten_for_another_size(tmp_path):
+    """Defect: a backgrounds folder written for 128 px was reused at any later size (GT upscaled from
+    thumbnails, and the warning blamed the photos)."""
+    from training.builders import write_backgrounds
+
+    folder = write_backgrounds("procedural", tmp_path / "bg", 128, 0)
+    assert {Image.open(p).size for p in folder.glob("*.png")} == {(128, 128)}
+    write_backgrounds("procedural", folder, 256, 0)
+    assert {Image.open(p).size for p in folder.glob("*.png")} == {(256, 256)}
+    (folder / "COMPLETE").write_text("field_0\nfield_1\n")            # a folder of an older version: names only
+    write_backgrounds("procedural", folder, 64, 0)
+    assert {Image.open(p).size for p in folder.glob("*.png")} == {(64, 64)}
+    write_backgrounds("skimage", folder, 64, 0)                       # another kind: none of the old images stay
+    assert not list(folder.glob("field_*.png")) and len(list(folder.glob("*.png"))) == 5

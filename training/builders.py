@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -252,14 +253,28 @@ def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Adam
 
 # -- data ---------------------------------------------------------------------------------------
 def write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Path:
-    """Text-free backgrounds for synthesis: scikit-image's sample photos or smooth random fields."""
+    """Text-free backgrounds for synthesis: scikit-image's sample photos or smooth random fields.
+
+    A folder written before is reused only when it was written for the same kind, size and seed;
+    otherwise its images are replaced.
+    """
     from PIL import Image
 
     from tadisr_core.files import atomic_path
 
+    recipe = {"kind": kind, "max_side": max_side, "seed": seed}
     done = folder / "COMPLETE"
     if done.is_file():
-        return folder
+        text = done.read_text()
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = {"images": text.split()}  # written before the recipe was recorded: names only
+        if {k: record.get(k) for k in recipe} == recipe:
+            return folder
+        for name in record.get("images", []):
+            (folder / f"{name}.png").unlink(missing_ok=True)
+        done.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     if kind in SKIMAGE_BACKGROUNDS:
         try:
@@ -281,7 +296,7 @@ def write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Path
         im.thumbnail((max_side, max_side), Image.LANCZOS)  # small files: synthesis decodes one per sample
         with atomic_path(folder / f"{name}.png") as tmp:
             im.save(tmp, format="PNG")
-    done.write_text("\n".join(sorted(images)) + "\n")
+    done.write_text(json.dumps({**recipe, "images": sorted(images)}) + "\n")
     return folder
 
 

@@ -343,8 +343,14 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section '{section}' in override {item!r} "
                               f"(known: {', '.join(SECTIONS)})")
-        value = yaml.safe_load(raw)
         hint = _field_types(type(getattr(cfg, section))).get(name)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            if hint not in (str, str | None):
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML ({problem})") from None
+            value = raw  # text fields take the text as typed ("@models/x", "[2024] scans")
         if value is not None and not isinstance(value, str) and hint in (str, str | None):
             value = raw.strip()  # text fields take the text as typed ("no" stays "no", not False)
         _apply(getattr(cfg, section), {name: value}, section, source)
@@ -360,9 +366,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e}); save the config as UTF-8") from None
         cfg, source = config_from_dict(data, str(path)), str(path)
     apply_overrides(cfg, overrides or [])
     try:

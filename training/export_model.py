@@ -3,7 +3,7 @@
     python -m training.export_model RUN_DIR OUT_DIR [--name tadisr_demo] [--dtype fp16]
 
 Writes OUT_DIR/NAME.safetensors (every tensor, cast to `--dtype`; metadata: the run's step and
-config) and OUT_DIR/prompt_cache.safetensors. The run's checkpoint must hold its backbone (it trained
+config) and OUT_DIR/prompt_cache.safetensors (the run's, or `--prompt-cache`). The run's checkpoint must hold its backbone (it trained
 it, `model.train_backbone: true`, or had no Kolors base); one that holds adapters only needs
 the Kolors base and is not standalone.
 """
@@ -19,20 +19,27 @@ import torch
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp16") -> dict[str, Path]:
-    """Write the standalone files of `run` into `out`; returns their paths."""
+def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp16",
+               prompt_cache: Path | None = None) -> dict[str, Path]:
+    """Write the standalone files of `run` into `out`; returns their paths. The prompt cache is the
+    run's own (or `prompt_cache`); `out` may hold an earlier export of the same name, nothing else."""
     from tadisr_core.checkpoint import load_checkpoint, save_native
-    from tadisr_core.model import random_prompt
-    from tadisr_core.model_ref import RUN_PROMPT_CACHE, resolve_model
+    from tadisr_core.model_ref import RUN_PROMPT_CACHE, resolve_model, standalone_prompt
     from tadisr_core.prompt import PromptCache
 
+    if f"{name}.safetensors" == RUN_PROMPT_CACHE:
+        raise ValueError(f"--name {name}: that is the prompt cache's file name; choose another name")
+    others = sorted(p.name for p in out.glob("*.safetensors") if p.name not in (f"{name}.safetensors",
+                                                                                 RUN_PROMPT_CACHE))
+    if others:
+        raise ValueError(f"{out} already holds another model ({', '.join(others)}); an exported model is one "
+                         f"weights file and its {RUN_PROMPT_CACHE}: export into an empty folder")
     files = resolve_model(run)
     ckpt = load_checkpoint(files.checkpoint)
     if not ckpt.includes_backbone:
         raise ValueError(f"{files.checkpoint} holds adapters only: it runs only on the Kolors base it was "
                          f"trained on, so it is not exported standalone")
-    prompt = (PromptCache.load(files.prompt_cache) if files.prompt_cache
-              else random_prompt(ckpt.spec))  # what the trainer conditions a random-size model on
+    prompt = PromptCache.load(standalone_prompt(files, prompt_cache))
     groups = {g: {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
               for g, sd in ckpt.groups.items()}
     run = files.run or Path(run)  # a step folder or checkpoint of a run: the run's own folder
@@ -53,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="folder to write the standalone model into")
     p.add_argument("--name", default="tadisr_demo", help="weights file name, without .safetensors")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored precision (default fp16)")
+    p.add_argument("--prompt-cache", type=Path, help="the prompt cache it was trained with (default: the run's)")
     args = p.parse_args(argv)
     try:
-        paths = export_run(args.run, args.out, args.name, args.dtype)
+        paths = export_run(args.run, args.out, args.name, args.dtype, args.prompt_cache)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,9 +120,14 @@ class LPIPS(nn.Module):
         self.eval()
 
     def _load(self, path: Path) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not an LPIPS-{self.net} weights file ({e}); convert them again with "
+                             f"`python -m training.convert_lpips_weights --download --out {path.parent}`") from None
         expected = state_dict_keys(self.net)
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         if got != expected:

@@ -108,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
+    if args.scale < 1 or args.size < args.scale or args.size % args.scale:
+        parser.error(f"--size {args.size} must be a positive multiple of --scale {args.scale} (at least 1)")
     try:
         if str(args.backgrounds) in SKIMAGE_BACKGROUNDS:
             folder = args.out / f"backgrounds_{args.backgrounds}"
             args.backgrounds = write_backgrounds(str(args.backgrounds), folder, 2 * args.size, args.seed)
-        backgrounds = list_images(args.backgrounds)
+        own = [(args.out / sub).resolve() for sub in SET_FOLDERS]  # an --out inside --backgrounds: not its own set
+        backgrounds = [b for b in list_images(args.backgrounds) if not any(b.resolve().is_relative_to(o) for o in own)]
         crops = find_text_crops(args.text_crops) if args.text_crops else []
         fonts = fonts_in_folder(args.fonts) if args.fonts else system_fonts()
     except FileNotFoundError as e:
