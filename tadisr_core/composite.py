@@ -45,7 +45,7 @@ def _box_blur(mask: torch.Tensor, radius: int) -> torch.Tensor:
     if radius <= 0:
         return mask
     k = 2 * radius + 1
-    padded = F.pad(mask, (radius, radius, radius, radius), mode="constant", value=0.0)
+    padded = F.pad(mask, (radius, radius, radius, radius), mode="replicate")  # no fade at the image edge
     return F.avg_pool2d(padded, k, stride=1)
 
 

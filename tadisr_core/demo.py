@@ -35,6 +35,7 @@ def comparison_strip(lr: torch.Tensor, sr: torch.Tensor, mask: torch.Tensor) -> 
 
 def run_demo(out: Path, inputs: list[Path], model: str = "demo") -> list[Path]:
     """Upscale `inputs` with the shipped `model` into `out`; returns the strip paths."""
+    from .batch import collect_inputs, plan_jobs
     from .cli import main as cli_main
     from .images import load_image, save_image
 
@@ -43,10 +44,11 @@ def run_demo(out: Path, inputs: list[Path], model: str = "demo") -> list[Path]:
     if code != 0:
         raise SystemExit(code)
     strips = []
-    for path in inputs:
-        lr = load_image(path)[0]
-        sr, mask = load_image(out / f"{path.stem}_x4.png")[0], load_image(out / f"{path.stem}_text_mask.png")[0]
-        strips.append(save_image(comparison_strip(lr, sr, mask), out / f"{path.stem}_strip.png"))
+    for job in plan_jobs(collect_inputs(inputs, exclude=out), out, 4.0):  # the names the run gave (`a`, `a-2`)
+        sr, mask = load_image(job.image)[0], load_image(job.mask)[0]
+        name = job.image.name.removesuffix(f"_x4{job.image.suffix}")
+        strip = comparison_strip(load_image(job.input)[0], sr, mask)
+        strips.append(save_image(strip, job.image.parent / f"{name}_strip.png"))
     return strips
 
 

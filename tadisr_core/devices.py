@@ -63,7 +63,9 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str =
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
-            if torch.cuda.is_bf16_supported():
+            # Not torch.cuda.is_bf16_supported(): it says yes on pre-Ampere GPUs (T4, V100), which only
+            # emulate bf16 (slowly, with no cuDNN bf16 convolutions), and asks about the current device.
+            if torch.cuda.get_device_capability(device) >= (8, 0):
                 return torch.bfloat16
             return torch.float16 if fp16_safe else torch.float32
         return torch.float32

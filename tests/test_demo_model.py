@@ -246,9 +246,13 @@ def test_the_demos_are_kept_out_of_fp16_which_they_overflow(tmp_path, capsys, mo
     monkeypatch.setattr(loaders, "resolve_device", lambda name: torch.device("cpu"))
     with pytest.raises(ValueError, match="TADiSR: the demo-release model overflows fp16 .* use bf16 or fp32"):
         loaders.load_model(loaders.DEMO_RELEASE_CHOICE, "", dtype="fp16")
-    # on a GPU without bf16, `auto` is fp16 for the Kolors model and fp32 for the demos (CLI and nodes)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    gpu = torch.device("cuda", 0)
+    # on a GPU without bf16 units, `auto` is fp16 for the Kolors model and fp32 for the demos (CLI and
+    # nodes); torch says a T4 (compute capability 7.5) "supports" bf16, by emulation (defect: auto took it)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    capability = {0: (8, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16          # an A100
+    gpu = torch.device("cuda", 1)                                                     # a T4 beside it
     assert resolve_dtype("auto", gpu) == torch.float16
     assert resolve_dtype("auto", gpu, fp16_safe=False) == torch.float32
     assert resolve_dtype("fp16", gpu, fp16_safe=False) == torch.float16  # asked for: given
@@ -353,7 +357,7 @@ def test_make_demo_writes_outputs_and_strips(tmp_path, capsys):
 def test_demo_runs_each_shipped_model_into_its_own_folder(tmp_path, monkeypatch, capsys, name):
     from PIL import Image
 
-    from tadisr_core.demo import DEMO_INPUTS
+    from tadisr_core.demo import DEMO_INPUTS, STRIP_GAP
     from tadisr_core.demo import main as demo_main
     from tadisr_core.images import load_image
     from tadisr_core.pipeline import upscale
@@ -366,6 +370,18 @@ def test_demo_runs_each_shipped_model_into_its_own_folder(tmp_path, monkeypatch,
     want = upscale(load_model(name), load_image(first), 4, tile=256, overlap=64, tile_batch=1).image
     assert (sr - want).abs().max() <= 1 / 255 + 1e-6  # the model named, saved as 8-bit PNG
     assert f"bicubic | TADiSR {name} | text mask" in capsys.readouterr().out
+    # two inputs of one name: each strip shows its own input (defect: the second's strip was never
+    # written and the first's paired the second input with the first result)
+    (tmp_path / "b").mkdir()
+    second = tmp_path / "b" / first.name
+    Image.open(DEMO_INPUTS / "text_scene_2.png").crop((0, 0, 96, 40)).save(second)
+    assert demo_main(["--model", name, "-o", "two", str(first), str(second)]) == 0
+    for stem, lr in (("scene", first), ("scene-2", second)):
+        strip = load_image(tmp_path / "two" / f"{stem}_strip.png")
+        assert torch.equal(strip[..., :3, :, 384 + STRIP_GAP:768 + STRIP_GAP],
+                           load_image(tmp_path / "two" / f"{stem}_x4.png")), stem
+        bicubic = torch.nn.functional.interpolate(load_image(lr), scale_factor=4, mode="bicubic").clamp(0, 1)
+        assert (strip[..., :3, :, :384] - bicubic[..., :, :384]).abs().mean() < 0.02, stem
 
 
 def test_mask_metrics_on_hand_made_masks():

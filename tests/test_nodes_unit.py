@@ -608,6 +608,15 @@ def test_text_composite_is_the_other_image_outside_the_grown_mask_and_tadisr_ins
     assert torch.all((used[ring] > 0) & (used[ring] < 1))
 
 
+def test_text_composite_is_tadisrs_on_text_that_touches_the_image_edge(handle):
+    """Defect: the feather blur padded with zeros, so text at the border was blended with the other image."""
+    a, b = _image(1, 16, 16, seed=1), _image(1, 16, 16, seed=2)
+    mask = torch.zeros(1, 16, 16)
+    mask[0, 4:8, 0:6] = 1.0                                # a text line that runs out of the left edge
+    out, used = text_tools.composite(a, mask, b, grow=4, feather=2)
+    assert torch.all(used[0, 4:8, 0:6] == 1) and torch.equal(out[0, 4:8, 0:6], a[0, 4:8, 0:6])
+
+
 def test_text_composite_without_feather_is_a_hard_paste(handle):
     a, b = _image(2, 8, 8, seed=1), _image(1, 8, 8, seed=2)
     mask = torch.zeros(1, 8, 8)
