@@ -425,6 +425,95 @@ def test_grown_truth_reference_on_hand_made_masks(tmp_path, capsys):
     assert "training.heldout make" in capsys.readouterr().err
 
 
+def _write_set(folder: Path, hr: np.ndarray, lr: np.ndarray, mask: np.ndarray, name: str = "000001") -> Path:
+    """A held-out set of one scene, as `training.heldout make` lays it out."""
+    from PIL import Image
+
+    for sub, img in (("hr", hr), ("lr", lr), ("mask", mask)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / sub / f"{name}.png")
+    return folder
+
+
+def test_held_out_set_is_read_as_the_trainer_reads_it(tmp_path):
+    # defect: its own reader clipped a 16-bit gray HR to white and read an ink-as-opacity mask as black
+    from training.heldout import load_set
+
+    gray = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    ink = np.zeros((16, 16), np.uint8)
+    ink[4:8, 2:14] = 255
+    mask = np.zeros((16, 16, 4), np.uint8)
+    mask[..., 3] = ink                                   # black ink, drawn as opacity
+    item = load_set(_write_set(tmp_path, gray.astype(np.uint16) * 257, gray[::4, ::4], mask))[0]
+    assert np.array_equal(item["hr"], np.repeat(gray[..., None], 3, axis=2))
+    assert np.array_equal(item["mask"], ink / 255.0)
+
+
+def test_held_out_score_names_what_it_cannot_use(tmp_path, capsys):
+    # defect: a damaged --model and an LR that is not a quarter of its HR gave tracebacks, --json DIR one
+    # after the whole table
+    from training.heldout import main
+
+    rng = np.random.default_rng(1)
+    good = _write_set(tmp_path / "good", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                      rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), np.zeros((32, 32), np.uint8))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    fast = ["--no-ocr", "--no-lpips"]
+    assert main(["score", str(good), "--model", str(junk), *fast]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {junk}") and err.count("\n") == 1
+    bad = _write_set(tmp_path / "bad", np.zeros((32, 32, 3), np.uint8), np.zeros((7, 7, 3), np.uint8),
+                     np.zeros((32, 32), np.uint8), name="000042")
+    assert main(["score", str(bad), *fast]) == 2
+    assert capsys.readouterr().err == (f"error: scene 000042 of {bad}: hr 32x32, lr 7x7, mask 32x32; the LR must be "
+                                       f"a quarter of the HR and the mask its size: re-create the set with "
+                                       f"`python -m training.heldout make {bad}`\n")
+    assert main(["score", str(good), "--json", str(tmp_path), *fast]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"error: --json {tmp_path} is a folder")
+
+
+@pytest.mark.slow
+@demo_only
+def test_held_out_score_json_is_valid_without_text(tmp_path):
+    # defect: a set without text made the mask AUROC NaN, written as `NaN` (not JSON)
+    from training.heldout import main
+
+    rng = np.random.default_rng(2)
+    hr = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    folder = _write_set(tmp_path / "set", hr, hr[::4, ::4], np.zeros((64, 64), np.uint8))
+    out = tmp_path / "report.json"
+    assert main(["score", str(folder), "--no-ocr", "--no-lpips", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))["rows"]
+    assert rows["demo"]["mask_auroc"] is None and rows["demo"]["mask_f1"] is not None
+
+
+def test_held_out_make_replaces_its_own_set_and_refuses_what_it_cannot_make(tmp_path, capsys):
+    # defect: a smaller set into the same folder kept the older set's 000003.png; --size 250 a traceback
+    from training.heldout import main
+
+    folder = tmp_path / "set"
+    assert main(["make", str(folder), "--count", "3", "--seed", "1", "--size", "64"]) == 0
+    (folder / "hr" / ".DS_Store").write_bytes(b"")
+    assert main(["make", str(folder), "--count", "2", "--seed", "5", "--size", "64"]) == 0
+    for sub in ("hr", "lr", "mask"):
+        assert sorted(f.name for f in (folder / sub).iterdir() if f.name != ".DS_Store") == ["000001.png",
+                                                                                               "000002.png"]
+    (folder / "mask" / "mine.png").write_bytes(b"a mask of my own")
+    capsys.readouterr()
+    assert main(["make", str(folder), "--count", "1", "--size", "64"]) == 2
+    assert "DIR " + str(folder) + " holds 1 files this command did not write" in capsys.readouterr().err
+    assert (folder / "mask" / "mine.png").read_bytes() == b"a mask of my own"
+    assert len(list((folder / "hr").iterdir())) == 3
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit, match="2"):
+        main(["make", str(other), "--count", "0"])
+    assert capsys.readouterr().err.endswith("error: --count must be at least 1\n")
+    assert main(["make", str(other), "--size", "250"]) == 2
+    assert capsys.readouterr().err == f"error: cannot make the set in {other}: size 250 is not divisible by scale 4\n"
+
+
 def test_auroc_on_hand_made_scores():
     from training.metrics import auroc
 

@@ -73,3 +73,62 @@ def test_a_mean_over_part_of_the_ground_truth_is_refused(tmp_path, capsys):
     assert "the mean covers 1 of 10 ground-truth images" in capsys.readouterr().err
     rc, _ = _run(pred, gt, tmp_path, "--allow-partial")
     assert rc == 0
+
+
+def test_a_crop_border_that_leaves_less_than_the_ssim_window_fails_the_pair(tmp_path, capsys):
+    # defect: 30 px images with --crop-border 10 gave SSIM NaN, a NaN mean and exit 0 (fewer px: a torch error)
+    pred, gt = _dirs(tmp_path)
+    img = _photo(2, (30, 30, 3))
+    Image.fromarray(img).save(gt / "a.png")
+    Image.fromarray(img).save(pred / "a.png")
+    rc, report = _run(pred, gt, tmp_path, "--crop-border", "10")
+    assert rc == 2 and report["pairs"] == [] and [f["name"] for f in report["failed"]] == ["a"]
+    assert "smaller than SSIM's 11x11 window: use a crop border of at most 9 pixels" in report["failed"][0]["error"]
+    assert "FAILED a:" in capsys.readouterr().out
+    rc, report = _run(pred, gt, tmp_path, "--crop-border", "9")   # 12 px left: the window fits
+    assert rc == 0 and report["mean"]["ssim"] == 1.0
+
+
+def test_sub_folders_pair_by_their_path(tmp_path):
+    # defect: sub-folders (which `tadisr upscale --recursive` mirrors) were left out without a word
+    pred, gt = _dirs(tmp_path)
+    for key in ("top", "sub/a", "sub/deeper/b"):
+        (gt / key).parent.mkdir(parents=True, exist_ok=True)
+        (pred / key).parent.mkdir(parents=True, exist_ok=True)
+        img = _photo(len(key))
+        Image.fromarray(img).save(gt / f"{key}.png")
+        Image.fromarray(img).save(pred / f"{key}_x4.png")
+        Image.fromarray(img[..., 0]).save(pred / f"{key}_text_mask.png")
+    Image.fromarray(_photo(7)).save(gt / "a.png")              # the same stem at the top is another image
+    Image.fromarray(_photo(7)).save(pred / "a_x4.png")
+    rc, report = _run(pred, gt, tmp_path)
+    assert rc == 0 and [(r["name"], r["psnr"]) for r in report["pairs"]] == \
+        [("a", 100.0), ("sub/a", 100.0), ("sub/deeper/b", 100.0), ("top", 100.0)]
+    # predictions kept inside the ground-truth folder are not ground truth
+    (gt / "sub" / "sr").mkdir()
+    Image.fromarray(_photo(len("sub/a"))).save(gt / "sub" / "sr" / "a_x4.png")
+    rc, report = _run(gt / "sub" / "sr", gt / "sub", tmp_path, "--allow-partial")
+    assert rc == 0 and [r["name"] for r in report["pairs"]] == ["a"]
+    assert report["unmatched"] == {"pred_only": [], "gt_only": ["deeper/b"]}
+
+
+def test_a_prediction_named_like_a_cli_output_pairs_with_its_own_name(tmp_path):
+    # defect: `sign_x2.png` was taken for the CLI's output of `sign.png` and paired with nothing
+    pred, gt = _dirs(tmp_path)
+    for name in ("sign_x2", "plate"):
+        Image.fromarray(_photo(len(name))).save(gt / f"{name}.png")
+    Image.fromarray(_photo(len("sign_x2"))).save(pred / "sign_x2.png")
+    Image.fromarray(_photo(len("plate"))).save(pred / "plate_x2.png")
+    rc, report = _run(pred, gt, tmp_path)
+    assert rc == 0 and [(r["name"], r["psnr"]) for r in report["pairs"]] == [("plate", 100.0), ("sign_x2", 100.0)]
+
+
+def test_a_json_target_that_is_a_folder_is_refused_before_the_work(tmp_path, capsys):
+    # defect: IsADirectoryError traceback after the whole evaluation
+    pred, gt = _dirs(tmp_path)
+    Image.fromarray(_photo()).save(gt / "p.png")
+    Image.fromarray(_photo()).save(pred / "p.png")
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--json", str(tmp_path), *FAST]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"error: --json {tmp_path} is a folder: give a file name, e.g. " \
+                                        f"{tmp_path / 'report.json'}\n"

@@ -62,6 +62,20 @@ def test_psnr_ssim_y_channel_and_crop():
             psnr(x, y, crop_border=bad)
 
 
+def test_ssim_needs_its_window_after_the_crop():
+    # defect: 10 px left gave NaN, fewer a torch "narrow(): length must be non-negative"
+    pred, gt = _noisy_pair(seed=3, shape=(30, 32, 3))
+    x, y = to_tensor(pred), to_tensor(gt)
+    assert torch.isfinite(ssim(x, y, crop_border=9)).all()            # 12x14 left: the 11 px window fits
+    for crop, left in ((10, "12x10"), (12, "8x6")):
+        with pytest.raises(ValueError, match=rf"crop_border {crop} leaves {left} of a 32x30 image, smaller than "
+                                             r"SSIM's 11x11 window: use a crop border of at most 9 pixels a side"):
+            ssim(x, y, crop_border=crop)
+    with pytest.raises(ValueError, match="too small for SSIM"):
+        ssim(x[..., :10, :10], y[..., :10, :10])
+    assert torch.isfinite(psnr(x, y, crop_border=12)).all()           # PSNR needs no window
+
+
 def test_text_similarity():
     assert text_similarity("abc", "abc") == 1.0
     assert text_similarity("", "abc") == 0.0

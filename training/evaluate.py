@@ -3,8 +3,11 @@
     python -m training.evaluate --pred DIR --gt DIR [--json OUT] [--y-channel] [--crop-border N]
         [--lpips-net alex|vgg] [--ocr-backend rapidocr|paddleocr] [--no-ocr] [--fid-weights PATH]
 
-Files are paired by stem (``0001.png`` <-> ``0001.jpg``); the CLI's outputs pair too (``0001_x4.png``
-<-> ``0001.png``; its ``*_text_mask.png`` / ``*_attention.png`` are not predictions and are left out).
+Files are paired by their path below each folder without the extension (``0001.png`` <-> ``0001.jpg``,
+``sub/0001.png`` <-> ``sub/0001.png``; sub-folders are searched, hidden ones not); the CLI's outputs pair
+too (``0001_x4.png`` <-> ``0001.png``, unless the ground truth has ``0001_x4`` itself; its
+``*_text_mask.png`` / ``*_attention.png`` are not predictions and are left out), also those of
+``tadisr upscale --recursive`` in the sub-folders it mirrors.
 Images are read as the user sees them (EXIF orientation, 16-bit and float files at their real range)
 by the project's one reader. A pair that cannot be evaluated (unreadable image, size mismatch) is
 reported as failed and the others go on. Ground truth without a prediction (or a prediction without
@@ -24,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tadisr_core.images import is_image_file, load_rgb_uint8
+from tadisr_core.images import load_rgb_uint8
+from training.metrics import SSIM_WINDOW
 
 PSNR_CAP = 100.0  # identical images: report 100 dB (as the official metrics code), not inf
 FID_NO_WEIGHTS = "no Inception weights supplied (--fid-weights)"
@@ -43,30 +47,49 @@ def prediction_stem(stem: str) -> str | None:
     return m.group("stem") if m else stem
 
 
-def list_images(folder: Path, predictions: bool = False) -> dict[str, list[Path]]:
-    """Image files in ``folder`` (not recursive), grouped by stem (with ``predictions``: see `prediction_stem`)."""
+def list_images(folder: Path, exclude: Path | None = None) -> dict[str, list[Path]]:
+    """Image files under ``folder``, its sub-folders included (hidden ones, and ``exclude`` when it lies
+    inside, left out), grouped by their path relative to ``folder`` without the extension (``sub/0001``)."""
+    from training.data.synthesis import list_images as image_files
+
+    root, skip = folder.resolve(), exclude.resolve() if exclude is not None else None
+    inside = skip is not None and skip != root and skip.is_relative_to(root)
     groups: dict[str, list[Path]] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and is_image_file(p):
-            stem = prediction_stem(p.stem) if predictions else p.stem
-            if stem is not None:
-                groups.setdefault(stem, []).append(p)
+    for p in image_files(folder, recursive=True):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts[:-1]) or (inside and p.resolve().is_relative_to(skip)):
+            continue
+        groups.setdefault(rel.with_suffix("").as_posix(), []).append(p)
     return groups
 
 
-def pair_images(pred_dir: Path, gt_dir: Path):
-    """Match files by stem (predictions by `prediction_stem`).
+def _prediction_key(key: str, gt: dict) -> str | None:
+    """The ground truth a prediction's key (``sub/0001_x4``) belongs to: its own key when the ground
+    truth has it (``sign_x2.png`` predicted for ``sign_x2.png``), else as `prediction_stem` says."""
+    if key in gt:
+        return key
+    parent, _, stem = key.rpartition("/")
+    stem = prediction_stem(stem)
+    return None if stem is None else f"{parent}/{stem}" if parent else stem
 
-    Returns ``(pairs [(stem, pred, gt)], pred_only [stems], gt_only [stems], ambiguous {stem: why})``.
+
+def pair_images(pred_dir: Path, gt_dir: Path):
+    """Match files by their path below each folder without the extension (predictions by `_prediction_key`).
+
+    Returns ``(pairs [(key, pred, gt)], pred_only [keys], gt_only [keys], ambiguous {key: why})``.
     """
-    pred, gt = list_images(pred_dir, predictions=True), list_images(gt_dir)
+    gt = list_images(gt_dir, exclude=pred_dir)
+    pred: dict[str, list[Path]] = {}
+    for key, paths in list_images(pred_dir, exclude=gt_dir).items():
+        if (target := _prediction_key(key, gt)) is not None:
+            pred.setdefault(target, []).extend(paths)
     pairs, ambiguous = [], {}
-    for stem in sorted(set(pred) & set(gt)):
-        if len(pred[stem]) > 1 or len(gt[stem]) > 1:
-            names = [p.name for p in pred[stem]] + [p.name for p in gt[stem]]
-            ambiguous[stem] = f"several files share the stem: {', '.join(names)}"
+    for key in sorted(set(pred) & set(gt)):
+        if len(pred[key]) > 1 or len(gt[key]) > 1:
+            names = [p.name for p in pred[key]] + [p.name for p in gt[key]]
+            ambiguous[key] = f"several files share the stem: {', '.join(names)}"
         else:
-            pairs.append((stem, pred[stem][0], gt[stem][0]))
+            pairs.append((key, pred[key][0], gt[key][0]))
     return pairs, sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred)), ambiguous
 
 
@@ -238,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
         "failed": failed,
         "unmatched": {"pred_only": pred_only, "gt_only": gt_only},
         "settings": {"pred": str(args.pred), "gt": str(args.gt), "y_channel": args.y_channel,
-                     "crop_border": args.crop_border, "ssim": "gaussian 11, sigma 1.5, valid",
+                     "crop_border": args.crop_border, "ssim": f"gaussian {SSIM_WINDOW}, sigma 1.5, valid",
                      "psnr_cap_db": PSNR_CAP, "lpips_net": None if args.no_lpips else args.lpips_net,
                      "ocr_backend": None if args.no_ocr else args.ocr_backend},
     }
@@ -274,6 +297,22 @@ def _json_safe(obj):
     return obj
 
 
+def json_target_problem(path: Path) -> str | None:
+    """Why a ``--json`` report cannot be written to ``path`` (checked before the work), or None."""
+    if path.is_dir():
+        return f"--json {path} is a folder: give a file name, e.g. {path / 'report.json'}"
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"--json {path}: {parent} is a file, not a folder"
+    return None
+
+
+def write_json(path: Path, report: dict) -> None:
+    """Write ``report`` to ``path`` (its folder made) as valid JSON: NaN and infinities become null."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 1 some pair failed, 2 nothing evaluated)."""
     parser = build_parser()
@@ -284,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name).is_dir():
             print(f"error: --{name} {getattr(args, name)} is not a folder", file=sys.stderr)
             return 2
+    if args.json and (problem := json_target_problem(args.json)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         report = run(args)
     except (FileNotFoundError, RuntimeError) as e:  # missing LPIPS weights or OCR backend
@@ -291,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n")
+        write_json(args.json, report)
     if not report["pairs"]:
         return 2
     um = report["unmatched"]

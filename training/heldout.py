@@ -7,10 +7,11 @@
     python -m training.heldout demo-inputs DIR       # the LR inputs `make demo` ships
     python -m training.heldout mask-reference DIR    # the mask F1 of the ground truth grown by 1-3 px
 
-`make` writes DIR/{hr,lr,mask}/NNNNNN.png: FTSR-style text (Latin and CJK, horizontal and vertical)
-on scikit-image's sample photos, x4 Real-ESRGAN-mild degradation, text 13-38 HR px tall as in the
-demo's training data. Its seed is disjoint from every training seed, so no scene was trained on
-(the 12 background photos are shared: they are all there is offline).
+`make` writes DIR/{hr,lr,mask}/NNNNNN.png, replacing a set it wrote there before: FTSR-style text
+(Latin and CJK, horizontal and vertical) on scikit-image's sample photos, x4 Real-ESRGAN-mild
+degradation, text 13-38 HR px tall as in the demo's training data. Its seed is disjoint from every
+training seed, so no scene was trained on (the 12 background photos are shared: they are all there
+is offline).
 
 `score` reports, per row: PSNR, SSIM, LPIPS (alex), OCR-A (rapidocr) against the HR image, and the
 text mask's IoU and F1 at threshold 0.5, pooled over all pixels of the set, and its AUROC (every
@@ -24,7 +25,6 @@ distance, diagonals included): how close to the glyph outlines a mask must be fo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from tadisr_core.color import COLOR_FIXES
+from training.evaluate import json_target_problem, write_json
 
 if TYPE_CHECKING:
     from training.metrics import MaskCounts
@@ -46,16 +47,29 @@ PRESET = "realesrgan-mild"
 
 
 def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, size: int = DEFAULT_SIZE) -> Path:
-    """Write the held-out set (every scene has text); returns `out`."""
+    """Write the held-out set (every scene has text), replacing a set made in `out` before; returns `out`.
+
+    ValueError for a `size` the synthesis cannot make; FileExistsError when `out` holds files it did not write.
+    """
     from PIL import Image
 
     from training.builders import write_backgrounds
-    from training.data.synthesis import SynthesisConfig, TextSynthesizer, list_images, sample_seed, system_fonts
+    from training.data.synthesis import (
+        SET_FOLDERS,
+        SynthesisConfig,
+        TextSynthesizer,
+        clear_previous_set,
+        list_images,
+        sample_seed,
+        system_fonts,
+    )
 
     backgrounds = write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
     synth = TextSynthesizer(list_images(backgrounds), system_fonts(), (),
                             SynthesisConfig(size=size, scale=4, font_scale=FONT_SCALE), PRESET)
-    for sub in ("hr", "lr", "mask"):
+    if problem := clear_previous_set(out, "DIR"):
+        raise FileExistsError(problem)
+    for sub in SET_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     for i in range(1, count + 1):
         sample = synth.sample(sample_seed(seed, i))
@@ -98,20 +112,30 @@ def make_demo_inputs(out: Path, count: int = 3) -> list[Path]:
 
 
 def load_set(folder: Path) -> list[dict]:
-    """The set's items: name, lr and hr as uint8 RGB arrays, mask as float 0..1."""
-    from PIL import Image
+    """The set's items: name, lr and hr as uint8 RGB arrays, mask as float 0 or 1, read as the trainer
+    reads them (16-bit and EXIF as the user sees them, a mask drawn as opacity by its alpha)."""
+    from tadisr_core.images import load_rgb_uint8
+    from training.data.synthesis import load_mask
 
     items = []
     for hr_path in sorted((folder / "hr").glob("*.png")):
-        name = hr_path.stem
-        with Image.open(folder / "lr" / hr_path.name) as lr, Image.open(hr_path) as hr, \
-                Image.open(folder / "mask" / hr_path.name) as mask:
-            items.append({"name": name, "lr": np.asarray(lr.convert("RGB")), "hr": np.asarray(hr.convert("RGB")),
-                          "mask": np.asarray(mask.convert("L"), dtype=np.float32) / 255.0})
+        items.append({"name": hr_path.stem, "lr": load_rgb_uint8(folder / "lr" / hr_path.name),
+                      "hr": load_rgb_uint8(hr_path),
+                      "mask": load_mask(folder / "mask" / hr_path.name).astype(np.float32)})
     if not items:
         raise FileNotFoundError(f"{folder}/hr holds no .png files: create the set with "
                                 f"`python -m training.heldout make {folder}`")
     return items
+
+
+def check_sizes(items: list[dict], folder: Path) -> None:
+    """ValueError naming the first scene whose LR is not a quarter of its HR, or whose mask is not the HR's size."""
+    for item in items:
+        (h, w), (lh, lw), (mh, mw) = item["hr"].shape[:2], item["lr"].shape[:2], item["mask"].shape
+        if (4 * lh, 4 * lw) != (h, w) or (mh, mw) != (h, w):
+            raise ValueError(f"scene {item['name']} of {folder}: hr {w}x{h}, lr {lw}x{lh}, mask {mw}x{mh}; the LR "
+                             f"must be a quarter of the HR and the mask its size: re-create the set with "
+                             f"`python -m training.heldout make {folder}`")
 
 
 def _tensor(img: np.ndarray) -> torch.Tensor:
@@ -200,6 +224,7 @@ def run_score(folder: Path, models: list[str], ocr: bool = True, lpips: bool = T
     from tadisr_core.model_ref import load_model
 
     items = load_set(folder)
+    check_sizes(items, folder)
     lpips_model = None
     if lpips:
         from training.lpips import LPIPS
@@ -259,12 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--no-lpips", action="store_true")
     args = p.parse_args(argv)
     if args.command == "make":
-        print(make_set(args.dir, args.count, args.seed, args.size))
+        if args.count < 1:
+            mk.error("--count must be at least 1")
+        try:
+            print(make_set(args.dir, args.count, args.seed, args.size))
+        except (FileExistsError, ValueError) as e:  # a --size it cannot make; files of another kind in DIR
+            print(f"error: cannot make the set in {args.dir}: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "demo-inputs":
         for path in make_demo_inputs(args.dir):
             print(path)
         return 0
+    if getattr(args, "json", None) and (problem := json_target_problem(args.json)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         if args.command == "mask-reference":
             items = load_set(args.dir)
@@ -275,12 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = run_score(args.dir, args.model or ["demo"], ocr=not args.no_ocr, lpips=not args.no_lpips,
                            color_fixes=tuple(args.color_fix or ["none"]))
-    except FileNotFoundError as e:
+    except (OSError, ValueError, RuntimeError) as e:  # the set's files, a --model, LPIPS weights, OCR backend
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
     print(format_table(report))
     return 0
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
+SSIM_WINDOW = 11  # pixels a side of SSIM's Gaussian window: 'valid' SSIM needs images at least this large
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -25,7 +26,9 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
     return ((x * w).sum(dim=1, keepdim=True) + 16.0) / 255.0
 
 
-def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int):
+def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int, min_side: int = 1):
+    """Batched, float, Y or RGB images with `crop_border` pixels dropped a side; ValueError when the
+    shapes differ or less than `min_side` pixels a side would be left."""
     if x.dim() == 3:
         x, y = x[None], y[None]
     if x.shape != y.shape or x.dim() != 4:
@@ -34,11 +37,16 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int
         x, y = x.float(), y.float()
     if y_channel:
         x, y = rgb_to_y(x), rgb_to_y(y)
-    if crop_border:
-        c, (h, w) = int(crop_border), x.shape[-2:]
-        if c < 0 or 2 * c >= min(h, w):
-            raise ValueError(f"crop_border {c} leaves nothing of a {w}x{h} image (0 to {(min(h, w) - 1) // 2} "
-                             "pixels a side)")
+    c, (h, w) = int(crop_border), x.shape[-2:]
+    if c < 0 or 2 * c >= min(h, w):
+        raise ValueError(f"crop_border {c} leaves nothing of a {w}x{h} image (0 to {(min(h, w) - 1) // 2} "
+                         "pixels a side)")
+    if min(h, w) - 2 * c < min_side:
+        most = (min(h, w) - min_side) // 2
+        raise ValueError(f"crop_border {c} leaves {w - 2 * c}x{h - 2 * c} of a {w}x{h} image, smaller than SSIM's "
+                         f"{min_side}x{min_side} window: " + (f"use a crop border of at most {most} pixels a side"
+                                                              if most >= 0 else "the image is too small for SSIM"))
+    if c:
         x, y = x[..., c:-c, c:-c], y[..., c:-c, c:-c]
     return x, y
 
@@ -52,15 +60,16 @@ def psnr(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border:
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border: int = 0,
-         window_size: int = 11, padding: str = "valid") -> torch.Tensor:
+         window_size: int = SSIM_WINDOW, padding: str = "valid") -> torch.Tensor:
     """Mean SSIM per image: Gaussian window (sigma 1.5), data range 1, channels averaged.
 
     ``padding='valid'`` averages only where the window fits (BasicSR, and scikit-image with
-    ``gaussian_weights=True, use_sample_covariance=False``); ``'same'`` reflect-pads.
+    ``gaussian_weights=True, use_sample_covariance=False``); ``'same'`` reflect-pads. Either way the
+    image left after ``crop_border`` must hold the window (ValueError otherwise, not NaN).
     """
     import kornia.metrics
 
-    x, y = _prepare(x, y, y_channel, crop_border)
+    x, y = _prepare(x, y, y_channel, crop_border, min_side=window_size)
     return kornia.metrics.ssim(x, y, window_size, max_val=1.0, padding=padding).mean(dim=(1, 2, 3))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -23,8 +22,10 @@ from tadisr_core.images import ImageReadError
 from training.builders import SKIMAGE_BACKGROUNDS, write_backgrounds
 from training.data.degradation import PRESETS
 from training.data.synthesis import (
+    SET_FOLDERS,
     SynthesisConfig,
     TextSynthesizer,
+    clear_previous_set,
     find_text_crops,
     fonts_in_folder,
     list_images,
@@ -80,26 +81,6 @@ def readable_backgrounds(paths: list[Path]) -> tuple[list[Path], list[str]]:
         else:
             kept.append(path)
     return kept, dropped
-
-
-SET_FOLDERS = ("hr", "lr", "mask")
-SET_FILE = re.compile(r"\d{6,}\.png")  # the names main() writes
-
-
-def clear_previous_set(out: Path) -> str | None:
-    """Remove a set this command wrote into `out` before (its NNNNNN.png files and manifest, also one a
-    stop cut short), so that a new set never mixes with an older one; the error when `out` holds
-    other files (left as they are; hidden ones such as .DS_Store are ignored)."""
-    files = [f for sub in SET_FOLDERS if (out / sub).is_dir() for f in sorted((out / sub).iterdir())
-             if not f.name.startswith(".")]
-    foreign = [f for f in files if not SET_FILE.fullmatch(f.name)]
-    if foreign:
-        return (f"--out {out} holds {len(foreign)} files this command did not write (e.g. {foreign[0]}); "
-                "choose another --out, or move them away")
-    for f in files:
-        f.unlink()
-    (out / "manifest.jsonl").unlink(missing_ok=True)
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -63,6 +64,27 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
         raise FileNotFoundError(f"image folder not found: {folder}")
     it = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in it if p.is_file() and is_image_file(p))
+
+
+SET_FOLDERS = ("hr", "lr", "mask")
+SET_FILE = re.compile(r"\d{6,}\.png")  # the names a synthesised set's files have
+
+
+def clear_previous_set(out: Path, flag: str = "--out") -> str | None:
+    """Remove a synthesised set written into `out` before (its NNNNNN.png files and manifest, also one a
+    stop cut short), so that a new set never mixes with an older one; the error (naming `flag`, the
+    option that gave `out`) when `out` holds other files (left as they are; hidden ones such as
+    .DS_Store are ignored)."""
+    files = [f for sub in SET_FOLDERS if (out / sub).is_dir() for f in sorted((out / sub).iterdir())
+             if not f.name.startswith(".")]
+    foreign = [f for f in files if not SET_FILE.fullmatch(f.name)]
+    if foreign:
+        return (f"{flag} {out} holds {len(foreign)} files this command did not write (e.g. {foreign[0]}); "
+                f"choose another {flag}, or move them away")
+    for f in files:
+        f.unlink()
+    (out / "manifest.jsonl").unlink(missing_ok=True)
+    return None
 
 
 def small_backgrounds(paths: Sequence[str | os.PathLike], size: int) -> list[tuple[Path, tuple[int, int]]]:
