@@ -132,3 +132,15 @@ def test_a_json_target_that_is_a_folder_is_refused_before_the_work(tmp_path, cap
     out = capsys.readouterr()
     assert out.out == "" and out.err == f"error: --json {tmp_path} is a folder: give a file name, e.g. " \
                                         f"{tmp_path / 'report.json'}\n"
+
+
+def test_damaged_lpips_weights_are_one_line_naming_the_file(tmp_path, capsys):
+    # defect: a safetensors error traceback that named no file
+    pred, gt = _dirs(tmp_path)
+    Image.fromarray(_photo()).save(gt / "p.png")
+    Image.fromarray(_photo()).save(pred / "p.png")
+    junk = tmp_path / "lpips_alex.safetensors"
+    junk.write_bytes(b"not weights")
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--no-ocr", "--lpips-weights", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {junk} is not an LPIPS-alex weights file") and err.count("\n") == 1

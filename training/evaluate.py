@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = run(args)
-    except (FileNotFoundError, RuntimeError) as e:  # missing LPIPS weights or OCR backend
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # LPIPS weights missing or damaged, OCR backend
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_table(report)
