@@ -332,14 +332,21 @@ def _validate_upscale(args) -> None:
         check_settings(args.scale, args.tile, args.overlap, min_tile=DESCRIPTOR.size.min_tile)
     except ValueError as exc:
         raise SetupError(f"--{exc}") from None
-    if args.text_encoder_device != "auto":
-        import torch
+    _check_chatglm_device("--text-encoder-device", args.text_encoder_device)
 
-        try:
-            torch.device(args.text_encoder_device)
-        except RuntimeError:
-            raise SetupError(f"--text-encoder-device {args.text_encoder_device}: not a device; use auto, cpu, "
-                             f"cuda or cuda:N") from None
+
+def _check_chatglm_device(flag: str, value: str) -> None:
+    """SetupError unless `value`, given as `flag` for where ChatGLM3 runs, is auto or a device this
+    machine has: said before the 6 B-parameter model loads, not after."""
+    if value == "auto":
+        return
+    from .devices import resolve_device
+
+    try:
+        resolve_device(value)
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).split(": ", 1)[-1]  # resolve_device's words name --device
+        raise SetupError(f"{flag} {value}: {reason}") from None
 
 
 def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None = None, model=None) -> int:
@@ -435,6 +442,7 @@ def run_prompt_cache(args) -> int:
 
     if args.kolors is None:
         raise SetupError("--kolors DIR|FILE is required (the Kwai-Kolors/Kolors diffusers folder, or ChatGLM3)")
+    _check_chatglm_device("--device", args.device)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")
@@ -449,6 +457,10 @@ def run_prompt_cache(args) -> int:
                                                  tuple(args.time_ids), device, dtype)
     except (KolorsFolderError, OSError, ValueError) as exc:  # missing, unreadable or wrong Kolors files
         raise SetupError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line
+        raise SetupError(f"cannot compute the prompt cache from --kolors {args.kolors} ({type(exc).__name__}: "
+                         f"{exc}); check its ChatGLM3 files (text_encoder/, tokenizer/) or download them "
+                         f"again") from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         cache.save(out)

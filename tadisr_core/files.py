@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -51,6 +52,29 @@ def require_readable(path: str | os.PathLike, what: str, hint: str = "") -> Path
         raise PermissionError(f"{what} {path}: permission denied (check the owner and mode of the file and "
                               f"its folders)") from None
     return path
+
+
+def json_object(text: str, where: str, hint: str) -> dict:
+    """The JSON object in `text`; ValueError naming `where` it came from when it is not one (truncated,
+    not JSON, or a list or string), with `hint` (what to do) appended."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError
+        raise ValueError(f"{where}: not valid JSON ({exc}); {hint}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: a JSON {type(value).__name__}, not the object of settings expected; {hint}")
+    return value
+
+
+def read_json_object(path: str | os.PathLike, hint: str) -> dict:
+    """`json_object` of a file (a config.json); OSError when it cannot be read, ValueError naming it
+    when it is not a JSON object (an undecodable file included)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text file ({exc}); {hint}") from None
+    return json_object(text, str(path), hint)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

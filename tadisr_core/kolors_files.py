@@ -13,19 +13,20 @@ Accepted layouts (each UNet / VAE file may use diffusers or the original SGM / L
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import file_identity
+from .files import file_identity, read_json_object
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 WEIGHT_EXTS = (".safetensors", ".bin")
 SINGLE_FILE_EXTS = (".safetensors",)
-JOIN = " + "  # separates the UNet part and the VAE part of a choice name
+VAE_PART = " + vae/"  # starts a choice name's VAE part; split at the last one (a file name may hold " + ")
 VAE_HINT = ("the Kolors VAE is the SDXL VAE: pass --vae FILE|DIR (e.g. sdxl_vae.safetensors; in ComfyUI "
             "put it in models/vae)")
+log = logging.getLogger("tadisr")
 
 
 class KolorsFolderError(FileNotFoundError):
@@ -67,11 +68,12 @@ def _component(path: Path, sub: str) -> tuple[Path, Path | None]:
     folder = path / sub if (path / sub).is_dir() and not (path / "config.json").is_file() else path
     weights = weights_file(folder)
     if weights is None:
-        shards = sorted(folder.glob("diffusion_pytorch_model*.index.json"))
+        shards = sorted(folder.glob("diffusion_pytorch_model*.index*.json"))  # *.index.fp16.json: a variant's
         if shards:
+            variant = ", variant='fp16'" if ".fp16." in shards[0].name else ""
             raise KolorsFolderError(f"{folder} holds its weights in shards ({shards[0].name}), which TADiSR does not "
-                                    f"read: save them as one file, e.g. with diffusers' from_pretrained(DIR) then "
-                                    f"save_pretrained(NEW_DIR, max_shard_size='50GB'), or use Kwai-Kolors/Kolors' "
+                                    f"read: save them as one file, e.g. with diffusers' from_pretrained(DIR{variant}) "
+                                    f"then save_pretrained(NEW_DIR, max_shard_size='50GB'), or use Kwai-Kolors/Kolors' "
                                     f"{sub}/ as published")
         raise KolorsFolderError(f"no weights in {folder}: expected diffusion_pytorch_model[.fp16].safetensors "
                                 f"(or .bin) from Kwai-Kolors/Kolors/{sub}/")
@@ -86,6 +88,10 @@ def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None 
     Raises KolorsFolderError naming the missing piece and what belongs there.
     """
     root = Path(kolors) if kolors else None
+    if root is not None and root.is_file():
+        raise KolorsFolderError(f"--kolors {root} is a file, not a Kolors folder: pass a Kolors UNet file (or an "
+                                f"all-in-one checkpoint) as --unet FILE with an SDXL VAE as --vae FILE, a ChatGLM3 "
+                                f"file as --text-encoder FILE, and the Kwai-Kolors/Kolors diffusers folder as --kolors")
     if root is not None and not root.is_dir():
         raise KolorsFolderError(f"Kolors folder not found: {root} (download Kwai-Kolors/Kolors in diffusers layout)")
     parts = {}
@@ -111,9 +117,15 @@ def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None 
 
 # -- the ComfyUI loader's list --------------------------------------------------------------------
 def _is_kolors_unet_folder(folder: Path) -> bool:
+    """Whether `folder` (a diffusers folder's unet/) holds a Kolors UNet's config.json; a damaged one is
+    logged and passed over."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
     try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        cfg = read_json_object(config, "download Kwai-Kolors/Kolors' unet/config.json again")
+    except (OSError, ValueError) as exc:
+        log.warning("%s is left out of the Kolors list: %s", folder.parent, exc)
         return False
     return cfg.get("encoder_hid_dim_type") == "text_proj" and cfg.get("addition_embed_type") == "text_time"
 
@@ -136,6 +148,8 @@ _CHECKED: dict[tuple, bool] = {}  # (check, path, size, mtime) -> passed: a refr
 
 
 def _quick(check, path: Path) -> bool:
+    """Whether `check(path)` passes, cached per file version; a file that fails any way is left out
+    of the list (never the whole list), and why is logged."""
     try:
         st = path.stat()
     except OSError:
@@ -145,7 +159,11 @@ def _quick(check, path: Path) -> bool:
         try:
             check(path)
             _CHECKED[key] = True
-        except (ValueError, OSError, KeyError):
+        except (ValueError, OSError, KeyError) as exc:  # another model's file, or unreadable
+            log.debug("%s is not listed: %s", path, exc)
+            _CHECKED[key] = False
+        except Exception as exc:  # noqa: BLE001 - one odd file must not empty the loader's list
+            log.warning("%s is not listed: %s: %s", path, type(exc).__name__, exc)
             _CHECKED[key] = False
     return _CHECKED[key]
 
@@ -198,10 +216,10 @@ def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint
     need_vae = no_vae or any(p not in alone for files in singles.values() for p in files.values())
     vaes = list(_sdxl_vae_files(vae_dirs)) if need_vae else []
     out = sorted(set(folders))
-    out += [f"{f}{JOIN}vae/{v}" for f in sorted(set(no_vae)) for v in vaes]
+    out += [f"{f}{VAE_PART}{v}" for f in sorted(set(no_vae)) for v in vaes]
     for prefix, files in singles.items():
         for name, path in files.items():
-            out += [f"{prefix}{name}"] if path in alone else [f"{prefix}{name}{JOIN}vae/{v}" for v in vaes]
+            out += [f"{prefix}{name}"] if path in alone else [f"{prefix}{name}{VAE_PART}{v}" for v in vaes]
     return out
 
 
@@ -219,10 +237,11 @@ def _find(dirs, rel: str, folder: bool = False) -> Path | None:
 def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint_dirs=()) -> KolorsFiles:
     """The files behind a name from `list_kolors_candidates` (also a bare folder name, as saved in
     older workflows). Raises KolorsFolderError saying where the missing part belongs."""
-    first, _, second = (name or "").partition(JOIN)
+    first, part, rel = (name or "").rpartition(VAE_PART)
+    if not part:  # no VAE part
+        first, rel = rel, ""
     vae = None
-    if second:
-        rel = second.removeprefix("vae/")
+    if rel:
         vae = _find(vae_dirs, rel)
         if vae is None:
             raise KolorsFolderError(f"VAE file '{rel}' not found in models/vae ({', '.join(map(str, vae_dirs))})")

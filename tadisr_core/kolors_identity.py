@@ -18,7 +18,6 @@ which is what a real Kolors file needs.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +68,21 @@ class CheckedPart:
 
 
 def _config(path: Path, config: Path | None, header: WeightsHeader, part: str) -> dict:
-    if config is not None and config.is_file():
-        return json.loads(config.read_text())
-    text = header.metadata.get(f"{part}_config") or header.metadata.get("config")
-    return json.loads(text) if text else {}
+    """The part's settings: its config.json, else its metadata entry, else none. NotKolorsError naming
+    the config.json (or the file and metadata key) when that is not a JSON object."""
+    from .files import json_object, read_json_object
+
+    hint = f"a Kolors {part} config is the JSON object of Kwai-Kolors/Kolors' {part}/config.json"
+    try:
+        if config is not None and config.is_file():
+            return read_json_object(config, f"{hint}: download it again")
+        key = f"{part}_config" if header.metadata.get(f"{part}_config") else "config"
+        if not header.metadata.get(key):
+            return {}
+        return json_object(header.metadata[key], f"{path} (metadata entry '{key}')",
+                           f"{hint}; is this another model's file?")
+    except ValueError as exc:
+        raise NotKolorsError(str(exc)) from None
 
 
 def _section(header: WeightsHeader, part: str) -> str | None:

@@ -110,8 +110,9 @@ def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tup
     pieces = norm(tokenizer.tokenize(prompt))
     target = norm(tokenizer.tokenize(word))
     ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
-    if len(pieces) + 2 > len(ids):
-        raise ValueError(f"prompt of {len(pieces)} tokens does not fit {max_length} (2 are special tokens)")
+    if len(pieces) + 2 > min(max_length, len(ids)):  # a length < 1 is not padded to, nor truncated at
+        raise ValueError(f"prompt of {len(pieces)} tokens does not fit {max_length} (2 are special tokens); use a "
+                         f"longer sequence (--tokens, Kolors: 256) or a shorter prompt")
     content_start = len(ids) - len(pieces)  # left padding, then [gMASK] sop, then the pieces
     starts = [i for i in range(len(pieces) - len(target) + 1) if pieces[i:i + len(target)] == target]
     return tuple(content_start + s + j for s in starts for j in range(len(target)))
@@ -158,6 +159,7 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
         chatglm_config(root)  # a partial download or a 4-bit file is named before its tokenizer is looked for
         return root, find_tokenizer(root)
     if (root / "config.json").is_file() and (root / "tokenizer.model").is_file():
+        _require_chatglm_config(root / "config.json")
         return root, root
     if not root.is_dir():
         raise KolorsFolderError(f"Kolors folder not found: {root} (or a ChatGLM3 folder, text_encoder folder or "
@@ -169,7 +171,24 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
             raise KolorsFolderError(f"{folder / marker} is missing: computing the prompt cache needs "
                                     f"Kolors' ChatGLM3 {folder.name}/ (or a ChatGLM3 folder with config.json and "
                                     f"tokenizer.model, chatglm3-fp16.safetensors, or a precomputed prompt cache)")
+    _require_chatglm_config(encoder / "config.json")
     return encoder, tokenizer
+
+
+def _require_chatglm_config(config: Path) -> None:
+    """KolorsFolderError unless `config` is a ChatGLM config.json (model_type "chatglm"): the other
+    language models kept in models/LLM (Llama, Mistral...) have config.json and tokenizer.model too."""
+    from .files import read_json_object
+    from .kolors_files import KolorsFolderError
+
+    try:
+        model_type = read_json_object(config, "download ChatGLM3's config.json again").get("model_type")
+    except (OSError, ValueError) as exc:
+        raise KolorsFolderError(str(exc)) from None
+    if model_type != "chatglm":
+        raise KolorsFolderError(f"{config.parent} is not ChatGLM3 (its config.json says model_type {model_type!r}, "
+                                f"not 'chatglm'); pass Kolors' ChatGLM3 (a Kolors folder, THUDM/chatglm3-6b or "
+                                f"chatglm3-fp16.safetensors)")
 
 
 def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
@@ -216,17 +235,31 @@ def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.
     return compute if free_bytes >= CHATGLM_BYTES else torch.device("cpu")
 
 
+def _weights_variant(folder: Path) -> str | None:
+    """"fp16" for a folder that holds only fp16-variant weights (Kolors-diffusers' text_encoder/:
+    model.fp16-0000N-of-0000M.safetensors and model.safetensors.index.fp16.json), else None."""
+    plain = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if any((folder / name).is_file() for name in plain):
+        return None
+    return "fp16" if any(folder.glob("*.fp16*")) else None
+
+
 def _load_chatglm(weights: Path, dtype: torch.dtype):
     """ChatGLM3 from a folder (diffusers' `from_pretrained`) or one `.safetensors` file
     (`chatglm_file`), its weights streamed in `dtype`; ValueError when any weight is missing."""
     from diffusers.pipelines.kolors import ChatGLMModel
+    from safetensors import SafetensorError
 
     from .chatglm_file import load_chatglm_file
 
     if weights.is_file():
         return load_chatglm_file(weights, dtype)
-    encoder, info = ChatGLMModel.from_pretrained(weights, torch_dtype=dtype, low_cpu_mem_usage=True,
-                                                 output_loading_info=True)
+    try:
+        encoder, info = ChatGLMModel.from_pretrained(weights, torch_dtype=dtype, low_cpu_mem_usage=True,
+                                                     output_loading_info=True, variant=_weights_variant(weights))
+    except SafetensorError as exc:  # a truncated or damaged shard
+        raise ValueError(f"{weights}: ChatGLM3's weights are truncated or damaged ({exc}); re-download "
+                         f"text_encoder/ (Kwai-Kolors/Kolors) and compute the prompt cache again") from None
     params = dict(encoder.named_parameters())  # a missing buffer (e.g. rotary inv_freq) is rebuilt at init
     missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
     if missing:
@@ -251,7 +284,12 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
     from .finite import first_problem
 
     weights, tokenizer_dir = find_text_encoder(kolors_dir)
-    tokenizer = ChatGLMTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        tokenizer = ChatGLMTokenizer.from_pretrained(tokenizer_dir)
+    except RuntimeError as exc:  # sentencepiece cannot parse the model
+        raise ValueError(f"{tokenizer_dir / 'tokenizer.model'}: not a readable tokenizer ({exc}); download "
+                         f"ChatGLM3's tokenizer/ (Kwai-Kolors/Kolors) again") from None
+    find_word_columns(tokenizer, prompt, "text", max_length)  # a prompt that does not fit: said before loading
     encoder = _load_chatglm(weights, dtype)
     try:
         encoder = encoder.to(device).eval()

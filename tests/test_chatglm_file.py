@@ -55,6 +55,26 @@ def test_a_single_chatglm_file_makes_the_folders_prompt_cache(tiny_dir, tmp_path
     assert torch.equal(cache.prompt_embeds, ref.prompt_embeds) and torch.equal(cache.text_embeds, ref.text_embeds)
 
 
+def test_a_text_encoder_of_fp16_variant_shards_makes_the_same_cache(tiny_dir, tmp_path):
+    """Kwai-Kolors/Kolors-diffusers' text_encoder/ holds only model.fp16-0000N-of-0000M.safetensors and
+    model.safetensors.index.fp16.json: read as that variant (it was "no file named model.safetensors")."""
+    from diffusers.pipelines.kolors import ChatGLMModel
+
+    model = ChatGLMModel.from_pretrained(tiny_dir["kolors"] / "text_encoder").half()
+    folders = {}
+    for variant in (None, "fp16"):
+        folders[variant] = tmp_path / str(variant)
+        shutil.copytree(tiny_dir["kolors"], folders[variant], ignore=shutil.ignore_patterns("text_encoder"))
+        model.save_pretrained(folders[variant] / "text_encoder", variant=variant, max_shard_size="100KB")
+    names = sorted(p.name for p in (folders["fp16"] / "text_encoder").iterdir())
+    assert "model.safetensors.index.fp16.json" in names and not any(n.startswith("model.safetensors") for n in names
+                                                                    if "index" not in n)
+    assert sum(n.startswith("model.fp16-0000") for n in names) > 1
+    plain, variant = (compute_prompt_cache_from_kolors(folders[v], **KW) for v in (None, "fp16"))
+    assert torch.equal(variant.prompt_embeds, plain.prompt_embeds)
+    assert torch.equal(variant.text_embeds, plain.text_embeds)
+
+
 def test_a_file_without_the_rotary_buffer_takes_chatglm3s_head_width(tiny_dir, tmp_path):
     """The rotary buffer is what tells the head width; without it ChatGLM3's 128 is taken. A tiny
     model with 128-wide heads gives the same cache with and without the buffer."""
@@ -232,6 +252,24 @@ def test_models_llm_lists_usable_files_and_says_why_others_are_not(tiny_dir, tmp
     problems = []
     assert list_text_encoders(llm, problems=problems) == [folder, llm / "chatglm3-fp16.safetensors"]
     assert problems == []
+
+
+def test_other_language_models_in_models_llm_are_not_taken_for_chatglm3(tiny_dir, tmp_path):
+    """models/LLM also holds Llama, Mistral...: config.json and tokenizer.model, but another model_type.
+    They are left out of the list (an upper-case name sorted first and became the node's automatic
+    source), and passing one says what it is."""
+    llm = tmp_path / "LLM"
+    chatglm = llm / "chatglm3-6b"
+    shutil.copytree(tiny_dir["kolors"] / "text_encoder", chatglm)
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", chatglm, dirs_exist_ok=True)
+    mistral = llm / "Mistral-7B-Instruct-v0.2"
+    mistral.mkdir()
+    (mistral / "config.json").write_text('{"model_type": "mistral", "architectures": ["MistralForCausalLM"]}')
+    shutil.copy(tiny_dir["kolors"] / "tokenizer" / "tokenizer.model", mistral)
+    assert list_text_encoders(llm) == [chatglm]
+    with pytest.raises(KolorsFolderError, match=r"Mistral-7B-Instruct-v0.2 is not ChatGLM3 \(its config.json says "
+                                                r"model_type 'mistral', not 'chatglm'\)"):
+        compute_prompt_cache_from_kolors(mistral, **KW)
 
 
 class _ChatGLM3Pieces:

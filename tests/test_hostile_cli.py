@@ -204,6 +204,43 @@ def test_every_weight_file_problem_is_one_line_and_exit_2(tiny_dir, tmp_path, ca
     assert e.value.code == 2 and "finite" in capsys.readouterr().err
 
 
+def test_every_prompt_cache_problem_is_one_line_and_exit_2(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Devices are checked before ChatGLM3 loads; a damaged tokenizer or a truncated weights shard, and a
+    sequence too short for the prompt, are one line naming the file or flag (they were tracebacks, and
+    --tokens 0 wrote a cache that was not padded)."""
+    import shutil
+
+    from tadisr_core import prompt
+
+    kolors = tmp_path / "kolors"
+    shutil.copytree(tiny_dir["kolors"], kolors)
+    real_load, loaded = prompt._load_chatglm, []
+    monkeypatch.setattr(prompt, "_load_chatglm", lambda *a: loaded.append(a) or real_load(*a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["prompt-cache", "--kolors", str(kolors), "-o", str(tmp_path / "p.safetensors"), "--tokens", "32"]
+    cases = [(["--device", "cuda"], "--device cuda: CUDA is not available"),
+             (["--device", "gpu"], "--device gpu: not a device; use auto, cpu, cuda"),
+             (["--tokens", "0"], "prompt of 9 tokens does not fit 0 (2 are special tokens); use a longer"),
+             (["--tokens", "-4"], "prompt of 9 tokens does not fit -4")]
+    for extra, message in cases:
+        assert cli.main([*argv, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (extra, err)
+    assert not loaded and not (tmp_path / "p.safetensors").exists()
+    tokenizer = kolors / "tokenizer" / "tokenizer.model"
+    weights = kolors / "text_encoder" / "model.safetensors"
+    damaged = [(tokenizer, 100, f"{tokenizer}: not a readable tokenizer"),  # a cut download
+               (weights, 5000, f"{weights.parent}: ChatGLM3's weights are truncated or damaged")]
+    for path, keep, message in damaged:
+        whole = path.read_bytes()
+        path.write_bytes(whole[:keep])
+        assert cli.main(argv) == 2, path
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (path, err)
+        path.write_bytes(whole)
+    assert cli.main(argv) == 0 and (tmp_path / "p.safetensors").is_file()
+
+
 def test_sigterm_during_a_save_leaves_no_partial_files(tiny_model, tmp_path, capsys, monkeypatch):
     d = tmp_path / "in"
     d.mkdir()

@@ -351,6 +351,29 @@ def test_listing_passes_over_other_models_unparsed_and_checks_each_file_once(lay
     assert list_kolors_candidates([], [], [], [folder]) == []
 
 
+def test_file_names_holding_a_plus_are_listed_and_resolved(layouts, tmp_path):
+    """" + " also joins a choice's UNet and VAE parts: a name that holds it is split at the last " + vae/"
+    (the first " + " was taken, so such a choice could not be loaded)."""
+    dirs = [tmp_path / sub for sub in ("diffusers", "unet", "vae")]
+    no_vae, unet = dirs[0] / "Kolors + extra", dirs[1] / "kolors + detail.safetensors"
+    vae = dirs[2] / "sdxl + fix.safetensors"
+    shutil.copytree(layouts["no_vae"], no_vae)
+    for src, dst in ((layouts["unet_file"], unet), (layouts["vae_file"], vae)):
+        dst.parent.mkdir()
+        shutil.copy(src, dst)
+    names = list_kolors_candidates(*[[d] for d in dirs])
+    assert names == ["Kolors + extra + vae/sdxl + fix.safetensors",
+                     "unet/kolors + detail.safetensors + vae/sdxl + fix.safetensors"]
+    assert [resolve_choice(n, *[[d] for d in dirs]) for n in names] == [find_kolors_files(no_vae, None, vae),
+                                                                        find_kolors_files(None, unet, vae)]
+
+
+def test_a_file_given_as_the_kolors_folder_is_said_to_be_one(layouts):
+    with pytest.raises(KolorsFolderError, match=r"--kolors \S+kolors_unet.safetensors is a file, not a Kolors folder: "
+                                                r"pass a Kolors UNet file .* as --unet FILE"):
+        find_kolors_files(layouts["unet_file"])
+
+
 def test_find_files_prefers_explicit_parts(layouts):
     files = find_kolors_files(layouts["folder"], vae=layouts["vae_ldm"])
     assert files.vae == layouts["vae_ldm"] and files.vae_config is None and files.root == layouts["folder"]
@@ -425,16 +448,21 @@ def test_a_training_checkpoint_pickle_is_unwrapped_or_refused_in_one_line(tiny_d
     assert "safetensors.torch.save_file" in message and "weights_only" not in message
 
 
-def test_sharded_weights_are_named_with_how_to_join_them(tiny_dir, tmp_path):
+@pytest.mark.parametrize("variant", ["", "fp16"])
+def test_sharded_weights_are_named_with_how_to_join_them(tiny_dir, tmp_path, variant):
+    """Also the fp16 variant's shards (diffusion_pytorch_model.safetensors.index.fp16.json), which were
+    reported as no weights at all; its advice reads them as that variant."""
     folder = tmp_path / "unet"
     folder.mkdir()
     shutil.copy(tiny_dir["kolors"] / "unet" / "config.json", folder)
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    dot = f".{variant}" if variant else ""
+    index = f"diffusion_pytorch_model.safetensors.index{dot}.json"
+    (folder / index).write_text(json.dumps({"weight_map": {}}))
     for k in (1, 2):
-        (folder / f"diffusion_pytorch_model-0000{k}-of-00002.safetensors").write_bytes(b"")
-    with pytest.raises(KolorsFolderError, match=re.escape(f"{folder} holds its weights in shards "
-                                                          "(diffusion_pytorch_model.safetensors.index.json)")
-                       + ".*save_pretrained"):
+        (folder / f"diffusion_pytorch_model{dot}-0000{k}-of-00002.safetensors").write_bytes(b"")
+    read = f"from_pretrained(DIR, variant='{variant}')" if variant else "from_pretrained(DIR)"
+    with pytest.raises(KolorsFolderError, match=re.escape(f"{folder} holds its weights in shards ({index})")
+                       + ".*" + re.escape(f"{read} then save_pretrained")):
         find_kolors_files(None, unet=folder, vae=tiny_dir["kolors"] / "vae")
 
 
@@ -475,6 +503,35 @@ def test_a_malformed_file_among_the_unets_is_not_kolors_and_never_breaks_the_lis
     with pytest.raises(NotKolorsError, match=r"flat.safetensors: not a Kolors VAE \(the SDXL VAE\): "):
         check_vae(flat)
     assert list_kolors_candidates([], [odd.parent], [flat.parent]) == []
+
+
+def test_a_damaged_or_foreign_config_is_named_and_never_breaks_the_listing(layouts, tiny_dir, tmp_path, caplog):
+    """A truncated unet/config.json is NotKolorsError naming it (it named no file); a config that is JSON but
+    not an object (a VAE whose metadata 'config' is "v1-inference.yaml") is too, and such entries are left
+    out of the loader's list, which they used to break with an AttributeError."""
+    diffusers = tmp_path / "diffusers"
+    for name, config in (("Kolors", None), ("KolorsCut", '{"encoder_hid_dim_type": '), ("KolorsList", '["x"]')):
+        shutil.copytree(tiny_dir["kolors"], diffusers / name)
+        if config is not None:
+            (diffusers / name / "unet" / "config.json").write_text(config)
+    cut = diffusers / "KolorsCut" / "unet" / "config.json"
+    with pytest.raises(NotKolorsError, match=re.escape(f"{cut}: not valid JSON (Expecting")):
+        load_tadisr(diffusers / "KolorsCut", tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    with pytest.raises(NotKolorsError, match=r"KolorsList/unet/config.json: a JSON list, not the object"):
+        check_unet(diffusers / "KolorsList" / "unet" / "diffusion_pytorch_model.safetensors",
+                   diffusers / "KolorsList" / "unet" / "config.json")
+    vaes = tmp_path / "vae"
+    vaes.mkdir()
+    shutil.copy(layouts["vae_file"], vaes / "sdxl_vae.safetensors")
+    other = vaes / "other_vae.safetensors"
+    save_file(load_file(layouts["vae_file"]), str(other), metadata={"config": '"v1-inference.yaml"'})
+    with pytest.raises(NotKolorsError, match=r"other_vae.safetensors \(metadata entry 'config'\): a JSON str"):
+        check_vae(other)
+    with caplog.at_level("WARNING", logger="tadisr"):
+        names = list_kolors_candidates([diffusers], [layouts["root"] / "unet"], [vaes])
+    assert names[0] == "Kolors" and "KolorsCut" not in " ".join(names) and "KolorsList" not in " ".join(names)
+    assert "unet/kolors_unet.safetensors + vae/sdxl_vae.safetensors" in names and "other_vae" not in " ".join(names)
+    assert f"{diffusers / 'KolorsCut'} is left out of the Kolors list: {cut}: not valid JSON" in caplog.text
 
 
 # -- fp8 and scaled fp8 UNets (ComfyUI's low-memory copies of a model) --------------------------------
