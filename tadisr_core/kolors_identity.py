@@ -69,20 +69,21 @@ class CheckedPart:
 
 def _config(path: Path, config: Path | None, header: WeightsHeader, part: str) -> dict:
     """The part's settings: its config.json, else its metadata entry, else none. NotKolorsError naming
-    the config.json (or the file and metadata key) when that is not a JSON object."""
+    the config.json when that is not a JSON object; a metadata entry that is none (another tool's note,
+    such as "v1-inference.yaml") is ignored, and the file is judged by its weights."""
     from .files import json_object, read_json_object
 
-    hint = f"a Kolors {part} config is the JSON object of Kwai-Kolors/Kolors' {part}/config.json"
+    if config is not None and config.is_file():
+        hint = f"a Kolors {part} config is the JSON object of Kwai-Kolors/Kolors' {part}/config.json: download it again"
+        try:
+            return read_json_object(config, hint)
+        except ValueError as exc:
+            raise NotKolorsError(str(exc)) from None
+    text = header.metadata.get(f"{part}_config") or header.metadata.get("config")
     try:
-        if config is not None and config.is_file():
-            return read_json_object(config, f"{hint}: download it again")
-        key = f"{part}_config" if header.metadata.get(f"{part}_config") else "config"
-        if not header.metadata.get(key):
-            return {}
-        return json_object(header.metadata[key], f"{path} (metadata entry '{key}')",
-                           f"{hint}; is this another model's file?")
-    except ValueError as exc:
-        raise NotKolorsError(str(exc)) from None
+        return json_object(text, str(path), "") if text else {}
+    except ValueError:
+        return {}
 
 
 def _section(header: WeightsHeader, part: str) -> str | None:
