@@ -6,13 +6,16 @@ and the others still run; outputs of a file appear only once the whole file succ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import quote
 
 from .files import same_file
 from .images import (
@@ -39,7 +42,8 @@ class Job:
     mask: Path | None                 # None: image only (the text-mask decoder is skipped)
     attention: Path | None = None
     error: str | None = None          # set when the input cannot even be found
-    source: str | None = None         # the input's name and size, recorded in its outputs (source_tag)
+    source: str | None = None         # the input's name, size and time, recorded in its outputs (source_tag)
+    shared: bool = False              # another input has its name: outputs must record this one to count
 
 
 @dataclass
@@ -184,22 +188,31 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     """
     outdir = Path(outdir)
     tag = scale_tag(scale)
+    suffix = f"_{tag}.{image_format}"
+    earlier: dict[Path, dict[str, list[str]]] = {}
 
-    def image_path(base: Path, stem: str) -> Path:
-        return base / f"{stem}_{tag}.{image_format}"
+    def earlier_names(base: Path, stem: str) -> list[str]:
+        """The names of `stem`'s family (`stem`, `stem-2`...) with an image output in `base`, in order."""
+        if base not in earlier:
+            family: dict[str, list[tuple[int, str]]] = {}
+            with contextlib.suppress(OSError):
+                for name in os.listdir(base):
+                    if name.endswith(suffix):
+                        taken = name[:-len(suffix)]
+                        family.setdefault(taken, []).append((1, taken))
+                        if numbered := re.fullmatch(r"(.+)-(\d+)", taken):
+                            family.setdefault(numbered[1], []).append((int(numbered[2]), taken))
+            earlier[base] = {k: [name for _, name in sorted(v)] for k, v in family.items()}
+        return earlier[base].get(stem, [])
 
     placed = [(path, outdir / (path.parent.relative_to(root) if root is not None else Path()), error,
                source_tag(path) if error is None else None) for path, root, error in inputs]
+    in_run = Counter((base, path.stem) for path, base, _, _ in placed)
     used: set[Path] = set()
     stems: list[str | None] = []
     for path, base, _, source in placed:  # first, the names an earlier run gave these inputs
-        kept = None
-        for stem in _stems(path):
-            if not image_path(base, stem).exists():
-                break
-            if source is not None and base / stem not in used and recorded_source(image_path(base, stem)) == source:
-                kept = stem
-                break
+        kept = next((stem for stem in earlier_names(base, path.stem) if source is not None
+                     and base / stem not in used and recorded_source(base / f"{stem}{suffix}") == source), None)
         if kept is not None:
             used.add(base / kept)
         stems.append(kept)
@@ -208,8 +221,11 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
         if stem is None:
             stem = next(s for s in _stems(path) if base / s not in used)
             used.add(base / stem)
-        jobs.append(Job(path, image_path(base, stem), base / f"{stem}_text_mask.png" if mask else None,
-                        base / f"{stem}_attention.png" if attention else None, error, source))
+        # outputs that record no input (older versions) are taken as this input's only where no other
+        # file of its name is in the run or has outputs
+        shared = in_run[base, path.stem] > 1 or len(earlier_names(base, path.stem)) > 1
+        jobs.append(Job(path, base / f"{stem}{suffix}", base / f"{stem}_text_mask.png" if mask else None,
+                        base / f"{stem}_attention.png" if attention else None, error, source, shared))
     _refuse_overwrites(jobs)
     return jobs
 
@@ -224,11 +240,13 @@ def _stems(path: Path):
 
 
 def source_tag(path: Path) -> str | None:
-    """What an output records of its input: the file's name and size (None when it cannot be read)."""
+    """What an output records of its input: its file name (percent-encoded: any bytes, in ASCII), size
+    and modification time (None when it cannot be read)."""
     try:
-        return f"{path.name} ({path.stat().st_size} bytes)"
+        st = path.stat()
     except OSError:
         return None
+    return f"{quote(os.fsencode(path.name))} {st.st_size} bytes {int(st.st_mtime)}"
 
 
 def _outputs(job: Job) -> list[Path]:
@@ -269,7 +287,8 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     outputs = {"image": job.image, **({"mask": job.mask} if job.mask is not None else {})}
     if job.attention is not None:
         outputs["attention"] = job.attention
-    if options.skip_existing and all(written_by_us(p, source=job.source) for p in outputs.values()):
+    if options.skip_existing and all(written_by_us(p, source=job.source, unrecorded=not job.shared)
+                                     for p in outputs.values()):
         rec.ok, rec.skipped = True, True
         rec.outputs = {k: str(v) for k, v in outputs.items()}
         return rec

@@ -45,7 +45,7 @@ _JPEG_END = b"\xff\xd9"
 _EXIF_SOFTWARE = 0x0131
 _EXIF_DOCUMENT_NAME = 0x010D     # JPEG / WebP: the input an output came from (save_images' `source`)
 _PNG_SOURCE = "TADiSR source"    # PNG: the same, as a text chunk
-_MAX_SIDE = {"JPEG": 65535, "WEBP": 16383}   # the longest side each format can hold
+_MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}   # the longest side each format can hold (libjpeg: 65500)
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}   # suffix -> Pillow format of what we write
 DEFAULT_QUALITY = 95             # JPEG (4:4:4) / WebP quality of what we write; WebP at 100 is lossless
 
@@ -262,7 +262,7 @@ def _format_of(path: Path) -> str:
 def check_writable(path: str | Path, channels: int, size: tuple[int, int] | None = None) -> None:
     """ValueError naming `path` when an image of `channels` (and `size`, height x width) cannot be
     written there: a suffix we do not write, an alpha channel (4 channels) for JPEG, or a side longer
-    than JPEG (65535 px) or WebP (16383 px) can hold."""
+    than JPEG (65500 px) or WebP (16383 px) can hold."""
     path = Path(path)
     image_format = _format_of(path)
     if image_format == "JPEG" and channels == 4:
@@ -339,11 +339,13 @@ def _our_tags(path: Path, complete: bool) -> tuple[bool, str | None]:
         return False, None
 
 
-def written_by_us(path: str | Path, complete: bool = True, source: str | None = None) -> bool:
+def written_by_us(path: str | Path, complete: bool = True, source: str | None = None,
+                  unrecorded: bool = True) -> bool:
     """Whether `path` is an image this project wrote (its Software tag), with `complete` also whole,
-    and with `source` also from that input (files of versions that recorded no input count as from any)."""
+    and with `source` also from that input (a file of a version that recorded no input counts as
+    from it when `unrecorded`)."""
     ours, recorded = _our_tags(Path(path), complete)
-    return ours and (source is None or recorded is None or recorded == source)
+    return ours and (source is None or recorded == source or (recorded is None and unrecorded))
 
 
 def recorded_source(path: str | Path) -> str | None:

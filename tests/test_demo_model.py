@@ -511,7 +511,9 @@ def test_held_out_make_replaces_its_own_set_and_refuses_what_it_cannot_make(tmp_
         main(["make", str(other), "--count", "0"])
     assert capsys.readouterr().err.endswith("error: --count must be at least 1\n")
     assert main(["make", str(other), "--size", "250"]) == 2
-    assert capsys.readouterr().err == f"error: cannot make the set in {other}: size 250 is not divisible by scale 4\n"
+    assert capsys.readouterr().err == f"error: cannot make the set in {other}: size 250 must be a positive " \
+                                      f"multiple of scale 4\n"
+    assert not other.exists()                                           # refused before any file (review)
 
 
 def test_auroc_on_hand_made_scores():

@@ -533,3 +533,63 @@ def test_a_damaged_run_config_is_named(tmp_path, config):
     args = cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), "--model", str(run_dir)])
     with pytest.raises(cli.SetupError, match=re.escape(str(run_dir / "config.json"))):
         cli.load_model(args)
+
+
+def test_recorded_inputs_hold_for_any_file_name(tiny_model, tmp_path, capsys):
+    """Review of the recorded inputs: a name that is not UTF-8 failed its outputs, and a CJK name was never
+    skipped as JPEG (EXIF holds ASCII only)."""
+    d, out = tmp_path / "in", tmp_path / "out"
+    d.mkdir()
+    for name in (os.fsdecode(b"caf\xe9.png"), "招牌.png"):
+        _png(d / name, size=(16, 16))
+    for fmt in ("png", "jpg"):
+        argv = ["upscale", str(d), "-o", str(out / fmt), *FAST, "--json", "--skip-existing", "--format", fmt]
+        assert run(argv, capsys, model=tiny_model)[0] == 0
+        rc, rep, _ = run(argv, capsys, model=tiny_model)
+        assert rc == 0 and all(f["skipped"] for f in rep["files"]), fmt
+
+
+def test_names_after_a_gap_stay(tiny_model, tmp_path, capsys):
+    """Review: a name missing from the middle of `a`, `a-2`, `a-3` moved the names after it (and redid them)."""
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for i, suffix in enumerate(("bmp", "jpg", "png")):
+        Image.fromarray(np.full((8 + 2 * i, 8, 3), 60 * i, np.uint8)).save(gap / f"a.{suffix}")
+    argv = ["upscale", str(gap), "-o", str(tmp_path / "gap_out"), *FAST, "--json", "--skip-existing"]
+    assert run(argv, capsys, model=tiny_model)[0] == 0                   # a.bmp: a, a.jpg: a-2, a.png: a-3
+    for gone in (gap / "a.bmp", tmp_path / "gap_out" / "a_x4.png", tmp_path / "gap_out" / "a_text_mask.png"):
+        gone.unlink()                                                    # a.bmp and its outputs removed
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    assert rc == 0 and {Path(f["input"]).name: (f["skipped"], Path(f["outputs"]["image"]).name)
+                        for f in rep["files"]} == {"a.jpg": (True, "a-2_x4.png"), "a.png": (True, "a-3_x4.png")}
+
+
+def test_two_files_of_one_name_and_size_are_told_apart(tiny_model, tmp_path, capsys):
+    """Review: `day2/scan.png` was skipped on `day1/scan.png`'s result (same name and byte size)."""
+    twins = [tmp_path / day / "scan.png" for day in ("day1", "day2")]
+    for i, twin in enumerate(twins):
+        twin.parent.mkdir()
+        _png(twin, seed=0, size=(16, 16))
+        os.utime(twin, (1_700_000_000 + 86_400 * i,) * 2)               # same name and size, another day
+    argv = ["upscale", "-o", str(tmp_path / "scans"), *FAST, "--json", "--skip-existing"]
+    assert run([*argv, str(twins[0])], capsys, model=tiny_model)[0] == 0
+    rc, rep, _ = run([*argv, str(twins[1])], capsys, model=tiny_model)
+    assert rc == 0 and not rep["files"][0]["skipped"] and rep["files"][0]["outputs"]["image"].endswith("scan_x4.png")
+
+
+def test_outputs_of_older_versions_are_not_skipped_for_another_input(tiny_model, tmp_path, capsys):
+    """Review: outputs that record no input (older versions) counted as any input's, so a new `a.jpg` was
+    skipped on the old `a.png` result."""
+    old = tmp_path / "old"
+    (old / "in").mkdir(parents=True)
+    _png(old / "in" / "a.png", size=(8, 8))
+    images.save_images([(torch.rand(3, 32, 32), old / "out" / "a_x4.png"),
+                        (torch.rand(1, 32, 32), old / "out" / "a_text_mask.png")])   # as older versions wrote them
+    argv = ["upscale", str(old / "in"), "-o", str(old / "out"), *FAST, "--json", "--skip-existing"]
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    assert rc == 0 and rep["files"][0]["skipped"]                         # alone, it is still taken as a.png's
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(old / "in" / "a.jpg")
+    rc, rep, _ = run(argv, capsys, model=tiny_model)
+    assert rc == 0 and not any(f["skipped"] for f in rep["files"])
+    with Image.open(old / "out" / "a_x4.png") as a, Image.open(old / "out" / "a-2_x4.png") as b:
+        assert (a.size, b.size) == ((20, 24), (32, 32))                  # a.jpg's and a.png's own results

@@ -107,9 +107,13 @@ def test_sub_folders_pair_by_their_path(tmp_path):
     # predictions kept inside the ground-truth folder are not ground truth
     (gt / "sub" / "sr").mkdir()
     Image.fromarray(_photo(len("sub/a"))).save(gt / "sub" / "sr" / "a_x4.png")
-    rc, report = _run(gt / "sub" / "sr", gt / "sub", tmp_path, "--allow-partial")
+    rc, report = _run(gt / "sub" / "sr", gt / "sub", tmp_path)
     assert rc == 0 and [r["name"] for r in report["pairs"]] == ["a"]
-    assert report["unmatched"] == {"pred_only": [], "gt_only": ["deeper/b"]}
+    # ... nor is another method's folder beside them, or any sub-folder the predictions lack (review)
+    (gt / "sub" / "other").mkdir()
+    Image.fromarray(_photo(9)).save(gt / "sub" / "other" / "a_x4.png")
+    rc, report = _run(gt / "sub" / "sr", gt / "sub", tmp_path)
+    assert rc == 0 and report["unmatched"] == {"pred_only": [], "gt_only": []}
 
 
 def test_a_prediction_named_like_a_cli_output_pairs_with_its_own_name(tmp_path):

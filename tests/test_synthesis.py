@@ -251,7 +251,7 @@ def test_sizes_that_are_no_multiple_of_the_scale_are_refused_before_any_file(tmp
     with pytest.raises(SystemExit) as e:
         synthesize.main(["--backgrounds", "skimage", "--out", str(tmp_path / "o"), "--count", "1",
                          "--size", str(size), "--scale", str(scale)])
-    assert e.value.code == 2 and "must be a positive multiple of --scale" in capsys.readouterr().err
+    assert e.value.code == 2 and "must be a positive multiple of scale" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -76,11 +76,17 @@ def _prediction_key(key: str, gt: dict) -> str | None:
 def pair_images(pred_dir: Path, gt_dir: Path):
     """Match files by their path below each folder without the extension (predictions by `_prediction_key`).
 
+    Ground truth in a sub-folder counts only where the predictions have that sub-folder too (so other
+    folders kept inside the ground truth, such as another method's results, are not taken for it).
+
     Returns ``(pairs [(key, pred, gt)], pred_only [keys], gt_only [keys], ambiguous {key: why})``.
     """
-    gt = list_images(gt_dir, exclude=pred_dir)
+    predicted = list_images(pred_dir, exclude=gt_dir)
+    folders = {key.rpartition("/")[0] for key in predicted}  # "" is the top level, always compared
+    gt = {key: paths for key, paths in list_images(gt_dir, exclude=pred_dir).items()
+          if key.rpartition("/")[0] in folders | {""}}
     pred: dict[str, list[Path]] = {}
-    for key, paths in list_images(pred_dir, exclude=gt_dir).items():
+    for key, paths in predicted.items():
         if (target := _prediction_key(key, gt)) is not None:
             pred.setdefault(target, []).extend(paths)
     pairs, ambiguous = [], {}

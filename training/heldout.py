@@ -64,11 +64,11 @@ def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, si
         system_fonts,
     )
 
-    backgrounds = write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
-    synth = TextSynthesizer(list_images(backgrounds), system_fonts(), (),
-                            SynthesisConfig(size=size, scale=4, font_scale=FONT_SCALE), PRESET)
+    config = SynthesisConfig(size=size, scale=4, font_scale=FONT_SCALE)  # a bad size: said before any file
     if problem := clear_previous_set(out, "DIR"):
         raise FileExistsError(problem)
+    backgrounds = write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
+    synth = TextSynthesizer(list_images(backgrounds), system_fonts(), (), config, PRESET)
     for sub in SET_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     for i in range(1, count + 1):

@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
-    if args.scale < 1 or args.size < args.scale or args.size % args.scale:
-        parser.error(f"--size {args.size} must be a positive multiple of --scale {args.scale} (at least 1)")
+    try:
+        config = SynthesisConfig(size=args.size, scale=args.scale,
+                                 **({"font_scale": tuple(args.font_scale)} if args.font_scale else {}))
+    except ValueError as e:  # checked before any file is written
+        parser.error(f"--size / --scale: {e}")
     try:
         if str(args.backgrounds) in SKIMAGE_BACKGROUNDS:
             folder = args.out / f"backgrounds_{args.backgrounds}"
@@ -120,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     has_text = None
     if args.check_backgrounds:
         from training.ocr import has_text  # lazy: rapidocr is only needed for this flag
-    config = SynthesisConfig(size=args.size, scale=args.scale,
-                             **({"font_scale": tuple(args.font_scale)} if args.font_scale else {}))
     try:
         synth = TextSynthesizer(backgrounds, fonts, crops, config, args.preset, has_text)
     except ValueError as e:

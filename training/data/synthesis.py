@@ -336,6 +336,10 @@ class SynthesisConfig:
     min_contrast: float = 80.0  # luma difference between text colour and the background under it
     place_tries: int = 100
 
+    def __post_init__(self):
+        if self.scale < 1 or self.size < self.scale or self.size % self.scale:
+            raise ValueError(f"size {self.size} must be a positive multiple of scale {self.scale}")
+
 
 @dataclass
 class SynthSample:
@@ -391,8 +395,6 @@ class TextSynthesizer:
             self.backgrounds = [p for p in self.backgrounds if not has_text(load_rgb(p))]
         if not self.backgrounds:
             raise ValueError("no usable background images" + (" (all contain text)" if has_text else ""))
-        if self.config.size % self.config.scale:
-            raise ValueError(f"size {self.config.size} is not divisible by scale {self.config.scale}")
 
     # -- public
 
