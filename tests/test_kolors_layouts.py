@@ -8,6 +8,7 @@ original SGM / LDM names (whose writer is checked against diffusers' own LDM con
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -198,6 +199,7 @@ def _cli_upscale(tmp_path, tiny_dir, *weights):
     from PIL import Image
 
     Image.fromarray((X[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(src / "x.png")
+    os.utime(src / "x.png", (1_700_000_000,) * 2)  # one input for every call: outputs record its time too
     out = tmp_path / "out"
     code = cli.main(["upscale", str(src / "x.png"), "-o", str(out), *weights, "--checkpoint",
                      str(tiny_dir["checkpoint"]), "--prompt-cache", str(tiny_dir["prompt_cache"]), "--scale", "2",
