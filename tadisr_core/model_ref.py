@@ -16,7 +16,6 @@ backbone is refused (`checkpoint.check_base`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, apply_checkpoint, load_checkpoint
-from .files import source_identity
+from .files import read_json_object, source_identity
 from .prompt import PromptCache
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -173,15 +172,11 @@ def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
     model_cfg = {}
     config = run / "config.json"
     if config.is_file():
-        try:
-            recorded = json.loads(config.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{config}: unreadable ({exc}); the run's config.json says which base and "
-                             f"prompt its checkpoints take: restore it from a copy of the run") from None
-        model_cfg = recorded.get("model") if isinstance(recorded, dict) else None
+        hint = ("the run's config.json says which base and prompt its checkpoints take: restore it from a "
+                "copy of the run")
+        model_cfg = read_json_object(config, hint).get("model")
         if not isinstance(model_cfg, dict):
-            raise ValueError(f"{config}: no 'model' section; the run's config.json says which base and prompt "
-                             f"its checkpoints take: restore it from a copy of the run")
+            raise ValueError(f"{config}: no 'model' section; {hint}")
         if not prompt.is_file() and model_cfg.get("prompt_cache"):
             prompt = Path(model_cfg["prompt_cache"])
     return ModelFiles(checkpoint, prompt if prompt.is_file() else None, model_cfg.get("kolors_dir"), run,
