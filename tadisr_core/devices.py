@@ -49,8 +49,9 @@ def resolve_device(name: str | torch.device | None = "auto", auto: torch.device 
 def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str = "cpu", *,
                   fp16_safe: bool = True) -> torch.dtype:
     """"auto" -> bf16 on CUDA GPUs with bf16 units (compute capability 8.0+), fp16 on older ones (fp32
-    for a model that is not `fp16_safe`), fp32 elsewhere; "fp8_e4m3fn" -> torch.float8_e4m3fn (UNet weight storage, computed in bf16).
-    A torch dtype is returned as it is if TADiSR runs in it (ValueError otherwise, as for unknown names).
+    for a model that is not `fp16_safe`), fp32 elsewhere; "fp8_e4m3fn" -> torch.float8_e4m3fn (UNet
+    weight storage, computed in bf16). A torch dtype is returned as it is if TADiSR runs in it
+    (ValueError otherwise, as for unknown names).
 
     The Kolors UNet runs in fp16; a model trained from scratch in fp32, such as the shipped demo models
     (`model_ref.runs_alone`), can overflow fp16's range (65504), so `auto` does not choose it for them.
