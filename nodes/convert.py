@@ -11,17 +11,22 @@ import torch
 CHANNELS = (1, 3, 4)
 
 
-def image_to_core(image: torch.Tensor) -> torch.Tensor:
-    """IMAGE [B, H, W, C] -> float32 [B, C, H, W]; ValueError naming the shape if it is not an image."""
+def image_to_core(image: torch.Tensor, name: str = "the image") -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> float32 [B, C, H, W]; ValueError naming the input (`name`) and its shape
+    if it is not a float image."""
     if not isinstance(image, torch.Tensor):
-        raise ValueError(f"TADiSR: expected an IMAGE tensor, got {type(image).__name__}")
+        raise ValueError(f"TADiSR: {name} must be an IMAGE tensor, got {type(image).__name__}")
+    given = tuple(image.shape)
     if image.ndim == 3:
         image = image.unsqueeze(0)
     if image.ndim != 4 or image.shape[-1] not in CHANNELS:
-        raise ValueError(f"TADiSR: the image must be [batch, height, width, channels] with 1, 3 or 4 channels, "
-                         f"got shape {tuple(image.shape)}")
+        raise ValueError(f"TADiSR: {name} must be [batch, height, width, channels] with 1, 3 or 4 channels, "
+                         f"got shape {given}")
     if image.shape[0] == 0 or image.shape[1] < 1 or image.shape[2] < 1:
-        raise ValueError(f"TADiSR: the image is empty (shape {tuple(image.shape)})")
+        raise ValueError(f"TADiSR: {name} is empty (shape {given})")
+    if not image.is_floating_point():  # 0..255 integers would be clamped to a white image
+        raise ValueError(f"TADiSR: {name} holds {str(image.dtype).removeprefix('torch.')} values; an IMAGE holds "
+                         "floats in 0..1 (convert it with a node that outputs a ComfyUI IMAGE)")
     return image.movedim(-1, 1).float().contiguous()
 
 
@@ -35,10 +40,12 @@ def mask_from_core(mask: torch.Tensor, device: torch.device | str = "cpu") -> to
     return mask.detach().reshape(mask.shape[0], *mask.shape[-2:]).to(device, torch.float32).clamp(0, 1).contiguous()
 
 
-def mask_to_core(mask: torch.Tensor) -> torch.Tensor:
-    """MASK [B, H, W] or [H, W] -> float32 [B, 1, H, W]."""
+def mask_to_core(mask: torch.Tensor, name: str = "the mask") -> torch.Tensor:
+    """MASK [B, H, W] or [H, W] -> float32 [B, 1, H, W]; ValueError naming the input (`name`) otherwise."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"TADiSR: {name} must be a MASK tensor, got {type(mask).__name__}")
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
     if mask.ndim != 3:
-        raise ValueError(f"TADiSR: a MASK must be [batch, height, width], got shape {tuple(mask.shape)}")
+        raise ValueError(f"TADiSR: {name} must be a MASK [batch, height, width], got shape {tuple(mask.shape)}")
     return mask.unsqueeze(1).float()

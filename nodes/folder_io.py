@@ -37,7 +37,8 @@ def resolve_folder(folder: str) -> str:
 
 def natural_key(name: str) -> list:
     """Sort key that orders digit runs by value: img2 < img10 (case-insensitive otherwise)."""
-    return [(0, int(part), part) if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
+    # isdecimal, not isdigit: "²" is a digit that int() refuses, and re's \d matches decimals only
+    return [(0, int(part), part) if part.isdecimal() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
 
 
 def list_images(folder: str) -> list[str]:
@@ -71,15 +72,24 @@ def read_image(path: str) -> torch.Tensor:
     return image.expand(-1, 3, -1, -1).movedim(1, -1).contiguous()
 
 
-def chosen_file(folder: str, index: int, when_done: str = "wrap around") -> tuple[str, str, int]:
-    """(folder path, file name, image count) of the file served for `index`."""
+def chosen_file(folder: str, index: int, when_done: str = "wrap around") -> tuple[str, str, list[str]]:
+    """(folder path, file name, every image name of the folder) of the file served for `index`."""
     path = resolve_folder(folder)
     names = list_images(path)
     if not names:
         from tadisr_core.images import IMAGE_SUFFIXES
 
         raise ValueError(f"TADiSR: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
-    return path, names[pick(int(index), len(names), when_done, path)], len(names)
+    return path, names[pick(int(index), len(names), when_done, path)], names
+
+
+def output_stem(name: str, names: list[str]) -> str:
+    """The output name of image file `name`: its stem, with the suffix kept (`page_jpg`) when another
+    image of the folder has the same stem, so each output can be traced to its file."""
+    stem, suffix = os.path.splitext(name)
+    if sum(os.path.splitext(other)[0] == stem for other in names) > 1:
+        return f"{stem}_{suffix.lstrip('.')}"
+    return stem
 
 
 def fingerprint(folder: str, index: int, when_done: str = "wrap around") -> str | float:
@@ -95,10 +105,10 @@ def load(folder: str, index: int = 0, prefix: str = "tadisr/", when_done: str = 
     """The image served for `index`, output prefixes for it and its mask, and the folder's image count."""
     from tadisr_core.images import ImageReadError
 
-    path, name, count = chosen_file(folder, index, when_done)
+    path, name, names = chosen_file(folder, index, when_done)
     try:
         image = read_image(os.path.join(path, name))
     except ImageReadError as exc:
         raise ValueError(f"TADiSR: {exc}. Move it out of the folder (or fix it) and run again.") from None
-    stem = f"{prefix}{os.path.splitext(name)[0]}"
-    return image, stem, f"{stem}_text_mask", count
+    stem = prefix + output_stem(name, names)
+    return image, stem, f"{stem}_text_mask", len(names)

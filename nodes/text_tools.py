@@ -12,9 +12,11 @@ def composite(tadisr_image, text_mask, other_image, grow=8, feather=4, threshold
     from tadisr_core.composite import text_composite
 
     host.check_interrupt()
+    tadisr = convert.image_to_core(tadisr_image, "tadisr_image")
+    mask = convert.mask_to_core(text_mask, "text_mask")
+    other = convert.image_to_core(other_image, "other_image")
     try:
-        out, used = text_composite(convert.image_to_core(tadisr_image), convert.mask_to_core(text_mask),
-                                   convert.image_to_core(other_image), int(grow), int(feather), float(threshold))
+        out, used = text_composite(tadisr, mask, other, int(grow), int(feather), float(threshold))
     except ValueError as exc:
         raise ValueError(f"TADiSR: {exc}") from None
     dev = host.intermediate_device()
@@ -25,19 +27,22 @@ def read_text(image, text_mask=None, min_score=0.5, min_coverage=0.25, engine=No
     """(STRING, IMAGE): the recognised lines (images of a batch separated by a blank line) and the
     image with their boxes drawn. With a mask, only lines it covers are kept."""
     from tadisr_core import reading
-    from tadisr_core.composite import check_mask_size
+    from tadisr_core.composite import check_mask_size, common_batch
 
-    img = convert.image_to_core(image)
-    mask = None if text_mask is None else convert.mask_to_core(text_mask)
+    img = convert.image_to_core(image, "image")
+    mask = None if text_mask is None else convert.mask_to_core(text_mask, "text_mask")
+    count = img.shape[0]
     if mask is not None:
         try:
             check_mask_size(mask, img)
+            count = common_batch({"image": img.shape[0], "text_mask": mask.shape[0]})
         except ValueError as exc:
             raise ValueError(f"TADiSR: {exc}") from None
     texts, drawn = [], []
-    for b in range(img.shape[0]):
+    for b in range(count):  # a batch of 1 on either side serves every item of the other
         host.check_interrupt()
-        rgb = img[b, :3] if img.shape[1] >= 3 else img[b].expand(3, -1, -1)
+        one = img[min(b, img.shape[0] - 1)]
+        rgb = one[:3] if one.shape[0] >= 3 else one.expand(3, -1, -1)
         lines = reading.read_lines(rgb, float(min_score), engine=engine)
         if mask is not None:
             lines = reading.keep_in_mask(lines, mask[min(b, mask.shape[0] - 1)], float(min_coverage))

@@ -82,6 +82,14 @@ def check_mask_size(text_mask: torch.Tensor, image: torch.Tensor) -> None:
                          f"({image.shape[-1]}x{image.shape[-2]}) differ in size; use the mask of this image")
 
 
+def common_batch(batches: dict[str, int]) -> int:
+    """The batch size of inputs named in `batches` (name -> size); ValueError unless each is it or 1."""
+    if len(set(batches.values()) - {1}) > 1:
+        raise ValueError("batch sizes differ: " + ", ".join(f"{k} {n}" for k, n in batches.items())
+                         + "; each must be the same, or 1")
+    return max(batches.values())
+
+
 def text_composite(tadisr: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, grow_px: int = 8,
                    feather_px: int = 4, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """(composite [B, C, H, W], used mask [B, 1, H, W]): TADiSR's text regions on the other image.
@@ -89,10 +97,7 @@ def text_composite(tadisr: torch.Tensor, text_mask: torch.Tensor, other: torch.T
     `other` is resized to TADiSR's size; `text_mask` must be TADiSR's size (`check_mask_size`).
     """
     check_mask_size(text_mask, tadisr)
-    batches = {"TADiSR image": tadisr.shape[0], "text mask": text_mask.shape[0], "other image": other.shape[0]}
-    if len(set(batches.values()) - {1}) > 1:
-        raise ValueError("batch sizes differ: " + ", ".join(f"{k} {n}" for k, n in batches.items())
-                         + "; each must be the same, or 1")
+    common_batch({"TADiSR image": tadisr.shape[0], "text mask": text_mask.shape[0], "other image": other.shape[0]})
     h, w = tadisr.shape[-2:]
     other = match_size(other, h, w)
     used = region_mask(text_mask.float(), grow_px, feather_px, threshold)

@@ -88,6 +88,14 @@ def test_conversions_round_trip():
             convert.image_to_core(bad)
 
 
+def test_an_integer_image_is_refused_not_clamped_to_white():
+    """Defect: a uint8 IMAGE (0..255) was clamped to 0..1 and upscaled into a white picture without a word."""
+    with pytest.raises(ValueError, match=r"^TADiSR: other_image holds uint8 values; an IMAGE holds floats in 0\.\.1"):
+        convert.image_to_core((torch.rand(1, 8, 8, 3) * 255).to(torch.uint8), "other_image")
+    with pytest.raises(ValueError, match=r"got shape \(8, 8\)$"):  # the shape as given, not as reshaped inside
+        convert.image_to_core(torch.rand(8, 8))
+
+
 # -- loading ------------------------------------------------------------------------------------
 def test_loader_choices(models_dir):
     assert loaders.kolors_choices() == ["tiny-kolors"] + loaders.demo_choices()
@@ -547,6 +555,21 @@ def test_folder_natural_order(tmp_path):
     assert folder_io.list_images(str(tmp_path)) == ["IMG1.png", "img2.png", "img10.png", "img_b.png"]
 
 
+def test_a_name_with_a_superscript_digit_does_not_break_the_folder(tmp_path):
+    """Defect: "area 10²5.png" failed every index of its folder ("invalid literal for int(): '²'")."""
+    _folder(tmp_path, ["room 1.png", "area 10\u00b25.png", "room 10.png", "room 2.png"])
+    assert folder_io.list_images(str(tmp_path)) == ["area 10\u00b25.png", "room 1.png", "room 2.png", "room 10.png"]
+    assert folder_io.load(str(tmp_path), 0, "")[1] == "area 10\u00b25"
+
+
+def test_files_of_one_stem_get_outputs_named_apart(tmp_path):
+    """Defect: page.png and page.jpg were both served as "page", so their outputs could not be told apart."""
+    _folder(tmp_path, ["page.png", "page.jpg", "cover.png"])
+    served = {folder_io.load(str(tmp_path), i, "out/")[0:3][1] for i in range(3)}
+    assert served == {"out/page_png", "out/page_jpg", "out/cover"}
+    assert folder_io.load(str(tmp_path), 0, "out/")[2] == "out/cover_text_mask"
+
+
 def test_relative_folder_resolves_under_the_input_folder_and_cannot_escape(tmp_path, monkeypatch):
     """Defect: a relative folder was joined to the input folder without a check, so '..' read outside it."""
     inputs = tmp_path / "input"
@@ -635,6 +658,16 @@ def test_text_composite_refuses_a_mask_of_another_size_or_batch(handle):
         text_tools.composite(a, torch.zeros(1, 8, 8), b)
 
 
+def test_text_composite_names_the_input_that_is_wrong(handle):
+    """Defect: "TADiSR: TADiSR: the image must be ..." named neither the input nor stopped repeating itself."""
+    a = _image(1, 8, 8)
+    with pytest.raises(ValueError, match=r"^TADiSR: text_mask must be a MASK \[batch, height, width\], got shape "
+                                         r"\(1, 1, 8, 8\)$"):
+        text_tools.composite(a, torch.zeros(1, 1, 8, 8), a)
+    with pytest.raises(ValueError, match=r"^TADiSR: other_image must be \[batch, height, width, channels\]"):
+        text_tools.composite(a, torch.zeros(1, 8, 8), torch.rand(1, 8, 8, 2))
+
+
 class _FakeOCR:
     """Stands in for RapidOCR's engine: returns fixed lines (the node logic around it is what is tested)."""
 
@@ -659,6 +692,19 @@ def test_read_text_lines_mask_filter_and_boxes():
     assert text == "OPEN"
     with pytest.raises(ValueError, match="differ in size"):
         text_tools.read_text(image, torch.zeros(1, 8, 8), engine=_FakeOCR())
+
+
+def test_read_text_pairs_masks_with_images_by_batch_or_refuses():
+    """Defect: 3 images with 2 masks read image 3 through image 2's mask, and 1 image with 2 masks
+    ignored the second mask, both without a word."""
+    images, masks = torch.ones(3, 16, 24, 3) * 0.5, torch.zeros(2, 16, 24)
+    with pytest.raises(ValueError, match=r"^TADiSR: batch sizes differ: image 3, text_mask 2; each must be the same"):
+        text_tools.read_text(images, masks, engine=_FakeOCR())
+    masks[1, 12:16, 12:21] = 1
+    text, boxes = text_tools.read_text(images[:1], masks, engine=_FakeOCR())
+    assert text == "\n\nsale" and boxes.shape == (2, 16, 24, 3)  # one reading per mask
+    text, _ = text_tools.read_text(images, masks[1:], engine=_FakeOCR())
+    assert text == "sale\n\nsale\n\nsale"
 
 
 def test_read_text_without_rapidocr_says_what_to_install(monkeypatch):
