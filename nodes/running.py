@@ -28,20 +28,29 @@ def check_tiling(scale: float, tile: int, overlap: int) -> None:
         raise ValueError(f"TADiSR: {exc}") from None
 
 
-def memory_estimate(model, tile: int, tile_batch: int | str) -> int:
-    """Bytes of activations to reserve beside the weights (at least one tile)."""
+def image_grid(image, scale: float, tile: int, overlap: int):
+    """The tile grid the model will run for `image` (core layout [B, C, h, w]) at these settings."""
+    from tadisr_core.pipeline import output_size, tile_grid
+
+    return tile_grid(*output_size(image.shape[-2], image.shape[-1], float(scale)), int(tile), int(overlap))
+
+
+def memory_estimate(model, grid, tile_batch: int | str) -> int:
+    """Bytes of activations to reserve beside the weights: `tile_batch` tiles of `grid` (one for auto),
+    never more tiles than the grid has (a small image's one small tile is all it reserves)."""
     from tadisr_core.devices import estimate_tile_bytes
 
-    n = tile_batch if isinstance(tile_batch, int) else 1
-    return n * estimate_tile_bytes(model, tile, tile)
+    n = min(tile_batch, len(grid)) if isinstance(tile_batch, int) else 1
+    return n * estimate_tile_bytes(model, grid.tile_h, grid.tile_w)
 
 
 @contextlib.contextmanager
-def running(handle: TADiSRHandle, tile: int = 768, tile_batch: int | str = "auto") -> Iterator[tuple]:
-    """`(model, progress, cancel)` with the model on its device; interrupt checked before starting."""
+def running(handle: TADiSRHandle, grid, tile_batch: int | str = "auto") -> Iterator[tuple]:
+    """`(model, progress, cancel)` with the model on its device, memory made for `grid`'s tiles
+    (a `tadisr_core.tiling.TileGrid`); interrupt checked before starting."""
     if not isinstance(handle, TADiSRHandle):
         raise ValueError(f"TADiSR: 'model' must come from Load TADiSR Model, got {type(handle).__name__}")
     host.check_interrupt()
-    with handle.running(memory_estimate(handle.model, tile, tile_batch)) as model:
+    with handle.running(memory_estimate(handle.model, grid, tile_batch)) as model:
         yield model, host.progress_reporter(1), host.cancel_callback()
 

@@ -146,6 +146,12 @@ def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
+def tile_grid(height: int, width: int, tile: int = 768, overlap: int = 256) -> TileGrid:
+    """Where the model's tiles sit on an upscaled canvas of `height` x `width` (latent-aligned tiles,
+    one smaller tile on a side shorter than `tile`)."""
+    return make_grid(height, width, tile, overlap, multiple=LATENT_FACTOR)
+
+
 def _check_input(image: torch.Tensor) -> None:
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
@@ -259,7 +265,7 @@ def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: i
         except Exception as exc:  # noqa: BLE001 - only OOM is handled
             if not is_oom(exc):
                 raise
-            grid = make_grid(*size, tile, overlap, multiple=LATENT_FACTOR)
+            grid = tile_grid(*size, tile, overlap)
             used = max(grid.tile_h, grid.tile_w)
             if used <= MIN_TILE:
                 message = f"out of memory even with one {used} px tile per model call ({exc}); {LOW_MEMORY_HINT}"
@@ -314,7 +320,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     b = hr.shape[0]
 
     def run(tile: int, overlap: int) -> UpscaleResult:
-        grid = make_grid(hr.shape[2], hr.shape[3], tile, overlap, multiple=LATENT_FACTOR)
+        grid = tile_grid(hr.shape[2], hr.shape[3], tile, overlap)
         kept: list[torch.Tensor] = []
 
         def work(units: range) -> list[torch.Tensor]:
@@ -354,7 +360,7 @@ def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int
                      keep_skips: bool | str = "auto") -> int:
     """Bytes the staged path keeps for an LR image of `height` x `width` (what `TiledLatents.nbytes` reports)."""
     h, w = output_size(height, width, scale)
-    grid = make_grid(h, w, tile, overlap, multiple=LATENT_FACTOR)
+    grid = tile_grid(h, w, tile, overlap)
     units, cells = batch * len(grid), grid.tile_h * grid.tile_w
     latent_cells = cells // LATENT_FACTOR ** 2
     per_tile = 4 * latent_cells * model.unet.conv_in.weight.element_size()
@@ -397,7 +403,7 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
     b, h, w = hr.shape[0], hr.shape[2], hr.shape[3]
 
     def run(tile: int, overlap: int) -> TiledLatents:
-        grid = make_grid(h, w, tile, overlap, multiple=LATENT_FACTOR)
+        grid = tile_grid(h, w, tile, overlap)
         units = b * len(grid)
         keep = _keep_skips(model, keep_skips, units, grid.tile_h * grid.tile_w)
         states: list[TileState] = []

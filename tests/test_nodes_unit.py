@@ -456,6 +456,26 @@ def test_colormap_endpoints():
     assert torch.allclose(gray, torch.full((1, 3, 2, 2), 0.25))
 
 
+def test_memory_is_made_for_the_tiles_the_image_has(handle, monkeypatch):
+    """Defect: every run asked ComfyUI for a full `tile` x `tile` of activation memory (x tile_batch),
+    so a small image could evict other models for tiles it never runs."""
+    from tadisr_core.devices import estimate_tile_bytes
+
+    asked = []
+    real = host.model_on_device
+
+    def recording(model, device, patcher, memory_required=0):
+        asked.append(memory_required)
+        return real(model, device, patcher, memory_required)
+
+    monkeypatch.setattr(host, "model_on_device", recording)
+    upscale.upscale(handle, _image(1, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)  # one 24 x 40 tile
+    latents = blocks.encode(handle, _image(1, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)
+    blocks.denoise(handle, latents, tile_batch=8)
+    assert asked == [estimate_tile_bytes(handle.model, 24, 40)] * 3
+    assert asked[0] < estimate_tile_bytes(handle.model, 768, 768) / 500
+
+
 def test_progress_per_tile_and_interrupt_between_tiles(handle, monkeypatch):
     calls = []
     monkeypatch.setattr(host, "progress_reporter", lambda total: lambda done, total: calls.append((done, total)))
