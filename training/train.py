@@ -245,11 +245,13 @@ class Trainer:
             build_model_from_config,
             build_optimizer,
             cast_frozen_,
+            check_loss_has_masks,
             configure_trainable,
             enable_gradient_checkpointing,
         )
 
         self.cfg, self.force = cfg, force
+        check_loss_has_masks(cfg)
         t = cfg.train
         self.out = Path(t.output_dir)
         check_run_folder(self.out, resume)
