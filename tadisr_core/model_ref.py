@@ -117,9 +117,10 @@ def _run_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def resolve_model(ref: str | Path) -> ModelFiles:
+def resolve_model(ref: str | Path, given_as: str = "--model") -> ModelFiles:
     """Turn a shipped model's name (`demo`, `demo-release`), a run folder, one of its step folders or a
-    checkpoint file into files; FileNotFoundError names what is missing."""
+    checkpoint file into files; FileNotFoundError names what is missing, and the flag or argument
+    `given_as` the user gave `ref` with."""
     shipped = shipped_models().get(str(ref))
     if shipped is not None:
         if not shipped.checkpoint.is_file():
@@ -134,7 +135,7 @@ def resolve_model(ref: str | Path) -> ModelFiles:
         return _with_run_files(path, run) if run is not None else ModelFiles(path, _prompt_beside(path))
     if not path.is_dir():
         names = ", ".join(f"'{n}'" for n in shipped_models())
-        raise FileNotFoundError(f"--model {ref}: no such file or folder (give {names}, a training run folder, "
+        raise FileNotFoundError(f"{given_as} {ref}: no such file or folder (give {names}, a training run folder, "
                                 f"one of its {RUN_CHECKPOINTS}/step_N folders, an exported model folder or a "
                                 f"checkpoint file)")
     checkpoint = path / RUN_FINAL if (path / RUN_FINAL).is_file() else _newest_checkpoint(path)
@@ -144,7 +145,7 @@ def resolve_model(ref: str | Path) -> ModelFiles:
     if len(weights) == 1 and _is_tadisr_checkpoint(weights[0]):  # an exported model (training.export_model)
         return ModelFiles(weights[0], _prompt_beside(weights[0]))
     found = f" (it holds {len(weights)} .safetensors files: give one)" if len(weights) > 1 else ""
-    raise FileNotFoundError(f"--model {ref}: the folder holds neither {RUN_FINAL} nor "
+    raise FileNotFoundError(f"{given_as} {ref}: the folder holds neither {RUN_FINAL} nor "
                             f"{RUN_CHECKPOINTS}/step_*/{RUN_STEP_MODEL}, nor one exported model{found}; is it a "
                             f"training run's output_dir?")
 

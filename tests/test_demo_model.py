@@ -608,6 +608,22 @@ def test_export_never_invents_a_prompt_and_never_breaks_another_export(tmp_path)
     assert meta["exported_from"] == "run" and json.loads(meta["training_config"]) == {"model": {"kolors_dir": None}}
 
 
+def test_export_errors_name_the_arguments_export_takes(tmp_path, capsys):
+    """Defect: `python -m training.export_model` named a missing or wrong run `--model` (an option of
+    `tadisr upscale` it does not have), and an OUT_DIR that is a file ended in a traceback."""
+    from training.export_model import main as export_main
+
+    _fake_run(tmp_path / "run", tiny_spec("paper"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
+    for argv, named in (([tmp_path / "nope", tmp_path / "out"], f"RUN_DIR {tmp_path / 'nope'}: no such file"),
+                        ([tmp_path / "empty", tmp_path / "out"], f"RUN_DIR {tmp_path / 'empty'}: the folder holds"),
+                        ([tmp_path / "run", tmp_path / "a_file"], f"OUT_DIR {tmp_path / 'a_file'}: a file")):
+        assert export_main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {named}") and "--model" not in err, err
+
+
 @demo_only
 def test_quiet_also_silences_the_libraries_progress_bars(tmp_path):
     import diffusers

@@ -690,3 +690,58 @@ def test_a_damaged_background_is_left_out_of_training_by_name(tmp_path, caplog):
     (folder / "coffee.png").unlink()
     with pytest.raises(ValueError, match=r"none of the 1 backgrounds could be read \(e\.g\. .*torn\.jpg"):
         build_datasets(cfg, tmp_path / "run", log=None)[0][0]
+
+
+def _realce_without_masks(root: Path) -> Path:
+    """A tiny Real-CE set (LR registered at the HR size, list file) with no mask folder."""
+    import skimage.data
+    from PIL import Image
+
+    for sub in ("13mm_aligned_1024", "52mm_aligned_1024"):
+        (root / sub).mkdir(parents=True)
+    hr = skimage.data.coffee()[100:164, 200:264]
+    lr = Image.fromarray(hr).resize((16, 16), Image.BICUBIC).resize((64, 64), Image.BICUBIC)
+    for i in range(2):
+        Image.fromarray(hr).save(root / "52mm_aligned_1024" / f"img_{i}.png")
+        lr.save(root / "13mm_aligned_1024" / f"img_{i}.png")
+    (root / "list.txt").write_text("img_0.png\nimg_1.png\n")
+    return root
+
+
+def test_a_realce_set_without_masks_is_configured_in_yaml_and_trains_on_image_terms(tmp_path, lpips_dir, capsys):
+    """Defect: RealCEDataset reads a set without text masks (`mask_dir=None`), but no config could say so
+    (`data.mask_dir: null` was refused as not text, and Real-CE never read data.mask_dir). Now it can,
+    and the loss terms that read the mask (all zero here) are refused by name, before any model is built."""
+    import yaml
+
+    from training.builders import build_datasets
+    from training.train import Trainer
+    from training.train import main as train_main
+
+    root = _realce_without_masks(tmp_path / "realce")
+    data = yaml.safe_load(TINY.read_text())
+    data["data"] = {"kind": "realce", "root": str(root), "list_file": "list.txt", "mask_dir": None, "crop": 64,
+                    "scale": 4}
+    config = tmp_path / "realce.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cfg = load_config(config, tiny_overrides(tmp_path / "run", lpips_dir, train__max_steps=1))
+    assert cfg.data.mask_dir is None
+    train, val = build_datasets(cfg, tmp_path / "run", log=None)
+    assert len(train) == 2 and val is None
+    assert train[0]["hr"].shape == (3, 64, 64) and train[0]["lr"].shape == (3, 16, 16)
+    assert train[0]["mask"].shape == (1, 64, 64) and train[0]["mask"].sum() == 0
+
+    with pytest.raises(ConfigError, match=r"the loss terms mfl, mask_mse, mask_focal, mask_dice read the text mask "
+                                          r"\(loss\.preset = paper\): set them to 0 \(--set loss\.mfl=0 "):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()  # refused before the run folder, the data or the model
+    assert train_main(["--config", str(config), "--set", "loss.preset=release",
+                       *[f"--set={o}" for o in tiny_overrides(tmp_path / "run", lpips_dir)]]) == 2
+    assert "the loss terms mask_mse, mask_focal, mask_dice read" in capsys.readouterr().err
+    image_only = load_config(config, tiny_overrides(tmp_path / "run", lpips_dir, train__max_steps=1, loss__mfl=0,
+                                                    loss__mask_mse=0, loss__mask_focal=0, loss__mask_dice=0))
+    assert run(image_only)["step"] == 1
+    assert set(train_lines(tmp_path / "run")[0]) & {"mse", "lpips", "mfl", "mask_dice"} == {"mse", "lpips"}
+    with pytest.raises(ConfigError, match=r"data\.mask_dir = null \(a set without text masks\) is for data\.kind = "
+                                          r"realce; data\.kind = triplets needs its masks"):
+        load_config(TINY, ["data.kind=triplets", f"data.root={json.dumps(str(root))}", "data.mask_dir=null"])

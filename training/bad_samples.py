@@ -9,6 +9,8 @@ When the data itself is broken (every sample fails, or samples of different size
 """
 from __future__ import annotations
 
+import re
+
 from torch.utils.data import Dataset
 
 MAX_TRIES = 16   # consecutive bad samples before the data itself is declared broken
@@ -58,14 +60,31 @@ class TolerantItems(Dataset):
         bad = []
         for k in range(MAX_TRIES):
             i = (index + k) % len(self.inner)
-            try:
-                item = self.inner[(epoch, i)]
-            except Exception as exc:  # noqa: BLE001 - any damage in one sample must not stop training
-                bad.append(f"{self.describe(i)}: {type(exc).__name__}: {exc}")
+            item, damage = self._load(epoch, i)
+            if damage:
+                bad.append(damage)
                 continue
             return {**item, "bad": "\n".join(bad)}
         raise DataBroken(f"{MAX_TRIES} samples in a row could not be loaded; the data is broken. Last errors:\n"
                          + "\n".join(bad[-3:]))
+
+    def _load(self, epoch: int, i: int) -> tuple[dict | None, str]:
+        """(item i, "") or (None, what is damaged: the sample and the error)."""
+        try:
+            return self.inner[(epoch, i)], ""
+        except Exception as exc:  # noqa: BLE001 - any damage in one sample must not stop training
+            return None, f"{self.describe(i)}: {type(exc).__name__}: {exc}"
+
+    def still_damaged(self, entries: list[str]) -> list[str]:
+        """Of damaged samples listed before (a checkpoint's list), those that still fail, as they fail now.
+        One that loads (fixed) or whose index now names other files (removed, renamed) is left out."""
+        still = []
+        for entry in entries:
+            found = re.match(r"sample (\d+)\b", entry)
+            i = int(found.group(1)) if found else -1
+            if 0 <= i < len(self) and entry.startswith(f"{self.describe(i)}: "):
+                still.append(self._load(0, i)[1])
+        return sorted({damage for damage in still if damage})
 
 
 def sample_describer(dataset):

@@ -215,9 +215,10 @@ class TrainingForward(nn.Module):
 
 
 # -- loss ---------------------------------------------------------------------------------------
-def build_loss(cfg: Config, device: str | torch.device = "cpu"):
-    """The TADiSRLoss a config describes (LPIPS loaded from `loss.lpips_weights` / the default dir)."""
-    from training.losses import TERMS, TADiSRLoss, loss_settings
+def loss_settings_of(cfg: Config):
+    """The LossSettings a config describes: its `loss.preset` with the `loss` overrides, `ablation.no_mfl`
+    and `loss.lpips_net: none` applied (`ablation.no_jsd` is applied by TADiSRLoss itself)."""
+    from training.losses import TERMS, loss_settings
 
     lc = cfg.loss
     overrides = {k: getattr(lc, k) for k in (*TERMS, "lpips_net", "mfl_gamma", "mfl_detach_weight", "focal_alpha",
@@ -225,15 +226,40 @@ def build_loss(cfg: Config, device: str | torch.device = "cpu"):
     if cfg.ablation.no_mfl:
         overrides["mfl"] = 0.0
     settings = loss_settings(lc.preset, **overrides)
-    lpips = None
     if settings.lpips_net == "none":
         if lc.lpips not in (None, 0.0):
             raise ConfigError(f"loss.lpips = {lc.lpips} but loss.lpips_net = none: set one of them differently")
         settings = dataclasses.replace(settings, weights=dataclasses.replace(settings.weights, lpips=0.0))
-    elif settings.weights.lpips:
+    return settings
+
+
+def check_loss_has_masks(cfg: Config) -> None:
+    """ConfigError when the data has no text masks (`data.mask_dir: null`) but a loss term reads them:
+    all-zero masks would teach the model that no image holds text."""
+    from training.losses import GT_MASK_TERMS, MASK_TERMS
+
+    if cfg.data.mask_dir is not None:
+        return
+    weights = loss_settings_of(cfg).weights
+    dropped = (*MASK_TERMS, "mfl") if cfg.ablation.no_jsd else ()  # as TADiSRLoss(use_mask=False)
+    on = [t for t in GT_MASK_TERMS if getattr(weights, t) and t not in dropped]
+    if on:
+        zeros = " ".join(f"--set loss.{t}=0" for t in on)
+        raise ConfigError(f"data.mask_dir = null (a set without text masks), but the loss terms {', '.join(on)} "
+                          f"read the text mask (loss.preset = {cfg.loss.preset}): set them to 0 ({zeros}) or "
+                          f"name the mask folder")
+
+
+def build_loss(cfg: Config, device: str | torch.device = "cpu"):
+    """The TADiSRLoss a config describes (LPIPS loaded from `loss.lpips_weights` / the default dir)."""
+    from training.losses import TADiSRLoss
+
+    settings = loss_settings_of(cfg)
+    lpips = None
+    if settings.weights.lpips:  # 0 with loss.lpips_net: none
         from training.lpips import LPIPS
 
-        lpips = LPIPS(settings.lpips_net, lc.lpips_weights).to(device)
+        lpips = LPIPS(settings.lpips_net, cfg.loss.lpips_weights).to(device)
     ocr_features = None
     if settings.weights.ocr:
         from training.ocr_features import RecognizerFeatures
@@ -340,8 +366,10 @@ def build_datasets(cfg: Config, work_dir: str | Path,
         val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=preset, **dirs)
                if d.val_root else None)
         return train, val
-    train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale)
-    val = RealCEDataset(d.root, d.val_list_file, crop=d.val_crop, scale=d.scale) if d.val_list_file else None
+    masks = {"mask_dir": None} if d.mask_dir is None else {}  # data.mask_dir names triplets' folder, or none
+    train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale, **masks)
+    val = (RealCEDataset(d.root, d.val_list_file, crop=d.val_crop, scale=d.scale, **masks)
+           if d.val_list_file else None)
     return train, val
 
 

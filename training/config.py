@@ -58,8 +58,11 @@ class DataConfig:
     root: str | None = None                 # triplets: folder with hr/ mask/ [lr/]; realce: dataset root
     hr_dir: str = "hr"                      # triplets: the folder names under root (the authors' FTSR:
     lr_dir: str | None = "lr"               # gt, sr_bicubic, mask); LR files at 1/scale of the HR, or at
-    mask_dir: str = "mask"                  # the HR size (an upscaled LR such as sr_bicubic: the model's input);
-                                            # lr_dir null (or the default lr/ absent): LR degraded on the fly
+    mask_dir: str | None = "mask"           # the HR size (an upscaled LR such as sr_bicubic: the model's input);
+                                            # lr_dir null (or the default lr/ absent): LR degraded on the fly.
+                                            # realce: mask_dir null reads a set without its text masks
+                                            # (mask-52mm-bts-1024-v2/), trained by the loss terms that read
+                                            # no mask: mse, lpips
     list_file: str | None = None            # realce: training list
     backgrounds: str | None = "skimage"     # synth: a folder of text-free images, or built-in samples:
                                             # "skimage" (5 photos) / "skimage-all" (12)
@@ -185,6 +188,9 @@ class Config:
             raise ConfigError(f"{source}: data.root is required for data.kind = {self.data.kind}")
         if self.data.kind == "realce" and not self.data.list_file:
             raise ConfigError(f"{source}: data.list_file is required for data.kind = realce")
+        if self.data.mask_dir is None and self.data.kind != "realce":
+            raise ConfigError(f"{source}: data.mask_dir = null (a set without text masks) is for data.kind = "
+                              f"realce; data.kind = {self.data.kind} needs its masks")
         parts = self.model.init_parts
         if parts is not None:
             from tadisr_core.checkpoint import GROUPS

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+RUN_ARG, OUT_ARG = "RUN_DIR", "OUT_DIR"  # how the usage line and the errors name the two arguments
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -27,14 +28,16 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
     from tadisr_core.model_ref import RUN_PROMPT_CACHE, resolve_model, standalone_prompt
     from tadisr_core.prompt import PromptCache
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{OUT_ARG} {out}: a file, not a folder; give the folder to write the model into")
     if f"{name}.safetensors" == RUN_PROMPT_CACHE:
         raise ValueError(f"--name {name}: that is the prompt cache's file name; choose another name")
     others = sorted(p.name for p in out.glob("*.safetensors") if p.name not in (f"{name}.safetensors",
                                                                                  RUN_PROMPT_CACHE))
     if others:
-        raise ValueError(f"{out} already holds another model ({', '.join(others)}); an exported model is one "
-                         f"weights file and its {RUN_PROMPT_CACHE}: export into an empty folder")
-    files = resolve_model(run)
+        raise ValueError(f"{OUT_ARG} {out}: already holds another model ({', '.join(others)}); an exported model "
+                         f"is one weights file and its {RUN_PROMPT_CACHE}: export into an empty folder")
+    files = resolve_model(run, given_as=RUN_ARG)
     ckpt = load_checkpoint(files.checkpoint)
     if not ckpt.includes_backbone:
         raise ValueError(f"{files.checkpoint} holds adapters only: it runs only on the Kolors base it was "
@@ -56,8 +59,9 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m training.export_model", description=__doc__.split("\n\n")[0])
-    p.add_argument("run", type=Path, help="the training run's output_dir")
-    p.add_argument("out", type=Path, help="folder to write the standalone model into")
+    p.add_argument("run", metavar=RUN_ARG, type=Path,
+                   help="the training run's output_dir (or one of its step folders or checkpoint files)")
+    p.add_argument("out", metavar=OUT_ARG, type=Path, help="folder to write the standalone model into")
     p.add_argument("--name", default="tadisr_demo", help="weights file name, without .safetensors")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored precision (default fp16)")
     p.add_argument("--prompt-cache", type=Path, help="the prompt cache it was trained with (default: the run's)")

@@ -43,6 +43,7 @@ from torch import nn
 IMAGE_TERMS = ("mse", "lpips", "mfl", "ocr")
 MASK_TERMS = ("mask_mse", "mask_focal", "mask_dice")
 TERMS = IMAGE_TERMS + MASK_TERMS
+GT_MASK_TERMS = ("mfl", "ocr", *MASK_TERMS)  # the terms that read the ground-truth text mask
 
 
 @dataclass(frozen=True)

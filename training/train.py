@@ -15,8 +15,8 @@ leave both signals to the main process, so a signal to the whole process group (
 is handled the same.
 A non-finite loss or gradient skips the optimiser step; more than `train.max_nonfinite` aborts.
 A sample that cannot be loaded is replaced by the next one and logged (once, whatever the epochs);
-more than `train.max_bad_samples` different ones abort (with a checkpoint; a resume counts afresh, so
-fixed or removed ones no longer count), as does data that cannot
+more than `train.max_bad_samples` different ones abort (with a checkpoint; a resume carries the list over,
+less those fixed or removed meanwhile), as does data that cannot
 make a batch at all (`training.bad_samples.DataBroken`), exit code 1. `--resume` uses the
 newest complete checkpoint that loads (damaged ones are skipped with a warning) and refuses a
 changed config without `--force` (also another `train.max_steps` under a decaying learning rate, or
@@ -245,11 +245,13 @@ class Trainer:
             build_model_from_config,
             build_optimizer,
             cast_frozen_,
+            check_loss_has_masks,
             configure_trainable,
             enable_gradient_checkpointing,
         )
 
         self.cfg, self.force = cfg, force
+        check_loss_has_masks(cfg)
         t = cfg.train
         self.out = Path(t.output_dir)
         check_run_folder(self.out, resume)
@@ -293,6 +295,7 @@ class Trainer:
         self.step, self.nonfinite, self.bad_samples, self._last_end = 0, 0, 0, None
         self.bad_seen: set[str] = set()  # the damaged samples met so far (each epoch meets them again)
         self._resumed_from: Path | None = None
+        self._carried_bad: list[str] = []  # the damaged samples the checkpoint resumed from lists
         torch.manual_seed(t.seed + 1_000_003 * self.acc.process_index)
         if resume_from is not None:  # the weights before wrapping, so FSDP shards them
             apply_checkpoint(model, load_checkpoint(resume_from / RUN_STEP_MODEL))
@@ -326,6 +329,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
 
         self.train_items = TolerantItems(SeededItems(train, t.seed), sample_describer(train))
+        self._carry_bad_samples()
         sampler = StepBatchSampler(len(train), t.batch_size, self.acc.num_processes, self.acc.process_index,
                                    t.seed, start=self.step * t.grad_accum)
         self.loader = DataLoader(self.train_items, batch_sampler=sampler, num_workers=t.num_workers,
@@ -344,6 +348,18 @@ class Trainer:
             source = {"synth": "", "triplets": "data.val_root and ", "realce": "data.val_list_file and "}
             self._print(f"warning: train.validate_every = {t.validate_every}, but there is no validation data "
                         f"({source[cfg.data.kind]}data.val_size give it): no validation will run")
+
+    def _carry_bad_samples(self) -> None:
+        """Count the damaged samples of the checkpoint resumed from that are still damaged (every process
+        reads the same files, so keeps the same list); say which, and how many were fixed or removed."""
+        if not self._carried_bad:
+            return
+        still = self.train_items.still_damaged(self._carried_bad)
+        for entry in still:
+            self._print(f"warning: a damaged sample met before the resume is still damaged: {entry}")
+        if gone := len(self._carried_bad) - len(still):
+            self._print(f"{gone} damaged sample(s) met before the resume now load or are gone: no longer counted")
+        self.bad_seen, self.bad_samples = set(still), len(still)
 
     def _resume_checkpoint(self) -> Path | None:
         """The newest checkpoint folder that is whole (its training state kept for `_resume_state`);
@@ -417,8 +433,9 @@ class Trainer:
         self.optimizer.load_state_dict(rank_state["optimizer"] if self.fsdp else state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
-        # The damaged samples are counted afresh (the checkpoint keeps the list for reference): the abort
-        # asks to fix or remove them and resume, so only those still damaged are met and counted again.
+        # The damaged samples met so far carry over, once the data is read (`_carry_bad_samples`): the abort
+        # asks to fix or remove them and resume, so those that now load no longer count.
+        self._carried_bad = list(state.get("bad_sample_list", []))
         set_rng_state(rank_state["rng"])
         if self.main:  # drop log lines written after the checkpoint by the interrupted run
             self._trim_metrics()
@@ -516,18 +533,21 @@ class Trainer:
             from accelerate.utils import gather_object
 
             bad = gather_object(bad)
-        for entry in dict.fromkeys(b for b in bad if b not in self.bad_seen):
+        new = [b for b in dict.fromkeys(bad) if b not in self.bad_seen]
+        for entry in new:
             if self.main:
                 print(f"warning: skipped a damaged sample: {entry}", file=sys.stderr)
             self._log({"kind": "bad_sample", "step": self.step + 1, "sample": entry})
-            self.bad_seen.add(entry)
-            self.bad_samples += 1
         limit = self.cfg.train.max_bad_samples
-        if self.bad_samples > limit:  # the same on every process
+        if self.bad_samples + len(new) > limit:  # the same on every process
+            # Saved with the steps before this one, and the damaged samples they met (as the log is trimmed
+            # on a resume): this step's are met again then, and counted unless fixed.
             path = self.save_checkpoint()
-            raise TrainingAborted(f"aborting at step {self.step}: {self.bad_samples} damaged samples were skipped "
-                                  f"(train.max_bad_samples = {limit}); fix or remove them (listed above) and "
-                                  f"continue with --resume from {path}")
+            raise TrainingAborted(f"aborting at step {self.step}: {self.bad_samples + len(new)} damaged samples "
+                                  f"were skipped (train.max_bad_samples = {limit}); fix or remove them (listed "
+                                  f"above) and continue with --resume from {path}")
+        self.bad_seen.update(new)
+        self.bad_samples += len(new)
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, batches) -> dict:

@@ -14,7 +14,7 @@ from .common import (
     schema,
     tile_batch_input,
     tiling_inputs,
-    validate_tiling,
+    validate_tile,
 )
 
 
@@ -35,8 +35,8 @@ class TADiSREncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tile, overlap) -> bool | str:
-        return validate_tiling(tile, overlap)
+    def validate_inputs(cls, tile) -> bool | str:
+        return validate_tile(tile)  # `tile` alone: see validate_tile
 
     @classmethod
     def execute(cls, model, image, scale=4.0, tile=768, overlap=256, tile_batch=0) -> io.NodeOutput:

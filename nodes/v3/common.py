@@ -71,14 +71,19 @@ def image_input(tooltip: str = "Low-resolution image(s) to upscale (RGB; alpha i
     return io.Image.Input("image", tooltip=tooltip)
 
 
-def validate_tiling(tile, overlap) -> bool | str:
-    """validate_inputs helper: True, or why tile / overlap cannot work (None = linked, checked at run)."""
+def validate_tile(tile) -> bool | str:
+    """validate_inputs helper: True, or why `tile` cannot work (None = linked, checked at run).
+
+    ComfyUI attaches a validate_inputs message to every input the method names, so it names `tile`
+    alone: a tile error is shown on `tile`, not on `overlap` too. `overlap` left unnamed is range-checked
+    by ComfyUI itself (its widget's min and max, on `overlap` alone); that it is smaller than the tile
+    is checked when the node runs, before any tile (`running.check_tiling`), in a message naming it."""
     from .. import running
 
-    if tile is None or overlap is None:
+    if tile is None:
         return True
     try:
-        running.check_tiling(1.0, int(tile), int(overlap))
+        running.check_tiling(1.0, int(tile), 0)  # a neutral scale and overlap: the tile's own rule
     except ValueError as exc:
         return str(exc)
     return True

@@ -208,7 +208,8 @@ class RealCEDataset(Dataset):
         by_stem = {}
         for key, folder in folders.items():
             if not folder.is_dir():
-                raise FileNotFoundError(f"missing Real-CE folder {folder}")
+                hint = "; a set without text masks: data.mask_dir: null" if key == "mask" else ""
+                raise FileNotFoundError(f"missing Real-CE folder {folder}{hint}")
             by_stem[key] = _files_by_stem(folder)
         self.items = []
         for name in names:
