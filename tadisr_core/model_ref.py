@@ -220,10 +220,10 @@ def standalone_prompt(files: ModelFiles, given: str | Path | None = None) -> str
 
 def runs_alone(ref: str | Path) -> bool:
     """Whether the model `ref` names holds its whole backbone (`backbone=included`), from the file's header."""
-    from .streaming import read_header
+    from .streaming import is_safetensors, read_header
 
     checkpoint = resolve_model(ref).checkpoint
-    return checkpoint.suffix == ".safetensors" and read_header(checkpoint).metadata.get("backbone") == "included"
+    return is_safetensors(checkpoint) and read_header(checkpoint).metadata.get("backbone") == "included"
 
 
 def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path | None = None,
