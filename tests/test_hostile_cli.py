@@ -509,6 +509,25 @@ def test_weight_variables_set_for_kolors_do_not_break_the_demo(tmp_path, monkeyp
         cli.load_model(args)                                                   # given on the command line: refused
 
 
+def test_the_command_line_wins_over_the_environment_and_two_given_models_conflict(tiny_dir, tmp_path, monkeypatch):
+    """Defect: `--model demo --checkpoint X` ran the demo without a word when X equalled $TADISR_CHECKPOINT,
+    and TADISR_MODEL with `--kolors K --checkpoint C` on the command line said "give either"."""
+    def parse(*flags):
+        return cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), *flags])
+
+    checkpoint = str(tiny_dir["checkpoint"])
+    monkeypatch.setenv("TADISR_CHECKPOINT", checkpoint)
+    with pytest.raises(cli.SetupError, match="give either --model or --checkpoint, not both$"):
+        cli.load_model(parse("--model", "demo", "--checkpoint", checkpoint))       # both on the command line
+    monkeypatch.setenv("TADISR_MODEL", "demo")
+    with pytest.raises(cli.SetupError, match="TADISR_MODEL and TADISR_CHECKPOINT are both set"):
+        cli.load_model(parse())                                                    # both in the environment
+    monkeypatch.delenv("TADISR_CHECKPOINT")
+    model = cli.load_model(parse("--kolors", str(tiny_dir["kolors"]), "--checkpoint", checkpoint,
+                                 "--prompt-cache", str(tiny_dir["prompt_cache"])))
+    assert model.spec.unet.block_out_channels[0] == 8                              # the tiny Kolors model
+
+
 def test_a_missing_prompt_cache_for_a_model_that_runs_alone_names_its_own(tmp_path):
     """Defect: the advice was Kolors' `tadisr prompt-cache --kolors DIR -o NAME` (its folder dropped), for a
     model that takes only the cache it was trained with."""
