@@ -53,10 +53,12 @@ def _tile_batch(value: str) -> int | str:
 
 
 def _setup_logging(verbose: bool) -> None:
+    """Our log on stderr: warnings, and with -v (`verbose`) details and the tracebacks of unexpected
+    failures (logged at debug level beside their one-line error)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.propagate = False
 
 
@@ -473,27 +475,32 @@ def run_prompt_cache(args) -> int:
     from .backbone import KolorsFolderError
     from .prompt import compute_prompt_cache_from_kolors
 
+    _setup_logging(args.verbose)
     if args.kolors is None:
         raise SetupError("--kolors DIR|FILE is required (the Kwai-Kolors/Kolors diffusers folder, or ChatGLM3)")
     _check_chatglm_device("--device", args.device)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")
-    from .devices import DTYPES, resolve_device
+    from .devices import DTYPES, is_oom, resolve_device
     from .prompt import text_encoder_device
 
     dtype = DTYPES[args.dtype]
-    _quiet_libraries()  # transformers' notices about ChatGLM3's remote-code layout are not the user's to act on
+    _quiet_libraries(messages=not args.verbose)  # transformers' notices about ChatGLM3's remote-code layout
+    device = args.device
     try:
         device = text_encoder_device(args.device, resolve_device("auto"))
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
                                                  tuple(args.time_ids), device, dtype)
     except (KolorsFolderError, OSError, ValueError) as exc:  # missing, unreadable or wrong Kolors files
         raise SetupError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line
+    except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
+        log.debug("computing the prompt cache failed", exc_info=True)
+        if is_oom(exc):
+            raise SetupError(_chatglm_memory_advice(str(device), args.dtype)) from None
         raise SetupError(f"cannot compute the prompt cache from --kolors {args.kolors} ({type(exc).__name__}: "
-                         f"{exc}); check its ChatGLM3 files (text_encoder/, tokenizer/) or download them "
-                         f"again") from None
+                         f"{exc}); check its ChatGLM3 files (text_encoder/, tokenizer/) or download them again"
+                         + ("" if args.verbose else "; run with -v for the traceback")) from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         cache.save(out)
@@ -501,6 +508,18 @@ def run_prompt_cache(args) -> int:
         raise SetupError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"wrote {out}: prompt {cache.prompt!r}, 'text' at column(s) {list(cache.text_columns)}")
     return EXIT_OK
+
+
+def _chatglm_memory_advice(device: str, dtype: str) -> str:
+    """What to do when ChatGLM3 ran out of memory computing the prompt cache on `device` in `dtype`."""
+    cpu = device.startswith("cpu")
+    need = (f"ChatGLM3 in {dtype} needs about {'25' if dtype == 'fp32' else '12.5'} GB of "
+            f"{'RAM' if cpu else 'GPU memory'}" + (" (half that with --dtype bf16)" if dtype == "fp32" else ""))
+    if cpu:
+        return (f"out of memory computing the prompt cache on the CPU: {need}; close other programs to free "
+                f"memory, or compute it on a GPU with --device cuda")
+    return (f"out of memory computing the prompt cache on {device}: {need}; free GPU memory (other programs or "
+            f"jobs), or compute it on the CPU with --device cpu")
 
 
 def add_prompt_cache(sub) -> None:
@@ -525,6 +544,7 @@ def add_prompt_cache(sub) -> None:
                         "enough free memory, else the CPU)")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))  # the keys of devices.DTYPES
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details, and the traceback of a failure")
     p.set_defaults(run=run_prompt_cache)
 
 

@@ -241,6 +241,36 @@ def test_every_prompt_cache_problem_is_one_line_and_exit_2(tiny_dir, tmp_path, c
     assert cli.main(argv) == 0 and (tmp_path / "p.safetensors").is_file()
 
 
+def test_out_of_memory_gets_memory_advice_and_v_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    """Defect: `prompt-cache` told an out-of-memory error to check the ChatGLM3 files, and had no -v; and
+    the tracebacks that `upscale -v` promised were logged below the level -v set."""
+    from tadisr_core import model_ref, prompt
+
+    def raising(exc):
+        def fail(*args, **kwargs):
+            raise exc
+        return fail
+
+    argv = ["prompt-cache", "--kolors", str(tmp_path), "-o", str(tmp_path / "p.safetensors")]
+    for exc in (torch.OutOfMemoryError("CPU out of memory"), MemoryError()):
+        monkeypatch.setattr(prompt, "compute_prompt_cache_from_kolors", raising(exc))
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "out of memory computing the prompt cache on the CPU: ChatGLM3 in bf16 needs " \
+            "about 12.5 GB of RAM" in err[0] and "--device cuda" in err[0] and "ChatGLM3 files" not in err[0], err
+    monkeypatch.setattr(prompt, "compute_prompt_cache_from_kolors", raising(KeyError("odd")))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(KeyError: 'odd')" in err[0] and "run with -v for the traceback" in err[0]
+    assert cli.main([*argv, "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: cannot compute the prompt cache")
+    monkeypatch.setattr(model_ref, "load_model", raising(KeyError("odd")))
+    argv = ["upscale", str(_png(tmp_path / "a.png")), "-o", str(tmp_path / "out"), "--model", "demo"]
+    assert cli.main(argv) == 2 and "Traceback" not in capsys.readouterr().err
+    assert cli.main([*argv, "-v"]) == 2 and "KeyError: 'odd'" in capsys.readouterr().err.split("Traceback")[-1]
+
+
 def test_sigterm_during_a_save_leaves_no_partial_files(tiny_model, tmp_path, capsys, monkeypatch):
     d = tmp_path / "in"
     d.mkdir()
