@@ -584,6 +584,26 @@ def test_a_damaged_run_config_is_named(tmp_path, config):
         cli.load_model(args)
 
 
+@pytest.mark.parametrize("config", ['{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0"}',
+                                    '{"architectures": ["ChatGLMModel"], "model_type": "chatglm"}'])
+def test_another_tools_config_beside_model_final_is_not_taken_for_a_run(tmp_path, config):
+    """Defect: a folder holding model_final.safetensors and a diffusers or transformers config.json was taken
+    for a training run, and refused ("no 'model' section"); it loads as it would without that file."""
+    from tadisr_core.model_ref import RUN_FINAL, RUN_PROMPT_CACHE, resolve_model
+
+    demo, folder = resolve_model("demo"), tmp_path / "kept"
+    folder.mkdir()
+    (folder / RUN_FINAL).write_bytes(demo.checkpoint.read_bytes())
+    (folder / RUN_PROMPT_CACHE).write_bytes(demo.prompt_cache.read_bytes())
+    (folder / "config.json").write_text(config)
+    for ref in (folder, folder / RUN_FINAL):
+        files = resolve_model(ref)
+        assert (files.checkpoint, files.prompt_cache, files.kolors) == (folder / RUN_FINAL, folder / RUN_PROMPT_CACHE,
+                                                                        None)
+    args = cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), "--model", str(folder)])
+    assert cli.load_model(args).spec.unet.block_out_channels[0] == 16                  # the demo's weights
+
+
 def test_recorded_inputs_hold_for_any_file_name(tiny_model, tmp_path, capsys):
     """Review of the recorded inputs: a name that is not UTF-8 failed its outputs, and a CJK name was never
     skipped as JPEG (EXIF holds ASCII only)."""
