@@ -589,8 +589,10 @@ def test_a_damaged_run_config_is_named(tmp_path, config):
 def test_another_tools_config_beside_model_final_is_not_taken_for_a_run(tmp_path, config):
     """Defect: a folder holding model_final.safetensors and a diffusers or transformers config.json was taken
     for a training run, and refused ("no 'model' section"); it loads as it would without that file."""
-    from tadisr_core.model_ref import RUN_FINAL, RUN_PROMPT_CACHE, resolve_model
+    from tadisr_core.model_ref import RUN_CONFIG_SECTIONS, RUN_FINAL, RUN_PROMPT_CACHE, resolve_model
+    from training.config import Config
 
+    assert set(Config().to_dict()) == set(RUN_CONFIG_SECTIONS)                      # what a run's config.json holds
     demo, folder = resolve_model("demo"), tmp_path / "kept"
     folder.mkdir()
     (folder / RUN_FINAL).write_bytes(demo.checkpoint.read_bytes())
