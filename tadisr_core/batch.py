@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from .files import same_file
 from .images import (
     DEFAULT_QUALITY,
     OUTPUT_FORMATS,
     check_writable,
-    is_image_file,
     read_image,
     recorded_source,
     save_images,
+    walk_images,
     written_by_us,
 )
 from .pipeline import UpscaleCancelled, output_size, upscale
@@ -93,49 +92,6 @@ def looks_like_output(path: str | Path) -> bool:
     return bool(OUTPUT_NAME.search(Path(path).name))
 
 
-@dataclass
-class _Walk:
-    """What a folder walk found: image files, and what it left out."""
-
-    files: list[Path] = field(default_factory=list)
-    outputs: int = 0                                          # files named like our outputs
-    others: list[Path] = field(default_factory=list)          # files that are not images
-    subfolders: int = 0                                       # not entered (no --recursive)
-
-
-def _walk(folder: Path, recursive: bool, exclude: Path | None) -> _Walk:
-    """Image files under `folder` (symlinked sub-folders followed once, `exclude` and hidden names
-    skipped), and what was left out."""
-    found, seen = _Walk(), set()
-
-    def unreadable(err: OSError) -> None:
-        log.warning("cannot list %s: %s", err.filename, err.strerror)
-
-    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
-        real = os.path.realpath(root)
-        if real in seen or (exclude is not None and same_file(root, exclude) and Path(root) != folder):
-            dirs[:] = []
-            continue
-        seen.add(real)
-        visible = sorted(d for d in dirs if not d.startswith(".")
-                         and not (exclude is not None and same_file(Path(root) / d, exclude)))
-        if not recursive:
-            found.subfolders += len(visible)
-        dirs[:] = visible if recursive else []
-        for name in names:
-            p = Path(root) / name
-            if name.startswith(".") or not p.is_file():
-                continue
-            if not is_image_file(p):
-                found.others.append(p)
-            elif looks_like_output(p):
-                found.outputs += 1
-            else:
-                found.files.append(p)
-    found.files.sort()
-    return found
-
-
 def collect_inputs(inputs: list[str | Path], recursive: bool = False,
                    exclude: str | Path | None = None) -> list[tuple[Path, Path | None, str | None]]:
     """Expand files and folders into (file, folder it came from, error) in a stable order.
@@ -158,10 +114,11 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
             found.append((path, None, f"input not found: {path}"))
             continue
         if path.is_dir():
-            walk = _walk(path, recursive, exclude)
-            if walk.outputs:
+            walk = walk_images(path, recursive, exclude)
+            outputs = [p for p in walk.files if looks_like_output(p)]
+            if outputs:
                 log.warning("%s: left out %d file(s) named like outputs (*_x4.png / .jpg / .webp, *_text_mask.png); "
-                            "name them explicitly to upscale them", path, walk.outputs)
+                            "name them explicitly to upscale them", path, len(outputs))
             if walk.others:
                 names = ", ".join(p.name for p in sorted(walk.others)[:3]) + (", ..." if len(walk.others) > 3 else "")
                 log.warning("%s: left out %d file(s) that are not images we read (%s)", path, len(walk.others),
@@ -169,9 +126,10 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
             if walk.subfolders:
                 log.warning("%s: %d sub-folder(s) not searched; add --recursive to upscale the images in them",
                             path, walk.subfolders)
-            if not walk.files:
+            files = [p for p in walk.files if not looks_like_output(p)]
+            if not files:
                 log.warning("no image files in folder %s", path)
-            found.extend((p, path, None) for p in walk.files)
+            found.extend((p, path, None) for p in files)
         else:
             found.append((path, None, None))
     return found

@@ -24,7 +24,7 @@ import torch
 
 from .kolors_files import KolorsFolderError
 from .scaled_weights import is_side_tensor, iter_dequantized, weight_scales
-from .streaming import WeightsHeader, assign_weights, header_mentions, read_header
+from .streaming import WeightsHeader, assign_weights, header_mentions, is_safetensors, read_header
 
 # A name every ChatGLM3 weights file holds, looked for in the raw header bytes before any parsing
 MARKER = "self_attention.query_key_value"
@@ -53,11 +53,11 @@ def _header(path: Path) -> WeightsHeader:
 
 
 def is_chatglm_file(path: str | Path) -> bool:
-    """Whether `path` is a `.safetensors` file holding ChatGLM3 weights (reads the header only). A file
+    """Whether `path` is a safetensors file holding ChatGLM3 weights (reads the header only). A file
     whose header names ChatGLM3's tensors but cannot be read (a partial download) counts, so that
     loading it says what is wrong with it."""
     path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file() or not header_mentions(path, MARKER):
+    if not path.is_file() or not is_safetensors(path) or not header_mentions(path, MARKER):
         return False
     try:
         return _EMBEDDING in _unprefixed(read_header(path))

@@ -32,6 +32,7 @@ from .files import atomic_path, require_readable, same_file
 from .finite import first_problem
 from .lora import lora_rank
 from .spec import TADiSRSpec, full_spec, tiny_spec
+from .streaming import SAFETENSORS_SUFFIXES, is_safetensors, unreadable_format
 
 NATIVE_FORMAT = "tadisr/1"
 GROUPS = ("unet", "vae", "mi_decoder")
@@ -190,8 +191,8 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
 
     path = require_readable(path, what, _RELEASE_HINT if what == "checkpoint" else "")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a zip-based torch checkpoint (truncated or corrupt download, or "
-                              f"another kind of file?)")
+        raise CheckpointError(unreadable_format(path) or f"{path}: not a zip-based torch checkpoint (truncated or "
+                                                         f"corrupt download, or another kind of file?)")
     try:
         scan_torch_zip(path)
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -296,7 +297,7 @@ def load_checkpoint(path: str | Path, dtypes: dict[str, torch.dtype] | None = No
     checkpoint once, in its target dtype.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         return _load_native(path, dtypes or {})
     raw = _torch_load(path)
     groups = _official_groups(raw, path)
@@ -513,7 +514,7 @@ def convert(src: str | Path, dst: str | Path, force: bool = False) -> Path:
     dst = Path(dst)
     if dst.exists() and same_file(src, dst):
         raise CheckpointError(f"{dst}: refusing to convert a file onto itself; name another output")
-    if dst.suffix != ".safetensors":
+    if dst.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise CheckpointError(f"{dst}: the native format is safetensors; name the output *.safetensors")
     if dst.exists() and not force:
         raise CheckpointError(f"{dst} exists; pass --force to replace it")
@@ -579,7 +580,7 @@ def other_weights(path: str | Path) -> str | None:
     from .kolors_identity import check_unet, check_vae, holds_vae
 
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if not is_safetensors(path):
         return None
     if is_chatglm_file(path):
         try:

@@ -11,8 +11,10 @@ Exit codes (every tadisr command, the training ones included):
     0 success, 1 some inputs failed (or, for inspect, the checkpoint does not fit),
     2 setup error: arguments, missing / unreadable / damaged weight files, unwritable output,
     130 cancelled (Ctrl-C, SIGTERM).
-Environment: TADISR_KOLORS, TADISR_CHECKPOINT, TADISR_PROMPT_CACHE (defaults of the weight flags;
-TADISR_KOLORS_DIR is still read as an old name of TADISR_KOLORS), TADISR_MAX_PIXELS (input size limit).
+Environment: TADISR_MODEL, TADISR_KOLORS, TADISR_UNET, TADISR_VAE, TADISR_TEXT_ENCODER, TADISR_CHECKPOINT,
+TADISR_PROMPT_CACHE (defaults of the weight flags: they fill what the command line leaves out, and the
+command line wins over them; TADISR_KOLORS_DIR is still read as an old name of TADISR_KOLORS),
+TADISR_MAX_PIXELS (input size limit).
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ def _tile_batch(value: str) -> int | str:
 
 
 def _setup_logging(verbose: bool) -> None:
+    """Our log on stderr: warnings, and with -v (`verbose`) details and the tracebacks of unexpected
+    failures (logged at debug level beside their one-line error)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.propagate = False
 
 
@@ -91,6 +95,23 @@ def _scale(value: str) -> float:
     return s
 
 
+class FromEnv(str):
+    """A flag's value that came from its environment variable (`var`), not from the command line: the
+    command line wins over it (`_given`, `_settle_model`)."""
+
+    var: str
+
+
+def env_default(var: str, value: str | None = None) -> FromEnv | None:
+    """$`var` (or `value`, read from it) as a flag's default, marked as coming from the environment."""
+    value = os.environ.get(var) if value is None else value
+    if not value:
+        return None
+    marked = FromEnv(value)
+    marked.var = var
+    return marked
+
+
 def kolors_from_env(note: bool = True) -> str | None:
     """$TADISR_KOLORS, or the old name $TADISR_KOLORS_DIR (with a deprecation `note`)."""
     if os.environ.get("TADISR_KOLORS"):
@@ -102,33 +123,34 @@ def kolors_from_env(note: bool = True) -> str | None:
 
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
-    """--model / --kolors / --checkpoint / --prompt-cache, defaulting to TADISR_MODEL / _KOLORS / ..."""
-    p.add_argument("--model", metavar="demo|demo-release|RUN_DIR|CHECKPOINT", default=os.environ.get("TADISR_MODEL"),
+    """--model / --kolors / --checkpoint / --prompt-cache ..., defaulting to TADISR_MODEL / _KOLORS / ... (as
+    `FromEnv` values: the command line wins over them)."""
+    p.add_argument("--model", metavar="demo|demo-release|RUN_DIR|CHECKPOINT", default=env_default("TADISR_MODEL"),
                    help="'demo' (the small shipped model; 'demo-release' is its release-layout twin), a training "
                         "run folder, one of its checkpoints/step_N folders, a folder written by "
                         "training.export_model or a checkpoint file; a checkpoint that holds adapters only "
                         "needs its Kolors base: its run's recorded one, or --kolors (which replaces it), "
                         "--unet / --vae [env TADISR_MODEL]")
-    p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
+    p.add_argument("--kolors", metavar="DIR", default=env_default("TADISR_KOLORS", kolors_from_env()),
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")
-    p.add_argument("--unet", metavar="FILE|DIR", default=os.environ.get("TADISR_UNET"),
+    p.add_argument("--unet", metavar="FILE|DIR", default=env_default("TADISR_UNET"),
                    help="Kolors UNet file (diffusers or SGM names, e.g. models/unet/*.safetensors; an all-in-one "
                         "checkpoint brings its VAE) or folder; overrides the --kolors folder's unet/ [env TADISR_UNET]")
-    p.add_argument("--vae", metavar="FILE|DIR", default=os.environ.get("TADISR_VAE"),
+    p.add_argument("--vae", metavar="FILE|DIR", default=env_default("TADISR_VAE"),
                    help="SDXL VAE file (diffusers or LDM names, e.g. models/vae/sdxl_vae.safetensors) or folder; "
                         "overrides the --kolors folder's vae/ [env TADISR_VAE]")
-    p.add_argument("--text-encoder", metavar="DIR|FILE", default=os.environ.get("TADISR_TEXT_ENCODER"),
+    p.add_argument("--text-encoder", metavar="DIR|FILE", default=env_default("TADISR_TEXT_ENCODER"),
                    help="ChatGLM3 for a missing prompt cache: a ChatGLM3 folder (models/LLM/...), a text_encoder "
                         "folder with its tokenizer, or chatglm3-fp16.safetensors with its tokenizer beside it or in "
                         "a Kolors node pack; default: the --kolors folder [env TADISR_TEXT_ENCODER]")
     p.add_argument("--text-encoder-device", default="auto",
                    help="where ChatGLM3 computes a missing prompt cache: auto (the GPU when it has ~14 GB free, "
                         "else the CPU), cpu, cuda, ...")
-    p.add_argument("--checkpoint", metavar="PATH", default=os.environ.get("TADISR_CHECKPOINT"),
+    p.add_argument("--checkpoint", metavar="PATH", default=env_default("TADISR_CHECKPOINT"),
                    help="TADiSR checkpoint: the release's tadisr_kolors_ftsr_526000.pkl "
                         "(huqiming513/TADiSR-Models) or a native .safetensors [env TADISR_CHECKPOINT]")
-    p.add_argument("--prompt-cache", metavar="PATH", default=os.environ.get("TADISR_PROMPT_CACHE"),
+    p.add_argument("--prompt-cache", metavar="PATH", default=env_default("TADISR_PROMPT_CACHE"),
                    help="prompt-embedding cache (.safetensors); computed with Kolors' ChatGLM3 and saved there "
                         "when missing; omitted: computed in memory each run [env TADISR_PROMPT_CACHE]")
 
@@ -162,8 +184,7 @@ def load_model(args: argparse.Namespace):
         from .model_ref import NO_WEIGHTS_HELP
 
         raise SetupError(NO_WEIGHTS_HELP)
-    if args.model and _given(args.checkpoint, "TADISR_CHECKPOINT"):
-        raise SetupError("give either --model or --checkpoint, not both")
+    _settle_model(args)
     if not args.model and not args.kolors and not args.unet:
         raise SetupError("--kolors DIR (or --unet FILE and --vae FILE) is required (or set TADISR_KOLORS): the "
                          "Kwai-Kolors/Kolors diffusers folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
@@ -188,7 +209,7 @@ def load_model(args: argparse.Namespace):
     _quiet_libraries(messages=not args.verbose, progress=getattr(args, "quiet", False))
     try:
         if args.model:
-            prompt_cache = _given(args.prompt_cache, "TADISR_PROMPT_CACHE") if alone else args.prompt_cache
+            prompt_cache = _given(args.prompt_cache) if alone else args.prompt_cache
             model = load_model_ref(args.model, prompt_cache=prompt_cache, dtype=dtype, device=device,
                                    merge_lora_weights=args.merge_lora, offload=args.offload,
                                    **_base_weight_args(args, alone))
@@ -205,20 +226,34 @@ def load_model(args: argparse.Namespace):
     return place_model(model, None, None, channels_last=args.channels_last, compile=args.compile)
 
 
-def _given(value: str | None, env_var: str) -> str | None:
-    """A weight flag's value unless it only came from its environment variable (set for the Kolors
-    model), which `--model` ignores where it does not apply."""
-    env = kolors_from_env(note=False) if env_var == "TADISR_KOLORS" else os.environ.get(env_var)
-    return None if value == env else value
+def _given(value: str | None) -> str | None:
+    """A weight flag's value when it was given on the command line; None when it only came from its
+    environment variable (set for the Kolors model), which `--model` ignores where it does not apply."""
+    return None if isinstance(value, FromEnv) else value
+
+
+def _settle_model(args: argparse.Namespace) -> None:
+    """Keep one of --model and --checkpoint when both have a value: the command line wins over the
+    environment (the other value is dropped); SetupError when both come from the same one."""
+    if not (args.model and args.checkpoint):
+        return
+    from_env = [isinstance(value, FromEnv) for value in (args.model, args.checkpoint)]
+    if from_env == [True, True]:
+        raise SetupError(f"give either --model or --checkpoint, not both: {args.model.var} and "
+                         f"{args.checkpoint.var} are both set; give one on the command line or unset the other")
+    if from_env == [False, False]:
+        raise SetupError("give either --model or --checkpoint, not both")
+    if from_env[0]:
+        args.model = None
+    else:
+        args.checkpoint = None
 
 
 def _base_weight_args(args: argparse.Namespace, alone: bool) -> dict:
     """The base-weight flags for `model_ref.load_model`. For a model that runs alone, values that only
     came from their environment variables are dropped: given on the command line, they are an error there."""
-    env_vars = {"kolors": "TADISR_KOLORS", "unet": "TADISR_UNET", "vae": "TADISR_VAE",
-                "text_encoder": "TADISR_TEXT_ENCODER"}
-    given = {name: (_given(getattr(args, name), var) if alone else getattr(args, name))
-             for name, var in env_vars.items()}
+    given = {name: (_given(getattr(args, name)) if alone else getattr(args, name))
+             for name in ("kolors", "unet", "vae", "text_encoder")}
     return {**given, "text_encoder_device_name": args.text_encoder_device}
 
 
@@ -440,27 +475,32 @@ def run_prompt_cache(args) -> int:
     from .backbone import KolorsFolderError
     from .prompt import compute_prompt_cache_from_kolors
 
+    _setup_logging(args.verbose)
     if args.kolors is None:
         raise SetupError("--kolors DIR|FILE is required (the Kwai-Kolors/Kolors diffusers folder, or ChatGLM3)")
     _check_chatglm_device("--device", args.device)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")
-    from .devices import DTYPES, resolve_device
+    from .devices import DTYPES, is_oom, resolve_device
     from .prompt import text_encoder_device
 
     dtype = DTYPES[args.dtype]
-    _quiet_libraries()  # transformers' notices about ChatGLM3's remote-code layout are not the user's to act on
+    _quiet_libraries(messages=not args.verbose)  # transformers' notices about ChatGLM3's remote-code layout
+    device = args.device
     try:
         device = text_encoder_device(args.device, resolve_device("auto"))
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
                                                  tuple(args.time_ids), device, dtype)
     except (KolorsFolderError, OSError, ValueError) as exc:  # missing, unreadable or wrong Kolors files
         raise SetupError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line
+    except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
+        log.debug("computing the prompt cache failed", exc_info=True)
+        if is_oom(exc):
+            raise SetupError(_chatglm_memory_advice(str(device), args.dtype)) from None
         raise SetupError(f"cannot compute the prompt cache from --kolors {args.kolors} ({type(exc).__name__}: "
-                         f"{exc}); check its ChatGLM3 files (text_encoder/, tokenizer/) or download them "
-                         f"again") from None
+                         f"{exc}); check its ChatGLM3 files (text_encoder/, tokenizer/) or download them again"
+                         + ("" if args.verbose else "; run with -v for the traceback")) from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         cache.save(out)
@@ -468,6 +508,18 @@ def run_prompt_cache(args) -> int:
         raise SetupError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"wrote {out}: prompt {cache.prompt!r}, 'text' at column(s) {list(cache.text_columns)}")
     return EXIT_OK
+
+
+def _chatglm_memory_advice(device: str, dtype: str) -> str:
+    """What to do when ChatGLM3 ran out of memory computing the prompt cache on `device` in `dtype`."""
+    cpu = device.startswith("cpu")
+    need = (f"ChatGLM3 in {dtype} needs about {'25' if dtype == 'fp32' else '12.5'} GB of "
+            f"{'RAM' if cpu else 'GPU memory'}" + (" (half that with --dtype bf16)" if dtype == "fp32" else ""))
+    if cpu:
+        return (f"out of memory computing the prompt cache on the CPU: {need}; close other programs to free "
+                f"memory, or compute it on a GPU with --device cuda")
+    return (f"out of memory computing the prompt cache on {device}: {need}; free GPU memory (other programs or "
+            f"jobs), or compute it on the CPU with --device cpu")
 
 
 def add_prompt_cache(sub) -> None:
@@ -492,6 +544,7 @@ def add_prompt_cache(sub) -> None:
                         "enough free memory, else the CPU)")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))  # the keys of devices.DTYPES
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details, and the traceback of a failure")
     p.set_defaults(run=run_prompt_cache)
 
 

@@ -196,11 +196,13 @@ def choose_canvas_device(model, canvas_bytes: int, share: float = 0.2) -> torch.
 
 
 def is_oom(exc: BaseException) -> bool:
-    """Whether `exc` is an accelerator (or host allocator) out-of-memory error."""
+    """Whether `exc` is an accelerator or host out-of-memory error (torch's CPU allocator raises a
+    RuntimeError that "can't allocate memory", Python a MemoryError)."""
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    if isinstance(exc, oom_type):
+    if isinstance(exc, (oom_type, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def release_cached_memory() -> None:

@@ -26,13 +26,13 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .files import default_file_mode
+from .files import default_file_mode, same_file
 
 log = logging.getLogger("tadisr")
 
@@ -67,6 +67,45 @@ class ImageFile:
 def is_image_file(path: str | Path) -> bool:
     """Whether `path` has an image suffix we read."""
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+@dataclass
+class FolderImages:
+    """What a folder walk found: image files, and what it left out."""
+
+    files: list[Path] = field(default_factory=list)         # sorted
+    others: list[Path] = field(default_factory=list)        # files that are not images
+    subfolders: int = 0                                     # not entered (not recursive)
+
+
+def walk_images(folder: str | Path, recursive: bool = True, exclude: str | Path | None = None) -> FolderImages:
+    """The image files under `folder` (every level when `recursive`; symlinked sub-folders followed, each
+    real folder once; `exclude` and hidden names skipped), and what was left out. The one folder walk of
+    the project: the CLI's inputs, evaluate's predictions and ground truth."""
+    folder, found, seen = Path(folder), FolderImages(), set()
+    exclude = Path(exclude) if exclude is not None else None
+
+    def unreadable(err: OSError) -> None:
+        log.warning("cannot list %s: %s", err.filename, err.strerror)
+
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(root)
+        if real in seen or (exclude is not None and same_file(root, exclude) and Path(root) != folder):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        visible = sorted(d for d in dirs if not d.startswith(".")
+                         and not (exclude is not None and same_file(Path(root) / d, exclude)))
+        if not recursive:
+            found.subfolders += len(visible)
+        dirs[:] = visible if recursive else []
+        for name in names:
+            p = Path(root) / name
+            if name.startswith(".") or not p.is_file():
+                continue
+            (found.files if is_image_file(p) else found.others).append(p)
+    found.files.sort()
+    return found
 
 
 def max_pixels_limit() -> int:

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import file_identity, read_json_object
+from .streaming import SAFETENSORS_SUFFIXES, shards_folder
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 WEIGHT_EXTS = (".safetensors", ".bin")
-SINGLE_FILE_EXTS = (".safetensors",)
+SINGLE_FILE_EXTS = SAFETENSORS_SUFFIXES
 VAE_PART = " + vae/"  # starts a choice name's VAE part; split at the last one (a file name may hold " + ")
 VAE_HINT = ("the Kolors VAE is the SDXL VAE: pass --vae FILE|DIR (e.g. sdxl_vae.safetensors; in ComfyUI "
             "put it in models/vae)")
@@ -60,7 +61,9 @@ def weights_file(folder: Path) -> Path | None:
 
 
 def _component(path: Path, sub: str) -> tuple[Path, Path | None]:
-    """(weights, config) of a --unet/--vae argument: a file, a component folder or a Kolors folder."""
+    """(weights, config) of a --unet/--vae argument: a file, a component folder or a Kolors folder (the
+    *.index.json of sharded weights stands for its folder)."""
+    path = shards_folder(path)
     if path.is_file():
         return path, None
     if not path.is_dir():

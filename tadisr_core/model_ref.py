@@ -38,6 +38,8 @@ RUN_PROMPT_CACHE = "prompt_cache.safetensors"
 RUN_CHECKPOINTS = "checkpoints"          # a run's step checkpoints: RUN/checkpoints/step_00000600/
 RUN_STEP_DIR = re.compile(r"^step_(\d{8})$")
 RUN_STEP_MODEL = "model.safetensors"     # the weights in each step folder
+RUN_CONFIG = "config.json"               # the run's training config (training.config.Config.to_dict)
+RUN_CONFIG_SECTIONS = ("model", "data", "loss", "optim", "train", "ablation")  # its top-level keys
 NO_WEIGHTS_HELP = ("no model given. Try the shipped demo model: --model demo (small, trained on synthetic "
                    "text scenes). For the real model: --kolors DIR (Kwai-Kolors/Kolors) and --checkpoint "
                    "tadisr_kolors_ftsr_526000.pkl (huqiming513/TADiSR-Models); see README, Weights")
@@ -105,6 +107,20 @@ def _newest_checkpoint(run: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _run_config(folder: Path) -> Path | None:
+    """`folder`'s config.json when it is a training run's: any but a JSON object holding none of a run
+    config's sections (a diffusers or transformers config.json kept beside the weights, which is left
+    alone). A damaged one counts, so that loading names it."""
+    config = folder / RUN_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        keys = read_json_object(config, "")
+    except (OSError, ValueError):
+        return config
+    return config if any(section in keys for section in RUN_CONFIG_SECTIONS) else None
+
+
 def _run_of(checkpoint: Path) -> Path | None:
     """The run folder of a run's checkpoint (RUN/checkpoints/step_N/model.safetensors, or
     RUN/model_final.safetensors beside the run's config.json), else None."""
@@ -112,7 +128,7 @@ def _run_of(checkpoint: Path) -> Path | None:
     step = path.parent
     if path.name == RUN_STEP_MODEL and RUN_STEP_DIR.match(step.name) and step.parent.name == RUN_CHECKPOINTS:
         return step.parent.parent
-    if path.name == RUN_FINAL and (path.parent / "config.json").is_file():
+    if path.name == RUN_FINAL and _run_config(path.parent) is not None:
         return path.parent
     return None
 
@@ -171,8 +187,8 @@ def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
     """`checkpoint` with what its run folder knows: the prompt cache and the Kolors base of its config."""
     prompt = run / RUN_PROMPT_CACHE
     model_cfg = {}
-    config = run / "config.json"
-    if config.is_file():
+    config = _run_config(run)
+    if config is not None:
         hint = ("the run's config.json says which base and prompt its checkpoints take: restore it from a "
                 "copy of the run")
         model_cfg = read_json_object(config, hint).get("model")
@@ -221,10 +237,10 @@ def standalone_prompt(files: ModelFiles, given: str | Path | None = None) -> str
 
 def runs_alone(ref: str | Path) -> bool:
     """Whether the model `ref` names holds its whole backbone (`backbone=included`), from the file's header."""
-    from .streaming import read_header
+    from .streaming import is_safetensors, read_header
 
     checkpoint = resolve_model(ref).checkpoint
-    return checkpoint.suffix == ".safetensors" and read_header(checkpoint).metadata.get("backbone") == "included"
+    return is_safetensors(checkpoint) and read_header(checkpoint).metadata.get("backbone") == "included"
 
 
 def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path | None = None,
@@ -276,7 +292,7 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
     except KolorsFolderError as e:
         if not recorded:
             raise
-        raise KolorsFolderError(f"{e} (the Kolors base recorded in {files.run / 'config.json'}, whose relative "
+        raise KolorsFolderError(f"{e} (the Kolors base recorded in {files.run / RUN_CONFIG}, whose relative "
                                 f"paths are relative to the folder training ran in: run from there, or give "
                                 f"--kolors DIR, or --unet and --vae)") from None
     return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,

@@ -147,15 +147,17 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
     is missing."""
     from .chatglm_file import chatglm_config, find_tokenizer, is_chatglm_file
     from .kolors_files import KolorsFolderError
+    from .streaming import shards_folder, unreadable_format
 
-    root = Path(source)
+    root = shards_folder(Path(source))  # the *.index.json of sharded weights stands for its folder
     if root.is_file():
         if "-of-" in root.name and (root.parent / "config.json").is_file():  # model-00001-of-00007.safetensors
             raise KolorsFolderError(f"{root} is one shard of a ChatGLM3 folder; pass the folder ({root.parent}) or "
                                     f"the Kolors folder above it")
         if not is_chatglm_file(root):
-            raise KolorsFolderError(f"{root} is not a ChatGLM3 weights file (.safetensors with ChatGLM3's tensors); "
-                                    f"pass ChatGLM3 (a Kolors folder, a ChatGLM3 folder or chatglm3-fp16.safetensors)")
+            raise KolorsFolderError(unreadable_format(root) or (
+                f"{root} is not a ChatGLM3 weights file (.safetensors with ChatGLM3's tensors); pass ChatGLM3 "
+                f"(a Kolors folder, a ChatGLM3 folder or chatglm3-fp16.safetensors)"))
         chatglm_config(root)  # a partial download or a 4-bit file is named before its tokenizer is looked for
         return root, find_tokenizer(root)
     if (root / "config.json").is_file() and (root / "tokenizer.model").is_file():

@@ -74,8 +74,7 @@ def _formats(header: WeightsHeader) -> dict[str, str]:
     records = [k for k in header.tensors if k.endswith(_FORMAT_RECORD)]
     if records:
         wanted = set(records)
-        table = header if header.path.suffix == ".safetensors" else None
-        for name, t in iter_tensors(header.path, rename=lambda k: k if k in wanted else None, header=table):
+        for name, t in iter_tensors(header.path, rename=lambda k: k if k in wanted else None, header=header):
             try:
                 conf = json.loads(bytes(t.to(torch.uint8).flatten().tolist()).decode())
             except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError):
@@ -117,10 +116,9 @@ def iter_dequantized(path: str | Path, dtype: torch.dtype | None = None, rename:
     and the side tensors (scales, input scales, format records, the marker) left out."""
     path = Path(path)
     header = header or read_header(path)
-    table = header if path.suffix == ".safetensors" else None  # what iter_tensors takes
     scale_of = weight_scales(header.tensors)
     wanted = set(scale_of.values())
-    scales = dict(iter_tensors(path, rename=lambda k: k if k in wanted else None, header=table)) if wanted else {}
+    scales = dict(iter_tensors(path, rename=lambda k: k if k in wanted else None, header=header)) if wanted else {}
     renamed: dict[str, str] = {}
 
     def keep(key: str) -> str | None:
@@ -132,9 +130,9 @@ def iter_dequantized(path: str | Path, dtype: torch.dtype | None = None, rename:
         return new
 
     if not scales:  # an ordinary file: cast as it is read
-        yield from iter_tensors(path, dtype, keep, table)
+        yield from iter_tensors(path, dtype, keep, header)
         return
-    for new, stored in iter_tensors(path, None, keep, table):
+    for new, stored in iter_tensors(path, None, keep, header):
         scale = scale_of.get(renamed.pop(new))
         value = dequantize(stored, scales[scale]) if scale is not None else stored
         del stored

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ _ST_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 Rename = Callable[[str], str | None]
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # ComfyUI's two names for the format (in any case)
+GGUF_HINT = ("a quantised format (ComfyUI-GGUF's) that TADiSR cannot load: give the .safetensors weights it was "
+             "quantised from instead (fp16, bf16 and fp8 .safetensors files are read)")
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,53 @@ class WeightsHeader:
         return {k: v.shape for k, v in self.tensors.items()}
 
 
+def weights_format(path: str | Path) -> str | None:
+    """A file's format from its first bytes, whatever its name: "safetensors" (an 8-byte little-endian
+    header length that fits the file, then `{`), "gguf", "zip" (a torch file), "pickle" (an older torch
+    file) or "json" (such as the *.index.json of weights saved in shards); None for anything else or
+    a file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if len(head) == 9 and head[8:] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    for magic, name in ((b"GGUF", "gguf"), (b"PK\x03\x04", "zip"), (b"\x80", "pickle")):
+        if head.startswith(magic):
+            return name
+    return "json" if head.lstrip()[:1] in (b"{", b"[") else None
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """Whether `path` is read as safetensors: by its first bytes, else (a damaged or missing file, whose
+    reading then says what is wrong) by its name: .safetensors or .sft in any case."""
+    found = weights_format(path)
+    return found == "safetensors" or (found is None and Path(path).suffix.lower() in SAFETENSORS_SUFFIXES)
+
+
+def unreadable_format(path: str | Path) -> str | None:
+    """Why no loader here reads `path`, when its first bytes say it is a GGUF file or JSON (the index of
+    sharded weights: its folder is what to give); None for any other file."""
+    found = weights_format(path)
+    if found == "gguf":
+        return f"{path} is a GGUF file, {GGUF_HINT}"
+    if found == "json":
+        return (f"{path} is a JSON file, not weights (an *.index.json lists the shards of weights saved in "
+                f"pieces): give the folder that holds it")
+    return None
+
+
+def shards_folder(path: Path) -> Path:
+    """The folder of `path` when it is a JSON file (the *.index.json of sharded weights, given for them),
+    else `path`: the loaders of folders find the shards or say how to join them."""
+    return path.parent if path.is_file() and weights_format(path) == "json" else path
+
+
 def read_header(path: str | Path) -> WeightsHeader:
-    """The header of a `.safetensors` file, or the tensor table of a torch `.bin` (memory-mapped)."""
+    """The header of a safetensors file (`is_safetensors`), or the tensor table of a torch `.bin` (memory-mapped)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
@@ -70,10 +117,10 @@ def read_header(path: str | Path) -> WeightsHeader:
 
 
 def header_mentions(path: str | Path, text: str) -> bool:
-    """Whether a `.safetensors` file's header (its tensor names and metadata) contains `text`, read as
+    """Whether a safetensors file's header (its tensor names and metadata) contains `text`, read as
     raw bytes without parsing: a cheap first filter over large model folders. True for other formats."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if not is_safetensors(path):
         return True
     try:
         with open(path, "rb") as f:
@@ -128,9 +175,13 @@ def _parse_table(path: Path, table, base: int) -> tuple[dict[str, str], dict[str
 
 def _torch_file(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a torch pickle (.bin / .ckpt / .pt), read with torch's weights-only loader; a
-    training checkpoint's {"state_dict": ...} is unwrapped."""
+    training checkpoint's {"state_dict": ...} is unwrapped. ValueError saying what to give for a file
+    that is no torch file (`unreadable_format`, or neither zip nor pickle)."""
     import pickle
 
+    if weights_format(path) not in ("zip", "pickle") and path.is_file():
+        raise ValueError(unreadable_format(path) or f"{path} is not a weights file TADiSR reads (neither safetensors "
+                                                    f"nor a torch .bin / .pt / .ckpt): give the model's .safetensors")
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -160,7 +211,7 @@ def iter_tensors(path: str | Path, dtype: torch.dtype | None = None, rename: Ren
     """Yield (name, tensor) in file order, floating tensors cast to `dtype`, names passed through
     `rename` (None drops the tensor). Only one tensor in the file's dtype is alive at a time."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if not is_safetensors(path):
         for name, t in _torch_file(path).items():
             new = rename(name) if rename else name
             if new is not None:

@@ -241,6 +241,36 @@ def test_every_prompt_cache_problem_is_one_line_and_exit_2(tiny_dir, tmp_path, c
     assert cli.main(argv) == 0 and (tmp_path / "p.safetensors").is_file()
 
 
+def test_out_of_memory_gets_memory_advice_and_v_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    """Defect: `prompt-cache` told an out-of-memory error to check the ChatGLM3 files, and had no -v; and
+    the tracebacks that `upscale -v` promised were logged below the level -v set."""
+    from tadisr_core import model_ref, prompt
+
+    def raising(exc):
+        def fail(*args, **kwargs):
+            raise exc
+        return fail
+
+    argv = ["prompt-cache", "--kolors", str(tmp_path), "-o", str(tmp_path / "p.safetensors")]
+    for exc in (torch.OutOfMemoryError("CPU out of memory"), MemoryError()):
+        monkeypatch.setattr(prompt, "compute_prompt_cache_from_kolors", raising(exc))
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "out of memory computing the prompt cache on the CPU: ChatGLM3 in bf16 needs " \
+            "about 12.5 GB of RAM" in err[0] and "--device cuda" in err[0] and "ChatGLM3 files" not in err[0], err
+    monkeypatch.setattr(prompt, "compute_prompt_cache_from_kolors", raising(KeyError("odd")))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(KeyError: 'odd')" in err[0] and "run with -v for the traceback" in err[0]
+    assert cli.main([*argv, "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: cannot compute the prompt cache")
+    monkeypatch.setattr(model_ref, "load_model", raising(KeyError("odd")))
+    argv = ["upscale", str(_png(tmp_path / "a.png")), "-o", str(tmp_path / "out"), "--model", "demo"]
+    assert cli.main(argv) == 2 and "Traceback" not in capsys.readouterr().err
+    assert cli.main([*argv, "-v"]) == 2 and "KeyError: 'odd'" in capsys.readouterr().err.split("Traceback")[-1]
+
+
 def test_sigterm_during_a_save_leaves_no_partial_files(tiny_model, tmp_path, capsys, monkeypatch):
     d = tmp_path / "in"
     d.mkdir()
@@ -509,6 +539,25 @@ def test_weight_variables_set_for_kolors_do_not_break_the_demo(tmp_path, monkeyp
         cli.load_model(args)                                                   # given on the command line: refused
 
 
+def test_the_command_line_wins_over_the_environment_and_two_given_models_conflict(tiny_dir, tmp_path, monkeypatch):
+    """Defect: `--model demo --checkpoint X` ran the demo without a word when X equalled $TADISR_CHECKPOINT,
+    and TADISR_MODEL with `--kolors K --checkpoint C` on the command line said "give either"."""
+    def parse(*flags):
+        return cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), *flags])
+
+    checkpoint = str(tiny_dir["checkpoint"])
+    monkeypatch.setenv("TADISR_CHECKPOINT", checkpoint)
+    with pytest.raises(cli.SetupError, match="give either --model or --checkpoint, not both$"):
+        cli.load_model(parse("--model", "demo", "--checkpoint", checkpoint))       # both on the command line
+    monkeypatch.setenv("TADISR_MODEL", "demo")
+    with pytest.raises(cli.SetupError, match="TADISR_MODEL and TADISR_CHECKPOINT are both set"):
+        cli.load_model(parse())                                                    # both in the environment
+    monkeypatch.delenv("TADISR_CHECKPOINT")
+    model = cli.load_model(parse("--kolors", str(tiny_dir["kolors"]), "--checkpoint", checkpoint,
+                                 "--prompt-cache", str(tiny_dir["prompt_cache"])))
+    assert model.spec.unet.block_out_channels[0] == 8                              # the tiny Kolors model
+
+
 def test_a_missing_prompt_cache_for_a_model_that_runs_alone_names_its_own(tmp_path):
     """Defect: the advice was Kolors' `tadisr prompt-cache --kolors DIR -o NAME` (its folder dropped), for a
     model that takes only the cache it was trained with."""
@@ -533,6 +582,28 @@ def test_a_damaged_run_config_is_named(tmp_path, config):
     args = cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), "--model", str(run_dir)])
     with pytest.raises(cli.SetupError, match=re.escape(str(run_dir / "config.json"))):
         cli.load_model(args)
+
+
+@pytest.mark.parametrize("config", ['{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0"}',
+                                    '{"architectures": ["ChatGLMModel"], "model_type": "chatglm"}'])
+def test_another_tools_config_beside_model_final_is_not_taken_for_a_run(tmp_path, config):
+    """Defect: a folder holding model_final.safetensors and a diffusers or transformers config.json was taken
+    for a training run, and refused ("no 'model' section"); it loads as it would without that file."""
+    from tadisr_core.model_ref import RUN_CONFIG_SECTIONS, RUN_FINAL, RUN_PROMPT_CACHE, resolve_model
+    from training.config import Config
+
+    assert set(Config().to_dict()) == set(RUN_CONFIG_SECTIONS)                      # what a run's config.json holds
+    demo, folder = resolve_model("demo"), tmp_path / "kept"
+    folder.mkdir()
+    (folder / RUN_FINAL).write_bytes(demo.checkpoint.read_bytes())
+    (folder / RUN_PROMPT_CACHE).write_bytes(demo.prompt_cache.read_bytes())
+    (folder / "config.json").write_text(config)
+    for ref in (folder, folder / RUN_FINAL):
+        files = resolve_model(ref)
+        assert (files.checkpoint, files.prompt_cache, files.kolors) == (folder / RUN_FINAL, folder / RUN_PROMPT_CACHE,
+                                                                        None)
+    args = cli.build_parser().parse_args(["upscale", "x.png", "-o", str(tmp_path), "--model", str(folder)])
+    assert cli.load_model(args).spec.unet.block_out_channels[0] == 16                  # the demo's weights
 
 
 def test_recorded_inputs_hold_for_any_file_name(tiny_model, tmp_path, capsys):

@@ -148,3 +148,23 @@ def test_damaged_lpips_weights_are_one_line_naming_the_file(tmp_path, capsys):
     assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--no-ocr", "--lpips-weights", str(junk)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {junk} is not an LPIPS-alex weights file") and err.count("\n") == 1
+
+
+def test_symlinked_sub_folders_pair_as_the_cli_walks_them(tmp_path):
+    # defect: evaluate listed files with rglob, which does not enter symlinked sub-folders (Python 3.11),
+    # while `tadisr upscale --recursive` follows them: the predictions of a linked folder were not compared
+    from tadisr_core.batch import collect_inputs
+
+    pred, gt = _dirs(tmp_path)
+    img = _photo(3)
+    for folder, name in ((tmp_path / "pred_linked", "a_x4.png"), (tmp_path / "gt_linked", "a.png")):
+        folder.mkdir()
+        Image.fromarray(img).save(folder / name)
+        (folder / "loop").symlink_to(folder, target_is_directory=True)          # a cycle is walked once
+    (pred / "sub").symlink_to(tmp_path / "pred_linked", target_is_directory=True)
+    (gt / "sub").symlink_to(tmp_path / "gt_linked", target_is_directory=True)
+    Image.fromarray(img).save(gt / "top.png")
+    Image.fromarray(img).save(pred / "top_x4.png")
+    rc, report = _run(pred, gt, tmp_path)
+    assert rc == 0 and [r["name"] for r in report["pairs"]] == ["sub/a", "top"]
+    assert [p for p, _, _ in collect_inputs([gt], recursive=True)] == [gt / "sub" / "a.png", gt / "top.png"]

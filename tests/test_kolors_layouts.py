@@ -669,3 +669,39 @@ def test_quantized_unets_in_other_layouts_are_named_and_never_break_the_listing(
                                                  r"file, or a plain or scaled fp8 one$"):
             check_unet(folder / f"{name}.safetensors")
     assert list_kolors_candidates([], [folder], [tmp_path / "none"]) == []
+
+
+def test_weight_files_are_told_apart_by_their_bytes_not_their_names(layouts, tiny_dir, tmp_path, capsys):
+    """Defect: formats were told by the suffix alone: ComfyUI's `.sft` and a `.SafeTensors` were opened as
+    pickles ("a pickle that holds more than weights"), and so were a GGUF file and a sharded model's
+    index.json given as --unet, with that advice."""
+    from tadisr_core.checkpoint import load_checkpoint
+    from tadisr_core.model_ref import resolve_model, runs_alone
+
+    unet, vae = tmp_path / "models" / "unet" / "kolors.sft", tmp_path / "models" / "vae" / "SDXL_VAE.SafeTensors"
+    for src, dst in ((layouts["unet_file"], unet), (layouts["vae_file"], vae)):
+        dst.parent.mkdir(parents=True)
+        shutil.copy(src, dst)
+    assert _cli_upscale(tmp_path / "sft", tiny_dir, "--unet", str(unet), "--vae", str(vae))[0] == 0
+    assert list_kolors_candidates((), [unet.parent], [vae.parent]) == ["unet/kolors.sft + vae/SDXL_VAE.SafeTensors"]
+    checkpoint = tmp_path / "tadisr.sft"
+    shutil.copy(tiny_dir["checkpoint"], checkpoint)
+    assert load_checkpoint(checkpoint).source == "native"
+    demo = tmp_path / "demo.sft"
+    shutil.copy(resolve_model("demo").checkpoint, demo)
+    assert runs_alone(demo)                                     # read from its header: it needs no Kolors base
+    gguf = tmp_path / "kolors-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    shards = tmp_path / "sharded" / "unet"
+    shards.mkdir(parents=True)
+    index = shards / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {}}))
+    cases = [(["--unet", str(gguf), "--vae", str(vae)], f"{gguf} is a GGUF file, a quantised format"),
+             (["--unet", str(index), "--vae", str(vae)], f"{shards} holds its weights in shards ({index.name})"),
+             (["--kolors", str(layouts["folder"]), "--vae", str(gguf)], f"{gguf} is a GGUF file")]
+    for weights in cases:
+        code, _ = _cli_upscale(tmp_path / "bad", tiny_dir, *weights[0])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == cli.EXIT_SETUP and len(err) == 1 and weights[1] in err[0], (weights, err)
+    with pytest.raises(ValueError, match=re.escape(f"{gguf} is a GGUF file")):
+        load_checkpoint(gguf)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tadisr_core.images import load_rgb_uint8
+from tadisr_core.images import load_rgb_uint8, walk_images
 from training.metrics import SSIM_WINDOW
 
 PSNR_CAP = 100.0  # identical images: report 100 dB (as the official metrics code), not inf
@@ -48,18 +48,12 @@ def prediction_stem(stem: str) -> str | None:
 
 
 def list_images(folder: Path, exclude: Path | None = None) -> dict[str, list[Path]]:
-    """Image files under ``folder``, its sub-folders included (hidden ones, and ``exclude`` when it lies
-    inside, left out), grouped by their path relative to ``folder`` without the extension (``sub/0001``)."""
-    from training.data.synthesis import list_images as image_files
-
-    root, skip = folder.resolve(), exclude.resolve() if exclude is not None else None
-    inside = skip is not None and skip != root and skip.is_relative_to(root)
+    """Image files under ``folder`` as `tadisr upscale --recursive` finds them (`images.walk_images`: sub-folders
+    and symlinked ones included, hidden names and ``exclude`` left out), grouped by their path relative to
+    ``folder`` without the extension (``sub/0001``)."""
     groups: dict[str, list[Path]] = {}
-    for p in image_files(folder, recursive=True):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts[:-1]) or (inside and p.resolve().is_relative_to(skip)):
-            continue
-        groups.setdefault(rel.with_suffix("").as_posix(), []).append(p)
+    for p in walk_images(folder, recursive=True, exclude=exclude).files:
+        groups.setdefault(p.relative_to(folder).with_suffix("").as_posix(), []).append(p)
     return groups
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tadisr_core.images import ImageReadError, is_image_file, load_image, load_rgb_uint8, to_uint8
+from tadisr_core.images import ImageReadError, is_image_file, load_image, load_rgb_uint8, to_uint8, walk_images
 from training.data.degradation import FTSR_RELEASE, DegradationPreset, degrade, get_preset, ground_truth
 
 log = logging.getLogger("tadisr")
@@ -58,12 +58,12 @@ SYSTEM_FONT_FAMILIES = (
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (sorted); a clear error if the folder is missing."""
+    """Image files under ``folder`` (sorted; `images.walk_images`: symlinked sub-folders followed, hidden
+    names left out); a clear error if the folder is missing."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and is_image_file(p))
+    return walk_images(folder, recursive).files
 
 
 SET_FOLDERS = ("hr", "lr", "mask")
