@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from tadisr_core.streaming import SAFETENSORS_SUFFIXES
+
 log = logging.getLogger("tadisr")
 
 TADISR_FOLDER = "tadisr"          # models/tadisr: checkpoints and prompt caches (registered by us)
@@ -26,7 +28,7 @@ VAE_FOLDER = "vae"                # models/vae: the SDXL VAE file beside a singl
 CHECKPOINTS_FOLDER = "checkpoints"  # models/checkpoints: all-in-one Kolors checkpoints (UNet + VAE)
 LLM_FOLDER = "LLM"                # models/LLM: a ChatGLM3 folder or file (not registered by ComfyUI 0.3.75;
                                   # KwaiKolorsWrapper registers models/LLM/checkpoints under this name)
-CHECKPOINT_EXTS = (".pkl", ".safetensors")
+CHECKPOINT_EXTS = (".pkl",) + SAFETENSORS_SUFFIXES  # .safetensors and ComfyUI's .sft
 
 
 # -- is ComfyUI here? -----------------------------------------------------------------------------

@@ -54,15 +54,15 @@ def _is_prompt_cache(name: str) -> bool:
 
 
 def checkpoint_choices() -> list[str]:
-    """TADiSR checkpoints (.pkl / .safetensors) in models/tadisr, prompt caches left out; a
+    """TADiSR checkpoints (.pkl / .safetensors / .sft) in models/tadisr, prompt caches left out; a
     placeholder when there is none (the demo models need none)."""
     names = [f for f in host.list_files(host.TADISR_FOLDER, host.CHECKPOINT_EXTS) if not _is_prompt_cache(f)]
     return names or [NO_CHECKPOINT]
 
 
 def prompt_cache_choices() -> list[str]:
-    """"auto" plus the prompt_cache*.safetensors files in models/tadisr."""
-    files = host.list_files(host.TADISR_FOLDER, (".safetensors",))
+    """"auto" plus the prompt_cache*.safetensors (or .sft) files in models/tadisr."""
+    files = host.list_files(host.TADISR_FOLDER, host.SAFETENSORS_SUFFIXES)
     return [AUTO_CACHE] + [f for f in files if _is_prompt_cache(f)]
 
 

@@ -97,6 +97,25 @@ def test_an_integer_image_is_refused_not_clamped_to_white():
 
 
 # -- loading ------------------------------------------------------------------------------------
+def test_sft_checkpoints_and_prompt_caches_are_listed_and_load(models_dir):
+    """Defect: ComfyUI's other safetensors suffix, .sft, was loadable but never listed in models/tadisr."""
+    folder = models_dir / "tadisr"
+    made = [folder / "tadisr_tiny_copy.sft", folder / "prompt_cache_copy.sft"]
+    shutil.copyfile(folder / "tadisr_tiny.safetensors", made[0])
+    shutil.copyfile(folder / "prompt_cache.safetensors", made[1])
+    try:
+        assert "tadisr_tiny_copy.sft" in loaders.checkpoint_choices()
+        assert "prompt_cache_copy.sft" in loaders.prompt_cache_choices()
+        copy = loaders.load_model("tiny-kolors", "tadisr_tiny_copy.sft", "prompt_cache_copy.sft", "fp32", "cpu", False)
+        original = loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32",
+                                      "cpu", False)
+        image = _image(1, 8, 8)
+        assert torch.equal(upscale.upscale(copy, image, **TILE)[0], upscale.upscale(original, image, **TILE)[0])
+    finally:
+        for path in made:
+            path.unlink()
+
+
 def test_loader_choices(models_dir):
     assert loaders.kolors_choices() == ["tiny-kolors"] + loaders.demo_choices()
     from tadisr_core.model_ref import shipped_models
