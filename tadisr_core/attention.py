@@ -99,7 +99,11 @@ class PromptKV:
 
     The prompt is fixed, so its keys and values are the same for every tile: while `enabled`, the
     first UNet pass stores them and later passes reuse them (the same tensors, so the same result).
-    The owner clears the store whenever the prompt or the projection weights change (`validate`).
+    The owner clears the store whenever the prompt or the projection weights change (`validate`): it
+    sees a weight change by the tensor's version counter, which every in-place torch op bumps, except
+    kernels that write without autograd's bookkeeping, such as torch's fused optimisers
+    (`AdamW(fused=True)`). Whoever updates the weights so must call `clear()` before the next cached
+    pass (the trainer does, before each validation).
     """
 
     def __init__(self) -> None:
@@ -113,6 +117,7 @@ class PromptKV:
             self.entries, self._fingerprint = {}, fingerprint
 
     def clear(self) -> None:
+        """Forget every key and value (needed after a weight update that `validate` cannot see)."""
         self.entries, self._fingerprint = {}, None
 
     def keys_values(self, name: str, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,7 +62,19 @@ class Checkpoint:
     @property
     def includes_backbone(self) -> bool:
         """Whether every UNet and VAE weight is inside (a model trained whole, such as the demo)."""
-        return self.metadata.get("backbone") == "included"
+        return _backbone_included(self.metadata)
+
+
+def _backbone_included(metadata: dict[str, str]) -> bool:
+    return metadata.get("backbone") == "included"
+
+
+def file_includes_backbone(path: str | Path) -> bool:
+    """`Checkpoint.includes_backbone` of the file at `path`, from a native file's header alone (a release
+    .pkl holds the adapters only)."""
+    from .streaming import read_header
+
+    return is_safetensors(path) and _backbone_included(read_header(path).metadata)
 
 
 # -- which tensors a model saves ----------------------------------------------------------------

@@ -215,7 +215,13 @@ class TADiSRModel(nn.Module):
         return self.decode(den.latents, enc.skips, den.attention, mask=mask)
 
     def _prompt_fingerprint(self) -> tuple:
-        """Identity of the prompt and of the weights its keys and values come from (PromptKV's key)."""
+        """Identity of the prompt and of the weights its keys and values come from (PromptKV's key).
+
+        Weights are known by storage, version counter, dtype and device: cheap for every pass, and blind
+        to in-place writes that bump no version counter (torch's fused optimisers), after which the
+        owner calls `self.prompt_kv.clear()`. Hashing the values would see those too, but costs a read of
+        every projection weight per pass.
+        """
         def state(t: torch.Tensor) -> tuple:
             # inference tensors (made under torch.inference_mode, as in ComfyUI) have no version counter
             return t.data_ptr(), None if t.is_inference() else t._version, t.dtype, str(t.device)

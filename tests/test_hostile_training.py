@@ -195,6 +195,7 @@ def test_a_run_recorded_before_a_key_existed_resumes_without_force():
     ("data.crop=0", "data.crop"), ("optim.lr=-1", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
     ("optim.betas=[0.9, 1.5]", r"optim.betas\[1\]"), ("train.num_workers=-2", "train.num_workers"),
     ("loss.mfl=-3", "loss.mfl"), ("model.unet_rank=0", "model.unet_rank"), ("train.log_every=0", "train.log_every"),
+    ("train.seed=-1", "train.seed"),
 ])
 def test_config_values_are_range_checked_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=rf"command line \({re.escape(override)}\): {field}"):
@@ -525,3 +526,95 @@ def test_a_run_that_saved_no_checkpoint_starts_over_without_its_old_log_lines(tm
         _run(_cfg(out))
     _run(_cfg(out, train__max_steps=2), resume=True)
     assert [r["step"] for r in _lines(out)] == [1, 2] and _lines(out)[0]["total"] != 9.0
+
+
+def test_resume_with_force_trains_on_with_the_changed_optimiser_settings(tmp_path):
+    """Defect: `--resume --force` with another optim.lr said it continued with the change, but the loaded
+    optimiser and scheduler states kept the old rate (and betas, weight decay, eps)."""
+    from training.train import Trainer
+
+    out = tmp_path / "run"
+    _run(_cfg(out, optim__warmup_steps=4))                             # steps 1-2 at lr 1e-3, warming up
+    new = dict(optim__warmup_steps=4, optim__lr=1e-5, optim__betas=[0.8, 0.99], optim__weight_decay=0.5,
+               optim__eps=1e-6)
+    trainer = Trainer(_cfg(out, train__max_steps=4, **new), resume=True, force=True)
+    for group in trainer.optimizer.param_groups:                     # step 3 of the warm-up: 3/4 of the rate
+        assert group["lr"] == pytest.approx(1e-5 * 3 / 4) and group["initial_lr"] == 1e-5
+        assert tuple(group["betas"]) == (0.8, 0.99) and group["weight_decay"] == 0.5 and group["eps"] == 1e-6
+    assert trainer.scheduler.base_lrs == [1e-5] * len(trainer.optimizer.param_groups)
+    trainer.run()
+    assert [r["lr"] for r in _lines(out)] == pytest.approx([1e-3 / 4, 1e-3 / 2, 1e-5 * 3 / 4, 1e-5])
+    # recorded as it ran: a resume without --force finds no change, and the same rate
+    again = Trainer(_cfg(out, train__max_steps=5, **new), resume=True)
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_a_resume_that_changes_the_trainable_set_is_refused_before_anything_is_removed(tmp_path):
+    """Defect: `--resume --force --set ablation.no_jsd=true` failed with torch's "loaded state dict contains
+    a parameter group that doesn't match the size of optimizer's group", after removing model_final."""
+    from training.train import RunFolderError
+
+    out = tmp_path / "run"
+    _run(_cfg(out))
+    final = (out / "model_final.safetensors").read_bytes()
+    step2 = re.escape(str(out / "checkpoints" / "step_00000002"))
+    refused = (rf"^--resume: the trainable parameters changed since {step2} \(\d+ -> \d+ tensors.*not even with "
+               rf"--force\): start a new run .*--set model\.init_checkpoint=\"{step2}/model\.safetensors\"$")
+    with pytest.raises(RunFolderError, match=refused):
+        _run(_cfg(out, train__max_steps=4, ablation__no_jsd=True), resume=True, force=True)
+    assert (out / "model_final.safetensors").read_bytes() == final
+    # a checkpoint from before the trainable names were recorded: its optimiser state tells
+    state_file = out / "checkpoints" / "step_00000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["trainable"]
+    torch.save(state, state_file)
+    with pytest.raises(RunFolderError, match=refused):
+        _run(_cfg(out, train__max_steps=4, ablation__no_jsd=True), resume=True, force=True)
+    assert (out / "model_final.safetensors").read_bytes() == final
+
+
+def _init_checkpoint(path: Path, **extra) -> Path:
+    """A whole-model (backbone included) native checkpoint of the tiny config's model, for model.init_checkpoint."""
+    from tadisr_core.checkpoint import save_model
+    from training.builders import build_model_from_config
+
+    model = build_model_from_config(_cfg(path.parent / "unused", model__init_seed=5, **extra), log=lambda _: None)
+    return save_model(model, path, backbone=True)
+
+
+def test_a_resume_does_without_a_deleted_init_checkpoint_its_checkpoints_hold(tmp_path, capsys):
+    """Defect: a resume read model.init_checkpoint again, although the run's checkpoints hold every weight
+    it gave; a deleted one failed with "checkpoint not found: X", naming no key, after removing model_final."""
+    from safetensors.torch import load_file
+
+    init = _init_checkpoint(tmp_path / "prior.safetensors")
+    out = tmp_path / "run"
+    _run(_cfg(out, model__init_checkpoint=str(init)))
+    init.unlink()
+    summary = _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=3), resume=True)
+    assert summary["step"] == 3 and "is gone" in capsys.readouterr().out
+    assert load_file(out / "model_final.safetensors").keys() == load_file(out / "checkpoints" / "step_00000002"
+                                                                            / "model.safetensors").keys()
+    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint: checkpoint not found: .*prior"):
+        _run(_cfg(tmp_path / "new", model__init_checkpoint=str(init)))  # a new run needs it: the key is named
+
+
+def test_a_resume_still_needs_an_init_checkpoint_that_gave_frozen_weights(tmp_path, tiny_dir):
+    """A whole backbone taken from model.init_checkpoint onto a frozen Kolors base: the run saves the
+    adapters only, so its resume still needs that file, and says so naming the key, removing nothing."""
+    kolors = dict(model__kolors_dir=str(tiny_dir["kolors"]), model__prompt_cache=str(tiny_dir["prompt_cache"]))
+    init = _init_checkpoint(tmp_path / "prior.safetensors", **kolors)
+    out = tmp_path / "run"
+    _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=1, **kolors))
+    init.unlink()
+    final = (out / "model_final.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*prior.*does not hold the frozen "
+                                          r"weights it gave"):
+        _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=2, **kolors), resume=True)
+    state_file = out / "checkpoints" / "step_00000001" / "state.pt"  # from before the need was recorded
+    state = torch.load(state_file, weights_only=True)
+    del state["init_checkpoint_needed"]
+    torch.save(state, state_file)
+    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*may not hold every weight"):
+        _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=2, **kolors), resume=True)
+    assert (out / "model_final.safetensors").read_bytes() == final

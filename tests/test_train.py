@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -259,6 +260,85 @@ def test_too_many_nonfinite_steps_abort(tmp_path, lpips_dir):
     cfg = tiny_cfg(tmp_path, lpips_dir, train__max_steps=5, train__max_nonfinite=1, train__inject_nonfinite_at=[1, 2])
     with pytest.raises(TrainingAborted, match="max_nonfinite = 1"):
         run(cfg)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state, fixed by the first Accelerator: a test that trains in another
+    precision starts from a fresh one and leaves one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, fp16 trains under a grad scaler")
+def test_fp16_without_cuda_says_it_trains_in_fp32_and_skips_a_nonfinite_gradient(
+        tmp_path, lpips_dir, capsys, fresh_accelerator_state):
+    """Defect: fp16 without CUDA silently trained in fp32, and its non-finite gradients were left to a grad
+    scaler that does not exist there: the step was taken and every weight became NaN."""
+    from training.train import Trainer
+
+    trainer = Trainer(tiny_cfg(tmp_path, lpips_dir, loss__lpips_net="none", loss__lpips=0, train__max_steps=2,
+                               train__mixed_precision="fp16"))
+    said = capsys.readouterr().out
+    assert re.search(r"warning: train\.mixed_precision = fp16 needs a CUDA GPU .*trains in fp32", said)
+    loss = trainer.loss_fn
+
+    def nonfinite_gradient_at_step_1(image, hr, logits, mask):
+        out = dict(loss(image, hr, logits, mask))
+        if trainer.step == 0:  # a finite loss with a non-finite gradient, as an overflow in backward gives
+            out["total"] = out["total"] + (image.mean() - image.mean().detach()).abs().sqrt()
+        return out
+
+    trainer.loss_fn = nonfinite_gradient_at_step_1
+    trainer.run()
+    assert [(r["skipped"], math.isfinite(r["total"])) for r in train_lines(tmp_path)] == [(True, True), (False, True)]
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def test_a_checkpoint_keeps_the_grad_scaler_state(tmp_path, lpips_dir, monkeypatch):
+    """fp16 on a GPU trains under Accelerate's grad scaler, whose loss scale is found over many steps: a
+    checkpoint keeps it and a resume goes on with it (a CPU scaler stands in for the GPU's here)."""
+    import accelerate
+
+    from training.train import Trainer
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    cfg = tiny_cfg(tmp_path, lpips_dir, loss__lpips_net="none", loss__lpips=0, train__max_steps=2)
+    trainer = Trainer(cfg)
+    reached = {"scale": 512.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 100,
+               "_growth_tracker": 7}
+    trainer.acc.scaler.load_state_dict(reached)
+    trainer.step = 1
+    trainer.save_checkpoint()
+    assert Trainer(cfg, resume=True).acc.scaler.state_dict() == reached
+
+
+def test_validation_after_fused_optimiser_steps_uses_the_trained_prompt_projections(tmp_path, lpips_dir):
+    """Defect: validation cached the prompt's cross-attention keys and values, and fused AdamW writes the
+    to_k / to_v weights in place without the version bump that would renew them: every validation after
+    the first ran with the weights of the first."""
+    from training.train import Trainer
+
+    trainer = Trainer(tiny_cfg(tmp_path, lpips_dir, loss__lpips_net="none", loss__lpips=0, train__max_steps=3,
+                               model__train_backbone=True, optim__lr=1e-2))
+    trainer.validate()  # caches the prompt's keys and values
+    trainer.run()
+    after = trainer.validate()
+    trainer.model.prompt_kv.clear()
+    fresh = trainer.validate()
+    assert (after["psnr"], after["ssim"]) == (fresh["psnr"], fresh["ssim"])
 
 
 # -- model variants, ablations, checkpointing ---------------------------------------------------

@@ -93,7 +93,10 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
     from tadisr_core.spec import spec_for_size
 
     m = cfg.model
-    ckpt = load_checkpoint(m.init_checkpoint) if m.init_checkpoint else None
+    try:
+        ckpt = load_checkpoint(m.init_checkpoint) if m.init_checkpoint else None
+    except OSError as e:  # not found, a folder, unreadable: the message names the file
+        raise ConfigError(f"model.init_checkpoint: {e}") from None
     if ckpt is not None and ckpt.spec.variant != m.variant and m.init_parts is None:
         raise ConfigError(f"model.variant = {m.variant!r} but {m.init_checkpoint} is a {ckpt.spec.variant!r} "
                           f"checkpoint; set model.variant: {ckpt.spec.variant} (or model.init_parts: [unet, vae] "
@@ -136,6 +139,18 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
             log(f"model.init_parts: took {', '.join(m.init_parts)} from {m.init_checkpoint}; kept their "
                 f"initialisation: {', '.join(kept) or 'nothing'}")
     return model
+
+
+def init_checkpoint_needed_on_resume(m: ModelConfig) -> bool:
+    """Whether `model.init_checkpoint` gives the model weights that the run's checkpoints do not hold, so
+    that a resume still needs the file: a checkpoint holding the whole backbone, taken for the UNet or the
+    VAE of a run that saves the adapters only (a frozen Kolors base). Any other init checkpoint gives
+    exactly tensors the run saves (`apply_checkpoint` takes no others), which a resume applies anyway."""
+    from tadisr_core.checkpoint import GROUPS, file_includes_backbone
+
+    if not m.init_checkpoint or m.saves_backbone or not {"unet", "vae"} & set(m.init_parts or GROUPS):
+        return False
+    return file_includes_backbone(m.init_checkpoint)
 
 
 def configure_trainable(model, no_jsd: bool = False, backbone: bool = False) -> list[tuple[str, nn.Parameter]]:

@@ -49,6 +49,12 @@ class ModelConfig:
         """Whether the backbone comes from Kolors files (kolors_dir, unet, vae) rather than random weights."""
         return bool(self.kolors_dir or self.unet or self.vae)
 
+    @property
+    def saves_backbone(self) -> bool:
+        """Whether the run's checkpoints hold every UNet and VAE weight: trained ones, or a base that no Kolors
+        files hold (random, or taken from init_checkpoint), without which its checkpoints could not run."""
+        return self.train_backbone or not self.has_base
+
 
 @dataclass
 class DataConfig:
@@ -230,7 +236,7 @@ class Config:
             "train.log_every": (t.log_every, 1), "train.checkpoint_every": (t.checkpoint_every, 0),
             "train.keep_checkpoints": (t.keep_checkpoints, 0), "train.validate_every": (t.validate_every, 0),
             "train.num_workers": (t.num_workers, 0), "train.max_nonfinite": (t.max_nonfinite, 0),
-            "train.max_bad_samples": (t.max_bad_samples, 0),
+            "train.max_bad_samples": (t.max_bad_samples, 0), "train.seed": (t.seed, 0),
             **{f"loss.{k}": (getattr(ls, k), 0) for k in ("mse", "lpips", "mfl", "ocr", "mask_mse", "mask_focal",
                                                          "mask_dice", "mfl_gamma", "focal_gamma", "dice_smooth")},
         }

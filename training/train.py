@@ -21,7 +21,10 @@ make a batch at all (`training.bad_samples.DataBroken`), exit code 1. `--resume`
 newest complete checkpoint that loads (damaged ones are skipped with a warning) and refuses a
 changed config without `--force` (also another `train.max_steps` under a decaying learning rate, or
 another number of processes, which FSDP's per-process optimiser shards refuse even with `--force`);
-a run into a folder that already holds one needs `--resume` (or another output folder).
+another set of trainable parameters is refused even with `--force`, which otherwise applies the new
+`optim` settings from the resumed step on. A resume does without a deleted `model.init_checkpoint`
+when its checkpoint holds every weight that gave. Nothing in the folder is removed before every check
+has passed. A run into a folder that already holds one needs `--resume` (or another output folder).
 DDP (`find_unused_parameters`, as the release) and FSDP come from Accelerate (`accelerate config`);
 the FSDP path (full-state weight export, per-rank optimiser shards) is untested on CPU. Precision is
 `train.mixed_precision` (the launcher's flag is ignored, so a config always means the same run).
@@ -29,6 +32,7 @@ the FSDP path (full-state weight export, per-rank optimiser shards) is untested 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -99,13 +103,18 @@ def recorded_processes(state: dict, checkpoint: Path) -> int:
     return int(state.get("num_processes") or len(list(Path(checkpoint).glob("rank_*.pt"))) or 1)
 
 
+def fresh_run_hint(checkpoint: Path) -> str:
+    """How to go on from checkpoint `checkpoint`'s weights when the run cannot be resumed: a new run."""
+    return (f"start a new run (another --output-dir) from its weights: --set "
+            f"model.init_checkpoint={json.dumps(str(Path(checkpoint) / RUN_STEP_MODEL))}")
+
+
 def optimizer_refusal(state: dict, rank_state: dict, checkpoint: Path, processes: int, fsdp: bool) -> str | None:
     """Why a run of `processes` processes (under FSDP or not) cannot load the optimiser state of checkpoint
     `state` / `rank_state`; None when it can. FSDP keeps one shard per process in the rank files, other
     runs keep it whole in state.pt: neither loads the other's, and shards do not re-split for another
     number of processes. Not even --force gets past these."""
-    fresh = (f"or start a new run (another --output-dir) from its weights: --set "
-             f"model.init_checkpoint={json.dumps(str(Path(checkpoint) / RUN_STEP_MODEL))}")
+    fresh = f"or {fresh_run_hint(checkpoint)}"
     before = recorded_processes(state, checkpoint)
     sharded = "optimizer" in rank_state and "optimizer" not in state
     if fsdp and not sharded:
@@ -119,6 +128,46 @@ def optimizer_refusal(state: dict, rank_state: dict, checkpoint: Path, processes
         return (f"--resume: {checkpoint} holds the FSDP optimiser state in {before} shards, one per process, which "
                 f"{processes} processes cannot load (not even with --force). Resume with {before} processes, {fresh}")
     return None
+
+
+def trainable_change(state: dict, trainable: list[tuple[str, torch.Tensor]]) -> str | None:
+    """How the trainable parameters (name, tensor) differ from those checkpoint `state` was trained with, in
+    a few words; None when they are the same. Checkpoints from before the names were recorded are compared
+    by their whole optimiser state (the count and shapes of its tensors; FSDP shards are not compared)."""
+    names = [n for n, _ in trainable]
+    before = state.get("trainable")
+    if before is not None:
+        if list(before) == names:
+            return None
+        now, then = set(names), set(before)
+        gone, new = [n for n in before if n not in now], [n for n in names if n not in then]
+        example = (f"{gone[0]} no longer trained" if gone else f"{new[0]} trained now" if new
+                   else "another order")
+        return f"{len(before)} -> {len(names)} tensors, e.g. {example}"
+    optimizer = state.get("optimizer")
+    if optimizer is None:
+        return None
+    ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+    if len(ids) != len(names):
+        return f"{len(ids)} -> {len(names)} tensors"
+    for i, (name, p) in zip(ids, trainable):
+        moment = optimizer["state"].get(i, {}).get("exp_avg")
+        if moment is not None and tuple(moment.shape) != tuple(p.shape):
+            return f"{name}: shape {list(moment.shape)} -> {list(p.shape)}"
+    return None
+
+
+def apply_optim_settings(optimizer, scheduler, o) -> None:
+    """Give every parameter group of `optimizer` the AdamW settings of `o` (the config's `optim`: lr,
+    betas, weight_decay, eps) and `scheduler` (a LambdaLR of `lr_factor`) the base rate `o.lr`, with each
+    group's current rate where the schedule now puts it (`o.lr * factor(scheduler step)`, as the scheduler
+    computes it). A loaded optimiser and scheduler state carry the settings they were saved with: a
+    `--resume --force` with another `optim.lr` (or betas, ...) trains on with the new ones."""
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(lr=o.lr * factor(scheduler.last_epoch), initial_lr=o.lr, betas=tuple(o.betas),
+                     weight_decay=o.weight_decay, eps=o.eps)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def process_change(state: dict, checkpoint: Path, processes: int, batch: int) -> str | None:
@@ -248,6 +297,7 @@ class Trainer:
             check_loss_has_masks,
             configure_trainable,
             enable_gradient_checkpointing,
+            init_checkpoint_needed_on_resume,
         )
 
         self.cfg, self.force = cfg, force
@@ -261,19 +311,26 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=mp, kwargs_handlers=[ddp], cpu=_multi_process_cpu())
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         self.main = self.acc.is_main_process
+        if mp == "fp16" and self.acc.scaler is None:
+            self._print(f"warning: train.mixed_precision = fp16 needs a CUDA GPU (Accelerate has no fp16 on "
+                        f"{self.acc.device.type}): this run trains in fp32; train.mixed_precision = bf16 works on CPU")
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
-        # Both before the model: a changed run or a data problem shows in seconds, not minutes.
+        # Both before the model: a changed run or a data problem shows in seconds, not minutes. Nothing in the
+        # folder is removed before every check has passed (`_remove_final_model`, last).
         resume_from = self._resume_checkpoint() if resume else None
-        self._settle_final_model(resume_from)
+        remove_final = self._check_final_model(resume_from)
+        build_cfg = self._model_source(resume_from)
         datasets = self._build_datasets()
 
-        model = build_model_from_config(cfg, self.acc.device, log=self._print)
+        model = build_model_from_config(build_cfg, self.acc.device, log=self._print)
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
-        # A base that no Kolors folder holds (random, or taken from init_checkpoint) is saved with the run,
-        # or its checkpoints could not run anywhere.
-        self.save_backbone = cfg.model.train_backbone or not cfg.model.has_base
+        if resume_from is not None:
+            self._check_trainable_set(resume_from)
+        # Recorded in the checkpoints: a resume without the init checkpoint is refused when it still needs it.
+        self.init_needed = init_checkpoint_needed_on_resume(build_cfg.model)
+        self.save_backbone = cfg.model.saves_backbone
         self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model, self.save_backbone).items()}
         if mp in ("bf16", "fp16") and self.acc.device.type == "cuda" and not self.fsdp:
             # Frozen weights in half precision save memory. Only on CUDA, whose autocast runs norms in
@@ -306,6 +363,8 @@ class Trainer:
         elif resume and self.main:  # nothing saved yet: the run starts over, without the old run's log lines
             self._trim_metrics()
         self._build_data(*datasets)
+        if remove_final:
+            self._remove_final_model(resume_from)
 
     # -- setup ------------------------------------------------------------------------------------
     def _build_datasets(self) -> tuple:
@@ -378,7 +437,7 @@ class Trainer:
             return None
         for _, path in reversed(found):
             try:
-                load_checkpoint(path / RUN_STEP_MODEL)  # to check it; not kept
+                self._resumed_whole = load_checkpoint(path / RUN_STEP_MODEL).includes_backbone  # checked; not kept
                 self._resumed = load_training_state(path, self.acc.process_index)
             except (CheckpointError, OSError, RuntimeError, ValueError, EOFError) as exc:
                 self._print(f"warning: checkpoint {path} is damaged ({str(exc).splitlines()[0]}); trying the "
@@ -398,11 +457,12 @@ class Trainer:
             return path
         raise RunFolderError(f"--resume: every checkpoint under {self.out / RUN_CHECKPOINTS} is damaged")
 
-    def _settle_final_model(self, resume_from: Path | None) -> None:
-        """Before anything in the folder changes: refuse a resume already past train.max_steps, and, when
-        a finished run goes on, remove its model_final.safetensors (it would stand for the run while it
-        trains, and after a stop) only if the checkpoint resumed from holds the same weights; any other
-        model_final (checkpoints deleted or damaged, a new run into its folder) is refused, never lost."""
+    def _check_final_model(self, resume_from: Path | None) -> bool:
+        """Before anything in the folder changes: refuse a resume already past train.max_steps. When a
+        finished run goes on, its model_final.safetensors would stand for the run while it trains, and after
+        a stop: True when it is to be removed (`_remove_final_model`, once every other check has passed),
+        which it is only if the checkpoint resumed from holds the same weights; any other model_final
+        (checkpoints deleted or damaged, a new run into its folder) is refused, never lost."""
         import filecmp
 
         max_steps = self.cfg.train.max_steps
@@ -413,17 +473,51 @@ class Trainer:
                                  f"--max-steps to go on")
         final = self.out / RUN_FINAL
         if step == max_steps or not final.is_file():
-            return
+            return False
         if resume_from is None or not filecmp.cmp(final, resume_from / RUN_STEP_MODEL, shallow=False):
             what = ("is the only copy of its weights (no checkpoint of this run holds them)" if resume_from is None
                     else f"holds other weights than {resume_from}, which this run resumes from")
             raise RunFolderError(f"{final} {what}: training on would replace them. Move it away (or give "
                                  f"another --output-dir) first")
+        return True
+
+    def _remove_final_model(self, resume_from: Path) -> None:
+        """Remove the finished run's model_final.safetensors that `_check_final_model` found in
+        checkpoint `resume_from` too, as the run goes on past it."""
         self.acc.wait_for_everyone()  # every process compared before the main one removes it
         if self.main:
-            final.unlink()
-            self._print(f"{RUN_FINAL} removed: the run goes on to step {max_steps} (step {step}'s weights "
-                        f"stay in {resume_from})")
+            (self.out / RUN_FINAL).unlink(missing_ok=True)
+            self._print(f"{RUN_FINAL} removed: the run goes on to step {self.cfg.train.max_steps} (step "
+                        f"{int(self._resumed[0]['step'])}'s weights stay in {resume_from})")
+
+    def _model_source(self, resume_from: Path | None) -> Config:
+        """The config the model is built from: the run's own; or, on a resume whose `model.init_checkpoint`
+        is gone, with the resumed checkpoint in its place, when that holds every weight the init checkpoint
+        gave (it is applied on top anyway). When it does not, or may not (a checkpoint from before that was
+        recorded, without the whole backbone), the missing file is a ConfigError naming the key."""
+        m = self.cfg.model
+        if resume_from is None or not m.init_checkpoint or Path(m.init_checkpoint).exists():
+            return self.cfg
+        needed = self._resumed[0].get("init_checkpoint_needed")
+        if needed is None and not self._resumed_whole:
+            why = f"{resume_from} may not hold every weight it gave the model (it predates that record)"
+        elif needed:
+            why = f"{resume_from} does not hold the frozen weights it gave the model (they are not trained)"
+        else:
+            self._print(f"model.init_checkpoint {m.init_checkpoint} is gone; {resume_from} holds every weight it "
+                        f"gave: resuming without it")
+            source = dataclasses.replace(m, init_checkpoint=str(resume_from / RUN_STEP_MODEL))
+            return dataclasses.replace(self.cfg, model=source)
+        raise ConfigError(f"model.init_checkpoint not found: {m.init_checkpoint}; the resume still needs it: {why}. "
+                          f"Restore the file, or give its new place with --set model.init_checkpoint=... --force")
+
+    def _check_trainable_set(self, resume_from: Path) -> None:
+        """Refuse a resume whose trainable parameters differ from those checkpoint `resume_from` was trained
+        with (`ablation.no_jsd`, `model.train_backbone`): its optimiser state belongs to the old set."""
+        if change := trainable_change(self._resumed[0], self.trainable):
+            raise RunFolderError(f"--resume: the trainable parameters changed since {resume_from} ({change}; "
+                                 f"ablation.no_jsd and model.train_backbone change them), so its optimiser state "
+                                 f"does not fit them (not even with --force): {fresh_run_hint(resume_from)}")
 
     def _resume_state(self, path: Path) -> None:
         """Optimiser, scheduler, counters and RNG of checkpoint `path` (after `prepare`)."""
@@ -432,6 +526,9 @@ class Trainer:
         state, rank_state = self._resumed
         self.optimizer.load_state_dict(rank_state["optimizer"] if self.fsdp else state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optim_settings(self.optimizer, self.scheduler, self.cfg.optim)  # those of --resume --force
+        if state.get("scaler") and self.acc.scaler is not None:  # fp16: the loss scale reached so far
+            self.acc.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
         # The damaged samples met so far carry over, once the data is read (`_carry_bad_samples`): the abort
         # asks to fix or remove them and resume, so those that now load no longer count.
@@ -514,9 +611,12 @@ class Trainer:
         state = {"step": self.step, "nonfinite": self.nonfinite, "bad_samples": self.bad_samples,
                  "bad_sample_list": sorted(self.bad_seen),
                  "num_processes": self.acc.num_processes, "scheduler": self.scheduler.state_dict(),
-                 "config": self.cfg.to_dict()}
+                 "config": self.cfg.to_dict(), "trainable": [name for name, _ in self.trainable],
+                 "init_checkpoint_needed": self.init_needed}
         if not self.fsdp:
             state["optimizer"] = self.optimizer.state_dict()
+        if self.acc.scaler is not None and self.acc.scaler.is_enabled():  # fp16 on a GPU: its loss scale
+            state["scaler"] = self.acc.scaler.state_dict()
         path = save_training_checkpoint(
             self.acc, root=self.out / RUN_CHECKPOINTS, step=self.step, write_weights=self._write_weights,
             state=state, sharded_optimizer=self.optimizer.state_dict() if self.fsdp else None,
@@ -577,8 +677,8 @@ class Trainer:
         grad_norm = float("nan")
         if not bad:
             grad_norm = float(self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
-            # fp16: an overflow is the grad scaler's business (it skips the step and lowers its scale).
-            bad = not math.isfinite(grad_norm) and self.acc.mixed_precision != "fp16"
+            # An overflow under a grad scaler (fp16 on a GPU) is its business: it skips the step, lowers its scale.
+            bad = not math.isfinite(grad_norm) and self.acc.scaler is None
         lr_now = self.scheduler.get_last_lr()[0]
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
@@ -613,6 +713,9 @@ class Trainer:
 
         if not self.val_items:
             return None
+        # The prompt keys and values cached by an earlier validation came from the weights of then: the fused
+        # optimiser updates them in place without a trace the cache could see (PromptKV).
+        self.model.prompt_kv.clear()
         scale = self.cfg.data.scale
         rows, p_all, s_all = [], [], []
         self.model.eval()
