@@ -75,7 +75,7 @@ def tile_heat(maps: torch.Tensor, grid: TileGrid, groups: dict[str, tuple[int, i
     if layers != "all":
         lo, hi = (groups or {})[layers]
         maps = maps[:, lo:hi]
-    m = maps.float()
+    m = maps.float().clamp_max(1)  # attention probabilities: the latent-grid resize overshoots 1 (bicubic)
     m = m.mean(1, keepdim=True) if heads == "mean" else m.amax(1, keepdim=True)
     return F.interpolate(m, size=(grid.tile_h, grid.tile_w), mode="bilinear", align_corners=False)
 

@@ -212,10 +212,10 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a, bits = _high_depth(im, path, full_scale)
         return ImageFile(torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape), icc, frames, bits)
-    if im.mode in ("1", "L"):
+    if im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")  # a transparency key (tRNS of palette, gray or RGB PNGs) becomes alpha
+    elif im.mode in ("1", "L"):
         im = im.convert("L")
-    elif im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
     elif im.mode != "RGB":
         im = im.convert("RGB")
     a = np.asarray(im, dtype=np.uint8)

@@ -69,18 +69,25 @@ def read_lines(image: torch.Tensor, min_score: float = 0.5, engine=None) -> list
 
 
 def mask_coverage(line: TextLine, mask: torch.Tensor) -> float:
-    """Mean of `mask` [1, H, W] over the line's bounding rectangle (0 when it lies outside)."""
+    """Mean of `mask` [1, H, W] over the line's box, the quadrilateral itself (a slanted line's bounding
+    rectangle is mostly background), within the image; 0 when it lies outside."""
+    from PIL import Image, ImageDraw
+
     h, w = mask.shape[-2:]
     xs, ys = [p[0] for p in line.box], [p[1] for p in line.box]
     x0, x1 = max(0, int(np.floor(min(xs)))), min(w, int(np.ceil(max(xs))))
     y0, y1 = max(0, int(np.floor(min(ys)))), min(h, int(np.ceil(max(ys))))
     if x1 <= x0 or y1 <= y0:
         return 0.0
-    return float(mask[..., y0:y1, x0:x1].float().mean())
+    crop = mask[..., y0:y1, x0:x1].float().reshape(y1 - y0, x1 - x0)
+    quad = Image.new("1", (x1 - x0, y1 - y0), 0)
+    ImageDraw.Draw(quad).polygon([(x - x0, y - y0) for x, y in line.box], fill=1)
+    inside = torch.from_numpy(np.array(quad, dtype=bool))
+    return float(crop[inside].mean() if inside.any() else crop.mean())  # a sliver that covers no pixel centre
 
 
 def keep_in_mask(lines: list[TextLine], mask: torch.Tensor, min_coverage: float = 0.25) -> list[TextLine]:
-    """The lines whose bounding rectangle the mask covers on average by at least `min_coverage`."""
+    """The lines whose box the mask covers on average by at least `min_coverage`."""
     return [line for line in lines if mask_coverage(line, mask) >= min_coverage]
 
 

@@ -188,3 +188,21 @@ def test_stretch_spreads_a_map_to_0_1_but_leaves_a_flat_one_flat():
     assert out[0].min() == 0 and out[0].max() == 1
     assert torch.allclose(out[0], (varied - varied.min()) / (varied.max() - varied.min()))
     assert torch.equal(out[1], torch.zeros(1, 8, 8))  # not rounding noise blown up to 0..1
+
+
+def test_a_heat_map_never_exceeds_the_probabilities_it_comes_from():
+    """Defect: the latent-grid resize (bicubic) overshot 1 where a head's attention jumps, so `heads=max`
+    over heads that attend to "text" everywhere showed the overshoot's ringing, not attention."""
+    from tadisr_core.heatmap import tile_heat
+    from tadisr_core.tiling import make_grid
+
+    store = AttentionStore()
+    sharp = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 0]).view(1, 1, 16)
+    store.maps = [torch.cat([sharp, torch.ones(1, 1, 16)], dim=1)]          # a 4 x 4 level + an all-"text" head
+    maps = store.assemble((8, 8))
+    assert maps.max() > 1.05                       # what the decoder reads is left as it was captured
+    grid = make_grid(64, 64, 64, 0)
+    for heads in ("max", "mean"):
+        heat = tile_heat(maps, grid, heads=heads)
+        assert heat.max() <= 1.0
+    assert torch.equal(tile_heat(maps, grid, heads="max"), torch.ones(1, 1, 64, 64))

@@ -156,3 +156,16 @@ def test_16_bit_colour_is_read_at_8_bits_with_a_warning(tmp_path, caplog):
         x = load_image(tmp_path / "rgb16.png")
     assert "rgb16.png has 16 bits per colour channel; it is read at 8 bits" in caplog.text
     assert (x[0].permute(1, 2, 0) * 255 - torch.from_numpy(a / 257.0).float()).abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_png_transparency_key_becomes_alpha(tmp_path, mode):
+    """Defect: a gray or RGB PNG whose transparency is a colour key (tRNS, as PNG optimisers write it)
+    lost it: the transparent area came out in the key colour, without alpha."""
+    a = np.full((4, 6, 3) if mode == "RGB" else (4, 6), 200, np.uint8)
+    a[:2] = 0                                                          # the key colour: transparent
+    Image.fromarray(a, mode).save(tmp_path / "k.png", transparency=(0, 0, 0) if mode == "RGB" else 0)
+    x = load_image(tmp_path / "k.png")
+    assert x.shape == (1, 4, 4, 6)
+    assert torch.equal(x[0, 3], torch.tensor([0.0] * 12 + [1.0] * 12).view(4, 6))
+    assert torch.allclose(x[0, :3, 2:], torch.full((3, 2, 6), 200 / 255))

@@ -9,6 +9,7 @@ import shutil
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -744,6 +745,25 @@ def test_read_text_pairs_masks_with_images_by_batch_or_refuses():
     assert text == "\n\nsale" and boxes.shape == (2, 16, 24, 3)  # one reading per mask
     text, _ = text_tools.read_text(images, masks[1:], engine=_FakeOCR())
     assert text == "sale\n\nsale\n\nsale"
+
+
+def test_a_slanted_line_is_kept_by_the_mask_over_its_box_not_its_bounding_rectangle():
+    """Defect: coverage was the mask's mean over the line's axis-aligned bounding rectangle, so a mask
+    that covered a 30-degree line's whole box scored 0.26 and one over half of it dropped the line."""
+    from PIL import Image, ImageDraw
+
+    from tadisr_core import reading
+
+    box = [(10.0, 40.0), (60.0, 11.0), (65.0, 20.0), (15.0, 49.0)]     # a slanted line's quadrilateral
+    drawn = Image.new("L", (80, 60), 0)
+    ImageDraw.Draw(drawn).polygon(box, fill=255)
+    mask = torch.from_numpy(np.array(drawn, dtype=np.float32) / 255).unsqueeze(0)
+    line = reading.TextLine(box, "SLANT", 0.9)
+    assert reading.mask_coverage(line, mask) == 1.0
+    assert reading.keep_in_mask([line], mask * (torch.rand(mask.shape, generator=torch.Generator().manual_seed(0))
+                                                < 0.5), 0.25) == [line]
+    assert reading.mask_coverage(reading.TextLine([(90.0, 0.0), (99.0, 0.0), (99.0, 5.0), (90.0, 5.0)], "x", 1.0),
+                                 mask) == 0.0                           # outside the image
 
 
 def test_read_text_without_rapidocr_says_what_to_install(monkeypatch):
