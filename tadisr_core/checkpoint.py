@@ -32,7 +32,14 @@ from .files import atomic_path, require_readable, same_file
 from .finite import first_problem
 from .lora import lora_rank
 from .spec import TADiSRSpec, full_spec, tiny_spec
-from .streaming import SAFETENSORS_SUFFIXES, is_safetensors, unreadable_format
+from .streaming import (
+    SAFETENSORS_SUFFIXES,
+    TorchFileError,
+    is_safetensors,
+    load_torch_file,
+    unreadable_format,
+    weights_format,
+)
 
 NATIVE_FORMAT = "tadisr/1"
 GROUPS = ("unet", "vae", "mi_decoder")
@@ -207,8 +214,8 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
                                                          f"corrupt download, or another kind of file?)")
     try:
         scan_torch_zip(path)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except UnsafePickleError as e:
+        raw = load_torch_file(path)
+    except (UnsafePickleError, TorchFileError) as e:
         raise CheckpointError(str(e)) from None
     except pickle.UnpicklingError as e:
         text = str(e)
@@ -255,6 +262,27 @@ def check_spec(spec: TADiSRSpec, path: Path) -> None:
         raise CheckpointError(f"{path}: bad spec metadata: {'; '.join(problems)}")
 
 
+def _some_keys(keys: Iterable, shown: int = 5) -> str:
+    """The first few of many keys and how many there are, for a message of one line."""
+    names = sorted(map(str, keys))
+    more = f", ... ({len(names)} keys)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more if names else "no keys"
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def _unwrapped(sd: dict) -> dict:
+    """`sd` with a wrapper's prefix (`WRAPPER_PREFIXES`) taken off its keys, when every key has it: the
+    state dict of a module saved inside DataParallel or after torch.compile."""
+    while sd:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def _official_groups(raw: dict, path: Path) -> dict[str, dict[str, torch.Tensor]]:
     if {"state_dict_transformer", "js_decoder"} <= raw.keys():
         raise CheckpointError(f"{path}: this is the CogView4 release; only the Kolors release is supported")
@@ -263,11 +291,12 @@ def _official_groups(raw: dict, path: Path) -> dict[str, dict[str, torch.Tensor]
     missing += ["mi_decoder"] if decoder is None else []
     if missing:
         raise CheckpointError(f"{path}: not a TADiSR Kolors checkpoint: missing top-level group(s) {missing} "
-                              f"(found {sorted(raw)})")
+                              f"(found {_some_keys(raw)})")
     groups = {"unet": raw["state_dict_unet"], "vae": raw["state_dict_vae"], "mi_decoder": decoder}
     for name, sd in groups.items():
         if not isinstance(sd, dict) or not sd:
             raise CheckpointError(f"{path}: group {name!r} is empty or not a state dict")
+        groups[name] = sd = _unwrapped(sd)
         bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{path}: group {name!r} key {bad[0]!r} is not a tensor")
@@ -582,17 +611,31 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
+def _rereadable_torch_file(path: Path) -> bool:
+    """Whether `path` is a torch zip whose pickle passes the bounded scan (`safe_pickle`), so that its
+    tensor table may be read again with torch's weights-only loader."""
+    from .safe_pickle import scan_torch_zip
+
+    if weights_format(path) != "zip":
+        return False
+    try:
+        scan_torch_zip(path, verify_crc=False)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def other_weights(path: str | Path) -> str | None:
     """What a weights file that is not a TADiSR checkpoint is, when it is one of the files TADiSR
     also takes (a Kolors UNet, an SDXL VAE, an all-in-one Kolors checkpoint, ChatGLM3), and how to
-    pass it; None for anything else. Only safetensors headers are read: a pickle that was just
-    refused is never opened again."""
+    pass it; None for anything else. Safetensors headers are read, and the tensor tables of torch zips
+    whose pickle passes the scan (a pickle the scan refused is never opened again)."""
     from .chatglm_file import is_chatglm_file, quantized_bits
     from .kolors_files import KolorsFolderError
     from .kolors_identity import check_unet, check_vae, holds_vae
 
     path = Path(path)
-    if not is_safetensors(path):
+    if not is_safetensors(path) and not _rereadable_torch_file(path):
         return None
     if is_chatglm_file(path):
         try:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .descriptor import DESCRIPTOR, WEIGHT_DTYPES, part_dtypes
+from .descriptor import DESCRIPTOR, WEIGHT_DTYPES, dtype_name, part_dtypes
 
 log = logging.getLogger("tadisr")
 
@@ -93,7 +93,8 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
     """The one function that puts a TADiSR model where and how it runs. Returns the model.
 
     dtype: each part's precision by `descriptor.part_dtypes` (fp16 keeps VAE and mask decoder in
-    fp32; fp8_e4m3fn stores UNet weights in fp8 and computes in bf16); None keeps the dtypes.
+    fp32; fp8_e4m3fn stores UNet weights in fp8 and computes in bf16); None keeps the dtypes. A model
+    whose UNet is stored in fp8 takes no other dtype (ValueError: load it again in that dtype).
     device: where it computes. offload "sequential": weights stay on the CPU and blocks visit
     `device` as they run (for GPUs smaller than the weights).
     """
@@ -102,6 +103,9 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
     if offload not in DESCRIPTOR.offload_modes:
         raise ValueError(f"unknown offload mode {offload!r}; choose one of {DESCRIPTOR.offload_modes}")
     if dtype is not None:
+        if dtype != torch.float8_e4m3fn and is_fp8(model.unet):
+            raise ValueError(f"the UNet's weights are stored in fp8_e4m3fn, whose rounding a cast to "
+                             f"{dtype_name(dtype)} cannot undo: load the model again in {dtype_name(dtype)}")
         want = part_dtypes(dtype)
         with _quiet_diffusers_casts():
             for name, target in want.items():

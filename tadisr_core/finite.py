@@ -19,8 +19,22 @@ class NonFiniteError(ValueError):
     """A tensor holds NaN, Inf or out-of-range values; the message names where."""
 
 
+FP8_CHUNK = 1 << 22   # elements of an fp8 tensor upcast at a time (16 MiB of float32)
+
+
 def _range(t: torch.Tensor) -> tuple[float, float]:
-    lo, hi = torch.aminmax(t.detach()) if t.numel() else (torch.zeros(()), torch.zeros(()))
+    """(min, max) of `t`, NaN when it holds one. fp8 tensors (torch has no aminmax for them) are read
+    in float32 chunks of `FP8_CHUNK` elements, which bounds the memory the check takes."""
+    t = t.detach()
+    if not t.numel():
+        return 0.0, 0.0
+    if t.element_size() > 1:
+        lo, hi = torch.aminmax(t)
+        return float(lo), float(hi)
+    lo, hi = torch.tensor(math.inf), torch.tensor(-math.inf)
+    for part in t.reshape(-1).split(FP8_CHUNK):
+        a, b = torch.aminmax(part.float())
+        lo, hi = torch.minimum(lo, a), torch.maximum(hi, b)  # NaN wins, as in aminmax
     return float(lo), float(hi)
 
 

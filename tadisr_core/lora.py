@@ -56,20 +56,62 @@ def merge_lora(module: nn.Module) -> int:
     """Fold every LoRA delta into its base weight (W += scaling * B @ A); returns the layer count.
 
     The wrappers stay (their forward skips the adapter once merged), so `unmerge_lora` restores
-    the exact unmerged model up to rounding.
+    the exact unmerged model up to rounding. A base weight kept in another dtype than it is read in
+    (`lowvram.store_fp8`'s fp8) is merged in float32 and stored back, rounded once more to its storage.
     """
     layers = [m for m in lora_layers(module) if not m.merged]
     for m in layers:
-        m.merge()
+        if _stored_apart(m):
+            _fold_stored(m, +1)
+        else:
+            m.merge()
     return len(layers)
 
 
 def unmerge_lora(module: nn.Module) -> int:
-    """Undo `merge_lora`."""
+    """Undo `merge_lora` (an fp8-stored base weight is rounded to fp8 once more, as by the merge)."""
     layers = [m for m in lora_layers(module) if m.merged]
     for m in layers:
-        m.unmerge()
+        if _stored_apart(m):
+            _fold_stored(m, -1)
+        else:
+            m.unmerge()
     return len(layers)
+
+
+def _stored_apart(layer: nn.Module) -> bool:
+    """Whether the layer's base weight is a parametrization (fp8 storage read as the compute dtype), which
+    PEFT's in-place merge would add to a temporary copy of instead of the stored tensor."""
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(layer.get_base_layer(), "weight")
+
+
+@torch.no_grad()
+def _fold_stored(layer: nn.Module, sign: int) -> None:
+    """Merge (`sign` +1) or unmerge (-1) the layer's adapters into its stored base weight: in float32,
+    from float32 copies of the factors, stored back in the storage dtype; PEFT's merge bookkeeping kept."""
+    stored = layer.get_base_layer().parametrizations.weight.original
+    if sign > 0:
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
+    else:
+        adapters = list(layer.merged_adapters)
+    factors = [p for name, p in layer.named_parameters() if ".lora_" in f".{name}"]
+    kept = [p.data for p in factors]
+    try:
+        for p in factors:
+            p.data = p.data.float()
+        weight = stored.float()
+        for adapter in adapters:
+            weight += sign * layer.get_delta_weight(adapter).reshape(weight.shape)
+    finally:
+        for p, data in zip(factors, kept):
+            p.data = data
+    stored.copy_(weight)
+    if sign > 0:
+        layer.merged_adapters.extend(adapters)
+    else:
+        layer.merged_adapters.clear()
 
 
 def lora_rank(state_dict: dict[str, torch.Tensor], adapter: str) -> int | None:

@@ -173,6 +173,43 @@ def _parse_table(path: Path, table, base: int) -> tuple[dict[str, str], dict[str
     return meta, tensors
 
 
+class TorchFileError(ValueError):
+    """A torch file that `load_torch_file` cannot read, for a reason the message names with the file."""
+
+
+def load_torch_file(path: str | Path, mmap: bool = False) -> object:
+    """`torch.load(path, map_location="cpu", weights_only=True)` of a torch file, whatever its name, memory-mapped
+    when `mmap` and the file allows it (a legacy pre-zip file is read whole).
+
+    torch.load hands any path ending in .safetensors to safetensors without looking at its bytes, so a
+    torch file under a safetensors name is given to it as an open file (which it cannot memory-map).
+    TorchFileError for a pickle protocol torch's weights-only loader does not read, and for a safetensors
+    error (from a torch that dispatches by other names too); other pickle errors pass as they are."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        if Path(path).suffix.lower() in SAFETENSORS_SUFFIXES:
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # a legacy (pre-zip) torch file cannot be memory-mapped: read it whole
+                if "mmap" not in str(e):
+                    raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except SafetensorError as e:
+        raise TorchFileError(f"{path}: cannot be read as a torch file ({e})") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported operand" not in str(e):
+            raise
+        raise TorchFileError(f"{path} was written with a newer pickle protocol (torch.save(..., pickle_protocol=4 "
+                             f"or 5)), which torch's weights-only loader does not read; nothing from it was "
+                             f"executed. Re-save it with torch.save's default protocol") from None
+
+
 def _torch_file(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a torch pickle (.bin / .ckpt / .pt), read with torch's weights-only loader; a
     training checkpoint's {"state_dict": ...} is unwrapped. ValueError saying what to give for a file
@@ -183,12 +220,7 @@ def _torch_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(unreadable_format(path) or f"{path} is not a weights file TADiSR reads (neither safetensors "
                                                     f"nor a torch .bin / .pt / .ckpt): give the model's .safetensors")
     try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # a legacy (pre-zip) torch file cannot be memory-mapped: read it whole
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_torch_file(path, mmap=True)
     except pickle.UnpicklingError:
         raise ValueError(f"{path} is a pickle that holds more than weights (a training checkpoint?), and such files "
                          f"are not opened here for safety; save its state dict as .safetensors "

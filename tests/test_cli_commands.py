@@ -99,3 +99,19 @@ def test_inspect_on_another_weights_file_says_what_it_is_and_how_to_pass_it(tiny
         assert cli.main(["inspect", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "it is" not in err and "Traceback" not in err
+
+
+def test_inspect_on_a_kolors_unet_in_torch_format_names_it_in_one_short_line(tiny_dir, tmp_path, capsys):
+    """A Kolors UNet saved by torch.save was refused with every one of its keys listed (100k characters
+    for the full-size one) and no hint; it is named as the safetensors UNet is, with a few keys."""
+    from safetensors.torch import load_file
+
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text((tiny_dir["kolors"] / "unet" / "config.json").read_text())
+    weights = load_file(str(tiny_dir["kolors"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    torch.save(weights, unet / "diffusion_pytorch_model.bin")
+    assert cli.main(["inspect", str(unet / "diffusion_pytorch_model.bin")]) == 2
+    err = capsys.readouterr().err
+    assert "not a TADiSR Kolors checkpoint" in err and "it is a Kolors UNet: pass it as --unet" in err
+    assert f"({len(weights)} keys)" in err and len(err) < 600 and err.count("\n") == 1, err

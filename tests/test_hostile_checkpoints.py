@@ -285,3 +285,64 @@ def test_convert_names_a_wrong_output_in_one_line(tiny_dir, tmp_path, capsys):
     assert checkpoint_cli(["convert", str(tiny_dir["official"]), str(tmp_path / "file" / "n.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "file") in err and "Traceback" not in err
+
+
+def test_a_torch_checkpoint_under_a_safetensors_name_is_read_by_its_bytes(tiny_dir, tmp_path, capsys):
+    """torch.load hands any path ending in .safetensors to safetensors: `inspect` of a release pickle
+    named *.safetensors was a raw SafetensorError traceback."""
+    renamed = tmp_path / "release.safetensors"
+    renamed.write_bytes(tiny_dir["official"].read_bytes())
+    assert checkpoint_cli(["inspect", str(renamed)]) == 0
+    a, b = load_checkpoint(renamed), load_checkpoint(tiny_dir["official"])
+    assert all(torch.equal(a.groups[g][k], t) for g, sd in b.groups.items() for k, t in sd.items())
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "safetensors"])
+def test_fp8_checkpoints_are_checked_in_float32_chunks(tiny_dir, tmp_path, monkeypatch, fmt):
+    """torch has no aminmax for fp8: `inspect` of an fp8 checkpoint was a NotImplementedError traceback.
+    fp8 tensors are checked in bounded float32 chunks, and a NaN or Inf in a later chunk is still found."""
+    import tadisr_core.finite as finite
+    from tadisr_core.checkpoint import convert
+
+    raw = _official_raw(tiny_dir)
+    for name in ("state_dict_unet", "state_dict_vae", "mi_decoder"):
+        raw[name] = {k: v.to(torch.float8_e4m3fn) for k, v in raw[name].items()}
+    path = tmp_path / "fp8.pkl"
+    torch.save(raw, path)
+    if fmt == "safetensors":
+        path = convert(path, tmp_path / "fp8.safetensors")
+    assert checkpoint_cli(["inspect", str(path)]) == 0
+    assert load_checkpoint(path).groups["unet"]["conv_in.weight"].dtype == torch.float8_e4m3fn
+    monkeypatch.setattr(finite, "FP8_CHUNK", 7)
+    for dtype, value, problem in ((torch.float8_e4m3fn, float("nan"), "contains NaN"),
+                                  (torch.float8_e5m2, float("inf"), "contains Inf"),
+                                  (torch.float8_e4m3fn, 448.0, None)):
+        t = torch.zeros(50)
+        t[31] = value
+        assert finite.tensor_problem(t.to(dtype)) == problem
+        assert finite.tensor_problem(t.to(dtype).reshape(5, 10).t()) == problem  # a strided view too
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_a_release_saved_from_a_wrapped_module_loads_without_the_prefix(tiny_dir, tmp_path, prefix):
+    """The state dicts of a DataParallel model (`module.`) or a compiled one (`_orig_mod.`) were refused
+    as "group 'unet' has no conv_in.weight"."""
+    raw = _official_raw(tiny_dir)
+    for name in ("state_dict_unet", "state_dict_vae", "mi_decoder"):
+        raw[name] = {prefix + k: v for k, v in raw[name].items()}
+    torch.save(raw, tmp_path / "wrapped.pkl")
+    a, b = load_checkpoint(tmp_path / "wrapped.pkl"), load_checkpoint(tiny_dir["official"])
+    assert a.groups.keys() == b.groups.keys()
+    assert all(a.groups[g].keys() == sd.keys() and all(torch.equal(a.groups[g][k], t) for k, t in sd.items())
+               for g, sd in b.groups.items())
+
+
+def test_a_newer_pickle_protocol_is_named_with_what_to_do(tiny_dir, tmp_path):
+    """torch's weights-only loader does not read protocol 4's FRAME opcode: such a file was refused as
+    holding "pickled objects other than tensors"."""
+    path = tmp_path / "proto4.pkl"
+    torch.save(_official_raw(tiny_dir), path, pickle_protocol=4)
+    with pytest.raises(CheckpointError, match=r"proto4\.pkl was written with a newer pickle protocol .*Re-save it "
+                                              r"with torch\.save's default protocol") as err:
+        load_checkpoint(path)
+    assert "other than tensors" not in str(err.value)

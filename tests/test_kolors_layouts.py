@@ -429,6 +429,19 @@ def test_bin_weights_load_like_safetensors(tiny_dir, tmp_path, legacy):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_a_torch_file_under_a_safetensors_name_loads_by_its_bytes(tiny_dir, tmp_path):
+    """torch.load hands any path ending in .safetensors to safetensors without looking at the bytes: a UNet
+    saved by torch.save under diffusers' safetensors name was a raw SafetensorError ("header too large")."""
+    folder = tmp_path / "kolors"
+    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("text_encoder"))
+    st = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(tiny_dir["kolors"] / "unet" / "diffusion_pytorch_model.safetensors"), st)
+    files = find_kolors_files(folder)
+    assert files.unet == st
+    a, b = load_unet(files, torch.bfloat16), load_unet(find_kolors_files(tiny_dir["kolors"]), torch.bfloat16)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_a_training_checkpoint_pickle_is_unwrapped_or_refused_in_one_line(tiny_dir, tmp_path):
     """A .ckpt of {"state_dict": weights} loads like the weights; one that pickles other objects is
     refused with one line naming the file and the safe way out (never an unsafe load)."""

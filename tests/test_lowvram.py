@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tadisr_core.descriptor import DESCRIPTOR, part_dtypes
+from tadisr_core.descriptor import DESCRIPTOR, dtype_name, part_dtypes
 from tadisr_core.devices import place_model, resolve_device, resolve_dtype
 from tadisr_core.loading import load_tadisr
 from tadisr_core.lowvram import FP8, enable_sequential_offload
@@ -218,3 +218,48 @@ def test_sequential_offload_leaves_fp8_weight_reads_alone(tiny_dir):
                  and hasattr(m, "parametrizations") and all(m is not x for x in active.modules()))
     assert layer.weight.dtype == torch.bfloat16
     assert swapper.active is active
+
+
+def _stored_fp8(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.unet.named_parameters() if n.endswith(".original")}
+
+
+def _within_fp8_rounding(got: dict, want: dict, *others: dict) -> bool:
+    """Equal up to one fp8_e4m3fn rounding (2^-4 of the value, 2^-10 below the normal range) of each
+    value taking part: the two compared and the fp8 weight merged into or out of."""
+    return all(((got[k] - want[k]).abs() <= 2 ** -4 * sum(v[k].abs() for v in (got, want, *others)) + 2 ** -8).all()
+               for k in want)
+
+
+def test_fp8_unet_merges_and_unmerges_lora_into_its_stored_weights(tiny_dir):
+    """PEFT merges into `layer.weight`, which for an fp8-stored layer is a bf16 copy made on each read:
+    merging after an fp8 load dropped the UNet LoRA (weights unchanged, adapters skipped), and unmerging
+    a model merged at load took nothing away (the LoRA then ran twice). The merge goes into the stored
+    fp8 weights instead, equal to a merge at load up to fp8 rounding, and the unmerge takes it out."""
+    args = (tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+    separate = load_tadisr(*args, dtype=FP8, merge_lora_weights=False)
+    at_load = load_tadisr(*args, dtype=FP8, merge_lora_weights=True)
+    unmerged, merged = _stored_fp8(separate), _stored_fp8(at_load)
+    with torch.no_grad():
+        ref_separate, ref_merged = separate(X).image, at_load(X).image
+    assert separate.merge_lora() > 0 and separate.lora_merged
+    assert _within_fp8_rounding(_stored_fp8(separate), merged, unmerged)
+    with torch.no_grad():
+        assert _psnr(separate(X).image, ref_merged) > 25
+    assert at_load.unmerge_lora() > 0 and not at_load.lora_merged
+    assert _within_fp8_rounding(_stored_fp8(at_load), unmerged, merged)
+    with torch.no_grad():
+        assert _psnr(at_load(X).image, ref_separate) > 25
+
+
+def test_place_model_refuses_another_dtype_for_an_fp8_unet(tiny_dir):
+    """A cast cannot undo fp8 rounding, and casting the stored fp8 weights left the layers computing in
+    bf16 against fp32 / fp16 inputs ("self and mat2 must have the same dtype"): say to load again."""
+    model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=FP8)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=f"stored in fp8_e4m3fn.*load the model again in {dtype_name(dtype)}"):
+            place_model(model, "cpu", dtype)
+    assert place_model(model, "cpu", FP8) is model and place_model(model, "cpu") is model
+    assert {t.dtype for n, t in model.unet.named_parameters() if n.endswith("original")} == {FP8}
+    with torch.no_grad():
+        assert torch.isfinite(model(X).image).all()
