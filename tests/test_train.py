@@ -325,6 +325,37 @@ def test_a_checkpoint_keeps_the_grad_scaler_state(tmp_path, lpips_dir, monkeypat
     assert Trainer(cfg, resume=True).acc.scaler.state_dict() == reached
 
 
+def test_a_step_the_grad_scaler_skips_is_logged_as_skipped_and_the_schedule_waits(tmp_path, lpips_dir, monkeypatch):
+    """Defect: under fp16's grad scaler an overflowing step (the scaler skips the update and lowers its scale)
+    was logged as taken and advanced the learning-rate schedule (a CPU scaler stands in for the GPU's)."""
+    import accelerate
+
+    from training.train import Trainer
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    trainer = Trainer(tiny_cfg(tmp_path, lpips_dir, loss__lpips_net="none", loss__lpips=0, train__max_steps=3,
+                               optim__warmup_steps=2))
+    loss = trainer.loss_fn
+
+    def overflow_at_step_2(image, hr, logits, mask):
+        out = dict(loss(image, hr, logits, mask))
+        if trainer.step == 1:  # a finite loss whose gradient overflows
+            out["total"] = out["total"] + (image.mean() - image.mean().detach()).abs().sqrt()
+        return out
+
+    trainer.loss_fn = overflow_at_step_2
+    trainer.run()
+    lines = train_lines(tmp_path)
+    assert [r["skipped"] for r in lines] == [False, True, False] and lines[-1]["nonfinite"] == 0
+    assert [r["lr"] for r in lines] == [lines[0]["lr"], lines[1]["lr"], lines[1]["lr"]]  # no step of the schedule
+    assert trainer.scheduler.last_epoch == 2 and trainer.acc.scaler.get_scale() < 65536.0
+
+
 def test_validation_after_fused_optimiser_steps_uses_the_trained_prompt_projections(tmp_path, lpips_dir):
     """Defect: validation cached the prompt's cross-attention keys and values, and fused AdamW writes the
     to_k / to_v weights in place without the version bump that would renew them: every validation after

@@ -680,12 +680,19 @@ class Trainer:
             # An overflow under a grad scaler (fp16 on a GPU) is its business: it skips the step, lowers its scale.
             bad = not math.isfinite(grad_norm) and self.acc.scaler is None
         lr_now = self.scheduler.get_last_lr()[0]
+        skipped = bad
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite += 1
         else:
+            scaler = self.acc.scaler
+            scale = scaler.get_scale() if scaler is not None else None
             self.optimizer.step()
-            self.scheduler.step()
+            # fp16's grad scaler skips an overflowing update and lowers its scale (inside the fused AdamW too,
+            # where Accelerate's step_was_skipped misses it): the schedule waits for the next update taken.
+            skipped = scaler is not None and scaler.get_scale() < scale
+            if not skipped:
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         names = list(sums)
@@ -695,7 +702,7 @@ class Trainer:
         self._last_end = now
         record = {"kind": "train", "step": self.step, **dict(zip(names, values)), "lr": lr_now,
                   "grad_norm": grad_norm, "samples_per_s": n_samples * self.acc.num_processes / elapsed,
-                  "skipped": bad, "nonfinite": self.nonfinite, "bad_samples": self.bad_samples}
+                  "skipped": skipped, "nonfinite": self.nonfinite, "bad_samples": self.bad_samples}
         self._log(record)
         if bad and self.nonfinite > t.max_nonfinite:
             self.save_checkpoint()
