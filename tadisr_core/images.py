@@ -10,7 +10,9 @@ Reading gives float32 [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA) as the us
 * animated and multi-page files: the first frame is used, with a warning naming the frame count;
 * images above `max_pixels` (default 64 MP, env TADISR_MAX_PIXELS) are refused before decoding
   (decompression bombs: a 97 KB PNG can claim 100 MP);
-* the ICC profile is returned with the pixels, so outputs can carry it.
+* an RGB ICC profile is returned with the pixels, so outputs can carry it; a gray or CMYK profile is
+  applied instead (`_to_srgb`): CMYK becomes sRGB RGB, gray stays gray (at its bit depth) on sRGB's
+  tone curve, and the sRGB profile is returned, so outputs show the colours and tones the input had.
 
 Pillow reads 16-bit-per-channel colour PNGs at 8 bits per channel; a warning says so.
 Saving writes 8 bits per channel, as PNG, JPEG or WebP by the file's suffix (`OUTPUT_FORMATS`), tagged
@@ -21,9 +23,12 @@ rename, so an interrupted run never leaves a half-written image under the final 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import math
 import os
+import struct
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +47,8 @@ SOFTWARE_TAG = "TADiSR"          # "Software" of every image we write: PNG text,
 _ROWS_PER_CHUNK = 256            # bounds the float temporaries of the 8-bit conversion
 _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"
+_D50 = (0.9642, 1.0, 0.8249)    # the ICC profile connection space's white
+_SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)  # IEC 61966-2-1, ICC parametric curve type 3
 _EXIF_SOFTWARE = 0x0131
 _EXIF_DOCUMENT_NAME = 0x010D     # JPEG / WebP: the input an output came from (save_images' `source`)
 _PNG_SOURCE = "TADiSR source"    # PNG: the same, as a text chunk
@@ -59,7 +66,7 @@ class ImageFile:
     """Pixels of one file plus what travels with them."""
 
     pixels: torch.Tensor            # float32 [1, C, H, W] in 0..1
-    icc_profile: bytes | None = None
+    icc_profile: bytes | None = None  # what outputs carry: RGB as read, sRGB after a gray / CMYK one
     frames: int = 1
     bits: int = 8                   # bits per sample as read
 
@@ -172,6 +179,70 @@ def _high_depth(im, path: Path, full: float) -> tuple[np.ndarray, int]:
     return (a / full).astype(np.float32), int(round(math.log2(full + 1))) if full > 0 else 32
 
 
+def _icc_space(icc: bytes | None) -> bytes | None:
+    """The colour space an ICC profile describes (header bytes 16-20: b"RGB ", b"GRAY", b"CMYK", ...)."""
+    return icc[16:20] if icc and len(icc) >= 20 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _srgb_profile() -> bytes:
+    """LittleCMS's sRGB profile, as outputs carry it."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@functools.lru_cache(maxsize=None)
+def _srgb_gray_profile() -> bytes:
+    """A gray ICC profile (v2.1, display class) on sRGB's tone curve: what gray inputs with a profile are
+    converted to (Pillow's ImageCms creates no gray profiles)."""
+    def s15(*values: float) -> bytes:
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    tags = [(b"wtpt", b"XYZ \0\0\0\0" + s15(*_D50)),
+            (b"kTRC", b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + s15(*_SRGB_CURVE))]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, tag in tags:
+        table += sig + struct.pack(">II", offset + len(data), len(tag))
+        data += tag + b"\0" * (-len(tag) % 4)
+    body = struct.pack(">I", len(tags)) + table + data
+    header = (struct.pack(">I", 128 + len(body)) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + b"mntrGRAYXYZ "
+              + b"\0" * 12 + b"acsp" + b"\0" * 28 + s15(*_D50) + b"\0" * 48)
+    return header + body
+
+
+def _to_srgb(im, icc: bytes, path: Path):
+    """`im` with its gray or CMYK ICC profile `icc` applied: (CMYK as sRGB RGB, or gray (L, LA, 16-bit)
+    as gray on sRGB's tone curve, at its bit depth; the sRGB profile). A profile that cannot be
+    applied (damaged, or 32-bit / float samples) is dropped with a warning: (`im` as it is, None)."""
+    gray = _icc_space(icc) == b"GRAY"
+    if gray and im.mode == "1":
+        im = im.convert("L")
+    elif gray and im.mode == "La":
+        im = im.convert("LA")
+    if im.mode not in (("L", "LA", "I;16", "I;16L", "I;16B") if gray else ("CMYK",)):
+        log.warning("%s: its %s colour profile cannot be applied to %s pixels; it is read as sRGB", path,
+                    _icc_space(icc).decode().strip(), im.mode)
+        return im, None
+    from PIL import Image, ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if not gray:
+            srgb = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(im, source, srgb, outputMode="RGB"), _srgb_profile()
+        target = ImageCms.ImageCmsProfile(io.BytesIO(_srgb_gray_profile()))
+        # unoptimised: LittleCMS's joined curve loses up to 3 % of the range in the shadows of 16-bit gray
+        tone = functools.partial(ImageCms.profileToProfile, inputProfile=source, outputProfile=target,
+                                 flags=ImageCms.Flags.NOOPTIMIZE)
+        if im.mode == "LA":
+            return Image.merge("LA", (tone(im.getchannel("L")), im.getchannel("A"))), _srgb_profile()
+        return tone(im), _srgb_profile()
+    except (ImageCms.PyCMSError, ImportError, OSError, ValueError, TypeError) as exc:  # ImportError: no LittleCMS
+        log.warning("%s: its colour profile cannot be used (%s); it is read as sRGB", path, exc)
+        return im, None
+
+
 def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     """Read an image file as the user sees it (see the module doc); ImageReadError names the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -209,6 +280,8 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
         log.warning("%s has %d frames (animated or multi-page); only the first is used", path, frames)
     if "16" in rawmode and im.mode in ("RGB", "RGBA"):
         log.warning("%s has 16 bits per colour channel; it is read at 8 bits", path)
+    if _icc_space(icc) in (b"GRAY", b"CMYK"):
+        im, icc = _to_srgb(im, icc, path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a, bits = _high_depth(im, path, full_scale)
         return ImageFile(torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape), icc, frames, bits)
@@ -253,9 +326,7 @@ def load_rgb_uint8(path: str | Path, max_pixels: int | None = None) -> np.ndarra
 
 def _icc_fits(icc: bytes | None, channels: int) -> bool:
     """Whether an ICC profile's colour space matches what we write (RGB for 3/4 channels, GRAY for 1)."""
-    if not icc or len(icc) < 20:
-        return False
-    return icc[16:20] == (b"GRAY" if channels == 1 else b"RGB ")
+    return _icc_space(icc) == (b"GRAY" if channels == 1 else b"RGB ")
 
 
 def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str, quality: int,

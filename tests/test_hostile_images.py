@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import struct
 
 import numpy as np
 import pytest
@@ -119,6 +121,96 @@ def test_icc_profile_is_carried_to_the_output(tmp_path):
         assert im.mode == "RGB" and "icc_profile" not in im.info    # a gray profile never lands on RGB data
     with Image.open(save_image(f.pixels[:, :1], tmp_path / "gray.webp", icc)) as im:
         assert im.info.get("icc_profile") == icc
+
+
+def _icc(space: bytes, tags: dict[bytes, bytes], device_class: bytes = b"mntr", pcs: bytes = b"XYZ ") -> bytes:
+    """An ICC v2.1 profile of colour space `space` with these tags, built by hand (Pillow's ImageCms
+    creates only sRGB, Lab and XYZ profiles)."""
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, tag in tags.items():
+        table += sig + struct.pack(">II", offset + len(data), len(tag))
+        data += tag + b"\0" * (-len(tag) % 4)
+    body = struct.pack(">I", len(tags)) + table + data
+    header = (struct.pack(">I", 128 + len(body)) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + device_class + space + pcs
+              + b"\0" * 12 + b"acsp" + b"\0" * 28 + _s15(0.9642, 1.0, 0.8249) + b"\0" * 48)
+    return header + body
+
+
+def _s15(*values: float) -> bytes:
+    return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+
+def _gray_gamma_profile(gamma: float) -> bytes:
+    """A gray profile whose tone curve is a pure power `gamma` (1.0: linear light, as in scientific images)."""
+    return _icc(b"GRAY", {b"wtpt": b"XYZ \0\0\0\0" + _s15(0.9642, 1.0, 0.8249),
+                          b"kTRC": b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))})
+
+
+def _cmyk_profile() -> bytes:
+    """A CMYK input profile (8-bit A2B0 table to Lab) whose inks are all gray: C is L* 50, K L* 20, M and Y
+    nothing, so a naive CMYK -> RGB conversion (cyan as (0, 255, 255)) is told apart from it."""
+    ramp = bytes(range(256))
+    lightness = [max(0, 90 - 40 * (i >> 3 & 1) - 70 * (i & 1)) for i in range(2 ** 4)]  # grid index C M Y K
+    clut = b"".join(bytes([round(v * 255 / 100), 128, 128]) for v in lightness)
+    a2b0 = b"mft1\0\0\0\0" + bytes([4, 3, 2, 0]) + _s15(1, 0, 0, 0, 1, 0, 0, 0, 1) + ramp * 4 + clut + ramp * 3
+    return _icc(b"CMYK", {b"wtpt": b"XYZ \0\0\0\0" + _s15(0.9642, 1.0, 0.8249), b"A2B0": a2b0}, b"prtr", b"Lab ")
+
+
+def _is_srgb(icc: bytes | None) -> bool:
+    """Whether `icc` is LittleCMS's sRGB profile (its bytes hold their creation time)."""
+    return bool(icc) and ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))) == "sRGB built-in\n"
+
+
+def _srgb_from_linear(y: float) -> float:
+    return 12.92 * y if y <= 0.0031308 else 1.055 * y ** (1 / 2.4) - 0.055
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "I;16"])
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_gray_icc_profiles_are_applied(tmp_path, mode, suffix):
+    """Defect: a gray input's gray ICC profile was dropped from the (RGB) output, so viewers showed its
+    tones as sRGB: linear-light gray 50 % (shown as sRGB 188) came out as 128. The profile is applied
+    at read (gray stays gray, 16 bits stay 16) and the outputs carry sRGB."""
+    full = 65535 if mode == "I;16" else 255
+    values = np.array([[0, round(full * 0.01), round(full * 0.2), round(full * 0.5), full]] * 2)
+    if mode == "I;16":
+        im = Image.fromarray(values.astype(np.uint16))
+    else:
+        im = Image.fromarray(values.astype(np.uint8), "L")
+        im = Image.merge("LA", (im, Image.new("L", im.size, 77))) if mode == "LA" else im
+    im.save(tmp_path / f"gray{suffix}", icc_profile=_gray_gamma_profile(1.0))
+    f = read_image(tmp_path / f"gray{suffix}")
+    expected = torch.tensor([_srgb_from_linear(v / full) for v in values[0]])
+    assert f.pixels.shape[1] == (4 if mode == "LA" else 1) and f.bits == (16 if mode == "I;16" else 8)
+    assert (f.pixels[0, 0, 0] - expected).abs().max() <= (2 / 65535 if mode == "I;16" else 1 / 255)
+    if mode == "LA":
+        assert torch.equal(f.pixels[0, 3], torch.full((2, 5), 77 / 255))     # alpha untouched
+    assert _is_srgb(f.icc_profile)
+    out = save_image(f.pixels[:, :1].expand(-1, 3, -1, -1), tmp_path / "out.png", f.icc_profile)  # SR is RGB
+    assert Image.open(out).info.get("icc_profile") == f.icc_profile
+
+
+def test_cmyk_icc_profiles_are_applied(tmp_path):
+    """Defect: Pillow turns CMYK into RGB ignoring the embedded profile, and the CMYK profile was then
+    dropped, so a CMYK JPEG's colours changed. The profile is applied at read; the outputs carry sRGB."""
+    a = np.zeros((16, 32, 4), np.uint8)
+    a[:, 16:, 0] = 255                                                  # left: no ink; right: full cyan
+    Image.fromarray(a, "CMYK").save(tmp_path / "cmyk.jpg", quality=100, icc_profile=_cmyk_profile())
+    f = read_image(tmp_path / "cmyk.jpg")
+    assert f.pixels.shape == (1, 3, 16, 32) and _is_srgb(f.icc_profile)
+    paper, cyan = f.pixels[0, :, 8, 4], f.pixels[0, :, 8, 28]
+    assert paper.min() > 0.85 and cyan.max() - cyan.min() < 3 / 255 and 0.25 < cyan.mean() < 0.75  # gray
+    out = save_image(f.pixels, tmp_path / "out.jpg", f.icc_profile)
+    assert Image.open(out).info.get("icc_profile") == f.icc_profile
+
+
+def test_a_damaged_gray_profile_is_dropped_with_a_warning(tmp_path, caplog):
+    profile = _gray_gamma_profile(1.0)
+    Image.new("L", (4, 4), 128).save(tmp_path / "gray.png", icc_profile=profile[:132] + b"\xff" * 12)
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        f = read_image(tmp_path / "gray.png")
+    assert "gray.png: its colour profile cannot be used" in caplog.text and "read as sRGB" in caplog.text
+    assert f.icc_profile is None and torch.equal(f.pixels, torch.full((1, 1, 4, 4), 128 / 255))
 
 
 def test_written_by_us_needs_our_tag_and_a_complete_file(tmp_path):
