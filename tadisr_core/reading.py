@@ -153,9 +153,9 @@ def mask_coverage(line: TextLine, mask: torch.Tensor) -> float:
     from PIL import Image, ImageDraw
 
     h, w = mask.shape[-2:]
-    xs, ys = [p[0] for p in line.box], [p[1] for p in line.box]
-    x0, x1 = max(0, int(np.floor(min(xs)))), min(w, int(np.ceil(max(xs))))
-    y0, y1 = max(0, int(np.floor(min(ys)))), min(h, int(np.ceil(max(ys))))
+    left, top, right, bottom = _rect(line)
+    x0, x1 = max(0, int(np.floor(left))), min(w, int(np.ceil(right)))
+    y0, y1 = max(0, int(np.floor(top))), min(h, int(np.ceil(bottom)))
     if x1 <= x0 or y1 <= y0:
         return 0.0
     crop = mask[..., y0:y1, x0:x1].float().reshape(y1 - y0, x1 - x0)
