@@ -838,7 +838,7 @@ def test_host_uses_comfyui_when_present(fake_comfy, tmp_path):
     assert host.comfy_available()
     host.register_model_folders()
     paths, exts = fake_comfy["fp"].folder_names_and_paths["tadisr"]
-    assert paths == [str(tmp_path / "models" / "tadisr")] and exts == {".pkl", ".safetensors"}
+    assert paths == [str(tmp_path / "models" / "tadisr")] and exts == {".pkl", ".safetensors", ".sft"}
     assert host.input_directory() == str(tmp_path / "input")
     progress = host.progress_reporter(1)
     progress(2, 5)
@@ -916,7 +916,7 @@ def test_extra_model_paths_add_to_models_tadisr(fake_comfy, tmp_path):
     fake_comfy["fp"].folder_names_and_paths["tadisr"] = (["/data/tadisr"], set())
     host.register_model_folders()
     assert fake_comfy["fp"].folder_names_and_paths["tadisr"] == (
-        ["/data/tadisr", str(tmp_path / "models" / "tadisr")], {".pkl", ".safetensors"})
+        ["/data/tadisr", str(tmp_path / "models" / "tadisr")], {".pkl", ".safetensors", ".sft"})
     host.register_model_folders()  # twice (pack reloaded): no duplicate
     assert len(fake_comfy["fp"].folder_names_and_paths["tadisr"][0]) == 2
 
