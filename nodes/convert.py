@@ -24,7 +24,7 @@ def image_to_core(image: torch.Tensor, name: str = "the image") -> torch.Tensor:
                          f"got shape {given}")
     if image.shape[0] == 0 or image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"TADiSR: {name} is empty (shape {given})")
-    if not image.is_floating_point():  # 0..255 integers would be clamped to a white image
+    if not (image.is_floating_point() or image.dtype == torch.bool):  # 0..255 integers would be clamped to white
         raise ValueError(f"TADiSR: {name} holds {str(image.dtype).removeprefix('torch.')} values; an IMAGE holds "
                          "floats in 0..1 (convert it with a node that outputs a ComfyUI IMAGE)")
     return image.movedim(-1, 1).float().contiguous()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 
 import torch
 
@@ -84,12 +85,22 @@ def chosen_file(folder: str, index: int, when_done: str = "wrap around") -> tupl
 
 
 def output_stem(name: str, names: list[str]) -> str:
-    """The output name of image file `name`: its stem, with the suffix kept (`page_jpg`) when another
-    image of the folder has the same stem, so each output can be traced to its file."""
-    stem, suffix = os.path.splitext(name)
-    if sum(os.path.splitext(other)[0] == stem for other in names) > 1:
-        return f"{stem}_{suffix.lstrip('.')}"
-    return stem
+    """The output name of image file `name` of a folder listing `names`: its stem, with the suffix kept
+    (`page_jpg`) when another image has the same stem, and `-2`, `-3` in listing order when that name is
+    taken too; names are compared ignoring case, as some file systems do. One name per file, so each
+    output can be traced to its file."""
+    shared = Counter(os.path.splitext(other)[0].casefold() for other in names)
+    taken: set[str] = set()
+    for other in names:
+        stem, suffix = os.path.splitext(other)
+        base = stem if shared[stem.casefold()] == 1 else f"{stem}_{suffix.lstrip('.')}"
+        out, k = base, 2
+        while out.casefold() in taken:
+            out, k = f"{base}-{k}", k + 1
+        taken.add(out.casefold())
+        if other == name:
+            return out
+    raise ValueError(f"{name} is not in the folder's listing")
 
 
 def fingerprint(folder: str, index: int, when_done: str = "wrap around") -> str | float:

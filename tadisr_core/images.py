@@ -13,6 +13,8 @@ Reading gives float32 [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA) as the us
 * an RGB ICC profile is returned with the pixels, so outputs can carry it; a gray or CMYK profile is
   applied instead (`_to_srgb`): CMYK becomes sRGB RGB, gray stays gray (at its bit depth) on sRGB's
   tone curve, and the sRGB profile is returned, so outputs show the colours and tones the input had.
+* a transparency key (tRNS of palette, gray and RGB PNGs) becomes alpha, except on 16-bit gray PNGs,
+  which are read as one 16-bit channel.
 
 Pillow reads 16-bit-per-channel colour PNGs at 8 bits per channel; a warning says so.
 Saving writes 8 bits per channel, as PNG, JPEG or WebP by the file's suffix (`OUTPUT_FORMATS`), tagged
@@ -243,6 +245,20 @@ def _to_srgb(im, icc: bytes, path: Path):
         return im, None
 
 
+def _gray_key_as_alpha(im, rawmode: str):
+    """A gray image (mode 1 or L) with a transparency key (PNG tRNS) as LA. Pillow scales 2- and 4-bit
+    samples to 8 bits but leaves their key in the raw units (`rawmode` L;2 / L;4), so the key is scaled
+    alike here; a key that is not one gray level is ignored."""
+    from PIL import Image
+
+    key, gray = im.info["transparency"], im.convert("L")
+    if not isinstance(key, int):
+        return gray
+    bits = {"L;2": 2, "L;4": 4}.get(rawmode.rstrip("I"), 8)
+    key = key * (255 // (2 ** bits - 1)) if im.mode == "L" else key
+    return Image.merge("LA", (gray, gray.point(lambda v: 0 if v == key else 255)))
+
+
 def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     """Read an image file as the user sees it (see the module doc); ImageReadError names the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -280,6 +296,8 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
         log.warning("%s has %d frames (animated or multi-page); only the first is used", path, frames)
     if "16" in rawmode and im.mode in ("RGB", "RGBA"):
         log.warning("%s has 16 bits per colour channel; it is read at 8 bits", path)
+    if "transparency" in im.info and im.mode in ("1", "L"):
+        im = _gray_key_as_alpha(im, rawmode)  # first: a gray profile's result carries no transparency key
     if _icc_space(icc) in (b"GRAY", b"CMYK"):
         im, icc = _to_srgb(im, icc, path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

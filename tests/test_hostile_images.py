@@ -261,3 +261,24 @@ def test_a_png_transparency_key_becomes_alpha(tmp_path, mode):
     assert x.shape == (1, 4, 4, 6)
     assert torch.equal(x[0, 3], torch.tensor([0.0] * 12 + [1.0] * 12).view(4, 6))
     assert torch.allclose(x[0, :3, 2:], torch.full((3, 2, 6), 200 / 255))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_transparency_key_of_a_low_bit_gray_png_is_in_its_own_units(tmp_path, bits):
+    """Defect: Pillow scales 2- and 4-bit gray samples to 8 bits but not their tRNS key, so the key
+    matched no pixel and the image came out with an all-opaque alpha."""
+    top = 2 ** bits - 1
+    levels = np.array([[0, 1, top - 1, top]], np.uint8) * (255 // top)
+    Image.fromarray(levels, "L").save(tmp_path / "k.png", bits=bits, transparency=top)
+    x = load_image(tmp_path / "k.png")
+    assert x.shape == (1, 4, 1, 4) and x[0, 3, 0].tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_a_transparency_key_survives_a_gray_colour_profile(tmp_path):
+    """Defect: applying a gray ICC profile made a new image without the tRNS key: the alpha was lost."""
+    from tadisr_core.images import _srgb_gray_profile
+
+    a = np.array([[0, 50, 128, 255]], np.uint8)
+    Image.fromarray(a, "L").save(tmp_path / "k.png", transparency=0, icc_profile=_srgb_gray_profile())
+    x = load_image(tmp_path / "k.png")
+    assert x.shape == (1, 4, 1, 4) and x[0, 3, 0].tolist() == [0.0, 1.0, 1.0, 1.0]

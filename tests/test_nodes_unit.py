@@ -95,6 +95,7 @@ def test_an_integer_image_is_refused_not_clamped_to_white():
         convert.image_to_core((torch.rand(1, 8, 8, 3) * 255).to(torch.uint8), "other_image")
     with pytest.raises(ValueError, match=r"got shape \(8, 8\)$"):  # the shape as given, not as reshaped inside
         convert.image_to_core(torch.rand(8, 8))
+    assert torch.equal(convert.image_to_core(torch.ones(1, 2, 2, 3, dtype=torch.bool)), torch.ones(1, 3, 2, 2))
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -608,6 +609,9 @@ def test_files_of_one_stem_get_outputs_named_apart(tmp_path):
     served = {folder_io.load(str(tmp_path), i, "out/")[0:3][1] for i in range(3)}
     assert served == {"out/page_png", "out/page_jpg", "out/cover"}
     assert folder_io.load(str(tmp_path), 0, "out/")[2] == "out/cover_text_mask"
+    names = ["a.png", "a.jpg", "a_png.jpg", "B.png", "b.jpg"]  # a name already taken; stems told apart by case only
+    stems = [folder_io.output_stem(name, names) for name in names]
+    assert stems == ["a_png", "a_jpg", "a_png-2", "B_png", "b_jpg"]
 
 
 def test_relative_folder_resolves_under_the_input_folder_and_cannot_escape(tmp_path, monkeypatch):
