@@ -35,7 +35,8 @@ class TADiSRLoadImageFromFolder(io.ComfyNode):
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The image (RGB)."),
                 io.String.Output(display_name="filename_prefix", tooltip=(
-                    "'prefix' + the file name without extension: connect to Save Image's filename_prefix.")),
+                    "'prefix' + the file name without extension (with it, as page_jpg, when another image shares "
+                    "the name): connect to Save Image's filename_prefix.")),
                 io.String.Output(display_name="mask_prefix",
                                  tooltip="The same + '_text_mask', for saving the text mask beside the image."),
                 io.Int.Output(display_name="count", tooltip="How many images the folder holds."),
