@@ -21,8 +21,6 @@ def check_tiling(scale: float, tile: int, overlap: int) -> None:
     from tadisr_core.pipeline import check_settings
 
     try:
-        DESCRIPTOR.check_scale(float(scale))
-        DESCRIPTOR.check_tile(int(tile))
         check_settings(float(scale), int(tile), int(overlap), min_tile=DESCRIPTOR.size.min_tile)
     except ValueError as exc:
         raise ValueError(f"TADiSR: {exc}") from None

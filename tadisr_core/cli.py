@@ -102,9 +102,9 @@ class FromEnv(str):
     var: str
 
 
-def env_default(var: str, value: str | None = None) -> FromEnv | None:
-    """$`var` (or `value`, read from it) as a flag's default, marked as coming from the environment."""
-    value = os.environ.get(var) if value is None else value
+def env_default(var: str) -> FromEnv | None:
+    """$`var` as a flag's default, marked as coming from the environment (None when unset or empty)."""
+    value = os.environ.get(var)
     if not value:
         return None
     marked = FromEnv(value)
@@ -112,14 +112,14 @@ def env_default(var: str, value: str | None = None) -> FromEnv | None:
     return marked
 
 
-def kolors_from_env(note: bool = True) -> str | None:
-    """$TADISR_KOLORS, or the old name $TADISR_KOLORS_DIR (with a deprecation `note`)."""
+def kolors_from_env(note: bool = True) -> FromEnv | None:
+    """$TADISR_KOLORS, or the old name $TADISR_KOLORS_DIR (with a deprecation `note`), marked with the
+    variable it came from."""
     if os.environ.get("TADISR_KOLORS"):
-        return os.environ["TADISR_KOLORS"]
-    old = os.environ.get("TADISR_KOLORS_DIR")
-    if old and note:
+        return env_default("TADISR_KOLORS")
+    if os.environ.get("TADISR_KOLORS_DIR") and note:
         print("note: TADISR_KOLORS_DIR is deprecated; set TADISR_KOLORS instead", file=sys.stderr)
-    return old or None
+    return env_default("TADISR_KOLORS_DIR")
 
 
 def add_weight_args(p: argparse.ArgumentParser) -> None:
@@ -131,7 +131,7 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
                         "training.export_model or a checkpoint file; a checkpoint that holds adapters only "
                         "needs its Kolors base: its run's recorded one, or --kolors (which replaces it), "
                         "--unet / --vae [env TADISR_MODEL]")
-    p.add_argument("--kolors", metavar="DIR", default=env_default("TADISR_KOLORS", kolors_from_env()),
+    p.add_argument("--kolors", metavar="DIR", default=kolors_from_env(),
                    help="Kwai-Kolors/Kolors diffusers folder (unet/, vae/; text_encoder/ + tokenizer/ only to "
                         "build the prompt cache) [env TADISR_KOLORS]")
     p.add_argument("--unet", metavar="FILE|DIR", default=env_default("TADISR_UNET"),

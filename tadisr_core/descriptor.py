@@ -44,11 +44,13 @@ class ModelDescriptor:
     input_channels: tuple[int, ...] = (1, 3, 4)      # gray, RGB, RGBA (alpha upscaled bicubic)
     offload_modes: tuple[str, ...] = ("none", "sequential")
 
-    def check_tile(self, tile: int) -> None:
-        """ValueError naming the tile rule when `tile` breaks it."""
+    def check_tile(self, tile: int, min_tile: int | None = None) -> None:
+        """ValueError naming the tile rule when `tile` breaks it (`min_tile` overrides the offered floor:
+        the library lets small test models run smaller tiles)."""
         s = self.size
-        if not s.min_tile <= tile <= s.max_tile or tile % s.tile_multiple:
-            raise ValueError(f"tile must be a multiple of {s.tile_multiple} between {s.min_tile} and {s.max_tile}, "
+        low = s.min_tile if min_tile is None else min_tile
+        if not low <= tile <= s.max_tile or tile % s.tile_multiple:
+            raise ValueError(f"tile must be a multiple of {s.tile_multiple} between {low} and {s.max_tile}, "
                              f"got {tile}")
 
     def check_scale(self, scale: float) -> None:

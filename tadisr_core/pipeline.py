@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .color import apply_color_fix, resolve_color_fix
+from .descriptor import DESCRIPTOR
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .finite import DAMAGED, check_finite
 from .heatmap import AttentionTiles, channel_groups, stretch, tile_heat
@@ -41,9 +42,8 @@ __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "up
 log = logging.getLogger("tadisr")
 
 BAD_INPUT = "the image holds NaN or Inf pixels: fix or replace it"
-MIN_TILE = 64          # the OOM fallback halves the tile down to this, then gives up
-LATENT_FACTOR = 8
-MAX_SCALE = 8.0
+MIN_TILE = DESCRIPTOR.size.min_tile          # the OOM fallback halves the tile down to this, then gives up
+LATENT_FACTOR = DESCRIPTOR.size.tile_multiple
 SKIP_BUDGET_BYTES = 512 << 20   # the staged path keeps encoder skip features only when all fit this
 
 
@@ -162,10 +162,8 @@ def _check_input(image: torch.Tensor) -> None:
 
 def check_settings(scale: float, tile: int, overlap: int, min_tile: int = LATENT_FACTOR) -> None:
     """ValueError naming the setting when scale, tile or overlap cannot work (the CLI and nodes ask too)."""
-    if not 1 <= scale <= MAX_SCALE:
-        raise ValueError(f"scale must be between 1 and {MAX_SCALE:g}, got {scale:g}")
-    if tile < min_tile or tile % LATENT_FACTOR:
-        raise ValueError(f"tile must be a multiple of {LATENT_FACTOR} and at least {min_tile}, got {tile}")
+    DESCRIPTOR.check_scale(scale)
+    DESCRIPTOR.check_tile(tile, min_tile)
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be at least 0 and smaller than tile ({tile}), got {overlap}")
 

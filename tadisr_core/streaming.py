@@ -186,20 +186,23 @@ def load_torch_file(path: str | Path, mmap: bool = False) -> object:
     TorchFileError for a pickle protocol torch's weights-only loader does not read, and for a safetensors
     error (from a torch that dispatches by other names too); other pickle errors pass as they are."""
     import pickle
+    import warnings
 
     from safetensors import SafetensorError
 
     try:
-        if Path(path).suffix.lower() in SAFETENSORS_SUFFIXES:
-            with open(path, "rb") as f:
-                return torch.load(f, map_location="cpu", weights_only=True)
-        if mmap:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # a legacy (pre-zip) torch file cannot be memory-mapped: read it whole
-                if "mmap" not in str(e):
-                    raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of any protocol above 2 before the error below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            if Path(path).suffix.lower() in SAFETENSORS_SUFFIXES:
+                with open(path, "rb") as f:
+                    return torch.load(f, map_location="cpu", weights_only=True)
+            if mmap:
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # a legacy (pre-zip) torch file cannot be memory-mapped: read it whole
+                    if "mmap" not in str(e):
+                        raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except SafetensorError as e:
         raise TorchFileError(f"{path}: cannot be read as a torch file ({e})") from None
     except pickle.UnpicklingError as e:

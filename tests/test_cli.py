@@ -176,9 +176,12 @@ def test_output_names_and_skip_existing(tiny_model, inputs, tmp_path, capsys):
 
 
 def test_bad_arguments_exit_2(capsys, tmp_path):
-    for extra in (["--tile", "60"], ["--tile", "64", "--overlap", "64"]):
+    for extra, says in ((["--tile", "60"], "--tile must be a multiple of 8 between 64 and 4096, got 60"),
+                        # the nodes' tile limit holds on the command line too (it once let 4104 through)
+                        (["--tile", "4104"], "--tile must be a multiple of 8 between 64 and 4096, got 4104"),
+                        (["--tile", "64", "--overlap", "64"], "--overlap must be at least 0 and smaller than tile")):
         assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "--kolors", "k", "--checkpoint", "c", *extra]) == 2
-        assert "error:" in capsys.readouterr().err
+        assert f"error: {says}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["upscale", "x.png", "-o", str(tmp_path), "--scale", "9"])
     with pytest.raises(SystemExit):

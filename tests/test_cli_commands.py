@@ -59,8 +59,12 @@ def test_old_kolors_env_name_still_works_with_a_note(monkeypatch, capsys):
     monkeypatch.setenv("TADISR_KOLORS_DIR", "/old/kolors")
     args = cli.build_parser().parse_args(["upscale", "a.png", "-o", "out"])
     assert args.kolors == "/old/kolors" and "TADISR_KOLORS_DIR is deprecated" in capsys.readouterr().err
+    assert args.kolors.var == "TADISR_KOLORS_DIR"  # marked with the variable it came from
     monkeypatch.setenv("TADISR_KOLORS", "/new/kolors")
-    assert cli.build_parser().parse_args(["upscale", "a.png", "-o", "out"]).kolors == "/new/kolors"
+    args = cli.build_parser().parse_args(["upscale", "a.png", "-o", "out"])
+    assert args.kolors == "/new/kolors" and args.kolors.var == "TADISR_KOLORS"
+    args = cli.build_parser().parse_args(["upscale", "a.png", "-o", "out", "--kolors", "/given"])
+    assert args.kolors == "/given" and not isinstance(args.kolors, cli.FromEnv)
 
 
 def test_module_entry_point_is_kept():
