@@ -297,6 +297,20 @@ def test_shipped_demo_function_on_held_out_scenes(tmp_path, name):
 
 
 @pytest.mark.slow
+def test_the_held_out_table_says_over_how_many_scenes_ocr_a_is_taken():
+    """Defect: 2 of the 60 held-out scenes hold no text the detector finds; the table did not say OCR-A
+    leaves them out."""
+    from training.heldout import format_table
+
+    row = {"n": 60, "psnr": 19.0, "ssim": 0.5, "ocr_a": 0.3, "ocr_images": 58, "ocr_excluded_no_text": 2}
+    table = format_table({"rows": {"bicubic": row, "demo": {**row, "ocr_a": 0.29}}})
+    assert table.splitlines()[2:] == [
+        "| bicubic | 19.00 | 0.500 | - | 0.300 | - | - | - | - |",
+        "| demo | 19.00 | 0.500 | - | 0.290 | - | - | - | - |", "",
+        "OCR-A: the mean over the 58 of 60 scenes whose ground truth holds text the detector finds."]
+    assert "OCR-A:" not in format_table({"rows": {"bicubic": {"n": 60, "psnr": 19.0, "ssim": 0.5}}})
+
+
 @demo_only
 def test_held_out_score_gives_a_row_per_colour_fix(tmp_path):
     """`training.heldout score --color-fix none --color-fix wavelet`: a row per fix for each model; the
@@ -524,6 +538,17 @@ def test_auroc_on_hand_made_scores():
     assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
     assert auroc(torch.full((4,), 0.5), labels) == 0.5                 # all tied: chance
     assert auroc(torch.tensor([0.1, 0.6, 0.6, 0.9]), labels) == pytest.approx(0.875)  # 3.5 of 4 pairs
+
+
+def test_nan_scores_are_refused_not_ranked():
+    """Defect: auroc([nan, 0.1], [1, 0]) was 1.0 and mask_counts took NaN for "no text"."""
+    from training.metrics import MaskCounts, auroc, mask_counts
+
+    with pytest.raises(ValueError, match="cannot score ranking scores with NaN at 1 positions"):
+        auroc(torch.tensor([float("nan"), 0.1]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="cannot score a mask with NaN at 2 positions"):
+        mask_counts(np.full(2, np.nan), np.ones(2))
+    assert mask_counts(np.array([0.9, 0.1]), np.array([1, 1])) == MaskCounts(1, 0, 1)
 
 
 def test_export_writes_a_standalone_fp16_model_from_a_run_or_one_of_its_steps(tmp_path):

@@ -135,3 +135,30 @@ def test_unpickler_allows_only_numpy():
 
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         load_numpy_pickle(pickle.dumps(Evil()))
+
+
+def test_images_too_small_for_the_backbone_are_named_and_evaluate_keeps_their_other_metrics(weights, tmp_path):
+    """Defect: a 30 px pair failed whole in `evaluate` with a raw pooling error, losing PSNR and SSIM."""
+    from training import evaluate
+
+    alex = LPIPS("alex", weights)
+    assert alex.min_side == 31  # the smallest side whose five AlexNet taps are all at least 1 x 1
+    alex(torch.rand(1, 3, 31, 200), torch.rand(1, 3, 31, 200))
+    with pytest.raises(ValueError, match="LPIPS-alex needs images of at least 31 px on each side, got 200x30"):
+        alex(torch.rand(1, 3, 30, 200), torch.rand(1, 3, 30, 200))
+
+    rng = np.random.default_rng(0)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for folder in (pred, gt):
+        folder.mkdir()
+        for name, side in (("small", 30), ("big", 40)):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    out = tmp_path / "report.json"
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--no-ocr", "--lpips-weights", str(weights),
+                          "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["pairs"]}
+    assert report["failed"] == [] and rows.keys() == {"small", "big"}
+    assert rows["small"]["lpips"] is None and rows["small"]["note"] == "LPIPS left out: under 31 px"
+    assert 0 < rows["small"]["psnr"] < 100 and rows["big"]["lpips"] > 0
+    assert report["mean"]["lpips"] == pytest.approx(rows["big"]["lpips"])

@@ -111,7 +111,10 @@ def evaluate_pair(pred: np.ndarray, gt: np.ndarray, *, lpips_model, ocr_engine, 
         "psnr": min(float(psnr(x, y, y_channel, crop_border)[0]), PSNR_CAP),
         "ssim": float(ssim(x, y, y_channel, crop_border)[0]),
     }
-    if lpips_model is not None:
+    if lpips_model is not None and min(pred.shape[:2]) < lpips_model.min_side:
+        row["lpips"] = None  # too small for its backbone: the other metrics still count
+        row["note"] = f"LPIPS left out: under {lpips_model.min_side} px"
+    elif lpips_model is not None:
         with torch.inference_mode():
             row["lpips"] = float(lpips_model(x.to(device), y.to(device), normalize=True).flatten()[0])
     if ocr_engine is not None:

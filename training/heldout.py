@@ -47,7 +47,7 @@ PRESET = "realesrgan-mild"
 
 
 def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, size: int = DEFAULT_SIZE) -> Path:
-    """Write the held-out set (every scene has text), replacing a set made in `out` before; returns `out`.
+    """Write the held-out set (every scene is drawn with text), replacing a set made in `out` before; returns `out`.
 
     ValueError for a `size` the synthesis cannot make; FileExistsError when `out` holds files it did not write.
     """
@@ -256,6 +256,10 @@ def format_table(report: dict) -> str:
     for name, row in report["rows"].items():
         cells = [("-" if row.get(k) is None else format(row[k], f)) for k, _, f in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    read = {(row["ocr_images"], row["n"]) for row in report["rows"].values() if "ocr_images" in row}
+    for scored, n in sorted(read):  # one set: the same scenes have ground-truth text for every row
+        lines.append(f"\nOCR-A: the mean over the {scored} of {n} scenes whose ground truth holds text the "
+                     f"detector finds.")
     return "\n".join(lines)
 
 

@@ -119,6 +119,23 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    @property
+    def min_side(self) -> int:
+        """The smallest image side (px) whose every compared feature map is at least 1 x 1."""
+        spec, (pool_k, pool_s), _ = ARCHS[self.net]
+        side = 1
+        while True:
+            s = side
+            for _, k, stride, pad, pool_before in spec:
+                if pool_before:
+                    s = (s - pool_k) // pool_s + 1
+                s = (s + 2 * pad - k) // stride + 1
+                if s < 1:
+                    break
+            else:
+                return side
+            side += 1
+
     def _load(self, path: Path) -> None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -153,6 +170,9 @@ class LPIPS(nn.Module):
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected two (N, 3, H, W) tensors of equal shape, got {tuple(x.shape)} "
                              f"and {tuple(y.shape)}")
+        if min(x.shape[-2:]) < self.min_side:
+            raise ValueError(f"LPIPS-{self.net} needs images of at least {self.min_side} px on each side, got "
+                             f"{x.shape[-1]}x{x.shape[-2]}")
         if normalize:
             x, y = x * 2 - 1, y * 2 - 1
         n = x.shape[0]

@@ -156,9 +156,16 @@ class MaskCounts:
         return 2 * self.tp / total if total else 1.0
 
 
+def _no_nan(values: torch.Tensor, what: str) -> torch.Tensor:
+    if torch.isnan(values).any():
+        raise ValueError(f"cannot score {what} with NaN at {int(torch.isnan(values).sum())} positions")
+    return values
+
+
 def mask_counts(prob: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, threshold: float = 0.5) -> MaskCounts:
-    """Counts of ``prob > threshold`` against ``gt > 0.5`` (same shape; floats in 0..1)."""
-    p = torch.as_tensor(np.asarray(prob, dtype=np.float32)) > threshold
+    """Counts of ``prob > threshold`` against ``gt > 0.5`` (same shape; floats in 0..1; NaN is refused)."""
+    prob = _no_nan(torch.as_tensor(np.asarray(prob, dtype=np.float32)), "a mask")
+    p = prob > threshold
     g = torch.as_tensor(np.asarray(gt, dtype=np.float32)) > 0.5
     if p.shape != g.shape:
         raise ValueError(f"mask shapes differ: prediction {tuple(p.shape)}, ground truth {tuple(g.shape)}")
@@ -166,8 +173,9 @@ def mask_counts(prob: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, 
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve of `scores` for binary `labels` (ties get half credit; 0.5 = chance)."""
-    s, y = scores.flatten().double(), labels.flatten() > 0.5
+    """Area under the ROC curve of `scores` for binary `labels` (ties get half credit; 0.5 = chance; NaN
+    scores are refused, as they would rank arbitrarily)."""
+    s, y = _no_nan(scores.flatten().double(), "ranking scores"), labels.flatten() > 0.5
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
