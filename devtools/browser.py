@@ -28,7 +28,7 @@ from pathlib import Path
 
 import websocket
 
-from .server import die_with_parent
+from .comfy_host import die_with_parent
 
 CHROMIUM = os.environ.get("TADISR_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

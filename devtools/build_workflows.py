@@ -6,7 +6,9 @@
                                                              # before/after made by a real model instead
     python -m devtools.build_workflows --input tadisr_core/demo/inputs/text_scene_2.png   # another scene
 
-Needs the development host (`python -m devtools.comfy_host install` + `prepare`) and Chromium.
+Needs the development host (`python -m devtools.comfy_host install`; `prepare` runs if needed) and
+Chromium. The server runs in a throwaway base directory with the dev host's models and its own
+input/ and output/, so the dev host's input/ (what `make serve` shows) is never changed.
 Each graph is built in the real ComfyUI frontend from the specs below and laid out there in
 columns from the nodes' real sizes (so no two nodes overlap); the view is set so the whole graph
 opens framed right of the sidebar. The UI JSON is what that frontend saves; the API copy is its
@@ -33,6 +35,8 @@ import argparse
 import base64
 import io
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +44,7 @@ from nodes.loaders import DEMO_CHOICE, NO_CHECKPOINT
 from tadisr_core.demo import DEMO_INPUTS
 from tadisr_core.model_ref import DEMO_CHECKPOINT
 
+from . import comfy_host
 from .browser import Browser
 from .server import REPO, ComfyServer
 
@@ -418,6 +423,22 @@ def _thumbnail_model(kolors: str | None, checkpoint: str | None, graph_thumbnail
     return {}  # the graphs' own model: the demo
 
 
+def _thumbnail_inputs(input_dir: Path, scene: Path | None) -> Path:
+    """Write the thumbnails' inputs into a fresh base's input_dir: `scene` (default: the sample sign)
+    as SAMPLE, and BATCH_SCENE as the only image of the batch workflow's folder; returns SAMPLE's path."""
+    lr = input_dir / SAMPLE
+    if scene:
+        from PIL import Image
+
+        Image.open(scene).convert("RGB").save(lr)
+    else:
+        sample_sign(lr)
+    batch = input_dir / "tadisr_batch"
+    batch.mkdir()
+    shutil.copy(BATCH_SCENE, batch / BATCH_SCENE.name)  # the folder's only image, so the one the run takes
+    return lr
+
+
 def build(names: list[str], kolors: str | None = None, checkpoint: str | None = None,
           graph_thumbnails: bool = False, scene: Path | None = None) -> None:
     """Build, convert and photograph the named workflows (all by default); before/after thumbnails
@@ -428,24 +449,11 @@ def build(names: list[str], kolors: str | None = None, checkpoint: str | None = 
     (OUT / "api").mkdir(parents=True, exist_ok=True)
     write_template_text()
     t0 = time.monotonic()
-    with ComfyServer(log_path=REPO / "artifacts" / "logs" / "build_workflows.log") as server, Browser() as browser:
-        import shutil
-
-        from . import comfy_host
-
-        shutil.copy(comfy_host.comfy_dir() / "input" / "example.png", server.input_dir / "example.png")
-        lr = server.input_dir / SAMPLE
-        if scene:
-            from PIL import Image
-
-            Image.open(scene).convert("RGB").save(lr)
-        else:
-            sample_sign(lr)
-        batch = server.input_dir / "tadisr_batch"
-        if batch.is_dir():
-            shutil.rmtree(batch)
-        batch.mkdir()
-        shutil.copy(BATCH_SCENE, batch / BATCH_SCENE.name)  # the folder's only image, so the one the run takes
+    # a throwaway base: the dev host's input/ (the user's images, `make serve`) stays untouched
+    with tempfile.TemporaryDirectory(prefix="tadisr-build-workflows-") as tmp, \
+            ComfyServer(log_path=REPO / "artifacts" / "logs" / "build_workflows.log",
+                        base=comfy_host.scratch_base(Path(tmp))) as server, Browser() as browser:
+        lr = _thumbnail_inputs(server.input_dir, scene)
         browser.goto(server.url)
         browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph)", timeout=60)
         time.sleep(2.0)

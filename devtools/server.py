@@ -46,16 +46,6 @@ def ensure_host(python: str | None = None) -> None:
                                f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
 
 
-def die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGTERM the child when the test process dies (even by SIGKILL)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
@@ -116,7 +106,7 @@ class ComfyServer:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=comfy_host.server_env(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=die_with_parent)
+                                         preexec_fn=comfy_host.die_with_parent)
         atexit.register(self.stop)
         try:
             while True:
