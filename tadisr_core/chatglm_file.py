@@ -127,8 +127,6 @@ def quantized_bits(path: str | Path, header: WeightsHeader | None = None) -> int
 def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
     """diffusers' `ChatGLMConfig` of the ChatGLM3 file `path`: the sizes read from its tensor shapes,
     the rest ChatGLM3's (as in Kolors' text_encoder/config.json)."""
-    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
-
     path = Path(path)
     header = header or _header(path)
     if quantized_bits(path, header) == 4:
@@ -155,11 +153,22 @@ def chatglm_config(path: str | Path, header: WeightsHeader | None = None):
         raise KolorsFolderError(f"{path}: the attention widths ({qkv} / {attention}) do not fit heads {kv} wide, and "
                                 f"the file has no {_ROTARY} to tell the width; pass ChatGLM3-6B "
                                 f"(chatglm3-fp16.safetensors, or a folder with config.json)")
-    return ChatGLMConfig(num_layers=layers, padded_vocab_size=vocab, hidden_size=hidden, ffn_hidden_size=ffn,
-                         kv_channels=kv, num_attention_heads=attention // kv, multi_query_attention=True,
-                         multi_query_group_num=groups,
-                         add_qkv_bias=_QKV.removesuffix("weight") + "bias" in shapes,
-                         original_rope=True)
+    return encoder_config(num_layers=layers, padded_vocab_size=vocab, hidden_size=hidden, ffn_hidden_size=ffn,
+                          kv_channels=kv, num_attention_heads=attention // kv, multi_query_attention=True,
+                          multi_query_group_num=groups,
+                          add_qkv_bias=_QKV.removesuffix("weight") + "bias" in shapes,
+                          original_rope=True)
+
+
+def encoder_config(**fields):
+    """diffusers' `ChatGLMConfig(**fields)` without a key/value cache (the prompt is encoded once).
+    diffusers 0.32-0.36 read `config.use_cache`, which the class neither declares nor (under transformers
+    5) keeps from its keyword arguments, so it is set on the built config."""
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+    config = ChatGLMConfig(**fields)
+    config.use_cache = False
+    return config
 
 
 def load_chatglm_file(path: str | Path, dtype: torch.dtype = torch.bfloat16):

@@ -27,8 +27,8 @@ _WIDE = 8
 _SMALL = 960
 _ROW_GAP = 10           # lines whose tops are closer than this (px) are one row, read left to right (as RapidOCR)
 _EDGE = 2               # a line this close (px) to a tile's inner edge may be cut there
-MISSING = ("reading text needs the optional packages rapidocr and onnxruntime: "
-           "pip install rapidocr onnxruntime (in the Python that runs ComfyUI)")
+RAPIDOCR_MIN = "3.10"   # older ones download their models at first use (or cannot read RAPIDOCR_PARAMS)
+INSTALL = f'pip install -U "rapidocr>={RAPIDOCR_MIN}" onnxruntime'
 
 
 @dataclass
@@ -40,14 +40,40 @@ class TextLine:
     score: float
 
 
-def load_rapidocr():
-    """A RapidOCR engine (its PP-OCR ONNX models ship in the wheel); RuntimeError saying what to
-    install when rapidocr is absent."""
+def ocr_unavailable() -> str | None:
+    """Why RapidOCR cannot read text in this Python (a package missing or too old, and what to install),
+    or None; nothing is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+
+    from packaging.version import Version
+
+    try:
+        found = version("rapidocr")
+    except PackageNotFoundError:
+        found = None
+    missing = [name for name, there in (("rapidocr", found), ("onnxruntime", find_spec("onnxruntime"))) if not there]
+    if missing:
+        return (f"reading text needs the optional package{'s' * (len(missing) > 1)} {' and '.join(missing)}: "
+                f"{INSTALL} (in the Python that runs ComfyUI)")
+    if Version(found) < Version(RAPIDOCR_MIN):
+        return (f"reading text needs rapidocr {RAPIDOCR_MIN} or newer (older ones download their models), found "
+                f"{found}: {INSTALL} (in the Python that runs ComfyUI)")
+    return None
+
+
+def load_rapidocr(params: dict | None = None):
+    """A RapidOCR engine with `params` (default RAPIDOCR_PARAMS; its PP-OCR ONNX models ship in the wheel);
+    RuntimeError saying what to install when rapidocr or onnxruntime is missing or too old."""
+    problem = ocr_unavailable()
+    if problem:
+        raise RuntimeError(problem)
     try:
         from rapidocr import RapidOCR
-    except ImportError as exc:
-        raise RuntimeError(f"{MISSING} ({exc})") from None
-    return RapidOCR(params=dict(RAPIDOCR_PARAMS))
+
+        return RapidOCR(params=dict(RAPIDOCR_PARAMS if params is None else params))
+    except ImportError as exc:  # installed but broken (a missing shared library, say)
+        raise RuntimeError(f"rapidocr cannot start ({exc}): {INSTALL} (in the Python that runs ComfyUI)") from None
 
 
 _engine = None

@@ -45,11 +45,12 @@ def _tiny_tokenizer(folder: Path):
 
 def _tiny_text_encoder(folder: Path, hidden: int, seed: int):
     from diffusers.pipelines.kolors import ChatGLMModel
-    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
-    cfg = ChatGLMConfig(num_layers=2, hidden_size=hidden, ffn_hidden_size=2 * hidden, kv_channels=16,
-                        num_attention_heads=hidden // 16, padded_vocab_size=256, multi_query_attention=True,
-                        multi_query_group_num=2, add_qkv_bias=True, seq_length=64, original_rope=True)
+    from .chatglm_file import encoder_config
+
+    cfg = encoder_config(num_layers=2, hidden_size=hidden, ffn_hidden_size=2 * hidden, kv_channels=16,
+                         num_attention_heads=hidden // 16, padded_vocab_size=256, multi_query_attention=True,
+                         multi_query_group_num=2, add_qkv_bias=True, seq_length=64, original_rope=True)
     model = ChatGLMModel(cfg, empty_init=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # ChatGLM skips init: every tensor must be set explicitly

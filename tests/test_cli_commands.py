@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the test extra installs tomli there
+    import tomli as tomllib
 
 from tadisr_core import cli
 

@@ -5,6 +5,7 @@ host.py's ComfyUI branches."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import types
@@ -770,11 +771,42 @@ def test_a_slanted_line_is_kept_by_the_mask_over_its_box_not_its_bounding_rectan
                                  mask) == 0.0                           # outside the image
 
 
+INSTALL_OCR = 'pip install -U "rapidocr>=3.10" onnxruntime (in the Python that runs ComfyUI)'
+
+
 def test_read_text_without_rapidocr_says_what_to_install(monkeypatch):
+    import importlib.metadata
+
     from tadisr_core import reading
 
-    monkeypatch.setitem(sys.modules, "rapidocr", None)  # import fails
-    with pytest.raises(RuntimeError, match="pip install rapidocr onnxruntime"):
+    assert reading.ocr_unavailable() is None  # the test extra installs both
+    real_version = importlib.metadata.version
+
+    def installed(versions):
+        def version(name):
+            if name not in versions:
+                return real_version(name)
+            if versions[name] is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return versions[name]
+        monkeypatch.setattr(importlib.metadata, "version", version)
+
+    installed({"rapidocr": None})
+    assert reading.ocr_unavailable() == f"reading text needs the optional package rapidocr: {INSTALL_OCR}"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # rapidocr does not depend on it
+    with pytest.raises(RuntimeError, match="^reading text needs the optional packages rapidocr and onnxruntime: "):
+        reading.load_rapidocr()
+    # defects: onnxruntime missing was found only after the upscale ran, in rapidocr's words; rapidocr
+    # before 3.10 downloads its models (offline: an error), before 3.4 refuses our settings
+    installed({"rapidocr": "3.10.0"})
+    assert reading.ocr_unavailable() == f"reading text needs the optional package onnxruntime: {INSTALL_OCR}"
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    installed({"rapidocr": "3.8.0"})
+    assert reading.ocr_unavailable() == ("reading text needs rapidocr 3.10 or newer (older ones download their "
+                                         f"models), found 3.8.0: {INSTALL_OCR}")
+    installed({"rapidocr": "3.10.0"})
+    monkeypatch.setitem(sys.modules, "rapidocr", None)  # installed, but its import fails
+    with pytest.raises(RuntimeError, match="^rapidocr cannot start .*" + re.escape(INSTALL_OCR)):
         reading.load_rapidocr()
 
 

@@ -148,12 +148,9 @@ class OCREngine:
 
 
 def _load_rapidocr():
-    try:
-        from rapidocr import RapidOCR
-    except ImportError as e:
-        raise RuntimeError(f"rapidocr backend needs `rapidocr` and `onnxruntime` ({e}); "
-                           "pip install 'tadisr[train]'") from e
-    return RapidOCR(params=dict(RAPIDOCR_PARAMS))
+    from tadisr_core.reading import load_rapidocr
+
+    return load_rapidocr(RAPIDOCR_PARAMS)  # this module's fixed settings (see RAPIDOCR_PARAMS)
 
 
 _DEFAULT: dict[str, OCREngine] = {}

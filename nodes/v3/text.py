@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from comfy_api.latest import io
 
 from .. import text_tools
@@ -56,9 +54,9 @@ class TADiSRReadText(io.ComfyNode):
             ["OCR", "read text", "text recognition", "text", "text mask", "RapidOCR", "TADiSR"],
             node_id="TADiSRReadText",
             display_name="TADiSR Read Text (OCR)",
-            description=("Reads the text in an image with RapidOCR (optional: pip install rapidocr onnxruntime), "
-                         "optionally only where TADiSR's text mask covers it. Gives the recognised lines as text "
-                         "and the image with their boxes drawn."),
+            description=("Reads the text in an image with RapidOCR (optional: pip install \"rapidocr>=3.10\" "
+                         "onnxruntime), optionally only where TADiSR's text mask covers it. Gives the recognised "
+                         "lines as text and the image with their boxes drawn."),
             inputs=[
                 io.Image.Input("image", tooltip="Image to read, normally TADiSR's upscaled image."),
                 io.Mask.Input("text_mask", optional=True, tooltip=(
@@ -75,12 +73,11 @@ class TADiSRReadText(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, image) -> bool | str:
-        # Refused before anything upstream runs when the optional OCR package is missing.
-        if importlib.util.find_spec("rapidocr") is None:
-            from tadisr_core.reading import MISSING
+        # Refused before anything upstream runs when the optional OCR packages are missing or too old.
+        from tadisr_core.reading import ocr_unavailable
 
-            return f"TADiSR Read Text: {MISSING}"
-        return True
+        problem = ocr_unavailable()
+        return f"TADiSR Read Text: {problem}" if problem else True
 
     @classmethod
     def execute(cls, image, min_score=0.5, min_coverage=0.25, text_mask=None) -> io.NodeOutput:
