@@ -42,7 +42,7 @@ class TextLine:
 
 def ocr_unavailable() -> str | None:
     """Why RapidOCR cannot read text in this Python (a package missing or too old, and what to install),
-    or None; nothing is imported."""
+    or None (without importing either)."""
     from importlib.metadata import PackageNotFoundError, version
     from importlib.util import find_spec
 
@@ -55,10 +55,10 @@ def ocr_unavailable() -> str | None:
     missing = [name for name, there in (("rapidocr", found), ("onnxruntime", find_spec("onnxruntime"))) if not there]
     if missing:
         return (f"reading text needs the optional package{'s' * (len(missing) > 1)} {' and '.join(missing)}: "
-                f"{INSTALL} (in the Python that runs ComfyUI)")
+                f"{INSTALL}")
     if Version(found) < Version(RAPIDOCR_MIN):
         return (f"reading text needs rapidocr {RAPIDOCR_MIN} or newer (older ones download their models), found "
-                f"{found}: {INSTALL} (in the Python that runs ComfyUI)")
+                f"{found}: {INSTALL}")
     return None
 
 
@@ -73,7 +73,7 @@ def load_rapidocr(params: dict | None = None):
 
         return RapidOCR(params=dict(RAPIDOCR_PARAMS if params is None else params))
     except ImportError as exc:  # installed but broken (a missing shared library, say)
-        raise RuntimeError(f"rapidocr cannot start ({exc}): {INSTALL} (in the Python that runs ComfyUI)") from None
+        raise RuntimeError(f"rapidocr cannot start ({exc}): {INSTALL}") from None
 
 
 _engine = None

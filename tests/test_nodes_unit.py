@@ -771,7 +771,7 @@ def test_a_slanted_line_is_kept_by_the_mask_over_its_box_not_its_bounding_rectan
                                  mask) == 0.0                           # outside the image
 
 
-INSTALL_OCR = 'pip install -U "rapidocr>=3.10" onnxruntime (in the Python that runs ComfyUI)'
+INSTALL_OCR = 'pip install -U "rapidocr>=3.10" onnxruntime'
 
 
 def test_read_text_without_rapidocr_says_what_to_install(monkeypatch):

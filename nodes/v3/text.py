@@ -77,7 +77,7 @@ class TADiSRReadText(io.ComfyNode):
         from tadisr_core.reading import ocr_unavailable
 
         problem = ocr_unavailable()
-        return f"TADiSR Read Text: {problem}" if problem else True
+        return f"TADiSR Read Text: {problem} (in the Python that runs ComfyUI)" if problem else True
 
     @classmethod
     def execute(cls, image, min_score=0.5, min_coverage=0.25, text_mask=None) -> io.NodeOutput:
