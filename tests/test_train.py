@@ -513,11 +513,13 @@ def _make_recipe(target: str) -> str:
 
 def test_release_demo_starts_from_the_shipped_paper_demo_and_ships_where_the_loader_looks():
     from tadisr_core import model_ref
+    from training.builders import init_checkpoint_file
 
     cfg = load_config(REPO / "training" / "configs" / "demo_release.yaml")
     paper = load_config(REPO / "training" / "configs" / f"{DEMO_PHASES[-1]}.yaml")
     assert (cfg.model.variant, cfg.model.size, cfg.model.train_backbone) == ("release", "demo", True)
-    assert (REPO / cfg.model.init_checkpoint).resolve() == model_ref.DEMO_CHECKPOINT
+    assert cfg.model.init_checkpoint == "demo"  # by name: found wherever the pack is installed
+    assert init_checkpoint_file(cfg.model) == model_ref.DEMO_CHECKPOINT
     assert cfg.model.init_parts == ["unet", "vae"]
     assert cfg.data == paper.data  # phase 4's task...
     assert cfg.train.seed not in {load_config(REPO / "training" / "configs" / f"{p}.yaml").train.seed
@@ -547,6 +549,88 @@ def test_demo_phases_chain_by_their_defaults():
     assert all(done == out == resumed and out.startswith("runs/x") for done, _, out, _, resumed in runs), runs
     for (_, _, out, _, _), (_, _, _, init, _) in zip(runs, runs[1:]):
         assert init == f"{out}/model_final.safetensors"
+
+
+def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    """Defect: outside the repository root `--config training/configs/tiny.yaml` was not found, and the
+    configs installed with the package could not be named at all."""
+    from training.train import main, parse_args
+
+    monkeypatch.chdir(tmp_path)
+    tiny = load_config(TINY).to_dict()
+    for given in ("tiny", "tiny.yaml", "training/configs/tiny.yaml"):
+        assert load_config(given).to_dict() == tiny, given
+    assert load_config("demo_release").model.variant == "release"
+    (tmp_path / "tiny.yaml").write_text("train:\n  max_steps: 7\n")  # the path given wins when it exists
+    assert load_config("tiny.yaml").train.max_steps == 7
+    assert load_config("tiny").train.max_steps == tiny["train"]["max_steps"]
+    for unknown in ("tinny", "elsewhere/tiny.yaml"):  # a name is a name; another folder is a path
+        with pytest.raises(FileNotFoundError, match=rf"^config file not found: {unknown}; give a YAML file or a "
+                                                    r"shipped config's name: demo, .*demo_release, .*tiny$"):
+            load_config(unknown)
+    assert main(["--config", "tinny", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config file not found: tinny;") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "shipped config's name" in capsys.readouterr().out
+
+
+def test_init_checkpoint_takes_a_shipped_models_name_from_any_folder(tmp_path, monkeypatch):
+    """Defect: demo_release.yaml named the shipped demo by a path relative to the repository root, and
+    `--set model.init_checkpoint=demo` was refused; it takes the `--model` names, and the run records
+    the name it was given."""
+    from tadisr_core import model_ref
+    from tadisr_core.checkpoint import load_checkpoint
+    from training.builders import build_model_from_config, init_checkpoint_file, init_checkpoint_needed_on_resume
+
+    monkeypatch.chdir(tmp_path)
+    demo = load_checkpoint(model_ref.DEMO_CHECKPOINT)
+    key = "conv_out.base_layer.weight"
+    for config, init in (("demo_release", "demo"), ("demo_release", "demo-release")):
+        cfg = load_config(config, [f"model.init_checkpoint={init}"] + ["model.init_parts=null"] * (init != "demo"))
+        assert cfg.to_dict()["model"]["init_checkpoint"] == init  # config.json records what was given
+        assert init_checkpoint_file(cfg.model) == model_ref.shipped_models()[init].checkpoint
+        model = build_model_from_config(cfg, log=lambda _: None)
+        weights = demo if init == "demo" else load_checkpoint(model_ref.DEMO_RELEASE_CHECKPOINT)
+        assert torch.equal(dict(model.unet.named_parameters())[key].detach().float(),
+                           weights.groups["unet"][key].float())
+        assert not init_checkpoint_needed_on_resume(cfg.model)  # the demos train every weight
+    # a shipped model whose file is gone: named, with how to get it back
+    monkeypatch.setattr(model_ref, "DEMO_CHECKPOINT", tmp_path / "gone" / "tadisr_demo.safetensors")
+    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint: the demo model is missing from .*gone; "
+                                          r"reinstall the pack or re-create it with `make demo-model`$"):
+        build_model_from_config(load_config("demo_release"))
+
+
+def test_a_resume_finds_an_init_checkpoint_given_by_name(tmp_path, monkeypatch):
+    """Defect: a resume looked for `model.init_checkpoint: demo` as a file in the working folder, found
+    none and refused (or said it was gone) although the shipped model is there."""
+    from types import SimpleNamespace
+
+    from training.train import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("demo_release")
+    printed = []
+    trainer = SimpleNamespace(cfg=cfg, _resumed=({},), _resumed_whole=False, _print=printed.append)
+    assert Trainer._model_source(trainer, tmp_path / "checkpoints" / "step_00000100") is cfg and not printed
+    cfg.model.init_checkpoint = "gone.safetensors"  # a path still counts as gone when it is
+    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: gone\.safetensors; the resume"):
+        Trainer._model_source(trainer, tmp_path / "checkpoints" / "step_00000100")
+
+
+def test_the_release_demo_recipe_starts_outside_the_repository(tmp_path):
+    """The reported commands, from another folder: a shipped config by name, whose init checkpoint is a
+    shipped model by name (one small step)."""
+    cmd = [sys.executable, "-m", "training.train", "--config", "demo_release", "--output-dir", "run",
+           "--max-steps", "1"]
+    for item in ("data.crop=64", "data.length=2", "loss.lpips_net=none", "loss.lpips=0", "train.validate_every=0"):
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["init_checkpoint"] == "demo"
+    assert (tmp_path / "run" / "model_final.safetensors").is_file()
 
 
 def test_config_errors_name_key_and_file(tmp_path):

@@ -74,6 +74,20 @@ def base_files(m: ModelConfig):
                           f"--kolors, --unet and --vae are model.kolors_dir, model.unet and model.vae)") from None
 
 
+def init_checkpoint_file(m: ModelConfig) -> Path | None:
+    """The file `model.init_checkpoint` names (None when unset): a shipped model by its `--model` name
+    (`demo`, `demo-release`, found by `tadisr_core.model_ref.resolve_model` wherever the pack is
+    installed), else the path as given. A shipped model whose file is missing is a FileNotFoundError
+    saying how to restore it."""
+    from tadisr_core.model_ref import resolve_model, shipped_models
+
+    if not m.init_checkpoint:
+        return None
+    if m.init_checkpoint in shipped_models():
+        return resolve_model(m.init_checkpoint, given_as="model.init_checkpoint").checkpoint
+    return Path(m.init_checkpoint)
+
+
 def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
                             log: Callable[[str], None] = print):
     """The TADiSR model a config describes, fp32, before any trainable/frozen split.
@@ -83,8 +97,9 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
       `model.text_encoder` or the Kolors folder, when the file is missing);
     - otherwise random weights of the tiny or full spec and a random prompt (tests, benchmarks);
       a full random model on CUDA is built on the meta device and materialised there.
-    `model.init_checkpoint` (release .pkl or native .safetensors) is applied on top; its spec
-    (variant, ranks) wins over the config's defaults, and a conflicting `model.variant` is an error;
+    `model.init_checkpoint` (release .pkl, native .safetensors, or a shipped model's name:
+    `init_checkpoint_file`) is applied on top; its spec (variant, ranks) wins over the config's
+    defaults, and a conflicting `model.variant` is an error;
     with `model.init_parts` the config defines the model, only those parts are taken (they must fit)
     and `log` is told what kept its initialisation.
     """
@@ -94,7 +109,8 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
 
     m = cfg.model
     try:
-        ckpt = load_checkpoint(m.init_checkpoint) if m.init_checkpoint else None
+        init = init_checkpoint_file(m)
+        ckpt = load_checkpoint(init) if init is not None else None
     except OSError as e:  # not found, a folder, unreadable: the message names the file
         raise ConfigError(f"model.init_checkpoint: {e}") from None
     if ckpt is not None and ckpt.spec.variant != m.variant and m.init_parts is None:
@@ -150,7 +166,7 @@ def init_checkpoint_needed_on_resume(m: ModelConfig) -> bool:
 
     if not m.init_checkpoint or m.saves_backbone or not {"unet", "vae"} & set(m.init_parts or GROUPS):
         return False
-    return file_includes_backbone(m.init_checkpoint)
+    return file_includes_backbone(init_checkpoint_file(m))
 
 
 def configure_trainable(model, no_jsd: bool = False, backbone: bool = False) -> list[tuple[str, nn.Parameter]]:

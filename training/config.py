@@ -1,9 +1,11 @@
 """Training configuration: one dataclass tree, loaded from YAML, with command-line overrides.
 
     cfg = load_config("training/configs/tiny.yaml", overrides=["train.max_steps=10", "optim.lr=1e-4"])
+    cfg = load_config("tiny")   # a shipped config by name (training/configs/, installed with the package)
 
 Unknown keys are errors naming the key and the file. Relative paths in the YAML stay relative to
-the working directory (as BasicSR does); ``~`` and ``$VARS`` are expanded.
+the working directory (as BasicSR does); ``~`` and ``$VARS`` are expanded. `model.init_checkpoint`
+also takes a shipped model's name (`demo`, `demo-release`), as `--model` does.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ class ModelConfig:
     vae: str | None = None                  # SDXL VAE file or folder (overrides kolors_dir's vae/, which
                                             # kijai's KwaiKolorsWrapper folder lacks)
     text_encoder: str | None = None         # ChatGLM3 folder or file for a missing prompt_cache (else kolors_dir's)
-    init_checkpoint: str | None = None      # TADiSR checkpoint (.safetensors or the release .pkl) to start from
+    init_checkpoint: str | None = None      # TADiSR checkpoint (.safetensors or the release .pkl) to start from,
+                                            # or a shipped model's name: demo, demo-release (as --model takes)
     init_parts: list[str] | None = None     # take only these parts of init_checkpoint (unet, vae, mi_decoder),
                                             # e.g. another variant's backbone; None: all of it
     prompt_cache: str | None = None         # prompt cache file; computed with Kolors' ChatGLM3 when absent
@@ -369,14 +372,37 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
     return cfg
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # the shipped configs (package data)
+CONFIG_DIR_IN_REPO = Path("training", "configs")          # how the docs spell their folder
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with the package, by name (`tiny`, `demo`, ...): its own configs/ folder."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def config_path(given: str | os.PathLike) -> Path:
+    """The config file `given` names: the path itself when it exists; else a shipped config by its name
+    (`tiny`, `tiny.yaml`) or as the docs spell it (`training/configs/tiny.yaml`), wherever the package
+    is installed. FileNotFoundError listing the shipped names otherwise."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".yaml")
+    if not path.exists() and path.parent in (Path("."), CONFIG_DIR_IN_REPO) and name in shipped:
+        return shipped[name]
+    raise FileNotFoundError(f"config file not found: {given}; give a YAML file or a shipped config's name: "
+                            f"{', '.join(shipped)}")
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (None: defaults), apply overrides, validate."""
+    """Read a YAML config (a file, or a shipped config's name: `config_path`; None: defaults), apply
+    overrides, validate."""
     if path is None:
         cfg, source = Config(), "<defaults>"
     else:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        path = config_path(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:

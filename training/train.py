@@ -1,6 +1,6 @@
 """Train TADiSR: one-step (t = 200) LoRA fine-tuning of Kolors with the joint segmentation decoders.
 
-    python -m training.train --config training/configs/tiny.yaml [--max-steps N] [--output-dir DIR]
+    python -m training.train --config tiny [--max-steps N] [--output-dir DIR]
                              [--resume] [--set section.key=value ...]
     accelerate launch [--multi_gpu --num_processes N] -m training.train --config ...
     (`--multi_gpu --num_processes 2` also works on a CPU-only machine: two gloo processes)
@@ -53,7 +53,7 @@ from tadisr_core.files import atomic_path
 from tadisr_core.images import save_image
 from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL, run_step_folder
 from training.bad_samples import DataBroken, data_broken_message
-from training.config import Config, ConfigError, load_config
+from training.config import Config, ConfigError, load_config, shipped_configs
 
 
 class TrainingAborted(RuntimeError):
@@ -495,8 +495,14 @@ class Trainer:
         is gone, with the resumed checkpoint in its place, when that holds every weight the init checkpoint
         gave (it is applied on top anyway). When it does not, or may not (a checkpoint from before that was
         recorded, without the whole backbone), the missing file is a ConfigError naming the key."""
+        from training.builders import init_checkpoint_file
+
         m = self.cfg.model
-        if resume_from is None or not m.init_checkpoint or Path(m.init_checkpoint).exists():
+        try:
+            present = bool(m.init_checkpoint) and init_checkpoint_file(m).exists()
+        except FileNotFoundError:  # a shipped model's file is missing
+            present = False
+        if resume_from is None or not m.init_checkpoint or present:
             return self.cfg
         needed = self._resumed[0].get("init_checkpoint_needed")
         if needed is None and not self._resumed_whole:
@@ -819,7 +825,9 @@ class Trainer:
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments of `python -m training.train`."""
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML file (training/configs/*.yaml)")
+    p.add_argument("--config", required=True,
+                   help="YAML file, or a shipped config's name (training/configs/*.yaml, installed with the "
+                        f"package; from any folder): {', '.join(shipped_configs())}")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--output-dir", help="override train.output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
