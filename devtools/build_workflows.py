@@ -232,7 +232,8 @@ def _read_spec() -> dict:
         _node("save_boxes", "SaveImage", [340, 330], filename_prefix="tadisr_read/boxes"),
         _note("Upscale, then read: TADiSR Read Text runs OCR (RapidOCR) on the upscaled image and keeps the lines "
               "inside TADiSR's text mask. The text appears in 'Recognised text'; the image shows the boxes. RapidOCR "
-              "is optional: install it once with  pip install \"rapidocr>=3.10\" onnxruntime  in ComfyUI's Python."
+              "is optional: install it once with  pip install \"rapidocr>=3.10\" \"onnxruntime>=1.18\"  in "
+              "ComfyUI's Python."
               f"\n\n{SETUP}", height=300)]
     links = [("model", 0, "upscale", "model"), ("image", 0, "upscale", "image"),
              ("upscale", 0, "read", "image"), ("upscale", 1, "read", "text_mask"),

@@ -268,6 +268,8 @@ def _load_chatglm(weights: Path, dtype: torch.dtype):
         raise ValueError(f"{weights}: ChatGLM3's weights are incomplete ({len(missing)} tensors missing, e.g. "
                          f"{missing[0]}); re-download text_encoder/ (Kwai-Kolors/Kolors) and compute the "
                          f"prompt cache again")
+    if any(t.dtype != dtype for t in encoder.parameters()):
+        encoder.to(dtype)  # transformers before 4.50 keeps the folder's own dtype (Kolors': fp16)
     return encoder
 
 

@@ -28,7 +28,11 @@ _SMALL = 960
 _ROW_GAP = 10           # lines whose tops are closer than this (px) are one row, read left to right (as RapidOCR)
 _EDGE = 2               # a line this close (px) to a tile's inner edge may be cut there
 RAPIDOCR_MIN = "3.10"   # older ones download their models at first use (or cannot read RAPIDOCR_PARAMS)
-INSTALL = f'pip install -U "rapidocr>={RAPIDOCR_MIN}" onnxruntime'
+ONNXRUNTIME_MIN = "1.18"  # older ones cannot run rapidocr 3.10's models (ONNX IR version 10)
+# onnxruntime's import name is shared by its builds, each its own distribution
+ONNXRUNTIME_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                      "onnxruntime-silicon", "onnxruntime-qnn")
+INSTALL = f'pip install -U "rapidocr>={RAPIDOCR_MIN}" "onnxruntime>={ONNXRUNTIME_MIN}"'
 
 
 @dataclass
@@ -59,6 +63,14 @@ def ocr_unavailable() -> str | None:
     if Version(found) < Version(RAPIDOCR_MIN):
         return (f"reading text needs rapidocr {RAPIDOCR_MIN} or newer (older ones download their models), found "
                 f"{found}: {INSTALL}")
+    for build in ONNXRUNTIME_BUILDS:
+        try:
+            runtime = version(build)
+        except PackageNotFoundError:
+            continue
+        if Version(runtime) < Version(ONNXRUNTIME_MIN):
+            return (f"reading text needs onnxruntime {ONNXRUNTIME_MIN} or newer (older ones cannot run rapidocr's "
+                    f"models), found {build} {runtime}: {INSTALL}")
     return None
 
 

@@ -48,11 +48,30 @@ def test_a_single_chatglm_file_makes_the_folders_prompt_cache(tiny_dir, tmp_path
         folder = tmp_path / "fp16"
         shutil.copytree(kolors, folder)
         save_file({k: v.half() for k, v in _weights(tiny_dir).items()},
-                  str(folder / "text_encoder" / "model.safetensors"))
+                  str(folder / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
         ref = compute_prompt_cache_from_kolors(folder, **KW)
     cache = compute_prompt_cache_from_kolors(weights, **KW)
     assert cache.prompt_embeds.dtype == torch.float32 and cache.text_columns == ref.text_columns == (31,)
     assert torch.equal(cache.prompt_embeds, ref.prompt_embeds) and torch.equal(cache.text_embeds, ref.text_embeds)
+
+
+def test_a_folders_chatglm3_computes_in_the_dtype_asked_for(tiny_dir, monkeypatch):
+    """Defect: transformers before 4.50 ignore from_pretrained's torch_dtype for this model and keep the
+    folder's own dtype (Kolors' config says float16), so --dtype bf16 computed in fp16. Such a load is
+    stood in for here: from_pretrained hands back the model in the folder's fp16."""
+    from diffusers.pipelines.kolors import ChatGLMModel
+
+    from tadisr_core.prompt import _load_chatglm
+
+    real = ChatGLMModel.from_pretrained.__func__
+
+    def keeps_the_folders_dtype(cls, *args, torch_dtype=None, **kwargs):
+        model, info = real(cls, *args, torch_dtype=torch.float16, **kwargs)
+        return model, info
+
+    monkeypatch.setattr(ChatGLMModel, "from_pretrained", classmethod(keeps_the_folders_dtype))
+    encoder = _load_chatglm(tiny_dir["kolors"] / "text_encoder", torch.bfloat16)
+    assert {t.dtype for t in encoder.parameters()} == {torch.bfloat16}
 
 
 def test_a_text_encoder_of_fp16_variant_shards_makes_the_same_cache(tiny_dir, tmp_path):
@@ -170,7 +189,7 @@ def test_an_8bit_file_reads_back_as_its_dequantized_weights(tiny_dir, tmp_path, 
     shutil.copytree(tiny_dir["kolors"] / "tokenizer", llm, dirs_exist_ok=True)
     folder = tmp_path / "kolors"
     shutil.copytree(tiny_dir["kolors"], folder)
-    save_file(back, str(folder / "text_encoder" / "model.safetensors"))
+    save_file(back, str(folder / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
     with caplog.at_level("WARNING"):
         cache = compute_prompt_cache_from_kolors(eight, **KW)
     assert "chatglm3-8bit.safetensors is an 8-bit ChatGLM3" in caplog.text

@@ -771,7 +771,7 @@ def test_a_slanted_line_is_kept_by_the_mask_over_its_box_not_its_bounding_rectan
                                  mask) == 0.0                           # outside the image
 
 
-INSTALL_OCR = 'pip install -U "rapidocr>=3.10" onnxruntime'
+INSTALL_OCR = 'pip install -U "rapidocr>=3.10" "onnxruntime>=1.18"'
 
 
 def test_read_text_without_rapidocr_says_what_to_install(monkeypatch):
@@ -804,7 +804,12 @@ def test_read_text_without_rapidocr_says_what_to_install(monkeypatch):
     installed({"rapidocr": "3.8.0"})
     assert reading.ocr_unavailable() == ("reading text needs rapidocr 3.10 or newer (older ones download their "
                                          f"models), found 3.8.0: {INSTALL_OCR}")
-    installed({"rapidocr": "3.10.0"})
+    installed({"rapidocr": "3.10.0", "onnxruntime": "1.17.3"})  # IR version 9 at most
+    assert reading.ocr_unavailable() == ("reading text needs onnxruntime 1.18 or newer (older ones cannot run "
+                                         f"rapidocr's models), found onnxruntime 1.17.3: {INSTALL_OCR}")
+    installed({"rapidocr": "3.10.0", "onnxruntime": None, "onnxruntime-gpu": "1.17.1"})
+    assert "found onnxruntime-gpu 1.17.1" in reading.ocr_unavailable()
+    installed({"rapidocr": "3.10.0", "onnxruntime": "1.18.0"})
     monkeypatch.setitem(sys.modules, "rapidocr", None)  # installed, but its import fails
     with pytest.raises(RuntimeError, match="^rapidocr cannot start .*" + re.escape(INSTALL_OCR)):
         reading.load_rapidocr()

@@ -55,8 +55,8 @@ class TADiSRReadText(io.ComfyNode):
             node_id="TADiSRReadText",
             display_name="TADiSR Read Text (OCR)",
             description=("Reads the text in an image with RapidOCR (optional: pip install \"rapidocr>=3.10\" "
-                         "onnxruntime), optionally only where TADiSR's text mask covers it. Gives the recognised "
-                         "lines as text and the image with their boxes drawn."),
+                         "\"onnxruntime>=1.18\"), optionally only where TADiSR's text mask covers it. Gives the "
+                         "recognised lines as text and the image with their boxes drawn."),
             inputs=[
                 io.Image.Input("image", tooltip="Image to read, normally TADiSR's upscaled image."),
                 io.Mask.Input("text_mask", optional=True, tooltip=(
