@@ -10,7 +10,9 @@ Each command is one `add_<name>(subparsers)` function that builds its sub-parser
 Exit codes (every tadisr command, the training ones included):
     0 success, 1 some inputs failed (or, for inspect, the checkpoint does not fit),
     2 setup error: arguments, missing / unreadable / damaged weight files, unwritable output,
-    130 cancelled (Ctrl-C, SIGTERM).
+    130 cancelled (Ctrl-C, SIGTERM). Under a launcher (torchrun, accelerate launch), `upscale`'s rank 0
+    reports for every rank and exits with the run's code; the other ranks exit 0 once they handed it
+    their records.
 Environment: TADISR_MODEL, TADISR_KOLORS, TADISR_UNET, TADISR_VAE, TADISR_TEXT_ENCODER, TADISR_CHECKPOINT,
 TADISR_PROMPT_CACHE (defaults of the weight flags: they fill what the command line leaves out, and the
 command line wins over them; TADISR_KOLORS_DIR is still read as an old name of TADISR_KOLORS),
@@ -385,15 +387,26 @@ def _check_chatglm_device(flag: str, value: str) -> None:
 
 
 def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None = None, model=None) -> int:
-    """The `upscale` command. `cancel` / `model` let callers (tests, embedding) inject their own."""
-    from tqdm.auto import tqdm
+    """The `upscale` command. `cancel` / `model` let callers (tests, embedding) inject their own.
 
-    from .batch import Options, collect_inputs, distributed_rank, plan_jobs, process_file, shard
-    from .pipeline import UpscaleCancelled
+    Under a launcher (torchrun, `accelerate launch`) rank 0 plans the inputs for every rank and reports
+    for the whole run (`ranks.py`); the other ranks return 0 once their records are handed over."""
+    from .ranks import LauncherError, joined_ranks
 
     _setup_logging(args.verbose)
     _validate_upscale(args)
-    rank, world = distributed_rank()
+    try:
+        with joined_ranks() as ranks:
+            return _upscale_files(args, ranks, cancel, model)
+    except LauncherError as exc:
+        raise SetupError(str(exc)) from None
+
+
+def _plan_upscale(args: argparse.Namespace) -> list:
+    """The inputs' jobs (every rank's), after checking there is something to upscale and the output
+    folder takes files; SetupError otherwise."""
+    from .batch import collect_inputs, plan_jobs
+
     found = collect_inputs(args.inputs, args.recursive, exclude=args.output)
     if not found:
         raise SetupError(f"nothing to upscale: no image files in {' '.join(map(str, args.inputs))}"
@@ -402,20 +415,48 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
         errors = [error for _, _, error in found]
         raise SetupError("; ".join(errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else ""))
     planned = plan_jobs(found, args.output, args.scale, args.attention, mask=args.mask, image_format=args.image_format)
-    jobs = shard(planned, rank, world)
-    quiet = args.quiet or rank > 0
+    ensure_writable_folder(Path(args.output))
+    return planned
+
+
+def _load_for_upscale(args: argparse.Namespace, new_folders: list[Path]):
+    """`load_model`; on a SetupError the output folders this run made (`new_folders`) are removed again."""
+    try:
+        return load_model(args)
+    except SetupError:
+        for folder in new_folders:  # leave no empty folders behind a run that never started
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] | None, model) -> int:
+    from tqdm.auto import tqdm
+
+    from .batch import Options, process_file, shard
+    from .pipeline import UpscaleCancelled
+
+    rank, world = ranks.rank, ranks.world
     output = Path(args.output)
     new_folders = [p for p in (output, *output.parents) if not p.exists()]  # what ensure_writable_folder makes
-    ensure_writable_folder(output)
     t0 = time.perf_counter()
+    # a prompt cache to compute is computed and saved by rank 0 before the others load it
+    first = model is None and world > 1 and bool(args.prompt_cache) and not Path(args.prompt_cache).is_file()
+
+    def plan() -> list:
+        nonlocal model
+        planned = _plan_upscale(args)
+        if first:
+            model = _load_for_upscale(args, new_folders)
+        return planned
+
+    planned = ranks.from_rank0(plan)
+    jobs = shard(planned, rank, world)
+    quiet = args.quiet or rank > 0
+    if rank > 0:
+        ensure_writable_folder(output)  # made by rank 0; proved writable here too (another node's mount)
     if model is None:
-        try:
-            model = load_model(args)
-        except SetupError:
-            for folder in new_folders:  # leave no empty folders behind a run that never started
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            raise
+        model = _load_for_upscale(args, new_folders if rank == 0 else [])
     load_s = time.perf_counter() - t0
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
                       args.skip_existing, args.color_fix, args.quality)
@@ -444,7 +485,28 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
             if not rec.ok:
                 tqdm.write(f"error: {rec.error}", file=sys.stderr)
     files_bar.close()
-    failed = [r for r in records if not r.ok]
+    share = {"rank": rank, "records": records, "cancelled": cancelled, "device": str(model.device),
+             "model_load_seconds": round(load_s, 4), "total_seconds": round(time.perf_counter() - t0, 4)}
+    shares = ranks.gather(share)
+    if shares is None:  # another rank's: rank 0 reports, and its exit code is the run's
+        with contextlib.suppress(ValueError):  # not the main thread
+            # all written and handed over: the launcher's stop signal, sent when rank 0 exits 1 for a failed
+            # file, must not turn this rank's clean exit into a crash of its own
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return EXIT_OK
+    _report_upscale(args, model, shares, len(planned), quiet)
+    failed = any(not r.ok for s in shares for r in s["records"])
+    if any(s["cancelled"] for s in shares):
+        return EXIT_CANCELLED
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned: int, quiet: bool) -> None:
+    """Rank 0's report for the whole run (`shares`: every rank's records): the --json document on stdout,
+    or one summary line on stderr that counts every rank's files (and, under a launcher, names the failures)."""
+    records = [(s["rank"], r) for s in shares for r in s["records"]]
+    failed = [r for _, r in records if not r.ok]
+    world = len(shares)
     if args.json:
         import dataclasses
 
@@ -452,22 +514,25 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
 
         from .lowvram import stored_dtype
 
-        report = {"ok": len(records) - len(failed), "failed": len(failed), "cancelled": cancelled,
-                  "rank": rank, "world_size": world, "device": str(model.device),
-                  "dtype": str(stored_dtype(model.unet)).replace("torch.", ""),
-                  "threads": torch.get_num_threads(), "model_load_seconds": round(load_s, 4),
-                  "total_seconds": round(time.perf_counter() - t0, 4),
-                  "files": [dataclasses.asdict(r) for r in records]}
-        print(json.dumps(report))
+        report = {"ok": len(records) - len(failed), "failed": len(failed),
+                  "cancelled": any(s["cancelled"] for s in shares), "planned": planned, "world_size": world,
+                  "device": shares[0]["device"], "dtype": str(stored_dtype(model.unet)).replace("torch.", ""),
+                  "threads": torch.get_num_threads(), "model_load_seconds": shares[0]["model_load_seconds"],
+                  "total_seconds": max(s["total_seconds"] for s in shares),
+                  **({"ranks": [{k: v for k, v in s.items() if k != "records"} | {"files": len(s["records"])}
+                                for s in shares]} if world > 1 else {}),
+                  "files": [dataclasses.asdict(r) | {"rank": rank} for rank, r in records]}
+        print(json.dumps(report), flush=True)
     elif not quiet:
-        share = f" (this process's share: rank {rank} of {world}, {len(planned)} inputs in all)" if world > 1 else ""
-        skipped = sum(r.skipped for r in records)
-        print(f"{len(records) - len(failed) - skipped} of {len(jobs)} files written to {args.output}"
+        skipped = sum(r.skipped for _, r in records)
+        processes = f" by {world} processes" if world > 1 else ""
+        print(f"{len(records) - len(failed) - skipped} of {planned} files written to {args.output}{processes}"
               + (f", {skipped} skipped (their outputs exist)" if skipped else "")
-              + (f", {len(failed)} failed" if failed else "") + share, file=sys.stderr)
-    if cancelled:
-        return EXIT_CANCELLED
-    return EXIT_FAILED if failed else EXIT_OK
+              + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
+        if world > 1:
+            for rank, r in records:
+                if not r.ok:
+                    print(f"  failed (rank {rank}): {r.error}", file=sys.stderr)
 
 
 def run_prompt_cache(args) -> int:
@@ -608,7 +673,7 @@ def _terminate_as_interrupt():
     try:
         yield
     finally:
-        if previous is not None:
+        if previous is not None and signal.getsignal(signal.SIGTERM) is interrupt:  # SIG_IGN set meanwhile stays
             signal.signal(signal.SIGTERM, previous)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -16,15 +17,20 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+_WRITES = itertools.count()  # numbers this process's temporary files
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield `<path>.tmp` to write to; on success it is renamed onto `path`, on error removed.
+    """Yield `<path>.<pid>-<n>.tmp` to write to; on success it is renamed onto `path`, on error removed.
 
     The rename is atomic on one filesystem, so readers (and an interrupted run) never see a
-    half-written `path`. The result gets the umask's normal mode (some writers create 0600 files).
+    half-written `path`; the process id and a count keep writers of the same file at once (the ranks
+    of a launcher, threads) off each other's temporary file. The result gets the umask's normal mode (some
+    writers create 0600 files).
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{next(_WRITES)}.tmp")
     try:
         yield tmp
         if tmp.exists():

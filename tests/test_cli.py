@@ -144,21 +144,6 @@ def test_cancel_between_tiles_writes_nothing_partial(tiny_model, inputs, tmp_pat
     assert checks["n"] == 5                              # stopped at the first check after the request
 
 
-def test_sharding_by_rank(tiny_model, inputs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    out = tmp_path / "out"
-    rc, stdout, _ = run_cli(["upscale", str(inputs), "-o", str(out), "--kolors", "x", "--checkpoint", "y",
-                             *FAST, "--json"], capsys, model=tiny_model)
-    report = json.loads(stdout)
-    # sorted: alpha.png, corrupt.png, gray.jpg, odd.png -> rank 1 of 2 gets corrupt.png and odd.png
-    assert [Path(f["input"]).name for f in report["files"]] == ["corrupt.png", "odd.png"]
-    assert report["rank"] == 1 and rc == cli.EXIT_FAILED
-    assert sorted(p.name for p in out.iterdir()) == ["odd_text_mask.png", "odd_x4.png"]
-
-
 def test_output_names_and_skip_existing(tiny_model, inputs, tmp_path, capsys):
     Image.open(inputs / "odd.png").save(inputs / "odd.jpg")
     jobs = plan_jobs(collect_inputs([inputs / "odd.png", inputs / "odd.jpg"]), tmp_path / "o", 2.5)

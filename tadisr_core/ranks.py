@@ -1,0 +1,97 @@
+"""The processes of a multi-process batch (`torchrun`, `accelerate launch`): one plan, one report.
+
+Under a launcher the processes join a CPU process group (gloo; Python objects only, nothing on the
+GPUs): rank 0 alone lists the inputs and plans the output names, and hands the plan, or its setup
+error, to every rank; at the end every rank's records go to rank 0, which reports for the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from typing import Callable, Iterator, TypeVar
+
+from .batch import distributed_rank
+
+T = TypeVar("T")
+
+# the final gather waits for the slowest rank's whole share of the files (gloo's default is 30 min)
+TIMEOUT = datetime.timedelta(days=30)
+
+
+class LauncherError(RuntimeError):
+    """The processes of the launcher cannot be joined, or one of them stopped without reporting."""
+
+
+class Ranks:
+    """This process's rank among `world` processes, and the two exchanges a batch needs."""
+
+    def __init__(self, rank: int = 0, world: int = 1, group=None) -> None:
+        self.rank, self.world, self.group = rank, world, group
+
+    def from_rank0(self, make: Callable[[], T]) -> T:
+        """`make()` run on rank 0 alone; every rank returns its result, or raises the exception it raised
+        (a setup error then ends every rank with the same message instead of leaving them waiting)."""
+        if self.world == 1:
+            return make()
+        import torch.distributed as dist
+
+        box: list = [None]
+        if self.rank == 0:
+            try:
+                box[0] = (True, make())
+            except (Exception, KeyboardInterrupt) as exc:
+                box[0] = (False, exc)
+                self._exchange(dist.broadcast_object_list, box, src=0)
+                raise
+        self._exchange(dist.broadcast_object_list, box, src=0)
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def gather(self, obj: T) -> list[T] | None:
+        """Every rank's `obj` in rank order, on rank 0; None on the other ranks."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.rank == 0 else None
+        self._exchange(dist.gather_object, obj, out, dst=0)
+        return out
+
+    def _exchange(self, collective, *args, **kwargs) -> None:
+        try:
+            collective(*args, **kwargs, group=self.group)
+        except RuntimeError as exc:  # a peer exited (crashed, killed) or never came: gloo says so here
+            raise LauncherError(f"rank {self.rank} of {self.world} lost the other processes of the launcher "
+                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+@contextlib.contextmanager
+def joined_ranks() -> Iterator[Ranks]:
+    """The launcher's processes as `Ranks` (rank 0 of 1 without a launcher): joins a gloo process group
+    from the launcher's environment (MASTER_ADDR / MASTER_PORT, RANK, WORLD_SIZE) and leaves it on exit,
+    errors and Ctrl-C included. A default group already set up (by an embedding program) is kept; a
+    gloo group is made beside it."""
+    rank, world = distributed_rank()
+    if world == 1:
+        yield Ranks()
+        return
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    try:
+        if owned:
+            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=TIMEOUT)
+            group = None
+        else:
+            group = dist.new_group(backend="gloo", timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as exc:
+        raise LauncherError(f"cannot join the other processes of the launcher (rank {rank} of {world}): "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        yield Ranks(rank, world, group)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group(group)

@@ -1,0 +1,136 @@
+"""Multi-process batch upscale (torchrun, `accelerate launch`): one plan from rank 0, one report, one exit code."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from PIL import Image
+
+from tadisr_core.files import atomic_path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        Image.fromarray(rng.integers(0, 256, (16 + 4 * i, 20, 3), dtype=np.uint8)).save(folder / name)
+
+
+# a scanner adds and removes files while the ranks start: rank 1 alone sees this listing
+LATE = ["a.png", "c.png", "e.png", "f.png"]
+
+
+def _rank_worker(rank: int, port: int, folder: str, out: str, log: str) -> None:
+    """One rank of a 2-process launcher: files are listed differently per rank; every job it processes is logged."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from tadisr_core import batch, cli
+    from tadisr_core.batch import Record
+
+    listing = batch.collect_inputs
+
+    def collect(inputs, recursive=False, exclude=None):
+        found = listing(inputs, recursive, exclude)
+        return found if rank == 0 else [(Path(folder) / n, Path(folder), None) for n in LATE]
+
+    def process(model, job, options, **kw):
+        with open(log, "a") as f:
+            f.write(f"{rank} {job.input.name} {job.image.name}\n")
+        return Record(str(job.input), ok=True)
+
+    batch.collect_inputs, batch.process_file = collect, process
+    args = cli.build_parser().parse_args(["upscale", folder, "-o", out, *FAST])
+    sys.exit(cli.run_upscale(args, model=SimpleNamespace(device="cpu")))
+
+
+def test_every_rank_processes_rank_0s_plan(tmp_path):
+    """Each rank used to list and plan the inputs itself: with files arriving during start-up some were
+    upscaled twice, some never. Now rank 0's plan is every rank's."""
+    folder = tmp_path / "in"
+    _images(folder, ["a.png", "b.png", "c.png", "d.png"])
+    log, port = tmp_path / "jobs.log", _free_port()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_worker, args=(r, port, str(folder), str(tmp_path / "out"), str(log)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    done = sorted(line.split() for line in log.read_text().splitlines())
+    assert done == [["0", "a.png", "a_x4.png"], ["0", "c.png", "c_x4.png"],
+                    ["1", "b.png", "b_x4.png"], ["1", "d.png", "d_x4.png"]]
+
+
+def test_concurrent_writers_of_one_file_do_not_collide(tmp_path):
+    """Two processes computing one prompt cache wrote through the same `<name>.tmp`: the second rename failed."""
+    target = tmp_path / "cache.safetensors"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second
+        first.write_bytes(b"first")
+        second.write_bytes(b"second")
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors"]
+
+
+SLOW_SAVE = '''
+import os, time, safetensors.torch as st
+_save = st.save_file
+def save_file(*a, **k):  # a slow shared filesystem; each save is counted
+    with open(os.environ["SAVES_LOG"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    _save(*a, **k)
+    time.sleep(1)
+st.save_file = save_file
+'''
+
+
+def test_torchrun_batch_with_a_bad_file_and_a_missing_prompt_cache(tiny_dir, tmp_path):
+    """2 ranks under torchrun, one unreadable input, a prompt cache to compute: rank 0 computes it once, every
+    good file is written, ONE JSON report counts both ranks' files, and the launcher exits 1 for the bad file
+    only (a rank exiting 1 early used to get the other ranks killed; both ranks computed the cache and
+    collided on its temporary file)."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _images(folder, ["a.png", "b.png", "c.png", "d.png"])
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (folder / "notes.txt").write_text("left out, with a warning (once: rank 0 alone lists the folder)")
+    slow = tmp_path / "site"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_SAVE)
+    cache = tmp_path / "cache.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(slow)]), "OMP_NUM_THREADS": "1",
+           "SAVES_LOG": str(tmp_path / "saves.log")}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "tadisr_core", "upscale", str(folder),
+                           "-o", str(out), "--kolors", str(tiny_dir["kolors"]), "--checkpoint",
+                           str(tiny_dir["checkpoint"]), "--prompt-cache", str(cache), *FAST, "--json"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # one document
+    assert (report["ok"], report["failed"], report["world_size"], report["cancelled"]) == (4, 1, 2, False)
+    ranks = {Path(f["input"]).name: f["rank"] for f in report["files"]}
+    assert ranks == {"a.png": 0, "b.png": 1, "bad.png": 0, "c.png": 1, "d.png": 0}
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{kind}" for n in "abcd"
+                                                           for kind in ("x4.png", "text_mask.png"))
+    assert len((tmp_path / "saves.log").read_text().splitlines()) == 1 and cache.is_file()
+    assert not list(tmp_path.glob("*.tmp")) and "SIGTERM" not in proc.stderr
+    assert proc.stderr.count("error: ") == 1 and "bad.png" in proc.stderr
+    assert proc.stderr.count("left out 1 file(s) that are not images we read (notes.txt)") == 1
