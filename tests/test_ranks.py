@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -131,6 +132,9 @@ def test_torchrun_batch_with_a_bad_file_and_a_missing_prompt_cache(tiny_dir, tmp
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{kind}" for n in "abcd"
                                                            for kind in ("x4.png", "text_mask.png"))
     assert len((tmp_path / "saves.log").read_text().splitlines()) == 1 and cache.is_file()
-    assert not list(tmp_path.glob("*.tmp")) and "SIGTERM" not in proc.stderr
+    assert not list(tmp_path.glob("*.tmp"))
+    # torchrun may still send its stop signal to rank 1 when rank 0 exits 1 first ("closing signal SIGTERM");
+    # rank 1 has handed over its records by then and must not be reported killed by it
+    assert not re.search(r"exitcode\s*:\s*-15|Signal 15", proc.stderr), proc.stderr[-3000:]
     assert proc.stderr.count("error: ") == 1 and "bad.png" in proc.stderr
     assert proc.stderr.count("left out 1 file(s) that are not images we read (notes.txt)") == 1
