@@ -65,7 +65,7 @@ class Ranks:
             collective(*args, **kwargs, group=self.group)
         except RuntimeError as exc:  # a peer exited (crashed, killed) or never came: gloo says so here
             raise LauncherError(f"rank {self.rank} of {self.world} lost the other processes of the launcher "
-                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                                f"({_first_line(exc)})") from None
 
 
 @contextlib.contextmanager
@@ -89,9 +89,14 @@ def joined_ranks() -> Iterator[Ranks]:
             group = dist.new_group(backend="gloo", timeout=TIMEOUT)
     except (RuntimeError, ValueError) as exc:
         raise LauncherError(f"cannot join the other processes of the launcher (rank {rank} of {world}): "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                            f"{_first_line(exc)}") from None
     try:
         yield Ranks(rank, world, group)
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group(group)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of gloo's (often long) message, or the exception's type when it has none."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -64,7 +64,12 @@ class OCREngine:
     def load(self):
         """Load the backend models now (otherwise on first use); raises RuntimeError if unavailable."""
         if self._engine is None:
-            self._engine = _load_rapidocr() if self.backend == "rapidocr" else self._load_paddle()
+            if self.backend == "rapidocr":
+                from tadisr_core.reading import load_rapidocr
+
+                self._engine = load_rapidocr(RAPIDOCR_PARAMS)  # this module's fixed settings, not the product's
+            else:
+                self._engine = self._load_paddle()
         return self._engine
 
     def detect_and_recognize(self, img: np.ndarray) -> list[tuple[np.ndarray, str, float]]:
@@ -145,12 +150,6 @@ class OCREngine:
             _, rec = self._paddle_dirs()
             self._rec = paddleocr.TextRecognition(model_dir=str(rec))
         return self._rec
-
-
-def _load_rapidocr():
-    from tadisr_core.reading import load_rapidocr
-
-    return load_rapidocr(RAPIDOCR_PARAMS)  # this module's fixed settings (see RAPIDOCR_PARAMS)
 
 
 _DEFAULT: dict[str, OCREngine] = {}
