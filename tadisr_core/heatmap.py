@@ -75,9 +75,16 @@ def tile_heat(maps: torch.Tensor, grid: TileGrid, groups: dict[str, tuple[int, i
     if layers != "all":
         lo, hi = (groups or {})[layers]
         maps = maps[:, lo:hi]
+    return F.interpolate(reduce_heads(maps, heads), size=(grid.tile_h, grid.tile_w), mode="bilinear",
+                         align_corners=False)
+
+
+def reduce_heads(maps: torch.Tensor, heads: str = "mean") -> torch.Tensor:
+    """Maps [n, C, h, w] -> [n, 1, h, w] in float32: each channel clamped to 1, then their mean or max.
+
+    The fused and the staged paths both reduce through here, so their heat maps agree."""
     m = maps.float().clamp_max(1)  # attention probabilities: the latent-grid resize overshoots 1 (bicubic)
-    m = m.mean(1, keepdim=True) if heads == "mean" else m.amax(1, keepdim=True)
-    return F.interpolate(m, size=(grid.tile_h, grid.tile_w), mode="bilinear", align_corners=False)
+    return m.mean(1, keepdim=True) if heads == "mean" else m.amax(1, keepdim=True)
 
 
 FLAT = 1e-3  # a map whose range is below this share of its magnitude is flat: stretching it shows rounding noise

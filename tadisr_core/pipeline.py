@@ -33,7 +33,7 @@ from .color import apply_color_fix, resolve_color_fix
 from .descriptor import DESCRIPTOR
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .finite import DAMAGED, check_finite
-from .heatmap import AttentionTiles, channel_groups, stretch, tile_heat
+from .heatmap import AttentionTiles, channel_groups, reduce_heads, stretch, tile_heat
 from .tiling import Cancel, Progress, TileGrid, UpscaleCancelled, blend_tiles, extract_units, make_grid, run_batches
 
 __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "upscale", "encode_tiles",
@@ -66,7 +66,7 @@ class TileState:
     latents: torch.Tensor
     skips: list[torch.Tensor] | None
     attention: torch.Tensor | None = None   # full TACA maps, when the decoder reads them or they are kept
-    heatmap: torch.Tensor | None = None     # channel mean of the TACA maps at the latent grid
+    heatmap: torch.Tensor | None = None     # `reduce_heads` of the TACA maps at the latent grid
 
     def nbytes(self) -> int:
         tensors = [self.latents, self.attention, self.heatmap, *(self.skips or [])]
@@ -210,10 +210,6 @@ def _gather(canvas: torch.Tensor, grid: TileGrid, units: range, model) -> torch.
     if model.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def _channel_mean(attention: torch.Tensor) -> torch.Tensor:
-    return attention.float().mean(dim=1, keepdim=True)
 
 
 def _canvases(batch: int, grid: TileGrid, channels: int, mask: bool, heat: bool, device) -> list[torch.Tensor]:
@@ -442,7 +438,7 @@ def denoise_tiles(model, tiled: TiledLatents, capture: bool = False, tile_batch:
 
     def work(units: range) -> None:
         den = model.denoise(_stack([tiled.tiles[u].latents for u in units], model.device), capture=grab)
-        heat = _channel_mean(den.attention) if capture else None
+        heat = reduce_heads(den.attention) if capture else None
         for k, u in enumerate(units):
             src = tiled.tiles[u]
             store = src.latents.device

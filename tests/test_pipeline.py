@@ -90,6 +90,21 @@ def test_staged_equals_fused(variant, model, tiny_model_factory):
         denoise_tiles(m, tiled)
 
 
+def test_staged_heat_map_equals_fused_where_resized_attention_overshoots_1():
+    """The trained demo's resized attention exceeds 1 (the tiny random models' never does): both paths
+    clamp each channel before averaging, so the staged graph's heat map is the all-in-one's."""
+    from tadisr_core.model_ref import load_model
+
+    m = load_model("demo")
+    x = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(5))
+    fused = upscale(m, x, 4, tile_batch=1, attention=True, **TILE)
+    tiled = denoise_tiles(m, encode_tiles(m, x, 4, tile_batch=1, **TILE), capture=True, keep_attention=True)
+    assert max(t.attention.max().item() for t in tiled.tiles) > 1.05
+    staged = decode_tiles(m, tiled, tile_batch=1)
+    assert (fused.image - staged.image).abs().max() <= 1e-6
+    assert (fused.attention - staged.attention).abs().max() <= 1e-5   # the old staged reduction: 0.099
+
+
 def test_progress_per_tile_and_cancel_between_tiles(model):
     x = torch.rand(1, 3, 23, 37)                    # 2 x 3 = 6 tiles
     seen = []
