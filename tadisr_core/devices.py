@@ -88,6 +88,13 @@ def _quiet_diffusers_casts():
         cast_log.setLevel(level)
 
 
+def check_offload(offload: str) -> None:
+    """ValueError naming the choices when `offload` is not a mode `place_model` knows (loaders check it
+    before reading any weight)."""
+    if offload not in DESCRIPTOR.offload_modes:
+        raise ValueError(f"unknown offload mode {offload!r}; choose one of {DESCRIPTOR.offload_modes}")
+
+
 def place_model(model, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                 offload: str = "none", channels_last: bool = False, compile: bool = False):
     """The one function that puts a TADiSR model where and how it runs. Returns the model.
@@ -100,8 +107,7 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
     """
     from .lowvram import disable_sequential_offload, enable_sequential_offload, is_fp8, store_fp8
 
-    if offload not in DESCRIPTOR.offload_modes:
-        raise ValueError(f"unknown offload mode {offload!r}; choose one of {DESCRIPTOR.offload_modes}")
+    check_offload(offload)
     if dtype is not None:
         if dtype != torch.float8_e4m3fn and is_fp8(model.unet):
             raise ValueError(f"the UNet's weights are stored in fp8_e4m3fn, whose rounding a cast to "

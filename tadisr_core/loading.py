@@ -11,7 +11,7 @@ import torch
 from .backbone import check_backbone, load_unet, load_vae
 from .checkpoint import Checkpoint, apply_checkpoint, cast_for_load, load_checkpoint
 from .descriptor import WEIGHT_DTYPES, dtype_name, part_dtypes
-from .devices import place_model, resolve_device, resolve_dtype
+from .devices import check_offload, place_model, resolve_device, resolve_dtype
 from .files import source_identity
 from .kolors_files import KolorsFiles, find_kolors_files
 from .lora import merge_lora
@@ -121,6 +121,7 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     rounding, fewer kernels). `dtype` and `device` may also be given by name, as on the command line
     ("auto", "bf16", "cuda:1": `devices.resolve_dtype` / `resolve_device`).
     """
+    check_offload(offload)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae)

@@ -256,9 +256,10 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
     (`model.kolors_dir`, `model.unet`, `model.vae`). One that holds its whole backbone refuses them
     (ValueError), rather than ignoring them. `dtype` and `device` may be names, as in `loading.load_tadisr`.
     """
-    from .devices import place_model, resolve_device, resolve_dtype
+    from .devices import check_offload, place_model, resolve_device, resolve_dtype
     from .lora import merge_lora
 
+    check_offload(offload)
     files = resolve_model(ref)
     shipped = shipped_model(ref)
     device = resolve_device(device)

@@ -215,8 +215,8 @@ def _gather(canvas: torch.Tensor, grid: TileGrid, units: range, model) -> torch.
 def _canvases(batch: int, grid: TileGrid, channels: int, mask: bool, heat: bool, device) -> list[torch.Tensor]:
     """Output canvases: image (3 or 4 channels) first, then the mask and heat map when wanted."""
     h, w = grid.height, grid.width
-    out = [torch.empty(batch, 4 if channels == 4 else 3, h, w, device=device)]
-    out += [torch.empty(batch, 1, h, w, device=device) for want in (mask, heat) if want]
+    out = [torch.empty(batch, 4 if channels == 4 else 3, h, w, dtype=torch.float32, device=device)]
+    out += [torch.empty(batch, 1, h, w, dtype=torch.float32, device=device) for want in (mask, heat) if want]
     return out
 
 

@@ -272,3 +272,13 @@ def test_a_chatglm_without_its_rotary_buffer_still_makes_the_same_cache(tiny_dir
     kw = dict(max_length=32, dtype=torch.float32, time_ids=(64, 64, 0, 0, 64, 64))
     ref = compute_prompt_cache_from_kolors(tiny_dir["kolors"], **kw)
     assert torch.equal(compute_prompt_cache_from_kolors(folder, **kw).prompt_embeds, ref.prompt_embeds)
+
+
+def test_an_unknown_offload_mode_is_refused_before_any_file_is_read(tmp_path):
+    from tadisr_core.model_ref import load_model
+
+    missing = tmp_path / "not_there"
+    with pytest.raises(ValueError, match=r"unknown offload mode 'cpu'; choose one of \('none', 'sequential'\)"):
+        load_model(missing, offload="cpu")
+    with pytest.raises(ValueError, match="unknown offload mode 'Sequential'"):
+        load_tadisr(missing, missing / "ckpt.safetensors", offload="Sequential")

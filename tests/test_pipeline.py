@@ -105,6 +105,16 @@ def test_staged_heat_map_equals_fused_where_resized_attention_overshoots_1():
     assert (fused.attention - staged.attention).abs().max() <= 1e-5   # the old staged reduction: 0.099
 
 
+def test_results_are_float32_whatever_the_default_dtype(model):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = upscale(model, torch.rand(1, 3, 12, 20, dtype=torch.float32), 4, attention=True, **TILE)
+    finally:
+        torch.set_default_dtype(before)
+    assert out.image.dtype == out.mask.dtype == out.attention.dtype == torch.float32
+
+
 def test_progress_per_tile_and_cancel_between_tiles(model):
     x = torch.rand(1, 3, 23, 37)                    # 2 x 3 = 6 tiles
     seen = []
