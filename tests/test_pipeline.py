@@ -202,6 +202,21 @@ def test_bad_arguments(model):
         upscale(model, torch.rand(1, 2, 16, 16), 4, **TILE)
     with pytest.raises(ValueError, match="float"):
         upscale(model, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 4, **TILE)
+    with pytest.raises(ValueError, match="empty"):
+        upscale(model, torch.rand(1, 3, 0, 20), 4, **TILE)
+
+
+@pytest.mark.parametrize("convention", ["-1..1", "0..255"])
+def test_an_image_in_another_value_range_is_refused_not_clamped(model, convention):
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = x * 2 - 1 if convention == "-1..1" else x * 255
+    with pytest.raises(ValueError, match=r"values span .*, but the model reads 0\.\.1: map a -1\.\.1 image "
+                                         r"with \(x \+ 1\) / 2 and a 0\.\.255 one with x / 255"):
+        upscale(model, x, 4, **TILE)
+    with pytest.raises(ValueError, match="values span"):
+        encode_tiles(model, x, 4, **TILE)
+    overshoot = torch.rand(1, 3, 16, 16) * 1.1 - 0.05       # a sharpening filter's overshoot is clamped
+    assert upscale(model, overshoot, 4, **TILE).image.shape == (1, 3, 64, 64)
 
 
 def test_auto_tile_batch_and_device_choices(model):
