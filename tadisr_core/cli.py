@@ -484,10 +484,12 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
             files_bar.update(1)
             if not rec.ok:
                 tqdm.write(f"error: {rec.error}", file=sys.stderr)
-    files_bar.close()
-    share = {"rank": rank, "records": records, "cancelled": cancelled, "device": str(model.device),
-             "model_load_seconds": round(load_s, 4), "total_seconds": round(time.perf_counter() - t0, 4)}
-    shares = ranks.gather(share)
+        files_bar.close()
+        share = {"rank": rank, "records": records, "cancelled": cancelled, "device": str(model.device),
+                 "model_load_seconds": round(load_s, 4), "total_seconds": round(time.perf_counter() - t0, 4)}
+        # still under _Interrupt: a Ctrl-C to the process group while this rank waits for the others' shares
+        # asks them to stop instead of aborting this rank (and losing the whole run's report)
+        shares = ranks.gather(share)
     if shares is None:  # another rank's: rank 0 reports, and its exit code is the run's
         with contextlib.suppress(ValueError):  # not the main thread
             # all written and handed over: the launcher's stop signal, sent when rank 0 exits 1 for a failed

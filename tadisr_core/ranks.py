@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
+import os
+import threading
 from typing import Callable, Iterator, TypeVar
 
 from .batch import distributed_rank
 
 T = TypeVar("T")
+log = logging.getLogger("tadisr")
 
 # the final gather waits for the slowest rank's whole share of the files (gloo's default is 30 min)
 TIMEOUT = datetime.timedelta(days=30)
+# a launcher starts its processes within this; launcher variables left over in a shell never get a peer
+JOIN_TIMEOUT = datetime.timedelta(minutes=5)
+# joining longer than this is said (once) on stderr, so a stale environment is not a silent hang
+JOIN_NOTICE_SECONDS = 5.0
 
 
 class LauncherError(RuntimeError):
@@ -83,10 +91,13 @@ def joined_ranks() -> Iterator[Ranks]:
     owned = not dist.is_initialized()
     try:
         if owned:
-            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=TIMEOUT)
+            store = _join_store(rank, world)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=TIMEOUT)
             group = None
         else:
             group = dist.new_group(backend="gloo", timeout=TIMEOUT)
+    except LauncherError:
+        raise
     except (RuntimeError, ValueError) as exc:
         raise LauncherError(f"cannot join the other processes of the launcher (rank {rank} of {world}): "
                             f"{_first_line(exc)}") from None
@@ -95,6 +106,41 @@ def joined_ranks() -> Iterator[Ranks]:
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group(group)
+
+
+def _join_store(rank: int, world: int):
+    """The launcher's store (torch's env:// rendezvous) once all `world` processes joined it, waited for
+    JOIN_TIMEOUT at most. It is joined in a daemon thread: this (main) thread keeps running Python, so
+    Ctrl-C and SIGTERM still stop the process while the others are awaited."""
+    from torch.distributed import DistError
+    from torch.distributed.rendezvous import rendezvous
+
+    result: list = []
+
+    def join() -> None:
+        try:
+            result.append((True, next(rendezvous("env://", rank, world, timeout=JOIN_TIMEOUT))[0]))
+        except BaseException as exc:  # handed to the main thread
+            result.append((False, exc))
+
+    thread = threading.Thread(target=join, name="tadisr-join", daemon=True)
+    thread.start()
+    thread.join(JOIN_NOTICE_SECONDS)
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if thread.is_alive():
+        log.warning("waiting for %d other process(es) at %s (rank %d of %d) ...", world - 1, where, rank, world)
+        while thread.is_alive():
+            thread.join(0.5)
+    ok, value = result[0]
+    if ok:
+        return value
+    if isinstance(value, DistError) and "timed out" in str(value).lower():
+        raise LauncherError(
+            f"no other process joined rank {rank} of {world} at {where} within "
+            f"{JOIN_TIMEOUT.total_seconds():g} s: MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE are set "
+            "but no launcher started the other processes; unset them, or start through torchrun / "
+            "accelerate launch") from None
+    raise value
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tadisr_core.files import atomic_path
+from tadisr_core.ranks import Ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q"]
@@ -138,3 +141,60 @@ def test_torchrun_batch_with_a_bad_file_and_a_missing_prompt_cache(tiny_dir, tmp
     assert not re.search(r"exitcode\s*:\s*-15|Signal 15", proc.stderr), proc.stderr[-3000:]
     assert proc.stderr.count("error: ") == 1 and "bad.png" in proc.stderr
     assert proc.stderr.count("left out 1 file(s) that are not images we read (notes.txt)") == 1
+
+
+JOIN_ALONE = '''
+import datetime, sys
+from tadisr_core import cli, ranks
+ranks.JOIN_TIMEOUT = datetime.timedelta(seconds=1)
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_launcher_variables_without_a_launcher_end_with_one_line(tmp_path):
+    """MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE=2 left over in a shell, no launcher: the join used to wait
+    30 days, deaf to Ctrl-C. Now it waits JOIN_TIMEOUT and ends with one line naming the variables."""
+    _images(tmp_path, ["in.png"])
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "RANK": "0", "WORLD_SIZE": "2"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, "-c", JOIN_ALONE, "upscale", str(tmp_path / "in.png"), "-o",
+                           str(tmp_path / "out"), "--model", "demo", *FAST],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"error: no other process joined rank 0 of 2 at 127.0.0.1:{port} within 1 s: MASTER_ADDR, MASTER_PORT, "
+            "RANK and WORLD_SIZE are set but no launcher started the other processes; unset them, or start "
+            "through torchrun / accelerate launch\n") in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+class _CtrlCInGather(Ranks):
+    """Rank 0 of 2 whose gather gets the process group's Ctrl-C while it waits; rank 1 stopped early."""
+
+    def from_rank0(self, make):
+        return make()
+
+    def gather(self, obj):
+        os.kill(os.getpid(), signal.SIGINT)
+        return [obj, {**obj, "rank": 1, "records": [], "cancelled": True}]
+
+
+def test_ctrl_c_while_rank_0_waits_for_the_others_keeps_the_report(tmp_path, monkeypatch, capsys):
+    """Rank 0 done with its share, waiting in the final gather, got the group's Ctrl-C as KeyboardInterrupt
+    ('aborted', the report lost). Now it is the first Ctrl-C's request to stop: the report comes (rank 0 wrote
+    its 1 of the 2 files), exit 130."""
+    from tadisr_core import batch, cli
+    from tadisr_core.batch import Record
+
+    _images(tmp_path / "in", ["a.png", "b.png"])
+    monkeypatch.setattr(batch, "process_file", lambda model, job, options, **kw: Record(str(job.input), ok=True))
+    args = cli.build_parser().parse_args(["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), *FAST[:-1]])
+    try:
+        code = cli._upscale_files(args, _CtrlCInGather(0, 2), None, SimpleNamespace(device="cpu"))
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C during the gather aborted rank 0")
+    assert code == cli.EXIT_CANCELLED
+    err = capsys.readouterr().err
+    assert "stopping after the current tiles" in err
+    assert f"1 of 2 files written to {tmp_path / 'out'} by 2 processes" in err
