@@ -209,7 +209,7 @@ class RealCEDataset(Dataset):
         for key, folder in folders.items():
             if not folder.is_dir():
                 hint = "; a set without text masks: data.mask_dir: null" if key == "mask" else ""
-                raise FileNotFoundError(f"missing Real-CE folder {folder}{hint}")
+                raise FileNotFoundError(f"missing Real-CE folder {folder} (data.{key}_dir){hint}")
             by_stem[key] = _files_by_stem(folder)
         self.items = []
         for name in names:
