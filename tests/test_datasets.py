@@ -172,6 +172,19 @@ def test_realce_errors(realce, tmp_path):
         DS.RealCEDataset(realce, "aligned_list_train.txt", mask_dir="masks_v3")
 
 
+def test_files_sharing_a_stem_are_refused_by_name(triplets, tmp_path):
+    """Defect: gt/0001.png beside gt/0001.jpg silently trained on one of them."""
+    import shutil
+
+    root = tmp_path / "twice"
+    shutil.copytree(triplets, root)
+    first = sorted((root / "hr").iterdir())[0]
+    Image.open(first).convert("RGB").save(first.with_suffix(".jpg"))
+    with pytest.raises(ValueError, match=rf"several files share the stem '{first.stem}' in \S*hr: "
+                                         rf"{first.stem}\.jpg, {first.stem}\.png; keep one"):
+        DS.TripletFolderDataset(root)
+
+
 def test_on_the_fly_synthesis(tmp_path):
     fonts = system_fonts()
     if not fonts:

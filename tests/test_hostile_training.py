@@ -233,6 +233,40 @@ def test_training_masks_are_read_by_the_one_reader(tmp_path):
     assert (load_rgb(tmp_path / "m16.png")[..., 0] == np.round(a16 / 65535 * 255)).all()
 
 
+def test_class_index_masks_are_read_by_their_index(tmp_path):
+    """Defect: a palette mask whose text class is a dark or coloured entry (VOC: index 1 = (128, 0, 0)),
+    or a 16-bit mask storing 0/1, was read as no text at all. Every other kind still reads as before."""
+    from training.data.synthesis import load_mask
+
+    m = np.zeros((12, 10), np.uint8)
+    m[3:8, 2:7] = 1
+    text = m.astype(bool)
+
+    def palette(colours):
+        im = Image.fromarray(m, "P")
+        if colours is not None:
+            im.putpalette(colours + [0] * (768 - len(colours)))
+        return im
+
+    masks = {
+        "P_voc.png": palette([0, 0, 0, 128, 0, 0]), "P_green.png": palette([0, 0, 0, 0, 128, 0]),
+        "P_white.png": palette([0, 0, 0, 255, 255, 255]), "P_unset.png": palette(None),
+        "P_white_first.png": Image.fromarray(1 - m, "P"),  # white at index 0: read by its colours
+        "I16_0_1.png": Image.fromarray(m.astype(np.uint16)),
+        "I16_0_65535.png": Image.fromarray(m.astype(np.uint16) * 65535),
+        "L_0_255.png": Image.fromarray(m * 255), "L_0_1.png": Image.fromarray(m),
+        "mode1.png": Image.fromarray(m * 255).convert("1"),
+        "RGB.png": Image.fromarray(np.dstack([m * 255] * 3)),
+        "RGBA.png": Image.fromarray(np.dstack([m * 255] * 3 + [np.full_like(m, 255)])),
+        "mask.jpg": Image.fromarray(m * 255),
+    }
+    masks["P_white_first.png"].putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    for name, im in masks.items():
+        im.save(tmp_path / name)
+        assert (load_mask(tmp_path / name) == text).all(), name
+    assert (load_mask(tmp_path / "P_voc.png", (20, 24)) == text.repeat(2, 0).repeat(2, 1)).all()
+
+
 def test_data_problems_are_one_line_setup_errors_found_before_the_model(tmp_path, capsys, monkeypatch):
     """A background folder with no image, a dataset smaller than one batch, a damaged init
     checkpoint: `error: ...` naming what to fix, exit 2, no traceback; the data folders are read

@@ -940,3 +940,41 @@ def test_a_realce_set_without_masks_is_configured_in_yaml_and_trains_on_image_te
     with pytest.raises(ConfigError, match=r"data\.mask_dir = null \(a set without text masks\) is for data\.kind = "
                                           r"realce; data\.kind = triplets needs its masks"):
         load_config(TINY, ["data.kind=triplets", f"data.root={json.dumps(str(root))}", "data.mask_dir=null"])
+
+
+def test_realce_reads_the_folders_the_config_names(tmp_path):
+    """Defect: data.hr_dir / lr_dir / mask_dir were ignored for data.kind = realce: a mask folder named
+    but absent trained on the default mask-52mm-bts-1024-v2 without a word. Named folders are read now,
+    and the defaults (hr, lr, mask) still read Real-CE's own folders."""
+    import numpy as np
+    from PIL import Image
+
+    from training.builders import build_datasets
+
+    root = _realce_without_masks(tmp_path / "realce")
+    text = np.zeros((64, 64), np.uint8)
+    text[8:24, 16:48] = 255
+    (root / "mask-52mm-bts-1024-v2").mkdir()
+    (root / "masks_v3").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros_like(text)).save(root / "mask-52mm-bts-1024-v2" / f"img_{i}.png")
+        Image.fromarray(text).save(root / "masks_v3" / f"img_{i}.png")
+    shutil.copytree(root / "52mm_aligned_1024", root / "gt")
+    shutil.copytree(root / "13mm_aligned_1024", root / "lq")
+    realce = ["data.kind=realce", f"data.root={json.dumps(str(root))}", "data.list_file=list.txt", "data.crop=64"]
+
+    default, _ = build_datasets(load_config(TINY, realce), tmp_path / "run", log=None)
+    assert default.items[0][1] == {"lr": root / "13mm_aligned_1024" / "img_0.png",
+                                   "hr": root / "52mm_aligned_1024" / "img_0.png",
+                                   "mask": root / "mask-52mm-bts-1024-v2" / "img_0.png"}
+    named, _ = build_datasets(load_config(TINY, [*realce, "data.hr_dir=gt", "data.lr_dir=lq",
+                                                 "data.mask_dir=masks_v3"]), tmp_path / "run", log=None)
+    assert named.items[0][1] == {"lr": root / "lq" / "img_0.png", "hr": root / "gt" / "img_0.png",
+                                 "mask": root / "masks_v3" / "img_0.png"}
+    assert int(named[0]["mask"].sum()) == 16 * 32
+    with pytest.raises(FileNotFoundError, match=r"missing Real-CE folder \S*masks_v4 \(data\.mask_dir\); a set "
+                                                r"without text masks: data\.mask_dir: null"):
+        build_datasets(load_config(TINY, [*realce, "data.mask_dir=masks_v4"]), tmp_path / "run", log=None)
+    with pytest.raises(ConfigError, match=r"data\.lr_dir = null \(LR degraded on the fly\) is for data\.kind = "
+                                          r"triplets; data\.kind = realce reads its LR folder"):
+        load_config(TINY, [*realce, "data.lr_dir=null"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from training.config import Config, ConfigError, ModelConfig
+from training.config import Config, ConfigError, DataConfig, ModelConfig
 
 # scikit-image's bundled, text-free sample photos: "skimage" uses the five colour ones, "skimage-all"
 # adds the rest (gray ones as RGB).
@@ -397,11 +397,18 @@ def build_datasets(cfg: Config, work_dir: str | Path,
         val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=preset, **dirs)
                if d.val_root else None)
         return train, val
-    masks = {"mask_dir": None} if d.mask_dir is None else {}  # data.mask_dir names triplets' folder, or none
-    train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale, **masks)
-    val = (RealCEDataset(d.root, d.val_list_file, crop=d.val_crop, scale=d.scale, **masks)
+    train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale, **realce_dirs(d))
+    val = (RealCEDataset(d.root, d.val_list_file, crop=d.val_crop, scale=d.scale, **realce_dirs(d))
            if d.val_list_file else None)
     return train, val
+
+
+def realce_dirs(d: DataConfig) -> dict[str, str | None]:
+    """The Real-CE folders `data` names (hr_dir, lr_dir, mask_dir), as RealCEDataset arguments: a key left
+    at its default, the triplets' folder name (hr, lr, mask), is left out, so Real-CE's own folder is read."""
+    default = DataConfig()
+    return {key: getattr(d, key) for key in ("hr_dir", "lr_dir", "mask_dir")
+            if getattr(d, key) != getattr(default, key)}
 
 
 class SeededItems(Dataset):

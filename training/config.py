@@ -65,12 +65,13 @@ class DataConfig:
 
     kind: str = "synth"                     # synth | triplets | realce
     root: str | None = None                 # triplets: folder with hr/ mask/ [lr/]; realce: dataset root
-    hr_dir: str = "hr"                      # triplets: the folder names under root (the authors' FTSR:
-    lr_dir: str | None = "lr"               # gt, sr_bicubic, mask); LR files at 1/scale of the HR, or at
-    mask_dir: str | None = "mask"           # the HR size (an upscaled LR such as sr_bicubic: the model's input);
+    hr_dir: str = "hr"                      # the folder names under root. triplets (the authors' FTSR: gt,
+    lr_dir: str | None = "lr"               # sr_bicubic, mask): LR files at 1/scale of the HR, or at the HR
+    mask_dir: str | None = "mask"           # size (an upscaled LR such as sr_bicubic: the model's input);
                                             # lr_dir null (or the default lr/ absent): LR degraded on the fly.
-                                            # realce: mask_dir null reads a set without its text masks
-                                            # (mask-52mm-bts-1024-v2/), trained by the loss terms that read
+                                            # realce: these defaults read Real-CE's 52mm_aligned_1024,
+                                            # 13mm_aligned_1024, mask-52mm-bts-1024-v2; mask_dir null reads a
+                                            # set without its text masks, trained by the loss terms that read
                                             # no mask: mse, lpips
     list_file: str | None = None            # realce: training list
     backgrounds: str | None = "skimage"     # synth: a folder of text-free images, or built-in samples:
@@ -197,6 +198,9 @@ class Config:
             raise ConfigError(f"{source}: data.root is required for data.kind = {self.data.kind}")
         if self.data.kind == "realce" and not self.data.list_file:
             raise ConfigError(f"{source}: data.list_file is required for data.kind = realce")
+        if self.data.lr_dir is None and self.data.kind == "realce":
+            raise ConfigError(f"{source}: data.lr_dir = null (LR degraded on the fly) is for data.kind = triplets; "
+                              f"data.kind = realce reads its LR folder (by default 13mm_aligned_1024)")
         if self.data.mask_dir is None and self.data.kind != "realce":
             raise ConfigError(f"{source}: data.mask_dir = null (a set without text masks) is for data.kind = "
                               f"realce; data.kind = {self.data.kind} needs its masks")

@@ -69,7 +69,14 @@ def _item_rng(seed: int | None, index: int) -> random.Random:
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in list_images(folder, recursive=False)}
+    """The images of `folder` by stem; ValueError naming the files when several share a stem."""
+    files: dict[str, Path] = {}
+    for path in list_images(folder, recursive=False):
+        if path.stem in files:
+            raise ValueError(f"several files share the stem {path.stem!r} in {folder}: {files[path.stem].name}, "
+                             f"{path.name}; keep one")
+        files[path.stem] = path
+    return files
 
 
 def _degrade_np(hr: np.ndarray, scale: int, preset, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +216,7 @@ class RealCEDataset(Dataset):
         for key, folder in folders.items():
             if not folder.is_dir():
                 hint = "; a set without text masks: data.mask_dir: null" if key == "mask" else ""
-                raise FileNotFoundError(f"missing Real-CE folder {folder}{hint}")
+                raise FileNotFoundError(f"missing Real-CE folder {folder} (data.{key}_dir){hint}")
             by_stem[key] = _files_by_stem(folder)
         self.items = []
         for name in names:

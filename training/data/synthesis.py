@@ -125,21 +125,41 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     0/1 mask, > 127 otherwise). A file with transparency (RGBA or gray + alpha, not all opaque) is seen
     over black; when its visible pixels are all one colour (ink drawn as opacity), the alpha itself is
     the mask. ``size`` = (W, H) resizes it (nearest) first."""
-    x = load_image(path)
-    if x.shape[1] in (2, 4) and bool((x[:, -1] < 1).any()):
-        colour, alpha = x[:, :-1], x[:, -1:]
-        seen = colour[:, :, alpha[0, 0] > 0]
-        one_colour = seen.numel() == 0 or bool((seen.amax(dim=-1) == seen.amin(dim=-1)).all())
-        x = alpha if one_colour else colour * alpha
-    a = to_uint8(x[:, :3] if x.shape[1] >= 3 else x[:, :1])
-    if a.shape[2] == 3:  # PIL's "L" conversion, exactly: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16
-        a = ((a[..., 0].astype(np.uint32) * 19595 + a[..., 1].astype(np.uint32) * 38470
-              + a[..., 2].astype(np.uint32) * 7471 + 0x8000) >> 16).astype(np.uint8)
-    else:
-        a = a[..., 0]
+    x = load_image(path)  # first: it names the file when it cannot be read
+    a = _class_index_mask(path)
+    if a is None:
+        if x.shape[1] in (2, 4) and bool((x[:, -1] < 1).any()):
+            colour, alpha = x[:, :-1], x[:, -1:]
+            seen = colour[:, :, alpha[0, 0] > 0]
+            one_colour = seen.numel() == 0 or bool((seen.amax(dim=-1) == seen.amin(dim=-1)).all())
+            x = alpha if one_colour else colour * alpha
+        a = to_uint8(x[:, :3] if x.shape[1] >= 3 else x[:, :1])
+        if a.shape[2] == 3:  # PIL's "L" conversion, exactly: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16
+            a = ((a[..., 0].astype(np.uint32) * 19595 + a[..., 1].astype(np.uint32) * 38470
+                  + a[..., 2].astype(np.uint32) * 7471 + 0x8000) >> 16).astype(np.uint8)
+        else:
+            a = a[..., 0]
     if size is not None and a.shape[::-1] != tuple(size):
         a = np.asarray(Image.fromarray(a).resize(size, Image.NEAREST))
     return a > 0 if a.max() <= 1 else a > ALPHA_THRESHOLD
+
+
+def _class_index_mask(path: str | os.PathLike) -> np.ndarray | None:
+    """A mask file that stores class indices rather than colours, as uint8 0/1 (EXIF orientation applied):
+    a palette file without transparency whose index 0 is black or unset (VOC-style: any other index is
+    text, whatever its colour), or a 16/32-bit gray file holding only 0 and 1. None for other files,
+    which are binarised by their colours."""
+    from PIL import ImageOps
+
+    with open(path, "rb") as f, Image.open(f) as im:
+        palette = im.getpalette() if im.mode == "P" else None
+        indexed = im.mode == "P" and "transparency" not in im.info and not any((palette or [0, 0, 0])[:3])
+        if not indexed and im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            return None
+        a = np.asarray(ImageOps.exif_transpose(im))
+    if not indexed and a.max() > 1:
+        return None
+    return (a != 0).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ fonts
