@@ -206,6 +206,9 @@ def _resolve_batch(model, grid: TileGrid, units: int, tile_batch: int | str) -> 
 
 
 def _generator(model, sample: bool, generator: torch.Generator | None, seed: int | None):
+    if not sample and (generator is not None or seed is not None):
+        raise ValueError("seed and generator seed the sampled latent, but sample is False (the latent's mean "
+                         "is used, which needs no seed): pass sample=True, or leave them out")
     if not sample or generator is not None:
         return generator
     return torch.Generator(model.device).manual_seed(0 if seed is None else int(seed))
@@ -306,9 +309,9 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     `attention=True` also returns the TACA heat map (all layers, head mean); `keep_attention=True`
     returns every tile's maps in `attention_tiles` (see `heatmap.heatmap`). `mask=False` gives the
     image alone, faster (no text mask). `sample` draws the latent like the release (seeded by
-    `generator` or `seed`) instead of using its mean. `color_fix="wavelet"` takes the low frequencies
-    from the bicubic canvas, "none" leaves the output as it is, "auto" does what the model recommends
-    (see `color.py`). Results are float32 on the CPU.
+    `generator` or `seed`, which are refused without `sample`) instead of using its mean.
+    `color_fix="wavelet"` takes the low frequencies from the bicubic canvas, "none" leaves the output
+    as it is, "auto" does what the model recommends (see `color.py`). Results are float32 on the CPU.
     """
     _check_input(image)
     check_settings(scale, tile, overlap)

@@ -191,6 +191,11 @@ def test_sampled_latent_is_seeded(model):
     c = upscale(model, x, 4, tile_batch=1, **TILE)
     assert torch.equal(a.image, b.image)
     assert not torch.equal(a.image, c.image)
+    for seeding in (dict(seed=5), dict(generator=torch.Generator().manual_seed(5))):
+        with pytest.raises(ValueError, match="sample is False .*: pass sample=True, or leave them out"):
+            upscale(model, x, 4, **seeding, **TILE)
+        with pytest.raises(ValueError, match="pass sample=True"):
+            encode_tiles(model, x, 4, **seeding, **TILE)
 
 
 def test_bad_arguments(model):
