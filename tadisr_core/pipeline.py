@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -260,8 +260,31 @@ def _blend(model, grid: TileGrid, batch: int, channels: int, work, tile_batch, *
     return UpscaleResult(image.cpu(), mask_c, heat_c, grid)
 
 
+T = TypeVar("T")
 LOW_MEMORY_HINT = ("use a lower-memory setting: fp8_e4m3fn weights, sequential offload (--offload sequential, "
                    "or ComfyUI's --lowvram), no text mask, or a smaller tile")
+
+
+def _hinted_oom(exc: BaseException, message: str) -> BaseException:
+    """`exc`'s type with `message`: hosts such as ComfyUI act on the out-of-memory type."""
+    try:
+        return type(exc)(message)
+    except TypeError:
+        return RuntimeError(message)
+
+
+def _staged_run(stage: str, grid: TileGrid, run: Callable[[], T]) -> T:
+    """run() for a staged step after encode, whose tile size encode fixed: out-of-memory with one tile per
+    model call says to encode again with a smaller tile (the all-in-one `upscale` does that itself)."""
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001 - only OOM is handled
+        if not is_oom(exc):
+            raise
+        used = max(grid.tile_h, grid.tile_w)
+        raise _hinted_oom(exc, f"out of memory in {stage} with one {used} px tile per model call ({exc}); the "
+                               f"tile is set at encode: encode again with a smaller tile, or {LOW_MEMORY_HINT}") \
+            from exc
 
 
 def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: int, size: tuple[int, int]):
@@ -277,12 +300,8 @@ def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: i
             grid = tile_grid(*size, tile, overlap)
             used = max(grid.tile_h, grid.tile_w)
             if used <= MIN_TILE:
-                message = f"out of memory even with one {used} px tile per model call ({exc}); {LOW_MEMORY_HINT}"
-                try:
-                    hinted = type(exc)(message)  # the same type: hosts such as ComfyUI act on out-of-memory
-                except TypeError:
-                    hinted = RuntimeError(message)
-                raise hinted from exc
+                raise _hinted_oom(exc, f"out of memory even with one {used} px tile per model call ({exc}); "
+                                       f"{LOW_MEMORY_HINT}") from exc
         release_cached_memory()  # outside the except block: the failed attempt's frames are gone
         new_tile = max(MIN_TILE, used // 2 // LATENT_FACTOR * LATENT_FACTOR)
         new_overlap = min(new_tile - LATENT_FACTOR, overlap * new_tile // tile // LATENT_FACTOR * LATENT_FACTOR)
@@ -460,7 +479,8 @@ def denoise_tiles(model, tiled: TiledLatents, capture: bool = False, tile_batch:
                                   _store(heat[k:k + 1], store) if capture else None)
 
     batch = _resolve_batch(model, tiled.grid, len(tiled.tiles), tile_batch)
-    run_batches(len(tiled.tiles), batch, work, progress=progress, cancel=cancel)
+    _staged_run("denoise", tiled.grid, lambda: run_batches(len(tiled.tiles), batch, work, progress=progress,
+                                                           cancel=cancel))
     groups = channel_groups(model) if keep_full else None
     return replace(tiled, tiles=states, stage="denoised", heatmap=capture, groups=groups)
 
@@ -507,8 +527,9 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
             outs.append(tile_heat(_stack([s.heatmap for s in states], dev), grid))
         return outs
 
-    res = _blend(model, grid, tiled.batch, tiled.channels, work, tile_batch, mask=mask, heat=tiled.heatmap,
-                 canvas_device=canvas_device, alpha=tiled.alpha, progress=progress, cancel=cancel)
+    res = _staged_run("decode", grid, lambda: _blend(
+        model, grid, tiled.batch, tiled.channels, work, tile_batch, mask=mask, heat=tiled.heatmap,
+        canvas_device=canvas_device, alpha=tiled.alpha, progress=progress, cancel=cancel))
     if color_fix != "none":
         res.image[:, :3] = apply_color_fix(res.image[:, :3], _as_rgb(rgb).to(res.image.device), color_fix)
     return res

@@ -184,6 +184,28 @@ def test_out_of_memory_halves_the_tile_actually_used_then_says_what_else_to_try(
     assert "out of memory with one 192 px tile; restarting with tile 96" in caplog.text
 
 
+def test_staged_out_of_memory_says_to_encode_with_a_smaller_tile(model):
+    """The staged steps cannot shrink the tile encode fixed: after the batch halving, the out-of-memory
+    error (still of its type) says so and what else to try."""
+    tiled = encode_tiles(model, torch.rand(1, 3, 24, 40), 4, tile=96, overlap=32, tile_batch=2)
+
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    for stage, method in (("denoise", "denoise"), ("decode", "decode")):
+        setattr(model, method, no_memory)
+        try:
+            with pytest.raises(torch.OutOfMemoryError, match=f"out of memory in {stage} with one 96 px tile per "
+                               "model call .*; the tile is set at encode: encode again with a smaller tile, or "
+                               "use a lower-memory setting"):
+                if stage == "denoise":
+                    denoise_tiles(model, tiled, tile_batch=2)
+                else:
+                    decode_tiles(model, denoise_tiles(model, tiled), tile_batch=2)
+        finally:
+            delattr(model, method)
+
+
 def test_sampled_latent_is_seeded(model):
     x = torch.rand(1, 3, 12, 12)
     a = upscale(model, x, 4, tile_batch=1, sample=True, seed=5, **TILE)
