@@ -260,16 +260,22 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
 
     With a patcher, ComfyUI loads it (evicting other models if needed) and keeps it loaded until
     something else needs the memory; on a low-VRAM host (or a device too small for the weights) the
-    weights stay on the CPU and each block visits the device as it runs. Without a patcher, memory
-    is freed first (inside ComfyUI), the model moved, and offloaded afterwards.
+    weights stay on the CPU, each block visits the device as it runs, and what is left there goes home
+    afterwards. Without a patcher, memory is freed first (inside ComfyUI), the model moved, and
+    offloaded afterwards.
     """
     from tadisr_core.devices import place_model
 
     mm = _module("comfy.model_management")
     if patcher is not None and mm is not None:
         if offload_mode(model, device, memory_required) == "sequential":
+            # ComfyUI knows nothing of these weights: the resident modules and the block used last go
+            # home after the run, as without a patcher
             _sequential(model, device, memory_required)
-            yield model
+            try:
+                yield model
+            finally:
+                _move_home(model, mm)
             return
         try:
             mm.load_models_gpu([patcher], memory_required=memory_required)
@@ -290,8 +296,13 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
         yield model
     finally:
         if mm is not None and device.type != "cpu":
-            model.to(offload_device())
-            mm.soft_empty_cache()
+            _move_home(model, mm)
+
+
+def _move_home(model: torch.nn.Module, mm) -> None:
+    """Weights ComfyUI does not manage back to the offload device, the cache of freed blocks emptied."""
+    model.to(offload_device())
+    mm.soft_empty_cache()
 
 
 def _sequential(model: torch.nn.Module, device: torch.device, memory_required: int) -> None:

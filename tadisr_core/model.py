@@ -9,6 +9,7 @@ Images are float tensors [B, 3, H, W] in 0..1 with H, W multiples of 8.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ class TADiSRModel(nn.Module):
         add_lora(unet, spec.unet_lora)
         add_lora(vae, spec.vae_lora, exclude_prefixes=() if spec.encoder_lora else ("encoder.",))
         self.prompt_kv = PromptKV()
+        self._pass_lock = threading.RLock()  # one UNet pass at a time: the capture and K/V state are per model
         self.cache_prompt_kv = True        # reuse the prompt's keys and values between no-grad passes
         self.attention_store = install_capture(unet, spec.attention, self.prompt_kv)
         self._kv_modules = prompt_projections(unet)
@@ -165,19 +167,22 @@ class TADiSRModel(nn.Module):
         cond = dict(text_embeds=p.text_embeds.to(dtype).expand(b, -1), time_ids=p.time_ids.to(dtype).expand(b, -1))
         t = torch.full((b,), self.spec.timestep, device=latents.device, dtype=torch.long)
         store, kv = self.attention_store, self.prompt_kv
-        kv.enabled = self.cache_prompt_kv and not torch.is_grad_enabled()
-        if kv.enabled:
-            kv.validate(self._prompt_fingerprint())
-        if capture:
-            store.start(p.columns(self.spec.attention.token))
-        try:
-            # The prompt goes in at batch 1: every attn2 layer shares its keys and values over the batch.
-            eps = self.unet(latents.to(dtype), t, encoder_hidden_states=p.prompt_embeds.to(dtype),
-                            added_cond_kwargs=cond, return_dict=False)[0]
-        finally:
-            store.stop()
-            kv.enabled = False
-        attention = store.assemble(tuple(latents.shape[-2:])) if capture else None
+        # The capture store and the K/V switch are the model's, not the call's: threads sharing the
+        # model (two ComfyUI queues, a server) take turns from the store's start to its maps' assembly.
+        with self._pass_lock:
+            kv.enabled = self.cache_prompt_kv and not torch.is_grad_enabled()
+            if kv.enabled:
+                kv.validate(self._prompt_fingerprint())
+            if capture:
+                store.start(p.columns(self.spec.attention.token))
+            try:
+                # The prompt goes in at batch 1: every attn2 layer shares its keys and values over the batch.
+                eps = self.unet(latents.to(dtype), t, encoder_hidden_states=p.prompt_embeds.to(dtype),
+                                added_cond_kwargs=cond, return_dict=False)[0]
+            finally:
+                store.stop()
+                kv.enabled = False
+            attention = store.assemble(tuple(latents.shape[-2:])) if capture else None
         return Denoised(self.one_step.x0(latents.to(eps.dtype), eps), attention)
 
     def decode(self, latents: torch.Tensor, skips: list[torch.Tensor] | None,
@@ -213,6 +218,22 @@ class TADiSRModel(nn.Module):
         enc = self.encode(image)
         den = self.denoise(enc.latents, capture=self.needs_capture(mask))
         return self.decode(den.latents, enc.skips, den.attention, mask=mask)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()`, `.cpu()` and the like: the cached prompt keys and values are no module
+        state, so they would stay where they are (on the GPU after an unload); drop them, the next
+        pass computes them again where the weights are."""
+        self.prompt_kv.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        """Pickling and `copy.deepcopy`: a lock cannot be copied; the copy gets its own."""
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k != "_pass_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._pass_lock = threading.RLock()
 
     def _prompt_fingerprint(self) -> tuple:
         """Identity of the prompt and of the weights its keys and values come from (PromptKV's key).

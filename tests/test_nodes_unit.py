@@ -1009,3 +1009,25 @@ def test_the_loader_fingerprint_follows_the_weight_files(models_dir, tiny_dir):
     assert loaders.fingerprint(None, "tadisr_tiny.safetensors", loaders.AUTO_CACHE) == "linked"
     nan = loaders.fingerprint("no such kolors", "tadisr_tiny.safetensors", loaders.AUTO_CACHE)
     assert nan != nan  # never equal: the run says what is missing
+
+
+def test_a_sequential_run_sends_every_weight_home_afterwards(fake_comfy, monkeypatch, tiny_model_factory):
+    """Defect: after a low-VRAM (sequential offload) run the resident modules and the block used last
+    stayed on the GPU, where ComfyUI, which never loaded them, would not unload them. "meta" stands for
+    the offload device, the CPU for the GPU."""
+    from tadisr_core import devices, lowvram
+
+    gpu = torch.device("cpu")
+    model = tiny_model_factory()
+
+    def place(m, device, dtype=None, offload="none"):  # small blocks split the tiny model
+        lowvram.enable_sequential_offload(m, device, block_bytes=64 << 10, resident_bytes=4 << 10, home=gpu)
+        return m
+
+    monkeypatch.setattr(devices, "place_model", place)
+    monkeypatch.setattr(host, "offload_mode", lambda *a, **k: "sequential")
+    fake_comfy["mm"].unet_offload_device = lambda: torch.device("meta")
+    with host.model_on_device(model, gpu, host.make_patcher(model, gpu), 1 << 20) as m, torch.no_grad():
+        m(torch.rand(1, 3, 32, 32))
+        assert lowvram.sequential_offload_device(model) == gpu
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}

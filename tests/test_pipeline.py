@@ -411,3 +411,50 @@ def test_latents_of_another_model_are_refused_by_name(tiny_dir, tiny_model_facto
         denoise_tiles(paper, encoded, tile_batch=2)
     built = tiny_model_factory("release")  # built by hand with this architecture: nothing to tell them apart
     decode_tiles(built, denoise_tiles(built, encoded, tile_batch=2), tile_batch=2)
+
+
+def test_moving_the_model_drops_the_prompt_keys_and_values(model):
+    """Defect: the cached prompt keys and values were no module state, so `.to()` (ComfyUI's unload)
+    left them on the GPU. A move drops them; the next run computes them again, with the same result."""
+    image = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    first = upscale(model, image, 4, **TILE)
+    assert len(model.prompt_kv.entries) > 0
+    model.to(torch.float64)
+    assert model.prompt_kv.entries == {}
+    model.to(torch.float32)
+    again = upscale(model, image, 4, **TILE)
+    assert len(model.prompt_kv.entries) > 0
+    assert torch.equal(again.image, first.image) and torch.equal(again.mask, first.mask)
+
+
+def test_threads_sharing_a_model_get_the_results_of_sequential_runs():
+    """Defect: the capture store and the K/V switch are the model's; two threads running one model
+    mixed each other's attention maps (a channel-count error, or another image's heat map)."""
+    import threading
+
+    from tadisr_core.model_ref import load_model
+
+    model = load_model("demo")
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, 3, 24, 32, generator=g) for _ in range(2)]
+    run = dict(scale=4, tile=64, overlap=16, tile_batch=1, attention=True)
+    want = [upscale(model, x, **run) for x in images]
+    got, errors, start = [[], []], [], threading.Barrier(2)
+
+    def work(i):
+        start.wait()
+        try:
+            got[i] = [upscale(model, images[i], **run) for _ in range(3)]
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i in range(2):
+        for r in got[i]:
+            assert torch.equal(r.image, want[i].image) and torch.equal(r.mask, want[i].mask)
+            assert torch.equal(r.attention, want[i].attention)
