@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 
 from tadisr_core.model_ref import DEMO_CHECKPOINT
 
@@ -32,7 +32,9 @@ def test_the_readme_python_example_runs_with_the_demo(tmp_path):
     from tadisr_core.pipeline import upscale
 
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "sign.png")
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()   # a tagged photo's profile
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "sign.png",
+                                                                             icc_profile=profile)
     script = tmp_path / "example.py"
     script.write_text("REAL_WEIGHTS = False\n" + _python_block())
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -40,6 +42,7 @@ def test_the_readme_python_example_runs_with_the_demo(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out, mask = Image.open(tmp_path / "sign_x4.png"), Image.open(tmp_path / "sign_text_mask.png")
     assert out.size == mask.size == (160, 96) and out.mode == "RGB"
+    assert out.info.get("icc_profile") == profile                  # the input's colours, as the CLI keeps them
     want = upscale(load_model("demo"), load_image(tmp_path / "sign.png"), scale=4, tile=768, overlap=256)
     assert torch.isfinite(want.image).all()
     assert np.abs(np.asarray(out).astype(int) - to_uint8(want.image).astype(int)).max() <= 1
