@@ -233,3 +233,78 @@ def test_the_authors_ftsr_layout_is_read_with_its_upscaled_lr_as_the_model_input
     with pytest.raises(FileNotFoundError, match=r"the authors' FTSR layout: set data\.hr_dir: gt and "
                                                 r"data\.lr_dir: sr_bicubic"):
         DS.TripletFolderDataset(tmp_path)
+
+
+def _realce_copy(realce: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(realce, dst)
+    return dst
+
+
+def test_realce_mask_of_another_shape_is_refused_not_stretched(realce, tmp_path):
+    """Defect: any mask was resized to the HR size, so a sideways (EXIF) mask or the mask of another
+    image was silently stretched; a mask at another resolution of the same aspect is still resized."""
+    root = _realce_copy(realce, tmp_path / "rc")
+    masks, hr_file = root / "mask-52mm-bts-1024-v2", root / "52mm_aligned_1024" / "img_0.JPG"
+    for f in (hr_file, root / "13mm_aligned_1024" / "img_0.JPG"):  # 96 x 128: a sideways mask shows
+        Image.fromarray(np.array(Image.open(f))[:, :96]).save(f, quality=98)
+    Image.fromarray(_text_mask(0)[:, :96][::2, ::2]).save(masks / "img_0.png")  # half size: 48 x 64
+    item = DS.RealCEDataset(root, "aligned_list_train.txt")[0]
+    assert torch.equal(item["mask"][0] > 0, torch.from_numpy(_text_mask(0)[:, :96] > 0))
+    Image.fromarray(np.ascontiguousarray(_text_mask(0)[:, :96].T)).save(masks / "img_0.png")  # 128 x 96
+    with pytest.raises(ValueError) as err:
+        DS.RealCEDataset(root, "aligned_list_train.txt")[0]
+    assert str(err.value) == (f"mask {masks / 'img_0.png'} is 128x96, HR {hr_file} is 96x128: a different aspect "
+                              "ratio; it is the HR turned sideways: likely an EXIF orientation one of them was "
+                              "saved with, so save the mask upright as the HR displays")
+    Image.fromarray(np.zeros((50, 300), np.uint8)).save(masks / "img_0.png")
+    with pytest.raises(ValueError) as err:
+        DS.RealCEDataset(root, "aligned_list_train.txt")[0]
+    assert str(err.value) == (f"mask {masks / 'img_0.png'} is 300x50, HR {hr_file} is 96x128: a different aspect "
+                              "ratio; is it the mask of another image?")
+
+
+@pytest.mark.parametrize("rounding", ["floor", "ceil"])
+def test_triplet_lr_of_a_rounded_quarter_is_accepted_and_aligned(tmp_path, rounding):
+    """Defect: an HR side not divisible by 4 (250 x 255) with an LR of floor (62 x 63) or ceil (63 x 64)
+    of a quarter was refused as damaged; now the pair is trimmed to the pixels both cover."""
+    hr = skimage.data.astronaut()[:255, :250]
+    mask = np.zeros(hr.shape[:2], np.uint8)
+    mask[10:40, 20:90] = 255
+    if rounding == "floor":
+        lr = _area_down(hr[:252, :248], 4)
+    else:
+        lr = _area_down(np.pad(hr, ((0, 1), (0, 2), (0, 0)), mode="edge"), 4)
+    assert lr.shape[:2] == ((63, 62) if rounding == "floor" else (64, 63))
+    root = tmp_path / "t"
+    for sub in ("hr", "lr", "mask"):
+        (root / sub).mkdir(parents=True)
+    Image.fromarray(hr).save(root / "hr" / "a.png")
+    Image.fromarray(lr).save(root / "lr" / "a.png")
+    Image.fromarray(mask).save(root / "mask" / "a.png")
+    item = DS.TripletFolderDataset(root)[0]
+    _check_item(item, 224, 224)  # 62 x 63 LR px, trimmed to whole 8-px latent cells: 56 x 56
+    assert torch.equal(item["hr"], torch.from_numpy(hr[:224, :224]).permute(2, 0, 1).float() / 255)
+    assert torch.equal(item["lr"], torch.from_numpy(lr[:56, :56]).permute(2, 0, 1).float() / 255)
+    assert torch.equal(item["mask"][0] > 0, torch.from_numpy(mask[:224, :224] > 0))
+    for i in range(6):  # random crops may reach the last LR pixel both cover, never the extra one
+        item = DS.TripletFolderDataset(root, crop=240, seed=i)[0]
+        _check_item(item, 240, 240)
+        _assert_aligned(item)
+    bad = _area_down(hr[:248, :248], 4)  # 62 x 62: 7 HR rows short of 255, more than one LR pixel
+    Image.fromarray(bad).save(root / "lr" / "a.png")
+    with pytest.raises(ValueError, match=r"LR .*a\.png is 62x62; expected 1/4 of HR .*a\.png \(250x255\)"):
+        DS.TripletFolderDataset(root)[0]
+
+
+def test_realce_list_file_bom_backslashes_and_utf16(realce, tmp_path):
+    """Defect: a Notepad list file (UTF-8 BOM, Windows paths) named no image, and a UTF-16 one crashed
+    with a UnicodeDecodeError."""
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + "52mm\\img_0.JPG\r\nsub\\img_1.JPG\r\n".encode())
+    ds = DS.RealCEDataset(realce, listed)
+    assert [stem for stem, _ in ds.items] == ["img_0", "img_1"]
+    listed.write_text("img_0.JPG\n", encoding="utf-16")
+    with pytest.raises(ValueError) as err:
+        DS.RealCEDataset(realce, listed)
+    assert str(err.value) == f"Real-CE list file {listed} is not UTF-8 text (UTF-16?); save it as UTF-8"

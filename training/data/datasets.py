@@ -113,6 +113,28 @@ def _fit_pair_to_grid(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: i
     return lr[:h, :w], hr[:h * scale, :w * scale], mask[:h * scale, :w * scale]
 
 
+def _mask_for_hr(mask_file: Path, hr_file: Path, w: int, h: int) -> np.ndarray:
+    """The mask of a ``w`` x ``h`` HR, resized (nearest) to it when it has the HR's aspect ratio within
+    rounding (a mask saved at another resolution); a mask of another shape is refused, not stretched."""
+    mask = load_mask(mask_file)
+    mh, mw = mask.shape
+    if (mw, mh) == (w, h):
+        return mask
+    if abs(mw * h - mh * w) > max(w, h):
+        sideways = abs(mw * w - mh * h) <= max(w, h)
+        hint = ("; it is the HR turned sideways: likely an EXIF orientation one of them was saved with, "
+                "so save the mask upright as the HR displays" if sideways else "; is it the mask of another image?")
+        raise ValueError(f"mask {mask_file} is {mw}x{mh}, HR {hr_file} is {w}x{h}: a different aspect ratio{hint}")
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+
+
+def _match_lr_to_hr(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: int):
+    """An LR of floor or ceil(HR / scale) per side and its HR, trimmed at the bottom and right to the
+    pixels both cover: the HR (and mask) to ``scale`` x the LR, or the LR by its one extra pixel."""
+    h, w = min(lr.shape[0], hr.shape[0] // scale), min(lr.shape[1], hr.shape[1] // scale)
+    return lr[:h, :w], hr[:h * scale, :w * scale], mask[:h * scale, :w * scale]
+
+
 def model_input(lr: torch.Tensor, hr_size: tuple[int, int], scale: int) -> torch.Tensor:
     """The model's input for a batch's LR [B, C, h, w]: its bicubic upscale, or the LR itself when a
     dataset gave it already upscaled to the HR size (the release's sr_bicubic/)."""
@@ -124,7 +146,8 @@ class TripletFolderDataset(Dataset):
     ``hr_dir`` / ``lr_dir`` / ``mask_dir``: the authors' FTSR release is gt/, sr_bicubic/, mask/).
 
     Without ``lr/`` the LR is degraded on the fly from the (cropped) HR with ``preset``. LR files are
-    exactly ``1/scale`` of the HR size, or the HR size: an LR already upscaled to it (the release's
+    ``1/scale`` of the HR size (rounded down or up per side: the pair is then trimmed to the pixels both
+    cover, `_match_lr_to_hr`), or the HR size: an LR already upscaled to it (the release's
     ``sr_bicubic/``), which is then the model's input as it is (`model_input`).
     """
 
@@ -176,16 +199,28 @@ class TripletFolderDataset(Dataset):
         else:
             lr = load_rgb(lr_file)
             upscaled = lr.shape[:2] == hr.shape[:2]  # the model's input itself (`model_input`)
-            if not upscaled and (lr.shape[0] * self.scale, lr.shape[1] * self.scale) != hr.shape[:2]:
-                raise ValueError(f"LR {lr_file} is {lr.shape[1]}x{lr.shape[0]}; expected 1/{self.scale} "
-                                 f"of HR {hr_file} ({hr.shape[1]}x{hr.shape[0]}), or the HR size (an LR "
-                                 "already upscaled to it)")
+            if not upscaled:
+                if any(abs(n * self.scale - m) >= self.scale for n, m in zip(lr.shape[:2], hr.shape[:2])):
+                    raise ValueError(f"LR {lr_file} is {lr.shape[1]}x{lr.shape[0]}; expected 1/{self.scale} "
+                                     f"of HR {hr_file} ({hr.shape[1]}x{hr.shape[0]}), or the HR size (an LR "
+                                     "already upscaled to it)")
+                lr, hr, mask = _match_lr_to_hr(lr, hr, mask, self.scale)  # floor or ceil of HR/scale
             step = 1 if upscaled else self.scale
             if self.crop is not None:
                 lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, step, rng, str(hr_file))
             else:
                 lr, hr, mask = _fit_pair_to_grid(lr, hr, mask, step)
         return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
+
+
+def _read_list_file(path: Path) -> list[str]:
+    """The entries of a Real-CE list file: UTF-8 (with or without a Notepad BOM), one per line, blank
+    lines skipped, Windows backslashes turned to "/"."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"Real-CE list file {path} is not UTF-8 text (UTF-16?); save it as UTF-8") from None
+    return [line.strip().replace("\\", "/") for line in text.splitlines() if line.strip()]
 
 
 class RealCEDataset(Dataset):
@@ -208,7 +243,7 @@ class RealCEDataset(Dataset):
             list_path = self.root / list_path
         if not list_path.is_file():
             raise FileNotFoundError(f"Real-CE list file not found: {list_file} (also tried {list_path})")
-        names = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+        names = _read_list_file(list_path)
         folders = {"lr": self.root / lr_dir, "hr": self.root / hr_dir}
         if mask_dir is not None:
             folders["mask"] = self.root / mask_dir
@@ -235,7 +270,7 @@ class RealCEDataset(Dataset):
         stem, files = self.items[index]
         hr = load_rgb(files["hr"])
         h, w = hr.shape[:2]
-        mask = load_mask(files["mask"], (w, h)) if "mask" in files else np.zeros((h, w), bool)
+        mask = _mask_for_hr(files["mask"], files["hr"], w, h) if "mask" in files else np.zeros((h, w), bool)
         lr = load_rgb(files["lr"])
         if lr.shape[:2] != (h // self.scale, w // self.scale):
             if abs(lr.shape[0] - h) > self.scale or abs(lr.shape[1] - w) > self.scale:
