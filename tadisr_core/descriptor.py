@@ -6,6 +6,7 @@ The CLI, the ComfyUI nodes and the pipeline read these instead of keeping their 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ class ModelDescriptor:
     def check_tile(self, tile: int, min_tile: int | None = None) -> None:
         """ValueError naming the tile rule when `tile` breaks it (`min_tile` overrides the offered floor:
         the library lets small test models run smaller tiles)."""
+        check_pixels("tile", tile)
         s = self.size
         low = s.min_tile if min_tile is None else min_tile
         if not low <= tile <= s.max_tile or tile % s.tile_multiple:
@@ -54,13 +56,26 @@ class ModelDescriptor:
                              f"got {tile}")
 
     def check_scale(self, scale: float) -> None:
-        """ValueError naming the scale range when `scale` is outside it."""
+        """ValueError naming the scale range when `scale` is outside it (or is no real number)."""
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise ValueError(f"scale must be a number, got {scale!r}")
         if not self.size.min_scale <= scale <= self.size.max_scale:
             s = self.size
             raise ValueError(f"scale must be between {s.min_scale:g} and {s.max_scale:g}, got {scale:g}")
 
 
 DESCRIPTOR = ModelDescriptor()
+
+
+def is_whole(value) -> bool:
+    """True for an int (numpy's too); False for bool, float (even 64.0), str and the rest."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_pixels(name: str, value) -> None:
+    """ValueError naming the setting when `value` (a size in pixels) is no int."""
+    if not is_whole(value):
+        raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
 
 
 def part_dtypes(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .files import default_file_mode, same_file
+from .finite import check_finite
 
 log = logging.getLogger("tadisr")
 
@@ -321,8 +322,22 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     return read_image(path, max_pixels).pixels
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[C, H, W] or [1, C, H, W] in 0..1 -> uint8 [H, W, C], converted in row chunks (bounded memory)."""
+def check_image_tensor(image: torch.Tensor, what: str | Path = "image") -> None:
+    """ValueError naming `what` (the file being written) unless `image` is a float [C, H, W] or
+    [B, C, H, W] tensor of finite values: a 0..255 integer tensor would be written x255 and NaN as black."""
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{what}: expected an image tensor [C, H, W] or [1, C, H, W], got {shape}")
+    if not image.is_floating_point():
+        raise ValueError(f"{what}: expected a float image in 0..1, got {str(image.dtype).removeprefix('torch.')} "
+                         f"(divide a 0..255 image by 255)")
+    check_finite(image, str(what), "the image to write holds NaN or Inf: fix what made it")
+
+
+def to_uint8(image: torch.Tensor, what: str | Path = "image") -> np.ndarray:
+    """[C, H, W] or [1, C, H, W] float in 0..1 -> uint8 [H, W, C], converted in row chunks (bounded memory).
+    ValueError naming `what` for anything else (see `check_image_tensor`)."""
+    check_image_tensor(image, what)
     if image.ndim == 4:
         if image.shape[0] != 1:
             raise ValueError(f"expected one image, got a batch of {image.shape[0]}")
@@ -407,7 +422,8 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str 
     WebP at `quality`): items are (image, path) or (image, path, icc_profile). `source` names the input
     they came from in each file (see `recorded_source`).
 
-    Images are [C, H, W] / [1, C, H, W] in 0..1, C = 1, 3 or 4. All are written to hidden temporary
+    Images are float [C, H, W] / [1, C, H, W] in 0..1, C = 1, 3 or 4 (anything else, or NaN / Inf, is a
+    ValueError naming the file, and none is written). All are written to hidden temporary
     files first and renamed only when every one succeeded, so the final names appear together or
     not at all; the temporaries are removed on any error (also Ctrl-C / SIGTERM handled as one).
     """
@@ -418,6 +434,7 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str 
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.partial")
             staged.append((tmp, path))
+            check_image_tensor(image, path)
             check_writable(path, image.shape[-3])
             _write(image, tmp, item[2] if len(item) > 2 else None, _format_of(path), quality, source)
             os.chmod(tmp, default_file_mode())

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .color import apply_color_fix, resolve_color_fix
-from .descriptor import DESCRIPTOR
+from .descriptor import DESCRIPTOR, check_pixels, is_whole
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
 from .finite import DAMAGED, check_finite
 from .heatmap import AttentionTiles, channel_groups, reduce_heads, stretch, tile_heat
@@ -173,9 +173,11 @@ def _check_input(image: torch.Tensor) -> None:
 
 
 def check_settings(scale: float, tile: int, overlap: int, min_tile: int = LATENT_FACTOR) -> None:
-    """ValueError naming the setting when scale, tile or overlap cannot work (the CLI and nodes ask too)."""
+    """ValueError naming the setting when scale, tile or overlap cannot work or has the wrong type (tile and
+    overlap are ints, scale a real number; the CLI and nodes ask too)."""
     DESCRIPTOR.check_scale(scale)
     DESCRIPTOR.check_tile(tile, min_tile)
+    check_pixels("overlap", overlap)
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be at least 0 and smaller than tile ({tile}), got {overlap}")
 
@@ -195,14 +197,9 @@ def _resolve_batch(model, grid: TileGrid, units: int, tile_batch: int | str) -> 
         n = choose_tile_batch(model, grid.tile_h, grid.tile_w, units)
         log.info("tile batch %d (auto, %dx%d tiles on %s)", n, grid.tile_h, grid.tile_w, model.device)
         return n
-    whole = not isinstance(tile_batch, bool) and (not isinstance(tile_batch, float) or tile_batch.is_integer())
-    try:
-        n = int(tile_batch) if whole else 0
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
+    if not is_whole(tile_batch) or tile_batch < 1:
         raise ValueError(f"tile_batch must be >= 1 or 'auto', got {tile_batch!r}")
-    return n
+    return int(tile_batch)
 
 
 def _generator(model, sample: bool, generator: torch.Generator | None, seed: int | None):

@@ -297,3 +297,30 @@ def test_a_transparency_key_survives_a_gray_colour_profile(tmp_path):
     Image.fromarray(a, "L").save(tmp_path / "k.png", transparency=0, icc_profile=_srgb_gray_profile())
     x = load_image(tmp_path / "k.png")
     assert x.shape == (1, 4, 1, 4) and x[0, 3, 0].tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("image, says", [
+    (torch.full((3, 8, 8), 200, dtype=torch.uint8),
+     "expected a float image in 0..1, got uint8 (divide a 0..255 image by 255)"),
+    (torch.full((3, 8, 8), float("nan")),
+     "192 non-finite value(s) (NaN/Inf); the image to write holds NaN or Inf: fix what made it"),
+    (torch.rand(8, 8), "expected an image tensor [C, H, W] or [1, C, H, W], got (8, 8)"),
+    (torch.rand(1, 1, 3, 8, 8), "expected an image tensor [C, H, W] or [1, C, H, W], got (1, 1, 3, 8, 8)"),
+])
+def test_an_image_save_image_cannot_write_faithfully_is_refused_naming_the_file(tmp_path, image, says):
+    """A 0..255 integer tensor was written x255 (nearly all white), NaN as solid black and a 2-D tensor
+    gave an IndexError; each is now one line naming the file, and nothing is written."""
+    import re
+
+    from tadisr_core.images import save_images, to_uint8
+
+    path = tmp_path / "out.png"
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: {says}") + "$"):
+        save_image(image, path)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: {says}") + "$"):
+        save_images([(torch.rand(3, 8, 8), tmp_path / "first.png"), (image, path)])
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="^" + re.escape(f"image: {says}") + "$"):
+        to_uint8(image)
+    ok = torch.linspace(0, 1, 64).reshape(1, 8, 8).expand(3, -1, -1)
+    assert np.array_equal(np.asarray(Image.open(save_image(ok, path))), to_uint8(ok))

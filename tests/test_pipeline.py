@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -231,6 +232,35 @@ def test_bad_arguments(model):
         upscale(model, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 4, **TILE)
     with pytest.raises(ValueError, match="empty"):
         upscale(model, torch.rand(1, 3, 0, 20), 4, **TILE)
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(tile=64.0), "tile must be a whole number of pixels, got 64.0"),
+    (dict(tile=True), "tile must be a whole number of pixels, got True"),
+    (dict(tile="64"), "tile must be a whole number of pixels, got '64'"),
+    (dict(overlap=16.0), "overlap must be a whole number of pixels, got 16.0"),
+    (dict(overlap=False), "overlap must be a whole number of pixels, got False"),
+    (dict(scale="4"), "scale must be a number, got '4'"),
+    (dict(scale=True), "scale must be a number, got True"),
+    (dict(scale=None), "scale must be a number, got None"),
+    (dict(tile_batch=2.0), "tile_batch must be >= 1 or 'auto', got 2.0"),
+    (dict(tile_batch="2"), "tile_batch must be >= 1 or 'auto', got '2'"),
+])
+def test_settings_of_the_wrong_type_are_named(model, kwargs, says):
+    """A float tile (even 64.0), a bool or str setting is refused by name before any tile runs, on a
+    multi-tile image and a one-tile one alike, by upscale and the staged encode; ints and floats still
+    work as scale, and numpy's ints as sizes."""
+    import numpy as np
+
+    for size in (16, 40):                       # one tile, then several
+        x = torch.rand(1, 3, size, size)
+        with pytest.raises(ValueError, match="^" + re.escape(says) + "$"):
+            upscale(model, x, **{"scale": 4, **TILE, "tile_batch": 1, **kwargs})
+        with pytest.raises(ValueError, match="^" + re.escape(says) + "$"):
+            encode_tiles(model, x, **{"scale": 4, **TILE, "tile_batch": 1, **kwargs})
+    out = upscale(model, torch.rand(1, 3, 16, 16), np.float32(2.0), tile=np.int64(64), overlap=np.int64(16),
+                  tile_batch=np.int64(1))
+    assert out.image.shape == (1, 3, 32, 32)
 
 
 @pytest.mark.parametrize("convention", ["-1..1", "0..255"])
