@@ -33,7 +33,8 @@ def encode(model, image, scale=4.0, tile=768, overlap=256, tile_batch=0):
     img = convert.image_to_core(image)
     running.check_tiling(scale, tile, overlap)
     batch = running.tile_batch_arg(tile_batch)
-    with running.running(model, running.image_grid(img, scale, tile, overlap), batch) as (m, progress, cancel):
+    grid = running.image_grid(img, scale, tile, overlap)
+    with running.running(model, grid, batch, img.shape[0]) as (m, progress, cancel):
         return encode_tiles(m, img, float(scale), int(tile), int(overlap), batch, progress=progress, cancel=cancel)
 
 
@@ -43,7 +44,7 @@ def denoise(model, latents, tile_batch=0):
 
     tiled = _check_latents(latents, "encoded", model)
     batch = running.tile_batch_arg(tile_batch)
-    with running.running(model, tiled.grid, batch) as (m, progress, cancel):
+    with running.running(model, tiled.grid, batch, tiled.batch) as (m, progress, cancel):
         out = denoise_tiles(m, tiled, tile_batch=batch, keep_attention=True, progress=progress, cancel=cancel)
     return out, attention_view.from_tiles(out)
 
@@ -54,7 +55,7 @@ def decode(model, latents, tile_batch=0, color_fix="auto"):
 
     tiled = _check_latents(latents, "denoised", model)
     batch = running.tile_batch_arg(tile_batch)
-    with running.running(model, tiled.grid, batch) as (m, progress, cancel):
+    with running.running(model, tiled.grid, batch, tiled.batch) as (m, progress, cancel):
         res = decode_tiles(m, tiled, batch, progress=progress, cancel=cancel, color_fix=color_fix)
     dev = host.intermediate_device()
     return convert.image_from_core(res.image, dev), convert.mask_from_core(res.mask, dev)

@@ -33,22 +33,23 @@ def image_grid(image, scale: float, tile: int, overlap: int):
     return tile_grid(*output_size(image.shape[-2], image.shape[-1], float(scale)), int(tile), int(overlap))
 
 
-def memory_estimate(model, grid, tile_batch: int | str) -> int:
+def memory_estimate(model, grid, tile_batch: int | str, images: int = 1) -> int:
     """Bytes of activations to reserve beside the weights: `tile_batch` tiles of `grid` (one for auto),
-    never more tiles than the grid has (a small image's one small tile is all it reserves)."""
+    never more tiles than the run has (`images` x the grid's tiles: a small image's one small tile is
+    all it reserves)."""
     from tadisr_core.devices import estimate_tile_bytes
 
-    n = min(tile_batch, len(grid)) if isinstance(tile_batch, int) else 1
+    n = min(tile_batch, images * len(grid)) if isinstance(tile_batch, int) else 1
     return n * estimate_tile_bytes(model, grid.tile_h, grid.tile_w)
 
 
 @contextlib.contextmanager
-def running(handle: TADiSRHandle, grid, tile_batch: int | str = "auto") -> Iterator[tuple]:
+def running(handle: TADiSRHandle, grid, tile_batch: int | str = "auto", images: int = 1) -> Iterator[tuple]:
     """`(model, progress, cancel)` with the model on its device, memory made for `grid`'s tiles
-    (a `tadisr_core.tiling.TileGrid`); interrupt checked before starting."""
+    (a `tadisr_core.tiling.TileGrid`) of `images` images; interrupt checked before starting."""
     if not isinstance(handle, TADiSRHandle):
         raise ValueError(f"TADiSR: 'model' must come from Load TADiSR Model, got {type(handle).__name__}")
     host.check_interrupt()
-    with handle.running(memory_estimate(handle.model, grid, tile_batch)) as model:
+    with handle.running(memory_estimate(handle.model, grid, tile_batch, images)) as model:
         yield model, host.progress_reporter(1), host.cancel_callback()
 

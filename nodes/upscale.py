@@ -21,7 +21,8 @@ def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, atten
     img = convert.image_to_core(image)
     running.check_tiling(scale, tile, overlap)
     batch = running.tile_batch_arg(tile_batch)
-    with running.running(handle, running.image_grid(img, scale, tile, overlap), batch) as (m, progress, cancel):
+    with running.running(handle, running.image_grid(img, scale, tile, overlap), batch,
+                         img.shape[0]) as (m, progress, cancel):
         res = pipeline.upscale(m, img, float(scale), int(tile), int(overlap), batch, progress=progress,
                                cancel=cancel, keep_attention=bool(attention), color_fix=color_fix, mask=bool(mask))
     dev = host.intermediate_device()

@@ -172,7 +172,8 @@ def estimate_tile_bytes(model, tile_h: int, tile_w: int) -> int:
     """Rough peak activation bytes of one tile through encode -> denoise -> decode.
 
     The full-resolution decoder stage dominates: image stream (VAE c0 channels) and mask stream
-    side by side, a few live tensors each, plus the stored encoder skip features.
+    side by side, a few live tensors each, plus the stored encoder skip features; the paper layout
+    adds its full-resolution interaction block (CDIB).
     """
     pixels = tile_h * tile_w
     c0 = model.spec.vae.block_out_channels[0]
@@ -183,6 +184,10 @@ def estimate_tile_bytes(model, tile_h: int, tile_w: int) -> int:
         mask_c = max(convs) if convs else c0
     elem = torch.finfo(model.vae.decoder.conv_in.weight.dtype).bits // 8
     per_pixel = 4 * (c0 + mask_c) + 2 * c0  # live tensors of both streams + skips (~1.4 c0)
+    if model.spec.variant != "release":
+        # CDIB (paper) runs its last interaction block at full resolution on both streams, each
+        # widening to 2x its channels before the cross gate.
+        per_pixel += 2 * (2 * model.spec.vae.interaction_channels()[3])
     return int(pixels * per_pixel * elem * 1.5)
 
 

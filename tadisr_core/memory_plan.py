@@ -20,7 +20,7 @@ from .descriptor import part_dtypes
 
 CONTEXT_BYTES = 700 << 20
 MODES = (("bf16", torch.bfloat16, "none"), ("fp8", torch.float8_e4m3fn, "none"),
-         ("fp8 + offload", torch.float8_e4m3fn, "sequential"))
+         ("fp8 + offload", torch.float8_e4m3fn, "sequential"), ("bf16 + offload", torch.bfloat16, "sequential"))
 
 
 def _meta_model(variant: str = "release"):
@@ -85,7 +85,8 @@ def choose_offload(model_size: int, tile_bytes: int, free_bytes: int, host_low_v
 
 def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str = "release"):
     """Rows of (GPU GB, {tile: the first of MODES that fits, or None}) plus the needed GiB per mode and
-    tile. MODES go from the most faithful and fastest (bf16) to the lightest (fp8 with offload)."""
+    tile. MODES go from the most faithful and fastest (bf16) to the lightest (bf16 with offload:
+    fp8 moves the mid block whole, bf16 splits it)."""
     model = _meta_model(variant)
     weights = {label: weight_bytes(placed_meta(model, dtype), offload) for label, dtype, offload in MODES}
     need = {(label, tile): needed_bytes(model, dtype, tile, offload, weights[label])

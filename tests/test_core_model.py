@@ -1,11 +1,17 @@
 """The model's three steps, the two decoder variants and the prompt cache."""
 
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from tadisr_core import devices
 from tadisr_core.decoders import CDIBlock, MaskDecoder
+from tadisr_core.model import build_model
 from tadisr_core.prompt import RELEASE_PAD_COLUMN, PromptCache
-from tadisr_core.spec import full_spec
+from tadisr_core.spec import full_spec, tiny_spec
 
 
 @pytest.mark.parametrize("variant", ["release", "paper"])
@@ -134,3 +140,51 @@ def test_mugi_block_computes_only_what_the_mask_reads_with_the_same_numbers(dtyp
     assert out_image is image and ref_image is image            # the image stream passes unchanged
     assert torch.equal(out_mask, ref_mask)
     assert all(d.shape == image.shape for d in dropped)           # what is no longer computed
+
+
+class _LivePeak(TorchDispatchMode):
+    """Counts the bytes of live tensor storages through a forward and keeps their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _free(self, key, n):
+        self.seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+@pytest.mark.parametrize("variant", ["release", "paper"])
+def test_tile_estimate_covers_the_live_decoder_peak(variant):
+    """estimate_tile_bytes bounds the live-tensor peak of encode + decode of one tile; the paper
+    layout's full-resolution CDIB (both streams, 2x widened) counts too."""
+    model = build_model(tiny_spec(variant), "cpu")
+    decoder = model.mi_decoder
+    att_ch = decoder.attention_proj.in_channels if hasattr(decoder, "attention_proj") else 0
+    tile = 64
+    with torch.no_grad():
+        for part in (model.vae, decoder):
+            for p in part.parameters():
+                p.normal_(0, 0.02)
+        x = torch.rand(1, 3, tile, tile)
+        att = torch.rand(1, att_ch, tile // 8, tile // 8) if att_ch else None
+        mode = _LivePeak()
+        with mode:
+            enc = model.encode(x)
+            out = model.decode(enc.latents, enc.skips, att)
+            del out
+    assert mode.peak <= devices.estimate_tile_bytes(model, tile, tile)

@@ -263,3 +263,19 @@ def test_place_model_refuses_another_dtype_for_an_fp8_unet(tiny_dir):
     assert {t.dtype for n, t in model.unet.named_parameters() if n.endswith("original")} == {FP8}
     with torch.no_grad():
         assert torch.isfinite(model(X).image).all()
+
+
+def test_the_lightest_plan_is_bf16_with_offload_and_the_readme_prints_the_plan(capsys):
+    """fp8 + offload moves the UNet's mid block whole, so bf16 + offload needs less: the plan lists it
+    last (the lightest) and the README's GPU memory tables are `memory_plan`'s output."""
+    from pathlib import Path
+
+    from tadisr_core.memory_plan import MODES, main, vram_table
+
+    _, need = vram_table(gpus_gb=(6,), tiles=(768,))
+    assert MODES[-1][0] == "bf16 + offload"
+    assert need[("bf16 + offload", 768)] < need[("fp8 + offload", 768)]
+    main()
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    tables = capsys.readouterr().out.strip().split("\n\n")
+    assert len(tables) == 2 and all(table in readme for table in tables)

@@ -1031,3 +1031,23 @@ def test_a_sequential_run_sends_every_weight_home_afterwards(fake_comfy, monkeyp
         m(torch.rand(1, 3, 32, 32))
         assert lowvram.sequential_offload_device(model) == gpu
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
+def test_memory_is_made_for_every_image_of_the_batch(handle, monkeypatch):
+    """Defect: the reserved tile batch was capped at one image's tiles, though the nodes run
+    batch x tiles units (here 3 images of one 24 x 40 tile, tile_batch 8: 3 tiles at once)."""
+    from tadisr_core.devices import estimate_tile_bytes
+
+    asked = []
+    real = host.model_on_device
+
+    def recording(model, device, patcher, memory_required=0):
+        asked.append(memory_required)
+        return real(model, device, patcher, memory_required)
+
+    monkeypatch.setattr(host, "model_on_device", recording)
+    upscale.upscale(handle, _image(3, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)
+    latents = blocks.encode(handle, _image(3, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=2)
+    blocks.denoise(handle, latents, tile_batch=8)
+    assert asked == [3 * estimate_tile_bytes(handle.model, 24, 40), 2 * estimate_tile_bytes(handle.model, 24, 40),
+                     3 * estimate_tile_bytes(handle.model, 24, 40)]
