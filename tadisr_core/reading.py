@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .images import to_uint8
+
 # The detector works on the image at its size (the default setting upsamples small images and misses
 # text; shrinking a large one to fit misses its small text) up to DETECT_LIMIT px on the long side:
 # about 2.4 GB of memory and 20 s on 2 CPU threads at 4096 x 4096. Larger images are read in tiles of
@@ -96,11 +98,6 @@ def _default_engine():
     if _engine is None:
         _engine = load_rapidocr()
     return _engine
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] float 0..1 -> (H, W, 3) uint8 RGB."""
-    return (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def read_lines(image: torch.Tensor, min_score: float = 0.5, engine=None) -> list[TextLine]:
