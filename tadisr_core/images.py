@@ -13,8 +13,8 @@ Reading gives float32 [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA) as the us
 * an RGB ICC profile is returned with the pixels, so outputs can carry it; a gray or CMYK profile is
   applied instead (`_to_srgb`): CMYK becomes sRGB RGB, gray stays gray (at its bit depth) on sRGB's
   tone curve, and the sRGB profile is returned, so outputs show the colours and tones the input had.
-* a transparency key (tRNS of palette, gray and RGB PNGs) becomes alpha, except on 16-bit gray PNGs,
-  which are read as one 16-bit channel.
+* a transparency key (tRNS of palette, gray and RGB PNGs) becomes alpha (RGBA, gray repeated; a 16-bit
+  gray PNG keeps its 16-bit levels).
 
 Pillow reads 16-bit-per-channel colour PNGs at 8 bits per channel; a warning says so.
 Saving writes 8 bits per channel, as PNG, JPEG or WebP by the file's suffix (`OUTPUT_FORMATS`), tagged
@@ -260,6 +260,15 @@ def _gray_key_as_alpha(im, rawmode: str):
     return Image.merge("LA", (gray, gray.point(lambda v: 0 if v == key else 255)))
 
 
+def _deep_gray_key_opacity(im) -> np.ndarray | None:
+    """For a 16-bit gray image with a transparency key (PNG tRNS, in 16-bit units): where it is opaque
+    (H, W bool); None for any other image."""
+    key = im.info.get("transparency")
+    if not im.mode.startswith("I;16") or not isinstance(key, int):
+        return None
+    return np.asarray(im) != key
+
+
 def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     """Read an image file as the user sees it (see the module doc); ImageReadError names the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -299,11 +308,15 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
         log.warning("%s has 16 bits per colour channel; it is read at 8 bits", path)
     if "transparency" in im.info and im.mode in ("1", "L"):
         im = _gray_key_as_alpha(im, rawmode)  # first: a gray profile's result carries no transparency key
+    opaque = _deep_gray_key_opacity(im)  # also before the profile, for the same reason
     if _icc_space(icc) in (b"GRAY", b"CMYK"):
         im, icc = _to_srgb(im, icc, path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a, bits = _high_depth(im, path, full_scale)
-        return ImageFile(torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape), icc, frames, bits)
+        pixels = torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape)
+        if opaque is not None:  # as 8-bit gray with a key: RGBA (gray repeated), the key's pixels transparent
+            pixels = torch.cat([pixels.expand(-1, 3, -1, -1), torch.from_numpy(opaque).float().view_as(pixels)], 1)
+        return ImageFile(pixels, icc, frames, bits)
     if im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in im.info:
         im = im.convert("RGBA")  # a transparency key (tRNS of palette, gray or RGB PNGs) becomes alpha
     elif im.mode in ("1", "L"):

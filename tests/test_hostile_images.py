@@ -289,6 +289,16 @@ def test_the_transparency_key_of_a_low_bit_gray_png_is_in_its_own_units(tmp_path
     assert x.shape == (1, 4, 1, 4) and x[0, 3, 0].tolist() == [1.0, 1.0, 1.0, 0.0]
 
 
+def test_the_transparency_key_of_a_16_bit_gray_png_becomes_alpha(tmp_path):
+    """Defect: a 16-bit gray PNG's tRNS key was ignored (read as one channel), while 8-bit gray keys became
+    alpha; now alike, the 16-bit levels kept."""
+    _gray_png(tmp_path / "k.png", [0, 1000, 30000, 65535], 16, key=1000)
+    x = load_image(tmp_path / "k.png")
+    assert x.shape == (1, 4, 1, 4) and x[0, 3, 0].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert torch.equal(x[0, 0, 0], torch.tensor([0, 1000, 30000, 65535]) / 65535.0)
+    assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 0], x[0, 2])
+
+
 def test_a_transparency_key_survives_a_gray_colour_profile(tmp_path):
     """Defect: applying a gray ICC profile made a new image without the tRNS key: the alpha was lost."""
     from tadisr_core.images import _srgb_gray_profile
