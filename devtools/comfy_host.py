@@ -27,6 +27,7 @@ The module is importable too (devtools.server uses server_command() and server_e
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import json
@@ -329,12 +330,20 @@ def die_with_parent() -> None:
 
 
 def check_port_free(port: int, host: str = "127.0.0.1") -> None:
-    """HostError when something listens on host:port already (ComfyUI could not listen there)."""
-    family, *_, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    """HostError when ComfyUI could not listen on host:port: something listens there already, or `host` is
+    no address of this machine."""
+    not_here = f"--host {host}: not an address of this machine ({{}}); pass one it has, such as 127.0.0.1"
+    try:
+        family, *_, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                 flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise HostError(not_here.format(exc.strerror)) from None
     try:
         with socket.create_server(address, family=family):  # SO_REUSEADDR: a port in TIME_WAIT counts as free
             pass
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise HostError(not_here.format(os.strerror(exc.errno))) from None
         raise HostError(f"port {port} is in use: stop what listens there or pass --port") from None
 
 

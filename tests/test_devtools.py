@@ -71,6 +71,16 @@ def test_start_and_serve_refuse_a_port_in_use(host, listener, capsys, cmd):
     assert not (host / f"server-{listener}.pid").exists()
 
 
+@pytest.mark.parametrize("address, reason", [("192.0.2.1", "Cannot assign requested address"),
+                                             ("999.1.1.1", "")])
+def test_start_refuses_a_host_address_this_machine_lacks_in_one_line(host, capsys, address, reason):
+    """Defect: an unknown name was a socket traceback, and an address of another machine was called a
+    port in use."""
+    err = _one_line_error(capsys, ["start", "--host", address, "--port", str(free_port())])
+    assert f"--host {address}: not an address of this machine ({reason}" in err
+    assert err.endswith("pass one it has, such as 127.0.0.1")
+
+
 def test_start_refuses_while_its_pidfile_server_runs(host, capsys):
     port = free_port()
     child = _sleeper()
