@@ -135,6 +135,16 @@ def _match_lr_to_hr(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: int
     return lr[:h, :w], hr[:h * scale, :w * scale], mask[:h * scale, :w * scale]
 
 
+def _downscale_registered_lr(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: int):
+    """An LR registered to its HR at (about) the HR size, made ``1/scale`` of it: all three trimmed at the
+    bottom and right to the pixels both cover, rounded down to a multiple of ``scale``, then the LR resized
+    (bicubic, antialiased) by exactly ``1/scale``, so LR pixel (i, j) is HR block (scale*i.., scale*j..)."""
+    h, w = min(lr.shape[0], hr.shape[0]), min(lr.shape[1], hr.shape[1])
+    h, w = h - h % scale, w - w % scale
+    small = Image.fromarray(lr[:h, :w]).resize((w // scale, h // scale), Image.BICUBIC)
+    return np.asarray(small), hr[:h, :w], mask[:h, :w]
+
+
 def model_input(lr: torch.Tensor, hr_size: tuple[int, int], scale: int) -> torch.Tensor:
     """The model's input for a batch's LR [B, C, h, w]: its bicubic upscale, or the LR itself when a
     dataset gave it already upscaled to the HR size (the release's sr_bicubic/)."""
@@ -227,7 +237,8 @@ class RealCEDataset(Dataset):
     """Real-CE pairs named in ``list_file`` (one file name per line; the stem is used).
 
     Real-CE stores the 13 mm LR registered to the 52 mm HR at the same size; such LR images are
-    resized to ``1/scale`` (bicubic, antialiased) so every dataset has the same geometry. LR images
+    resized to ``1/scale`` (bicubic, antialiased; `_downscale_registered_lr`, after trimming the pair to a
+    multiple of ``scale``) so every dataset has the same geometry. LR images
     already at ``1/scale`` are used as they are. ``mask_dir=None`` gives all-zero masks (no text
     supervision: only for evaluation or image-only losses).
     """
@@ -276,7 +287,7 @@ class RealCEDataset(Dataset):
             if abs(lr.shape[0] - h) > self.scale or abs(lr.shape[1] - w) > self.scale:
                 raise ValueError(f"LR {files['lr']} ({lr.shape[1]}x{lr.shape[0]}) matches neither the HR "
                                  f"{files['hr']} size ({w}x{h}) nor 1/{self.scale} of it")
-            lr = np.asarray(Image.fromarray(lr).resize((w // self.scale, h // self.scale), Image.BICUBIC))
+            lr, hr, mask = _downscale_registered_lr(lr, hr, mask, self.scale)
         if self.crop is not None:
             lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, self.scale, _item_rng(self.seed, index),
                                         str(files["hr"]))
