@@ -223,9 +223,9 @@ class TripletFolderDataset(Dataset):
         return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
 
 
-def _read_list_file(path: Path) -> list[str]:
-    """The entries of a Real-CE list file: UTF-8 (with or without a Notepad BOM), one per line, blank
-    lines skipped, Windows backslashes turned to "/"."""
+def read_list_file(path: Path) -> list[str]:
+    """The entries of a Real-CE list file (also `evaluate --list`): UTF-8 (with or without a Notepad BOM),
+    one per line, blank lines skipped, Windows backslashes turned to "/"."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -254,7 +254,7 @@ class RealCEDataset(Dataset):
             list_path = self.root / list_path
         if not list_path.is_file():
             raise FileNotFoundError(f"Real-CE list file not found: {list_file} (also tried {list_path})")
-        names = _read_list_file(list_path)
+        names = read_list_file(list_path)
         folders = {"lr": self.root / lr_dir, "hr": self.root / hr_dir}
         if mask_dir is not None:
             folders["mask"] = self.root / mask_dir
