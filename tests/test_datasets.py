@@ -1,6 +1,7 @@
 """Training datasets: FTSR triplet folders, Real-CE lists, on-the-fly synthesis; aligned shapes."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +335,35 @@ def test_realce_lr_resized_from_an_odd_hr_size_stays_aligned(tmp_path):
     assert len(hits) == 1
     y, x = hits[0]
     assert torch.equal(crop["hr"], hr_full[:, 4 * y:4 * y + 48, 4 * x:4 * x + 48])
+
+
+def test_triplets_without_lr_say_once_that_they_degrade_on_the_fly(triplets, tmp_path, caplog):
+    """Defect: a triplet set without an LR folder degraded every HR on the fly without a word; now one INFO
+    line (logger "tadisr") names the folder and the preset, and build_datasets tells the training log once."""
+    import logging
+
+    from training.builders import build_datasets
+    from training.config import load_config
+
+    root = tmp_path / "no_lr"
+    for sub in ("hr", "mask"):
+        shutil.copytree(triplets / sub, root / sub)
+    with caplog.at_level(logging.INFO, logger="tadisr"):
+        DS.TripletFolderDataset(root, preset="realesrgan")
+        DS.TripletFolderDataset(triplets)  # an LR folder: nothing to say
+        DS.TripletFolderDataset(triplets, lr_dir=None, preset="bicubic")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", f"{root}: no lr/ folder, so each LR is degraded on the fly from its HR with the 'realesrgan' "
+                 "degradation preset (data.degradation)"),
+        ("INFO", f"{triplets}: data.lr_dir: null, so each LR is degraded on the fly from its HR with the 'bicubic' "
+                 "degradation preset (data.degradation)")]
+    said = []
+    tiny = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
+    data = ["data.kind=triplets", f"data.root={root}", f"data.val_root={root}", "data.degradation=ftsr"]
+    build_datasets(load_config(tiny, data), tmp_path / "run", log=said.append)
+    assert said == [f"{root}: no lr/ folder, so each LR is degraded on the fly from its HR with the 'ftsr' "
+                    "degradation preset (data.degradation)"]
+    said.clear()
+    build_datasets(load_config(tiny, ["data.kind=triplets", f"data.root={triplets}"]), tmp_path / "run",
+                   log=said.append)
+    assert said == []

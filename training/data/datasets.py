@@ -7,6 +7,7 @@ seeds per worker; with a seed, item ``i`` is the same every time.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ from training.data.synthesis import (
     sample_seed,
     system_fonts,
 )
+
+log = logging.getLogger("tadisr")
 
 
 def image_tensor(img: np.ndarray) -> torch.Tensor:
@@ -190,6 +193,17 @@ class TripletFolderDataset(Dataset):
             if lrs is not None and stem not in lrs:
                 raise FileNotFoundError(f"no LR image for {hrs[stem]} in {lr_path}")
             self.items.append((stem, hrs[stem], masks[stem], lrs[stem] if lrs is not None else None))
+        self.lr_source = None if lrs is not None else ("data.lr_dir: null" if lr_dir is None else f"no {lr_dir}/ folder")
+        if note := self.degradation_note():
+            log.info(note)
+
+    def degradation_note(self) -> str | None:
+        """The one line saying that this set has no LR folder, so its LR is degraded on the fly, and with
+        which preset; None when the LR images are read from a folder."""
+        if self.lr_source is None:
+            return None
+        return (f"{self.root}: {self.lr_source}, so each LR is degraded on the fly from its HR with the "
+                f"{get_preset(self.preset).name!r} degradation preset (data.degradation)")
 
     def __len__(self) -> int:
         return len(self.items)
