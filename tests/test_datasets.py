@@ -1,6 +1,7 @@
 """Training datasets: FTSR triplet folders, Real-CE lists, on-the-fly synthesis; aligned shapes."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +309,61 @@ def test_realce_list_file_bom_backslashes_and_utf16(realce, tmp_path):
     with pytest.raises(ValueError) as err:
         DS.RealCEDataset(realce, listed)
     assert str(err.value) == f"Real-CE list file {listed} is not UTF-8 text (UTF-16?); save it as UTF-8"
+
+
+def test_realce_lr_resized_from_an_odd_hr_size_stays_aligned(tmp_path):
+    """Defect: an LR registered at the size of a 70 x 67 HR was resized to 17 x 16 as it was (a factor of
+    4.12 x 4.19), so LR pixel (i, j) drifted off HR block (4i, 4j) by up to 3 HR px; now the pair is first
+    trimmed to 68 x 64 (top-left kept) and the LR downscaled by exactly 4."""
+    hr = skimage.data.astronaut()[100:167, 150:220]  # 70 x 67: neither side divisible by 4
+    mask = np.zeros(hr.shape[:2], np.uint8)
+    mask[5:30, 10:60] = 255
+    root = tmp_path / "rc"
+    for sub, img in (("13mm_aligned_1024", hr), ("52mm_aligned_1024", hr), ("mask-52mm-bts-1024-v2", mask)):
+        (root / sub).mkdir(parents=True)
+        Image.fromarray(img).save(root / sub / "a.png")  # the LR is the HR itself: its exact downscale is known
+    (root / "list.txt").write_text("a.png\n")
+    item = DS.RealCEDataset(root, "list.txt")[0]
+    quarter = np.asarray(Image.fromarray(hr[:64, :68]).resize((17, 16), Image.BICUBIC))
+    assert torch.equal(item["lr"], DS.image_tensor(quarter[:16, :16]))  # 16 x 17 LR px -> whole latent cells
+    assert torch.equal(item["hr"], DS.image_tensor(hr[:64, :64]))
+    assert torch.equal(item["mask"], DS.mask_tensor(mask[:64, :64]))
+    crop = DS.RealCEDataset(root, "list.txt", crop=48, seed=3)[0]
+    lr_full = DS.image_tensor(quarter)
+    hr_full = DS.image_tensor(hr[:64, :68])
+    hits = [(y, x) for y in range(5) for x in range(6) if torch.equal(crop["lr"], lr_full[:, y:y + 12, x:x + 12])]
+    assert len(hits) == 1
+    y, x = hits[0]
+    assert torch.equal(crop["hr"], hr_full[:, 4 * y:4 * y + 48, 4 * x:4 * x + 48])
+
+
+def test_triplets_without_lr_say_once_that_they_degrade_on_the_fly(triplets, tmp_path, caplog):
+    """Defect: a triplet set without an LR folder degraded every HR on the fly without a word; now one INFO
+    line (logger "tadisr") names the folder and the preset, and build_datasets tells the training log once."""
+    import logging
+
+    from training.builders import build_datasets
+    from training.config import load_config
+
+    root = tmp_path / "no_lr"
+    for sub in ("hr", "mask"):
+        shutil.copytree(triplets / sub, root / sub)
+    with caplog.at_level(logging.INFO, logger="tadisr"):
+        DS.TripletFolderDataset(root, preset="realesrgan")
+        DS.TripletFolderDataset(triplets)  # an LR folder: nothing to say
+        DS.TripletFolderDataset(triplets, lr_dir=None, preset="bicubic")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", f"{root}: no lr/ folder, so each LR is degraded on the fly from its HR with the 'realesrgan' "
+                 "degradation preset (data.degradation)"),
+        ("INFO", f"{triplets}: data.lr_dir: null, so each LR is degraded on the fly from its HR with the 'bicubic' "
+                 "degradation preset (data.degradation)")]
+    said = []
+    tiny = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
+    data = ["data.kind=triplets", f"data.root={root}", f"data.val_root={root}", "data.degradation=ftsr"]
+    build_datasets(load_config(tiny, data), tmp_path / "run", log=said.append)
+    assert said == [f"{root}: no lr/ folder, so each LR is degraded on the fly from its HR with the 'ftsr' "
+                    "degradation preset (data.degradation)"]
+    said.clear()
+    build_datasets(load_config(tiny, ["data.kind=triplets", f"data.root={triplets}"]), tmp_path / "run",
+                   log=said.append)
+    assert said == []

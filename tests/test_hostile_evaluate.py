@@ -168,3 +168,30 @@ def test_symlinked_sub_folders_pair_as_the_cli_walks_them(tmp_path):
     rc, report = _run(pred, gt, tmp_path)
     assert rc == 0 and [r["name"] for r in report["pairs"]] == ["sub/a", "top"]
     assert [p for p, _, _ in collect_inputs([gt], recursive=True)] == [gt / "sub" / "a.png", gt / "top.png"]
+
+
+def test_list_limits_the_pairs_to_the_names_it_lists(tmp_path, capsys):
+    """Defect: evaluate had no way to score only a split (Real-CE ships its test list); now --list reads a list
+    file as the dataset does (UTF-8 BOM, backslashes, folders and extensions dropped) and keeps only those."""
+    pred, gt = _dirs(tmp_path)
+    for i in range(4):
+        Image.fromarray(_photo(i)).save(gt / f"img_{i}.png")
+    Image.fromarray(_photo(0)).save(pred / "img_0_x1.png")
+    Image.fromarray(_photo(9)).save(pred / "img_1_x1.png")   # not listed: its low PSNR must not count
+    Image.fromarray(_photo(2)).save(pred / "img_2_x1.png")
+    listed = tmp_path / "test.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + "52mm_aligned_1024\\img_0.JPG\r\n\r\nimg_2.JPG\r\n".encode())
+    rc, report = _run(pred, gt, tmp_path, "--list", str(listed))
+    assert rc == 0 and [(r["name"], r["psnr"]) for r in report["pairs"]] == [("img_0", 100.0), ("img_2", 100.0)]
+    assert report["unmatched"] == {"pred_only": [], "gt_only": []} and report["settings"]["list"] == str(listed)
+    assert f"limited to the images listed in {listed}" in capsys.readouterr().out
+    listed.write_text("img_0.JPG\nimg_3.JPG\n")                 # listed, no prediction: a partial mean
+    rc, report = _run(pred, gt, tmp_path, "--list", str(listed))
+    assert rc == 1 and report["unmatched"] == {"pred_only": [], "gt_only": ["img_3"]}
+    assert "the mean covers 1 of 2 ground-truth images" in capsys.readouterr().err
+    listed.write_text("img_0.JPG\nimg_7.JPG\n")                 # listed, no ground truth: another split's list
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--list", str(listed), *FAST]) == 2
+    assert capsys.readouterr().err == (f"error: --list {listed} names 1 image(s) that --gt {gt} does not hold: "
+                                       "img_7; is it the list of this split?\n")
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--list", str(tmp_path / "nope.txt"), *FAST]) == 2
+    assert capsys.readouterr().err == f"error: --list {tmp_path / 'nope.txt'} is not a file\n"

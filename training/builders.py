@@ -369,8 +369,8 @@ def degradation_preset(cfg: Config):
 def build_datasets(cfg: Config, work_dir: str | Path,
                    log: Callable[[str], None] | None = print) -> tuple[Dataset, Dataset | None]:
     """(train, val) datasets; val is None when the config names no validation data. `log` is told of
-    synthesis backgrounds smaller than the crop (they are upscaled, blurring the ground truth); None
-    skips that check."""
+    synthesis backgrounds smaller than the crop (they are upscaled, blurring the ground truth) and of
+    triplet folders without LR images (degraded on the fly: with which preset); None skips both."""
     from training.data.datasets import OnTheFlySynthesisDataset, RealCEDataset, TripletFolderDataset
 
     d = cfg.data
@@ -396,6 +396,10 @@ def build_datasets(cfg: Config, work_dir: str | Path,
         train = TripletFolderDataset(d.root, crop=d.crop, scale=d.scale, preset=preset, **dirs)
         val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=preset, **dirs)
                if d.val_root else None)
+        if log is not None:
+            for note in dict.fromkeys(ds.degradation_note() for ds in (train, val) if ds is not None):
+                if note:
+                    log(note)
         return train, val
     train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale, **realce_dirs(d))
     val = (RealCEDataset(d.root, d.val_list_file, crop=d.val_crop, scale=d.scale, **realce_dirs(d))

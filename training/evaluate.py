@@ -1,7 +1,7 @@
 """Evaluate super-resolved images against ground truth: PSNR, SSIM, LPIPS, OCR-A and (optionally) FID.
 
     python -m training.evaluate --pred DIR --gt DIR [--json OUT] [--y-channel] [--crop-border N]
-        [--lpips-net alex|vgg] [--ocr-backend rapidocr|paddleocr] [--no-ocr] [--fid-weights PATH]
+        [--lpips-net alex|vgg] [--ocr-backend rapidocr|paddleocr] [--no-ocr] [--fid-weights PATH] [--list FILE]
 
 Files are paired by their path below each folder without the extension (``0001.png`` <-> ``0001.jpg``,
 ``sub/0001.png`` <-> ``sub/0001.png``; sub-folders are searched, hidden ones not); the CLI's outputs pair
@@ -12,6 +12,8 @@ Images are read as the user sees them (EXIF orientation, 16-bit and float files 
 by the project's one reader. A pair that cannot be evaluated (unreadable image, size mismatch) is
 reported as failed and the others go on. Ground truth without a prediction (or a prediction without
 ground truth) makes the mean a subset's: that is an error (exit 1) unless ``--allow-partial``.
+``--list FILE`` (a Real-CE list file: one image name per line, read as the training data reads it) keeps
+only the images it names, by file stem; a listed name the ground truth lacks is an error.
 Exit code: 0 all pairs evaluated, 1 some pair failed or files are unmatched, 2 nothing evaluated.
 """
 from __future__ import annotations
@@ -91,6 +93,36 @@ def pair_images(pred_dir: Path, gt_dir: Path):
         else:
             pairs.append((key, pred[key][0], gt[key][0]))
     return pairs, sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred)), ambiguous
+
+
+def listed_stems(path: Path) -> set[str]:
+    """The image stems a list file names (`datasets.read_list_file`: folders and extensions dropped, as
+    RealCEDataset reads it); ValueError when it names none."""
+    from training.data.datasets import read_list_file
+
+    stems = {Path(name).stem for name in read_list_file(path)}
+    if not stems:
+        raise ValueError(f"--list {path} names no images: one file name per line")
+    return stems
+
+
+def keep_listed(found: tuple, stems: set[str], gt_dir: Path, list_file: Path) -> tuple:
+    """`pair_images`' result limited to the keys whose file stem is in ``stems``; ValueError naming the
+    listed stems that no ground truth (in the folders compared) has."""
+    pairs, pred_only, gt_only, ambiguous = found
+
+    def listed(key: str) -> bool:
+        return key.rpartition("/")[2] in stems
+
+    pairs = [p for p in pairs if listed(p[0])]
+    pred_only, gt_only = [k for k in pred_only if listed(k)], [k for k in gt_only if listed(k)]
+    ambiguous = {k: why for k, why in ambiguous.items() if listed(k)}
+    have = {key.rpartition("/")[2] for key in [p[0] for p in pairs] + gt_only + list(ambiguous)}
+    if missing := sorted(stems - have):
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"--list {list_file} names {len(missing)} image(s) that --gt {gt_dir} does not hold: "
+                         f"{shown}; is it the list of this split?")
+    return pairs, pred_only, gt_only, ambiguous
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -214,6 +246,8 @@ def print_table(report: dict, out=None) -> None:
           f"{_fmt(mean['lpips'], '6.4f')}  {_fmt(mean.get('ocr_a'), '6.4f')}  {mean.get('ocr_boxes', '-')}", file=out)
     if "ocr_excluded_no_text" in mean:
         print(f"OCR-A over {mean['ocr_images']} images; {mean['ocr_excluded_no_text']} excluded (no GT text)", file=out)
+    if listed := report.get("settings", {}).get("list"):
+        print(f"limited to the images listed in {listed}", file=out)
     fid = report["fid"]
     print(f"FID: {fid['fid']:.3f}" if "fid" in fid else f"FID: skipped ({fid['skipped']})", file=out)
     um = report["unmatched"]
@@ -226,7 +260,10 @@ def print_table(report: dict, out=None) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate all pairs; returns the report dict (also what ``--json`` writes)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pairs, pred_only, gt_only, ambiguous = pair_images(args.pred, args.gt)
+    found = pair_images(args.pred, args.gt)
+    if args.list is not None:
+        found = keep_listed(found, listed_stems(args.list), args.gt, args.list)
+    pairs, pred_only, gt_only, ambiguous = found
     lpips_model = None
     if not args.no_lpips:
         from training.lpips import LPIPS
@@ -264,6 +301,7 @@ def run(args: argparse.Namespace) -> dict:
         "failed": failed,
         "unmatched": {"pred_only": pred_only, "gt_only": gt_only},
         "settings": {"pred": str(args.pred), "gt": str(args.gt), "y_channel": args.y_channel,
+                     "list": None if args.list is None else str(args.list),
                      "crop_border": args.crop_border, "ssim": f"gaussian {SSIM_WINDOW}, sigma 1.5, valid",
                      "psnr_cap_db": PSNR_CAP, "lpips_net": None if args.no_lpips else args.lpips_net,
                      "ocr_backend": None if args.no_ocr else args.ocr_backend},
@@ -275,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pred", type=Path, required=True, help="folder of super-resolved images")
     ap.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
     ap.add_argument("--json", type=Path, help="write the full report here")
+    ap.add_argument("--list", type=Path, metavar="FILE",
+                    help="evaluate only the images this list file names (one file name per line, as Real-CE's "
+                         "list files; matched by stem)")
     ap.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on BasicSR Y instead of RGB")
     ap.add_argument("--crop-border", type=int, default=0, help="pixels dropped per side for PSNR/SSIM")
     ap.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex")
@@ -326,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name).is_dir():
             print(f"error: --{name} {getattr(args, name)} is not a folder", file=sys.stderr)
             return 2
+    if args.list is not None and not args.list.is_file():
+        print(f"error: --list {args.list} is not a file", file=sys.stderr)
+        return 2
     if args.json and (problem := json_target_problem(args.json)):
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ seeds per worker; with a seed, item ``i`` is the same every time.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ from training.data.synthesis import (
     sample_seed,
     system_fonts,
 )
+
+log = logging.getLogger("tadisr")
 
 
 def image_tensor(img: np.ndarray) -> torch.Tensor:
@@ -135,6 +138,16 @@ def _match_lr_to_hr(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: int
     return lr[:h, :w], hr[:h * scale, :w * scale], mask[:h * scale, :w * scale]
 
 
+def _downscale_registered_lr(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: int):
+    """An LR registered to its HR at (about) the HR size, made ``1/scale`` of it: all three trimmed at the
+    bottom and right to the pixels both cover, rounded down to a multiple of ``scale``, then the LR resized
+    (bicubic, antialiased) by exactly ``1/scale``, so LR pixel (i, j) is HR block (scale*i.., scale*j..)."""
+    h, w = min(lr.shape[0], hr.shape[0]), min(lr.shape[1], hr.shape[1])
+    h, w = h - h % scale, w - w % scale
+    small = Image.fromarray(lr[:h, :w]).resize((w // scale, h // scale), Image.BICUBIC)
+    return np.asarray(small), hr[:h, :w], mask[:h, :w]
+
+
 def model_input(lr: torch.Tensor, hr_size: tuple[int, int], scale: int) -> torch.Tensor:
     """The model's input for a batch's LR [B, C, h, w]: its bicubic upscale, or the LR itself when a
     dataset gave it already upscaled to the HR size (the release's sr_bicubic/)."""
@@ -180,6 +193,17 @@ class TripletFolderDataset(Dataset):
             if lrs is not None and stem not in lrs:
                 raise FileNotFoundError(f"no LR image for {hrs[stem]} in {lr_path}")
             self.items.append((stem, hrs[stem], masks[stem], lrs[stem] if lrs is not None else None))
+        self.lr_source = None if lrs is not None else ("data.lr_dir: null" if lr_dir is None else f"no {lr_dir}/ folder")
+        if note := self.degradation_note():
+            log.info(note)
+
+    def degradation_note(self) -> str | None:
+        """The one line saying that this set has no LR folder, so its LR is degraded on the fly, and with
+        which preset; None when the LR images are read from a folder."""
+        if self.lr_source is None:
+            return None
+        return (f"{self.root}: {self.lr_source}, so each LR is degraded on the fly from its HR with the "
+                f"{get_preset(self.preset).name!r} degradation preset (data.degradation)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -213,9 +237,9 @@ class TripletFolderDataset(Dataset):
         return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
 
 
-def _read_list_file(path: Path) -> list[str]:
-    """The entries of a Real-CE list file: UTF-8 (with or without a Notepad BOM), one per line, blank
-    lines skipped, Windows backslashes turned to "/"."""
+def read_list_file(path: Path) -> list[str]:
+    """The entries of a Real-CE list file (also `evaluate --list`): UTF-8 (with or without a Notepad BOM),
+    one per line, blank lines skipped, Windows backslashes turned to "/"."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -227,7 +251,8 @@ class RealCEDataset(Dataset):
     """Real-CE pairs named in ``list_file`` (one file name per line; the stem is used).
 
     Real-CE stores the 13 mm LR registered to the 52 mm HR at the same size; such LR images are
-    resized to ``1/scale`` (bicubic, antialiased) so every dataset has the same geometry. LR images
+    resized to ``1/scale`` (bicubic, antialiased; `_downscale_registered_lr`, after trimming the pair to a
+    multiple of ``scale``) so every dataset has the same geometry. LR images
     already at ``1/scale`` are used as they are. ``mask_dir=None`` gives all-zero masks (no text
     supervision: only for evaluation or image-only losses).
     """
@@ -243,7 +268,7 @@ class RealCEDataset(Dataset):
             list_path = self.root / list_path
         if not list_path.is_file():
             raise FileNotFoundError(f"Real-CE list file not found: {list_file} (also tried {list_path})")
-        names = _read_list_file(list_path)
+        names = read_list_file(list_path)
         folders = {"lr": self.root / lr_dir, "hr": self.root / hr_dir}
         if mask_dir is not None:
             folders["mask"] = self.root / mask_dir
@@ -276,7 +301,7 @@ class RealCEDataset(Dataset):
             if abs(lr.shape[0] - h) > self.scale or abs(lr.shape[1] - w) > self.scale:
                 raise ValueError(f"LR {files['lr']} ({lr.shape[1]}x{lr.shape[0]}) matches neither the HR "
                                  f"{files['hr']} size ({w}x{h}) nor 1/{self.scale} of it")
-            lr = np.asarray(Image.fromarray(lr).resize((w // self.scale, h // self.scale), Image.BICUBIC))
+            lr, hr, mask = _downscale_registered_lr(lr, hr, mask, self.scale)
         if self.crop is not None:
             lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, self.scale, _item_rng(self.seed, index),
                                         str(files["hr"]))
