@@ -176,8 +176,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (often faster on GPU)")
 
 
-def load_model(args: argparse.Namespace):
-    """Load and configure the model from the weight and device arguments; SetupError on missing weights."""
+def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
+    """Load and configure the model from the weight and device arguments; SetupError on missing weights.
+    `prompt_once`: how the prompt conditioning is computed, as in `loading.load_tadisr` (under a
+    launcher, `Ranks.from_rank0`: rank 0 alone loads ChatGLM3)."""
     import torch
 
     from .devices import place_model, resolve_device, resolve_dtype
@@ -207,6 +209,7 @@ def load_model(args: argparse.Namespace):
     from .checkpoint import CheckpointError
     from .kolors_identity import NotKolorsError
     from .loading import load_tadisr
+    from .ranks import LauncherError
 
     _quiet_libraries(messages=not args.verbose, progress=getattr(args, "quiet", False))
     try:
@@ -214,12 +217,14 @@ def load_model(args: argparse.Namespace):
             prompt_cache = _given(args.prompt_cache) if alone else args.prompt_cache
             model = load_model_ref(args.model, prompt_cache=prompt_cache, dtype=dtype, device=device,
                                    merge_lora_weights=args.merge_lora, offload=args.offload,
-                                   **_base_weight_args(args, alone))
+                                   prompt_once=prompt_once, **_base_weight_args(args, alone))
         else:
             model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
                                 merge_lora_weights=args.merge_lora, unet=args.unet, vae=args.vae,
                                 text_encoder=args.text_encoder, text_encoder_device_name=args.text_encoder_device,
-                                offload=args.offload)
+                                offload=args.offload, prompt_once=prompt_once)
+    except LauncherError:  # the other processes' matter (`run_upscale` says it), not the weights'
+        raise
     except (CheckpointError, NotKolorsError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong
         raise SetupError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
@@ -301,7 +306,8 @@ class _Interrupt:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-            signal.signal(signal.SIGTERM, self._previous_term)
+            if signal.getsignal(signal.SIGTERM) is self._terminate:  # SIG_IGN set meanwhile stays
+                signal.signal(signal.SIGTERM, self._previous_term)
 
     def __call__(self) -> bool:
         return self.requested
@@ -391,13 +397,21 @@ def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None =
 
     Under a launcher (torchrun, `accelerate launch`) rank 0 plans the inputs for every rank and reports
     for the whole run (`ranks.py`); the other ranks return 0 once their records are handed over."""
-    from .ranks import LauncherError, joined_ranks
+    from .ranks import LauncherError, Rank0Failed, joined_ranks
 
     _setup_logging(args.verbose)
     _validate_upscale(args)
     try:
         with joined_ranks() as ranks:
-            return _upscale_files(args, ranks, cancel, model)
+            try:
+                return _upscale_files(args, ranks, cancel, model)
+            except SetupError as exc:
+                if ranks.rank == 0:
+                    raise
+                raise SetupError(f"rank {ranks.rank} of {ranks.world}: {exc}") from None
+    except Rank0Failed as exc:  # rank 0 prints its error; this rank only says why it stops
+        print(exc, file=sys.stderr)
+        return EXIT_SETUP
     except LauncherError as exc:
         raise SetupError(str(exc)) from None
 
@@ -419,10 +433,10 @@ def _plan_upscale(args: argparse.Namespace) -> list:
     return planned
 
 
-def _load_for_upscale(args: argparse.Namespace, new_folders: list[Path]):
+def _load_for_upscale(args: argparse.Namespace, new_folders: list[Path], prompt_once: Callable | None = None):
     """`load_model`; on a SetupError the output folders this run made (`new_folders`) are removed again."""
     try:
-        return load_model(args)
+        return load_model(args, prompt_once)
     except SetupError:
         for folder in new_folders:  # leave no empty folders behind a run that never started
             with contextlib.suppress(OSError):
@@ -440,23 +454,13 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
     output = Path(args.output)
     new_folders = [p for p in (output, *output.parents) if not p.exists()]  # what ensure_writable_folder makes
     t0 = time.perf_counter()
-    # a prompt cache to compute is computed and saved by rank 0 before the others load it
-    first = model is None and world > 1 and bool(args.prompt_cache) and not Path(args.prompt_cache).is_file()
-
-    def plan() -> list:
-        nonlocal model
-        planned = _plan_upscale(args)
-        if first:
-            model = _load_for_upscale(args, new_folders)
-        return planned
-
-    planned = ranks.from_rank0(plan)
+    planned = ranks.from_rank0(lambda: _plan_upscale(args))
     jobs = shard(planned, rank, world)
     quiet = args.quiet or rank > 0
     if rank > 0:
         ensure_writable_folder(output)  # made by rank 0; proved writable here too (another node's mount)
-    if model is None:
-        model = _load_for_upscale(args, new_folders if rank == 0 else [])
+    if model is None:  # a prompt to compute (and save, for --prompt-cache) is computed by rank 0 alone
+        model = _load_for_upscale(args, new_folders if rank == 0 else [], ranks.from_rank0)
     load_s = time.perf_counter() - t0
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
                       args.skip_existing, args.color_fix, args.quality)
@@ -487,28 +491,37 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
         files_bar.close()
         share = {"rank": rank, "records": records, "cancelled": cancelled, "device": str(model.device),
                  "model_load_seconds": round(load_s, 4), "total_seconds": round(time.perf_counter() - t0, 4)}
+        if world > 1:
+            with contextlib.suppress(ValueError):  # not the main thread
+                # all written: the launcher's stop signal, sent to every rank when one exits (rank 0 with 1 for
+                # a failed file, a crashed rank), must cost neither this rank's handing over nor rank 0's report
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # still under _Interrupt: a Ctrl-C to the process group while this rank waits for the others' shares
         # asks them to stop instead of aborting this rank (and losing the whole run's report)
         shares = ranks.gather(share)
     if shares is None:  # another rank's: rank 0 reports, and its exit code is the run's
-        with contextlib.suppress(ValueError):  # not the main thread
-            # all written and handed over: the launcher's stop signal, sent when rank 0 exits 1 for a failed
-            # file, must not turn this rank's clean exit into a crash of its own
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return EXIT_OK
-    _report_upscale(args, model, shares, len(planned), quiet)
-    failed = any(not r.ok for s in shares for r in s["records"])
+    lost = [r for r, s in enumerate(shares) if s is None]
+    shares = [s for s in shares if s is not None]
+    _report_upscale(args, model, shares, len(planned), quiet, lost, world)
+    failed = lost or any(not r.ok for s in shares for r in s["records"])
     if any(s["cancelled"] for s in shares):
         return EXIT_CANCELLED
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned: int, quiet: bool) -> None:
-    """Rank 0's report for the whole run (`shares`: every rank's records): the --json document on stdout,
-    or one summary line on stderr that counts every rank's files (and, under a launcher, names the failures)."""
+def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned: int, quiet: bool,
+                    lost: list[int], world: int) -> None:
+    """Rank 0's report for the whole run (`shares`: the records of every rank of `world` but the `lost`
+    ones, which stopped without handing theirs over): the --json document on stdout, or one summary
+    line on stderr that counts the reported files (and, under a launcher, names the failures); a line
+    on stderr names the lost ranks in either case."""
     records = [(s["rank"], r) for s in shares for r in s["records"]]
     failed = [r for _, r in records if not r.ok]
-    world = len(shares)
+    if lost:
+        ranks, whose = (f"ranks {', '.join(map(str, lost))}", "their") if len(lost) > 1 else (f"rank {lost[0]}", "its")
+        print(f"error: {ranks} of {world} stopped without reporting (killed or crashed; see {whose} output): {whose} "
+              f"files are not counted here, though some may have been written", file=sys.stderr)
     if args.json:
         import dataclasses
 
@@ -522,7 +535,7 @@ def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned
                   "threads": torch.get_num_threads(), "model_load_seconds": shares[0]["model_load_seconds"],
                   "total_seconds": max(s["total_seconds"] for s in shares),
                   **({"ranks": [{k: v for k, v in s.items() if k != "records"} | {"files": len(s["records"])}
-                                for s in shares]} if world > 1 else {}),
+                                for s in shares], "lost_ranks": list(lost)} if world > 1 else {}),
                   "files": [dataclasses.asdict(r) | {"rank": rank} for rank, r in records]}
         print(json.dumps(report), flush=True)
     elif not quiet:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -39,6 +40,19 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
     path.parent.mkdir(parents=True, exist_ok=True)
     cache.save(path)
     return cache
+
+
+def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | None, text_encoder_device_name: str,
+                 compute: torch.device) -> PromptCache:
+    """The prompt conditioning of `load_tadisr`: the cache at `prompt_cache` (computed and saved there when
+    missing), or computed in memory when None, with ChatGLM3 from `encoder_source`."""
+    if prompt_cache is not None:
+        return ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=compute)
+    if encoder_source is None:
+        raise FileNotFoundError("no prompt cache given and no ChatGLM3 to compute one "
+                                "(pass --prompt-cache FILE or --text-encoder DIR|FILE)")
+    return compute_prompt_cache_from_kolors(encoder_source,
+                                            device=text_encoder_device(text_encoder_device_name, compute))
 
 
 def _load_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,7 +121,7 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
                 device: str | torch.device = "cpu", merge_lora_weights: bool = True,
                 unet: str | Path | None = None, vae: str | Path | None = None,
                 text_encoder: str | Path | None = None, text_encoder_device_name: str = "cpu",
-                offload: str = "none") -> TADiSRModel:
+                offload: str = "none", prompt_once: Callable | None = None) -> TADiSRModel:
     """Load the Kolors backbone, apply a TADiSR checkpoint and the prompt conditioning.
 
     The backbone: a Kolors folder and/or `unet` / `vae` files or folders (which win), or a
@@ -115,6 +129,9 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     built (NotKolorsError), then built on the meta device and streamed in the target dtype.
     `prompt_cache` may be a PromptCache, a path (computed with ChatGLM3 from `text_encoder`, else the
     Kolors folder, and saved there when the file does not exist yet) or None (computed in memory).
+    `prompt_once(make)`, when given, returns what `make()` (which loads or computes the prompt) returns,
+    the way it chooses: `ranks.Ranks.from_rank0` runs it in one process of a launcher and hands the
+    conditioning to the others, which then never load ChatGLM3.
     `dtype` fp8_e4m3fn stores the UNet weights in fp8 and computes in bf16; under fp16 the VAE stays
     fp32 (`descriptor.part_dtypes`). `offload="sequential"` keeps weights on the CPU between blocks.
     The LoRA is merged into the base weights unless `merge_lora_weights=False` (equal within float
@@ -136,14 +153,11 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     encoder_source = text_encoder or files.root
     if isinstance(prompt_cache, PromptCache):
         prompt = prompt_cache
-    elif prompt_cache is not None:
-        prompt = ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=device)
     else:
-        if encoder_source is None:
-            raise FileNotFoundError("no prompt cache given and no ChatGLM3 to compute one "
-                                    "(pass --prompt-cache FILE or --text-encoder DIR|FILE)")
-        prompt = compute_prompt_cache_from_kolors(encoder_source,
-                                                  device=text_encoder_device(text_encoder_device_name, device))
+        def make() -> PromptCache:
+            return _load_prompt(prompt_cache, encoder_source, text_encoder_device_name, device)
+
+        prompt = prompt_once(make) if prompt_once is not None else make()
     try:  # before the weights are read
         prompt.check_fits(unet_part.spec.encoder_hid_dim)
     except ValueError as exc:

@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -247,14 +248,15 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
                vae: str | Path | None = None, text_encoder: str | Path | None = None,
                text_encoder_device_name: str = "cpu", prompt_cache: str | Path | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               merge_lora_weights: bool = True, offload: str = "none"):
+               merge_lora_weights: bool = True, offload: str = "none", prompt_once: Callable | None = None):
     """Load the model `ref` names (see the module doc), on `device` in `dtype`; the LoRA is merged
     unless `merge_lora_weights=False`, and `offload` is as in `devices.place_model`.
 
     A checkpoint of adapters takes its base from `kolors`, `unet`, `vae` and `text_encoder` as
     `loading.load_tadisr` does; without `kolors` its run's recorded base fills in what is not given
     (`model.kolors_dir`, `model.unet`, `model.vae`). One that holds its whole backbone refuses them
-    (ValueError), rather than ignoring them. `dtype` and `device` may be names, as in `loading.load_tadisr`.
+    (ValueError), rather than ignoring them. `dtype` and `device` may be names, as in `loading.load_tadisr`,
+    and `prompt_once` is as there (one that runs alone reads its prompt cache: no ChatGLM3 to share).
     """
     from .devices import check_offload, place_model, resolve_device, resolve_dtype
     from .lora import merge_lora
@@ -298,4 +300,4 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
                                 f"--kolors DIR, or --unet and --vae)") from None
     return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
                        text_encoder=text_encoder, text_encoder_device_name=text_encoder_device_name,
-                       offload=offload)
+                       offload=offload, prompt_once=prompt_once)

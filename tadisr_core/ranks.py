@@ -1,8 +1,9 @@
 """The processes of a multi-process batch (`torchrun`, `accelerate launch`): one plan, one report.
 
 Under a launcher the processes join a CPU process group (gloo; Python objects only, nothing on the
-GPUs): rank 0 alone lists the inputs and plans the output names, and hands the plan, or its setup
-error, to every rank; at the end every rank's records go to rank 0, which reports for the whole run.
+GPUs): rank 0 alone lists the inputs and plans the output names (and computes the prompt
+conditioning), and hands the plan to every rank, or tells them that it failed; at the end every rank's
+records go to rank 0, which reports for the whole run, a rank that stopped without reporting included.
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ class LauncherError(RuntimeError):
     """The processes of the launcher cannot be joined, or one of them stopped without reporting."""
 
 
+class Rank0Failed(LauncherError):
+    """On a rank other than 0: rank 0 failed in `Ranks.from_rank0` and reports its error itself."""
+
+
+# what gloo says when the process at the other end of a connection is gone (killed, crashed, exited)
+_LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """Whether `exc`, raised by a collective, says that another process of the launcher is gone."""
+    return isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _LOST_PEER)
+
+
 class Ranks:
     """This process's rank among `world` processes, and the two exchanges a batch needs."""
 
@@ -38,8 +52,9 @@ class Ranks:
         self.rank, self.world, self.group = rank, world, group
 
     def from_rank0(self, make: Callable[[], T]) -> T:
-        """`make()` run on rank 0 alone; every rank returns its result, or raises the exception it raised
-        (a setup error then ends every rank with the same message instead of leaving them waiting)."""
+        """`make()` run on rank 0 alone; every rank returns its result. When it raises, rank 0 raises
+        it (and reports it), the other ranks raise Rank0Failed (or KeyboardInterrupt for a Ctrl-C)
+        instead of waiting: the error is said once, by rank 0."""
         if self.world == 1:
             return make()
         import torch.distributed as dist
@@ -49,24 +64,37 @@ class Ranks:
             try:
                 box[0] = (True, make())
             except (Exception, KeyboardInterrupt) as exc:
-                box[0] = (False, exc)
+                box[0] = (False, type(exc).__name__)  # the name only: any exception, picklable or not
                 self._exchange(dist.broadcast_object_list, box, src=0)
                 raise
         self._exchange(dist.broadcast_object_list, box, src=0)
         ok, value = box[0]
-        if not ok:
-            raise value
-        return value
+        if ok:
+            return value
+        if value == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        raise Rank0Failed(f"rank {self.rank} of {self.world}: stopped by rank 0's error (rank 0 says what it is)")
 
-    def gather(self, obj: T) -> list[T] | None:
-        """Every rank's `obj` in rank order, on rank 0; None on the other ranks."""
+    def gather(self, obj: T) -> list[T | None] | None:
+        """Every rank's `obj` in rank order, on rank 0, with None for a rank that stopped without handing
+        it over (killed, crashed); None on the other ranks. Received rank by rank, so that a lost rank
+        costs its own share only."""
         if self.world == 1:
             return [obj]
         import torch.distributed as dist
 
-        out = [None] * self.world if self.rank == 0 else None
-        self._exchange(dist.gather_object, obj, out, dst=0)
-        return out
+        if self.rank > 0:
+            self._exchange(dist.send_object_list, [obj], dst=0)
+            return None
+        shares: list = [obj]
+        for src in range(1, self.world):
+            box: list = [None]
+            try:
+                dist.recv_object_list(box, src=src, group=self.group)
+            except RuntimeError as exc:  # that rank is gone: the others' connections are their own
+                log.debug("rank %d stopped without reporting: %s", src, _first_line(exc))
+            shares.append(box[0])
+        return shares
 
     def _exchange(self, collective, *args, **kwargs) -> None:
         try:

@@ -198,3 +198,125 @@ def test_ctrl_c_while_rank_0_waits_for_the_others_keeps_the_report(tmp_path, mon
     err = capsys.readouterr().err
     assert "stopping after the current tiles" in err
     assert f"1 of 2 files written to {tmp_path / 'out'} by 2 processes" in err
+
+
+def _two_ranks(script: str, argv: list[str], **env: str) -> list[subprocess.CompletedProcess]:
+    """`python -c script argv...` as ranks 0 and 1 of a launcher (its variables set, no agent to stop
+    the others when one exits): each rank's exit code, stdout and stderr."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        rank_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank),
+                    "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **env}
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *argv], env=rank_env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+MAIN = '''
+import sys
+from tadisr_core import cli
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_a_setup_error_of_rank_0_is_said_once(tmp_path):
+    """An output folder that is a file: every rank printed rank 0's error, none saying which rank it was. Now
+    rank 0 says it, the other rank one line that points to it; both exit 2."""
+    _images(tmp_path / "in", ["a.png"])
+    (tmp_path / "out").write_text("a file")
+    ranks = _two_ranks(MAIN, ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "demo", *FAST])
+    assert [r.returncode for r in ranks] == [2, 2], ranks[1].stderr[-3000:]
+    assert ranks[0].stderr == f"error: the output folder {tmp_path / 'out'} is a file; give a folder with -o\n"
+    assert ranks[1].stderr == "rank 1 of 2: stopped by rank 0's error (rank 0 says what it is)\n"
+
+
+COUNT_ENCODER_LOADS = '''
+import sys
+from tadisr_core import cli, prompt
+_load = prompt._load_chatglm
+def load(*args, **kwargs):
+    print("loading ChatGLM3", file=sys.stderr)
+    return _load(*args, **kwargs)
+prompt._load_chatglm = load
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_under_a_launcher_only_rank_0_loads_the_text_encoder(tiny_dir, tmp_path):
+    """No --prompt-cache: every rank loaded ChatGLM3 (12.5 GB of RAM each for Kolors') to encode the same
+    prompt. Now rank 0 encodes it and hands the conditioning over; the outputs are those of one process."""
+    _images(tmp_path / "in", ["a.png", "b.png"])
+    weights = ["--kolors", str(tiny_dir["kolors"]), "--checkpoint", str(tiny_dir["checkpoint"]), *FAST]
+    ranks = _two_ranks(COUNT_ENCODER_LOADS, ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "two"), *weights])
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-3000:] + ranks[1].stderr[-3000:]
+    assert [r.stderr.count("loading ChatGLM3") for r in ranks] == [1, 0]
+    from tadisr_core import cli
+
+    assert cli.main(["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "one"), *weights]) == cli.EXIT_OK
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == ["a_text_mask.png", "a_x4.png", "b_text_mask.png", "b_x4.png"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / name)),
+                              np.asarray(Image.open(tmp_path / "two" / name))), name
+
+
+def _gather_with_a_lost_rank(rank: int, port: int, result: str) -> None:
+    """Rank 1 of 2 dies (killed, crashed) before handing its share over; rank 0 writes what its gather got."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from tadisr_core.ranks import joined_ranks
+
+    with joined_ranks() as ranks:
+        if rank == 1:
+            os._exit(9)
+        Path(result).write_text(json.dumps(ranks.gather({"rank": 0})))
+
+
+def test_a_rank_lost_before_the_final_gather_costs_its_share_only(tmp_path):
+    """Rank 0's gather raised LauncherError when another rank was gone (the whole report lost, exit 2). Now it
+    returns what it got, None in the lost rank's place."""
+    result, port = tmp_path / "gathered.json", _free_port()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_gather_with_a_lost_rank, args=(r, port, str(result))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 9]
+    assert json.loads(result.read_text()) == [{"rank": 0}, None]
+
+
+class _LostRank1(Ranks):
+    """Rank 0 of 2 whose gather finds rank 1 gone (`Ranks.gather`'s None in its place)."""
+
+    def from_rank0(self, make):
+        return make()
+
+    def gather(self, obj):
+        return [obj, None]
+
+
+def test_a_lost_rank_is_named_and_rank_0_reports_its_own_files(tiny_model_factory, tmp_path, monkeypatch, capsys):
+    """Rank 1 killed while rank 0 waited for its records: rank 0 ended with exit 2 and no report, though it
+    wrote its files. Now it reports them (--json too), names the lost rank in one line and exits 1."""
+    from tadisr_core import batch, cli
+    from tadisr_core.batch import Record
+
+    _images(tmp_path / "in", ["a.png", "b.png"])
+    monkeypatch.setattr(batch, "process_file", lambda model, job, options, **kw: Record(str(job.input), ok=True))
+    args = cli.build_parser().parse_args(["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), *FAST,
+                                          "--json"])
+    assert cli._upscale_files(args, _LostRank1(0, 2), None, tiny_model_factory()) == cli.EXIT_FAILED
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert (report["ok"], report["failed"], report["planned"], report["world_size"], report["lost_ranks"]) == \
+        (1, 0, 2, 2, [1])
+    assert [Path(f["input"]).name for f in report["files"]] == ["a.png"]
+    assert err == ("error: rank 1 of 2 stopped without reporting (killed or crashed; see its output): its files "
+                   "are not counted here, though some may have been written\n")

@@ -101,6 +101,38 @@ def test_a_signal_to_the_process_group_saves_a_checkpoint_and_exits_130(tmp_path
     assert "Traceback" not in err
 
 
+KILLED_AT_STEP_2 = """
+import os, signal, sys
+from training import train
+step = train.Trainer.train_step
+def train_step(self, batches):
+    if self.step == 1 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, batches)
+train.Trainer.train_step = train_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_under_a_launcher_is_named_in_one_line_with_the_way_to_resume(tmp_path):
+    """Rank 1 of 2 killed at step 2: rank 0 ended with gloo's traceback. Now one line names the lost process
+    and the checkpoint --resume continues from; exit 1."""
+    from tests.test_ranks import _two_ranks
+
+    argv = ["--config", str(TINY), "--output-dir", str(tmp_path), "--max-steps", "4"]
+    for item in ("train.num_workers=0", "loss.lpips_net=\"none\"", "loss.lpips=0", "train.validate_every=0",
+                 "train.checkpoint_every=1"):
+        argv += ["--set", item]
+    rank0, rank1 = _two_ranks(KILLED_AT_STEP_2, argv, HF_HUB_OFFLINE="1")
+    assert (rank0.returncode, rank1.returncode) == (1, -signal.SIGKILL), rank0.stderr[-3000:]
+    assert "Traceback" not in rank0.stderr
+    errors = [line for line in rank0.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: rank 0 of 2 stopped at step 1: rank 1 of the launcher is gone (killed or crashed; the "
+                      f"launcher's report and its output say why); the same command with --resume continues from "
+                      f"{tmp_path / 'checkpoints' / 'step_00000001'}"]
+
+
 # -- resuming into a changed run ------------------------------------------------------------------
 def test_max_steps_is_a_change_only_when_the_learning_rate_decays_over_it():
     from training.config import Config

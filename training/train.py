@@ -822,6 +822,20 @@ class Trainer:
         return summary
 
 
+def lost_process_message(trainer: Trainer) -> str:
+    """What to say when another process of the launcher is gone (killed, crashed) in the middle of a step:
+    which one, and how the run goes on (`--resume` from the newest checkpoint)."""
+    from training.train_state import latest_checkpoint
+
+    rank, world = trainer.acc.process_index, trainer.acc.num_processes
+    other = f"rank {1 - rank}" if world == 2 else "another process"
+    saved = latest_checkpoint(trainer.out / RUN_CHECKPOINTS)
+    resume = (f"the same command with --resume continues from {saved}" if saved is not None else
+              "no checkpoint was saved yet: the same command with --resume starts over")
+    return (f"rank {rank} of {world} stopped at step {trainer.step}: {other} of the launcher is gone (killed or "
+            f"crashed; the launcher's report and its output say why); {resume}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments of `python -m training.train`."""
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
@@ -871,6 +885,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from tadisr_core.ranks import is_lost_peer
+
+        if trainer.acc.num_processes == 1 or not is_lost_peer(e):
+            raise
+        print(f"error: {lost_process_message(trainer)}", file=sys.stderr)
+        return 1
     if rank == 0:
         print(json.dumps(summary))
     return 130 if summary["stopped"] else 0
