@@ -300,7 +300,11 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
 
 
 def _move_home(model: torch.nn.Module, mm) -> None:
-    """Weights ComfyUI does not manage back to the offload device, the cache of freed blocks emptied."""
+    """Weights ComfyUI does not manage back to the offload device (the block used last dropping its device
+    copy, not copied back), the cache of freed blocks emptied."""
+    from tadisr_core.lowvram import send_offloaded_block_home
+
+    send_offloaded_block_home(model)
     model.to(offload_device())
     mm.soft_empty_cache()
 

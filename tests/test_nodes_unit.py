@@ -952,6 +952,34 @@ def test_offload_follows_each_run_sequential_none_sequential(fake_comfy, monkeyp
         model.to(home)  # ComfyUI unloads it between runs
 
 
+def test_a_sequential_run_leaves_the_host_weights_where_they_were(fake_comfy, monkeypatch, tiny_model_factory):
+    """Review: after a sequential run, `.to(offload device)` copied the block used last back from the GPU
+    into new host tensors, though its host tensors were still there unchanged: the device copy is dropped
+    instead. `FakeDevice`: "cpu:0" stands for the GPU."""
+    from tadisr_core import devices, lowvram
+    from tests.fake_device import FakeDevice
+
+    model = tiny_model_factory()
+    fake = FakeDevice(monkeypatch, model.parameters())
+    moving = []
+
+    def place(m, device, dtype=None, offload="none"):  # small blocks split the tiny model
+        moving[:] = lowvram.enable_sequential_offload(m, device, block_bytes=64 << 10, resident_bytes=4 << 10,
+                                                      home=fake.HOME)
+        return m
+
+    monkeypatch.setattr(devices, "place_model", place)
+    monkeypatch.setattr(host, "offload_mode", lambda *a, **k: "sequential")
+    with host.model_on_device(model, fake.DEVICE, host.make_patcher(model, fake.DEVICE), 1 << 20) as m:
+        tensors = [t for name in moving for t in m.get_submodule(name).parameters()]
+        host_ptrs = [t.data_ptr() for t in tensors]
+        with torch.no_grad():
+            m(torch.rand(1, 3, 32, 32))
+        assert any(fake.on_device(t) for t in tensors)  # the block used last
+    assert [t.data_ptr() for t in tensors] == host_ptrs
+    assert not any(fake.on_device(t) for t in model.parameters())
+
+
 def test_extra_model_paths_add_to_models_tadisr(fake_comfy, tmp_path):
     """Defect: a `tadisr:` entry in extra_model_paths.yaml replaced the default models/tadisr."""
     fake_comfy["fp"].folder_names_and_paths["tadisr"] = (["/data/tadisr"], set())
