@@ -952,6 +952,39 @@ def test_offload_follows_each_run_sequential_none_sequential(fake_comfy, monkeyp
         model.to(home)  # ComfyUI unloads it between runs
 
 
+def test_a_partial_load_by_comfyui_runs_the_model_with_sequential_offload(fake_comfy, monkeypatch,
+                                                                            tiny_model_factory):
+    """Review: when ComfyUI could load only part of the weights (its low-VRAM partial load), the model was
+    moved to the GPU whole anyway: out of memory on exactly the GPUs that needed the partial load. A
+    partial load (the patcher counts fewer loaded bytes than the model's, or says model_lowvram on an
+    older ComfyUI) runs the model block by block, as on a low-VRAM host; a full load as before."""
+    from tadisr_core import devices
+
+    placed = []
+    monkeypatch.setattr(devices, "place_model", lambda *a, **k: placed.append((a, k)))
+    model = tiny_model_factory()
+    gpu = torch.device("cuda", 0)  # never touched: loading and placing are faked
+    patcher = host.make_patcher(model, gpu)
+    patcher.model_size = lambda: patcher.size
+    sequential, whole = ((model, gpu, None), {"offload": "sequential"}), ((model, gpu), {})
+    for loaded, want in ((patcher.size // 3, sequential), (patcher.size, whole)):
+        patcher.loaded_size = lambda loaded=loaded: loaded
+        placed.clear()
+        with host.model_on_device(model, gpu, patcher, 1 << 20) as m:
+            assert m is model
+        assert placed == [want]
+    del patcher.loaded_size, patcher.model_size  # an older ComfyUI's patcher
+    patcher.model.model_lowvram = True
+    placed.clear()
+    with host.model_on_device(model, gpu, patcher, 1 << 20):
+        pass
+    assert placed == [sequential] and len(fake_comfy["loaded"]) == 3
+    placed.clear()
+    with host.model_on_device(model, torch.device("cpu"), patcher, 1 << 20):  # nothing to offload to
+        pass
+    assert placed == [((model, torch.device("cpu")), {})]
+
+
 def test_a_sequential_run_leaves_the_host_weights_where_they_were(fake_comfy, monkeypatch, tiny_model_factory):
     """Review: after a sequential run, `.to(offload device)` copied the block used last back from the GPU
     into new host tensors, though its host tensors were still there unchanged: the device copy is dropped
