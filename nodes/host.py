@@ -259,16 +259,28 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
     """Run with `model` on `device`.
 
     With a patcher, ComfyUI loads it (evicting other models if needed) and keeps it loaded until
-    something else needs the memory; on a low-VRAM host (or a device too small for the weights) the
-    weights stay on the CPU, each block visits the device as it runs, and what is left there goes home
-    afterwards. Without a patcher, memory is freed first (inside ComfyUI), the model moved, and
-    offloaded afterwards.
+    something else needs the memory; on a low-VRAM host, a device too small for the weights, or when
+    ComfyUI could load only part of them, the weights stay on the CPU, each block visits the device as
+    it runs, and what is left there goes home afterwards. Without a patcher, memory is freed first
+    (inside ComfyUI), the model moved, and offloaded afterwards.
     """
     from tadisr_core.devices import place_model
 
     mm = _module("comfy.model_management")
     if patcher is not None and mm is not None:
-        if offload_mode(model, device, memory_required) == "sequential":
+        sequential = offload_mode(model, device, memory_required) == "sequential"
+        loaded = False
+        if not sequential:
+            try:
+                mm.load_models_gpu([patcher], memory_required=memory_required)
+            except Exception as exc:  # noqa: BLE001 - a ComfyUI whose patcher cannot drive a plain module
+                log.warning("TADiSR: ComfyUI could not load the model (%s); moving it directly", exc)
+            else:
+                loaded = True
+                if device.type != "cpu" and _loaded_partially(patcher):
+                    log.info("TADiSR: ComfyUI could load only part of the model: running it block by block")
+                    sequential = True
+        if sequential:
             # ComfyUI knows nothing of these weights: the resident modules and the block used last go
             # home after the run, as without a patcher
             _sequential(model, device, memory_required)
@@ -277,13 +289,9 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
             finally:
                 _move_home(model, mm)
             return
-        try:
-            mm.load_models_gpu([patcher], memory_required=memory_required)
-        except Exception as exc:  # noqa: BLE001 - a ComfyUI whose patcher cannot drive a plain module
-            log.warning("TADiSR: ComfyUI could not load the model (%s); moving it directly", exc)
-        else:
-            # no move after a full load; plain modules ComfyUI left out of a partial load, and an earlier
-            # sequential run's hooks (a larger tile) taken away
+        if loaded:
+            # no move after a full load; plain modules ComfyUI left out, and an earlier sequential run's
+            # hooks (a larger tile) taken away
             place_model(model, device)
             yield model
             return
@@ -299,8 +307,24 @@ def model_on_device(model: torch.nn.Module, device: torch.device, patcher=None,
             _move_home(model, mm)
 
 
+def _loaded_partially(patcher) -> bool:
+    """Whether ComfyUI loaded only part of the weights (its low-VRAM partial load): the patcher counts fewer
+    loaded bytes than the model's (`loaded_size() < model_size()`, as ComfyUI's own offloaded-memory
+    count), or says `model_lowvram` (older ComfyUI)."""
+    try:
+        if int(patcher.loaded_size()) < int(patcher.model_size()):
+            return True
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return getattr(getattr(patcher, "model", None), "model_lowvram", False) is True
+
+
 def _move_home(model: torch.nn.Module, mm) -> None:
-    """Weights ComfyUI does not manage back to the offload device, the cache of freed blocks emptied."""
+    """Weights ComfyUI does not manage back to the offload device (the block used last dropping its device
+    copy, not copied back), the cache of freed blocks emptied."""
+    from tadisr_core.lowvram import send_offloaded_block_home
+
+    send_offloaded_block_home(model)
     model.to(offload_device())
     mm.soft_empty_cache()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lowvram import send_offloaded_block_home
 from .spec import LoRASpec, VAESpec
 
 SKIP_CONV_INIT = 1e-5
@@ -59,6 +60,7 @@ def merge_lora(module: nn.Module) -> int:
     the exact unmerged model up to rounding. A base weight kept in another dtype than it is read in
     (`lowvram.store_fp8`'s fp8) is merged in float32 and stored back, rounded once more to its storage.
     """
+    send_offloaded_block_home(module)  # else the merge would go into a device copy, dropped on its way home
     layers = [m for m in lora_layers(module) if not m.merged]
     for m in layers:
         if _stored_apart(m):
@@ -70,6 +72,7 @@ def merge_lora(module: nn.Module) -> int:
 
 def unmerge_lora(module: nn.Module) -> int:
     """Undo `merge_lora` (an fp8-stored base weight is rounded to fp8 once more, as by the merge)."""
+    send_offloaded_block_home(module)
     layers = [m for m in lora_layers(module) if m.merged]
     for m in layers:
         if _stored_apart(m):

@@ -9,7 +9,10 @@
   back. Every module of a block carries the hook, not only the block itself, because the model
   calls many blocks piece by piece (`TADiSRModel.encode` runs the VAE encoder's parts, and a
   `ModuleList` has no forward of its own). Small modules stay resident (so the model reports the
-  GPU as its device and inputs land there).
+  GPU as its device and inputs land there). A visiting block's tensors point at device copies while
+  their CPU tensors are kept: going back drops the copies and copies nothing (inference does not
+  change weights), so each visit is one host-to-device copy and the CPU memory (pinned or not)
+  stays as it was.
 """
 
 from __future__ import annotations
@@ -78,13 +81,53 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def _tensors(block: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of `block` (fp8 storage under parametrizations included), each once."""
+    return [*block.parameters(), *block.buffers()]
+
+
 class _OneBlockOnDevice:
     """Swaps blocks so that only the one whose layer runs now is on `device`."""
 
     def __init__(self, device: torch.device, home: torch.device):
         self.device, self.home = device, home
         self.active: nn.Module | None = None
+        # the active block's tensors and their home data; None: the block moved as a whole (it trains)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self.handles: list = []
+
+    def bring(self, block: nn.Module) -> None:
+        """`block` onto the device: each tensor points at a device copy, its home data kept aside. A block
+        that trains (run with autograd on, trainable parameters) moves as a whole instead (gradients too),
+        and goes back as a copy: an optimizer step may change it on the device."""
+        self.send_home()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in block.parameters()):
+            block.to(self.device)
+            self.active, self.kept = block, None
+            return
+        kept = []
+        for t in _tensors(block):
+            home = t.data if _same_device(t.device, self.home) else None
+            t.data = t.data.to(self.device)
+            kept.append((t, home))
+        self.active, self.kept = block, kept
+
+    def send_home(self) -> None:
+        """The active block back home: its tensors point at their kept home data again and the device
+        copies are dropped, nothing copied back. A tensor whose home data no longer fits (cast since)
+        or that came to the device otherwise is copied home, as is a training block."""
+        block, kept = self.active, self.kept
+        self.active, self.kept = None, None
+        if block is None:
+            return
+        if kept is None:
+            block.to(self.home)
+            return
+        for t, home in kept:
+            if home is not None and home.dtype == t.dtype and home.shape == t.shape:
+                t.data = home
+            else:
+                t.data = t.data.to(self.home)
 
     def hook(self, block: nn.Module) -> None:
         """Before any module of `block` runs: `block` on the device (the previous one sent home), the
@@ -94,10 +137,7 @@ class _OneBlockOnDevice:
 
         def before(mod, args, kwargs):
             if self.active is not block or (probe is not None and not _same_device(probe.device, self.device)):
-                if self.active is not None and self.active is not block:
-                    self.active.to(self.home)
-                block.to(self.device)
-                self.active = block
+                self.bring(block)
             return _to_device(args, self.device), _to_device(kwargs, self.device)
 
         for name, module in block.named_modules():
@@ -133,6 +173,17 @@ def sequential_offload_device(model: nn.Module) -> torch.device | None:
     return swapper.device if swapper is not None else None
 
 
+def send_offloaded_block_home(model: nn.Module) -> bool:
+    """Under `enable_sequential_offload`, the block used last back home, its device copy dropped (True when
+    one was on the device). Call it before changing weights in place (a LoRA merge) or moving the model
+    as a whole: a block's device copy is never copied back."""
+    swapper = getattr(model, "_tadisr_offload", None)
+    if swapper is None or swapper.active is None:
+        return False
+    swapper.send_home()
+    return True
+
+
 def disable_sequential_offload(model: nn.Module) -> bool:
     """Take away the hooks of `enable_sequential_offload` (True when there were any). The weights stay
     where they are: whoever places the model next moves them."""
@@ -151,10 +202,12 @@ def enable_sequential_offload(model: nn.Module, device: torch.device | str, bloc
     its modules runs; small modules, direct parameters of split modules and buffers stay on `device`.
     Returns the names of the moving blocks. Peak device memory: the resident part plus the
     largest block plus one block's activations; the block used last stays on `device` until another
-    one runs.
+    one runs (or `send_offloaded_block_home`). For inference: a block's device copy is dropped, not
+    copied back, when it goes home (a block that trains, run with autograd on, moves whole both ways).
     """
     device, home = torch.device(device), torch.device(home)
     moving, _ = offload_plan(model, block_bytes, resident_bytes)
+    send_offloaded_block_home(model)
     disable_sequential_offload(model)  # set up again (after a host moved the model, or on another device)
     swapper = _OneBlockOnDevice(device, home)
     model._tadisr_offload = swapper

@@ -135,9 +135,10 @@ class TADiSRModel(nn.Module):
         return self
 
     # -- the three steps ---------------------------------------------------------------------
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None,
+    def encode(self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
                sample: bool = False) -> Encoded:
-        """VAE-encode `image` (0..1). Uses the latent mean unless `sample` (seeded by `generator`)."""
+        """VAE-encode `image` (0..1). Uses the latent mean unless `sample` (seeded by `generator`, or by a
+        list of one generator per image, each drawing its image's noise where it lives)."""
         _check_image(image)
         vae, enc = self.vae, self.vae.encoder
         dtype = enc.conv_in.weight.dtype
@@ -152,8 +153,7 @@ class TADiSRModel(nn.Module):
         mean, logvar = h.chunk(2, dim=1)
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            mean = mean + std * noise
+            mean = mean + std * _noise_like(mean, generator)
         return Encoded(mean * vae.config.scaling_factor, skips if self.spec.skip_convs else None)
 
     def denoise(self, latents: torch.Tensor, capture: bool | None = None) -> Denoised:
@@ -252,6 +252,16 @@ class TADiSRModel(nn.Module):
             parts.append((getattr(module, "merged", None), getattr(module, "disable_adapters", None),
                           tuple(state(p) for p in module.parameters())))
         return tuple(parts)
+
+
+def _noise_like(mean: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like `mean`: from `generator`, or item by item from a list of them."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if len(generator) != mean.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {mean.shape[0]} images: pass one per image")
+    noise = [torch.randn(mean.shape[1:], generator=g, device=g.device, dtype=mean.dtype) for g in generator]
+    return torch.stack(noise).to(mean.device)
 
 
 def _check_image(image: torch.Tensor) -> None:

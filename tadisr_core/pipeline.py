@@ -202,13 +202,28 @@ def _resolve_batch(model, grid: TileGrid, units: int, tile_batch: int | str) -> 
     return int(tile_batch)
 
 
-def _generator(model, sample: bool, generator: torch.Generator | None, seed: int | None):
+def _noise_seed(sample: bool, generator: torch.Generator | None, seed: int | None) -> int | None:
+    """The seed of a run's sampled latent (`_unit_noise`); None when the latent mean is used. A given
+    generator is drawn from once."""
     if not sample and (generator is not None or seed is not None):
         raise ValueError("seed and generator seed the sampled latent, but sample is False (the latent's mean "
                          "is used, which needs no seed): pass sample=True, or leave them out")
-    if not sample or generator is not None:
-        return generator
-    return torch.Generator(model.device).manual_seed(0 if seed is None else int(seed))
+    if not sample:
+        return None
+    if generator is not None:
+        return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+    return 0 if seed is None else int(seed)
+
+
+def _unit_noise(seed: int | None, units: int) -> Callable[[range], list[torch.Generator] | None]:
+    """`generators(batch)` for `model.encode`: one CPU generator per work unit, each seeded by `seed` and the
+    unit's number alone, so a tile's noise depends on neither the batch it runs in (`tile_batch`, an
+    out-of-memory halving) nor an earlier failed attempt, only on the seed and this attempt's tiling
+    (`units` in all). None for every batch when `seed` is None (the latent mean)."""
+    if seed is None:
+        return lambda batch: None
+    seeds = torch.randint(0, 2 ** 62, (units,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return lambda batch: [torch.Generator().manual_seed(seeds[u]) for u in batch]
 
 
 def _as_rgb(image: torch.Tensor) -> torch.Tensor:
@@ -325,7 +340,9 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     `attention=True` also returns the TACA heat map (all layers, head mean); `keep_attention=True`
     returns every tile's maps in `attention_tiles` (see `heatmap.heatmap`). `mask=False` gives the
     image alone, faster (no text mask). `sample` draws the latent like the release (seeded by
-    `generator` or `seed`, which are refused without `sample`) instead of using its mean.
+    `generator` or `seed`, which are refused without `sample`) instead of using its mean; each tile's
+    noise follows from the seed and the tiling alone (the same with any `tile_batch`, and after an
+    out-of-memory retry the same as a direct run with the tile that worked).
     `color_fix="wavelet"` takes the low frequencies from the bicubic canvas, "none" leaves the output
     as it is, "auto" does what the model recommends (see `color.py`). Results are float32 on the CPU.
     """
@@ -337,7 +354,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
                                            attention)
     hr = upscale_canvas(image, scale, canvas_device)
     rgb, alpha = _split_alpha(hr)
-    gen = _generator(model, sample, generator, seed)
+    noise_seed = _noise_seed(sample, generator, seed)
     capture = attention or keep_attention or model.needs_capture(mask)
     reads = model.needs_capture(mask)
     cause = _nonfinite_cause(model)
@@ -346,9 +363,10 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     def run(tile: int, overlap: int) -> UpscaleResult:
         grid = tile_grid(hr.shape[2], hr.shape[3], tile, overlap)
         kept: list[torch.Tensor] = []
+        noise = _unit_noise(noise_seed, b * len(grid))
 
         def work(units: range) -> list[torch.Tensor]:
-            enc = model.encode(_gather(rgb, grid, units, model), generator=gen, sample=sample)
+            enc = model.encode(_gather(rgb, grid, units, model), generator=noise(units), sample=sample)
             den = model.denoise(enc.latents, capture=capture)
             dec = model.decode(den.latents, enc.skips, den.attention if reads else None, mask=mask)
             if keep_attention:
@@ -422,7 +440,7 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
     hr = upscale_canvas(image, scale, store_device)
     rgb, alpha = _split_alpha(hr)
     alpha = None if alpha is None else alpha.clone()
-    gen = _generator(model, sample, generator, seed)
+    noise_seed = _noise_seed(sample, generator, seed)
     b, h, w = hr.shape[0], hr.shape[2], hr.shape[3]
 
     def run(tile: int, overlap: int) -> TiledLatents:
@@ -430,9 +448,10 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
         units = b * len(grid)
         keep = _keep_skips(model, keep_skips, units, grid.tile_h * grid.tile_w)
         states: list[TileState] = []
+        noise = _unit_noise(noise_seed, units)
 
         def work(units: range) -> None:
-            enc = model.encode(_gather(rgb, grid, units, model), generator=gen, sample=sample)
+            enc = model.encode(_gather(rgb, grid, units, model), generator=noise(units), sample=sample)
             for k in range(len(units)):
                 skips = [_store(s[k:k + 1], store_device) for s in enc.skips] if keep and enc.skips else None
                 states.append(TileState(_store(enc.latents[k:k + 1], store_device), skips))

@@ -12,6 +12,7 @@ from tadisr_core.devices import place_model, resolve_device, resolve_dtype
 from tadisr_core.loading import load_tadisr
 from tadisr_core.lowvram import FP8, enable_sequential_offload
 from tadisr_core.streaming import tensor_bytes
+from tests.fake_device import FakeDevice
 
 X = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
@@ -64,9 +65,8 @@ def test_sequential_offload_has_every_layer_on_the_device_when_it_runs(tiny_mode
                                                                         block_bytes):
     """Whatever way the model calls its blocks (whole, piece by piece as the VAE, or the items of a
     ModuleList, which has no forward), each layer's weights are on the device when it runs, one
-    block at a time, and the output is unchanged. Moves are followed through Module.to: the device
-    is "cpu:0" and the home "cpu", the same memory on a machine without a GPU."""
-    device, home = torch.device("cpu", 0), torch.device("cpu")
+    block at a time, and the output is unchanged. Moves are followed by storage (`FakeDevice`: the
+    device is "cpu:0", the home "cpu")."""
     model = tiny_model_factory(variant)
     ran_plain = set()
     handles = [m.register_forward_pre_hook(lambda m, a: ran_plain.add(id(m))) for m in model.modules()
@@ -75,33 +75,24 @@ def test_sequential_offload_has_every_layer_on_the_device_when_it_runs(tiny_mode
         ref = model(X)
     for handle in handles:
         handle.remove()
-    where: dict[int, torch.device] = {}
-    real_to = torch.nn.Module.to
-
-    moved = [True]  # whether `where` changed since the blocks on the device were last counted
-
-    def spy(module, *args, **kwargs):
-        if args and isinstance(args[0], torch.device):
-            where.update((id(t), args[0]) for t in module.parameters())
-            moved[0] = True
-        return real_to(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "to", spy)
-    moving = enable_sequential_offload(model, device, block_bytes=block_bytes, resident_bytes=4 << 10, home=home)
+    fake = FakeDevice(monkeypatch, model.parameters())
+    moving = enable_sequential_offload(model, fake.DEVICE, block_bytes=block_bytes, resident_bytes=4 << 10,
+                                       home=fake.HOME)
     assert len(moving) > 3, moving
     blocks = [model.get_submodule(name) for name in moving]
     owner = {id(t): block for block in blocks for t in block.parameters()}
     ran, wrong = set(), []
+    counted = [-1]  # weight copies made when the blocks on the device were last counted
 
     def check(module, args):
-        if moved[0]:
-            moved[0] = False
-            on_device = [b for b in blocks if all(where.get(id(t)) == device for t in b.parameters())]
+        if counted[0] != sum(fake.copies.values()):
+            counted[0] = sum(fake.copies.values())
+            on_device = [b for b in blocks if all(fake.on_device(t) for t in b.parameters())]
             if len(on_device) > 1:
                 wrong.append(f"{len(on_device)} blocks on the device at once")
         for t in module.parameters(recurse=False):
             ran.add(id(module))
-            if id(t) in owner and where.get(id(t)) != device:
+            if id(t) in owner and not fake.on_device(t):
                 wrong.append(f"{type(module).__name__} ran with its weights at home")
 
     for module in model.modules():
@@ -279,3 +270,77 @@ def test_the_lightest_plan_is_bf16_with_offload_and_the_readme_prints_the_plan(c
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     tables = capsys.readouterr().out.strip().split("\n\n")
     assert len(tables) == 2 and all(table in readme for table in tables)
+
+
+def _block_tensors(model, moving) -> list[torch.Tensor]:
+    return [t for name in moving for t in (*model.get_submodule(name).parameters(),
+                                           *model.get_submodule(name).buffers())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, FP8])
+def test_a_block_going_home_keeps_its_host_tensors_and_copies_nothing_back(tiny_dir, tiny_model_factory, monkeypatch,
+                                                                           dtype):
+    """Review: a block going home was moved with Module.to, which copied every weight back from the device
+    into new host tensors on every swap: twice the transfers of a visit, the host memory allocated anew
+    (and no longer pinned). Inference never changes a weight: the host tensors are kept and only the
+    device copies dropped, one copy per visit. fp8 weights (stored under parametrizations) too."""
+    from tadisr_core.lowvram import send_offloaded_block_home
+
+    if dtype == FP8:
+        model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=FP8)
+    else:
+        model = tiny_model_factory("paper")
+    with torch.no_grad():
+        ref = model(X)
+    fake = FakeDevice(monkeypatch, model.parameters())
+    moving = enable_sequential_offload(model, fake.DEVICE, block_bytes=64 << 10, resident_bytes=4 << 10,
+                                       home=fake.HOME)
+    tensors = _block_tensors(model, moving)
+    host = [t.data_ptr() for t in tensors]
+    for _ in range(2):
+        with torch.no_grad():
+            out = model(X)
+        assert torch.equal(out.image, ref.image) and torch.equal(out.mask_logits, ref.mask_logits)
+    assert send_offloaded_block_home(model) and not send_offloaded_block_home(model)
+    assert [t.data_ptr() for t in tensors] == host and not any(fake.on_device(t) for t in tensors)
+    assert fake.copies["home"] == 0 and fake.copies["to device"] > 2 * len(tensors)  # each block twice at least
+    if dtype == FP8:
+        assert any(n.endswith("original") and t.dtype == FP8 for n, t in model.named_parameters())
+
+
+def test_weights_changed_under_offload_are_kept(tiny_model_factory, monkeypatch):
+    """Changing the weights of an offloaded model: a LoRA merge sends the block used last home first (its
+    device copy, which would take the merge, is dropped on the way home), and a block that trains (run
+    with autograd on) moves whole, so what an optimizer step changed on the device is copied back."""
+    from tadisr_core.lowvram import send_offloaded_block_home
+
+    def with_lora():  # a fresh LoRA adds nothing (B = 0)
+        model, g = tiny_model_factory("paper"), torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.data.normal_(0, 0.1, generator=g)
+        return model
+
+    merged = with_lora()
+    with torch.no_grad():
+        unmerged = merged(X)
+        assert merged.merge_lora() > 0
+        ref = merged(X)
+    assert not torch.equal(ref.image, unmerged.image)
+    model = with_lora()
+    fake = FakeDevice(monkeypatch, model.parameters())
+    enable_sequential_offload(model, fake.DEVICE, block_bytes=64 << 10, resident_bytes=4 << 10, home=fake.HOME)
+    with torch.no_grad():
+        model(X)
+        assert model.merge_lora() > 0
+        assert torch.equal(model(X).image, ref.image)
+    assert fake.copies["home"] == 0
+    model(X)  # autograd on, trainable weights: a training step
+    block = model._tadisr_offload.active
+    weight = next(block.parameters())
+    assert fake.on_device(weight)
+    with torch.no_grad():
+        weight.add_(1)
+        want = weight.clone()
+    assert send_offloaded_block_home(model)
+    assert not fake.on_device(weight) and torch.equal(weight, want) and fake.copies["home"] > 0

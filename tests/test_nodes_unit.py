@@ -952,6 +952,67 @@ def test_offload_follows_each_run_sequential_none_sequential(fake_comfy, monkeyp
         model.to(home)  # ComfyUI unloads it between runs
 
 
+def test_a_partial_load_by_comfyui_runs_the_model_with_sequential_offload(fake_comfy, monkeypatch,
+                                                                            tiny_model_factory):
+    """Review: when ComfyUI could load only part of the weights (its low-VRAM partial load), the model was
+    moved to the GPU whole anyway: out of memory on exactly the GPUs that needed the partial load. A
+    partial load (the patcher counts fewer loaded bytes than the model's, or says model_lowvram on an
+    older ComfyUI) runs the model block by block, as on a low-VRAM host; a full load as before."""
+    from tadisr_core import devices
+
+    placed = []
+    monkeypatch.setattr(devices, "place_model", lambda *a, **k: placed.append((a, k)))
+    model = tiny_model_factory()
+    gpu = torch.device("cuda", 0)  # never touched: loading and placing are faked
+    patcher = host.make_patcher(model, gpu)
+    patcher.model_size = lambda: patcher.size
+    sequential, whole = ((model, gpu, None), {"offload": "sequential"}), ((model, gpu), {})
+    for loaded, want in ((patcher.size // 3, sequential), (patcher.size, whole)):
+        patcher.loaded_size = lambda loaded=loaded: loaded
+        placed.clear()
+        with host.model_on_device(model, gpu, patcher, 1 << 20) as m:
+            assert m is model
+        assert placed == [want]
+    del patcher.loaded_size, patcher.model_size  # an older ComfyUI's patcher
+    patcher.model.model_lowvram = True
+    placed.clear()
+    with host.model_on_device(model, gpu, patcher, 1 << 20):
+        pass
+    assert placed == [sequential] and len(fake_comfy["loaded"]) == 3
+    placed.clear()
+    with host.model_on_device(model, torch.device("cpu"), patcher, 1 << 20):  # nothing to offload to
+        pass
+    assert placed == [((model, torch.device("cpu")), {})]
+
+
+def test_a_sequential_run_leaves_the_host_weights_where_they_were(fake_comfy, monkeypatch, tiny_model_factory):
+    """Review: after a sequential run, `.to(offload device)` copied the block used last back from the GPU
+    into new host tensors, though its host tensors were still there unchanged: the device copy is dropped
+    instead. `FakeDevice`: "cpu:0" stands for the GPU."""
+    from tadisr_core import devices, lowvram
+    from tests.fake_device import FakeDevice
+
+    model = tiny_model_factory()
+    fake = FakeDevice(monkeypatch, model.parameters())
+    moving = []
+
+    def place(m, device, dtype=None, offload="none"):  # small blocks split the tiny model
+        moving[:] = lowvram.enable_sequential_offload(m, device, block_bytes=64 << 10, resident_bytes=4 << 10,
+                                                      home=fake.HOME)
+        return m
+
+    monkeypatch.setattr(devices, "place_model", place)
+    monkeypatch.setattr(host, "offload_mode", lambda *a, **k: "sequential")
+    with host.model_on_device(model, fake.DEVICE, host.make_patcher(model, fake.DEVICE), 1 << 20) as m:
+        tensors = [t for name in moving for t in m.get_submodule(name).parameters()]
+        host_ptrs = [t.data_ptr() for t in tensors]
+        with torch.no_grad():
+            m(torch.rand(1, 3, 32, 32))
+        assert any(fake.on_device(t) for t in tensors)  # the block used last
+    assert [t.data_ptr() for t in tensors] == host_ptrs
+    assert not any(fake.on_device(t) for t in model.parameters())
+
+
 def test_extra_model_paths_add_to_models_tadisr(fake_comfy, tmp_path):
     """Defect: a `tadisr:` entry in extra_model_paths.yaml replaced the default models/tadisr."""
     fake_comfy["fp"].folder_names_and_paths["tadisr"] = (["/data/tadisr"], set())

@@ -488,3 +488,62 @@ def test_threads_sharing_a_model_get_the_results_of_sequential_runs():
         for r in got[i]:
             assert torch.equal(r.image, want[i].image) and torch.equal(r.mask, want[i].mask)
             assert torch.equal(r.attention, want[i].attention)
+
+
+def _fails_once(model, monkeypatch, when) -> dict:
+    """model.encode runs (drawing its noise), then says out of memory the first time `when(batch)` holds."""
+    real, state = model.encode, {"failed": 0}
+
+    def encode(x, generator=None, sample=False):
+        enc = real(x, generator=generator, sample=sample)
+        if when(x) and not state["failed"]:
+            state["failed"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return enc
+
+    monkeypatch.setattr(model, "encode", encode)
+    return state
+
+
+def test_a_seeded_sample_after_an_out_of_memory_retry_equals_a_direct_run(model, monkeypatch):
+    """Review: the retries went on drawing from the generator the failed attempt had drawn from, so a
+    seeded sampled result after an out-of-memory retry (a smaller tile, a halved tile batch) differed
+    from a direct run with the settings that worked. Each tile's noise now follows from the seed and
+    the tiling alone. The canvas is 48 x 96: one 96 px tile fails, 64 px tiles (overlap 16) work."""
+    from tadisr_core.pipeline import tile_grid
+
+    x = torch.rand(1, 3, 12, 24, generator=torch.Generator().manual_seed(2))
+    seeded = dict(sample=True, seed=5)
+    direct = upscale(model, x, 4, tile=64, overlap=16, tile_batch=1, **seeded).image
+    staged = encode_tiles(model, x, 4, tile=64, overlap=16, tile_batch=1, **seeded).tiles
+
+    with monkeypatch.context() as m:
+        state = _fails_once(model, m, lambda x: x.shape[-1] > 64)
+        retried = upscale(model, x, 4, tile=128, overlap=32, tile_batch=1, **seeded)
+        assert state["failed"] == 1 and retried.grid == tile_grid(48, 96, 64, 16)
+        assert torch.equal(retried.image, direct)
+    with monkeypatch.context() as m:
+        state = _fails_once(model, m, lambda x: x.shape[-1] > 64)
+        tiles = encode_tiles(model, x, 4, tile=128, overlap=32, tile_batch=1, **seeded).tiles
+        assert state["failed"] == 1
+        assert all(torch.equal(a.latents, b.latents) for a, b in zip(tiles, staged, strict=True))
+    with monkeypatch.context() as m:
+        state = _fails_once(model, m, lambda x: len(x) == 2)  # both tiles at once: halved to one
+        assert torch.equal(upscale(model, x, 4, tile=64, overlap=16, tile_batch=2, **seeded).image, direct)
+        assert state["failed"] == 1
+
+
+def test_a_seeded_sample_does_not_depend_on_the_tile_batch(tiny_model_factory):
+    """Review: the noise of a batch was one draw for all its tiles, which (for latents of a size not a
+    multiple of 16 on the CPU, and on CUDA) is not the draws of its tiles one by one: `tile_batch` changed
+    a seeded sampled result. fp64, so only the noise can make a difference (the model is not bit-batch-
+    invariant in fp32); 72 px tiles give 9 x 9 latents."""
+    m64 = tiny_model_factory("release").double()
+    m64.set_prompt(m64.prompt)
+    x = torch.rand(1, 3, 23, 37, generator=torch.Generator().manual_seed(2))
+    one, three = (encode_tiles(m64, x, 4, tile=72, overlap=16, tile_batch=n, sample=True, seed=5).tiles
+                  for n in (1, 3))
+    assert len(one) > 3 and one[0].latents.shape[-2:] == (9, 9)
+    assert max(float((a.latents - b.latents).abs().max()) for a, b in zip(one, three, strict=True)) < 1e-12
+    mean = encode_tiles(m64, x, 4, tile=72, overlap=16, tile_batch=1).tiles
+    assert min(float((a.latents - b.latents).abs().max()) for a, b in zip(one, mean, strict=True)) > 1e-3
