@@ -332,18 +332,20 @@ def die_with_parent() -> None:
 def check_port_free(port: int, host: str = "127.0.0.1") -> None:
     """HostError when ComfyUI could not listen on host:port: something listens there already, or `host` is
     no address of this machine."""
-    not_here = f"--host {host}: not an address of this machine ({{}}); pass one it has, such as 127.0.0.1"
+    def not_here(why: str) -> str:
+        return f"--host {host}: not an address of this machine ({why}); pass one it has, such as 127.0.0.1"
+
     try:
         family, *_, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                                  flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise HostError(not_here.format(exc.strerror)) from None
+        raise HostError(not_here(exc.strerror)) from None
     try:
         with socket.create_server(address, family=family):  # SO_REUSEADDR: a port in TIME_WAIT counts as free
             pass
     except OSError as exc:
         if exc.errno == errno.EADDRNOTAVAIL:
-            raise HostError(not_here.format(os.strerror(exc.errno))) from None
+            raise HostError(not_here(os.strerror(exc.errno))) from None
         raise HostError(f"port {port} is in use: stop what listens there or pass --port") from None
 
 

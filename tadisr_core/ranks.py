@@ -147,6 +147,8 @@ def _join_store(rank: int, world: int):
 
     def join() -> None:
         try:
+            if rank > 0:
+                _wait_for_rank0(JOIN_TIMEOUT.total_seconds())
             result.append((True, next(rendezvous("env://", rank, world, timeout=JOIN_TIMEOUT))[0]))
         except BaseException as exc:  # handed to the main thread
             result.append((False, exc))
@@ -162,13 +164,37 @@ def _join_store(rank: int, world: int):
     ok, value = result[0]
     if ok:
         return value
-    if isinstance(value, DistError) and "timed out" in str(value).lower():
+    if isinstance(value, _NoRank0) or (isinstance(value, DistError) and "timed out" in str(value).lower()):
         raise LauncherError(
             f"no other process joined rank {rank} of {world} at {where} within "
             f"{JOIN_TIMEOUT.total_seconds():g} s: MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE are set "
             "but no launcher started the other processes; unset them, or start through torchrun / "
             "accelerate launch") from None
     raise value
+
+
+class _NoRank0(Exception):
+    """Nothing listened at MASTER_ADDR:MASTER_PORT within JOIN_TIMEOUT."""
+
+
+def _wait_for_rank0(seconds: float) -> None:
+    """On a rank above 0: wait until rank 0's store accepts connections at MASTER_ADDR:MASTER_PORT (_NoRank0
+    after `seconds`). Torch's store client would log pages of C++ stack frames on every failed try."""
+    import socket
+    import time
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not (port or "").isdigit():
+        return  # the rendezvous names what is missing
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection((addr, int(port)), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise _NoRank0() from None
+            time.sleep(0.2)
 
 
 def _first_line(exc: BaseException) -> str:

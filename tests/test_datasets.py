@@ -337,6 +337,22 @@ def test_realce_lr_resized_from_an_odd_hr_size_stays_aligned(tmp_path):
     assert torch.equal(crop["hr"], hr_full[:, 4 * y:4 * y + 48, 4 * x:4 * x + 48])
 
 
+@pytest.mark.parametrize("lr_size", [(17, 16), (18, 17)])  # floor and ceil of 70 x 67 / 4
+def test_realce_takes_a_quarter_lr_rounded_either_way_as_triplets_do(tmp_path, lr_size):
+    """Defect: Real-CE refused an LR of ceil(HR / 4) that triplets accept (the size rule was written twice);
+    both now trim the pair to the pixels both cover."""
+    hr = skimage.data.astronaut()[100:167, 150:220]  # 70 x 67
+    lr = np.asarray(Image.fromarray(hr).resize(lr_size, Image.BICUBIC))
+    root = tmp_path / "rc"
+    for sub, img in (("13mm_aligned_1024", lr), ("52mm_aligned_1024", hr)):
+        (root / sub).mkdir(parents=True)
+        Image.fromarray(img).save(root / sub / "a.png")
+    (root / "list.txt").write_text("a.png\n")
+    item = DS.RealCEDataset(root, "list.txt", mask_dir=None)[0]
+    assert torch.equal(item["lr"], DS.image_tensor(lr[:16, :16]))
+    assert torch.equal(item["hr"], DS.image_tensor(hr[:64, :64]))
+
+
 def test_triplets_without_lr_say_once_that_they_degrade_on_the_fly(triplets, tmp_path, caplog):
     """Defect: a triplet set without an LR folder degraded every HR on the fly without a word; now one INFO
     line (logger "tadisr") names the folder and the preset, and build_datasets tells the training log once."""

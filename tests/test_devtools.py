@@ -72,7 +72,7 @@ def test_start_and_serve_refuse_a_port_in_use(host, listener, capsys, cmd):
 
 
 @pytest.mark.parametrize("address, reason", [("192.0.2.1", "Cannot assign requested address"),
-                                             ("999.1.1.1", "")])
+                                             ("999.1.1.1", ""), ("{0}", "")])
 def test_start_refuses_a_host_address_this_machine_lacks_in_one_line(host, capsys, address, reason):
     """Defect: an unknown name was a socket traceback, and an address of another machine was called a
     port in use."""

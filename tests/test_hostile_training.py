@@ -267,6 +267,18 @@ def test_class_index_masks_are_read_by_their_index(tmp_path):
     assert (load_mask(tmp_path / "P_voc.png", (20, 24)) == text.repeat(2, 0).repeat(2, 1)).all()
 
 
+
+def test_an_antialiased_mask_saved_as_a_gray_palette_is_read_by_its_levels(tmp_path):
+    """Defect: reading palette masks by index made the faint edges of an antialiased mask saved as a gray
+    palette image (Pillow's convert("P"), PNG optimisers) text; such a file reads as its levels do."""
+    from training.data.synthesis import load_mask
+
+    levels = np.array([[0, 30, 255, 100, 200, 0]], np.uint8)
+    Image.fromarray(levels, "L").convert("P").save(tmp_path / "gray_palette.png")
+    Image.fromarray(levels, "L").save(tmp_path / "gray.png")
+    assert load_mask(tmp_path / "gray_palette.png").tolist() == [[False, False, True, False, True, False]]
+    assert load_mask(tmp_path / "gray.png").tolist() == load_mask(tmp_path / "gray_palette.png").tolist()
+
 def test_data_problems_are_one_line_setup_errors_found_before_the_model(tmp_path, capsys, monkeypatch):
     """A background folder with no image, a dataset smaller than one batch, a damaged init
     checkpoint: `error: ...` naming what to fix, exit 2, no traceback; the data folders are read

@@ -978,3 +978,18 @@ def test_realce_reads_the_folders_the_config_names(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.lr_dir = null \(LR degraded on the fly\) is for data\.kind = "
                                           r"triplets; data\.kind = realce reads its LR folder"):
         load_config(TINY, [*realce, "data.lr_dir=null"])
+
+
+def test_realce_with_folders_named_hr_lr_mask_reads_them(tmp_path):
+    """Defect: a Real-CE copy laid out as hr/, lr/, mask/, named so in the config, read Real-CE's default
+    folders instead (the names equal the defaults), and the error named the wrong folder."""
+    from training.builders import build_datasets
+
+    root = _realce_without_masks(tmp_path / "realce")
+    (root / "52mm_aligned_1024").rename(root / "hr")
+    (root / "13mm_aligned_1024").rename(root / "lr")
+    realce = ["data.kind=realce", f"data.root={json.dumps(str(root))}", "data.list_file=list.txt", "data.crop=64",
+              "data.mask_dir=null"]
+    for given in ([], ["data.hr_dir=hr", "data.lr_dir=lr"]):
+        train, _ = build_datasets(load_config(TINY, [*realce, *given]), tmp_path / "run", log=None)
+        assert train.items[0][1] == {"lr": root / "lr" / "img_0.png", "hr": root / "hr" / "img_0.png"}

@@ -408,11 +408,12 @@ def build_datasets(cfg: Config, work_dir: str | Path,
 
 
 def realce_dirs(d: DataConfig) -> dict[str, str | None]:
-    """The Real-CE folders `data` names (hr_dir, lr_dir, mask_dir), as RealCEDataset arguments: a key left
-    at its default, the triplets' folder name (hr, lr, mask), is left out, so Real-CE's own folder is read."""
+    """The Real-CE folders `data` names (hr_dir, lr_dir, mask_dir), as RealCEDataset arguments. A key at
+    its default, the triplets' folder name (hr, lr, mask), names that folder when `data.root` has it, and
+    is otherwise left out, so that Real-CE's own folder is read."""
     default = DataConfig()
     return {key: getattr(d, key) for key in ("hr_dir", "lr_dir", "mask_dir")
-            if getattr(d, key) != getattr(default, key)}
+            if getattr(d, key) != getattr(default, key) or (Path(d.root) / getattr(d, key)).is_dir()}
 
 
 class SeededItems(Dataset):

@@ -70,7 +70,8 @@ class DataConfig:
     mask_dir: str | None = "mask"           # size (an upscaled LR such as sr_bicubic: the model's input);
                                             # lr_dir null (or the default lr/ absent): LR degraded on the fly.
                                             # realce: these defaults read Real-CE's 52mm_aligned_1024,
-                                            # 13mm_aligned_1024, mask-52mm-bts-1024-v2; mask_dir null reads a
+                                            # 13mm_aligned_1024, mask-52mm-bts-1024-v2 (or hr/, lr/, mask/
+                                            # where root has such a folder); mask_dir null reads a
                                             # set without its text masks, trained by the loss terms that read
                                             # no mask: mse, lpips
     list_file: str | None = None            # realce: training list

@@ -131,6 +131,11 @@ def _mask_for_hr(mask_file: Path, hr_file: Path, w: int, h: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
 
 
+def _is_fraction_of(lr: np.ndarray, hr: np.ndarray, scale: int) -> bool:
+    """Whether an LR is ``1/scale`` of its HR, rounded down or up on each side (`_match_lr_to_hr` pairs them)."""
+    return all(abs(n * scale - m) < scale for n, m in zip(lr.shape[:2], hr.shape[:2]))
+
+
 def _match_lr_to_hr(lr: np.ndarray, hr: np.ndarray, mask: np.ndarray, scale: int):
     """An LR of floor or ceil(HR / scale) per side and its HR, trimmed at the bottom and right to the
     pixels both cover: the HR (and mask) to ``scale`` x the LR, or the LR by its one extra pixel."""
@@ -224,7 +229,7 @@ class TripletFolderDataset(Dataset):
             lr = load_rgb(lr_file)
             upscaled = lr.shape[:2] == hr.shape[:2]  # the model's input itself (`model_input`)
             if not upscaled:
-                if any(abs(n * self.scale - m) >= self.scale for n, m in zip(lr.shape[:2], hr.shape[:2])):
+                if not _is_fraction_of(lr, hr, self.scale):
                     raise ValueError(f"LR {lr_file} is {lr.shape[1]}x{lr.shape[0]}; expected 1/{self.scale} "
                                      f"of HR {hr_file} ({hr.shape[1]}x{hr.shape[0]}), or the HR size (an LR "
                                      "already upscaled to it)")
@@ -297,11 +302,13 @@ class RealCEDataset(Dataset):
         h, w = hr.shape[:2]
         mask = _mask_for_hr(files["mask"], files["hr"], w, h) if "mask" in files else np.zeros((h, w), bool)
         lr = load_rgb(files["lr"])
-        if lr.shape[:2] != (h // self.scale, w // self.scale):
-            if abs(lr.shape[0] - h) > self.scale or abs(lr.shape[1] - w) > self.scale:
-                raise ValueError(f"LR {files['lr']} ({lr.shape[1]}x{lr.shape[0]}) matches neither the HR "
-                                 f"{files['hr']} size ({w}x{h}) nor 1/{self.scale} of it")
+        if _is_fraction_of(lr, hr, self.scale):
+            lr, hr, mask = _match_lr_to_hr(lr, hr, mask, self.scale)
+        elif abs(lr.shape[0] - h) <= self.scale and abs(lr.shape[1] - w) <= self.scale:
             lr, hr, mask = _downscale_registered_lr(lr, hr, mask, self.scale)
+        else:
+            raise ValueError(f"LR {files['lr']} ({lr.shape[1]}x{lr.shape[0]}) matches neither the HR "
+                             f"{files['hr']} size ({w}x{h}) nor 1/{self.scale} of it")
         if self.crop is not None:
             lr, hr, mask = aligned_crop(lr, hr, mask, self.crop, self.scale, _item_rng(self.seed, index),
                                         str(files["hr"]))

@@ -146,9 +146,10 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
 
 def _class_index_mask(path: str | os.PathLike) -> np.ndarray | None:
     """A mask file that stores class indices rather than colours, as uint8 0/1 (EXIF orientation applied):
-    a palette file without transparency whose index 0 is black or unset (VOC-style: any other index is
-    text, whatever its colour), or a 16/32-bit gray file holding only 0 and 1. None for other files,
-    which are binarised by their colours."""
+    a palette file without transparency whose index 0 is black or unset and whose other indices are
+    colours or only 1 (VOC-style: any index but 0 is text, whatever its colour), or a 16/32-bit gray file
+    holding only 0 and 1. None for other files, binarised by their colours: a palette of gray levels is
+    an antialiased mask saved as a palette image, whose faint edges are no text."""
     from PIL import ImageOps
 
     with open(path, "rb") as f, Image.open(f) as im:
@@ -157,7 +158,11 @@ def _class_index_mask(path: str | os.PathLike) -> np.ndarray | None:
         if not indexed and im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             return None
         a = np.asarray(ImageOps.exif_transpose(im))
-    if not indexed and a.max() > 1:
+    if indexed:
+        used = np.unique(a)
+        entries = np.array(palette + [0] * (3 * 256 - len(palette))).reshape(-1, 3)[used]
+        indexed = used.max() <= 1 or not (entries == entries[:, :1]).all()
+    if not indexed and (im.mode == "P" or a.max() > 1):
         return None
     return (a != 0).astype(np.uint8)
 
