@@ -300,7 +300,10 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
         raise ImageReadError(f"input not found: {path}") from None
     except PermissionError:
         raise ImageReadError(f"cannot read {path}: permission denied") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # Pillow's words name the file object, not the file
+        raise ImageReadError(f"cannot read {path} as an image: not an image format Pillow knows (damaged, or "
+                             f"another kind of file)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"cannot read {path} as an image: {exc}") from exc
     if frames > 1:
         log.warning("%s has %d frames (animated or multi-page); only the first is used", path, frames)
@@ -344,7 +347,7 @@ def check_image_tensor(image: torch.Tensor, what: str | Path = "image") -> None:
     if not image.is_floating_point():
         raise ValueError(f"{what}: expected a float image in 0..1, got {str(image.dtype).removeprefix('torch.')} "
                          f"(divide a 0..255 image by 255)")
-    check_finite(image, str(what), "the image to write holds NaN or Inf: fix what made it")
+    check_finite(image, str(what), "fix what made the NaN or Inf")
 
 
 def to_uint8(image: torch.Tensor, what: str | Path = "image") -> np.ndarray:
