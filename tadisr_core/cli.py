@@ -279,16 +279,20 @@ def _quiet_libraries(messages: bool = True, progress: bool = False) -> None:
 
 
 class _Interrupt:
-    """First Ctrl-C asks to stop after the current tile batch; a second one, or SIGTERM, aborts at once."""
+    """First Ctrl-C asks to stop after the current tile batch; a second one, or SIGTERM, aborts at once.
 
-    def __init__(self) -> None:
+    With `term_stops` (under a launcher) SIGTERM is a first Ctrl-C too: torchrun sends it to every process
+    when one of them dies, and each then has its grace period to hand its records to rank 0's report."""
+
+    def __init__(self, term_stops: bool = False) -> None:
         self.requested = False
         self._previous = None
+        self._term_stops = term_stops
 
     def __enter__(self) -> "_Interrupt":
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._previous_term = signal.signal(signal.SIGTERM, self._terminate)
+            self._previous_term = signal.signal(signal.SIGTERM, self._handle if self._term_stops else self._terminate)
         except ValueError:  # not the main thread
             self._previous = self._previous_term = None
         return self
@@ -301,12 +305,14 @@ class _Interrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after the current tiles (Ctrl-C again to abort)", file=sys.stderr)
+        why = "the launcher stops this process (SIGTERM: another one stopped?)" if signum == signal.SIGTERM else ""
+        print(f"\nstopping after the current tiles{': ' + why if why else ' (Ctrl-C again to abort)'}",
+              file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-            if signal.getsignal(signal.SIGTERM) is self._terminate:  # SIG_IGN set meanwhile stays
+            if signal.getsignal(signal.SIGTERM) in (self._terminate, self._handle):  # SIG_IGN set meanwhile stays
                 signal.signal(signal.SIGTERM, self._previous_term)
 
     def __call__(self) -> bool:
@@ -466,7 +472,7 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
                       args.skip_existing, args.color_fix, args.quality)
     records, cancelled = [], False
     files_bar = tqdm(total=len(jobs), unit="file", disable=quiet or len(jobs) < 2, position=0)
-    with _Interrupt() as interrupt:
+    with _Interrupt(term_stops=world > 1) as interrupt:
         stop = cancel or interrupt
         for job in jobs:
             bar = tqdm(unit="tile", desc=job.input.name, leave=False, disable=quiet, position=1 if len(jobs) > 1 else 0)
@@ -504,10 +510,11 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
     lost = [r for r, s in enumerate(shares) if s is None]
     shares = [s for s in shares if s is not None]
     _report_upscale(args, model, shares, len(planned), quiet, lost, world)
-    failed = lost or any(not r.ok for s in shares for r in s["records"])
+    if lost:  # the others were cancelled because of it, by the launcher: a failed run, not the user's stop
+        return EXIT_FAILED
     if any(s["cancelled"] for s in shares):
         return EXIT_CANCELLED
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if any(not r.ok for s in shares for r in s["records"]) else EXIT_OK
 
 
 def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned: int, quiet: bool,

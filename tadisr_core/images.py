@@ -340,8 +340,8 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
 
 def check_image_tensor(image: torch.Tensor, what: str | Path = "image") -> None:
     """ValueError naming `what` (the file being written) unless `image` is a float [C, H, W] or
-    [B, C, H, W] tensor of finite values: a 0..255 integer tensor would be written x255 and NaN as black."""
-    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+    [1, C, H, W] tensor of finite values: a 0..255 integer tensor would be written x255 and NaN as black."""
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4) or (image.ndim == 4 and len(image) != 1):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{what}: expected an image tensor [C, H, W] or [1, C, H, W], got {shape}")
     if not image.is_floating_point():
@@ -355,8 +355,6 @@ def to_uint8(image: torch.Tensor, what: str | Path = "image") -> np.ndarray:
     ValueError naming `what` for anything else (see `check_image_tensor`)."""
     check_image_tensor(image, what)
     if image.ndim == 4:
-        if image.shape[0] != 1:
-            raise ValueError(f"expected one image, got a batch of {image.shape[0]}")
         image = image[0]
     c, h, w = image.shape
     out = np.empty((h, w, c), dtype=np.uint8)
@@ -386,8 +384,6 @@ def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str
     from PIL.PngImagePlugin import PngInfo
 
     a = to_uint8(image)
-    if a.shape[2] not in (1, 3, 4):
-        raise ValueError(f"cannot save {a.shape[2]} channels as an image (need 1, 3 or 4)")
     if image_format == "WEBP" and a.shape[2] == 1:  # WebP has no gray: written as RGB, with an RGB profile only
         a = np.repeat(a, 3, axis=2)
     extra = {"icc_profile": icc} if _icc_fits(icc, a.shape[2]) else {}
@@ -424,6 +420,8 @@ def check_writable(path: str | Path, channels: int, size: tuple[int, int] | None
     than JPEG (65500 px) or WebP (16383 px) can hold."""
     path = Path(path)
     image_format = _format_of(path)
+    if channels not in (1, 3, 4):
+        raise ValueError(f"{path}: cannot save {channels} channels as an image (need 1, 3 or 4)")
     if image_format == "JPEG" and channels == 4:
         raise ValueError(f"{path}: the image has an alpha channel, which JPEG cannot keep; write it as PNG or "
                          f"WebP (--format png / webp)")
@@ -438,9 +436,9 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str 
     WebP at `quality`): items are (image, path) or (image, path, icc_profile). `source` names the input
     they came from in each file (see `recorded_source`).
 
-    Images are float [C, H, W] / [1, C, H, W] in 0..1, C = 1, 3 or 4 (anything else, or NaN / Inf, is a
-    ValueError naming the file, and none is written). All are written to hidden temporary
-    files first and renamed only when every one succeeded, so the final names appear together or
+    Images are float [C, H, W] / [1, C, H, W] in 0..1 (values outside are clamped), C = 1, 3 or 4
+    (anything else, or NaN / Inf, is a ValueError naming the file, and none is written). All are written
+    to hidden temporary files first and renamed only when every one succeeded, so the final names appear together or
     not at all; the temporaries are removed on any error (also Ctrl-C / SIGTERM handled as one).
     """
     staged: list[tuple[Path, Path]] = []

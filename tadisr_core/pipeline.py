@@ -273,8 +273,8 @@ def _blend(model, grid: TileGrid, batch: int, channels: int, work, tile_batch, *
 
 
 T = TypeVar("T")
-LOW_MEMORY_HINT = ("use a lower-memory setting: fp8_e4m3fn weights, sequential offload (--offload sequential, "
-                   "or ComfyUI's --lowvram), no text mask, or a smaller tile")
+LOW_MEMORY_WEIGHTS = "fp8_e4m3fn weights or sequential offload (--offload sequential, or ComfyUI's --lowvram)"
+LOW_MEMORY_HINT = f"use a lower-memory setting: {LOW_MEMORY_WEIGHTS}, no text mask, or a smaller tile"
 
 
 def _hinted_oom(exc: BaseException, message: str) -> BaseException:
@@ -295,8 +295,8 @@ def _staged_run(stage: str, grid: TileGrid, run: Callable[[], T]) -> T:
             raise
         used = max(grid.tile_h, grid.tile_w)
         raise _hinted_oom(exc, f"out of memory in {stage} with one {used} px tile per model call ({exc}); the "
-                               f"tile is set at encode: encode again with a smaller tile, or {LOW_MEMORY_HINT}") \
-            from exc
+                               f"tile is set at encode: encode again with a smaller tile, or use "
+                               f"{LOW_MEMORY_WEIGHTS}") from exc
 
 
 def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: int, size: tuple[int, int]):
@@ -337,7 +337,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     Tiles of `tile` px overlapping by `overlap` go through the model `tile_batch` at a time ("auto":
     from free memory); out-of-memory halves the batch, then the tile. `progress(done, total)` is
     called per tile, `cancel()` is checked between batches (True raises `UpscaleCancelled`).
-    `attention=True` also returns the TACA heat map (all layers, head mean); `keep_attention=True`
+    `attention=True` also returns the TACA heat map (all layers, head mean of maps clamped to 1); `keep_attention=True`
     returns every tile's maps in `attention_tiles` (see `heatmap.heatmap`). `mask=False` gives the
     image alone, faster (no text mask). `sample` draws the latent like the release (seeded by
     `generator` or `seed`, which are refused without `sample`) instead of using its mean; each tile's

@@ -164,8 +164,8 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
         _require_chatglm_config(root / "config.json")
         return root, root
     if not root.is_dir():
-        raise KolorsFolderError(f"Kolors folder not found: {root} (or a ChatGLM3 folder, text_encoder folder or "
-                                f"ChatGLM3 .safetensors file)")
+        raise KolorsFolderError(f"ChatGLM3 not found: {root} (give a Kolors folder, its text_encoder folder, a "
+                                f"ChatGLM3 folder or a ChatGLM3 .safetensors file)")
     encoder = root / "text_encoder"
     tokenizer = encoder if (encoder / "tokenizer.model").is_file() else root / "tokenizer"
     for folder, marker in ((encoder, "config.json"), (tokenizer, "tokenizer.model")):

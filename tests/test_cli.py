@@ -184,7 +184,8 @@ def test_prompt_cache_command_writes_a_loadable_cache(tiny_dir, tmp_path, capsys
     assert torch.equal(cache.prompt_embeds, PromptCache.load(tiny_dir["prompt_cache"]).prompt_embeds)
     assert cli.main(argv) == 2 and "pass --force" in capsys.readouterr().err
     assert cli.main(["prompt-cache", "--kolors", str(tmp_path / "none"), "-o", str(tmp_path / "x.safetensors")]) == 2
-    assert "Kolors folder not found" in capsys.readouterr().err
+    assert (f"error: ChatGLM3 not found: {tmp_path / 'none'} (give a Kolors folder, its text_encoder folder, a "
+            "ChatGLM3 folder or a ChatGLM3 .safetensors file)") in capsys.readouterr().err  # was "Kolors folder"
     single = tmp_path / "LLM" / "chatglm3-fp16.safetensors"  # the Kolors node packs' single file
     shutil.copytree(tiny_dir["kolors"] / "tokenizer", single.parent)
     shutil.copy(tiny_dir["kolors"] / "text_encoder" / "model.safetensors", single)

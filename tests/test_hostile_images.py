@@ -318,6 +318,7 @@ def test_a_transparency_key_survives_a_gray_colour_profile(tmp_path):
      "192 non-finite value(s) (NaN/Inf); fix what made the NaN or Inf"),
     (torch.rand(8, 8), "expected an image tensor [C, H, W] or [1, C, H, W], got (8, 8)"),
     (torch.rand(1, 1, 3, 8, 8), "expected an image tensor [C, H, W] or [1, C, H, W], got (1, 1, 3, 8, 8)"),
+    (torch.rand(2, 3, 8, 8), "expected an image tensor [C, H, W] or [1, C, H, W], got (2, 3, 8, 8)"),
 ])
 def test_an_image_save_image_cannot_write_faithfully_is_refused_naming_the_file(tmp_path, image, says):
     """A 0..255 integer tensor was written x255 (nearly all white), NaN as solid black and a 2-D tensor
@@ -336,3 +337,6 @@ def test_an_image_save_image_cannot_write_faithfully_is_refused_naming_the_file(
         to_uint8(image)
     ok = torch.linspace(0, 1, 64).reshape(1, 8, 8).expand(3, -1, -1)
     assert np.array_equal(np.asarray(Image.open(save_image(ok, path))), to_uint8(ok))
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: cannot save 2 channels as an image (need 1, 3 "
+                                                         "or 4)") + "$"):
+        save_image(torch.rand(2, 8, 8), path)

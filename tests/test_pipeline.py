@@ -197,8 +197,9 @@ def test_staged_out_of_memory_says_to_encode_with_a_smaller_tile(model):
         setattr(model, method, no_memory)
         try:
             with pytest.raises(torch.OutOfMemoryError, match=f"out of memory in {stage} with one 96 px tile per "
-                               "model call .*; the tile is set at encode: encode again with a smaller tile, or "
-                               "use a lower-memory setting"):
+                               r"model call .*; the tile is set at encode: encode again with a smaller tile, or "
+                               r"use fp8_e4m3fn weights or sequential offload \(--offload sequential, or ComfyUI's "
+                               r"--lowvram\)$"):
                 if stage == "denoise":
                     denoise_tiles(model, tiled, tile_batch=2)
                 else:

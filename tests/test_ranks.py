@@ -323,3 +323,33 @@ def test_a_lost_rank_is_named_and_rank_0_reports_its_own_files(tiny_model_factor
     assert [Path(f["input"]).name for f in report["files"]] == ["a.png"]
     assert err == ("error: rank 1 of 2 stopped without reporting (killed or crashed; see its output): its files "
                    "are not counted here, though some may have been written\n")
+
+
+def test_the_launchers_stop_signal_after_a_lost_rank_still_gives_rank_0_its_report(tmp_path, monkeypatch, capsys):
+    """Rank 1 killed while rank 0 still worked: torchrun sends SIGTERM to the others, and rank 0 aborted at once
+    ('aborted', no report, its remaining files unwritten). Under a launcher SIGTERM now stops after the current
+    tiles: rank 0 reports what it wrote, names the lost rank and exits 1 (outside one, it still aborts)."""
+    from tadisr_core import batch, cli
+    from tadisr_core.batch import Record
+    from tadisr_core.pipeline import UpscaleCancelled
+
+    _images(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png", "e.png"])  # rank 0: a, c, e
+
+    def process_file(model, job, options, cancel, **kw):
+        if job.input.name == "c.png":
+            os.kill(os.getpid(), signal.SIGTERM)  # the launcher's, while rank 0 upscales its second file
+            if cancel():
+                raise UpscaleCancelled("stopped after 1 of 4 tile batches")
+        return Record(str(job.input), ok=True)
+
+    monkeypatch.setattr(batch, "process_file", process_file)
+    args = cli.build_parser().parse_args(["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), *FAST[:-1]])
+    previous = signal.getsignal(signal.SIGTERM)
+    assert cli._upscale_files(args, _LostRank1(0, 2), None, SimpleNamespace(device="cpu")) == cli.EXIT_FAILED
+    assert signal.getsignal(signal.SIGTERM) in (previous, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert "stopping after the current tiles: the launcher stops this process (SIGTERM: another one stopped?)" in err
+    assert f"cancelled during {tmp_path / 'in' / 'c.png'}" in err
+    assert "error: rank 1 of 2 stopped without reporting" in err
+    assert f"1 of 5 files written to {tmp_path / 'out'} by 2 processes" in err

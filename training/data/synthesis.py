@@ -124,7 +124,8 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     """A mask file (read by the one reader: EXIF, 16-bit) binarised to bool ``(H, W)`` (any non-black pixel of a
     0/1 mask, > 127 otherwise). A file with transparency (RGBA or gray + alpha, not all opaque) is seen
     over black; when its visible pixels are all one colour (ink drawn as opacity), the alpha itself is
-    the mask. ``size`` = (W, H) resizes it (nearest) first."""
+    the mask. A file of class indices (`_class_index_mask`: a VOC-style palette, a 16-bit 0/1 file) is read by
+    index: any but 0 is text. ``size`` = (W, H) resizes it (nearest) first."""
     x = load_image(path)  # first: it names the file when it cannot be read
     a = _class_index_mask(path)
     if a is None:
