@@ -64,13 +64,16 @@ def pick(index: int, count: int, when_done: str, folder: str) -> int:
     return index % count
 
 
-def read_image(path: str) -> torch.Tensor:
-    """An image file as IMAGE [1, H, W, 3] float 0..1 (EXIF orientation applied; gray spread to RGB,
-    alpha dropped)."""
+def read_image(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image file as (IMAGE [1, H, W, 3], MASK [1, H, W]) float 0..1, as ComfyUI's Load Image gives
+    them: the image RGB (EXIF orientation applied, gray spread to RGB), the mask 1 - alpha (transparency
+    keys included, `images.read_image`), all zeros when the file has no alpha."""
     from tadisr_core.images import load_image
 
-    image = load_image(path)[:, :3]
-    return image.expand(-1, 3, -1, -1).movedim(1, -1).contiguous()
+    image = load_image(path)
+    mask = 1 - image[:, 3] if image.shape[1] == 4 else image.new_zeros(1, *image.shape[-2:])
+    rgb = image[:, :3].expand(-1, 3, -1, -1).movedim(1, -1).contiguous()
+    return rgb, mask.contiguous()
 
 
 def chosen_file(folder: str, index: int, when_done: str = "wrap around") -> tuple[str, str, list[str]]:
@@ -113,13 +116,15 @@ def fingerprint(folder: str, index: int, when_done: str = "wrap around") -> str 
 
 
 def load(folder: str, index: int = 0, prefix: str = "tadisr/", when_done: str = "wrap around"):
-    """The image served for `index`, output prefixes for it and its mask, and the folder's image count."""
+    """The node's outputs for `index`: the image (RGB), output prefixes for it and its text mask, the
+    folder's image count, and the image's transparency as a MASK (`read_image`; last, so saved
+    workflows keep their links to the others)."""
     from tadisr_core.images import ImageReadError
 
     path, name, names = chosen_file(folder, index, when_done)
     try:
-        image = read_image(os.path.join(path, name))
+        image, mask = read_image(os.path.join(path, name))
     except ImageReadError as exc:
         raise ValueError(f"TADiSR: {exc}. Move it out of the folder (or fix it) and run again.") from None
     stem = prefix + output_stem(name, names)
-    return image, stem, f"{stem}_text_mask", len(names)
+    return image, stem, f"{stem}_text_mask", len(names), mask

@@ -140,12 +140,14 @@ def text_encoder_source(files, problems: list[str] | None = None):
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> ComfyUI's compute device (`devices.resolve_device`); anything else as torch understands it."""
+    from tadisr_core.devices import device_refusal_reason
     from tadisr_core.devices import resolve_device as core_resolve
 
     try:
         return core_resolve(name, auto=host.torch_device())
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"TADiSR: device '{name}' cannot be used ({exc}); choose one of {device_choices()}") from None
+        raise ValueError(f"TADiSR: device '{name}' cannot be used ({device_refusal_reason(exc, name)}); choose one "
+                         f"of {device_choices()}") from None
 
 
 def resolve_dtype(name: str, device: torch.device, fp16_safe: bool = True) -> torch.dtype:

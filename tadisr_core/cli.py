@@ -389,13 +389,12 @@ def _check_chatglm_device(flag: str, value: str) -> None:
     machine has: said before the 6 B-parameter model loads, not after."""
     if value == "auto":
         return
-    from .devices import resolve_device
+    from .devices import device_refusal_reason, resolve_device
 
     try:
         resolve_device(value)
     except (RuntimeError, ValueError) as exc:
-        reason = str(exc).split(": ", 1)[-1]  # resolve_device's words name --device
-        raise SetupError(f"{flag} {value}: {reason}") from None
+        raise SetupError(f"{flag} {value}: {device_refusal_reason(exc, value)}") from None
 
 
 def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None = None, model=None) -> int:

@@ -7,7 +7,7 @@ Pure tensor logic, images [B, C, H, W] and masks [B, 1, H, W] in 0..1:
    given a linear soft edge that lies *inside* the grown area and outside the text (so `feather`
    is at most half of `grow`): the result is exactly the other image wherever the grown mask is 0
    and exactly TADiSR's on the text.
-3. `paste`: other * (1 - mask) + tadisr * mask.
+3. `paste`: other * (1 - mask) + tadisr * mask (RGB; an RGBA TADiSR image keeps its alpha).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def common_batch(batches: dict[str, int]) -> int:
 
 def text_composite(tadisr: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, grow_px: int = 8,
                    feather_px: int = 4, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(composite [B, C, H, W], used mask [B, 1, H, W]): TADiSR's text regions on the other image.
+    """(composite [B, C, H, W], used mask [B, 1, H, W]): TADiSR's text regions on the other image, RGB,
+    with TADiSR's alpha as a fourth channel when it has one (C = 4).
 
     `other` is resized to TADiSR's size; `text_mask` must be TADiSR's size (`check_mask_size`).
     """
@@ -102,4 +103,6 @@ def text_composite(tadisr: torch.Tensor, text_mask: torch.Tensor, other: torch.T
     other = match_size(other, h, w)
     used = region_mask(text_mask.float(), grow_px, feather_px, threshold)
     out = paste(_rgb(other), _rgb(tadisr), used)
+    if tadisr.shape[1] == 4:
+        out = torch.cat([out, tadisr[:, 3:].float().expand(out.shape[0], -1, -1, -1)], 1)
     return out, used.expand(out.shape[0], -1, -1, -1)

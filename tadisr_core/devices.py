@@ -34,16 +34,27 @@ def resolve_device(name: str | torch.device | None = "auto", auto: torch.device 
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise ValueError(f"{_flag(name)}not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
                                      and torch.backends.mps.is_available()):
-        raise RuntimeError(f"--device {name}: MPS (Apple GPUs) is not available on this machine")
+        raise RuntimeError(f"{_flag(name)}MPS (Apple GPUs) is not available on this machine")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: CUDA is not available in this torch build / machine")
+            raise RuntimeError(f"{_flag(name)}CUDA is not available in this torch build / machine")
         if device.index is None:
             device = torch.device("cuda", local % torch.cuda.device_count())
     return device
+
+
+def _flag(name: str) -> str:
+    """How `resolve_device`'s refusals of `name` begin: the CLI flag that set it."""
+    return f"--device {name}: "
+
+
+def device_refusal_reason(exc: BaseException, name: str) -> str:
+    """The reason of `resolve_device`'s refusal `exc` of `name` without the `--device NAME: ` it begins
+    with, for callers that name the setting their own way (a node's device input, another CLI flag)."""
+    return str(exc).removeprefix(_flag(name))
 
 
 def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str = "cpu", *,

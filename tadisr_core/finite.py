@@ -1,4 +1,5 @@
-"""Finite-or-refused checks for weights, conditioning, input pixels and model outputs.
+"""Finite-or-refused checks for weights, conditioning, input pixels and model outputs, and the one check
+of an input image (`check_input_image`: shape, dtype, finite values, the 0..1 convention).
 
 NaN, Inf or absurd magnitudes anywhere in the weights make every output pixel NaN, which an 8-bit
 writer turns into a black image without a word. These checks turn that into one error naming the
@@ -79,3 +80,25 @@ def check_finite(t: torch.Tensor | Sequence[torch.Tensor], what: str, cause: str
             bad = int((~torch.isfinite(x)).sum())
             if bad:
                 raise NonFiniteError(f"{what}: {bad} non-finite value(s) (NaN/Inf); {cause}")
+
+
+BAD_INPUT = "the image holds NaN or Inf pixels: fix or replace it"
+RANGE_SLACK = 0.5  # values this far outside 0..1 are another convention, not a filter's overshoot (clamped)
+
+
+def check_input_image(image: torch.Tensor, what: str = "input image") -> None:
+    """ValueError (NonFiniteError for NaN/Inf) naming `what` when `image` is not a float [B, C, H, W]
+    image in 0..1 (C = 1, 3 or 4); values up to `RANGE_SLACK` outside 0..1 pass (clamped by the user)."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in (1, 3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"expected an image [B, C, H, W] with C in 1, 3, 4 (gray, RGB, RGBA), got {shape}")
+    if not image.is_floating_point():
+        raise ValueError(f"expected a float image in 0..1, got dtype {image.dtype}")
+    if 0 in image.shape[-2:]:
+        raise ValueError(f"the {what} is empty ({image.shape[-1]} x {image.shape[-2]} pixels)")
+    check_finite(image, what, BAD_INPUT)
+    if image.numel():
+        lo, hi = (float(v) for v in torch.aminmax(image))
+        if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
+            raise ValueError(f"the {what}'s values span {lo:.3g}..{hi:.3g}, but the model reads 0..1: "
+                             "map a -1..1 image with (x + 1) / 2 and a 0..255 one with x / 255")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .color import apply_color_fix, resolve_color_fix
 from .descriptor import DESCRIPTOR, check_pixels, is_whole
 from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
-from .finite import DAMAGED, check_finite
+from .finite import DAMAGED, check_finite, check_input_image
 from .heatmap import AttentionTiles, channel_groups, reduce_heads, stretch, tile_heat
 from .tiling import Cancel, Progress, TileGrid, UpscaleCancelled, blend_tiles, extract_units, make_grid, run_batches
 
@@ -41,7 +41,6 @@ __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "up
 
 log = logging.getLogger("tadisr")
 
-BAD_INPUT = "the image holds NaN or Inf pixels: fix or replace it"
 MIN_TILE = DESCRIPTOR.size.min_tile          # the OOM fallback halves the tile down to this, then gives up
 LATENT_FACTOR = DESCRIPTOR.size.tile_multiple
 SKIP_BUDGET_BYTES = 512 << 20   # the staged path keeps encoder skip features only when all fit this
@@ -150,26 +149,6 @@ def tile_grid(height: int, width: int, tile: int = 768, overlap: int = 256) -> T
     """Where the model's tiles sit on an upscaled canvas of `height` x `width` (latent-aligned tiles,
     one smaller tile on a side shorter than `tile`)."""
     return make_grid(height, width, tile, overlap, multiple=LATENT_FACTOR)
-
-
-RANGE_SLACK = 0.5  # values this far outside 0..1 are another convention, not a filter's overshoot (clamped)
-
-
-def _check_input(image: torch.Tensor) -> None:
-    """ValueError (NonFiniteError for NaN/Inf) when `image` is not a float [B, C, H, W] image in 0..1."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in (1, 3, 4):
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"expected an image [B, C, H, W] with C in 1, 3, 4 (gray, RGB, RGBA), got {shape}")
-    if not image.is_floating_point():
-        raise ValueError(f"expected a float image in 0..1, got dtype {image.dtype}")
-    if 0 in image.shape[-2:]:
-        raise ValueError(f"the input image is empty ({image.shape[-1]} x {image.shape[-2]} pixels)")
-    check_finite(image, "input image", BAD_INPUT)
-    if image.numel():
-        lo, hi = (float(v) for v in torch.aminmax(image))
-        if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
-            raise ValueError(f"the input image's values span {lo:.3g}..{hi:.3g}, but the model reads 0..1: "
-                             "map a -1..1 image with (x + 1) / 2 and a 0..255 one with x / 255")
 
 
 def check_settings(scale: float, tile: int, overlap: int, min_tile: int = LATENT_FACTOR) -> None:
@@ -346,7 +325,7 @@ def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overl
     `color_fix="wavelet"` takes the low frequencies from the bicubic canvas, "none" leaves the output
     as it is, "auto" does what the model recommends (see `color.py`). Results are float32 on the CPU.
     """
-    _check_input(image)
+    check_input_image(image)
     check_settings(scale, tile, overlap)
     color_fix = resolve_color_fix(color_fix, model)  # checked before any tile runs
     size = output_size(image.shape[2], image.shape[3], scale)
@@ -435,7 +414,7 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, 
     `keep_skips`: True keeps the encoder skip features, False re-encodes at decode, "auto" keeps
     them when all fit SKIP_BUDGET_BYTES.
     """
-    _check_input(image)
+    check_input_image(image)
     check_settings(scale, tile, overlap)
     hr = upscale_canvas(image, scale, store_device)
     rgb, alpha = _split_alpha(hr)

@@ -215,6 +215,8 @@ def test_missing_files_are_reported_once_each_on_their_own_input(server):
     assert entry["status"]["status_str"] == "error"
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert len(errors) == 1 and errors[0]["node_type"] == "TADiSRLoadModel"
+    assert errors[0]["exception_message"].startswith("TADiSR: ") and errors[0]["exception_type"].endswith(
+        "KolorsFolderError")  # the library's error in the nodes' words, its type kept
     assert "'Kolors' not found in models/diffusers" in errors[0]["exception_message"]
     assert server.alive()
 
@@ -347,6 +349,28 @@ def test_image_only_run_then_a_connected_text_mask_is_computed_not_a_cached_empt
 
     assert np.array_equal(read(entries[0], "4"), read(entries[1], "4"))
     assert read(entries[1], "6").any(), "the connected text mask came back empty"
+
+
+def test_a_folder_images_transparency_survives_join_image_with_alpha_and_the_upscale(server, tmp_path):
+    """Defect: the folder loader dropped alpha without a word. Its mask output (1 - alpha, as Load Image's),
+    joined back by Join Image with Alpha, goes through TADiSR Upscale (which keeps RGBA) into the PNG."""
+    im = Image.new("RGBA", INPUT_SIZE, (240, 230, 200, 255))
+    im.paste((20, 20, 90, 0), (0, 0, INPUT_SIZE[0] // 2, INPUT_SIZE[1]))  # left half transparent
+    im.save(tmp_path / "half_clear.png")
+    server.upload_image(tmp_path / "half_clear.png", subfolder="tadisr_test_alpha")
+    prompt = _upscale_then({
+        "1": {"class_type": "TADiSRLoadImageFromFolder", "inputs": {"folder": "tadisr_test_alpha", "index": 0,
+                                                                    "prefix": "", "when_done": "wrap around"}},
+        "4": {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["1", 0], "alpha": ["1", 4]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "tadisr_alpha"}}})
+    prompt["3"]["inputs"]["image"] = ["4", 0]
+    entry = server.run(prompt, timeout=180)
+    _assert_success(entry, server)
+    (saved,) = saved_images(server, entry)
+    with Image.open(saved) as out:
+        assert out.mode == "RGBA" and out.size == (INPUT_SIZE[0] * SCALE, INPUT_SIZE[1] * SCALE)
+        alpha = out.getchannel("A")
+        assert alpha.getpixel((10, 80)) == 0 and alpha.getpixel((out.size[0] - 10, 80)) == 255
 
 
 def test_out_of_range_input_is_a_node_error(server):

@@ -570,8 +570,9 @@ def _folder(root, names):
 def test_load_image_from_folder(tmp_path):
     _folder(tmp_path, ["img_0.png", "img_1.png"])
     (tmp_path / "notes.txt").write_text("not an image")
-    image, prefix, mask_prefix, count = folder_io.load(str(tmp_path), 1, "out/")
+    image, prefix, mask_prefix, count, mask = folder_io.load(str(tmp_path), 1, "out/")
     assert image.shape == (1, 4, 6, 3) and torch.allclose(image[0, 0, 0], torch.tensor([40, 215, 0]) / 255)
+    assert torch.equal(mask, torch.zeros(1, 4, 6))  # no alpha: an image-sized empty MASK
     assert (prefix, mask_prefix, count) == ("out/img_1", "out/img_1_text_mask", 2)
     with pytest.raises(ValueError, match="not found"):
         folder_io.load(str(tmp_path / "missing"), 0, "")
@@ -580,6 +581,44 @@ def test_load_image_from_folder(tmp_path):
     (tmp_path / "img_2.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"^TADiSR: cannot read .*img_2\.png as an image.*Move it out of the folder"):
         folder_io.load(str(tmp_path), 2, "")
+
+
+def _transparent_files(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Files whose transparency comes four ways, with the (RGB [H, W, 3], alpha [H, W]) each holds."""
+    from tests.test_hostile_images import _gray_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = (10, 20, 30), [[0, 64, 255], [255, 128, 0]]
+    Image.fromarray(rgba, "RGBA").save(folder / "a_rgba.png")
+    Image.fromarray(rgba[..., [0, 3]], "LA").save(folder / "b_la.png")
+    palette = Image.fromarray(np.array([[0, 1, 1], [1, 0, 1]], np.uint8), "P")
+    palette.putpalette([200, 100, 0, 0, 50, 250] + [0] * 762)
+    palette.save(folder / "c_palette.png", transparency=0)
+    _gray_png(folder / "d_gray16.png", [0, 1000, 65535], 16, key=1000)
+    gray = torch.tensor([[10.0] * 3, [10.0] * 3])
+    pal = torch.tensor([[0, 1, 1], [1, 0, 1]])
+    return {
+        "a_rgba": (torch.tensor([10, 20, 30]).expand(2, 3, 3) / 255, torch.from_numpy(rgba[..., 3]) / 255),
+        "b_la": ((gray / 255).unsqueeze(-1).expand(2, 3, 3), torch.from_numpy(rgba[..., 3]) / 255),
+        "c_palette": (torch.tensor([[200, 100, 0], [0, 50, 250]])[pal] / 255, (pal == 1).float()),
+        "d_gray16": ((torch.tensor([0, 1000, 65535]) / 65535.0).view(1, 3, 1).expand(1, 3, 3),
+                     torch.tensor([[1.0, 0.0, 1.0]])),
+    }
+
+
+def test_folder_loader_gives_the_transparency_as_a_mask_like_load_image(tmp_path):
+    """Defect: RGBA, LA, palette and 16-bit gray PNGs with transparency came out RGB with the alpha dropped
+    without a word (the CLI keeps it). Now the image stays RGB and the transparency is a MASK output added
+    last (saved workflows link the others by slot), 1 - alpha as ComfyUI's Load Image gives it."""
+    expected = _transparent_files(tmp_path)
+    for index, (stem, (rgb, alpha)) in enumerate(sorted(expected.items())):
+        out = folder_io.load(str(tmp_path), index, "")
+        assert out[1] == stem and out[3] == len(expected)
+        image, mask = out[0], out[-1]
+        assert image.shape == (1, *rgb.shape) and mask.shape == (1, *alpha.shape), stem
+        assert torch.allclose(image[0], rgb.float(), atol=1e-6), stem
+        assert torch.allclose(mask[0], 1 - alpha.float(), atol=1e-6), stem
 
 
 def test_folder_index_wraps_or_stops_with_done(tmp_path):
@@ -711,6 +750,17 @@ def test_text_composite_names_the_input_that_is_wrong(handle):
         text_tools.composite(a, torch.zeros(1, 1, 8, 8), a)
     with pytest.raises(ValueError, match=r"^TADiSR: other_image must be \[batch, height, width, channels\]"):
         text_tools.composite(a, torch.zeros(1, 8, 8), torch.rand(1, 8, 8, 2))
+
+
+def test_text_composite_keeps_the_alpha_of_an_rgba_tadisr_image(handle):
+    """Defect: an RGBA TADiSR image (Upscale keeps alpha) came out of the composite with 3 channels."""
+    rgba, other = _image(1, 8, 8, c=4, seed=1), _image(2, 8, 8, seed=2)
+    mask = torch.zeros(1, 8, 8)
+    mask[0, 2:5, 2:5] = 1.0
+    out, used = text_tools.composite(rgba, mask, other, grow=1, feather=0)
+    rgb, _ = text_tools.composite(rgba[..., :3], mask, other, grow=1, feather=0)
+    assert out.shape == (2, 8, 8, 4) and torch.equal(out[..., :3], rgb)
+    assert torch.equal(out[..., 3], rgba[..., 3].expand(2, -1, -1))
 
 
 class _FakeOCR:
@@ -1031,6 +1081,16 @@ def test_a_device_this_machine_lacks_is_refused_by_the_loader():
             loaders.resolve_device(name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_on_a_cpu_only_host_is_worded_for_the_device_input_not_the_cli():
+    """Defect: "device 'cuda:0' cannot be used (--device cuda:0: CUDA is not available ...)": a CLI flag in
+    a node's message."""
+    with pytest.raises(ValueError) as err:
+        loaders.resolve_device("cuda:0")
+    assert str(err.value) == ("TADiSR: device 'cuda:0' cannot be used (CUDA is not available in this torch build / "
+                              f"machine); choose one of {loaders.device_choices()}")
+
+
 def test_a_built_in_demo_without_its_prompt_cache_names_it_and_what_to_do(tmp_path, monkeypatch):
     """Defect: without its prompt cache the demo said to compute one with `tadisr prompt-cache --kolors DIR`,
     which a model without Kolors cannot do."""
@@ -1112,3 +1172,113 @@ def test_memory_is_made_for_every_image_of_the_batch(handle, monkeypatch):
     blocks.denoise(handle, latents, tile_batch=8)
     assert asked == [3 * estimate_tile_bytes(handle.model, 24, 40), 2 * estimate_tile_bytes(handle.model, 24, 40),
                      3 * estimate_tile_bytes(handle.model, 24, 40)]
+
+
+# -- the V3 declarations, run against a stand-in for comfy_api (not installed here) -----------------
+@pytest.fixture
+def v3(monkeypatch):
+    """nodes.v3 imported with `comfy_api.latest` faked just enough to call the nodes' `execute` (with an
+    empty queued prompt); the real modules, and none of these, are left in sys.modules afterwards."""
+    import dataclasses
+    import importlib
+    from unittest import mock
+
+    import nodes
+
+    io = mock.MagicMock()
+    io.ComfyNode = type("ComfyNode", (), {"hidden": types.SimpleNamespace(prompt={}, unique_id="1")})
+    io.NodeOutput = lambda *outputs: outputs
+    io.Schema = dataclasses.make_dataclass("Schema", [])
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, object
+    api = types.ModuleType("comfy_api")
+    api.latest = latest
+    monkeypatch.setitem(sys.modules, "comfy_api", api)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    ours = lambda: [name for name in sys.modules if name == "nodes.v3" or name.startswith("nodes.v3.")]  # noqa: E731
+    for name in ours():
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(nodes, "v3", raising=False)
+    yield importlib.import_module("nodes.v3")
+    for name in ours():
+        del sys.modules[name]
+    if hasattr(nodes, "v3"):
+        del nodes.v3
+
+
+def test_library_errors_reach_comfyui_with_the_tadisr_prefix_and_their_type(v3, handle, monkeypatch):
+    """Defect: the library's errors (the value-range refusal, NaN pixels, a missing Kolors folder) reached
+    ComfyUI without the "TADiSR: " the nodes' own messages carry. Now prefixed once where node execution
+    enters the pack, the exception's type kept; out-of-memory errors (ComfyUI acts on them) untouched."""
+    from tadisr_core.finite import NonFiniteError
+    from tadisr_core.kolors_files import KolorsFolderError
+
+    upscale_node = v3.TADiSRUpscale
+    x = _image(1, 8, 8) * 255
+    span = f"{float(x.min()):.3g}..{float(x.max()):.3g}"
+    with pytest.raises(ValueError) as err:
+        upscale_node.execute(handle, x, **TILE)
+    assert str(err.value) == (f"TADiSR: the input image's values span {span}, but the model reads 0..1: map a -1..1 "
+                              "image with (x + 1) / 2 and a 0..255 one with x / 255")
+    x = _image(1, 8, 8)
+    x[0, :2, :3, 0] = float("nan")
+    with pytest.raises(NonFiniteError) as err:
+        upscale_node.execute(handle, x, **TILE)
+    assert str(err.value) == ("TADiSR: input image: 6 non-finite value(s) (NaN/Inf); the image holds NaN or Inf "
+                              "pixels: fix or replace it")
+    with pytest.raises(KolorsFolderError) as direct:
+        loaders.resolve_kolors("no-such-kolors")
+    with pytest.raises(KolorsFolderError) as err:
+        v3.TADiSRLoadModel.execute("no-such-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32",
+                                   "cpu", False)
+    assert str(err.value) == "TADiSR: " + str(direct.value)
+    with pytest.raises(ValueError) as err:  # the nodes' own message: not prefixed twice
+        upscale_node.execute(handle, _image(1, 8, 8), 4.0, 64, 64, 2)
+    assert str(err.value) == "TADiSR: overlap must be at least 0 and smaller than tile (64), got 64"
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(upscale, "upscale", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        upscale_node.execute(handle, _image(1, 8, 8), **TILE)
+    assert str(err.value) == "CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_read_text_and_text_composite_refuse_an_image_outside_0_to_1_naming_it(v3, handle):
+    """Defect: Read Text clamped a 0..255 image to white and returned '' without a word; Text Composite
+    clamped a 0..255 other_image to white, and NaN in it made the whole output NaN, TADiSR's text too.
+    Now the pipeline's input check refuses them, naming the input."""
+    from tadisr_core.finite import NonFiniteError
+
+    hint = "but the model reads 0..1: map a -1..1 image with (x + 1) / 2 and a 0..255 one with x / 255"
+    bright = _image(1, 8, 8) * 255
+    span = f"{float(bright.min()):.3g}..{float(bright.max()):.3g}"
+    with pytest.raises(ValueError) as err:
+        v3.TADiSRReadText.execute(bright)
+    assert str(err.value) == f"TADiSR: the image's values span {span}, {hint}"
+    with pytest.raises(ValueError, match=r"^the image's values span"):  # the logic itself, engine or not
+        text_tools.read_text(bright, engine=_FakeOCR())
+    tadisr, mask = _image(1, 8, 8, seed=1), torch.ones(1, 8, 8)
+    with pytest.raises(ValueError) as err:
+        v3.TADiSRTextComposite.execute(tadisr, mask, bright)
+    assert str(err.value) == f"TADiSR: the other_image's values span {span}, {hint}"
+    with pytest.raises(ValueError) as err:
+        v3.TADiSRTextComposite.execute(bright, mask, tadisr)
+    assert str(err.value) == f"TADiSR: the tadisr_image's values span {span}, {hint}"
+    broken = _image(1, 8, 8, seed=2)
+    broken[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError) as err:
+        v3.TADiSRTextComposite.execute(tadisr, mask, broken)
+    assert str(err.value) == ("TADiSR: other_image: 1 non-finite value(s) (NaN/Inf); the image holds NaN or Inf "
+                              "pixels: fix or replace it")
+    out, _ = v3.TADiSRTextComposite.execute(tadisr, mask, _image(1, 8, 8, seed=2) * 1.2 - 0.1)  # overshoot passes
+    assert torch.equal(out, tadisr)
+
+
+def test_whatever_any_node_raises_carries_the_prefix(v3):
+    """Every node's execute prefixes what it raises (here: called without its inputs), type kept."""
+    assert len(v3.NODES) == 9
+    for node in v3.NODES:
+        with pytest.raises(TypeError, match=r"^TADiSR: .*execute\(\) missing \d required positional argument"):
+            node.execute()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import attention_view
+from ..errors import reported
 from .common import TADiSRAttention, schema
 
 
@@ -46,6 +47,7 @@ class TADiSRTextAttention(io.ComfyNode):
         )
 
     @classmethod
+    @reported
     def execute(cls, attention, image, layers="all", heads="mean", normalize=True, colormap="jet",
                 opacity=0.5) -> io.NodeOutput:
         return io.NodeOutput(*attention_view.view(attention, image, layers, heads, normalize, colormap, opacity))

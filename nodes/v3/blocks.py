@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import blocks, graph
+from ..errors import reported
 from .common import (
     TADiSRAttention,
     TADiSRLatents,
@@ -39,6 +40,7 @@ class TADiSREncode(io.ComfyNode):
         return validate_tile(tile)  # `tile` alone: see validate_tile
 
     @classmethod
+    @reported
     def execute(cls, model, image, scale=4.0, tile=768, overlap=256, tile_batch=0) -> io.NodeOutput:
         return io.NodeOutput(blocks.encode(model, image, scale, tile, overlap, tile_batch))
 
@@ -64,6 +66,7 @@ class TADiSRDenoise(io.ComfyNode):
         )
 
     @classmethod
+    @reported
     def execute(cls, model, latents, tile_batch=0) -> io.NodeOutput:
         if hasattr(model, "model"):
             from tadisr_core.heatmap import channel_groups
@@ -92,5 +95,6 @@ class TADiSRDecode(io.ComfyNode):
         )
 
     @classmethod
+    @reported
     def execute(cls, model, latents, tile_batch=0, color_fix="auto") -> io.NodeOutput:
         return io.NodeOutput(*blocks.decode(model, latents, tile_batch, color_fix))

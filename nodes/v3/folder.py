@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import folder_io
+from ..errors import reported
 from .common import schema
 
 
@@ -20,7 +21,8 @@ class TADiSRLoadImageFromFolder(io.ComfyNode):
             description=("Loads one image of a folder per run, in natural order (img2 before img10). The index "
                          "increments after each queued run, so queueing the workflow N times (Run with batch count "
                          "N) upscales N images; after the last image it wraps to the first, or stops with a clear "
-                         "'done' message. A bad file fails only its own run."),
+                         "'done' message. A bad file fails only its own run. As with Load Image, the image comes "
+                         "out RGB and its transparency as the mask output."),
             inputs=[
                 io.String.Input("folder", default="tadisr_batch", tooltip=(
                     "Folder of images: relative to ComfyUI's input folder (no '..'), or an absolute path.")),
@@ -33,13 +35,16 @@ class TADiSRLoadImageFromFolder(io.ComfyNode):
                     "After the last image: wrap around to the first, or stop (the run fails with 'done').")),
             ],
             outputs=[
-                io.Image.Output(display_name="image", tooltip="The image (RGB)."),
+                io.Image.Output(display_name="image", tooltip="The image (RGB; its transparency is the mask output)."),
                 io.String.Output(display_name="filename_prefix", tooltip=(
                     "'prefix' + the file name without extension (with it, as page_jpg, when another image shares "
                     "the name): connect to Save Image's filename_prefix.")),
                 io.String.Output(display_name="mask_prefix",
                                  tooltip="The same + '_text_mask', for saving the text mask beside the image."),
                 io.Int.Output(display_name="count", tooltip="How many images the folder holds."),
+                io.Mask.Output(display_name="mask", tooltip=(
+                    "The image's transparency, as Load Image gives it: 1 - alpha (all 0 when the file has no "
+                    "alpha). Join Image with Alpha puts it back on the image; TADiSR Upscale keeps alpha.")),
             ],
         )
 
@@ -59,5 +64,6 @@ class TADiSRLoadImageFromFolder(io.ComfyNode):
         return folder_io.fingerprint(folder, index, when_done)
 
     @classmethod
+    @reported
     def execute(cls, folder, index=0, prefix="tadisr/", when_done="wrap around") -> io.NodeOutput:
         return io.NodeOutput(*folder_io.load(folder, index, prefix, when_done))

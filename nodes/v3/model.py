@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import graph, loaders, upscale
+from ..errors import reported
 from .common import (
     TADiSRAttention,
     TADiSRModel,
@@ -81,6 +82,7 @@ class TADiSRLoadModel(io.ComfyNode):
         return loaders.fingerprint(kolors, checkpoint, prompt_cache)
 
     @classmethod
+    @reported
     def execute(cls, kolors, checkpoint, prompt_cache=loaders.AUTO_CACHE, dtype="auto", device="auto",
                 merge_lora=True) -> io.NodeOutput:
         return io.NodeOutput(loaders.load_model(kolors, checkpoint, prompt_cache, dtype, device, merge_lora))
@@ -125,6 +127,7 @@ class TADiSRUpscale(io.ComfyNode):
         return validate_tile(tile)  # `tile` alone: see validate_tile
 
     @classmethod
+    @reported
     def execute(cls, model, image, scale=4.0, tile=768, overlap=256, tile_batch=0, capture_attention=False,
                 color_fix="auto") -> io.NodeOutput:
         if hasattr(model, "model"):  # a wrong 'model' input is reported by upscale() itself

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import text_tools
+from ..errors import reported
 from .common import schema
 
 
@@ -36,11 +37,14 @@ class TADiSRTextComposite(io.ComfyNode):
                 io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Mask values at or above this count as text."),
             ],
-            outputs=[io.Image.Output(display_name="image", tooltip="The other image with TADiSR's text pasted in."),
+            outputs=[io.Image.Output(display_name="image", tooltip=(
+                         "The other image with TADiSR's text pasted in (with the TADiSR image's alpha, when it has "
+                         "one).")),
                      io.Mask.Output(display_name="used_mask", tooltip="The grown, feathered mask that was used.")],
         )
 
     @classmethod
+    @reported
     def execute(cls, tadisr_image, text_mask, other_image, grow=8, feather=4, threshold=0.5) -> io.NodeOutput:
         return io.NodeOutput(*text_tools.composite(tadisr_image, text_mask, other_image, grow, feather, threshold))
 
@@ -80,5 +84,6 @@ class TADiSRReadText(io.ComfyNode):
         return f"TADiSR Read Text: {problem} (in the Python that runs ComfyUI)" if problem else True
 
     @classmethod
+    @reported
     def execute(cls, image, min_score=0.5, min_coverage=0.25, text_mask=None) -> io.NodeOutput:
         return io.NodeOutput(*text_tools.read_text(image, text_mask, min_score, min_coverage))
