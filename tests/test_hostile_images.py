@@ -319,6 +319,8 @@ def test_a_transparency_key_survives_a_gray_colour_profile(tmp_path):
     (torch.rand(8, 8), "expected an image tensor [C, H, W] or [1, C, H, W], got (8, 8)"),
     (torch.rand(1, 1, 3, 8, 8), "expected an image tensor [C, H, W] or [1, C, H, W], got (1, 1, 3, 8, 8)"),
     (torch.rand(2, 3, 8, 8), "expected an image tensor [C, H, W] or [1, C, H, W], got (2, 3, 8, 8)"),
+    (torch.full((3, 8, 8), 200.0), "the image's values span 200..200, but images are written from 0..1: map a "
+                                   "-1..1 image with (x + 1) / 2 and a 0..255 one with x / 255"),
 ])
 def test_an_image_save_image_cannot_write_faithfully_is_refused_naming_the_file(tmp_path, image, says):
     """A 0..255 integer tensor was written x255 (nearly all white), NaN as solid black and a 2-D tensor
