@@ -478,11 +478,8 @@ def test_colormap_endpoints():
     assert torch.allclose(gray, torch.full((1, 3, 2, 2), 0.25))
 
 
-def test_memory_is_made_for_the_tiles_the_image_has(handle, monkeypatch):
-    """Defect: every run asked ComfyUI for a full `tile` x `tile` of activation memory (x tile_batch),
-    so a small image could evict other models for tiles it never runs."""
-    from tadisr_core.devices import estimate_tile_bytes
-
+def _record_memory_asked(monkeypatch) -> list[int]:
+    """The activation bytes each run asks `host.model_on_device` for, in order (the run still happens)."""
     asked = []
     real = host.model_on_device
 
@@ -491,6 +488,15 @@ def test_memory_is_made_for_the_tiles_the_image_has(handle, monkeypatch):
         return real(model, device, patcher, memory_required)
 
     monkeypatch.setattr(host, "model_on_device", recording)
+    return asked
+
+
+def test_memory_is_made_for_the_tiles_the_image_has(handle, monkeypatch):
+    """Defect: every run asked ComfyUI for a full `tile` x `tile` of activation memory (x tile_batch),
+    so a small image could evict other models for tiles it never runs."""
+    from tadisr_core.devices import estimate_tile_bytes
+
+    asked = _record_memory_asked(monkeypatch)
     upscale.upscale(handle, _image(1, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)  # one 24 x 40 tile
     latents = blocks.encode(handle, _image(1, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)
     blocks.denoise(handle, latents, tile_batch=8)
@@ -1159,14 +1165,7 @@ def test_memory_is_made_for_every_image_of_the_batch(handle, monkeypatch):
     batch x tiles units (here 3 images of one 24 x 40 tile, tile_batch 8: 3 tiles at once)."""
     from tadisr_core.devices import estimate_tile_bytes
 
-    asked = []
-    real = host.model_on_device
-
-    def recording(model, device, patcher, memory_required=0):
-        asked.append(memory_required)
-        return real(model, device, patcher, memory_required)
-
-    monkeypatch.setattr(host, "model_on_device", recording)
+    asked = _record_memory_asked(monkeypatch)
     upscale.upscale(handle, _image(3, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)
     latents = blocks.encode(handle, _image(3, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=2)
     blocks.denoise(handle, latents, tile_batch=8)
