@@ -176,8 +176,8 @@ def test_out_of_memory_halves_the_tile_actually_used_then_says_what_else_to_try(
     model.decode = no_memory
     try:
         with caplog.at_level(logging.WARNING, logger="tadisr"), \
-                pytest.raises(torch.OutOfMemoryError, match="even with one 64 px tile .*fp8_e4m3fn weights, "
-                                                            "sequential offload"):
+                pytest.raises(torch.OutOfMemoryError, match="even with one 64 px tile .*; use a lower-memory "
+                                                            "setting: fp8_e4m3fn weights or sequential offload"):
             upscale(model, x, 8, tile=768, overlap=256, tile_batch=1)
     finally:
         del model.decode
