@@ -96,9 +96,16 @@ def check_input_image(image: torch.Tensor, what: str = "input image") -> None:
         raise ValueError(f"expected a float image in 0..1, got dtype {image.dtype}")
     if 0 in image.shape[-2:]:
         raise ValueError(f"the {what} is empty ({image.shape[-1]} x {image.shape[-2]} pixels)")
-    check_finite(image, what, BAD_INPUT)
+    check_unit_range(image, what, BAD_INPUT, f"the {what}'s", "the model reads")
+
+
+def check_unit_range(image: torch.Tensor, what: str, cause: str, whose: str, reader: str) -> None:
+    """The values of an image meant for 0..1: NonFiniteError (`check_finite`, naming `what` and `cause`) for
+    NaN/Inf, ValueError ("{whose} values span lo..hi, but {reader} 0..1: ...") when they lie more than
+    `RANGE_SLACK` outside 0..1 (another convention: clamped, a 0..255 image would be near white)."""
+    check_finite(image, what, cause)
     if image.numel():
         lo, hi = (float(v) for v in torch.aminmax(image))
         if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
-            raise ValueError(f"the {what}'s values span {lo:.3g}..{hi:.3g}, but the model reads 0..1: "
-                             "map a -1..1 image with (x + 1) / 2 and a 0..255 one with x / 255")
+            raise ValueError(f"{whose} values span {lo:.3g}..{hi:.3g}, but {reader} 0..1: map a -1..1 image with "
+                             "(x + 1) / 2 and a 0..255 one with x / 255")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .files import default_file_mode, same_file
-from .finite import RANGE_SLACK, check_finite
+from .finite import check_unit_range
 
 log = logging.getLogger("tadisr")
 
@@ -348,12 +348,8 @@ def check_image_tensor(image: torch.Tensor, what: str | Path = "image") -> None:
     if not image.is_floating_point():
         raise ValueError(f"{what}: expected a float image in 0..1, got {str(image.dtype).removeprefix('torch.')} "
                          f"(divide a 0..255 image by 255)")
-    check_finite(image, str(what), "fix what made the NaN or Inf")
-    if image.numel():
-        lo, hi = (float(v) for v in torch.aminmax(image))
-        if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:  # another convention: clamped, it would be near white
-            raise ValueError(f"{what}: the image's values span {lo:.3g}..{hi:.3g}, but images are written from "
-                             f"0..1: map a -1..1 image with (x + 1) / 2 and a 0..255 one with x / 255")
+    check_unit_range(image, str(what), "fix what made the NaN or Inf", f"{what}: the image's",
+                     "images are written from")
 
 
 def to_uint8(image: torch.Tensor, what: str | Path = "image") -> np.ndarray:
@@ -442,10 +438,11 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str 
     WebP at `quality`): items are (image, path) or (image, path, icc_profile). `source` names the input
     they came from in each file (see `recorded_source`).
 
-    Images are float [C, H, W] / [1, C, H, W] in 0..1 (values up to RANGE_SLACK outside are clamped), C = 1, 3 or 4
-    (anything else, or NaN / Inf, is a ValueError naming the file, and none is written). All are written
-    to hidden temporary files first and renamed only when every one succeeded, so the final names appear together or
-    not at all; the temporaries are removed on any error (also Ctrl-C / SIGTERM handled as one).
+    Images are float [C, H, W] / [1, C, H, W] in 0..1 (values up to `finite.RANGE_SLACK` outside are
+    clamped), C = 1, 3 or 4 (anything else, or NaN / Inf, is a ValueError naming the file, and none is
+    written). All are written to hidden temporary files first and renamed only when every one
+    succeeded, so the final names appear together or not at all; the temporaries are removed on any
+    error (also Ctrl-C / SIGTERM handled as one).
     """
     staged: list[tuple[Path, Path]] = []
     try:

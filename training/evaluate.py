@@ -111,13 +111,13 @@ def keep_listed(found: tuple, stems: set[str], gt_dir: Path, list_file: Path) ->
     listed stems that no ground truth (in the folders compared) has."""
     pairs, pred_only, gt_only, ambiguous = found
 
-    def listed(key: str) -> bool:
-        return key.rpartition("/")[2] in stems
+    def stem(key: str) -> str:  # a pairing key is the path below the folder without its extension
+        return key.rpartition("/")[2]
 
-    pairs = [p for p in pairs if listed(p[0])]
-    pred_only, gt_only = [k for k in pred_only if listed(k)], [k for k in gt_only if listed(k)]
-    ambiguous = {k: why for k, why in ambiguous.items() if listed(k)}
-    have = {key.rpartition("/")[2] for key in [p[0] for p in pairs] + gt_only + list(ambiguous)}
+    pairs = [p for p in pairs if stem(p[0]) in stems]
+    pred_only, gt_only = [k for k in pred_only if stem(k) in stems], [k for k in gt_only if stem(k) in stems]
+    ambiguous = {k: why for k, why in ambiguous.items() if stem(k) in stems}
+    have = {stem(key) for key in [p[0] for p in pairs] + gt_only + list(ambiguous)}
     if missing := sorted(stems - have):
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"--list {list_file} names {len(missing)} image(s) that --gt {gt_dir} does not hold: "
