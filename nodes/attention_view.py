@@ -26,10 +26,7 @@ def _core_attention_tiles():
 
 def from_tiles(tiled):
     """The per-tile maps kept by denoised TiledLatents (`tadisr_core.heatmap.AttentionTiles`)."""
-    try:
-        return tiled.attention_tiles()
-    except ValueError as exc:
-        raise ValueError(f"TADiSR: {exc}") from None
+    return tiled.attention_tiles()
 
 
 def heatmap(att, layers: str = "all", heads: str = "mean", normalize: bool = True,
@@ -37,10 +34,7 @@ def heatmap(att, layers: str = "all", heads: str = "mean", normalize: bool = Tru
     """Blend the per-tile maps into one heat map [B, 1, H, W] (0..1) like the SR tiles are blended."""
     from tadisr_core.heatmap import heatmap as core_heatmap
 
-    try:
-        return core_heatmap(att, layers, heads, normalize, progress=progress, cancel=cancel)
-    except ValueError as exc:
-        raise ValueError(f"TADiSR: {exc}") from None
+    return core_heatmap(att, layers, heads, normalize, progress=progress, cancel=cancel)
 
 
 def colorize(heat: torch.Tensor, colormap: str = "jet") -> torch.Tensor:

@@ -20,10 +20,7 @@ def check_tiling(scale: float, tile: int, overlap: int) -> None:
     from tadisr_core.descriptor import DESCRIPTOR
     from tadisr_core.pipeline import check_settings
 
-    try:
-        check_settings(float(scale), int(tile), int(overlap), min_tile=DESCRIPTOR.size.min_tile)
-    except ValueError as exc:
-        raise ValueError(f"TADiSR: {exc}") from None
+    check_settings(float(scale), int(tile), int(overlap), min_tile=DESCRIPTOR.size.min_tile)
 
 
 def image_grid(image, scale: float, tile: int, overlap: int):

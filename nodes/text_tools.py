@@ -19,10 +19,7 @@ def composite(tadisr_image, text_mask, other_image, grow=8, feather=4, threshold
     other = convert.image_to_core(other_image, "other_image")
     check_input_image(tadisr, "tadisr_image")
     check_input_image(other, "other_image")  # 0..255 would be clamped to white, NaN would spread through the blend
-    try:
-        out, used = text_composite(tadisr, mask, other, int(grow), int(feather), float(threshold))
-    except ValueError as exc:
-        raise ValueError(f"TADiSR: {exc}") from None
+    out, used = text_composite(tadisr, mask, other, int(grow), int(feather), float(threshold))
     dev = host.intermediate_device()
     return convert.image_from_core(out, dev), convert.mask_from_core(used, dev)
 
@@ -40,11 +37,8 @@ def read_text(image, text_mask=None, min_score=0.5, min_coverage=0.25, engine=No
     mask = None if text_mask is None else convert.mask_to_core(text_mask, "text_mask")
     count = img.shape[0]
     if mask is not None:
-        try:
-            check_mask_size(mask, img)
-            count = common_batch({"image": img.shape[0], "text_mask": mask.shape[0]})
-        except ValueError as exc:
-            raise ValueError(f"TADiSR: {exc}") from None
+        check_mask_size(mask, img)
+        count = common_batch({"image": img.shape[0], "text_mask": mask.shape[0]})
     texts, drawn = [], []
     for b in range(count):  # a batch of 1 on either side serves every item of the other
         host.check_interrupt()

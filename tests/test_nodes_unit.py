@@ -448,7 +448,7 @@ def test_chained_blocks_equal_the_all_in_one_node(handle):
         assert torch.equal(a, b)
 
 
-def test_text_attention_views(handle):
+def test_text_attention_views(v3, handle):
     img = _image(2, seed=4)
     image, _, att = upscale.upscale(handle, img, **TILE, attention=True)
     heat, over = attention_view.view(att, image, "all", "mean", True, "jet", 0.5)
@@ -463,8 +463,8 @@ def test_text_attention_views(handle):
     assert torch.allclose(plain, image)
     _, small = attention_view.view(att, image[:, ::2, ::2], "all", "mean", True, "jet", 1.0)  # resized to the image
     assert small.shape == (2, 48, 32, 3)
-    with pytest.raises(ValueError, match="no attention in the 'mid' layers"):
-        attention_view.view(att, image, "mid", "mean", True, "jet", 0.5)
+    with pytest.raises(ValueError, match="^TADiSR: this model captures no attention in the 'mid' layers"):
+        v3.TADiSRTextAttention.execute(att, image, "mid", "mean", True, "jet", 0.5)
     with pytest.raises(ValueError, match="turn on 'capture_attention'"):
         attention_view.view(None, image, "all", "mean", True, "jet", 0.5)
 
@@ -740,12 +740,12 @@ def test_text_composite_without_feather_is_a_hard_paste(handle):
                                                                                            b[0][~inside])
 
 
-def test_text_composite_refuses_a_mask_of_another_size_or_batch(handle):
+def test_text_composite_refuses_a_mask_of_another_size_or_batch(v3, handle):
     a, b = _image(2, 8, 8, seed=1), _image(3, 8, 8, seed=2)
-    with pytest.raises(ValueError, match=r"TADiSR: the text mask \(16x8\) and the image \(8x8\) differ in size"):
-        text_tools.composite(a, torch.zeros(1, 8, 16), b)  # was stretched to fit without a word
-    with pytest.raises(ValueError, match=r"TADiSR: batch sizes differ: TADiSR image 2, text mask 1, other image 3"):
-        text_tools.composite(a, torch.zeros(1, 8, 8), b)
+    with pytest.raises(ValueError, match=r"^TADiSR: the text mask \(16x8\) and the image \(8x8\) differ in size"):
+        v3.TADiSRTextComposite.execute(a, torch.zeros(1, 8, 16), b)  # was stretched to fit without a word
+    with pytest.raises(ValueError, match=r"^TADiSR: batch sizes differ: TADiSR image 2, text mask 1, other image 3"):
+        v3.TADiSRTextComposite.execute(a, torch.zeros(1, 8, 8), b)
 
 
 def test_text_composite_names_the_input_that_is_wrong(handle):
@@ -795,12 +795,12 @@ def test_read_text_lines_mask_filter_and_boxes():
         text_tools.read_text(image, torch.zeros(1, 8, 8), engine=_FakeOCR())
 
 
-def test_read_text_pairs_masks_with_images_by_batch_or_refuses():
+def test_read_text_pairs_masks_with_images_by_batch_or_refuses(v3):
     """Defect: 3 images with 2 masks read image 3 through image 2's mask, and 1 image with 2 masks
     ignored the second mask, both without a word."""
     images, masks = torch.ones(3, 16, 24, 3) * 0.5, torch.zeros(2, 16, 24)
     with pytest.raises(ValueError, match=r"^TADiSR: batch sizes differ: image 3, text_mask 2; each must be the same"):
-        text_tools.read_text(images, masks, engine=_FakeOCR())
+        v3.TADiSRReadText.execute(images, text_mask=masks)  # refused before any OCR engine is made
     masks[1, 12:16, 12:21] = 1
     text, boxes = text_tools.read_text(images[:1], masks, engine=_FakeOCR())
     assert text == "\n\nsale" and boxes.shape == (2, 16, 24, 3)  # one reading per mask
@@ -1231,7 +1231,7 @@ def test_library_errors_reach_comfyui_with_the_tadisr_prefix_and_their_type(v3, 
         v3.TADiSRLoadModel.execute("no-such-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32",
                                    "cpu", False)
     assert str(err.value) == "TADiSR: " + str(direct.value)
-    with pytest.raises(ValueError) as err:  # the nodes' own message: not prefixed twice
+    with pytest.raises(ValueError) as err:  # the pipeline's tiling check, prefixed once
         upscale_node.execute(handle, _image(1, 8, 8), 4.0, 64, 64, 2)
     assert str(err.value) == "TADiSR: overlap must be at least 0 and smaller than tile (64), got 64"
 
