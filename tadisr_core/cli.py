@@ -196,9 +196,11 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
         raise SetupError("--checkpoint PATH is required (or set TADISR_CHECKPOINT): tadisr_kolors_ftsr_526000.pkl "
                          "from https://huggingface.co/huqiming513/TADiSR-Models, or a native .safetensors")
     from .model_ref import load_model as load_model_ref
-    from .model_ref import runs_alone
+    from .model_ref import resolve_model, runs_alone
 
     try:
+        if isinstance(args.model, FromEnv):  # named as the user set it, not as a --model they never typed
+            resolve_model(args.model, given_as=f"{args.model.var} (environment)")
         device = resolve_device(args.device)
         alone = bool(args.model) and runs_alone(args.model)
         dtype = resolve_dtype(args.dtype, device, fp16_safe=not alone)
@@ -323,8 +325,13 @@ def ensure_writable_folder(folder: Path) -> None:
     """Create `folder` and prove it takes a file, before any model is loaded (SetupError otherwise)."""
     import tempfile
 
+    from .images import is_image_file
+
     if folder.exists() and not folder.is_dir():
         raise SetupError(f"the output folder {folder} is a file; give a folder with -o")
+    if not folder.exists() and is_image_file(folder):  # `-o result.png` would make a folder of that name
+        raise SetupError(f"-o {folder} names a file, but -o is the output folder (NAME_x4.png is written into it): "
+                         "give a folder, or make this one first to use it")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".tadisr-write-test-"):

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output = args.output or Path("out") / args.model
     inputs = args.inputs or sorted(DEMO_INPUTS.glob("*.png"))
     strips = run_demo(args.output, inputs, args.model)
-    print(f"{args.model} model: {len(inputs)} inputs upscaled into {args.output}/")
+    print(f"{args.model} model: {len(strips)} inputs upscaled into {args.output}/")  # a folder counts its images
     for s in strips:
         print(f"  {s}   (bicubic | TADiSR {args.model} | text mask)")
     return 0

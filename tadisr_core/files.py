@@ -41,6 +41,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def folder_target_problem(folder: str | os.PathLike, name: str) -> str | None:
+    """Why `folder` (given as `name`, e.g. "-o out") cannot become a folder: it, or a folder above it,
+    is a file. None when it can (it may not exist yet)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return f"{name} is a file; give a folder"
+    for parent in folder.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{name}: {parent} is a file, not a folder"
+    return None
+
+
 def require_readable(path: str | os.PathLike, what: str, hint: str = "") -> Path:
     """`path` as a Path if it is a readable file; else FileNotFoundError / PermissionError / IsADirectoryError.
 

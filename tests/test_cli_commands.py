@@ -123,3 +123,18 @@ def test_inspect_on_a_kolors_unet_in_torch_format_names_it_in_one_short_line(tin
     err = capsys.readouterr().err
     assert "not a TADiSR Kolors checkpoint" in err and "it is a Kolors UNet: pass it as --unet" in err
     assert f"({len(weights)} keys)" in err and len(err) < 600 and err.count("\n") == 1, err
+
+
+def test_training_commands_name_themselves_as_the_user_started_them(monkeypatch, capsys):
+    """Defect: `tadisr-train` without --config answered "python -m training.train: error: ..."."""
+    import pytest
+
+    from training import evaluate, synthesize, train
+
+    for name, main in (("train", train.main), ("synthesize", synthesize.main), ("evaluate", evaluate.main)):
+        for argv0, prog in ((f"/venv/bin/tadisr-{name}", f"tadisr-{name}"),
+                            (str(ROOT / "training" / f"{name}.py"), f"python -m training.{name}")):
+            monkeypatch.setattr(sys, "argv", [argv0])
+            with pytest.raises(SystemExit):
+                main([])
+            assert capsys.readouterr().err.splitlines()[-1].startswith(f"{prog}: error: the following arguments"), argv0

@@ -396,6 +396,10 @@ def test_demo_runs_each_shipped_model_into_its_own_folder(tmp_path, monkeypatch,
                            load_image(tmp_path / "two" / f"{stem}_x4.png")), stem
         bicubic = torch.nn.functional.interpolate(load_image(lr), scale_factor=4, mode="bicubic").clamp(0, 1)
         assert (strip[..., :3, :, :384] - bicubic[..., :, :384]).abs().mean() < 0.02, stem
+    Image.open(first).save(tmp_path / "b" / "other.png")  # a folder of two: counted by its images (defect: "1 inputs")
+    capsys.readouterr()
+    assert demo_main(["--model", name, "-o", "folder", str(tmp_path / "b")]) == 0
+    assert f"{name} model: 2 inputs upscaled into folder/" in capsys.readouterr().out
 
 
 def test_mask_metrics_on_hand_made_masks():

@@ -349,7 +349,10 @@ def test_bad_devices_and_an_output_that_is_a_file_are_named(tmp_path, capsys):
     _png(tmp_path / "a.png")
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
+    named = tmp_path / "result.png"  # defect: made a folder named result.png and wrote into it
     cases = [(["-o", str(blocker)], f"the output folder {blocker} is a file; give a folder with -o"),
+             (["-o", str(named)], f"-o {named} names a file, but -o is the output folder (NAME_x4.png is written "
+                                  "into it): give a folder, or make this one first to use it"),
              (["-o", str(tmp_path / "o" / "x4"), "--device", "gpu"], "--device gpu: not a device; use auto, cpu"),
              (["-o", str(tmp_path / "o"), "--text-encoder-device", "bogus"],
               "--text-encoder-device bogus: not a device"),
@@ -357,7 +360,9 @@ def test_bad_devices_and_an_output_that_is_a_file_are_named(tmp_path, capsys):
     for extra, message in cases:
         assert cli.main(["upscale", str(tmp_path / "a.png"), "--kolors", "k", "--checkpoint", "c", *extra]) == 2
         assert message in capsys.readouterr().err
-        assert not (tmp_path / "o").exists()
+        assert not (tmp_path / "o").exists() and not named.exists()
+    named.mkdir()
+    cli.ensure_writable_folder(named)  # a folder of that name made on purpose is taken
 
 
 def test_a_nan_input_is_blamed_on_the_image_not_the_weights(tiny_model):
@@ -556,6 +561,11 @@ def test_the_command_line_wins_over_the_environment_and_two_given_models_conflic
     model = cli.load_model(parse("--kolors", str(tiny_dir["kolors"]), "--checkpoint", checkpoint,
                                  "--prompt-cache", str(tiny_dir["prompt_cache"])))
     assert model.spec.unet.block_out_channels[0] == 8                              # the tiny Kolors model
+    monkeypatch.setenv("TADISR_MODEL", "demoo")  # defect: reported as "--model demoo", a flag never typed
+    with pytest.raises(cli.SetupError, match=r"^TADISR_MODEL \(environment\) demoo: no such file or folder"):
+        cli.load_model(parse())
+    with pytest.raises(cli.SetupError, match=r"^--model demoo: no such file or folder"):
+        cli.load_model(parse("--model", "demoo"))
 
 
 def test_a_missing_prompt_cache_for_a_model_that_runs_alone_names_its_own(tmp_path):

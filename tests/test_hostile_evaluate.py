@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from training import evaluate
@@ -195,3 +196,45 @@ def test_list_limits_the_pairs_to_the_names_it_lists(tmp_path, capsys):
                                        "img_7; is it the list of this split?\n")
     assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--list", str(tmp_path / "nope.txt"), *FAST]) == 2
     assert capsys.readouterr().err == f"error: --list {tmp_path / 'nope.txt'} is not a file\n"
+
+
+def test_nothing_paired_says_why_in_one_line_before_loading_models(tmp_path, capsys, monkeypatch):
+    """Defect: `--pred out` (the predictions in out/tiny), swapped folders or names that do not pair printed an
+    empty table and exited 2 without an error line. Now one line says why, before LPIPS or OCR load."""
+    monkeypatch.setattr("training.lpips.LPIPS", lambda *a, **k: pytest.fail("LPIPS loaded for nothing"))
+    pred, gt = _dirs(tmp_path)
+    (pred / "tiny").mkdir()
+    for name in ("0001", "0002"):
+        Image.fromarray(_photo()).save(gt / f"{name}.png")
+        Image.fromarray(_photo()).save(pred / "tiny" / f"{name}_x4.png")
+    Image.fromarray(_photo()).save(pred / "stray_x4.png")
+
+    def error(*folders) -> str:
+        args = [arg for flag, folder in zip(("--pred", "--gt"), folders) for arg in (flag, str(folder))]
+        assert evaluate.main([*args, "--no-ocr"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1
+        return err.strip()
+
+    head = f"error: nothing to evaluate: no image in --pred {pred} pairs with one in --gt {gt}"
+    assert error(pred, gt) == (f"{head}; the predictions in its sub-folder tiny/ match the ground truth's names: "
+                               f"give --pred {pred / 'tiny'}")
+    assert error(gt, pred / "tiny") == (f"error: nothing to evaluate: no image in --pred {gt} pairs with one in "
+                                        f"--gt {pred / 'tiny'}; with the two folders swapped they pair: give the "
+                                        "predictions as --pred")
+    (pred / "other").mkdir()
+    Image.fromarray(_photo()).save(pred / "other" / "scan_x4.png")
+    assert error(pred / "other", gt) == (
+        f"error: nothing to evaluate: no image in --pred {pred / 'other'} pairs with one in --gt {gt}: a prediction "
+        "NAME.png or NAME_x4.png pairs with ground truth NAME.png (any image suffix, same sub-folder); "
+        "predictions ['scan'], ground truth ['0001', '0002']")
+
+
+def test_pairs_that_all_fail_end_with_an_error_line(tmp_path, capsys):
+    """Defect: every pair failing printed its FAILED lines and exited 2 without an error line."""
+    pred, gt = _dirs(tmp_path)
+    Image.fromarray(_photo(0, (24, 32, 3))).save(gt / "a.png")
+    Image.fromarray(_photo(0, (20, 32, 3))).save(pred / "a.png")
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), *FAST]) == 2
+    out, err = capsys.readouterr()
+    assert "FAILED a:" in out and err == "error: none of the 1 pairs could be evaluated (the FAILED lines say why)\n"

@@ -177,6 +177,11 @@ def test_a_used_folder_needs_resume_and_a_changed_config_needs_force(tmp_path):
         _run(_cfg(out, train__max_steps=2, optim__lr=0.002), resume=True)
     assert _run(_cfg(out, train__max_steps=2, optim__lr=0.002), resume=True, force=True)["step"] == 2
     assert main(["--config", str(TINY), "--output-dir", str(out)]) == 2
+    notes = tmp_path / "notes.txt"  # defect: a file as --output-dir ended in a FileExistsError traceback
+    notes.write_text("mine")
+    with pytest.raises(RunFolderError, match=re.escape(f"the run folder {notes} (train.output_dir, --output-dir) "
+                                                       "is a file; give a folder")):
+        _run(_cfg(notes, train__max_steps=1))
 
 
 def test_a_run_recorded_before_a_key_existed_resumes_without_force():

@@ -25,8 +25,8 @@ def _python_block() -> str:
 
 @pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="the demo model is not in this checkout")
 def test_the_readme_python_example_runs_with_the_demo(tmp_path):
-    """The block as a script of its own (REAL_WEIGHTS = False), in a folder holding sign.png: it writes
-    what the same call in this process gives."""
+    """The block as it stands, a script of its own in a folder holding sign.png: it writes what the same
+    call in this process gives. (Defect: it used a REAL_WEIGHTS it never defined; the test added it.)"""
     from tadisr_core.images import load_image, to_uint8
     from tadisr_core.model_ref import load_model
     from tadisr_core.pipeline import upscale
@@ -36,7 +36,7 @@ def test_the_readme_python_example_runs_with_the_demo(tmp_path):
     Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "sign.png",
                                                                              icc_profile=profile)
     script = tmp_path / "example.py"
-    script.write_text("REAL_WEIGHTS = False\n" + _python_block())
+    script.write_text(_python_block())
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(README.parent)})
     assert run.returncode == 0, run.stderr[-3000:]

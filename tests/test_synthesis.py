@@ -228,7 +228,20 @@ def test_cli_fails_clearly_without_fonts(tmp_path, backgrounds, capsys):
     with pytest.raises(SystemExit):
         synthesize.main(["--backgrounds", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
                          "--count", "1"])
-    assert "image folder not found" in capsys.readouterr().err
+    assert (f"--backgrounds {tmp_path / 'missing'}: no such folder; give a folder of photos or a built-in set: "
+            "skimage, skimage-all") in capsys.readouterr().err  # defect: a typo of skimage-all was not told apart
+
+
+def test_an_output_that_is_a_file_is_named_before_any_work(tmp_path, capsys):
+    """Defect: --out notes.txt ended in a NotADirectoryError traceback (after writing the backgrounds' folder)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out, message in ((notes, f"--out {notes} is a file; give a folder"),
+                         (notes / "set", f"--out {notes / 'set'}: {notes} is a file, not a folder")):
+        with pytest.raises(SystemExit) as e:
+            synthesize.main(["--backgrounds", "skimage", "--out", str(out), "--count", "1", "--size", "64"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert notes.read_text() == "mine"
 
 
 def test_a_set_written_inside_its_backgrounds_folder_is_not_drawn_on_again(tmp_path, backgrounds, fonts, capsys):

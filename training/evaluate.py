@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tadisr_core.images import load_rgb_uint8, walk_images
+from training import command_name
 from training.metrics import SSIM_WINDOW
 
 PSNR_CAP = 100.0  # identical images: report 100 dB (as the official metrics code), not inf
@@ -93,6 +94,27 @@ def pair_images(pred_dir: Path, gt_dir: Path):
         else:
             pairs.append((key, pred[key][0], gt[key][0]))
     return pairs, sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred)), ambiguous
+
+
+def nothing_paired_message(pred_dir: Path, gt_dir: Path, pred_only: list[str], gt_only: list[str]) -> str:
+    """Why no prediction pairs with a ground truth, and the likely fix: predictions one folder down
+    (`--pred out` for `out/tiny/NAME_x4.png`), the two folders swapped, or the naming rule."""
+    head = f"nothing to evaluate: no image in --pred {pred_dir} pairs with one in --gt {gt_dir}"
+    if not pred_only:
+        return f"{head}: --pred holds no predictions (images other than *_text_mask / *_attention)"
+    by_folder: dict[str, int] = {}
+    for key in pred_only:
+        folder, _, rest = key.partition("/")
+        if rest and rest in gt_only:
+            by_folder[folder] = by_folder.get(folder, 0) + 1
+    if by_folder:
+        folder = max(sorted(by_folder), key=by_folder.get)
+        return (f"{head}; the predictions in its sub-folder {folder}/ match the ground truth's names: "
+                f"give --pred {pred_dir / folder}")
+    if pair_images(gt_dir, pred_dir)[0]:
+        return f"{head}; with the two folders swapped they pair: give the predictions as --pred"
+    return (f"{head}: a prediction NAME.png or NAME_x4.png pairs with ground truth NAME.png (any image "
+            f"suffix, same sub-folder); predictions {pred_only[:3]}, ground truth {gt_only[:3]}")
 
 
 def listed_stems(path: Path) -> set[str]:
@@ -264,6 +286,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.list is not None:
         found = keep_listed(found, listed_stems(args.list), args.gt, args.list)
     pairs, pred_only, gt_only, ambiguous = found
+    if not pairs and not ambiguous:  # said before the LPIPS and OCR models load
+        raise ValueError(nothing_paired_message(args.pred, args.gt, pred_only, gt_only))
     lpips_model = None
     if not args.no_lpips:
         from training.lpips import LPIPS
@@ -309,7 +333,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=command_name("training.evaluate"), description=__doc__.split("\n")[0])
     ap.add_argument("--pred", type=Path, required=True, help="folder of super-resolved images")
     ap.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
     ap.add_argument("--json", type=Path, help="write the full report here")
@@ -382,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, report)
     if not report["pairs"]:
+        print(f"error: none of the {len(report['failed'])} pairs could be evaluated (the FAILED lines say why)",
+              file=sys.stderr)
         return 2
     um = report["unmatched"]
     if (um["gt_only"] or um["pred_only"]) and not args.allow_partial:

@@ -18,7 +18,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from tadisr_core.files import folder_target_problem
 from tadisr_core.images import ImageReadError
+from training import command_name
 from training.builders import SKIMAGE_BACKGROUNDS, write_backgrounds
 from training.data.degradation import PRESETS
 from training.data.synthesis import (
@@ -38,7 +40,7 @@ from training.data.synthesis import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.synthesize", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=command_name("training.synthesize"), description=__doc__.split("\n")[0])
     p.add_argument("--backgrounds", required=True, type=Path,
                    help="folder of text-free HR photographs, or skimage / skimage-all (scikit-image's samples)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -94,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                                  **({"font_scale": tuple(args.font_scale)} if args.font_scale else {}))
     except ValueError as e:  # checked before any file is written
         parser.error(f"--size / --scale: {e}")
+    if problem := folder_target_problem(args.out, f"--out {args.out}"):
+        parser.error(problem)
+    if str(args.backgrounds) not in SKIMAGE_BACKGROUNDS and not args.backgrounds.is_dir():
+        parser.error(f"--backgrounds {args.backgrounds}: no such folder; give a folder of photos or a built-in set: "
+                     f"{', '.join(sorted(SKIMAGE_BACKGROUNDS))}")
     try:
         if str(args.backgrounds) in SKIMAGE_BACKGROUNDS:
             folder = args.out / f"backgrounds_{args.backgrounds}"

@@ -49,9 +49,10 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from tadisr_core.files import atomic_path
+from tadisr_core.files import atomic_path, folder_target_problem
 from tadisr_core.images import save_image
 from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL, run_step_folder
+from training import command_name
 from training.bad_samples import DataBroken, data_broken_message
 from training.config import Config, ConfigError, load_config, shipped_configs
 
@@ -181,7 +182,10 @@ def process_change(state: dict, checkpoint: Path, processes: int, batch: int) ->
 
 
 def check_run_folder(out: Path, resume: bool) -> None:
-    """A new run (no --resume) must not mix its metrics and checkpoints with an earlier run's."""
+    """The run folder can be one (not a file), and a new run (no --resume) does not mix its metrics and
+    checkpoints with an earlier run's."""
+    if problem := folder_target_problem(out, f"the run folder {out} (train.output_dir, --output-dir)"):
+        raise RunFolderError(problem)
     used = [p.name for p in (out / "metrics.jsonl", out / RUN_CHECKPOINTS) if p.exists()]
     if used and not resume:
         go_on = ("continue it" if (out / RUN_CHECKPOINTS).exists()
@@ -838,7 +842,7 @@ def lost_process_message(trainer: Trainer) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments of `python -m training.train`."""
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=command_name("training.train"), description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True,
                    help="YAML file, or a shipped config's name (training/configs/*.yaml, installed with the "
                         f"package; from any folder): {', '.join(shipped_configs())}")
