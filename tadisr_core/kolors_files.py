@@ -152,17 +152,18 @@ def is_model_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file() or (folder / "unet").is_dir() or (folder / "config.json").is_file()
 
 
-def walk_folders(root: str | Path, stop=is_model_folder) -> Iterator[Path]:
+def walk_folders(root: str | Path) -> Iterator[Path]:
     """The folders under `root` (not `root` itself), level by level and in name order, following links
-    as ComfyUI's folder lists do (each real folder once); the sub-folders of a folder for which
-    `stop(folder)` is true are not walked into. Files are never opened, nor listed."""
+    as ComfyUI's folder lists do (each real folder once); a model folder's (`is_model_folder`) own
+    sub-folders are not walked into. Files are never opened, nor listed."""
     seen = {os.path.realpath(root)}
     level = [Path(root)]
     while level:
         below = []
         for folder in level:
             try:
-                subs = sorted(e.name for e in os.scandir(folder) if e.is_dir())  # follows links
+                with os.scandir(folder) as entries:
+                    subs = sorted(e.name for e in entries if e.is_dir())  # follows links
             except OSError:
                 continue
             for name in subs:
@@ -172,7 +173,7 @@ def walk_folders(root: str | Path, stop=is_model_folder) -> Iterator[Path]:
                     continue
                 seen.add(real)
                 yield sub
-                if not stop(sub):
+                if not is_model_folder(sub):
                     below.append(sub)
         level = below
 
