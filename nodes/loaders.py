@@ -80,12 +80,12 @@ def _folders(kind: str) -> str:
     return ", ".join(host.model_folders(kind))
 
 
-def resolve_kolors(name: str):
-    """The `KolorsFiles` behind a Kolors choice (`kolors_files.resolve_choice`); its KolorsFolderError
-    (what is missing and where it belongs) passes through unchanged."""
+def resolve_kolors(name: str, dtype: torch.dtype | None = None):
+    """The `KolorsFiles` behind a Kolors choice for a load in `dtype` (`kolors_files.resolve_choice`);
+    its KolorsFolderError (what is missing and where it belongs) passes through unchanged."""
     from tadisr_core.kolors_files import resolve_choice
 
-    return resolve_choice(name, *_kolors_dirs())
+    return resolve_choice(name, *_kolors_dirs(), dtype=dtype)
 
 
 def resolve_checkpoint(name: str) -> str:
@@ -123,15 +123,22 @@ def resolve_prompt_cache(name: str, files) -> str:
 
 
 def text_encoder_source(files, problems: list[str] | None = None):
-    """Where ChatGLM3 is read from to compute a prompt cache: the Kolors folder when it has
-    text_encoder/, else the first ChatGLM3 (folder or single .safetensors file) found in models/LLM,
-    models/LLM/checkpoints or models/diffusers; None if none (why a ChatGLM3 file found there cannot be
-    used goes to `problems`)."""
+    """Where ChatGLM3 is read from to compute a prompt cache: the Kolors folder when its text_encoder/
+    is whole (`prompt.find_text_encoder` finds its weights and tokenizer), else the first ChatGLM3
+    (folder or single .safetensors file) found in models/LLM, models/LLM/checkpoints or models/diffusers;
+    None if none. What the Kolors folder lacks, and why a ChatGLM3 file found there cannot be used,
+    go to `problems`."""
     from tadisr_core.chatglm_file import add_tokenizer_root
-    from tadisr_core.prompt import list_text_encoders
+    from tadisr_core.kolors_files import KolorsFolderError
+    from tadisr_core.prompt import find_text_encoder, list_text_encoders
 
+    problems = [] if problems is None else problems
     if files.root is not None and (files.root / "text_encoder").is_dir():
-        return files.root
+        try:
+            find_text_encoder(files.root)
+            return files.root
+        except KolorsFolderError as exc:  # a partial download: ChatGLM3 from elsewhere
+            problems.append(str(exc))
     if host.comfy_base_path():  # the node packs' tokenizer, when models/ lies outside the ComfyUI tree
         add_tokenizer_root(host.comfy_base_path())
     found = list_text_encoders(*host.llm_folders(), *host.model_folders(host.DIFFUSERS_FOLDER), problems=problems)
@@ -169,7 +176,7 @@ def _ensure_prompt_cache(cache_path: str, files, dev: torch.device) -> None:
     problems: list[str] = []
     source = text_encoder_source(files, problems)
     if source is None:
-        found = f" ({problems[0]})" if problems else ""
+        found = f" ({'; '.join(problems)})" if problems else ""
         raise FileNotFoundError(
             f"TADiSR: the prompt cache {cache_path} does not exist and no usable ChatGLM3 was found to compute "
             f"it{found}: put Kolors' text_encoder/ + tokenizer/ in the Kolors folder, or a ChatGLM3 folder or "
@@ -196,10 +203,11 @@ def _demo_files_key(name: str) -> tuple:
     return file_identity(shipped.checkpoint), file_identity(shipped.prompt_cache)
 
 
-def _resolve(kolors: str, checkpoint: str, prompt_cache: str):
-    """(KolorsFiles, checkpoint path, prompt-cache path) of the loader's choices, and the key of those
-    files: their identities, the prompt cache by its path (the 'auto' one is written by the first load)."""
-    files = resolve_kolors(kolors)
+def _resolve(kolors: str, checkpoint: str, prompt_cache: str, dtype: torch.dtype | None):
+    """(KolorsFiles, checkpoint path, prompt-cache path) of the loader's choices for a load in `dtype`, and
+    the key of those files: their identities, the prompt cache by its path (the 'auto' one is written by
+    the first load)."""
+    files = resolve_kolors(kolors, dtype)
     ckpt_path = resolve_checkpoint(checkpoint)
     cache_path = resolve_prompt_cache(prompt_cache, files)
     return files, ckpt_path, cache_path, (files.key(), file_identity(ckpt_path), os.path.realpath(cache_path))
@@ -224,22 +232,30 @@ def _load_demo(name: str, dt: torch.dtype, dev: torch.device, merge_lora: bool) 
     return get_or_load(key, load)
 
 
+def _device_and_dtype(kolors: str, dtype: str, device: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a load of the Kolors choice `kolors` runs in (`resolve_device`, `resolve_dtype`:
+    auto avoids fp16 for a shipped model that overflows it)."""
+    from tadisr_core import model_ref
+
+    dev = resolve_device(device)
+    shipped = model_ref.shipped_models().get(DEMO_CHOICES.get(kolors, ""))
+    return dev, resolve_dtype(dtype, dev, fp16_safe=shipped is None or shipped.fp16_safe)
+
+
 def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dtype: str = "auto",
                device: str = "auto", merge_lora: bool = True) -> TADiSRHandle:
     """Resolve names to files and load (or reuse) the model. Errors name the file and its folder;
     the Kolors ones (KolorsFolderError, NotKolorsError) are the library's own words."""
     from tadisr_core import model_ref
 
-    dev = resolve_device(device)
-    shipped = model_ref.shipped_models().get(DEMO_CHOICES.get(kolors, ""))
-    dt = resolve_dtype(dtype, dev, fp16_safe=shipped is None or shipped.fp16_safe)
+    dev, dt = _device_and_dtype(kolors, dtype, device)
     if kolors in DEMO_CHOICES:
         try:
             model_ref.check_dtype(DEMO_CHOICES[kolors], dt)
         except ValueError as exc:
             raise ValueError(f"TADiSR: {exc} (dtype auto chooses one for it)") from None
         return _load_demo(DEMO_CHOICES[kolors], dt, dev, merge_lora)
-    files, ckpt_path, cache_path, files_key = _resolve(kolors, checkpoint, prompt_cache)
+    files, ckpt_path, cache_path, files_key = _resolve(kolors, checkpoint, prompt_cache, dt)
     key = (*files_key, str(dt), str(dev), bool(merge_lora))
 
     def load() -> TADiSRHandle:
@@ -257,16 +273,20 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
     return get_or_load(key, load)
 
 
-def fingerprint(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE) -> str | float:
-    """The key of the files the loader would read (as its model cache keys them): a file replaced on
-    disk under the same name is loaded again. An input fed by another node goes by ComfyUI's own rule.
-    NaN (never equal: always run) when a choice does not resolve; running then says why."""
+def fingerprint(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dtype: str = "auto",
+                device: str = "auto") -> str | float:
+    """The key of the files the loader would read (as its model cache keys them; `dtype` and `device` choose
+    among a Kolors folder's fp16 and full-precision weights): a file replaced on disk under the same name
+    is loaded again. An input fed by another node goes by ComfyUI's own rule. NaN (never equal: always
+    run) when a choice does not resolve; running then says why."""
     if not all(isinstance(v, str) for v in (kolors, checkpoint, prompt_cache)):
         return "linked"  # ComfyUI passes None for an input fed by another node
     try:
         if kolors in DEMO_CHOICES:
             return repr(_demo_files_key(DEMO_CHOICES[kolors]))
-        return repr(_resolve(kolors, checkpoint, prompt_cache)[-1])
+        linked = not isinstance(dtype, str) or not isinstance(device, str)
+        dt = None if linked else _device_and_dtype(kolors, dtype, device)[1]
+        return repr(_resolve(kolors, checkpoint, prompt_cache, dt)[-1])
     except (OSError, ValueError):  # KolorsFolderError is an OSError, NotKolorsError a ValueError
         return float("nan")
 

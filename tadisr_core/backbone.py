@@ -19,8 +19,8 @@ __all__ = ["KolorsFiles", "KolorsFolderError", "NotKolorsError", "build_unet", "
            "load_unet", "load_vae"]
 
 
-def _files(source) -> KolorsFiles:
-    return source if isinstance(source, KolorsFiles) else find_kolors_files(source)
+def _files(source, dtype: torch.dtype | None = None) -> KolorsFiles:
+    return source if isinstance(source, KolorsFiles) else find_kolors_files(source, dtype=dtype)
 
 
 def build_unet(spec: UNetSpec, device: str | torch.device = "cpu"):
@@ -56,7 +56,7 @@ def load_unet(source: str | Path | KolorsFiles, dtype: torch.dtype | None = torc
     """The Kolors UNet from a Kolors folder or KolorsFiles, built on meta and streamed in `dtype`
     (None keeps the file's dtype). Checked to be Kolors first (NotKolorsError otherwise)."""
     if checked is None:
-        files = _files(source)
+        files = _files(source, dtype)
         checked = check_unet(files.unet, files.unet_config)
     return _load(checked, build_unet, dtype)
 
@@ -65,6 +65,6 @@ def load_vae(source: str | Path | KolorsFiles, dtype: torch.dtype | None = torch
              checked: CheckedPart | None = None):
     """The SDXL-type VAE from a Kolors folder or KolorsFiles, streamed in `dtype`."""
     if checked is None:
-        files = _files(source)
+        files = _files(source, dtype)
         checked = check_vae(files.vae, files.vae_config)
     return _load(checked, build_vae, dtype)

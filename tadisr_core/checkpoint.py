@@ -38,7 +38,6 @@ from .streaming import (
     is_safetensors,
     load_torch_file,
     unreadable_format,
-    weights_format,
 )
 
 NATIVE_FORMAT = "tadisr/1"
@@ -611,31 +610,18 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
-def _rereadable_torch_file(path: Path) -> bool:
-    """Whether `path` is a torch zip whose pickle passes the bounded scan (`safe_pickle`), so that its
-    tensor table may be read again with torch's weights-only loader."""
-    from .safe_pickle import scan_torch_zip
-
-    if weights_format(path) != "zip":
-        return False
-    try:
-        scan_torch_zip(path, verify_crc=False)
-    except (ValueError, OSError):
-        return False
-    return True
-
-
 def other_weights(path: str | Path) -> str | None:
     """What a weights file that is not a TADiSR checkpoint is, when it is one of the files TADiSR
     also takes (a Kolors UNet, an SDXL VAE, an all-in-one Kolors checkpoint, ChatGLM3), and how to
     pass it; None for anything else. Safetensors headers are read, and the tensor tables of torch zips
     whose pickle passes the scan (a pickle the scan refused is never opened again)."""
     from .chatglm_file import is_chatglm_file, quantized_bits
-    from .kolors_files import KolorsFolderError
+    from .kolors_files import KolorsFolderError, config_beside
     from .kolors_identity import check_unet, check_vae, holds_vae
+    from .safe_pickle import rereadable_torch_zip
 
     path = Path(path)
-    if not is_safetensors(path) and not _rereadable_torch_file(path):
+    if not is_safetensors(path) and not rereadable_torch_zip(path):
         return None
     if is_chatglm_file(path):
         try:
@@ -645,10 +631,10 @@ def other_weights(path: str | Path) -> str | None:
         kind = f" ({bits}-bit)" if bits else ""
         return (f"it is the ChatGLM3 text encoder{kind}: pass it as --text-encoder, or to `tadisr prompt-cache "
                 f"--kolors`")
-    config = path.parent / "config.json"  # a component folder's (unet/, vae/)
+    config = config_beside(path)  # a component folder's (unet/, vae/)
     for check, what in ((check_unet, "a Kolors UNet"), (check_vae, "an SDXL VAE")):
         try:
-            check(path, config if config.is_file() else None)
+            check(path, config)
         except (ValueError, OSError):  # not this part (NotKolorsError), or unreadable
             continue
         if check is check_unet and holds_vae(path):

@@ -17,13 +17,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .files import file_identity, read_json_object
-from .streaming import SAFETENSORS_SUFFIXES, shards_folder
+from .safe_pickle import rereadable_torch_zip
+from .streaming import SAFETENSORS_SUFFIXES, is_safetensors, shards_folder
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 WEIGHT_EXTS = (".safetensors", ".bin")
-SINGLE_FILE_EXTS = SAFETENSORS_SUFFIXES
+TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")  # torch zips, read with the weights-only loader after the pickle scan
+SINGLE_FILE_EXTS = SAFETENSORS_SUFFIXES + TORCH_EXTS
+FP16_VARIANT_DTYPES = ("float16", "float8_e4m3fn", "float8_e5m2")  # loads that read the fp16 variant first
 VAE_PART = " + vae/"  # starts a choice name's VAE part; split at the last one (a file name may hold " + ")
 VAE_HINT = ("the Kolors VAE is the SDXL VAE: pass --vae FILE|DIR (e.g. sdxl_vae.safetensors; in ComfyUI "
             "put it in models/vae)")
@@ -49,9 +53,12 @@ class KolorsFiles:
         return file_identity(self.unet), file_identity(self.vae)
 
 
-def weights_file(folder: Path) -> Path | None:
-    """The weights file of a diffusers component folder (fp16 variant preferred, as shipped)."""
-    for variant in (".fp16", ""):
+def weights_file(folder: Path, dtype=None) -> Path | None:
+    """The weights file of a diffusers component folder for a load in `dtype` (a torch dtype): the fp16
+    variant first for fp16 and fp8 loads, the full-precision file first otherwise (fp32, bf16, None),
+    .safetensors before .bin within a variant."""
+    fp16_first = dtype is not None and str(dtype).removeprefix("torch.") in FP16_VARIANT_DTYPES
+    for variant in ((".fp16", "") if fp16_first else ("", ".fp16")):
         for name in WEIGHT_NAMES:
             for ext in WEIGHT_EXTS:
                 p = folder / f"{name}{variant}{ext}"
@@ -60,16 +67,24 @@ def weights_file(folder: Path) -> Path | None:
     return None
 
 
-def _component(path: Path, sub: str) -> tuple[Path, Path | None]:
+def config_beside(weights: Path) -> Path | None:
+    """The config.json beside a weights file (a diffusers component folder's), which settles what the
+    weights alone cannot (an SD 1.x VAE's scaling factor); None when there is none."""
+    config = weights.parent / "config.json"
+    return config if config.is_file() else None
+
+
+def _component(path: Path, sub: str, dtype=None) -> tuple[Path, Path | None]:
     """(weights, config) of a --unet/--vae argument: a file, a component folder or a Kolors folder (the
-    *.index.json of sharded weights stands for its folder)."""
+    *.index.json of sharded weights stands for its folder); a folder's weights file as `weights_file`
+    chooses it for a load in `dtype`."""
     path = shards_folder(path)
     if path.is_file():
-        return path, None
+        return path, config_beside(path)
     if not path.is_dir():
         raise KolorsFolderError(f"{sub} weights not found: {path}")
     folder = path / sub if (path / sub).is_dir() and not (path / "config.json").is_file() else path
-    weights = weights_file(folder)
+    weights = weights_file(folder, dtype)
     if weights is None:
         shards = sorted(folder.glob("diffusion_pytorch_model*.index*.json"))  # *.index.fp16.json: a variant's
         if shards:
@@ -80,16 +95,28 @@ def _component(path: Path, sub: str) -> tuple[Path, Path | None]:
                                     f"{sub}/ as published")
         raise KolorsFolderError(f"no weights in {folder}: expected diffusion_pytorch_model[.fp16].safetensors "
                                 f"(or .bin) from Kwai-Kolors/Kolors/{sub}/")
-    config = folder / "config.json"
-    return weights, config if config.is_file() else None
+    return weights, config_beside(weights)
+
+
+def _part_dtypes(dtype) -> dict:
+    """The dtype each part's weights are read in for a load in `dtype` (`descriptor.part_dtypes`: the VAE of
+    an fp16 load is fp32), the UNet's as stored; {} when the dtype is not known."""
+    if dtype is None:
+        return {}
+    from .descriptor import part_dtypes
+
+    return {"unet": dtype, "vae": part_dtypes(dtype)["vae"]}
 
 
 def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None = None,
-                      vae: str | Path | None = None) -> KolorsFiles:
-    """The UNet and VAE files from a Kolors folder and/or explicit --unet / --vae paths (which win).
+                      vae: str | Path | None = None, dtype=None) -> KolorsFiles:
+    """The UNet and VAE files from a Kolors folder and/or explicit --unet / --vae paths (which win); of a
+    folder holding both the full-precision and the fp16-variant weights, the file `weights_file` chooses
+    for the dtype each part is loaded in when the model is loaded in `dtype` (a torch dtype).
 
     Raises KolorsFolderError naming the missing piece and what belongs there.
     """
+    dtypes = _part_dtypes(dtype)
     root = Path(kolors) if kolors else None
     if root is not None and root.is_file():
         raise KolorsFolderError(f"--kolors {root} is a file, not a Kolors folder: pass a Kolors UNet file (or an "
@@ -100,7 +127,7 @@ def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None 
     parts = {}
     for sub, given in (("unet", unet), ("vae", vae)):
         if given:
-            parts[sub] = _component(Path(given), sub)
+            parts[sub] = _component(Path(given), sub, dtypes.get(sub))
         elif sub == "vae" and unet and (root is None or not (root / sub).is_dir()) and _holds_vae(parts["unet"][0]):
             parts[sub] = (parts["unet"][0], None)  # an all-in-one checkpoint's own VAE
         elif root is None:
@@ -114,11 +141,43 @@ def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None 
                 raise KolorsFolderError(f"{folder / 'config.json'} is missing: {root} is not a complete Kolors "
                                         f"diffusers folder (needs unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
                                         f"or pass --{sub} FILE|DIR)")
-            parts[sub] = _component(folder, sub)
+            parts[sub] = _component(folder, sub, dtypes.get(sub))
     return KolorsFiles(parts["unet"][0], parts["vae"][0], parts["unet"][1], parts["vae"][1], root)
 
 
 # -- the ComfyUI loader's list --------------------------------------------------------------------
+def is_model_folder(folder: Path) -> bool:
+    """Whether `folder` is one model's folder (a diffusers pipeline: model_index.json or unet/; a
+    transformers or component folder: config.json), whose own sub-folders are its parts."""
+    return (folder / "model_index.json").is_file() or (folder / "unet").is_dir() or (folder / "config.json").is_file()
+
+
+def walk_folders(root: str | Path) -> Iterator[Path]:
+    """The folders under `root` (not `root` itself), level by level and in name order, following links
+    as ComfyUI's folder lists do (each real folder once); a model folder's (`is_model_folder`) own
+    sub-folders are not walked into. Files are never opened, nor listed."""
+    seen = {os.path.realpath(root)}
+    level = [Path(root)]
+    while level:
+        below = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as entries:
+                    subs = sorted(e.name for e in entries if e.is_dir())  # follows links
+            except OSError:
+                continue
+            for name in subs:
+                sub = folder / name
+                real = os.path.realpath(sub)
+                if real in seen:
+                    continue
+                seen.add(real)
+                yield sub
+                if not is_model_folder(sub):
+                    below.append(sub)
+        level = below
+
+
 def _is_kolors_unet_folder(folder: Path) -> bool:
     """Whether `folder` (a diffusers folder's unet/) holds a Kolors UNet's config.json; a damaged one is
     logged and passed over."""
@@ -147,20 +206,30 @@ def _files(dirs, exts) -> dict[str, Path]:
     return dict(sorted(out.items()))
 
 
-_CHECKED: dict[tuple, bool] = {}  # (check, path, size, mtime) -> passed: a refreshed list re-checks changed files only
+_CHECKED: dict[tuple, bool] = {}  # (check, file version, config version) -> passed: changed files are re-checked
+_SAID: set[str] = set()  # what the listing has logged once
+
+
+def _version(path: Path | None) -> tuple | None:
+    st = path.stat() if path is not None else None
+    return (str(path), st.st_size, st.st_mtime_ns) if st is not None else None
 
 
 def _quick(check, path: Path) -> bool:
-    """Whether `check(path)` passes, cached per file version; a file that fails any way is left out
-    of the list (never the whole list), and why is logged."""
+    """Whether `check(path, config)` passes (with the config.json beside the file, `config_beside`),
+    cached per file version; a torch file is opened only when its pickle passes the bounded scan
+    (`safe_pickle`). A file that fails any way is left out of the list (never the whole list), and why
+    is logged."""
     try:
-        st = path.stat()
+        config = config_beside(path)
+        key = (check.__name__, _version(path), _version(config))
     except OSError:
         return False
-    key = (check.__name__, str(path), st.st_size, st.st_mtime_ns)
     if key not in _CHECKED:
         try:
-            check(path)
+            if not is_safetensors(path) and not rereadable_torch_zip(path):
+                raise ValueError("not safetensors, nor a torch zip whose pickle passes the scan")
+            check(path, config)
             _CHECKED[key] = True
         except (ValueError, OSError, KeyError) as exc:  # another model's file, or unreadable
             log.debug("%s is not listed: %s", path, exc)
@@ -207,12 +276,10 @@ def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint
 
     folders, no_vae = [], []
     for root in diffusers_dirs:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for sub in sorted(root.iterdir()):
-            if sub.is_dir() and _is_kolors_unet_folder(sub / "unet"):
-                (folders if (sub / "vae" / "config.json").is_file() else no_vae).append(sub.name)
+        for sub in walk_folders(root):
+            if _is_kolors_unet_folder(sub / "unet"):
+                name = sub.relative_to(root).as_posix()
+                (folders if (sub / "vae" / "config.json").is_file() else no_vae).append(name)
     singles = {prefix: _kolors_unet_files(dirs) for prefix, dirs in (("unet/", unet_dirs),
                                                                     ("checkpoints/", checkpoint_dirs))}
     alone = {p for files in singles.values() for p in files.values() if _quick(check_vae, p)}  # VAE inside
@@ -220,6 +287,10 @@ def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint
     vaes = list(_sdxl_vae_files(vae_dirs)) if need_vae else []
     out = sorted(set(folders))
     out += [f"{f}{VAE_PART}{v}" for f in sorted(set(no_vae)) for v in vaes]
+    for f in () if vaes else sorted(set(no_vae) - _SAID):
+        _SAID.add(f)
+        log.warning("Kolors folder %s has no vae/ and no SDXL VAE was found in models/vae (%s), so it is not "
+                    "listed: put the SDXL VAE (e.g. sdxl_vae.safetensors) there", f, ", ".join(map(str, vae_dirs)))
     for prefix, files in singles.items():
         for name, path in files.items():
             out += [f"{prefix}{name}"] if path in alone else [f"{prefix}{name}{VAE_PART}{v}" for v in vaes]
@@ -237,9 +308,11 @@ def _find(dirs, rel: str, folder: bool = False) -> Path | None:
     return None
 
 
-def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint_dirs=()) -> KolorsFiles:
+def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint_dirs=(), *,
+                   dtype=None) -> KolorsFiles:
     """The files behind a name from `list_kolors_candidates` (also a bare folder name, as saved in
-    older workflows). Raises KolorsFolderError saying where the missing part belongs."""
+    older workflows), for a load in `dtype` (`find_kolors_files`). Raises KolorsFolderError saying
+    where the missing part belongs."""
     first, part, rel = (name or "").rpartition(VAE_PART)
     if not part:  # no VAE part
         first, rel = rel, ""
@@ -258,10 +331,10 @@ def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpo
                                     f"({', '.join(map(str, dirs))})")
         if vae is None and not _holds_vae(unet):
             raise KolorsFolderError(f"'{name}': a single UNet file needs a VAE file too ({VAE_HINT})")
-        return find_kolors_files(None, unet, vae)
+        return find_kolors_files(None, unet, vae, dtype)
     folder = _find(diffusers_dirs, first, folder=True) if first else None
     if folder is None:
         raise KolorsFolderError(f"Kolors folder '{first}' not found in models/diffusers "
                                 f"({', '.join(map(str, diffusers_dirs))}): put the Kolors diffusers folder "
                                 "(unet/, vae/ or a separate SDXL VAE, text_encoder/, tokenizer/) there")
-    return find_kolors_files(folder, None, vae)
+    return find_kolors_files(folder, None, vae, dtype)

@@ -141,7 +141,7 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     check_offload(offload)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae)
+    files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae, dtype)
     unet_part, vae_part = check_backbone(files)
     load_dtype = _load_dtype(dtype)
     wide = part_dtypes(load_dtype)["vae"]

@@ -291,7 +291,7 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
     from .loading import load_tadisr
 
     try:
-        base = find_kolors_files(kolors, unet, vae)
+        base = find_kolors_files(kolors, unet, vae, dtype)
     except KolorsFolderError as e:
         if not recorded:
             raise

@@ -162,6 +162,7 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
         return root, find_tokenizer(root)
     if (root / "config.json").is_file() and (root / "tokenizer.model").is_file():
         _require_chatglm_config(root / "config.json")
+        _require_weights(root)
         return root, root
     if not root.is_dir():
         raise KolorsFolderError(f"ChatGLM3 not found: {root} (give a Kolors folder, its text_encoder folder, a "
@@ -174,6 +175,7 @@ def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
                                     f"Kolors' ChatGLM3 {folder.name}/ (or a ChatGLM3 folder with config.json and "
                                     f"tokenizer.model, chatglm3-fp16.safetensors, or a precomputed prompt cache)")
     _require_chatglm_config(encoder / "config.json")
+    _require_weights(encoder)
     return encoder, tokenizer
 
 
@@ -193,31 +195,76 @@ def _require_chatglm_config(config: Path) -> None:
                                 f"chatglm3-fp16.safetensors)")
 
 
-def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
-    """Folders and ChatGLM3 `.safetensors` files (directly under `dirs`, e.g. ComfyUI's models/LLM
-    and models/diffusers) from which `find_text_encoder` can load ChatGLM3, in order, 8-bit files
-    after full-precision ones; a missing folder is skipped. Why a ChatGLM3 file cannot be used (no
-    tokenizer, 4-bit) is appended to `problems`."""
-    from .chatglm_file import is_chatglm_file, quantized_bits
+# what from_pretrained reads from a ChatGLM3 folder, in its order ({v}: the variant, `_weights_variant`)
+_WEIGHT_FILES = ("model{v}.safetensors", "model.safetensors.index{v}.json", "pytorch_model{v}.bin",
+                 "pytorch_model.bin.index{v}.json")
+
+
+def _require_weights(folder: Path) -> None:
+    """KolorsFolderError unless `folder` holds ChatGLM3's weights whole: the weights file that
+    from_pretrained reads, or every shard its *.index.json lists (a download of the JSON files alone
+    has the index but no shard)."""
+    from .files import read_json_object
     from .kolors_files import KolorsFolderError
 
-    found, eight_bit = [], set()
-    for root in dirs:
-        root = Path(root)
+    variant = _weights_variant(folder)
+    for name in (n.format(v=f".{variant}" if variant else "") for n in _WEIGHT_FILES):
+        index = folder / name
+        if not index.is_file():
+            continue
+        if not name.endswith(".json"):
+            return
+        try:
+            weight_map = read_json_object(index, "download it again").get("weight_map")
+        except (OSError, ValueError) as exc:
+            raise KolorsFolderError(str(exc)) from None
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        missing = [str(s) for s in shards if not (folder / str(s)).is_file()] or (["any shard"] if not shards else [])
+        if missing:
+            what = missing[0] + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            raise KolorsFolderError(f"{folder} lacks {what} of the ChatGLM3 weights listed in {name}: download "
+                                    f"them into {folder.name}/ (Kwai-Kolors/Kolors), or use another ChatGLM3 "
+                                    f"(chatglm3-fp16.safetensors) or a precomputed prompt cache")
+        return
+    raise KolorsFolderError(f"{folder} holds no ChatGLM3 weights (model.safetensors, pytorch_model.bin or the "
+                            f"shards of their *.index.json): download them into {folder.name}/ (Kwai-Kolors/Kolors), "
+                            f"or use another ChatGLM3 (chatglm3-fp16.safetensors) or a precomputed prompt cache")
+
+
+def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
+    """Folders and ChatGLM3 `.safetensors` files under `dirs` (e.g. ComfyUI's models/LLM and
+    models/diffusers, their sub-folders too as ComfyUI lists them, but not a model folder's own parts:
+    `kolors_files.walk_folders`) from which `find_text_encoder` can load ChatGLM3, in order: each
+    folder's entries by name, the folders level by level, 8-bit files after full-precision ones; a
+    missing folder is skipped. Files are read directly under `dirs` whatever their names, below them
+    when named .safetensors / .sft. Why a ChatGLM3 file cannot be used (no tokenizer, 4-bit) is
+    appended to `problems`."""
+    from .chatglm_file import is_chatglm_file, quantized_bits
+    from .kolors_files import KolorsFolderError, is_model_folder, walk_folders
+    from .streaming import SAFETENSORS_SUFFIXES
+
+    found, eight_bit = {}, set()
+    for root in map(Path, dirs):
         if not root.is_dir():
             continue
-        for sub in sorted(root.iterdir()):
-            if not sub.is_dir() and not is_chatglm_file(sub):
-                continue
+        for folder in (root, *(f for f in walk_folders(root) if not is_model_folder(f))):
             try:
-                find_text_encoder(sub)  # a 4-bit file is refused here, not after the user chose it
-                if sub.is_file() and quantized_bits(sub) == 8:
-                    eight_bit.add(sub)
-            except KolorsFolderError as exc:
-                if sub.is_file() and problems is not None:
-                    problems.append(str(exc))
+                entries = sorted(folder.iterdir())
+            except OSError:
                 continue
-            found.append(sub)
+            for sub in entries:
+                named = folder == root or sub.name.lower().endswith(SAFETENSORS_SUFFIXES)  # below: as ComfyUI lists
+                if sub in found or not sub.is_dir() and not (named and is_chatglm_file(sub)):
+                    continue
+                try:
+                    find_text_encoder(sub)  # a 4-bit file is refused here, not after the user chose it
+                    if sub.is_file() and quantized_bits(sub) == 8:
+                        eight_bit.add(sub)
+                except KolorsFolderError as exc:
+                    if sub.is_file() and problems is not None and str(exc) not in problems:
+                        problems.append(str(exc))
+                    continue
+                found[sub] = None
     return sorted(found, key=lambda p: p in eight_bit)  # stable: the order above otherwise
 
 

@@ -324,6 +324,16 @@ def scan_torch_zip(path: str | Path, *, verify_crc: bool = True) -> dict[str, in
         raise UnsafePickleError(f"{path}: cannot be read, truncated or corrupt ({exc})") from None
 
 
+def rereadable_torch_zip(path: str | Path) -> bool:
+    """Whether `path` is a torch zip whose pickle passes the bounded scan (CRCs not read), so that its
+    tensor table may be read with torch's weights-only loader without being asked for."""
+    try:
+        scan_torch_zip(path, verify_crc=False)
+    except (ValueError, OSError):  # refused, not a zip (safetensors, a legacy pickle...), unreadable
+        return False
+    return True
+
+
 def _check_crc(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:
     with zf.open(info) as f:  # ZipExtFile checks the CRC-32 when the record has been read to its end
         while f.read(_CHUNK):

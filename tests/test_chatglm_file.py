@@ -2,6 +2,7 @@
 the prompt cache it makes equals the Kolors folder's, its tokenizer is found where those packs keep it,
 the full-size structure follows from the shapes, and files that cannot serve are named."""
 
+import json
 import shutil
 
 import pytest
@@ -358,3 +359,62 @@ def test_the_node_packs_tokenizer_is_chatglms_kolors_mz_and_kwaikolorswrapper_fi
         assert find_tokenizer(elsewhere) == nodes / "B-another-chatglm" / "configs" / "tokenizer"
     finally:
         chatglm_file._TOKENIZER_ROOTS[:] = roots
+
+
+def _json_only_text_encoder(tiny_dir, folder):
+    """A Kolors folder whose ChatGLM3 weights were not downloaded (unet/ vae/ tokenizer/ and *.json only):
+    text_encoder/ holds config.json and the shard index, no shard."""
+    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    names = [f"pytorch_model-0000{i}-of-00007.bin" for i in range(1, 8)]
+    index = {"metadata": {}, "weight_map": {f"transformer.t{i}": name for i, name in enumerate(names)}}
+    (folder / "text_encoder" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_a_text_encoder_without_its_shards_is_named_not_loaded(tiny_dir, tmp_path, capsys):
+    """Defect: a text_encoder/ holding only its config and shard index counted as ChatGLM3; computing the
+    prompt cache ended in a raw FileNotFoundError of a shard ([Errno 2] on the command line)."""
+    from tadisr_core import cli
+
+    kolors = _json_only_text_encoder(tiny_dir, tmp_path / "Kolors")
+    with pytest.raises(KolorsFolderError, match=r"^\S+Kolors/text_encoder lacks pytorch_model-00001-of-00007.bin "
+                                                r"and 6 more of the ChatGLM3 weights listed in "
+                                                r"pytorch_model.bin.index.json: download them into text_encoder/"):
+        find_text_encoder(kolors)
+    assert list_text_encoders(tmp_path) == []
+    code = cli.main(["prompt-cache", "--kolors", str(kolors), "-o", str(tmp_path / "cache.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_SETUP and len(err.splitlines()) == 1 and "Errno" not in err
+    assert "text_encoder lacks pytorch_model-00001-of-00007.bin and 6 more" in err
+    for i in range(1, 8):  # the shards downloaded: whole again (what they hold is from_pretrained's to read)
+        (kolors / "text_encoder" / f"pytorch_model-0000{i}-of-00007.bin").write_bytes(b"")
+    assert find_text_encoder(kolors) == (kolors / "text_encoder", kolors / "tokenizer")
+    (kolors / "text_encoder" / "pytorch_model.bin.index.json").unlink()
+    with pytest.raises(KolorsFolderError, match=r"text_encoder holds no ChatGLM3 weights \(model.safetensors, "
+                                                r"pytorch_model.bin or the shards of their \*.index.json\)"):
+        find_text_encoder(kolors)
+
+
+def test_chatglm3_in_sub_folders_of_models_llm_is_found_as_comfyui_lists_it(tiny_dir, tmp_path):
+    """Defect: models/LLM/chatglm3/chatglm3-fp16.safetensors (Kolors-MZ's loader lists sub-folders, as
+    ComfyUI does) was not found: only the top level was read. Top-level entries still come first, 8-bit
+    files last, and a model folder's own files (the shards of a ChatGLM3 folder) are not read as files."""
+    llm = tmp_path / "LLM"
+    nested = _single_file(tiny_dir, llm / "chatglm3" / "chatglm3-fp16.safetensors")
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", nested.parent, dirs_exist_ok=True)
+    eight = _single_file(tiny_dir, llm / "a" / "chatglm3-8bit.safetensors", lambda t: _quantized(t, 8)[0])
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", eight.parent, dirs_exist_ok=True)
+    deeper = _single_file(tiny_dir, llm / "b" / "c" / "chatglm3.safetensors")
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", deeper.parent, dirs_exist_ok=True)
+    (llm / "b" / "c" / "chatglm3.bin").write_bytes(deeper.read_bytes())  # below the top: read by name, as listed
+    top = _single_file(tiny_dir, llm / "z-chatglm3-fp16.safetensors")
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", llm, dirs_exist_ok=True)
+    sharded = llm / "chatglm3-6b"  # a ChatGLM3 folder whose weights are one shard (its own file, not a source)
+    shutil.copytree(tiny_dir["kolors"] / "text_encoder", sharded)
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", sharded, dirs_exist_ok=True)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {"embedding.word_embeddings.weight": "model-00001-of-00001.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    problems = []
+    assert list_text_encoders(llm, llm / "b", problems=problems) == [sharded, top, nested, deeper, eight]
+    assert problems == []

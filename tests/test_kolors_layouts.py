@@ -718,3 +718,122 @@ def test_weight_files_are_told_apart_by_their_bytes_not_their_names(layouts, tin
         assert code == cli.EXIT_SETUP and len(err) == 1 and weights[1] in err[0], (weights, err)
     with pytest.raises(ValueError, match=re.escape(f"{gguf} is a GGUF file")):
         load_checkpoint(gguf)
+
+
+# -- where users keep their files (ComfyUI's folder lists) ---------------------------------------------
+def test_kolors_folders_below_the_top_of_models_diffusers_are_listed_by_their_path(layouts, tiny_dir, tmp_path):
+    """Defect: a Kolors folder deeper than one level (models/diffusers/Kwai-Kolors/Kolors, or the Hugging Face
+    cache's models--Kwai-Kolors--Kolors/snapshots/<hash>) was not listed, though ComfyUI's DiffusersLoader lists
+    it. A found model folder's own sub-folders are not walked into."""
+    diffusers = tmp_path / "diffusers"
+    shutil.copytree(tiny_dir["kolors"], diffusers / "Kwai-Kolors" / "Kolors")
+    shutil.copytree(tiny_dir["kolors"], diffusers / "models--Kwai-Kolors--Kolors" / "snapshots" / "abc123")
+    shutil.copytree(layouts["no_vae"], diffusers / "kijai" / "Kolors")
+    shutil.copytree(tiny_dir["kolors"], diffusers / "Kolors")
+    shutil.copytree(tiny_dir["kolors"], diffusers / "Kolors" / "extra" / "Kolors-copy")  # inside a found folder
+    (diffusers / "loop").symlink_to(diffusers)  # a link back up is followed once
+    dirs = [diffusers], [], [layouts["root"] / "vae"], []
+    names = list_kolors_candidates(*dirs)
+    assert names == ["Kolors", "Kwai-Kolors/Kolors", "models--Kwai-Kolors--Kolors/snapshots/abc123",
+                     "kijai/Kolors + vae/sdxl_vae.safetensors", "kijai/Kolors + vae/sdxl_vae_ldm.safetensors"]
+    assert resolve_choice("models--Kwai-Kolors--Kolors/snapshots/abc123", *dirs) == \
+        find_kolors_files(diffusers / "models--Kwai-Kolors--Kolors" / "snapshots" / "abc123")
+    from tadisr_core.prompt import list_text_encoders
+
+    assert list_text_encoders(diffusers) == [diffusers / "Kolors", diffusers / "Kwai-Kolors" / "Kolors",
+                                             diffusers / "kijai" / "Kolors",
+                                             diffusers / "models--Kwai-Kolors--Kolors" / "snapshots" / "abc123"]
+
+
+def test_torch_format_unets_and_vaes_are_listed_when_their_pickle_passes_the_scan(layouts, tiny_dir, tmp_path,
+                                                                                    caplog):
+    """Defect: UNet / VAE weights as .bin / .pt / .ckpt / .pth, which the CLI loads, were never listed, and a
+    Kolors folder without vae/ then vanished from the list without a word. Torch zips are listed once the
+    bounded pickle scan passes them; a legacy (pre-zip) pickle, which cannot be scanned, is not opened."""
+    import logging
+
+    from tests.hostile_files import dag_key_pickle, torch_zip
+
+    kolors = tiny_dir["kolors"]
+    models = tmp_path / "models"
+    shutil.copytree(layouts["no_vae"], models / "diffusers" / "KolorsNoVae")
+    (models / "vae").mkdir()
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        for _ in range(2):
+            assert list_kolors_candidates([models / "diffusers"], [], [models / "vae"]) == []
+    said = [r.getMessage() for r in caplog.records if "KolorsNoVae" in r.getMessage()]
+    assert said == [f"Kolors folder KolorsNoVae has no vae/ and no SDXL VAE was found in models/vae ({models / 'vae'}),"
+                    f" so it is not listed: put the SDXL VAE (e.g. sdxl_vae.safetensors) there"]
+    for sub, folder, name in (("unet", "unet", "kolors.ckpt"), ("vae", "vae", "sdxl_vae.pt"),
+                              ("vae", "vae", "sdxl_vae.pth"), ("vae", "vae", "diffusion_pytorch_model.bin")):
+        part = models / folder / name.split(".")[0] / name  # each with its config.json beside it
+        part.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(kolors / sub / "config.json", part.parent)
+        torch.save(load_file(kolors / sub / "diffusion_pytorch_model.safetensors"), part)
+    legacy = models / "vae" / "sdxl_vae" / "legacy.pt"
+    torch.save(load_file(kolors / "vae" / "diffusion_pytorch_model.safetensors"), legacy,
+               _use_new_zipfile_serialization=False)
+    torch_zip(models / "vae" / "sdxl_vae" / "hostile.pt", dag_key_pickle(8))
+    vaes = ["diffusion_pytorch_model/diffusion_pytorch_model.bin", "sdxl_vae/sdxl_vae.pt", "sdxl_vae/sdxl_vae.pth"]
+    dirs = [models / "diffusers"], [models / "unet"], [models / "vae"], []
+    names = list_kolors_candidates(*dirs)
+    assert names == [f"KolorsNoVae + vae/{v}" for v in vaes] + [f"unet/kolors/kolors.ckpt + vae/{v}" for v in vaes]
+    files = resolve_choice(names[-1], *dirs)
+    assert files == KolorsFiles(models / "unet" / "kolors" / "kolors.ckpt", models / "vae" / "sdxl_vae" /
+                                "sdxl_vae.pth", models / "unet" / "kolors" / "config.json",
+                                models / "vae" / "sdxl_vae" / "config.json")
+    a, b = load_unet(files, torch.float32), load_unet(find_kolors_files(kolors), torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_config_json_beside_a_weights_file_is_read_by_the_list_and_the_cli(layouts, sd15_folder, tmp_path):
+    """Defect: an SD 1.x VAE kept as a diffusers folder in models/vae (config.json: scaling_factor 0.18215) was
+    listed and loaded through its inner file without its config, as if it were the SDXL VAE; the CLI refused
+    the folder but took the inner file."""
+    vae_dir = tmp_path / "vae"
+    shutil.copytree(sd15_folder / "vae", vae_dir / "sd-vae-ft-mse")
+    shutil.copy(layouts["vae_file"], vae_dir)
+    inner = vae_dir / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors"
+    (tmp_path / "unet").mkdir()
+    shutil.copy(layouts["unet_file"], tmp_path / "unet")
+    assert list_kolors_candidates([], [tmp_path / "unet"], [vae_dir]) == [
+        "unet/kolors_unet.safetensors + vae/sdxl_vae.safetensors"]
+    for given in (inner.parent, inner):
+        files = find_kolors_files(None, layouts["unet_file"], given)
+        assert (files.vae, files.vae_config) == (inner, inner.parent / "config.json")
+        with pytest.raises(NotKolorsError, match=re.escape(f"{inner}: not a Kolors VAE (the SDXL VAE): expected "
+                                                           f"scaling_factor 0.13025 (the SDXL VAE); found 0.18215.")):
+            load_tadisr(files, "unused.pkl", "unused.safetensors")
+
+
+def test_a_folders_full_precision_weights_are_read_unless_the_load_is_fp16_or_fp8(tiny_dir, tmp_path):
+    """Defect: diffusion_pytorch_model.fp16.safetensors was read before the full-precision file beside it for
+    any dtype (an fp32 load carried fp16 rounding), and a *.fp16.bin before a plain .safetensors. Each part's
+    file follows the dtype it is loaded in: the UNet's, and the VAE's (fp32 under an fp16 load)."""
+    from tadisr_core.kolors_files import weights_file
+
+    folder = tmp_path / "Kolors"
+    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("text_encoder"))
+    for sub in ("unet", "vae"):
+        plain = folder / sub / "diffusion_pytorch_model.safetensors"
+        half = {k: v.half() for k, v in load_file(plain).items()}
+        save_file(half, plain.with_name("diffusion_pytorch_model.fp16.safetensors"))
+        torch.save(half, plain.with_name("diffusion_pytorch_model.fp16.bin"))
+    unet = folder / "unet"
+    full, fp16 = unet / "diffusion_pytorch_model.safetensors", unet / "diffusion_pytorch_model.fp16.safetensors"
+    assert find_kolors_files(folder).unet == full  # a load in an unknown dtype: the full precision, as diffusers
+    for dtype in (None, torch.float32, torch.bfloat16):
+        assert weights_file(unet, dtype) == full
+    for dtype in (torch.float16, torch.float8_e4m3fn):
+        assert weights_file(unet, dtype) == fp16
+    fp16.unlink()
+    assert weights_file(unet, torch.float16) == unet / "diffusion_pytorch_model.fp16.bin"
+    full.unlink()
+    assert weights_file(unet, torch.float32) == unet / "diffusion_pytorch_model.fp16.bin"
+    vae = folder / "vae"
+    picked = {dtype: find_kolors_files(folder, dtype=dtype) for dtype in (torch.float32, torch.float16)}
+    assert picked[torch.float32].vae == picked[torch.float16].vae == vae / "diffusion_pytorch_model.safetensors"
+    assert find_kolors_files(folder, dtype=torch.float8_e4m3fn).vae == vae / "diffusion_pytorch_model.safetensors"
+    model = load_tadisr(folder, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.float32)
+    ref = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(model.vae.state_dict().values(), ref.vae.state_dict().values()))

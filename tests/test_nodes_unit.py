@@ -261,6 +261,33 @@ def test_auto_prompt_cache_from_the_single_chatglm_file_of_the_kolors_node_packs
     assert cache.text_columns == from_folder.text_columns
 
 
+def test_a_kolors_folder_without_chatglm3s_shards_gives_way_to_models_llm(tiny_dir, tmp_path, monkeypatch):
+    """Defect: a Kolors folder whose text_encoder/ holds its config and shard index but no shard (a download of
+    unet/, vae/ and the *.json files) was taken as ChatGLM3's source, so chatglm3-fp16.safetensors in models/LLM
+    was never tried and the load ended in a raw FileNotFoundError of a shard."""
+    from tests.test_chatglm_file import _json_only_text_encoder
+
+    models = tmp_path / "models"
+    kolors = _json_only_text_encoder(tiny_dir, models / "diffusers" / "Kolors")
+    (models / "tadisr").mkdir()
+    (models / "tadisr" / tiny_dir["checkpoint"].name).symlink_to(tiny_dir["checkpoint"])
+    monkeypatch.setenv("TADISR_MODELS_DIR", str(models))
+    files = loaders.resolve_kolors("Kolors")
+    problems = []
+    assert loaders.text_encoder_source(files, problems) is None
+    lacks = f"{kolors / 'text_encoder'} lacks pytorch_model-00001-of-00007.bin and 6 more"
+    assert len(problems) == 1 and problems[0].startswith(lacks)
+    with pytest.raises(FileNotFoundError, match=r"no usable ChatGLM3 was found to compute it \(" + re.escape(lacks)
+                                                + r".*\): put Kolors' text_encoder/ \+ tokenizer/ in the Kolors "
+                                                  r"folder, or .* in models/LLM \(\S+models/LLM, "):
+        loaders.load_model("Kolors", tiny_dir["checkpoint"].name, loaders.AUTO_CACHE, "fp32", "cpu", False)
+    single = models / "LLM" / "chatglm3-fp16.safetensors"
+    single.parent.mkdir()
+    shutil.copy(tiny_dir["kolors"] / "text_encoder" / "model.safetensors", single)
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", single.parent, dirs_exist_ok=True)
+    assert loaders.text_encoder_source(files) == single
+
+
 def test_kolors_errors_are_the_library_messages(files_only_models):
     from tadisr_core.kolors_files import KolorsFolderError
     from tadisr_core.kolors_identity import NotKolorsError

@@ -38,9 +38,10 @@ class TADiSRLoadModel(io.ComfyNode):
                 "which offloads them when other models need VRAM."),
             inputs=[
                 io.Combo.Input("kolors", options=loaders.kolors_choices(), tooltip=(
-                    "Kolors base model: a diffusers folder in models/diffusers (unet/ and vae/, or a folder without "
-                    "vae/ + an SDXL VAE file from models/vae), a Kolors UNet file from models/unet (fp16, or fp8 / "
-                    "scaled fp8) + an SDXL VAE file, or an all-in-one Kolors checkpoint from models/checkpoints (+ an "
+                    "Kolors base model: a diffusers folder in models/diffusers or a sub-folder of it (unet/ and vae/, "
+                    "or a folder without vae/ + an SDXL VAE file from models/vae), a Kolors UNet file from models/unet "
+                    "(fp16, or fp8 / scaled fp8; .safetensors, or a torch .bin / .pt / .ckpt / .pth) + an SDXL VAE "
+                    "file, or an all-in-one Kolors checkpoint from models/checkpoints (+ an "
                     "SDXL VAE file when it has none inside). text_encoder/ + tokenizer/ (or ChatGLM3 in models/LLM) are"
                     " only read once, to compute the prompt cache. 'demo': the small model shipped with the pack "
                     "(trained on synthetic text scenes), no Kolors needed; 'demo-release': its twin with the released "
@@ -51,8 +52,9 @@ class TADiSRLoadModel(io.ComfyNode):
                 io.Combo.Input("prompt_cache", options=loaders.prompt_cache_choices(), default=loaders.AUTO_CACHE,
                                tooltip=(
                     "Prompt conditioning. 'auto' uses models/tadisr/prompt_cache_<kolors folder>.safetensors and "
-                    "computes it once when missing, from the folder's ChatGLM3, else from models/LLM (a ChatGLM3 "
-                    "folder or chatglm3-fp16.safetensors); it needs ~13 GB VRAM or a few minutes on CPU; afterwards "
+                    "computes it once when missing, from the folder's ChatGLM3 when its text_encoder/ is whole, else "
+                    "from models/LLM or a sub-folder of it (a ChatGLM3 folder or chatglm3-fp16.safetensors); it "
+                    "needs ~13 GB VRAM or a few minutes on CPU; afterwards "
                     "ChatGLM3 is never loaded again. Ignored by the demo models.")),
                 io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=(
                     "Weight precision. auto = bf16 on GPUs that support it, else fp16 (VAE kept fp32; fp32 for the "
@@ -77,9 +79,10 @@ class TADiSRLoadModel(io.ComfyNode):
         return True if checkpoint is None else loaders.validate_checkpoint(checkpoint)
 
     @classmethod
-    def fingerprint_inputs(cls, kolors, checkpoint, prompt_cache=loaders.AUTO_CACHE, **_) -> str | float:
+    def fingerprint_inputs(cls, kolors, checkpoint, prompt_cache=loaders.AUTO_CACHE, dtype="auto", device="auto",
+                           **_) -> str | float:
         # A file replaced on disk under the same name is loaded again, not served from the node cache.
-        return loaders.fingerprint(kolors, checkpoint, prompt_cache)
+        return loaders.fingerprint(kolors, checkpoint, prompt_cache, dtype, device)
 
     @classmethod
     @reported
