@@ -65,6 +65,10 @@ def test_float_tiff_is_read_by_its_real_range(tmp_path):
     assert torch.allclose(load_image(tmp_path / "f.tif")[0, 0], torch.from_numpy(a))
     Image.fromarray(a * 255, mode="F").save(tmp_path / "f255.tif")
     assert torch.allclose(load_image(tmp_path / "f255.tif")[0, 0], torch.from_numpy(a), atol=1e-6)
+    over = a.copy()  # defect: two pixels at 1.02 (a sharpened or HDR export) made the whole file read as 0..255
+    over[0, :2], over[1, :2] = 1.02, -0.01
+    Image.fromarray(over, mode="F").save(tmp_path / "over.tif")
+    assert torch.equal(load_image(tmp_path / "over.tif")[0, 0], torch.from_numpy(np.clip(over, 0, 1)))
 
 
 def test_int32_tiff_uses_its_declared_bits(tmp_path):
