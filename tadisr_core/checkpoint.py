@@ -56,6 +56,15 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model; the message names file and key."""
 
 
+class BaseMismatchError(CheckpointError):
+    """An adapter checkpoint met another backbone than the one it was trained on (`check_base`); `key`
+    names the base tensor that differs."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass
 class Checkpoint:
     """Trainable tensors of a TADiSR model, grouped, plus the spec they belong to."""
@@ -140,10 +149,10 @@ def check_base(model, ckpt: "Checkpoint") -> None:
         # fp8 storage of the same base (a user's fp8 or scaled fp8 Kolors file) rounds each value by up to
         # 1/16 (e4m3) or 1/8 (e5m2) of itself, or 2^-10 below e4m3's normal range; another base misses that.
         if any(abs(a - b) > _FP8_RELATIVE * abs(b) + _FP8_ABSOLUTE for a, b in zip(have, want)):
-            raise CheckpointError(
+            raise BaseMismatchError(
                 f"{ckpt.path} was trained on a different base model: its {key} does not match the loaded "
                 f"backbone's. Load it with the Kolors files it was trained on (its training config's "
-                f"model.kolors_dir, model.unet, model.vae), or retrain it on this base.")
+                f"model.kolors_dir, model.unet, model.vae), or retrain it on this base.", key)
 
 
 def _dedupe_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, apply_checkpoint, load_checkpoint
+from .checkpoint import BaseMismatchError, Checkpoint, CheckpointError, apply_checkpoint, load_checkpoint
 from .files import read_json_object, source_identity
 from .prompt import PromptCache
 
@@ -56,6 +56,7 @@ class ModelFiles:
     run: Path | None = None     # the training run folder the checkpoint belongs to
     unet: str | None = None     # the run's model.unet / model.vae (files or folders overriding kolors')
     vae: str | None = None
+    init_checkpoint: str | None = None  # the run's model.init_checkpoint (its weights before training)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
         if not prompt.is_file() and model_cfg.get("prompt_cache"):
             prompt = Path(model_cfg["prompt_cache"])
     return ModelFiles(checkpoint, prompt if prompt.is_file() else None, model_cfg.get("kolors_dir"), run,
-                      model_cfg.get("unet"), model_cfg.get("vae"))
+                      model_cfg.get("unet"), model_cfg.get("vae"), model_cfg.get("init_checkpoint"))
 
 
 def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Path | PromptCache):
@@ -298,6 +299,34 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
         raise KolorsFolderError(f"{e} (the Kolors base recorded in {files.run / RUN_CONFIG}, whose relative "
                                 f"paths are relative to the folder training ran in: run from there, or give "
                                 f"--kolors DIR, or --unet and --vae)") from None
-    return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
-                       text_encoder=text_encoder, text_encoder_device_name=text_encoder_device_name,
-                       offload=offload, prompt_once=prompt_once)
+    try:
+        return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
+                           text_encoder=text_encoder, text_encoder_device_name=text_encoder_device_name,
+                           offload=offload, prompt_once=prompt_once)
+    except BaseMismatchError as e:
+        if files.run is None or not _same_paths((kolors, unet, vae), (files.kolors, files.unet, files.vae)):
+            raise
+        raise BaseMismatchError(_recorded_base_mismatch(files, e.key), e.key) from None
+
+
+def _same_paths(given: tuple, recorded: tuple) -> bool:
+    """Whether two (kolors, unet, vae) triples name the same files or folders (relative ones from here)."""
+    def resolved(paths: tuple) -> tuple:
+        return tuple(Path(p).expanduser().resolve() if p else None for p in paths)
+
+    return resolved(given) == resolved(recorded)
+
+
+def _recorded_base_mismatch(files: ModelFiles, key: str) -> str:
+    """Why an adapter checkpoint of a run does not fit the very Kolors base its run's config records, and
+    what to do (advice to load "the Kolors files it was trained on" would name the same files again)."""
+    named = ", ".join(f"model.{k} {v}" for k, v in (("kolors_dir", files.kolors), ("unet", files.unet),
+                                                      ("vae", files.vae)) if v)
+    head = (f"{files.checkpoint} was trained on another backbone than the Kolors base its run records "
+            f"({named}, in {files.run / RUN_CONFIG}): its {key} does not match. ")
+    if files.init_checkpoint:
+        return head + (f"That backbone came from the run's model.init_checkpoint ({files.init_checkpoint}), "
+                       f"which the version of TADiSR that trained the run did not save in its checkpoints: "
+                       f"train the run again with this version, whose checkpoints hold it (and run alone)")
+    return head + ("The files there have changed since the run trained: give the Kolors files it was trained on "
+                   "with --kolors DIR (or --unet FILE and --vae FILE)")

@@ -3,6 +3,7 @@ output folder, a changed config on resume, out-of-range config values."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tadisr_core.checkpoint import load_checkpoint
 from training.config import ConfigError, load_config
 
 TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
@@ -645,21 +647,73 @@ def test_a_resume_does_without_a_deleted_init_checkpoint_its_checkpoints_hold(tm
         _run(_cfg(tmp_path / "new", model__init_checkpoint=str(init)))  # a new run needs it: the key is named
 
 
-def test_a_resume_still_needs_an_init_checkpoint_that_gave_frozen_weights(tmp_path, tiny_dir):
-    """A whole backbone taken from model.init_checkpoint onto a frozen Kolors base: the run saves the
-    adapters only, so its resume still needs that file, and says so naming the key, removing nothing."""
+def _backbone_run(tmp_path: Path, tiny_dir) -> tuple[dict, Path]:
+    """The tiny Kolors base's settings, and a one-step run on it that trained the whole backbone, at a rate
+    that moves each weight well past the fp8 tolerance of `checkpoint.check_base`."""
     kolors = dict(model__kolors_dir=str(tiny_dir["kolors"]), model__prompt_cache=str(tiny_dir["prompt_cache"]))
-    init = _init_checkpoint(tmp_path / "prior.safetensors", **kolors)
+    _run(_cfg(tmp_path / "kbb", model__train_backbone=True, optim__lr=0.05, train__max_steps=1, **kolors))
+    return kolors, tmp_path / "kbb" / "model_final.safetensors"
+
+
+def test_an_adapters_run_started_from_a_trained_backbone_runs_alone_and_exports(tmp_path, tiny_dir, capsys):
+    """Defect: an adapters-only run (a frozen Kolors base) whose model.init_checkpoint is a run that trained
+    the backbone saved the adapters only, fitting no Kolors files: `--model RUN` was refused ("trained on a
+    different base model ... Load it with the Kolors files it was trained on", the folder it had loaded) and
+    export_model refused it as adapters-only. It saves the whole backbone: it runs alone as it trained,
+    exports, and resumes without the init checkpoint."""
+    from tadisr_core.model_ref import load_model, load_standalone
+    from training.export_model import export_run
+    from training.train import Trainer
+
+    kolors, init = _backbone_run(tmp_path, tiny_dir)
+    out = tmp_path / "kb3"
+    cfg = _cfg(out, model__init_checkpoint=str(init), **kolors)
+    assert cfg.model.saves_backbone and not dataclasses.replace(cfg.model, init_parts=["mi_decoder"]).saves_backbone
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert load_checkpoint(out / "model_final.safetensors").metadata["backbone"] == "included"
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trainer.model.eval()(x).image
+        assert torch.equal(load_model(out, merge_lora_weights=False)(x).image, want)
+        paths = export_run(out, tmp_path / "exported", dtype="fp32")
+        assert torch.equal(load_standalone(paths["weights"], paths["prompt_cache"])(x).image, want)
+    init.unlink()
+    summary = _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=3, **kolors), resume=True)
+    assert summary["step"] == 3 and "is gone" in capsys.readouterr().out
+
+
+def test_a_run_that_left_out_its_init_backbone_says_so(tmp_path, tiny_dir, monkeypatch):
+    """Such a run trained by an older version (adapters only, recording that its resume needs the init
+    checkpoint): `--model RUN` says where its backbone came from instead of advising the very folder it
+    loaded, and its resume without the init checkpoint is refused naming the key, removing nothing."""
+    from tadisr_core.checkpoint import BaseMismatchError
+    from tadisr_core.model_ref import load_model
+    from training.config import ModelConfig
+
+    kolors, init = _backbone_run(tmp_path, tiny_dir)
     out = tmp_path / "run"
-    _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=1, **kolors))
+    with monkeypatch.context() as old:  # the older version: the init checkpoint's backbone is not saved
+        old.setattr(ModelConfig, "saves_backbone", property(lambda m: m.train_backbone or not m.has_base))
+        _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=1, **kolors))
+    state_file = out / "checkpoints" / "step_00000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "init_checkpoint_needed": True}, state_file)
+    with pytest.raises(BaseMismatchError, match=(
+            rf"^{re.escape(str(out / 'model_final.safetensors'))} was trained on another backbone than the Kolors "
+            rf"base its run records \(model\.kolors_dir {re.escape(str(tiny_dir['kolors']))}, in .*config\.json\): "
+            rf"its \S+ does not match\. That backbone came from the run's model\.init_checkpoint "
+            rf"\({re.escape(str(init))}\), which the version .* did not save in its checkpoints: train the run "
+            rf"again with this version")):
+        load_model(out)
+    with pytest.raises(BaseMismatchError, match="Load it with the Kolors files it was trained on"):
+        load_model(out, unet=str(tiny_dir["kolors"] / "unet"))  # another base given: the general advice
     init.unlink()
     final = (out / "model_final.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*prior.*does not hold the frozen "
+    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*kbb.*does not hold the frozen "
                                           r"weights it gave"):
         _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=2, **kolors), resume=True)
-    state_file = out / "checkpoints" / "step_00000001" / "state.pt"  # from before the need was recorded
-    state = torch.load(state_file, weights_only=True)
-    del state["init_checkpoint_needed"]
+    del state["init_checkpoint_needed"]  # from before the need was recorded
     torch.save(state, state_file)
     with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*may not hold every weight"):
         _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=2, **kolors), resume=True)

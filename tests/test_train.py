@@ -582,7 +582,7 @@ def test_init_checkpoint_takes_a_shipped_models_name_from_any_folder(tmp_path, m
     the name it was given."""
     from tadisr_core import model_ref
     from tadisr_core.checkpoint import load_checkpoint
-    from training.builders import build_model_from_config, init_checkpoint_file, init_checkpoint_needed_on_resume
+    from training.builders import build_model_from_config, init_checkpoint_file
 
     monkeypatch.chdir(tmp_path)
     demo = load_checkpoint(model_ref.DEMO_CHECKPOINT)
@@ -595,7 +595,7 @@ def test_init_checkpoint_takes_a_shipped_models_name_from_any_folder(tmp_path, m
         weights = demo if init == "demo" else load_checkpoint(model_ref.DEMO_RELEASE_CHECKPOINT)
         assert torch.equal(dict(model.unet.named_parameters())[key].detach().float(),
                            weights.groups["unet"][key].float())
-        assert not init_checkpoint_needed_on_resume(cfg.model)  # the demos train every weight
+        assert cfg.model.saves_backbone  # the demos train every weight
     # a shipped model whose file is gone: named, with how to get it back
     monkeypatch.setattr(model_ref, "DEMO_CHECKPOINT", tmp_path / "gone" / "tadisr_demo.safetensors")
     with pytest.raises(ConfigError, match=r"^model\.init_checkpoint: the demo model is missing from .*gone; "

@@ -157,14 +157,13 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
     return model
 
 
-def init_checkpoint_needed_on_resume(m: ModelConfig) -> bool:
-    """Whether `model.init_checkpoint` gives the model weights that the run's checkpoints do not hold, so
-    that a resume still needs the file: a checkpoint holding the whole backbone, taken for the UNet or the
-    VAE of a run that saves the adapters only (a frozen Kolors base). Any other init checkpoint gives
-    exactly tensors the run saves (`apply_checkpoint` takes no others), which a resume applies anyway."""
+def backbone_from_init_checkpoint(m: ModelConfig) -> bool:
+    """Whether `model.init_checkpoint` gives the model backbone weights that no Kolors files hold: a
+    checkpoint holding its whole backbone, taken (`model.init_parts`) for the UNet or the VAE. Such a run
+    saves the whole backbone (`ModelConfig.saves_backbone`), so its checkpoints run and resume alone."""
     from tadisr_core.checkpoint import GROUPS, file_includes_backbone
 
-    if not m.init_checkpoint or m.saves_backbone or not {"unet", "vae"} & set(m.init_parts or GROUPS):
+    if not m.init_checkpoint or not {"unet", "vae"} & set(m.init_parts or GROUPS):
         return False
     return file_includes_backbone(init_checkpoint_file(m))
 

@@ -55,8 +55,11 @@ class ModelConfig:
     @property
     def saves_backbone(self) -> bool:
         """Whether the run's checkpoints hold every UNet and VAE weight: trained ones, or a base that no Kolors
-        files hold (random, or taken from init_checkpoint), without which its checkpoints could not run."""
-        return self.train_backbone or not self.has_base
+        files hold (random, or taken from init_checkpoint: `training.builders.backbone_from_init_checkpoint`,
+        which reads that file's header), without which its checkpoints could not run."""
+        from training.builders import backbone_from_init_checkpoint
+
+        return self.train_backbone or not self.has_base or backbone_from_init_checkpoint(self)
 
 
 @dataclass

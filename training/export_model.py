@@ -4,8 +4,9 @@
 
 Writes OUT_DIR/NAME.safetensors (every tensor, cast to `--dtype`; metadata: the run's step and
 config) and OUT_DIR/prompt_cache.safetensors (the run's, or `--prompt-cache`). The run's checkpoint
-must hold its backbone (it trained it, `model.train_backbone: true`, or had no Kolors base); one
-that holds adapters only needs the Kolors base and is not standalone.
+must hold its backbone (it trained it, `model.train_backbone: true`, had no Kolors base, or took it
+from a `model.init_checkpoint` that held one); one that holds adapters only needs the Kolors base and
+is not standalone.
 """
 from __future__ import annotations
 
