@@ -336,6 +336,19 @@ def test_overrides_that_are_no_yaml_and_configs_that_are_no_utf8_are_one_line(tm
         load_config(latin1)
 
 
+def test_a_text_override_keeps_a_hash_and_unquotes_a_quoted_value():
+    """Defect: `--set "train.output_dir=/runs/exp #2"` (any text key) was cut at " #", which YAML reads as
+    a comment, and the run silently used /runs/exp. Text keys take the text as typed, stripped; YAML's null
+    spellings and nothing are null; a quoted value loses its quotes."""
+    given = {"/runs/exp #2": "/runs/exp #2", "  data #1 ": "data #1", '"a #b"': "a #b", "'it''s #3'": "it's #3",
+             "'a' and 'b'": "'a' and 'b'", "no": "no", "null": None, "~": None, "": None}
+    for raw, want in given.items():
+        cfg = load_config(TINY, [f"data.root={raw}", f"model.init_checkpoint={raw}"])
+        assert (cfg.data.root, cfg.model.init_checkpoint) == (want, want), raw
+    cfg = load_config(TINY, ["train.output_dir=/runs/exp #2", "train.max_steps=3 # YAML's comment elsewhere"])
+    assert (cfg.train.output_dir, cfg.train.max_steps) == ("/runs/exp #2", 3)
+
+
 def test_a_font_scale_range_upside_down_is_refused():
     words = re.escape("data.font_scale must be [smallest, largest]") + r".*got \[0.2, 0.1\]"
     with pytest.raises(ConfigError, match=words):

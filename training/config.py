@@ -357,7 +357,8 @@ def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: list[str], source: str = "command line") -> Config:
-    """Apply ``section.key=value`` strings (values parsed as YAML: ``1e-4``, ``true``, ``[1, 2]``, ``null``)."""
+    """Apply ``section.key=value`` strings: values parsed as YAML (``1e-4``, ``true``, ``[1, 2]``, ``null``),
+    except for text fields, which take the text as typed (`_text_override`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
@@ -367,17 +368,36 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
             raise ConfigError(f"{source}: unknown section '{section}' in override {item!r} "
                               f"(known: {', '.join(SECTIONS)})")
         hint = _field_types(type(getattr(cfg, section))).get(name)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            if hint not in (str, str | None):
+        if hint in (str, str | None):
+            value = _text_override(raw)
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
                 problem = getattr(e, "problem", None) or str(e).splitlines()[0]
                 raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML ({problem})") from None
-            value = raw  # text fields take the text as typed ("@models/x", "[2024] scans")
-        if value is not None and not isinstance(value, str) and hint in (str, str | None):
-            value = raw.strip()  # text fields take the text as typed ("no" stays "no", not False)
         _apply(getattr(cfg, section), {name: value}, section, source)
     return cfg
+
+
+YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _text_override(raw: str) -> str | None:
+    """A text field's value from the command line: the text as typed, stripped ("/runs/exp #2" keeps its
+    " #2", which YAML would read as a comment; "no" stays "no", "[2024] scans" is no list); None for
+    YAML's null spellings (and nothing); a quoted YAML scalar without its quotes."""
+    text = raw.strip()
+    if text in YAML_NULLS:
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:  # quotes inside, as in 'a' and 'b': the text as typed
+            return text
+        if isinstance(value, str):
+            return value
+    return text
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # the shipped configs (package data)

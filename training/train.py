@@ -847,7 +847,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
     p.add_argument("--force", action="store_true", help="with --resume: continue even though the config changed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config value (YAML syntax), repeatable")
+                   help="override any config value (YAML syntax; a text value is taken as typed, "
+                        "a # in it included), repeatable")
     return p.parse_args(argv)
 
 
