@@ -649,6 +649,22 @@ def test_export_errors_name_the_arguments_export_takes(tmp_path, capsys):
         assert err.startswith(f"error: {named}") and "--model" not in err, err
 
 
+def test_export_refuses_a_name_that_is_no_plain_file_name(tmp_path, capsys):
+    """Defects: `export_model --name sub/x` crashed with a SafetensorError traceback; `--name ""` wrote a
+    hidden ".safetensors", exit 0. Such a name is refused, one line, exit 2, nothing written."""
+    from training.export_model import main as export_main
+
+    _fake_run(tmp_path / "run", tiny_spec("paper"))
+    for name in ("sub/x", "", " ", "..", ".hidden", "../x", "a\\b"):
+        assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--name", name]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: --name {name!r}: give a plain file name, not empty, without a folder (no / or \\) "
+                       f"and not starting with '.': the weights are written as OUT_DIR/NAME.safetensors\n"), err
+        assert not (tmp_path / "out").exists()
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--name", "my model.v2"]) == 0
+    assert (tmp_path / "out" / "my model.v2.safetensors").is_file()
+
+
 @demo_only
 def test_quiet_also_silences_the_libraries_progress_bars(tmp_path):
     import diffusers
