@@ -349,6 +349,28 @@ def test_a_text_override_keeps_a_hash_and_unquotes_a_quoted_value():
     assert (cfg.train.output_dir, cfg.train.max_steps) == ("/runs/exp #2", 3)
 
 
+def test_a_wrong_length_list_and_an_int_written_1e3(tmp_path):
+    """Defects: a list of the wrong length said only "[0.1] is not a valid tuple"; an int written 1e3 (which
+    YAML reads as text) was refused while `lr: 1e-4` passed. The message names the key and the length, with
+    an example; an int field takes a whole number in any notation, and refuses 1.5 saying so."""
+    for item, words in (("data.font_scale=[0.1]", "data.font_scale: [0.1] is not a list of 2 numbers, e.g. [0.1, 0.2]"),
+                        ("optim.betas=[0.9]", "optim.betas: [0.9] is not a list of 2 numbers, e.g. [0.9, 0.999]"),
+                        ("optim.betas=0.9", "optim.betas: 0.9 is not a list of 2 numbers, e.g. [0.9, 0.999]"),
+                        ("train.max_steps=1.5", "train.max_steps: 1.5 is not a whole number (e.g. 1000, or 1e3)"),
+                        ("train.max_steps=many", "train.max_steps: 'many' is not a whole number (e.g. 1000, or 1e3)")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'command line: {words}')}$"):
+            load_config(TINY, [item])
+    cfg = load_config(TINY, ["train.max_steps=1e3", "train.checkpoint_every=2.5e2", "data.crop=128.0"])
+    assert (cfg.train.max_steps, cfg.train.checkpoint_every, cfg.data.crop) == (1000, 250, 128)
+    assert all(type(v) is int for v in (cfg.train.max_steps, cfg.train.checkpoint_every, cfg.data.crop))
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  max_steps: 1e3\noptim:\n  lr: 1e-4\n")
+    assert (load_config(config).train.max_steps, load_config(config).optim.lr) == (1000, 1e-4)
+    config.write_text("train:\n  max_steps: 1.5\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{config}: train.max_steps: 1.5 is not a whole number')}"):
+        load_config(config)
+
+
 def test_a_font_scale_range_upside_down_is_refused():
     words = re.escape("data.font_scale must be [smallest, largest]") + r".*got \[0.2, 0.1\]"
     with pytest.raises(ConfigError, match=words):

@@ -280,8 +280,10 @@ def _plain(x):
 
 
 
-def _coerce(value: Any, annotation, where: str):
-    """Coerce a YAML value to a field's annotated type (ints to floats, lists to tuples, strings to numbers)."""
+def _coerce(value: Any, annotation, where: str, default: Any = None):
+    """Coerce a YAML value to a field's annotated type (ints to floats, lists to tuples, strings to numbers:
+    `1e3`, which YAML reads as text, is 1000 for an int field). `default`, the field's, is the example a
+    wrong list is shown."""
     hints = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, type(int | None)) else ()
     if hints:  # Optional[...]
         if value is None:
@@ -296,9 +298,14 @@ def _coerce(value: Any, annotation, where: str):
                 raise TypeError
             return value
         if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
+            whole = f"{where}: {value!r} is not a whole number (e.g. 1000, or 1e3)"
+            try:
+                number = float(value) if isinstance(value, str) else value
+            except ValueError:
+                raise ConfigError(whole) from None
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not float(number).is_integer():
+                raise ConfigError(whole)
+            return int(number)
         if annotation is float:
             if isinstance(value, bool):
                 raise TypeError
@@ -312,7 +319,8 @@ def _coerce(value: Any, annotation, where: str):
         if origin is tuple:
             args = typing.get_args(annotation)
             if not isinstance(value, (list, tuple)) or len(value) != len(args):
-                raise TypeError
+                example = list(default) if isinstance(default, tuple) else [0.1 * i for i in range(1, len(args) + 1)]
+                raise ConfigError(f"{where}: {value!r} is not a list of {len(args)} numbers, e.g. {example}")
             return tuple(_coerce(v, a, where) for v, a in zip(value, args))
         if origin is list:
             (arg,) = typing.get_args(annotation)
@@ -336,7 +344,8 @@ def _apply(section_obj, values: dict, section: str, source: str) -> None:
         if key not in types:
             raise ConfigError(f"{source}: unknown key '{section}.{key}' (known keys of '{section}': "
                               f"{', '.join(types)})")
-        setattr(section_obj, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+        default = getattr(type(section_obj)(), key)
+        setattr(section_obj, key, _coerce(value, types[key], f"{source}: {section}.{key}", default))
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
