@@ -162,10 +162,24 @@ def resolve_model(ref: str | Path, given_as: str = "--model") -> ModelFiles:
     weights = sorted(p for p in path.glob("*.safetensors") if p.name != RUN_PROMPT_CACHE)
     if len(weights) == 1 and _is_tadisr_checkpoint(weights[0]):  # an exported model (training.export_model)
         return ModelFiles(weights[0], _prompt_beside(weights[0]))
+    config = _run_config(path)
+    if config is not None:
+        raise FileNotFoundError(f"{given_as} {ref}: a training run with no checkpoint yet: its first is saved "
+                                f"{_first_checkpoint(config)}, or when the run is stopped (Ctrl-C)")
     found = f" (it holds {len(weights)} .safetensors files: give one)" if len(weights) > 1 else ""
     raise FileNotFoundError(f"{given_as} {ref}: the folder holds neither {RUN_FINAL} nor "
                             f"{RUN_CHECKPOINTS}/step_*/{RUN_STEP_MODEL}, nor one exported model{found}; is it a "
                             f"training run's output_dir?")
+
+
+def _first_checkpoint(config: Path) -> str:
+    """When the run of `config` saves its first checkpoint, from its `train` settings, for a message."""
+    try:
+        train = read_json_object(config, "")["train"]
+        every, last = int(train["checkpoint_every"]), int(train["max_steps"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return "at a step its train.checkpoint_every sets"
+    return f"at step {every} (its train.checkpoint_every)" if 0 < every < last else f"at its end, step {last}"
 
 
 def _is_tadisr_checkpoint(path: Path) -> bool:
