@@ -857,6 +857,27 @@ def test_backgrounds_smaller_than_the_crop_are_named(tmp_path, capsys):
     assert len(said) == 1  # none under 32 px
 
 
+def test_synthesised_validation_takes_data_val_crop(tmp_path):
+    """Defect: `data.val_crop` was ignored for `data.kind: synth` (validation used data.crop). Validation
+    scenes are val_crop wide, training ones crop wide; backgrounds under a larger val_crop are named."""
+    from training.builders import build_datasets
+    from training.data.synthesis import system_fonts
+
+    if not system_fonts():
+        pytest.skip("no system fonts found by fc-match (install fonts-dejavu / fonts-noto-cjk)")
+    said = []
+    train, val = build_datasets(load_config(TINY, ["data.val_crop=128", "data.val_size=1"]), tmp_path / "run",
+                                log=said.append)
+    assert not said
+    for items, side in ((train, 64), (val, 128)):
+        item = items[0]
+        assert (tuple(item["hr"].shape[-2:]), tuple(item["lr"].shape[-2:])) == ((side, side), (side // 4, side // 4))
+    assert tuple(build_datasets(load_config(TINY), tmp_path / "run", log=None)[1][0]["hr"].shape[-2:]) == (64, 64)
+    build_datasets(load_config(TINY, ["data.val_crop=512"]), tmp_path / "run", log=said.append)  # photos of 256 px
+    assert len(said) == 1 and said[0].startswith("warning: 5 of 5 backgrounds are under the 512 px crop "
+                                                 "(data.val_crop)")
+
+
 def test_a_damaged_background_is_left_out_of_training_by_name(tmp_path, caplog):
     """Defect: one unreadable photo in data.backgrounds failed every sample drawn on it, and its repeats
     counted as >100 different damaged samples, aborting the run. It is now named once and left out, when

@@ -92,7 +92,8 @@ class DataConfig:
     val_root: str | None = None             # triplets: validation folder; None: no validation for triplets
     val_list_file: str | None = None        # realce: validation list
     val_size: int = 4                       # validation items used
-    val_crop: int | None = None             # validation HR crop; None: whole images (synth: `crop`)
+    val_crop: int | None = None             # validation HR crop (synth: canvas size); None: whole images
+                                            # (synth: `crop`)
 
 
 @dataclass
