@@ -9,7 +9,7 @@ Native layout: one safetensors file, keys prefixed `unet.` / `vae.` / `mi_decode
 duplicates stored once, and metadata with the spec (variant, ranks, alphas, targets, schedule) and prompt.
 
 CLI (also `tadisr inspect` / `tadisr convert`):
-    python -m tadisr_core.checkpoint inspect PATH [--json] [--verify-sha]
+    python -m tadisr_core.checkpoint inspect PATH [--json] [--verify-sha]   (PATH: a file, or what --model takes)
     python -m tadisr_core.checkpoint convert IN OUT.safetensors [--force]
 """
 
@@ -31,7 +31,7 @@ import torch
 from .files import atomic_path, require_readable, same_file
 from .finite import first_problem
 from .lora import lora_rank
-from .spec import TADiSRSpec, full_spec, tiny_spec
+from .spec import TADiSRSpec, full_spec, size_name, tiny_spec
 from .streaming import (
     SAFETENSORS_SUFFIXES,
     TorchFileError,
@@ -53,6 +53,15 @@ MANIFEST = {
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model; the message names file and key."""
+
+
+class BaseMismatchError(CheckpointError):
+    """An adapter checkpoint met another backbone than the one it was trained on (`check_base`); `key`
+    names the base tensor that differs."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -139,10 +148,10 @@ def check_base(model, ckpt: "Checkpoint") -> None:
         # fp8 storage of the same base (a user's fp8 or scaled fp8 Kolors file) rounds each value by up to
         # 1/16 (e4m3) or 1/8 (e5m2) of itself, or 2^-10 below e4m3's normal range; another base misses that.
         if any(abs(a - b) > _FP8_RELATIVE * abs(b) + _FP8_ABSOLUTE for a, b in zip(have, want)):
-            raise CheckpointError(
+            raise BaseMismatchError(
                 f"{ckpt.path} was trained on a different base model: its {key} does not match the loaded "
                 f"backbone's. Load it with the Kolors files it was trained on (its training config's "
-                f"model.kolors_dir, model.unet, model.vae), or retrain it on this base.")
+                f"model.kolors_dir, model.unet, model.vae), or retrain it on this base.", key)
 
 
 def _dedupe_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -517,17 +526,33 @@ def apply_checkpoint(model, ckpt: Checkpoint, parts: Iterable[str] | None = None
 
 
 # -- CLI ----------------------------------------------------------------------------------------
+def _inspected_file(ref: str | Path) -> Path:
+    """The checkpoint file `ref` names, as `--model` takes it (`model_ref.resolve_model`): a shipped model's
+    name, a training run folder, one of its step folders, an exported model's folder, or a file. A path
+    with nothing there is left to `load_checkpoint`, which names it (and where the release is)."""
+    from .model_ref import resolve_model, shipped_models
+
+    if str(ref) not in shipped_models() and (Path(ref).is_file() or not Path(ref).exists()):
+        return Path(ref)
+    try:
+        return resolve_model(ref, given_as="inspect").checkpoint
+    except ValueError as e:  # a run's damaged config.json
+        raise CheckpointError(str(e)) from None
+
+
 def inspect(path: str | Path, verify_sha: bool = False) -> dict:
-    """Everything `inspect` prints: variant, group sizes, key fit against the meta model, SHA-256."""
+    """Everything `inspect` prints: variant, size, group sizes, key fit against the meta model, SHA-256.
+    `path` is a checkpoint file or what `--model` takes (`_inspected_file`)."""
     from .model import build_model
 
+    path = _inspected_file(path)
     ckpt = load_checkpoint(path)
     model = build_model(ckpt.spec, device="meta")
     report = compare(ckpt, model)
     spec = ckpt.spec
     info = {
         "path": str(ckpt.path), "bytes": ckpt.path.stat().st_size, "source": ckpt.source, "variant": spec.variant,
-        "size": "full" if spec.unet.block_out_channels[0] == 320 else "tiny",
+        "size": size_name(spec),
         "unet_lora": {"rank": spec.unet_lora.rank, "alpha": spec.unet_lora.alpha},
         "vae_lora": {"rank": spec.vae_lora.rank, "alpha": spec.vae_lora.alpha},
         "groups": report.counts,
@@ -587,12 +612,14 @@ def _print_human(info: dict) -> None:
 
 def add_commands(sub) -> None:
     """The `inspect` and `convert` sub-commands (shared by `tadisr` and `python -m tadisr_core.checkpoint`)."""
-    p = sub.add_parser("inspect", help="report a checkpoint's variant, groups and key fit against the full-size model",
+    p = sub.add_parser("inspect", help="report a checkpoint's variant, size, groups and key fit against its model",
                        description="Check a TADiSR checkpoint without running it: the pickle is scanned before "
                                    "loading, every tensor is checked finite. Exit 0 fits, 1 does not fit, "
                                    "2 unreadable or not a TADiSR checkpoint (a Kolors UNet, VAE or ChatGLM3 "
                                    "file is named as such, with the flag that takes it).")
-    p.add_argument("path")
+    p.add_argument("path", help="a checkpoint file, or what --model takes: demo, demo-release, a training run "
+                                "folder (its model_final or newest checkpoint), one of its step folders, an "
+                                "exported model's folder")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--verify-sha", action="store_true", help="check size and SHA-256 against the release manifest")
     p.set_defaults(run=run)

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, apply_checkpoint, load_checkpoint
+from .checkpoint import BaseMismatchError, Checkpoint, CheckpointError, apply_checkpoint, load_checkpoint
 from .files import read_json_object, source_identity
 from .prompt import PromptCache
 
@@ -56,6 +56,7 @@ class ModelFiles:
     run: Path | None = None     # the training run folder the checkpoint belongs to
     unet: str | None = None     # the run's model.unet / model.vae (files or folders overriding kolors')
     vae: str | None = None
+    init_checkpoint: str | None = None  # the run's model.init_checkpoint (its weights before training)
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,24 @@ def resolve_model(ref: str | Path, given_as: str = "--model") -> ModelFiles:
     weights = sorted(p for p in path.glob("*.safetensors") if p.name != RUN_PROMPT_CACHE)
     if len(weights) == 1 and _is_tadisr_checkpoint(weights[0]):  # an exported model (training.export_model)
         return ModelFiles(weights[0], _prompt_beside(weights[0]))
+    config = _run_config(path)
+    if config is not None:
+        raise FileNotFoundError(f"{given_as} {ref}: a training run with no checkpoint yet: its first is saved "
+                                f"{_first_checkpoint(config)}, or when the run is stopped (Ctrl-C)")
     found = f" (it holds {len(weights)} .safetensors files: give one)" if len(weights) > 1 else ""
     raise FileNotFoundError(f"{given_as} {ref}: the folder holds neither {RUN_FINAL} nor "
                             f"{RUN_CHECKPOINTS}/step_*/{RUN_STEP_MODEL}, nor one exported model{found}; is it a "
                             f"training run's output_dir?")
+
+
+def _first_checkpoint(config: Path) -> str:
+    """When the run of `config` saves its first checkpoint, from its `train` settings, for a message."""
+    try:
+        train = read_json_object(config, "")["train"]
+        every, last = int(train["checkpoint_every"]), int(train["max_steps"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return "at a step its train.checkpoint_every sets"
+    return f"at step {every} (its train.checkpoint_every)" if 0 < every < last else f"at its end, step {last}"
 
 
 def _is_tadisr_checkpoint(path: Path) -> bool:
@@ -198,7 +213,7 @@ def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
         if not prompt.is_file() and model_cfg.get("prompt_cache"):
             prompt = Path(model_cfg["prompt_cache"])
     return ModelFiles(checkpoint, prompt if prompt.is_file() else None, model_cfg.get("kolors_dir"), run,
-                      model_cfg.get("unet"), model_cfg.get("vae"))
+                      model_cfg.get("unet"), model_cfg.get("vae"), model_cfg.get("init_checkpoint"))
 
 
 def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Path | PromptCache):
@@ -298,6 +313,34 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
         raise KolorsFolderError(f"{e} (the Kolors base recorded in {files.run / RUN_CONFIG}, whose relative "
                                 f"paths are relative to the folder training ran in: run from there, or give "
                                 f"--kolors DIR, or --unet and --vae)") from None
-    return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
-                       text_encoder=text_encoder, text_encoder_device_name=text_encoder_device_name,
-                       offload=offload, prompt_once=prompt_once)
+    try:
+        return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
+                           text_encoder=text_encoder, text_encoder_device_name=text_encoder_device_name,
+                           offload=offload, prompt_once=prompt_once)
+    except BaseMismatchError as e:
+        if files.run is None or not _same_paths((kolors, unet, vae), (files.kolors, files.unet, files.vae)):
+            raise
+        raise BaseMismatchError(_recorded_base_mismatch(files, e.key), e.key) from None
+
+
+def _same_paths(given: tuple, recorded: tuple) -> bool:
+    """Whether two (kolors, unet, vae) triples name the same files or folders (relative ones from here)."""
+    def resolved(paths: tuple) -> tuple:
+        return tuple(Path(p).expanduser().resolve() if p else None for p in paths)
+
+    return resolved(given) == resolved(recorded)
+
+
+def _recorded_base_mismatch(files: ModelFiles, key: str) -> str:
+    """Why an adapter checkpoint of a run does not fit the very Kolors base its run's config records, and
+    what to do (advice to load "the Kolors files it was trained on" would name the same files again)."""
+    named = ", ".join(f"model.{k} {v}" for k, v in (("kolors_dir", files.kolors), ("unet", files.unet),
+                                                      ("vae", files.vae)) if v)
+    head = (f"{files.checkpoint} was trained on another backbone than the Kolors base its run records "
+            f"({named}, in {files.run / RUN_CONFIG}): its {key} does not match. ")
+    if files.init_checkpoint:
+        return head + (f"That backbone came from the run's model.init_checkpoint ({files.init_checkpoint}), "
+                       f"which the version of TADiSR that trained the run did not save in its checkpoints: "
+                       f"train the run again with this version, whose checkpoints hold it (and run alone)")
+    return head + ("The files there have changed since the run trained: give the Kolors files it was trained on "
+                   "with --kolors DIR (or --unet FILE and --vae FILE)")

@@ -182,6 +182,39 @@ def test_inspect_and_convert_cli(tiny_dir, tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
+def test_inspect_names_the_size_and_takes_what_model_takes(tiny_model_factory, tmp_path, capsys):
+    """Defects: `inspect` called the demo checkpoint "(tiny size)" (any UNet not 320 wide was tiny), and
+    refused a run folder, a step folder or `demo`, which --model takes. The size is one of the spec's known
+    sizes or "custom"; the argument is resolved as --model's, and the file inspected is named."""
+    import dataclasses
+
+    from tadisr_core import model_ref
+    from tadisr_core.checkpoint import save_model
+    from tadisr_core.spec import SIZES, size_name, tiny_spec
+
+    assert {name: size_name(make("paper")) for name, make in SIZES.items()} == {n: n for n in SIZES}
+    tiny = tiny_spec()
+    assert size_name(dataclasses.replace(tiny, vae=dataclasses.replace(tiny.vae, block_out_channels=(8, 16, 32, 64)))
+                     ) == "custom"
+
+    def inspected(ref) -> dict:
+        assert checkpoint_cli(["inspect", str(ref), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for name, shipped in model_ref.shipped_models().items():
+        info = inspected(name)
+        assert (info["path"], info["size"], info["fits_model"]) == (str(shipped.checkpoint), "demo", True)
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    save_model(tiny_model_factory("paper"), step / "model.safetensors", backbone=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {"kolors_dir": None}}))
+    for ref in (tmp_path / "run", step, step / "model.safetensors"):
+        assert inspected(ref)["path"] == str(step / "model.safetensors") and inspected(ref)["size"] == "tiny"
+    assert checkpoint_cli(["inspect", str(tmp_path / "run" / "checkpoints")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: inspect {tmp_path / 'run' / 'checkpoints'}: the folder holds "
+                                              f"neither model_final.safetensors")
+
+
 def test_native_round_trip_of_a_paper_model(tiny_model_factory, tmp_path):
     from tadisr_core.checkpoint import save_model
 

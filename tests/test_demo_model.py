@@ -120,6 +120,21 @@ def test_resolve_model_finds_a_runs_newest_checkpoint_and_prompt(tmp_path):
         resolve_model(tmp_path / "nope")
 
 
+def test_a_run_with_no_checkpoint_yet_is_named_as_such(tmp_path):
+    """Defect: `--model RUN` on a run with config.json and metrics.jsonl but no checkpoint yet asked "is it
+    a training run's output_dir?". It says the run has none yet, and when its first comes."""
+    (tmp_path / "metrics.jsonl").write_text("")
+    for train, when in (({"checkpoint_every": 500, "max_steps": 1000}, "at step 500 (its train.checkpoint_every)"),
+                        ({"checkpoint_every": 0, "max_steps": 40}, "at its end, step 40"),
+                        ({"checkpoint_every": 50, "max_steps": 40}, "at its end, step 40"),
+                        (None, "at a step its train.checkpoint_every sets")):
+        (tmp_path / "config.json").write_text(json.dumps({"model": {"kolors_dir": None}, "train": train}))
+        said = (f"--model {tmp_path}: a training run with no checkpoint yet: its first is saved {when}, or when the "
+                f"run is stopped (Ctrl-C)")
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(said)}$"):
+            resolve_model(tmp_path)
+
+
 def test_one_checkpoint_of_a_run_finds_the_runs_prompt_cache(tmp_path, monkeypatch):
     # picking an earlier step of a run: its folder or its model.safetensors, with the run's prompt
     model = _fake_run(tmp_path, tiny_spec("paper"))
@@ -651,6 +666,22 @@ def test_export_errors_name_the_arguments_export_takes(tmp_path, capsys):
         assert export_main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {named}") and "--model" not in err, err
+
+
+def test_export_refuses_a_name_that_is_no_plain_file_name(tmp_path, capsys):
+    """Defects: `export_model --name sub/x` crashed with a SafetensorError traceback; `--name ""` wrote a
+    hidden ".safetensors", exit 0. Such a name is refused, one line, exit 2, nothing written."""
+    from training.export_model import main as export_main
+
+    _fake_run(tmp_path / "run", tiny_spec("paper"))
+    for name in ("sub/x", "", " ", "..", ".hidden", "../x", "a\\b"):
+        assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--name", name]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: --name {name!r}: give a plain file name, not empty, without a folder (no / or \\) "
+                       f"and not starting with '.': the weights are written as OUT_DIR/NAME.safetensors\n"), err
+        assert not (tmp_path / "out").exists()
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--name", "my model.v2"]) == 0
+    assert (tmp_path / "out" / "my model.v2.safetensors").is_file()
 
 
 @demo_only

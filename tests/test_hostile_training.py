@@ -3,6 +3,7 @@ output folder, a changed config on resume, out-of-range config values."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tadisr_core.checkpoint import load_checkpoint
 from training.config import ConfigError, load_config
 
 TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
@@ -339,6 +341,41 @@ def test_overrides_that_are_no_yaml_and_configs_that_are_no_utf8_are_one_line(tm
         load_config(latin1)
 
 
+def test_a_text_override_keeps_a_hash_and_unquotes_a_quoted_value():
+    """Defect: `--set "train.output_dir=/runs/exp #2"` (any text key) was cut at " #", which YAML reads as
+    a comment, and the run silently used /runs/exp. Text keys take the text as typed, stripped; YAML's null
+    spellings and nothing are null; a quoted value loses its quotes."""
+    given = {"/runs/exp #2": "/runs/exp #2", "  data #1 ": "data #1", '"a #b"': "a #b", "'it''s #3'": "it's #3",
+             "'a' and 'b'": "'a' and 'b'", "no": "no", "null": None, "~": None, "": None}
+    for raw, want in given.items():
+        cfg = load_config(TINY, [f"data.root={raw}", f"model.init_checkpoint={raw}"])
+        assert (cfg.data.root, cfg.model.init_checkpoint) == (want, want), raw
+    cfg = load_config(TINY, ["train.output_dir=/runs/exp #2", "train.max_steps=3 # YAML's comment elsewhere"])
+    assert (cfg.train.output_dir, cfg.train.max_steps) == ("/runs/exp #2", 3)
+
+
+def test_a_wrong_length_list_and_an_int_written_1e3(tmp_path):
+    """Defects: a list of the wrong length said only "[0.1] is not a valid tuple"; an int written 1e3 (which
+    YAML reads as text) was refused while `lr: 1e-4` passed. The message names the key and the length, with
+    an example; an int field takes a whole number in any notation, and refuses 1.5 saying so."""
+    for item, words in (("data.font_scale=[0.1]", "data.font_scale: [0.1] is not a list of 2 numbers, e.g. [0.1, 0.2]"),
+                        ("optim.betas=[0.9]", "optim.betas: [0.9] is not a list of 2 numbers, e.g. [0.9, 0.999]"),
+                        ("optim.betas=0.9", "optim.betas: 0.9 is not a list of 2 numbers, e.g. [0.9, 0.999]"),
+                        ("train.max_steps=1.5", "train.max_steps: 1.5 is not a whole number (e.g. 1000, or 1e3)"),
+                        ("train.max_steps=many", "train.max_steps: 'many' is not a whole number (e.g. 1000, or 1e3)")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'command line: {words}')}$"):
+            load_config(TINY, [item])
+    cfg = load_config(TINY, ["train.max_steps=1e3", "train.checkpoint_every=2.5e2", "data.crop=128.0"])
+    assert (cfg.train.max_steps, cfg.train.checkpoint_every, cfg.data.crop) == (1000, 250, 128)
+    assert all(type(v) is int for v in (cfg.train.max_steps, cfg.train.checkpoint_every, cfg.data.crop))
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  max_steps: 1e3\noptim:\n  lr: 1e-4\n")
+    assert (load_config(config).train.max_steps, load_config(config).optim.lr) == (1000, 1e-4)
+    config.write_text("train:\n  max_steps: 1.5\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{config}: train.max_steps: 1.5 is not a whole number')}"):
+        load_config(config)
+
+
 def test_a_font_scale_range_upside_down_is_refused():
     words = re.escape("data.font_scale must be [smallest, largest]") + r".*got \[0.2, 0.1\]"
     with pytest.raises(ConfigError, match=words):
@@ -650,21 +687,73 @@ def test_a_resume_does_without_a_deleted_init_checkpoint_its_checkpoints_hold(tm
         _run(_cfg(tmp_path / "new", model__init_checkpoint=str(init)))  # a new run needs it: the key is named
 
 
-def test_a_resume_still_needs_an_init_checkpoint_that_gave_frozen_weights(tmp_path, tiny_dir):
-    """A whole backbone taken from model.init_checkpoint onto a frozen Kolors base: the run saves the
-    adapters only, so its resume still needs that file, and says so naming the key, removing nothing."""
+def _backbone_run(tmp_path: Path, tiny_dir) -> tuple[dict, Path]:
+    """The tiny Kolors base's settings, and a one-step run on it that trained the whole backbone, at a rate
+    that moves each weight well past the fp8 tolerance of `checkpoint.check_base`."""
     kolors = dict(model__kolors_dir=str(tiny_dir["kolors"]), model__prompt_cache=str(tiny_dir["prompt_cache"]))
-    init = _init_checkpoint(tmp_path / "prior.safetensors", **kolors)
+    _run(_cfg(tmp_path / "kbb", model__train_backbone=True, optim__lr=0.05, train__max_steps=1, **kolors))
+    return kolors, tmp_path / "kbb" / "model_final.safetensors"
+
+
+def test_an_adapters_run_started_from_a_trained_backbone_runs_alone_and_exports(tmp_path, tiny_dir, capsys):
+    """Defect: an adapters-only run (a frozen Kolors base) whose model.init_checkpoint is a run that trained
+    the backbone saved the adapters only, fitting no Kolors files: `--model RUN` was refused ("trained on a
+    different base model ... Load it with the Kolors files it was trained on", the folder it had loaded) and
+    export_model refused it as adapters-only. It saves the whole backbone: it runs alone as it trained,
+    exports, and resumes without the init checkpoint."""
+    from tadisr_core.model_ref import load_model, load_standalone
+    from training.export_model import export_run
+    from training.train import Trainer
+
+    kolors, init = _backbone_run(tmp_path, tiny_dir)
+    out = tmp_path / "kb3"
+    cfg = _cfg(out, model__init_checkpoint=str(init), **kolors)
+    assert cfg.model.saves_backbone and not dataclasses.replace(cfg.model, init_parts=["mi_decoder"]).saves_backbone
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert load_checkpoint(out / "model_final.safetensors").metadata["backbone"] == "included"
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trainer.model.eval()(x).image
+        assert torch.equal(load_model(out, merge_lora_weights=False)(x).image, want)
+        paths = export_run(out, tmp_path / "exported", dtype="fp32")
+        assert torch.equal(load_standalone(paths["weights"], paths["prompt_cache"])(x).image, want)
+    init.unlink()
+    summary = _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=3, **kolors), resume=True)
+    assert summary["step"] == 3 and "is gone" in capsys.readouterr().out
+
+
+def test_a_run_that_left_out_its_init_backbone_says_so(tmp_path, tiny_dir, monkeypatch):
+    """Such a run trained by an older version (adapters only, recording that its resume needs the init
+    checkpoint): `--model RUN` says where its backbone came from instead of advising the very folder it
+    loaded, and its resume without the init checkpoint is refused naming the key, removing nothing."""
+    from tadisr_core.checkpoint import BaseMismatchError
+    from tadisr_core.model_ref import load_model
+    from training.config import ModelConfig
+
+    kolors, init = _backbone_run(tmp_path, tiny_dir)
     out = tmp_path / "run"
-    _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=1, **kolors))
+    with monkeypatch.context() as old:  # the older version: the init checkpoint's backbone is not saved
+        old.setattr(ModelConfig, "saves_backbone", property(lambda m: m.train_backbone or not m.has_base))
+        _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=1, **kolors))
+    state_file = out / "checkpoints" / "step_00000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "init_checkpoint_needed": True}, state_file)
+    with pytest.raises(BaseMismatchError, match=(
+            rf"^{re.escape(str(out / 'model_final.safetensors'))} was trained on another backbone than the Kolors "
+            rf"base its run records \(model\.kolors_dir {re.escape(str(tiny_dir['kolors']))}, in .*config\.json\): "
+            rf"its \S+ does not match\. That backbone came from the run's model\.init_checkpoint "
+            rf"\({re.escape(str(init))}\), which the version .* did not save in its checkpoints: train the run "
+            rf"again with this version")):
+        load_model(out)
+    with pytest.raises(BaseMismatchError, match="Load it with the Kolors files it was trained on"):
+        load_model(out, unet=str(tiny_dir["kolors"] / "unet"))  # another base given: the general advice
     init.unlink()
     final = (out / "model_final.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*prior.*does not hold the frozen "
+    with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*kbb.*does not hold the frozen "
                                           r"weights it gave"):
         _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=2, **kolors), resume=True)
-    state_file = out / "checkpoints" / "step_00000001" / "state.pt"  # from before the need was recorded
-    state = torch.load(state_file, weights_only=True)
-    del state["init_checkpoint_needed"]
+    del state["init_checkpoint_needed"]  # from before the need was recorded
     torch.save(state, state_file)
     with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*may not hold every weight"):
         _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=2, **kolors), resume=True)

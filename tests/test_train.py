@@ -582,7 +582,7 @@ def test_init_checkpoint_takes_a_shipped_models_name_from_any_folder(tmp_path, m
     the name it was given."""
     from tadisr_core import model_ref
     from tadisr_core.checkpoint import load_checkpoint
-    from training.builders import build_model_from_config, init_checkpoint_file, init_checkpoint_needed_on_resume
+    from training.builders import build_model_from_config, init_checkpoint_file
 
     monkeypatch.chdir(tmp_path)
     demo = load_checkpoint(model_ref.DEMO_CHECKPOINT)
@@ -595,7 +595,7 @@ def test_init_checkpoint_takes_a_shipped_models_name_from_any_folder(tmp_path, m
         weights = demo if init == "demo" else load_checkpoint(model_ref.DEMO_RELEASE_CHECKPOINT)
         assert torch.equal(dict(model.unet.named_parameters())[key].detach().float(),
                            weights.groups["unet"][key].float())
-        assert not init_checkpoint_needed_on_resume(cfg.model)  # the demos train every weight
+        assert cfg.model.saves_backbone  # the demos train every weight
     # a shipped model whose file is gone: named, with how to get it back
     monkeypatch.setattr(model_ref, "DEMO_CHECKPOINT", tmp_path / "gone" / "tadisr_demo.safetensors")
     with pytest.raises(ConfigError, match=r"^model\.init_checkpoint: the demo model is missing from .*gone; "
@@ -855,6 +855,27 @@ def test_backgrounds_smaller_than_the_crop_are_named(tmp_path, capsys):
     build_datasets(load_config(TINY, [f"data.backgrounds={json.dumps(str(folder))}", "data.crop=32"]),
                    tmp_path / "run", log=said.append)
     assert len(said) == 1  # none under 32 px
+
+
+def test_synthesised_validation_takes_data_val_crop(tmp_path):
+    """Defect: `data.val_crop` was ignored for `data.kind: synth` (validation used data.crop). Validation
+    scenes are val_crop wide, training ones crop wide; backgrounds under a larger val_crop are named."""
+    from training.builders import build_datasets
+    from training.data.synthesis import system_fonts
+
+    if not system_fonts():
+        pytest.skip("no system fonts found by fc-match (install fonts-dejavu / fonts-noto-cjk)")
+    said = []
+    train, val = build_datasets(load_config(TINY, ["data.val_crop=128", "data.val_size=1"]), tmp_path / "run",
+                                log=said.append)
+    assert not said
+    for items, side in ((train, 64), (val, 128)):
+        item = items[0]
+        assert (tuple(item["hr"].shape[-2:]), tuple(item["lr"].shape[-2:])) == ((side, side), (side // 4, side // 4))
+    assert tuple(build_datasets(load_config(TINY), tmp_path / "run", log=None)[1][0]["hr"].shape[-2:]) == (64, 64)
+    build_datasets(load_config(TINY, ["data.val_crop=512"]), tmp_path / "run", log=said.append)  # photos of 256 px
+    assert len(said) == 1 and said[0].startswith("warning: 5 of 5 backgrounds are under the 512 px crop "
+                                                 "(data.val_crop)")
 
 
 def test_a_damaged_background_is_left_out_of_training_by_name(tmp_path, caplog):

@@ -157,14 +157,13 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
     return model
 
 
-def init_checkpoint_needed_on_resume(m: ModelConfig) -> bool:
-    """Whether `model.init_checkpoint` gives the model weights that the run's checkpoints do not hold, so
-    that a resume still needs the file: a checkpoint holding the whole backbone, taken for the UNet or the
-    VAE of a run that saves the adapters only (a frozen Kolors base). Any other init checkpoint gives
-    exactly tensors the run saves (`apply_checkpoint` takes no others), which a resume applies anyway."""
+def backbone_from_init_checkpoint(m: ModelConfig) -> bool:
+    """Whether `model.init_checkpoint` gives the model backbone weights that no Kolors files hold: a
+    checkpoint holding its whole backbone, taken (`model.init_parts`) for the UNet or the VAE. Such a run
+    saves the whole backbone (`ModelConfig.saves_backbone`), so its checkpoints run and resume alone."""
     from tadisr_core.checkpoint import GROUPS, file_includes_backbone
 
-    if not m.init_checkpoint or m.saves_backbone or not {"unet", "vae"} & set(m.init_parts or GROUPS):
+    if not m.init_checkpoint or not {"unet", "vae"} & set(m.init_parts or GROUPS):
         return False
     return file_includes_backbone(init_checkpoint_file(m))
 
@@ -382,14 +381,20 @@ def build_datasets(cfg: Config, work_dir: str | Path,
                                     cfg.train.seed)
         from training.data.synthesis import SynthesisConfig, small_backgrounds, small_backgrounds_warning
 
-        synth = SynthesisConfig(size=d.crop or 512, scale=d.scale,
-                                **({"font_scale": tuple(d.font_scale)} if d.font_scale else {}))
-        common = dict(backgrounds=bg, fonts=d.fonts, text_crops=d.text_crops, size=d.crop or 512,
-                      scale=d.scale, preset=preset, config=synth)
-        train = OnTheFlySynthesisDataset(length=d.length, seed=cfg.train.seed, **common)
-        val = OnTheFlySynthesisDataset(length=d.val_size, seed=cfg.train.seed + 7919, **common) if d.val_size else None
-        if log is not None and (small := small_backgrounds(train.synth.backgrounds, synth.size)):
-            log(f"warning: {small_backgrounds_warning(small, len(train.synth.backgrounds), synth.size, 'data.crop')}")
+        def synthesis(size: int, length: int, seed: int) -> OnTheFlySynthesisDataset:
+            synth = SynthesisConfig(size=size, scale=d.scale,
+                                    **({"font_scale": tuple(d.font_scale)} if d.font_scale else {}))
+            return OnTheFlySynthesisDataset(backgrounds=bg, fonts=d.fonts, text_crops=d.text_crops, length=length,
+                                            size=size, scale=d.scale, preset=preset, seed=seed, config=synth)
+
+        crops = {"data.crop": d.crop or 512, "data.val_crop": d.val_crop or d.crop or 512}
+        train = synthesis(crops["data.crop"], d.length, cfg.train.seed)
+        val = synthesis(crops["data.val_crop"], d.val_size, cfg.train.seed + 7919) if d.val_size else None
+        for key, size in crops.items():
+            if log is None or (key == "data.val_crop" and (val is None or size <= crops["data.crop"])):
+                continue  # a validation canvas no larger than the training one: said for data.crop, if at all
+            if small := small_backgrounds(train.synth.backgrounds, size):
+                log(f"warning: {small_backgrounds_warning(small, len(train.synth.backgrounds), size, key)}")
         return train, val
     if d.kind == "triplets":
         dirs = dict(hr_dir=d.hr_dir, lr_dir=d.lr_dir, mask_dir=d.mask_dir)

@@ -55,8 +55,11 @@ class ModelConfig:
     @property
     def saves_backbone(self) -> bool:
         """Whether the run's checkpoints hold every UNet and VAE weight: trained ones, or a base that no Kolors
-        files hold (random, or taken from init_checkpoint), without which its checkpoints could not run."""
-        return self.train_backbone or not self.has_base
+        files hold (random, or taken from init_checkpoint: `training.builders.backbone_from_init_checkpoint`,
+        which reads that file's header), without which its checkpoints could not run."""
+        from training.builders import backbone_from_init_checkpoint
+
+        return self.train_backbone or not self.has_base or backbone_from_init_checkpoint(self)
 
 
 @dataclass
@@ -89,7 +92,8 @@ class DataConfig:
     val_root: str | None = None             # triplets: validation folder; None: no validation for triplets
     val_list_file: str | None = None        # realce: validation list
     val_size: int = 4                       # validation items used
-    val_crop: int | None = None             # validation HR crop; None: whole images (synth: `crop`)
+    val_crop: int | None = None             # validation HR crop (synth: canvas size); None: whole images
+                                            # (synth: `crop`)
 
 
 @dataclass
@@ -277,8 +281,10 @@ def _plain(x):
 
 
 
-def _coerce(value: Any, annotation, where: str):
-    """Coerce a YAML value to a field's annotated type (ints to floats, lists to tuples, strings to numbers)."""
+def _coerce(value: Any, annotation, where: str, default: Any = None):
+    """Coerce a YAML value to a field's annotated type (ints to floats, lists to tuples, strings to numbers:
+    `1e3`, which YAML reads as text, is 1000 for an int field). `default`, the field's, is the example a
+    wrong list is shown."""
     hints = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, type(int | None)) else ()
     if hints:  # Optional[...]
         if value is None:
@@ -293,9 +299,14 @@ def _coerce(value: Any, annotation, where: str):
                 raise TypeError
             return value
         if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
+            whole = f"{where}: {value!r} is not a whole number (e.g. 1000, or 1e3)"
+            try:
+                number = float(value) if isinstance(value, str) else value
+            except ValueError:
+                raise ConfigError(whole) from None
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not float(number).is_integer():
+                raise ConfigError(whole)
+            return int(number)
         if annotation is float:
             if isinstance(value, bool):
                 raise TypeError
@@ -309,7 +320,8 @@ def _coerce(value: Any, annotation, where: str):
         if origin is tuple:
             args = typing.get_args(annotation)
             if not isinstance(value, (list, tuple)) or len(value) != len(args):
-                raise TypeError
+                example = list(default) if isinstance(default, tuple) else [0.1 * i for i in range(1, len(args) + 1)]
+                raise ConfigError(f"{where}: {value!r} is not a list of {len(args)} numbers, e.g. {example}")
             return tuple(_coerce(v, a, where) for v, a in zip(value, args))
         if origin is list:
             (arg,) = typing.get_args(annotation)
@@ -333,7 +345,8 @@ def _apply(section_obj, values: dict, section: str, source: str) -> None:
         if key not in types:
             raise ConfigError(f"{source}: unknown key '{section}.{key}' (known keys of '{section}': "
                               f"{', '.join(types)})")
-        setattr(section_obj, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+        default = getattr(type(section_obj)(), key)
+        setattr(section_obj, key, _coerce(value, types[key], f"{source}: {section}.{key}", default))
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
@@ -354,7 +367,8 @@ def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: list[str], source: str = "command line") -> Config:
-    """Apply ``section.key=value`` strings (values parsed as YAML: ``1e-4``, ``true``, ``[1, 2]``, ``null``)."""
+    """Apply ``section.key=value`` strings: values parsed as YAML (``1e-4``, ``true``, ``[1, 2]``, ``null``),
+    except for text fields, which take the text as typed (`_text_override`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
@@ -364,17 +378,36 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
             raise ConfigError(f"{source}: unknown section '{section}' in override {item!r} "
                               f"(known: {', '.join(SECTIONS)})")
         hint = _field_types(type(getattr(cfg, section))).get(name)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            if hint not in (str, str | None):
+        if hint in (str, str | None):
+            value = _text_override(raw)
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
                 problem = getattr(e, "problem", None) or str(e).splitlines()[0]
                 raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML ({problem})") from None
-            value = raw  # text fields take the text as typed ("@models/x", "[2024] scans")
-        if value is not None and not isinstance(value, str) and hint in (str, str | None):
-            value = raw.strip()  # text fields take the text as typed ("no" stays "no", not False)
         _apply(getattr(cfg, section), {name: value}, section, source)
     return cfg
+
+
+YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _text_override(raw: str) -> str | None:
+    """A text field's value from the command line: the text as typed, stripped ("/runs/exp #2" keeps its
+    " #2", which YAML would read as a comment; "no" stays "no", "[2024] scans" is no list); None for
+    YAML's null spellings (and nothing); a quoted YAML scalar without its quotes."""
+    text = raw.strip()
+    if text in YAML_NULLS:
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:  # quotes inside, as in 'a' and 'b': the text as typed
+            return text
+        if isinstance(value, str):
+            return value
+    return text
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # the shipped configs (package data)

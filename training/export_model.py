@@ -4,8 +4,9 @@
 
 Writes OUT_DIR/NAME.safetensors (every tensor, cast to `--dtype`; metadata: the run's step and
 config) and OUT_DIR/prompt_cache.safetensors (the run's, or `--prompt-cache`). The run's checkpoint
-must hold its backbone (it trained it, `model.train_backbone: true`, or had no Kolors base); one
-that holds adapters only needs the Kolors base and is not standalone.
+must hold its backbone (it trained it, `model.train_backbone: true`, had no Kolors base, or took it
+from a `model.init_checkpoint` that held one); one that holds adapters only needs the Kolors base and
+is not standalone.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"{OUT_ARG} {out}: a file, not a folder; give the folder to write the model into")
+    if not name.strip() or name.startswith(".") or any(sep in name for sep in ("/", "\\")):
+        raise ValueError(f"--name {name!r}: give a plain file name, not empty, without a folder (no / or \\) and "
+                         f"not starting with '.': the weights are written as {OUT_ARG}/NAME.safetensors")
     if f"{name}.safetensors" == RUN_PROMPT_CACHE:
         raise ValueError(f"--name {name}: that is the prompt cache's file name; choose another name")
     others = sorted(p.name for p in out.glob("*.safetensors") if p.name not in (f"{name}.safetensors",
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", metavar=RUN_ARG, type=Path,
                    help="the training run's output_dir (or one of its step folders or checkpoint files)")
     p.add_argument("out", metavar=OUT_ARG, type=Path, help="folder to write the standalone model into")
-    p.add_argument("--name", default="tadisr_demo", help="weights file name, without .safetensors")
+    p.add_argument("--name", default="tadisr_demo",
+                   help="weights file name, without .safetensors (a plain name: no folder)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored precision (default fp16)")
     p.add_argument("--prompt-cache", type=Path, help="the prompt cache it was trained with (default: the run's)")
     args = p.parse_args(argv)

@@ -301,7 +301,6 @@ class Trainer:
             check_loss_has_masks,
             configure_trainable,
             enable_gradient_checkpointing,
-            init_checkpoint_needed_on_resume,
         )
 
         self.cfg, self.force = cfg, force
@@ -332,9 +331,8 @@ class Trainer:
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
         if resume_from is not None:
             self._check_trainable_set(resume_from)
-        # Recorded in the checkpoints: a resume without the init checkpoint is refused when it still needs it.
-        self.init_needed = init_checkpoint_needed_on_resume(build_cfg.model)
-        self.save_backbone = cfg.model.saves_backbone
+        # build_cfg: on a resume whose init checkpoint is gone, the checkpoint resumed from stands in for it.
+        self.save_backbone = build_cfg.model.saves_backbone
         self.saved_keys = {g: list(sd) for g, sd in trainable_state_dict(model, self.save_backbone).items()}
         if mp in ("bf16", "fp16") and self.acc.device.type == "cuda" and not self.fsdp:
             # Frozen weights in half precision save memory. Only on CUDA, whose autocast runs norms in
@@ -622,7 +620,9 @@ class Trainer:
                  "bad_sample_list": sorted(self.bad_seen),
                  "num_processes": self.acc.num_processes, "scheduler": self.scheduler.state_dict(),
                  "config": self.cfg.to_dict(), "trainable": [name for name, _ in self.trainable],
-                 "init_checkpoint_needed": self.init_needed}
+                 # The checkpoints hold every weight model.init_checkpoint gave (`ModelConfig.saves_backbone`),
+                 # so a resume does without it; runs of older versions recorded True where they did not.
+                 "init_checkpoint_needed": False}
         if not self.fsdp:
             state["optimizer"] = self.optimizer.state_dict()
         if self.acc.scaler is not None and self.acc.scaler.is_enabled():  # fp16 on a GPU: its loss scale
@@ -851,7 +851,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
     p.add_argument("--force", action="store_true", help="with --resume: continue even though the config changed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config value (YAML syntax), repeatable")
+                   help="override any config value (YAML syntax; a text value is taken as typed, "
+                        "a # in it included), repeatable")
     return p.parse_args(argv)
 
 
