@@ -4,9 +4,9 @@ Reading gives float32 [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA) as the us
 
 * EXIF orientation is applied;
 * bit depth is kept: 16-bit files are divided by 65535, integer TIFFs by the range of their declared
-  bits (BitsPerSample / SampleFormat), float files are taken as 0..1 (clipped to it; values above 1.5
-  are scaled by 255 or 65535 when the data clearly use that range, with a warning); NaN or Inf pixels are an error
-  naming the file (never a silently black tile);
+  bits (BitsPerSample / SampleFormat), float files are taken as 0..1 (clipped to it) unless more
+  than 1 % of their pixels pass 1.5, when they are scaled by 255 or 65535 (with a warning); NaN or
+  Inf pixels are an error naming the file (never a silently black tile);
 * animated and multi-page files: the first frame is used, with a warning naming the frame count;
 * images above `max_pixels` (default 64 MP, env TADISR_MAX_PIXELS) are refused before decoding
   (decompression bombs: a 97 KB PNG can claim 100 MP);
@@ -158,12 +158,17 @@ def _declared_int_range(im) -> float:
     return 65535.0
 
 
+BULK_QUANTILE = 0.99  # a float file's range is judged by its bulk: HDR highlights do not make it 0..255
+
+
 def _float_scale(a: np.ndarray, path: Path) -> float:
+    """1 for a float image in 0..1 (its overshoot is clipped by the caller), else 255, 65535 or its maximum,
+    judged by the `BULK_QUANTILE` of its pixels, with a warning."""
     from .finite import RANGE_SLACK
 
-    hi = float(a.max(initial=0.0))
-    if hi <= 1.0 + RANGE_SLACK:  # a filter's or an HDR export's overshoot of 0..1 (clipped), not 0..255 data
+    if a.size == 0 or float(np.quantile(a, BULK_QUANTILE)) <= 1.0 + RANGE_SLACK:
         return 1.0
+    hi = float(a.max())
     scale = 255.0 if hi <= 255.0 + 1e-3 else 65535.0 if hi <= 65535.0 + 1e-3 else hi
     log.warning("%s: float pixels reach %.6g (not 0..1); read as 0..%g", path, hi, scale)
     return scale
@@ -177,10 +182,13 @@ def _high_depth(im, path: Path, full: float) -> tuple[np.ndarray, int]:
             bad = int((~np.isfinite(a)).sum())
             raise ImageReadError(f"cannot use {path}: {bad} pixel(s) are NaN or Inf (float image); fix or "
                                  f"re-export the file")
+        from .finite import RANGE_SLACK
+
         scaled = a / _float_scale(a, path)
         lo, hi = float(scaled.min(initial=0.0)), float(scaled.max(initial=0.0))
-        if lo < 0.0 or hi > 1.0:
-            log.info("%s: float pixels span %.4g..%.4g; clipped to 0..1", path, lo, hi)
+        if lo < 0.0 or hi > 1.0:  # said louder when more than a filter's overshoot is lost
+            level = logging.WARNING if min(lo, 1.0 - hi) < -RANGE_SLACK else logging.INFO
+            log.log(level, "%s: float pixels span %.4g..%.4g; clipped to 0..1", path, lo, hi)
         return np.clip(scaled, 0.0, 1.0), 32
     if im.mode.startswith("I;16"):
         return np.asarray(im, dtype=np.float32) / 65535.0, 16

@@ -155,7 +155,8 @@ def is_model_folder(folder: Path) -> bool:
 def walk_folders(root: str | Path) -> Iterator[Path]:
     """The folders under `root` (not `root` itself), level by level and in name order, following links
     as ComfyUI's folder lists do (each real folder once); a model folder's (`is_model_folder`) own
-    sub-folders are not walked into. Files are never opened, nor listed."""
+    sub-folders are not walked into. Files are never opened, nor listed. What cannot be read (a
+    looping link, another user's folder) is passed over, never the folders beside it."""
     seen = {os.path.realpath(root)}
     level = [Path(root)]
     while level:
@@ -163,7 +164,7 @@ def walk_folders(root: str | Path) -> Iterator[Path]:
         for folder in level:
             try:
                 with os.scandir(folder) as entries:
-                    subs = sorted(e.name for e in entries if e.is_dir())  # follows links
+                    subs = sorted(e.name for e in entries if _is_folder(e))  # follows links
             except OSError:
                 continue
             for name in subs:
@@ -172,19 +173,30 @@ def walk_folders(root: str | Path) -> Iterator[Path]:
                 if real in seen:
                     continue
                 seen.add(real)
+                try:
+                    model = is_model_folder(sub)
+                except OSError:  # unreadable: nothing in it can be loaded
+                    continue
                 yield sub
-                if not is_model_folder(sub):
+                if not model:
                     below.append(sub)
         level = below
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that loops (ELOOP) or cannot be followed
+        return False
 
 
 def _is_kolors_unet_folder(folder: Path) -> bool:
     """Whether `folder` (a diffusers folder's unet/) holds a Kolors UNet's config.json; a damaged one is
     logged and passed over."""
     config = folder / "config.json"
-    if not config.is_file():
-        return False
     try:
+        if not config.is_file():
+            return False
         cfg = read_json_object(config, "download Kwai-Kolors/Kolors' unet/config.json again")
     except (OSError, ValueError) as exc:
         log.warning("%s is left out of the Kolors list: %s", folder.parent, exc)
@@ -279,7 +291,11 @@ def list_kolors_candidates(diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpoint
         for sub in walk_folders(root):
             if _is_kolors_unet_folder(sub / "unet"):
                 name = sub.relative_to(root).as_posix()
-                (folders if (sub / "vae" / "config.json").is_file() else no_vae).append(name)
+                try:
+                    has_vae = (sub / "vae" / "config.json").is_file()
+                except OSError:  # vae/ unreadable: as without one
+                    has_vae = False
+                (folders if has_vae else no_vae).append(name)
     singles = {prefix: _kolors_unet_files(dirs) for prefix, dirs in (("unet/", unet_dirs),
                                                                     ("checkpoints/", checkpoint_dirs))}
     alone = {p for files in singles.values() for p in files.values() if _quick(check_vae, p)}  # VAE inside

@@ -233,39 +233,67 @@ def _require_weights(folder: Path) -> None:
 
 def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
     """Folders and ChatGLM3 `.safetensors` files under `dirs` (e.g. ComfyUI's models/LLM and
-    models/diffusers, their sub-folders too as ComfyUI lists them, but not a model folder's own parts:
-    `kolors_files.walk_folders`) from which `find_text_encoder` can load ChatGLM3, in order: each
-    folder's entries by name, the folders level by level, 8-bit files after full-precision ones; a
-    missing folder is skipped. Files are read directly under `dirs` whatever their names, below them
-    when named .safetensors / .sft. Why a ChatGLM3 file cannot be used (no tokenizer, 4-bit) is
-    appended to `problems`."""
-    from .chatglm_file import is_chatglm_file, quantized_bits
-    from .kolors_files import KolorsFolderError, is_model_folder, walk_folders
-    from .streaming import SAFETENSORS_SUFFIXES
+    models/diffusers, their sub-folders too as ComfyUI lists them: `kolors_files.walk_folders`) from
+    which `find_text_encoder` can load ChatGLM3, in order: each folder's entries by name, the folders
+    level by level, 8-bit files after full-precision ones; a missing or unreadable folder is skipped.
+    Files are read directly under `dirs` whatever their names, below them when named .safetensors /
+    .sft; in a model folder (`kolors_files.is_model_folder`) only such files, not shards, and none in a
+    usable ChatGLM3 folder (they are its parts). Why a ChatGLM3 file or folder cannot be used (no
+    tokenizer, 4-bit, weights missing) is appended to `problems`."""
+    from .chatglm_file import quantized_bits
+    from .kolors_files import is_model_folder, walk_folders
 
     found, eight_bit = {}, set()
     for root in map(Path, dirs):
         if not root.is_dir():
             continue
-        for folder in (root, *(f for f in walk_folders(root) if not is_model_folder(f))):
+        for folder in (root, *walk_folders(root)):
+            if folder in found:
+                continue
             try:
                 entries = sorted(folder.iterdir())
-            except OSError:
+                model_folder = folder != root and is_model_folder(folder)
+            except OSError:  # unreadable (another user's)
                 continue
             for sub in entries:
-                named = folder == root or sub.name.lower().endswith(SAFETENSORS_SUFFIXES)  # below: as ComfyUI lists
-                if sub in found or not sub.is_dir() and not (named and is_chatglm_file(sub)):
-                    continue
                 try:
+                    if sub in found or not _maybe_chatglm(sub, folder == root, model_folder):
+                        continue
                     find_text_encoder(sub)  # a 4-bit file is refused here, not after the user chose it
                     if sub.is_file() and quantized_bits(sub) == 8:
                         eight_bit.add(sub)
-                except KolorsFolderError as exc:
-                    if sub.is_file() and problems is not None and str(exc) not in problems:
+                except OSError as exc:  # KolorsFolderError (why it cannot be used), or unreadable
+                    if problems is not None and _says_chatglm(sub) and str(exc) not in problems:
                         problems.append(str(exc))
                     continue
                 found[sub] = None
     return sorted(found, key=lambda p: p in eight_bit)  # stable: the order above otherwise
+
+
+def _maybe_chatglm(entry: Path, at_root: bool, in_model_folder: bool) -> bool:
+    """Whether `list_text_encoders` tries `entry`: a folder (not a model folder's part), or a ChatGLM3
+    safetensors file as ComfyUI lists them (any name directly under a root; no shard of a model folder)."""
+    from .chatglm_file import is_chatglm_file
+    from .streaming import SAFETENSORS_SUFFIXES
+
+    if entry.is_dir():
+        return not in_model_folder
+    if in_model_folder and "-of-" in entry.name:
+        return False
+    named = at_root or entry.name.lower().endswith(SAFETENSORS_SUFFIXES)
+    return named and is_chatglm_file(entry)
+
+
+def _says_chatglm(entry: Path) -> bool:
+    """Whether `entry` presents itself as ChatGLM3 (a ChatGLM3 file, or a folder whose config.json says
+    chatglm), so that why it cannot be used is worth saying; other models kept beside it are not."""
+    try:
+        if entry.is_file():
+            return True
+        _require_chatglm_config(entry / "config.json")
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.device = "cpu",

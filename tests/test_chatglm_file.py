@@ -418,3 +418,26 @@ def test_chatglm3_in_sub_folders_of_models_llm_is_found_as_comfyui_lists_it(tiny
     problems = []
     assert list_text_encoders(llm, llm / "b", problems=problems) == [sharded, top, nested, deeper, eight]
     assert problems == []
+
+
+def test_a_chatglm3_folder_missing_its_weights_is_named_and_a_file_beside_a_config_is_found(tiny_dir, tmp_path):
+    """Defects (review): a ChatGLM3 folder in models/LLM without its shards was passed over without a word (the
+    error then asked for what the user has), and chatglm3-fp16.safetensors kept beside chatglm3-6b's config.json
+    (Kolors-MZ lists it) was not found: the folder counted as a model folder whose files are its parts."""
+    llm = tmp_path / "LLM"
+    partial = llm / "chatglm3-6b"
+    shutil.copytree(tiny_dir["kolors"] / "text_encoder", partial)
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", partial, dirs_exist_ok=True)
+    (partial / "model.safetensors").unlink()
+    index = {"weight_map": {"embedding.word_embeddings.weight": "model-00001-of-00002.safetensors",
+                            "encoder.final_layernorm.weight": "model-00002-of-00002.safetensors"}}
+    (partial / "model.safetensors.index.json").write_text(json.dumps(index))
+    problems = []
+    assert list_text_encoders(llm, problems=problems) == []
+    assert problems == [f"{partial} lacks model-00001-of-00002.safetensors and 1 more of the ChatGLM3 weights listed "
+                        "in model.safetensors.index.json: download them into chatglm3-6b/ (Kwai-Kolors/Kolors), or use "
+                        "another ChatGLM3 (chatglm3-fp16.safetensors) or a precomputed prompt cache"]
+    single = _single_file(tiny_dir, llm / "chatglm3" / "chatglm3-fp16.safetensors")
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", single.parent, dirs_exist_ok=True)
+    shutil.copy(partial / "config.json", single.parent / "config.json")
+    assert list_text_encoders(llm) == [single]

@@ -222,6 +222,16 @@ def test_nothing_paired_says_why_in_one_line_before_loading_models(tmp_path, cap
     assert error(gt, pred / "tiny") == (f"error: nothing to evaluate: no image in --pred {gt} pairs with one in "
                                         f"--gt {pred / 'tiny'}; with the two folders swapped they pair: give the "
                                         "predictions as --pred")
+    (gt / "sub").mkdir()  # as `upscale --recursive` mirrors sub-folders (review: "ground truth []", no hint)
+    (pred / "tiny" / "sub").mkdir()
+    Image.fromarray(_photo()).save(gt / "sub" / "0003.png")
+    Image.fromarray(_photo()).save(pred / "tiny" / "sub" / "0003_x4.png")
+    (gt / "0001.png").rename(tmp_path / "moved.png")
+    (gt / "0002.png").rename(tmp_path / "moved2.png")
+    assert error(pred, gt) == (f"{head}; the predictions in its sub-folder tiny/ match the ground truth's names: "
+                               f"give --pred {pred / 'tiny'}")
+    (tmp_path / "moved.png").rename(gt / "0001.png")
+    (tmp_path / "moved2.png").rename(gt / "0002.png")
     (pred / "other").mkdir()
     Image.fromarray(_photo()).save(pred / "other" / "scan_x4.png")
     assert error(pred / "other", gt) == (

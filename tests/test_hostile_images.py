@@ -69,6 +69,9 @@ def test_float_tiff_is_read_by_its_real_range(tmp_path):
     over[0, :2], over[1, :2] = 1.02, -0.01
     Image.fromarray(over, mode="F").save(tmp_path / "over.tif")
     assert torch.equal(load_image(tmp_path / "over.tif")[0, 0], torch.from_numpy(np.clip(over, 0, 1)))
+    over[0, :2] = 2.0  # HDR highlights: the bulk is still 0..1
+    Image.fromarray(over, mode="F").save(tmp_path / "hdr.tif")
+    assert torch.equal(load_image(tmp_path / "hdr.tif")[0, 0], torch.from_numpy(np.clip(over, 0, 1)))
 
 
 def test_int32_tiff_uses_its_declared_bits(tmp_path):

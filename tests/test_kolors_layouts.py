@@ -745,6 +745,31 @@ def test_kolors_folders_below_the_top_of_models_diffusers_are_listed_by_their_pa
                                              diffusers / "models--Kwai-Kolors--Kolors" / "snapshots" / "abc123"]
 
 
+def test_a_looping_link_or_an_unreadable_folder_hides_nothing_beside_it(tiny_dir, tmp_path, monkeypatch):
+    """Defect (review): one self-looping link in models/diffusers (or models/LLM) emptied the whole Kolors list,
+    and a folder of another user's below the top made the list raise PermissionError."""
+    from pathlib import Path
+
+    from tadisr_core.prompt import list_text_encoders
+
+    diffusers = tmp_path / "diffusers"
+    shutil.copytree(tiny_dir["kolors"], diffusers / "Kolors")
+    (diffusers / "old-kolors").symlink_to("old-kolors")
+    (diffusers / "x").symlink_to("y")
+    (diffusers / "y").symlink_to("x")
+    (diffusers / "hub" / "private" / "unet").mkdir(parents=True)
+    real_is_file = Path.is_file
+
+    def is_file(path):  # as for a folder with mode 700 owned by another user (root reads everything)
+        if "private" in path.parts and path.name != "private":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert list_kolors_candidates([diffusers]) == ["Kolors"]
+    assert list_text_encoders(diffusers) == [diffusers / "Kolors"]
+
+
 def test_torch_format_unets_and_vaes_are_listed_when_their_pickle_passes_the_scan(layouts, tiny_dir, tmp_path,
                                                                                     caplog):
     """Defect: UNet / VAE weights as .bin / .pt / .ckpt / .pth, which the CLI loads, were never listed, and a

@@ -450,6 +450,13 @@ def test_wrong_settings_raise_clear_errors(handle, kwargs, match):
         upscale.upscale(handle, _image(), **{**TILE, **kwargs})
 
 
+def test_a_tile_refused_at_queue_time_says_tadisr(v3):
+    """Defect: with the check's own wrapper gone, the queue-time message lost its "TADiSR: " prefix."""
+    for node in (v3.TADiSRUpscale, v3.TADiSREncode):
+        assert node.validate_inputs(100) == "TADiSR: tile must be a multiple of 8 between 64 and 4096, got 100"
+        assert node.validate_inputs(64) is True and node.validate_inputs(None) is True
+
+
 def test_wrong_image_and_model_inputs(handle):
     with pytest.raises(ValueError, match="1, 3 or 4 channels"):
         upscale.upscale(handle, torch.rand(1, 16, 16, 2), **TILE)

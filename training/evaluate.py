@@ -102,19 +102,23 @@ def nothing_paired_message(pred_dir: Path, gt_dir: Path, pred_only: list[str], g
     head = f"nothing to evaluate: no image in --pred {pred_dir} pairs with one in --gt {gt_dir}"
     if not pred_only:
         return f"{head}: --pred holds no predictions (images other than *_text_mask / *_attention)"
-    by_folder: dict[str, int] = {}
-    for key in pred_only:
-        folder, _, rest = key.partition("/")
-        if rest and rest in gt_only:
-            by_folder[folder] = by_folder.get(folder, 0) + 1
-    if by_folder:
-        folder = max(sorted(by_folder), key=by_folder.get)
-        return (f"{head}; the predictions in its sub-folder {folder}/ match the ground truth's names: "
-                f"give --pred {pred_dir / folder}")
+    paired = {sub: len(pair_images(sub, gt_dir)[0]) for sub in _sub_folders(pred_dir)
+              if not sub.resolve().is_relative_to(gt_dir.resolve())}
+    best = max(paired, key=paired.get, default=None)
+    if best is not None and paired[best]:
+        return (f"{head}; the predictions in its sub-folder {best.name}/ match the ground truth's names: "
+                f"give --pred {best}")
     if pair_images(gt_dir, pred_dir)[0]:
         return f"{head}; with the two folders swapped they pair: give the predictions as --pred"
     return (f"{head}: a prediction NAME.png or NAME_x4.png pairs with ground truth NAME.png (any image "
             f"suffix, same sub-folder); predictions {pred_only[:3]}, ground truth {gt_only[:3]}")
+
+
+def _sub_folders(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
 
 
 def listed_stems(path: Path) -> set[str]:

@@ -79,11 +79,12 @@ def validate_tile(tile) -> bool | str:
     by ComfyUI itself (its widget's min and max, on `overlap` alone); that it is smaller than the tile
     is checked when the node runs, before any tile (`running.check_tiling`), in a message naming it."""
     from .. import running
+    from ..errors import PREFIX
 
     if tile is None:
         return True
     try:
         running.check_tiling(1.0, int(tile), 0)  # a neutral scale and overlap: the tile's own rule
     except ValueError as exc:
-        return str(exc)
+        return PREFIX + str(exc)  # queue-time messages do not pass through `errors.reported`
     return True
