@@ -202,7 +202,8 @@ def test_a_run_recorded_before_a_key_existed_resumes_without_force():
     ("data.crop=0", "data.crop"), ("optim.lr=-1", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
     ("optim.betas=[0.9, 1.5]", r"optim.betas\[1\]"), ("train.num_workers=-2", "train.num_workers"),
     ("loss.mfl=-3", "loss.mfl"), ("model.unet_rank=0", "model.unet_rank"), ("train.log_every=0", "train.log_every"),
-    ("train.seed=-1", "train.seed"),
+    ("train.seed=-1", "train.seed"), ("data.crop=100", "data.crop"),
+    ("data.val_crop=100", "data.val_crop"),  # was taken, and validation met a latent grid 12.5 wide
 ])
 def test_config_values_are_range_checked_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=rf"command line \({re.escape(override)}\): {field}"):

@@ -196,9 +196,11 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"{source}: {key} = {value!r}; choose one of {[a for a in allowed if a]}")
         self._check_ranges(source)
-        if self.data.crop is not None and self.data.crop % (8 * self.data.scale):
-            raise ConfigError(f"{source}: data.crop = {self.data.crop} must be a multiple of 8 x scale "
-                              f"({8 * self.data.scale}) so the LR crop and the latent grid line up")
+        for key in ("crop", "val_crop"):
+            crop = getattr(self.data, key)
+            if crop is not None and crop % (8 * self.data.scale):
+                raise ConfigError(f"{source}: data.{key} = {crop} must be a multiple of 8 x scale "
+                                  f"({8 * self.data.scale}) so the LR crop and the latent grid line up")
         if self.data.kind in ("triplets", "realce") and not self.data.root:
             raise ConfigError(f"{source}: data.root is required for data.kind = {self.data.kind}")
         if self.data.kind == "realce" and not self.data.list_file:
