@@ -41,16 +41,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def folder_target_problem(folder: str | os.PathLike, name: str) -> str | None:
-    """Why `folder` (given as `name`, e.g. "-o out") cannot become a folder: it, or a folder above it,
-    is a file. None when it can (it may not exist yet)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        return f"{name} is a file; give a folder"
-    for parent in folder.parents:
-        if parent.exists():
-            return None if parent.is_dir() else f"{name}: {parent} is a file, not a folder"
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file that keeps `folder` from being (made) a folder: `folder` itself, or the nearest existing
+    path above it when that is a file; None when nothing does (it may not exist yet)."""
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            return None if path.is_dir() else path
     return None
+
+
+def folder_target_problem(folder: str | os.PathLike, name: str) -> str | None:
+    """Why `folder` (given as `name`, e.g. "-o out") cannot become a folder (`file_in_the_way`), or None."""
+    blocker = file_in_the_way(folder)
+    if blocker is None:
+        return None
+    if blocker == Path(folder):
+        return f"{name} is a file; give a folder"
+    return f"{name}: {blocker} is a file, not a folder"
 
 
 def require_readable(path: str | os.PathLike, what: str, hint: str = "") -> Path:

@@ -243,10 +243,10 @@ SIZES = {"full": full_spec, "demo": demo_spec, "tiny": tiny_spec}
 def size_name(spec: TADiSRSpec) -> str:
     """The name of the known size (`SIZES`: full, demo, tiny) whose UNet and VAE widths `spec` has, else
     "custom"."""
-    widths = (spec.unet.block_out_channels, spec.vae.block_out_channels)
-    return next((name for name, make in SIZES.items()
-                 if (make("release").unet.block_out_channels, make("release").vae.block_out_channels) == widths),
-                "custom")
+    def widths(s: TADiSRSpec) -> tuple:
+        return s.unet.block_out_channels, s.vae.block_out_channels
+
+    return next((name for name, make in SIZES.items() if widths(make("release")) == widths(spec)), "custom")
 
 
 def spec_for_size(size: str, variant: Variant) -> TADiSRSpec:

@@ -137,6 +137,10 @@ def test_a_json_target_that_is_a_folder_is_refused_before_the_work(tmp_path, cap
     out = capsys.readouterr()
     assert out.out == "" and out.err == f"error: --json {tmp_path} is a folder: give a file name, e.g. " \
                                         f"{tmp_path / 'report.json'}\n"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--json", str(notes / "sub" / "r.json"), *FAST]) == 2
+    assert capsys.readouterr().err == f"error: --json {notes / 'sub' / 'r.json'}: {notes} is a file, not a folder\n"
 
 
 def test_damaged_lpips_weights_are_one_line_naming_the_file(tmp_path, capsys):

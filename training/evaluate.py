@@ -371,12 +371,12 @@ def _json_safe(obj):
 
 def json_target_problem(path: Path) -> str | None:
     """Why a ``--json`` report cannot be written to ``path`` (checked before the work), or None."""
+    from tadisr_core.files import file_in_the_way
+
     if path.is_dir():
         return f"--json {path} is a folder: give a file name, e.g. {path / 'report.json'}"
-    for parent in path.parents:
-        if parent.exists():
-            return None if parent.is_dir() else f"--json {path}: {parent} is a file, not a folder"
-    return None
+    blocker = file_in_the_way(path.parent)
+    return None if blocker is None else f"--json {path}: {blocker} is a file, not a folder"
 
 
 def write_json(path: Path, report: dict) -> None:
