@@ -7,6 +7,8 @@ features the decoder reuses are recomputed at decode unless they are small.
 
 from __future__ import annotations
 
+from tadisr_core.descriptor import DESCRIPTOR
+
 from . import attention_view, convert, host, running
 
 
@@ -26,7 +28,8 @@ def _check_latents(latents, stage: str, model):
     return latents
 
 
-def encode(model, image, scale=4.0, tile=768, overlap=256, tile_batch=0):
+def encode(model, image, scale=4.0, tile=DESCRIPTOR.size.default_tile, overlap=DESCRIPTOR.size.default_overlap,
+           tile_batch=0):
     """Encoded tiles of the whole batch."""
     from tadisr_core.pipeline import encode_tiles
 

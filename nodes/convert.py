@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-CHANNELS = (1, 3, 4)
+from tadisr_core.descriptor import DESCRIPTOR
 
 
 def image_to_core(image: torch.Tensor, name: str = "the image") -> torch.Tensor:
@@ -19,9 +19,9 @@ def image_to_core(image: torch.Tensor, name: str = "the image") -> torch.Tensor:
     given = tuple(image.shape)
     if image.ndim == 3:
         image = image.unsqueeze(0)
-    if image.ndim != 4 or image.shape[-1] not in CHANNELS:
-        raise ValueError(f"TADiSR: {name} must be [batch, height, width, channels] with 1, 3 or 4 channels, "
-                         f"got shape {given}")
+    if image.ndim != 4 or image.shape[-1] not in DESCRIPTOR.input_channels:
+        raise ValueError(f"TADiSR: {name} must be [batch, height, width, channels] with "
+                         f"{DESCRIPTOR.channels_text()} channels, got shape {given}")
     if image.shape[0] == 0 or image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"TADiSR: {name} is empty (shape {given})")
     if not (image.is_floating_point() or image.dtype == torch.bool):  # 0..255 integers would be clamped to white

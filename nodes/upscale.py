@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from tadisr_core.descriptor import DESCRIPTOR
+
 from . import convert, host, running
 
 
-def upscale(handle, image, scale=4.0, tile=768, overlap=256, tile_batch=0, attention=False, color_fix="auto",
-            mask=True):
+def upscale(handle, image, scale=4.0, tile=DESCRIPTOR.size.default_tile, overlap=DESCRIPTOR.size.default_overlap,
+            tile_batch=0, attention=False, color_fix="auto", mask=True):
     """(image [B,H,W,C], mask [B,H,W], attention tiles | None) in ComfyUI layouts.
 
     `mask=False` (the node's text_mask output unconnected): the image alone, faster, the same

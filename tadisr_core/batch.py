@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
+from .descriptor import DESCRIPTOR
 from .images import (
     DEFAULT_QUALITY,
     OUTPUT_FORMATS,
@@ -50,8 +51,8 @@ class Options:
     """Per-file upscale settings (see `pipeline.upscale`)."""
 
     scale: float = 4.0
-    tile: int = 768
-    overlap: int = 256
+    tile: int = DESCRIPTOR.size.default_tile
+    overlap: int = DESCRIPTOR.size.default_overlap
     tile_batch: int | str = "auto"
     attention: bool = False
     seed: int | None = None           # set: sample the latent with this seed (as the release did)

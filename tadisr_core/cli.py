@@ -343,6 +343,7 @@ def ensure_writable_folder(folder: Path) -> None:
 # -- upscale ----------------------------------------------------------------------------------------
 def add_upscale(sub) -> None:
     from .color import COLOR_FIX_CHOICES
+    from .descriptor import DESCRIPTOR
     from .images import DEFAULT_QUALITY, OUTPUT_FORMATS
 
     p = sub.add_parser("upscale", help="super-resolve image files and write SR images + text masks",
@@ -352,8 +353,11 @@ def add_upscale(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
     add_weight_args(p)
     p.add_argument("--scale", type=_scale, default=4.0, help="upscale factor, 1 to 8 (default 4)")
-    p.add_argument("--tile", type=int, default=768, help="tile size in output pixels, multiple of 8 (default 768)")
-    p.add_argument("--overlap", type=int, default=256, help="tile overlap in output pixels (default 256)")
+    size = DESCRIPTOR.size
+    p.add_argument("--tile", type=int, default=size.default_tile,
+                   help=f"tile size in output pixels, multiple of {size.tile_multiple} (default {size.default_tile})")
+    p.add_argument("--overlap", type=int, default=size.default_overlap,
+                   help=f"tile overlap in output pixels (default {size.default_overlap})")
     p.add_argument("--tile-batch", type=_tile_batch, default="auto",
                    help="tiles per forward pass, or auto (from free memory; halved on out-of-memory)")
     add_device_args(p)

@@ -40,10 +40,14 @@ class ModelDescriptor:
     """What a TADiSR model needs and supports."""
 
     size: SizeRules = SizeRules()
-    weight_dtypes: tuple[str, ...] = tuple(WEIGHT_DTYPES)
     dtype_choices: tuple[str, ...] = ("auto", *WEIGHT_DTYPES)
     input_channels: tuple[int, ...] = (1, 3, 4)      # gray, RGB, RGBA (alpha upscaled bicubic)
     offload_modes: tuple[str, ...] = ("none", "sequential")
+
+    def channels_text(self) -> str:
+        """The accepted channel counts for messages: "1, 3 or 4"."""
+        *rest, last = map(str, self.input_channels)
+        return f"{', '.join(rest)} or {last}" if rest else last
 
     def check_tile(self, tile: int, min_tile: int | None = None) -> None:
         """ValueError naming the tile rule when `tile` breaks it (`min_tile` overrides the offered floor:

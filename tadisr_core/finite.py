@@ -13,6 +13,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .descriptor import DESCRIPTOR
+
 MAX_WEIGHT = 1e4      # |w| of any stored weight; trained SD/Kolors weights stay far below this
 
 
@@ -89,9 +91,11 @@ RANGE_SLACK = 0.5  # values this far outside 0..1 are another convention, not a 
 def check_input_image(image: torch.Tensor, what: str = "input image") -> None:
     """ValueError (NonFiniteError for NaN/Inf) naming `what` when `image` is not a float [B, C, H, W]
     image in 0..1 (C = 1, 3 or 4); values up to `RANGE_SLACK` outside 0..1 pass (clamped by the user)."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in (1, 3, 4):
+    channels = DESCRIPTOR.input_channels
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in channels:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"expected an image [B, C, H, W] with C in 1, 3, 4 (gray, RGB, RGBA), got {shape}")
+        raise ValueError(f"expected an image [B, C, H, W] with C in {', '.join(map(str, channels))} (gray, RGB, "
+                         f"RGBA), got {shape}")
     if not image.is_floating_point():
         raise ValueError(f"expected a float image in 0..1, got dtype {image.dtype}")
     if 0 in image.shape[-2:]:

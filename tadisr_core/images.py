@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .descriptor import DESCRIPTOR
 from .files import default_file_mode, same_file
 from .finite import check_unit_range
 
@@ -436,8 +437,8 @@ def check_writable(path: str | Path, channels: int, size: tuple[int, int] | None
     than JPEG (65500 px) or WebP (16383 px) can hold."""
     path = Path(path)
     image_format = _format_of(path)
-    if channels not in (1, 3, 4):
-        raise ValueError(f"{path}: cannot save {channels} channels as an image (need 1, 3 or 4)")
+    if channels not in DESCRIPTOR.input_channels:
+        raise ValueError(f"{path}: cannot save {channels} channels as an image (need {DESCRIPTOR.channels_text()})")
     if image_format == "JPEG" and channels == 4:
         raise ValueError(f"{path}: the image has an alpha channel, which JPEG cannot keep; write it as PNG or "
                          f"WebP (--format png / webp)")

@@ -43,6 +43,8 @@ log = logging.getLogger("tadisr")
 
 MIN_TILE = DESCRIPTOR.size.min_tile          # the OOM fallback halves the tile down to this, then gives up
 LATENT_FACTOR = DESCRIPTOR.size.tile_multiple
+DEFAULT_TILE = DESCRIPTOR.size.default_tile
+DEFAULT_OVERLAP = DESCRIPTOR.size.default_overlap
 SKIP_BUDGET_BYTES = 512 << 20   # the staged path keeps encoder skip features only when all fit this
 
 
@@ -145,7 +147,7 @@ def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
-def tile_grid(height: int, width: int, tile: int = 768, overlap: int = 256) -> TileGrid:
+def tile_grid(height: int, width: int, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> TileGrid:
     """Where the model's tiles sit on an upscaled canvas of `height` x `width` (latent-aligned tiles,
     one smaller tile on a side shorter than `tile`)."""
     return make_grid(height, width, tile, overlap, multiple=LATENT_FACTOR)
@@ -306,7 +308,7 @@ def _split_alpha(hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.no_grad()
-def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overlap: int = 256,
+def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
             tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
             attention: bool = False, keep_attention: bool = False, mask: bool = True, sample: bool = False,
             generator: torch.Generator | None = None, seed: int | None = None,
@@ -376,8 +378,8 @@ def skip_bytes_per_pixel(model) -> int:
     return int((c0 + c0 / 4 + c1 / 16 + c2 / 64) * elem)
 
 
-def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int = 768, overlap: int = 256,
-                     batch: int = 1, channels: int = 3, keep_attention: bool = True,
+def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int = DEFAULT_TILE,
+                     overlap: int = DEFAULT_OVERLAP, batch: int = 1, channels: int = 3, keep_attention: bool = True,
                      keep_skips: bool | str = "auto") -> int:
     """Bytes the staged path keeps for an LR image of `height` x `width` (what `TiledLatents.nbytes` reports)."""
     h, w = output_size(height, width, scale)
@@ -405,7 +407,7 @@ def _keep_skips(model, keep_skips: bool | str, units: int, cells: int) -> bool:
 
 
 @torch.no_grad()
-def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = 768, overlap: int = 256,
+def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                  tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
                  sample: bool = False, generator: torch.Generator | None = None, seed: int | None = None,
                  store_device: torch.device | str = "cpu", keep_skips: bool | str = "auto") -> TiledLatents:

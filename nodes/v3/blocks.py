@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from tadisr_core.descriptor import DESCRIPTOR
+
 from .. import blocks, graph
 from ..errors import reported
 from .common import (
@@ -41,7 +43,8 @@ class TADiSREncode(io.ComfyNode):
 
     @classmethod
     @reported
-    def execute(cls, model, image, scale=4.0, tile=768, overlap=256, tile_batch=0) -> io.NodeOutput:
+    def execute(cls, model, image, scale=4.0, tile=DESCRIPTOR.size.default_tile,
+                overlap=DESCRIPTOR.size.default_overlap, tile_batch=0) -> io.NodeOutput:
         return io.NodeOutput(blocks.encode(model, image, scale, tile, overlap, tile_batch))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from tadisr_core.descriptor import DESCRIPTOR
+
 from .. import graph, loaders, upscale
 from ..errors import reported
 from .common import (
@@ -131,7 +133,8 @@ class TADiSRUpscale(io.ComfyNode):
 
     @classmethod
     @reported
-    def execute(cls, model, image, scale=4.0, tile=768, overlap=256, tile_batch=0, capture_attention=False,
+    def execute(cls, model, image, scale=4.0, tile=DESCRIPTOR.size.default_tile,
+                overlap=DESCRIPTOR.size.default_overlap, tile_batch=0, capture_attention=False,
                 color_fix="auto") -> io.NodeOutput:
         if hasattr(model, "model"):  # a wrong 'model' input is reported by upscale() itself
             from tadisr_core.heatmap import channel_groups
