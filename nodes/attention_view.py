@@ -7,8 +7,6 @@ import torch.nn.functional as F
 
 from . import convert, host
 
-LAYER_GROUPS = ("all", "down", "mid", "up")
-REDUCTIONS = ("mean", "max")
 # Colour maps as evenly spaced RGB anchors, linearly interpolated.
 COLORMAPS = {
     "jet": ((0, 0, .5), (0, 0, 1), (0, .5, 1), (0, 1, 1), (.5, 1, .5), (1, 1, 0), (1, .5, 0), (1, 0, 0), (.5, 0, 0)),

@@ -503,6 +503,20 @@ def test_text_attention_views(v3, handle):
         attention_view.view(None, image, "all", "mean", True, "jet", 0.5)
 
 
+def test_text_attention_dropdowns_offer_the_library_choices(v3, monkeypatch):
+    """Review: the node's 'layers' / 'heads' options were a copy of tadisr_core.heatmap's; now read from
+    it (a changed library list changes the dropdown)."""
+    from tadisr_core import heatmap
+
+    monkeypatch.setattr(heatmap, "LAYER_GROUPS", ("all", "up"))
+    monkeypatch.setattr(heatmap, "REDUCTIONS", ("max",))
+    io = v3.attention.io
+    monkeypatch.setattr(io, "Schema", lambda **fields: fields)
+    io.Combo.Input.reset_mock()
+    v3.TADiSRTextAttention.define_schema()
+    options = {c.args[0]: c.kwargs["options"] for c in io.Combo.Input.call_args_list}
+    assert options["layers"] == ["all", "up"] and options["heads"] == ["max"]
+
 def test_colormap_endpoints():
     heat = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
     rgb = attention_view.colorize(heat, "jet")

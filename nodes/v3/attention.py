@@ -14,6 +14,8 @@ class TADiSRTextAttention(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from tadisr_core.heatmap import LAYER_GROUPS, REDUCTIONS
+
         return schema(
             ["text", "attention", "heat map", "heatmap", "TACA", "cross attention", "text mask", "TADiSR"],
             node_id="TADiSRTextAttention",
@@ -26,11 +28,11 @@ class TADiSRTextAttention(io.ComfyNode):
                     "Captured attention from TADiSR One-Step Denoise or the attention output of TADiSR Upscale.")),
                 io.Image.Input("image", tooltip=(
                     "Image to draw the overlay on, normally the upscaled image (the heat map is resized to it).")),
-                io.Combo.Input("layers", options=list(attention_view.LAYER_GROUPS), default="all", tooltip=(
+                io.Combo.Input("layers", options=list(LAYER_GROUPS), default="all", tooltip=(
                     "Which UNet cross-attention layers to read: all, or only the down / mid / up blocks. Up-block "
                     "layers are sharpest; the released Kolors checkpoint hooks no mid-block layer (refused before "
                     "the upscale runs).")),
-                io.Combo.Input("heads", options=list(attention_view.REDUCTIONS), default="mean", tooltip=(
+                io.Combo.Input("heads", options=list(REDUCTIONS), default="mean", tooltip=(
                     "How to combine attention heads (and layers): mean = smooth consensus, max = strongest "
                     "response.")),
                 io.Boolean.Input("normalize", default=True, tooltip=(
