@@ -46,11 +46,6 @@ def _module(name: str):
         return None
 
 
-def comfy_available() -> bool:
-    """True inside a ComfyUI process."""
-    return _module("comfy.model_management") is not None
-
-
 # -- progress and interruption --------------------------------------------------------------------
 def progress_reporter(total: int) -> Callable[[int, int], None]:
     """A `progress(done, total)` callback that drives the node's progress bar in the UI."""

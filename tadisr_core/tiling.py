@@ -222,28 +222,3 @@ def blend_tiles(grid: TileGrid, batch: int, work: Callable[[range], Sequence[tor
     run_batches(batch * len(grid), batch_size, run, progress=progress, cancel=cancel)
     return state["blender"].finish()
 
-
-def tiled_map(fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]], image: torch.Tensor,
-              tile: int, overlap: int, batch_size: int = 1, *, multiple: int = 1, shrink: bool = True,
-              pad_mode: str = "replicate", progress: Progress | None = None, cancel: Cancel | None = None,
-              out_device: torch.device | str | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Apply `fn` to overlapping tiles of `image` [B, C, H, W] and blend the results.
-
-    `fn` receives up to `batch_size` tiles stacked as [n, C, tile_h, tile_w] and returns a tensor
-    (or a tuple of tensors) [n, C_k, tile_h, tile_w]. Returns the blended float32 canvas(es)
-    [B, C_k, H, W] on `out_device` (default: the image's device), the same structure as `fn`'s.
-    """
-    if image.ndim != 4:
-        raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(image.shape)}")
-    b, _, h, w = image.shape
-    grid = make_grid(h, w, tile, overlap, multiple, shrink)
-    single = []
-
-    def work(units: range):
-        out = fn(extract_units(image, grid, units, pad_mode))
-        single[:] = [isinstance(out, torch.Tensor)]
-        return (out,) if single[0] else tuple(out)
-
-    canvases = blend_tiles(grid, b, work, batch_size, device=out_device if out_device is not None else image.device,
-                           progress=progress, cancel=cancel)
-    return canvases[0] if single[0] else tuple(canvases)

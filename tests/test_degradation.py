@@ -20,7 +20,7 @@ def hr() -> torch.Tensor:
 
 
 KERNELS = {
-    "iso": lambda: D.isotropic_gaussian_kernel(21, 2.5),
+    "iso": lambda: D.anisotropic_gaussian_kernel(21, 2.5, 2.5, 0.0),  # as random_kernel draws "iso"
     "aniso": lambda: D.anisotropic_gaussian_kernel(21, 3.0, 0.7, 0.6),
     "generalized_low_beta": lambda: D.generalized_gaussian_kernel(15, 2.0, 1.0, -1.0, 0.5),
     "generalized_high_beta": lambda: D.generalized_gaussian_kernel(15, 2.0, 1.0, 1.0, 4.0),
@@ -54,7 +54,7 @@ def test_random_kernels_are_normalised_and_padded(preset):
 
 
 def test_kernel_geometry():
-    k = D.isotropic_gaussian_kernel(21, 2.0)
+    k = D.anisotropic_gaussian_kernel(21, 2.0, 2.0, 0.0)  # random_kernel's "iso"
     assert torch.allclose(k, k.T, atol=1e-7) and k.argmax() == 10 * 21 + 10  # symmetric, peak at centre
     # sigma_x > sigma_y at angle 0 spreads along x (columns); rotating by 90 degrees swaps the axes.
     a = D.anisotropic_gaussian_kernel(21, 4.0, 1.0, 0.0)
@@ -67,7 +67,7 @@ def test_kernel_geometry():
 
 def test_blur_with_pulse_is_identity_and_gaussian_smooths(hr):
     assert torch.allclose(D.blur(hr, D.pulse_kernel()), hr)
-    blurred = D.blur(hr, D.isotropic_gaussian_kernel(21, 3.0))
+    blurred = D.blur(hr, D.anisotropic_gaussian_kernel(21, 3.0, 3.0, 0.0))
     assert blurred.shape == hr.shape
     assert blurred.diff(dim=-1).abs().mean() < 0.5 * hr.diff(dim=-1).abs().mean()
 

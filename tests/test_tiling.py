@@ -1,4 +1,4 @@
-"""Tile grid, Hann blending and the generic tiled_map (no model involved)."""
+"""Tile grid, Hann blending and the one tile loop, blend_tiles (no model involved)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,24 @@ import logging
 import pytest
 import torch
 
-from tadisr_core.tiling import WINDOW_FLOOR, UpscaleCancelled, hann_1d, make_grid, run_batches, tile_starts, tiled_map
+from tadisr_core.tiling import (
+    WINDOW_FLOOR,
+    UpscaleCancelled,
+    blend_tiles,
+    extract_units,
+    hann_1d,
+    make_grid,
+    run_batches,
+    tile_starts,
+)
+
+
+def _blend(fn, image, tile, overlap, batch_size=1, *, multiple=1, shrink=True, **loop) -> list[torch.Tensor]:
+    """The canvases blend_tiles makes of `fn` (tiles [n, C, th, tw] -> list of outputs) over `image`'s tiles,
+    the units cut as the pipeline cuts them (extract_units)."""
+    grid = make_grid(image.shape[-2], image.shape[-1], tile, overlap, multiple, shrink)
+    return blend_tiles(grid, image.shape[0], lambda units: fn(extract_units(image, grid, units)), batch_size,
+                       device=image.device, **loop)
 
 
 def test_tile_starts_follow_the_release_rule():
@@ -54,7 +71,7 @@ SHAPES = [
 def test_identity_reconstructs_the_input(shape, shrink):
     torch.manual_seed(0)
     x = torch.rand(shape)
-    image, first = tiled_map(lambda t: (t, t[:, :1] * 2 - 1), x, 64, 16, batch_size=3, multiple=8, shrink=shrink)
+    image, first = _blend(lambda t: [t, t[:, :1] * 2 - 1], x, 64, 16, batch_size=3, multiple=8, shrink=shrink)
     assert image.shape == x.shape and first.shape == (shape[0], 1, *shape[2:])
     assert torch.isfinite(image).all() and torch.isfinite(first).all()
     assert (image - x).abs().max().item() < 1e-4
@@ -65,20 +82,20 @@ def test_release_tiling_test_case():
     """The release's own check: 1021x887, tile 384, overlap 128, identity, within 1e-4."""
     torch.manual_seed(1)
     x = torch.rand(1, 3, 1021, 887)
-    assert (tiled_map(lambda t: t, x, 384, 128) - x).abs().max().item() < 1e-4
+    assert (_blend(lambda t: [t], x, 384, 128)[0] - x).abs().max().item() < 1e-4
 
 
-def _per_tile(t: torch.Tensor) -> torch.Tensor:
+def _per_tile(t: torch.Tensor) -> list[torch.Tensor]:
     # Depends on the whole tile (its mean), so a tile placed wrongly would show; exact per sample.
-    return torch.tanh(3 * t) + t.mean(dim=(1, 2, 3), keepdim=True)
+    return [torch.tanh(3 * t) + t.mean(dim=(1, 2, 3), keepdim=True)]
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 101, 87), (2, 3, 40, 150)])
 def test_batched_tiles_equal_batch_one(shape):
     torch.manual_seed(2)
     x = torch.rand(shape)
-    one = tiled_map(_per_tile, x, 48, 16, batch_size=1)
-    many = tiled_map(_per_tile, x, 48, 16, batch_size=5)
+    [one] = _blend(_per_tile, x, 48, 16, batch_size=1)
+    [many] = _blend(_per_tile, x, 48, 16, batch_size=5)
     assert (one - many).abs().max().item() < 1e-6
     # and the blend is a weighted mean of the per-tile results: stays within their range
     assert one.min() >= (torch.tanh(3 * x) + 0).min() - 1e-5
@@ -88,7 +105,7 @@ def test_blend_weights_follow_the_window():
     """Constant tiles: a pixel covered by one tile gets its value; overlaps interpolate between them."""
     x = torch.zeros(1, 1, 8, 112)          # tiles at x = 0, 48 (tile 64, overlap 16)
     calls = iter(range(10))
-    out = tiled_map(lambda t: torch.full_like(t, float(next(calls))), x, 64, 16)
+    [out] = _blend(lambda t: [torch.full_like(t, float(next(calls)))], x, 64, 16)
     assert out[0, 0, 0, :48].eq(0).all()
     assert torch.allclose(out[0, 0, 0, 64:], torch.ones(48), atol=1e-6)
     mid = out[0, 0, 0, 48:64]
@@ -97,7 +114,7 @@ def test_blend_weights_follow_the_window():
 
 def test_output_of_the_wrong_size_is_an_error():
     with pytest.raises(ValueError, match="does not match"):
-        tiled_map(lambda t: t[:, :, :-1], torch.rand(1, 3, 40, 40), 32, 8)
+        _blend(lambda t: [t[:, :, :-1]], torch.rand(1, 3, 40, 40), 32, 8)
 
 
 def test_progress_and_cancel_between_tiles():
@@ -106,13 +123,13 @@ def test_progress_and_cancel_between_tiles():
 
     def fn(t):
         calls.append(t.shape[0])
-        return t
+        return [t]
 
-    tiled_map(fn, x, 48, 16, batch_size=2, progress=lambda d, n: seen.append((d, n)))
+    _blend(fn, x, 48, 16, batch_size=2, progress=lambda d, n: seen.append((d, n)))
     assert seen == [(k, 9) for k in range(1, 10)]
     calls.clear()
     with pytest.raises(UpscaleCancelled) as err:
-        tiled_map(fn, x, 48, 16, cancel=lambda: len(calls) >= 4)
+        _blend(fn, x, 48, 16, cancel=lambda: len(calls) >= 4)
     assert len(calls) == 4 and err.value.done == 4 and err.value.total == 9
 
 
@@ -124,10 +141,10 @@ def test_out_of_memory_halves_the_batch(caplog):
         sizes.append(t.shape[0])
         if t.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
-        return t
+        return [t]
 
     with caplog.at_level(logging.WARNING, logger="tadisr"):
-        out = tiled_map(fn, x, 48, 16, batch_size=8)
+        [out] = _blend(fn, x, 48, 16, batch_size=8)
     assert (out - x).abs().max().item() < 1e-4
     assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2
     assert "retrying with 4" in caplog.text and "retrying with 2" in caplog.text

@@ -180,11 +180,6 @@ def _mahalanobis(size: int, sigma_x: float, sigma_y: float, angle: float) -> Ten
     return (u / sigma_x) ** 2 + (v / sigma_y) ** 2
 
 
-def isotropic_gaussian_kernel(size: int, sigma: float) -> Tensor:
-    """Isotropic Gaussian kernel ``[size, size]``, summing to 1."""
-    return anisotropic_gaussian_kernel(size, sigma, sigma, 0.0)
-
-
 def anisotropic_gaussian_kernel(size: int, sigma_x: float, sigma_y: float, angle: float) -> Tensor:
     """Gaussian with axis sigmas ``sigma_x``, ``sigma_y`` rotated by ``angle`` (radians), summing to 1."""
     return _normalised(torch.exp(-0.5 * _mahalanobis(size, sigma_x, sigma_y, angle)))
