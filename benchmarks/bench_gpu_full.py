@@ -40,7 +40,6 @@ from tadisr_core.pipeline import upscale  # noqa: E402
 from tadisr_core.spec import full_spec, tiny_spec  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-STAGES = ("encode", "unet", "decode_joint", "decode_image_only", "tile_joint", "tile_image_only")
 
 
 # -- building ------------------------------------------------------------------------------------

@@ -75,7 +75,6 @@ class Browser:
         self.chromium, self.window_size, self.startup_timeout = chromium, window_size, startup_timeout
         self.console: list[dict] = []  # {"type": "log"|"error"|"warning"|"exception"|..., "text": str}
         self.proc: subprocess.Popen | None = None
-        self.startup_seconds: float | None = None
         self._ws: websocket.WebSocket | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, dict] = {}
@@ -89,7 +88,6 @@ class Browser:
         """Launch Chromium, attach to its page and enable the Page/Runtime/Log domains."""
         if not Path(self.chromium).exists():
             raise CDPError(f"{self.chromium} not found: run scripts/install_test_deps.sh")
-        t0 = time.monotonic()
         self._tmp = tempfile.mkdtemp(prefix="tadisr-chromium-")
         w, h = self.window_size
         cmd = [self.chromium, *FLAGS, f"--window-size={w},{h}", "--remote-debugging-port=0",
@@ -116,7 +114,6 @@ class Browser:
             tail = self.log_tail()
             self.close()
             raise CDPError(f"Chromium did not start: {e}\n--- chromium log ---\n{tail}") from None
-        self.startup_seconds = time.monotonic() - t0
         return self
 
     def _devtools_port(self) -> int:

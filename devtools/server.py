@@ -86,7 +86,6 @@ class ComfyServer:
         self.allow_pack_import_failure = allow_pack_import_failure
         self.client_id = uuid.uuid4().hex
         self.proc: subprocess.Popen | None = None
-        self.startup_seconds: float | None = None
 
     @property
     def url(self) -> str:
@@ -122,7 +121,6 @@ class ComfyServer:
         except ComfyError as e:
             self.stop()
             raise ComfyError(f"{e}\n--- {self.log_path} (tail) ---\n{self.log_tail()}") from None
-        self.startup_seconds = time.monotonic() - t0
         return self
 
     def _answers(self) -> bool:

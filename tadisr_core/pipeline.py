@@ -81,7 +81,6 @@ class TiledLatents:
     grid: TileGrid
     batch: int
     tiles: list[TileState]
-    source_size: tuple[int, int]
     scale: float
     channels: int                     # of the input image: 1, 3 or 4
     alpha: torch.Tensor | None        # upscaled alpha [B, 1, H, W], re-attached at decode
@@ -439,7 +438,7 @@ def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = DEFAU
 
         run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
         source = image.detach().to(store_device, torch.float32)
-        return TiledLatents(grid, b, states, tuple(image.shape[-2:]), float(scale), image.shape[1], alpha,
+        return TiledLatents(grid, b, states, float(scale), image.shape[1], alpha,
                             source=source, spec=model.spec, weights_id=model.weights_id)
 
     return _with_tile_fallback(run, tile, overlap, (h, w))
