@@ -342,6 +342,7 @@ def ensure_writable_folder(folder: Path) -> None:
 
 # -- upscale ----------------------------------------------------------------------------------------
 def add_upscale(sub) -> None:
+    """`tadisr upscale`: image files and folders -> upscaled images and text masks (`run_upscale`)."""
     from .color import COLOR_FIX_CHOICES
     from .descriptor import DESCRIPTOR
     from .images import DEFAULT_QUALITY, OUTPUT_FORMATS
@@ -620,6 +621,7 @@ def _chatglm_memory_advice(device: str, dtype: str) -> str:
 
 
 def add_prompt_cache(sub) -> None:
+    """`tadisr prompt-cache`: encode the prompt with ChatGLM3 once and save it (`run_prompt_cache`)."""
     from .spec import HEATMAP_PROMPT
 
     p = sub.add_parser("prompt-cache", help="compute the prompt-embedding cache once with Kolors' ChatGLM3",
@@ -646,12 +648,14 @@ def add_prompt_cache(sub) -> None:
 
 
 def add_checkpoint_commands(sub) -> None:
+    """`tadisr inspect` and `tadisr convert` (defined in `checkpoint.add_commands`)."""
     from .checkpoint import add_commands
 
     add_commands(sub)
 
 
 def add_make_tiny(sub) -> None:
+    """`tadisr make-tiny`: a tiny random model for tests and demos (defined in `testing.add_command`)."""
     from .testing import add_command
 
     add_command(sub)

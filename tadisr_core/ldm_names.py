@@ -25,6 +25,7 @@ _VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
 
 
 def strip_prefix(key: str, prefixes: tuple[str, ...]) -> str:
+    """`key` without the first of `prefixes` it starts with (unchanged when none)."""
     for p in prefixes:
         if key.startswith(p):
             return key[len(p):]

@@ -102,6 +102,7 @@ def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str 
 
 
 def main() -> int:
+    """Print the README's VRAM tables (`python -m tadisr_core.memory_plan`)."""
     tiles = (512, 768, 1024)
     rows, need = vram_table(tiles=tiles)
     print("| mode | " + " | ".join(f"tile {t}" for t in tiles) + " |")

@@ -26,18 +26,24 @@ from .spec import TADiSRSpec
 
 @dataclass
 class Encoded:
+    """What `TADiSRModel.encode` returns: the VAE latents and the encoder features the joint decoder reuses."""
+
     latents: torch.Tensor                   # (B, 4, H/8, W/8), scaled by the VAE scaling factor
     skips: list[torch.Tensor] | None        # encoder features before each down block, full res first
 
 
 @dataclass
 class Denoised:
+    """What `TADiSRModel.denoise` returns: the one-step x0 latents and the captured text attention."""
+
     latents: torch.Tensor                   # x0 estimate, same layout as Encoded.latents
     attention: torch.Tensor | None          # (B, C, H/8, W/8) TACA maps, when captured
 
 
 @dataclass
 class Decoded:
+    """What `TADiSRModel.decode` returns: the upscaled image and the text-mask logits."""
+
     image: torch.Tensor                     # (B, 3, H, W) in 0..1
     mask_logits: torch.Tensor | None        # (B, 1, H, W); sigmoid gives the text mask (None: image only)
 

@@ -45,6 +45,7 @@ class OneStep:
         return (z_t - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Forward diffusion q(z_t | x0), used by tests and training."""
+        """Forward diffusion q(z_t | x0) at this timestep, the inverse of `x0` (the pipeline adds no noise: it
+        denoises the LR latent as it is)."""
         abar = self.alpha_bar
         return math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * noise

@@ -124,6 +124,7 @@ def run_make_tiny(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m tadisr_core.testing make-tiny ...` (the same command as `tadisr make-tiny`)."""
     parser = argparse.ArgumentParser(prog="python -m tadisr_core.testing")
     add_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

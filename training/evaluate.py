@@ -337,6 +337,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tadisr-evaluate` command line."""
     ap = argparse.ArgumentParser(prog=command_name("training.evaluate"), description=__doc__.split("\n")[0])
     ap.add_argument("--pred", type=Path, required=True, help="folder of super-resolved images")
     ap.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
