@@ -42,6 +42,7 @@ from pathlib import Path
 
 from nodes.loaders import DEMO_CHOICE, NO_CHECKPOINT
 from tadisr_core.demo import DEMO_INPUTS
+from tadisr_core.descriptor import DESCRIPTOR
 from tadisr_core.model_ref import DEMO_CHECKPOINT
 
 from . import comfy_host
@@ -53,7 +54,8 @@ PACK = "tadisr"
 # The demo model runs as shipped; the checkpoint placeholder passes the loader's check (the demo ignores it).
 MODEL = {"kolors": DEMO_CHOICE, "checkpoint": NO_CHECKPOINT, "prompt_cache": "auto (compute once)",
          "dtype": "auto", "device": "auto", "merge_lora": True}
-TILING = {"scale": 4.0, "tile": 768, "overlap": 256, "tile_batch": 0}
+TILING = {"scale": DESCRIPTOR.size.default_scale, "tile": DESCRIPTOR.size.default_tile,
+          "overlap": DESCRIPTOR.size.default_overlap, "tile_batch": 0}
 UPSCALE = {**TILING, "capture_attention": False, "color_fix": "auto"}
 SAMPLE = "tadisr_sample_sign.png"
 BATCH_SCENE = DEMO_INPUTS / "text_scene_2.png"  # what the batch workflow's folder holds for its thumbnail

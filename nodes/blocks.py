@@ -11,6 +11,8 @@ from tadisr_core.descriptor import DESCRIPTOR
 
 from . import attention_view, convert, host, running
 
+SIZE = DESCRIPTOR.size  # default scale, tile and overlap
+
 
 def _check_latents(latents, stage: str, model):
     from tadisr_core.pipeline import TiledLatents, check_same_model
@@ -28,7 +30,7 @@ def _check_latents(latents, stage: str, model):
     return latents
 
 
-def encode(model, image, scale=4.0, tile=DESCRIPTOR.size.default_tile, overlap=DESCRIPTOR.size.default_overlap,
+def encode(model, image, scale=SIZE.default_scale, tile=SIZE.default_tile, overlap=SIZE.default_overlap,
            tile_batch=0):
     """Encoded tiles of the whole batch."""
     from tadisr_core.pipeline import encode_tiles

@@ -6,8 +6,10 @@ from tadisr_core.descriptor import DESCRIPTOR
 
 from . import convert, host, running
 
+SIZE = DESCRIPTOR.size  # default scale, tile and overlap
 
-def upscale(handle, image, scale=4.0, tile=DESCRIPTOR.size.default_tile, overlap=DESCRIPTOR.size.default_overlap,
+
+def upscale(handle, image, scale=SIZE.default_scale, tile=SIZE.default_tile, overlap=SIZE.default_overlap,
             tile_batch=0, attention=False, color_fix="auto", mask=True):
     """(image [B,H,W,C], mask [B,H,W], attention tiles | None) in ComfyUI layouts.
 

@@ -50,7 +50,7 @@ class Job:
 class Options:
     """Per-file upscale settings (see `pipeline.upscale`)."""
 
-    scale: float = 4.0
+    scale: float = DESCRIPTOR.size.default_scale
     tile: int = DESCRIPTOR.size.default_tile
     overlap: int = DESCRIPTOR.size.default_overlap
     tile_batch: int | str = "auto"

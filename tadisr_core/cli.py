@@ -353,8 +353,9 @@ def add_upscale(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
     add_weight_args(p)
-    p.add_argument("--scale", type=_scale, default=4.0, help="upscale factor, 1 to 8 (default 4)")
     size = DESCRIPTOR.size
+    p.add_argument("--scale", type=_scale, default=size.default_scale,
+                   help=f"upscale factor, {size.min_scale:g} to {size.max_scale:g} (default {size.default_scale:g})")
     p.add_argument("--tile", type=int, default=size.default_tile,
                    help=f"tile size in output pixels, multiple of {size.tile_multiple} (default {size.default_tile})")
     p.add_argument("--overlap", type=int, default=size.default_overlap,

@@ -43,6 +43,7 @@ log = logging.getLogger("tadisr")
 
 MIN_TILE = DESCRIPTOR.size.min_tile          # the OOM fallback halves the tile down to this, then gives up
 LATENT_FACTOR = DESCRIPTOR.size.tile_multiple
+DEFAULT_SCALE = DESCRIPTOR.size.default_scale
 DEFAULT_TILE = DESCRIPTOR.size.default_tile
 DEFAULT_OVERLAP = DESCRIPTOR.size.default_overlap
 SKIP_BUDGET_BYTES = 512 << 20   # the staged path keeps encoder skip features only when all fit this
@@ -307,8 +308,9 @@ def _split_alpha(hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.no_grad()
-def upscale(model, image: torch.Tensor, scale: float = 4, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-            tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
+def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int = DEFAULT_TILE,
+            overlap: int = DEFAULT_OVERLAP, tile_batch: int | str = "auto", *, progress: Progress | None = None,
+            cancel: Cancel | None = None,
             attention: bool = False, keep_attention: bool = False, mask: bool = True, sample: bool = False,
             generator: torch.Generator | None = None, seed: int | None = None,
             canvas_device: torch.device | str = "auto", color_fix: str = "auto") -> UpscaleResult:
@@ -377,7 +379,7 @@ def skip_bytes_per_pixel(model) -> int:
     return int((c0 + c0 / 4 + c1 / 16 + c2 / 64) * elem)
 
 
-def kept_state_bytes(model, height: int, width: int, scale: float = 4, tile: int = DEFAULT_TILE,
+def kept_state_bytes(model, height: int, width: int, scale: float = DEFAULT_SCALE, tile: int = DEFAULT_TILE,
                      overlap: int = DEFAULT_OVERLAP, batch: int = 1, channels: int = 3, keep_attention: bool = True,
                      keep_skips: bool | str = "auto") -> int:
     """Bytes the staged path keeps for an LR image of `height` x `width` (what `TiledLatents.nbytes` reports)."""
@@ -406,8 +408,9 @@ def _keep_skips(model, keep_skips: bool | str, units: int, cells: int) -> bool:
 
 
 @torch.no_grad()
-def encode_tiles(model, image: torch.Tensor, scale: float = 4, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-                 tile_batch: int | str = "auto", *, progress: Progress | None = None, cancel: Cancel | None = None,
+def encode_tiles(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int = DEFAULT_TILE,
+                 overlap: int = DEFAULT_OVERLAP, tile_batch: int | str = "auto", *, progress: Progress | None = None,
+            cancel: Cancel | None = None,
                  sample: bool = False, generator: torch.Generator | None = None, seed: int | None = None,
                  store_device: torch.device | str = "cpu", keep_skips: bool | str = "auto") -> TiledLatents:
     """Staged step 1: upscale, tile and VAE-encode; keeps each tile's latents (see module doc).

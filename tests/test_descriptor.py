@@ -20,7 +20,7 @@ from unittest import mock
 import torch
 import tadisr_core.descriptor as d
 
-size = dataclasses.replace(d.DESCRIPTOR.size, default_tile=512, default_overlap=128)
+size = dataclasses.replace(d.DESCRIPTOR.size, default_tile=512, default_overlap=128, default_scale=2.0)
 d.DESCRIPTOR = dataclasses.replace(d.DESCRIPTOR, size=size, input_channels=(3, 4))
 
 io = mock.MagicMock()              # comfy_api.latest faked just enough to declare the V3 nodes
@@ -38,7 +38,11 @@ from tadisr_core import batch, cli, finite, images, pipeline
 
 def tiling(fn):
     p = inspect.signature(fn).parameters
-    return [p["tile"].default, p["overlap"].default]
+    return {k: p[k].default for k in ("scale", "tile", "overlap") if k in p}
+
+
+def tiling_of(settings):
+    return {k: getattr(settings, k) for k in ("scale", "tile", "overlap")}
 
 
 def refusal(call):
@@ -53,13 +57,13 @@ helps = {a.dest: a.help for a in cli.build_parser()._subparsers._group_actions[0
 gray = torch.rand(1, 1, 8, 8)
 print(json.dumps({
     "defaults": {
-        "cli": [args.tile, args.overlap], "batch.Options": [batch.Options().tile, batch.Options().overlap],
+        "cli": tiling_of(args), "batch.Options": tiling_of(batch.Options()),
         **{f"pipeline.{f.__name__}": tiling(f) for f in (pipeline.tile_grid, pipeline.upscale,
                                                          pipeline.kept_state_bytes, pipeline.encode_tiles)},
         "nodes.upscale": tiling(upscale.upscale), "nodes.blocks.encode": tiling(blocks.encode),
         "TADiSRUpscale": tiling(TADiSRUpscale.execute), "TADiSREncode": tiling(TADiSREncode.execute),
     },
-    "help": [helps["tile"], helps["overlap"]],
+    "help": [helps["scale"], helps["tile"], helps["overlap"]],
     "refusals": [refusal(lambda: finite.check_input_image(gray)),
                  refusal(lambda: convert.image_to_core(gray.movedim(1, -1))),
                  refusal(lambda: images.check_writable("out.png", 1))],
@@ -75,11 +79,14 @@ def probe() -> dict:
 
 
 def test_every_default_tiling_reads_the_descriptor(probe):
-    """Review: 768 / 256 were retyped in the CLI, the batch options, the pipeline and the nodes; now a
-    descriptor with other defaults (512 / 128) is followed everywhere, the CLI's help included."""
-    assert probe["defaults"] == dict.fromkeys(probe["defaults"], [512, 128])
+    """Review: 4 / 768 / 256 were retyped in the CLI, the batch options, the pipeline and the nodes; now a
+    descriptor with other defaults (2 / 512 / 128) is followed everywhere, the CLI's help included."""
+    want = {"scale": 2.0, "tile": 512, "overlap": 128}
+    assert probe["defaults"] == {name: want if name != "pipeline.tile_grid" else {"tile": 512, "overlap": 128}
+                                 for name in probe["defaults"]}
     assert len(probe["defaults"]) == 10
-    assert probe["help"] == ["tile size in output pixels, multiple of 8 (default 512)",
+    assert probe["help"] == ["upscale factor, 1 to 8 (default 2)",
+                             "tile size in output pixels, multiple of 8 (default 512)",
                              "tile overlap in output pixels (default 128)"]
 
 

@@ -20,6 +20,8 @@ from .common import (
     validate_tile,
 )
 
+SIZE = DESCRIPTOR.size  # default scale, tile and overlap
+
 
 class TADiSREncode(io.ComfyNode):
     """Node: TADiSR Encode."""
@@ -43,8 +45,8 @@ class TADiSREncode(io.ComfyNode):
 
     @classmethod
     @reported
-    def execute(cls, model, image, scale=4.0, tile=DESCRIPTOR.size.default_tile,
-                overlap=DESCRIPTOR.size.default_overlap, tile_batch=0) -> io.NodeOutput:
+    def execute(cls, model, image, scale=SIZE.default_scale, tile=SIZE.default_tile,
+                overlap=SIZE.default_overlap, tile_batch=0) -> io.NodeOutput:
         return io.NodeOutput(blocks.encode(model, image, scale, tile, overlap, tile_batch))
 
 

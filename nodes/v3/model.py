@@ -19,6 +19,8 @@ from .common import (
     validate_tile,
 )
 
+SIZE = DESCRIPTOR.size  # default scale, tile and overlap
+
 
 class TADiSRLoadModel(io.ComfyNode):
     """Node: Load TADiSR Model."""
@@ -133,8 +135,8 @@ class TADiSRUpscale(io.ComfyNode):
 
     @classmethod
     @reported
-    def execute(cls, model, image, scale=4.0, tile=DESCRIPTOR.size.default_tile,
-                overlap=DESCRIPTOR.size.default_overlap, tile_batch=0, capture_attention=False,
+    def execute(cls, model, image, scale=SIZE.default_scale, tile=SIZE.default_tile,
+                overlap=SIZE.default_overlap, tile_batch=0, capture_attention=False,
                 color_fix="auto") -> io.NodeOutput:
         if hasattr(model, "model"):  # a wrong 'model' input is reported by upscale() itself
             from tadisr_core.heatmap import channel_groups
