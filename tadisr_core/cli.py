@@ -325,10 +325,11 @@ def ensure_writable_folder(folder: Path) -> None:
     """Create `folder` and prove it takes a file, before any model is loaded (SetupError otherwise)."""
     import tempfile
 
+    from .files import folder_target_problem
     from .images import is_image_file
 
-    if folder.exists() and not folder.is_dir():
-        raise SetupError(f"the output folder {folder} is a file; give a folder with -o")
+    if problem := folder_target_problem(folder, f"-o {folder}"):
+        raise SetupError(problem)
     if not folder.exists() and is_image_file(folder):  # `-o result.png` would make a folder of that name
         raise SetupError(f"-o {folder} names a file, but -o is the output folder (NAME_x4.png is written into it): "
                          "give a folder, or make this one first to use it")

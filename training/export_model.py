@@ -26,11 +26,12 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
     """Write the standalone files of `run` into `out`; returns their paths. The prompt cache is the
     run's own (or `prompt_cache`); `out` may hold an earlier export of the same name, nothing else."""
     from tadisr_core.checkpoint import load_checkpoint, save_native
+    from tadisr_core.files import folder_target_problem
     from tadisr_core.model_ref import RUN_PROMPT_CACHE, resolve_model, standalone_prompt
     from tadisr_core.prompt import PromptCache
 
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{OUT_ARG} {out}: a file, not a folder; give the folder to write the model into")
+    if problem := folder_target_problem(out, f"{OUT_ARG} {out}"):
+        raise ValueError(problem)
     if not name.strip() or name.startswith(".") or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"--name {name!r}: give a plain file name, not empty, without a folder (no / or \\) and "
                          f"not starting with '.': the weights are written as {OUT_ARG}/NAME.safetensors")
