@@ -617,6 +617,7 @@ def _chatglm_memory_advice(device: str, dtype: str) -> str:
 
 
 def add_prompt_cache(sub) -> None:
+    from .devices import COMPUTE_DTYPES
     from .spec import HEATMAP_PROMPT
 
     p = sub.add_parser("prompt-cache", help="compute the prompt-embedding cache once with Kolors' ChatGLM3",
@@ -636,7 +637,7 @@ def add_prompt_cache(sub) -> None:
     p.add_argument("--device", default="cpu",
                    help="where ChatGLM3 runs (~12.5 GB in bf16): cpu (default), cuda, or auto (the GPU when it has "
                         "enough free memory, else the CPU)")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))  # the keys of devices.DTYPES
+    p.add_argument("--dtype", default="bf16", choices=tuple(COMPUTE_DTYPES))
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.add_argument("-v", "--verbose", action="store_true", help="log details, and the traceback of a failure")
     p.set_defaults(run=run_prompt_cache)

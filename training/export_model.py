@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from tadisr_core.devices import COMPUTE_DTYPES
 
 RUN_ARG, OUT_ARG = "RUN_DIR", "OUT_DIR"  # how the usage line and the errors name the two arguments
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp16",
@@ -48,7 +47,7 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
         raise ValueError(f"{files.checkpoint} holds adapters only: it runs only on the Kolors base it was "
                          f"trained on, so it is not exported standalone")
     prompt = PromptCache.load(standalone_prompt(files, prompt_cache))
-    groups = {g: {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+    groups = {g: {k: v.to(COMPUTE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
               for g, sd in ckpt.groups.items()}
     run = files.run or Path(run)  # a step folder or checkpoint of a run: the run's own folder
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", metavar=OUT_ARG, type=Path, help="folder to write the standalone model into")
     p.add_argument("--name", default="tadisr_demo",
                    help="weights file name, without .safetensors (a plain name: no folder)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored precision (default fp16)")
+    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="fp16", help="stored precision (default fp16)")
     p.add_argument("--prompt-cache", type=Path, help="the prompt cache it was trained with (default: the run's)")
     args = p.parse_args(argv)
     try:
