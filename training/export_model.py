@@ -26,7 +26,7 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
     run's own (or `prompt_cache`); `out` may hold an earlier export of the same name, nothing else."""
     from tadisr_core.checkpoint import load_checkpoint, save_native
     from tadisr_core.files import folder_target_problem
-    from tadisr_core.model_ref import RUN_PROMPT_CACHE, resolve_model, standalone_prompt
+    from tadisr_core.model_ref import RUN_CONFIG, RUN_PROMPT_CACHE, resolve_model, standalone_prompt
     from tadisr_core.prompt import PromptCache
 
     if problem := folder_target_problem(out, f"{OUT_ARG} {out}"):
@@ -50,7 +50,7 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
     groups = {g: {k: v.to(COMPUTE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
               for g, sd in ckpt.groups.items()}
     run = files.run or Path(run)  # a step folder or checkpoint of a run: the run's own folder
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    config = json.loads((run / RUN_CONFIG).read_text()) if (run / RUN_CONFIG).is_file() else {}
     meta = {k: v for k, v in ckpt.metadata.items() if k in ("train_step", "backbone")}
     meta.update({"exported_from": run.name, "stored_dtype": dtype, "training_config": json.dumps(config)})
     out.mkdir(parents=True, exist_ok=True)
