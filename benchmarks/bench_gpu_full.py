@@ -34,12 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tadisr_core.devices import place_model  # noqa: E402
+from tadisr_core.devices import COMPUTE_DTYPES, place_model  # noqa: E402
 from tadisr_core.model import build_model, random_prompt  # noqa: E402
 from tadisr_core.pipeline import upscale  # noqa: E402
 from tadisr_core.spec import full_spec, tiny_spec  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -223,7 +221,7 @@ def job_times(model, lr: int, repeats: int) -> dict:
 
 def run(args) -> dict:
     """The whole report as a dict (see RESULTS.md for the schema)."""
-    dtype = DTYPES[args.dtype]
+    dtype = COMPUTE_DTYPES[args.dtype]
     result: dict = {"schema": "tadisr-bench-gpu/2", "variant": args.variant, "dtype": args.dtype,
                     "lora": "separate" if args.keep_lora else "merged", "date": time.strftime("%Y-%m-%d"),
                     "torch": torch.__version__}
@@ -270,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, tile 64: the same code path, in seconds")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device (no GPU needed)")
     p.add_argument("--variant", default="release", choices=("release", "paper"))
-    p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default bf16 (fp32 with --smoke)")
+    p.add_argument("--dtype", default=None, choices=tuple(COMPUTE_DTYPES), help="default bf16 (fp32 with --smoke)")
     p.add_argument("--tiles", type=int, nargs="+", default=None, help="tile sizes (default 768; 64 with --smoke)")
     p.add_argument("--tile-batch", type=int, default=1, help="tiles per forward in the stage timings")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")

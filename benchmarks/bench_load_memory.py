@@ -75,10 +75,11 @@ def _child(mode: str, part: str, dtype_name: str, root: str) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from tadisr_core import backbone
+    from tadisr_core.devices import COMPUTE_DTYPES
     from tadisr_core.streaming import tensor_bytes
 
     diffusers.utils.logging.set_verbosity_error()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    dtype = COMPUTE_DTYPES[dtype_name]
     gc.collect()
     base = _status("VmRSS")
     work = Path(root).parent

@@ -43,11 +43,11 @@ def natural_key(name: str) -> list:
 
 
 def list_images(folder: str) -> list[str]:
-    """Image file names directly inside `folder`, in natural order (the suffixes the CLI reads too)."""
-    from tadisr_core.images import is_image_file
+    """Image file names directly inside `folder`, in natural order: the files the CLI takes from it
+    (`images.walk_images`: its suffixes; hidden names such as a Mac's `._a.png` left out)."""
+    from tadisr_core.images import walk_images
 
-    names = [f for f in os.listdir(folder) if is_image_file(f) and os.path.isfile(os.path.join(folder, f))]
-    return sorted(names, key=natural_key)
+    return sorted((p.name for p in walk_images(folder, recursive=False).files), key=natural_key)
 
 
 def pick(index: int, count: int, when_done: str, folder: str) -> int:

@@ -325,10 +325,11 @@ def ensure_writable_folder(folder: Path) -> None:
     """Create `folder` and prove it takes a file, before any model is loaded (SetupError otherwise)."""
     import tempfile
 
+    from .files import folder_target_problem
     from .images import is_image_file
 
-    if folder.exists() and not folder.is_dir():
-        raise SetupError(f"the output folder {folder} is a file; give a folder with -o")
+    if problem := folder_target_problem(folder, f"-o {folder}"):
+        raise SetupError(problem)
     if not folder.exists() and is_image_file(folder):  # `-o result.png` would make a folder of that name
         raise SetupError(f"-o {folder} names a file, but -o is the output folder (NAME_x4.png is written into it): "
                          "give a folder, or make this one first to use it")
@@ -623,6 +624,7 @@ def _chatglm_memory_advice(device: str, dtype: str) -> str:
 
 def add_prompt_cache(sub) -> None:
     """`tadisr prompt-cache`: encode the prompt with ChatGLM3 once and save it (`run_prompt_cache`)."""
+    from .devices import COMPUTE_DTYPES
     from .spec import HEATMAP_PROMPT
 
     p = sub.add_parser("prompt-cache", help="compute the prompt-embedding cache once with Kolors' ChatGLM3",
@@ -642,7 +644,7 @@ def add_prompt_cache(sub) -> None:
     p.add_argument("--device", default="cpu",
                    help="where ChatGLM3 runs (~12.5 GB in bf16): cpu (default), cuda, or auto (the GPU when it has "
                         "enough free memory, else the CPU)")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))  # the keys of devices.DTYPES
+    p.add_argument("--dtype", default="bf16", choices=tuple(COMPUTE_DTYPES))
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.add_argument("-v", "--verbose", action="store_true", help="log details, and the traceback of a failure")
     p.set_defaults(run=run_prompt_cache)

@@ -13,6 +13,8 @@ from .descriptor import DESCRIPTOR, WEIGHT_DTYPES, dtype_name, part_dtypes
 log = logging.getLogger("tadisr")
 
 DTYPES = {name: storage for name, (storage, _) in WEIGHT_DTYPES.items()}
+# the dtypes that compute as they are stored (fp32, bf16, fp16); fp8 is a storage format only (computes in bf16)
+COMPUTE_DTYPES = {name: storage for name, (storage, compute) in WEIGHT_DTYPES.items() if compute is None}
 DTYPE_CHOICES = DESCRIPTOR.dtype_choices
 MAX_AUTO_BATCH = {"cuda": 8, "cpu": 4}
 

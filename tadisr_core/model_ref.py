@@ -40,6 +40,7 @@ RUN_CHECKPOINTS = "checkpoints"          # a run's step checkpoints: RUN/checkpo
 RUN_STEP_DIR = re.compile(r"^step_(\d{8})$")
 RUN_STEP_MODEL = "model.safetensors"     # the weights in each step folder
 RUN_CONFIG = "config.json"               # the run's training config (training.config.Config.to_dict)
+RUN_METRICS = "metrics.jsonl"            # the run's log: one JSON line per step (training.train)
 RUN_CONFIG_SECTIONS = ("model", "data", "loss", "optim", "train", "ablation")  # its top-level keys
 NO_WEIGHTS_HELP = ("no model given. Try the shipped demo model: --model demo (small, trained on synthetic "
                    "text scenes). For the real model: --kolors DIR (Kwai-Kolors/Kolors) and --checkpoint "

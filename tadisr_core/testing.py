@@ -19,6 +19,7 @@ import torch
 
 from .backbone import build_unet, build_vae
 from .checkpoint import save_model, save_official, trainable_state_dict
+from .files import folder_target_problem
 from .model import TADiSRModel
 from .spec import HEATMAP_PROMPT, TADiSRSpec, tiny_spec
 
@@ -76,11 +77,14 @@ def _randomise_trainables(model: TADiSRModel, seed: int) -> None:
 
 def make_tiny(out: str | Path, spec: TADiSRSpec | None = None, seed: int = 0) -> dict[str, Path]:
     """Write the tiny Kolors folder, checkpoints and prompt cache; returns their paths. The release's
-    pickle layout (`official`) is written for the release variant only: it cannot hold the paper one."""
+    pickle layout (`official`) is written for the release variant only: it cannot hold the paper one.
+    NotADirectoryError when a file stands where `out` must be a folder."""
     from diffusers import EulerDiscreteScheduler
 
     from .prompt import compute_prompt_cache_from_kolors
 
+    if problem := folder_target_problem(out, f"DIR {out}"):
+        raise NotADirectoryError(problem)
     spec = spec or tiny_spec("release")
     out = Path(out)
     kolors = out / TINY_FILES["kolors"]
@@ -116,8 +120,12 @@ def add_command(sub) -> None:
 
 
 def run_make_tiny(args: argparse.Namespace) -> int:
-    """Write the tiny model files and list them."""
-    paths = make_tiny(args.dir, tiny_spec(args.variant), args.seed)
+    """Write the tiny model files and list them; a file where DIR must be a folder: one line, exit 2."""
+    try:
+        paths = make_tiny(args.dir, tiny_spec(args.variant), args.seed)
+    except NotADirectoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -662,7 +662,8 @@ def test_export_errors_name_the_arguments_export_takes(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     for argv, named in (([tmp_path / "nope", tmp_path / "out"], f"RUN_DIR {tmp_path / 'nope'}: no such file"),
                         ([tmp_path / "empty", tmp_path / "out"], f"RUN_DIR {tmp_path / 'empty'}: the folder holds"),
-                        ([tmp_path / "run", tmp_path / "a_file"], f"OUT_DIR {tmp_path / 'a_file'}: a file")):
+                        ([tmp_path / "run", tmp_path / "a_file"], f"OUT_DIR {tmp_path / 'a_file'} is a file; give "
+                                                                  "a folder\n")):
         assert export_main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {named}") and "--model" not in err, err

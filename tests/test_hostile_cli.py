@@ -159,13 +159,40 @@ def test_a_bad_color_fix_is_refused_before_any_tile(tiny_model):
     assert tiles == []
 
 
-def test_unwritable_output_folder_is_reported_before_loading(tmp_path, capsys):
+def test_unwritable_output_folder_is_reported_before_loading(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    _png(tmp_path / "a.png")
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refused)  # as a read-only folder does (not for root)
+    rc = cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: cannot write to the output folder {tmp_path / 'out'}: Permission denied\n"
+
+
+def test_a_file_where_an_output_folder_must_be_is_one_line_for_every_command(tmp_path, capsys):
+    """Defect: `make-tiny FILE/sub` (both entries) ended in a NotADirectoryError traceback, `upscale -o FILE/sub`
+    and `tadisr_core.demo -o FILE/sub` said "cannot write ...: Not a directory". Now each says what
+    `synthesize --out` and `train` say (files.folder_target_problem), exit 2, nothing written."""
+    from tadisr_core import demo, testing
+
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     _png(tmp_path / "a.png")
-    rc = cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(blocker / "out")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "cannot write to the output folder" in err and "--kolors" not in err
+    for folder in (blocker / "tiny", blocker):
+        said = (f"{folder} is a file; give a folder" if folder == blocker
+                else f"{folder}: {blocker} is a file, not a folder")
+        for entry in (cli.main, testing.main):
+            assert entry(["make-tiny", str(folder)]) == 2
+            assert capsys.readouterr().err == f"error: DIR {said}\n"
+        assert cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(folder), "--model", "demo"]) == 2
+        assert capsys.readouterr().err == f"error: -o {said}\n"
+        with pytest.raises(SystemExit) as exit_:
+            demo.main([str(tmp_path / "a.png"), "-o", str(folder)])
+        assert exit_.value.code == 2 and capsys.readouterr().err == f"error: -o {said}\n"
+    assert blocker.read_text() == "x"
 
 
 def _nan_checkpoint(tiny_dir, tmp_path) -> Path:
@@ -350,7 +377,7 @@ def test_bad_devices_and_an_output_that_is_a_file_are_named(tmp_path, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     named = tmp_path / "result.png"  # defect: made a folder named result.png and wrote into it
-    cases = [(["-o", str(blocker)], f"the output folder {blocker} is a file; give a folder with -o"),
+    cases = [(["-o", str(blocker)], f"-o {blocker} is a file; give a folder"),
              (["-o", str(named)], f"-o {named} names a file, but -o is the output folder (NAME_x4.png is written "
                                   "into it): give a folder, or make this one first to use it"),
              (["-o", str(tmp_path / "o" / "x4"), "--device", "gpu"], "--device gpu: not a device; use auto, cpu"),

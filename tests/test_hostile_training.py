@@ -759,3 +759,24 @@ def test_a_run_that_left_out_its_init_backbone_says_so(tmp_path, tiny_dir, monke
     with pytest.raises(ConfigError, match=r"^model\.init_checkpoint not found: .*may not hold every weight"):
         _run(_cfg(out, model__init_checkpoint=str(init), train__max_steps=2, **kolors), resume=True)
     assert (out / "model_final.safetensors").read_bytes() == final
+
+
+def test_a_file_where_an_output_folder_must_be_is_one_line_for_every_training_command(tmp_path, capsys):
+    """Defect: `export_model RUN FILE/sub`, `heldout make FILE` / `FILE/set` and `heldout demo-inputs FILE`
+    ended in NotADirectoryError / FileExistsError tracebacks. Now each says what `synthesize --out` and
+    `train` say (files.folder_target_problem), exit 2, before any work and with nothing written."""
+    from tadisr_core.model_ref import DEMO_DIR
+    from training.export_model import main as export_main
+    from training.heldout import main as heldout_main
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    for folder in (blocker / "sub", blocker):
+        said = (f"{blocker} is a file; give a folder" if folder == blocker
+                else f"{folder}: {blocker} is a file, not a folder")
+        assert export_main([str(DEMO_DIR), str(folder)]) == 2
+        assert capsys.readouterr().err == f"error: OUT_DIR {said}\n"
+        for argv in (["make", str(folder), "--count", "1", "--size", "64"], ["demo-inputs", str(folder)]):
+            assert heldout_main(argv) == 2
+            assert capsys.readouterr().err == f"error: DIR {said}\n"
+    assert blocker.read_text() == "mine"

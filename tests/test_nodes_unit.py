@@ -689,6 +689,21 @@ def test_folder_natural_order(tmp_path):
     assert folder_io.list_images(str(tmp_path)) == ["IMG1.png", "img2.png", "img10.png", "img_b.png"]
 
 
+def test_the_folder_serves_the_files_the_cli_takes_hidden_ones_left_out(tmp_path):
+    """Defect: a folder copied from a Mac (a.png beside its AppleDouble ._a.png) served ._a.png at index 0 and
+    that run failed ("cannot read ._a.png"), while the CLI skips hidden names (images.walk_images)."""
+    from tadisr_core.images import walk_images
+
+    _folder(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(64))
+    (tmp_path / ".thumb.png").write_bytes((tmp_path / "b.png").read_bytes())
+    (tmp_path / "sub.png").mkdir()  # a folder with an image suffix is no file
+    assert folder_io.list_images(str(tmp_path)) == ["a.png", "b.png"]
+    assert sorted(folder_io.list_images(str(tmp_path))) == [p.name for p in walk_images(tmp_path).files]
+    assert [folder_io.load(str(tmp_path), i, "")[1:4] for i in (0, 1)] == [("a", "a_text_mask", 2),
+                                                                          ("b", "b_text_mask", 2)]
+
+
 def test_a_name_with_a_superscript_digit_does_not_break_the_folder(tmp_path):
     """Defect: "area 10²5.png" failed every index of its folder ("invalid literal for int(): '²'")."""
     _folder(tmp_path, ["room 1.png", "area 10\u00b25.png", "room 10.png", "room 2.png"])

@@ -234,7 +234,7 @@ def test_a_setup_error_of_rank_0_is_said_once(tmp_path):
     (tmp_path / "out").write_text("a file")
     ranks = _two_ranks(MAIN, ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "demo", *FAST])
     assert [r.returncode for r in ranks] == [2, 2], ranks[1].stderr[-3000:]
-    assert ranks[0].stderr == f"error: the output folder {tmp_path / 'out'} is a file; give a folder with -o\n"
+    assert ranks[0].stderr == f"error: -o {tmp_path / 'out'} is a file; give a folder\n"
     assert ranks[1].stderr == "rank 1 of 2: stopped by rank 0's error (rank 0 says what it is)\n"
 
 

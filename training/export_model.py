@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from tadisr_core.devices import COMPUTE_DTYPES
 
 RUN_ARG, OUT_ARG = "RUN_DIR", "OUT_DIR"  # how the usage line and the errors name the two arguments
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp16",
@@ -26,11 +25,12 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
     """Write the standalone files of `run` into `out`; returns their paths. The prompt cache is the
     run's own (or `prompt_cache`); `out` may hold an earlier export of the same name, nothing else."""
     from tadisr_core.checkpoint import load_checkpoint, save_native
-    from tadisr_core.model_ref import RUN_PROMPT_CACHE, resolve_model, standalone_prompt
+    from tadisr_core.files import folder_target_problem
+    from tadisr_core.model_ref import RUN_CONFIG, RUN_PROMPT_CACHE, resolve_model, standalone_prompt
     from tadisr_core.prompt import PromptCache
 
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{OUT_ARG} {out}: a file, not a folder; give the folder to write the model into")
+    if problem := folder_target_problem(out, f"{OUT_ARG} {out}"):
+        raise ValueError(problem)
     if not name.strip() or name.startswith(".") or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"--name {name!r}: give a plain file name, not empty, without a folder (no / or \\) and "
                          f"not starting with '.': the weights are written as {OUT_ARG}/NAME.safetensors")
@@ -47,10 +47,10 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
         raise ValueError(f"{files.checkpoint} holds adapters only: it runs only on the Kolors base it was "
                          f"trained on, so it is not exported standalone")
     prompt = PromptCache.load(standalone_prompt(files, prompt_cache))
-    groups = {g: {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+    groups = {g: {k: v.to(COMPUTE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
               for g, sd in ckpt.groups.items()}
     run = files.run or Path(run)  # a step folder or checkpoint of a run: the run's own folder
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    config = json.loads((run / RUN_CONFIG).read_text()) if (run / RUN_CONFIG).is_file() else {}
     meta = {k: v for k, v in ckpt.metadata.items() if k in ("train_step", "backbone")}
     meta.update({"exported_from": run.name, "stored_dtype": dtype, "training_config": json.dumps(config)})
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", metavar=OUT_ARG, type=Path, help="folder to write the standalone model into")
     p.add_argument("--name", default="tadisr_demo",
                    help="weights file name, without .safetensors (a plain name: no folder)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored precision (default fp16)")
+    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="fp16", help="stored precision (default fp16)")
     p.add_argument("--prompt-cache", type=Path, help="the prompt cache it was trained with (default: the run's)")
     args = p.parse_args(argv)
     try:

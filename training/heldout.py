@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from tadisr_core.color import COLOR_FIXES
+from tadisr_core.files import folder_target_problem
 from training.evaluate import json_target_problem, write_json
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ PRESET = "realesrgan-mild"
 def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, size: int = DEFAULT_SIZE) -> Path:
     """Write the held-out set (every scene is drawn with text), replacing a set made in `out` before; returns `out`.
 
-    ValueError for a `size` the synthesis cannot make; FileExistsError when `out` holds files it did not write.
+    ValueError for a `size` the synthesis cannot make; FileExistsError when `out` holds files it did not write;
+    NotADirectoryError when a file stands where `out` must be a folder.
     """
     from PIL import Image
 
@@ -65,6 +67,8 @@ def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, si
     )
 
     config = SynthesisConfig(size=size, scale=4, font_scale=FONT_SCALE)  # a bad size: said before any file
+    if problem := folder_target_problem(out, f"DIR {out}"):
+        raise NotADirectoryError(problem)
     if problem := clear_previous_set(out, "DIR"):
         raise FileExistsError(problem)
     backgrounds = write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
@@ -85,12 +89,14 @@ DEMO_INPUT_SIZE = 384
 def make_demo_inputs(out: Path, count: int = 3) -> list[Path]:
     """The small LR inputs `make demo` ships: the text scenes with the most text among 4 x `count`
     (seed disjoint from training and held-out; text 13-38 px at the 4x output) and one photo
-    (scikit-image's astronaut at 1/4)."""
+    (scikit-image's astronaut at 1/4). NotADirectoryError when a file stands where `out` must be a folder."""
     from PIL import Image
 
     from training.builders import write_backgrounds
     from training.data.synthesis import SynthesisConfig, TextSynthesizer, list_images, sample_seed, system_fonts
 
+    if problem := folder_target_problem(out, f"DIR {out}"):
+        raise NotADirectoryError(problem)
     with tempfile.TemporaryDirectory() as tmp:
         backgrounds = write_backgrounds("skimage-all", Path(tmp), 4 * DEMO_INPUT_SIZE, DEMO_INPUT_SEED)
         scale = (FONT_SCALE[0] * DEFAULT_SIZE / DEMO_INPUT_SIZE, FONT_SCALE[1] * DEFAULT_SIZE / DEMO_INPUT_SIZE)
@@ -292,12 +298,20 @@ def main(argv: list[str] | None = None) -> int:
             mk.error("--count must be at least 1")
         try:
             print(make_set(args.dir, args.count, args.seed, args.size))
+        except NotADirectoryError as e:  # a file where DIR must be a folder: the message names DIR
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         except (FileExistsError, ValueError) as e:  # a --size it cannot make; files of another kind in DIR
             print(f"error: cannot make the set in {args.dir}: {e}", file=sys.stderr)
             return 2
         return 0
     if args.command == "demo-inputs":
-        for path in make_demo_inputs(args.dir):
+        try:
+            paths = make_demo_inputs(args.dir)
+        except NotADirectoryError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for path in paths:
             print(path)
         return 0
     if getattr(args, "json", None) and (problem := json_target_problem(args.json)):

@@ -51,7 +51,15 @@ import torch.nn.functional as F
 
 from tadisr_core.files import atomic_path, folder_target_problem
 from tadisr_core.images import save_image
-from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_FINAL, RUN_PROMPT_CACHE, RUN_STEP_MODEL, run_step_folder
+from tadisr_core.model_ref import (
+    RUN_CHECKPOINTS,
+    RUN_CONFIG,
+    RUN_FINAL,
+    RUN_METRICS,
+    RUN_PROMPT_CACHE,
+    RUN_STEP_MODEL,
+    run_step_folder,
+)
 from training import command_name
 from training.bad_samples import DataBroken, data_broken_message
 from training.config import Config, ConfigError, load_config, shipped_configs
@@ -186,7 +194,7 @@ def check_run_folder(out: Path, resume: bool) -> None:
     checkpoints with an earlier run's."""
     if problem := folder_target_problem(out, f"the run folder {out} (train.output_dir, --output-dir)"):
         raise RunFolderError(problem)
-    used = [p.name for p in (out / "metrics.jsonl", out / RUN_CHECKPOINTS) if p.exists()]
+    used = [p.name for p in (out / RUN_METRICS, out / RUN_CHECKPOINTS) if p.exists()]
     if used and not resume:
         go_on = ("continue it" if (out / RUN_CHECKPOINTS).exists()
                  else "start it over (it saved no checkpoint)")
@@ -549,7 +557,7 @@ class Trainer:
 
     def _trim_metrics(self) -> None:
         """Keep metrics.jsonl lines up to the resumed step; a torn line (a crash mid-write) is dropped."""
-        log = self.out / "metrics.jsonl"
+        log = self.out / RUN_METRICS
         if not log.is_file():
             return
         keep = []
@@ -575,7 +583,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / RUN_METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _mean_across(self, values: list[float]) -> list[float]:
@@ -778,7 +786,7 @@ class Trainer:
 
         t = self.cfg.train
         if self.main:
-            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+            (self.out / RUN_CONFIG).write_text(json.dumps(self.cfg.to_dict(), indent=2))
             if self.model.prompt is not None:  # with the weights, the run folder is a runnable model
                 self.model.prompt.save(self.out / RUN_PROMPT_CACHE)
         batches = iter(self.loader)
