@@ -156,7 +156,7 @@ def test_resume_skips_a_truncated_checkpoint_and_a_torn_metrics_line(tmp_path, c
     newest.write_bytes(newest.read_bytes()[:500])
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 3, "tot')                  # killed mid-line
-    from training.train import RunFolderError
+    from training.resume import RunFolderError
 
     with pytest.raises(RunFolderError, match="model_final.safetensors holds other weights than .*step_00000001"):
         _run(_cfg(out, train__max_steps=3), resume=True)  # the finished run's step 2 is only there now
@@ -169,7 +169,8 @@ def test_resume_skips_a_truncated_checkpoint_and_a_torn_metrics_line(tmp_path, c
 
 
 def test_a_used_folder_needs_resume_and_a_changed_config_needs_force(tmp_path):
-    from training.train import RunFolderError, main
+    from training.resume import RunFolderError
+    from training.train import main
 
     out = tmp_path / "run"
     _run(_cfg(out, train__max_steps=1))
@@ -189,7 +190,7 @@ def test_a_used_folder_needs_resume_and_a_changed_config_needs_force(tmp_path):
 def test_a_run_recorded_before_a_key_existed_resumes_without_force():
     # config.json of an older run lacks newer keys: they count as their defaults, not as changes
     from training.config import Config
-    from training.train import config_changes
+    from training.resume import config_changes
 
     new = Config().to_dict()
     old = {s: {k: v for k, v in values.items() if k != "init_parts"} for s, values in new.items()}
@@ -541,7 +542,8 @@ def test_an_extended_run_is_no_longer_its_old_final_model(tmp_path, monkeypatch)
     """Defect: a finished run resumed with a larger train.max_steps and stopped half-way still ran (and
     exported) its old model_final.safetensors; resumed with a smaller one, it 'finished' past it."""
     from tadisr_core.model_ref import resolve_model
-    from training.train import RunFolderError, Trainer
+    from training.resume import RunFolderError
+    from training.train import Trainer
 
     out = tmp_path / "run"
     assert _run(_cfg(out, train__max_steps=2))["step"] == 2
@@ -606,7 +608,7 @@ def test_validation_asked_for_without_validation_data_is_said(tmp_path, capsys):
 def test_a_run_that_saved_no_checkpoint_starts_over_without_its_old_log_lines(tmp_path):
     """Defect: --resume on a run that crashed before its first checkpoint started at step 0 but kept the
     crashed run's lines, so metrics.jsonl held step 1 twice; the refusal said 'continue' with nothing to."""
-    from training.train import RunFolderError
+    from training.resume import RunFolderError
 
     out = tmp_path / "run"
     out.mkdir()
@@ -641,7 +643,7 @@ def test_resume_with_force_trains_on_with_the_changed_optimiser_settings(tmp_pat
 def test_a_resume_that_changes_the_trainable_set_is_refused_before_anything_is_removed(tmp_path):
     """Defect: `--resume --force --set ablation.no_jsd=true` failed with torch's "loaded state dict contains
     a parameter group that doesn't match the size of optimizer's group", after removing model_final."""
-    from training.train import RunFolderError
+    from training.resume import RunFolderError
 
     out = tmp_path / "run"
     _run(_cfg(out))

@@ -234,7 +234,7 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
     assert [r["step"] for r in lines] == [1, 2, 3]  # logged by the main process only
     assert all(r["samples_per_s"] > 0 and not r["skipped"] for r in lines)
     # one process resuming it would halve the global batch: not without --force
-    from training.train import RunFolderError
+    from training.resume import RunFolderError
 
     with pytest.raises(RunFolderError, match=r"number of processes: 2 -> 1 \(global batch 2 -> 1 .*--force"):
         run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=4, train__weight_digest=True), resume=True)

@@ -22,7 +22,7 @@ from tests.test_train import REPO, TINY, _subprocess_env, lpips_dir, run, tiny_c
 @pytest.fixture
 def stop_flag():
     """`_StopFlag` installed in this (the main) thread; the previous handlers come back afterwards."""
-    from training.train import _StopFlag
+    from training.stop_signals import _StopFlag
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with _StopFlag() as flag:
@@ -54,7 +54,7 @@ def test_sigterm_asks_to_stop_however_often(stop_flag):
 
 
 def test_worker_init_ignores_stop_signals_then_runs_the_inner_one():
-    from training.train import worker_init_ignoring_stop_signals
+    from training.stop_signals import worker_init_ignoring_stop_signals
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     seen = []
@@ -136,7 +136,7 @@ def test_a_process_killed_under_a_launcher_is_named_in_one_line_with_the_way_to_
 # -- resuming into a changed run ------------------------------------------------------------------
 def test_max_steps_is_a_change_only_when_the_learning_rate_decays_over_it():
     from training.config import Config
-    from training.train import config_changes
+    from training.resume import config_changes
 
     old, new = Config(), Config()
     old.train.max_steps, new.train.max_steps = 8, 16
@@ -150,7 +150,7 @@ def test_max_steps_is_a_change_only_when_the_learning_rate_decays_over_it():
 
 def test_resume_with_another_cosine_length_needs_force(tmp_path, lpips_dir, capsys, monkeypatch):  # noqa: F811
     from training import builders
-    from training.train import RunFolderError
+    from training.resume import RunFolderError
 
     run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, optim__decay="cosine"))
     with monkeypatch.context() as m:  # refused before the data and the model are built (minutes at full size)
@@ -179,7 +179,8 @@ def _as_written_by(checkpoint: Path, processes: int | None) -> None:
 
 @pytest.mark.parametrize("recorded", [4, None])
 def test_resume_with_another_number_of_processes_needs_force(tmp_path, lpips_dir, capsys, recorded):  # noqa: F811
-    from training.train import RunFolderError, Trainer
+    from training.resume import RunFolderError
+    from training.train import Trainer
 
     run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1, train__grad_accum=2))
     state = torch.load(tmp_path / "checkpoints" / "step_00000001" / "state.pt", weights_only=True)
@@ -212,7 +213,8 @@ def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(tmp_path, l
     import accelerate
     from accelerate.utils import DistributedType
 
-    from training.train import RunFolderError, Trainer
+    from training.resume import RunFolderError
+    from training.train import Trainer
 
     run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1))
     checkpoint = tmp_path / "checkpoints" / "step_00000001"
