@@ -21,11 +21,11 @@ from tests.test_train import REPO, TINY, _subprocess_env, lpips_dir, run, tiny_c
 # -- the signal handling, in this process ---------------------------------------------------------
 @pytest.fixture
 def stop_flag():
-    """`_StopFlag` installed in this (the main) thread; the previous handlers come back afterwards."""
-    from training.stop_signals import _StopFlag
+    """`StopFlag` installed in this (the main) thread; the previous handlers come back afterwards."""
+    from training.stop_signals import StopFlag
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         yield flag
     assert {s: signal.getsignal(s) for s in before} == before
 

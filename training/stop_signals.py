@@ -1,5 +1,5 @@
 """Stopping a training run cleanly: SIGTERM or Ctrl-C set a flag the loop checks between steps
-(`_StopFlag`), and DataLoader workers ignore both signals and are stopped when the loop ends.
+(`StopFlag`), and DataLoader workers ignore both signals and are stopped when the loop ends.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def worker_init_ignoring_stop_signals(inner=None):
 
 
 @contextmanager
-def _workers_stopped(batches) -> Iterator[None]:
+def workers_stopped(batches) -> Iterator[None]:
     """Stop the DataLoader's worker processes when the loop ends, however it ends. They ignore SIGTERM
     (`worker_init_ignoring_stop_signals`), and Python's exit handlers terminate and then join them
     without a timeout: a run that stopped on an error would print it and then never exit."""
@@ -41,7 +41,7 @@ def _workers_stopped(batches) -> Iterator[None]:
             shutdown()
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM or Ctrl-C (SIGINT) -> a flag the loop checks between steps. Another Ctrl-C, a second or more
     after the first, interrupts at once (KeyboardInterrupt)."""
 

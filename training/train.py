@@ -71,7 +71,7 @@ from training.resume import (
     process_change,
     trainable_change,
 )
-from training.stop_signals import _StopFlag, _workers_stopped, worker_init_ignoring_stop_signals
+from training.stop_signals import StopFlag, worker_init_ignoring_stop_signals, workers_stopped
 
 
 class TrainingAborted(RuntimeError):
@@ -605,7 +605,7 @@ class Trainer:
         self._last_end = time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
         stopped, last_saved = False, self._resumed_from
-        with _StopFlag() as flag, closing(bar), _workers_stopped(batches):
+        with StopFlag() as flag, closing(bar), workers_stopped(batches):
             while self.step < t.max_steps:
                 broken = None
                 try:
