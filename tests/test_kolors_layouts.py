@@ -601,9 +601,32 @@ def _fp8_layouts(kolors, root):
 
 
 
+@pytest.fixture(scope="module")
+def fp8_unets(tiny_dir, tmp_path_factory):
+    """The fp8 files (one folder) and, for the plain and the scaled ones, a Kolors folder holding the values
+    they must load as in an ordinary fp32 file; each expected model is built once, when first asked for."""
+    kolors, root = tiny_dir["kolors"], tmp_path_factory.mktemp("fp8")
+    (root / "unet").mkdir()
+    paths, plain_values, scaled_values = _fp8_layouts(kolors, root / "unet")
+    exact = {}
+    for kind, values in (("plain", plain_values), ("scaled", scaled_values)):
+        exact[kind] = root / f"exact_{kind}"
+        shutil.copytree(kolors, exact[kind])
+        save_file(values, exact[kind] / "unet" / "diffusion_pytorch_model.safetensors")
+    built = {}
+
+    def expected(layout, dtype):
+        kind = "plain" if layout == "plain" else "scaled"
+        if (kind, dtype) not in built:
+            built[kind, dtype] = load_tadisr(exact[kind], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=dtype)
+        return built[kind, dtype]
+
+    return root / "unet", paths, expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["plain", "legacy", "header", "records"])
-def test_fp8_and_scaled_fp8_unets_load_as_stored_times_scale(layout, dtype, layouts, tiny_dir, tmp_path, monkeypatch):
+def test_fp8_and_scaled_fp8_unets_load_as_stored_times_scale(layout, dtype, layouts, tiny_dir, fp8_unets, monkeypatch):
     """Each fp8 copy of the Kolors UNet loads as exactly its stored values x scales, in fp32 and in bf16
     (whose LoRA merge reads each base weight again in fp32, one at a time), with an adapter checkpoint
     trained on the original (the fp8 rounding is not "another base"), and is listed."""
@@ -612,12 +635,7 @@ def test_fp8_and_scaled_fp8_unets_load_as_stored_times_scale(layout, dtype, layo
     from tadisr_core import kolors_identity
 
     kolors = tiny_dir["kolors"]
-    (tmp_path / "unet").mkdir()
-    paths, plain_values, scaled_values = _fp8_layouts(kolors, tmp_path / "unet")
-    exact = tmp_path / "exact"  # the values it must load as, in an ordinary fp32 file
-    shutil.copytree(kolors, exact)
-    save_file(plain_values if layout == "plain" else scaled_values,
-              exact / "unet" / "diffusion_pytorch_model.safetensors")
+    folder, paths, expected_model = fp8_unets
     real, alive, most = kolors_identity.iter_dequantized, [], []
 
     def tracked(path, dtype=None, *args, **kwargs):
@@ -631,7 +649,7 @@ def test_fp8_and_scaled_fp8_unets_load_as_stored_times_scale(layout, dtype, layo
     vae = None if layout == "records" else layouts["vae_file"]  # the all-in-one brings its own
     model = load_tadisr(None, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=paths[layout], vae=vae,
                         dtype=dtype)
-    expected = load_tadisr(exact, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=dtype)
+    expected = expected_model(layout, dtype)
     got, ref = model.state_dict(), expected.state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     with torch.no_grad():
@@ -641,7 +659,7 @@ def test_fp8_and_scaled_fp8_unets_load_as_stored_times_scale(layout, dtype, layo
     assert check_unet(paths[layout]).spec == check_unet(kolors / "unet" / "diffusion_pytorch_model.safetensors",
                                                         kolors / "unet" / "config.json").spec
     listed = f"unet/{paths[layout].name}" + ("" if layout == "records" else " + vae/sdxl_vae.safetensors")
-    assert listed in list_kolors_candidates([], [tmp_path / "unet"], [layouts["root"] / "vae"])
+    assert listed in list_kolors_candidates([], [folder], [layouts["root"] / "vae"])
 
 
 def test_quantized_unets_in_other_layouts_are_named_and_never_break_the_listing(tiny_dir, tmp_path):
