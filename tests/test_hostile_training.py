@@ -782,3 +782,18 @@ def test_a_file_where_an_output_folder_must_be_is_one_line_for_every_training_co
             assert heldout_main(argv) == 2
             assert capsys.readouterr().err == f"error: DIR {said}\n"
     assert blocker.read_text() == "mine"
+
+
+def test_loss_ocr_without_rapidocr_is_one_line_naming_the_key(tmp_path, capsys, monkeypatch):
+    """Defect: `--set loss.ocr=1` without rapidocr ended in a RuntimeError traceback."""
+    import sys
+
+    from training.train import main
+
+    monkeypatch.setitem(sys.modules, "rapidocr", None)  # `import rapidocr` raises ImportError
+    argv = ["--config", str(TINY), "--output-dir", str(tmp_path / "run"), "--set", "loss.lpips_net=none",
+            "--set", "loss.lpips=0", "--set", "loss.ocr=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: loss.ocr needs the rapidocr package (its recogniser): pip install 'tadisr[train]', "
+                   "or set loss.ocr: 0\n"), err

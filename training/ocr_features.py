@@ -16,20 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config import ConfigError
+
 REC_MODEL_GLOB = "*rec*.onnx"
 
 
 def recognizer_path() -> Path:
-    """The recogniser ONNX file inside the installed ``rapidocr`` package."""
+    """The recogniser ONNX file inside the installed ``rapidocr`` package; a ConfigError naming loss.ocr
+    when rapidocr is missing or holds no single recogniser."""
     try:
         import rapidocr
     except ImportError as e:
-        raise RuntimeError("loss.ocr needs the rapidocr package (its recogniser): "
-                           "pip install 'tadisr[train]'") from e
+        raise ConfigError("loss.ocr needs the rapidocr package (its recogniser): "
+                          "pip install 'tadisr[train]', or set loss.ocr: 0") from e
     folder = Path(rapidocr.__file__).parent / "models"
     found = sorted(folder.glob(REC_MODEL_GLOB))
     if len(found) != 1:
-        raise RuntimeError(f"loss.ocr expects one text-recogniser model {REC_MODEL_GLOB} in {folder}, "
+        raise ConfigError(f"loss.ocr expects one text-recogniser model {REC_MODEL_GLOB} in {folder}, "
                            f"found {[p.name for p in found]}; reinstall rapidocr>=3.0")
     return found[0]
 
