@@ -252,3 +252,20 @@ def test_pairs_that_all_fail_end_with_an_error_line(tmp_path, capsys):
     assert evaluate.main(["--pred", str(pred), "--gt", str(gt), *FAST]) == 2
     out, err = capsys.readouterr()
     assert "FAILED a:" in out and err == "error: none of the 1 pairs could be evaluated (the FAILED lines say why)\n"
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """Defect: `--device cuda` on a CPU machine was a torch AssertionError traceback, `--device gpu` torch's
+    long message; now the words of `tadisr --device`, exit 2, before LPIPS loads."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("training.lpips.LPIPS", lambda *a, **k: pytest.fail("LPIPS loaded for a refused device"))
+    pred, gt = _dirs(tmp_path)
+    Image.fromarray(_photo()).save(gt / "a.png")
+    Image.fromarray(_photo()).save(pred / "a.png")
+    for device, words in (("cuda", "CUDA is not available in this torch build / machine"),
+                          ("gpu", "not a device; use auto, cpu, cuda, cuda:N or mps")):
+        assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--no-ocr", "--device", device]) == 2
+        assert capsys.readouterr().err == f"error: --device {device}: {words}\n"
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), *FAST, "--device", "auto"]) == 0

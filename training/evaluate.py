@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tadisr_core.devices import resolve_device
 from tadisr_core.images import load_rgb_uint8, walk_images
 from training import command_name
 from training.metrics import SSIM_WINDOW
@@ -285,7 +286,7 @@ def print_table(report: dict, out=None) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate all pairs; returns the report dict (also what ``--json`` writes)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)  # an unknown or absent device: said before any model loads
     found = pair_images(args.pred, args.gt)
     if args.list is not None:
         found = keep_listed(found, listed_stems(args.list), args.gt, args.list)
@@ -354,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ocr-backend", choices=["rapidocr", "paddleocr"], default="rapidocr")
     ap.add_argument("--no-ocr", action="store_true")
     ap.add_argument("--fid-weights", type=Path, help="TorchScript Inception feature extractor (optional)")
-    ap.add_argument("--device", help="torch device for LPIPS/FID (default: cuda if available)")
+    ap.add_argument("--device", help="torch device for LPIPS/FID: auto (default: CUDA if available, else MPS, "
+                                     "else the CPU), cpu, cuda, cuda:N or mps")
     ap.add_argument("--allow-partial", action="store_true",
                     help="exit 0 even when some ground truth has no prediction (or the reverse)")
     return ap
