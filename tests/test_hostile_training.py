@@ -797,3 +797,25 @@ def test_loss_ocr_without_rapidocr_is_one_line_naming_the_key(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err == ("error: loss.ocr needs the rapidocr package (its recogniser): pip install 'tadisr[train]', "
                    "or set loss.ocr: 0\n"), err
+
+
+@pytest.mark.parametrize("script, hidden, args, missing", [
+    ("tadisr-train", ("yaml",), ["--config", "tiny"], "pyyaml"),
+    ("tadisr-synthesize", ("kornia",), ["--backgrounds", "skimage", "--out", "OUT", "--count", "1"], "kornia"),
+    ("tadisr-evaluate", ("kornia", "Levenshtein"), ["--pred", "OUT", "--gt", "OUT"], "kornia, levenshtein"),
+])
+def test_a_command_without_the_training_extras_says_what_to_install(tmp_path, script, hidden, args, missing):
+    """Defect: without the `train` extra, tadisr-train / tadisr-synthesize ended in ModuleNotFoundError
+    tracebacks and tadisr-evaluate failed every pair with one; now one line naming the packages, exit 2."""
+    import subprocess
+    import sys
+
+    args = [str(tmp_path) if a == "OUT" else a for a in args]
+    module = "training." + script.removeprefix("tadisr-")
+    code = (f"import sys\nfor name in {hidden!r}: sys.modules[name] = None  # `import name` fails\n"
+            f"sys.argv = [{script!r}]  # as its console script starts it\n"
+            f"from {module} import main\nsys.exit(main({args!r}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=TINY.parents[2], capture_output=True, text=True,
+                          timeout=300)
+    assert (done.returncode, done.stderr) == (
+        2, f"error: {script} needs the training extras ({missing} not installed): pip install 'tadisr[train]'\n")

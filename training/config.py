@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+# yaml (the `train` extra) is imported where it is used, so that the commands can say it is missing
 
 
 class ConfigError(ValueError):
@@ -371,6 +371,8 @@ def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
 def apply_overrides(cfg: Config, overrides: list[str], source: str = "command line") -> Config:
     """Apply ``section.key=value`` strings: values parsed as YAML (``1e-4``, ``true``, ``[1, 2]``, ``null``),
     except for text fields, which take the text as typed (`_text_override`)."""
+    import yaml
+
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
@@ -399,6 +401,8 @@ def _text_override(raw: str) -> str | None:
     """A text field's value from the command line: the text as typed, stripped ("/runs/exp #2" keeps its
     " #2", which YAML would read as a comment; "no" stays "no", "[2024] scans" is no list); None for
     YAML's null spellings (and nothing); a quoted YAML scalar without its quotes."""
+    import yaml
+
     text = raw.strip()
     if text in YAML_NULLS:
         return None
@@ -439,6 +443,8 @@ def config_path(given: str | os.PathLike) -> Path:
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (a file, or a shipped config's name: `config_path`; None: defaults), apply
     overrides, validate."""
+    import yaml
+
     if path is None:
         cfg, source = Config(), "<defaults>"
     else:

@@ -31,7 +31,7 @@ import torch
 
 from tadisr_core.devices import resolve_device
 from tadisr_core.images import load_rgb_uint8, walk_images
-from training import command_name
+from training import command_name, missing_extras
 from training.metrics import SSIM_WINDOW
 
 PSNR_CAP = 100.0  # identical images: report 100 dB (as the official metrics code), not inf
@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 1 some pair failed, 2 nothing evaluated)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if problem := missing_extras("training.evaluate", "kornia", *(() if args.no_ocr else ("Levenshtein",))):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.crop_border < 0:
         parser.error(f"--crop-border {args.crop_border}: pixels dropped per side, 0 or more")
     for name in ("pred", "gt"):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training import TRAIN_EXTRA_INSTALL
 from training.config import ConfigError
 
 REC_MODEL_GLOB = "*rec*.onnx"
@@ -28,7 +29,7 @@ def recognizer_path() -> Path:
         import rapidocr
     except ImportError as e:
         raise ConfigError("loss.ocr needs the rapidocr package (its recogniser): "
-                          "pip install 'tadisr[train]', or set loss.ocr: 0") from e
+                          f"{TRAIN_EXTRA_INSTALL}, or set loss.ocr: 0") from e
     folder = Path(rapidocr.__file__).parent / "models"
     found = sorted(folder.glob(REC_MODEL_GLOB))
     if len(found) != 1:

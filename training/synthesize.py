@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from tadisr_core.files import folder_target_problem
 from tadisr_core.images import ImageReadError
-from training import command_name
+from training import command_name, missing_extras
 from training.builders import SKIMAGE_BACKGROUNDS, write_backgrounds
 from training.data.degradation import PRESETS
 from training.data.synthesis import (
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if problem := missing_extras("training.synthesize", "kornia"):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.count < 1:
         parser.error("--count must be at least 1")
     try:

@@ -58,7 +58,7 @@ from tadisr_core.model_ref import (
     RUN_STEP_MODEL,
     run_step_folder,
 )
-from training import command_name
+from training import command_name, missing_extras
 from training.bad_samples import DataBroken, data_broken_message
 from training.config import Config, ConfigError, load_config, shipped_configs
 from training.resume import (
@@ -679,6 +679,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code: 0 done, 1 aborted, 2 setup error, 130 stopped by a signal."""
     args = parse_args(argv)
+    if problem := missing_extras("training.train", "yaml", "kornia"):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")

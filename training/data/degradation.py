@@ -19,7 +19,7 @@ import math
 import random
 from dataclasses import dataclass
 
-import kornia
+# kornia (the `train` extra) is imported where it is used, so that the commands can say it is missing
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -276,6 +276,8 @@ def _trim_zero_border(kernels: Tensor) -> Tensor:
 
 def blur(x: Tensor, kernels: Tensor) -> Tensor:
     """Filter each image of ``x`` ``[B,C,H,W]`` with its own kernel ``[B,k,k]`` (or one ``[k,k]``)."""
+    import kornia
+
     if kernels.ndim == 2:
         kernels = kernels.expand(x.shape[0], -1, -1)
     kernels = _trim_zero_border(kernels)
@@ -323,6 +325,8 @@ def add_poisson_noise(x: Tensor, scale: Tensor, gray: Tensor,
                       generator: torch.Generator | None = None) -> Tensor:
     """Add Poisson (shot) noise of the 8-bit image scaled by ``scale[b]``; ``gray[b]`` computes it on the
     luma and adds it to all channels. Clamped to 0..1."""
+    import kornia
+
     gray = gray.to(x.device)
     noise = torch.zeros_like(x)
     if (~gray).any():
@@ -353,6 +357,8 @@ def libjpeg(x: Tensor, quality: Tensor) -> Tensor:
 def usm_sharpen(x: Tensor, radius: int = 50, weight: float = 0.5, threshold: float = 10.0) -> Tensor:
     """Real-ESRGAN's unsharp mask of ``[B,3,H,W]`` (0..1): sharpened where the detail exceeds
     ``threshold``/255, blended in through a blurred version of that mask."""
+    import kornia
+
     size = radius + 1 if radius % 2 == 0 else radius
     sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8  # OpenCV's default for sigma 0
     def soft(t: Tensor) -> Tensor:
@@ -366,6 +372,8 @@ def usm_sharpen(x: Tensor, radius: int = 50, weight: float = 0.5, threshold: flo
 
 def jpeg(x: Tensor, quality: Tensor) -> Tensor:
     """JPEG-compress each image with its own ``quality[b]`` (kornia's differentiable codec)."""
+    import kornia
+
     q = quality.to(x.device, torch.float32).reshape(-1)
     return kornia.enhance.jpeg_codec_differentiable(x.clamp(0, 1), q).clamp(0, 1)
 
