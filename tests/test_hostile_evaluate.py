@@ -269,3 +269,32 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_model_loads(tmp_path
         assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--no-ocr", "--device", device]) == 2
         assert capsys.readouterr().err == f"error: --device {device}: {words}\n"
     assert evaluate.main(["--pred", str(pred), "--gt", str(gt), *FAST, "--device", "auto"]) == 0
+
+
+def test_evaluates_errors_name_its_own_flags_not_python_parameters_or_training_keys(tmp_path, capsys, monkeypatch):
+    """Defect: missing --lpips-weights were advised as `point loss.lpips_weights at ...` / `pass weights_path`,
+    a missing paddleocr as `use backend='rapidocr'` and a too-large --crop-border as `crop_border 100`."""
+    import sys
+
+    from training.lpips import default_weights_dir
+
+    pred, gt = _dirs(tmp_path)
+    Image.fromarray(_photo()).save(gt / "a.png")
+    Image.fromarray(_photo()).save(pred / "a.png")
+    pair = ["--pred", str(pred), "--gt", str(gt)]
+    mine = tmp_path / "w" / "mine.safetensors"
+    assert evaluate.main([*pair, "--no-ocr", "--lpips-weights", str(mine)]) == 2
+    made = tmp_path / "w" / "lpips_alex.safetensors"
+    assert capsys.readouterr().err == (
+        f"error: LPIPS weights not found at {mine}. Create them with `python -m training.convert_lpips_weights "
+        f"--download --out {mine.parent}`, then point --lpips-weights at {made} (or leave --lpips-weights out: "
+        f"the weights in {default_weights_dir()} are fetched on first use), or pass --no-lpips.\n")
+    monkeypatch.setitem(sys.modules, "paddleocr", None)
+    monkeypatch.setenv("TADISR_PADDLEOCR_DIR", str(tmp_path))
+    assert evaluate.main([*pair, "--no-lpips", "--ocr-backend", "paddleocr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: paddleocr backend needs") and err.endswith(
+        "install them or use the rapidocr backend.\n"), err
+    assert evaluate.main([*pair, *FAST, "--crop-border", "100"]) == 2
+    assert ("FAILED a: ValueError: a crop border of 100 pixels leaves nothing of a 32x24 image (0 to 11 pixels a "
+            "side)") in capsys.readouterr().out

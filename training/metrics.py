@@ -39,13 +39,14 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int
         x, y = rgb_to_y(x), rgb_to_y(y)
     c, (h, w) = int(crop_border), x.shape[-2:]
     if c < 0 or 2 * c >= min(h, w):
-        raise ValueError(f"crop_border {c} leaves nothing of a {w}x{h} image (0 to {(min(h, w) - 1) // 2} "
-                         "pixels a side)")
+        raise ValueError(f"a crop border of {c} pixels leaves nothing of a {w}x{h} image "
+                         f"(0 to {(min(h, w) - 1) // 2} pixels a side)")
     if min(h, w) - 2 * c < min_side:
         most = (min(h, w) - min_side) // 2
-        raise ValueError(f"crop_border {c} leaves {w - 2 * c}x{h - 2 * c} of a {w}x{h} image, smaller than SSIM's "
-                         f"{min_side}x{min_side} window: " + (f"use a crop border of at most {most} pixels a side"
-                                                              if most >= 0 else "the image is too small for SSIM"))
+        raise ValueError(f"a crop border of {c} pixels leaves {w - 2 * c}x{h - 2 * c} of a {w}x{h} image, smaller "
+                         f"than SSIM's {min_side}x{min_side} window: "
+                         + (f"use a crop border of at most {most} pixels a side" if most >= 0
+                            else "the image is too small for SSIM"))
     if c:
         x, y = x[..., c:-c, c:-c], y[..., c:-c, c:-c]
     return x, y

@@ -120,8 +120,8 @@ class OCREngine:
         root = self.model_dir or os.environ.get("TADISR_PADDLEOCR_DIR")
         if not root:
             raise RuntimeError("paddleocr backend: no local models. PaddleOCR cannot download models offline; "
-                               "pass model_dir= or set TADISR_PADDLEOCR_DIR to a folder with det/ and rec/ "
-                               "PP-OCR inference models, or use backend='rapidocr'.")
+                               "set TADISR_PADDLEOCR_DIR (from Python: pass model_dir=) to a folder with det/ and "
+                               "rec/ PP-OCR inference models, or use the rapidocr backend.")
         det, rec = Path(root) / "det", Path(root) / "rec"
         missing = [str(p) for p in (det, rec) if not p.is_dir()]
         if missing:
@@ -133,7 +133,7 @@ class OCREngine:
             import paddleocr  # noqa: F401
         except ImportError as e:
             raise RuntimeError("paddleocr backend needs the `paddleocr` (3.x) and `paddlepaddle` packages, "
-                               f"which are not importable ({e}); install them or use backend='rapidocr'.") from e
+                               f"which are not importable ({e}); install them or use the rapidocr backend.") from e
         return paddleocr
 
     def _load_paddle(self):
