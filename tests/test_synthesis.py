@@ -268,6 +268,19 @@ def test_sizes_that_are_no_multiple_of_the_scale_are_refused_before_any_file(tmp
     assert not (tmp_path / "o").exists()
 
 
+
+@pytest.mark.parametrize("low, high", [("0.5", "0.1"), ("0", "0")])
+def test_a_font_scale_range_training_refuses_is_refused_before_any_file(tmp_path, capsys, low, high):
+    """Defect: `--font-scale 0.5 0.1` and `0 0` ran (exit 0) while training refuses that data.font_scale."""
+    with pytest.raises(SystemExit) as e:
+        synthesize.main(["--backgrounds", "skimage", "--out", str(tmp_path / "o"), "--count", "1",
+                         "--font-scale", low, high])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: --font-scale must be [smallest, largest] font size / canvas side, with 0 < smallest <= largest, "
+        f"got [{float(low)}, {float(high)}]")
+    assert not (tmp_path / "o").exists()
+
 def test_built_in_backgrounds_are_rewritten_for_another_size(tmp_path):
     """Defect: a backgrounds folder written for 128 px was reused at any later size (GT upscaled from
     thumbnails, and the warning blamed the photos)."""

@@ -266,9 +266,15 @@ class Config:
                 raise ConfigError(f"{source}: optim.betas[{i}] must be in [0, 1), got {beta}")
         if ls.focal_alpha is not None and not 0 <= ls.focal_alpha <= 1:
             raise ConfigError(f"{source}: loss.focal_alpha must be in [0, 1], got {ls.focal_alpha}")
-        if d.font_scale is not None and not (len(d.font_scale) == 2 and 0 < d.font_scale[0] <= d.font_scale[1]):
-            raise ConfigError(f"{source}: data.font_scale must be [smallest, largest] font size / canvas side, with "
-                              f"0 < smallest <= largest, got {list(d.font_scale)}")
+        if d.font_scale is not None and (problem := font_scale_problem(d.font_scale)):
+            raise ConfigError(f"{source}: data.font_scale {problem}")
+
+
+def font_scale_problem(font_scale) -> str | None:
+    """Why `font_scale` (data.font_scale, tadisr-synthesize's --font-scale) is no range of font sizes, or None."""
+    if len(font_scale) == 2 and 0 < font_scale[0] <= font_scale[1]:
+        return None
+    return f"must be [smallest, largest] font size / canvas side, with 0 < smallest <= largest, got {list(font_scale)}"
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

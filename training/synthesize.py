@@ -22,6 +22,7 @@ from tadisr_core.files import folder_target_problem
 from tadisr_core.images import ImageReadError
 from training import command_name, missing_extras
 from training.builders import SKIMAGE_BACKGROUNDS, write_backgrounds
+from training.config import font_scale_problem
 from training.data.degradation import PRESETS
 from training.data.synthesis import (
     SET_FOLDERS,
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.count < 1:
         parser.error("--count must be at least 1")
+    if args.font_scale and (problem := font_scale_problem(args.font_scale)):
+        parser.error(f"--font-scale {problem}")
     try:
         config = SynthesisConfig(size=args.size, scale=args.scale,
                                  **({"font_scale": tuple(args.font_scale)} if args.font_scale else {}))
