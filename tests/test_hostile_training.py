@@ -819,3 +819,28 @@ def test_a_command_without_the_training_extras_says_what_to_install(tmp_path, sc
                           timeout=300)
     assert (done.returncode, done.stderr) == (
         2, f"error: {script} needs the training extras ({missing} not installed): pip install 'tadisr[train]'\n")
+
+
+def test_data_folders_and_a_broken_yaml_are_named_in_one_line(tmp_path, capsys):
+    """Defects: a missing data.backgrounds / data.fonts folder or a font folder without fonts did not name
+    the config key; a config that is no YAML printed PyYAML's multi-line excerpt instead of file:line:col."""
+    from training.train import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    gone = tmp_path / "gone"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 3\n  seed: [1, 2\nloss:\n  lpips: 0\n")
+    cases = [(str(TINY), ["data.backgrounds=" + json.dumps(str(gone))],
+              f"error: image folder not found: {gone} (data.backgrounds)"),
+             (str(TINY), ["data.fonts=" + json.dumps(str(gone))], f"error: font folder not found: {gone} (data.fonts)"),
+             (str(TINY), ["data.fonts=" + json.dumps(str(empty))],
+              "error: no text source: no fonts (install fonts-dejavu / fonts-noto-cjk, or give a font folder) and "
+              "no text crops (data.fonts, data.text_crops)"),
+             (str(bad), [], f"error: {bad}:4:5: not valid YAML (expected ',' or ']', but got ':')")]
+    for k, (config, sets, line) in enumerate(cases):
+        argv = ["--config", config, "--output-dir", str(tmp_path / f"run{k}")]
+        for s in sets:
+            argv += ["--set", s]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == line + "\n"

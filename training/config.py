@@ -394,10 +394,21 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "command li
             try:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError as e:
-                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-                raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML ({problem})") from None
+                raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML ({_yaml_problem(e)})"
+                                  ) from None
         _apply(getattr(cfg, section), {name: value}, section, source)
     return cfg
+
+
+def _yaml_problem(e: Exception) -> str:
+    """PyYAML's error in one line: its problem without the multi-line excerpt of the text."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
+def _yaml_place(path: Path, e: Exception) -> str:
+    """`path:line:column` of a PyYAML error (1-based), or the path when it has no position."""
+    mark = getattr(e, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
 
 
 YAML_NULLS = ("", "~", "null", "Null", "NULL")
@@ -458,7 +469,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            raise ConfigError(f"{_yaml_place(path, e)}: not valid YAML ({_yaml_problem(e)})") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text ({e}); save the config as UTF-8") from None
         cfg, source = config_from_dict(data, str(path)), str(path)

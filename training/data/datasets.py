@@ -317,6 +317,14 @@ class RealCEDataset(Dataset):
         return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
 
 
+def _named(read, folder, key: str):
+    """`read(folder)`, a missing folder's FileNotFoundError ending with the config `key` that named it."""
+    try:
+        return read(folder)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} ({key})") from None
+
+
 class OnTheFlySynthesisDataset(Dataset):
     """FTSR-style samples synthesised per item: item ``i`` of epoch ``e`` is fixed by (seed, e, i).
 
@@ -330,18 +338,23 @@ class OnTheFlySynthesisDataset(Dataset):
                  size: int = 512, scale: int = 4, preset: str | DegradationPreset = FTSR_RELEASE,
                  seed: int = 0, config: SynthesisConfig | None = None, has_text=None):
         if isinstance(backgrounds, (str, os.PathLike)):
-            folder, backgrounds = backgrounds, list_images(backgrounds)
+            folder, backgrounds = backgrounds, _named(list_images, backgrounds, "data.backgrounds")
             if not backgrounds:
                 raise ValueError(f"no background images in {folder} (data.backgrounds): put .png / .jpg photos "
                                  f"without text there, or use 'skimage'")
         if fonts is None:
             fonts = system_fonts()
         elif isinstance(fonts, (str, os.PathLike)):
-            fonts = fonts_in_folder(fonts)
+            fonts = _named(fonts_in_folder, fonts, "data.fonts")
         if isinstance(text_crops, (str, os.PathLike)):
-            text_crops = find_text_crops(text_crops)
+            text_crops = _named(find_text_crops, text_crops, "data.text_crops")
         config = config or SynthesisConfig(size=size, scale=scale)
-        self.synth = TextSynthesizer(backgrounds, fonts, text_crops or (), config, preset, has_text)
+        try:
+            self.synth = TextSynthesizer(backgrounds, fonts, text_crops or (), config, preset, has_text)
+        except ValueError as e:
+            if fonts or text_crops:
+                raise
+            raise ValueError(f"{e} (data.fonts, data.text_crops)") from None
         self.length, self.seed, self.epoch = length, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
