@@ -797,6 +797,11 @@ def test_loss_ocr_without_rapidocr_is_one_line_naming_the_key(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err == ("error: loss.ocr needs the rapidocr package (its recogniser): pip install 'tadisr[train]', "
                    "or set loss.ocr: 0\n"), err
+    monkeypatch.delitem(sys.modules, "rapidocr")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("error: loss.ocr needs the onnx package (it reads the recogniser): "
+                                       "pip install 'tadisr[train]', or set loss.ocr: 0\n")
 
 
 @pytest.mark.parametrize("script, hidden, args, missing", [

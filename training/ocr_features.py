@@ -93,8 +93,12 @@ class RecognizerFeatures(nn.Module):
 
     def __init__(self, path: str | Path | None = None):
         super().__init__()
-        import onnx
-        from onnx import numpy_helper
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError as e:
+            raise ConfigError(f"loss.ocr needs the onnx package (it reads the recogniser): {TRAIN_EXTRA_INSTALL}, "
+                              "or set loss.ocr: 0") from e
 
         path = Path(path) if path else recognizer_path()
         model = onnx.load(str(path))
