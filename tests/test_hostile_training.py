@@ -795,13 +795,13 @@ def test_loss_ocr_without_rapidocr_is_one_line_naming_the_key(tmp_path, capsys, 
             "--set", "loss.lpips=0", "--set", "loss.ocr=1"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == ("error: loss.ocr needs the rapidocr package (its recogniser): pip install 'tadisr[train]', "
-                   "or set loss.ocr: 0\n"), err
+    assert err == ("error: loss.ocr needs the rapidocr package (its recogniser): pip install -e '.[train]' in the "
+                   "repository's folder, or set loss.ocr: 0\n"), err
     monkeypatch.delitem(sys.modules, "rapidocr")
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main(argv) == 2
     assert capsys.readouterr().err == ("error: loss.ocr needs the onnx package (it reads the recogniser): "
-                                       "pip install 'tadisr[train]', or set loss.ocr: 0\n")
+                                       "pip install -e '.[train]' in the repository's folder, or set loss.ocr: 0\n")
 
 
 @pytest.mark.parametrize("script, hidden, args, missing", [
@@ -823,7 +823,8 @@ def test_a_command_without_the_training_extras_says_what_to_install(tmp_path, sc
     done = subprocess.run([sys.executable, "-c", code], cwd=TINY.parents[2], capture_output=True, text=True,
                           timeout=300)
     assert (done.returncode, done.stderr) == (
-        2, f"error: {script} needs the training extras ({missing} not installed): pip install 'tadisr[train]'\n")
+        2, f"error: {script} needs the training extras ({missing} not installed): pip install -e '.[train]' in the "
+           "repository's folder\n")
 
 
 def test_data_folders_and_a_broken_yaml_are_named_in_one_line(tmp_path, capsys):

@@ -4,7 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-TRAIN_EXTRA_INSTALL = "pip install 'tadisr[train]'"
+TRAIN_EXTRA_INSTALL = "pip install -e '.[train]' in the repository's folder"  # tadisr is not on PyPI
 # the import names the `train` extra (pyproject.toml) provides, and the packages that provide them
 TRAIN_EXTRA = {"yaml": "pyyaml", "kornia": "kornia", "rapidocr": "rapidocr", "onnxruntime": "onnxruntime",
                "Levenshtein": "levenshtein", "onnx": "onnx", "skimage": "scikit-image"}
