@@ -296,10 +296,16 @@ def distributed_rank() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment (`accelerate launch`, torchrun); (0, 1) alone.
 
     WORLD_SIZE / RANK left over in a shell without a launcher (no MASTER_ADDR / MASTER_PORT) would
-    silently drop most files, so they are ignored with a warning.
+    silently drop most files, so they are ignored with a warning; so are values that are not integers.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    world_text = os.environ.get("WORLD_SIZE", "1")
+    rank_text = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    try:
+        world, rank = int(world_text), int(rank_text)
+    except ValueError:
+        log.warning("WORLD_SIZE=%r RANK=%r are not integers: stale variables? Ignoring them and processing "
+                    "every file in this one process", world_text, rank_text)
+        return 0, 1
     if world > 1 and not all(os.environ.get(v) for v in LAUNCHER_VARS):
         log.warning("WORLD_SIZE=%d RANK=%d are set but no launcher is (MASTER_ADDR/MASTER_PORT missing): stale "
                     "variables? Processing every file in this one process", world, rank)

@@ -119,6 +119,20 @@ def test_stale_world_size_processes_every_file(tiny_model, tmp_path, capsys, mon
     assert "WORLD_SIZE=4 RANK=0 are set but no launcher" in err
 
 
+@pytest.mark.parametrize("world, rank", [("", "0"), ("2", "x")])
+def test_non_integer_world_size_or_rank_is_ignored_with_a_warning(world, rank, tiny_model, tmp_path, capsys,
+                                                                    monkeypatch):
+    """An empty or non-integer WORLD_SIZE / RANK used to end in a ValueError traceback from int()."""
+    d = tmp_path / "in"
+    d.mkdir()
+    _png(d / "0.png")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", rank)
+    rc, rep, err = run(["upscale", str(d), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys, model=tiny_model)
+    assert rc == 0 and len(rep["files"]) == 1 and rep["world_size"] == 1
+    assert f"WORLD_SIZE={world!r} RANK={rank!r} are not integers" in err
+
+
 def test_nan_input_pixel_fails_that_file_only(tiny_model, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
