@@ -274,7 +274,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     except UpscaleCancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-        rec.error = str(exc) if str(job.input) in str(exc) else f"{job.input}: {type(exc).__name__}: {exc}"
+        rec.error = str(exc) if str(job.input) in str(exc) else f"{job.input}: {_error_text(exc)}"
         rec.seconds["total"] = round(time.perf_counter() - t0, 4)
         log.debug("failed on %s", job.input, exc_info=True)
         return rec
@@ -287,6 +287,12 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     rec.seconds = {"load": round(t1 - t0, 4), "upscale": round(t2 - t1, 4), "save": round(t3 - t2, 4),
                    "total": round(t3 - t0, 4)}
     return rec
+
+
+def _error_text(exc: Exception) -> str:
+    """The message of a per-file error; the exception's type name only for unexpected kinds (the project's
+    own errors are ValueError / OSError subclasses whose messages say what went wrong)."""
+    return str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
 
 
 LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT")   # set by torchrun and `accelerate launch` alike

@@ -389,6 +389,7 @@ def add_upscale(sub) -> None:
 
 def _validate_upscale(args) -> None:
     from .descriptor import DESCRIPTOR
+    from .images import ImageReadError, max_pixels_limit
     from .pipeline import check_settings
 
     try:
@@ -396,6 +397,10 @@ def _validate_upscale(args) -> None:
     except ValueError as exc:
         raise SetupError(f"--{exc}") from None
     _check_chatglm_device("--text-encoder-device", args.text_encoder_device)
+    try:
+        max_pixels_limit()  # checked once here, not once per image after the model loaded
+    except ImageReadError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def _check_chatglm_device(flag: str, value: str) -> None:
@@ -463,6 +468,19 @@ def _load_for_upscale(args: argparse.Namespace, new_folders: list[Path], prompt_
         raise
 
 
+def _check_attention_columns(model, args: argparse.Namespace) -> None:
+    """SetupError when the run reads the text attention but the prompt cache has no column to read it
+    from: said once before the first image, not once per image."""
+    if not (args.attention or model.needs_capture(args.mask)):
+        return
+    try:
+        model.prompt.columns(model.spec.attention.token)
+    except ValueError as exc:
+        need = "--attention needs it" if args.attention else "the text mask needs it"
+        raise SetupError(f"{exc}: {need}; compute the prompt cache from Kolors' ChatGLM3 with `tadisr "
+                         f"prompt-cache --kolors DIR -o FILE`") from None
+
+
 def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] | None, model) -> int:
     from tqdm.auto import tqdm
 
@@ -480,6 +498,7 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
         ensure_writable_folder(output)  # made by rank 0; proved writable here too (another node's mount)
     if model is None:  # a prompt to compute (and save, for --prompt-cache) is computed by rank 0 alone
         model = _load_for_upscale(args, new_folders if rank == 0 else [], ranks.from_rank0)
+    _check_attention_columns(model, args)
     load_s = time.perf_counter() - t0
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
                       args.skip_existing, args.color_fix, args.quality)

@@ -510,6 +510,8 @@ def test_an_alpha_image_is_refused_as_jpeg_before_it_is_upscaled_and_kept_as_web
     by = {Path(f["input"]).name: f for f in rep["files"]}
     assert rc == cli.EXIT_FAILED and by["photo.png"]["ok"]
     assert "icon_x4.jpg: the image has an alpha channel, which JPEG cannot keep" in by["icon.png"]["error"]
+    # the file names, then the message: no "ValueError:" between them
+    assert by["icon.png"]["error"].startswith(f"{d / 'icon.png'}: {out / 'icon_x4.jpg'}: the image has")
     assert "upscale" not in by["icon.png"]["seconds"] and not (out / "icon_text_mask.png").exists()
     rc, _, _ = run(["upscale", str(d / "icon.png"), "-o", str(out), *FAST, "--format", "webp", "--quality", "100"],
                    capsys, model=tiny_model)
@@ -715,3 +717,43 @@ def test_outputs_of_older_versions_are_not_skipped_for_another_input(tiny_model,
     assert rc == 0 and not any(f["skipped"] for f in rep["files"])
     with Image.open(old / "out" / "a_x4.png") as a, Image.open(old / "out" / "a-2_x4.png") as b:
         assert (a.size, b.size) == ((20, 24), (32, 32))                  # a.jpg's and a.png's own results
+
+
+def test_a_per_file_error_keeps_the_type_name_only_for_unexpected_kinds():
+    from tadisr_core.batch import _error_text
+
+    assert _error_text(images.ImageReadError("cannot read x")) == "cannot read x"
+    assert _error_text(ValueError("bad value")) == "bad value"
+    assert _error_text(RuntimeError("CUDA error")) == "RuntimeError: CUDA error"
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "nan", "-1", "0"])
+def test_a_bad_max_pixels_variable_is_one_setup_error_before_any_image(value, tiny_model, tmp_path, capsys,
+                                                                       monkeypatch):
+    """It used to fail every image after the model loaded ('ImageReadError: ...', an OverflowError for inf,
+    'above the limit of -1' for -1)."""
+    _png(tmp_path / "a.png")
+    monkeypatch.setenv("TADISR_MAX_PIXELS", value)
+    rc, rep, err = run(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys,
+                       model=tiny_model)
+    assert rc == cli.EXIT_SETUP and rep is None and not (tmp_path / "o").exists()
+    assert err.strip() == (f"error: TADISR_MAX_PIXELS={value!r} (environment) is not a positive number of pixels; "
+                           "unset it for the default of 6e+07 or set e.g. 2e8")
+
+
+def test_a_prompt_cache_without_a_text_column_is_refused_with_attention_before_the_first_image(tiny_model_factory,
+                                                                                                tmp_path, capsys):
+    """Every image used to fail with the same "no column for the word 'text'" error."""
+    from tadisr_core.model import random_prompt
+
+    model = tiny_model_factory()
+    model.set_prompt(random_prompt(model.spec, text_columns=()))
+    _png(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST, "--json"]
+    rc, rep, err = run([*argv, "--attention"], capsys, model=model)
+    assert rc == cli.EXIT_SETUP and rep is None and not list((tmp_path / "o").glob("*"))
+    assert err.strip() == ("error: the prompt cache has no column for the word 'text' (prompt "
+                           f"{model.prompt.prompt!r}): --attention needs it; compute the prompt cache from "
+                           "Kolors' ChatGLM3 with `tadisr prompt-cache --kolors DIR -o FILE`")
+    rc, rep, _ = run(argv, capsys, model=model)  # without --attention this model reads no attention
+    assert rc == 0 and rep["files"][0]["ok"]
