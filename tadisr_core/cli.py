@@ -114,6 +114,11 @@ def env_default(var: str) -> FromEnv | None:
     return marked
 
 
+def flag_label(flag: str, value: str | None) -> str:
+    """How an error names where `value` came from: `flag`, or its variable for a `FromEnv` value."""
+    return f"{value.var} (environment)" if isinstance(value, FromEnv) else flag
+
+
 def kolors_from_env(note: bool = True) -> FromEnv | None:
     """$TADISR_KOLORS, or the old name $TADISR_KOLORS_DIR (with a deprecation `note`), marked with the
     variable it came from."""
@@ -397,10 +402,18 @@ def _validate_upscale(args) -> None:
     except ValueError as exc:
         raise SetupError(f"--{exc}") from None
     _check_chatglm_device("--text-encoder-device", args.text_encoder_device)
+    _check_not_a_folder(flag_label("--prompt-cache", args.prompt_cache), args.prompt_cache)
     try:
         max_pixels_limit()  # checked once here, not once per image after the model loaded
     except ImageReadError as exc:
         raise SetupError(str(exc)) from None
+
+
+def _check_not_a_folder(flag: str, path: str | None) -> None:
+    """SetupError when the prompt cache file to write, given as `flag`, is an existing folder: said
+    before ChatGLM3 computes it (minutes), not when it is saved."""
+    if path is not None and Path(path).is_dir():
+        raise SetupError(f"{flag} {path} is a folder; give a .safetensors file name")
 
 
 def _check_chatglm_device(flag: str, value: str) -> None:
@@ -598,6 +611,7 @@ def run_prompt_cache(args) -> int:
     if args.kolors is None:
         raise SetupError("--kolors DIR|FILE is required (the Kwai-Kolors/Kolors diffusers folder, or ChatGLM3)")
     _check_chatglm_device("--device", args.device)
+    _check_not_a_folder("-o", args.output)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")

@@ -757,3 +757,25 @@ def test_a_prompt_cache_without_a_text_column_is_refused_with_attention_before_t
                            "Kolors' ChatGLM3 with `tadisr prompt-cache --kolors DIR -o FILE`")
     rc, rep, _ = run(argv, capsys, model=model)  # without --attention this model reads no attention
     assert rc == 0 and rep["files"][0]["ok"]
+
+
+def test_a_prompt_cache_naming_a_folder_is_refused_before_chatglm3_runs(tiny_model, tiny_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    """It used to compute the cache (minutes with the real ChatGLM3), then fail renaming it onto the folder;
+    `prompt-cache -o FOLDER --force` likewise ended in "cannot write ...: Is a directory"."""
+    folder = tmp_path / "caches"
+    folder.mkdir()
+    _png(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST]
+    rc, _, err = run([*argv, "--prompt-cache", str(folder)], capsys, model=tiny_model)
+    assert rc == cli.EXIT_SETUP
+    assert err == f"error: --prompt-cache {folder} is a folder; give a .safetensors file name\n"
+    monkeypatch.setenv("TADISR_PROMPT_CACHE", str(folder))
+    rc, _, err = run(argv, capsys, model=tiny_model)
+    assert rc == cli.EXIT_SETUP and err.startswith(f"error: TADISR_PROMPT_CACHE (environment) {folder} is a folder")
+    for force in ([], ["--force"]):
+        rc = cli.main(["prompt-cache", "--kolors", str(tiny_dir["kolors"]), "-o", str(folder), "--tokens", "32",
+                       *force])
+        assert rc == cli.EXIT_SETUP and capsys.readouterr().err == (f"error: -o {folder} is a folder; give a "
+                                                                   ".safetensors file name\n")
+    assert not any(folder.iterdir())
