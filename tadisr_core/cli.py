@@ -213,7 +213,7 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
         raise SetupError(str(exc)) from None
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("fp16 on the CPU is slow and poorly supported; prefer --dtype fp32 or bf16")
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, with_cli_advice
     from .kolors_identity import NotKolorsError
     from .loading import load_tadisr
     from .ranks import LauncherError
@@ -233,7 +233,7 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
     except LauncherError:  # the other processes' matter (`run_upscale` says it), not the weights'
         raise
     except (CheckpointError, NotKolorsError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong
-        raise SetupError(str(exc)) from None
+        raise SetupError(with_cli_advice(exc)) from None  # where a UNet given as --checkpoint goes
     except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
         log.debug("model loading failed", exc_info=True)
         raise SetupError(f"cannot load the model ({type(exc).__name__}: {exc}); run with -v for details") from None

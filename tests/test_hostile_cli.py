@@ -779,3 +779,21 @@ def test_a_prompt_cache_naming_a_folder_is_refused_before_chatglm3_runs(tiny_mod
         assert rc == cli.EXIT_SETUP and capsys.readouterr().err == (f"error: -o {folder} is a folder; give a "
                                                                    ".safetensors file name\n")
     assert not any(folder.iterdir())
+
+
+def test_another_weights_file_given_as_the_checkpoint_says_which_flag_takes_it(tiny_dir, tmp_path, capsys):
+    """A Kolors UNet / VAE or a prompt cache as --checkpoint or --model used to say only "not a native TADiSR
+    checkpoint (metadata format='pt')"."""
+    _png(tmp_path / "a.png")
+    kolors = tiny_dir["kolors"]
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-q"]
+    cases = [(["--kolors", str(kolors), "--prompt-cache", str(tiny_dir["prompt_cache"]), "--checkpoint"],
+              kolors / "unet" / "diffusion_pytorch_model.safetensors", "(it is a Kolors UNet) (metadata format='pt'); "
+                                                                       "pass it as --unet"),
+             (["--model"], kolors / "vae" / "diffusion_pytorch_model.safetensors",
+              "(it is an SDXL VAE) (metadata format='pt'); pass it as --vae"),
+             (["--model"], tiny_dir["prompt_cache"],
+              "(it is a prompt cache) (metadata format='tadisr-prompt-cache/1'); pass it as --prompt-cache")]
+    for flags, path, words in cases:
+        assert cli.main([*argv, *flags, str(path)]) == cli.EXIT_SETUP
+        assert capsys.readouterr().err == f"error: {path}: not a native TADiSR checkpoint {words}\n"
