@@ -89,7 +89,10 @@ def _quality(value: str) -> int:
 def _scale(value: str) -> float:
     from .descriptor import DESCRIPTOR
 
-    s = float(value)
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
     try:
         DESCRIPTOR.check_scale(s)
     except ValueError as exc:

@@ -188,6 +188,14 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
         cli.main(["upscale", "x.png", "-o", str(tmp_path), "--tile-batch", "0"])
 
 
+def test_a_scale_that_is_no_number_names_no_python_function(tmp_path, capsys):
+    """It used to say "argument --scale: invalid _scale value: 'abc'"."""
+    with pytest.raises(SystemExit):
+        cli.main(["upscale", "x.png", "-o", str(tmp_path), "--scale", "abc"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(" error: argument --scale: expected a number, got 'abc'"), last
+
+
 def test_prompt_cache_command_writes_a_loadable_cache(tiny_dir, tmp_path, capsys):
     from tadisr_core.prompt import PromptCache
 
