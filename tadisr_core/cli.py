@@ -236,11 +236,28 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
     except LauncherError:  # the other processes' matter (`run_upscale` says it), not the weights'
         raise
     except (CheckpointError, NotKolorsError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong
-        raise SetupError(with_cli_advice(exc)) from None  # where a UNet given as --checkpoint goes
+        # where a UNet given as --checkpoint goes; which variable or flag named the file
+        raise SetupError(_name_the_source(with_cli_advice(exc), args)) from None
     except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
         log.debug("model loading failed", exc_info=True)
         raise SetupError(f"cannot load the model ({type(exc).__name__}: {exc}); run with -v for details") from None
     return place_model(model, None, None, channels_last=args.channels_last, compile=args.compile)
+
+
+# The weight flags, most specific first: a --kolors folder's path is part of its unet/'s.
+_WEIGHT_FLAGS = ("--unet", "--vae", "--text-encoder", "--prompt-cache", "--checkpoint", "--kolors")
+_FLAGS_TO_NAME = ("--unet", "--vae", "--text-encoder")  # their files' errors ("unet weights not found") name no flag
+
+
+def _name_the_source(message: str, args: argparse.Namespace) -> str:
+    """`message` of a weight-file error led by where the file it names came from: its environment variable
+    (set long ago, maybe for another model), or the flag when the message would not say it."""
+    for flag in _WEIGHT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value and str(Path(value)) in message:
+            named = isinstance(value, FromEnv) or flag in _FLAGS_TO_NAME
+            return f"{flag_label(flag, value)}: {message}" if named else message
+    return message
 
 
 def _given(value: str | None) -> str | None:

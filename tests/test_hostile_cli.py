@@ -797,3 +797,30 @@ def test_another_weights_file_given_as_the_checkpoint_says_which_flag_takes_it(t
     for flags, path, words in cases:
         assert cli.main([*argv, *flags, str(path)]) == cli.EXIT_SETUP
         assert capsys.readouterr().err == f"error: {path}: not a native TADiSR checkpoint {words}\n"
+
+
+def test_a_missing_weight_file_names_the_variable_or_flag_that_gave_it(tiny_dir, tmp_path, capsys, monkeypatch):
+    """TADISR_KOLORS / _CHECKPOINT / _UNET pointing nowhere were reported without the variable (TADISR_MODEL was),
+    and a missing --unet file as "unet weights not found" without the flag."""
+    _png(tmp_path / "a.png")
+    nope = tmp_path / "nope.safetensors"
+    vae = tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors"
+    base = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-q", "--prompt-cache",
+            str(tiny_dir["prompt_cache"])]
+    cases = [("TADISR_KOLORS", ["--checkpoint", str(tiny_dir["checkpoint"])],
+              f"TADISR_KOLORS (environment): Kolors folder not found: {nope}"),
+             ("TADISR_CHECKPOINT", ["--kolors", str(tiny_dir["kolors"])],
+              f"TADISR_CHECKPOINT (environment): checkpoint not found: {nope}"),
+             ("TADISR_UNET", ["--vae", str(vae), "--checkpoint", str(tiny_dir["checkpoint"])],
+              f"TADISR_UNET (environment): unet weights not found: {nope}"),
+             (None, ["--unet", str(nope), "--vae", str(vae), "--checkpoint", str(tiny_dir["checkpoint"])],
+              f"--unet: unet weights not found: {nope}")]
+    for var, flags, says in cases:
+        for other in ("TADISR_KOLORS", "TADISR_KOLORS_DIR", "TADISR_CHECKPOINT", "TADISR_UNET", "TADISR_VAE",
+                      "TADISR_MODEL"):
+            monkeypatch.delenv(other, raising=False)
+        if var:
+            monkeypatch.setenv(var, str(nope))
+        assert cli.main([*base, *flags]) == cli.EXIT_SETUP
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says}") and err.count("\n") == 1, err
