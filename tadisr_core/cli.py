@@ -502,16 +502,15 @@ def _load_for_upscale(args: argparse.Namespace, new_folders: list[Path], prompt_
 
 
 def _check_attention_columns(model, args: argparse.Namespace) -> None:
-    """SetupError when the run reads the text attention but the prompt cache has no column to read it
-    from: said once before the first image, not once per image."""
-    if not (args.attention or model.needs_capture(args.mask)):
+    """SetupError when --attention asks for the text attention but the prompt cache has no column to read
+    it from: said once before the first image, not once per image."""
+    if not args.attention:
         return
     try:
         model.prompt.columns(model.spec.attention.token)
     except ValueError as exc:
-        need = "--attention needs it" if args.attention else "the text mask needs it"
-        raise SetupError(f"{exc}: {need}; compute the prompt cache from Kolors' ChatGLM3 with `tadisr "
-                         f"prompt-cache --kolors DIR -o FILE`") from None
+        raise SetupError(f"{exc}: --attention needs it; compute the prompt cache from Kolors' ChatGLM3 with "
+                         f"`tadisr prompt-cache --kolors DIR -o FILE`") from None
 
 
 def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] | None, model) -> int:
