@@ -242,6 +242,14 @@ def _device_and_dtype(kolors: str, dtype: str, device: str) -> tuple[torch.devic
     return dev, resolve_dtype(dtype, dev, fp16_safe=shipped is None or shipped.fp16_safe)
 
 
+# Where each of TADiSR's other weight files goes when chosen as the checkpoint (`CheckpointError.part`;
+# the command line's words are tadisr_core.checkpoint.CLI_ADVICE).
+NODE_ADVICE = {"unet": "put it in models/unet and choose it in the kolors list (with an SDXL VAE from models/vae)",
+               "vae": "put it in models/vae: the kolors list pairs it with a UNet from models/unet",
+               "text-encoder": "put it in models/LLM: the loader computes a missing prompt cache with it",
+               "prompt-cache": "choose it as prompt_cache (a prompt_cache*.safetensors file in models/tadisr)"}
+
+
 def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dtype: str = "auto",
                device: str = "auto", merge_lora: bool = True) -> TADiSRHandle:
     """Resolve names to files and load (or reuse) the model. Errors name the file and its folder;
@@ -259,14 +267,20 @@ def load_model(kolors: str, checkpoint: str, prompt_cache: str = AUTO_CACHE, dty
     key = (*files_key, str(dt), str(dev), bool(merge_lora))
 
     def load() -> TADiSRHandle:
+        from tadisr_core.checkpoint import CheckpointError
         from tadisr_core.loading import load_tadisr
 
         if not os.path.isfile(cache_path):
             _ensure_prompt_cache(cache_path, files, dev)
         log.info("TADiSR: loading %s + %s (%s, %s%s)", kolors, ckpt_path, dt, dev,
                  ", LoRA merged" if merge_lora else "")
-        model = load_tadisr(files, ckpt_path, cache_path, dtype=dt, device=host.offload_device(),
-                            merge_lora_weights=bool(merge_lora))
+        try:
+            model = load_tadisr(files, ckpt_path, cache_path, dtype=dt, device=host.offload_device(),
+                                merge_lora_weights=bool(merge_lora))
+        except CheckpointError as exc:
+            if exc.part is None:
+                raise
+            raise CheckpointError(f"TADiSR: {exc}; {NODE_ADVICE[exc.part]}") from None
         sources = {"kolors": str(files.root or files.unet), "checkpoint": ckpt_path, "prompt": cache_path}
         return TADiSRHandle(model, dev, dt, key, sources, host.make_patcher(model, dev))
 

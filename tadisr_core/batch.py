@@ -274,7 +274,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     except UpscaleCancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-        rec.error = str(exc) if str(job.input) in str(exc) else f"{job.input}: {type(exc).__name__}: {exc}"
+        rec.error = str(exc) if str(job.input) in str(exc) else f"{job.input}: {_error_text(exc)}"
         rec.seconds["total"] = round(time.perf_counter() - t0, 4)
         log.debug("failed on %s", job.input, exc_info=True)
         return rec
@@ -289,6 +289,12 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     return rec
 
 
+def _error_text(exc: Exception) -> str:
+    """The message of a per-file error; the exception's type name only for unexpected kinds (the project's
+    own errors are ValueError / OSError subclasses whose messages say what went wrong)."""
+    return str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+
+
 LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT")   # set by torchrun and `accelerate launch` alike
 
 
@@ -296,10 +302,16 @@ def distributed_rank() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment (`accelerate launch`, torchrun); (0, 1) alone.
 
     WORLD_SIZE / RANK left over in a shell without a launcher (no MASTER_ADDR / MASTER_PORT) would
-    silently drop most files, so they are ignored with a warning.
+    silently drop most files, so they are ignored with a warning; so are values that are not integers.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    world_text = os.environ.get("WORLD_SIZE", "1")
+    rank_text = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    try:
+        world, rank = int(world_text), int(rank_text)
+    except ValueError:
+        log.warning("WORLD_SIZE=%r RANK=%r are not integers: stale variables? Ignoring them and processing "
+                    "every file in this one process", world_text, rank_text)
+        return 0, 1
     if world > 1 and not all(os.environ.get(v) for v in LAUNCHER_VARS):
         log.warning("WORLD_SIZE=%d RANK=%d are set but no launcher is (MASTER_ADDR/MASTER_PORT missing): stale "
                     "variables? Processing every file in this one process", world, rank)

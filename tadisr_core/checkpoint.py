@@ -52,7 +52,18 @@ MANIFEST = {
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model; the message names file and key."""
+    """A checkpoint cannot be read or does not fit the model; the message names file and key.
+
+    `part`: set when the file is another of TADiSR's inputs ("unet", "vae", "text-encoder",
+    "prompt-cache"; the message says which): each caller words where it goes (`CLI_ADVICE`, the node's)."""
+
+    part: str | None = None
+
+
+# How the command line takes each of TADiSR's other weight files (`CheckpointError.part`).
+CLI_ADVICE = {"unet": "pass it as --unet", "vae": "pass it as --vae",
+              "text-encoder": "pass it as --text-encoder, or to `tadisr prompt-cache --kolors`",
+              "prompt-cache": "pass it as --prompt-cache"}
 
 
 class BaseMismatchError(CheckpointError):
@@ -349,8 +360,21 @@ def load_checkpoint(path: str | Path, dtypes: dict[str, torch.dtype] | None = No
     if is_safetensors(path):
         return _load_native(path, dtypes or {})
     raw = _torch_load(path)
-    groups = _official_groups(raw, path)
+    try:
+        groups = _official_groups(raw, path)
+    except CheckpointError as exc:  # a torch zip of another input (a Kolors UNet saved with torch.save)
+        kind = weights_kind(path)
+        if kind is None:
+            raise
+        raise _other_input(f"{exc} (it is {kind[0]})", kind[1]) from None
     return cast_for_load(Checkpoint(path, "official", _spec_for(groups, path), groups), dtypes or {})
+
+
+def _other_input(message: str, part: str) -> CheckpointError:
+    """The CheckpointError of a file that is TADiSR's `part` input, not a checkpoint."""
+    exc = CheckpointError(message)
+    exc.part = part
+    return exc
 
 
 def cast_for_load(ckpt: Checkpoint, dtypes: dict[str, torch.dtype]) -> Checkpoint:
@@ -375,9 +399,11 @@ def _load_native(path: Path, dtypes: dict[str, torch.dtype]) -> Checkpoint:
         header = read_header(path)
         meta = header.metadata
         if meta.get("format") != NATIVE_FORMAT:
-            kind = " (it is a prompt cache)" if meta.get("format", "").startswith("tadisr-prompt-cache") else ""
-            raise CheckpointError(f"{path}: not a native TADiSR checkpoint{kind} "
-                                  f"(metadata format={meta.get('format')!r})")
+            cache = meta.get("format", "").startswith("tadisr-prompt-cache")
+            what, part = ("a prompt cache", "prompt-cache") if cache else weights_kind(path) or (None, None)
+            message = (f"{path}: not a native TADiSR checkpoint{f' (it is {what})' if what else ''} "
+                       f"(metadata format={meta.get('format')!r})")
+            raise _other_input(message, part) if part else CheckpointError(message)
         tensors = {key: _cast_for_load(key.partition(".")[0], key.partition(".")[2], value, dtypes)
                    for key, value in iter_tensors(path, header=header)}
     except CheckpointError:
@@ -639,9 +665,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def other_weights(path: str | Path) -> str | None:
     """What a weights file that is not a TADiSR checkpoint is, when it is one of the files TADiSR
-    also takes (a Kolors UNet, an SDXL VAE, an all-in-one Kolors checkpoint, ChatGLM3), and how to
-    pass it; None for anything else. Safetensors headers are read, and the tensor tables of torch zips
-    whose pickle passes the scan (a pickle the scan refused is never opened again)."""
+    also takes (`weights_kind`), and how to pass it on the command line; None for anything else."""
+    kind = weights_kind(path)
+    return None if kind is None else f"it is {kind[0]}: {CLI_ADVICE[kind[1]]}"
+
+
+def weights_kind(path: str | Path) -> tuple[str, str] | None:
+    """(what the file is, the input it belongs to: "unet", "vae" or "text-encoder") for a Kolors UNet,
+    an SDXL VAE, an all-in-one Kolors checkpoint or ChatGLM3; None for anything else. Safetensors headers
+    are read, and the tensor tables of torch zips whose pickle passes the scan (a pickle the scan refused
+    is never opened again)."""
     from .chatglm_file import is_chatglm_file, quantized_bits
     from .kolors_files import KolorsFolderError, config_beside
     from .kolors_identity import check_unet, check_vae, holds_vae
@@ -655,9 +688,7 @@ def other_weights(path: str | Path) -> str | None:
             bits = quantized_bits(path)
         except KolorsFolderError:
             bits = None
-        kind = f" ({bits}-bit)" if bits else ""
-        return (f"it is the ChatGLM3 text encoder{kind}: pass it as --text-encoder, or to `tadisr prompt-cache "
-                f"--kolors`")
+        return f"the ChatGLM3 text encoder{f' ({bits}-bit)' if bits else ''}", "text-encoder"
     config = config_beside(path)  # a component folder's (unet/, vae/)
     for check, what in ((check_unet, "a Kolors UNet"), (check_vae, "an SDXL VAE")):
         try:
@@ -665,9 +696,19 @@ def other_weights(path: str | Path) -> str | None:
         except (ValueError, OSError):  # not this part (NotKolorsError), or unreadable
             continue
         if check is check_unet and holds_vae(path):
-            return "it is an all-in-one Kolors checkpoint (UNet and VAE): pass it as --unet"
-        return f"it is {what}: pass it as --{'unet' if check is check_unet else 'vae'}"
+            return "an all-in-one Kolors checkpoint (UNet and VAE)", "unet"
+        return what, "unet" if check is check_unet else "vae"
     return None
+
+
+def with_cli_advice(exc: Exception, path: str | Path | None = None) -> str:
+    """The message of a failed checkpoint read (of `path`, when given, looked at when the error did not say
+    what the file is), with how the command line takes the file when it is another of TADiSR's inputs."""
+    part = getattr(exc, "part", None)
+    if part is not None:  # the message already says what it is
+        return f"{exc}; {CLI_ADVICE[part]}"
+    other = other_weights(path) if path is not None and Path(path).is_file() else None
+    return f"{exc}" + (f"; {other}" if other else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -682,8 +723,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     except (CheckpointError, OSError) as e:
         path = args.path if args.command == "inspect" else args.src
-        other = other_weights(path) if Path(path).is_file() else None
-        print(f"error: {e}" + (f"; {other}" if other else ""), file=sys.stderr)
+        print(f"error: {with_cli_advice(e, path)}", file=sys.stderr)
         return 2
 
 

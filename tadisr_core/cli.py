@@ -89,7 +89,10 @@ def _quality(value: str) -> int:
 def _scale(value: str) -> float:
     from .descriptor import DESCRIPTOR
 
-    s = float(value)
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
     try:
         DESCRIPTOR.check_scale(s)
     except ValueError as exc:
@@ -112,6 +115,11 @@ def env_default(var: str) -> FromEnv | None:
     marked = FromEnv(value)
     marked.var = var
     return marked
+
+
+def flag_label(flag: str, value: str | None) -> str:
+    """How an error names where `value` came from: `flag`, or its variable for a `FromEnv` value."""
+    return f"{value.var} (environment)" if isinstance(value, FromEnv) else flag
 
 
 def kolors_from_env(note: bool = True) -> FromEnv | None:
@@ -208,7 +216,7 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
         raise SetupError(str(exc)) from None
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("fp16 on the CPU is slow and poorly supported; prefer --dtype fp32 or bf16")
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, with_cli_advice
     from .kolors_identity import NotKolorsError
     from .loading import load_tadisr
     from .ranks import LauncherError
@@ -228,11 +236,28 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
     except LauncherError:  # the other processes' matter (`run_upscale` says it), not the weights'
         raise
     except (CheckpointError, NotKolorsError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong
-        raise SetupError(str(exc)) from None
+        # where a UNet given as --checkpoint goes; which variable or flag named the file
+        raise SetupError(_name_the_source(with_cli_advice(exc), args)) from None
     except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
         log.debug("model loading failed", exc_info=True)
         raise SetupError(f"cannot load the model ({type(exc).__name__}: {exc}); run with -v for details") from None
     return place_model(model, None, None, channels_last=args.channels_last, compile=args.compile)
+
+
+# The weight flags, most specific first: a --kolors folder's path is part of its unet/'s.
+_WEIGHT_FLAGS = ("--unet", "--vae", "--text-encoder", "--prompt-cache", "--checkpoint", "--kolors")
+_FLAGS_TO_NAME = ("--unet", "--vae", "--text-encoder")  # their files' errors ("unet weights not found") name no flag
+
+
+def _name_the_source(message: str, args: argparse.Namespace) -> str:
+    """`message` of a weight-file error led by where the file it names came from: its environment variable
+    (set long ago, maybe for another model), or the flag when the message would not say it."""
+    for flag in _WEIGHT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value and str(Path(value)) in message:
+            named = isinstance(value, FromEnv) or flag in _FLAGS_TO_NAME
+            return f"{flag_label(flag, value)}: {message}" if named else message
+    return message
 
 
 def _given(value: str | None) -> str | None:
@@ -389,6 +414,7 @@ def add_upscale(sub) -> None:
 
 def _validate_upscale(args) -> None:
     from .descriptor import DESCRIPTOR
+    from .images import ImageReadError, max_pixels_limit
     from .pipeline import check_settings
 
     try:
@@ -396,6 +422,18 @@ def _validate_upscale(args) -> None:
     except ValueError as exc:
         raise SetupError(f"--{exc}") from None
     _check_chatglm_device("--text-encoder-device", args.text_encoder_device)
+    _check_not_a_folder(flag_label("--prompt-cache", args.prompt_cache), args.prompt_cache)
+    try:
+        max_pixels_limit()  # checked once here, not once per image after the model loaded
+    except ImageReadError as exc:
+        raise SetupError(str(exc)) from None
+
+
+def _check_not_a_folder(flag: str, path: str | None) -> None:
+    """SetupError when the prompt cache file to write, given as `flag`, is an existing folder: said
+    before ChatGLM3 computes it (minutes), not when it is saved."""
+    if path is not None and Path(path).is_dir():
+        raise SetupError(f"{flag} {path} is a folder; give a .safetensors file name")
 
 
 def _check_chatglm_device(flag: str, value: str) -> None:
@@ -463,6 +501,18 @@ def _load_for_upscale(args: argparse.Namespace, new_folders: list[Path], prompt_
         raise
 
 
+def _check_attention_columns(model, args: argparse.Namespace) -> None:
+    """SetupError when --attention asks for the text attention but the prompt cache has no column to read
+    it from: said once before the first image, not once per image."""
+    if not args.attention:
+        return
+    try:
+        model.prompt.columns(model.spec.attention.token)
+    except ValueError as exc:
+        raise SetupError(f"{exc}: --attention needs it; compute the prompt cache from Kolors' ChatGLM3 with "
+                         f"`tadisr prompt-cache --kolors DIR -o FILE`") from None
+
+
 def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] | None, model) -> int:
     from tqdm.auto import tqdm
 
@@ -480,6 +530,7 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
         ensure_writable_folder(output)  # made by rank 0; proved writable here too (another node's mount)
     if model is None:  # a prompt to compute (and save, for --prompt-cache) is computed by rank 0 alone
         model = _load_for_upscale(args, new_folders if rank == 0 else [], ranks.from_rank0)
+    _check_attention_columns(model, args)
     load_s = time.perf_counter() - t0
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
                       args.skip_existing, args.color_fix, args.quality)
@@ -579,6 +630,7 @@ def run_prompt_cache(args) -> int:
     if args.kolors is None:
         raise SetupError("--kolors DIR|FILE is required (the Kwai-Kolors/Kolors diffusers folder, or ChatGLM3)")
     _check_chatglm_device("--device", args.device)
+    _check_not_a_folder("-o", args.output)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")

@@ -120,12 +120,19 @@ def walk_images(folder: str | Path, recursive: bool = True, exclude: str | Path 
 
 
 def max_pixels_limit() -> int:
-    """The pixel limit for reading: $TADISR_MAX_PIXELS or DEFAULT_MAX_PIXELS."""
+    """The pixel limit for reading: $TADISR_MAX_PIXELS or DEFAULT_MAX_PIXELS; ImageReadError unless the
+    variable is a positive finite number."""
     raw = os.environ.get("TADISR_MAX_PIXELS")
+    if not raw:
+        return DEFAULT_MAX_PIXELS
     try:
-        return int(float(raw)) if raw else DEFAULT_MAX_PIXELS
+        value = float(raw)
     except ValueError:
-        raise ImageReadError(f"TADISR_MAX_PIXELS={raw!r} is not a number of pixels") from None
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ImageReadError(f"TADISR_MAX_PIXELS={raw!r} (environment) is not a positive number of pixels; "
+                             f"unset it for the default of {DEFAULT_MAX_PIXELS:.0e} or set e.g. 2e8")
+    return int(value)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, apply_checkpoint, cast_for_load, load_checkp
 from .descriptor import WEIGHT_DTYPES, dtype_name, part_dtypes
 from .devices import check_offload, place_model, resolve_device, resolve_dtype
 from .files import source_identity
-from .kolors_files import KolorsFiles, find_kolors_files
+from .kolors_files import KolorsFiles, KolorsFolderError, find_kolors_files
 from .lora import merge_lora
 from .model import TADiSRModel
 from .prompt import PromptCache, compute_prompt_cache_from_kolors, text_encoder_device
@@ -36,7 +36,12 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
     if kolors_dir is None:
         raise FileNotFoundError(f"prompt cache not found: {path}, and no ChatGLM3 to compute it from "
                                 f"(pass --text-encoder DIR|FILE or a Kolors folder with text_encoder/ and tokenizer/)")
-    cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids, device=text_encoder_device(device, compute))
+    try:
+        cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids,
+                                                 device=text_encoder_device(device, compute))
+    except KolorsFolderError as exc:  # no usable ChatGLM3: the missing cache is the news, maybe a typo
+        raise KolorsFolderError(f"prompt cache not found: {path}; fix --prompt-cache, or pass --text-encoder "
+                                f"DIR|FILE to compute it (ChatGLM3: {exc})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     cache.save(path)
     return cache

@@ -127,6 +127,21 @@ def test_missing_weights_name_the_file_and_where_to_get_it(tiny_dir, inputs, tmp
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_missing_prompt_cache_with_no_chatglm3_leads_with_the_cache_file(tiny_dir, inputs, tmp_path, capsys):
+    """It used to name only the Kolors folder's missing text_encoder/config.json, neither the cache nor a flag."""
+    kolors = tmp_path / "k2"
+    kolors.mkdir()
+    for sub in ("unet", "vae", "scheduler"):
+        (kolors / sub).symlink_to(tiny_dir["kolors"] / sub)
+    cache = tmp_path / "typo.safetensors"
+    rc = cli.main(["upscale", str(inputs / "odd.png"), "-o", str(tmp_path / "out"), *FAST, "--kolors", str(kolors),
+                   "--checkpoint", str(tiny_dir["checkpoint"]), "--prompt-cache", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_SETUP and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: prompt cache not found: {cache}; fix --prompt-cache, or pass --text-encoder "
+                          f"DIR|FILE to compute it (ChatGLM3: {kolors / 'text_encoder' / 'config.json'} is missing")
+
+
 def test_cancel_between_tiles_writes_nothing_partial(tiny_model, inputs, tmp_path, capsys):
     out = tmp_path / "out"
     checks = {"n": 0}
@@ -171,6 +186,14 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
         cli.main(["upscale", "x.png", "-o", str(tmp_path), "--scale", "9"])
     with pytest.raises(SystemExit):
         cli.main(["upscale", "x.png", "-o", str(tmp_path), "--tile-batch", "0"])
+
+
+def test_a_scale_that_is_no_number_names_no_python_function(tmp_path, capsys):
+    """It used to say "argument --scale: invalid _scale value: 'abc'"."""
+    with pytest.raises(SystemExit):
+        cli.main(["upscale", "x.png", "-o", str(tmp_path), "--scale", "abc"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(" error: argument --scale: expected a number, got 'abc'"), last
 
 
 def test_prompt_cache_command_writes_a_loadable_cache(tiny_dir, tmp_path, capsys):

@@ -119,6 +119,20 @@ def test_stale_world_size_processes_every_file(tiny_model, tmp_path, capsys, mon
     assert "WORLD_SIZE=4 RANK=0 are set but no launcher" in err
 
 
+@pytest.mark.parametrize("world, rank", [("", "0"), ("2", "x")])
+def test_non_integer_world_size_or_rank_is_ignored_with_a_warning(world, rank, tiny_model, tmp_path, capsys,
+                                                                    monkeypatch):
+    """An empty or non-integer WORLD_SIZE / RANK used to end in a ValueError traceback from int()."""
+    d = tmp_path / "in"
+    d.mkdir()
+    _png(d / "0.png")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", rank)
+    rc, rep, err = run(["upscale", str(d), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys, model=tiny_model)
+    assert rc == 0 and len(rep["files"]) == 1 and rep["world_size"] == 1
+    assert f"WORLD_SIZE={world!r} RANK={rank!r} are not integers" in err
+
+
 def test_nan_input_pixel_fails_that_file_only(tiny_model, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
@@ -496,6 +510,8 @@ def test_an_alpha_image_is_refused_as_jpeg_before_it_is_upscaled_and_kept_as_web
     by = {Path(f["input"]).name: f for f in rep["files"]}
     assert rc == cli.EXIT_FAILED and by["photo.png"]["ok"]
     assert "icon_x4.jpg: the image has an alpha channel, which JPEG cannot keep" in by["icon.png"]["error"]
+    # the file names, then the message: no "ValueError:" between them
+    assert by["icon.png"]["error"].startswith(f"{d / 'icon.png'}: {out / 'icon_x4.jpg'}: the image has")
     assert "upscale" not in by["icon.png"]["seconds"] and not (out / "icon_text_mask.png").exists()
     rc, _, _ = run(["upscale", str(d / "icon.png"), "-o", str(out), *FAST, "--format", "webp", "--quality", "100"],
                    capsys, model=tiny_model)
@@ -701,3 +717,110 @@ def test_outputs_of_older_versions_are_not_skipped_for_another_input(tiny_model,
     assert rc == 0 and not any(f["skipped"] for f in rep["files"])
     with Image.open(old / "out" / "a_x4.png") as a, Image.open(old / "out" / "a-2_x4.png") as b:
         assert (a.size, b.size) == ((20, 24), (32, 32))                  # a.jpg's and a.png's own results
+
+
+def test_a_per_file_error_keeps_the_type_name_only_for_unexpected_kinds():
+    from tadisr_core.batch import _error_text
+
+    assert _error_text(images.ImageReadError("cannot read x")) == "cannot read x"
+    assert _error_text(ValueError("bad value")) == "bad value"
+    assert _error_text(RuntimeError("CUDA error")) == "RuntimeError: CUDA error"
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "nan", "-1", "0"])
+def test_a_bad_max_pixels_variable_is_one_setup_error_before_any_image(value, tiny_model, tmp_path, capsys,
+                                                                       monkeypatch):
+    """It used to fail every image after the model loaded ('ImageReadError: ...', an OverflowError for inf,
+    'above the limit of -1' for -1)."""
+    _png(tmp_path / "a.png")
+    monkeypatch.setenv("TADISR_MAX_PIXELS", value)
+    rc, rep, err = run(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys,
+                       model=tiny_model)
+    assert rc == cli.EXIT_SETUP and rep is None and not (tmp_path / "o").exists()
+    assert err.strip() == (f"error: TADISR_MAX_PIXELS={value!r} (environment) is not a positive number of pixels; "
+                           "unset it for the default of 6e+07 or set e.g. 2e8")
+
+
+def test_a_prompt_cache_without_a_text_column_is_refused_with_attention_before_the_first_image(tiny_model_factory,
+                                                                                                tmp_path, capsys):
+    """Every image used to fail with the same "no column for the word 'text'" error."""
+    from tadisr_core.model import random_prompt
+
+    model = tiny_model_factory()
+    model.set_prompt(random_prompt(model.spec, text_columns=()))
+    _png(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST, "--json"]
+    rc, rep, err = run([*argv, "--attention"], capsys, model=model)
+    assert rc == cli.EXIT_SETUP and rep is None and not list((tmp_path / "o").glob("*"))
+    assert err.strip() == ("error: the prompt cache has no column for the word 'text' (prompt "
+                           f"{model.prompt.prompt!r}): --attention needs it; compute the prompt cache from "
+                           "Kolors' ChatGLM3 with `tadisr prompt-cache --kolors DIR -o FILE`")
+    rc, rep, _ = run(argv, capsys, model=model)  # without --attention this model reads no attention
+    assert rc == 0 and rep["files"][0]["ok"]
+
+
+def test_a_prompt_cache_naming_a_folder_is_refused_before_chatglm3_runs(tiny_model, tiny_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    """It used to compute the cache (minutes with the real ChatGLM3), then fail renaming it onto the folder;
+    `prompt-cache -o FOLDER --force` likewise ended in "cannot write ...: Is a directory"."""
+    folder = tmp_path / "caches"
+    folder.mkdir()
+    _png(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST]
+    rc, _, err = run([*argv, "--prompt-cache", str(folder)], capsys, model=tiny_model)
+    assert rc == cli.EXIT_SETUP
+    assert err == f"error: --prompt-cache {folder} is a folder; give a .safetensors file name\n"
+    monkeypatch.setenv("TADISR_PROMPT_CACHE", str(folder))
+    rc, _, err = run(argv, capsys, model=tiny_model)
+    assert rc == cli.EXIT_SETUP and err.startswith(f"error: TADISR_PROMPT_CACHE (environment) {folder} is a folder")
+    for force in ([], ["--force"]):
+        rc = cli.main(["prompt-cache", "--kolors", str(tiny_dir["kolors"]), "-o", str(folder), "--tokens", "32",
+                       *force])
+        assert rc == cli.EXIT_SETUP and capsys.readouterr().err == (f"error: -o {folder} is a folder; give a "
+                                                                   ".safetensors file name\n")
+    assert not any(folder.iterdir())
+
+
+def test_another_weights_file_given_as_the_checkpoint_says_which_flag_takes_it(tiny_dir, tmp_path, capsys):
+    """A Kolors UNet / VAE or a prompt cache as --checkpoint or --model used to say only "not a native TADiSR
+    checkpoint (metadata format='pt')"."""
+    _png(tmp_path / "a.png")
+    kolors = tiny_dir["kolors"]
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-q"]
+    cases = [(["--kolors", str(kolors), "--prompt-cache", str(tiny_dir["prompt_cache"]), "--checkpoint"],
+              kolors / "unet" / "diffusion_pytorch_model.safetensors", "(it is a Kolors UNet) (metadata format='pt'); "
+                                                                       "pass it as --unet"),
+             (["--model"], kolors / "vae" / "diffusion_pytorch_model.safetensors",
+              "(it is an SDXL VAE) (metadata format='pt'); pass it as --vae"),
+             (["--model"], tiny_dir["prompt_cache"],
+              "(it is a prompt cache) (metadata format='tadisr-prompt-cache/1'); pass it as --prompt-cache")]
+    for flags, path, words in cases:
+        assert cli.main([*argv, *flags, str(path)]) == cli.EXIT_SETUP
+        assert capsys.readouterr().err == f"error: {path}: not a native TADiSR checkpoint {words}\n"
+
+
+def test_a_missing_weight_file_names_the_variable_or_flag_that_gave_it(tiny_dir, tmp_path, capsys, monkeypatch):
+    """TADISR_KOLORS / _CHECKPOINT / _UNET pointing nowhere were reported without the variable (TADISR_MODEL was),
+    and a missing --unet file as "unet weights not found" without the flag."""
+    _png(tmp_path / "a.png")
+    nope = tmp_path / "nope.safetensors"
+    vae = tiny_dir["kolors"] / "vae" / "diffusion_pytorch_model.safetensors"
+    base = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-q", "--prompt-cache",
+            str(tiny_dir["prompt_cache"])]
+    cases = [("TADISR_KOLORS", ["--checkpoint", str(tiny_dir["checkpoint"])],
+              f"TADISR_KOLORS (environment): Kolors folder not found: {nope}"),
+             ("TADISR_CHECKPOINT", ["--kolors", str(tiny_dir["kolors"])],
+              f"TADISR_CHECKPOINT (environment): checkpoint not found: {nope}"),
+             ("TADISR_UNET", ["--vae", str(vae), "--checkpoint", str(tiny_dir["checkpoint"])],
+              f"TADISR_UNET (environment): unet weights not found: {nope}"),
+             (None, ["--unet", str(nope), "--vae", str(vae), "--checkpoint", str(tiny_dir["checkpoint"])],
+              f"--unet: unet weights not found: {nope}")]
+    for var, flags, says in cases:
+        for other in ("TADISR_KOLORS", "TADISR_KOLORS_DIR", "TADISR_CHECKPOINT", "TADISR_UNET", "TADISR_VAE",
+                      "TADISR_MODEL"):
+            monkeypatch.delenv(other, raising=False)
+        if var:
+            monkeypatch.setenv(var, str(nope))
+        assert cli.main([*base, *flags]) == cli.EXIT_SETUP
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says}") and err.count("\n") == 1, err

@@ -178,6 +178,27 @@ def test_missing_files_name_the_file_and_the_folder(models_dir):
         loaders.load_model("tiny-kolors", loaders.NO_CHECKPOINT)
 
 
+def test_a_kolors_unet_or_prompt_cache_chosen_as_checkpoint_says_where_it_goes(models_dir, tiny_dir):
+    """It used to say only "not a native TADiSR checkpoint (metadata format='pt')"; the node's advice names
+    ComfyUI's folders and inputs, never a command-line flag."""
+    unet = models_dir / "tadisr" / "unet"  # with its config.json: the tiny UNet's shapes are no real Kolors'
+    unet.symlink_to(tiny_dir["kolors"] / "unet")
+    try:
+        cases = {"unet/diffusion_pytorch_model.safetensors":
+                 "(it is a Kolors UNet) (metadata format='pt'); put it in models/unet and choose it in the kolors "
+                 "list (with an SDXL VAE from models/vae)",
+                 tiny_dir["prompt_cache"].name: "(it is a prompt cache) (metadata format='tadisr-prompt-cache/1'); "
+                                                "choose it as prompt_cache (a prompt_cache*.safetensors file in "
+                                                "models/tadisr)"}
+        for name, words in cases.items():
+            with pytest.raises(ValueError) as info:
+                loaders.load_model("tiny-kolors", name, "prompt_cache.safetensors", "fp32", "cpu", False)
+            assert str(info.value).startswith("TADiSR: ") and str(info.value).endswith(words)
+            assert "--" not in str(info.value)
+    finally:
+        unet.unlink()
+
+
 def test_auto_prompt_cache_is_computed_once_into_models_tadisr(models_dir, tiny_dir):
     target = models_dir / "tadisr" / "prompt_cache_tiny-kolors.safetensors"
     assert not target.exists()
