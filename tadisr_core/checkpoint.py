@@ -366,7 +366,7 @@ def load_checkpoint(path: str | Path, dtypes: dict[str, torch.dtype] | None = No
         kind = weights_kind(path)
         if kind is None:
             raise
-        raise _other_input(f"{exc} (it is {kind[0]})", kind[1]) from None
+        raise _other_input(f"{exc}: it is {kind[0]}", kind[1]) from None
     return cast_for_load(Checkpoint(path, "official", _spec_for(groups, path), groups), dtypes or {})
 
 
@@ -401,8 +401,8 @@ def _load_native(path: Path, dtypes: dict[str, torch.dtype]) -> Checkpoint:
         if meta.get("format") != NATIVE_FORMAT:
             cache = meta.get("format", "").startswith("tadisr-prompt-cache")
             what, part = ("a prompt cache", "prompt-cache") if cache else weights_kind(path) or (None, None)
-            message = (f"{path}: not a native TADiSR checkpoint{f' (it is {what})' if what else ''} "
-                       f"(metadata format={meta.get('format')!r})")
+            message = (f"{path}: not a native TADiSR checkpoint (metadata format={meta.get('format')!r})"
+                       + (f": it is {what}" if what else ""))
             raise _other_input(message, part) if part else CheckpointError(message)
         tensors = {key: _cast_for_load(key.partition(".")[0], key.partition(".")[2], value, dtypes)
                    for key, value in iter_tensors(path, header=header)}

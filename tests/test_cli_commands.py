@@ -90,12 +90,12 @@ def test_inspect_on_another_weights_file_says_what_it_is_and_how_to_pass_it(tiny
     both = tmp_path / "kolors_all_in_one.safetensors"
     save_file({**{f"model.diffusion_model.{k}": v for k, v in unet.items()},
                **{f"first_stage_model.{k}": v for k, v in vae.items()}}, str(both), metadata=configs)
-    cases = {kolors / "unet" / "diffusion_pytorch_model.safetensors": "(it is a Kolors UNet) (metadata format='pt'); "
+    cases = {kolors / "unet" / "diffusion_pytorch_model.safetensors": "(metadata format='pt'): it is a Kolors UNet; "
                                                                       "pass it as --unet",
-             kolors / "vae" / "diffusion_pytorch_model.safetensors": "(it is an SDXL VAE) (metadata format='pt'); "
+             kolors / "vae" / "diffusion_pytorch_model.safetensors": "(metadata format='pt'): it is an SDXL VAE; "
                                                                      "pass it as --vae",
-             both: "(it is an all-in-one Kolors checkpoint (UNet and VAE)) (metadata format=None); pass it as --unet",
-             kolors / "text_encoder" / "model.safetensors": "(it is the ChatGLM3 text encoder) (metadata format='pt'); "
+             both: "(metadata format=None): it is an all-in-one Kolors checkpoint (UNet and VAE); pass it as --unet",
+             kolors / "text_encoder" / "model.safetensors": "(metadata format='pt'): it is the ChatGLM3 text encoder; "
                                                             "pass it as --text-encoder"}
     for path, words in cases.items():
         assert cli.main(["inspect", str(path)]) == 2
@@ -123,7 +123,7 @@ def test_inspect_on_a_kolors_unet_in_torch_format_names_it_in_one_short_line(tin
     torch.save(weights, unet / "diffusion_pytorch_model.bin")
     assert cli.main(["inspect", str(unet / "diffusion_pytorch_model.bin")]) == 2
     err = capsys.readouterr().err
-    assert "not a TADiSR Kolors checkpoint" in err and "keys)) (it is a Kolors UNet); pass it as --unet\n" in err
+    assert "not a TADiSR Kolors checkpoint" in err and "keys)): it is a Kolors UNet; pass it as --unet\n" in err
     assert f"({len(weights)} keys)" in err and len(err) < 600 and err.count("\n") == 1, err
 
 

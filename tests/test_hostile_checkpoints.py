@@ -201,7 +201,7 @@ def test_wrong_kind_of_file_for_each_flag(tiny_dir, tmp_path):
         PromptCache.load(tiny_dir["official"])
     with pytest.raises(ValueError, match="is not a TADiSR prompt cache"):
         PromptCache.load(tiny_dir["checkpoint"])
-    with pytest.raises(CheckpointError, match=r"not a native TADiSR checkpoint \(it is a prompt cache\)"):
+    with pytest.raises(CheckpointError, match=r"not a native TADiSR checkpoint \(metadata .*\): it is a prompt cache"):
         load_checkpoint(tiny_dir["prompt_cache"])
     (tmp_path / "text.pkl").write_text("hello")
     with pytest.raises(CheckpointError, match="not a zip-based torch checkpoint"):

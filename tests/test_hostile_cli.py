@@ -788,12 +788,12 @@ def test_another_weights_file_given_as_the_checkpoint_says_which_flag_takes_it(t
     kolors = tiny_dir["kolors"]
     argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "-q"]
     cases = [(["--kolors", str(kolors), "--prompt-cache", str(tiny_dir["prompt_cache"]), "--checkpoint"],
-              kolors / "unet" / "diffusion_pytorch_model.safetensors", "(it is a Kolors UNet) (metadata format='pt'); "
+              kolors / "unet" / "diffusion_pytorch_model.safetensors", "(metadata format='pt'): it is a Kolors UNet; "
                                                                        "pass it as --unet"),
              (["--model"], kolors / "vae" / "diffusion_pytorch_model.safetensors",
-              "(it is an SDXL VAE) (metadata format='pt'); pass it as --vae"),
+              "(metadata format='pt'): it is an SDXL VAE; pass it as --vae"),
              (["--model"], tiny_dir["prompt_cache"],
-              "(it is a prompt cache) (metadata format='tadisr-prompt-cache/1'); pass it as --prompt-cache")]
+              "(metadata format='tadisr-prompt-cache/1'): it is a prompt cache; pass it as --prompt-cache")]
     for flags, path, words in cases:
         assert cli.main([*argv, *flags, str(path)]) == cli.EXIT_SETUP
         assert capsys.readouterr().err == f"error: {path}: not a native TADiSR checkpoint {words}\n"

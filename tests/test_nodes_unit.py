@@ -185,9 +185,9 @@ def test_a_kolors_unet_or_prompt_cache_chosen_as_checkpoint_says_where_it_goes(m
     unet.symlink_to(tiny_dir["kolors"] / "unet")
     try:
         cases = {"unet/diffusion_pytorch_model.safetensors":
-                 "(it is a Kolors UNet) (metadata format='pt'); put it in models/unet and choose it in the kolors "
+                 "(metadata format='pt'): it is a Kolors UNet; put it in models/unet and choose it in the kolors "
                  "list (with an SDXL VAE from models/vae)",
-                 tiny_dir["prompt_cache"].name: "(it is a prompt cache) (metadata format='tadisr-prompt-cache/1'); "
+                 tiny_dir["prompt_cache"].name: "(metadata format='tadisr-prompt-cache/1'): it is a prompt cache; "
                                                 "choose it as prompt_cache (a prompt_cache*.safetensors file in "
                                                 "models/tadisr)"}
         for name, words in cases.items():
