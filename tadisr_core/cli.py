@@ -422,18 +422,20 @@ def _validate_upscale(args) -> None:
     except ValueError as exc:
         raise SetupError(f"--{exc}") from None
     _check_chatglm_device("--text-encoder-device", args.text_encoder_device)
-    _check_not_a_folder(flag_label("--prompt-cache", args.prompt_cache), args.prompt_cache)
+    _check_file_target(flag_label("--prompt-cache", args.prompt_cache), args.prompt_cache)
     try:
         max_pixels_limit()  # checked once here, not once per image after the model loaded
     except ImageReadError as exc:
         raise SetupError(str(exc)) from None
 
 
-def _check_not_a_folder(flag: str, path: str | None) -> None:
-    """SetupError when the prompt cache file to write, given as `flag`, is an existing folder: said
-    before ChatGLM3 computes it (minutes), not when it is saved."""
-    if path is not None and Path(path).is_dir():
-        raise SetupError(f"{flag} {path} is a folder; give a .safetensors file name")
+def _check_file_target(flag: str, path: str | None) -> None:
+    """SetupError when the prompt cache file to write, given as `flag`, cannot be written (an existing
+    folder, or a file where its folder must be): said before ChatGLM3 computes it (minutes), not when saved."""
+    from .files import file_target_problem
+
+    if path is not None and (problem := file_target_problem(path, flag, "prompt.safetensors")):
+        raise SetupError(problem)
 
 
 def _check_chatglm_device(flag: str, value: str) -> None:
@@ -630,7 +632,7 @@ def run_prompt_cache(args) -> int:
     if args.kolors is None:
         raise SetupError("--kolors DIR|FILE is required (the Kwai-Kolors/Kolors diffusers folder, or ChatGLM3)")
     _check_chatglm_device("--device", args.device)
-    _check_not_a_folder("-o", args.output)
+    _check_file_target("-o", args.output)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")

@@ -60,6 +60,17 @@ def folder_target_problem(folder: str | os.PathLike, name: str) -> str | None:
     return f"{name}: {blocker} is a file, not a folder"
 
 
+def file_target_problem(path: str | os.PathLike, name: str, example: str) -> str | None:
+    """Why a file to write at `path` (given as `name`, e.g. "--json") cannot be written: it is an existing
+    folder (`example` is a file name to suggest inside it), or a file stands where one of its folders must be.
+    None when it can be written; checked before the work that produces the file."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{name} {path} is a folder: give a file name, e.g. {path / example}"
+    blocker = file_in_the_way(path.parent)
+    return None if blocker is None else f"{name} {path}: {blocker} is a file, not a folder"
+
+
 def require_readable(path: str | os.PathLike, what: str, hint: str = "") -> Path:
     """`path` as a Path if it is a readable file; else FileNotFoundError / PermissionError / IsADirectoryError.
 

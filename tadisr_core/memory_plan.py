@@ -88,7 +88,8 @@ def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str 
     tile. MODES go from the most faithful and fastest (bf16) to the lightest (bf16 with offload:
     fp8 moves the mid block whole, bf16 splits it)."""
     model = _meta_model(variant)
-    weights = {label: weight_bytes(placed_meta(model, dtype), offload) for label, dtype, offload in MODES}
+    placed = {dtype: placed_meta(model, dtype) for dtype in dict.fromkeys(dtype for _, dtype, _ in MODES)}
+    weights = {label: weight_bytes(placed[dtype], offload) for label, dtype, offload in MODES}
     need = {(label, tile): needed_bytes(model, dtype, tile, offload, weights[label])
             for label, dtype, offload in MODES for tile in tiles}
     rows = []

@@ -769,16 +769,21 @@ def test_a_prompt_cache_naming_a_folder_is_refused_before_chatglm3_runs(tiny_mod
     argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST]
     rc, _, err = run([*argv, "--prompt-cache", str(folder)], capsys, model=tiny_model)
     assert rc == cli.EXIT_SETUP
-    assert err == f"error: --prompt-cache {folder} is a folder; give a .safetensors file name\n"
+    example = folder / "prompt.safetensors"
+    assert err == f"error: --prompt-cache {folder} is a folder: give a file name, e.g. {example}\n"
     monkeypatch.setenv("TADISR_PROMPT_CACHE", str(folder))
     rc, _, err = run(argv, capsys, model=tiny_model)
     assert rc == cli.EXIT_SETUP and err.startswith(f"error: TADISR_PROMPT_CACHE (environment) {folder} is a folder")
     for force in ([], ["--force"]):
         rc = cli.main(["prompt-cache", "--kolors", str(tiny_dir["kolors"]), "-o", str(folder), "--tokens", "32",
                        *force])
-        assert rc == cli.EXIT_SETUP and capsys.readouterr().err == (f"error: -o {folder} is a folder; give a "
-                                                                   ".safetensors file name\n")
+        assert rc == cli.EXIT_SETUP and capsys.readouterr().err == (f"error: -o {folder} is a folder: give a file "
+                                                                   f"name, e.g. {folder / 'prompt.safetensors'}\n")
     assert not any(folder.iterdir())
+    blocker = tmp_path / "a.png"  # a file where the cache's folder must be: refused before ChatGLM3 too
+    rc = cli.main(["prompt-cache", "--kolors", str(tiny_dir["kolors"]), "-o", str(blocker / "p.safetensors")])
+    assert rc == cli.EXIT_SETUP
+    assert capsys.readouterr().err == f"error: -o {blocker / 'p.safetensors'}: {blocker} is a file, not a folder\n"
 
 
 def test_another_weights_file_given_as_the_checkpoint_says_which_flag_takes_it(tiny_dir, tmp_path, capsys):

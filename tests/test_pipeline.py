@@ -414,7 +414,7 @@ def test_one_heat_map_for_the_cli_and_the_node(variant, tiny_model_factory):
             heatmap(kept.attention_tiles, "sideways")
 
 
-def test_latents_of_another_model_are_refused_by_name(tiny_dir, tiny_model_factory, tmp_path):
+def test_latents_of_another_model_are_refused_by_name(tiny_dir, tiny_model_factory, model, tmp_path):
     """Defect: the staged steps took latents encoded by another model: a raw channel error (another
     architecture), or a silently wrong image (the same architecture with other weights)."""
     import shutil
@@ -426,12 +426,12 @@ def test_latents_of_another_model_are_refused_by_name(tiny_dir, tiny_model_facto
 
     other_file = tmp_path / "other.safetensors"
     shutil.copy(tiny_dir["checkpoint"], other_file)
-    model, same_in_bf16, other = load(tiny_dir["checkpoint"]), load(tiny_dir["checkpoint"], torch.bfloat16), \
+    loaded, same_in_bf16, other = load(tiny_dir["checkpoint"]), load(tiny_dir["checkpoint"], torch.bfloat16), \
         load(other_file)
     x = torch.rand(1, 3, 24, 20)
-    encoded = encode_tiles(model, x, 4, tile_batch=2, **TILE)
+    encoded = encode_tiles(loaded, x, 4, tile_batch=2, **TILE)
     denoised = denoise_tiles(same_in_bf16, encoded, tile_batch=2)  # the same files in another dtype: one model
-    decode_tiles(model, denoised, tile_batch=2)
+    decode_tiles(loaded, denoised, tile_batch=2)
     name = tiny_dir["checkpoint"].name
     for step, latents in ((denoise_tiles, encoded), (decode_tiles, denoised)):
         with pytest.raises(ValueError, match=rf"encoded by the model of {name}, not this one \(other.safetensors\): "
@@ -440,8 +440,8 @@ def test_latents_of_another_model_are_refused_by_name(tiny_dir, tiny_model_facto
     paper = tiny_model_factory("paper")  # built by hand: no files, but another architecture
     with pytest.raises(ValueError, match="encoded by a model of another architecture"):
         denoise_tiles(paper, encoded, tile_batch=2)
-    built = tiny_model_factory("release")  # built by hand with this architecture: nothing to tell them apart
-    decode_tiles(built, denoise_tiles(built, encoded, tile_batch=2), tile_batch=2)
+    # a model built by hand with this architecture (the module's): nothing to tell them apart
+    decode_tiles(model, denoise_tiles(model, encoded, tile_batch=2), tile_batch=2)
 
 
 def test_moving_the_model_drops_the_prompt_keys_and_values(model):
@@ -467,7 +467,7 @@ def test_threads_sharing_a_model_get_the_results_of_sequential_runs():
 
     model = load_model("demo")
     g = torch.Generator().manual_seed(0)
-    images = [torch.rand(1, 3, 24, 32, generator=g) for _ in range(2)]
+    images = [torch.rand(1, 3, 16, 32, generator=g) for _ in range(2)]  # three tiles each
     run = dict(scale=4, tile=64, overlap=16, tile_batch=1, attention=True)
     want = [upscale(model, x, **run) for x in images]
     got, errors, start = [[], []], [], threading.Barrier(2)

@@ -375,12 +375,9 @@ def _json_safe(obj):
 
 def json_target_problem(path: Path) -> str | None:
     """Why a ``--json`` report cannot be written to ``path`` (checked before the work), or None."""
-    from tadisr_core.files import file_in_the_way
+    from tadisr_core.files import file_target_problem
 
-    if path.is_dir():
-        return f"--json {path} is a folder: give a file name, e.g. {path / 'report.json'}"
-    blocker = file_in_the_way(path.parent)
-    return None if blocker is None else f"--json {path}: {blocker} is a file, not a folder"
+    return file_target_problem(path, "--json", "report.json")
 
 
 def write_json(path: Path, report: dict) -> None:
