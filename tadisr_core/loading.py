@@ -23,25 +23,28 @@ from .streaming import fit_shape
 
 def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device: str | torch.device = "cpu",
                         time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768),
-                        compute: str | torch.device = "cpu") -> PromptCache:
+                        compute: str | torch.device = "cpu",
+                        given_as: tuple[str, str] = ("--prompt-cache", "--text-encoder DIR|FILE")) -> PromptCache:
     """Load the prompt cache at `path`, computing it once with ChatGLM3 when absent.
 
     `kolors_dir`: a Kolors folder, a ChatGLM3 folder or file, or a text_encoder folder with its
     tokenizer (`prompt.find_text_encoder`); `device` may be "auto": `compute` (the model's device) when it is
-    a GPU with room for ChatGLM3, else the CPU (`prompt.text_encoder_device`).
+    a GPU with room for ChatGLM3, else the CPU (`prompt.text_encoder_device`). `given_as` names, in the
+    caller's words, where the cache path and ChatGLM3 are given (the CLI's flags by default).
     """
     path = Path(path)
+    cache_flag, encoder_flag = given_as
     if path.is_file():
         return PromptCache.load(path)
     if kolors_dir is None:
         raise FileNotFoundError(f"prompt cache not found: {path}, and no ChatGLM3 to compute it from "
-                                f"(pass --text-encoder DIR|FILE or a Kolors folder with text_encoder/ and tokenizer/)")
+                                f"(pass {encoder_flag} or a Kolors folder with text_encoder/ and tokenizer/)")
     try:
         cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids,
                                                  device=text_encoder_device(device, compute))
     except KolorsFolderError as exc:  # no usable ChatGLM3: the missing cache is the news, maybe a typo
-        raise KolorsFolderError(f"prompt cache not found: {path}; fix --prompt-cache, or pass --text-encoder "
-                                f"DIR|FILE to compute it (ChatGLM3: {exc})") from None
+        raise KolorsFolderError(f"prompt cache not found: {path}; fix {cache_flag}, or pass {encoder_flag} "
+                                f"to compute it (ChatGLM3: {exc})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     cache.save(path)
     return cache

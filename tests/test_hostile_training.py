@@ -850,3 +850,23 @@ def test_data_folders_and_a_broken_yaml_are_named_in_one_line(tmp_path, capsys):
             argv += ["--set", s]
         assert main(argv) == 2
         assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_missing_prompt_cache_without_chatglm3_names_the_config_keys(tmp_path, tiny_dir, capsys):
+    """Defect: a run whose model.prompt_cache does not exist yet and whose Kolors folder has no ChatGLM3 was
+    told to "fix --prompt-cache, or pass --text-encoder", flags tadisr-train does not have."""
+    from training.train import main
+
+    kolors = tmp_path / "kolors"
+    kolors.mkdir()
+    for sub in ("unet", "vae", "scheduler"):
+        (kolors / sub).symlink_to(tiny_dir["kolors"] / sub)
+    cache = tmp_path / "typo.safetensors"
+    argv = ["--config", str(TINY), "--output-dir", str(tmp_path / "run"), "--set",
+            f"model.kolors_dir={json.dumps(str(kolors))}", "--set", f"model.prompt_cache={json.dumps(str(cache))}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--" not in err.replace(str(tmp_path), "")
+    assert err.startswith(f"error: prompt cache not found: {cache}; fix model.prompt_cache, or pass model.text_encoder "
+                          f"(a ChatGLM3 folder or file) or model.kolors_dir to compute it (ChatGLM3: "
+                          f"{kolors / 'text_encoder' / 'config.json'} is missing")

@@ -17,6 +17,9 @@ from torch.utils.data import Dataset
 
 from training.config import Config, ConfigError, DataConfig, ModelConfig
 
+# where a config gives ChatGLM3, which computes a missing model.prompt_cache
+PROMPT_SOURCE_KEYS = "model.text_encoder (a ChatGLM3 folder or file) or model.kolors_dir"
+
 # scikit-image's bundled, text-free sample photos: "skimage" uses the five colour ones, "skimage-all"
 # adds the rest (gray ones as RGB).
 SKIMAGE_BACKGROUNDS = {
@@ -129,8 +132,9 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
         chatglm = m.text_encoder or m.kolors_dir
         if m.prompt_cache and not chatglm and not Path(m.prompt_cache).is_file():
             raise ConfigError(f"model.prompt_cache not found: {m.prompt_cache}; give an existing prompt cache, or "
-                              f"model.text_encoder (a ChatGLM3 folder or file) or model.kolors_dir to compute it there")
-        prompt = (ensure_prompt_cache(m.prompt_cache, chatglm) if m.prompt_cache
+                              f"{PROMPT_SOURCE_KEYS} to compute it there")
+        prompt = (ensure_prompt_cache(m.prompt_cache, chatglm, given_as=("model.prompt_cache", PROMPT_SOURCE_KEYS))
+                  if m.prompt_cache
                   else compute_prompt_cache_from_kolors(chatglm))
         unet, vae = check_backbone(files)  # headers only: a wrong file is named before anything is built
         spec = dataclasses.replace(base, unet=unet.spec, vae=vae.spec,
