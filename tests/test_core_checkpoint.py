@@ -209,7 +209,8 @@ def test_inspect_names_the_size_and_takes_what_model_takes(tiny_model_factory, t
     save_model(tiny_model_factory("paper"), step / "model.safetensors", backbone=True)
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {"kolors_dir": None}}))
     for ref in (tmp_path / "run", step, step / "model.safetensors"):
-        assert inspected(ref)["path"] == str(step / "model.safetensors") and inspected(ref)["size"] == "tiny"
+        info = inspected(ref)
+        assert (info["path"], info["size"]) == (str(step / "model.safetensors"), "tiny")
     assert checkpoint_cli(["inspect", str(tmp_path / "run" / "checkpoints")]) == 2
     assert capsys.readouterr().err.startswith(f"error: inspect {tmp_path / 'run' / 'checkpoints'}: the folder holds "
                                               f"neither model_final.safetensors")
