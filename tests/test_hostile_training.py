@@ -450,16 +450,16 @@ def _launch_two_processes(out: Path, data: Path, *sets: str):
     import subprocess
     import sys
 
-    from tests.test_train import REPO, _free_port, _subprocess_env
+    from tests.tiny_training import REPO, free_port, subprocess_env
 
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            "-m", "training.train", "--config", str(TINY), "--output-dir", str(out)]
     for s in ("data.kind=\"triplets\"", f"data.root={json.dumps(str(data))}", "train.num_workers=0",
               "loss.lpips_net=\"none\"", "loss.lpips=0", "train.validate_every=0", *sets):
         cmd += ["--set", s]
-    return subprocess.run(cmd, cwd=REPO, env=dict(_subprocess_env(), MASTER_PORT=str(port)), capture_output=True,
+    return subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), MASTER_PORT=str(port)), capture_output=True,
                           text=True, timeout=300)
 
 

@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +18,10 @@ from PIL import Image
 
 from tadisr_core.files import atomic_path
 from tadisr_core.ranks import Ranks
+from tests.tiny_training import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _images(folder: Path, names: list[str]) -> None:
@@ -69,7 +63,7 @@ def test_every_rank_processes_rank_0s_plan(tmp_path):
     upscaled twice, some never. Now rank 0's plan is every rank's."""
     folder = tmp_path / "in"
     _images(folder, ["a.png", "b.png", "c.png", "d.png"])
-    log, port = tmp_path / "jobs.log", _free_port()
+    log, port = tmp_path / "jobs.log", free_port()
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_rank_worker, args=(r, port, str(folder), str(tmp_path / "out"), str(log)))
              for r in range(2)]
@@ -123,7 +117,7 @@ def test_torchrun_batch_with_a_bad_file_and_a_missing_prompt_cache(tiny_dir, tmp
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), "-m", "tadisr_core", "upscale", str(folder),
+                           "--master_port", str(free_port()), "-m", "tadisr_core", "upscale", str(folder),
                            "-o", str(out), "--kolors", str(tiny_dir["kolors"]), "--checkpoint",
                            str(tiny_dir["checkpoint"]), "--prompt-cache", str(cache), *FAST, "--json"],
                           env=env, capture_output=True, text=True, timeout=240)
@@ -157,7 +151,7 @@ def test_launcher_variables_without_a_launcher_end_with_one_line(tmp_path, rank)
     30 days, deaf to Ctrl-C. Now it waits JOIN_TIMEOUT and ends with one line naming the variables (also on
     rank 1, where torch's store client logged pages of C++ stack frames while rank 0 never came)."""
     _images(tmp_path, ["in.png"])
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "RANK": str(rank), "WORLD_SIZE": "2"}
     env.pop("LOCAL_RANK", None)
@@ -206,7 +200,7 @@ def test_ctrl_c_while_rank_0_waits_for_the_others_keeps_the_report(tmp_path, mon
 def _two_ranks(script: str, argv: list[str], **env: str) -> list[subprocess.CompletedProcess]:
     """`python -c script argv...` as ranks 0 and 1 of a launcher (its variables set, no agent to stop
     the others when one exits): each rank's exit code, stdout and stderr."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         rank_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank),
@@ -284,7 +278,7 @@ def _gather_with_a_lost_rank(rank: int, port: int, result: str) -> None:
 def test_a_rank_lost_before_the_final_gather_costs_its_share_only(tmp_path):
     """Rank 0's gather raised LauncherError when another rank was gone (the whole report lost, exit 2). Now it
     returns what it got, None in the lost rank's place."""
-    result, port = tmp_path / "gathered.json", _free_port()
+    result, port = tmp_path / "gathered.json", free_port()
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_gather_with_a_lost_rank, args=(r, port, str(result))) for r in range(2)]
     for p in procs:

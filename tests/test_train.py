@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,44 +17,19 @@ import torch
 from torch import nn
 
 from tadisr_core.spec import VARIANTS
-from tests.lpips_weights import ensure_lpips_weights
+from tests.tiny_training import (
+    REPO,
+    TINY,
+    free_port,
+    run,
+    subprocess_env,
+    tiny_cfg,
+    tiny_overrides,
+    train_lines,
+)
 from training.config import Config, ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "training" / "configs" / "tiny.yaml"
 ARTIFACTS = REPO / "artifacts"
-
-
-@pytest.fixture(scope="module")
-def lpips_dir() -> Path:
-    return ensure_lpips_weights()
-
-
-def tiny_overrides(out: Path, lpips_dir: Path, **extra) -> list[str]:
-    over = {"train.output_dir": str(out), "loss.lpips_weights": str(lpips_dir), "train.validate_every": 0}
-    over.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={json.dumps(v)}" for k, v in over.items()]
-
-
-def tiny_cfg(out: Path, lpips_dir: Path, **extra) -> Config:
-    return load_config(TINY, tiny_overrides(out, lpips_dir, **extra))
-
-
-def run(cfg: Config, resume: bool = False) -> dict:
-    from training.train import Trainer
-
-    return Trainer(cfg, resume=resume).run()
-
-
-def train_lines(out: Path) -> list[dict]:
-    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return [r for r in lines if r["kind"] == "train"]
-
-
-def _subprocess_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 # -- the long one ---------------------------------------------------------------------------------
@@ -209,22 +182,16 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, lpips_dir):
 
 
 # -- distributed ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
-    port = _free_port()
+    port = free_port()
     launcher = Path(sys.executable).with_name("accelerate")
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            "-m", "training.train", "--config", str(TINY), "--max-steps", "3", "--output-dir", str(tmp_path)]
     for item in tiny_overrides(tmp_path, lpips_dir, train__weight_digest=True):
         cmd += ["--set", item]
-    env = dict(_subprocess_env(), MASTER_PORT=str(port))
+    env = dict(subprocess_env(), MASTER_PORT=str(port))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     d0 = (tmp_path / "weight_digest_rank0.txt").read_text().strip()
@@ -627,7 +594,7 @@ def test_the_release_demo_recipe_starts_outside_the_repository(tmp_path):
            "--max-steps", "1"]
     for item in ("data.crop=64", "data.length=2", "loss.lpips_net=none", "loss.lpips=0", "train.validate_every=0"):
         cmd += ["--set", item]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["init_checkpoint"] == "demo"
     assert (tmp_path / "run" / "model_final.safetensors").is_file()
@@ -694,7 +661,7 @@ def test_bench_train_step_defaults_per_mode():
 def test_bench_train_step_cpu_modes(lpips_dir, mode):
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), *mode, "--steps", "1",
            "--warmup", "1", "--lpips-weights", str(lpips_dir / "lpips_alex.safetensors"), "--lpips-net", "alex"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["s_per_step"] > 0 and out["trainable_params"] > 0

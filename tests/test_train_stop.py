@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import REPO, TINY, _subprocess_env, lpips_dir, run, tiny_cfg, tiny_overrides  # noqa: F401
+from tests.tiny_training import REPO, TINY, run, subprocess_env, tiny_cfg, tiny_overrides
 
 
 # -- the signal handling, in this process ---------------------------------------------------------
@@ -71,11 +71,11 @@ def test_worker_init_ignores_stop_signals_then_runs_the_inner_one():
 # -- a real run, signalled as SLURM and a terminal do -----------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
-def test_a_signal_to_the_process_group_saves_a_checkpoint_and_exits_130(tmp_path, lpips_dir, sig, name):  # noqa: F811
+def test_a_signal_to_the_process_group_saves_a_checkpoint_and_exits_130(tmp_path, lpips_dir, sig, name):
     cmd = [sys.executable, "-m", "training.train", "--config", str(TINY), "--max-steps", "16"]
     for item in tiny_overrides(tmp_path, lpips_dir, train__checkpoint_every=1000, train__num_workers=2):
         cmd += ["--set", item]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     log = tmp_path / "metrics.jsonl"
     try:
@@ -148,7 +148,7 @@ def test_max_steps_is_a_change_only_when_the_learning_rate_decays_over_it():
     assert config_changes(old.to_dict(), new.to_dict()) == []
 
 
-def test_resume_with_another_cosine_length_needs_force(tmp_path, lpips_dir, capsys, monkeypatch):  # noqa: F811
+def test_resume_with_another_cosine_length_needs_force(tmp_path, lpips_dir, capsys, monkeypatch):
     from training import builders
     from training.resume import RunFolderError
 
@@ -178,7 +178,7 @@ def _as_written_by(checkpoint: Path, processes: int | None) -> None:
 
 
 @pytest.mark.parametrize("recorded", [4, None])
-def test_resume_with_another_number_of_processes_needs_force(tmp_path, lpips_dir, capsys, recorded):  # noqa: F811
+def test_resume_with_another_number_of_processes_needs_force(tmp_path, lpips_dir, capsys, recorded):
     from training.resume import RunFolderError
     from training.train import Trainer
 
@@ -206,7 +206,7 @@ def _as_written_under_fsdp(checkpoint: Path) -> None:
         torch.save({**torch.load(rank_file, weights_only=True), "optimizer": optimizer}, rank_file)
 
 
-def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(tmp_path, lpips_dir, monkeypatch):  # noqa: F811
+def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(tmp_path, lpips_dir, monkeypatch):
     """FSDP's per-process optimiser shards do not re-split for another process count, and neither an
     FSDP run nor another loads the other's state: refused even with --force, naming both ways on (the
     FSDP run used to fall through to loading rank 0's shard, or fail on a missing key)."""
