@@ -1,15 +1,18 @@
-"""Writers of hostile weight files for the tests (nothing binary is committed; each is built at test time).
+"""Writers of hostile files for the tests (nothing binary is committed; each is built at test time).
 
 `torch_zip` writes the torch zip container around any pickle bytes; `TorchLikePickler` pickles
 objects the way `torch.save` does (tensor rebuild calls over persistent storage ids) but with any
-size, stride and storage size, so lying files can be made without patching bytes.
+size, stride and storage size, so lying files can be made without patching bytes. `gray_png` writes a
+low-bit gray PNG with a transparency key; `json_only_text_encoder` a Kolors folder without ChatGLM3's shards.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import json
 import pickle
+import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -94,3 +97,29 @@ def corrupt_one_record(src: Path, dst: Path) -> Path:
     data[start] ^= 0x55
     Path(dst).write_bytes(bytes(data))
     return Path(dst)
+
+
+def gray_png(path, samples: list[int], bits: int, key: int) -> None:
+    """A one-row gray PNG of `bits`-bit `samples` with tRNS `key`, byte by byte (Pillow before 13 ignores
+    save(bits=...) for mode L and writes 8 bits)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = int("".join(format(v, f"0{bits}b") for v in samples).ljust(-(-len(samples) * bits // 8) * 8, "0"), 2)
+    packed = row.to_bytes(-(-len(samples) * bits // 8), "big")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", len(samples), 1, bits, 0, 0, 0, 0))
+                     + chunk(b"tRNS", struct.pack(">H", key)) + chunk(b"IDAT", zlib.compress(b"\x00" + packed))
+                     + chunk(b"IEND", b""))
+
+
+def json_only_text_encoder(tiny_dir, folder):
+    """A Kolors folder whose ChatGLM3 weights were not downloaded (unet/ vae/ tokenizer/ and *.json only):
+    text_encoder/ holds config.json and the shard index, no shard."""
+    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    names = [f"pytorch_model-0000{i}-of-00007.bin" for i in range(1, 8)]
+    index = {"metadata": {}, "weight_map": {f"transformer.t{i}": name for i, name in enumerate(names)}}
+    (folder / "text_encoder" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return folder

@@ -13,6 +13,7 @@ from tadisr_core.chatglm_file import chatglm_config, find_tokenizer, is_chatglm_
 from tadisr_core.kolors_files import KolorsFolderError
 from tadisr_core.prompt import PromptCache, compute_prompt_cache_from_kolors, find_text_encoder, list_text_encoders
 from tadisr_core.streaming import TensorInfo, WeightsHeader
+from tests.hostile_files import json_only_text_encoder
 
 KW = dict(max_length=32, dtype=torch.bfloat16, time_ids=(64, 64, 0, 0, 64, 64))
 
@@ -361,22 +362,12 @@ def test_the_node_packs_tokenizer_is_chatglms_kolors_mz_and_kwaikolorswrapper_fi
         chatglm_file._TOKENIZER_ROOTS[:] = roots
 
 
-def _json_only_text_encoder(tiny_dir, folder):
-    """A Kolors folder whose ChatGLM3 weights were not downloaded (unet/ vae/ tokenizer/ and *.json only):
-    text_encoder/ holds config.json and the shard index, no shard."""
-    shutil.copytree(tiny_dir["kolors"], folder, ignore=shutil.ignore_patterns("model.safetensors"))
-    names = [f"pytorch_model-0000{i}-of-00007.bin" for i in range(1, 8)]
-    index = {"metadata": {}, "weight_map": {f"transformer.t{i}": name for i, name in enumerate(names)}}
-    (folder / "text_encoder" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    return folder
-
-
 def test_a_text_encoder_without_its_shards_is_named_not_loaded(tiny_dir, tmp_path, capsys):
     """Defect: a text_encoder/ holding only its config and shard index counted as ChatGLM3; computing the
     prompt cache ended in a raw FileNotFoundError of a shard ([Errno 2] on the command line)."""
     from tadisr_core import cli
 
-    kolors = _json_only_text_encoder(tiny_dir, tmp_path / "Kolors")
+    kolors = json_only_text_encoder(tiny_dir, tmp_path / "Kolors")
     with pytest.raises(KolorsFolderError, match=r"^\S+Kolors/text_encoder lacks pytorch_model-00001-of-00007.bin "
                                                 r"and 6 more of the ChatGLM3 weights listed in "
                                                 r"pytorch_model.bin.index.json: download them into text_encoder/"):

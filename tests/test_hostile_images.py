@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageCms
 
 from tadisr_core.images import ImageReadError, load_image, load_rgb_uint8, read_image, save_image, written_by_us
+from tests.hostile_files import gray_png
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -272,28 +273,12 @@ def test_a_png_transparency_key_becomes_alpha(tmp_path, mode):
     assert torch.allclose(x[0, :3, 2:], torch.full((3, 2, 6), 200 / 255))
 
 
-def _gray_png(path, samples: list[int], bits: int, key: int) -> None:
-    """A one-row gray PNG of `bits`-bit `samples` with tRNS `key`, byte by byte (Pillow before 13 ignores
-    save(bits=...) for mode L and writes 8 bits)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = int("".join(format(v, f"0{bits}b") for v in samples).ljust(-(-len(samples) * bits // 8) * 8, "0"), 2)
-    packed = row.to_bytes(-(-len(samples) * bits // 8), "big")
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", len(samples), 1, bits, 0, 0, 0, 0))
-                     + chunk(b"tRNS", struct.pack(">H", key)) + chunk(b"IDAT", zlib.compress(b"\x00" + packed))
-                     + chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize("bits", [2, 4])
 def test_the_transparency_key_of_a_low_bit_gray_png_is_in_its_own_units(tmp_path, bits):
     """Defect: Pillow scales 2- and 4-bit gray samples to 8 bits but not their tRNS key, so the key
     matched no pixel and the image came out with an all-opaque alpha."""
     top = 2 ** bits - 1
-    _gray_png(tmp_path / "k.png", [0, 1, top - 1, top], bits, key=top)
+    gray_png(tmp_path / "k.png", [0, 1, top - 1, top], bits, key=top)
     x = load_image(tmp_path / "k.png")
     assert x.shape == (1, 4, 1, 4) and x[0, 3, 0].tolist() == [1.0, 1.0, 1.0, 0.0]
 
@@ -301,7 +286,7 @@ def test_the_transparency_key_of_a_low_bit_gray_png_is_in_its_own_units(tmp_path
 def test_the_transparency_key_of_a_16_bit_gray_png_becomes_alpha(tmp_path):
     """Defect: a 16-bit gray PNG's tRNS key was ignored (read as one channel), while 8-bit gray keys became
     alpha; now alike, the 16-bit levels kept."""
-    _gray_png(tmp_path / "k.png", [0, 1000, 30000, 65535], 16, key=1000)
+    gray_png(tmp_path / "k.png", [0, 1000, 30000, 65535], 16, key=1000)
     x = load_image(tmp_path / "k.png")
     assert x.shape == (1, 4, 1, 4) and x[0, 3, 0].tolist() == [1.0, 0.0, 1.0, 1.0]
     assert torch.equal(x[0, 0, 0], torch.tensor([0, 1000, 30000, 65535]) / 65535.0)

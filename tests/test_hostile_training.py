@@ -450,7 +450,7 @@ def _launch_two_processes(out: Path, data: Path, *sets: str):
     import subprocess
     import sys
 
-    from tests.tiny_training import REPO, free_port, subprocess_env
+    from tests.processes import REPO, free_port, subprocess_env
 
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",

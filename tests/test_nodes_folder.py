@@ -36,7 +36,7 @@ def test_load_image_from_folder(tmp_path):
 
 def _transparent_files(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Files whose transparency comes four ways, with the (RGB [H, W, 3], alpha [H, W]) each holds."""
-    from tests.test_hostile_images import _gray_png
+    from tests.hostile_files import gray_png
 
     folder.mkdir(parents=True, exist_ok=True)
     rgba = np.zeros((2, 3, 4), np.uint8)
@@ -46,7 +46,7 @@ def _transparent_files(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     palette = Image.fromarray(np.array([[0, 1, 1], [1, 0, 1]], np.uint8), "P")
     palette.putpalette([200, 100, 0, 0, 50, 250] + [0] * 762)
     palette.save(folder / "c_palette.png", transparency=0)
-    _gray_png(folder / "d_gray16.png", [0, 1000, 65535], 16, key=1000)
+    gray_png(folder / "d_gray16.png", [0, 1000, 65535], 16, key=1000)
     gray = torch.tensor([[10.0] * 3, [10.0] * 3])
     pal = torch.tensor([[0, 1, 1], [1, 0, 1]])
     return {

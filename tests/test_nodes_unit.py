@@ -284,10 +284,10 @@ def test_a_kolors_folder_without_chatglm3s_shards_gives_way_to_models_llm(tiny_d
     """Defect: a Kolors folder whose text_encoder/ holds its config and shard index but no shard (a download of
     unet/, vae/ and the *.json files) was taken as ChatGLM3's source, so chatglm3-fp16.safetensors in models/LLM
     was never tried and the load ended in a raw FileNotFoundError of a shard."""
-    from tests.test_chatglm_file import _json_only_text_encoder
+    from tests.hostile_files import json_only_text_encoder
 
     models = tmp_path / "models"
-    kolors = _json_only_text_encoder(tiny_dir, models / "diffusers" / "Kolors")
+    kolors = json_only_text_encoder(tiny_dir, models / "diffusers" / "Kolors")
     (models / "tadisr").mkdir()
     (models / "tadisr" / tiny_dir["checkpoint"].name).symlink_to(tiny_dir["checkpoint"])
     monkeypatch.setenv("TADISR_MODELS_DIR", str(models))

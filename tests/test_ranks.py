@@ -18,9 +18,8 @@ from PIL import Image
 
 from tadisr_core.files import atomic_path
 from tadisr_core.ranks import Ranks
-from tests.tiny_training import free_port
+from tests.processes import REPO, free_port, two_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q"]
 
 
@@ -112,7 +111,7 @@ def test_torchrun_batch_with_a_bad_file_and_a_missing_prompt_cache(tiny_dir, tmp
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(SLOW_SAVE)
     cache = tmp_path / "cache.safetensors"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(slow)]), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(slow)]), "OMP_NUM_THREADS": "1",
            "SAVES_LOG": str(tmp_path / "saves.log")}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -152,7 +151,7 @@ def test_launcher_variables_without_a_launcher_end_with_one_line(tmp_path, rank)
     rank 1, where torch's store client logged pages of C++ stack frames while rank 0 never came)."""
     _images(tmp_path, ["in.png"])
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "RANK": str(rank), "WORLD_SIZE": "2"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run([sys.executable, "-c", JOIN_ALONE, "upscale", str(tmp_path / "in.png"), "-o",
@@ -197,23 +196,6 @@ def test_ctrl_c_while_rank_0_waits_for_the_others_keeps_the_report(tmp_path, mon
     assert f"1 of 2 files written to {tmp_path / 'out'} by 2 processes" in err
 
 
-def _two_ranks(script: str, argv: list[str], **env: str) -> list[subprocess.CompletedProcess]:
-    """`python -c script argv...` as ranks 0 and 1 of a launcher (its variables set, no agent to stop
-    the others when one exits): each rank's exit code, stdout and stderr."""
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        rank_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank),
-                    "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **env}
-        procs.append(subprocess.Popen([sys.executable, "-c", script, *argv], env=rank_env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
-
-
 MAIN = '''
 import sys
 from tadisr_core import cli
@@ -226,7 +208,7 @@ def test_a_setup_error_of_rank_0_is_said_once(tmp_path):
     rank 0 says it, the other rank one line that points to it; both exit 2."""
     _images(tmp_path / "in", ["a.png"])
     (tmp_path / "out").write_text("a file")
-    ranks = _two_ranks(MAIN, ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "demo", *FAST])
+    ranks = two_ranks(MAIN, ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "demo", *FAST])
     assert [r.returncode for r in ranks] == [2, 2], ranks[1].stderr[-3000:]
     assert ranks[0].stderr == f"error: -o {tmp_path / 'out'} is a file; give a folder\n"
     assert ranks[1].stderr == "rank 1 of 2: stopped by rank 0's error (rank 0 says what it is)\n"
@@ -249,7 +231,7 @@ def test_under_a_launcher_only_rank_0_loads_the_text_encoder(tiny_dir, tmp_path)
     prompt. Now rank 0 encodes it and hands the conditioning over; the outputs are those of one process."""
     _images(tmp_path / "in", ["a.png", "b.png"])
     weights = ["--kolors", str(tiny_dir["kolors"]), "--checkpoint", str(tiny_dir["checkpoint"]), *FAST]
-    ranks = _two_ranks(COUNT_ENCODER_LOADS, ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "two"), *weights])
+    ranks = two_ranks(COUNT_ENCODER_LOADS, ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "two"), *weights])
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-3000:] + ranks[1].stderr[-3000:]
     assert [r.stderr.count("loading ChatGLM3") for r in ranks] == [1, 0]
     from tadisr_core import cli

@@ -17,16 +17,8 @@ import torch
 from torch import nn
 
 from tadisr_core.spec import VARIANTS
-from tests.tiny_training import (
-    REPO,
-    TINY,
-    free_port,
-    run,
-    subprocess_env,
-    tiny_cfg,
-    tiny_overrides,
-    train_lines,
-)
+from tests.processes import REPO, free_port, subprocess_env
+from tests.tiny_training import TINY, run, tiny_cfg, tiny_overrides, train_lines
 from training.config import Config, ConfigError, load_config
 
 ARTIFACTS = REPO / "artifacts"

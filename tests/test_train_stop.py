@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_training import REPO, TINY, run, subprocess_env, tiny_cfg, tiny_overrides
+from tests.processes import REPO, subprocess_env
+from tests.tiny_training import TINY, run, tiny_cfg, tiny_overrides
 
 
 # -- the signal handling, in this process ---------------------------------------------------------
@@ -118,13 +119,13 @@ sys.exit(train.main(sys.argv[1:]))
 def test_a_process_killed_under_a_launcher_is_named_in_one_line_with_the_way_to_resume(tmp_path):
     """Rank 1 of 2 killed at step 2: rank 0 ended with gloo's traceback. Now one line names the lost process
     and the checkpoint --resume continues from; exit 1."""
-    from tests.test_ranks import _two_ranks
+    from tests.processes import two_ranks
 
     argv = ["--config", str(TINY), "--output-dir", str(tmp_path), "--max-steps", "4"]
     for item in ("train.num_workers=0", "loss.lpips_net=\"none\"", "loss.lpips=0", "train.validate_every=0",
                  "train.checkpoint_every=1"):
         argv += ["--set", item]
-    rank0, rank1 = _two_ranks(KILLED_AT_STEP_2, argv, HF_HUB_OFFLINE="1")
+    rank0, rank1 = two_ranks(KILLED_AT_STEP_2, argv, HF_HUB_OFFLINE="1")
     assert (rank0.returncode, rank1.returncode) == (1, -signal.SIGKILL), rank0.stderr[-3000:]
     assert "Traceback" not in rank0.stderr
     errors = [line for line in rank0.stderr.splitlines() if "error" in line.lower()]

@@ -1,15 +1,13 @@
-"""The tiny training config as the training tests run it: overrides, a run, its log lines, and the
-environment and port for trainer subprocesses (the LPIPS weights: conftest's `lpips_dir`)."""
+"""The tiny training config as the training tests run it: overrides, a run, its log lines (the LPIPS
+weights: conftest's `lpips_dir`; subprocesses: `tests.processes`)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
+from tests.processes import REPO
 from training.config import Config, load_config
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
 
 
@@ -32,15 +30,3 @@ def run(cfg: Config, resume: bool = False) -> dict:
 def train_lines(out: Path) -> list[dict]:
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return [r for r in lines if r["kind"] == "train"]
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
