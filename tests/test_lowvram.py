@@ -263,7 +263,8 @@ def test_the_plan_orders_the_modes_lightest_last_and_the_readme_prints_it(capsys
     gib = [[float(cell.removesuffix(" GiB")) for cell in cells] for cells in need.values()]
     for tile in range(3):
         column = [row[tile] for row in gib]
-        assert column == sorted(column, reverse=True) and len(set(column)) == len(column)
+        assert column == sorted(column, reverse=True)
+    assert gib[-1][1] < gib[-2][1]                            # bf16 + offload under fp8 + offload at 768 px
     assert all(row == sorted(row) for row in gib)
     assert fits["8 GB"][0] != "no"                           # the goal: 512 px tiles on 8 GB
 
