@@ -190,12 +190,11 @@ def test_lpips_none_must_be_explicit_and_consistent():
         build_loss(cfg)
 
 
-def test_real_lpips_term_is_differentiable():
-    from tests.lpips_weights import ensure_lpips_weights
+def test_real_lpips_term_is_differentiable(lpips_dir):
     from training.builders import build_loss
 
     cfg = Config()
-    cfg.loss.lpips_net, cfg.loss.lpips_weights = "alex", str(ensure_lpips_weights())
+    cfg.loss.lpips_net, cfg.loss.lpips_weights = "alex", str(lpips_dir)
     loss = build_loss(cfg)
     sr, hr, logits, mask = _batch(s=32)
     sr.requires_grad_(True)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tadisr_core.checkpoint import sha256_of
-from tests.lpips_weights import ensure_lpips_weights, lpips_reference_dir
+from tests.lpips_weights import lpips_reference_dir
 from training.convert_lpips_weights import load_numpy_pickle
 from training.lpips import LPIPS
 
@@ -20,11 +20,6 @@ from training.lpips import LPIPS
 def _load(path: Path) -> torch.Tensor:
     arr = np.array(Image.open(path).convert("RGB"), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1)[None] / 255.0
-
-
-@pytest.fixture(scope="module")
-def weights() -> Path:
-    return ensure_lpips_weights()
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +33,9 @@ def ref():
 
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
-def test_reference_values(net, weights, ref):
+def test_reference_values(net, lpips_dir, ref):
     imgs, expected = ref
-    model = LPIPS(net, weights)
+    model = LPIPS(net, lpips_dir)
     with torch.no_grad():
         d0 = model(imgs["ref"], imgs["p0"], normalize=True)
         d1 = model(imgs["ref"], imgs["p1"], normalize=True)
@@ -52,9 +47,9 @@ def test_reference_values(net, weights, ref):
     assert torch.allclose(d0, d0_signed, atol=1e-6)
 
 
-def test_identical_batch_and_gradient(weights, ref):
+def test_identical_batch_and_gradient(lpips_dir, ref):
     imgs, _ = ref
-    model = LPIPS("alex", weights)
+    model = LPIPS("alex", lpips_dir)
     x = torch.cat([imgs["p0"], imgs["p1"]])
     y = imgs["ref"].expand_as(x)
     with torch.no_grad():
@@ -138,11 +133,11 @@ def test_unpickler_allows_only_numpy():
         load_numpy_pickle(pickle.dumps(Evil()))
 
 
-def test_images_too_small_for_the_backbone_are_named_and_evaluate_keeps_their_other_metrics(weights, tmp_path):
+def test_images_too_small_for_the_backbone_are_named_and_evaluate_keeps_their_other_metrics(lpips_dir, tmp_path):
     """Defect: a 30 px pair failed whole in `evaluate` with a raw pooling error, losing PSNR and SSIM."""
     from training import evaluate
 
-    alex = LPIPS("alex", weights)
+    alex = LPIPS("alex", lpips_dir)
     assert alex.min_side == 31  # the smallest side whose five AlexNet taps are all at least 1 x 1
     alex(torch.rand(1, 3, 31, 200), torch.rand(1, 3, 31, 200))
     with pytest.raises(ValueError, match="LPIPS-alex needs images of at least 31 px on each side, got 200x30"):
@@ -155,7 +150,7 @@ def test_images_too_small_for_the_backbone_are_named_and_evaluate_keeps_their_ot
         for name, side in (("small", 30), ("big", 40)):
             Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{name}.png")
     out = tmp_path / "report.json"
-    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--no-ocr", "--lpips-weights", str(weights),
+    assert evaluate.main(["--pred", str(pred), "--gt", str(gt), "--no-ocr", "--lpips-weights", str(lpips_dir),
                           "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["name"]: r for r in report["pairs"]}

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tests.lpips_weights import ensure_lpips_weights
 from training import evaluate
 from training.metrics import OCRAResult, ocr_accuracy, psnr, ssim, summarize_ocr, text_similarity, to_tensor
 from training.ocr import OCREngine
@@ -132,7 +131,7 @@ def test_paddleocr_backend_explains_what_is_missing(tmp_path, monkeypatch):
         OCREngine("paddleocr", model_dir=tmp_path).load()
 
 
-def test_evaluate_cli_end_to_end(tmp_path, engine, capsys):
+def test_evaluate_cli_end_to_end(tmp_path, engine, capsys, lpips_dir):
     pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
     pred_dir.mkdir(), gt_dir.mkdir()
     text = _text_image()
@@ -147,7 +146,7 @@ def test_evaluate_cli_end_to_end(tmp_path, engine, capsys):
 
     out = tmp_path / "report.json"
     rc = evaluate.main(["--pred", str(pred_dir), "--gt", str(gt_dir), "--json", str(out),
-                        "--lpips-weights", str(ensure_lpips_weights())])
+                        "--lpips-weights", str(lpips_dir)])
     assert rc == 1
     report = json.loads(out.read_text())
     rows = {r["name"]: r for r in report["pairs"]}
