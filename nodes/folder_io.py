@@ -8,6 +8,7 @@ natural order (img2 before img10); the index wraps around after the last image, 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections import Counter
@@ -106,11 +107,16 @@ def output_stem(name: str, names: list[str]) -> str:
     raise ValueError(f"{name} is not in the folder's listing")
 
 
-def fingerprint(folder: str, index: int, when_done: str = "wrap around") -> str | float:
-    """Changes when the served file or its contents change (NaN when it cannot be resolved: always re-run)."""
+def fingerprint(folder: str | None, index: int | None, when_done: str = "wrap around") -> str | float:
+    """Changes when the served file or its contents change, or the folder's listing does (the `count` and
+    the output names come from it). NaN (never equal: always re-run) when it cannot be resolved, or when
+    `folder` or `index` comes from another node: ComfyUI passes None for a linked input then."""
+    if not isinstance(folder, str) or not isinstance(index, int):
+        return float("nan")
     try:
-        path, name, _ = chosen_file(folder, index, when_done)
-        return f"{name}:{os.path.getmtime(os.path.join(path, name))}"
+        path, name, names = chosen_file(folder, index, when_done)
+        listing = hashlib.sha1("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+        return f"{name}:{os.path.getmtime(os.path.join(path, name))}:{len(names)}:{listing}"
     except (ValueError, OSError):
         return float("nan")
 

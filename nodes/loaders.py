@@ -205,12 +205,13 @@ def _demo_files_key(name: str) -> tuple:
 
 def _resolve(kolors: str, checkpoint: str, prompt_cache: str, dtype: torch.dtype | None):
     """(KolorsFiles, checkpoint path, prompt-cache path) of the loader's choices for a load in `dtype`, and
-    the key of those files: their identities, the prompt cache by its path (the 'auto' one is written by
-    the first load)."""
+    the key of those files: their identities; the 'auto' prompt cache by its path alone (the first load
+    writes it: its identity would change under the model just loaded)."""
     files = resolve_kolors(kolors, dtype)
     ckpt_path = resolve_checkpoint(checkpoint)
     cache_path = resolve_prompt_cache(prompt_cache, files)
-    return files, ckpt_path, cache_path, (files.key(), file_identity(ckpt_path), os.path.realpath(cache_path))
+    cache_key = os.path.realpath(cache_path) if prompt_cache == AUTO_CACHE else file_identity(cache_path)
+    return files, ckpt_path, cache_path, (files.key(), file_identity(ckpt_path), cache_key)
 
 
 def _load_demo(name: str, dt: torch.dtype, dev: torch.device, merge_lora: bool) -> TADiSRHandle:

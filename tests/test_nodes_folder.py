@@ -29,9 +29,28 @@ def test_load_image_from_folder(tmp_path):
         folder_io.load(str(tmp_path / "missing"), 0, "")
     first = folder_io.fingerprint(str(tmp_path), 0)
     assert first == folder_io.fingerprint(str(tmp_path), 0) and first != folder_io.fingerprint(str(tmp_path), 1)
+    # defect: an image added beside the served one left the fingerprint, so the cached count, unchanged
+    _folder(tmp_path / "more", ["img_0.png", "img_1.png"])
+    before = folder_io.fingerprint(str(tmp_path / "more"), 0)
+    _folder(tmp_path / "more", ["z_new.png"])
+    assert folder_io.fingerprint(str(tmp_path / "more"), 0) != before
+    assert folder_io.load(str(tmp_path / "more"), 0, "")[3] == 3
     (tmp_path / "img_2.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"^TADiSR: cannot read .*img_2\.png as an image.*Move it out of the folder"):
         folder_io.load(str(tmp_path), 2, "")
+
+
+def test_a_linked_folder_or_index_is_always_run_again(tmp_path, monkeypatch):
+    """ComfyUI fingerprints a linked input as None. Defect: a linked folder was fingerprinted as the input
+    folder itself (the served file there, which the run never reads); a linked index raised a TypeError that
+    ComfyUI logged on every queue."""
+    import math
+
+    monkeypatch.setattr(host, "input_directory", lambda: str(_folder(tmp_path / "input", ["x.png"])))
+    assert math.isnan(folder_io.fingerprint(None, 0))
+    _folder(tmp_path / "mine", ["a.png"])
+    assert math.isnan(folder_io.fingerprint(str(tmp_path / "mine"), None))
+    assert isinstance(folder_io.fingerprint(str(tmp_path / "mine"), 0), str)
 
 
 def _transparent_files(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

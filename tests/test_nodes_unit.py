@@ -865,9 +865,10 @@ def test_a_built_in_demo_without_its_prompt_cache_names_it_and_what_to_do(tmp_pa
 
 
 def test_the_loader_fingerprint_follows_the_weight_files(models_dir, tiny_dir):
-    """ComfyUI re-runs Load Model when this changes: a checkpoint replaced on disk, not the 'auto' prompt
-    cache the first load writes (review: that re-ran the whole graph once), nor a linked input (review:
-    NaN there re-ran the graph on every queue)."""
+    """ComfyUI re-runs Load Model when this changes: a checkpoint or a chosen prompt cache replaced on disk
+    (defect: the cache was keyed by its name alone), not the 'auto' prompt cache the first load writes
+    (review: that re-ran the whole graph once), nor a linked input (review: NaN there re-ran the graph on
+    every queue)."""
     import shutil
 
     copy = models_dir / "tadisr" / "fingerprinted.safetensors"
@@ -883,6 +884,16 @@ def test_the_loader_fingerprint_follows_the_weight_files(models_dir, tiny_dir):
     finally:
         copy.unlink()
         auto.unlink(missing_ok=True)
+    chosen = models_dir / "tadisr" / "prompt_cache_fingerprinted.safetensors"
+    shutil.copy(tiny_dir["prompt_cache"], chosen)
+    try:
+        before = loaders.fingerprint("tiny-kolors", "tadisr_tiny.safetensors", chosen.name)
+        assert loaders.fingerprint("tiny-kolors", "tadisr_tiny.safetensors", chosen.name) == before
+        st = chosen.stat()
+        os.utime(chosen, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # recomputed under the same name
+        assert loaders.fingerprint("tiny-kolors", "tadisr_tiny.safetensors", chosen.name) != before
+    finally:
+        chosen.unlink()
     assert loaders.fingerprint(None, "tadisr_tiny.safetensors", loaders.AUTO_CACHE) == "linked"
     nan = loaders.fingerprint("no such kolors", "tadisr_tiny.safetensors", loaders.AUTO_CACHE)
     assert nan != nan  # never equal: the run says what is missing

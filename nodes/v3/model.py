@@ -115,7 +115,7 @@ class TADiSRUpscale(io.ComfyNode):
                 *tiling_inputs(),
                 io.Boolean.Input("capture_attention", default=False, tooltip=(
                     "Also output the cross-attention to the word 'text' (for TADiSR Text Attention). Same image "
-                    "and mask, but the tiles run in three passes that keep per-tile state in RAM.")),
+                    "and mask in the same single pass; each tile's attention maps are kept in RAM.")),
                 color_fix_input(),
             ],
             outputs=[
