@@ -22,6 +22,7 @@ from .images import (
     DEFAULT_QUALITY,
     OUTPUT_FORMATS,
     check_writable,
+    image_size,
     read_image,
     recorded_source,
     save_images,
@@ -83,6 +84,7 @@ def scale_tag(scale: float) -> str:
     return f"x{scale:g}"
 
 
+MASK_SUFFIX = "_text_mask.png"  # the text mask's name: the input's output name + this, whatever the scale
 OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})|(text_mask|attention)(-\d+)?\.png)$",
                          re.IGNORECASE)
 
@@ -100,7 +102,8 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
     Folders contribute their image files (sorted; all levels with `recursive`, following symlinked
     sub-folders once); files named like our outputs and the folder `exclude` (the output folder) are
     left out of folder walks, so a re-run never upscales its own results. Files named explicitly are
-    always taken. A missing or unreadable path is returned with an error, reported like a bad file.
+    always taken, each file once. A missing or unreadable path is returned with an error, reported like a
+    bad file.
     """
     found: list[tuple[Path, Path | None, str | None]] = []
     exclude = Path(exclude) if exclude is not None else None
@@ -133,7 +136,26 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
             found.extend((p, path, None) for p in files)
         else:
             found.append((path, None, None))
-    return found
+    return _once_each(found)
+
+
+def _once_each(found: list[tuple[Path, Path | None, str | None]]) -> list[tuple[Path, Path | None, str | None]]:
+    """`found` with each file once (the first time it comes): a file named twice, or a folder and one of
+    its files, is upscaled once, with a warning."""
+    seen: set[str] = set()
+    kept, repeated = [], []
+    for entry in found:
+        path, _, error = entry
+        real = os.path.realpath(path)
+        if error is None and real in seen:
+            repeated.append(path)
+            continue
+        seen.add(real)
+        kept.append(entry)
+    if repeated:
+        names = ", ".join(map(str, repeated[:3])) + (", ..." if len(repeated) > 3 else "")
+        log.warning("%d input(s) given more than once, upscaled once: %s", len(repeated), names)
+    return kept
 
 
 def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | Path, scale: float,
@@ -142,8 +164,9 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     `<name>_attention.png`); the mask and the heat map are always PNG, exact.
 
     Files found in folders keep their sub-folder below OUTDIR; a name already taken gets `-2`, `-3`...
-    An input keeps the name whose outputs an earlier run made from it (its outputs record it), so
-    names do not move when files of the same name (`a.png`, `a.jpg`) join or leave the inputs.
+    An input keeps the name whose outputs an earlier run made from it (its image at this scale and
+    format, or its text mask, records it), so names do not move when files of the same name (`a.png`,
+    `a.jpg`) join or leave the inputs, nor when the format or the scale changes.
     """
     outdir = Path(outdir)
     tag = scale_tag(scale)
@@ -151,18 +174,22 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     earlier: dict[Path, dict[str, list[str]]] = {}
 
     def earlier_names(base: Path, stem: str) -> list[str]:
-        """The names of `stem`'s family (`stem`, `stem-2`...) with an image output in `base`, in order."""
+        """The names of `stem`'s family (`stem`, `stem-2`...) with an image or mask output in `base`, in order."""
         if base not in earlier:
-            family: dict[str, list[tuple[int, str]]] = {}
+            family: dict[str, set[tuple[int, str]]] = {}
             with contextlib.suppress(OSError):
                 for name in os.listdir(base):
-                    if name.endswith(suffix):
-                        taken = name[:-len(suffix)]
-                        family.setdefault(taken, []).append((1, taken))
+                    end = next((e for e in (suffix, MASK_SUFFIX) if name.endswith(e)), None)
+                    if end is not None:
+                        taken = name[:-len(end)]
+                        family.setdefault(taken, set()).add((1, taken))
                         if numbered := re.fullmatch(r"(.+)-(\d+)", taken):
-                            family.setdefault(numbered[1], []).append((int(numbered[2]), taken))
+                            family.setdefault(numbered[1], set()).add((int(numbered[2]), taken))
             earlier[base] = {k: [name for _, name in sorted(v)] for k, v in family.items()}
         return earlier[base].get(stem, [])
+
+    def made_from(base: Path, stem: str, source: str) -> bool:
+        return source in (recorded_source(base / f"{stem}{suffix}"), recorded_source(base / f"{stem}{MASK_SUFFIX}"))
 
     placed = [(path, outdir / (path.parent.relative_to(root) if root is not None else Path()), error,
                source_tag(path) if error is None else None) for path, root, error in inputs]
@@ -171,7 +198,7 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     stems: list[str | None] = []
     for path, base, _, source in placed:  # first, the names an earlier run gave these inputs
         kept = next((stem for stem in earlier_names(base, path.stem) if source is not None
-                     and base / stem not in used and recorded_source(base / f"{stem}{suffix}") == source), None)
+                     and base / stem not in used and made_from(base, stem, source)), None)
         if kept is not None:
             used.add(base / kept)
         stems.append(kept)
@@ -183,7 +210,7 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
         # outputs that record no input (older versions) are taken as this input's only where no other
         # file of its name is in the run or has outputs
         shared = in_run[base, path.stem] > 1 or len(earlier_names(base, path.stem)) > 1
-        jobs.append(Job(path, base / f"{stem}{suffix}", base / f"{stem}_text_mask.png" if mask else None,
+        jobs.append(Job(path, base / f"{stem}{suffix}", base / f"{stem}{MASK_SUFFIX}" if mask else None,
                         base / f"{stem}_attention.png" if attention else None, error, source, shared))
     _refuse_overwrites(jobs)
     return jobs
@@ -236,6 +263,12 @@ def shard(jobs: list, rank: int, world: int) -> list:
     return jobs[rank::world]
 
 
+def _mask_fits(job: Job) -> bool:
+    """Whether the job's text mask (if any) has its image's size: one left by a run at another scale
+    (the mask's name does not carry the scale) does not, and is made again."""
+    return job.mask is None or image_size(job.mask) == image_size(job.image)
+
+
 def process_file(model, job: Job, options: Options, *, progress: Callable[[int, int], None] | None = None,
                  cancel: Callable[[], bool] | None = None) -> Record:
     """Load, upscale and save one file. Failures become a failed Record; cancellation propagates."""
@@ -247,7 +280,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     if job.attention is not None:
         outputs["attention"] = job.attention
     if options.skip_existing and all(written_by_us(p, source=job.source, unrecorded=not job.shared)
-                                     for p in outputs.values()):
+                                     for p in outputs.values()) and _mask_fits(job):
         rec.ok, rec.skipped = True, True
         rec.outputs = {k: str(v) for k, v in outputs.items()}
         return rec

@@ -481,9 +481,8 @@ def _plan_upscale(args: argparse.Namespace) -> list:
     from .batch import collect_inputs, plan_jobs
 
     found = collect_inputs(args.inputs, args.recursive, exclude=args.output)
-    if not found:
-        raise SetupError(f"nothing to upscale: no image files in {' '.join(map(str, args.inputs))}"
-                         + ("" if args.recursive else " (add --recursive for the images in sub-folders)"))
+    if not found:  # the warnings before it say what the walk left out (sub-folders, files named like outputs)
+        raise SetupError(f"nothing to upscale: no image files in {' '.join(map(str, args.inputs))}")
     if all(error for _, _, error in found):  # no input exists (a typo?): said before the model loads
         errors = [error for _, _, error in found]
         raise SetupError("; ".join(errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else ""))

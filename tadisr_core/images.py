@@ -112,7 +112,11 @@ def walk_images(folder: str | Path, recursive: bool = True, exclude: str | Path 
         dirs[:] = visible if recursive else []
         for name in names:
             p = Path(root) / name
-            if name.startswith(".") or not p.is_file():
+            if name.startswith("."):
+                continue
+            if not p.is_file():
+                if p.is_symlink():  # said by name: an image the user sees listed, which is not there
+                    log.warning("left out %s: a link to %s, which does not exist", p, os.readlink(p))
                 continue
             (found.files if is_image_file(p) else found.others).append(p)
     found.files.sort()
@@ -131,7 +135,7 @@ def max_pixels_limit() -> int:
         value = math.nan
     if not (math.isfinite(value) and value >= 1):
         raise ImageReadError(f"TADISR_MAX_PIXELS={raw!r} (environment) is not a positive number of pixels; "
-                             f"unset it for the default of {DEFAULT_MAX_PIXELS:.0e} or set e.g. 2e8")
+                             f"unset it for the default of {DEFAULT_MAX_PIXELS:,} or set e.g. 2e8")
     return int(value)
 
 
@@ -521,6 +525,17 @@ def _our_tags(path: Path, complete: bool) -> tuple[bool, str | None]:
             return exif.get(_EXIF_SOFTWARE) == SOFTWARE_TAG, exif.get(_EXIF_DOCUMENT_NAME)
     except (OSError, ValueError, SyntaxError):
         return False, None
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) of an image file from its header alone; None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with _pil_bomb_limit(sys.maxsize), Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def written_by_us(path: str | Path, complete: bool = True, source: str | None = None,

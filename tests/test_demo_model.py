@@ -654,7 +654,8 @@ def test_export_never_invents_a_prompt_and_never_breaks_another_export(tmp_path)
 
 def test_export_errors_name_the_arguments_export_takes(tmp_path, capsys):
     """Defect: `python -m training.export_model` named a missing or wrong run `--model` (an option of
-    `tadisr upscale` it does not have), and an OUT_DIR that is a file ended in a traceback."""
+    `tadisr upscale` it does not have), and an OUT_DIR that is a file, or a folder given as the prompt
+    cache, ended in a traceback."""
     from training.export_model import main as export_main
 
     _fake_run(tmp_path / "run", tiny_spec("paper"))
@@ -663,7 +664,9 @@ def test_export_errors_name_the_arguments_export_takes(tmp_path, capsys):
     for argv, named in (([tmp_path / "nope", tmp_path / "out"], f"RUN_DIR {tmp_path / 'nope'}: no such file"),
                         ([tmp_path / "empty", tmp_path / "out"], f"RUN_DIR {tmp_path / 'empty'}: the folder holds"),
                         ([tmp_path / "run", tmp_path / "a_file"], f"OUT_DIR {tmp_path / 'a_file'} is a file; give "
-                                                                  "a folder\n")):
+                                                                  "a folder\n"),
+                        ([tmp_path / "run", tmp_path / "out", "--prompt-cache", tmp_path / "empty"],
+                         f"prompt cache {tmp_path / 'empty'} is a folder; expected a file\n")):
         assert export_main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {named}") and "--model" not in err, err

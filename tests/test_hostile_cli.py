@@ -360,10 +360,26 @@ def test_folder_walks_name_what_they_leave_out(tiny_model, tmp_path, capsys):
     _png(d / "a.png")
     _png(d / "sub" / "b.png")
     (d / "notes.txt").write_text("not an image")
+    (d / "moved.png").symlink_to(tmp_path / "gone.png")  # defect: a link to nothing was left out unsaid
     rc, rep, err = run(["upscale", str(d), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys, model=tiny_model)
     assert rc == 0 and [Path(f["input"]).name for f in rep["files"]] == ["a.png"]
     assert "left out 1 file(s) that are not images we read (notes.txt)" in err
     assert "1 sub-folder(s) not searched; add --recursive" in err
+    assert f"left out {d / 'moved.png'}: a link to {tmp_path / 'gone.png'}, which does not exist" in err
+
+
+def test_a_file_given_twice_is_upscaled_once(tiny_model, tmp_path, capsys):
+    """Defect: a file named twice (or a folder and one of its files) was upscaled twice, into `a` and `a-2`."""
+    d = tmp_path / "in"
+    d.mkdir()
+    a = _png(d / "a.png")
+    _png(d / "b.png", 1)
+    rc, rep, err = run(["upscale", str(a), str(d), str(a), "-o", str(tmp_path / "o"), *FAST, "--json"], capsys,
+                       model=tiny_model)
+    assert rc == 0 and [Path(f["input"]).name for f in rep["files"]] == ["a.png", "b.png"]
+    assert f"2 input(s) given more than once, upscaled once: {a}, {a}" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_text_mask.png", "a_x4.png", "b_text_mask.png",
+                                                                   "b_x4.png"]
 
 
 def test_inputs_without_any_image_are_a_setup_error_before_weights(tmp_path, capsys):
@@ -372,8 +388,15 @@ def test_inputs_without_any_image_are_a_setup_error_before_weights(tmp_path, cap
     _png(only / "sub" / "a.png")
     rc = cli.main(["upscale", str(only), "-o", str(tmp_path / "o")])  # no weight flag either
     err = capsys.readouterr().err
-    assert rc == cli.EXIT_SETUP and f"nothing to upscale: no image files in {only}" in err
-    assert "(add --recursive for the images in sub-folders)" in err and "--model demo" not in err
+    assert rc == cli.EXIT_SETUP and f"nothing to upscale: no image files in {only}\n" in err
+    assert "1 sub-folder(s) not searched; add --recursive" in err and "--model demo" not in err
+    outputs = tmp_path / "outputs"  # defect: told to add --recursive, which finds nothing more here
+    outputs.mkdir()
+    _png(outputs / "a_x4.png")
+    assert cli.main(["upscale", str(outputs), "-o", str(tmp_path / "o")]) == cli.EXIT_SETUP
+    err = capsys.readouterr().err
+    assert "left out 1 file(s) named like outputs" in err and "name them explicitly" in err
+    assert "--recursive" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -546,6 +569,37 @@ def test_outputs_keep_their_names_when_a_file_of_the_same_name_joins(tiny_model,
     (d / "a.png").unlink()                                         # a.jpg stays where it is
     rc, rep, _ = run(argv, capsys, model=tiny_model)
     assert rc == 0 and rep["files"][0]["skipped"] and rep["files"][0]["outputs"]["image"] == str(out / "a-2_x4.png")
+
+
+def test_names_and_masks_hold_across_another_format_or_scale(tiny_model, tmp_path, capsys):
+    """Defects: the text mask's name carries no format or scale, but an input's earlier name was found by
+    its image at this run's format and scale only. So `a.jpg` joining `a.png` in a WebP run took the name
+    `a`, and its mask replaced `a.png`'s beside `a_x4.png`; and a mask left by a run at another scale was
+    kept by --skip-existing beside an image of another size."""
+    d, out = tmp_path / "in", tmp_path / "out"
+    d.mkdir()
+    _png(d / "a.png", size=(16, 16))
+    assert run(["upscale", str(d), "-o", str(out), *FAST, "--json"], capsys, model=tiny_model)[0] == 0
+    Image.fromarray(np.full((24, 20, 3), 200, np.uint8)).save(d / "a.jpg")
+    rc, rep, _ = run(["upscale", str(d), "-o", str(out), *FAST, "--json", "--format", "webp"], capsys,
+                     model=tiny_model)
+    assert rc == 0 and {Path(f["input"]).name: Path(f["outputs"]["mask"]).name for f in rep["files"]} == {
+        "a.jpg": "a-2_text_mask.png", "a.png": "a_text_mask.png"}
+    with Image.open(out / "a_text_mask.png") as mask, Image.open(out / "a_x4.png") as image:
+        assert mask.size == image.size == (64, 64)                  # a.png's, not a.jpg's 80 x 96
+    one = d / "one"
+    one.mkdir()
+    _png(one / "b.png", size=(16, 16))
+    argv = ["upscale", str(one), "-o", str(out), *FAST, "--json"]
+    assert run([*argv, "--scale", "2"], capsys, model=tiny_model)[0] == 0  # b_x2.png, b_text_mask.png 32 x 32
+    assert run(argv, capsys, model=tiny_model)[0] == 0                     # b_x4.png, the mask now 64 x 64
+    assert run([*argv, "--scale", "2"], capsys, model=tiny_model)[0] == 0  # the mask 32 x 32 again
+    rc, rep, _ = run([*argv, "--skip-existing"], capsys, model=tiny_model)
+    assert rc == 0 and not rep["files"][0]["skipped"]                     # redone: the mask did not fit
+    with Image.open(out / "b_text_mask.png") as mask:
+        assert mask.size == (64, 64)
+    rc, rep, _ = run([*argv, "--skip-existing"], capsys, model=tiny_model)
+    assert rc == 0 and rep["files"][0]["skipped"]
 
 
 def test_an_output_too_large_for_webp_is_refused_before_the_upscale(tiny_model, tmp_path, capsys, monkeypatch):
@@ -738,7 +792,7 @@ def test_a_bad_max_pixels_variable_is_one_setup_error_before_any_image(value, ti
                        model=tiny_model)
     assert rc == cli.EXIT_SETUP and rep is None and not (tmp_path / "o").exists()
     assert err.strip() == (f"error: TADISR_MAX_PIXELS={value!r} (environment) is not a positive number of pixels; "
-                           "unset it for the default of 6e+07 or set e.g. 2e8")
+                           "unset it for the default of 64,000,000 or set e.g. 2e8")  # not "6e+07"
 
 
 def test_a_prompt_cache_without_a_text_column_is_refused_with_attention_before_the_first_image(tiny_model_factory,

@@ -524,6 +524,8 @@ def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, cap
     (tmp_path / "tiny.yaml").write_text("train:\n  max_steps: 7\n")  # the path given wins when it exists
     assert load_config("tiny.yaml").train.max_steps == 7
     assert load_config("tiny").train.max_steps == tiny["train"]["max_steps"]
+    (tmp_path / "demo").mkdir()  # defect: a folder of a shipped config's name hid the config ("not found")
+    assert load_config("demo").to_dict() == load_config(REPO / "training" / "configs" / "demo.yaml").to_dict()
     for unknown in ("tinny", "elsewhere/tiny.yaml"):  # a name is a name; another folder is a path
         with pytest.raises(FileNotFoundError, match=rf"^config file not found: {unknown}; give a YAML file or a "
                                                     r"shipped config's name: demo, .*demo_release, .*tiny$"):

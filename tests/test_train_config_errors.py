@@ -30,6 +30,9 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_yaml(tmp_p
                         ("optim.betas=[0.9, 1.5]", "optim.betas[1] must be in [0, 1)")):
         with pytest.raises(ConfigError, match=re.escape(f"command line ({item}): {words}")):
             load_config(TINY, [item])
+    # defect: a key given twice was blamed on the first override, which the second had replaced
+    with pytest.raises(ConfigError, match=re.escape("command line (train.max_steps=-3): train.max_steps must be >= 1")):
+        load_config(TINY, ["train.max_steps=5", "train.max_steps=-3"])
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(TINY.read_text() + "\noptim:\n  decay: sometimes\n")
     with pytest.raises(ConfigError, match=re.escape(f"{bad_yaml}: optim.decay = 'sometimes'")):

@@ -443,7 +443,7 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def config_path(given: str | os.PathLike) -> Path:
-    """The config file `given` names: the path itself when it exists; else a shipped config by its name
+    """The config file `given` names: the path itself when it is a file; else a shipped config by its name
     (`tiny`, `tiny.yaml`) or as the docs spell it (`training/configs/tiny.yaml`), wherever the package
     is installed. FileNotFoundError listing the shipped names otherwise."""
     path = Path(given)
@@ -451,7 +451,7 @@ def config_path(given: str | os.PathLike) -> Path:
         return path
     shipped = shipped_configs()
     name = path.name.removesuffix(".yaml")
-    if not path.exists() and path.parent in (Path("."), CONFIG_DIR_IN_REPO) and name in shipped:
+    if not path.is_file() and path.parent in (Path("."), CONFIG_DIR_IN_REPO) and name in shipped:
         return shipped[name]
     raise FileNotFoundError(f"config file not found: {given}; give a YAML file or a shipped config's name: "
                             f"{', '.join(shipped)}")
@@ -478,7 +478,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         return cfg.validate(source)
     except ConfigError as e:
         problem = str(e).removeprefix(f"{source}: ")
-        for item in overrides or []:
+        for item in reversed(overrides or []):  # the last override of a key is the one that took effect
             key = item.split("=", 1)[0].strip()
             if problem.startswith((key + " ", key + "[")):  # the value came from the command line
                 raise ConfigError(f"command line ({item}): {problem}") from None

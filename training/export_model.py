@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         paths = export_run(args.run, args.out, args.name, args.dtype, args.prompt_cache)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing, a folder for a file, permission denied, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     for what, path in paths.items():
