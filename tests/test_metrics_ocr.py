@@ -152,7 +152,7 @@ def test_evaluate_cli_end_to_end(tmp_path, engine, capsys, lpips_dir):
     rows = {r["name"]: r for r in report["pairs"]}
     assert sorted(rows) == ["a", "b"]
     assert [f["name"] for f in report["failed"]] == ["c"]
-    assert report["unmatched"] == {"pred_only": [], "gt_only": ["d"]}
+    assert report["unmatched"] == {"pred_only": [], "gt_only": ["d"], "gt_folders_left_out": {}}
     assert rows["a"]["psnr"] == evaluate.PSNR_CAP and rows["a"]["lpips"] == pytest.approx(0, abs=1e-6)
     assert rows["a"]["ocr_a"] == 1.0 and rows["b"]["ocr_a"] is None
     assert 0 < rows["b"]["ssim"] < 1 and rows["b"]["lpips"] > 0

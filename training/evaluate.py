@@ -8,10 +8,13 @@ Files are paired by their path below each folder without the extension (``0001.p
 too (``0001_x4.png`` <-> ``0001.png``, unless the ground truth has ``0001_x4`` itself; its
 ``*_text_mask.png`` / ``*_attention.png`` are not predictions and are left out), also those of
 ``tadisr upscale --recursive`` in the sub-folders it mirrors.
-Images are read as the user sees them (EXIF orientation, 16-bit and float files at their real range)
-by the project's one reader. A pair that cannot be evaluated (unreadable image, size mismatch) is
-reported as failed and the others go on. Ground truth without a prediction (or a prediction without
-ground truth) makes the mean a subset's: that is an error (exit 1) unless ``--allow-partial``.
+Images are read as the user sees them (EXIF orientation, 16-bit gray and float files at their real range;
+Pillow reads 16-bit colour at 8 bits, truncated) by the project's one reader. A pair that cannot be
+evaluated (unreadable image, size mismatch) is reported as failed and the others go on. Ground truth
+without a prediction (or a prediction without ground truth) makes the mean a subset's: that is an error
+(exit 1) unless ``--allow-partial``. A ground-truth sub-folder the predictions do not have at all
+(another method's results kept there) is left out, and named in the report. Images too small for the
+LPIPS backbone get no LPIPS; the report says over how many images the LPIPS mean is.
 ``--list FILE`` (a Real-CE list file: one image name per line, read as the training data reads it) keeps
 only the images it names, by file stem; a listed name the ground truth lacks is an error.
 Exit code: 0 all pairs evaluated, 1 some pair failed or files are unmatched, 2 nothing evaluated.
@@ -95,6 +98,18 @@ def pair_images(pred_dir: Path, gt_dir: Path):
         else:
             pairs.append((key, pred[key][0], gt[key][0]))
     return pairs, sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred)), ambiguous
+
+
+def gt_folders_left_out(pred_dir: Path, gt_dir: Path) -> dict[str, int]:
+    """The ground truth's sub-folders `pair_images` leaves out (the predictions have no such folder), with
+    their image counts: said in the report, so a mean over a subset is never silent."""
+    predicted = {key.rpartition("/")[0] for key in list_images(pred_dir, exclude=gt_dir)}
+    left: dict[str, int] = {}
+    for key in list_images(gt_dir, exclude=pred_dir):
+        folder = key.rpartition("/")[0]
+        if folder and folder not in predicted:
+            left[folder] = left.get(folder, 0) + 1
+    return dict(sorted(left.items()))
 
 
 def nothing_paired_message(pred_dir: Path, gt_dir: Path, pred_only: list[str], gt_only: list[str]) -> str:
@@ -271,6 +286,9 @@ def print_table(report: dict, out=None) -> None:
               f"{_fmt(r.get('lpips'), '6.4f')}  {_fmt(r.get('ocr_a'), '6.4f')}  {boxes}", file=out)
     print(f"{'MEAN':<{width}}  {_fmt(mean['psnr'], '7.3f')}  {_fmt(mean['ssim'], '6.4f')}  "
           f"{_fmt(mean['lpips'], '6.4f')}  {_fmt(mean.get('ocr_a'), '6.4f')}  {mean.get('ocr_boxes', '-')}", file=out)
+    if mean["lpips"] is not None and mean.get("lpips_n", mean["n"]) < mean["n"]:
+        print(f"LPIPS over {mean['lpips_n']} of {mean['n']} images; the others are too small for its backbone",
+              file=out)
     if "ocr_excluded_no_text" in mean:
         print(f"OCR-A over {mean['ocr_images']} images; {mean['ocr_excluded_no_text']} excluded (no GT text)", file=out)
     if listed := report.get("settings", {}).get("list"):
@@ -280,6 +298,9 @@ def print_table(report: dict, out=None) -> None:
     um = report["unmatched"]
     if um["pred_only"] or um["gt_only"]:
         print(f"unmatched: pred only {um['pred_only']}, gt only {um['gt_only']}", file=out)
+    if left := um.get("gt_folders_left_out"):
+        print("left out: ground-truth sub-folders the predictions do not have: "
+              + ", ".join(f"{folder}/ ({n} images)" for folder, n in left.items()), file=out)
     for f in report["failed"]:
         print(f"FAILED {f['name']}: {f['error']}", file=out)
 
@@ -319,7 +340,8 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"name": stem, "pred": str(pred_path), "gt": str(gt_path), **row})
         ok_pairs.append((stem, pred_path, gt_path))
 
-    mean = {"n": len(rows), "psnr": _mean(rows, "psnr"), "ssim": _mean(rows, "ssim"), "lpips": _mean(rows, "lpips")}
+    mean = {"n": len(rows), "psnr": _mean(rows, "psnr"), "ssim": _mean(rows, "ssim"), "lpips": _mean(rows, "lpips"),
+            "lpips_n": sum(r.get("lpips") is not None for r in rows)}
     if ocr_engine is not None:
         from training.metrics import OCRAResult, summarize_ocr
 
@@ -329,7 +351,8 @@ def run(args: argparse.Namespace) -> dict:
         "mean": mean,
         "fid": compute_fid(args.fid_weights, ok_pairs, device),
         "failed": failed,
-        "unmatched": {"pred_only": pred_only, "gt_only": gt_only},
+        "unmatched": {"pred_only": pred_only, "gt_only": gt_only,
+                      "gt_folders_left_out": gt_folders_left_out(args.pred, args.gt)},
         "settings": {"pred": str(args.pred), "gt": str(args.gt), "y_channel": args.y_channel,
                      "list": None if args.list is None else str(args.list),
                      "crop_border": args.crop_border, "ssim": f"gaussian {SSIM_WINDOW}, sigma 1.5, valid",
