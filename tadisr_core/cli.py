@@ -169,7 +169,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     """--device / --dtype / --compile / --channels-last / --merge-lora."""
     from .devices import DTYPE_CHOICES
 
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32; fp32 for a --model that "
                         "runs alone, such as the demo, trained in fp32), fp32 on CPU; "

@@ -78,7 +78,9 @@ def test_ssim_needs_its_window_after_the_crop():
 def test_text_similarity():
     assert text_similarity("abc", "abc") == 1.0
     assert text_similarity("", "abc") == 0.0
-    assert text_similarity(" abd ", "abc") == pytest.approx(5 / 6)  # one unit-cost substitution
+    assert text_similarity(" abd ", "abc") == pytest.approx(2 / 3)  # one unit-cost substitution in 3
+    assert text_similarity("xyz", "abc") == 0.0  # defect: a wholly wrong reading of the right length scored 0.5
+    assert text_similarity("HELL", "HELLO") == pytest.approx(4 / 5)  # one deletion, over the longer length
     assert text_similarity("ABC", "abc", ignore_case=True) == 1.0
     assert text_similarity("", "") == 1.0
 

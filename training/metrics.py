@@ -77,14 +77,17 @@ def ssim(x: torch.Tensor, y: torch.Tensor, y_channel: bool = False, crop_border:
 # --- OCR-A ---------------------------------------------------------------------------------------------
 
 def text_similarity(pred: str, gt: str, ignore_case: bool = False) -> float:
-    """(len_p + len_g - lev) / (len_p + len_g), unit-cost Levenshtein, on stripped strings; 1.0 if both empty."""
+    """1 - NED: one minus the unit-cost Levenshtein distance over the longer string's length (ICDAR's
+    normalised edit distance), on stripped strings; 1.0 if both are empty, 0.0 for a reading with no
+    character right. (Until 2026-12-03 it was (len_p + len_g - lev) / (len_p + len_g), which scores a
+    wholly wrong reading of the right length 0.5.)"""
     import Levenshtein
 
     p, g = pred.strip(), gt.strip()
     if ignore_case:
         p, g = p.upper(), g.upper()
-    total = len(p) + len(g)
-    return 1.0 if total == 0 else (total - Levenshtein.distance(p, g)) / total
+    longest = max(len(p), len(g))
+    return 1.0 if longest == 0 else 1.0 - Levenshtein.distance(p, g) / longest
 
 
 @dataclass
