@@ -1,5 +1,5 @@
 """Subprocesses of the tests: the environment trainer and CLI processes run in, a free port for their
-rendezvous, and two ranks started as a launcher would start them."""
+rendezvous, two ranks started as a launcher would start them, and the trainer launched on two processes."""
 from __future__ import annotations
 
 import os
@@ -21,6 +21,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_on_two_processes(args: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `python -m training.train ARGS` as two gloo processes on the CPU (fp32, no
+    dynamo, a free rendezvous port): its exit code, stdout and stderr."""
+    port = str(free_port())
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+           "-m", "training.train", *args]
+    return subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), MASTER_PORT=port), capture_output=True,
+                          text=True, timeout=300)
 
 
 def two_ranks(script: str, argv: list[str], **env: str) -> list[subprocess.CompletedProcess]:

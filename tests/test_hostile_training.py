@@ -278,20 +278,13 @@ def test_data_broken_after_some_steps_saves_them_first(tmp_path, capsys, monkeyp
 
 def _launch_two_processes(out: Path, data: Path, *sets: str):
     """`accelerate launch` of the tiny config as two gloo processes on `data` (triplets), `sets` added."""
-    import subprocess
-    import sys
+    from tests.processes import train_on_two_processes
 
-    from tests.processes import REPO, free_port, subprocess_env
-
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "training.train", "--config", str(TINY), "--output-dir", str(out)]
+    args = ["--config", str(TINY), "--output-dir", str(out)]
     for s in ("data.kind=\"triplets\"", f"data.root={json.dumps(str(data))}", "train.num_workers=0",
               "loss.lpips_net=\"none\"", "loss.lpips=0", "train.validate_every=0", *sets):
-        cmd += ["--set", s]
-    return subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), MASTER_PORT=str(port)), capture_output=True,
-                          text=True, timeout=300)
+        args += ["--set", s]
+    return train_on_two_processes(args)
 
 
 def _first_epoch(n: int, batch: int) -> list[list[int]]:

@@ -11,14 +11,13 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from tadisr_core.spec import VARIANTS
-from tests.processes import REPO, free_port, subprocess_env
+from tests.processes import REPO, subprocess_env, train_on_two_processes
 from tests.tiny_training import TINY, run, tiny_cfg, tiny_overrides, train_lines
 from training.config import Config, ConfigError, load_config
 
@@ -177,15 +176,10 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, lpips_dir):
 # -- distributed ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
-    port = free_port()
-    launcher = Path(sys.executable).with_name("accelerate")
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "training.train", "--config", str(TINY), "--max-steps", "3", "--output-dir", str(tmp_path)]
+    args = ["--config", str(TINY), "--max-steps", "3", "--output-dir", str(tmp_path)]
     for item in tiny_overrides(tmp_path, lpips_dir, train__weight_digest=True):
-        cmd += ["--set", item]
-    env = dict(subprocess_env(), MASTER_PORT=str(port))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        args += ["--set", item]
+    proc = train_on_two_processes(args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     d0 = (tmp_path / "weight_digest_rank0.txt").read_text().strip()
     d1 = (tmp_path / "weight_digest_rank1.txt").read_text().strip()
