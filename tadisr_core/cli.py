@@ -233,7 +233,9 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
             model = load_tadisr(args.kolors, args.checkpoint, args.prompt_cache, dtype=dtype, device=device,
                                 merge_lora_weights=args.merge_lora, unet=args.unet, vae=args.vae,
                                 text_encoder=args.text_encoder, text_encoder_device_name=args.text_encoder_device,
-                                offload=args.offload, prompt_once=prompt_once)
+                                offload=args.offload, prompt_once=prompt_once,
+                                prompt_given_as=(flag_label("--prompt-cache", args.prompt_cache),
+                                                 "--text-encoder DIR|FILE"))
     except LauncherError:  # the other processes' matter (`run_upscale` says it), not the weights'
         raise
     except (CheckpointError, NotKolorsError, OSError, ValueError) as exc:  # weight files: missing, unreadable, wrong

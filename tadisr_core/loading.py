@@ -51,11 +51,12 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
 
 
 def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | None, text_encoder_device_name: str,
-                 compute: torch.device) -> PromptCache:
+                 compute: torch.device, given_as: tuple[str, str]) -> PromptCache:
     """The prompt conditioning of `load_tadisr`: the cache at `prompt_cache` (computed and saved there when
     missing), or computed in memory when None, with ChatGLM3 from `encoder_source`."""
     if prompt_cache is not None:
-        return ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=compute)
+        return ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=compute,
+                                   given_as=given_as)
     if encoder_source is None:
         raise FileNotFoundError("no prompt cache given and no ChatGLM3 to compute one "
                                 "(pass --prompt-cache FILE or --text-encoder DIR|FILE)")
@@ -129,14 +130,16 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
                 device: str | torch.device = "cpu", merge_lora_weights: bool = True,
                 unet: str | Path | None = None, vae: str | Path | None = None,
                 text_encoder: str | Path | None = None, text_encoder_device_name: str = "cpu",
-                offload: str = "none", prompt_once: Callable | None = None) -> TADiSRModel:
+                offload: str = "none", prompt_once: Callable | None = None,
+                prompt_given_as: tuple[str, str] = ("--prompt-cache", "--text-encoder DIR|FILE")) -> TADiSRModel:
     """Load the Kolors backbone, apply a TADiSR checkpoint and the prompt conditioning.
 
     The backbone: a Kolors folder and/or `unet` / `vae` files or folders (which win), or a
     `KolorsFiles`. Both parts are checked to be Kolors from their headers before anything is
     built (NotKolorsError), then built on the meta device and streamed in the target dtype.
     `prompt_cache` may be a PromptCache, a path (computed with ChatGLM3 from `text_encoder`, else the
-    Kolors folder, and saved there when the file does not exist yet) or None (computed in memory).
+    Kolors folder, and saved there when the file does not exist yet) or None (computed in memory);
+    `prompt_given_as` is `ensure_prompt_cache`'s `given_as`.
     `prompt_once(make)`, when given, returns what `make()` (which loads or computes the prompt) returns,
     the way it chooses: `ranks.Ranks.from_rank0` runs it in one process of a launcher and hands the
     conditioning to the others, which then never load ChatGLM3.
@@ -163,7 +166,7 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
         prompt = prompt_cache
     else:
         def make() -> PromptCache:
-            return _load_prompt(prompt_cache, encoder_source, text_encoder_device_name, device)
+            return _load_prompt(prompt_cache, encoder_source, text_encoder_device_name, device, prompt_given_as)
 
         prompt = prompt_once(make) if prompt_once is not None else make()
     try:  # before the weights are read

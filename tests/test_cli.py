@@ -127,19 +127,29 @@ def test_missing_weights_name_the_file_and_where_to_get_it(tiny_dir, inputs, tmp
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_a_missing_prompt_cache_with_no_chatglm3_leads_with_the_cache_file(tiny_dir, inputs, tmp_path, capsys):
-    """It used to name only the Kolors folder's missing text_encoder/config.json, neither the cache nor a flag."""
+def test_a_missing_prompt_cache_with_no_chatglm3_leads_with_the_cache_file(tiny_dir, inputs, tmp_path, capsys,
+                                                                          monkeypatch):
+    """It used to name only the Kolors folder's missing text_encoder/config.json, neither the cache nor a flag.
+    A cache named by TADISR_PROMPT_CACHE is to be fixed there, not by a --prompt-cache the user never gave."""
     kolors = tmp_path / "k2"
     kolors.mkdir()
     for sub in ("unet", "vae", "scheduler"):
         (kolors / sub).symlink_to(tiny_dir["kolors"] / sub)
     cache = tmp_path / "typo.safetensors"
-    rc = cli.main(["upscale", str(inputs / "odd.png"), "-o", str(tmp_path / "out"), *FAST, "--kolors", str(kolors),
-                   "--checkpoint", str(tiny_dir["checkpoint"]), "--prompt-cache", str(cache)])
+    args = ["upscale", str(inputs / "odd.png"), "-o", str(tmp_path / "out"), *FAST, "--kolors", str(kolors),
+            "--checkpoint", str(tiny_dir["checkpoint"])]
+    no_chatglm3 = f"DIR|FILE to compute it (ChatGLM3: {kolors / 'text_encoder' / 'config.json'} is missing"
+    rc = cli.main(args + ["--prompt-cache", str(cache)])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_SETUP and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: prompt cache not found: {cache}; fix --prompt-cache, or pass --text-encoder "
-                          f"DIR|FILE to compute it (ChatGLM3: {kolors / 'text_encoder' / 'config.json'} is missing")
+                          + no_chatglm3)
+    monkeypatch.setenv("TADISR_PROMPT_CACHE", str(cache))
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_SETUP and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: TADISR_PROMPT_CACHE (environment): prompt cache not found: {cache}; fix "
+                          f"TADISR_PROMPT_CACHE (environment), or pass --text-encoder " + no_chatglm3)
 
 
 def test_cancel_between_tiles_writes_nothing_partial(tiny_model, inputs, tmp_path, capsys):
