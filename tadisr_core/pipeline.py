@@ -344,7 +344,7 @@ def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int 
 
     def run(tile: int, overlap: int) -> UpscaleResult:
         grid = tile_grid(hr.shape[2], hr.shape[3], tile, overlap)
-        kept: list[torch.Tensor] = []
+        kept: list[torch.Tensor | None] = [None] * (b * len(grid))  # by unit: a retried batch writes its own again
         noise = _unit_noise(noise_seed, b * len(grid))
 
         def work(units: range) -> list[torch.Tensor]:
@@ -352,7 +352,7 @@ def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int 
             den = model.denoise(enc.latents, capture=capture)
             dec = model.decode(den.latents, enc.skips, den.attention if reads else None, mask=mask)
             if keep_attention:
-                kept.extend(den.attention.cpu().split(1))
+                kept[units.start:units.stop] = den.attention.cpu().split(1)
             outs = [dec.image] + ([dec.mask_logits] if mask else [])
             check_finite(outs, f"model output of tiles {units.start + 1}-{units.stop}", cause)
             return outs + ([tile_heat(den.attention, grid)] if attention else [])
@@ -430,14 +430,14 @@ def encode_tiles(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile:
         grid = tile_grid(h, w, tile, overlap)
         units = b * len(grid)
         keep = _keep_skips(model, keep_skips, units, grid.tile_h * grid.tile_w)
-        states: list[TileState] = []
+        states: list[TileState | None] = [None] * units  # by unit: a retried batch writes its own again
         noise = _unit_noise(noise_seed, units)
 
         def work(units: range) -> None:
             enc = model.encode(_gather(rgb, grid, units, model), generator=noise(units), sample=sample)
-            for k in range(len(units)):
+            for k, u in enumerate(units):
                 skips = [_store(s[k:k + 1], store_device) for s in enc.skips] if keep and enc.skips else None
-                states.append(TileState(_store(enc.latents[k:k + 1], store_device), skips))
+                states[u] = TileState(_store(enc.latents[k:k + 1], store_device), skips)
 
         run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
         source = image.detach().to(store_device, torch.float32)

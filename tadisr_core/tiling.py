@@ -172,7 +172,8 @@ def run_batches(total: int, batch_size: int, work: Callable[[range], None], *,
                 progress: Progress | None = None, cancel: Cancel | None = None) -> int:
     """Call `work(units)` over 0..total-1 in batches, checking `cancel` before each batch.
 
-    On out-of-memory the batch is halved and retried (down to 1, then the error propagates).
+    On out-of-memory the batch is halved and retried (down to 1, then the error propagates), so `work`
+    must leave no trace of a call that raised: keep results by unit index, not by appending.
     `progress(done, total)` is called once per finished unit. Returns the batch size that worked.
     """
     done, batch_size = 0, max(1, int(batch_size))
@@ -216,8 +217,12 @@ def blend_tiles(grid: TileGrid, batch: int, work: Callable[[range], Sequence[tor
         if state["blender"] is None:
             state["blender"] = Blender(grid, [torch.empty(batch, o.shape[1], grid.height, grid.width, device=device)
                                               for o in outs])
+        blender = state["blender"]
+        # every copy is made before the first tile is added: a batch retried after out-of-memory must
+        # find none of its tiles in the canvases
+        outs = [o.to(c.device, torch.float32) for o, c in zip(outs, blender.canvases)]
         for k, u in enumerate(units):
-            state["blender"].add(u // len(grid), u % len(grid), [o[k] for o in outs])
+            blender.add(u // len(grid), u % len(grid), [o[k] for o in outs])
 
     run_batches(batch * len(grid), batch_size, run, progress=progress, cancel=cancel)
     return state["blender"].finish()

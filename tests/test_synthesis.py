@@ -120,6 +120,18 @@ def test_cjk_text_renders_with_noto(cjk_font):
     assert two.shape[0] > 1.5 * ink.shape[0]  # multi-line
 
 
+@pytest.mark.parametrize("size", [32, 48, 61])
+def test_vertical_text_keeps_the_descenders_of_its_last_glyph(cjk_font, size):
+    """Defect: the vertical layer ended at the last glyph's cell, so a descender there was cut from the
+    image and the mask alike (a "y" drawn as a "v")."""
+    font = S.load_font(cjk_font.path, cjk_font.index, size)
+    for glyph in "ygjpq":
+        alone = S.render_text_mask([glyph], font)
+        assert S.render_text_mask([glyph], font, vertical=True).shape == alone.shape
+        column = S.render_text_mask(["D" + glyph], font, vertical=True)
+        assert column.sum() == S.render_text_mask(["D"], font).sum() + alone.sum()
+
+
 def test_font_probe_tells_latin_from_cjk(cjk_font):
     assert S.probe_font(cjk_font.path, cjk_font.index).cjk
     dejavu = [f for f in S.system_fonts(("DejaVu Sans",))]
@@ -295,3 +307,19 @@ def test_built_in_backgrounds_are_rewritten_for_another_size(tmp_path):
     assert {Image.open(p).size for p in folder.glob("*.png")} == {(64, 64)}
     write_backgrounds("skimage", folder, 64, 0)                       # another kind: none of the old images stay
     assert not list(folder.glob("field_*.png")) and len(list(folder.glob("*.png"))) == 5
+
+
+def test_the_astronaut_background_leaves_out_the_text_on_her_suit(tmp_path):
+    """Defect: scikit-image's astronaut, a "text-free" background, wears a mission patch ("COLLINS
+    ASHBY ...") and a name tag below row 330, which synthesis labelled as background; a folder written
+    before still holds the whole photo and is written again."""
+    from training.builders import write_backgrounds
+
+    folder = tmp_path / "bg"
+    folder.mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(folder / "astronaut.png")
+    (folder / "COMPLETE").write_text(json.dumps({"kind": "skimage", "max_side": 512, "seed": 0,
+                                                 "images": ["astronaut"]}) + "\n")
+    write_backgrounds("skimage", folder, 512, 0)
+    kept = np.asarray(Image.open(folder / "astronaut.png"))
+    assert np.array_equal(kept, skimage.data.astronaut()[:330])

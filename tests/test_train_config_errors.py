@@ -33,6 +33,10 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_yaml(tmp_p
     # defect: a key given twice was blamed on the first override, which the second had replaced
     with pytest.raises(ConfigError, match=re.escape("command line (train.max_steps=-3): train.max_steps must be >= 1")):
         load_config(TINY, ["train.max_steps=5", "train.max_steps=-3"])
+    # defect: a rule between two keys broken by an override was blamed on the YAML alone
+    with pytest.raises(ConfigError, match=re.escape(f"{TINY} with command line (data.scale=3): data.crop = 64 must "
+                                                    f"be a multiple of 8 x data.scale (24)")):
+        load_config(TINY, ["data.scale=3"])
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(TINY.read_text() + "\noptim:\n  decay: sometimes\n")
     with pytest.raises(ConfigError, match=re.escape(f"{bad_yaml}: optim.decay = 'sometimes'")):

@@ -20,13 +20,17 @@ from training.config import Config, ConfigError, DataConfig, ModelConfig
 # where a config gives ChatGLM3, which computes a missing model.prompt_cache
 PROMPT_SOURCE_KEYS = "model.text_encoder (a ChatGLM3 folder or file) or model.kolors_dir"
 
-# scikit-image's bundled, text-free sample photos: "skimage" uses the five colour ones, "skimage-all"
-# adds the rest (gray ones as RGB).
+# scikit-image's bundled sample photos, text-free as used: "skimage" uses the five colour ones,
+# "skimage-all" adds the rest (gray ones as RGB).
 SKIMAGE_BACKGROUNDS = {
     "skimage": ("astronaut", "coffee", "chelsea", "immunohistochemistry", "hubble_deep_field"),
     "skimage-all": ("astronaut", "coffee", "chelsea", "immunohistochemistry", "hubble_deep_field", "retina",
                     "camera", "brick", "grass", "gravel", "moon", "coins"),
 }
+
+# Rows kept of a sample photo that shows text: below row 330 the astronaut wears a mission patch
+# ("COLLINS ASHBY ...") and a name tag, which synthesis would teach as background.
+SKIMAGE_TEXT_FREE_ROWS = {"astronaut": 330}
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -323,7 +327,7 @@ def write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Path
 
     from tadisr_core.files import atomic_path
 
-    recipe = {"kind": kind, "max_side": max_side, "seed": seed}
+    recipe = {"kind": kind, "max_side": max_side, "seed": seed, "rows_kept": SKIMAGE_TEXT_FREE_ROWS}
     done = folder / "COMPLETE"
     if done.is_file():
         text = done.read_text()
@@ -345,6 +349,7 @@ def write_backgrounds(kind: str, folder: Path, max_side: int, seed: int) -> Path
                               "or use data.backgrounds = procedural, or a folder of photos") from None
         images = {name: getattr(skimage.data, name)() for name in SKIMAGE_BACKGROUNDS[kind]}
         images = {name: np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for name, img in images.items()}
+        images = {name: img[:SKIMAGE_TEXT_FREE_ROWS.get(name)] for name, img in images.items()}
     else:
         rng = np.random.default_rng(seed)
         images = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ class DataConfig:
     fonts: str | None = None                # synth: a font folder; None: system fonts
     text_crops: str | None = None           # synth: TextSeg/BTS/CTR-layout folder of text crops
     length: int = 1000                      # synth: samples per epoch
-    crop: int | None = 512                  # HR crop (synth: canvas size); None: whole images
+    crop: int | None = 512                  # HR crop (synth: canvas size); None: whole images (synth: 512)
     font_scale: tuple[float, float] | None = None  # synth: font size / canvas side; None: (0.04, 0.16)
     scale: int = 4
     degradation: str = "ftsr"               # ftsr | realesrgan | realesrgan-mild | bicubic (on-the-fly LR)
@@ -93,7 +94,7 @@ class DataConfig:
     val_list_file: str | None = None        # realce: validation list
     val_size: int = 4                       # validation items used
     val_crop: int | None = None             # validation HR crop (synth: canvas size); None: whole images
-                                            # (synth: `crop`)
+                                            # (synth: `crop`, else 512)
 
 
 @dataclass
@@ -199,7 +200,7 @@ class Config:
         for key in ("crop", "val_crop"):
             crop = getattr(self.data, key)
             if crop is not None and crop % (8 * self.data.scale):
-                raise ConfigError(f"{source}: data.{key} = {crop} must be a multiple of 8 x scale "
+                raise ConfigError(f"{source}: data.{key} = {crop} must be a multiple of 8 x data.scale "
                                   f"({8 * self.data.scale}) so the LR crop and the latent grid line up")
         if self.data.kind in ("triplets", "realce") and not self.data.root:
             raise ConfigError(f"{source}: data.root is required for data.kind = {self.data.kind}")
@@ -478,8 +479,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         return cfg.validate(source)
     except ConfigError as e:
         problem = str(e).removeprefix(f"{source}: ")
-        for item in reversed(overrides or []):  # the last override of a key is the one that took effect
-            key = item.split("=", 1)[0].strip()
+        last = {item.split("=", 1)[0].strip(): item for item in overrides or []}  # the ones that took effect
+        for key, item in last.items():
             if problem.startswith((key + " ", key + "[")):  # the value came from the command line
                 raise ConfigError(f"command line ({item}): {problem}") from None
+        if named := [item for key, item in last.items() if re.search(rf"\b{re.escape(key)}\b", problem)]:
+            # a rule between keys that an override broke, e.g. data.crop against --set data.scale
+            raise ConfigError(f"{source} with command line ({', '.join(named)}): {problem}") from None
         raise

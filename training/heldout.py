@@ -90,6 +90,7 @@ def make_demo_inputs(out: Path, count: int = 3) -> list[Path]:
     """The small LR inputs `make demo` ships: the text scenes with the most text among 4 x `count`
     (seed disjoint from training and held-out; text 13-38 px at the 4x output) and one photo
     (scikit-image's astronaut at 1/4). NotADirectoryError when a file stands where `out` must be a folder."""
+    import skimage.data
     from PIL import Image
 
     from training.builders import write_backgrounds
@@ -110,7 +111,7 @@ def make_demo_inputs(out: Path, count: int = 3) -> list[Path]:
             path = out / f"text_scene_{i}.png"
             Image.fromarray(sample.lr).save(path, optimize=True)
             paths.append(path)
-        photo = Image.open(backgrounds / "astronaut.png").convert("RGB")
+        photo = Image.fromarray(skimage.data.astronaut())  # whole: the backgrounds leave out its text
         photo = photo.resize((photo.width // 4, photo.height // 4), Image.BICUBIC)
         path = out / "photo_astronaut.png"
         photo.save(path, optimize=True)

@@ -1,12 +1,14 @@
 """Real-ESRGAN second-order degradation in torch + kornia: per-sample random parameters, any device.
 
 ``degrade(hr)`` turns a batch of HR images ``[B,3,H,W]`` in 0..1 into LR images ``[B,3,H/s,W/s]``:
-blur -> random resize -> noise -> JPEG, twice, then a final resize + (sinc) + JPEG in random order,
-quantised to 8 bits. Two presets:
+blur -> random resize -> noise -> JPEG, then blur -> random resize -> noise, then a final resize +
+(sinc) and JPEG in random order, quantised to 8 bits. Four presets (``PRESETS``):
 
 - ``REALESRGAN``: the standard Real-ESRGAN x4plus ranges;
+- ``REALESRGAN_MILD``: the same pipeline at about half strength, for small crops;
 - ``FTSR_RELEASE``: what the official TADiSR FTSR synthesis script actually runs (tiny blur, no
-  stage-1 JPEG, no stage-2 blur, no final sinc, and half of the time noise on the HR itself).
+  stage-1 JPEG, no stage-2 blur, no final sinc, and half of the time noise on the HR itself);
+- ``BICUBIC``: an antialiased bicubic downscale only.
 
 All randomness comes from one ``torch.Generator``: per sample, a seed for a ``random.Random`` draws
 the scalar parameters, and the generator itself draws the noise fields (on its own device).
@@ -87,8 +89,9 @@ class DegradationPreset:
     noise_on_hr_prob: float = 0.0
     # Real-ESRGAN sharpens the ground truth (unsharp mask) and degrades and trains on the sharpened copy.
     usm_gt: bool = False
-    # "kornia": its fast differentiable JPEG; "libjpeg": Pillow's libjpeg, the codec Real-ESRGAN uses
-    # (kornia's output is 0.7-1.0 dB milder at the same quality).
+    # "kornia": its fast differentiable JPEG; "libjpeg": Pillow's libjpeg, the standard codec (Real-ESRGAN
+    # trains with basicsr's DiffJPEG, a torch re-implementation of it; kornia's output is 0.7-1.0 dB milder
+    # than libjpeg's at the same quality).
     jpeg_codec: str = "kornia"
     # True: no blur, noise or JPEG, only an antialiased bicubic downscale (the identity at scale 1);
     # the stage settings above are then unused.

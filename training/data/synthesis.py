@@ -330,12 +330,13 @@ def _render_horizontal(lines: Sequence[str], font: ImageFont.FreeTypeFont, align
 def _render_vertical(lines: Sequence[str], font: ImageFont.FreeTypeFont) -> Image.Image:
     cell = int(font.size * 1.1) + 2
     rows = max(len(line) for line in lines)
-    layer = Image.new("L", (cell * len(lines), cell * rows), 0)
+    pad = cell  # a glyph centred in its cell may overhang it: a descender on the last row (cropped to the ink)
+    layer = Image.new("L", (cell * len(lines) + 2 * pad, cell * rows + 2 * pad), 0)
     draw = ImageDraw.Draw(layer)
     for col, line in enumerate(lines):
-        cx = (len(lines) - 1 - col) * cell + cell // 2
+        cx = pad + (len(lines) - 1 - col) * cell + cell // 2
         for row, ch in enumerate(line):
-            draw.text((cx, row * cell + cell // 2), ch, fill=255, font=font, anchor="mm")
+            draw.text((cx, pad + row * cell + cell // 2), ch, fill=255, font=font, anchor="mm")
     return layer
 
 
