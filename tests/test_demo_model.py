@@ -326,6 +326,24 @@ def test_the_held_out_table_says_over_how_many_scenes_ocr_a_is_taken():
     assert "OCR-A:" not in format_table({"rows": {"bicubic": {"n": 60, "psnr": 19.0, "ssim": 0.5}}})
 
 
+def test_held_out_scenes_too_small_for_lpips_are_left_out_of_its_mean_and_said(lpips_dir):
+    """Review: a scene under LPIPS's smallest side (31 px for alex) has no LPIPS, and `score` averaged
+    its None: a TypeError traceback instead of the table."""
+    from training.heldout import bicubic, format_table, score
+    from training.lpips import LPIPS
+
+    rng = np.random.default_rng(0)
+    items = [{"name": f"{side}", "hr": rng.integers(0, 256, (side, side, 3), dtype=np.uint8),
+              "mask": np.zeros((side, side), np.float32)} for side in (64, 24)]
+    for item in items:
+        item["lr"] = item["hr"][::4, ::4].copy()
+    lpips = LPIPS("alex", lpips_dir / "lpips_alex.safetensors")
+    both, large = score(items, bicubic, lpips), score(items[:1], bicubic, lpips)
+    assert (both["n"], both["lpips_n"]) == (2, 1) and both["lpips"] == pytest.approx(large["lpips"], abs=1e-6)
+    assert format_table({"rows": {"bicubic": both}}).endswith(
+        "LPIPS: the mean over the 1 of 2 scenes large enough for its backbone.")
+
+
 @demo_only
 def test_held_out_score_gives_a_row_per_colour_fix(tmp_path):
     """`training.heldout score --color-fix none --color-fix wavelet`: a row per fix for each model; the

@@ -60,6 +60,12 @@ def test_a_used_folder_needs_resume_and_a_changed_config_needs_force(tmp_path):
     with pytest.raises(RunFolderError, match=r"optim\.lr: 0\.001 -> 0\.002.*--force"):
         run(lean_cfg(out, train__max_steps=2, optim__lr=0.002), resume=True)
     assert run(lean_cfg(out, train__max_steps=2, optim__lr=0.002), resume=True, force=True)["step"] == 2
+    # review: an export of step 1 was stamped with the config.json the forced resume rewrote (lr 0.002)
+    from training.export_model import export_run
+
+    for ref, lr in ((out / "checkpoints" / "step_00000001", 0.001), (out, 0.002)):
+        weights = export_run(ref, tmp_path / f"export_{lr}")["weights"]
+        assert json.loads(load_checkpoint(weights).metadata["training_config"])["optim"]["lr"] == lr
     assert main(["--config", str(TINY), "--output-dir", str(out)]) == 2
     notes = tmp_path / "notes.txt"  # defect: a file as --output-dir ended in a FileExistsError traceback
     notes.write_text("mine")
@@ -115,12 +121,14 @@ def test_an_extended_run_is_no_longer_its_old_final_model(tmp_path, monkeypatch,
 
 def test_a_run_that_saved_no_checkpoint_starts_over_without_its_old_log_lines(tmp_path):
     """Defect: --resume on a run that crashed before its first checkpoint started at step 0 but kept the
-    crashed run's lines, so metrics.jsonl held step 1 twice; the refusal said 'continue' with nothing to."""
+    crashed run's lines, so metrics.jsonl held step 1 twice; the refusal said 'continue' with nothing to, also
+    when a save cut short had left a checkpoints/ folder."""
     from training.resume import RunFolderError
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "total": 9.0}) + "\n")
+    (out / "checkpoints" / "step_00000001.tmp").mkdir(parents=True)  # a save a second Ctrl-C cut short
     with pytest.raises(RunFolderError, match=r"pass --resume to start it over \(it saved no checkpoint\)"):
         run(lean_cfg(out))
     run(lean_cfg(out, train__max_steps=2), resume=True)

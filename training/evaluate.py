@@ -265,7 +265,9 @@ def compute_fid(weights: Path | None, pairs, device: torch.device) -> dict:
 
 # --- report --------------------------------------------------------------------------------------------
 
-def _mean(rows: list[dict], key: str):
+def mean_of(rows: list[dict], key: str) -> float | None:
+    """The mean of `key` over the rows that have it (LPIPS is None for an image too small for its
+    backbone); None when none has it."""
     vals = [r[key] for r in rows if r.get(key) is not None]
     return float(np.mean(vals)) if vals else None
 
@@ -340,7 +342,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"name": stem, "pred": str(pred_path), "gt": str(gt_path), **row})
         ok_pairs.append((stem, pred_path, gt_path))
 
-    mean = {"n": len(rows), "psnr": _mean(rows, "psnr"), "ssim": _mean(rows, "ssim"), "lpips": _mean(rows, "lpips"),
+    mean = {"n": len(rows), **{key: mean_of(rows, key) for key in ("psnr", "ssim", "lpips")},
             "lpips_n": sum(r.get("lpips") is not None for r in rows)}
     if ocr_engine is not None:
         from training.metrics import OCRAResult, summarize_ocr

@@ -50,9 +50,11 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
     groups = {g: {k: v.to(COMPUTE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
               for g, sd in ckpt.groups.items()}
     run = files.run or Path(run)  # a step folder or checkpoint of a run: the run's own folder
-    config = json.loads((run / RUN_CONFIG).read_text()) if (run / RUN_CONFIG).is_file() else {}
+    config = ckpt.metadata.get("training_config")  # its own: the run's config.json is the last start's
+    if config is None:  # weights saved before they carried it
+        config = (run / RUN_CONFIG).read_text() if (run / RUN_CONFIG).is_file() else "{}"
     meta = {k: v for k, v in ckpt.metadata.items() if k in ("train_step", "backbone")}
-    meta.update({"exported_from": run.name, "stored_dtype": dtype, "training_config": json.dumps(config)})
+    meta.update({"exported_from": run.name, "stored_dtype": dtype, "training_config": json.dumps(json.loads(config))})
     out.mkdir(parents=True, exist_ok=True)
     weights = save_native(groups, ckpt.spec, out / f"{name}.safetensors", meta, prompt.prompt)
     prompt_path = out / RUN_PROMPT_CACHE

@@ -183,7 +183,7 @@ def tiny_random_model(workdir: Path):
 def score(items: list[dict], run, lpips_model=None, ocr_engine=None) -> dict:
     """Mean PSNR / SSIM / LPIPS / OCR-A, pooled mask IoU / F1, and the AUROC of the mask and of the heat
     map of one row function over the set."""
-    from training.evaluate import evaluate_pair
+    from training.evaluate import evaluate_pair, mean_of
     from training.metrics import MaskCounts, OCRAResult, auroc, mask_counts, summarize_ocr
 
     rows, counts, probs, heats, truths = [], MaskCounts(), [], [], []
@@ -201,7 +201,8 @@ def score(items: list[dict], run, lpips_model=None, ocr_engine=None) -> dict:
         rows.append(row)
     out = {"n": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim")}}
     if lpips_model is not None:
-        out["lpips"] = float(np.mean([r["lpips"] for r in rows]))
+        out["lpips"] = mean_of(rows, "lpips")
+        out["lpips_n"] = sum(r["lpips"] is not None for r in rows)
     if ocr_engine is not None:
         out.update(summarize_ocr([OCRAResult(r["ocr_a"], r.get("ocr_boxes", [])) for r in rows]))
     out["mask_iou"] = counts.iou if mask is not None else None
@@ -263,6 +264,9 @@ def format_table(report: dict) -> str:
     for name, row in report["rows"].items():
         cells = [("-" if row.get(k) is None else format(row[k], f)) for k, _, f in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    small = {(row["lpips_n"], row["n"]) for row in report["rows"].values() if row.get("lpips_n", row["n"]) < row["n"]}
+    for scored, n in sorted(small):
+        lines.append(f"\nLPIPS: the mean over the {scored} of {n} scenes large enough for its backbone.")
     read = {(row["ocr_images"], row["n"]) for row in report["rows"].values() if "ocr_images" in row}
     for scored, n in sorted(read):  # one set: the same scenes have ground-truth text for every row
         lines.append(f"\nOCR-A: the mean over the {scored} of {n} scenes whose ground truth holds text the "

@@ -13,6 +13,7 @@ import torch
 from tadisr_core.files import folder_target_problem
 from tadisr_core.model_ref import RUN_CHECKPOINTS, RUN_METRICS, RUN_STEP_MODEL
 from training.config import Config
+from training.train_state import list_checkpoints
 
 
 class RunFolderError(RuntimeError):
@@ -142,7 +143,7 @@ def check_run_folder(out: Path, resume: bool) -> None:
         raise RunFolderError(problem)
     used = [p.name for p in (out / RUN_METRICS, out / RUN_CHECKPOINTS) if p.exists()]
     if used and not resume:
-        go_on = ("continue it" if (out / RUN_CHECKPOINTS).exists()
+        go_on = ("continue it" if list_checkpoints(out / RUN_CHECKPOINTS)  # not a save cut short (step_N.tmp)
                  else "start it over (it saved no checkpoint)")
         raise RunFolderError(f"{out} already holds a training run ({', '.join(used)}); pass --resume to {go_on}, "
                              f"or choose another --output-dir")

@@ -421,7 +421,8 @@ class Trainer:
     def _write_weights(self, path: Path) -> None:
         from tadisr_core.checkpoint import base_metadata, save_model, save_native
 
-        meta = {"train_step": str(self.step)}
+        # the config travels with the weights: a later --resume --force rewrites the run's config.json
+        meta = {"train_step": str(self.step), "training_config": json.dumps(self.cfg.to_dict())}
         if not self.fsdp:
             save_model(self.model, path, meta, backbone=self.save_backbone)
             return
