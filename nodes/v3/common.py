@@ -58,7 +58,8 @@ def tiling_inputs() -> list[io.Input]:
         io.Int.Input("tile", default=size.default_tile, min=size.min_tile, max=size.max_tile,
                      step=size.tile_multiple, tooltip=(
             "Tile size in output pixels (multiple of 8). 768 is what the model was trained for; lower it if VRAM "
-            "is short (out-of-memory also halves it automatically).")),
+            "is short (out-of-memory also halves it automatically; Denoise and Decode keep the tile Encode chose, "
+            "so there encode again with a smaller one).")),
         io.Int.Input("overlap", default=size.default_overlap, min=0, max=size.max_tile - size.tile_multiple,
                      step=size.tile_multiple, tooltip=(
             "Overlap of neighbouring tiles in output pixels (< tile). Tiles are blended with a Hann window; "
