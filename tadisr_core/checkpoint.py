@@ -220,8 +220,9 @@ def verify_manifest(path: str | Path) -> str:
 _RELEASE_HINT = "the release file tadisr_kolors_ftsr_526000.pkl is on Hugging Face: huqiming513/TADiSR-Models"
 
 
-def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
-    """`torch.load(weights_only=True)` after a bounded scan of the pickle (see `safe_pickle`).
+def safe_torch_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> object:
+    """`torch.load(weights_only=True)` after a bounded scan of the pickle (see `safe_pickle`), memory-mapped
+    when `mmap` (the tensors are then read as they are touched).
 
     Every tensor view is also checked to lie inside its storage. CheckpointError names the file.
     """
@@ -233,7 +234,7 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
                                                          f"corrupt download, or another kind of file?)")
     try:
         scan_torch_zip(path)
-        raw = load_torch_file(path)
+        raw = load_torch_file(path, mmap=mmap)
     except (UnsafePickleError, TorchFileError) as e:
         raise CheckpointError(str(e)) from None
     except pickle.UnpicklingError as e:
@@ -248,7 +249,9 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
 
 
 def _torch_load(path: Path) -> dict:
-    raw = safe_torch_load(path)
+    # memory-mapped: another file given as the checkpoint (a 10 GB Kolors UNet .bin) is told apart by its
+    # keys without reading its tensors
+    raw = safe_torch_load(path, mmap=True)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict of state dicts, found {type(raw).__name__}")
     return raw
@@ -363,10 +366,14 @@ def load_checkpoint(path: str | Path, dtypes: dict[str, torch.dtype] | None = No
     try:
         groups = _official_groups(raw, path)
     except CheckpointError as exc:  # a torch zip of another input (a Kolors UNet saved with torch.save)
+        del raw
         kind = weights_kind(path)
         if kind is None:
             raise
         raise _other_input(f"{exc}: it is {kind[0]}", kind[1]) from None
+    del raw
+    # off the memory map: the model holds its own tensors, and the file is not kept open
+    groups = {g: {k: v.clone() for k, v in sd.items()} for g, sd in groups.items()}
     return cast_for_load(Checkpoint(path, "official", _spec_for(groups, path), groups), dtypes or {})
 
 

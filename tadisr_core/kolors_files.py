@@ -205,12 +205,22 @@ def _is_kolors_unet_folder(folder: Path) -> bool:
 
 
 def _files(dirs, exts) -> dict[str, Path]:
+    """The files under `dirs` ending in `exts`, by path relative to their root, following links; each real
+    folder is walked once (a link back to a folder above would repeat its files, or never end)."""
     out: dict[str, Path] = {}
     for root in dirs:
         root = Path(root)
         if not root.is_dir():
             continue
-        for dirpath, _, names in os.walk(root, followlinks=True):
+        seen = {os.path.realpath(root)}
+        for dirpath, subs, names in os.walk(root, followlinks=True):
+            walked = []
+            for sub in sorted(subs):
+                real = os.path.realpath(os.path.join(dirpath, sub))
+                if real not in seen:
+                    seen.add(real)
+                    walked.append(sub)
+            subs[:] = walked
             for name in names:
                 if name.lower().endswith(exts):
                     p = Path(dirpath) / name

@@ -350,3 +350,23 @@ def test_a_newer_pickle_protocol_is_named_with_what_to_do(tiny_dir, tmp_path):
             load_checkpoint(path)
     assert "other than tensors" not in str(err.value)
     assert not [w for w in said if "pickle protocol" in str(w.message)]  # torch's own warning said it first
+
+
+def test_another_large_torch_file_given_as_the_checkpoint_is_not_read_whole(tmp_path):
+    """Review: a torch file given where the TADiSR checkpoint belongs (a 10 GB Kolors UNet .bin) was read
+    whole into memory, and kept while the file was looked at again to say what it is."""
+    path = tmp_path / "diffusion_pytorch_model.bin"
+    torch.save({f"w{i}": torch.zeros(1 << 20) for i in range(64)}, path)  # 256 MiB of tensors
+    # the peak resident size of this process alone (VmHWM; ru_maxrss keeps the parent's across exec)
+    probe = ("import sys\n"
+             "from tadisr_core.checkpoint import CheckpointError, load_checkpoint\n"
+             "def peak_kib():\n"
+             "    return next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM'))\n"
+             "before = peak_kib()\n"
+             "try:\n    load_checkpoint(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n"
+             "print((peak_kib() - before) >> 10)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    message, grown_mib = done.stdout.strip().splitlines()
+    assert "not a TADiSR Kolors checkpoint: missing top-level group(s)" in message, done.stderr[-2000:]
+    assert int(grown_mib) < 64

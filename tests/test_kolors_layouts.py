@@ -788,6 +788,17 @@ def test_a_looping_link_or_an_unreadable_folder_hides_nothing_beside_it(tiny_dir
     assert list_text_encoders(diffusers) == [diffusers / "Kolors"]
 
 
+def test_a_link_back_up_in_a_single_file_folder_lists_each_file_once(layouts, tmp_path):
+    """Review: models/vae (unet, checkpoints) were walked without a record of the folders seen, so a link back
+    to its own folder listed every file about 40 times, each checked again (two such links: a walk that never
+    ends)."""
+    vae = tmp_path / "vae"
+    shutil.copytree(layouts["root"] / "vae", vae)
+    (vae / "again").symlink_to(".")
+    names = list_kolors_candidates([layouts["no_vae"].parent], [], [vae], [])
+    assert names == ["KolorsNoVae + vae/sdxl_vae.safetensors", "KolorsNoVae + vae/sdxl_vae_ldm.safetensors"]
+
+
 def test_torch_format_unets_and_vaes_are_listed_when_their_pickle_passes_the_scan(layouts, tiny_dir, tmp_path,
                                                                                     caplog):
     """Defect: UNet / VAE weights as .bin / .pt / .ckpt / .pth, which the CLI loads, were never listed, and a
