@@ -21,6 +21,9 @@ from .descriptor import part_dtypes
 CONTEXT_BYTES = 700 << 20
 MODES = (("bf16", torch.bfloat16, "none"), ("fp8", torch.float8_e4m3fn, "none"),
          ("fp8 + offload", torch.float8_e4m3fn, "sequential"), ("bf16 + offload", torch.bfloat16, "sequential"))
+# What --dtype auto runs on a GPU without bf16 (before Ampere): the VAE and the joint decoders stay fp32
+# (`descriptor.part_dtypes`). Listed with the needs, never chosen for the GPU table, which assumes bf16.
+NO_BF16_MODE = ("fp16 (auto before Ampere)", torch.float16, "none")
 
 
 def _meta_model(variant: str = "release"):
@@ -96,7 +99,7 @@ def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str 
     for gb in gpus_gb:
         cells = {}
         for tile in tiles:
-            fit = [label for label, _, _ in MODES if need[(label, tile)] <= gb * 1e9 * 0.95]
+            fit = [label for label, _, _ in MODES if need[(label, tile)] <= gb * 2**30 * 0.95]  # "12 GB": GiB
             cells[tile] = fit[0] if fit else None
         rows.append((gb, cells))
     return rows, {k: v / 2**30 for k, v in need.items()}
@@ -106,9 +109,12 @@ def main() -> int:
     """Print the README's VRAM tables (`python -m tadisr_core.memory_plan`)."""
     tiles = (512, 768, 1024)
     rows, need = vram_table(tiles=tiles)
+    label, dtype, offload = NO_BF16_MODE
+    model = _meta_model()
+    need.update({(label, t): needed_bytes(model, dtype, t, offload) / 2**30 for t in tiles})
     print("| mode | " + " | ".join(f"tile {t}" for t in tiles) + " |")
     print("|---|" + "---:|" * len(tiles))
-    for label, _, _ in MODES:
+    for label, _, _ in (NO_BF16_MODE, *MODES):
         print(f"| {label} | " + " | ".join(f"{need[(label, t)]:.1f} GiB" for t in tiles) + " |")
     print()
     print("| GPU | " + " | ".join(f"tile {t}" for t in tiles) + " |")

@@ -251,7 +251,7 @@ def test_the_plan_orders_the_modes_lightest_last_and_the_readme_prints_it(capsys
     it last (the lightest). The README's GPU memory tables are `memory_plan`'s output."""
     from pathlib import Path
 
-    from tadisr_core.memory_plan import MODES, main
+    from tadisr_core.memory_plan import MODES, NO_BF16_MODE, main
 
     main()
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
@@ -259,7 +259,8 @@ def test_the_plan_orders_the_modes_lightest_last_and_the_readme_prints_it(capsys
     assert len(tables) == 2 and all(table in readme for table in tables)
     need, fits = ({row.strip("| ").split(" | ")[0]: row.strip("| ").split(" | ")[1:] for row in table.splitlines()[2:]}
                   for table in tables)                      # mode: GiB at tiles 512, 768, 1024; GPU: mode per tile
-    assert list(need) == [label for label, _, _ in MODES] and MODES[-1][0] == "bf16 + offload"
+    # review: the fp16 that auto runs before Ampere (VAE and decoders in fp32) was left out: it needs the most
+    assert list(need) == [NO_BF16_MODE[0]] + [label for label, _, _ in MODES] and MODES[-1][0] == "bf16 + offload"
     gib = [[float(cell.removesuffix(" GiB")) for cell in cells] for cells in need.values()]
     for tile in range(3):
         column = [row[tile] for row in gib]
