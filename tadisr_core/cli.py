@@ -410,7 +410,8 @@ def add_upscale(sub) -> None:
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs all exist")
     p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars and no closing summary (errors are still printed)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details (tile batch, retries)")
     p.set_defaults(run=run_upscale)
 
