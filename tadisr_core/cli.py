@@ -496,10 +496,11 @@ def _plan_upscale(args: argparse.Namespace) -> list:
 
 
 def _load_for_upscale(args: argparse.Namespace, new_folders: list[Path], prompt_once: Callable | None = None):
-    """`load_model`; on a SetupError the output folders this run made (`new_folders`) are removed again."""
+    """`load_model`; on a SetupError or a stop (Ctrl-C, SIGTERM) the output folders this run made
+    (`new_folders`) are removed again."""
     try:
         return load_model(args, prompt_once)
-    except SetupError:
+    except (SetupError, KeyboardInterrupt):
         for folder in new_folders:  # leave no empty folders behind a run that never started
             with contextlib.suppress(OSError):
                 folder.rmdir()

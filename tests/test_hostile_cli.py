@@ -628,6 +628,19 @@ def test_a_mistyped_input_is_a_setup_error_before_the_model_loads(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_stopped_while_the_model_loads_leaves_no_empty_output_folders(tmp_path, capsys, monkeypatch):
+    """Review: Ctrl-C or SIGTERM while the model loaded left the output folders the run had made (a
+    setup error removed them)."""
+    def interrupted_load(args, prompt_once=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_model", interrupted_load)
+    _png(tmp_path / "a.png")
+    with pytest.raises(KeyboardInterrupt):
+        run(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out" / "sub"), "--model", "demo"], capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_weight_variables_set_for_kolors_do_not_break_the_demo(tmp_path, monkeypatch):
     """Defect: with TADISR_CHECKPOINT set (for the real model) `--model demo` said "give either --model or
     --checkpoint", and TADISR_PROMPT_CACHE gave the demo Kolors' prompt cache."""
