@@ -792,10 +792,11 @@ def test_a_link_back_up_in_a_single_file_folder_lists_each_file_once(layouts, tm
     """Review: models/vae (unet, checkpoints) were walked without a record of the folders seen, so a link back
     to its own folder listed every file about 40 times, each checked again (two such links: a walk that never
     ends)."""
-    vae = tmp_path / "vae"
-    shutil.copytree(layouts["root"] / "vae", vae)
+    diffusers, vae = tmp_path / "diffusers", tmp_path / "vae"
+    shutil.copytree(layouts["no_vae"], diffusers / "KolorsNoVae")  # a folder of its own: other tests add to the
+    shutil.copytree(layouts["root"] / "vae", vae)                  # module's
     (vae / "again").symlink_to(".")
-    names = list_kolors_candidates([layouts["no_vae"].parent], [], [vae], [])
+    names = list_kolors_candidates([diffusers], [], [vae], [])
     assert names == ["KolorsNoVae + vae/sdxl_vae.safetensors", "KolorsNoVae + vae/sdxl_vae_ldm.safetensors"]
 
 
