@@ -169,10 +169,8 @@ def walk_folders(root: str | Path) -> Iterator[Path]:
                 continue
             for name in subs:
                 sub = folder / name
-                real = os.path.realpath(sub)
-                if real in seen:
+                if not _first_visit(seen, sub):
                     continue
-                seen.add(real)
                 try:
                     model = is_model_folder(sub)
                 except OSError:  # unreadable: nothing in it can be loaded
@@ -181,6 +179,16 @@ def walk_folders(root: str | Path) -> Iterator[Path]:
                 if not model:
                     below.append(sub)
         level = below
+
+
+def _first_visit(seen: set[str], folder: str | Path) -> bool:
+    """Whether `folder`'s real path is not in `seen` yet (then added): a walk that follows links takes
+    each real folder once, so a link back up neither repeats its files nor loops."""
+    real = os.path.realpath(folder)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
@@ -214,13 +222,7 @@ def _files(dirs, exts) -> dict[str, Path]:
             continue
         seen = {os.path.realpath(root)}
         for dirpath, subs, names in os.walk(root, followlinks=True):
-            walked = []
-            for sub in sorted(subs):
-                real = os.path.realpath(os.path.join(dirpath, sub))
-                if real not in seen:
-                    seen.add(real)
-                    walked.append(sub)
-            subs[:] = walked
+            subs[:] = [sub for sub in sorted(subs) if _first_visit(seen, os.path.join(dirpath, sub))]
             for name in names:
                 if name.lower().endswith(exts):
                     p = Path(dirpath) / name

@@ -87,14 +87,15 @@ def choose_offload(model_size: int, tile_bytes: int, free_bytes: int, host_low_v
 
 
 def vram_table(gpus_gb=(6, 8, 12, 16, 24), tiles=(512, 768, 1024), variant: str = "release"):
-    """Rows of (GPU GB, {tile: the first of MODES that fits, or None}) plus the needed GiB per mode and
-    tile. MODES go from the most faithful and fastest (bf16) to the lightest (bf16 with offload:
+    """Rows of (GPU GB, {tile: the first of MODES that fits, or None}) plus the needed GiB per mode (and
+    NO_BF16_MODE) and tile. MODES go from the most faithful and fastest (bf16) to the lightest (bf16 with offload:
     fp8 moves the mid block whole, bf16 splits it)."""
     model = _meta_model(variant)
-    placed = {dtype: placed_meta(model, dtype) for dtype in dict.fromkeys(dtype for _, dtype, _ in MODES)}
-    weights = {label: weight_bytes(placed[dtype], offload) for label, dtype, offload in MODES}
+    listed = (NO_BF16_MODE, *MODES)
+    placed = {dtype: placed_meta(model, dtype) for dtype in dict.fromkeys(dtype for _, dtype, _ in listed)}
+    weights = {label: weight_bytes(placed[dtype], offload) for label, dtype, offload in listed}
     need = {(label, tile): needed_bytes(model, dtype, tile, offload, weights[label])
-            for label, dtype, offload in MODES for tile in tiles}
+            for label, dtype, offload in listed for tile in tiles}
     rows = []
     for gb in gpus_gb:
         cells = {}
@@ -109,9 +110,6 @@ def main() -> int:
     """Print the README's VRAM tables (`python -m tadisr_core.memory_plan`)."""
     tiles = (512, 768, 1024)
     rows, need = vram_table(tiles=tiles)
-    label, dtype, offload = NO_BF16_MODE
-    model = _meta_model()
-    need.update({(label, t): needed_bytes(model, dtype, t, offload) / 2**30 for t in tiles})
     print("| mode | " + " | ".join(f"tile {t}" for t in tiles) + " |")
     print("|---|" + "---:|" * len(tiles))
     for label, _, _ in (NO_BF16_MODE, *MODES):
