@@ -7,18 +7,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
-import types
 
-import numpy as np
 import pytest
 import torch
 
-from nodes import attention_view, blocks, convert, graph, host, loaders, model_cache, text_tools, upscale
+from nodes import attention_view, blocks, convert, graph, host, loaders, model_cache, upscale
 from tadisr_core.heatmap import AttentionTiles, channel_groups
 from tadisr_core.prompt import PromptCache
-
-TILE = dict(scale=4.0, tile=64, overlap=16, tile_batch=2)
+from tests.node_fixtures import TILE, random_image
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,40 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def _link_models(root, tiny: dict) -> None:
-    (root / "diffusers").mkdir(parents=True)
-    (root / "tadisr").mkdir()
-    (root / "diffusers" / "tiny-kolors").symlink_to(tiny["kolors"])
-    (root / "diffusers" / "not-kolors").mkdir()  # no unet/ vae/: must not be offered
-    for key in ("checkpoint", "official", "prompt_cache"):
-        (root / "tadisr" / tiny[key].name).symlink_to(tiny[key])
-
-
-@pytest.fixture(scope="module")
-def models_dir(tiny_dir, tmp_path_factory):
-    """A models/ folder with the tiny Kolors folder and checkpoints, used through $TADISR_MODELS_DIR."""
-    root = tmp_path_factory.mktemp("models")
-    _link_models(root, tiny_dir)
-    old = os.environ.get("TADISR_MODELS_DIR")
-    os.environ["TADISR_MODELS_DIR"] = str(root)
-    yield root
-    model_cache.clear()
-    if old is None:
-        os.environ.pop("TADISR_MODELS_DIR", None)
-    else:
-        os.environ["TADISR_MODELS_DIR"] = old
-
-
-@pytest.fixture(scope="module")
-def handle(models_dir):
-    return loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu",
-                              False)
-
-
-def _image(b=1, h=24, w=16, c=3, seed=0):
-    return torch.rand(b, h, w, c, generator=torch.Generator().manual_seed(seed))
 
 
 # -- host fallback and conversions -------------------------------------------------------------
@@ -76,7 +38,7 @@ def test_host_fallback_without_comfyui(models_dir):
 
 
 def test_conversions_round_trip():
-    img = _image(2, 5, 7, 3)
+    img = random_image(2, 5, 7, 3)
     core = convert.image_to_core(img)
     assert core.shape == (2, 3, 5, 7)
     assert torch.equal(convert.image_from_core(core), img)
@@ -110,7 +72,7 @@ def test_sft_checkpoints_and_prompt_caches_are_listed_and_load(models_dir):
         copy = loaders.load_model("tiny-kolors", "tadisr_tiny_copy.sft", "prompt_cache_copy.sft", "fp32", "cpu", False)
         original = loaders.load_model("tiny-kolors", "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32",
                                       "cpu", False)
-        image = _image(1, 8, 8)
+        image = random_image(1, 8, 8)
         assert torch.equal(upscale.upscale(copy, image, **TILE)[0], upscale.upscale(original, image, **TILE)[0])
     finally:
         for path in made:
@@ -236,7 +198,7 @@ def test_single_unet_and_vae_files_load_like_the_folder(files_only_models, handl
     assert loaders.kolors_choices() == [pair] + loaders.demo_choices()
     h = loaders.load_model(pair, "tadisr_tiny.safetensors", "prompt_cache.safetensors", "fp32", "cpu", False)
     assert h.key[0] == loaders.resolve_kolors(pair).key()
-    img = _image(seed=3)
+    img = random_image(seed=3)
     assert torch.equal(upscale.upscale(h, img, **TILE)[0], upscale.upscale(handle, img, **TILE)[0])
 
 
@@ -351,7 +313,7 @@ def test_demo_choice_loads_the_built_in_model_and_ignores_checkpoint_and_cache(m
     assert h.sources["checkpoint"].endswith(f"{name}.safetensors")
     assert h.model.spec.variant == model.spec.variant
     assert h.model.default_color_fix == "wavelet"  # what color_fix "auto" gives the demos
-    img = _image(seed=6)
+    img = random_image(seed=6)
     image, mask, _ = upscale.upscale(h, img, **TILE)
     ref = pipeline.upscale(model, convert.image_to_core(img), 4.0, 64, 16, 2, color_fix="wavelet")
     assert torch.equal(image, convert.image_from_core(ref.image))
@@ -371,7 +333,7 @@ def test_without_demo_weights_the_choices_are_absent_and_explain(models_dir, mon
 
 # -- running -----------------------------------------------------------------------------------
 def test_upscale_gives_scale_times_the_size_for_a_batch(handle):
-    image, mask, att = upscale.upscale(handle, _image(2), **TILE)
+    image, mask, att = upscale.upscale(handle, random_image(2), **TILE)
     assert image.shape == (2, 96, 64, 3) and mask.shape == (2, 96, 64) and att is None
     assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
     assert 0 <= mask.min() and mask.max() <= 1
@@ -379,7 +341,7 @@ def test_upscale_gives_scale_times_the_size_for_a_batch(handle):
 
 
 def test_image_only_when_the_text_mask_is_not_connected(handle):
-    img = _image(2, seed=9)
+    img = random_image(2, seed=9)
     image, mask, _ = upscale.upscale(handle, img, **TILE)
     image_only, zeros, _ = upscale.upscale(handle, img, **TILE, mask=False)
     assert torch.equal(image_only, image)
@@ -389,7 +351,7 @@ def test_image_only_when_the_text_mask_is_not_connected(handle):
 def test_loading_and_running_under_inference_mode_as_comfyui_does(handle):
     """Defect: the prompt K/V cache read the version counter of inference tensors, which ComfyUI's
     inference mode makes of everything a node creates ("Inference tensors do not track version counter")."""
-    img = _image(seed=11)
+    img = random_image(seed=11)
     ref = upscale.upscale(handle, img, **TILE)
     model_cache.clear()
     with torch.inference_mode():
@@ -454,7 +416,7 @@ def test_nodes_that_lead_to_no_output_are_idle_for_the_checks():
 
 @pytest.mark.parametrize("channels", [1, 4])
 def test_gray_and_rgba_inputs(handle, channels):
-    image, mask, _ = upscale.upscale(handle, _image(1, 16, 16, channels), 2.0, 64, 8, 1)
+    image, mask, _ = upscale.upscale(handle, random_image(1, 16, 16, channels), 2.0, 64, 8, 1)
     assert image.shape == (1, 32, 32, 4 if channels == 4 else 3) and mask.shape == (1, 32, 32)
 
 
@@ -466,7 +428,7 @@ def test_gray_and_rgba_inputs(handle, channels):
 ])
 def test_wrong_settings_raise_clear_errors(handle, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        upscale.upscale(handle, _image(), **{**TILE, **kwargs})
+        upscale.upscale(handle, random_image(), **{**TILE, **kwargs})
 
 
 def test_a_tile_refused_at_queue_time_says_tadisr(v3):
@@ -480,14 +442,14 @@ def test_wrong_image_and_model_inputs(handle):
     with pytest.raises(ValueError, match="1, 3 or 4 channels"):
         upscale.upscale(handle, torch.rand(1, 16, 16, 2), **TILE)
     with pytest.raises(ValueError, match="must come from Load TADiSR Model"):
-        upscale.upscale("not a model", _image(), **TILE)
+        upscale.upscale("not a model", random_image(), **TILE)
     with pytest.raises(ValueError, match="connect the output of TADiSR One-Step Denoise"):
-        lat = blocks.encode(handle, _image(), **TILE)
+        lat = blocks.encode(handle, random_image(), **TILE)
         blocks.decode(handle, lat, 2)
 
 
 def test_chained_blocks_equal_the_all_in_one_node(handle):
-    img = _image(2, seed=3)
+    img = random_image(2, seed=3)
     ref_image, ref_mask, _ = upscale.upscale(handle, img, **TILE)
     lat = blocks.encode(handle, img, **TILE)
     lat2, att = blocks.denoise(handle, lat, 2)
@@ -502,7 +464,7 @@ def test_chained_blocks_equal_the_all_in_one_node(handle):
 
 
 def test_text_attention_views(v3, handle):
-    img = _image(2, seed=4)
+    img = random_image(2, seed=4)
     image, _, att = upscale.upscale(handle, img, **TILE, attention=True)
     heat, over = attention_view.view(att, image, "all", "mean", True, "jet", 0.5)
     assert heat.shape == (2, 96, 64) and over.shape == (2, 96, 64, 3)
@@ -564,8 +526,8 @@ def test_memory_is_made_for_the_tiles_the_image_has(handle, monkeypatch):
     from tadisr_core.devices import estimate_tile_bytes
 
     asked = _record_memory_asked(monkeypatch)
-    upscale.upscale(handle, _image(1, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)  # one 24 x 40 tile
-    latents = blocks.encode(handle, _image(1, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)
+    upscale.upscale(handle, random_image(1, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)  # one 24 x 40 tile
+    latents = blocks.encode(handle, random_image(1, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)
     blocks.denoise(handle, latents, tile_batch=8)
     assert asked == [estimate_tile_bytes(handle.model, 24, 40)] * 3
     assert asked[0] < estimate_tile_bytes(handle.model, 768, 768) / 500
@@ -574,11 +536,11 @@ def test_memory_is_made_for_the_tiles_the_image_has(handle, monkeypatch):
 def test_progress_per_tile_and_interrupt_between_tiles(handle, monkeypatch):
     calls = []
     monkeypatch.setattr(host, "progress_reporter", lambda total: lambda done, total: calls.append((done, total)))
-    upscale.upscale(handle, _image(2), **{**TILE, "tile_batch": 1})
+    upscale.upscale(handle, random_image(2), **{**TILE, "tile_batch": 1})
     assert calls[-1][0] == calls[-1][1] == 4 and [c[0] for c in calls] == [1, 2, 3, 4]
 
     calls.clear()
-    upscale.upscale(handle, _image(2), **{**TILE, "tile_batch": 1}, attention=True)
+    upscale.upscale(handle, random_image(2), **{**TILE, "tile_batch": 1}, attention=True)
     assert [c[0] for c in calls] == [1, 2, 3, 4] and {c[1] for c in calls} == {4}  # one fused pass
 
     class Interrupted(Exception):
@@ -594,7 +556,7 @@ def test_progress_per_tile_and_interrupt_between_tiles(handle, monkeypatch):
     monkeypatch.setattr(host, "check_interrupt", check)
     calls.clear()
     with pytest.raises(Interrupted):
-        upscale.upscale(handle, _image(2), **{**TILE, "tile_batch": 1})
+        upscale.upscale(handle, random_image(2), **{**TILE, "tile_batch": 1})
     assert [c[0] for c in calls] == [1]
 
 
@@ -611,7 +573,7 @@ def paper_handle(tmp_path_factory, models_dir):
 
 
 def test_paper_layout_blocks_and_attention(paper_handle):
-    img = _image(1, seed=5)
+    img = random_image(1, seed=5)
     ref_image, ref_mask, att = upscale.upscale(paper_handle, img, **TILE, attention=True)
     lat = blocks.encode(paper_handle, img, **TILE)
     image, mask = blocks.decode(paper_handle, blocks.denoise(paper_handle, lat, 2)[0], 2)
@@ -623,7 +585,7 @@ def test_paper_layout_blocks_and_attention(paper_handle):
 
 def test_blocks_refuse_latents_of_another_loader_naming_the_fix(handle, paper_handle):
     """Defect: Encode with one model, Denoise or Decode with another gave a raw torch channel error."""
-    img = _image(1, seed=5)
+    img = random_image(1, seed=5)
     lat = blocks.encode(paper_handle, img, **TILE)
     fix = r"\(connect one Load TADiSR Model to Encode, One-Step Denoise and Joint Decode\)"
     with pytest.raises(ValueError, match="^TADiSR: these latents were encoded by a model of another architecture"):
@@ -656,177 +618,6 @@ def test_impossible_attention_use_is_refused_before_any_tile(handle, monkeypatch
         graph.check_attention_use(_prompt("up"), "1", 2, groups, captured=False)
     graph.check_attention_use(_prompt("up"), "1", 2, groups)
     graph.check_attention_use(_prompt("all"), "1", 2, groups)
-
-
-# -- text composite and read text -----------------------------------------------------------------
-def test_text_composite_is_the_other_image_outside_the_grown_mask_and_tadisr_inside(handle):
-    image, mask, _ = upscale.upscale(handle, _image(1, 24, 16, seed=6), **TILE)
-    mask = torch.zeros_like(mask)
-    mask[:, 30:40, 20:36] = 0.9  # a "text" block
-    other = _image(1, 48, 32, seed=7)  # half size: resized to TADiSR's size
-    out, used = text_tools.composite(image, mask, other, grow=6, feather=3, threshold=0.5)
-    from tadisr_core.composite import match_size
-
-    resized = convert.image_from_core(match_size(convert.image_to_core(other), 96, 64))
-    grown = torch.zeros(1, 96, 64, dtype=torch.bool)
-    grown[:, 24:46, 14:42] = True
-    core = torch.zeros_like(grown)
-    core[:, 30:40, 20:36] = True  # the text (grown by grow - 2 * feather = 0): fully TADiSR's
-    assert torch.equal(out[~grown], resized[~grown])
-    assert torch.allclose(out[core], image[core], atol=1e-6)
-    assert torch.equal(used == 0, ~grown) and torch.all(used[core] == 1)
-    ring = grown & ~core
-    assert torch.all((used[ring] > 0) & (used[ring] < 1))
-
-
-def test_text_composite_is_tadisrs_on_text_that_touches_the_image_edge(handle):
-    """Defect: the feather blur padded with zeros, so text at the border was blended with the other image."""
-    a, b = _image(1, 16, 16, seed=1), _image(1, 16, 16, seed=2)
-    mask = torch.zeros(1, 16, 16)
-    mask[0, 4:8, 0:6] = 1.0                                # a text line that runs out of the left edge
-    out, used = text_tools.composite(a, mask, b, grow=4, feather=2)
-    assert torch.all(used[0, 4:8, 0:6] == 1) and torch.equal(out[0, 4:8, 0:6], a[0, 4:8, 0:6])
-
-
-def test_text_composite_without_feather_is_a_hard_paste(handle):
-    a, b = _image(2, 8, 8, seed=1), _image(1, 8, 8, seed=2)
-    mask = torch.zeros(1, 8, 8)
-    mask[0, 3, 3] = 1.0
-    out, used = text_tools.composite(a, mask, b, grow=1, feather=0)
-    inside = used[0] == 1
-    assert inside.sum() == 9 and torch.equal(out[0][inside], a[0][inside]) and torch.equal(out[1][~inside],
-                                                                                           b[0][~inside])
-
-
-def test_text_composite_refuses_a_mask_of_another_size_or_batch(v3, handle):
-    a, b = _image(2, 8, 8, seed=1), _image(3, 8, 8, seed=2)
-    with pytest.raises(ValueError, match=r"^TADiSR: the text mask \(16x8\) and the image \(8x8\) differ in size"):
-        v3.TADiSRTextComposite.execute(a, torch.zeros(1, 8, 16), b)  # was stretched to fit without a word
-    with pytest.raises(ValueError, match=r"^TADiSR: batch sizes differ: TADiSR image 2, text mask 1, other image 3"):
-        v3.TADiSRTextComposite.execute(a, torch.zeros(1, 8, 8), b)
-
-
-def test_text_composite_names_the_input_that_is_wrong(handle):
-    """Defect: "TADiSR: TADiSR: the image must be ..." named neither the input nor stopped repeating itself."""
-    a = _image(1, 8, 8)
-    with pytest.raises(ValueError, match=r"^TADiSR: text_mask must be a MASK \[batch, height, width\], got shape "
-                                         r"\(1, 1, 8, 8\)$"):
-        text_tools.composite(a, torch.zeros(1, 1, 8, 8), a)
-    with pytest.raises(ValueError, match=r"^TADiSR: other_image must be \[batch, height, width, channels\]"):
-        text_tools.composite(a, torch.zeros(1, 8, 8), torch.rand(1, 8, 8, 2))
-
-
-def test_text_composite_keeps_the_alpha_of_an_rgba_tadisr_image(handle):
-    """Defect: an RGBA TADiSR image (Upscale keeps alpha) came out of the composite with 3 channels."""
-    rgba, other = _image(1, 8, 8, c=4, seed=1), _image(2, 8, 8, seed=2)
-    mask = torch.zeros(1, 8, 8)
-    mask[0, 2:5, 2:5] = 1.0
-    out, used = text_tools.composite(rgba, mask, other, grow=1, feather=0)
-    rgb, _ = text_tools.composite(rgba[..., :3], mask, other, grow=1, feather=0)
-    assert out.shape == (2, 8, 8, 4) and torch.equal(out[..., :3], rgb)
-    assert torch.equal(out[..., 3], rgba[..., 3].expand(2, -1, -1))
-
-
-class _FakeOCR:
-    """Stands in for RapidOCR's engine: returns fixed lines (the node logic around it is what is tested)."""
-
-    def __call__(self, bgr, **kwargs):
-        class Result:
-            boxes = [[[2, 2], [10, 2], [10, 6], [2, 6]], [[12, 12], [20, 12], [20, 15], [12, 15]]]
-            txts = ("OPEN", "sale")
-            scores = (0.9, 0.8)
-        assert bgr.shape == (16, 24, 3) and bgr.dtype.name == "uint8"
-        return Result()
-
-
-def test_read_text_lines_mask_filter_and_boxes():
-    image = torch.ones(1, 16, 24, 3) * 0.5
-    text, boxes = text_tools.read_text(image, engine=_FakeOCR())
-    assert text == "OPEN\nsale" and boxes.shape == image.shape and not torch.equal(boxes, image)
-    mask = torch.zeros(1, 16, 24)
-    mask[:, 12:16, 12:21] = 1
-    text, _ = text_tools.read_text(image, mask, engine=_FakeOCR())
-    assert text == "sale"
-    text, _ = text_tools.read_text(image, engine=_FakeOCR(), min_score=0.85)
-    assert text == "OPEN"
-    with pytest.raises(ValueError, match="differ in size"):
-        text_tools.read_text(image, torch.zeros(1, 8, 8), engine=_FakeOCR())
-
-
-def test_read_text_pairs_masks_with_images_by_batch_or_refuses(v3):
-    """Defect: 3 images with 2 masks read image 3 through image 2's mask, and 1 image with 2 masks
-    ignored the second mask, both without a word."""
-    images, masks = torch.ones(3, 16, 24, 3) * 0.5, torch.zeros(2, 16, 24)
-    with pytest.raises(ValueError, match=r"^TADiSR: batch sizes differ: image 3, text_mask 2; each must be the same"):
-        v3.TADiSRReadText.execute(images, text_mask=masks)  # refused before any OCR engine is made
-    masks[1, 12:16, 12:21] = 1
-    text, boxes = text_tools.read_text(images[:1], masks, engine=_FakeOCR())
-    assert text == "\n\nsale" and boxes.shape == (2, 16, 24, 3)  # one reading per mask
-    text, _ = text_tools.read_text(images, masks[1:], engine=_FakeOCR())
-    assert text == "sale\n\nsale\n\nsale"
-
-
-def test_a_slanted_line_is_kept_by_the_mask_over_its_box_not_its_bounding_rectangle():
-    """Defect: coverage was the mask's mean over the line's axis-aligned bounding rectangle, so a mask
-    that covered a 30-degree line's whole box scored 0.26 and one over half of it dropped the line."""
-    from PIL import Image, ImageDraw
-
-    from tadisr_core import reading
-
-    box = [(10.0, 40.0), (60.0, 11.0), (65.0, 20.0), (15.0, 49.0)]     # a slanted line's quadrilateral
-    drawn = Image.new("L", (80, 60), 0)
-    ImageDraw.Draw(drawn).polygon(box, fill=255)
-    mask = torch.from_numpy(np.array(drawn, dtype=np.float32) / 255).unsqueeze(0)
-    line = reading.TextLine(box, "SLANT", 0.9)
-    assert reading.mask_coverage(line, mask) == 1.0
-    assert reading.keep_in_mask([line], mask * (torch.rand(mask.shape, generator=torch.Generator().manual_seed(0))
-                                                < 0.5), 0.25) == [line]
-    assert reading.mask_coverage(reading.TextLine([(90.0, 0.0), (99.0, 0.0), (99.0, 5.0), (90.0, 5.0)], "x", 1.0),
-                                 mask) == 0.0                           # outside the image
-
-
-INSTALL_OCR = 'pip install -U "rapidocr>=3.10" "onnxruntime>=1.18"'
-
-
-def test_read_text_without_rapidocr_says_what_to_install(monkeypatch):
-    import importlib.metadata
-
-    from tadisr_core import reading
-
-    assert reading.ocr_unavailable() is None  # the test extra installs both
-    real_version = importlib.metadata.version
-
-    def installed(versions):
-        def version(name):
-            if name not in versions:
-                return real_version(name)
-            if versions[name] is None:
-                raise importlib.metadata.PackageNotFoundError(name)
-            return versions[name]
-        monkeypatch.setattr(importlib.metadata, "version", version)
-
-    installed({"rapidocr": None})
-    assert reading.ocr_unavailable() == f"reading text needs the optional package rapidocr: {INSTALL_OCR}"
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # rapidocr does not depend on it
-    with pytest.raises(RuntimeError, match="^reading text needs the optional packages rapidocr and onnxruntime: "):
-        reading.load_rapidocr()
-    # defects: onnxruntime missing was found only after the upscale ran, in rapidocr's words; rapidocr
-    # before 3.10 downloads its models (offline: an error), before 3.4 refuses our settings
-    installed({"rapidocr": "3.10.0"})
-    assert reading.ocr_unavailable() == f"reading text needs the optional package onnxruntime: {INSTALL_OCR}"
-    monkeypatch.delitem(sys.modules, "onnxruntime")
-    installed({"rapidocr": "3.8.0"})
-    assert reading.ocr_unavailable() == ("reading text needs rapidocr 3.10 or newer (older ones download their "
-                                         f"models), found 3.8.0: {INSTALL_OCR}")
-    installed({"rapidocr": "3.10.0", "onnxruntime": "1.17.3"})  # IR version 9 at most
-    assert reading.ocr_unavailable() == ("reading text needs onnxruntime 1.18 or newer (older ones cannot run "
-                                         f"rapidocr's models), found onnxruntime 1.17.3: {INSTALL_OCR}")
-    installed({"rapidocr": "3.10.0", "onnxruntime": None, "onnxruntime-gpu": "1.17.1"})
-    assert "found onnxruntime-gpu 1.17.1" in reading.ocr_unavailable()
-    installed({"rapidocr": "3.10.0", "onnxruntime": "1.18.0"})
-    monkeypatch.setitem(sys.modules, "rapidocr", None)  # installed, but its import fails
-    with pytest.raises(RuntimeError, match="^rapidocr cannot start .*" + re.escape(INSTALL_OCR)):
-        reading.load_rapidocr()
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
@@ -905,43 +696,11 @@ def test_memory_is_made_for_every_image_of_the_batch(handle, monkeypatch):
     from tadisr_core.devices import estimate_tile_bytes
 
     asked = _record_memory_asked(monkeypatch)
-    upscale.upscale(handle, _image(3, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)
-    latents = blocks.encode(handle, _image(3, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=2)
+    upscale.upscale(handle, random_image(3, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=8)
+    latents = blocks.encode(handle, random_image(3, 6, 10), scale=4.0, tile=768, overlap=256, tile_batch=2)
     blocks.denoise(handle, latents, tile_batch=8)
     assert asked == [3 * estimate_tile_bytes(handle.model, 24, 40), 2 * estimate_tile_bytes(handle.model, 24, 40),
                      3 * estimate_tile_bytes(handle.model, 24, 40)]
-
-
-# -- the V3 declarations, run against a stand-in for comfy_api (not installed here) -----------------
-@pytest.fixture
-def v3(monkeypatch):
-    """nodes.v3 imported with `comfy_api.latest` faked just enough to call the nodes' `execute` (with an
-    empty queued prompt); the real modules, and none of these, are left in sys.modules afterwards."""
-    import dataclasses
-    import importlib
-    from unittest import mock
-
-    import nodes
-
-    io = mock.MagicMock()
-    io.ComfyNode = type("ComfyNode", (), {"hidden": types.SimpleNamespace(prompt={}, unique_id="1")})
-    io.NodeOutput = lambda *outputs: outputs
-    io.Schema = dataclasses.make_dataclass("Schema", [])
-    latest = types.ModuleType("comfy_api.latest")
-    latest.io, latest.ComfyExtension = io, object
-    api = types.ModuleType("comfy_api")
-    api.latest = latest
-    monkeypatch.setitem(sys.modules, "comfy_api", api)
-    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
-    ours = lambda: [name for name in sys.modules if name == "nodes.v3" or name.startswith("nodes.v3.")]  # noqa: E731
-    for name in ours():
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delattr(nodes, "v3", raising=False)
-    yield importlib.import_module("nodes.v3")
-    for name in ours():
-        del sys.modules[name]
-    if hasattr(nodes, "v3"):
-        del nodes.v3
 
 
 def test_library_errors_reach_comfyui_with_the_tadisr_prefix_and_their_type(v3, handle, monkeypatch):
@@ -952,13 +711,13 @@ def test_library_errors_reach_comfyui_with_the_tadisr_prefix_and_their_type(v3, 
     from tadisr_core.kolors_files import KolorsFolderError
 
     upscale_node = v3.TADiSRUpscale
-    x = _image(1, 8, 8) * 255
+    x = random_image(1, 8, 8) * 255
     span = f"{float(x.min()):.3g}..{float(x.max()):.3g}"
     with pytest.raises(ValueError) as err:
         upscale_node.execute(handle, x, **TILE)
     assert str(err.value) == (f"TADiSR: the input image's values span {span}, but the model reads 0..1: map a -1..1 "
                               "image with (x + 1) / 2 and a 0..255 one with x / 255")
-    x = _image(1, 8, 8)
+    x = random_image(1, 8, 8)
     x[0, :2, :3, 0] = float("nan")
     with pytest.raises(NonFiniteError) as err:
         upscale_node.execute(handle, x, **TILE)
@@ -971,7 +730,7 @@ def test_library_errors_reach_comfyui_with_the_tadisr_prefix_and_their_type(v3, 
                                    "cpu", False)
     assert str(err.value) == "TADiSR: " + str(direct.value)
     with pytest.raises(ValueError) as err:  # the pipeline's tiling check, prefixed once
-        upscale_node.execute(handle, _image(1, 8, 8), 4.0, 64, 64, 2)
+        upscale_node.execute(handle, random_image(1, 8, 8), 4.0, 64, 64, 2)
     assert str(err.value) == "TADiSR: overlap must be at least 0 and smaller than tile (64), got 64"
 
     def out_of_memory(*args, **kwargs):
@@ -979,39 +738,8 @@ def test_library_errors_reach_comfyui_with_the_tadisr_prefix_and_their_type(v3, 
 
     monkeypatch.setattr(upscale, "upscale", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError) as err:
-        upscale_node.execute(handle, _image(1, 8, 8), **TILE)
+        upscale_node.execute(handle, random_image(1, 8, 8), **TILE)
     assert str(err.value) == "CUDA out of memory. Tried to allocate 2.00 GiB"
-
-
-def test_read_text_and_text_composite_refuse_an_image_outside_0_to_1_naming_it(v3, handle):
-    """Defect: Read Text clamped a 0..255 image to white and returned '' without a word; Text Composite
-    clamped a 0..255 other_image to white, and NaN in it made the whole output NaN, TADiSR's text too.
-    Now the pipeline's input check refuses them, naming the input."""
-    from tadisr_core.finite import NonFiniteError
-
-    hint = "but the model reads 0..1: map a -1..1 image with (x + 1) / 2 and a 0..255 one with x / 255"
-    bright = _image(1, 8, 8) * 255
-    span = f"{float(bright.min()):.3g}..{float(bright.max()):.3g}"
-    with pytest.raises(ValueError) as err:
-        v3.TADiSRReadText.execute(bright)
-    assert str(err.value) == f"TADiSR: the image's values span {span}, {hint}"
-    with pytest.raises(ValueError, match=r"^the image's values span"):  # the logic itself, engine or not
-        text_tools.read_text(bright, engine=_FakeOCR())
-    tadisr, mask = _image(1, 8, 8, seed=1), torch.ones(1, 8, 8)
-    with pytest.raises(ValueError) as err:
-        v3.TADiSRTextComposite.execute(tadisr, mask, bright)
-    assert str(err.value) == f"TADiSR: the other_image's values span {span}, {hint}"
-    with pytest.raises(ValueError) as err:
-        v3.TADiSRTextComposite.execute(bright, mask, tadisr)
-    assert str(err.value) == f"TADiSR: the tadisr_image's values span {span}, {hint}"
-    broken = _image(1, 8, 8, seed=2)
-    broken[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteError) as err:
-        v3.TADiSRTextComposite.execute(tadisr, mask, broken)
-    assert str(err.value) == ("TADiSR: other_image: 1 non-finite value(s) (NaN/Inf); the image holds NaN or Inf "
-                              "pixels: fix or replace it")
-    out, _ = v3.TADiSRTextComposite.execute(tadisr, mask, _image(1, 8, 8, seed=2) * 1.2 - 0.1)  # overshoot passes
-    assert torch.equal(out, tadisr)
 
 
 def test_whatever_any_node_raises_carries_the_prefix(v3):
