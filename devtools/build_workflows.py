@@ -44,6 +44,7 @@ from nodes.loaders import DEMO_CHOICE, NO_CHECKPOINT
 from tadisr_core.demo import DEMO_INPUTS
 from tadisr_core.descriptor import DESCRIPTOR
 from tadisr_core.model_ref import DEMO_CHECKPOINT
+from tadisr_core.pipeline import output_size, tile_grid
 
 from . import comfy_host
 from .browser import Browser
@@ -62,9 +63,13 @@ BATCH_SCENE = DEMO_INPUTS / "text_scene_2.png"  # what the batch workflow's fold
 # Thumbnails that are not bicubic | TADiSR on the sample sign (see the module doc).
 THUMBNAILS = {"tadisr_upscale": "mask", "tadisr_batch_folder": "batch scene", "tadisr_graph_blocks": "graph"}
 TINY_NAMES = ("tadisr-tiny-kolors", "tadisr_tiny")
+EXAMPLE_SIZE = 768  # ComfyUI's own input/example.png, which the graphs load
+EXAMPLE_OUT = output_size(EXAMPLE_SIZE, EXAMPLE_SIZE, TILING["scale"])
+EXAMPLE_TILES = len(tile_grid(*EXAMPLE_OUT, TILING["tile"], TILING["overlap"]))
 SETUP = ("Model: this graph runs the small demo model built into the pack (kolors = 'demo'), with no download: "
          "a quick look at what TADiSR does, far below the real model's quality. On a CPU it takes minutes: "
-         "about 11 min on 2 cores for ComfyUI's 768 px example.png (a 3072 px output, 16 tiles).\n"
+         f"about 11 min on 2 cores for ComfyUI's {EXAMPLE_SIZE} px example.png (a {EXAMPLE_OUT[0]} px output, "
+         f"{EXAMPLE_TILES} tiles).\n"
          "The real model: put the Kolors diffusers folder in models/diffusers (e.g. models/diffusers/Kolors) and "
          "the TADiSR checkpoint (tadisr_kolors_ftsr_526000.pkl or a .safetensors conversion) in models/tadisr, "
          "press R to refresh, then in Load TADiSR Model choose your Kolors folder as 'kolors' and the checkpoint "
@@ -171,7 +176,7 @@ def _attention_spec() -> dict:
               "overlay on the upscaled image. With the real model, try layers = up and heads = max for sharper maps "
               "(the released model has no mid-block layer). The built-in demo models never learned Kolors' word "
               "'text', so their maps hardly show the text (see their model cards): with them this graph shows "
-              f"the wiring only.\n\n{SETUP}")]
+              f"the wiring only, and heads = max saturates to a flat map (use mean).\n\n{SETUP}")]
     links = [("model", 0, "upscale", "model"), ("image", 0, "upscale", "image"),
              ("upscale", 2, "attention", "attention"), ("upscale", 0, "attention", "image"),
              ("attention", 1, "save_overlay", "images"), ("attention", 0, "heat_to_image", "mask"),
@@ -192,7 +197,8 @@ def _batch_spec() -> dict:
              _note("Upscale a whole folder through the queue. Put the images in ComfyUI/input/tadisr_batch (or type "
                    "an absolute folder). Each run takes the next image (natural order: 2 before 10) and saves it "
                    "as output/tadisr_batch/<name>_00001_.png with <name>_text_mask beside it. Set Run's batch count "
-                   "to the number of images (the 'count' output) and press Run once; after the last image the index "
+                   "to the number of images in the folder (its 'count' output; wire it to a Preview as Text node to "
+                   "see it) and press Run once; after the last image the index "
                    "wraps to the first (or stops, with when_done = stop). A broken file fails only its own run."
                    f"\n\n{SETUP}", height=360)]
     links = [("model", 0, "upscale", "model"), ("folder", 0, "upscale", "image"),
