@@ -9,6 +9,7 @@ natural order (img2 before img10); the index wraps around after the last image, 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections import Counter
@@ -17,7 +18,9 @@ import torch
 
 from . import host
 
+log = logging.getLogger("tadisr")
 WHEN_DONE = ("wrap around", "stop")
+_told: set[tuple[str, int]] = set()   # (folder, count) whose left-out outputs were logged: once, not every run
 
 
 def resolve_folder(folder: str) -> str:
@@ -45,10 +48,18 @@ def natural_key(name: str) -> list:
 
 def list_images(folder: str) -> list[str]:
     """Image file names directly inside `folder`, in natural order: the files the CLI takes from it
-    (`images.walk_images`: its suffixes; hidden names such as a Mac's `._a.png` left out)."""
+    (`images.walk_images`: the formats Pillow reads; hidden names such as a Mac's `._a.png` left out; so are
+    files named like outputs, `batch.looks_like_output`, with a warning, so earlier results are not served)."""
+    from tadisr_core.batch import looks_like_output
     from tadisr_core.images import walk_images
 
-    return sorted((p.name for p in walk_images(folder, recursive=False).files), key=natural_key)
+    names = [p.name for p in walk_images(folder, recursive=False).files]
+    outputs = sum(map(looks_like_output, names))
+    if outputs and (folder, outputs) not in _told:
+        _told.add((folder, outputs))
+        log.warning("TADiSR: %s: left out %d file(s) named like TADiSR outputs (*_x4.png, *_text_mask.png, "
+                    "*_attention.png); rename them to upscale them", folder, outputs)
+    return sorted((name for name in names if not looks_like_output(name)), key=natural_key)
 
 
 def pick(index: int, count: int, when_done: str, folder: str) -> int:
@@ -82,9 +93,11 @@ def chosen_file(folder: str, index: int, when_done: str = "wrap around") -> tupl
     path = resolve_folder(folder)
     names = list_images(path)
     if not names:
-        from tadisr_core.images import IMAGE_SUFFIXES
+        from tadisr_core.images import IMAGE_SUFFIXES, left_out_advice, walk_images
 
-        raise ValueError(f"TADiSR: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
+        advice = left_out_advice(walk_images(path, recursive=False).others)
+        raise ValueError(f"TADiSR: no images ({', '.join(sorted(IMAGE_SUFFIXES))} or another format Pillow reads; "
+                         f"files named like outputs left out) in {path}{advice}")
     return path, names[pick(int(index), len(names), when_done, path)], names
 
 
@@ -92,7 +105,12 @@ def output_stem(name: str, names: list[str]) -> str:
     """The output name of image file `name` of a folder listing `names`: its stem, with the suffix kept
     (`page_jpg`) when another image has the same stem, and `-2`, `-3` in listing order when that name is
     taken too; names are compared ignoring case, as some file systems do. One name per file, so each
-    output can be traced to its file."""
+    output can be traced to its file.
+
+    Not the CLI's naming (`batch.plan_jobs`: `page.jpg` -> `page`, `page.png` -> `page-2`), on purpose: the
+    CLI keeps names stable across runs by reading the input recorded in its earlier outputs, which ComfyUI's
+    Save Image (`prefix_00001_.png`) neither writes nor finds; here the suffix shows at a glance which file an
+    output came from, from the listing alone."""
     shared = Counter(os.path.splitext(other)[0].casefold() for other in names)
     taken: set[str] = set()
     for other in names:

@@ -7,6 +7,7 @@ and the others still run; outputs of a file appear only once the whole file succ
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -23,9 +24,11 @@ from .images import (
     OUTPUT_FORMATS,
     check_writable,
     image_size,
+    left_out_advice,
     read_image,
     recorded_source,
     save_images,
+    scaled_dpi,
     walk_images,
     written_by_us,
 )
@@ -125,8 +128,8 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
                             "name them explicitly to upscale them", path, len(outputs))
             if walk.others:
                 names = ", ".join(p.name for p in sorted(walk.others)[:3]) + (", ..." if len(walk.others) > 3 else "")
-                log.warning("%s: left out %d file(s) that are not images we read (%s)", path, len(walk.others),
-                            names)
+                log.warning("%s: left out %d file(s) that are not images we read (%s)%s", path, len(walk.others),
+                            names, left_out_advice(walk.others))
             if walk.subfolders:
                 log.warning("%s: %d sub-folder(s) not searched; add --recursive to upscale the images in them",
                             path, walk.subfolders)
@@ -163,7 +166,8 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     """Output paths `<name>_x<scale>.<image_format>` (png, jpg or webp), `<name>_text_mask.png` (and
     `<name>_attention.png`); the mask and the heat map are always PNG, exact.
 
-    Files found in folders keep their sub-folder below OUTDIR; a name already taken gets `-2`, `-3`...
+    Files found in folders keep their sub-folder below OUTDIR; a name already taken (ignoring case) gets
+    `-2`, `-3`...
     An input keeps the name whose outputs an earlier run made from it (its image at this scale and
     format, or its text mask, records it), so names do not move when files of the same name (`a.png`,
     `a.jpg`) join or leave the inputs, nor when the format or the scale changes.
@@ -193,27 +197,33 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
 
     placed = [(path, outdir / (path.parent.relative_to(root) if root is not None else Path()), error,
                source_tag(path) if error is None else None) for path, root, error in inputs]
-    in_run = Counter((base, path.stem) for path, base, _, _ in placed)
-    used: set[Path] = set()
+    in_run = Counter(_name_key(base, path.stem) for path, base, _, _ in placed)
+    used: set[str] = set()  # _name_key of the names given so far
     stems: list[str | None] = []
     for path, base, _, source in placed:  # first, the names an earlier run gave these inputs
         kept = next((stem for stem in earlier_names(base, path.stem) if source is not None
-                     and base / stem not in used and made_from(base, stem, source)), None)
+                     and _name_key(base, stem) not in used and made_from(base, stem, source)), None)
         if kept is not None:
-            used.add(base / kept)
+            used.add(_name_key(base, kept))
         stems.append(kept)
     jobs = []
     for (path, base, error, source), stem in zip(placed, stems):
         if stem is None:
-            stem = next(s for s in _stems(path) if base / s not in used)
-            used.add(base / stem)
+            stem = next(s for s in _stems(path) if _name_key(base, s) not in used)
+            used.add(_name_key(base, stem))
         # outputs that record no input (older versions) are taken as this input's only where no other
         # file of its name is in the run or has outputs
-        shared = in_run[base, path.stem] > 1 or len(earlier_names(base, path.stem)) > 1
+        shared = in_run[_name_key(base, path.stem)] > 1 or len(earlier_names(base, path.stem)) > 1
         jobs.append(Job(path, base / f"{stem}{suffix}", base / f"{stem}{MASK_SUFFIX}" if mask else None,
                         base / f"{stem}_attention.png" if attention else None, error, source, shared))
     _refuse_overwrites(jobs)
     return jobs
+
+
+def _name_key(base: Path, stem: str) -> str:
+    """How planned output names are compared: ignoring case, as macOS, Windows and exFAT do, so `Scan.png`
+    and `scan.png` never get two names that are one file there."""
+    return str(base / stem).casefold()
 
 
 def _stems(path: Path):
@@ -269,9 +279,38 @@ def _mask_fits(job: Job) -> bool:
     return job.mask is None or image_size(job.mask) == image_size(job.image)
 
 
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})   # a write that every later file would fail the same way
+
+
+class DiskFull(Exception):
+    """A file's outputs could not be written for want of space (`DISK_FULL`); `record` is its failed Record,
+    whose error names the folder and what to do. The run stops: every later file would fail alike."""
+
+    def __init__(self, record: Record):
+        super().__init__(record.error)
+        self.record = record
+
+
+def _disk_full(exc: BaseException) -> int | None:
+    """The errno of `exc` (or an exception it was raised from) when it is one of `DISK_FULL`, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def not_tried(job: Job, reason: str) -> Record:
+    """The failed Record of a file the run stopped before (`reason`: why)."""
+    return Record(str(job.input), ok=False, error=f"{job.input}: not tried: {reason}")
+
+
 def process_file(model, job: Job, options: Options, *, progress: Callable[[int, int], None] | None = None,
                  cancel: Callable[[], bool] | None = None) -> Record:
-    """Load, upscale and save one file. Failures become a failed Record; cancellation propagates."""
+    """Load, upscale and save one file. Failures become a failed Record; cancellation propagates, and so
+    does a full disk (`DiskFull`, carrying the Record)."""
     rec = Record(str(job.input), ok=False)
     if job.error:
         rec.error = job.error
@@ -302,7 +341,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         items += [(result.mask, job.mask)] if job.mask is not None else []
         if job.attention is not None:
             items.append((result.attention, job.attention))
-        save_images(items, options.quality, job.source)
+        save_images(items, options.quality, job.source, dpi=scaled_dpi(source.dpi, options.scale))
         t3 = time.perf_counter()
     except UpscaleCancelled:
         raise
@@ -310,6 +349,10 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         rec.error = str(exc) if str(job.input) in str(exc) else f"{job.input}: {_error_text(exc)}"
         rec.seconds["total"] = round(time.perf_counter() - t0, 4)
         log.debug("failed on %s", job.input, exc_info=True)
+        if (code := _disk_full(exc)) is not None:
+            rec.error = (f"{job.input}: cannot write its outputs to {job.image.parent}: {os.strerror(code).lower()}; "
+                         f"free space there or choose another output folder (-o)")
+            raise DiskFull(rec) from exc
         return rec
     rec.ok = True
     rec.output_size = [result.image.shape[-1], result.image.shape[-2]]

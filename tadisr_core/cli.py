@@ -181,7 +181,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="fold the LoRA weights into the base weights (default; faster, equal within float "
                         "rounding); --no-merge-lora keeps them separate")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and the VAE / mask-decoder blocks (for GPUs; compiling takes minutes)")
+                   help="torch.compile the UNet and the VAE / mask-decoder blocks (for GPUs: the first tile of each "
+                        "size compiles for minutes; not with --offload sequential)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (often faster on GPU)")
 
 
@@ -191,7 +192,7 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
     launcher, `Ranks.from_rank0`: rank 0 alone loads ChatGLM3)."""
     import torch
 
-    from .devices import place_model, resolve_device, resolve_dtype
+    from .devices import check_compile, place_model, resolve_device, resolve_dtype
 
     if not (args.model or args.kolors or args.checkpoint or args.unet or args.vae):
         from .model_ref import NO_WEIGHTS_HELP
@@ -210,6 +211,7 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
     try:
         if isinstance(args.model, FromEnv):  # named as the user set it, not as a --model they never typed
             resolve_model(args.model, given_as=f"{args.model.var} (environment)")
+        check_compile(args.compile, args.offload)
         device = resolve_device(args.device)
         alone = bool(args.model) and runs_alone(args.model)
         dtype = resolve_dtype(args.dtype, device, fp16_safe=not alone)
@@ -408,7 +410,9 @@ def add_upscale(sub) -> None:
     p.add_argument("--quality", type=_quality, default=DEFAULT_QUALITY,
                    help=f"JPEG / WebP quality, 1 to 100 (default {DEFAULT_QUALITY}; WebP at 100 is lossless)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
-    p.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs all exist")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose outputs all exist (complete, made from the same input); without it "
+                        "TADiSR's own earlier outputs are replaced (files it did not write never are)")
     p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars and no closing summary (errors are still printed)")
@@ -522,7 +526,7 @@ def _check_attention_columns(model, args: argparse.Namespace) -> None:
 def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] | None, model) -> int:
     from tqdm.auto import tqdm
 
-    from .batch import Options, process_file, shard
+    from .batch import DiskFull, Options, not_tried, process_file, shard
     from .pipeline import UpscaleCancelled
 
     rank, world = ranks.rank, ranks.world
@@ -544,7 +548,7 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
     files_bar = tqdm(total=len(jobs), unit="file", disable=quiet or len(jobs) < 2, position=0)
     with _Interrupt(term_stops=world > 1) as interrupt:
         stop = cancel or interrupt
-        for job in jobs:
+        for k, job in enumerate(jobs):
             bar = tqdm(unit="tile", desc=job.input.name, leave=False, disable=quiet, position=1 if len(jobs) > 1 else 0)
 
             def progress(done: int, total: int, bar=bar) -> None:
@@ -558,12 +562,22 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
                 cancelled = True
                 print(f"cancelled during {job.input} ({exc}); its outputs were not written", file=sys.stderr)
                 break
+            except DiskFull as exc:  # every later file would fail alike, each after its whole upscale
+                rec, full = exc.record, job.image.parent
+            else:
+                full = None
             finally:
                 bar.close()
             records.append(rec)
             files_bar.update(1)
             if not rec.ok:
                 tqdm.write(f"error: {rec.error}", file=sys.stderr)
+            if full is not None:
+                later = jobs[k + 1:]
+                records += [not_tried(j, f"the run stopped when the disk holding {full} filled up") for j in later]
+                if later:
+                    tqdm.write(f"error: stopped: {len(later)} file(s) not tried", file=sys.stderr)
+                break
         files_bar.close()
         share = {"rank": rank, "records": records, "cancelled": cancelled, "device": str(model.device),
                  "model_load_seconds": round(load_s, 4), "total_seconds": round(time.perf_counter() - t0, 4)}
@@ -587,12 +601,15 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
     return EXIT_FAILED if any(not r.ok for s in shares for r in s["records"]) else EXIT_OK
 
 
+LISTED_FAILURES = 20   # failed files the closing summary names one by one (--json lists all)
+
+
 def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned: int, quiet: bool,
                     lost: list[int], world: int) -> None:
     """Rank 0's report for the whole run (`shares`: the records of every rank of `world` but the `lost`
     ones, which stopped without handing theirs over): the --json document on stdout, or one summary
-    line on stderr that counts the reported files (and, under a launcher, names the failures); a line
-    on stderr names the lost ranks in either case."""
+    line on stderr that counts the reported files, followed by the failed files (the first
+    `LISTED_FAILURES`); a line on stderr names the lost ranks in either case."""
     records = [(s["rank"], r) for s in shares for r in s["records"]]
     failed = [r for _, r in records if not r.ok]
     if lost:
@@ -621,10 +638,11 @@ def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned
         print(f"{len(records) - len(failed) - skipped} of {planned} files written to {args.output}{processes}"
               + (f", {skipped} skipped (their outputs exist)" if skipped else "")
               + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
-        if world > 1:
-            for rank, r in records:
-                if not r.ok:
-                    print(f"  failed (rank {rank}): {r.error}", file=sys.stderr)
+        failures = [(rank, r) for rank, r in records if not r.ok]
+        for rank, r in failures[:LISTED_FAILURES]:
+            print(f"  failed{f' (rank {rank})' if world > 1 else ''}: {r.error}", file=sys.stderr)
+        if len(failures) > LISTED_FAILURES:
+            print(f"  and {len(failures) - LISTED_FAILURES} more failed; --json lists them all", file=sys.stderr)
 
 
 def run_prompt_cache(args) -> int:
@@ -640,22 +658,24 @@ def run_prompt_cache(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SetupError(f"{out} exists; pass --force to overwrite it")
+    from .descriptor import dtype_name
     from .devices import DTYPES, is_oom, resolve_device
-    from .prompt import text_encoder_device
+    from .prompt import chatglm_dtype, text_encoder_device
 
-    dtype = DTYPES[args.dtype]
     _quiet_libraries(messages=not args.verbose)  # transformers' notices about ChatGLM3's remote-code layout
-    device = args.device
+    device, dtype = args.device, args.dtype
     try:
         device = text_encoder_device(args.device, resolve_device("auto"))
+        if dtype == "auto":
+            dtype = dtype_name(chatglm_dtype(device))
         cache = compute_prompt_cache_from_kolors(args.kolors, args.prompt, args.tokens,
-                                                 tuple(args.time_ids), device, dtype)
+                                                 tuple(args.time_ids), device, DTYPES[dtype])
     except (KolorsFolderError, OSError, ValueError) as exc:  # missing, unreadable or wrong Kolors files
         raise SetupError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - anything else from the loaders is still one line (-v: traceback)
         log.debug("computing the prompt cache failed", exc_info=True)
         if is_oom(exc):
-            raise SetupError(_chatglm_memory_advice(str(device), args.dtype)) from None
+            raise SetupError(_chatglm_memory_advice(str(device), dtype)) from None
         raise SetupError(f"cannot compute the prompt cache from --kolors {args.kolors} ({type(exc).__name__}: "
                          f"{exc}); check its ChatGLM3 files (text_encoder/, tokenizer/) or download them again"
                          + ("" if args.verbose else "; run with -v for the traceback")) from None
@@ -672,7 +692,7 @@ def _chatglm_memory_advice(device: str, dtype: str) -> str:
     """What to do when ChatGLM3 ran out of memory computing the prompt cache on `device` in `dtype`."""
     cpu = device.startswith("cpu")
     need = (f"ChatGLM3 in {dtype} needs about {'25' if dtype == 'fp32' else '12.5'} GB of "
-            f"{'RAM' if cpu else 'GPU memory'}" + (" (half that with --dtype bf16)" if dtype == "fp32" else ""))
+            f"{'RAM' if cpu else 'GPU memory'}" + (" (half that with --dtype auto)" if dtype == "fp32" else ""))
     if cpu:
         return (f"out of memory computing the prompt cache on the CPU: {need}; close other programs to free "
                 f"memory, or compute it on a GPU with --device cuda")
@@ -700,9 +720,10 @@ def add_prompt_cache(sub) -> None:
                    metavar=("H", "W", "TOP", "LEFT", "TH", "TW"),
                    help="SDXL size conditioning: original size, crop, target size (default: the 768 tile)")
     p.add_argument("--device", default="cpu",
-                   help="where ChatGLM3 runs (~12.5 GB in bf16): cpu (default), cuda, or auto (the GPU when it has "
-                        "enough free memory, else the CPU)")
-    p.add_argument("--dtype", default="bf16", choices=tuple(COMPUTE_DTYPES))
+                   help="where ChatGLM3 runs (~12.5 GB in fp16 or bf16): cpu (default), cuda, or auto (the GPU "
+                        "when it has enough free memory, else the CPU)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
+                   help="auto: fp16 on a GPU, as Kolors runs ChatGLM3; bf16 on the CPU (fp16 is slow there)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.add_argument("-v", "--verbose", action="store_true", help="log details, and the traceback of a failure")
     p.set_defaults(run=run_prompt_cache)

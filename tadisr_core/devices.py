@@ -108,6 +108,15 @@ def check_offload(offload: str) -> None:
         raise ValueError(f"unknown offload mode {offload!r}; choose one of {DESCRIPTOR.offload_modes}")
 
 
+def check_compile(compile: bool, offload: str) -> None:
+    """ValueError for `compile` with sequential offload: its hooks move each block's weights while the
+    compiled code runs, which makes torch.compile trace them again and again (loaders say it before any
+    weight is read)."""
+    if compile and offload == "sequential":
+        raise ValueError("compile and sequential offload do not go together (the offload moves the weights under "
+                         "the compiled code, which then compiles again and again): choose one")
+
+
 def place_model(model, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                 offload: str = "none", channels_last: bool = False, compile: bool = False):
     """The one function that puts a TADiSR model where and how it runs. Returns the model.
@@ -147,6 +156,15 @@ def place_model(model, device: torch.device | str | None = None, dtype: torch.dt
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
+        from .lowvram import sequential_offload_device
+
+        check_compile(compile, "sequential" if sequential_offload_device(model) is not None else "none")
+        where = next(model.unet.parameters()).device
+        if where.type == "cpu":
+            log.warning("compile on the CPU: the first tile of each size compiles for minutes (7 min for a demo "
+                        "tile on one core) and later tiles gain little; leave it off on the CPU")
+        else:
+            log.info("compile: the first tile of each size compiles for minutes; later tiles reuse it")
         for module in compile_targets(model):
             module.compile(dynamic=False)
     return model

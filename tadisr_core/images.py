@@ -14,7 +14,9 @@ Reading gives float32 [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA) as the us
   applied instead (`_to_srgb`): CMYK becomes sRGB RGB, gray stays gray (at its bit depth) on sRGB's
   tone curve, and the sRGB profile is returned, so outputs show the colours and tones the input had.
 * a transparency key (tRNS of palette, gray and RGB PNGs) becomes alpha (RGBA, gray repeated; a 16-bit
-  gray PNG keeps its 16-bit levels).
+  gray PNG keeps its 16-bit levels);
+* the resolution (PNG pHYs, JPEG JFIF, TIFF, else EXIF X/YResolution) is returned in dots per inch, so
+  outputs can print at the input's size (`scaled_dpi`).
 
 Pillow reads 16-bit-per-channel colour PNGs at 8 bits per channel; a warning says so.
 Saving writes 8 bits per channel, as PNG, JPEG or WebP by the file's suffix (`OUTPUT_FORMATS`), tagged
@@ -45,7 +47,11 @@ from .finite import check_unit_range
 
 log = logging.getLogger("tadisr")
 
+# read always; folder walks take every other suffix Pillow can open too (`image_suffixes`)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".tga"})
+HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})   # iPhone photos: read only with the pillow-heif plugin
+HEIF_ADVICE = "HEIC/HEIF photos need the pillow-heif package (pip install pillow-heif), or convert them to PNG or JPEG"
+_NOT_PICTURES = frozenset({"MPEG"})   # Pillow opens an MPEG video's header but decodes no frame
 DEFAULT_MAX_PIXELS = 64_000_000
 SOFTWARE_TAG = "TADiSR"          # "Software" of every image we write: PNG text, EXIF in JPEG and WebP
 _ROWS_PER_CHUNK = 256            # bounds the float temporaries of the 8-bit conversion
@@ -55,6 +61,9 @@ _D50 = (0.9642, 1.0, 0.8249)    # the ICC profile connection space's white
 _SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)  # IEC 61966-2-1, ICC parametric curve type 3
 _EXIF_SOFTWARE = 0x0131
 _EXIF_DOCUMENT_NAME = 0x010D     # JPEG / WebP: the input an output came from (save_images' `source`)
+_EXIF_RESOLUTION = (0x011A, 0x011B, 0x0128)   # XResolution, YResolution, ResolutionUnit (2 inch, 3 cm)
+_EXIF_ORIENTATION = 0x0112
+_JFIF_MAX_DENSITY = 65535        # JPEG's JFIF density is 16-bit; a higher dpi goes in EXIF only
 _PNG_SOURCE = "TADiSR source"    # PNG: the same, as a text chunk
 _MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}   # the longest side each format can hold (libjpeg: 65500)
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}   # suffix -> Pillow format of what we write
@@ -73,11 +82,65 @@ class ImageFile:
     icc_profile: bytes | None = None  # what outputs carry: RGB as read, sRGB after a gray / CMYK one
     frames: int = 1
     bits: int = 8                   # bits per sample as read
+    dpi: tuple[float, float] | None = None  # (x, y) dots per inch as displayed; None when the file gives none
 
 
 def is_image_file(path: str | Path) -> bool:
-    """Whether `path` has an image suffix we read."""
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+    """Whether `path` has an image suffix we read (`image_suffixes`)."""
+    return Path(path).suffix.lower() in image_suffixes()
+
+
+def image_suffixes() -> frozenset[str]:
+    """The suffixes of the formats the reader decodes: `IMAGE_SUFFIXES` and every other one of Pillow's
+    registered formats it can open here (.avif, .jfif, .pgm, .jp2... as this Pillow's build has them; HEIC
+    when pillow-heif is installed), so a folder walk takes what naming the files would read."""
+    from PIL import Image
+
+    _register_optional_plugins()
+    Image.init()
+    return _pillow_suffixes(len(Image.EXTENSION), len(Image.OPEN))  # registering a plugin grows these
+
+
+@functools.lru_cache(maxsize=4)
+def _pillow_suffixes(_extensions: int, _openers: int) -> frozenset[str]:
+    """`image_suffixes` for the current state of Pillow's plugin registry (the arguments key the cache)."""
+    from PIL import Image
+
+    return IMAGE_SUFFIXES | {ext.lower() for ext, fmt in Image.registered_extensions().items() if _pillow_decodes(fmt)}
+
+
+def _pillow_decodes(fmt: str) -> bool:
+    """Whether Pillow can open and decode format `fmt` here: registered for opening, not a video, not a
+    stub without its handler (BUFR, GRIB, HDF5, WMF off Windows), EPS only with Ghostscript."""
+    from PIL import EpsImagePlugin, Image, ImageFile
+
+    factory = Image.OPEN.get(fmt, (None,))[0]
+    if factory is None or fmt in _NOT_PICTURES:
+        return False
+    if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):  # Pillow < 11: a module global
+        return (getattr(factory, "_handler", None) or getattr(sys.modules.get(factory.__module__), "_handler", None)) \
+            is not None
+    return fmt != "EPS" or bool(EpsImagePlugin.has_ghostscript())
+
+
+@functools.lru_cache(maxsize=None)
+def _register_optional_plugins() -> None:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow when it is installed (once)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    try:
+        register_heif_opener()
+    except Exception as exc:  # noqa: BLE001 - a broken optional plugin must not stop reading other formats
+        log.warning("pillow-heif is installed but could not be registered (%s); HEIC/HEIF files are not read", exc)
+
+
+def left_out_advice(others: list[Path]) -> str:
+    """What to do about files a folder walk left out as not images: `HEIF_ADVICE` when HEIC/HEIF files are
+    among them (Pillow reads them only with pillow-heif), else ""."""
+    heif = sum(Path(p).suffix.lower() in HEIF_SUFFIXES - image_suffixes() for p in others)
+    return f"; {heif} HEIC/HEIF file(s): {HEIF_ADVICE}" if heif else ""
 
 
 @dataclass
@@ -295,10 +358,46 @@ def _deep_gray_key_opacity(im) -> np.ndarray | None:
     return np.asarray(im) != key
 
 
+def _unidentified_reason(path: Path) -> str:
+    """Why Pillow recognised no image in `path`: an empty file, a HEIC/HEIF photo without pillow-heif, or
+    an unknown format."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    if path.suffix.lower() in HEIF_SUFFIXES - image_suffixes():
+        return HEIF_ADVICE
+    return "not an image format Pillow knows (damaged, or another kind of file)"
+
+
+def _read_dpi(im) -> tuple[float, float] | None:
+    """(x, y) dots per inch of an opened image as displayed: Pillow's `info["dpi"]` (PNG pHYs, TIFF, JPEG
+    JFIF; not the 72 Pillow makes up for a JPEG whose EXIF has none), else EXIF X/YResolution in inches or
+    cm (WebP), swapped when the EXIF orientation turns the image a quarter; None when absent, zero or not
+    a number."""
+    exif = im.getexif()
+    dpi = im.info.get("dpi") if im.format != "JPEG" or im.info.get("jfif_unit") in (1, 2) else None
+    unit = exif.get(_EXIF_RESOLUTION[2], 2)
+    try:
+        if dpi is None and unit in (2, 3):
+            dpi = [float(exif.get(tag, 0)) * (2.54 if unit == 3 else 1) for tag in _EXIF_RESOLUTION[:2]]
+        x, y = (float(v) for v in dpi)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not (math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0):
+        return None
+    return (y, x) if exif.get(_EXIF_ORIENTATION) in (5, 6, 7, 8) else (x, y)
+
+
+def scaled_dpi(dpi: tuple[float, float] | None, scale: float) -> tuple[float, float] | None:
+    """The resolution of an image upscaled by `scale` that prints at the size `dpi` gave it (None stays None)."""
+    return None if dpi is None else (dpi[0] * scale, dpi[1] * scale)
+
+
 def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     """Read an image file as the user sees it (see the module doc); ImageReadError names the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    _register_optional_plugins()
     path = Path(path)
     limit = max_pixels if max_pixels is not None else max_pixels_limit()
     try:
@@ -315,6 +414,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
             args = im.tile[0][3] if im.tile else ""
             rawmode = str(args[0] if isinstance(args, tuple) and args else args)
             full_scale = _declared_int_range(im) if im.mode == "I" else 65535.0  # tags are gone after transpose
+            dpi = _read_dpi(im)  # after the tile is read: a PNG's getexif() loads the pixels
             im = ImageOps.exif_transpose(im)
             im.load()
     except ImageReadError:
@@ -327,8 +427,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     except PermissionError:
         raise ImageReadError(f"cannot read {path}: permission denied") from None
     except UnidentifiedImageError:  # Pillow's words name the file object, not the file
-        raise ImageReadError(f"cannot read {path} as an image: not an image format Pillow knows (damaged, or "
-                             f"another kind of file)") from None
+        raise ImageReadError(f"cannot read {path} as an image: {_unidentified_reason(path)}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"cannot read {path} as an image: {exc}") from exc
     if frames > 1:
@@ -345,7 +444,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
         pixels = torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape)
         if opaque is not None:  # as 8-bit gray with a key: RGBA (gray repeated), the key's pixels transparent
             pixels = torch.cat([pixels.expand(-1, 3, -1, -1), torch.from_numpy(opaque).float().view_as(pixels)], 1)
-        return ImageFile(pixels, icc, frames, bits)
+        return ImageFile(pixels, icc, frames, bits, dpi)
     if im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in im.info:
         im = im.convert("RGBA")  # a transparency key (tRNS of palette, gray or RGB PNGs) becomes alpha
     elif im.mode in ("1", "L"):
@@ -356,7 +455,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     if a.ndim == 2:
         a = a[:, :, None]
     pixels = torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-    return ImageFile(pixels, icc, frames, 8)
+    return ImageFile(pixels, icc, frames, 8, dpi)
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
@@ -405,9 +504,9 @@ def _icc_fits(icc: bytes | None, channels: int) -> bool:
 
 
 def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str, quality: int,
-           source: str | None = None) -> None:
+           source: str | None = None, dpi: tuple[float, float] | None = None) -> None:
     """Write `image` to `path` in `image_format` ("PNG", "JPEG", "WEBP") with our Software tag (and the
-    input it came from, `source`)."""
+    input it came from, `source`, and its resolution `dpi`: PNG pHYs, JPEG JFIF and EXIF, WebP EXIF)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -421,14 +520,20 @@ def _write(image: torch.Tensor, path: Path, icc: bytes | None, image_format: str
         if source:
             info.add_text(_PNG_SOURCE, source)
         extra["pnginfo"] = info
+        if dpi:
+            extra["dpi"] = dpi
     else:
         exif = Image.Exif()
         exif[_EXIF_SOFTWARE] = SOFTWARE_TAG
         if source:
             exif[_EXIF_DOCUMENT_NAME] = source
+        if dpi:
+            exif.update(zip(_EXIF_RESOLUTION, (*dpi, 2)))
         extra.update(exif=exif.tobytes(), quality=quality)
         if image_format == "JPEG":
             extra["subsampling"] = 0  # full-resolution colour: 4:2:0 blurs the edges of coloured text
+            if dpi and max(dpi) <= _JFIF_MAX_DENSITY:
+                extra["dpi"] = dpi
         elif quality == 100:
             extra["lossless"] = True
     Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(path, format=image_format, **extra)
@@ -459,10 +564,12 @@ def check_writable(path: str | Path, channels: int, size: tuple[int, int] | None
                          f"px a side); write it as PNG (--format png) or upscale by less (--scale)")
 
 
-def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str | None = None) -> list[Path]:
+def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str | None = None,
+                dpi: tuple[float, float] | None = None) -> list[Path]:
     """Write several 8-bit images, each in the format of its path's suffix (PNG, JPEG at `quality`,
     WebP at `quality`): items are (image, path) or (image, path, icc_profile). `source` names the input
-    they came from in each file (see `recorded_source`).
+    they came from in each file (see `recorded_source`); `dpi`, (x, y) dots per inch, is each file's
+    resolution (see `scaled_dpi`; None writes none).
 
     Images are float [C, H, W] / [1, C, H, W] in 0..1 (values up to `finite.RANGE_SLACK` outside are
     clamped), C = 1, 3 or 4 (anything else, or NaN / Inf, is a ValueError naming the file, and none is
@@ -479,7 +586,7 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str 
             staged.append((tmp, path))
             check_image_tensor(image, path)
             check_writable(path, image.shape[-3])
-            _write(image, tmp, item[2] if len(item) > 2 else None, _format_of(path), quality, source)
+            _write(image, tmp, item[2] if len(item) > 2 else None, _format_of(path), quality, source, dpi)
             os.chmod(tmp, default_file_mode())
         for tmp, path in staged:
             os.replace(tmp, path)
@@ -491,9 +598,9 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str 
 
 
 def save_image(image: torch.Tensor, path: str | Path, icc_profile: bytes | None = None,
-               quality: int = DEFAULT_QUALITY) -> Path:
+               quality: int = DEFAULT_QUALITY, dpi: tuple[float, float] | None = None) -> Path:
     """Write one 8-bit image (PNG, JPEG or WebP by the suffix), atomically (see `save_images`)."""
-    return save_images([(image, path, icc_profile)], quality)[0]
+    return save_images([(image, path, icc_profile)], quality, dpi=dpi)[0]
 
 
 def _complete(path: Path, image_format: str) -> bool:

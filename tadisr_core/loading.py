@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,8 @@ from .lora import merge_lora
 from .model import TADiSRModel
 from .prompt import PromptCache, compute_prompt_cache_from_kolors, text_encoder_device
 from .streaming import fit_shape
+
+log = logging.getLogger("tadisr")
 
 
 def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device: str | torch.device = "cpu",
@@ -125,6 +128,18 @@ def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
         p.data = storage
 
 
+def _warn_of_another_prompt(ckpt: Checkpoint, prompt: PromptCache, given: str | Path | PromptCache | None) -> None:
+    """Warn when the conditioning encodes another prompt than the one the checkpoint was trained with (its
+    metadata says; the release's .pkl does not): the model then runs on conditioning it never saw."""
+    trained = ckpt.metadata.get("prompt")
+    if trained is None or trained == prompt.prompt:
+        return
+    where = f"the prompt cache {given}" if isinstance(given, (str, Path)) else "the prompt conditioning"
+    log.warning("%s was trained with the prompt %r, but %s encodes %r: the output differs from what it learned; "
+                "compute a cache of its prompt with `tadisr prompt-cache --prompt %r`", ckpt.path or "the checkpoint",
+                trained, where, prompt.prompt, trained)
+
+
 def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path | Checkpoint,
                 prompt_cache: str | Path | PromptCache | None = None, *, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", merge_lora_weights: bool = True,
@@ -174,6 +189,7 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     except ValueError as exc:
         where = "" if isinstance(prompt_cache, PromptCache) or prompt_cache is None else f"{prompt_cache}: "
         raise ValueError(f"{where}{exc}") from None
+    _warn_of_another_prompt(ckpt, prompt, prompt_cache)
     spec = dataclasses.replace(spec, prompt_tokens=prompt.prompt_embeds.shape[1],
                                text_hidden=prompt.prompt_embeds.shape[2])
     unet_module = load_unet(files, load_dtype, checked=unet_part)

@@ -163,11 +163,45 @@ def check_settings(scale: float, tile: int, overlap: int, min_tile: int = LATENT
         raise ValueError(f"overlap must be at least 0 and smaller than tile ({tile}), got {overlap}")
 
 
+def fill_transparent(image: torch.Tensor) -> torch.Tensor:
+    """[B, 4, h, w] straight-alpha RGBA with the colour under fully transparent pixels (alpha 0) replaced
+    by the alpha-weighted mean colour of the nearest visible pixels, so that no hidden colour bleeds into
+    soft edges through the bicubic canvas or the model. Partly transparent pixels keep their colour (it is
+    real); an image with no transparent pixel, or no visible one, and any other channel count come back
+    as they are (the same tensor when nothing changes).
+
+    Pull pyramid: colour * alpha and alpha are 2 x 2 average-pooled level by level; at each level a pixel
+    takes the ratio of their 3 x 3 neighbourhood means where that neighbourhood has weight, else the colour
+    of the next coarser level (each level works at its own size: about 4/3 of one full-size pass in all).
+    """
+    if image.shape[1] != 4:
+        return image
+    alpha = image[:, 3:]
+    todo = (alpha == 0) & alpha.flatten(1).amax(1).gt(0).view(-1, 1, 1, 1)
+    if not todo.any():
+        return image
+    level, nears = torch.cat([image[:, :3] * alpha, alpha], 1), []
+    while True:
+        nears.append(F.avg_pool2d(level, 3, stride=1, padding=1))
+        if bool((nears[-1][:, 3:] > 0).all()) or max(level.shape[-2:]) == 1:
+            break
+        level = F.avg_pool2d(level, 2, ceil_mode=True)
+    colour = None
+    for near in reversed(nears):
+        own = near[:, :3] / near[:, 3:].clamp_min(torch.finfo(near.dtype).tiny)
+        if colour is not None:
+            up = colour.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :near.shape[-2], :near.shape[-1]]
+            own = torch.where(near[:, 3:] > 0, own, up)
+        colour = own
+    return torch.cat([torch.where(todo, colour, image[:, :3]), alpha], 1)
+
+
 def upscale_canvas(image: torch.Tensor, scale: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bicubic x `scale` of [B, C, h, w], clamped to 0..1, float32 on `device` (alpha included)."""
+    """Bicubic x `scale` of [B, C, h, w], clamped to 0..1, float32 on `device` (alpha included; the colour
+    under fully transparent pixels is first filled from the visible ones, `fill_transparent`)."""
     h, w = image.shape[-2:]
     size = output_size(h, w, scale)
-    image = image.to(device, torch.float32)
+    image = fill_transparent(image.to(device, torch.float32))
     if size == (h, w):
         return image.clone().clamp_(0, 1)
     return F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp_(0, 1)

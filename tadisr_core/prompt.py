@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,8 @@ class PromptCache:
                     raise ValueError(f"{path} is not a TADiSR prompt cache (metadata format={meta.get('format')!r}); "
                                      f"pass the file written by `tadisr prompt-cache`")
                 tensors = {k: f.get_tensor(k) for k in ("prompt_embeds", "text_embeds", "time_ids")}
-            columns = tuple(int(c) for c in json.loads(meta["text_columns"]))
+            columns = json.loads(meta["text_columns"])
+            prompt = meta["prompt"]
         except (KeyError, TypeError, json.JSONDecodeError, OSError, RuntimeError) as e:
             raise ValueError(f"{path}: not a readable prompt cache ({type(e).__name__}: {e}); pass the .safetensors "
                              f"file written by `tadisr prompt-cache`") from None
@@ -94,12 +96,36 @@ class PromptCache:
                 raise
             raise ValueError(f"{path}: not a prompt cache (.safetensors) or truncated ({e}); pass the file "
                              f"written by `tadisr prompt-cache`") from None
+        problem = _layout_problem(tensors, columns)
+        if problem:
+            raise ValueError(f"{path}: not a prompt cache of one prompt ({problem}); recompute it with `tadisr "
+                             f"prompt-cache`")
         bad = first_problem(tensors)
         if bad:
             raise ValueError(f"{path}: prompt cache tensor {bad[0]} {bad[1]}; recompute it with `tadisr prompt-cache`")
         if meta.get("note"):
             log.warning("%s: %s; delete it to compute it again from the fp16 ChatGLM3", path, meta["note"])
-        return cls(prompt=meta["prompt"], text_columns=columns, note=meta.get("note", ""), **tensors)
+        return cls(prompt=str(prompt), text_columns=tuple(columns), note=meta.get("note", ""),
+                   **{k: v.float() for k, v in tensors.items()})
+
+
+def _layout_problem(tensors: dict[str, torch.Tensor], columns) -> str | None:
+    """What is wrong with a cache's tensors and "text" columns as `PromptCache.save` writes them (prompt_embeds
+    [1, L, H], text_embeds [1, H], time_ids [1, 6], floats; the columns a list of ints in 0..L-1), or None."""
+    embeds, pooled, time_ids = (tensors[k] for k in ("prompt_embeds", "text_embeds", "time_ids"))
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            return f"{name} holds {str(tensor.dtype).replace('torch.', '')}, not floats"
+    if embeds.dim() != 3 or embeds.shape[0] != 1:
+        return f"prompt_embeds is {list(embeds.shape)}, not [1, tokens, width]"
+    if list(pooled.shape) != [1, embeds.shape[2]]:
+        return f"text_embeds is {list(pooled.shape)}, not [1, {embeds.shape[2]}]"
+    if list(time_ids.shape) != [1, 6]:
+        return f"time_ids is {list(time_ids.shape)}, not [1, 6]"
+    tokens = embeds.shape[1]
+    if not isinstance(columns, list) or not all(type(c) is int and 0 <= c < tokens for c in columns):
+        return f"its 'text' columns {columns!r} are not a list of token positions 0..{tokens - 1}"
+    return None
 
 
 def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tuple[int, ...]:
@@ -135,7 +161,7 @@ def compute_prompt_cache(text_encoder, tokenizer, prompt: str = HEATMAP_PROMPT, 
                        prompt, find_word_columns(tokenizer, prompt, "text", max_length))
 
 
-CHATGLM_BYTES = 14 << 30  # ChatGLM3-6B in bf16 plus activations: what computing the cache needs
+CHATGLM_BYTES = 14 << 30  # ChatGLM3-6B in fp16 or bf16 plus activations: what computing the cache needs
 
 
 def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
@@ -312,6 +338,12 @@ def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.
     return compute if free_bytes >= CHATGLM_BYTES else torch.device("cpu")
 
 
+def chatglm_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype ChatGLM3 runs in by default on `device`: fp16 on a GPU (Kolors' own choice, closest to the
+    conditioning Kolors was trained with), bf16 on the CPU (where fp16 is slow and poorly supported)."""
+    return torch.bfloat16 if torch.device(device).type == "cpu" else torch.float16
+
+
 def _weights_variant(folder: Path) -> str | None:
     """"fp16" for a folder that holds only fp16-variant weights (Kolors-diffusers' text_encoder/:
     model.fp16-0000N-of-0000M.safetensors and model.safetensors.index.fp16.json), else None."""
@@ -351,11 +383,12 @@ def _load_chatglm(weights: Path, dtype: torch.dtype):
 def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATMAP_PROMPT, max_length: int = 256,
                                      time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768),
                                      device: str | torch.device = "cpu",
-                                     dtype: torch.dtype = torch.bfloat16) -> PromptCache:
+                                     dtype: torch.dtype | None = None) -> PromptCache:
     """Load ChatGLM3 (any layout `find_text_encoder` accepts), compute the cache, free the encoder.
 
-    The encoder is built on the meta device and its weights streamed in `dtype` (low peak RAM);
-    on the CPU, bf16 needs about 12.5 GB.
+    The encoder is built on the meta device and its weights streamed in `dtype` (low peak RAM); None
+    (`chatglm_dtype`): fp16 on a GPU, as Kolors runs it, bf16 on the CPU (about 12.5 GB either way).
+    The encoder is freed when this returns or raises: an error keeps no frame that holds it.
     """
     from diffusers.pipelines.kolors import ChatGLMTokenizer
 
@@ -369,7 +402,7 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
         raise ValueError(f"{tokenizer_dir / 'tokenizer.model'}: not a readable tokenizer ({exc}); download "
                          f"ChatGLM3's tokenizer/ (Kwai-Kolors/Kolors) again") from None
     find_word_columns(tokenizer, prompt, "text", max_length)  # a prompt that does not fit: said before loading
-    encoder = _load_chatglm(weights, dtype)
+    encoder = _load_chatglm(weights, dtype or chatglm_dtype(device))
     try:
         encoder = encoder.to(device).eval()
         cache = compute_prompt_cache(encoder, tokenizer, prompt, max_length, time_ids)
@@ -381,6 +414,10 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
                              f"its weights are damaged: re-download text_encoder/ (Kwai-Kolors/Kolors) or the "
                              f"ChatGLM3 file, or compute on the CPU (--text-encoder-device cpu)")
         return cache
+    except BaseException as exc:
+        # the traceback's finished frames (the forward pass's) still hold the encoder: drop their locals
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         del encoder
         gc.collect()

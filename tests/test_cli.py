@@ -92,6 +92,37 @@ def test_rgba_alpha_is_the_upscaled_input_alpha(tiny_model, inputs, tmp_path, ca
     assert np.abs(got - ref[0, 0].numpy()).max() <= 0.5 / 255 + 1e-6
 
 
+@pytest.mark.parametrize("image_format", ["png", "jpg", "webp"])
+def test_outputs_keep_the_printed_size_of_the_input(tiny_model, tmp_path, capsys, image_format):
+    """Defect: a 300-dpi scan came out with no resolution (PNG) or at 72 dpi (JPEG): its 4x output printed 16x too
+    large. Now image and mask carry 4 x the input's dpi; an input without one gives outputs without one."""
+    from tadisr_core.images import read_image
+
+    d = tmp_path / "in"
+    d.mkdir()
+    pixels = Image.fromarray(np.random.default_rng(3).integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    pixels.save(d / "scan.png", dpi=(300, 300))
+    pixels.save(d / "photo.jpg", dpi=(300, 150))
+    pixels.save(d / "plain.png")
+    out = tmp_path / "out"
+    rc, _, _ = run_cli(["upscale", str(d), "-o", str(out), "--kolors", "x", "--checkpoint", "y", "--format",
+                        image_format, *FAST], capsys, model=tiny_model)
+    assert rc == 0
+    for name, want in {"scan": (1200, 1200), "photo": (1200, 600)}.items():
+        for path in (out / f"{name}_x4.{image_format}", out / f"{name}_text_mask.png"):
+            with Image.open(path) as im:     # what other programs read:
+                if path.suffix != ".webp":   # PNG pHYs, JPEG JFIF
+                    assert im.info.get("dpi") == pytest.approx(want, abs=0.01), path
+                if path.suffix != ".png":    # EXIF (all WebP has)
+                    assert im.getexif().get(0x011A) == pytest.approx(want[0], abs=0.01), path
+            assert read_image(path).dpi == pytest.approx(want, abs=0.01), path
+    for path in (out / f"plain_x4.{image_format}", out / "plain_text_mask.png"):
+        assert read_image(path).dpi is None
+        with Image.open(path) as im:
+            assert im.info.get("jfif_unit", 0) == 0 and 0x011A not in im.getexif()
+            assert path.suffix != ".png" or "dpi" not in im.info   # (Pillow says 72 for any JPEG with EXIF)
+
+
 @pytest.mark.parametrize("dtype, stored", [("fp32", "float32"), ("fp8_e4m3fn", "float8_e4m3fn")])
 def test_the_json_report_names_the_dtype_the_weights_are_kept_in(tiny_dir, inputs, tmp_path, capsys, dtype, stored):
     """fp8 weights are read in bf16: the report said "bfloat16" for an fp8 run."""

@@ -112,6 +112,27 @@ def test_multi_frame_inputs_warn_and_use_the_first_frame(tmp_path, caplog):
     assert f.pixels[0, 0].mean() > 0.9 and f.pixels[0, 1].mean() < 0.1
 
 
+def _exif(**tags) -> bytes:
+    exif = Image.Exif()
+    exif.update({{"orientation": 0x0112, "x": 0x011A, "y": 0x011B, "unit": 0x0128}[k]: v for k, v in tags.items()})
+    return exif.tobytes()
+
+
+@pytest.mark.parametrize("name, save, dpi", [
+    ("a.png", dict(dpi=(300, 300)), (300, 300)),                            # pHYs (Pillow: 299.9994)
+    ("a.png", dict(dpi=(0, 0)), None),                                      # zero: no resolution
+    ("a.jpg", dict(dpi=(300, 150)), (300, 150)),                            # JFIF
+    ("a.jpg", dict(exif=_exif(orientation=6, x=300.0, y=100.0, unit=2)), (100, 300)),  # turned a quarter
+    ("a.jpg", dict(exif=_exif(orientation=1)), None),                       # not the 72 Pillow makes up
+    ("a.webp", dict(exif=_exif(x=100.0, y=100.0, unit=3)), (254, 254)),     # EXIF in pixels per cm
+    ("a.webp", dict(exif=_exif(x=300.0, y=300.0, unit=1)), None),           # no absolute unit
+])
+def test_the_resolution_is_read_in_dots_per_inch_as_displayed(tmp_path, name, save, dpi):
+    Image.new("RGB", (6, 4), "white").save(tmp_path / name, **save)
+    got = read_image(tmp_path / name).dpi
+    assert got is None if dpi is None else got == pytest.approx(dpi, abs=0.01)
+
+
 def test_icc_profile_is_carried_to_the_output(tmp_path):
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     Image.new("RGB", (5, 5), (10, 20, 30)).save(tmp_path / "icc.png", icc_profile=icc)

@@ -342,3 +342,27 @@ def test_weights_changed_under_offload_are_kept(tiny_model_factory, monkeypatch)
         want = weight.clone()
     assert send_offloaded_block_home(model)
     assert not fake.on_device(weight) and torch.equal(weight, want) and fake.copies["home"] > 0
+
+
+def test_compile_with_sequential_offload_is_refused_and_on_the_cpu_warned_of(tiny_model_factory, monkeypatch,
+                                                                              caplog, tmp_path, capsys):
+    """Defects: compile with sequential offload was taken (its hooks made torch.compile trace the blocks
+    again and again), and on the CPU compile spent minutes on the first tile without a word."""
+    from tadisr_core import cli
+
+    model = tiny_model_factory()
+    FakeDevice(monkeypatch, model.parameters())
+    enable_sequential_offload(model, FakeDevice.DEVICE, home=FakeDevice.HOME)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(self))
+    with pytest.raises(ValueError, match=r"^compile and sequential offload do not go together .*: choose one$"):
+        place_model(model, compile=True)
+    assert compiled == []
+    with caplog.at_level("WARNING", logger="tadisr"):
+        place_model(tiny_model_factory(), compile=True)
+    assert len(compiled) > 1 and any(r.getMessage().startswith("compile on the CPU: the first tile of each size "
+                                                               "compiles for minutes") for r in caplog.records)
+    (tmp_path / "a.png").write_bytes(b"")  # never read: refused before the model loads
+    assert cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", "demo",
+                     "--compile", "--offload", "sequential"]) == 2
+    assert "compile and sequential offload do not go together" in capsys.readouterr().err

@@ -151,3 +151,20 @@ def test_relative_folder_resolves_under_the_input_folder_and_cannot_escape(tmp_p
         with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
             folder_io.resolve_folder(bad)
     assert folder_io.load(str(tmp_path / "outside"), 0, "")[1] == "secret"  # absolute: the user's own archive
+
+
+def test_the_folder_leaves_out_earlier_outputs_and_takes_every_format_the_cli_takes(tmp_path, caplog):
+    """Defects: files named like the CLI's outputs (a_x4.png, a_text_mask.png) were served as inputs and
+    upscaled again (a_text_mask_text_mask); .jfif / .pgm files the CLI's reader takes were not served."""
+    import logging
+
+    from tadisr_core.batch import collect_inputs
+
+    _folder(tmp_path, ["a.png", "a_x4.png", "a_text_mask.png", "b.jfif"])
+    Image.new("L", (6, 4), 90).save(tmp_path / "c.pgm")
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        assert folder_io.list_images(str(tmp_path)) == ["a.png", "b.jfif", "c.pgm"]
+        folder_io.list_images(str(tmp_path))  # said once, not on every queued run
+    assert caplog.text.count(f"{tmp_path}: left out 2 file(s) named like TADiSR outputs") == 1
+    assert folder_io.list_images(str(tmp_path)) == [p.name for p, _, _ in collect_inputs([tmp_path])]
+    assert [folder_io.load(str(tmp_path), i, "")[1] for i in range(3)] == ["a", "b", "c"]

@@ -420,6 +420,20 @@ def test_gray_and_rgba_inputs(handle, channels):
     assert image.shape == (1, 32, 32, 4 if channels == 4 else 3) and mask.shape == (1, 32, 32)
 
 
+def test_colour_under_transparent_pixels_does_not_reach_the_upscale_output(handle):
+    """Defect: a white logo saved with black under its transparent pixels came out with a dark soft edge."""
+    alpha = torch.zeros(1, 16, 16, 1)
+    alpha[:, 4:12, 4:12] = 1
+    alpha[:, 3, 4:12] = alpha[:, 12, 4:12] = 0.5               # the soft edge
+    outs = [upscale.upscale(handle, torch.cat([torch.where(alpha > 0, 1.0, under).expand(-1, -1, -1, 3), alpha],
+                                              -1), 2.0, 64, 8, 1) for under in (0.0, 1.0)]
+    (black, black_mask, _), (white, white_mask, _) = outs
+    seen = black[..., 3:] > 0
+    assert torch.equal(black[..., 3:], white[..., 3:]) and seen.any()
+    assert (black[..., :3] - white[..., :3]).abs().mul(seen).max() < 1e-5
+    assert (black_mask - white_mask).abs().mul(seen[..., 0]).max() < 1e-5
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(scale=9.0), "scale must be between 1 and 8"),
     (dict(scale=0.5), "scale must be between 1 and 8"),

@@ -56,6 +56,45 @@ def test_rgba_keeps_its_upscaled_alpha_and_gray_works(model):
     assert torch.equal(g.image, ref.image)
 
 
+def _logo(under: float) -> torch.Tensor:
+    """A white disc with a soft edge on a transparent background, colour `under` beneath alpha 0 [1, 4, 24, 28]."""
+    yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(28.0), indexing="ij")
+    alpha = (8 - ((yy - 11.5) ** 2 + (xx - 13.5) ** 2).sqrt()).div(3).clamp(0, 1)
+    rgb = torch.where(alpha > 0, torch.ones(3, 24, 28), torch.full((3, 24, 28), under))
+    return torch.cat([rgb, alpha[None]])[None]
+
+
+def test_colour_hidden_under_transparent_pixels_does_not_reach_the_output(model):
+    """Defect: black under alpha 0 gave a grey ring on a white logo's soft edge (white under it gave none)."""
+    black, white = _logo(0.0), _logo(1.0)
+    assert (black[:, 3] > 0).any() and (black[:, 3] < 1).logical_and(black[:, 3] > 0).any()
+    fused = [upscale(model, x, 4, tile_batch=2, **TILE) for x in (black, white)]
+    staged = [decode_tiles(model, denoise_tiles(model, encode_tiles(model, x, 4, tile_batch=2, **TILE)),
+                           tile_batch=2, color_fix="wavelet") for x in (black, white)]
+    for b, w in (fused, staged):
+        seen = b.image[:, 3:] > 0
+        assert torch.equal(b.image[:, 3:], w.image[:, 3:]) and seen.any()
+        assert (b.image[:, :3] - w.image[:, :3]).abs().mul(seen).max() < 1e-5
+        assert (b.mask - w.mask).abs().mul(seen).max() < 1e-5
+
+
+def test_fill_transparent_takes_the_nearest_visible_colour_and_keeps_the_rest():
+    from tadisr_core.pipeline import fill_transparent
+
+    x = torch.zeros(2, 4, 5, 9)
+    x[0, :, :, :2] = torch.tensor([1.0, 0, 0, 1])[:, None, None]      # opaque red on the left
+    x[0, :, :, -1] = torch.tensor([0, 0, 1.0, 0.5])[:, None]          # half-transparent blue on the right
+    x[1, :3] = 0.3                                                    # fully transparent: nothing to take
+    y = fill_transparent(x)
+    assert torch.equal(y[0, :3, :, 2], torch.tensor([1.0, 0, 0])[:, None].expand(3, 5))   # next to red
+    assert torch.equal(y[0, :3, :, -2], torch.tensor([0, 0, 1.0])[:, None].expand(3, 5))  # next to blue
+    assert torch.equal(y[:, 3], x[:, 3]) and torch.equal(y[0, :, :, :2], x[0, :, :, :2])
+    assert torch.equal(y[0, :, :, -1], x[0, :, :, -1]) and torch.equal(y[1], x[1])       # real colours stay
+    opaque = torch.rand(1, 4, 6, 6).clamp_min(0.01)
+    rgb = x[:, :3]
+    assert fill_transparent(opaque) is opaque and fill_transparent(rgb) is rgb
+
+
 def test_batched_tiles_equal_batch_one(model, tiny_model_factory):
     x = torch.rand(1, 3, 23, 37, generator=torch.Generator().manual_seed(2))
     one = upscale(model, x, 4, tile_batch=1, **TILE)

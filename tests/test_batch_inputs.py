@@ -1,0 +1,115 @@
+"""What batch upscaling takes from folders and how it names outputs: every format Pillow reads (not just a
+fixed list), advice for HEIC photos, empty files said to be empty, names that differ only in case."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, features
+
+from tadisr_core import cli, images
+from tadisr_core.batch import collect_inputs, plan_jobs
+
+FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q", "--kolors", "k", "--checkpoint", "c"]
+
+# (file name, Pillow mode, save format): suffixes a fixed list left out, though Pillow reads them here
+EXTRA_FORMATS = [("a.jfif", "RGB", "JPEG"), ("b.jpe", "RGB", "JPEG"), ("c.pgm", "L", "PPM"), ("d.ppm", "RGB", "PPM"),
+                 ("e.pnm", "RGB", "PPM"), ("f.pbm", "1", "PPM")]
+EXTRA_FORMATS += [("g.avif", "RGB", "AVIF")] if features.check("avif") else []
+EXTRA_FORMATS += [("h.jp2", "RGB", "JPEG2000")] if features.check("jpg_2000") else []
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    from tadisr_core.loading import load_tadisr
+
+    return load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
+
+
+def _save(path: Path, mode: str = "RGB", fmt: str | None = None, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).convert(mode).save(path, format=fmt)
+    return path
+
+
+def _upscale(argv: list[str], capsys, model) -> tuple[int, dict | None, str]:
+    try:
+        rc = cli.run_upscale(cli.build_parser().parse_args(["upscale", *argv, *FAST, "--json"]), model=model)
+    except cli.SetupError as exc:
+        print(f"error: {exc}", file=os.sys.stderr)
+        rc = cli.EXIT_SETUP
+    out, err = capsys.readouterr()
+    return rc, json.loads(out) if out.strip() else None, err
+
+
+def test_the_readable_suffixes_come_from_pillow_and_leave_out_what_it_cannot_decode():
+    """Defect: a fixed suffix list (png, jpg, webp, bmp, tif, gif, tga) left out formats Pillow reads."""
+    suffixes = images.image_suffixes()
+    assert images.IMAGE_SUFFIXES <= suffixes
+    assert {name[name.rindex("."):] for name, _, _ in EXTRA_FORMATS} <= suffixes
+    assert not {".mpg", ".mpeg", ".h5", ".grib", ".bufr"} & suffixes  # a video, stubs without their handler
+    assert images.is_image_file("scan.JFIF") and not images.is_image_file("notes.txt")
+
+
+def test_a_folder_of_formats_outside_the_old_list_is_upscaled(tiny_model, tmp_path, capsys):
+    """Defect: a folder of .jfif / .pgm / .avif... files stopped with "nothing to upscale" (exit 2), while the
+    same files named one by one were upscaled."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for k, (name, mode, fmt) in enumerate(EXTRA_FORMATS):
+        _save(d / name, mode, fmt, seed=k)
+    rc, rep, err = _upscale([str(d), "-o", str(tmp_path / "o")], capsys, tiny_model)
+    assert rc == cli.EXIT_OK, err
+    assert [Path(f["input"]).name for f in rep["files"]] == [name for name, _, _ in EXTRA_FORMATS]
+    assert all(f["ok"] for f in rep["files"]) and "not images we read" not in err
+    assert {p.name for p in (tmp_path / "o").iterdir()} >= {f"{Path(n).stem}_x4.png" for n, _, _ in EXTRA_FORMATS}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pillow_heif") is not None, reason="pillow-heif reads HEIC files")
+def test_heic_photos_left_out_or_named_say_to_install_pillow_heif(tmp_path, caplog):
+    """Defect: an iPhone's .heic photos were "not images we read" / "not an image format Pillow knows", with no
+    word of the plugin that reads them."""
+    d = tmp_path / "phone"
+    d.mkdir()
+    _save(d / "a.png")
+    heic = d / "IMG_0001.HEIC"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        found = collect_inputs([d])
+    advice = ("HEIC/HEIF photos need the pillow-heif package (pip install pillow-heif), or convert them to PNG "
+              "or JPEG")
+    assert [p.name for p, _, _ in found] == ["a.png"]
+    assert f"left out 1 file(s) that are not images we read (IMG_0001.HEIC); 1 HEIC/HEIF file(s): {advice}" \
+           in caplog.text
+    with pytest.raises(images.ImageReadError) as err:
+        images.read_image(heic)
+    assert str(err.value) == f"cannot read {heic} as an image: {advice}"
+
+
+def test_an_empty_file_is_said_to_be_empty(tmp_path):
+    """Defect: a zero-byte file (an interrupted copy) read as "not an image format Pillow knows"."""
+    empty = tmp_path / "copied.png"
+    empty.write_bytes(b"")
+    with pytest.raises(images.ImageReadError) as err:
+        images.read_image(empty)
+    assert str(err.value) == f"cannot read {empty} as an image: empty file (0 bytes)"
+
+
+def test_names_that_differ_only_in_case_get_numbered_apart(tmp_path):
+    """Defect: cs1/Scan.png and cs2/scan.png planned into one folder got Scan_x4.png and scan_x4.png: one file on
+    macOS, Windows and exFAT, so the second overwrote the first. Names are now compared ignoring case."""
+    for folder, name in (("cs1", "Scan.png"), ("cs2", "scan.png"), ("cs2", "other.png")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        _save(tmp_path / folder / name)
+    found = collect_inputs([tmp_path / "cs1", tmp_path / "cs2"])
+    jobs = plan_jobs(found, tmp_path / "out", 4)
+    assert [(j.image.name, j.mask.name) for j in jobs] == [("Scan_x4.png", "Scan_text_mask.png"),
+                                                           ("other_x4.png", "other_text_mask.png"),
+                                                           ("scan-2_x4.png", "scan-2_text_mask.png")]
+    assert [j.shared for j in jobs] == [True, False, True]

@@ -1,0 +1,123 @@
+"""The prompt cache as users meet it: files that are not one prompt's conditioning are refused when read,
+naming the file; a checkpoint run on another prompt's conditioning says so; ChatGLM3 runs in the dtype
+Kolors uses and is freed even when encoding fails."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tadisr_core import cli, prompt
+from tadisr_core.loading import load_tadisr
+from tadisr_core.prompt import PromptCache, chatglm_dtype
+
+KW = dict(max_length=32, time_ids=(64, 64, 0, 0, 64, 64))
+
+
+def _write(path, tensors: dict, **meta) -> None:
+    base = {"format": "tadisr-prompt-cache/1", "prompt": "text", "text_columns": "[31]", "tokens": "32"}
+    save_file(tensors, str(path), metadata={k: v for k, v in {**base, **meta}.items() if v is not None})
+
+
+GOOD = {"prompt_embeds": torch.zeros(1, 32, 64), "text_embeds": torch.zeros(1, 64), "time_ids": torch.zeros(1, 6)}
+# Defects: each of these loaded (and failed per image, or never, or with an IndexError and no file name)
+MALFORMED = {
+    "embeds of two dimensions": ({"prompt_embeds": torch.zeros(32, 64)}, {},
+                                 "prompt_embeds is [32, 64], not [1, tokens, width]"),
+    "two prompts": ({"prompt_embeds": torch.zeros(2, 32, 64)}, {}, "prompt_embeds is [2, 32, 64], not [1, tokens, "),
+    "two pooled embeddings": ({"text_embeds": torch.zeros(2, 64)}, {}, "text_embeds is [2, 64], not [1, 64]"),
+    "five time ids": ({"time_ids": torch.zeros(1, 5)}, {}, "time_ids is [1, 5], not [1, 6]"),
+    "integer embeddings": ({"prompt_embeds": torch.zeros(1, 32, 64, dtype=torch.int32)}, {},
+                           "prompt_embeds holds int32, not floats"),
+    "a column past the sequence": ({}, {"text_columns": "[72]"}, "'text' columns [72] are not a list of token "
+                                                                  "positions 0..31"),
+    "columns that are no list": ({}, {"text_columns": '"12"'}, "'text' columns '12' are not a list"),
+    "columns that are no numbers": ({}, {"text_columns": '{"a": 1}'}, "'text' columns {'a': 1} are not a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_cache_that_is_not_one_prompts_conditioning_is_refused_naming_the_file(case, tmp_path):
+    tensors, meta, problem = MALFORMED[case]
+    path = tmp_path / "odd.safetensors"
+    _write(path, {**GOOD, **tensors}, **meta)
+    with pytest.raises(ValueError) as err:
+        PromptCache.load(path)
+    assert str(err.value).startswith(f"{path}: not a prompt cache of one prompt (") and problem in str(err.value)
+    assert str(err.value).endswith("recompute it with `tadisr prompt-cache`")
+
+
+def test_a_cache_without_its_prompt_is_named(tmp_path):
+    """Defect: "cannot load the model (KeyError: 'prompt')", without the file."""
+    path = tmp_path / "no_prompt.safetensors"
+    _write(path, GOOD, prompt=None)
+    with pytest.raises(ValueError, match=rf"^{path}: not a readable prompt cache \(KeyError: 'prompt'\)"):
+        PromptCache.load(path)
+
+
+def test_a_half_precision_cache_is_read_as_float32(tmp_path):
+    path = tmp_path / "half.safetensors"
+    _write(path, {k: v.half() + 1 for k, v in GOOD.items()})
+    cache = PromptCache.load(path)
+    assert {t.dtype for t in (cache.prompt_embeds, cache.text_embeds, cache.time_ids)} == {torch.float32}
+    assert cache.text_columns == (31,) and cache.prompt == "text" and torch.all(cache.prompt_embeds == 1)
+
+
+def test_a_checkpoint_run_on_another_prompts_cache_is_warned_of(tiny_dir, tmp_path, caplog):
+    """Defect: a checkpoint trained on one prompt ran on a cache of another (ComfyUI's auto cache is always
+    the release's prompt) without a word."""
+    other = PromptCache.load(tiny_dir["prompt_cache"])
+    other.prompt = "a photo of a shop sign"
+    other.save(tmp_path / "other.safetensors")
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tmp_path / "other.safetensors")
+    said = [r.getMessage() for r in caplog.records if "was trained with the prompt" in r.getMessage()]
+    assert said == [f"{tiny_dir['checkpoint']} was trained with the prompt 'best quality,highres,extremely "
+                    f"detailed,text', but the prompt cache {tmp_path / 'other.safetensors'} encodes 'a photo of a "
+                    f"shop sign': the output differs from what it learned; compute a cache of its prompt with `tadisr "
+                    f"prompt-cache --prompt 'best quality,highres,extremely detailed,text'`"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])  # its own prompt
+        load_tadisr(tiny_dir["kolors"], tiny_dir["official"], tmp_path / "other.safetensors")  # the .pkl names none
+    assert not [r for r in caplog.records if "was trained with the prompt" in r.getMessage()]
+
+
+def test_chatglm3_runs_in_fp16_on_a_gpu_as_kolors_does_and_bf16_on_the_cpu(tiny_dir, tmp_path, monkeypatch):
+    """Defect: ChatGLM3 always ran in bf16, 3 mantissa bits short of the fp16 Kolors encodes its prompts in."""
+    assert chatglm_dtype("cpu") == torch.bfloat16
+    assert chatglm_dtype("cuda:1") == chatglm_dtype(torch.device("mps")) == torch.float16
+    loaded = []
+    real = prompt._load_chatglm
+    monkeypatch.setattr(prompt, "_load_chatglm", lambda weights, dtype: loaded.append(dtype) or real(weights, dtype))
+    prompt.compute_prompt_cache_from_kolors(tiny_dir["kolors"], **KW)
+    assert loaded == [torch.bfloat16]
+    asked = []
+    monkeypatch.setattr(prompt, "compute_prompt_cache_from_kolors", lambda *a: asked.append(a[-2:]) or
+                        PromptCache.load(tiny_dir["prompt_cache"]))
+    for flags, dtype in (([], torch.bfloat16), (["--dtype", "fp32"], torch.float32)):
+        out = tmp_path / f"cache{len(asked)}.safetensors"
+        assert cli.main(["prompt-cache", "--kolors", str(tiny_dir["kolors"]), "-o", str(out), *flags]) == 0
+        assert asked[-1] == (torch.device("cpu"), dtype)
+
+
+def test_an_encoding_failure_frees_chatglm3(tiny_dir, monkeypatch):
+    """Defect: while the error lived (a CLI message, a ComfyUI error report) its traceback's frames held
+    the 6 B-parameter encoder."""
+    seen = []
+
+    def failing(text_encoder, *args):
+        seen.append(weakref.ref(text_encoder))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(prompt, "compute_prompt_cache", failing)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        prompt.compute_prompt_cache_from_kolors(tiny_dir["kolors"], **KW)
+    gc.collect()
+    assert err.value is not None and len(seen) == 1 and seen[0]() is None
+
