@@ -48,7 +48,7 @@ def natural_key(name: str) -> list:
 
 def list_images(folder: str) -> list[str]:
     """Image file names directly inside `folder`, in natural order: the files the CLI takes from it
-    (`images.walk_images`: the formats Pillow reads; hidden names such as a Mac's `._a.png` left out; so are
+    (`images.walk_images`: the picture formats Pillow reads; hidden names such as a Mac's `._a.png` left out; so are
     files named like outputs, `batch.looks_like_output`, with a warning, so earlier results are not served)."""
     from tadisr_core.batch import looks_like_output
     from tadisr_core.images import walk_images
@@ -96,8 +96,8 @@ def chosen_file(folder: str, index: int, when_done: str = "wrap around") -> tupl
         from tadisr_core.images import IMAGE_SUFFIXES, left_out_advice, walk_images
 
         advice = left_out_advice(walk_images(path, recursive=False).others)
-        raise ValueError(f"TADiSR: no images ({', '.join(sorted(IMAGE_SUFFIXES))} or another format Pillow reads; "
-                         f"files named like outputs left out) in {path}{advice}")
+        raise ValueError(f"TADiSR: no images ({', '.join(sorted(IMAGE_SUFFIXES))} or another picture format "
+                         f"Pillow reads; files named like outputs left out) in {path}{advice}")
     return path, names[pick(int(index), len(names), when_done, path)], names
 
 

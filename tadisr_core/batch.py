@@ -199,11 +199,14 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
                source_tag(path) if error is None else None) for path, root, error in inputs]
     in_run = Counter(_name_key(base, path.stem) for path, base, _, _ in placed)
     used: set[str] = set()  # _name_key of the names given so far
+    kept_names: set[Path] = set()
     stems: list[str | None] = []
     for path, base, _, source in placed:  # first, the names an earlier run gave these inputs
+        # compared exactly: outputs that exist side by side (Scan_x4.png, scan_x4.png) are two files on this disk
         kept = next((stem for stem in earlier_names(base, path.stem) if source is not None
-                     and _name_key(base, stem) not in used and made_from(base, stem, source)), None)
+                     and base / stem not in kept_names and made_from(base, stem, source)), None)
         if kept is not None:
+            kept_names.add(base / kept)
             used.add(_name_key(base, kept))
         stems.append(kept)
     jobs = []

@@ -611,7 +611,8 @@ def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned
     line on stderr that counts the reported files, followed by the failed files (the first
     `LISTED_FAILURES`); a line on stderr names the lost ranks in either case."""
     records = [(s["rank"], r) for s in shares for r in s["records"]]
-    failed = [r for _, r in records if not r.ok]
+    failures = [(rank, r) for rank, r in records if not r.ok]
+    failed = [r for _, r in failures]
     if lost:
         ranks, whose = (f"ranks {', '.join(map(str, lost))}", "their") if len(lost) > 1 else (f"rank {lost[0]}", "its")
         print(f"error: {ranks} of {world} stopped without reporting (killed or crashed; see {whose} output): {whose} "
@@ -638,7 +639,6 @@ def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned
         print(f"{len(records) - len(failed) - skipped} of {planned} files written to {args.output}{processes}"
               + (f", {skipped} skipped (their outputs exist)" if skipped else "")
               + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
-        failures = [(rank, r) for rank, r in records if not r.ok]
         for rank, r in failures[:LISTED_FAILURES]:
             print(f"  failed{f' (rank {rank})' if world > 1 else ''}: {r.error}", file=sys.stderr)
         if len(failures) > LISTED_FAILURES:

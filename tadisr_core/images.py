@@ -47,12 +47,17 @@ from .finite import check_unit_range
 
 log = logging.getLogger("tadisr")
 
-# read always; folder walks take every other suffix Pillow can open too (`image_suffixes`)
+# read always; folder walks take the other suffixes of `PICTURE_FORMATS` Pillow can open too (`image_suffixes`)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".tga"})
 HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})   # iPhone photos: read only with the pillow-heif plugin
 HEIF_ADVICE = "HEIC/HEIF photos need the pillow-heif package (pip install pillow-heif), or convert them to PNG or JPEG"
-_NOT_PICTURES = frozenset({"MPEG"})   # Pillow opens an MPEG video's header but decodes no frame
+# Pillow formats a folder walk takes, where Pillow has their opener: pictures people keep (photos, scans,
+# screenshots), not documents (EPS, PDF), data (FITS, HDF5), animations or video (FLI, MPEG), layered
+# files (PSD) or brushes (GBR), which Pillow also registers; a file named explicitly is read whatever it is
+PICTURE_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "TIFF", "BMP", "DIB", "GIF", "TGA", "AVIF", "HEIF",
+                             "JPEG2000", "PPM", "QOI", "PCX"})
 DEFAULT_MAX_PIXELS = 64_000_000
+MAX_DPI = 1e6                    # a resolution above this is taken for damaged metadata (read as none)
 SOFTWARE_TAG = "TADiSR"          # "Software" of every image we write: PNG text, EXIF in JPEG and WebP
 _ROWS_PER_CHUNK = 256            # bounds the float temporaries of the 8-bit conversion
 _PNG_END = b"IEND\xaeB`\x82"
@@ -91,9 +96,9 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def image_suffixes() -> frozenset[str]:
-    """The suffixes of the formats the reader decodes: `IMAGE_SUFFIXES` and every other one of Pillow's
-    registered formats it can open here (.avif, .jfif, .pgm, .jp2... as this Pillow's build has them; HEIC
-    when pillow-heif is installed), so a folder walk takes what naming the files would read."""
+    """The suffixes a folder walk takes: `IMAGE_SUFFIXES` and those Pillow registers for the other
+    `PICTURE_FORMATS` it can open here (.avif, .jfif, .pgm, .jp2... as this Pillow's build has them; HEIC
+    when pillow-heif is installed)."""
     from PIL import Image
 
     _register_optional_plugins()
@@ -110,17 +115,10 @@ def _pillow_suffixes(_extensions: int, _openers: int) -> frozenset[str]:
 
 
 def _pillow_decodes(fmt: str) -> bool:
-    """Whether Pillow can open and decode format `fmt` here: registered for opening, not a video, not a
-    stub without its handler (BUFR, GRIB, HDF5, WMF off Windows), EPS only with Ghostscript."""
-    from PIL import EpsImagePlugin, Image, ImageFile
+    """Whether format `fmt` is one of `PICTURE_FORMATS` and Pillow here has its opener (MPO: JPEG's)."""
+    from PIL import Image
 
-    factory = Image.OPEN.get(fmt, (None,))[0]
-    if factory is None or fmt in _NOT_PICTURES:
-        return False
-    if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):  # Pillow < 11: a module global
-        return (getattr(factory, "_handler", None) or getattr(sys.modules.get(factory.__module__), "_handler", None)) \
-            is not None
-    return fmt != "EPS" or bool(EpsImagePlugin.has_ghostscript())
+    return fmt in PICTURE_FORMATS and ("JPEG" if fmt == "MPO" else fmt) in Image.OPEN
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,10 +134,15 @@ def _register_optional_plugins() -> None:
         log.warning("pillow-heif is installed but could not be registered (%s); HEIC/HEIF files are not read", exc)
 
 
+def _needs_pillow_heif(path: str | Path) -> bool:
+    """Whether `path` is named as a HEIC/HEIF photo, which this Pillow cannot read (no pillow-heif)."""
+    return Path(path).suffix.lower() in HEIF_SUFFIXES - image_suffixes()
+
+
 def left_out_advice(others: list[Path]) -> str:
     """What to do about files a folder walk left out as not images: `HEIF_ADVICE` when HEIC/HEIF files are
     among them (Pillow reads them only with pillow-heif), else ""."""
-    heif = sum(Path(p).suffix.lower() in HEIF_SUFFIXES - image_suffixes() for p in others)
+    heif = sum(map(_needs_pillow_heif, others))
     return f"; {heif} HEIC/HEIF file(s): {HEIF_ADVICE}" if heif else ""
 
 
@@ -364,7 +367,7 @@ def _unidentified_reason(path: Path) -> str:
     with contextlib.suppress(OSError):
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-    if path.suffix.lower() in HEIF_SUFFIXES - image_suffixes():
+    if _needs_pillow_heif(path):
         return HEIF_ADVICE
     return "not an image format Pillow knows (damaged, or another kind of file)"
 
@@ -372,8 +375,8 @@ def _unidentified_reason(path: Path) -> str:
 def _read_dpi(im) -> tuple[float, float] | None:
     """(x, y) dots per inch of an opened image as displayed: Pillow's `info["dpi"]` (PNG pHYs, TIFF, JPEG
     JFIF; not the 72 Pillow makes up for a JPEG whose EXIF has none), else EXIF X/YResolution in inches or
-    cm (WebP), swapped when the EXIF orientation turns the image a quarter; None when absent, zero or not
-    a number."""
+    cm (WebP), swapped when the EXIF orientation turns the image a quarter; None when absent, zero, not
+    a number or above `MAX_DPI`."""
     exif = im.getexif()
     dpi = im.info.get("dpi") if im.format != "JPEG" or im.info.get("jfif_unit") in (1, 2) else None
     unit = exif.get(_EXIF_RESOLUTION[2], 2)
@@ -383,7 +386,7 @@ def _read_dpi(im) -> tuple[float, float] | None:
         x, y = (float(v) for v in dpi)
     except (TypeError, ValueError, ZeroDivisionError):
         return None
-    if not (math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0):
+    if not (0 < x <= MAX_DPI and 0 < y <= MAX_DPI):  # NaN fails too; above: damaged (PNG cannot hold it x 4)
         return None
     return (y, x) if exif.get(_EXIF_ORIENTATION) in (5, 6, 7, 8) else (x, y)
 

@@ -180,7 +180,8 @@ def fill_transparent(image: torch.Tensor) -> torch.Tensor:
     todo = (alpha == 0) & alpha.flatten(1).amax(1).gt(0).view(-1, 1, 1, 1)
     if not todo.any():
         return image
-    level, nears = torch.cat([image[:, :3] * alpha, alpha], 1), []
+    rgb, alpha = image[:, :3].float(), alpha.float()  # fp16's coarse alpha means would underflow to 0 (black)
+    level, nears = torch.cat([rgb * alpha, alpha], 1), []
     while True:
         nears.append(F.avg_pool2d(level, 3, stride=1, padding=1))
         if bool((nears[-1][:, 3:] > 0).all()) or max(level.shape[-2:]) == 1:
@@ -193,7 +194,7 @@ def fill_transparent(image: torch.Tensor) -> torch.Tensor:
             up = colour.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :near.shape[-2], :near.shape[-1]]
             own = torch.where(near[:, 3:] > 0, own, up)
         colour = own
-    return torch.cat([torch.where(todo, colour, image[:, :3]), alpha], 1)
+    return torch.cat([torch.where(todo, colour, rgb), alpha], 1).to(image.dtype)
 
 
 def upscale_canvas(image: torch.Tensor, scale: float, device: torch.device | str = "cpu") -> torch.Tensor:

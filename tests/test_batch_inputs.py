@@ -53,7 +53,10 @@ def test_the_readable_suffixes_come_from_pillow_and_leave_out_what_it_cannot_dec
     suffixes = images.image_suffixes()
     assert images.IMAGE_SUFFIXES <= suffixes
     assert {name[name.rindex("."):] for name, _, _ in EXTRA_FORMATS} <= suffixes
-    assert not {".mpg", ".mpeg", ".h5", ".grib", ".bufr"} & suffixes  # a video, stubs without their handler
+    assert ".mpo" in suffixes  # a JPEG-family photo (3D cameras), opened by JPEG's opener
+    # videos, data, documents, layered files, brushes, raw dumps: formats Pillow registers that are no pictures
+    assert not {".mpg", ".mpeg", ".h5", ".grib", ".bufr", ".fits", ".ps", ".eps", ".pdf", ".psd", ".gbr", ".fli",
+                ".rgb", ".im"} & suffixes
     assert images.is_image_file("scan.JFIF") and not images.is_image_file("notes.txt")
 
 
@@ -113,3 +116,24 @@ def test_names_that_differ_only_in_case_get_numbered_apart(tmp_path):
                                                            ("other_x4.png", "other_text_mask.png"),
                                                            ("scan-2_x4.png", "scan-2_text_mask.png")]
     assert [j.shared for j in jobs] == [True, False, True]
+
+
+def test_outputs_an_earlier_run_wrote_apart_by_case_keep_their_names(tmp_path):
+    """Defect of the fix above: on a case-sensitive disk, outputs of an earlier run named Scan_x4.png and
+    scan_x4.png (both there, each recording its input) were taken as one name, so scan.png moved to
+    scan-2_x4.png and left its old outputs behind."""
+    import torch
+
+    from tadisr_core.batch import source_tag
+    from tadisr_core.images import save_images
+
+    inputs = [_save(tmp_path / folder / name) for folder, name in (("cs1", "Scan.png"), ("cs2", "scan.png"))
+              if (tmp_path / folder).mkdir() or True]
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in inputs:  # what the run before the fix wrote
+        image = torch.rand(1, 3, 40, 48)
+        save_images([(image, out / f"{path.stem}_x4.png"), (image[:, :1], out / f"{path.stem}_text_mask.png")], 95,
+                    source_tag(path))
+    jobs = plan_jobs(collect_inputs([tmp_path / "cs1", tmp_path / "cs2"]), out, 4)
+    assert [(j.input, j.image.name) for j in jobs] == [(inputs[0], "Scan_x4.png"), (inputs[1], "scan_x4.png")]

@@ -121,6 +121,7 @@ def _exif(**tags) -> bytes:
 @pytest.mark.parametrize("name, save, dpi", [
     ("a.png", dict(dpi=(300, 300)), (300, 300)),                            # pHYs (Pillow: 299.9994)
     ("a.png", dict(dpi=(0, 0)), None),                                      # zero: no resolution
+    ("a.png", dict(dpi=(4e7, 4e7)), None),     # damaged: x 4 would not fit PNG's pHYs (failed the file's write)
     ("a.jpg", dict(dpi=(300, 150)), (300, 150)),                            # JFIF
     ("a.jpg", dict(exif=_exif(orientation=6, x=300.0, y=100.0, unit=2)), (100, 300)),  # turned a quarter
     ("a.jpg", dict(exif=_exif(orientation=1)), None),                       # not the 72 Pillow makes up

@@ -93,6 +93,11 @@ def test_fill_transparent_takes_the_nearest_visible_colour_and_keeps_the_rest():
     opaque = torch.rand(1, 4, 6, 6).clamp_min(0.01)
     rgb = x[:, :3]
     assert fill_transparent(opaque) is opaque and fill_transparent(rgb) is rgb
+    far = torch.zeros(1, 4, 512, 512, dtype=torch.float16)   # one faint visible pixel, far from most
+    far[0, :, 0, 0] = torch.tensor([0.8, 0.8, 0.8, 1 / 255])
+    filled = fill_transparent(far)  # defect: fp16's coarse alpha means underflowed, and the fill was black
+    assert filled.dtype == torch.float16 and torch.allclose(filled[0, :3, -1, -1].float(), torch.tensor(0.8),
+                                                            atol=1e-3)
 
 
 def test_batched_tiles_equal_batch_one(model, tiny_model_factory):
