@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves a core to a test server
 
+from tests.cli_runs import *  # noqa: E402,F401,F403  (the CLI tests' tiny model)
 from tests.host_fixtures import *  # noqa: E402,F401,F403  (the real-host fixtures: ComfyUI server, Chromium)
 from tests.node_fixtures import *  # noqa: E402,F401,F403  (the node tests' models folder, model handle, fake comfy_api)
 

@@ -5,36 +5,17 @@ to fail alike."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tadisr_core import batch, cli, images
-
-FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "--kolors", "k", "--checkpoint", "c"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    from tadisr_core.loading import load_tadisr
-
-    return load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
-
-
-def _png(path: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(path)
-    return path
+from tests.cli_runs import FAST, random_png, run_reported
 
 
 def _upscale(argv: list[str], capsys, model) -> tuple[int, dict | None, str]:
-    rc = cli.run_upscale(cli.build_parser().parse_args(["upscale", *argv, *FAST]), model=model)
-    out, err = capsys.readouterr()
-    return rc, json.loads(out) if out.strip() else None, err
+    return run_reported(["upscale", *argv, *FAST], capsys, model=model)
 
 
 def test_the_summary_names_the_failed_files_without_a_launcher(tiny_model, tmp_path, capsys):
@@ -42,7 +23,7 @@ def test_the_summary_names_the_failed_files_without_a_launcher(tiny_model, tmp_p
     once the progress bars had scrolled the per-file errors away; only launched runs listed them."""
     d = tmp_path / "in"
     d.mkdir()
-    _png(d / "a.png")
+    random_png(d / "a.png")
     bad = [d / f"bad{k:02d}.png" for k in range(22)]
     for path in bad:
         path.write_bytes(b"not a png")
@@ -61,7 +42,7 @@ def test_a_full_disk_stops_the_run_naming_the_output_folder(code, tiny_model, tm
     its whole upscale. Now the first names the output folder and what to do, and the rest are not tried."""
     d = tmp_path / "in"
     d.mkdir()
-    inputs = [_png(d / f"{name}.png", k) for k, name in enumerate("abc")]
+    inputs = [random_png(d / f"{name}.png", k) for k, name in enumerate("abc")]
     out = tmp_path / "o"
     upscales, writes = [], []
 

@@ -4,9 +4,7 @@ fixed list), advice for HEIC photos, empty files said to be empty, names that di
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +13,13 @@ from PIL import Image, features
 
 from tadisr_core import cli, images
 from tadisr_core.batch import collect_inputs, plan_jobs
-
-FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q", "--kolors", "k", "--checkpoint", "c"]
+from tests.cli_runs import FAST, run_reported
 
 # (file name, Pillow mode, save format): suffixes a fixed list left out, though Pillow reads them here
 EXTRA_FORMATS = [("a.jfif", "RGB", "JPEG"), ("b.jpe", "RGB", "JPEG"), ("c.pgm", "L", "PPM"), ("d.ppm", "RGB", "PPM"),
                  ("e.pnm", "RGB", "PPM"), ("f.pbm", "1", "PPM")]
 EXTRA_FORMATS += [("g.avif", "RGB", "AVIF")] if features.check("avif") else []
 EXTRA_FORMATS += [("h.jp2", "RGB", "JPEG2000")] if features.check("jpg_2000") else []
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    from tadisr_core.loading import load_tadisr
-
-    return load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
 
 
 def _save(path: Path, mode: str = "RGB", fmt: str | None = None, seed: int = 0) -> Path:
@@ -39,13 +29,7 @@ def _save(path: Path, mode: str = "RGB", fmt: str | None = None, seed: int = 0) 
 
 
 def _upscale(argv: list[str], capsys, model) -> tuple[int, dict | None, str]:
-    try:
-        rc = cli.run_upscale(cli.build_parser().parse_args(["upscale", *argv, *FAST, "--json"]), model=model)
-    except cli.SetupError as exc:
-        print(f"error: {exc}", file=os.sys.stderr)
-        rc = cli.EXIT_SETUP
-    out, err = capsys.readouterr()
-    return rc, json.loads(out) if out.strip() else None, err
+    return run_reported(["upscale", *argv, *FAST, "-q", "--json"], capsys, model=model)
 
 
 def test_the_readable_suffixes_come_from_pillow_and_leave_out_what_it_cannot_decode():

@@ -27,13 +27,6 @@ def weights(tiny_dir) -> list[str]:
             "--prompt-cache", str(tiny_dir["prompt_cache"])]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    from tadisr_core.loading import load_tadisr
-
-    return load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
-
-
 @pytest.fixture
 def inputs(tmp_path) -> Path:
     rng = np.random.default_rng(0)
