@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 # is the CUDA build); https://download.pytorch.org/whl/cpu for the small CPU-only wheel
 TORCH_INDEX ?=
 
-.PHONY: venv demo demo-model demo-model-release test test-deps test-fast lint tiny serve workflows locales registry-check bench clean
+.PHONY: venv demo demo-model demo-model-release test test-deps test-fast lint tiny serve workflows locales registry-check bench device-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -72,6 +72,27 @@ registry-check:  # what the Comfy Registry checks before publishing (comfy-cli i
 
 bench: venv
 	$(VPY) benchmarks/bench_pipeline_cpu.py
+
+# What the lent GPU machine lacks for benchmarks/bench_gpu_full.py, bench_train_step.py and bench_gpu_lowvram.py
+# (its image: Python 3.12, torch 2.11 cu130, peft, transformers, accelerate, safetensors...; no network; the list
+# is in the device tool's KINDS.md), as cp312 x86_64 wheels in .device_wheels/ (git-ignored), pinned to the
+# versions the dev venv tests. importlib_metadata is diffusers' declared need, not imported on 3.12. The run
+# tool carries the folder (carry=[".device_wheels"]); scripts/device_bench.sh installs it offline, --no-deps.
+DEVICE_WHEELS := diffusers==0.42.1 kornia==0.9.0 kornia_rs==0.2.0 importlib_metadata==10.2.0
+DEVICE_WHEELS_DIR := .device_wheels
+device-wheels:
+	rm -rf $(DEVICE_WHEELS_DIR)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(DEVICE_WHEELS_DIR) $(DEVICE_WHEELS)
+	@test $$(ls $(DEVICE_WHEELS_DIR)/*.whl | wc -l) -eq $(words $(DEVICE_WHEELS)) \
+		|| { echo "device-wheels: expected $(words $(DEVICE_WHEELS)) wheels in $(DEVICE_WHEELS_DIR)" >&2; exit 1; }
+	@# what the run tool sends: tracked and untracked-not-ignored files plus the carried wheels, 64 MiB at most
+	@git ls-files -co --exclude-standard -z | $(PY) -c "import os, sys; \
+	tree = sum(os.lstat(n).st_size for n in sys.stdin.buffer.read().split(b'\0') if n and os.path.lexists(n)); \
+	whl = sum(e.stat().st_size for e in os.scandir('$(DEVICE_WHEELS_DIR)')); \
+	print(f'device-wheels: wheels {whl / 2**20:.1f} MiB + working tree {tree / 2**20:.1f} MiB = ' \
+	      f'{(whl + tree) / 2**20:.1f} MiB of the 64 MiB a run may send'); sys.exit((whl + tree) > 60 * 2**20)"
 
 clean:
 	rm -rf $(VENV) .build

@@ -15,15 +15,21 @@ How it measures (so the first GPU run is right):
   * FLOPs come from `torch.utils.flop_counter` on a meta copy of the same model, and the fraction of
     the bf16 peak is FLOPs / time / peak, for the measured dense-matmul rate (8192^3 GEMMs) and, with
     `--peak-tflops`, the datasheet number;
-  * `--job` adds a whole 1024 -> 4096 upscale (64 tiles), with and without the mask.
+  * `--job` adds a whole 1024 -> 4096 upscale (64 tiles), with and without the mask;
+  * each stage's output is checked once for NaN / inf (on its untimed peak-memory run: `finite`);
+  * `--out` is rewritten after every step (build, matmul rate, each tile size, each job mode), and a
+    stage, tile size or job that fails records its error and the run goes on, so a late failure or a
+    timeout keeps what was measured before it (`"complete": false` until the end).
 Random weights give meaningless images but the real compute and memory. Output schema: RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -144,16 +150,40 @@ def summary(seconds: list[float]) -> dict:
             "spread": round((max(seconds) - min(seconds)) / med, 4) if med > 0 else 0.0, "n": len(seconds)}
 
 
-def _peak_bytes(device: torch.device, fn: Callable[[], object]) -> int | None:
+def _peak_bytes(device: torch.device, fn: Callable[[], object]) -> tuple[int | None, object]:
+    """Peak allocated bytes of one run of `fn` beyond what was allocated before it (None off CUDA), and its output."""
     if device.type != "cuda":
-        fn()
-        return None
+        return None, fn()
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    fn()
+    out = fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+    return torch.cuda.max_memory_allocated(device) - base, out
+
+
+def all_finite(out) -> bool:
+    """Whether every floating tensor in a stage's output (tensors, dataclasses, lists, tuples, dicts) is finite."""
+    if isinstance(out, torch.Tensor):
+        return not out.is_floating_point() or bool(torch.isfinite(out).all())
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return all(all_finite(getattr(out, f.name)) for f in dataclasses.fields(out))
+    if isinstance(out, (list, tuple)):
+        return all(all_finite(o) for o in out)
+    if isinstance(out, dict):
+        return all(all_finite(o) for o in out.values())
+    return True
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: message`, cut to 500 characters, for the report."""
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -175,12 +205,20 @@ def stage_times(model, tile: int, repeats: int, warmup: int, batch: int = 1) -> 
     }
     out = {}
     for name, fn in runs.items():
-        for _ in range(warmup):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        peak = _peak_bytes(device, fn)
-        row = summary([timer(fn) for _ in range(repeats)])
+        try:
+            for _ in range(warmup):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            peak, result = _peak_bytes(device, fn)
+            finite = all_finite(result)  # once per stage, outside the timed runs
+            del result
+            row = summary([timer(fn) for _ in range(repeats)])
+        except Exception as exc:  # a failed stage (out of memory, say) is recorded, the rest run
+            out[name] = {"error": error_text(exc)}
+            _free(device)
+            continue
+        row["finite"] = finite
         row["peak_activation_gib"] = None if peak is None else round(peak / 2 ** 30, 3)
         if name.startswith("tile_"):
             row["output_mp_per_s"] = round(batch * tile * tile / 1e6 / row["median_s"], 3)
@@ -201,38 +239,53 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: 
 
 
 @torch.no_grad()
-def job_times(model, lr: int, repeats: int) -> dict:
-    """A whole lr -> 4 lr upscale (tile 768 / overlap 256, auto batch), joint and image-only."""
+def job_times(model, lr: int, repeats: int, on_row: Callable[[str, dict], None] | None = None) -> dict:
+    """A whole lr -> 4 lr upscale (tile 768 / overlap 256, auto batch), joint and image-only; `on_row(mode, row)`
+    after each mode."""
     device, timer = model.device, Timer(model.device)
     x = torch.rand(1, 3, lr, lr)
     out = {}
     for name, mask in (("joint", True), ("image_only", False)):
-        upscale(model, x[..., :192, :192], 4, tile=768, overlap=256, mask=mask)   # warm-up at the tile size
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        job = functools.partial(upscale, model, x, 4, tile=768, overlap=256, mask=mask)
-        row = summary([timer(job) for _ in range(repeats)])
+        try:
+            upscale(model, x[..., :192, :192], 4, tile=768, overlap=256, mask=mask)   # warm-up at the tile size
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            job = functools.partial(upscale, model, x, 4, tile=768, overlap=256, mask=mask)
+            row = summary([timer(job) for _ in range(repeats)])
+        except Exception as exc:  # recorded; the other mode still runs
+            out[name] = {"error": error_text(exc)}
+            _free(device)
+            if on_row is not None:
+                on_row(name, out[name])
+            continue
         cuda = device.type == "cuda"
         row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3) if cuda else None
         row["output_mp_per_s"] = round(16 * lr * lr / 1e6 / row["median_s"], 3)
         out[name] = row
+        if on_row is not None:
+            on_row(name, row)
     return out
 
 
-def run(args) -> dict:
-    """The whole report as a dict (see RESULTS.md for the schema)."""
+def run(args, save: Callable[[dict], None] = lambda result: None) -> dict:
+    """The whole report as a dict (see RESULTS.md for the schema); `save(result)` after every step."""
     dtype = COMPUTE_DTYPES[args.dtype]
-    result: dict = {"schema": "tadisr-bench-gpu/2", "variant": args.variant, "dtype": args.dtype,
+    result: dict = {"schema": "tadisr-bench-gpu/3", "variant": args.variant, "dtype": args.dtype,
                     "lora": "separate" if args.keep_lora else "merged", "date": time.strftime("%Y-%m-%d"),
-                    "torch": torch.__version__}
+                    "torch": torch.__version__, "complete": False}
     if args.flops_only:
         result["device"] = "meta (FLOP count only)"
         result["flops"] = flops_report(args.variant, dtype, args.tiles, not args.keep_lora)
+        result["complete"] = True
         return result
     smoke = args.smoke
     device = torch.device("cpu" if smoke else "cuda")
     spec = tiny_spec(args.variant) if smoke else full_spec(args.variant)
     result["device"] = "cpu (smoke: tiny model)" if smoke else torch.cuda.get_device_name(device)
+    if device.type == "cuda":
+        result["cuda"] = torch.version.cuda
+        result["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)
+    save(result)
     t = time.perf_counter()
     model = build_on_device(spec, device, dtype, merge_lora=not args.keep_lora)
     result["build_s"] = round(time.perf_counter() - t, 2)
@@ -246,10 +299,19 @@ def run(args) -> dict:
     if args.peak_tflops:
         result["peak_tflops_datasheet"] = args.peak_tflops
     result["tiles"] = {}
+    save(result)
     for tile in args.tiles:
-        flops = stage_flops(flops_model, tile)
-        times = stage_times(model, tile, args.repeats, args.warmup, args.tile_batch)
+        try:
+            flops = stage_flops(flops_model, tile)
+            times = stage_times(model, tile, args.repeats, args.warmup, args.tile_batch)
+        except Exception as exc:  # this tile size failed as a whole; the next one still runs
+            result["tiles"][str(tile)] = {"batch": args.tile_batch, "error": error_text(exc)}
+            _free(device)
+            save(result)
+            continue
         for name, row in times.items():
+            if "error" in row:
+                continue
             achieved = args.tile_batch * flops[name] / row["median_s"]
             row["flop"] = args.tile_batch * flops[name]
             row["achieved_tflops"] = round(achieved / 1e12, 4)
@@ -257,10 +319,24 @@ def run(args) -> dict:
             if args.peak_tflops:
                 row["fraction_of_datasheet_peak"] = round(achieved / (args.peak_tflops * 1e12), 4)
         result["tiles"][str(tile)] = {"batch": args.tile_batch, "stages": times}
+        save(result)
     if args.job:
-        times = job_times(model, args.input, args.job_repeats)
-        result["job"] = {"input": args.input, "output": 4 * args.input, **times}
+        result["job"] = {"input": args.input, "output": 4 * args.input}
+
+        def on_row(name: str, row: dict) -> None:
+            result["job"][name] = row
+            save(result)
+
+        job_times(model, args.input, args.job_repeats, on_row)
+    result["complete"] = True
     return result
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write `result` to `path` through a temporary file, so a kill mid-write leaves the last whole report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -278,7 +354,7 @@ def main(argv=None) -> int:
     p.add_argument("--job", action="store_true", help="also time a whole upscale (--input px, x4)")
     p.add_argument("--input", type=int, default=1024, help="LR side of the --job upscale")
     p.add_argument("--job-repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--out", type=Path, help="also write the JSON here, rewritten after every step")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("fp32" if args.smoke else "bf16")
     args.tiles = args.tiles or ([64] if args.smoke else [768])
@@ -288,10 +364,10 @@ def main(argv=None) -> int:
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
-    text = json.dumps(run(args), indent=2, default=str)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    save = (lambda result: write_json(args.out, result)) if args.out is not None else (lambda result: None)
+    result = run(args, save)
+    save(result)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -162,6 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lpips-weights", help="converted LPIPS weights (default: random weights, same compute)")
     p.add_argument("--vae-widths", type=lambda v: tuple(int(c) for c in v.split(",")), default=None,
                    metavar="C0,C1,C2,C3", help="--demo only: other VAE block widths (the demo's are 16,32,48,48)")
+    p.add_argument("--out", type=Path, help="also write the JSON here (on a failure: the error, the date and torch)")
     args = p.parse_args(argv)
     args.cpu = args.tiny or args.demo
     if args.vae_widths is not None and (not args.demo or len(args.vae_widths) != 4):
@@ -183,7 +184,18 @@ def main(argv=None) -> int:
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA device: run with --tiny for the CPU smoke mode or --demo for the demo model", file=sys.stderr)
         return 2
-    print(json.dumps(bench(args), indent=2))
+    try:
+        result = bench(args)
+    except Exception as exc:
+        if args.out is not None:
+            args.out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"[:500], "date": time.strftime(
+                "%Y-%m-%d"), "torch": torch.__version__, "size": args.size, "batch": args.batch}, indent=2) + "\n")
+        raise
+    result["date"], result["torch"] = time.strftime("%Y-%m-%d"), torch.__version__
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
     return 0
 
 
