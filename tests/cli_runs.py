@@ -37,9 +37,9 @@ def random_png(path: Path, seed: int = 0, size=(12, 10)) -> Path:
     return path
 
 
-def run_reported(argv: list[str], capsys, **kw) -> tuple[int, dict | None, str]:
-    """(exit code, the --json report or None, stderr) of `tadisr ARGV` run in-process (`cli.run_upscale`
-    with `kw`, e.g. model=...), a setup error printed and exiting 2 as `main` does."""
+def run_cli(argv: list[str], capsys, **kw) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `tadisr ARGV` run in-process (`cli.run_upscale` with `kw`, e.g.
+    model=...), a setup error printed and exiting 2 as `main` does."""
     args = cli.build_parser().parse_args(argv)
     try:
         rc = cli.run_upscale(args, **kw)
@@ -47,4 +47,10 @@ def run_reported(argv: list[str], capsys, **kw) -> tuple[int, dict | None, str]:
         print(f"error: {exc}", file=sys.stderr)
         rc = cli.EXIT_SETUP
     out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_reported(argv: list[str], capsys, **kw) -> tuple[int, dict | None, str]:
+    """`run_cli` with stdout read as the --json report (None when empty)."""
+    rc, out, err = run_cli(argv, capsys, **kw)
     return rc, json.loads(out) if out.strip() else None, err

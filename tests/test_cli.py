@@ -17,6 +17,7 @@ from PIL import Image
 
 from tadisr_core import cli
 from tadisr_core.batch import collect_inputs, plan_jobs
+from tests.cli_runs import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--tile", "64", "--overlap", "16", "--tile-batch", "2", "-q"]
@@ -39,17 +40,6 @@ def inputs(tmp_path) -> Path:
     Image.fromarray(rng.integers(0, 256, (12, 9), dtype=np.uint8)).save(d / "gray.jpg")
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     return d
-
-
-def run_cli(argv, capsys, **kw) -> tuple[int, str, str]:
-    args = cli.build_parser().parse_args(argv)
-    try:
-        rc = cli.run_upscale(args, **kw)
-    except cli.SetupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        rc = cli.EXIT_SETUP
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_folder_end_to_end_with_a_corrupt_file(tiny_dir, inputs, tmp_path, capsys):
