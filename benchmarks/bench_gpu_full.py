@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tadisr_core.devices import COMPUTE_DTYPES, place_model  # noqa: E402
+from tadisr_core.files import atomic_path  # noqa: E402
 from tadisr_core.model import build_model, random_prompt  # noqa: E402
 from tadisr_core.pipeline import upscale  # noqa: E402
 from tadisr_core.spec import full_spec, tiny_spec  # noqa: E402
@@ -333,10 +333,10 @@ def run(args, save: Callable[[dict], None] = lambda result: None) -> dict:
 
 
 def write_json(path: Path, result: dict) -> None:
-    """Write `result` to `path` through a temporary file, so a kill mid-write leaves the last whole report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write `result` to `path` through a temporary file (`files.atomic_path`), so a kill mid-write leaves the
+    last whole report."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tadisr_core.devices import place_model  # noqa: E402
+from tadisr_core.files import atomic_path  # noqa: E402
 from tadisr_core.memory_plan import MODES, NO_BF16_MODE, needed_bytes, placed_meta, weight_bytes  # noqa: E402
 from tadisr_core.model import build_model, random_prompt  # noqa: E402
 from tadisr_core.spec import full_spec, tiny_spec  # noqa: E402
@@ -102,10 +102,9 @@ def run(spec, device: torch.device, tiles, plan_model, modes=MODES, on_row=lambd
 
 
 def write_json(path: Path, report: dict) -> None:
-    """Write through a temporary file, so a kill mid-write leaves the last whole report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write through a temporary file (`files.atomic_path`), so a kill mid-write leaves the last whole report."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
