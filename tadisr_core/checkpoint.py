@@ -31,6 +31,7 @@ import torch
 from .files import atomic_path, require_readable, same_file
 from .finite import first_problem
 from .lora import lora_rank
+from .prompt import PromptCache
 from .spec import TADiSRSpec, full_spec, size_name, tiny_spec
 from .streaming import (
     SAFETENSORS_SUFFIXES,
@@ -433,20 +434,27 @@ def _load_native(path: Path, dtypes: dict[str, torch.dtype]) -> Checkpoint:
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _spec_metadata(spec: TADiSRSpec, prompt: str | None) -> dict[str, str]:
-    """The metadata every native checkpoint carries: its format, spec and prompt."""
+def _spec_metadata(spec: TADiSRSpec, prompt: PromptCache | str | None) -> dict[str, str]:
+    """The metadata every native checkpoint carries: its format, spec and prompt; given the prompt
+    conditioning itself, also its `time_ids` (JSON), which `loading` compares with the cache used."""
     from .spec import HEATMAP_PROMPT
 
+    conditioning = {}
+    if isinstance(prompt, PromptCache):
+        conditioning["time_ids"] = json.dumps(prompt.time_ids.flatten().tolist())
+        prompt = prompt.prompt
     return {"format": NATIVE_FORMAT, "spec": spec.to_json(), "variant": spec.variant,
             "unet_rank": str(spec.unet_lora.rank), "unet_alpha": str(spec.unet_lora.alpha),
             "vae_rank": str(spec.vae_lora.rank), "vae_alpha": str(spec.vae_lora.alpha),
             "unet_targets": ",".join(spec.unet_lora.targets), "vae_targets": ",".join(spec.vae_lora.targets),
-            "schedule": spec.schedule, "timestep": str(spec.timestep), "prompt": prompt or HEATMAP_PROMPT}
+            "schedule": spec.schedule, "timestep": str(spec.timestep), "prompt": prompt or HEATMAP_PROMPT,
+            **conditioning}
 
 
 def save_native(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, path: str | Path,
-                extra_metadata: dict[str, str] | None = None, prompt: str | None = None) -> Path:
-    """Write a native checkpoint atomically (temp file + rename)."""
+                extra_metadata: dict[str, str] | None = None, prompt: PromptCache | str | None = None) -> Path:
+    """Write a native checkpoint atomically (temp file + rename). `prompt`: the conditioning the weights
+    were trained with (its prompt and time ids are recorded), or only its prompt string."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -463,9 +471,8 @@ def save_native(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, pa
 def save_model(model, path: str | Path, extra_metadata: dict[str, str] | None = None,
                backbone: bool = False) -> Path:
     """Write a model's trainable tensors (with `backbone`, every tensor) as a native checkpoint."""
-    prompt = model.prompt.prompt if model.prompt is not None else None
     meta = {**base_metadata(model, backbone), **(extra_metadata or {})}
-    return save_native(trainable_state_dict(model, backbone), model.spec, path, meta, prompt)
+    return save_native(trainable_state_dict(model, backbone), model.spec, path, meta, model.prompt)
 
 
 def save_official(groups: dict[str, dict[str, torch.Tensor]], spec: TADiSRSpec, path: str | Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -128,16 +129,40 @@ def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
         p.data = storage
 
 
-def _warn_of_another_prompt(ckpt: Checkpoint, prompt: PromptCache, given: str | Path | PromptCache | None) -> None:
-    """Warn when the conditioning encodes another prompt than the one the checkpoint was trained with (its
-    metadata says; the release's .pkl does not): the model then runs on conditioning it never saw."""
+def warn_of_other_conditioning(ckpt: Checkpoint, prompt: PromptCache, given: str | Path | PromptCache | None) -> None:
+    """Warn when the conditioning encodes another prompt, or other SDXL time ids, than the checkpoint was
+    trained with (its metadata says; the release's .pkl does not, nor time ids before 2026-12-04): the
+    model then runs on conditioning it never saw."""
     trained = ckpt.metadata.get("prompt")
-    if trained is None or trained == prompt.prompt:
+    trained_ids = _recorded_time_ids(ckpt)
+    used_ids = prompt.time_ids.flatten().tolist()
+    other_prompt = trained is not None and trained != prompt.prompt
+    other_ids = trained_ids is not None and (len(trained_ids) != len(used_ids) or
+                                             any(abs(a - b) > 1e-3 for a, b in zip(trained_ids, used_ids)))
+    if not (other_prompt or other_ids):
         return
     where = f"the prompt cache {given}" if isinstance(given, (str, Path)) else "the prompt conditioning"
-    log.warning("%s was trained with the prompt %r, but %s encodes %r: the output differs from what it learned; "
-                "compute a cache of its prompt with `tadisr prompt-cache --prompt %r`", ckpt.path or "the checkpoint",
-                trained, where, prompt.prompt, trained)
+    what = (f"the prompt {trained!r}, but {where} encodes {prompt.prompt!r}" if other_prompt else
+            f"the time ids {_numbers(trained_ids)}, but {where} holds {_numbers(used_ids)}")
+    fix = " ".join([f"--prompt {trained or prompt.prompt!r}"] +
+                   ([f"--time-ids {_numbers(trained_ids)}"] if trained_ids is not None else []))
+    log.warning("%s was trained with %s: the output differs from what it learned; compute a cache of its "
+                "conditioning with `tadisr prompt-cache %s`", ckpt.path or "the checkpoint", what, fix)
+
+
+def _recorded_time_ids(ckpt: Checkpoint) -> list[float] | None:
+    """The time ids a checkpoint's metadata records, or None (none recorded, or not a list of numbers)."""
+    try:
+        ids = json.loads(ckpt.metadata.get("time_ids") or "null")
+    except ValueError:
+        return None
+    numbers = isinstance(ids, list) and all(isinstance(v, (int, float)) for v in ids)
+    return [float(v) for v in ids] if numbers else None
+
+
+def _numbers(values: list[float]) -> str:
+    """Time ids as `prompt-cache --time-ids` takes them: 768 for 768.0."""
+    return " ".join(str(int(v)) if v.is_integer() else repr(v) for v in values)
 
 
 def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path | Checkpoint,
@@ -189,7 +214,7 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     except ValueError as exc:
         where = "" if isinstance(prompt_cache, PromptCache) or prompt_cache is None else f"{prompt_cache}: "
         raise ValueError(f"{where}{exc}") from None
-    _warn_of_another_prompt(ckpt, prompt, prompt_cache)
+    warn_of_other_conditioning(ckpt, prompt, prompt_cache)
     spec = dataclasses.replace(spec, prompt_tokens=prompt.prompt_embeds.shape[1],
                                text_hidden=prompt.prompt_embeds.shape[2])
     unet_module = load_unet(files, load_dtype, checked=unet_part)

@@ -219,6 +219,7 @@ def _with_run_files(checkpoint: Path, run: Path) -> ModelFiles:
 
 def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Path | PromptCache):
     """Build a model from a checkpoint that holds its whole backbone (fp32, CPU, eval mode)."""
+    from .loading import warn_of_other_conditioning
     from .model import build_model
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -230,6 +231,7 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
         prompt.check_fits(ckpt.spec.unet.encoder_hid_dim)
     except ValueError as exc:
         raise ValueError(f"{prompt_cache}: {exc}" if not isinstance(prompt_cache, PromptCache) else str(exc)) from None
+    warn_of_other_conditioning(ckpt, prompt, prompt_cache)
     model = build_model(ckpt.spec, prompt=prompt)
     apply_checkpoint(model, ckpt)
     model.weights_id = (source_identity(ckpt.path),)

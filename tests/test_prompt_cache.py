@@ -5,6 +5,7 @@ Kolors uses and is freed even when encoding fails."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import weakref
 
@@ -13,7 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from tadisr_core import cli, prompt
+from tadisr_core.checkpoint import convert, load_checkpoint
 from tadisr_core.loading import load_tadisr
+from tadisr_core.model_ref import load_standalone, shipped_model
 from tadisr_core.prompt import PromptCache, chatglm_dtype
 
 KW = dict(max_length=32, time_ids=(64, 64, 0, 0, 64, 64))
@@ -79,13 +82,46 @@ def test_a_checkpoint_run_on_another_prompts_cache_is_warned_of(tiny_dir, tmp_pa
     said = [r.getMessage() for r in caplog.records if "was trained with the prompt" in r.getMessage()]
     assert said == [f"{tiny_dir['checkpoint']} was trained with the prompt 'best quality,highres,extremely "
                     f"detailed,text', but the prompt cache {tmp_path / 'other.safetensors'} encodes 'a photo of a "
-                    f"shop sign': the output differs from what it learned; compute a cache of its prompt with `tadisr "
-                    f"prompt-cache --prompt 'best quality,highres,extremely detailed,text'`"]
+                    f"shop sign': the output differs from what it learned; compute a cache of its conditioning with "
+                    f"`tadisr prompt-cache --prompt 'best quality,highres,extremely detailed,text' --time-ids 64 64 0 "
+                    f"0 64 64`"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tadisr"):
         load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])  # its own prompt
         load_tadisr(tiny_dir["kolors"], tiny_dir["official"], tmp_path / "other.safetensors")  # the .pkl names none
     assert not [r for r in caplog.records if "was trained with the prompt" in r.getMessage()]
+
+
+def test_a_checkpoint_run_on_other_time_ids_is_warned_of(tiny_dir, tmp_path, caplog):
+    """Defect: a cache made with other `prompt-cache --time-ids` (the size conditioning) ran without a word:
+    checkpoints did not record the time ids they were trained with."""
+    other = PromptCache.load(tiny_dir["prompt_cache"])
+    assert json.loads(load_checkpoint(tiny_dir["checkpoint"]).metadata["time_ids"]) == [64, 64, 0, 0, 64, 64]
+    other.time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
+    other.save(tmp_path / "sized.safetensors")
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tmp_path / "sized.safetensors")
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])  # its own: no word
+    said = [r.getMessage() for r in caplog.records if "was trained with" in r.getMessage()]
+    assert said == [f"{tiny_dir['checkpoint']} was trained with the time ids 64 64 0 0 64 64, but the prompt cache "
+                    f"{tmp_path / 'sized.safetensors'} holds 1024 1024 0 0 1024 1024: the output differs from what "
+                    f"it learned; compute a cache of its conditioning with `tadisr prompt-cache --prompt 'best "
+                    f"quality,highres,extremely detailed,text' --time-ids 64 64 0 0 64 64`"]
+    converted = convert(tiny_dir["checkpoint"], tmp_path / "converted.safetensors")  # conversion keeps them
+    assert load_checkpoint(converted).metadata["time_ids"] == load_checkpoint(tiny_dir["checkpoint"]).metadata["time_ids"]
+
+
+def test_a_model_that_runs_alone_given_another_cache_is_warned_of_too(tmp_path, caplog):
+    """Defect: only the Kolors path compared the conditioning; `--model demo --prompt-cache other` ran silently."""
+    demo = shipped_model("demo")
+    other = PromptCache.load(demo.prompt_cache)
+    other.prompt = "text"
+    other.save(tmp_path / "other.safetensors")
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        load_standalone(demo.checkpoint, tmp_path / "other.safetensors")
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "was trained with" in r.getMessage()] == [
+        f"{demo.checkpoint} was trained with the prompt 'best quality,highres,extremely detailed,text', but the "
+        f"prompt cache {tmp_path / 'other.safetensors'} encodes 'text'"]
 
 
 def test_chatglm3_runs_in_fp16_on_a_gpu_as_kolors_does_and_bf16_on_the_cpu(tiny_dir, tmp_path, monkeypatch):

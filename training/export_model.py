@@ -56,7 +56,7 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
     meta = {k: v for k, v in ckpt.metadata.items() if k in ("train_step", "backbone")}
     meta.update({"exported_from": run.name, "stored_dtype": dtype, "training_config": json.dumps(json.loads(config))})
     out.mkdir(parents=True, exist_ok=True)
-    weights = save_native(groups, ckpt.spec, out / f"{name}.safetensors", meta, prompt.prompt)
+    weights = save_native(groups, ckpt.spec, out / f"{name}.safetensors", meta, prompt)
     prompt_path = out / RUN_PROMPT_CACHE
     prompt.save(prompt_path)
     return {"weights": weights, "prompt_cache": prompt_path}

@@ -428,8 +428,8 @@ class Trainer:
             return
         full = self._fsdp_full_state
         groups = {g: {k: full[f"model.{g}.{k}"] for k in keys} for g, keys in self.saved_keys.items()}
-        prompt = self.model.prompt.prompt if self.model.prompt is not None else None
-        save_native(groups, self.model.spec, path, {**meta, **base_metadata(self.model, self.save_backbone)}, prompt)
+        save_native(groups, self.model.spec, path, {**meta, **base_metadata(self.model, self.save_backbone)},
+                    self.model.prompt)
 
     def save_checkpoint(self) -> Path:
         """Write checkpoint `self.step` (collective: every process calls it)."""
