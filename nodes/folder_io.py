@@ -58,7 +58,8 @@ def list_images(folder: str) -> list[str]:
     if outputs and (folder, outputs) not in _told:
         _told.add((folder, outputs))
         log.warning("TADiSR: %s: left out %d file(s) named like TADiSR outputs (*_x4.png, *_text_mask.png, "
-                    "*_attention.png); rename them to upscale them", folder, outputs)
+                    "*_attention.png, also with Save Image's counter: *_text_mask_00001_.png); rename them to upscale "
+                    "them", folder, outputs)
     return sorted((name for name in names if not looks_like_output(name)), key=natural_key)
 
 

@@ -88,13 +88,15 @@ def scale_tag(scale: float) -> str:
 
 
 MASK_SUFFIX = "_text_mask.png"  # the text mask's name: the input's output name + this, whatever the scale
-OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})|(text_mask|attention)(-\d+)?\.png)$",
-                         re.IGNORECASE)
+# ComfyUI's Save Image adds its counter to a prefix (`a_text_mask_00001_.png`): taken for the mask and heat map,
+# whose names say what they are, never for an SR image (`ComfyUI_00001_.png` is what many users upscale)
+OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})|(text_mask|attention)(-\d+)?(_\d{{5,}}_)?"
+                         rf"\.png)$", re.IGNORECASE)
 
 
 def looks_like_output(path: str | Path) -> bool:
     """Whether a file name follows the pattern of our outputs (`*_x4.png` / `.jpg` / `.webp`, `*_text_mask.png`,
-    `*_attention.png`)."""
+    `*_attention.png`, and the last two as ComfyUI's Save Image names them, `*_text_mask_00001_.png`)."""
     return bool(OUTPUT_NAME.search(Path(path).name))
 
 

@@ -168,3 +168,15 @@ def test_the_folder_leaves_out_earlier_outputs_and_takes_every_format_the_cli_ta
     assert caplog.text.count(f"{tmp_path}: left out 2 file(s) named like TADiSR outputs") == 1
     assert folder_io.list_images(str(tmp_path)) == [p.name for p, _, _ in collect_inputs([tmp_path])]
     assert [folder_io.load(str(tmp_path), i, "")[1] for i in range(3)] == ["a", "b", "c"]
+
+
+def test_the_folder_leaves_out_masks_comfyui_saved_and_keeps_its_images(tmp_path):
+    """Defect: pointed at ComfyUI's output folder, the node served the text masks and heat maps Save Image wrote
+    from its prefixes (a_text_mask_00001_.png) as images to upscale. Save Image's images (ComfyUI_00001_.png, a
+    generation to upscale, or an SR image: nothing in the name tells) are still served."""
+    from tadisr_core.batch import collect_inputs
+
+    _folder(tmp_path, ["a.png", "a_00001_.png", "a_text_mask_00001_.png", "a_Text_Mask-2_00002_.png",
+                       "heat_attention_00003_.png", "ComfyUI_00001_.png", "mask_00001_.png"])
+    assert folder_io.list_images(str(tmp_path)) == ["a.png", "a_00001_.png", "ComfyUI_00001_.png", "mask_00001_.png"]
+    assert set(folder_io.list_images(str(tmp_path))) == {p.name for p, _, _ in collect_inputs([tmp_path])}
