@@ -90,8 +90,8 @@ def scale_tag(scale: float) -> str:
 MASK_SUFFIX = "_text_mask.png"  # the text mask's name: the input's output name + this, whatever the scale
 # ComfyUI's Save Image adds its counter to a prefix (`a_text_mask_00001_.png`): taken for the mask and heat map,
 # whose names say what they are, never for an SR image (`ComfyUI_00001_.png` is what many users upscale)
-OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})|(text_mask|attention)(-\d+)?(_\d{{5,}}_)?"
-                         rf"\.png)$", re.IGNORECASE)
+OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})"
+                         rf"|(text_mask|attention)(-\d+)?(_\d{{5,}}_)?\.png)$", re.IGNORECASE)
 
 
 def looks_like_output(path: str | Path) -> bool:

@@ -768,10 +768,11 @@ COMMANDS: list[Callable] = [add_upscale, add_prompt_cache, add_checkpoint_comman
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per entry of COMMANDS."""
-    parser = argparse.ArgumentParser(prog="tadisr", description="TADiSR: text-aware 4x super-resolution (Kolors, "
-                                                                "one step).",
-                                     epilog="Exit codes: 0 ok, 1 some inputs failed, 2 setup error, 130 cancelled. "
-                                            "Training: tadisr-train, tadisr-evaluate, tadisr-synthesize.")
+    from .ranks import ArgumentParser
+
+    parser = ArgumentParser(prog="tadisr", description="TADiSR: text-aware 4x super-resolution (Kolors, one step).",
+                            epilog="Exit codes: 0 ok, 1 some inputs failed, 2 setup error, 130 cancelled. "
+                                   "Training: tadisr-train, tadisr-evaluate, tadisr-synthesize.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

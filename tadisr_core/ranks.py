@@ -8,6 +8,7 @@ records go to rank 0, which reports for the whole run, a rank that stopped witho
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import logging
@@ -45,6 +46,22 @@ def is_lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _LOST_PEER)
 
 
+def stopped_by_rank0(rank: int, world: int) -> str:
+    """What a rank other than 0 says when rank 0 reports the error that stopped them all."""
+    return f"rank {rank} of {world}: stopped by rank 0's error (rank 0 says what it is)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are printed once under a launcher: every process gets the same
+    arguments and so the same error, which rank 0 prints; the other ranks say one line pointing to it."""
+
+    def error(self, message: str):
+        rank, world = distributed_rank()
+        if rank > 0:
+            self.exit(2, stopped_by_rank0(rank, world) + "\n")
+        super().error(message)
+
+
 class Ranks:
     """This process's rank among `world` processes, and the two exchanges a batch needs."""
 
@@ -73,7 +90,7 @@ class Ranks:
             return value
         if value == "KeyboardInterrupt":
             raise KeyboardInterrupt
-        raise Rank0Failed(f"rank {self.rank} of {self.world}: stopped by rank 0's error (rank 0 says what it is)")
+        raise Rank0Failed(stopped_by_rank0(self.rank, self.world))
 
     def gather(self, obj: T) -> list[T | None] | None:
         """Every rank's `obj` in rank order, on rank 0, with None for a rank that stopped without handing

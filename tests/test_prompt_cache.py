@@ -108,7 +108,8 @@ def test_a_checkpoint_run_on_other_time_ids_is_warned_of(tiny_dir, tmp_path, cap
                     f"it learned; compute a cache of its conditioning with `tadisr prompt-cache --prompt 'best "
                     f"quality,highres,extremely detailed,text' --time-ids 64 64 0 0 64 64`"]
     converted = convert(tiny_dir["checkpoint"], tmp_path / "converted.safetensors")  # conversion keeps them
-    assert load_checkpoint(converted).metadata["time_ids"] == load_checkpoint(tiny_dir["checkpoint"]).metadata["time_ids"]
+    recorded = load_checkpoint(tiny_dir["checkpoint"]).metadata["time_ids"]
+    assert load_checkpoint(converted).metadata["time_ids"] == recorded
 
 
 def test_a_model_that_runs_alone_given_another_cache_is_warned_of_too(tmp_path, caplog):

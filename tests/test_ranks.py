@@ -214,6 +214,25 @@ def test_a_setup_error_of_rank_0_is_said_once(tmp_path):
     assert ranks[1].stderr == "rank 1 of 2: stopped by rank 0's error (rank 0 says what it is)\n"
 
 
+TRAIN_MAIN = '''
+import sys
+from training import train
+sys.exit(train.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("script, argv, error", [
+    (MAIN, ["upscale", "in.png", "-o", "out", "--tile", "big"], "argument --tile: invalid"),
+    (TRAIN_MAIN, ["--config", "tiny", "--max-step", "x"], "argument --max-steps: invalid int value: 'x'"),
+], ids=["tadisr", "training.train"])
+def test_a_usage_error_under_a_launcher_is_printed_by_rank_0_alone(script, argv, error):
+    """Defect: every process printed the same usage and error (8 copies on an 8-GPU machine)."""
+    ranks = two_ranks(script, argv)
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert ranks[0].stderr.startswith("usage: ") and error in ranks[0].stderr
+    assert ranks[1].stderr == "rank 1 of 2: stopped by rank 0's error (rank 0 says what it is)\n"
+
+
 COUNT_ENCODER_LOADS = '''
 import sys
 from tadisr_core import cli, prompt

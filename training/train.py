@@ -58,6 +58,7 @@ from tadisr_core.model_ref import (
     RUN_STEP_MODEL,
     run_step_folder,
 )
+from tadisr_core.ranks import ArgumentParser
 from training import command_name, missing_extras
 from training.bad_samples import DataBroken, data_broken_message
 from training.config import Config, ConfigError, load_config, shipped_configs
@@ -663,7 +664,7 @@ def lost_process_message(trainer: Trainer) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments of `python -m training.train`."""
-    p = argparse.ArgumentParser(prog=command_name("training.train"), description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=command_name("training.train"), description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True,
                    help="YAML file, or a shipped config's name (training/configs/*.yaml, installed with the "
                         f"package; from any folder): {', '.join(shipped_configs())}")
