@@ -1,6 +1,6 @@
 """`make demo`: upscale the bundled inputs with the shipped demo model and write comparison strips.
 
-    python -m tadisr_core.demo [--model demo|demo-release] [-o out/MODEL] [INPUT ...]
+    python -m tadisr_core.demo [--model demo|demo-release] [-o out/MODEL] [--recursive] [INPUT ...]
 
 For every input (default: tadisr_core/demo/inputs/*.png) it writes NAME_x4.png and
 NAME_text_mask.png through the same CLI a user runs (`upscale --model MODEL`), then NAME_strip.png:
@@ -10,6 +10,7 @@ bicubic | TADiSR | text mask, side by side at the output size.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -33,18 +34,25 @@ def comparison_strip(lr: torch.Tensor, sr: torch.Tensor, mask: torch.Tensor) -> 
     return torch.cat([bicubic, gap, sr[:3], gap, mask[:1].expand(3, -1, -1)], dim=-1)
 
 
-def run_demo(out: Path, inputs: list[Path], model: str = "demo") -> list[Path]:
-    """Upscale `inputs` with the shipped `model` into `out`; returns the strip paths."""
+def run_demo(out: Path, inputs: list[Path], model: str = "demo", recursive: bool = False) -> list[Path]:
+    """Upscale `inputs` (files and folders; sub-folders too with `recursive`) with the shipped `model` into
+    `out`; returns the strip paths."""
     from .batch import collect_inputs, plan_jobs
     from .cli import main as cli_main
     from .images import load_image, save_image
 
     code = cli_main(["upscale", *map(str, inputs), "-o", str(out), "--model", model, "--tile", "256",
-                     "--overlap", "64", "--quiet"])
+                     "--overlap", "64", "--quiet", *(["--recursive"] if recursive else [])])
     if code != 0:
         raise SystemExit(code)
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the run's walk said what it left out; walking again says it twice
+    try:
+        jobs = plan_jobs(collect_inputs(inputs, recursive, exclude=out), out, 4.0)  # the run's names (`a`, `a-2`)
+    finally:
+        logging.disable(disabled)
     strips = []
-    for job in plan_jobs(collect_inputs(inputs, exclude=out), out, 4.0):  # the names the run gave (`a`, `a-2`)
+    for job in jobs:
         sr, mask = load_image(job.image)[0], load_image(job.mask)[0]
         name = job.image.name.removesuffix(f"_x4{job.image.suffix}")
         strip = comparison_strip(load_image(job.input)[0], sr, mask)
@@ -59,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, default=None, help="output folder (default out/MODEL: out/demo)")
     p.add_argument("--model", choices=sorted(shipped_models()), default="demo",
                    help="which shipped model (default demo; demo-release: the release layout)")
+    p.add_argument("--recursive", action="store_true", help="take the images in sub-folders of a folder too")
     args = p.parse_args(argv)
     args.output = args.output or Path("out") / args.model
     inputs = args.inputs or sorted(DEMO_INPUTS.glob("*.png"))
-    strips = run_demo(args.output, inputs, args.model)
+    strips = run_demo(args.output, inputs, args.model, args.recursive)
     print(f"{args.model} model: {len(strips)} inputs upscaled into {args.output}/")  # a folder counts its images
     for s in strips:
         print(f"  {s}   (bicubic | TADiSR {args.model} | text mask)")

@@ -374,11 +374,13 @@ def _unidentified_reason(path: Path) -> str:
 
 def _read_dpi(im) -> tuple[float, float] | None:
     """(x, y) dots per inch of an opened image as displayed: Pillow's `info["dpi"]` (PNG pHYs, TIFF, JPEG
-    JFIF; not the 72 Pillow makes up for a JPEG whose EXIF has none), else EXIF X/YResolution in inches or
-    cm (WebP), swapped when the EXIF orientation turns the image a quarter; None when absent, zero, not
-    a number or above `MAX_DPI`."""
+    JFIF; not the values Pillow makes up: 72 for a JPEG whose EXIF has none, 1 for a TIFF without
+    resolution tags), else EXIF X/YResolution in inches or cm (WebP), swapped when the EXIF orientation
+    turns the image a quarter; None when absent, zero, not a number or above `MAX_DPI`."""
     exif = im.getexif()
-    dpi = im.info.get("dpi") if im.format != "JPEG" or im.info.get("jfif_unit") in (1, 2) else None
+    made_up = (im.format == "JPEG" and im.info.get("jfif_unit") not in (1, 2) or
+               im.format == "TIFF" and not all(tag in im.tag_v2 for tag in _EXIF_RESOLUTION[:2]))
+    dpi = None if made_up else im.info.get("dpi")
     unit = exif.get(_EXIF_RESOLUTION[2], 2)
     try:
         if dpi is None and unit in (2, 3):

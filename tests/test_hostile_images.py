@@ -127,6 +127,9 @@ def _exif(**tags) -> bytes:
     ("a.jpg", dict(exif=_exif(orientation=1)), None),                       # not the 72 Pillow makes up
     ("a.webp", dict(exif=_exif(x=100.0, y=100.0, unit=3)), (254, 254)),     # EXIF in pixels per cm
     ("a.webp", dict(exif=_exif(x=300.0, y=300.0, unit=1)), None),           # no absolute unit
+    ("a.tif", dict(dpi=(600, 300)), (600, 300)),                            # TIFF tags
+    ("a.tif", dict(), None),                                                # not the 1 dpi Pillow makes up
+    ("a.tif", dict(resolution=200.0, resolution_unit=3), (508, 508)),       # in pixels per cm
 ])
 def test_the_resolution_is_read_in_dots_per_inch_as_displayed(tmp_path, name, save, dpi):
     Image.new("RGB", (6, 4), "white").save(tmp_path / name, **save)

@@ -25,25 +25,29 @@ def _python_block() -> str:
 
 @pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="the demo model is not in this checkout")
 def test_the_readme_python_example_runs_with_the_demo(tmp_path):
-    """The block as it stands, a script of its own in a folder holding sign.png: it writes what the same
-    call in this process gives. (Defect: it used a REAL_WEIGHTS it never defined; the test added it.)"""
+    """The block as it stands, a script of its own in a folder holding the input it names (a tagged photo in
+    place of the bundled scene): it writes what the same call in this process gives. (Defects: it used a
+    REAL_WEIGHTS it never defined; the test added it. It read a sign.png no checkout has.)"""
     from tadisr_core.images import load_image, to_uint8
     from tadisr_core.model_ref import load_model
     from tadisr_core.pipeline import upscale
 
     rng = np.random.default_rng(0)
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()   # a tagged photo's profile
-    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "sign.png",
-                                                                             icc_profile=profile)
+    block = _python_block()
+    source = re.search(r'read_image\("([^"]+)"\)', block).group(1)
+    assert (README.parent / source).is_file()                      # runs as written in a checkout
+    (tmp_path / source).parent.mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / source, icc_profile=profile)
     script = tmp_path / "example.py"
-    script.write_text(_python_block())
+    script.write_text(block)
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(README.parent)})
     assert run.returncode == 0, run.stderr[-3000:]
-    out, mask = Image.open(tmp_path / "sign_x4.png"), Image.open(tmp_path / "sign_text_mask.png")
+    out, mask = (Image.open(tmp_path / "out" / name) for name in ("text_scene_1_x4.png", "text_scene_1_text_mask.png"))
     assert out.size == mask.size == (160, 96) and out.mode == "RGB"
     assert out.info.get("icc_profile") == profile                  # the input's colours, as the CLI keeps them
-    want = upscale(load_model("demo"), load_image(tmp_path / "sign.png"), scale=4, tile=768, overlap=256)
+    want = upscale(load_model("demo"), load_image(tmp_path / source), scale=4, tile=768, overlap=256)
     assert torch.isfinite(want.image).all()
     assert np.abs(np.asarray(out).astype(int) - to_uint8(want.image).astype(int)).max() <= 1
 

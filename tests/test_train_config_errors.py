@@ -180,3 +180,16 @@ def test_a_missing_prompt_cache_without_chatglm3_names_the_config_keys(tmp_path,
     assert err.startswith(f"error: prompt cache not found: {cache}; fix model.prompt_cache, or pass model.text_encoder "
                           f"(a ChatGLM3 folder or file) or model.kolors_dir to compute it (ChatGLM3: "
                           f"{kolors / 'text_encoder' / 'config.json'} is missing")
+
+
+def test_a_setup_error_leaves_no_empty_run_folder_behind(tmp_path, capsys):
+    """Defect: a start that stopped on missing data left its new, empty run folder behind; a folder that was
+    there before stays."""
+    from training.train import main
+
+    data = ["--set", "data.kind=triplets", "--set", f"data.root={json.dumps(str(tmp_path / 'no_data'))}"]
+    assert main(["--config", str(TINY), "--output-dir", str(tmp_path / "run"), *data]) == 2
+    assert "no_data" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()
+    assert main(["--config", str(TINY), "--output-dir", str(tmp_path / "kept"), *data]) == 2
+    assert (tmp_path / "kept").is_dir()

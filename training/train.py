@@ -32,6 +32,7 @@ the FSDP path (full-state weight export, per-rank optimiser shards) is untested 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -689,11 +690,16 @@ def main(argv=None) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.output_dir is not None:
         overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")
+    new_folder = None
     try:
         cfg = load_config(args.config, overrides)
+        new_folder = None if Path(cfg.train.output_dir).exists() else Path(cfg.train.output_dir)
         trainer = Trainer(cfg, resume=args.resume, force=args.force)
     except (ConfigError, FileNotFoundError, RunFolderError, ValueError) as e:  # setup: exit 2, as every tadisr command
         print(f"error: {e}", file=sys.stderr)
+        if new_folder is not None:  # the run folder this start made, still empty: not left behind
+            with contextlib.suppress(OSError):
+                new_folder.rmdir()
         return 2
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)
