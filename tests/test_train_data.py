@@ -32,7 +32,9 @@ def test_synthesize_leaves_out_unreadable_backgrounds_up_front(tmp_path, capsys)
     argv = ["--backgrounds", str(folder), "--out", str(out), "--count", "6", "--size", "64"]
     assert synthesize.main(argv) == 0
     assert len(list((out / "hr").glob("*.png"))) == 6
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    assert said.out == f"6 scenes written to {out}: hr/, lr/ and mask/ (x4), manifest.jsonl\n"  # it said nothing
+    err = said.err
     assert "1 of 2 backgrounds cannot be read" in err and "b_torn.png" in err and "a_coffee.png" not in err
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert {Path(r["background"]).name for r in manifest} == {"a_coffee.png"}

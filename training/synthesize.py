@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(sample.lr).save(args.out / "lr" / f"{name}.png")
             Image.fromarray(sample.mask).save(args.out / "mask" / f"{name}.png")
             manifest.write(_manifest_line(name, sample) + "\n")
+    print(f"{args.count} scenes written to {args.out}: hr/, lr/ and mask/ (x{args.scale:g}), manifest.jsonl")
     return 0
 
 
