@@ -779,11 +779,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding as Ctrl-C does."""
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt():
     """SIGTERM unwinds like Ctrl-C, so the writers' cleanup runs and no temporary file stays behind."""
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)
@@ -809,6 +813,13 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SETUP
+    except Terminated:
+        from .batch import distributed_rank
+
+        launcher = distributed_rank()[1] > 1
+        print("terminated (SIGTERM)" + ("; a launcher sends it to every process when one of them fails: its report "
+                                        "names which" if launcher else ""), file=sys.stderr)
+        return EXIT_CANCELLED
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return EXIT_CANCELLED

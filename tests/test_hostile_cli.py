@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tadisr_core import cli, images
+from tadisr_core import batch, cli, images
 from tests.cli_runs import FAST, random_png
 from tests.cli_runs import run_reported as run
 from tests.hostile_files import dag_key_pickle, torch_zip
@@ -391,6 +391,24 @@ def test_a_run_stopped_while_the_model_loads_leaves_no_empty_output_folders(tmp_
     with pytest.raises(KeyboardInterrupt):
         run(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out" / "sub"), "--model", "demo"], capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("launcher", [False, True], ids=["alone", "under a launcher"])
+def test_sigterm_while_the_model_loads_says_it_was_terminated(tmp_path, capsys, monkeypatch, launcher):
+    """Defect: SIGTERM during the load said "aborted", as Ctrl-C does; a launcher's process whose peer died
+    (torchrun then terminates the others) did not say why it stopped."""
+    def terminated_load(args, prompt_once=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the load")
+
+    monkeypatch.setattr(cli, "load_model", terminated_load)
+    if launcher:  # what the launcher's environment says; the run itself stays one process
+        monkeypatch.setattr(batch, "distributed_rank", lambda: (1, 2))
+    random_png(tmp_path / "a.png")
+    assert cli.main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", "demo"]) == 130
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said == "terminated (SIGTERM)" + ("; a launcher sends it to every process when one of them fails: its "
+                                             "report names which" if launcher else "")
 
 
 def test_weight_variables_set_for_kolors_do_not_break_the_demo(tmp_path, monkeypatch):
