@@ -567,6 +567,87 @@ def test_held_out_make_replaces_its_own_set_and_refuses_what_it_cannot_make(tmp_
     assert not other.exists()                                           # refused before any file (review)
 
 
+def _held_out_fonts_or_skip():
+    """synthesis.system_fonts, once the held-out set's fonts are known to be installed."""
+    from training.data import synthesis
+    from training.heldout import HELDOUT_FONTS
+
+    if not all(synthesis.system_fonts((family,)) for family in HELDOUT_FONTS):
+        pytest.skip("the held-out set's fonts are not installed (scripts/install_test_deps.sh)")
+    return synthesis.system_fonts
+
+
+def test_held_out_make_records_its_fonts_and_warns_of_missing_ones(tmp_path, monkeypatch, capsys):
+    # defect: without the CJK fonts `make` silently drew another set from the same seed, so the model cards'
+    # figures could not be reproduced, and neither `make` nor `score` said so
+    from training.data import synthesis
+    from training.heldout import HELDOUT_FONTS, SET_RECORD, main
+
+    real = _held_out_fonts_or_skip()
+    folder = tmp_path / "set"
+    assert main(["make", str(folder), "--count", "1", "--size", "64"]) == 0
+    assert capsys.readouterr().err == ""
+    record = json.loads((folder / SET_RECORD).read_text(encoding="utf-8"))
+    assert [font["family"] for font in record["fonts"]] == list(HELDOUT_FONTS) and record["missing_fonts"] == []
+    assert (record["seed"], record["count"], record["size"]) == (20261130, 1, 64)
+
+    monkeypatch.setattr(synthesis, "system_fonts", lambda families=synthesis.SYSTEM_FONT_FAMILIES:
+                        real(tuple(family for family in families if "CJK" not in family)))
+    assert main(["make", str(folder), "--count", "1", "--size", "64"]) == 0
+    warning = (f"warning: the set in {folder} was drawn without the fonts Noto Sans CJK SC, Noto Serif CJK SC (not "
+               f"installed), so it is not the set the model cards' figures are of: install them (Debian: apt-get "
+               f"install fonts-noto-cjk) and re-create it with `python -m training.heldout make {folder}`\n")
+    assert capsys.readouterr().err == warning
+    assert json.loads((folder / SET_RECORD).read_text(encoding="utf-8"))["missing_fonts"] == [
+        "Noto Sans CJK SC", "Noto Serif CJK SC"]
+    assert main(["score", str(folder), "--model", str(tmp_path / "typo"), "--no-ocr", "--no-lpips"]) == 2
+    assert capsys.readouterr().err.startswith(f"{warning}error: --model {tmp_path / 'typo'}: no such file")
+
+
+def test_held_out_make_draws_the_same_set_whatever_other_fonts_are_installed(tmp_path, monkeypatch):
+    # defect: `make` drew from every family synthesis knows, so with Liberation fonts installed the held-out
+    # seed gave another set than the model cards'
+    import shutil
+
+    from training.data import synthesis
+    from training.heldout import make_set
+
+    real = _held_out_fonts_or_skip()
+    plain = make_set(tmp_path / "plain", count=3, size=64)
+    extra = synthesis.probe_font(str(shutil.copy(real(("DejaVu Serif",))[0].path, tmp_path / "Extra.ttf")), 0)
+    monkeypatch.setattr(synthesis, "system_fonts", lambda families=synthesis.SYSTEM_FONT_FAMILIES:
+                        real(families) + ([extra] if "Liberation Sans" in families else []))
+    more = make_set(tmp_path / "more", count=3, size=64)
+    for sub in ("hr", "lr", "mask"):
+        for i in (1, 2, 3):
+            assert (plain / sub / f"{i:06d}.png").read_bytes() == (more / sub / f"{i:06d}.png").read_bytes()
+
+
+def test_held_out_score_says_a_wrong_model_before_scoring_any_row(tmp_path, monkeypatch, capsys):
+    # defect: bicubic was scored first, so a mistyped --model was said after minutes and the rows were lost
+    import training.heldout as heldout
+
+    rng = np.random.default_rng(1)
+    good = _write_set(tmp_path / "good", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                      rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), np.zeros((32, 32), np.uint8))
+    monkeypatch.setattr(heldout, "score", lambda *args, **kwargs: pytest.fail("scored before every --model was found"))
+    typo = tmp_path / "runs" / "mine"
+    assert heldout.main(["score", str(good), "--model", str(typo), "--no-ocr", "--no-lpips"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --model {typo}: no such file or folder (give 'demo', ")
+
+
+def test_a_file_missing_from_a_held_out_set_says_to_re_create_it(tmp_path, capsys):
+    # defect: "input not found: .../lr/000001.png" said nothing of how the set is made whole again
+    from training.heldout import main
+
+    folder = _write_set(tmp_path / "set", np.zeros((32, 32, 3), np.uint8), np.zeros((8, 8, 3), np.uint8),
+                        np.zeros((32, 32), np.uint8))
+    (folder / "lr" / "000001.png").unlink()
+    assert main(["mask-reference", str(folder)]) == 2
+    assert capsys.readouterr().err == (f"error: input not found: {folder / 'lr' / '000001.png'}; re-create the set "
+                                       f"with `python -m training.heldout make {folder}`\n")
+
+
 def test_auroc_on_hand_made_scores():
     from training.metrics import auroc
 
@@ -704,6 +785,19 @@ def test_export_refuses_a_name_that_is_no_plain_file_name(tmp_path, capsys):
         assert not (tmp_path / "out").exists()
     assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--name", "my model.v2"]) == 0
     assert (tmp_path / "out" / "my model.v2.safetensors").is_file()
+
+
+def test_an_export_is_named_after_its_folder(tmp_path, capsys):
+    """Defect: every export was named tadisr_demo.safetensors, whatever model it held (`make demo-model`
+    exports into tadisr_core/demo, which still gives that name)."""
+    from training.export_model import main as export_main
+
+    _fake_run(tmp_path / "run", tiny_spec("paper"))
+    for folder, name in (("signs", "tadisr_signs"), ("demo", "tadisr_demo"), ("TADiSR-scans", "TADiSR-scans")):
+        assert export_main([str(tmp_path / "run"), str(tmp_path / folder)]) == 0
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == sorted([f"{name}.safetensors",
+                                                                              "prompt_cache.safetensors"])
+        assert f"weights: {tmp_path / folder / name}.safetensors (" in capsys.readouterr().out
 
 
 @demo_only

@@ -70,8 +70,10 @@ def test_ssim_needs_its_window_after_the_crop():
         with pytest.raises(ValueError, match=rf"a crop border of {crop} pixels leaves {left} of a 32x30 image, smaller "
                                              r"than SSIM's 11x11 window: use a crop border of at most 9 pixels a side"):
             ssim(x, y, crop_border=crop)
-    with pytest.raises(ValueError, match="too small for SSIM"):
+    with pytest.raises(ValueError, match=r"^a 10x10 image is smaller than SSIM's 11x11 window$"):  # no border asked
         ssim(x[..., :10, :10], y[..., :10, :10])
+    with pytest.raises(ValueError, match=r"^a 10x10 image is smaller than SSIM's 11x11 window$"):
+        ssim(x[..., :10, :10], y[..., :10, :10], crop_border=1)
     assert torch.isfinite(psnr(x, y, crop_border=12)).all()           # PSNR needs no window
 
 

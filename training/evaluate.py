@@ -9,15 +9,18 @@ too (``0001_x4.png`` <-> ``0001.png``, unless the ground truth has ``0001_x4`` i
 ``*_text_mask.png`` / ``*_attention.png`` are not predictions and are left out), also those of
 ``tadisr upscale --recursive`` in the sub-folders it mirrors.
 Images are read as the user sees them (EXIF orientation, 16-bit gray and float files at their real range;
-Pillow reads 16-bit colour at 8 bits, truncated) by the project's one reader. A pair that cannot be
+Pillow reads 16-bit colour at 8 bits, truncated) by the project's one reader; an image with transparency is
+composited over white (`BACKGROUND`), so colour under transparent pixels does not count. A pair that cannot be
 evaluated (unreadable image, size mismatch) is reported as failed and the others go on. Ground truth
 without a prediction (or a prediction without ground truth) makes the mean a subset's: that is an error
 (exit 1) unless ``--allow-partial``. A ground-truth sub-folder the predictions do not have at all
 (another method's results kept there) is left out, and named in the report. Images too small for the
-LPIPS backbone get no LPIPS; the report says over how many images the LPIPS mean is.
+LPIPS backbone get no LPIPS, and images under SSIM's 11 px window no SSIM; the report says over how many images
+those means are.
 ``--list FILE`` (a Real-CE list file: one image name per line, read as the training data reads it) keeps
 only the images it names, by file stem; a listed name the ground truth lacks is an error.
-Exit code: 0 all pairs evaluated, 1 some pair failed or files are unmatched, 2 nothing evaluated.
+Exit code: 0 all pairs evaluated, 1 some pair failed or files are unmatched, 2 nothing evaluated (or a
+setup error: a missing folder or file, --pred and --gt the same folder).
 """
 from __future__ import annotations
 
@@ -33,12 +36,14 @@ import numpy as np
 import torch
 
 from tadisr_core.devices import resolve_device
-from tadisr_core.images import load_rgb_uint8, walk_images
+from tadisr_core.files import atomic_path, require_readable, same_file
+from tadisr_core.images import load_image, to_uint8, walk_images
 from training import command_name, missing_extras
 from training.metrics import SSIM_WINDOW
 
 PSNR_CAP = 100.0  # identical images: report 100 dB (as the official metrics code), not inf
 FID_NO_WEIGHTS = "no Inception weights supplied (--fid-weights)"
+BACKGROUND = 1.0  # what transparent pixels are composited over (white), in prediction and ground truth alike
 
 
 _CLI_OUTPUT = re.compile(r"^(?P<stem>.+)_x\d+(\.\d+)?$")
@@ -93,8 +98,11 @@ def pair_images(pred_dir: Path, gt_dir: Path):
     pairs, ambiguous = [], {}
     for key in sorted(set(pred) & set(gt)):
         if len(pred[key]) > 1 or len(gt[key]) > 1:
-            names = [p.name for p in pred[key]] + [p.name for p in gt[key]]
-            ambiguous[key] = f"several files share the stem: {', '.join(names)}"
+            held = [f"--{flag} {folder} holds {', '.join(p.name for p in paths)}"
+                    for flag, folder, paths in (("pred", pred_dir, pred[key]), ("gt", gt_dir, gt[key]))
+                    if len(paths) > 1]
+            ambiguous[key] = (f"several files pair as the one image {key}: {'; '.join(held)}; keep one of them "
+                              f"there (move the others away)")
         else:
             pairs.append((key, pred[key][0], gt[key][0]))
     return pairs, sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred)), ambiguous
@@ -168,8 +176,27 @@ def keep_listed(found: tuple, stems: set[str], gt_dir: Path, list_file: Path) ->
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """Read an image file as uint8 RGB ``(H, W, 3)`` with the project's reader; raises on unreadable files."""
-    return load_rgb_uint8(path)
+    """Read an image file as uint8 RGB ``(H, W, 3)`` with the project's reader (gray repeated, transparency
+    composited over `BACKGROUND`); raises on unreadable files."""
+    x = load_image(path)
+    if x.shape[1] == 4:
+        x = x[:, :3] * x[:, 3:] + BACKGROUND * (1 - x[:, 3:])
+    return to_uint8(x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1))
+
+
+def size_mismatch(pred: tuple[int, int], gt: tuple[int, int]) -> str:
+    """Why a prediction of ``pred`` = (W, H) cannot be scored against ground truth of ``gt``, with the likely
+    cause when one is a whole multiple of the other."""
+    (pw, ph), (gw, gh) = pred, gt
+    head = f"size mismatch: prediction {pw}x{ph}, ground truth {gw}x{gh}"
+    for k in range(2, 17):
+        if (gw, gh) == (k * pw, k * ph):
+            return (f"{head}: the prediction is 1/{k} of its size a side (upscaled by a factor {k} too small, or "
+                    f"--pred holds the low-resolution inputs?); upscale by the ground truth's factor")
+        if (pw, ph) == (k * gw, k * gh):
+            return (f"{head}: the prediction is {k} times its size a side (upscaled by a factor {k} too large, or "
+                    f"--gt holds the low-resolution images?); give the high-resolution ground truth as --gt")
+    return f"{head}: each prediction must have its ground truth's size"
 
 
 def evaluate_pair(pred: np.ndarray, gt: np.ndarray, *, lpips_model, ocr_engine, y_channel: bool,
@@ -178,16 +205,18 @@ def evaluate_pair(pred: np.ndarray, gt: np.ndarray, *, lpips_model, ocr_engine, 
     from training.metrics import ocr_accuracy, psnr, ssim, to_tensor
 
     if pred.shape != gt.shape:
-        raise ValueError(f"size mismatch: prediction {pred.shape[1]}x{pred.shape[0]}, "
-                         f"ground truth {gt.shape[1]}x{gt.shape[0]}")
+        raise ValueError(size_mismatch(pred.shape[1::-1], gt.shape[1::-1]))
     x, y = to_tensor(pred), to_tensor(gt)
-    row = {
-        "psnr": min(float(psnr(x, y, y_channel, crop_border)[0]), PSNR_CAP),
-        "ssim": float(ssim(x, y, y_channel, crop_border)[0]),
-    }
+    row = {"psnr": min(float(psnr(x, y, y_channel, crop_border)[0]), PSNR_CAP)}
+    notes = []
+    if min(pred.shape[:2]) < SSIM_WINDOW:  # too small for its window: the other metrics still count
+        row["ssim"] = None
+        notes.append(f"SSIM left out: under {SSIM_WINDOW} px")
+    else:
+        row["ssim"] = float(ssim(x, y, y_channel, crop_border)[0])
     if lpips_model is not None and min(pred.shape[:2]) < lpips_model.min_side:
-        row["lpips"] = None  # too small for its backbone: the other metrics still count
-        row["note"] = f"LPIPS left out: under {lpips_model.min_side} px"
+        row["lpips"] = None
+        notes.append(f"LPIPS left out: under {lpips_model.min_side} px")
     elif lpips_model is not None:
         with torch.inference_mode():
             row["lpips"] = float(lpips_model(x.to(device), y.to(device), normalize=True).flatten()[0])
@@ -195,6 +224,8 @@ def evaluate_pair(pred: np.ndarray, gt: np.ndarray, *, lpips_model, ocr_engine, 
         res = ocr_accuracy(pred, gt, ocr_engine)
         row["ocr_a"] = res.score
         row["ocr_boxes"] = res.boxes
+    if notes:
+        row["note"] = "; ".join(notes)
     return row
 
 
@@ -273,7 +304,7 @@ def mean_of(rows: list[dict], key: str) -> float | None:
 
 
 def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    return "-".rjust(int(spec.partition(".")[0])) if v is None else format(v, spec)  # "-" as wide as a figure
 
 
 def print_table(report: dict, out=None) -> None:
@@ -288,6 +319,9 @@ def print_table(report: dict, out=None) -> None:
               f"{_fmt(r.get('lpips'), '6.4f')}  {_fmt(r.get('ocr_a'), '6.4f')}  {boxes}", file=out)
     print(f"{'MEAN':<{width}}  {_fmt(mean['psnr'], '7.3f')}  {_fmt(mean['ssim'], '6.4f')}  "
           f"{_fmt(mean['lpips'], '6.4f')}  {_fmt(mean.get('ocr_a'), '6.4f')}  {mean.get('ocr_boxes', '-')}", file=out)
+    if mean["ssim"] is not None and mean.get("ssim_n", mean["n"]) < mean["n"]:
+        print(f"SSIM over {mean['ssim_n']} of {mean['n']} images; the others are smaller than its {SSIM_WINDOW} px "
+              f"window", file=out)
     if mean["lpips"] is not None and mean.get("lpips_n", mean["n"]) < mean["n"]:
         print(f"LPIPS over {mean['lpips_n']} of {mean['n']} images; the others are too small for its backbone",
               file=out)
@@ -343,6 +377,7 @@ def run(args: argparse.Namespace) -> dict:
         ok_pairs.append((stem, pred_path, gt_path))
 
     mean = {"n": len(rows), **{key: mean_of(rows, key) for key in ("psnr", "ssim", "lpips")},
+            "ssim_n": sum(r["ssim"] is not None for r in rows),
             "lpips_n": sum(r.get("lpips") is not None for r in rows)}
     if ocr_engine is not None:
         from training.metrics import OCRAResult, summarize_ocr
@@ -358,7 +393,8 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {"pred": str(args.pred), "gt": str(args.gt), "y_channel": args.y_channel,
                      "list": None if args.list is None else str(args.list),
                      "crop_border": args.crop_border, "ssim": f"gaussian {SSIM_WINDOW}, sigma 1.5, valid",
-                     "psnr_cap_db": PSNR_CAP, "lpips_net": None if args.no_lpips else args.lpips_net,
+                     "psnr_cap_db": PSNR_CAP, "transparency": f"composited over {BACKGROUND:g} (white)",
+                     "lpips_net": None if args.no_lpips else args.lpips_net,
                      "ocr_backend": None if args.no_ocr else args.ocr_backend},
     }
 
@@ -406,9 +442,21 @@ def json_target_problem(path: Path) -> str | None:
 
 
 def write_json(path: Path, report: dict) -> None:
-    """Write ``report`` to ``path`` (its folder made) as valid JSON: NaN and infinities become null."""
+    """Write ``report`` to ``path`` (its folder made) as valid UTF-8 JSON, whole or not at all (`files.atomic_path`):
+    NaN and infinities become null."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n")
+    with atomic_path(path) as tmp:
+        # surrogateescape: a file name a non-UTF-8 locale could not decode is written back as its own bytes
+        tmp.write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
+                       errors="surrogateescape")
+
+
+def tolerant_stdout() -> None:
+    """Let a terminal that cannot show a character (Windows' cp1252 console) print it escaped (``\\u4e2d``)
+    rather than stop the command with a UnicodeEncodeError (a C locale's surrogateescape is kept: it prints the
+    bytes of the file names it could not decode as they are)."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name).is_dir():
             print(f"error: --{name} {getattr(args, name)} is not a folder", file=sys.stderr)
             return 2
+    if same_file(args.pred, args.gt):
+        print(f"error: --pred {args.pred} and --gt {args.gt} are the same folder: give the super-resolved images "
+              f"as --pred and the ground truth as --gt", file=sys.stderr)
+        return 2
     if args.list is not None and not args.list.is_file():
         print(f"error: --list {args.list} is not a file", file=sys.stderr)
         return 2
@@ -431,13 +483,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
+        if args.fid_weights is not None:
+            require_readable(args.fid_weights, "FID weights")
         report = run(args)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:  # LPIPS weights missing or damaged, OCR backend
+    except (OSError, RuntimeError, ValueError) as e:  # FID or LPIPS weights missing or damaged, OCR backend
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_table(report)
-    if args.json:
+    if args.json:  # first: a table the terminal cannot show must not cost the report
         write_json(args.json, report)
+    tolerant_stdout()
+    print_table(report)
     if not report["pairs"]:
         print(f"error: none of the {len(report['failed'])} pairs could be evaluated (the FAILED lines say why)",
               file=sys.stderr)

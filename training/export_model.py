@@ -1,8 +1,9 @@
 """Export a finished training run as a standalone model folder (what `tadisr_core/demo/` ships).
 
-    python -m training.export_model RUN_DIR OUT_DIR [--name tadisr_demo] [--dtype fp16]
+    python -m training.export_model RUN_DIR OUT_DIR [--name NAME] [--dtype fp16]
 
-Writes OUT_DIR/NAME.safetensors (every tensor, cast to `--dtype`; metadata: the run's step and
+Writes OUT_DIR/NAME.safetensors (NAME by default tadisr_ + OUT_DIR's name: `tadisr_core/demo` gives
+tadisr_demo; every tensor, cast to `--dtype`; metadata: the run's step and
 config) and OUT_DIR/prompt_cache.safetensors (the run's, or `--prompt-cache`). The run's checkpoint
 must hold its backbone (it trained it, `model.train_backbone: true`, had no Kolors base, or took it
 from a `model.init_checkpoint` that held one); one that holds adapters only needs the Kolors base and
@@ -20,10 +21,17 @@ from tadisr_core.devices import COMPUTE_DTYPES
 RUN_ARG, OUT_ARG = "RUN_DIR", "OUT_DIR"  # how the usage line and the errors name the two arguments
 
 
-def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp16",
+def default_name(out: Path) -> str:
+    """The weights' name an export into `out` gets: tadisr_ + the folder's name (kept when it starts so)."""
+    folder = Path(out).resolve().name
+    return folder if folder.lower().startswith("tadisr") else f"tadisr_{folder}"
+
+
+def export_run(run: Path, out: Path, name: str | None = None, dtype: str = "fp16",
                prompt_cache: Path | None = None) -> dict[str, Path]:
-    """Write the standalone files of `run` into `out`; returns their paths. The prompt cache is the
-    run's own (or `prompt_cache`); `out` may hold an earlier export of the same name, nothing else."""
+    """Write the standalone files of `run` into `out`; returns their paths. The weights are `name`.safetensors
+    (default `default_name(out)`); the prompt cache is the run's own (or `prompt_cache`); `out` may hold an
+    earlier export of the same name, nothing else."""
     from tadisr_core.checkpoint import load_checkpoint, save_native
     from tadisr_core.files import folder_target_problem
     from tadisr_core.model_ref import RUN_CONFIG, RUN_PROMPT_CACHE, resolve_model, standalone_prompt
@@ -31,6 +39,7 @@ def export_run(run: Path, out: Path, name: str = "tadisr_demo", dtype: str = "fp
 
     if problem := folder_target_problem(out, f"{OUT_ARG} {out}"):
         raise ValueError(problem)
+    name = default_name(out) if name is None else name
     if not name.strip() or name.startswith(".") or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"--name {name!r}: give a plain file name, not empty, without a folder (no / or \\) and "
                          f"not starting with '.': the weights are written as {OUT_ARG}/NAME.safetensors")
@@ -68,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", metavar=RUN_ARG, type=Path,
                    help="the training run's output_dir (or one of its step folders or checkpoint files)")
     p.add_argument("out", metavar=OUT_ARG, type=Path, help="folder to write the standalone model into")
-    p.add_argument("--name", default="tadisr_demo",
-                   help="weights file name, without .safetensors (a plain name: no folder)")
+    p.add_argument("--name", help="weights file name, without .safetensors (a plain name: no folder; default "
+                                  "tadisr_ + OUT_DIR's name)")
     p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="fp16", help="stored precision (default fp16)")
     p.add_argument("--prompt-cache", type=Path, help="the prompt cache it was trained with (default: the run's)")
     args = p.parse_args(argv)

@@ -11,7 +11,9 @@
 (Latin and CJK, horizontal and vertical) on scikit-image's sample photos, x4 Real-ESRGAN-mild
 degradation, text 13-38 HR px tall as in the demo's training data. Its seed is disjoint from every
 training seed, so no scene was trained on (the 12 background photos are shared: they are all there
-is offline).
+is offline). The text is drawn in the fonts of `HELDOUT_FONTS` alone; DIR/heldout.json records the font
+files used and the families missing, and both `make` and `score` warn when a family was missing: such a
+set is not the one the model cards' figures are of.
 
 `score` reports, per row: PSNR, SSIM, LPIPS (alex), OCR-A (rapidocr) against the HR image, and the
 text mask's IoU and F1 at threshold 0.5, pooled over all pixels of the set, and its AUROC (every
@@ -35,7 +37,7 @@ import torch
 
 from tadisr_core.color import COLOR_FIXES
 from tadisr_core.files import folder_target_problem
-from training.evaluate import json_target_problem, write_json
+from training.evaluate import json_target_problem, tolerant_stdout, write_json
 
 if TYPE_CHECKING:
     from training.metrics import MaskCounts
@@ -45,13 +47,20 @@ DEFAULT_COUNT = 60
 DEFAULT_SIZE = 256
 FONT_SCALE = (0.05, 0.15)   # x 256 px = 13-38 px: the demo config's 0.1-0.3 x 128 px
 PRESET = "realesrgan-mild"
+# The font families the model cards' held-out set was drawn with, and the Debian packages that hold them
+# (synthesis' other families, when installed, would make another set from the same seed).
+HELDOUT_FONTS = {"DejaVu Sans": "fonts-dejavu-core", "DejaVu Serif": "fonts-dejavu-core",
+                 "DejaVu Sans Mono": "fonts-dejavu-core", "Noto Sans CJK SC": "fonts-noto-cjk",
+                 "Noto Serif CJK SC": "fonts-noto-cjk"}
+SET_RECORD = "heldout.json"  # in the set's folder: its settings, the font files it was drawn with, those missing
 
 
 def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, size: int = DEFAULT_SIZE) -> Path:
     """Write the held-out set (every scene is drawn with text), replacing a set made in `out` before; returns `out`.
 
-    ValueError for a `size` the synthesis cannot make; FileExistsError when `out` holds files it did not write;
-    NotADirectoryError when a file stands where `out` must be a folder.
+    The text is drawn in the `HELDOUT_FONTS` installed; `SET_RECORD` records them, and `missing_fonts_warning`
+    says what a missing one means. ValueError for a `size` the synthesis cannot make; FileExistsError when `out`
+    holds files it did not write; NotADirectoryError when a file stands where `out` must be a folder.
     """
     from PIL import Image
 
@@ -71,15 +80,39 @@ def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, si
         raise NotADirectoryError(problem)
     if problem := clear_previous_set(out, "DIR"):
         raise FileExistsError(problem)
+    (out / SET_RECORD).unlink(missing_ok=True)
+    found = {family: system_fonts((family,)) for family in HELDOUT_FONTS}
     backgrounds = write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
-    synth = TextSynthesizer(list_images(backgrounds), system_fonts(), (), config, PRESET)
+    synth = TextSynthesizer(list_images(backgrounds), system_fonts(tuple(HELDOUT_FONTS)), (), config, PRESET)
     for sub in SET_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     for i in range(1, count + 1):
         sample = synth.sample(sample_seed(seed, i))
         for sub, arr in (("hr", sample.hr), ("lr", sample.lr), ("mask", sample.mask)):
             Image.fromarray(arr).save(out / sub / f"{i:06d}.png")
+    write_json(out / SET_RECORD, {
+        "seed": seed, "count": count, "size": size,
+        "fonts": [{"family": family, "file": spec.path, "index": spec.index}
+                  for family, specs in found.items() for spec in specs],
+        "missing_fonts": [family for family, specs in found.items() if not specs]})
     return out
+
+
+def missing_fonts_warning(folder: Path) -> str | None:
+    """What it means that the set in `folder` was drawn without some of `HELDOUT_FONTS` (as its `SET_RECORD`
+    says) and what to install; None when none was missing, or for a set made before the record was."""
+    from tadisr_core.files import read_json_object
+
+    try:
+        missing = read_json_object(folder / SET_RECORD, "").get("missing_fonts") or []
+    except (OSError, ValueError):
+        return None
+    if not missing:
+        return None
+    packages = " ".join(sorted({HELDOUT_FONTS[family] for family in missing if family in HELDOUT_FONTS}))
+    return (f"the set in {folder} was drawn without the fonts {', '.join(missing)} (not installed), so it is not "
+            f"the set the model cards' figures are of: install them (Debian: apt-get install {packages}) and "
+            f"re-create it with `python -m training.heldout make {folder}`")
 
 
 DEMO_INPUT_SEED = 77
@@ -121,14 +154,17 @@ def make_demo_inputs(out: Path, count: int = 3) -> list[Path]:
 def load_set(folder: Path) -> list[dict]:
     """The set's items: name, lr and hr as uint8 RGB arrays, mask as float 0 or 1, read as the trainer
     reads them (16-bit and EXIF as the user sees them, a mask drawn as opacity by its alpha)."""
-    from tadisr_core.images import load_rgb_uint8
+    from tadisr_core.images import ImageReadError, load_rgb_uint8
     from training.data.synthesis import load_mask
 
     items = []
     for hr_path in sorted((folder / "hr").glob("*.png")):
-        items.append({"name": hr_path.stem, "lr": load_rgb_uint8(folder / "lr" / hr_path.name),
-                      "hr": load_rgb_uint8(hr_path),
-                      "mask": load_mask(folder / "mask" / hr_path.name).astype(np.float32)})
+        try:
+            items.append({"name": hr_path.stem, "lr": load_rgb_uint8(folder / "lr" / hr_path.name),
+                          "hr": load_rgb_uint8(hr_path),
+                          "mask": load_mask(folder / "mask" / hr_path.name).astype(np.float32)})
+        except ImageReadError as e:  # a file missing or damaged: the set is not as `make` wrote it
+            raise ImageReadError(f"{e}; re-create the set with `python -m training.heldout make {folder}`") from None
     if not items:
         raise FileNotFoundError(f"{folder}/hr holds no .png files: create the set with "
                                 f"`python -m training.heldout make {folder}`")
@@ -199,7 +235,7 @@ def score(items: list[dict], run, lpips_model=None, ocr_engine=None) -> dict:
         if heat is not None:
             heats.append(heat[0, 0, ::2, ::2].flatten())
         rows.append(row)
-    out = {"n": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim")}}
+    out = {"n": len(rows), **{k: mean_of(rows, k) for k in ("psnr", "ssim")}}
     if lpips_model is not None:
         out["lpips"] = mean_of(rows, "lpips")
         out["lpips_n"] = sum(r["lpips"] is not None for r in rows)
@@ -228,9 +264,11 @@ def grown_truth_counts(items: list[dict], pixels: int) -> MaskCounts:
 def run_score(folder: Path, models: list[str], ocr: bool = True, lpips: bool = True,
               color_fixes: tuple[str, ...] = ("none",)) -> dict:
     """The whole table: bicubic, each model reference (a row per colour fix of its output), and the
-    random tiny model."""
-    from tadisr_core.model_ref import load_model
+    random tiny model. A model reference that names no model is said before any scoring."""
+    from tadisr_core.model_ref import load_model, resolve_model
 
+    for ref in models:
+        resolve_model(ref)
     items = load_set(folder)
     check_sizes(items, folder)
     lpips_model = None
@@ -303,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             mk.error("--count must be at least 1")
         try:
             print(make_set(args.dir, args.count, args.seed, args.size))
+            if problem := missing_fonts_warning(args.dir):
+                print(f"warning: {problem}", file=sys.stderr)
         except NotADirectoryError as e:  # a file where DIR must be a folder: the message names DIR
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -330,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 counts = grown_truth_counts(items, pixels)
                 print(f"| {pixels} px | {counts.iou:.3f} | {counts.f1:.3f} |")
             return 0
+        if problem := missing_fonts_warning(args.dir):
+            print(f"warning: {problem}", file=sys.stderr)
         report = run_score(args.dir, args.model or ["demo"], ocr=not args.no_ocr, lpips=not args.no_lpips,
                            color_fixes=tuple(args.color_fix or ["none"]))
     except (OSError, ValueError, RuntimeError) as e:  # the set's files, a --model, LPIPS weights, OCR backend
@@ -337,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         write_json(args.json, report)
+    tolerant_stdout()
     print(format_table(report))
     return 0
 

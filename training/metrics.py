@@ -41,12 +41,12 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool, crop_border: int
     if c < 0 or 2 * c >= min(h, w):
         raise ValueError(f"a crop border of {c} pixels leaves nothing of a {w}x{h} image "
                          f"(0 to {(min(h, w) - 1) // 2} pixels a side)")
+    if min(h, w) < min_side:  # whatever the crop border
+        raise ValueError(f"a {w}x{h} image is smaller than SSIM's {min_side}x{min_side} window")
     if min(h, w) - 2 * c < min_side:
         most = (min(h, w) - min_side) // 2
         raise ValueError(f"a crop border of {c} pixels leaves {w - 2 * c}x{h - 2 * c} of a {w}x{h} image, smaller "
-                         f"than SSIM's {min_side}x{min_side} window: "
-                         + (f"use a crop border of at most {most} pixels a side" if most >= 0
-                            else "the image is too small for SSIM"))
+                         f"than SSIM's {min_side}x{min_side} window: use a crop border of at most {most} pixels a side")
     if c:
         x, y = x[..., c:-c, c:-c], y[..., c:-c, c:-c]
     return x, y
