@@ -549,12 +549,14 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
     with _Interrupt(term_stops=world > 1) as interrupt:
         stop = cancel or interrupt
         for k, job in enumerate(jobs):
-            bar = tqdm(unit="tile", desc=job.input.name, leave=False, disable=quiet, position=1 if len(jobs) > 1 else 0)
+            bars = []  # made at the first tile: a file skipped or failed before its tiles shows no empty bar
 
-            def progress(done: int, total: int, bar=bar) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
+            def progress(done: int, total: int, bars=bars, job=job) -> None:
+                if not bars:
+                    bars.append(tqdm(total=total, unit="tile", desc=job.input.name, leave=False, disable=quiet,
+                                     position=1 if len(jobs) > 1 else 0))
+                bars[0].total, bars[0].n = total, done
+                bars[0].refresh()
 
             try:
                 rec = process_file(model, job, options, progress=progress, cancel=stop)
@@ -567,7 +569,8 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
             else:
                 full = None
             finally:
-                bar.close()
+                for bar in bars:
+                    bar.close()
             records.append(rec)
             files_bar.update(1)
             if not rec.ok:

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from tadisr_core import cli, images
-from tests.cli_runs import FAST, random_png
+from tests.cli_runs import FAST, random_png, run_cli
 from tests.cli_runs import run_reported as run
 
+SHOWN = FAST  # with progress bars
 FAST = [*FAST, "-q"]
 
 
@@ -50,6 +51,17 @@ def test_skip_existing_redoes_incomplete_outputs(tiny_model, tmp_path, capsys):
     sr.write_bytes(sr.read_bytes()[:-20])                  # torn by a crash of some other writer
     rc, rep, _ = run(argv, capsys, model=tiny_model)
     assert rc == 0 and rep["files"][0]["skipped"] is False and images.written_by_us(sr)
+
+
+def test_a_skipped_file_shows_no_tile_bar(tiny_model, tmp_path, capsys):
+    """Defect: `--skip-existing` drew an empty tile bar (`a.png: 0tile [00:00, ?tile/s]`) for each file it
+    skipped; an upscaled file still shows its bar."""
+    random_png(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), *SHOWN, "--skip-existing"]
+    rc, _, err = run_cli(argv, capsys, model=tiny_model)
+    assert rc == 0 and "a.png: 100%" in err
+    rc, _, err = run_cli(argv, capsys, model=tiny_model)
+    assert rc == 0 and "a.png" not in err.replace(str(tmp_path / "out"), ""), err
 
 
 def test_recursive_walk_leaves_out_the_output_folder_and_follows_symlinked_folders(tiny_model, tmp_path, capsys):
