@@ -50,16 +50,15 @@ def list_images(folder: str) -> list[str]:
     """Image file names directly inside `folder`, in natural order: the files the CLI takes from it
     (`images.walk_images`: the picture formats Pillow reads; hidden names such as a Mac's `._a.png` left out; so are
     files named like outputs, `batch.looks_like_output`, with a warning, so earlier results are not served)."""
-    from tadisr_core.batch import looks_like_output
+    from tadisr_core.batch import OUTPUT_PATTERNS, looks_like_output
     from tadisr_core.images import walk_images
 
     names = [p.name for p in walk_images(folder, recursive=False).files]
     outputs = sum(map(looks_like_output, names))
     if outputs and (folder, outputs) not in _told:
         _told.add((folder, outputs))
-        log.warning("TADiSR: %s: left out %d file(s) named like TADiSR outputs (*_x4.png, *_text_mask.png, "
-                    "*_attention.png, also with Save Image's counter: *_text_mask_00001_.png); rename them to upscale "
-                    "them", folder, outputs)
+        log.warning("TADiSR: %s: left out %d file(s) named like TADiSR outputs (%s); rename them to upscale them",
+                    folder, outputs, OUTPUT_PATTERNS)
     return sorted((name for name in names if not looks_like_output(name)), key=natural_key)
 
 

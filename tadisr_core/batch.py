@@ -88,15 +88,18 @@ def scale_tag(scale: float) -> str:
 
 
 MASK_SUFFIX = "_text_mask.png"  # the text mask's name: the input's output name + this, whatever the scale
-# ComfyUI's Save Image adds its counter to a prefix (`a_text_mask_00001_.png`): taken for the mask and heat map,
-# whose names say what they are, never for an SR image (`ComfyUI_00001_.png` is what many users upscale)
+# ComfyUI's Save Image adds its counter to a prefix (`a_text_mask_00001_.png`; the example workflows' prefixes
+# give `text_mask_00001_.png`, `used_mask_00001_.png`, `heatmap_00001_.png`): taken for masks and heat maps, whose
+# names say what they are, never for an SR image (`ComfyUI_00001_.png` is what many users upscale)
 OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})"
-                         rf"|(text_mask|attention)(-\d+)?(_\d{{5,}}_)?\.png)$", re.IGNORECASE)
+                         rf"|(text_mask|attention)(-\d+)?(_\d{{5,}}_)?\.png)$"
+                         rf"|^(text_mask|used_mask|heatmap|attention)_\d{{5,}}_\.png$", re.IGNORECASE)
+OUTPUT_PATTERNS = ("*_x4.png / .jpg / .webp, *_text_mask.png, *_attention.png, and the masks and heat maps "
+                   "ComfyUI's Save Image wrote: *text_mask_00001_.png, used_mask_00001_.png, heatmap_00001_.png")
 
 
 def looks_like_output(path: str | Path) -> bool:
-    """Whether a file name follows the pattern of our outputs (`*_x4.png` / `.jpg` / `.webp`, `*_text_mask.png`,
-    `*_attention.png`, and the last two as ComfyUI's Save Image names them, `*_text_mask_00001_.png`)."""
+    """Whether a file name follows the pattern of our outputs (`OUTPUT_PATTERNS`)."""
     return bool(OUTPUT_NAME.search(Path(path).name))
 
 
@@ -126,8 +129,8 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
             walk = walk_images(path, recursive, exclude)
             outputs = [p for p in walk.files if looks_like_output(p)]
             if outputs:
-                log.warning("%s: left out %d file(s) named like outputs (*_x4.png / .jpg / .webp, *_text_mask.png); "
-                            "name them explicitly to upscale them", path, len(outputs))
+                log.warning("%s: left out %d file(s) named like outputs (%s); name them explicitly to upscale them",
+                            path, len(outputs), OUTPUT_PATTERNS)
             if walk.others:
                 names = ", ".join(p.name for p in sorted(walk.others)[:3]) + (", ..." if len(walk.others) > 3 else "")
                 log.warning("%s: left out %d file(s) that are not images we read (%s)%s", path, len(walk.others),

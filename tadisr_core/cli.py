@@ -331,7 +331,7 @@ class _Interrupt:
 
     @staticmethod
     def _terminate(signum, frame) -> None:
-        raise KeyboardInterrupt  # unwinds through the writers' cleanup: no hidden partial files stay
+        raise Terminated  # unwinds through the writers' cleanup: no hidden partial files stay
 
     def _handle(self, signum, frame) -> None:
         if self.requested:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Callable
 
@@ -129,10 +130,13 @@ def _merge_layer(layer, name: str, weight: torch.Tensor, saved: dict) -> None:
         p.data = storage
 
 
-def warn_of_other_conditioning(ckpt: Checkpoint, prompt: PromptCache, given: str | Path | PromptCache | None) -> None:
+def warn_of_other_conditioning(ckpt: Checkpoint, prompt: PromptCache, given: str | Path | PromptCache | None,
+                               own_cache: bool = False) -> None:
     """Warn when the conditioning encodes another prompt, or other SDXL time ids, than the checkpoint was
     trained with (its metadata says; the release's .pkl does not, nor time ids before 2026-12-04): the
-    model then runs on conditioning it never saw."""
+    model then runs on conditioning it never saw. The warning says how to compute a matching cache with
+    ChatGLM3, or, with `own_cache` (a model whose conditioning is kept with it, e.g. a demo's random
+    embedding, which no encoder makes), to use that one."""
     trained = ckpt.metadata.get("prompt")
     trained_ids = _recorded_time_ids(ckpt)
     used_ids = prompt.time_ids.flatten().tolist()
@@ -144,10 +148,14 @@ def warn_of_other_conditioning(ckpt: Checkpoint, prompt: PromptCache, given: str
     where = f"the prompt cache {given}" if isinstance(given, (str, Path)) else "the prompt conditioning"
     what = (f"the prompt {trained!r}, but {where} encodes {prompt.prompt!r}" if other_prompt else
             f"the time ids {_numbers(trained_ids)}, but {where} holds {_numbers(used_ids)}")
-    fix = " ".join([f"--prompt {trained or prompt.prompt!r}"] +
-                   ([f"--time-ids {_numbers(trained_ids)}"] if trained_ids is not None else []))
-    log.warning("%s was trained with %s: the output differs from what it learned; compute a cache of its "
-                "conditioning with `tadisr prompt-cache %s`", ckpt.path or "the checkpoint", what, fix)
+    if own_cache:
+        fix = "use the prompt cache kept with it (its run's or its folder's: leave out --prompt-cache)"
+    else:
+        command = ["tadisr", "prompt-cache", "--kolors", "DIR", "-o", "FILE", "--prompt", trained or prompt.prompt]
+        command += ["--time-ids", *_numbers(trained_ids).split()] if trained_ids is not None else []
+        fix = f"compute a cache of its conditioning with `{shlex.join(command)}` (DIR: Kolors or ChatGLM3)"
+    log.warning("%s was trained with %s: the output differs from what it learned; %s", ckpt.path or "the checkpoint",
+                what, fix)
 
 
 def _recorded_time_ids(ckpt: Checkpoint) -> list[float] | None:

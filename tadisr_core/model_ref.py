@@ -231,7 +231,7 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
         prompt.check_fits(ckpt.spec.unet.encoder_hid_dim)
     except ValueError as exc:
         raise ValueError(f"{prompt_cache}: {exc}" if not isinstance(prompt_cache, PromptCache) else str(exc)) from None
-    warn_of_other_conditioning(ckpt, prompt, prompt_cache)
+    warn_of_other_conditioning(ckpt, prompt, prompt_cache, own_cache=True)
     model = build_model(ckpt.spec, prompt=prompt)
     apply_checkpoint(model, ckpt)
     model.weights_id = (source_identity(ckpt.path),)

@@ -800,6 +800,29 @@ def test_an_export_is_named_after_its_folder(tmp_path, capsys):
         assert f"weights: {tmp_path / folder / name}.safetensors (" in capsys.readouterr().out
 
 
+def test_an_export_given_another_prompt_cache_says_so(tmp_path, caplog):
+    """Defect: `export_model --prompt-cache OTHER` recorded the other conditioning without a word (a later run
+    with the model's own cache was then warned of instead)."""
+    import logging
+
+    from tadisr_core.model_ref import RUN_PROMPT_CACHE
+    from tadisr_core.prompt import PromptCache
+    from training.export_model import export_run
+
+    _fake_run(tmp_path / "run", tiny_spec("paper"))
+    other = PromptCache.load(tmp_path / "run" / RUN_PROMPT_CACHE)
+    other.prompt = "another"
+    other.save(tmp_path / "other.safetensors")
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        export_run(tmp_path / "run", tmp_path / "own")
+        assert not caplog.records
+        export_run(tmp_path / "run", tmp_path / "out", prompt_cache=tmp_path / "other.safetensors")
+    assert [r.getMessage().split(": the output")[0] for r in caplog.records] == [
+        f"{tmp_path / 'run' / 'checkpoints' / 'step_00000002' / 'model.safetensors'} was trained with the prompt "
+        f"{PromptCache.load(tmp_path / 'run' / RUN_PROMPT_CACHE).prompt!r}, but the prompt cache "
+        f"{tmp_path / 'other.safetensors'} encodes 'another'"]
+
+
 @demo_only
 def test_quiet_also_silences_the_libraries_progress_bars(tmp_path):
     import diffusers

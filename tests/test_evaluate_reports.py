@@ -171,3 +171,13 @@ def test_the_table_keeps_its_columns_where_a_figure_is_missing():
         "a        30.000       -       -       -  -",
         "b        30.000  0.5000  0.2500       -  -",
         "MEAN     30.000  0.5000  0.2500       -  -"]
+
+
+def test_a_name_that_is_not_utf8_leaves_the_report_valid_json(tmp_path):
+    """Review: a file name of bytes that are not UTF-8 (b'\\xffimg.png') was written back as its raw byte, so the
+    report was not valid UTF-8 JSON. It is now an escape JSON readers take."""
+    name = b"\xffimg".decode("utf-8", "surrogateescape")
+    evaluate.write_json(tmp_path / "r.json", {"pairs": [{"name": name, "psnr": 30.0}]})
+    assert json.loads((tmp_path / "r.json").read_bytes().decode("utf-8"))["pairs"][0]["name"] == "\udcffimg"
+    evaluate.write_json(tmp_path / "u.json", {"name": "中文".encode().decode("ascii", "surrogateescape")})
+    assert json.loads((tmp_path / "u.json").read_text(encoding="utf-8"))["name"] == "中文"  # a C locale's UTF-8 name

@@ -177,6 +177,11 @@ def test_the_folder_leaves_out_masks_comfyui_saved_and_keeps_its_images(tmp_path
     from tadisr_core.batch import collect_inputs
 
     _folder(tmp_path, ["a.png", "a_00001_.png", "a_text_mask_00001_.png", "a_Text_Mask-2_00002_.png",
-                       "heat_attention_00003_.png", "ComfyUI_00001_.png", "mask_00001_.png"])
-    assert folder_io.list_images(str(tmp_path)) == ["a.png", "a_00001_.png", "ComfyUI_00001_.png", "mask_00001_.png"]
+                       "heat_attention_00003_.png", "ComfyUI_00001_.png", "mask_00001_.png",
+                       "text_mask_00004_.png", "heatmap_00005_.png", "used_mask_00007_.png",  # the example
+                       "upscaled_00006_.png", "overlay_00008_.png",                              # workflows'
+                       "text_mask.png", "heatmap.png"])                                      # a user's own names
+    assert folder_io.list_images(str(tmp_path)) == ["a.png", "a_00001_.png", "ComfyUI_00001_.png", "heatmap.png",
+                                                    "mask_00001_.png", "overlay_00008_.png", "text_mask.png",
+                                                    "upscaled_00006_.png"]
     assert set(folder_io.list_images(str(tmp_path))) == {p.name for p, _, _ in collect_inputs([tmp_path])}

@@ -71,6 +71,31 @@ def test_a_half_precision_cache_is_read_as_float32(tmp_path):
     assert cache.text_columns == (31,) and cache.prompt == "text" and torch.all(cache.prompt_embeds == 1)
 
 
+# the command the warnings give, a runnable one (defect: it lacked the required -o and shell quoting)
+FIX = ("tadisr prompt-cache --kolors DIR -o FILE --prompt 'best quality,highres,extremely detailed,text' "
+       "--time-ids 64 64 0 0 64 64")
+
+
+def test_the_command_the_warning_gives_makes_the_cache_that_matches(tiny_dir, tmp_path, caplog):
+    """The warning's command, with DIR and FILE filled in and split as a shell splits it, writes a cache the
+    checkpoint runs on without a warning."""
+    import shlex
+
+    other = PromptCache.load(tiny_dir["prompt_cache"])
+    other.prompt, other.time_ids = "it's \"odd\" $HOME", torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])
+    other.save(tmp_path / "other.safetensors")
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tmp_path / "other.safetensors")
+    command = caplog.records[-1].getMessage().split("`")[1]
+    argv = shlex.split(command.replace("DIR", shlex.quote(str(tiny_dir["kolors"])))
+                       .replace("FILE", shlex.quote(str(tmp_path / "fixed.safetensors"))))
+    assert argv[:2] == ["tadisr", "prompt-cache"] and cli.main(argv[1:]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tmp_path / "fixed.safetensors")
+    assert not [r for r in caplog.records if "was trained with" in r.getMessage()]
+
+
 def test_a_checkpoint_run_on_another_prompts_cache_is_warned_of(tiny_dir, tmp_path, caplog):
     """Defect: a checkpoint trained on one prompt ran on a cache of another (ComfyUI's auto cache is always
     the release's prompt) without a word."""
@@ -83,8 +108,7 @@ def test_a_checkpoint_run_on_another_prompts_cache_is_warned_of(tiny_dir, tmp_pa
     assert said == [f"{tiny_dir['checkpoint']} was trained with the prompt 'best quality,highres,extremely "
                     f"detailed,text', but the prompt cache {tmp_path / 'other.safetensors'} encodes 'a photo of a "
                     f"shop sign': the output differs from what it learned; compute a cache of its conditioning with "
-                    f"`tadisr prompt-cache --prompt 'best quality,highres,extremely detailed,text' --time-ids 64 64 0 "
-                    f"0 64 64`"]
+                    f"`{FIX}` (DIR: Kolors or ChatGLM3)"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tadisr"):
         load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])  # its own prompt
@@ -105,8 +129,7 @@ def test_a_checkpoint_run_on_other_time_ids_is_warned_of(tiny_dir, tmp_path, cap
     said = [r.getMessage() for r in caplog.records if "was trained with" in r.getMessage()]
     assert said == [f"{tiny_dir['checkpoint']} was trained with the time ids 64 64 0 0 64 64, but the prompt cache "
                     f"{tmp_path / 'sized.safetensors'} holds 1024 1024 0 0 1024 1024: the output differs from what "
-                    f"it learned; compute a cache of its conditioning with `tadisr prompt-cache --prompt 'best "
-                    f"quality,highres,extremely detailed,text' --time-ids 64 64 0 0 64 64`"]
+                    f"it learned; compute a cache of its conditioning with `{FIX}` (DIR: Kolors or ChatGLM3)"]
     converted = convert(tiny_dir["checkpoint"], tmp_path / "converted.safetensors")  # conversion keeps them
     recorded = load_checkpoint(tiny_dir["checkpoint"]).metadata["time_ids"]
     assert load_checkpoint(converted).metadata["time_ids"] == recorded
@@ -120,9 +143,10 @@ def test_a_model_that_runs_alone_given_another_cache_is_warned_of_too(tmp_path, 
     other.save(tmp_path / "other.safetensors")
     with caplog.at_level(logging.WARNING, logger="tadisr"):
         load_standalone(demo.checkpoint, tmp_path / "other.safetensors")
-    assert [r.getMessage().split(":")[0] for r in caplog.records if "was trained with" in r.getMessage()] == [
+    assert [r.getMessage() for r in caplog.records if "was trained with" in r.getMessage()] == [
         f"{demo.checkpoint} was trained with the prompt 'best quality,highres,extremely detailed,text', but the "
-        f"prompt cache {tmp_path / 'other.safetensors'} encodes 'text'"]
+        f"prompt cache {tmp_path / 'other.safetensors'} encodes 'text': the output differs from what it learned; use "
+        f"the prompt cache kept with it (its run's or its folder's: leave out --prompt-cache)"]  # no encoder makes it
 
 
 def test_chatglm3_runs_in_fp16_on_a_gpu_as_kolors_does_and_bf16_on_the_cpu(tiny_dir, tmp_path, monkeypatch):

@@ -445,10 +445,16 @@ def write_json(path: Path, report: dict) -> None:
     """Write ``report`` to ``path`` (its folder made) as valid UTF-8 JSON, whole or not at all (`files.atomic_path`):
     NaN and infinities become null."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n"
+    # a file name a non-UTF-8 locale could not decode goes back to its own bytes when they are UTF-8 (a C locale
+    # reading UTF-8 names); names that are not UTF-8 at all stay JSON escapes ("\udcff"), so the file stays valid
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        data = text.encode("utf-8", "backslashreplace")
     with atomic_path(path) as tmp:
-        # surrogateescape: a file name a non-UTF-8 locale could not decode is written back as its own bytes
-        tmp.write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
-                       errors="surrogateescape")
+        tmp.write_bytes(data)
 
 
 def tolerant_stdout() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ RUN_ARG, OUT_ARG = "RUN_DIR", "OUT_DIR"  # how the usage line and the errors nam
 
 def default_name(out: Path) -> str:
     """The weights' name an export into `out` gets: tadisr_ + the folder's name (kept when it starts so)."""
-    folder = Path(out).resolve().name
+    folder = Path(os.path.abspath(out)).name  # the name given: a symbolic link's, not its target's
     return folder if folder.lower().startswith("tadisr") else f"tadisr_{folder}"
 
 
@@ -34,6 +35,7 @@ def export_run(run: Path, out: Path, name: str | None = None, dtype: str = "fp16
     earlier export of the same name, nothing else."""
     from tadisr_core.checkpoint import load_checkpoint, save_native
     from tadisr_core.files import folder_target_problem
+    from tadisr_core.loading import warn_of_other_conditioning
     from tadisr_core.model_ref import RUN_CONFIG, RUN_PROMPT_CACHE, resolve_model, standalone_prompt
     from tadisr_core.prompt import PromptCache
 
@@ -49,13 +51,17 @@ def export_run(run: Path, out: Path, name: str | None = None, dtype: str = "fp16
                                                                                  RUN_PROMPT_CACHE))
     if others:
         raise ValueError(f"{OUT_ARG} {out}: already holds another model ({', '.join(others)}); an exported model "
-                         f"is one weights file and its {RUN_PROMPT_CACHE}: export into an empty folder")
+                         f"is one weights file and its {RUN_PROMPT_CACHE}: export into an empty folder"
+                         + (f", or replace it with --name {others[0].removesuffix('.safetensors')}"
+                            if len(others) == 1 else ""))
     files = resolve_model(run, given_as=RUN_ARG)
     ckpt = load_checkpoint(files.checkpoint)
     if not ckpt.includes_backbone:
         raise ValueError(f"{files.checkpoint} holds adapters only: it runs only on the Kolors base it was "
                          f"trained on, so it is not exported standalone")
-    prompt = PromptCache.load(standalone_prompt(files, prompt_cache))
+    source = standalone_prompt(files, prompt_cache)
+    prompt = PromptCache.load(source)
+    warn_of_other_conditioning(ckpt, prompt, source, own_cache=True)  # the export then records the given one
     groups = {g: {k: v.to(COMPUTE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
               for g, sd in ckpt.groups.items()}
     run = files.run or Path(run)  # a step folder or checkpoint of a run: the run's own folder
