@@ -178,9 +178,11 @@ def keep_listed(found: tuple, stems: set[str], gt_dir: Path, list_file: Path) ->
 def load_rgb(path: Path) -> np.ndarray:
     """Read an image file as uint8 RGB ``(H, W, 3)`` with the project's reader (gray repeated, transparency
     composited over `BACKGROUND`); raises on unreadable files."""
+    from tadisr_core.composite import paste
+
     x = load_image(path)
     if x.shape[1] == 4:
-        x = x[:, :3] * x[:, 3:] + BACKGROUND * (1 - x[:, 3:])
+        x = paste(torch.full_like(x[:, :3], BACKGROUND), x[:, :3], x[:, 3:])
     return to_uint8(x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1))
 
 

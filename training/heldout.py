@@ -83,7 +83,8 @@ def make_set(out: Path, count: int = DEFAULT_COUNT, seed: int = HELDOUT_SEED, si
     (out / SET_RECORD).unlink(missing_ok=True)
     found = {family: system_fonts((family,)) for family in HELDOUT_FONTS}
     backgrounds = write_backgrounds("skimage-all", out / "backgrounds", 4 * size, seed)
-    synth = TextSynthesizer(list_images(backgrounds), system_fonts(tuple(HELDOUT_FONTS)), (), config, PRESET)
+    fonts = list(dict.fromkeys(spec for specs in found.values() for spec in specs))  # system_fonts(HELDOUT_FONTS)
+    synth = TextSynthesizer(list_images(backgrounds), fonts, (), config, PRESET)
     for sub in SET_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     for i in range(1, count + 1):
