@@ -52,14 +52,19 @@ def stopped_by_rank0(rank: int, world: int) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose usage errors are printed once under a launcher: every process gets the same
-    arguments and so the same error, which rank 0 prints; the other ranks say one line pointing to it."""
+    """argparse's parser, whose usage errors and --help are printed once under a launcher: every process
+    gets the same arguments, so rank 0 prints them; for an error the other ranks say one line pointing to
+    it, for --help nothing."""
 
     def error(self, message: str):
         rank, world = distributed_rank()
         if rank > 0:
             self.exit(2, stopped_by_rank0(rank, world) + "\n")
         super().error(message)
+
+    def print_help(self, file=None) -> None:
+        if distributed_rank()[0] == 0:
+            super().print_help(file)
 
 
 class Ranks:

@@ -383,3 +383,12 @@ def test_triplets_without_lr_say_once_that_they_degrade_on_the_fly(triplets, tmp
     build_datasets(load_config(tiny, ["data.kind=triplets", f"data.root={triplets}"]), tmp_path / "run",
                    log=said.append)
     assert said == []
+    # the options of the on-the-fly degradation change nothing where the LR images are read from a folder
+    # (defect: they were dropped without a word)
+    build_datasets(load_config(tiny, ["data.kind=triplets", f"data.root={triplets}", f"data.val_root={root}",
+                                      "data.usm_gt=true", "data.jpeg_codec=libjpeg"]), tmp_path / "run",
+                   log=said.append)
+    assert said == [f"{root}: no lr/ folder, so each LR is degraded on the fly from its HR with the 'ftsr' "
+                    "degradation preset (data.degradation)",
+                    f"warning: data.usm_gt and data.jpeg_codec have no effect on {triplets}: its LR images are read "
+                    "from a folder, not degraded from the HR (set data.lr_dir: null to degrade them)"]

@@ -203,7 +203,8 @@ def test_data_problems_are_one_line_setup_errors_found_before_the_model(tmp_path
     monkeypatch.setattr(builders, "build_model_from_config", lambda *a, **k: built.append(1) or real_build(*a, **k))
     cases = [(["data.backgrounds=" + json.dumps(str(empty))], f"no background images in {empty} (data.backgrounds)",
               False),
-             (["train.batch_size=4", "data.length=3"], "the dataset has 3 items, fewer than one global batch", True),
+             (["train.batch_size=4", "data.length=3"], "the training set has 3 items (data.length), fewer than one "
+              "global batch: train.batch_size 4 x 1 processes; give more items or a smaller train.batch_size", False),
              (["model.init_checkpoint=" + json.dumps(str(bad))], str(bad), True)]
     for k, (sets, words, model_built) in enumerate(cases):
         built.clear()

@@ -233,6 +233,23 @@ def test_a_usage_error_under_a_launcher_is_printed_by_rank_0_alone(script, argv,
     assert ranks[1].stderr == "rank 1 of 2: stopped by rank 0's error (rank 0 says what it is)\n"
 
 
+@pytest.mark.parametrize("main_of", ["tadisr_core.cli", "training.train"])
+def test_help_under_a_launcher_is_printed_by_rank_0_alone(monkeypatch, capsys, main_of):
+    """Defect: `--help` under a launcher printed the whole help once per process."""
+    import importlib
+
+    main = importlib.import_module(main_of).main
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            main(["--help"])
+        out = capsys.readouterr()
+        assert stop.value.code == 0 and out.out.startswith("usage: ") is printed and out.err == "", rank
+
+
 COUNT_ENCODER_LOADS = '''
 import sys
 from tadisr_core import cli, prompt

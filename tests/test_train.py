@@ -177,7 +177,8 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, lpips_dir):
 @pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
     args = ["--config", str(TINY), "--max-steps", "3", "--output-dir", str(tmp_path)]
-    for item in tiny_overrides(tmp_path, lpips_dir, train__weight_digest=True):
+    for item in tiny_overrides(tmp_path, lpips_dir, train__weight_digest=True, train__checkpoint_every=1,
+                               train__keep_checkpoints=0):
         args += ["--set", item]
     proc = train_on_two_processes(args)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -192,6 +193,16 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
 
     with pytest.raises(RunFolderError, match=r"number of processes: 2 -> 1 \(global batch 2 -> 1 .*--force"):
         run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=4, train__weight_digest=True), resume=True)
+    # only rank 1's file of the newest checkpoint damaged: both processes resume the one before (defect: rank 1
+    # alone fell back a step, and the two waited on each other's collectives)
+    newest = tmp_path / "checkpoints" / "step_00000003"
+    (newest / "rank_1.pt").write_bytes((newest / "rank_1.pt").read_bytes()[:100])
+    (tmp_path / "model_final.safetensors").unlink()  # as a run killed while rank 1 wrote step 3
+    proc = train_on_two_processes([*args[:2], "--max-steps", "4", *args[4:], "--resume"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"warning: checkpoint {newest} is damaged" in proc.stdout + proc.stderr
+    assert [r["step"] for r in train_lines(tmp_path)] == [1, 2, 3, 4]
+    assert (tmp_path / "weight_digest_rank0.txt").read_text() == (tmp_path / "weight_digest_rank1.txt").read_text()
 
 
 # -- interruption and failure -----------------------------------------------------------------
@@ -422,6 +433,33 @@ def test_init_parts_start_another_variant_from_the_backbone(tmp_path):
         build_model_from_config(cfg)
 
 
+def test_a_config_choice_that_does_not_fit_the_init_checkpoint_is_named(tmp_path):
+    """Defect: `model.skip_convs` (default true) replaced a checkpoint's own setting, and a run started from a
+    model trained without skip convs stopped on a list of missing tensors that named no key."""
+    from tadisr_core.checkpoint import save_model
+    from tadisr_core.model import build_model, random_prompt
+    from tadisr_core.spec import tiny_spec
+    from training.builders import build_model_from_config
+
+    spec = dataclasses.replace(tiny_spec("paper"), skip_convs=False)
+    path = save_model(build_model(spec, prompt=random_prompt(spec), seed=3), tmp_path / "plain.safetensors",
+                      backbone=True)
+    cfg = Config()
+    cfg.model.init_checkpoint = str(path)
+    with pytest.raises(ConfigError, match=rf"^model\.init_checkpoint {re.escape(str(path))} does not fit this "
+                                          r"config: model\.skip_convs = true but it has false\. Set those keys"):
+        build_model_from_config(cfg)
+    cfg.model.skip_convs, cfg.model.unet_rank = False, 8
+    with pytest.raises(ConfigError, match=r"fit this config: model\.unet_rank = 8 but it has 4\. "):
+        build_model_from_config(cfg)
+    cfg.model.unet_rank, cfg.ablation.no_taca = None, True
+    with pytest.raises(ConfigError, match=r'model\.mask_input \(ablation\.no_taca\) = "mid-block" but it has '
+                                          r'"attention"'):
+        build_model_from_config(cfg)
+    cfg.ablation.no_taca = False
+    assert not build_model_from_config(cfg).spec.skip_convs  # the checkpoint's own layout, taken whole
+
+
 def test_init_parts_are_checked_when_the_config_loads():
     from training.config import config_from_dict
 
@@ -430,6 +468,32 @@ def test_init_parts_are_checked_when_the_config_loads():
         config_from_dict(base, "c.yaml").validate("c.yaml")
     with pytest.raises(ConfigError, match="init_parts .* needs model.init_checkpoint"):
         config_from_dict({"model": {"init_parts": ["unet"]}}, "c.yaml").validate("c.yaml")
+
+
+def test_fp16_training_runs_the_vae_and_decoders_in_fp32():
+    """Defect: fp16 training kept the VAE's weights in fp32, but the step's fp16 autocast still ran its
+    convolutions in fp16, where the SDXL VAE's activations overflow. The UNet alone runs in fp16."""
+    from tadisr_core.model import build_model, random_prompt
+    from tadisr_core.spec import tiny_spec
+    from training.builders import TrainingForward
+
+    spec = tiny_spec("paper")
+    model = build_model(spec, prompt=random_prompt(spec), seed=0)
+    dtypes = {}
+    for name, module in (("encoder", model.vae.encoder.conv_out), ("decoder", model.vae.decoder.conv_out),
+                         ("unet", model.unet.conv_out)):
+        module.register_forward_hook(lambda _m, _i, out, name=name: dtypes.__setitem__(name, out.dtype))
+    lr = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = TrainingForward(model)(lr)
+        assert dtypes == {"encoder": torch.float32, "decoder": torch.float32, "unet": torch.float32}
+        with torch.autocast("cpu", dtype=torch.float16):
+            TrainingForward(model)(lr)
+            assert dtypes["decoder"] == torch.float16  # what plain autocast does
+            got = TrainingForward(model, full_precision_vae=True)(lr)
+    assert dtypes == {"encoder": torch.float32, "decoder": torch.float32, "unet": torch.float16}
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and (g - w).abs().max() < 0.05
 
 
 def test_meta_materialise_gives_a_finite_model():

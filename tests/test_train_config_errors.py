@@ -24,6 +24,33 @@ def test_config_values_are_range_checked_naming_the_field(override, field):
         load_config(TINY, [override])
 
 
+def test_the_focal_loss_takes_no_class_weight_as_its_function_does():
+    """Defect: `sigmoid_focal_loss` takes alpha -1 for no class weight (the reproduction's focal loss), but the
+    config refused every value outside [0, 1], so that loss could not be configured."""
+    import torch
+
+    from training.builders import loss_settings_of
+    from training.losses import sigmoid_focal_loss
+
+    settings = loss_settings_of(load_config(TINY, ["loss.focal_alpha=-1"]))
+    assert settings.focal_alpha == -1
+    logits, target = torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([[1.0, 0.0, 0.0]])
+    p = torch.sigmoid(logits)
+    p_true = torch.where(target > 0, p, 1 - p)
+    assert sigmoid_focal_loss(logits, target, -1).item() == pytest.approx(
+        (-(1 - p_true) ** 2 * torch.log(p_true)).mean().item(), rel=1e-5)
+    with pytest.raises(ConfigError, match=r"loss\.focal_alpha must be in \[0, 1\], or -1 for no class weight, got "
+                                          r"-0\.5"):
+        load_config(TINY, ["loss.focal_alpha=-0.5"])
+
+
+def test_an_ablation_that_contradicts_an_explicit_loss_weight_is_refused():
+    # defect: ablation.no_mfl silently won over loss.mfl
+    with pytest.raises(ConfigError, match=r"ablation\.no_mfl turns the modified focal loss off, but loss\.mfl = "
+                                          r"10\.0; drop one of them"):
+        load_config(TINY, ["ablation.no_mfl=true", "loss.mfl=10.0"])
+
+
 def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_yaml(tmp_path):
     for item, words in (("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
                         ("data.degradation=realesrgan_mild", "data.degradation = 'realesrgan_mild'; choose one of"),

@@ -34,11 +34,27 @@ SKIMAGE_TEXT_FREE_ROWS = {"astronaut": 330}
 
 
 # -- model --------------------------------------------------------------------------------------
-def _customise_spec(spec, cfg: Config):
+def _customise_spec(spec, cfg: Config, checkpoint: str | None = None):
+    """`spec` with the config's model choices (ranks, mask input, skip convs). When `spec` is the one of
+    the checkpoint a run starts from (`checkpoint` names it), a choice that would change its tensors' shapes
+    is a ConfigError naming the key and the checkpoint's value, not a list of shape mismatches."""
     m = cfg.model
+    mask_input = "mid-block" if cfg.ablation.no_taca else m.mask_input
+    if checkpoint is not None:
+        chosen = {"model.unet_rank": (m.unet_rank, spec.unet_lora.rank),
+                  "model.vae_rank": (m.vae_rank, spec.vae_lora.rank),
+                  "model.mask_input" + (" (ablation.no_taca)" if cfg.ablation.no_taca else ""):
+                      (mask_input, spec.mask_input),
+                  "model.skip_convs": (m.skip_convs, spec.skip_convs)}
+        clashes = [f"{key} = {json.dumps(want)} but it has {json.dumps(has)}" for key, (want, has) in chosen.items()
+                   if want is not None and want != has]
+        if clashes:
+            raise ConfigError(f"model.init_checkpoint {checkpoint} does not fit this config: {'; '.join(clashes)}. "
+                              f"Set those keys to the checkpoint's values (the ranks and mask_input may be left "
+                              f"out), or take only some of its parts with model.init_parts")
+        return spec
     if m.unet_rank is not None or m.vae_rank is not None:
         spec = spec.with_ranks(m.unet_rank or spec.unet_lora.rank, m.vae_rank or spec.vae_lora.rank)
-    mask_input = "mid-block" if cfg.ablation.no_taca else m.mask_input
     if mask_input is not None:
         spec = dataclasses.replace(spec, mask_input=mask_input)
     return dataclasses.replace(spec, skip_convs=m.skip_convs)
@@ -105,8 +121,8 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
     - otherwise random weights of the tiny or full spec and a random prompt (tests, benchmarks);
       a full random model on CUDA is built on the meta device and materialised there.
     `model.init_checkpoint` (release .pkl, native .safetensors, or a shipped model's name:
-    `init_checkpoint_file`) is applied on top; its spec (variant, ranks) wins over the config's
-    defaults, and a conflicting `model.variant` is an error;
+    `init_checkpoint_file`) is applied on top; its spec (variant, ranks, mask input, skip convs) is the
+    model's, and a `model.variant`, rank, mask input or skip-conv setting that differs from it is an error;
     with `model.init_parts` the config defines the model, only those parts are taken (they must fit)
     and `log` is told what kept its initialisation.
     """
@@ -144,12 +160,12 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
         spec = dataclasses.replace(base, unet=unet.spec, vae=vae.spec,
                                    prompt_tokens=prompt.prompt_embeds.shape[1],
                                    text_hidden=prompt.prompt_embeds.shape[2])
-        spec = _customise_spec(spec, cfg)
+        spec = _customise_spec(spec, cfg, m.init_checkpoint if spec_from_ckpt else None)
         torch.manual_seed(m.init_seed)
         model = TADiSRModel(spec, load_unet(files, checked=unet), load_vae(files, checked=vae), prompt)
     else:
         base = ckpt.spec if spec_from_ckpt else spec_for_size(m.size, m.variant)
-        spec = _customise_spec(base, cfg)
+        spec = _customise_spec(base, cfg, m.init_checkpoint if spec_from_ckpt else None)
         if torch.device(device).type == "cuda" and m.size == "full":
             model = build_model(spec, device="meta")
             materialise_random_(model, device, m.init_seed)
@@ -239,16 +255,29 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 class TrainingForward(nn.Module):
-    """encode -> denoise -> decode as one forward, so DDP/FSDP wrappers see (and sync) the whole step."""
+    """encode -> denoise -> decode as one forward, so DDP/FSDP wrappers see (and sync) the whole step.
 
-    def __init__(self, model):
+    With `full_precision_vae` (fp16 training) the encoder and decoders run in fp32 even inside the fp16
+    autocast that wraps the step: the SDXL VAE's activations overflow fp16. The UNet stays in fp16."""
+
+    def __init__(self, model, full_precision_vae: bool = False):
         super().__init__()
         self.model = model
+        self.full_precision_vae = full_precision_vae
 
     def forward(self, lr_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.model.encode(lr_up)
+        if not self.full_precision_vae:
+            enc = self.model.encode(lr_up)
+            den = self.model.denoise(enc.latents)
+            dec = self.model.decode(den.latents, enc.skips, den.attention)
+            return dec.image, dec.mask_logits
+        fp32 = torch.autocast(lr_up.device.type, enabled=False)
+        with fp32:
+            enc = self.model.encode(lr_up)
         den = self.model.denoise(enc.latents)
-        dec = self.model.decode(den.latents, enc.skips, den.attention)
+        with fp32:
+            attention = den.attention.float() if den.attention is not None else None
+            dec = self.model.decode(den.latents.float(), enc.skips, attention)
         return dec.image, dec.mask_logits
 
 
@@ -415,11 +444,25 @@ def build_datasets(cfg: Config, work_dir: str | Path,
             for note in dict.fromkeys(ds.degradation_note() for ds in (train, val) if ds is not None):
                 if note:
                     log(note)
+            _warn_of_unused_degradation_keys(d, [ds.root for ds in (train, val)
+                                                 if ds is not None and ds.degradation_note() is None], log)
         return train, val
     train = RealCEDataset(d.root, d.list_file, crop=d.crop, scale=d.scale, **realce_dirs(d))
     val = (RealCEDataset(d.root, d.val_list_file, crop=d.val_crop, scale=d.scale, **realce_dirs(d))
            if d.val_list_file else None)
+    if log is not None:
+        _warn_of_unused_degradation_keys(d, [d.root], log, how_to_use="")
     return train, val
+
+
+def _warn_of_unused_degradation_keys(d: DataConfig, lr_read_from: list, log: Callable[[str], None],
+                                     how_to_use: str = " (set data.lr_dir: null to degrade them)") -> None:
+    """Say that `data.usm_gt` / `data.jpeg_codec`, when set, change nothing for data whose LR images are
+    read from a folder (`lr_read_from`: those sets' roots): both act on the on-the-fly degradation."""
+    keys = [f"data.{k}" for k in ("usm_gt", "jpeg_codec") if getattr(d, k) is not None]
+    for root in dict.fromkeys(str(r) for r in lr_read_from) if keys else ():
+        log(f"warning: {' and '.join(keys)} {'have' if len(keys) > 1 else 'has'} no effect on {root}: its LR "
+            f"images are read from a folder, not degraded from the HR{how_to_use}")
 
 
 def realce_dirs(d: DataConfig) -> dict[str, str | None]:

@@ -113,7 +113,7 @@ class LossConfig:
     lpips_weights: str | None = None        # folder or file of converted LPIPS weights; None: default dir
     mfl_gamma: float | None = None
     mfl_detach_weight: bool | None = None   # true: the MFL does not train the mask stream
-    focal_alpha: float | None = None
+    focal_alpha: float | None = None        # weight of the text class in [0, 1]; -1: none (the reproduction's)
     focal_gamma: float | None = None
     dice_smooth: float | None = None
 
@@ -128,7 +128,8 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
-    decay: str = "constant"                 # constant | cosine (to 5 % of lr at train.max_steps)
+    decay: str = "constant"                 # constant | cosine (towards 5 % of lr, which the update after
+                                            # the last would take: diffusers' count; the last is a hair above)
 
 
 @dataclass
@@ -220,6 +221,9 @@ class Config:
                 raise ConfigError(f"{source}: model.init_parts = {parts} needs model.init_checkpoint")
             if not parts or any(p not in GROUPS for p in parts):
                 raise ConfigError(f"{source}: model.init_parts = {parts}; choose one or more of {list(GROUPS)}")
+        if self.ablation.no_mfl and self.loss.mfl:
+            raise ConfigError(f"{source}: ablation.no_mfl turns the modified focal loss off, but loss.mfl = "
+                              f"{self.loss.mfl}; drop one of them")
         self._check_base(source)
         return self
 
@@ -265,8 +269,9 @@ class Config:
         for i, beta in enumerate(o.betas):
             if not 0 <= beta < 1:
                 raise ConfigError(f"{source}: optim.betas[{i}] must be in [0, 1), got {beta}")
-        if ls.focal_alpha is not None and not 0 <= ls.focal_alpha <= 1:
-            raise ConfigError(f"{source}: loss.focal_alpha must be in [0, 1], got {ls.focal_alpha}")
+        if ls.focal_alpha is not None and not (0 <= ls.focal_alpha <= 1 or ls.focal_alpha == -1):
+            raise ConfigError(f"{source}: loss.focal_alpha must be in [0, 1], or -1 for no class weight, "
+                              f"got {ls.focal_alpha}")
         if d.font_scale is not None and (problem := font_scale_problem(d.font_scale)):
             raise ConfigError(f"{source}: data.font_scale {problem}")
 

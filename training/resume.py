@@ -23,7 +23,9 @@ class RunFolderError(RuntimeError):
 # Settings that only steer the loop: they may change on --resume without --force.
 LOOP_ONLY = {"train.max_steps", "train.output_dir", "train.log_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.validate_every", "train.num_workers", "train.weight_digest",
-             "train.max_nonfinite", "train.max_bad_samples", "train.inject_nonfinite_at"}
+             "train.max_nonfinite", "train.max_bad_samples", "train.inject_nonfinite_at",
+             # what is validated on and how memory is saved: the training steps come out the same
+             "data.val_size", "data.val_crop", "data.val_root", "data.val_list_file", "train.gradient_checkpointing"}
 
 
 def _setting(cfg: dict, section: str, key: str, defaults: dict):

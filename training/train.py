@@ -81,7 +81,8 @@ class TrainingAborted(RuntimeError):
 
 
 def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
-    """Learning-rate multiplier at `step`: linear warm-up, then constant or cosine down to 5 %."""
+    """Learning-rate multiplier of update `step` (from 0): linear warm-up, then constant or a cosine that
+    reaches 5 % at `step == total`, one past the last update (diffusers' schedules count so as well)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if decay == "cosine":
@@ -159,7 +160,8 @@ class Trainer:
         if mp in ("bf16", "fp16") and self.acc.device.type == "cuda" and not self.fsdp:
             # Frozen weights in half precision save memory. Only on CUDA, whose autocast runs norms in
             # fp32 with cast weights (CPU autocast does not); FSDP wants one dtype per flat parameter.
-            # fp16 would overflow the SDXL VAE, so it keeps the VAE and decoders in fp32.
+            # fp16 would overflow the SDXL VAE, so it keeps the VAE and decoders in fp32 (and TrainingForward
+            # runs them outside the fp16 autocast).
             keep = (model.vae, model.mi_decoder) if mp == "fp16" else ()
             cast_frozen_(model, torch.bfloat16 if mp == "bf16" else torch.float16, keep)
         if t.gradient_checkpointing:
@@ -180,8 +182,12 @@ class Trainer:
         torch.manual_seed(t.seed + 1_000_003 * self.acc.process_index)
         if resume_from is not None:  # the weights before wrapping, so FSDP shards them
             apply_checkpoint(model, load_checkpoint(resume_from / RUN_STEP_MODEL))
-        self.forward, self.optimizer = self.acc.prepare(TrainingForward(model), optimizer)
-        self.params = params
+        step_forward = TrainingForward(model, full_precision_vae=mp == "fp16")
+        self.forward, self.optimizer = self.acc.prepare(step_forward, optimizer)
+        # FSDP puts sharded parameters in the model's place: the tensors taken before `prepare` hold no
+        # gradients. Its whole parameter list is what Accelerate clips with FSDP's own norm.
+        self.params = [p for p in self.forward.parameters() if p.requires_grad] if self.fsdp else params
+        self.clip_params = list(self.forward.parameters()) if self.fsdp else params
         if resume_from is not None:
             self._resume_state(resume_from)
         elif resume and self.main:  # nothing saved yet: the run starts over, without the old run's log lines
@@ -201,6 +207,13 @@ class Trainer:
         self.acc.wait_for_everyone()
         if not self.main:
             datasets = build_datasets(self.cfg, self.out, log=None)  # the main process has said what it found
+        d, per_process = self.cfg.data, self.cfg.train.batch_size
+        if len(datasets[0]) < per_process * self.acc.num_processes:
+            source = {"synth": "data.length", "triplets": f"data.root {d.root}",
+                      "realce": f"data.list_file {d.list_file} in {d.root}"}[d.kind]
+            raise ConfigError(f"the training set has {len(datasets[0])} items ({source}), fewer than one global "
+                              f"batch: train.batch_size {per_process} x {self.acc.num_processes} processes; give "
+                              f"more items or a smaller train.batch_size")
         return datasets
 
     def _build_data(self, train, val) -> None:
@@ -260,12 +273,16 @@ class Trainer:
             self._print(f"--resume: no checkpoint under {self.out / RUN_CHECKPOINTS}; starting from step 0")
             return None
         for _, path in reversed(found):
+            damage = None
             try:
                 self._resumed_whole = load_checkpoint(path / RUN_STEP_MODEL).includes_backbone  # checked; not kept
                 self._resumed = load_training_state(path, self.acc.process_index)
             except (CheckpointError, OSError, RuntimeError, ValueError, EOFError) as exc:
-                self._print(f"warning: checkpoint {path} is damaged ({str(exc).splitlines()[0]}); trying the "
-                            f"previous one")
+                damage = (f"warning: checkpoint {path} is damaged ({str(exc).splitlines()[0]}); trying the "
+                          f"previous one")
+            # All processes move on together: one whose own rank file is damaged must not resume another step.
+            if self._any_across(damage is not None):
+                self._print(self._first_message(damage))
                 continue
             if refusal := optimizer_refusal(*self._resumed, path, self.acc.num_processes, self.fsdp):
                 raise RunFolderError(refusal)
@@ -370,7 +387,8 @@ class Trainer:
         self._print(f"resumed from {path} at step {self.step}")
 
     def _trim_metrics(self) -> None:
-        """Keep metrics.jsonl lines up to the resumed step; a torn line (a crash mid-write) is dropped."""
+        """Keep metrics.jsonl lines up to the resumed step, so that it reads as one run: an earlier session's
+        `end` line is dropped (this session writes its own), and so is a torn line (a crash mid-write)."""
         log = self.out / RUN_METRICS
         if not log.is_file():
             return
@@ -383,7 +401,7 @@ class Trainer:
             except json.JSONDecodeError:
                 self._print(f"warning: {log} line {n} is torn (an interrupted write); dropped")
                 continue
-            if record.get("step", 0) <= self.step:
+            if record.get("step", 0) <= self.step and record.get("kind") != "end":
                 keep.append(line)
         with atomic_path(log) as tmp:
             tmp.write_text("".join(ln + "\n" for ln in keep))
@@ -509,7 +527,7 @@ class Trainer:
         bad = self._any_across(not finite)
         grad_norm = float("nan")
         if not bad:
-            grad_norm = float(self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
+            grad_norm = float(self.acc.clip_grad_norm_(self.clip_params, self.cfg.optim.max_grad_norm))
             # An overflow under a grad scaler (fp16 on a GPU) is its business: it skips the step, lowers its scale.
             bad = not math.isfinite(grad_norm) and self.acc.scaler is None
         lr_now = self.scheduler.get_last_lr()[0]
