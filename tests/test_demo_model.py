@@ -417,6 +417,8 @@ def test_demo_runs_each_shipped_model_into_its_own_folder(tmp_path, monkeypatch,
     want = upscale(load_model(name), load_image(first), 4, tile=256, overlap=64, tile_batch=1).image
     assert (sr - want).abs().max() <= 1 / 255 + 1e-6  # the model named, saved as 8-bit PNG
     assert f"bicubic | TADiSR {name} | text mask" in capsys.readouterr().out
+    if name != "demo":
+        return  # what follows is the same for any model
     # two inputs of one name: each strip shows its own input (defect: the second's strip was never
     # written and the first's paired the second input with the first result)
     (tmp_path / "b").mkdir()
