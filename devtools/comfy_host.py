@@ -148,7 +148,9 @@ def _lock(name: str, folder: Path | None = None):
 
 def _pip(step: str, *args: str) -> None:
     """pip install `args` into the host venv; HostError naming `step` (what it installs) when pip fails."""
-    cmd = [str(python()), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
+    # --no-compile: byte-compiling every file of torch and transformers took half the install; the modules
+    # the host imports are compiled when first imported
+    cmd = [str(python()), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile", *args]
     log("$ " + " ".join(cmd[1:]))
     try:
         subprocess.run(cmd, check=True)

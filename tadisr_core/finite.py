@@ -97,7 +97,8 @@ def check_input_image(image: torch.Tensor, what: str = "input image") -> None:
         raise ValueError(f"expected an image [B, C, H, W] with C in {', '.join(map(str, channels))} (gray, RGB, "
                          f"RGBA), got {shape}")
     if not image.is_floating_point():
-        raise ValueError(f"expected a float image in 0..1, got dtype {image.dtype}")
+        raise ValueError(f"the {what}: expected a float image in 0..1, got {str(image.dtype).removeprefix('torch.')} "
+                         f"(divide a 0..255 image by 255)")
     if 0 in image.shape[-2:]:
         raise ValueError(f"the {what} is empty ({image.shape[-1]} x {image.shape[-2]} pixels)")
     check_unit_range(image, what, BAD_INPUT, f"the {what}'s", "the model reads")

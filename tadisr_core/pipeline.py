@@ -31,7 +31,14 @@ import torch.nn.functional as F
 
 from .color import apply_color_fix, resolve_color_fix
 from .descriptor import DESCRIPTOR, check_pixels, is_whole
-from .devices import choose_canvas_device, choose_tile_batch, is_oom, release_cached_memory
+from .devices import (
+    choose_canvas_device,
+    choose_tile_batch,
+    device_refusal_reason,
+    is_oom,
+    release_cached_memory,
+    resolve_device,
+)
 from .finite import DAMAGED, check_finite, check_input_image
 from .heatmap import AttentionTiles, channel_groups, reduce_heads, stretch, tile_heat
 from .tiling import Cancel, Progress, TileGrid, UpscaleCancelled, blend_tiles, extract_units, make_grid, run_batches
@@ -47,6 +54,7 @@ DEFAULT_SCALE = DESCRIPTOR.size.default_scale
 DEFAULT_TILE = DESCRIPTOR.size.default_tile
 DEFAULT_OVERLAP = DESCRIPTOR.size.default_overlap
 SKIP_BUDGET_BYTES = 512 << 20   # the staged path keeps encoder skip features only when all fit this
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # BT.601, as PIL converts RGB to gray: a gray input's output
 
 
 @dataclass
@@ -226,9 +234,15 @@ def _noise_seed(sample: bool, generator: torch.Generator | None, seed: int | Non
                          "is used, which needs no seed): pass sample=True, or leave them out")
     if not sample:
         return None
+    if generator is not None and seed is not None:
+        raise ValueError("give seed or generator, not both: each seeds the sampled latent")
     if generator is not None:
         return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-    return 0 if seed is None else int(seed)
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not is_whole(seed) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be a whole number in 0 .. 2**63 - 1, got {seed!r}")
+    return int(seed)
 
 
 def _unit_noise(seed: int | None, units: int) -> Callable[[range], list[torch.Generator] | None]:
@@ -245,6 +259,15 @@ def _unit_noise(seed: int | None, units: int) -> Callable[[range], list[torch.Ge
 def _as_rgb(image: torch.Tensor) -> torch.Tensor:
     """A gray image [B, 1, H, W] as the RGB image the model sees (a view); RGB as it is."""
     return image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
+
+
+def _finish_colours(image: torch.Tensor, canvas: torch.Tensor | None, color_fix: str, gray: bool) -> None:
+    """In place on the blended `image`: the colour fix against the bicubic `canvas`, then, for a `gray` input,
+    its luma in all three channels: the model's slight colour cast is dropped."""
+    if color_fix != "none":
+        image[:, :3] = apply_color_fix(image[:, :3], _as_rgb(canvas).to(image.device), color_fix)
+    if gray:
+        image[:, :3] = torch.einsum("bchw,c->bhw", image[:, :3], LUMA.to(image.device))[:, None]
 
 
 def _gather(canvas: torch.Tensor, grid: TileGrid, units: range, model) -> torch.Tensor:
@@ -265,7 +288,10 @@ def _canvases(batch: int, grid: TileGrid, channels: int, mask: bool, heat: bool,
 
 def _resolve_canvas_device(model, canvas_device, batch: int, h: int, w: int, channels: int, mask: bool, heat: bool):
     if canvas_device != "auto":
-        return torch.device(canvas_device)
+        try:
+            return resolve_device(canvas_device)
+        except (RuntimeError, ValueError) as e:
+            raise type(e)(f"canvas_device {canvas_device}: {device_refusal_reason(e, str(canvas_device))}") from None
     per_pixel = channels + (4 if channels == 4 else 3) + int(mask) + int(heat)
     return choose_canvas_device(model, batch * h * w * per_pixel * 4)
 
@@ -354,12 +380,16 @@ def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int 
     Tiles of `tile` px overlapping by `overlap` go through the model `tile_batch` at a time ("auto":
     from free memory); out-of-memory halves the batch, then the tile. `progress(done, total)` is
     called per tile, `cancel()` is checked between batches (True raises `UpscaleCancelled`).
-    `attention=True` also returns the TACA heat map (all layers, head mean of maps clamped to 1); `keep_attention=True`
+    `attention=True` also returns the TACA heat map (all layers, head mean of maps clamped to 1, then
+    stretched to 0..1 per image: not comparable across images; `heatmap.heatmap(normalize=False)` of
+    `attention_tiles` gives the unstretched map); `keep_attention=True`
     returns every tile's maps in `attention_tiles` (see `heatmap.heatmap`). `mask=False` gives the
     image alone, faster (no text mask). `sample` draws the latent like the release (seeded by
     `generator` or `seed`, which are refused without `sample`) instead of using its mean; each tile's
-    noise follows from the seed and the tiling alone (the same with any `tile_batch`, and after an
-    out-of-memory retry the same as a direct run with the tile that worked).
+    noise follows from the seed, the tiling and the image's place in the batch alone (the same with any
+    `tile_batch`, and after an out-of-memory retry the same as a direct run with the tile that worked;
+    image k of a batch does not draw the noise it would draw alone). A gray input (C = 1) gives a gray
+    image, as three equal channels.
     `color_fix="wavelet"` takes the low frequencies from the bicubic canvas, "none" leaves the output
     as it is, "auto" does what the model recommends (see `color.py`). Results are float32 on the CPU.
     """
@@ -394,8 +424,7 @@ def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int 
 
         res = _blend(model, grid, b, image.shape[1], work, tile_batch, mask=mask, heat=attention,
                      canvas_device=hr.device, alpha=alpha, progress=progress, cancel=cancel)
-        if color_fix != "none":
-            res.image[:, :3] = apply_color_fix(res.image[:, :3], _as_rgb(rgb).to(res.image.device), color_fix)
+        _finish_colours(res.image, rgb, color_fix, gray=image.shape[1] == 1)
         if keep_attention:
             res.attention_tiles = AttentionTiles(grid, b, kept, channel_groups(model))
         return res
@@ -475,7 +504,8 @@ def encode_tiles(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile:
                 states[u] = TileState(_store(enc.latents[k:k + 1], store_device), skips)
 
         run_batches(units, _resolve_batch(model, grid, units, tile_batch), work, progress=progress, cancel=cancel)
-        source = image.detach().to(store_device, torch.float32)
+        # a copy: the caller may change its tensor before decode_tiles reads this one
+        source = image.detach().to(store_device, torch.float32, copy=True)
         return TiledLatents(grid, b, states, float(scale), image.shape[1], alpha,
                             source=source, spec=model.spec, weights_id=model.weights_id)
 
@@ -564,6 +594,5 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
     res = _staged_run("decode", grid, lambda: _blend(
         model, grid, tiled.batch, tiled.channels, work, tile_batch, mask=mask, heat=tiled.heatmap,
         canvas_device=canvas_device, alpha=tiled.alpha, progress=progress, cancel=cancel))
-    if color_fix != "none":
-        res.image[:, :3] = apply_color_fix(res.image[:, :3], _as_rgb(rgb).to(res.image.device), color_fix)
+    _finish_colours(res.image, rgb, color_fix, gray=tiled.channels == 1)
     return res

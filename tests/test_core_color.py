@@ -107,15 +107,16 @@ def test_staged_decode_fixes_colours_as_the_all_in_one_upscale(tiny_model_factor
 def test_a_gray_input_is_colour_fixed_as_its_rgb_form(tiny_model_factory):
     """A gray image (1 channel: gray PNG, 1-bit, 16-bit) is upscaled as RGB; the wavelet fix takes its
     low frequencies from that RGB form, in the one-call upscale and the staged decode alike (both
-    used to refuse it: "image (1, 3, ...) and reference (1, 1, ...) differ")."""
-    from tadisr_core.pipeline import decode_tiles, denoise_tiles, encode_tiles, upscale
+    used to refuse it: "image (1, 3, ...) and reference (1, 1, ...) differ"), and the result is its luma."""
+    from tadisr_core.pipeline import LUMA, decode_tiles, denoise_tiles, encode_tiles, upscale
 
     model = tiny_model_factory("paper")
     gray = _img(6, (1, 1, 16, 24))
     rgb = gray.expand(-1, 3, -1, -1)
-    ref = upscale(model, rgb, 4, 64, 16, 2, color_fix="wavelet").image
-    assert not torch.equal(ref, upscale(model, rgb, 4, 64, 16, 2, color_fix="none").image)
-    assert torch.equal(upscale(model, gray, 4, 64, 16, 2, color_fix="wavelet").image, ref)
+    fixed = upscale(model, rgb, 4, 64, 16, 2, color_fix="wavelet").image
+    assert not torch.equal(fixed, upscale(model, rgb, 4, 64, 16, 2, color_fix="none").image)
+    ref = torch.einsum("bchw,c->bhw", fixed, LUMA)[:, None].expand(-1, 3, -1, -1)
+    assert torch.allclose(upscale(model, gray, 4, 64, 16, 2, color_fix="wavelet").image, ref, atol=1e-6)
     staged = decode_tiles(model, denoise_tiles(model, encode_tiles(model, gray, 4, 64, 16, 2), tile_batch=2), 2,
                           color_fix="wavelet")
     assert torch.allclose(staged.image, ref, atol=1e-5)
