@@ -54,7 +54,7 @@ DEFAULT_SCALE = DESCRIPTOR.size.default_scale
 DEFAULT_TILE = DESCRIPTOR.size.default_tile
 DEFAULT_OVERLAP = DESCRIPTOR.size.default_overlap
 SKIP_BUDGET_BYTES = 512 << 20   # the staged path keeps encoder skip features only when all fit this
-LUMA = torch.tensor([0.299, 0.587, 0.114])  # BT.601, as PIL converts RGB to gray: a gray input's output
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # BT.601, the weights of PIL's RGB -> L: a gray input's output
 
 
 @dataclass
