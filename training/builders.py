@@ -4,6 +4,7 @@ Kept apart from the loop in `train.py` so the benchmark and tests can build the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -266,18 +267,15 @@ class TrainingForward(nn.Module):
         self.full_precision_vae = full_precision_vae
 
     def forward(self, lr_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.full_precision_vae:
-            enc = self.model.encode(lr_up)
-            den = self.model.denoise(enc.latents)
-            dec = self.model.decode(den.latents, enc.skips, den.attention)
-            return dec.image, dec.mask_logits
-        fp32 = torch.autocast(lr_up.device.type, enabled=False)
-        with fp32:
+        vae = torch.autocast(lr_up.device.type, enabled=False) if self.full_precision_vae else contextlib.nullcontext()
+        with vae:
             enc = self.model.encode(lr_up)
         den = self.model.denoise(enc.latents)
-        with fp32:
-            attention = den.attention.float() if den.attention is not None else None
-            dec = self.model.decode(den.latents.float(), enc.skips, attention)
+        latents, attention = den.latents, den.attention
+        if self.full_precision_vae:  # the UNet's fp16 outputs, for decoders that run in fp32
+            latents, attention = latents.float(), attention.float() if attention is not None else None
+        with vae:
+            dec = self.model.decode(latents, enc.skips, attention)
         return dec.image, dec.mask_logits
 
 
