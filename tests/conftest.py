@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if HOST_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.xdist_group("comfy_host"))
+
+
+@pytest.fixture(autouse=True)
+def _tadisr_log_as_found():
+    """The CLI points the "tadisr" logger at the sys.stderr of its moment, which under capsys is that test's
+    capture, closed after it: a later test in the same worker that logged (a -v run left it at debug level)
+    wrote a "Logging error" traceback. Each test leaves the logger as it found it."""
+    log = logging.getLogger("tadisr")
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    yield
+    log.handlers[:] = handlers
+    log.setLevel(level)
+    log.propagate = propagate
 
 
 @pytest.fixture(scope="session")

@@ -17,14 +17,14 @@ STAGE_KEYS = {"median_s", "min_s", "max_s", "spread", "n", "peak_activation_gib"
               "fraction_of_measured_matmul"}
 
 
-def test_bench_gpu_full_smoke_mode(tmp_path):
+def test_bench_gpu_full_smoke_mode(tmp_path, capsys):
+    """The command line as the device script runs it (in this process: a new one would add ten seconds of
+    imports), its report written to --out and printed."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_gpu_full.py"), "--smoke", "--repeats", "2",
-           "--warmup", "1", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = _load_bench("bench_gpu_full")
+    assert bench.main(["--smoke", "--repeats", "2", "--warmup", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
     assert report["schema"] == "tadisr-bench-gpu/3" and report["lora"] == "merged" and report["complete"]
     stages = report["tiles"]["64"]["stages"]
     assert set(stages) == {"encode", "unet", "decode_joint", "decode_image_only", "tile_joint", "tile_image_only"}
@@ -141,5 +141,7 @@ def test_device_bench_dry_run(tmp_path):
                                           "limit_s": run["parts"]["train_step"]["limit_s"], "timed_out": False,
                                           "device_args_parse": True}
     assert run["parts"]["keep_lora"]["skipped"]
-    assert json.loads((out / "train_step.json").read_text())["s_per_step"] > 0
+    step = json.loads((out / "train_step.json").read_text())  # bench_train_step.py --tiny, random LPIPS weights
+    assert step["s_per_step"] > 0 and step["trainable_params"] > 0
+    assert step["spec"] == "tiny" and step["gradient_checkpointing"]
     assert "== done in" in (out / "device_bench.log").read_text()

@@ -20,7 +20,8 @@ from tests.tiny_training import TINY, clean_triplets, damaged_triplets, lean_cfg
 
 def test_bad_samples_are_skipped_counted_and_logged(tmp_path, capsys):
     data = damaged_triplets(tmp_path / "data")
-    summary = run(lean_cfg(tmp_path / "run", data__kind="triplets", data__root=str(data), train__max_steps=4))
+    summary = run(lean_cfg(tmp_path / "run", data__kind="triplets", data__root=str(data), train__max_steps=4,
+                           train__checkpoint_every=4))
     assert summary["step"] == 4
     bad = train_lines(tmp_path / "run", "bad_sample")
     assert bad and all(("1.png" in b["sample"]) or ("2.png" in b["sample"]) for b in bad)
@@ -37,15 +38,15 @@ def test_a_damaged_sample_counts_once_whatever_the_epochs(tmp_path, capsys):
 
     def cfg(steps):
         return lean_cfg(out, data__kind="triplets", data__root=str(data), train__max_steps=steps,
-                    train__max_bad_samples=2, train__checkpoint_every=4)
+                    train__batch_size=2, train__max_bad_samples=2, train__checkpoint_every=100)
 
-    assert run(cfg(4))["step"] == 4  # one epoch: 4 samples at batch 1
+    assert run(cfg(2))["step"] == 2  # one epoch: 4 samples at batch 2
     capsys.readouterr()
-    assert run(cfg(12), resume=True)["step"] == 12
+    assert run(cfg(6), resume=True)["step"] == 6
     bad = train_lines(out, "bad_sample")
     assert sorted(b["sample"].split(" (")[0] for b in bad) == ["sample 1", "sample 2"]
-    assert all(b["step"] <= 4 for b in bad)
-    assert [r["bad_samples"] for r in train_lines(out)[4:]] == [2] * 8
+    assert all(b["step"] <= 2 for b in bad)
+    assert [r["bad_samples"] for r in train_lines(out)[2:]] == [2] * 4
     said = capsys.readouterr()
     still = [ln for ln in (said.out + said.err).splitlines() if "still damaged" in ln]
     assert sorted(ln.split(": ", 2)[2].split(" (")[0] for ln in still) == ["sample 1", "sample 2"]
@@ -69,7 +70,7 @@ def test_the_damaged_samples_carry_over_a_resume(tmp_path, capsys):
 
     def cfg(steps):
         return lean_cfg(out, data__kind="triplets", data__root=str(data), train__max_steps=steps,
-                    train__max_bad_samples=1, train__checkpoint_every=2)
+                    train__max_bad_samples=1, train__checkpoint_every=100)
 
     assert run(cfg(2))["step"] == 2
     with pytest.raises(TrainingAborted, match=r"aborting at step \d: 2 damaged samples were skipped"):
@@ -93,7 +94,7 @@ def test_too_many_bad_samples_abort_with_a_checkpoint(tmp_path):
     from training.train_state import latest_checkpoint
 
     data = damaged_triplets(tmp_path / "data")
-    cfg = lean_cfg(tmp_path / "run", data__kind="triplets", data__root=str(data), train__max_steps=8,
+    cfg = lean_cfg(tmp_path / "run", data__kind="triplets", data__root=str(data), train__max_steps=4,
                train__max_bad_samples=0, train__checkpoint_every=100)
     with pytest.raises(TrainingAborted, match=r"damaged samples were skipped \(train\.max_bad_samples = 0\)"):
         run(cfg)
@@ -106,7 +107,7 @@ def test_too_many_bad_samples_abort_with_a_checkpoint(tmp_path):
     for sub in ("hr", "mask"):
         for name in ("1.png", "2.png"):
             (tmp_path / "fixed" / sub / name).replace(data / sub / name)
-    assert run(cfg, resume=True)["step"] == 8
+    assert run(cfg, resume=True)["step"] == 4
 
 
 def test_training_masks_are_read_by_the_one_reader(tmp_path):
@@ -369,7 +370,8 @@ def test_a_run_trains_and_validates_on_the_authors_ftsr_layout(tmp_path):
     (root / "lr").rmdir()
     out = tmp_path / "run"
     summary = run(lean_cfg(out, data__kind="triplets", data__root=str(root), data__hr_dir="gt",
-                        data__lr_dir="sr_bicubic", data__crop=32, data__val_root=str(root), train__validate_every=2))
+                        data__lr_dir="sr_bicubic", data__crop=32, data__val_root=str(root), train__validate_every=2,
+                        train__checkpoint_every=2))
     assert summary["step"] == 2 and train_lines(out, "bad_sample") == []
     val = train_lines(out, "val")
     assert len(val) == 1 and math.isfinite(val[0]["psnr"])

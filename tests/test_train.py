@@ -65,7 +65,7 @@ def test_a_run_on_a_random_base_is_a_model_by_itself(tmp_path, lpips_dir):
     from tadisr_core.model_ref import load_model
     from training.train import Trainer
 
-    trainer = Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, train__checkpoint_every=2))
+    trainer = Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1, loss__lpips_net="none", loss__lpips=0))
     assert trainer.cfg.model.kolors_dir is None and not trainer.cfg.model.train_backbone
     key = "conv_out.base_layer.weight"  # a frozen base weight of the UNet
     base = dict(trainer.model.unet.named_parameters())[key].detach().clone()
@@ -99,7 +99,8 @@ def test_a_run_on_kolors_files_records_its_base_and_runs_as_a_model(tmp_path, lp
     monkeypatch.chdir(tmp_path)  # the config names the file relative to the folder training runs in
     save_file(tensors, "kolors_aio.safetensors",  # the tiny structure in its metadata, as the tiny files do
               metadata={f"{part}_config": (kolors / part / "config.json").read_text() for part in ("unet", "vae")})
-    base = {"model__prompt_cache": str(tiny_dir["prompt_cache"]), "train__max_steps": 2, "train__checkpoint_every": 2}
+    base = {"model__prompt_cache": str(tiny_dir["prompt_cache"]), "train__max_steps": 1, "loss__lpips_net": "none",
+            "loss__lpips": 0}
     no_vae = tmp_path / "KolorsNoVae"  # kijai's wrapper keeps Kolors so: the VAE goes in model.vae
     shutil.copytree(kolors, no_vae, ignore=shutil.ignore_patterns("vae"))
     with pytest.raises(ConfigError, match=r"model\.vae\): \S*KolorsNoVae has no vae/ folder.* are "
@@ -151,16 +152,18 @@ def test_kolors_files_without_a_folder_build_the_same_model(tiny_dir, tmp_path):
 
 # -- resume ---------------------------------------------------------------------------------------
 def test_resume_reproduces_uninterrupted_run(tmp_path, lpips_dir):
+    """4 steps in one go and as 2 + 2 resumed: the steps after the resume (data order, random state,
+    optimiser moments) and the final weights are the same. The uninterrupted run saves its final step only."""
     from safetensors.torch import load_file
 
     full, split = tmp_path / "full", tmp_path / "split"
-    run(tiny_cfg(full, lpips_dir, train__max_steps=6, train__checkpoint_every=3))
-    run(tiny_cfg(split, lpips_dir, train__max_steps=3, train__checkpoint_every=3))
-    summary = run(tiny_cfg(split, lpips_dir, train__max_steps=6, train__checkpoint_every=3), resume=True)
-    assert summary["step"] == 6
+    run(tiny_cfg(full, lpips_dir, train__max_steps=4, train__checkpoint_every=4))
+    run(tiny_cfg(split, lpips_dir, train__max_steps=2, train__checkpoint_every=2))
+    summary = run(tiny_cfg(split, lpips_dir, train__max_steps=4, train__checkpoint_every=2), resume=True)
+    assert summary["step"] == 4
     a, b = train_lines(full), train_lines(split)
-    assert [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a[3:], b[3:]):
+    assert [r["step"] for r in b] == list(range(1, 5))
+    for ra, rb in zip(a[2:], b[2:], strict=True):
         for key in ("mse", "lpips", "mfl", "mask_mse", "mask_focal", "mask_dice", "total"):
             assert abs(ra[key] - rb[key]) <= 1e-6, f"step {ra['step']} {key}: {ra[key]} vs {rb[key]}"
     wa, wb = load_file(full / "model_final.safetensors"), load_file(split / "model_final.safetensors")
@@ -176,8 +179,9 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, lpips_dir):
 # -- distributed ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
+    """A checkpoint every 2 steps and at the last: step 2 is the one a damaged step 3 falls back to."""
     args = ["--config", str(TINY), "--max-steps", "3", "--output-dir", str(tmp_path)]
-    for item in tiny_overrides(tmp_path, lpips_dir, train__weight_digest=True, train__checkpoint_every=1,
+    for item in tiny_overrides(tmp_path, lpips_dir, train__weight_digest=True, train__checkpoint_every=2,
                                train__keep_checkpoints=0):
         args += ["--set", item]
     proc = train_on_two_processes(args)
@@ -210,7 +214,7 @@ def test_nonfinite_step_is_skipped(tmp_path, lpips_dir):
     from safetensors.torch import load_file
 
     cfg = tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, train__checkpoint_every=1, train__keep_checkpoints=0,
-                   train__inject_nonfinite_at=[2])
+                   train__inject_nonfinite_at=[2], loss__lpips_net="none", loss__lpips=0)
     summary = run(cfg)
     lines = train_lines(tmp_path)
     assert [r["skipped"] for r in lines] == [False, True] and summary["nonfinite"] == 1
@@ -339,9 +343,11 @@ def test_validation_after_fused_optimiser_steps_uses_the_trained_prompt_projecti
 
 # -- model variants, ablations, checkpointing ---------------------------------------------------
 def test_gradient_checkpointing_matches_plain_run(tmp_path, lpips_dir):
-    """TACA capture + UNet checkpointing: same losses (the capture is repeated on recomputation)."""
-    plain = run(tiny_cfg(tmp_path / "plain", lpips_dir, train__max_steps=2))
-    gc = run(tiny_cfg(tmp_path / "gc", lpips_dir, train__max_steps=2, train__gradient_checkpointing=True))
+    """TACA capture + UNet checkpointing: same losses (the capture is repeated on recomputation; the second
+    step's loss shows the first step's gradients). LPIPS, outside the model, is left out."""
+    no_lpips = dict(train__max_steps=2, loss__lpips_net="none", loss__lpips=0)
+    plain = run(tiny_cfg(tmp_path / "plain", lpips_dir, **no_lpips))
+    gc = run(tiny_cfg(tmp_path / "gc", lpips_dir, train__gradient_checkpointing=True, **no_lpips))
     assert plain["step"] == gc["step"] == 2
     for a, b in zip(train_lines(tmp_path / "plain"), train_lines(tmp_path / "gc")):
         assert a["total"] == pytest.approx(b["total"], rel=1e-5, abs=1e-6)
@@ -710,20 +716,19 @@ def test_bench_train_step_defaults_per_mode():
             parse_args(bad)
 
 
-@pytest.mark.parametrize("mode", [["--tiny"], ["--demo", "--size", "64", "--vae-widths", "8,16,48,48"]])
-def test_bench_train_step_cpu_modes(lpips_dir, mode):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), *mode, "--steps", "1",
-           "--warmup", "1", "--lpips-weights", str(lpips_dir / "lpips_alex.safetensors"), "--lpips-net", "alex"]
+def test_bench_train_step_demo_mode(lpips_dir):
+    """`--demo` with converted LPIPS weights (`--tiny` with random ones is the device script's rehearsal,
+    tests/test_bench_smoke.py)."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--demo", "--size", "64", "--vae-widths",
+           "8,16,48,48", "--steps", "1", "--warmup", "1", "--lpips-weights", str(lpips_dir / "lpips_alex.safetensors"),
+           "--lpips-net", "alex"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["s_per_step"] > 0 and out["trainable_params"] > 0
-    if mode[0] == "--tiny":
-        assert out["spec"] == "tiny" and out["gradient_checkpointing"]
-    else:  # as demo.yaml: every weight trains, no checkpointing
-        assert out["spec"] == "demo" and not out["gradient_checkpointing"]
-        assert out["trainable_params"] == out["total_params"]
-        assert out["vae_widths"] == [8, 16, 48, 48] and out["total_params"] < 8_746_944  # fewer than the shipped demo
+    assert out["spec"] == "demo" and not out["gradient_checkpointing"]  # as demo.yaml: every weight trains
+    assert out["trainable_params"] == out["total_params"] and out["lpips_net"] == "alex"
+    assert out["vae_widths"] == [8, 16, 48, 48] and out["total_params"] < 8_746_944  # fewer than the shipped demo
 
 
 def test_bench_optimizer_step_smoke():
@@ -773,7 +778,7 @@ def test_lr_factor_warmup_then_cosine_to_five_percent():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_demo_recipe_smoke_chains_its_phases_trains_the_backbone_and_runs_as_a_model(tmp_path, lpips_dir, variant):
-    """A few steps of each demo phase, as `make demo-model` chains them: the autoencoder prior
+    """A step of each demo phase, as `make demo-model` chains them: the autoencoder prior
     (demo_prior.yaml: scale 1, the HR itself as input), then the task phases (demo.yaml,
     demo_finetune.yaml, demo_crop256.yaml), each from the previous phase's weights. Every weight
     trains, and the run folder is a runnable model. The recipe trains either variant (the release
@@ -785,8 +790,7 @@ def test_demo_recipe_smoke_chains_its_phases_trains_the_backbone_and_runs_as_a_m
     from tadisr_core.pipeline import upscale
     from training.train import Trainer
 
-    small = dict(train__max_steps=2, data__length=4, data__crop=64, train__checkpoint_every=2, train__batch_size=1,
-                 model__variant=variant)
+    small = dict(train__max_steps=1, data__length=4, data__crop=64, train__batch_size=1, model__variant=variant)
     prior = load_config(REPO / "training" / "configs" / "demo_prior.yaml",
                         tiny_overrides(tmp_path / "prior", lpips_dir, **small))
     assert (prior.data.scale, prior.data.degradation, prior.model.train_backbone) == (1, "bicubic", True)
@@ -801,7 +805,7 @@ def test_demo_recipe_smoke_chains_its_phases_trains_the_backbone_and_runs_as_a_m
         trainer = Trainer(cfg)
         # each phase starts from the previous phase's weights, backbone included...
         assert torch.equal(dict(trainer.model.unet.named_parameters())[key].detach(), before.groups["unet"][key])
-        assert trainer.run()["step"] == 2
+        assert trainer.run()["step"] == 1
         previous = tmp_path / phase / "model_final.safetensors"
         ckpt = load_checkpoint(previous)
         assert ckpt.includes_backbone and key in ckpt.groups["unet"]

@@ -149,9 +149,9 @@ def test_resume_with_force_trains_on_with_the_changed_optimiser_settings(tmp_pat
     from training.train import Trainer
 
     out = tmp_path / "run"
-    run(lean_cfg(out, optim__warmup_steps=4))                             # steps 1-2 at lr 1e-3, warming up
+    run(lean_cfg(out, optim__warmup_steps=4, train__checkpoint_every=2))  # steps 1-2 at lr 1e-3, warming up
     new = dict(optim__warmup_steps=4, optim__lr=1e-5, optim__betas=[0.8, 0.99], optim__weight_decay=0.5,
-               optim__eps=1e-6)
+               optim__eps=1e-6, train__checkpoint_every=2)
     trainer = Trainer(lean_cfg(out, train__max_steps=4, **new), resume=True, force=True)
     for group in trainer.optimizer.param_groups:                     # step 3 of the warm-up: 3/4 of the rate
         assert group["lr"] == pytest.approx(1e-5 * 3 / 4) and group["initial_lr"] == 1e-5
@@ -187,25 +187,19 @@ def test_a_resume_that_changes_the_trainable_set_is_refused_before_anything_is_r
     assert (out / "model_final.safetensors").read_bytes() == final
 
 
-def _init_checkpoint(path: Path, **extra) -> Path:
-    """A whole-model (backbone included) native checkpoint of the tiny config's model, for model.init_checkpoint."""
-    from tadisr_core.checkpoint import save_model
-    from training.builders import build_model_from_config
-
-    model = build_model_from_config(lean_cfg(path.parent / "unused", model__init_seed=5, **extra), log=lambda _: None)
-    return save_model(model, path, backbone=True)
-
-
-def test_a_resume_does_without_a_deleted_init_checkpoint_its_checkpoints_hold(tmp_path, capsys):
+def test_a_resume_does_without_a_deleted_init_checkpoint_its_checkpoints_hold(tmp_path, capsys, finished_run):
     """Defect: a resume read model.init_checkpoint again, although the run's checkpoints hold every weight
-    it gave; a deleted one failed with "checkpoint not found: X", naming no key, after removing model_final."""
+    it gave; a deleted one failed with "checkpoint not found: X", naming no key, after removing model_final.
+    The init checkpoint: a copy of `finished_run`'s final model (a random base: the backbone included)."""
     from safetensors.torch import load_file
 
-    init = _init_checkpoint(tmp_path / "prior.safetensors")
+    init = Path(shutil.copy(finished_run / "model_final.safetensors", tmp_path / "prior.safetensors"))
+    assert load_checkpoint(init).includes_backbone
     out = tmp_path / "run"
-    run(lean_cfg(out, model__init_checkpoint=str(init)))
+    run(lean_cfg(out, model__init_checkpoint=str(init), train__checkpoint_every=2))
     init.unlink()
-    summary = run(lean_cfg(out, model__init_checkpoint=str(init), train__max_steps=3), resume=True)
+    summary = run(lean_cfg(out, model__init_checkpoint=str(init), train__max_steps=3, train__checkpoint_every=2),
+                  resume=True)
     assert summary["step"] == 3 and "is gone" in capsys.readouterr().out
     assert load_file(out / "model_final.safetensors").keys() == load_file(out / "checkpoints" / "step_00000002"
                                                                             / "model.safetensors").keys()
@@ -213,15 +207,27 @@ def test_a_resume_does_without_a_deleted_init_checkpoint_its_checkpoints_hold(tm
         run(lean_cfg(tmp_path / "new", model__init_checkpoint=str(init)))  # a new run needs it: the key is named
 
 
-def _backbone_run(tmp_path: Path, tiny_dir) -> tuple[dict, Path]:
-    """The tiny Kolors base's settings, and a one-step run on it that trained the whole backbone, at a rate
-    that moves each weight well past the fp8 tolerance of `checkpoint.check_base`."""
-    kolors = dict(model__kolors_dir=str(tiny_dir["kolors"]), model__prompt_cache=str(tiny_dir["prompt_cache"]))
-    run(lean_cfg(tmp_path / "kbb", model__train_backbone=True, optim__lr=0.05, train__max_steps=1, **kolors))
-    return kolors, tmp_path / "kbb" / "model_final.safetensors"
+@pytest.fixture(scope="module")
+def backbone_run(tmp_path_factory, tiny_dir) -> Path:
+    """A one-step run on the tiny Kolors base that trained the whole backbone, at a rate that moves each
+    weight well past the fp8 tolerance of `checkpoint.check_base`. Tests take a copy (`_backbone_run`):
+    they delete its model_final as the init checkpoint of their runs."""
+    out = tmp_path_factory.mktemp("backbone") / "kbb"
+    run(lean_cfg(out, model__train_backbone=True, optim__lr=0.05, train__max_steps=1, **_kolors(tiny_dir)))
+    return out
 
 
-def test_an_adapters_run_started_from_a_trained_backbone_runs_alone_and_exports(tmp_path, tiny_dir, capsys):
+def _kolors(tiny_dir) -> dict:
+    return dict(model__kolors_dir=str(tiny_dir["kolors"]), model__prompt_cache=str(tiny_dir["prompt_cache"]))
+
+
+def _backbone_run(tmp_path: Path, tiny_dir, backbone_run: Path) -> tuple[dict, Path]:
+    """The tiny Kolors base's settings, and a copy of `backbone_run`'s model_final in tmp_path/kbb."""
+    return _kolors(tiny_dir), _copy_of(backbone_run, tmp_path / "kbb") / "model_final.safetensors"
+
+
+def test_an_adapters_run_started_from_a_trained_backbone_runs_alone_and_exports(tmp_path, tiny_dir, capsys,
+                                                                                 backbone_run):
     """Defect: an adapters-only run (a frozen Kolors base) whose model.init_checkpoint is a run that trained
     the backbone saved the adapters only, fitting no Kolors files: `--model RUN` was refused ("trained on a
     different base model ... Load it with the Kolors files it was trained on", the folder it had loaded) and
@@ -231,9 +237,9 @@ def test_an_adapters_run_started_from_a_trained_backbone_runs_alone_and_exports(
     from training.export_model import export_run
     from training.train import Trainer
 
-    kolors, init = _backbone_run(tmp_path, tiny_dir)
+    kolors, init = _backbone_run(tmp_path, tiny_dir, backbone_run)
     out = tmp_path / "kb3"
-    cfg = lean_cfg(out, model__init_checkpoint=str(init), **kolors)
+    cfg = lean_cfg(out, model__init_checkpoint=str(init), train__checkpoint_every=2, **kolors)
     assert cfg.model.saves_backbone and not dataclasses.replace(cfg.model, init_parts=["mi_decoder"]).saves_backbone
     trainer = Trainer(cfg)
     trainer.run()
@@ -245,11 +251,12 @@ def test_an_adapters_run_started_from_a_trained_backbone_runs_alone_and_exports(
         paths = export_run(out, tmp_path / "exported", dtype="fp32")
         assert torch.equal(load_standalone(paths["weights"], paths["prompt_cache"])(x).image, want)
     init.unlink()
-    summary = run(lean_cfg(out, model__init_checkpoint=str(init), train__max_steps=3, **kolors), resume=True)
+    summary = run(lean_cfg(out, model__init_checkpoint=str(init), train__max_steps=3, train__checkpoint_every=2,
+                           **kolors), resume=True)
     assert summary["step"] == 3 and "is gone" in capsys.readouterr().out
 
 
-def test_a_run_that_left_out_its_init_backbone_says_so(tmp_path, tiny_dir, monkeypatch):
+def test_a_run_that_left_out_its_init_backbone_says_so(tmp_path, tiny_dir, monkeypatch, backbone_run):
     """Such a run trained by an older version (adapters only, recording that its resume needs the init
     checkpoint): `--model RUN` says where its backbone came from instead of advising the very folder it
     loaded, and its resume without the init checkpoint is refused naming the key, removing nothing."""
@@ -257,7 +264,7 @@ def test_a_run_that_left_out_its_init_backbone_says_so(tmp_path, tiny_dir, monke
     from tadisr_core.model_ref import load_model
     from training.config import ModelConfig
 
-    kolors, init = _backbone_run(tmp_path, tiny_dir)
+    kolors, init = _backbone_run(tmp_path, tiny_dir, backbone_run)
     out = tmp_path / "run"
     with monkeypatch.context() as old:  # the older version: the init checkpoint's backbone is not saved
         old.setattr(ModelConfig, "saves_backbone", property(lambda m: m.train_backbone or not m.has_base))

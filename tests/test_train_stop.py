@@ -178,12 +178,22 @@ def _as_written_by(checkpoint: Path, processes: int | None) -> None:
         shutil.copyfile(checkpoint / "rank_0.pt", checkpoint / f"rank_{rank}.pt")
 
 
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory, lpips_dir) -> Path:
+    """One step of the tiny config at 2 micro-batches (its checkpoint: step 1), trained once for the resume
+    tests of this module; each resumes its own copy."""
+    out = tmp_path_factory.mktemp("one_step_run")
+    run(tiny_cfg(out, lpips_dir, train__max_steps=1, train__grad_accum=2))
+    return out
+
+
+@pytest.mark.xdist_group("train_stop_one_step_run")
 @pytest.mark.parametrize("recorded", [4, None])
-def test_resume_with_another_number_of_processes_needs_force(tmp_path, lpips_dir, capsys, recorded):
+def test_resume_with_another_number_of_processes_needs_force(one_step_run, tmp_path, lpips_dir, capsys, recorded):
     from training.resume import RunFolderError
     from training.train import Trainer
 
-    run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1, train__grad_accum=2))
+    shutil.copytree(one_step_run, tmp_path, dirs_exist_ok=True)
     state = torch.load(tmp_path / "checkpoints" / "step_00000001" / "state.pt", weights_only=True)
     assert state["num_processes"] == 1
     _as_written_by(tmp_path / "checkpoints" / "step_00000001", recorded)
@@ -207,7 +217,8 @@ def _as_written_under_fsdp(checkpoint: Path) -> None:
         torch.save({**torch.load(rank_file, weights_only=True), "optimizer": optimizer}, rank_file)
 
 
-def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(tmp_path, lpips_dir, monkeypatch):
+@pytest.mark.xdist_group("train_stop_one_step_run")
+def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(one_step_run, tmp_path, lpips_dir, monkeypatch):
     """FSDP's per-process optimiser shards do not re-split for another process count, and neither an
     FSDP run nor another loads the other's state: refused even with --force, naming both ways on (the
     FSDP run used to fall through to loading rank 0's shard, or fail on a missing key)."""
@@ -217,7 +228,7 @@ def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(tmp_path, l
     from training.resume import RunFolderError
     from training.train import Trainer
 
-    run(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1))
+    shutil.copytree(one_step_run, tmp_path, dirs_exist_ok=True)
     checkpoint = tmp_path / "checkpoints" / "step_00000001"
     weights = f"--set model.init_checkpoint=\"{checkpoint / 'model.safetensors'}\""
     fresh = f"or start a new run (another --output-dir) from its weights: {weights}"
@@ -227,7 +238,8 @@ def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(tmp_path, l
             if fsdp:
                 m.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
             with pytest.raises(RunFolderError) as caught:
-                Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2), resume=True, force=True)
+                Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, train__grad_accum=2), resume=True,
+                        force=True)
         return str(caught.value)
 
     assert refused(fsdp=True) == (f"--resume: {checkpoint} was written without FSDP (its optimiser state is whole, in "
