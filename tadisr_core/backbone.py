@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .gc_pause import gc_paused
 from .kolors_files import KolorsFiles, KolorsFolderError, find_kolors_files
 from .kolors_identity import CheckedPart, NotKolorsError, check_unet, check_vae
 from .spec import UNetSpec, VAESpec
@@ -23,6 +24,7 @@ def _files(source, dtype: torch.dtype | None = None) -> KolorsFiles:
     return source if isinstance(source, KolorsFiles) else find_kolors_files(source, dtype=dtype)
 
 
+@gc_paused()
 def build_unet(spec: UNetSpec, device: str | torch.device = "cpu"):
     """A randomly initialised fp32 Kolors-layout UNet (use device "meta" for a weightless one)."""
     from diffusers import UNet2DConditionModel
@@ -31,6 +33,7 @@ def build_unet(spec: UNetSpec, device: str | torch.device = "cpu"):
         return UNet2DConditionModel(**spec.diffusers_config())
 
 
+@gc_paused()
 def build_vae(spec: VAESpec, device: str | torch.device = "cpu"):
     """A randomly initialised fp32 SDXL-layout VAE."""
     from diffusers import AutoencoderKL

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .gc_pause import gc_paused
 from .lowvram import send_offloaded_block_home
 from .spec import LoRASpec, VAESpec
 
 SKIP_CONV_INIT = 1e-5
 
 
+@gc_paused()
 def add_lora(module: nn.Module, spec: LoRASpec, exclude_prefixes: tuple[str, ...] = ()) -> nn.Module:
     """Inject a PEFT LoRA adapter named `spec.adapter_name` into `module` in place.
 

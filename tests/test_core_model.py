@@ -188,3 +188,39 @@ def test_tile_estimate_covers_the_live_decoder_peak(variant):
             out = model.decode(enc.latents, enc.skips, att)
             del out
     assert mode.peak <= devices.estimate_tile_bytes(model, tile, tile)
+
+
+def test_the_module_tree_is_built_with_the_garbage_collector_paused(monkeypatch):
+    """The UNet, the VAE and the LoRA injection run with the cyclic collector off (their many new objects
+    set off full collections of the heap); it comes back on afterwards, also after an error, and one
+    turned off by someone else stays off."""
+    import gc
+
+    import diffusers
+    import peft
+
+    from tadisr_core.gc_pause import gc_paused
+
+    seen = {}
+    for module, name in ((diffusers, "UNet2DConditionModel"), (diffusers, "AutoencoderKL"),
+                         (peft, "inject_adapter_in_model")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.setdefault(_name, gc.isenabled())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    build_model(tiny_spec("paper"), device="meta")
+    assert seen == {"UNet2DConditionModel": False, "AutoencoderKL": False, "inject_adapter_in_model": False}
+    assert gc.isenabled()
+    with pytest.raises(ValueError), gc_paused():
+        raise ValueError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
