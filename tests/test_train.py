@@ -18,7 +18,7 @@ from torch import nn
 
 from tadisr_core.spec import VARIANTS
 from tests.processes import REPO, subprocess_env, train_on_two_processes
-from tests.tiny_training import TINY, run, tiny_cfg, tiny_overrides, train_lines
+from tests.tiny_training import TINY, lean_cfg, run, tiny_cfg, tiny_overrides, train_lines
 from training.config import Config, ConfigError, load_config
 
 ARTIFACTS = REPO / "artifacts"
@@ -58,14 +58,14 @@ def test_tiny_config_trains_and_loss_falls(tmp_path, lpips_dir, capsys):
     assert ckpt.spec.variant == "paper" and ckpt.metadata["train_step"] == "40"
 
 
-def test_a_run_on_a_random_base_is_a_model_by_itself(tmp_path, lpips_dir):
+def test_a_run_on_a_random_base_is_a_model_by_itself(tmp_path):
     """tiny.yaml trains adapters on a random backbone that no Kolors folder holds: the run saves that
     backbone too, so `--model RUN` runs it with no other weights (the README's training step 3)."""
     from tadisr_core.checkpoint import load_checkpoint
     from tadisr_core.model_ref import load_model
     from training.train import Trainer
 
-    trainer = Trainer(tiny_cfg(tmp_path, lpips_dir, train__max_steps=1, loss__lpips_net="none", loss__lpips=0))
+    trainer = Trainer(lean_cfg(tmp_path, train__max_steps=1))
     assert trainer.cfg.model.kolors_dir is None and not trainer.cfg.model.train_backbone
     key = "conv_out.base_layer.weight"  # a frozen base weight of the UNet
     base = dict(trainer.model.unet.named_parameters())[key].detach().clone()
@@ -80,7 +80,7 @@ def test_a_run_on_a_random_base_is_a_model_by_itself(tmp_path, lpips_dir):
     assert torch.equal(got.image, want.image) and torch.equal(got.mask_logits, want.mask_logits)
 
 
-def test_a_run_on_kolors_files_records_its_base_and_runs_as_a_model(tmp_path, lpips_dir, tiny_dir, monkeypatch):
+def test_a_run_on_kolors_files_records_its_base_and_runs_as_a_model(tmp_path, tiny_dir, monkeypatch):
     """An all-in-one Kolors checkpoint (UNet and VAE in one file, as models/checkpoints keeps it) as
     `model.unet`, no Kolors folder: the run saves adapters only, and `--model RUN` finds that base in
     its config.json with no base flag; when a relative path there cannot be found, the message says
@@ -99,14 +99,13 @@ def test_a_run_on_kolors_files_records_its_base_and_runs_as_a_model(tmp_path, lp
     monkeypatch.chdir(tmp_path)  # the config names the file relative to the folder training runs in
     save_file(tensors, "kolors_aio.safetensors",  # the tiny structure in its metadata, as the tiny files do
               metadata={f"{part}_config": (kolors / part / "config.json").read_text() for part in ("unet", "vae")})
-    base = {"model__prompt_cache": str(tiny_dir["prompt_cache"]), "train__max_steps": 1, "loss__lpips_net": "none",
-            "loss__lpips": 0}
+    base = {"model__prompt_cache": str(tiny_dir["prompt_cache"]), "train__max_steps": 1}
     no_vae = tmp_path / "KolorsNoVae"  # kijai's wrapper keeps Kolors so: the VAE goes in model.vae
     shutil.copytree(kolors, no_vae, ignore=shutil.ignore_patterns("vae"))
     with pytest.raises(ConfigError, match=r"model\.vae\): \S*KolorsNoVae has no vae/ folder.* are "
                                           r"model\.kolors_dir, model\.unet and model\.vae\)$"):
-        Trainer(tiny_cfg(run_dir, lpips_dir, model__kolors_dir=str(no_vae), **base))
-    trainer = Trainer(tiny_cfg(run_dir, lpips_dir, model__unet="kolors_aio.safetensors", **base))
+        Trainer(lean_cfg(run_dir, model__kolors_dir=str(no_vae), **base))
+    trainer = Trainer(lean_cfg(run_dir, model__unet="kolors_aio.safetensors", **base))
     trainer.run()
     assert json.loads((run_dir / "config.json").read_text())["model"]["unet"] == "kolors_aio.safetensors"
     ckpt = load_checkpoint(run_dir / "model_final.safetensors")
@@ -210,11 +209,10 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, lpips_dir):
 
 
 # -- interruption and failure -----------------------------------------------------------------
-def test_nonfinite_step_is_skipped(tmp_path, lpips_dir):
+def test_nonfinite_step_is_skipped(tmp_path):
     from safetensors.torch import load_file
 
-    cfg = tiny_cfg(tmp_path, lpips_dir, train__max_steps=2, train__checkpoint_every=1, train__keep_checkpoints=0,
-                   train__inject_nonfinite_at=[2], loss__lpips_net="none", loss__lpips=0)
+    cfg = lean_cfg(tmp_path, train__inject_nonfinite_at=[2])  # a checkpoint after each of its 2 steps
     summary = run(cfg)
     lines = train_lines(tmp_path)
     assert [r["skipped"] for r in lines] == [False, True] and summary["nonfinite"] == 1
@@ -342,12 +340,11 @@ def test_validation_after_fused_optimiser_steps_uses_the_trained_prompt_projecti
 
 
 # -- model variants, ablations, checkpointing ---------------------------------------------------
-def test_gradient_checkpointing_matches_plain_run(tmp_path, lpips_dir):
+def test_gradient_checkpointing_matches_plain_run(tmp_path):
     """TACA capture + UNet checkpointing: same losses (the capture is repeated on recomputation; the second
     step's loss shows the first step's gradients). LPIPS, outside the model, is left out."""
-    no_lpips = dict(train__max_steps=2, loss__lpips_net="none", loss__lpips=0)
-    plain = run(tiny_cfg(tmp_path / "plain", lpips_dir, **no_lpips))
-    gc = run(tiny_cfg(tmp_path / "gc", lpips_dir, train__gradient_checkpointing=True, **no_lpips))
+    plain = run(lean_cfg(tmp_path / "plain", train__checkpoint_every=2))
+    gc = run(lean_cfg(tmp_path / "gc", train__checkpoint_every=2, train__gradient_checkpointing=True))
     assert plain["step"] == gc["step"] == 2
     for a, b in zip(train_lines(tmp_path / "plain"), train_lines(tmp_path / "gc")):
         assert a["total"] == pytest.approx(b["total"], rel=1e-5, abs=1e-6)
