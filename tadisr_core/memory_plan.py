@@ -6,8 +6,8 @@ Method: weights = the bytes of the meta model stored as `devices.place_model` st
 dtype by `descriptor.part_dtypes`; fp8 UNet weights at 1 byte), or under sequential offload only the
 resident modules and the largest moving block of that stored model (`lowvram.offload_plan`).
 Activations = one tile's estimate (`devices.estimate_tile_bytes`: the full-resolution joint decoder stage with the kept
-encoder skips). Plus CONTEXT_BYTES for the CUDA context and allocator slack. Estimates, to be
-replaced by measurements on GPUs.
+encoder skips). Plus CONTEXT_BYTES for the CUDA context and allocator slack. Estimates, checked against
+the peaks measured on an H200 (benchmarks/RESULTS.md, "peak memory of one tile per low-VRAM mode").
 """
 
 from __future__ import annotations
