@@ -17,16 +17,27 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves a core
 from tests.cli_runs import *  # noqa: E402,F401,F403  (the CLI tests' tiny model)
 from tests.host_fixtures import *  # noqa: E402,F401,F403  (the real-host fixtures: ComfyUI server, Chromium)
 from tests.node_fixtures import *  # noqa: E402,F401,F403  (the node tests' models folder, model handle, fake comfy_api)
+from tests.xdist_groups import name_groups  # noqa: E402
 
 HOST_FIXTURES = {"comfy_host", "comfy_server", "browser"}
+# Module fixtures that cost seconds (a model load, a training run): a module's tests that use any of them
+# stay on one worker, which computes them once.
+SHARED_MODULE_FIXTURES = {"tiny_model", "handle", "paper_handle", "reference", "backbone_run", "finished_run",
+                          "one_step_run", "probe", "engine", "model"}
 
 
-def pytest_collection_modifyitems(items) -> None:
-    """Under pytest-xdist (`make test` runs two workers), keep every test of the real ComfyUI host and
-    Chromium on one worker, so the host is installed once and one server serves them all."""
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (`make test` runs two workers with --dist loadgroup), keep every test of the real
+    ComfyUI host and Chromium on one worker, so the host is installed once and one server serves them all,
+    and a module's tests that share a costly module fixture on one worker (`name_groups`: what makes
+    pytest-xdist honour the groups under pytest 9)."""
     for item in items:
-        if HOST_FIXTURES & set(item.fixturenames):
+        used = set(item.fixturenames)
+        if HOST_FIXTURES & used:
             item.add_marker(pytest.mark.xdist_group("comfy_host"))
+        if SHARED_MODULE_FIXTURES & used:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    name_groups(config, items)
 
 
 @pytest.fixture(autouse=True)

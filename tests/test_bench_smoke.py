@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STAGE_KEYS = {"median_s", "min_s", "max_s", "spread", "n", "peak_activation_gib", "flop", "achieved_tflops",
               "fraction_of_measured_matmul"}
+STAGES = ("encode", "unet", "decode_joint", "decode_image_only", "tile_joint", "tile_image_only")
 
 
 def test_bench_gpu_full_smoke_mode(tmp_path, capsys):
@@ -27,7 +28,7 @@ def test_bench_gpu_full_smoke_mode(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == report
     assert report["schema"] == "tadisr-bench-gpu/3" and report["lora"] == "merged" and report["complete"]
     stages = report["tiles"]["64"]["stages"]
-    assert set(stages) == {"encode", "unet", "decode_joint", "decode_image_only", "tile_joint", "tile_image_only"}
+    assert set(stages) == set(STAGES)
     for row in stages.values():
         assert STAGE_KEYS <= set(row) and row["n"] == 2 and row["min_s"] <= row["median_s"] <= row["max_s"]
         assert row["flop"] > 0
@@ -73,6 +74,8 @@ def test_bench_gpu_full_saves_each_step_and_records_failures(monkeypatch):
         return real(model, tile, *args, **kwargs)
 
     monkeypatch.setattr(bench, "stage_times", flaky)
+    # the FLOP count on the meta model is test_bench_gpu_full_smoke_mode's; here only the order of saves and errors
+    monkeypatch.setattr(bench, "stage_flops", lambda model, tile: dict.fromkeys(STAGES, 1))
     snapshots = []
     ns = argparse.Namespace(smoke=True, flops_only=False, variant="release", dtype="fp32", tiles=[64, 32], tile_batch=1,
                             repeats=1, warmup=0, keep_lora=False, peak_tflops=None, job=False, input=32,

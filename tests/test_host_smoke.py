@@ -22,10 +22,18 @@ def test_server_answers_with_builtin_nodes(comfy_server):
     assert comfy_server.alive()
 
 
+@pytest.fixture
+def home_page(comfy_server, browser):
+    """The browser on ComfyUI's page, left on a blank one afterwards (an open page keeps redrawing its canvas)."""
+    browser.goto(comfy_server.url)
+    yield browser
+    browser.goto("about:blank")
+
+
 @pytest.mark.host
 @pytest.mark.browser
-def test_ui_loads_and_screenshots(comfy_server, browser):
-    browser.goto(comfy_server.url)
+def test_ui_loads_and_screenshots(home_page):
+    browser = home_page
     browser.wait_for(UI_READY, timeout=60)
     n_types = browser.eval("Object.keys(LiteGraph.registered_node_types).length")
     assert n_types > 100, f"only {n_types} node types registered in the page"

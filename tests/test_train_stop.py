@@ -187,7 +187,6 @@ def one_step_run(tmp_path_factory, lpips_dir) -> Path:
     return out
 
 
-@pytest.mark.xdist_group("train_stop_one_step_run")
 @pytest.mark.parametrize("recorded", [4, None])
 def test_resume_with_another_number_of_processes_needs_force(one_step_run, tmp_path, lpips_dir, capsys, recorded):
     from training.resume import RunFolderError
@@ -217,7 +216,6 @@ def _as_written_under_fsdp(checkpoint: Path) -> None:
         torch.save({**torch.load(rank_file, weights_only=True), "optimizer": optimizer}, rank_file)
 
 
-@pytest.mark.xdist_group("train_stop_one_step_run")
 def test_optimiser_state_fsdp_cannot_load_is_refused_even_with_force(one_step_run, tmp_path, lpips_dir, monkeypatch):
     """FSDP's per-process optimiser shards do not re-split for another process count, and neither an
     FSDP run nor another loads the other's state: refused even with --force, naming both ways on (the
