@@ -224,3 +224,38 @@ def test_the_module_tree_is_built_with_the_garbage_collector_paused(monkeypatch)
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+# Run in a fresh interpreter: torch._dynamo (which diffusers and peft import) is not imported yet there.
+FIRST_BUILD_PROBE = """
+import gc, weakref
+import torch
+
+gc.disable()  # below, only reference counting frees anything
+
+
+def load_a_model():
+    from tadisr_core.model_ref import load_model
+
+    return load_model("demo")
+
+
+dropped = weakref.ref(load_a_model())
+print("freed" if dropped() is None else "alive")
+"""
+
+
+def test_the_first_model_a_process_loads_is_freed_when_let_go():
+    """Defect: torch._dynamo's first import, inside the first model build, leaves a reference cycle holding
+    every frame on the stack at that moment, and returned frames keep their last locals: the first model a
+    process loaded (`load_model`'s frames returned it) stayed in memory after its last user let go of it,
+    until the cyclic collector happened to run."""
+    import subprocess
+    import sys
+
+    from tests.processes import REPO, subprocess_env
+
+    done = subprocess.run([sys.executable, "-c", FIRST_BUILD_PROBE], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["freed"]
