@@ -247,6 +247,11 @@ class Browser:
         self.wait_for(f"document.readyState === 'complete' && location.href.startsWith({json.dumps(url)})",
                       timeout=timeout)
 
+    def leave_page(self) -> None:
+        """Go to a blank page: an open ComfyUI page keeps redrawing its canvas (a tenth of a core while it
+        stays open)."""
+        self.goto("about:blank")
+
     def wait_for(self, js_expr: str, timeout: float = 30.0, interval: float = 0.1):
         """Poll a JS expression until it is truthy; returns its value (TimeoutError with console tail)."""
         deadline = time.monotonic() + timeout

@@ -24,10 +24,10 @@ def test_server_answers_with_builtin_nodes(comfy_server):
 
 @pytest.fixture
 def home_page(comfy_server, browser):
-    """The browser on ComfyUI's page, left on a blank one afterwards (an open page keeps redrawing its canvas)."""
+    """The browser on ComfyUI's page, left afterwards (`Browser.leave_page`)."""
     browser.goto(comfy_server.url)
     yield browser
-    browser.goto("about:blank")
+    browser.leave_page()
 
 
 @pytest.mark.host
