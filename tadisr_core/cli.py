@@ -706,7 +706,7 @@ def _chatglm_memory_advice(device: str, dtype: str) -> str:
 def add_prompt_cache(sub) -> None:
     """`tadisr prompt-cache`: encode the prompt with ChatGLM3 once and save it (`run_prompt_cache`)."""
     from .devices import COMPUTE_DTYPES
-    from .spec import HEATMAP_PROMPT
+    from .spec import HEATMAP_PROMPT, SDXL_TIME_IDS
 
     p = sub.add_parser("prompt-cache", help="compute the prompt-embedding cache once with Kolors' ChatGLM3",
                        description="Encode the fixed TADiSR prompt with Kolors' ChatGLM3 and save the UNet "
@@ -719,7 +719,7 @@ def add_prompt_cache(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")
     p.add_argument("--prompt", default=HEATMAP_PROMPT, help="the prompt (default: the release's)")
     p.add_argument("--tokens", type=int, default=256, help="sequence length, left-padded (Kolors: 256)")
-    p.add_argument("--time-ids", type=_finite_float, nargs=6, default=(768, 768, 0, 0, 768, 768),
+    p.add_argument("--time-ids", type=_finite_float, nargs=6, default=SDXL_TIME_IDS,
                    metavar=("H", "W", "TOP", "LEFT", "TH", "TW"),
                    help="SDXL size conditioning: original size, crop, target size (default: the 768 tile)")
     p.add_argument("--device", default="cpu",

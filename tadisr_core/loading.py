@@ -21,16 +21,19 @@ from .kolors_files import KolorsFiles, KolorsFolderError, find_kolors_files
 from .lora import merge_lora
 from .model import TADiSRModel
 from .prompt import PromptCache, compute_prompt_cache_from_kolors, text_encoder_device
+from .spec import HEATMAP_PROMPT, SDXL_TIME_IDS
 from .streaming import fit_shape
 
 log = logging.getLogger("tadisr")
 
 
 def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device: str | torch.device = "cpu",
-                        time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768),
+                        time_ids: tuple[float, ...] = SDXL_TIME_IDS,
                         compute: str | torch.device = "cpu",
-                        given_as: tuple[str, str] = ("--prompt-cache", "--text-encoder DIR|FILE")) -> PromptCache:
-    """Load the prompt cache at `path`, computing it once with ChatGLM3 when absent.
+                        given_as: tuple[str, str] = ("--prompt-cache", "--text-encoder DIR|FILE"),
+                        prompt: str = HEATMAP_PROMPT) -> PromptCache:
+    """Load the prompt cache at `path`, computing it once with ChatGLM3 when absent (of `prompt` and
+    `time_ids`).
 
     `kolors_dir`: a Kolors folder, a ChatGLM3 folder or file, or a text_encoder folder with its
     tokenizer (`prompt.find_text_encoder`); `device` may be "auto": `compute` (the model's device) when it is
@@ -45,7 +48,7 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
         raise FileNotFoundError(f"prompt cache not found: {path}, and no ChatGLM3 to compute it from "
                                 f"(pass {encoder_flag} or a Kolors folder with text_encoder/ and tokenizer/)")
     try:
-        cache = compute_prompt_cache_from_kolors(kolors_dir, time_ids=time_ids,
+        cache = compute_prompt_cache_from_kolors(kolors_dir, prompt, time_ids=time_ids,
                                                  device=text_encoder_device(device, compute))
     except KolorsFolderError as exc:  # no usable ChatGLM3: the missing cache is the news, maybe a typo
         raise KolorsFolderError(f"prompt cache not found: {path}; fix {cache_flag}, or pass {encoder_flag} "
@@ -56,17 +59,26 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
 
 
 def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | None, text_encoder_device_name: str,
-                 compute: torch.device, given_as: tuple[str, str]) -> PromptCache:
+                 compute: torch.device, given_as: tuple[str, str],
+                 conditioning: tuple[str, tuple[float, ...]]) -> PromptCache:
     """The prompt conditioning of `load_tadisr`: the cache at `prompt_cache` (computed and saved there when
-    missing), or computed in memory when None, with ChatGLM3 from `encoder_source`."""
+    missing), or computed in memory when None, with ChatGLM3 from `encoder_source`; computed, it is that of
+    `conditioning` (the prompt and time ids the checkpoint was trained with: `trained_conditioning`)."""
+    prompt, time_ids = conditioning
     if prompt_cache is not None:
         return ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=compute,
-                                   given_as=given_as)
+                                   given_as=given_as, prompt=prompt, time_ids=time_ids)
     if encoder_source is None:
         raise FileNotFoundError("no prompt cache given and no ChatGLM3 to compute one "
                                 "(pass --prompt-cache FILE or --text-encoder DIR|FILE)")
-    return compute_prompt_cache_from_kolors(encoder_source,
+    return compute_prompt_cache_from_kolors(encoder_source, prompt, time_ids=time_ids,
                                             device=text_encoder_device(text_encoder_device_name, compute))
+
+
+def trained_conditioning(ckpt: Checkpoint) -> tuple[str, tuple[float, ...]]:
+    """The prompt and SDXL time ids `ckpt` was trained with, as its metadata records them; the release's
+    (`HEATMAP_PROMPT`, `SDXL_TIME_IDS`) where it records none (the release's .pkl)."""
+    return ckpt.metadata.get("prompt") or HEATMAP_PROMPT, tuple(_recorded_time_ids(ckpt) or SDXL_TIME_IDS)
 
 
 def _load_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -213,8 +225,11 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     if isinstance(prompt_cache, PromptCache):
         prompt = prompt_cache
     else:
+        conditioning = trained_conditioning(ckpt)
+
         def make() -> PromptCache:
-            return _load_prompt(prompt_cache, encoder_source, text_encoder_device_name, device, prompt_given_as)
+            return _load_prompt(prompt_cache, encoder_source, text_encoder_device_name, device, prompt_given_as,
+                                conditioning)
 
         prompt = prompt_once(make) if prompt_once is not None else make()
     try:  # before the weights are read

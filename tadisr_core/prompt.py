@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .spec import HEATMAP_PROMPT
+from .spec import HEATMAP_PROMPT, SDXL_TIME_IDS
 
 # The release's heat map read column 12 of the 256-long sequence: a padding position (its index
 # arithmetic assumed a CLIP-style [SOS] and no left padding). Kept to reproduce the release.
@@ -146,7 +146,7 @@ def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tup
 
 @torch.no_grad()
 def compute_prompt_cache(text_encoder, tokenizer, prompt: str = HEATMAP_PROMPT, max_length: int = 256,
-                         time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768)) -> PromptCache:
+                         time_ids: tuple[float, ...] = SDXL_TIME_IDS) -> PromptCache:
     """Encode `prompt` the way diffusers' Kolors pipeline does (no classifier-free guidance)."""
     device = next(text_encoder.parameters()).device
     inputs = tokenizer([prompt], padding="max_length", max_length=max_length, truncation=True,
@@ -381,7 +381,7 @@ def _load_chatglm(weights: Path, dtype: torch.dtype):
 
 
 def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATMAP_PROMPT, max_length: int = 256,
-                                     time_ids: tuple[float, ...] = (768, 768, 0, 0, 768, 768),
+                                     time_ids: tuple[float, ...] = SDXL_TIME_IDS,
                                      device: str | torch.device = "cpu",
                                      dtype: torch.dtype | None = None) -> PromptCache:
     """Load ChatGLM3 (any layout `find_text_encoder` accepts), compute the cache, free the encoder.

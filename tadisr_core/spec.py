@@ -39,6 +39,8 @@ VAE_LORA_TARGETS: tuple[str, ...] = (
     "to_k", "to_q", "to_v", "to_out.0",
 )
 HEATMAP_PROMPT = "best quality,highres,extremely detailed,text"
+# SDXL's size conditioning with it (original h, w, crop top, left, target h, w): the 768 px tile
+SDXL_TIME_IDS = (768.0, 768.0, 0.0, 0.0, 768.0, 768.0)
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,25 @@ def test_a_checkpoint_run_on_other_time_ids_is_warned_of(tiny_dir, tmp_path, cap
     assert load_checkpoint(converted).metadata["time_ids"] == recorded
 
 
+def test_a_cache_computed_for_a_checkpoint_encodes_what_it_was_trained_with(tiny_dir, tmp_path, caplog):
+    """Defect: `--kolors K --checkpoint C` without a cache (or with a new --prompt-cache path) computed the
+    conditioning of the release's time ids whatever C was trained with, then warned that they differ (the
+    release's .pkl, which records none, still gets the release's)."""
+    recorded = load_checkpoint(tiny_dir["checkpoint"]).metadata
+    checkpoint = load_checkpoint(tiny_dir["checkpoint"])
+    checkpoint.metadata["prompt"] = "a shop sign, text"  # another prompt than the release's, as a run may train
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        in_memory = load_tadisr(tiny_dir["kolors"], checkpoint, None).prompt
+        load_tadisr(tiny_dir["kolors"], checkpoint, tmp_path / "new.safetensors")
+        release = load_tadisr(tiny_dir["kolors"], tiny_dir["official"], None).prompt
+    assert not [r for r in caplog.records if "was trained with" in r.getMessage()]
+    saved = PromptCache.load(tmp_path / "new.safetensors")
+    for cache in (in_memory, saved):
+        assert cache.prompt == "a shop sign, text"
+        assert cache.time_ids.flatten().tolist() == json.loads(recorded["time_ids"]) == [64, 64, 0, 0, 64, 64]
+    assert release.prompt == prompt.HEATMAP_PROMPT and release.time_ids.flatten().tolist() == [768, 768, 0, 0, 768, 768]
+
+
 def test_a_model_that_runs_alone_given_another_cache_is_warned_of_too(tmp_path, caplog):
     """Defect: only the Kolors path compared the conditioning; `--model demo --prompt-cache other` ran silently."""
     demo = shipped_model("demo")
