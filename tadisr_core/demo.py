@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,16 +35,19 @@ def comparison_strip(lr: torch.Tensor, sr: torch.Tensor, mask: torch.Tensor) -> 
     return torch.cat([bicubic, gap, sr[:3], gap, mask[:1].expand(3, -1, -1)], dim=-1)
 
 
-def run_demo(out: Path, inputs: list[Path], model: str = "demo", recursive: bool = False) -> list[Path]:
+def run_demo(out: Path, inputs: list[Path], model: str = "demo", recursive: bool = False) -> tuple[list[Path], int]:
     """Upscale `inputs` (files and folders; sub-folders too with `recursive`) with the shipped `model` into
-    `out`; returns the strip paths."""
+    `out`; returns the strip paths and the upscale's exit code. When some inputs fail (exit 1, each named by
+    the run), the others still get their strips; a setup error or Ctrl-C exits with its code."""
     from .batch import collect_inputs, plan_jobs
+    from .cli import EXIT_FAILED, EXIT_OK
     from .cli import main as cli_main
     from .images import load_image, save_image
 
+    started = time.time()
     code = cli_main(["upscale", *map(str, inputs), "-o", str(out), "--model", model, "--tile", "256",
                      "--overlap", "64", "--quiet", *(["--recursive"] if recursive else [])])
-    if code != 0:
+    if code not in (EXIT_OK, EXIT_FAILED):
         raise SystemExit(code)
     disabled = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the run's walk said what it left out; walking again says it twice
@@ -53,11 +57,13 @@ def run_demo(out: Path, inputs: list[Path], model: str = "demo", recursive: bool
         logging.disable(disabled)
     strips = []
     for job in jobs:
+        if not (job.image.is_file() and job.image.stat().st_mtime >= started - 1):
+            continue  # a failed input: no output, or one from an earlier run
         sr, mask = load_image(job.image)[0], load_image(job.mask)[0]
         name = job.image.name.removesuffix(f"_x4{job.image.suffix}")
         strip = comparison_strip(load_image(job.input)[0], sr, mask)
         strips.append(save_image(strip, job.image.parent / f"{name}_strip.png"))
-    return strips
+    return strips, code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.output = args.output or Path("out") / args.model
     inputs = args.inputs or sorted(DEMO_INPUTS.glob("*.png"))
-    strips = run_demo(args.output, inputs, args.model, args.recursive)
+    strips, code = run_demo(args.output, inputs, args.model, args.recursive)
     print(f"{args.model} model: {len(strips)} inputs upscaled into {args.output}/")  # a folder counts its images
     for s in strips:
         print(f"  {s}   (bicubic | TADiSR {args.model} | text mask)")
-    return 0
+    if code:
+        print("some inputs failed (named above): they have no outputs and no strip", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -432,9 +432,12 @@ def test_demo_runs_each_shipped_model_into_its_own_folder(tmp_path, monkeypatch,
         bicubic = torch.nn.functional.interpolate(load_image(lr), scale_factor=4, mode="bicubic").clamp(0, 1)
         assert (strip[..., :3, :, :384] - bicubic[..., :, :384]).abs().mean() < 0.02, stem
     Image.open(first).save(tmp_path / "b" / "other.png")  # a folder of two: counted by its images (defect: "1 inputs")
+    (tmp_path / "b" / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n torn")  # defect: one failed input cost every strip
     capsys.readouterr()
-    assert demo_main(["--model", name, "-o", "folder", str(tmp_path / "b")]) == 0
-    assert f"{name} model: 2 inputs upscaled into folder/" in capsys.readouterr().out
+    assert demo_main(["--model", name, "-o", "folder", str(tmp_path / "b")]) == 1
+    said = capsys.readouterr()
+    assert f"{name} model: 2 inputs upscaled into folder/" in said.out and "torn.png" in said.err
+    assert sorted(p.name for p in (tmp_path / "folder").glob("*_strip.png")) == ["other_strip.png", "scene_strip.png"]
 
 
 def test_mask_metrics_on_hand_made_masks():
