@@ -261,6 +261,12 @@ def _as_rgb(image: torch.Tensor) -> torch.Tensor:
     return image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
 
 
+def _is_gray(image: torch.Tensor) -> bool:
+    """A gray input: one channel, or gray with alpha (an LA file reads as RGBA of three equal channels)."""
+    return image.shape[1] == 1 or (image.shape[1] == 4 and torch.equal(image[:, 0], image[:, 1])
+                                   and torch.equal(image[:, 1], image[:, 2]))
+
+
 def _finish_colours(image: torch.Tensor, canvas: torch.Tensor | None, color_fix: str, gray: bool) -> None:
     """In place on the blended `image`: the colour fix against the bicubic `canvas`, then, for a `gray` input,
     its luma in all three channels: the model's slight colour cast is dropped."""
@@ -388,8 +394,8 @@ def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int 
     `generator` or `seed`, which are refused without `sample`) instead of using its mean; each tile's
     noise follows from the seed, the tiling and the image's place in the batch alone (the same with any
     `tile_batch`, and after an out-of-memory retry the same as a direct run with the tile that worked;
-    image k of a batch does not draw the noise it would draw alone). A gray input (C = 1) gives a gray
-    image, as three equal channels.
+    image k of a batch does not draw the noise it would draw alone). A gray input (C = 1, or C = 4 with
+    three equal colour channels: gray with alpha) gives a gray image, as three equal channels.
     `color_fix="wavelet"` takes the low frequencies from the bicubic canvas, "none" leaves the output
     as it is, "auto" does what the model recommends (see `color.py`). Results are float32 on the CPU.
     """
@@ -424,7 +430,7 @@ def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int 
 
         res = _blend(model, grid, b, image.shape[1], work, tile_batch, mask=mask, heat=attention,
                      canvas_device=hr.device, alpha=alpha, progress=progress, cancel=cancel)
-        _finish_colours(res.image, rgb, color_fix, gray=image.shape[1] == 1)
+        _finish_colours(res.image, rgb, color_fix, gray=_is_gray(image))
         if keep_attention:
             res.attention_tiles = AttentionTiles(grid, b, kept, channel_groups(model))
         return res
@@ -594,5 +600,6 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
     res = _staged_run("decode", grid, lambda: _blend(
         model, grid, tiled.batch, tiled.channels, work, tile_batch, mask=mask, heat=tiled.heatmap,
         canvas_device=canvas_device, alpha=tiled.alpha, progress=progress, cancel=cancel))
-    _finish_colours(res.image, rgb, color_fix, gray=tiled.channels == 1)
+    _finish_colours(res.image, rgb, color_fix, gray=tiled.channels == 1 or (
+        tiled.source is not None and _is_gray(tiled.source)))
     return res
