@@ -425,10 +425,15 @@ def _validate_upscale(args) -> None:
     from .images import ImageReadError, max_pixels_limit
     from .pipeline import check_settings
 
+    size = DESCRIPTOR.size
     try:
-        check_settings(args.scale, args.tile, args.overlap, min_tile=DESCRIPTOR.size.min_tile)
+        check_settings(args.scale, args.tile, args.overlap, min_tile=size.min_tile)
     except ValueError as exc:
-        raise SetupError(f"--{exc}") from None
+        hint = ""
+        if str(exc).startswith("overlap") and args.overlap == size.default_overlap:  # a --tile below it
+            hint = (f" (the default --overlap): give a smaller one with --tile {args.tile}, e.g. --overlap "
+                    f"{args.tile // 4}")
+        raise SetupError(f"--{exc}{hint}") from None
     _check_chatglm_device("--text-encoder-device", args.text_encoder_device)
     _check_file_target(flag_label("--prompt-cache", args.prompt_cache), args.prompt_cache)
     try:

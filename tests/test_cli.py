@@ -203,7 +203,11 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
     for extra, says in ((["--tile", "60"], "--tile must be a multiple of 8 between 64 and 4096, got 60"),
                         # the nodes' tile limit holds on the command line too (it once let 4104 through)
                         (["--tile", "4104"], "--tile must be a multiple of 8 between 64 and 4096, got 4104"),
-                        (["--tile", "64", "--overlap", "64"], "--overlap must be at least 0 and smaller than tile")):
+                        (["--tile", "64", "--overlap", "64"], "--overlap must be at least 0 and smaller than tile"),
+                        # only --tile given: the overlap is the default (defect: blamed a flag never typed)
+                        (["--tile", "128"], "--overlap must be at least 0 and smaller than tile (128), got 256 "
+                                            "(the default --overlap): give a smaller one with --tile 128, e.g. "
+                                            "--overlap 32")):
         assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "--kolors", "k", "--checkpoint", "c", *extra]) == 2
         assert f"error: {says}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
