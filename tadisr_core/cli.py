@@ -201,7 +201,7 @@ def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
     _settle_model(args)
     if not args.model and not args.kolors and not args.unet:
         raise SetupError("--kolors DIR (or --unet FILE and --vae FILE) is required (or set TADISR_KOLORS): the "
-                         "Kwai-Kolors/Kolors diffusers folder from https://huggingface.co/Kwai-Kolors/Kolors-diffusers")
+                         "Kwai-Kolors/Kolors folder (diffusers layout) from https://huggingface.co/Kwai-Kolors/Kolors")
     if not args.model and not args.checkpoint:
         raise SetupError("--checkpoint PATH is required (or set TADISR_CHECKPOINT): tadisr_kolors_ftsr_526000.pkl "
                          "from https://huggingface.co/huqiming513/TADiSR-Models, or a native .safetensors")

@@ -113,9 +113,11 @@ def make_tiny(out: str | Path, spec: TADiSRSpec | None = None, seed: int = 0) ->
 def add_command(sub) -> None:
     """The `make-tiny` sub-command (shared by `tadisr` and `python -m tadisr_core.testing`)."""
     p = sub.add_parser("make-tiny", help="write a tiny random TADiSR (Kolors folder, checkpoints, prompt cache)")
-    p.add_argument("dir")
-    p.add_argument("--variant", choices=("release", "paper"), default="release")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", help="the folder to write into (made when missing): kolors/, tadisr_tiny.safetensors, "
+                               "tadisr_tiny_official.pkl and prompt_cache.safetensors")
+    p.add_argument("--variant", choices=("release", "paper"), default="release",
+                   help="release: the released checkpoint's layout (default); paper: TACA + CDIB")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.set_defaults(run=run_make_tiny)
 
 

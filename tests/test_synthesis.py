@@ -270,13 +270,15 @@ def test_a_set_written_inside_its_backgrounds_folder_is_not_drawn_on_again(tmp_p
     assert {Path(json.loads(line)["background"]).parent for line in lines} == {photos}
 
 
-@pytest.mark.parametrize("size, scale", [(0, 4), (128, 0), (130, 4)])
-def test_sizes_that_are_no_multiple_of_the_scale_are_refused_before_any_file(tmp_path, capsys, size, scale):
+@pytest.mark.parametrize("size, scale, says", [(0, 4, "size 0 must be a positive multiple of scale 4"),
+                                              (128, 0, "scale must be at least 1, got 0"),
+                                              (130, 4, "size 130 must be a positive multiple of scale 4")])
+def test_sizes_that_are_no_multiple_of_the_scale_are_refused_before_any_file(tmp_path, capsys, size, scale, says):
     """Defect: `--size 0` or `--scale 0` ended in ZeroDivisionError, after writing the built-in backgrounds."""
     with pytest.raises(SystemExit) as e:
         synthesize.main(["--backgrounds", "skimage", "--out", str(tmp_path / "o"), "--count", "1",
                          "--size", str(size), "--scale", str(scale)])
-    assert e.value.code == 2 and "must be a positive multiple of scale" in capsys.readouterr().err
+    assert e.value.code == 2 and f"--size / --scale: {says}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

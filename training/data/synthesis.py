@@ -364,7 +364,9 @@ class SynthesisConfig:
     place_tries: int = 100
 
     def __post_init__(self):
-        if self.scale < 1 or self.size < self.scale or self.size % self.scale:
+        if self.scale < 1:
+            raise ValueError(f"scale must be at least 1, got {self.scale}")
+        if self.size < self.scale or self.size % self.scale:
             raise ValueError(f"size {self.size} must be a positive multiple of scale {self.scale}")
 
 
