@@ -559,7 +559,7 @@ def test_held_out_make_replaces_its_own_set_and_refuses_what_it_cannot_make(tmp_
     (folder / "mask" / "mine.png").write_bytes(b"a mask of my own")
     capsys.readouterr()
     assert main(["make", str(folder), "--count", "1", "--size", "64"]) == 2
-    assert "DIR " + str(folder) + " holds 1 files this command did not write" in capsys.readouterr().err
+    assert "DIR " + str(folder) + " holds 1 file this command did not write" in capsys.readouterr().err
     assert (folder / "mask" / "mine.png").read_bytes() == b"a mask of my own"
     assert len(list((folder / "hr").iterdir())) == 3
     other = tmp_path / "other"

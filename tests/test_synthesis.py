@@ -193,7 +193,7 @@ def test_sample_seed_is_stable_and_distinct():
     assert 0 <= S.sample_seed(3, 2, 1) < 2**63
 
 
-def test_cli_writes_triplets_and_manifest(tmp_path, backgrounds, fonts):
+def test_cli_writes_triplets_and_manifest(tmp_path, backgrounds, fonts, capsys):
     out = tmp_path / "ftsr"
     rc = synthesize.main(["--backgrounds", str(backgrounds), "--out", str(out), "--count", "3",
                           "--size", str(SIZE), "--seed", "5", "--preset", "realesrgan"])
@@ -227,6 +227,13 @@ def test_cli_writes_triplets_and_manifest(tmp_path, backgrounds, fonts):
     assert synthesize.main(["--backgrounds", str(backgrounds), "--out", str(out), "--count", "1",
                             "--size", str(SIZE)]) == 2
     assert (out / "mask" / "mine.png").read_bytes() == b"a mask of my own" and len(list((out / "hr").iterdir())) == 3
+    # a user's folder is refused before the built-in backgrounds are written into it (defect: they were left there)
+    mine = tmp_path / "mine"
+    (mine / "hr").mkdir(parents=True)
+    (mine / "hr" / "scan.png").write_bytes(b"my own")
+    assert synthesize.main(["--backgrounds", "skimage", "--out", str(mine), "--count", "1", "--size", str(SIZE)]) == 2
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["hr", "hr/scan.png"]
+    assert f"--out {mine} holds 1 file this command did not write" in capsys.readouterr().err
 
 
 def test_cli_fails_clearly_without_fonts(tmp_path, backgrounds, capsys):

@@ -31,6 +31,7 @@ from training.data.synthesis import (
     clear_previous_set,
     find_text_crops,
     fonts_in_folder,
+    foreign_set_files,
     list_images,
     load_rgb,
     sample_seed,
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size / --scale: {e}")
     if problem := folder_target_problem(args.out, f"--out {args.out}"):
         parser.error(problem)
+    if problem := foreign_set_files(args.out):  # before the built-in backgrounds are written into it
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if str(args.backgrounds) not in SKIMAGE_BACKGROUNDS and not args.backgrounds.is_dir():
         parser.error(f"--backgrounds {args.backgrounds}: no such folder; give a folder of photos or a built-in set: "
                      f"{', '.join(sorted(SKIMAGE_BACKGROUNDS))}")

@@ -70,18 +70,29 @@ SET_FOLDERS = ("hr", "lr", "mask")
 SET_FILE = re.compile(r"\d{6,}\.png")  # the names a synthesised set's files have
 
 
+def _set_files(out: Path) -> list[Path]:
+    """The files in `out`'s set folders (hidden ones such as .DS_Store left out)."""
+    return [f for sub in SET_FOLDERS if (out / sub).is_dir() for f in sorted((out / sub).iterdir())
+            if not f.name.startswith(".")]
+
+
+def foreign_set_files(out: Path, flag: str = "--out") -> str | None:
+    """The error (naming `flag`, the option that gave `out`) when `out`'s set folders hold files a
+    synthesised set does not have; None otherwise. Nothing is written or removed."""
+    foreign = [f for f in _set_files(out) if not SET_FILE.fullmatch(f.name)]
+    if not foreign:
+        return None
+    count = f"{len(foreign)} file" + ("s" if len(foreign) > 1 else "")
+    return f"{flag} {out} holds {count} this command did not write (e.g. {foreign[0]}); choose another {flag}, or move them away"
+
+
 def clear_previous_set(out: Path, flag: str = "--out") -> str | None:
     """Remove a synthesised set written into `out` before (its NNNNNN.png files and manifest, also one a
-    stop cut short), so that a new set never mixes with an older one; the error (naming `flag`, the
-    option that gave `out`) when `out` holds other files (left as they are; hidden ones such as
-    .DS_Store are ignored)."""
-    files = [f for sub in SET_FOLDERS if (out / sub).is_dir() for f in sorted((out / sub).iterdir())
-             if not f.name.startswith(".")]
-    foreign = [f for f in files if not SET_FILE.fullmatch(f.name)]
-    if foreign:
-        return (f"{flag} {out} holds {len(foreign)} files this command did not write (e.g. {foreign[0]}); "
-                f"choose another {flag}, or move them away")
-    for f in files:
+    stop cut short), so that a new set never mixes with an older one; the error of `foreign_set_files`
+    when `out` holds other files (left as they are)."""
+    if problem := foreign_set_files(out, flag):
+        return problem
+    for f in _set_files(out):
         f.unlink()
     (out / "manifest.jsonl").unlink(missing_ok=True)
     return None
