@@ -48,7 +48,7 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
         raise FileNotFoundError(f"prompt cache not found: {path}, and no ChatGLM3 to compute it from "
                                 f"(pass {encoder_flag} or a Kolors folder with text_encoder/ and tokenizer/)")
     try:
-        cache = compute_prompt_cache_from_kolors(kolors_dir, prompt, time_ids=time_ids,
+        cache = compute_prompt_cache_from_kolors(kolors_dir, prompt=prompt, time_ids=time_ids,
                                                  device=text_encoder_device(device, compute))
     except KolorsFolderError as exc:  # no usable ChatGLM3: the missing cache is the news, maybe a typo
         raise KolorsFolderError(f"prompt cache not found: {path}; fix {cache_flag}, or pass {encoder_flag} "
@@ -71,7 +71,7 @@ def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | N
     if encoder_source is None:
         raise FileNotFoundError("no prompt cache given and no ChatGLM3 to compute one "
                                 "(pass --prompt-cache FILE or --text-encoder DIR|FILE)")
-    return compute_prompt_cache_from_kolors(encoder_source, prompt, time_ids=time_ids,
+    return compute_prompt_cache_from_kolors(encoder_source, prompt=prompt, time_ids=time_ids,
                                             device=text_encoder_device(text_encoder_device_name, compute))
 
 
