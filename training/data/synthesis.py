@@ -83,7 +83,8 @@ def foreign_set_files(out: Path, flag: str = "--out") -> str | None:
     if not foreign:
         return None
     count = f"{len(foreign)} file" + ("s" if len(foreign) > 1 else "")
-    return f"{flag} {out} holds {count} this command did not write (e.g. {foreign[0]}); choose another {flag}, or move them away"
+    return (f"{flag} {out} holds {count} this command did not write (e.g. {foreign[0]}); choose another {flag}, "
+            f"or move them away")
 
 
 def clear_previous_set(out: Path, flag: str = "--out") -> str | None:
