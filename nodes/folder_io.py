@@ -49,17 +49,17 @@ def natural_key(name: str) -> list:
 def list_images(folder: str) -> list[str]:
     """Image file names directly inside `folder`, in natural order: the files the CLI takes from it
     (`images.walk_images`: the picture formats Pillow reads; hidden names such as a Mac's `._a.png` left out; so are
-    files named like outputs, `batch.looks_like_output`, with a warning, so earlier results are not served)."""
-    from tadisr_core.batch import OUTPUT_PATTERNS, looks_like_output
+    our outputs, `batch.output_files`, with a warning, so earlier results are not served)."""
+    from tadisr_core.batch import OUTPUT_PATTERNS, output_files
     from tadisr_core.images import walk_images
 
-    names = [p.name for p in walk_images(folder, recursive=False).files]
-    outputs = sum(map(looks_like_output, names))
-    if outputs and (folder, outputs) not in _told:
-        _told.add((folder, outputs))
+    files = walk_images(folder, recursive=False).files
+    outputs = set(output_files(files))
+    if outputs and (folder, len(outputs)) not in _told:
+        _told.add((folder, len(outputs)))
         log.warning("TADiSR: %s: left out %d file(s) named like TADiSR outputs (%s); rename them to upscale them",
-                    folder, outputs, OUTPUT_PATTERNS)
-    return sorted((name for name in names if not looks_like_output(name)), key=natural_key)
+                    folder, len(outputs), OUTPUT_PATTERNS)
+    return sorted((p.name for p in files if p not in outputs), key=natural_key)
 
 
 def pick(index: int, count: int, when_done: str, folder: str) -> int:

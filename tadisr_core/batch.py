@@ -94,8 +94,10 @@ MASK_SUFFIX = "_text_mask.png"  # the text mask's name: the input's output name 
 OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})"
                          rf"|(text_mask|attention)(-\d+)?(_\d{{5,}}_)?\.png)$"
                          rf"|^(text_mask|used_mask|heatmap|attention)_\d{{5,}}_\.png$", re.IGNORECASE)
-OUTPUT_PATTERNS = ("*_x4.png / .jpg / .webp, *_text_mask.png, *_attention.png, and the masks and heat maps "
-                   "ComfyUI's Save Image wrote: *text_mask_00001_.png, used_mask_00001_.png, heatmap_00001_.png")
+OUTPUT_PATTERNS = ("*_x4.png / .jpg / .webp, *_text_mask.png, *_attention.png, the demo's NAME_strip.png beside "
+                   "its NAME_x4.png, and the masks and heat maps ComfyUI's Save Image wrote: *text_mask_00001_.png, "
+                   "used_mask_00001_.png, heatmap_00001_.png")
+STRIP_SUFFIX = "_strip.png"  # the demo's comparison strip: an output only beside its SR image (not comic_strip.png)
 
 
 def looks_like_output(path: str | Path) -> bool:
@@ -127,7 +129,7 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
             continue
         if path.is_dir():
             walk = walk_images(path, recursive, exclude)
-            outputs = [p for p in walk.files if looks_like_output(p)]
+            outputs = output_files(walk.files)
             if outputs:
                 log.warning("%s: left out %d file(s) named like outputs (%s); name them explicitly to upscale them",
                             path, len(outputs), OUTPUT_PATTERNS)
@@ -138,13 +140,21 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
             if walk.subfolders:
                 log.warning("%s: %d sub-folder(s) not searched; add --recursive to upscale the images in them",
                             path, walk.subfolders)
-            files = [p for p in walk.files if not looks_like_output(p)]
+            files = [p for p in walk.files if p not in outputs]
             if not files:
                 log.warning("no image files in folder %s", path)
             found.extend((p, path, None) for p in files)
         else:
             found.append((path, None, None))
     return _once_each(found)
+
+
+def output_files(files: list[Path]) -> list[Path]:
+    """Those of `files` that are our outputs (`OUTPUT_PATTERNS`): named like one (`looks_like_output`), or a
+    demo strip, `NAME_strip.png` beside the `NAME_x4.png` it shows."""
+    names = {(p.parent, p.name) for p in files}
+    return [p for p in files if looks_like_output(p) or (
+        p.name.endswith(STRIP_SUFFIX) and (p.parent, p.name.removesuffix(STRIP_SUFFIX) + "_x4.png") in names)]
 
 
 def _once_each(found: list[tuple[Path, Path | None, str | None]]) -> list[tuple[Path, Path | None, str | None]]:

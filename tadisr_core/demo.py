@@ -39,7 +39,7 @@ def run_demo(out: Path, inputs: list[Path], model: str = "demo", recursive: bool
     """Upscale `inputs` (files and folders; sub-folders too with `recursive`) with the shipped `model` into
     `out`; returns the strip paths and the upscale's exit code. When some inputs fail (exit 1, each named by
     the run), the others still get their strips; a setup error or Ctrl-C exits with its code."""
-    from .batch import collect_inputs, plan_jobs
+    from .batch import STRIP_SUFFIX, collect_inputs, plan_jobs
     from .cli import EXIT_FAILED, EXIT_OK
     from .cli import main as cli_main
     from .images import load_image, save_image
@@ -62,7 +62,7 @@ def run_demo(out: Path, inputs: list[Path], model: str = "demo", recursive: bool
         sr, mask = load_image(job.image)[0], load_image(job.mask)[0]
         name = job.image.name.removesuffix(f"_x4{job.image.suffix}")
         strip = comparison_strip(load_image(job.input)[0], sr, mask)
-        strips.append(save_image(strip, job.image.parent / f"{name}_strip.png"))
+        strips.append(save_image(strip, job.image.parent / f"{name}{STRIP_SUFFIX}"))
     return strips, code
 
 

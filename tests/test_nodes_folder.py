@@ -160,14 +160,16 @@ def test_the_folder_leaves_out_earlier_outputs_and_takes_every_format_the_cli_ta
 
     from tadisr_core.batch import collect_inputs
 
-    _folder(tmp_path, ["a.png", "a_x4.png", "a_text_mask.png", "b.jfif"])
+    # a_strip.png: the demo's strip beside a_x4.png (defect: a second demo run into the folder upscaled it);
+    # comic_strip.png, beside no SR image, is a user's picture
+    _folder(tmp_path, ["a.png", "a_x4.png", "a_text_mask.png", "a_strip.png", "b.jfif", "comic_strip.png"])
     Image.new("L", (6, 4), 90).save(tmp_path / "c.pgm")
     with caplog.at_level(logging.WARNING, logger="tadisr"):
-        assert folder_io.list_images(str(tmp_path)) == ["a.png", "b.jfif", "c.pgm"]
+        assert folder_io.list_images(str(tmp_path)) == ["a.png", "b.jfif", "c.pgm", "comic_strip.png"]
         folder_io.list_images(str(tmp_path))  # said once, not on every queued run
-    assert caplog.text.count(f"{tmp_path}: left out 2 file(s) named like TADiSR outputs") == 1
+    assert caplog.text.count(f"{tmp_path}: left out 3 file(s) named like TADiSR outputs") == 1
     assert folder_io.list_images(str(tmp_path)) == [p.name for p, _, _ in collect_inputs([tmp_path])]
-    assert [folder_io.load(str(tmp_path), i, "")[1] for i in range(3)] == ["a", "b", "c"]
+    assert [folder_io.load(str(tmp_path), i, "")[1] for i in range(4)] == ["a", "b", "c", "comic_strip"]
 
 
 def test_the_folder_leaves_out_masks_comfyui_saved_and_keeps_its_images(tmp_path):

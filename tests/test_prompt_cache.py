@@ -139,8 +139,8 @@ def test_a_cache_computed_for_a_checkpoint_encodes_what_it_was_trained_with(tiny
     """Defect: `--kolors K --checkpoint C` without a cache (or with a new --prompt-cache path) computed the
     conditioning of the release's time ids whatever C was trained with, then warned that they differ (the
     release's .pkl, which records none, still gets the release's)."""
-    recorded = load_checkpoint(tiny_dir["checkpoint"]).metadata
     checkpoint = load_checkpoint(tiny_dir["checkpoint"])
+    recorded_ids = json.loads(checkpoint.metadata["time_ids"])
     checkpoint.metadata["prompt"] = "a shop sign, text"  # another prompt than the release's, as a run may train
     with caplog.at_level(logging.WARNING, logger="tadisr"):
         in_memory = load_tadisr(tiny_dir["kolors"], checkpoint, None).prompt
@@ -150,7 +150,7 @@ def test_a_cache_computed_for_a_checkpoint_encodes_what_it_was_trained_with(tiny
     saved = PromptCache.load(tmp_path / "new.safetensors")
     for cache in (in_memory, saved):
         assert cache.prompt == "a shop sign, text"
-        assert cache.time_ids.flatten().tolist() == json.loads(recorded["time_ids"]) == [64, 64, 0, 0, 64, 64]
+        assert cache.time_ids.flatten().tolist() == recorded_ids == [64, 64, 0, 0, 64, 64]
     assert release.prompt == prompt.HEATMAP_PROMPT and release.time_ids.flatten().tolist() == [768, 768, 0, 0, 768, 768]
 
 
