@@ -101,7 +101,8 @@ STRIP_SUFFIX = "_strip.png"  # the demo's comparison strip: an output only besid
 
 
 def looks_like_output(path: str | Path) -> bool:
-    """Whether a file name follows the pattern of our outputs (`OUTPUT_PATTERNS`)."""
+    """Whether a file name follows the pattern of our outputs (`OUTPUT_PATTERNS`; the demo's strips, known by
+    the SR image beside them, are added by `output_files`)."""
     return bool(OUTPUT_NAME.search(Path(path).name))
 
 
@@ -140,7 +141,8 @@ def collect_inputs(inputs: list[str | Path], recursive: bool = False,
             if walk.subfolders:
                 log.warning("%s: %d sub-folder(s) not searched; add --recursive to upscale the images in them",
                             path, walk.subfolders)
-            files = [p for p in walk.files if p not in outputs]
+            left_out = set(outputs)
+            files = [p for p in walk.files if p not in left_out]
             if not files:
                 log.warning("no image files in folder %s", path)
             found.extend((p, path, None) for p in files)
