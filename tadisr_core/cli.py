@@ -718,7 +718,7 @@ def add_prompt_cache(sub) -> None:
                                    "conditioning, so inference never loads the 6 B-parameter text encoder.")
     p.add_argument("--kolors", metavar="DIR|FILE", default=kolors_from_env(),
                    help="Kwai-Kolors/Kolors diffusers folder (text_encoder/ + tokenizer/), a ChatGLM3 folder "
-                        "(e.g. models/LLM/chatglm3-6b), a text_encoder folder holding its tokenizer, or a single "
+                        "(e.g. models/LLM/chatglm3-6b-base), a text_encoder folder holding its tokenizer, or a single "
                         "ChatGLM3 file (models/LLM/chatglm3-fp16.safetensors: its tokenizer beside it or in a "
                         "Kolors node pack's configs/tokenizer) [env TADISR_KOLORS]")
     p.add_argument("-o", "--output", required=True, help="where to write the cache (.safetensors)")

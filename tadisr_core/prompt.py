@@ -33,7 +33,7 @@ class PromptCache:
     time_ids: torch.Tensor
     prompt: str = HEATMAP_PROMPT
     text_columns: tuple[int, ...] = ()
-    note: str = ""  # set when the conditioning is not ChatGLM3's exact one (from an 8-bit file); warned on load
+    note: str = ""  # set when the conditioning is not Kolors' exact one (8-bit file, other ChatGLM); warned on load
 
     def columns(self, token: str) -> tuple[int, ...]:
         """Token columns to read attention from: "text" (the real word) or "release-pad"."""
@@ -104,7 +104,8 @@ class PromptCache:
         if bad:
             raise ValueError(f"{path}: prompt cache tensor {bad[0]} {bad[1]}; recompute it with `tadisr prompt-cache`")
         if meta.get("note"):
-            log.warning("%s: %s; delete it to compute it again from the fp16 ChatGLM3", path, meta["note"])
+            log.warning("%s: %s; delete it to compute it again from Kolors' fp16 ChatGLM3 (its text_encoder/ or "
+                        "chatglm3-fp16.safetensors)", path, meta["note"])
         return cls(prompt=str(prompt), text_columns=tuple(columns), note=meta.get("note", ""),
                    **{k: v.float() for k, v in tensors.items()})
 
@@ -166,7 +167,7 @@ CHATGLM_BYTES = 14 << 30  # ChatGLM3-6B in fp16 or bf16 plus activations: what c
 
 def find_text_encoder(source: str | Path) -> tuple[Path, Path]:
     """(ChatGLM3 weights, tokenizer folder) from any of the layouts users keep: a Kolors folder
-    (text_encoder/ + tokenizer/), a ChatGLM3 folder (e.g. models/LLM/chatglm3-6b, config.json +
+    (text_encoder/ + tokenizer/), a ChatGLM3 folder (e.g. models/LLM/chatglm3-6b-base, config.json +
     tokenizer.model side by side), a text_encoder folder holding its own tokenizer, or a single
     ChatGLM3 `.safetensors` file (models/LLM/chatglm3-fp16.safetensors, `chatglm_file`): the weights
     are a folder in the first three and the file in the last. Raises KolorsFolderError naming what
@@ -217,8 +218,27 @@ def _require_chatglm_config(config: Path) -> None:
         raise KolorsFolderError(str(exc)) from None
     if model_type != "chatglm":
         raise KolorsFolderError(f"{config.parent} is not ChatGLM3 (its config.json says model_type {model_type!r}, "
-                                f"not 'chatglm'); pass Kolors' ChatGLM3 (a Kolors folder, THUDM/chatglm3-6b or "
+                                f"not 'chatglm'); pass Kolors' ChatGLM3 (a Kolors folder, its text_encoder/ or "
                                 f"chatglm3-fp16.safetensors)")
+
+
+KOLORS_CHATGLM = "chatglm3-6b-base"  # what Kolors' text_encoder/config.json names as its source
+
+
+def other_chatglm(weights: Path) -> str | None:
+    """The model a ChatGLM folder's config.json names (`_name_or_path`) when it is a ChatGLM other than
+    Kolors' ChatGLM3-6B-Base (e.g. THUDM/chatglm3-6b, the chat model: the same shapes, other weights), else
+    None (a single file, or a name that says nothing, such as a local path)."""
+    from .files import read_json_object
+
+    if not weights.is_dir():
+        return None
+    try:
+        named = str(read_json_object(weights / "config.json", "").get("_name_or_path") or "")
+    except (OSError, ValueError):
+        return None
+    last = named.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+    return named if last.startswith("chatglm") and last != KOLORS_CHATGLM else None
 
 
 # what from_pretrained reads from a ChatGLM3 folder, in its order ({v}: the variant, `_weights_variant`)
@@ -261,7 +281,8 @@ def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
     """Folders and ChatGLM3 `.safetensors` files under `dirs` (e.g. ComfyUI's models/LLM and
     models/diffusers, their sub-folders too as ComfyUI lists them: `kolors_files.walk_folders`) from
     which `find_text_encoder` can load ChatGLM3, in order: each folder's entries by name, the folders
-    level by level, 8-bit files after full-precision ones; a missing or unreadable folder is skipped.
+    level by level, 8-bit files after full-precision ones and another ChatGLM than Kolors' (`other_chatglm`)
+    last; a missing or unreadable folder is skipped.
     Files are read directly under `dirs` whatever their names, below them when named .safetensors /
     .sft; in a model folder (`kolors_files.is_model_folder`) only such files, not shards, and none in a
     usable ChatGLM3 folder (they are its parts). Why a ChatGLM3 file or folder cannot be used (no
@@ -293,7 +314,8 @@ def list_text_encoders(*dirs, problems: list[str] | None = None) -> list[Path]:
                         problems.append(str(exc))
                     continue
                 found[sub] = None
-    return sorted(found, key=lambda p: p in eight_bit)  # stable: the order above otherwise
+    # stable: the order above otherwise
+    return sorted(found, key=lambda p: (other_chatglm(p) is not None, p in eight_bit))
 
 
 def _maybe_chatglm(entry: Path, at_root: bool, in_model_folder: bool) -> bool:
@@ -402,12 +424,20 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
         raise ValueError(f"{tokenizer_dir / 'tokenizer.model'}: not a readable tokenizer ({exc}); download "
                          f"ChatGLM3's tokenizer/ (Kwai-Kolors/Kolors) again") from None
     find_word_columns(tokenizer, prompt, "text", max_length)  # a prompt that does not fit: said before loading
+    other = other_chatglm(weights)
+    if other:
+        log.warning("%s is %s (its config.json says so), not Kolors' text encoder, ChatGLM3-6B-Base (THUDM/%s): the "
+                    "same shapes but other weights, so the prompt conditioning computed from it is not the one TADiSR "
+                    "was trained with and the output will differ; use Kolors' text_encoder/ or "
+                    "chatglm3-fp16.safetensors", weights, other, KOLORS_CHATGLM)
     encoder = _load_chatglm(weights, dtype or chatglm_dtype(device))
     try:
         encoder = encoder.to(device).eval()
         cache = compute_prompt_cache(encoder, tokenizer, prompt, max_length, time_ids)
         if weights.is_file() and quantized_bits(weights) == 8:
             cache.note = f"computed from the 8-bit ChatGLM3 {weights.name}, close to the fp16 weights' conditioning"
+        elif other:
+            cache.note = f"computed from {other} ({weights}), not Kolors' ChatGLM3-6B-Base"
         bad = first_problem({"prompt_embeds": cache.prompt_embeds, "text_embeds": cache.text_embeds})
         if bad:
             raise ValueError(f"{weights}: ChatGLM3's prompt embedding {bad[0]} {bad[1]} (computed on {device}); "

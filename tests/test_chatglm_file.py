@@ -204,7 +204,7 @@ def test_an_8bit_file_reads_back_as_its_dequantized_weights(tiny_dir, tmp_path, 
     caplog.clear()
     with caplog.at_level("WARNING"):
         loaded = PromptCache.load(tmp_path / "cache.safetensors")
-    assert loaded.note == cache.note and "delete it to compute it again from the fp16 ChatGLM3" in caplog.text
+    assert loaded.note == cache.note and "delete it to compute it again from Kolors' fp16 ChatGLM3" in caplog.text
     from tadisr_core.model import build_model
     from tadisr_core.spec import spec_for_size
 
@@ -276,6 +276,39 @@ def test_models_llm_lists_usable_files_and_says_why_others_are_not(tiny_dir, tmp
     problems = []
     assert list_text_encoders(llm, problems=problems) == [folder, llm / "chatglm3-fp16.safetensors"]
     assert problems == []
+
+
+def test_a_chatglm_other_than_kolors_base_is_listed_last_and_its_cache_says_so(tiny_dir, tmp_path, caplog):
+    """Kolors' text encoder is ChatGLM3-6B-Base (its text_encoder/config.json names THUDM/chatglm3-6b-base);
+    the chat model THUDM/chatglm3-6b, which LLM node packs keep in models/LLM, has the same shapes and other
+    weights. It was the node's automatic source whenever its name sorted first; now it is listed after
+    Kolors' own, and a cache computed from it warns, and says so whenever it is loaded."""
+    llm = tmp_path / "LLM"
+    folders = {}
+    for name, source in (("chatglm3-6b", "THUDM/chatglm3-6b"), ("chatglm3-6b-base", "THUDM/chatglm3-6b-base"),
+                         ("text_encoder", "/home/me/Kolors/text_encoder")):
+        folder = folders[source] = llm / name
+        shutil.copytree(tiny_dir["kolors"] / "text_encoder", folder)
+        shutil.copytree(tiny_dir["kolors"] / "tokenizer", folder, dirs_exist_ok=True)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": source}))
+    single = _single_file(tiny_dir, llm / "chatglm3-fp16.safetensors")
+    shutil.copytree(tiny_dir["kolors"] / "tokenizer", llm, dirs_exist_ok=True)
+    chat = folders["THUDM/chatglm3-6b"]
+    assert list_text_encoders(llm) == [folders["THUDM/chatglm3-6b-base"], single,
+                                       folders["/home/me/Kolors/text_encoder"], chat]
+    with caplog.at_level("WARNING"):
+        kolors = compute_prompt_cache_from_kolors(folders["THUDM/chatglm3-6b-base"], **KW)
+        assert kolors.note == "" and caplog.text == ""
+        cache = compute_prompt_cache_from_kolors(chat, **KW)
+    assert (f"{chat} is THUDM/chatglm3-6b (its config.json says so), not Kolors' text encoder, ChatGLM3-6B-Base "
+            f"(THUDM/chatglm3-6b-base)") in caplog.text
+    assert cache.note == f"computed from THUDM/chatglm3-6b ({chat}), not Kolors' ChatGLM3-6B-Base"
+    cache.save(tmp_path / "cache.safetensors")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert PromptCache.load(tmp_path / "cache.safetensors").note == cache.note
+    assert "not Kolors' ChatGLM3-6B-Base; delete it to compute it again from Kolors' fp16 ChatGLM3" in caplog.text
 
 
 def test_other_language_models_in_models_llm_are_not_taken_for_chatglm3(tiny_dir, tmp_path):
