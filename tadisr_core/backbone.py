@@ -6,18 +6,21 @@ meta device and streams the tensors in the target dtype (`streaming`).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from .gc_pause import gc_paused
 from .kolors_files import KolorsFiles, KolorsFolderError, find_kolors_files
-from .kolors_identity import CheckedPart, NotKolorsError, check_unet, check_vae
+from .kolors_identity import CheckedPart, NotKolorsError, check_unet, check_vae, rescaled_vae
 from .spec import UNetSpec, VAESpec
 from .streaming import assign_weights
 
 __all__ = ["KolorsFiles", "KolorsFolderError", "NotKolorsError", "build_unet", "build_vae", "check_backbone",
            "load_unet", "load_vae"]
+
+log = logging.getLogger(__name__)
 
 
 def _files(source, dtype: torch.dtype | None = None) -> KolorsFiles:
@@ -43,9 +46,17 @@ def build_vae(spec: VAESpec, device: str | torch.device = "cpu"):
 
 
 def check_backbone(source: str | Path | KolorsFiles) -> tuple[CheckedPart, CheckedPart]:
-    """Identity check of both parts (headers only, nothing built); NotKolorsError on a wrong model."""
+    """Identity check of both parts (headers only, nothing built); NotKolorsError on a wrong model, a
+    warning for a VAE rescaled inside (`rescaled_vae`)."""
     files = _files(source)
-    return check_unet(files.unet, files.unet_config), check_vae(files.vae, files.vae_config)
+    unet, vae = check_unet(files.unet, files.unet_config), check_vae(files.vae, files.vae_config)
+    why = rescaled_vae(vae, files.vae_config)
+    if why:
+        log.warning("%s looks like sdxl-vae-fp16-fix (%s): the SDXL VAE's shapes with weights rescaled inside. "
+                    "TADiSR's VAE LoRA, skip convolutions and text-mask decoder read the VAE's inner features, "
+                    "trained on Kolors' own VAE, so its output will differ; use Kolors' vae/ or the original SDXL "
+                    "VAE (the loader keeps the VAE in fp32 under fp16, so it does not overflow)", vae.path, why)
+    return unet, vae
 
 
 def _load(part: CheckedPart, build, dtype: torch.dtype | None):

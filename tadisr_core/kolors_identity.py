@@ -229,6 +229,17 @@ def check_vae(path: str | Path, config: str | Path | None = None) -> CheckedPart
     return CheckedPart(path, spec, ldm, header, section)
 
 
+def rescaled_vae(part: CheckedPart, config: str | Path | None = None) -> str | None:
+    """Why a checked VAE looks like madebyollin's sdxl-vae-fp16-fix (its config says force_upcast false, or
+    its file or folder is named fp16-fix), else None. That VAE has the SDXL VAE's shapes and outputs but
+    weights rescaled inside, so that fp16 does not overflow; TADiSR reads the VAE's inner features."""
+    cfg = _config(part.path, Path(config) if config else None, part.header, "vae")
+    if cfg.get("force_upcast") is False:
+        return "its config says force_upcast false"
+    named = f"{part.path.parent.name}/{part.path.name}".lower().replace("_", "-")
+    return "it is named fp16-fix" if "fp16-fix" in named else None
+
+
 # -- the structural comparison ----------------------------------------------------------------------
 def _meta_shapes_unet(spec: UNetSpec) -> dict[str, tuple[int, ...]]:
     from .backbone import build_unet

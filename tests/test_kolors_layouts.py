@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tadisr_core import cli
-from tadisr_core.backbone import load_unet
+from tadisr_core.backbone import check_backbone, load_unet
 from tadisr_core.kolors_files import (
     KolorsFiles,
     KolorsFolderError,
@@ -262,6 +262,31 @@ def test_sd15_vae_is_rejected_by_its_scaling_factor(sd15_folder, tiny_dir):
                                              r"0.13025 .*found 0.18215"):
         load_tadisr(None, tiny_dir["checkpoint"], tiny_dir["prompt_cache"], unet=tiny_dir["kolors"],
                     vae=sd15_folder / "vae")
+
+
+def test_the_fp16_fix_vae_loads_with_a_warning_that_it_is_rescaled_inside(layouts, tiny_dir, tmp_path, caplog):
+    """madebyollin's sdxl-vae-fp16-fix has the SDXL VAE's shapes and weights rescaled inside; TADiSR reads the
+    VAE's inner features, so the output differs. It used to load without a word."""
+    kolors = tiny_dir["kolors"]
+    fix = tmp_path / "sdxl-vae-fp16-fix"  # its diffusers folder: config.json says force_upcast false
+    shutil.copytree(kolors / "vae", fix)
+    config = json.loads((fix / "config.json").read_text())
+    (fix / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    named = tmp_path / "sdxl_vae_fp16_fix.safetensors"  # its single file, no config
+    shutil.copy(layouts["vae_file"], named)
+    cases = {"folder": (find_kolors_files(kolors, vae=fix), "its config says force_upcast false"),
+             "file": (find_kolors_files(kolors, vae=named), "it is named fp16-fix")}
+    for files, why in cases.values():
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            check_backbone(files)
+        assert f"{files.vae} looks like sdxl-vae-fp16-fix ({why}): the SDXL VAE's shapes with weights rescaled " \
+               f"inside" in caplog.text and "use Kolors' vae/ or the original SDXL VAE" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_backbone(find_kolors_files(kolors, vae=layouts["vae_file"]))
+        check_backbone(kolors)
+    assert caplog.text == ""
 
 
 def test_swapped_or_foreign_files_are_named(layouts, sd15_folder, tmp_path):
