@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .gc_pause import gc_paused
-from .lowvram import send_offloaded_block_home
+from .lowvram import fp8_weight, send_offloaded_block_home, set_fp8_weight
 from .spec import LoRASpec, VAESpec
 
 SKIP_CONV_INIT = 1e-5
@@ -60,7 +60,7 @@ def merge_lora(module: nn.Module) -> int:
 
     The wrappers stay (their forward skips the adapter once merged), so `unmerge_lora` restores
     the exact unmerged model up to rounding. A base weight kept in another dtype than it is read in
-    (`lowvram.store_fp8`'s fp8) is merged in float32 and stored back, rounded once more to its storage.
+    (`lowvram.store_fp8`'s scaled fp8) is merged in float32 and stored back, rounded once more to fp8.
     """
     send_offloaded_block_home(module)  # else the merge would go into a device copy, dropped on its way home
     layers = [m for m in lora_layers(module) if not m.merged]
@@ -96,7 +96,7 @@ def _stored_apart(layer: nn.Module) -> bool:
 def _fold_stored(layer: nn.Module, sign: int) -> None:
     """Merge (`sign` +1) or unmerge (-1) the layer's adapters into its stored base weight: in float32,
     from float32 copies of the factors, stored back in the storage dtype; PEFT's merge bookkeeping kept."""
-    stored = layer.get_base_layer().parametrizations.weight.original
+    base = layer.get_base_layer()
     if sign > 0:
         adapters = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
     else:
@@ -106,13 +106,13 @@ def _fold_stored(layer: nn.Module, sign: int) -> None:
     try:
         for p in factors:
             p.data = p.data.float()
-        weight = stored.float()
+        weight = fp8_weight(base)
         for adapter in adapters:
             weight += sign * layer.get_delta_weight(adapter).reshape(weight.shape)
     finally:
         for p, data in zip(factors, kept):
             p.data = data
-    stored.copy_(weight)
+    set_fp8_weight(base, weight)
     if sign > 0:
         layer.merged_adapters.extend(adapters)
     else:

@@ -1,9 +1,9 @@
 """Low-VRAM modes: fp8 weight storage and sequential CPU offload.
 
-* `store_fp8`: the weights of every Linear / Conv2d keep fp8_e4m3fn storage (half of bf16) and are
-  cast to the compute dtype when the layer runs (a weight parametrization, so `layer.weight`
-  reads as the compute dtype everywhere and LoRA wrappers keep working). Biases, norms and LoRA
-  factors stay in the compute dtype.
+* `store_fp8`: the weights of every Linear / Conv2d keep fp8_e4m3fn storage (half of bf16), each tensor
+  scaled by a power of two into fp8's range, and are cast to the compute dtype and scaled back when
+  the layer runs (a weight parametrization, so `layer.weight` reads as the compute dtype everywhere
+  and LoRA wrappers keep working). Biases, norms and LoRA factors stay in the compute dtype.
 * `enable_sequential_offload`: weights wait on the CPU and one block at a time visits the GPU: the
   block a layer belongs to moves there when that layer runs, and the block that was there goes
   back. Every module of a block carries the hook, not only the block itself, because the model
@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -26,19 +28,48 @@ RESIDENT_BYTES = 4 << 20        # modules this small stay on the GPU under seque
 
 
 class CastWeight(nn.Module):
-    """Parametrization: stored in `storage`, read as `compute`."""
+    """Parametrization: stored in `storage` divided by `scale`, read as `compute`."""
 
-    def __init__(self, storage: torch.dtype, compute: torch.dtype):
+    def __init__(self, storage: torch.dtype, compute: torch.dtype, scale: float = 1.0):
         super().__init__()
-        self.storage, self.compute = storage, compute
+        self.storage, self.compute, self.scale = storage, compute, scale
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.to(self.compute)
+        weight = stored.to(self.compute)
+        return weight if self.scale == 1.0 else weight * self.scale
+
+
+def _fp8_scale(weight: torch.Tensor) -> float:
+    """The per-tensor scale of a weight stored in fp8_e4m3fn: the power of two that brings its largest
+    magnitude into (224, 448], fp8's top octave. Kolors' weights are mostly below fp8's normal range
+    (2^-6), where a plain cast keeps 1-3 bits or none. A power of two makes the scaling exact both ways,
+    and a weight stored again with another scale (a LoRA merge) keeps its values on the same grid."""
+    if weight.is_meta or not weight.numel():  # a memory plan's meta model
+        return 1.0
+    amax = float(weight.detach().abs().max())
+    if not 0.0 < amax < float("inf"):
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(amax / torch.finfo(FP8).max))
+
+
+def fp8_weight(layer: nn.Module) -> torch.Tensor:
+    """The float32 value of a `store_fp8` layer's weight: its fp8 storage times its scale."""
+    cast = layer.parametrizations.weight[0]
+    return layer.parametrizations.weight.original.float() * cast.scale
+
+
+@torch.no_grad()
+def set_fp8_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Store `weight` (any float dtype) as a `store_fp8` layer's weight, with a scale of its own."""
+    cast = layer.parametrizations.weight[0]
+    cast.scale = _fp8_scale(weight)
+    layer.parametrizations.weight.original.copy_((weight.float() / cast.scale).to(FP8))
 
 
 def store_fp8(module: nn.Module, compute: torch.dtype = torch.bfloat16) -> int:
-    """Keep every Linear / Conv2d weight of `module` in fp8 (LoRA factors excepted); the other
-    tensors are cast to `compute`. Merge LoRA before calling this. Returns the layer count."""
+    """Keep every Linear / Conv2d weight of `module` in fp8 with a per-tensor scale (LoRA factors
+    excepted); the other tensors are cast to `compute`. Merge LoRA before calling this. Returns the
+    layer count."""
     module.to(compute)
     count = 0
     for name, layer in module.named_modules():
@@ -46,8 +77,10 @@ def store_fp8(module: nn.Module, compute: torch.dtype = torch.bfloat16) -> int:
             continue
         if parametrize.is_parametrized(layer, "weight"):
             continue
-        layer.weight = nn.Parameter(layer.weight.detach().to(FP8), requires_grad=False)
-        parametrize.register_parametrization(layer, "weight", CastWeight(FP8, compute), unsafe=True)
+        weight = layer.weight.detach()
+        scale = _fp8_scale(weight)
+        layer.weight = nn.Parameter((weight.float() / scale).to(FP8), requires_grad=False)
+        parametrize.register_parametrization(layer, "weight", CastWeight(FP8, compute, scale), unsafe=True)
         count += 1
     return count
 
