@@ -172,8 +172,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA (VAE kept fp32; fp32 for a --model that "
-                        "runs alone, such as the demo, trained in fp32), fp32 on CPU; "
+                   help="auto: bf16 on CUDA with bf16, fp16 on older CUDA and on mps (VAE kept fp32; fp32 for a "
+                        "--model that runs alone, such as the demo, trained in fp32), fp32 on CPU; "
                         "fp8_e4m3fn: UNet weights stored in fp8, computed in bf16 (half the UNet's VRAM)")
     p.add_argument("--offload", default="none", choices=("none", "sequential"),
                    help="sequential: keep weights in RAM and move each block to the GPU as it runs (small GPUs)")

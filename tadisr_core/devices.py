@@ -61,8 +61,8 @@ def device_refusal_reason(exc: BaseException, name: str) -> str:
 
 def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str = "cpu", *,
                   fp16_safe: bool = True) -> torch.dtype:
-    """"auto" -> bf16 on CUDA GPUs with bf16 units (compute capability 8.0+), fp16 on older ones (fp32
-    for a model that is not `fp16_safe`), fp32 elsewhere; "fp8_e4m3fn" -> torch.float8_e4m3fn (UNet
+    """"auto" -> bf16 on CUDA GPUs with bf16 units (compute capability 8.0+), fp16 on older ones and on
+    Apple's MPS (fp32 for a model that is not `fp16_safe`), fp32 on the CPU; "fp8_e4m3fn" -> torch.float8_e4m3fn (UNet
     weight storage, computed in bf16). A torch dtype is returned as it is if TADiSR runs in it
     (ValueError otherwise, as for unknown names).
 
@@ -81,6 +81,8 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str =
             # emulate bf16 (slowly, with no cuDNN bf16 convolutions), and asks about the current device.
             if torch.cuda.get_device_capability(device) >= (8, 0):
                 return torch.bfloat16
+            return torch.float16 if fp16_safe else torch.float32
+        if device.type == "mps":  # Apple GPUs: fp16, as ComfyUI runs them (bf16 lacks kernels on older macOS)
             return torch.float16 if fp16_safe else torch.float32
         return torch.float32
     if name not in DTYPES:

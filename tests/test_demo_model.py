@@ -271,6 +271,8 @@ def test_the_demos_are_kept_out_of_fp16_which_they_overflow(tmp_path, capsys, mo
     assert resolve_dtype("auto", gpu) == torch.float16
     assert resolve_dtype("auto", gpu, fp16_safe=False) == torch.float32
     assert resolve_dtype("fp16", gpu, fp16_safe=False) == torch.float16  # asked for: given
+    mps = torch.device("mps")  # a Mac: fp16 as ComfyUI runs it (auto gave fp32, twice the memory)
+    assert resolve_dtype("auto", mps) == torch.float16 and resolve_dtype("auto", mps, fp16_safe=False) == torch.float32
     monkeypatch.setattr(loaders, "resolve_device", lambda name: gpu)
     monkeypatch.setattr(loaders, "_load_demo", lambda name, dt, dev, merge: dt)
     assert loaders.load_model(loaders.DEMO_CHOICE, "", dtype="auto") == torch.float32
