@@ -445,11 +445,17 @@ def test_wrong_settings_raise_clear_errors(handle, kwargs, match):
         upscale.upscale(handle, random_image(), **{**TILE, **kwargs})
 
 
-def test_a_tile_refused_at_queue_time_says_tadisr(v3):
-    """Defect: with the check's own wrapper gone, the queue-time message lost its "TADiSR: " prefix."""
+def test_tiling_refused_at_queue_time_says_tadisr(v3):
+    """Defect: with the check's own wrapper gone, the queue-time message lost its "TADiSR: " prefix. An
+    overlap not smaller than the tile is refused at queue time too (it was refused only after the model
+    had loaded); a linked tile or overlap (None) is checked when the node runs."""
     for node in (v3.TADiSRUpscale, v3.TADiSREncode):
-        assert node.validate_inputs(100) == "TADiSR: tile must be a multiple of 8 between 64 and 4096, got 100"
-        assert node.validate_inputs(64) is True and node.validate_inputs(None) is True
+        assert node.validate_inputs(100, 32) == "TADiSR: tile must be a multiple of 8 between 64 and 4096, got 100"
+        overlap = "TADiSR: overlap must be at least 0 and smaller than tile"
+        assert node.validate_inputs(128, 128) == f"{overlap} (128), got 128"
+        assert node.validate_inputs(64, -8) == f"{overlap} (64), got -8"
+        assert node.validate_inputs(64, 56) is True and node.validate_inputs(None, 64) is True
+        assert node.validate_inputs(64, None) is True
 
 
 def test_wrong_image_and_model_inputs(handle):

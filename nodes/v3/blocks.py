@@ -17,7 +17,7 @@ from .common import (
     schema,
     tile_batch_input,
     tiling_inputs,
-    validate_tile,
+    validate_tiling,
 )
 
 SIZE = DESCRIPTOR.size  # default scale, tile and overlap
@@ -40,8 +40,8 @@ class TADiSREncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tile) -> bool | str:
-        return validate_tile(tile)  # `tile` alone: see validate_tile
+    def validate_inputs(cls, tile, overlap) -> bool | str:
+        return validate_tiling(tile, overlap)
 
     @classmethod
     @reported

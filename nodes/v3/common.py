@@ -72,18 +72,23 @@ def image_input(tooltip: str = "Low-resolution image(s) to upscale (RGB; alpha i
     return io.Image.Input("image", tooltip=tooltip)
 
 
-def validate_tile(tile) -> bool | str:
-    """validate_inputs helper: True, or why `tile` cannot work (None = linked, checked at run).
+def validate_tiling(tile, overlap) -> bool | str:
+    """validate_inputs helper: True, or why `tile` and `overlap` cannot work together (None = linked,
+    checked when the node runs, before any tile: `running.check_tiling`).
 
-    ComfyUI attaches a validate_inputs message to every input the method names, so it names `tile`
-    alone: a tile error is shown on `tile`, not on `overlap` too. `overlap` left unnamed is range-checked
-    by ComfyUI itself (its widget's min and max, on `overlap` alone); that it is smaller than the tile
-    is checked when the node runs, before any tile (`running.check_tiling`), in a message naming it."""
+    Checked at queue time, before the model loader runs (with Kolors a load of minutes). ComfyUI then
+    attaches the message to both inputs and skips its own min/max check of them, so the message says
+    which one is wrong, and `check_settings` checks the overlap's range itself (at least 0, below the tile)."""
     from .. import running
     from ..errors import PREFIX
 
     if tile is None:
         return True
+    try:
+        running.check_tiling(1.0, int(tile), 0 if overlap is None else int(overlap))  # a neutral scale
+    except ValueError as exc:
+        return PREFIX + str(exc)  # queue-time messages do not pass through `errors.reported`
+    return True
     try:
         running.check_tiling(1.0, int(tile), 0)  # a neutral scale and overlap: the tile's own rule
     except ValueError as exc:

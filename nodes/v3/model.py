@@ -16,7 +16,7 @@ from .common import (
     model_input,
     schema,
     tiling_inputs,
-    validate_tile,
+    validate_tiling,
 )
 
 SIZE = DESCRIPTOR.size  # default scale, tile and overlap
@@ -130,8 +130,8 @@ class TADiSRUpscale(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tile) -> bool | str:
-        return validate_tile(tile)  # `tile` alone: see validate_tile
+    def validate_inputs(cls, tile, overlap) -> bool | str:
+        return validate_tiling(tile, overlap)
 
     @classmethod
     @reported
