@@ -34,6 +34,9 @@ def resolve_folder(folder: str) -> str:
             raise ValueError(f"TADiSR: folder '{folder}' points outside ComfyUI's input folder; give a folder "
                              "inside it, or an absolute path")
         path = os.path.join(host.input_directory(), rel)
+    if os.path.isfile(path):
+        raise ValueError(f"TADiSR: image folder '{folder}' is a file ({path}), not a folder; give the folder that "
+                         "holds it (Load Image reads a single file)")
     if not os.path.isdir(path):
         raise ValueError(f"TADiSR: image folder '{folder}' not found (looked for {path}); give a folder inside "
                          "ComfyUI's input folder or an absolute path")

@@ -94,9 +94,9 @@ MASK_SUFFIX = "_text_mask.png"  # the text mask's name: the input's output name 
 OUTPUT_NAME = re.compile(rf"_(x\d+(\.\d+)?(-\d+)?\.({'|'.join(OUTPUT_FORMATS)})"
                          rf"|(text_mask|attention)(-\d+)?(_\d{{5,}}_)?\.png)$"
                          rf"|^(text_mask|used_mask|heatmap|attention)_\d{{5,}}_\.png$", re.IGNORECASE)
-OUTPUT_PATTERNS = ("*_x4.png / .jpg / .webp, *_text_mask.png, *_attention.png, the demo's NAME_strip.png beside "
-                   "its NAME_x4.png, and the masks and heat maps ComfyUI's Save Image wrote: *text_mask_00001_.png, "
-                   "used_mask_00001_.png, heatmap_00001_.png")
+OUTPUT_PATTERNS = ("*_x4.png / .jpg / .webp (any scale: *_x2.png, *_x2.5.png), *_text_mask.png, *_attention.png, "
+                   "the demo's NAME_strip.png beside its NAME_x4.png, and the masks and heat maps ComfyUI's Save "
+                   "Image wrote: *text_mask_00001_.png, used_mask_00001_.png, heatmap_00001_.png")
 STRIP_SUFFIX = "_strip.png"  # the demo's comparison strip: an output only beside its SR image (not comic_strip.png)
 
 

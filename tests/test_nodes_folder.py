@@ -27,6 +27,9 @@ def test_load_image_from_folder(tmp_path):
     assert (prefix, mask_prefix, count) == ("out/img_1", "out/img_1_text_mask", 2)
     with pytest.raises(ValueError, match="not found"):
         folder_io.load(str(tmp_path / "missing"), 0, "")
+    with pytest.raises(ValueError, match=r"'.*notes\.txt' is a file \(.*notes\.txt\), not a folder; give the folder "
+                                         r"that holds it"):  # it said "not found", of a file that is there
+        folder_io.load(str(tmp_path / "notes.txt"), 0, "")
     first = folder_io.fingerprint(str(tmp_path), 0)
     assert first == folder_io.fingerprint(str(tmp_path), 0) and first != folder_io.fingerprint(str(tmp_path), 1)
     # defect: an image added beside the served one left the fingerprint, so the cached count, unchanged
@@ -168,6 +171,7 @@ def test_the_folder_leaves_out_earlier_outputs_and_takes_every_format_the_cli_ta
         assert folder_io.list_images(str(tmp_path)) == ["a.png", "b.jfif", "c.pgm", "comic_strip.png"]
         folder_io.list_images(str(tmp_path))  # said once, not on every queued run
     assert caplog.text.count(f"{tmp_path}: left out 3 file(s) named like TADiSR outputs") == 1
+    assert "(any scale: *_x2.png, *_x2.5.png)" in caplog.text  # another scale's outputs too: the rule, said whole
     assert folder_io.list_images(str(tmp_path)) == [p.name for p, _, _ in collect_inputs([tmp_path])]
     assert [folder_io.load(str(tmp_path), i, "")[1] for i in range(4)] == ["a", "b", "c", "comic_strip"]
 

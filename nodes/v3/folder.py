@@ -25,7 +25,8 @@ class TADiSRLoadImageFromFolder(io.ComfyNode):
                          "out RGB and its transparency as the mask output."),
             inputs=[
                 io.String.Input("folder", default="tadisr_batch", tooltip=(
-                    "Folder of images: relative to ComfyUI's input folder (no '..'), or an absolute path.")),
+                    "Folder of images: relative to ComfyUI's input folder (no '..'; empty: the input folder "
+                    "itself), or an absolute path.")),
                 io.Int.Input("index", default=0, min=0, max=1_000_000, control_after_generate=True, tooltip=(
                     "Which image (0 = first in natural order). 'control after generate' = increment walks the "
                     "folder; values past the end wrap around (or stop, see when_done).")),
