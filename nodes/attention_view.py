@@ -48,10 +48,14 @@ def colorize(heat: torch.Tensor, colormap: str = "jet") -> torch.Tensor:
 
 
 def overlay(image: torch.Tensor, heat: torch.Tensor, colormap: str = "jet", opacity: float = 0.5) -> torch.Tensor:
-    """Blend the coloured heat map onto `image` [B, C, H, W]; the heat map is resized to the image."""
+    """Blend the coloured heat map onto `image` [B, C, H, W]; the heat map is resized to the image (of
+    its aspect ratio: another picture is refused)."""
+    from tadisr_core.composite import check_same_aspect
+
     b_img, b_heat = image.shape[0], heat.shape[0]
     if b_img != b_heat and 1 not in (b_img, b_heat):
         raise ValueError(f"TADiSR: the image batch ({b_img}) and the attention batch ({b_heat}) differ")
+    check_same_aspect(image, heat, "image", "heat map")
     if heat.shape[-2:] != image.shape[-2:]:
         heat = F.interpolate(heat, size=image.shape[-2:], mode="bilinear", align_corners=False)
     rgb = image[:, :3] if image.shape[1] >= 3 else image.expand(-1, 3, -1, -1)

@@ -82,6 +82,18 @@ def check_mask_size(text_mask: torch.Tensor, image: torch.Tensor) -> None:
                          f"({image.shape[-1]}x{image.shape[-2]}) differ in size; use the mask of this image")
 
 
+ASPECT_TOLERANCE = 0.02  # sizes rounded by another scale (x2.5 of 97 px: 242 or 243) differ by less
+
+
+def check_same_aspect(image: torch.Tensor, reference: torch.Tensor, what: str, reference_what: str) -> None:
+    """ValueError unless `image` [.., H, W] has `reference`'s aspect ratio within ASPECT_TOLERANCE: resizing
+    another picture to fit would mix two scenes without a word."""
+    (h, w), (rh, rw) = image.shape[-2:], reference.shape[-2:]
+    if abs((w / h) / (rw / rh) - 1) > ASPECT_TOLERANCE:
+        raise ValueError(f"the {what} ({w}x{h}) and the {reference_what} ({rw}x{rh}) have other aspect ratios, so "
+                         f"they are not the same picture; give the {what} of the same input")
+
+
 def common_batch(batches: dict[str, int]) -> int:
     """The batch size of inputs named in `batches` (name -> size); ValueError unless each is it or 1."""
     if len(set(batches.values()) - {1}) > 1:
@@ -95,9 +107,11 @@ def text_composite(tadisr: torch.Tensor, text_mask: torch.Tensor, other: torch.T
     """(composite [B, C, H, W], used mask [B, 1, H, W]): TADiSR's text regions on the other image, RGB,
     with TADiSR's alpha as a fourth channel when it has one (C = 4).
 
-    `other` is resized to TADiSR's size; `text_mask` must be TADiSR's size (`check_mask_size`).
+    `other` (of TADiSR's aspect ratio, `check_same_aspect`) is resized to TADiSR's size; `text_mask` must be
+    TADiSR's size (`check_mask_size`). A batch of 1 on any side serves every item of the others.
     """
     check_mask_size(text_mask, tadisr)
+    check_same_aspect(other, tadisr, "other image", "TADiSR image")
     common_batch({"TADiSR image": tadisr.shape[0], "text mask": text_mask.shape[0], "other image": other.shape[0]})
     h, w = tadisr.shape[-2:]
     other = match_size(other, h, w)

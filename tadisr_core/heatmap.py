@@ -8,6 +8,7 @@ stretch each image to 0..1.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from .tiling import Cancel, Progress, TileGrid, blend_tiles
 
+log = logging.getLogger(__name__)
 LAYER_GROUPS = ("all", "down", "mid", "up")
 REDUCTIONS = ("mean", "max")
 
@@ -92,11 +94,17 @@ FLAT = 1e-3  # a map whose range is below this share of its magnitude is flat: s
 
 def stretch(heat: torch.Tensor) -> torch.Tensor:
     """Each image's map [B, 1, H, W] stretched to 0..1 (in place); a flat map (range under `FLAT` of
-    its magnitude, e.g. every position at the maximum 1.0) becomes all zeros."""
+    its magnitude, e.g. every position at the maximum 1.0) becomes all zeros, with a warning naming it."""
     per_image = heat.flatten(1)
     lo, hi = per_image.min(dim=1).values, per_image.max(dim=1).values
     span = hi - lo
-    level = (span <= FLAT * torch.maximum(hi.abs(), lo.abs())).view(-1, 1, 1, 1)
+    flat = span <= FLAT * torch.maximum(hi.abs(), lo.abs())
+    if flat.any():
+        which = [i + 1 for i in flat.nonzero().flatten().tolist()]
+        log.warning("the text-attention map of image %s of %d is flat (every position %.4g): it shows no place, so "
+                    "the normalised map is all zeros; other layers (or the release model) may show one",
+                    ", ".join(map(str, which)), len(flat), float(hi[flat][0]))
+    level = flat.view(-1, 1, 1, 1)
     heat.sub_(lo.view(-1, 1, 1, 1)).div_(span.clamp_min(1e-12).view(-1, 1, 1, 1))
     return heat.masked_fill_(level, 0).clamp_(0, 1)
 

@@ -178,16 +178,24 @@ def test_a_batch_one_prompt_is_shared_over_the_batch_and_cached_exactly():
     assert not kv.entries
 
 
-def test_stretch_spreads_a_map_to_0_1_but_leaves_a_flat_one_flat():
+def test_stretch_spreads_a_map_to_0_1_but_leaves_a_flat_one_flat_and_says_so(caplog):
+    """A flat map becomes zeros (not rounding noise blown up to 0..1), with a warning naming it: all zeros
+    alone read as "no text anywhere" (the demo's up and mid layers attend to "text" uniformly)."""
     from tadisr_core.heatmap import stretch
 
     g = torch.Generator().manual_seed(0)
     varied = 0.01 + 0.01 * torch.rand(1, 1, 8, 8, generator=g)               # small but real differences
     saturated = 1 - 1e-7 * torch.rand(1, 1, 8, 8, generator=g)               # every position at the maximum
-    out = stretch(torch.cat([varied, saturated]))
+    with caplog.at_level("WARNING"):
+        out = stretch(torch.cat([varied, saturated]))
     assert out[0].min() == 0 and out[0].max() == 1
     assert torch.allclose(out[0], (varied - varied.min()) / (varied.max() - varied.min()))
-    assert torch.equal(out[1], torch.zeros(1, 8, 8))  # not rounding noise blown up to 0..1
+    assert torch.equal(out[1], torch.zeros(1, 8, 8))
+    assert "the text-attention map of image 2 of 2 is flat (every position 1): it shows no place" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        stretch(varied.clone())
+    assert caplog.text == ""
 
 
 def test_a_heat_map_never_exceeds_the_probabilities_it_comes_from():

@@ -60,6 +60,14 @@ def test_text_composite_refuses_a_mask_of_another_size_or_batch(v3, handle):
         v3.TADiSRTextComposite.execute(a, torch.zeros(1, 8, 16), b)  # was stretched to fit without a word
     with pytest.raises(ValueError, match=r"^TADiSR: batch sizes differ: TADiSR image 2, text mask 1, other image 3"):
         v3.TADiSRTextComposite.execute(a, torch.zeros(1, 8, 8), b)
+    # another picture (4x400) was stretched onto TADiSR's 8x8 without a word; another scale's rounding is fine
+    with pytest.raises(ValueError, match=r"^TADiSR: the other image \(4x400\) and the TADiSR image \(8x8\) have other "
+                                         r"aspect ratios, so they are not the same picture"):
+        v3.TADiSRTextComposite.execute(a, torch.zeros(1, 8, 8), random_image(1, 400, 4, seed=3))
+    wide = random_image(1, 97 * 4, 61 * 4, seed=4)
+    other = random_image(1, 243, 152, seed=5)  # x2.5 of the same 97 x 61 input, rounded
+    image, used = v3.TADiSRTextComposite.execute(wide, torch.zeros(1, 97 * 4, 61 * 4), other)
+    assert image.shape == (1, 97 * 4, 61 * 4, 3) and used.shape == (1, 97 * 4, 61 * 4)
 
 
 def test_text_composite_names_the_input_that_is_wrong(handle):

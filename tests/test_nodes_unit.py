@@ -498,6 +498,9 @@ def test_text_attention_views(v3, handle):
     assert torch.allclose(plain, image)
     _, small = attention_view.view(att, image[:, ::2, ::2], "all", "mean", True, "jet", 1.0)  # resized to the image
     assert small.shape == (2, 48, 32, 3)
+    with pytest.raises(ValueError, match=r"^TADiSR: the image \(4x400\) and the heat map \(64x96\) have other aspect "
+                                         r"ratios"):  # another picture: the map was stretched onto it without a word
+        v3.TADiSRTextAttention.execute(att, random_image(1, 400, 4), "all", "mean", True, "jet", 0.5)
     with pytest.raises(ValueError, match="^TADiSR: this model captures no attention in the 'mid' layers"):
         v3.TADiSRTextAttention.execute(att, image, "mid", "mean", True, "jet", 0.5)
     with pytest.raises(ValueError, match="turn on 'capture_attention'"):

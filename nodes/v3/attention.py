@@ -27,7 +27,8 @@ class TADiSRTextAttention(io.ComfyNode):
                 TADiSRAttention.Input("attention", tooltip=(
                     "Captured attention from TADiSR One-Step Denoise or the attention output of TADiSR Upscale.")),
                 io.Image.Input("image", tooltip=(
-                    "Image to draw the overlay on, normally the upscaled image (the heat map is resized to it).")),
+                    "Image to draw the overlay on, normally the upscaled image (the heat map is resized to it: the "
+                    "same aspect ratio).")),
                 io.Combo.Input("layers", options=list(LAYER_GROUPS), default="all", tooltip=(
                     "Which UNet cross-attention layers to read: all, or only the down / mid / up blocks. Up-block "
                     "layers are sharpest; the released Kolors checkpoint hooks no mid-block layer (refused before "

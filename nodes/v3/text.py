@@ -28,7 +28,7 @@ class TADiSRTextComposite(io.ComfyNode):
                 io.Mask.Input("text_mask", tooltip="TADiSR's text mask of that image (the same size)."),
                 io.Image.Input("other_image", tooltip=(
                     "Any other upscaler's result for the same input (e.g. an ESRGAN model via Upscale Image (using "
-                    "Model)); resized to TADiSR's size.")),
+                    "Model)); resized to TADiSR's size (the same aspect ratio). One image serves a whole batch.")),
                 io.Int.Input("grow", default=8, min=0, max=256, tooltip=(
                     "Grow the text regions by this many pixels, so glyph edges and halos come from TADiSR too.")),
                 io.Int.Input("feather", default=4, min=0, max=256, tooltip=(
