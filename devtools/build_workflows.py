@@ -187,16 +187,17 @@ def _attention_spec() -> dict:
 
 
 def _batch_spec() -> dict:
-    nodes = [_node("folder", "TADiSRLoadImageFromFolder", [320, 190], folder="tadisr_batch", index=0,
-                   control_after_generate="increment", prefix="tadisr_batch/", when_done="wrap around"),
+    nodes = [_node("folder", "TADiSRLoadImageFromFolder", [320, 190], folder=comfy_host.BATCH_FOLDER, index=0,
+                   control_after_generate="increment", prefix=f"{comfy_host.BATCH_FOLDER}/", when_done="wrap around"),
              _node("model", "TADiSRLoadModel", [320, 220], **MODEL),
              _node("upscale", "TADiSRUpscale", [320, 280], **UPSCALE),
              _node("save_image", "SaveImage", [340, 330]),
              _node("mask_to_image", "MaskToImage"),
              _node("save_mask", "SaveImage", [340, 330]),
-             _note("Upscale a whole folder through the queue. Put the images in ComfyUI/input/tadisr_batch (or type "
-                   "an absolute folder). Each run takes the next image (natural order: 2 before 10) and saves it "
-                   "as output/tadisr_batch/<name>_00001_.png with <name>_text_mask beside it. Set Run's batch count "
+             _note(f"Upscale a whole folder through the queue. Put the images in ComfyUI/input/"
+                   f"{comfy_host.BATCH_FOLDER} (or type an absolute folder). Each run takes the next image (natural "
+                   f"order: 2 before 10) and saves it as output/{comfy_host.BATCH_FOLDER}/<name>_00001_.png with "
+                   "<name>_text_mask beside it. Set Run's batch count "
                    "to the number of images in the folder (its 'count' output; wire it to a Preview as Text node to "
                    "see it) and press Run once; after the last image the index "
                    "wraps to the first (or stops, with when_done = stop). A broken file fails only its own run."
@@ -443,7 +444,7 @@ def _thumbnail_inputs(input_dir: Path, scene: Path | None) -> Path:
         Image.open(scene).convert("RGB").save(lr)
     else:
         sample_sign(lr)
-    batch = input_dir / "tadisr_batch"
+    batch = input_dir / comfy_host.BATCH_FOLDER
     batch.mkdir()
     shutil.copy(BATCH_SCENE, batch / BATCH_SCENE.name)  # the folder's only image, so the one the run takes
     return lr

@@ -48,6 +48,7 @@ ROOT = REPO / ".build" / "comfyhost"
 STUB = ROOT / "stub"
 TINY = ROOT / "tiny"
 BASE = ROOT / "base"
+BATCH_FOLDER = "tadisr_batch"  # inside input/: the folder the batch example workflow walks
 PACK_NAME = "tadisr"
 TINY_KOLORS_NAME = "tadisr-tiny-kolors"
 
@@ -258,9 +259,22 @@ def copy_example_input(base: Path | None = None) -> None:
         shutil.copyfile(comfy_dir() / "input" / "example.png", dst)
 
 
+def copy_batch_sample(base: Path | None = None) -> None:
+    """Give the batch-folder example workflow a folder to walk: base/input/tadisr_batch (default BASE)
+    holding the demo model's LR inputs, unless a folder of that name is there (a user's own is never
+    touched)."""
+    from tadisr_core.demo import DEMO_INPUTS
+
+    dst = Path(base or BASE) / "input" / BATCH_FOLDER
+    if not dst.exists():
+        dst.mkdir(parents=True)
+        for image in sorted(DEMO_INPUTS.glob("*.png")):
+            shutil.copyfile(image, dst / image.name)
+
+
 def prepare() -> None:
-    """Lay out BASE: the pack link, input/ (with example.png), and the model folders with tiny (or
-    configured) weights."""
+    """Lay out BASE: the pack link, input/ (with example.png and the batch example's folder), and the
+    model folders with tiny (or configured) weights."""
     if not is_installed():
         install()
     with _lock("prepare"):
@@ -268,6 +282,7 @@ def prepare() -> None:
             (BASE / sub).mkdir(parents=True, exist_ok=True)
         _link(REPO, BASE / "custom_nodes" / PACK_NAME)
         copy_example_input()
+        copy_batch_sample()
         kolors = os.environ.get("TADISR_KOLORS") or os.environ.get("TADISR_KOLORS_DIR")  # the old name still works
         if kolors:
             kolors_path = Path(kolors).expanduser().resolve()

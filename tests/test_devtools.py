@@ -226,16 +226,23 @@ def _prepare(tmp_path, monkeypatch) -> Path:
     return base
 
 
-def test_prepare_puts_example_png_in_the_base(tmp_path, monkeypatch, stock_comfy):
+def test_prepare_puts_example_png_and_the_batch_folder_in_the_base(tmp_path, monkeypatch, stock_comfy):
+    """The batch example workflow walks input/tadisr_batch: it failed on `make serve`'s host, which had none."""
+    from tadisr_core.demo import DEMO_INPUTS
+
     base = _prepare(tmp_path, monkeypatch)
     assert (base / "input" / "example.png").read_bytes() == stock_comfy
+    batch = base / "input" / comfy_host.BATCH_FOLDER
+    assert sorted(p.name for p in batch.iterdir()) == sorted(p.name for p in DEMO_INPUTS.glob("*.png"))
+    assert (batch / "text_scene_1.png").read_bytes() == (DEMO_INPUTS / "text_scene_1.png").read_bytes()
 
 
-def test_prepare_keeps_a_users_example_png(tmp_path, monkeypatch, stock_comfy):
-    (tmp_path / "base" / "input").mkdir(parents=True)
+def test_prepare_keeps_a_users_example_png_and_batch_folder(tmp_path, monkeypatch, stock_comfy):
+    (tmp_path / "base" / "input" / "tadisr_batch").mkdir(parents=True)
     (tmp_path / "base" / "input" / "example.png").write_bytes(b"mine")
     base = _prepare(tmp_path, monkeypatch)
     assert (base / "input" / "example.png").read_bytes() == b"mine"
+    assert list((base / "input" / "tadisr_batch").iterdir()) == []
 
 
 def test_build_workflows_leaves_the_dev_hosts_input_alone(tmp_path, monkeypatch, stock_comfy):
