@@ -74,6 +74,18 @@ def config_beside(weights: Path) -> Path | None:
     return config if config.is_file() else None
 
 
+def sharded_weights(folder: Path, sub: str) -> str | None:
+    """Why `folder` cannot serve when it holds diffusers weights in shards (an *.index[.fp16].json; a
+    fine-tune saved in fp32 is sharded at diffusers' default 10 GB), with how to join them; else None."""
+    shards = sorted(folder.glob("diffusion_pytorch_model*.index*.json"))  # *.index.fp16.json: a variant's
+    if not shards:
+        return None
+    variant = ", variant='fp16'" if ".fp16." in shards[0].name else ""
+    return (f"{folder} holds its weights in shards ({shards[0].name}), which TADiSR does not read: save them as one "
+            f"file, e.g. with diffusers' from_pretrained(DIR{variant}) then save_pretrained(NEW_DIR, "
+            f"max_shard_size='50GB'), or use Kwai-Kolors/Kolors' {sub}/ as published")
+
+
 def _component(path: Path, sub: str, dtype=None) -> tuple[Path, Path | None]:
     """(weights, config) of a --unet/--vae argument: a file, a component folder or a Kolors folder (the
     *.index.json of sharded weights stands for its folder); a folder's weights file as `weights_file`
@@ -86,13 +98,9 @@ def _component(path: Path, sub: str, dtype=None) -> tuple[Path, Path | None]:
     folder = path / sub if (path / sub).is_dir() and not (path / "config.json").is_file() else path
     weights = weights_file(folder, dtype)
     if weights is None:
-        shards = sorted(folder.glob("diffusion_pytorch_model*.index*.json"))  # *.index.fp16.json: a variant's
-        if shards:
-            variant = ", variant='fp16'" if ".fp16." in shards[0].name else ""
-            raise KolorsFolderError(f"{folder} holds its weights in shards ({shards[0].name}), which TADiSR does not "
-                                    f"read: save them as one file, e.g. with diffusers' from_pretrained(DIR{variant}) "
-                                    f"then save_pretrained(NEW_DIR, max_shard_size='50GB'), or use Kwai-Kolors/Kolors' "
-                                    f"{sub}/ as published")
+        sharded = sharded_weights(folder, sub)
+        if sharded:
+            raise KolorsFolderError(sharded)
         raise KolorsFolderError(f"no weights in {folder}: expected diffusion_pytorch_model[.fp16].safetensors "
                                 f"(or .bin) from Kwai-Kolors/Kolors/{sub}/")
     return weights, config_beside(weights)
@@ -256,6 +264,10 @@ def _quick(check, path: Path) -> bool:
             check(path, config)
             _CHECKED[key] = True
         except (ValueError, OSError, KeyError) as exc:  # another model's file, or unreadable
+            sharded = "-of-" in path.name and sharded_weights(path.parent, path.parent.name)
+            if sharded and sharded not in _SAID:  # one shard of a UNet or VAE: said once, it would be missed
+                _SAID.add(sharded)
+                log.warning("not listed: %s", sharded)
             log.debug("%s is not listed: %s", path, exc)
             _CHECKED[key] = False
         except Exception as exc:  # noqa: BLE001 - one odd file must not empty the loader's list

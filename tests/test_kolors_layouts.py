@@ -506,6 +506,27 @@ def test_sharded_weights_are_named_with_how_to_join_them(tiny_dir, tmp_path, var
         find_kolors_files(None, unet=folder, vae=tiny_dir["kolors"] / "vae")
 
 
+def test_a_sharded_unet_in_models_unet_is_named_once_by_the_listing(tiny_dir, tmp_path, caplog):
+    """A Kolors fine-tune saved in fp32 by diffusers is sharded (its default max_shard_size is 10 GB, the UNet
+    10.3 GB). In models/unet it vanished from the loader's list with a debug line alone."""
+    folder = tmp_path / "unet" / "kolors_finetune"
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_dir["kolors"] / "unet" / "config.json", folder)
+    sd = load_file(tiny_dir["kolors"] / "unet" / "diffusion_pytorch_model.safetensors")
+    keys = sorted(sd)
+    weight_map = {}
+    for k, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
+        name = f"diffusion_pytorch_model-0000{k}-of-00002.safetensors"
+        save_file({key: sd[key] for key in part}, folder / name)
+        weight_map.update(dict.fromkeys(part, name))
+    index = "diffusion_pytorch_model.safetensors.index.json"
+    (folder / index).write_text(json.dumps({"weight_map": weight_map}))
+    for _ in range(2):  # said once, not on every listing
+        with caplog.at_level("WARNING"):
+            assert list_kolors_candidates([], [tmp_path / "unet"], [tiny_dir["kolors"] / "vae"], []) == []
+    assert caplog.text.count(f"not listed: {folder} holds its weights in shards ({index})") == 1
+
+
 def test_a_nan_in_the_vae_file_names_the_vae(tiny_dir, tmp_path):
     from safetensors.torch import save_file
 
