@@ -35,6 +35,7 @@ from .devices import (
     choose_canvas_device,
     choose_tile_batch,
     device_refusal_reason,
+    free_memory,
     is_oom,
     release_cached_memory,
     resolve_device,
@@ -292,14 +293,28 @@ def _canvases(batch: int, grid: TileGrid, channels: int, mask: bool, heat: bool,
     return out
 
 
+def _canvas_bytes(batch: int, h: int, w: int, channels: int, mask: bool, heat: bool) -> int:
+    """Bytes of a run's float32 canvases at h x w: the bicubic input, the image, the mask and heat map."""
+    return batch * h * w * (channels + (4 if channels == 4 else 3) + int(mask) + int(heat)) * 4
+
+
 def _resolve_canvas_device(model, canvas_device, batch: int, h: int, w: int, channels: int, mask: bool, heat: bool):
     if canvas_device != "auto":
         try:
             return resolve_device(canvas_device)
         except (RuntimeError, ValueError) as e:
             raise type(e)(f"canvas_device {canvas_device}: {device_refusal_reason(e, str(canvas_device))}") from None
-    per_pixel = channels + (4 if channels == 4 else 3) + int(mask) + int(heat)
-    return choose_canvas_device(model, batch * h * w * per_pixel * 4)
+    return choose_canvas_device(model, _canvas_bytes(batch, h, w, channels, mask, heat))
+
+
+def _warn_of_large_canvases(device: torch.device, canvas_bytes: int, h: int, w: int, tiles: int) -> None:
+    """A warning when a run's canvases would take over half of the memory free on `device` (a 4096 px image
+    at x4 is a 16384 px output: 8.6 GB of canvases), so that a slow, swapping run is understood."""
+    free = free_memory(device)
+    if canvas_bytes > free / 2:
+        log.warning("the %dx%d output takes %.1f GB for its float32 canvases, more than half of the %.1f GB free on "
+                    "%s, and runs %d tiles: it may swap or fail; lower the scale or split the image if that is not "
+                    "what you meant", w, h, canvas_bytes / 1e9, free / 1e9, device, tiles)
 
 
 def _blend(model, grid: TileGrid, batch: int, channels: int, work, tile_batch, *, mask: bool, heat: bool,
@@ -405,6 +420,8 @@ def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int 
     size = output_size(image.shape[2], image.shape[3], scale)
     canvas_device = _resolve_canvas_device(model, canvas_device, image.shape[0], *size, image.shape[1], mask,
                                            attention)
+    _warn_of_large_canvases(canvas_device, _canvas_bytes(image.shape[0], *size, image.shape[1], mask, attention),
+                            *size, image.shape[0] * len(tile_grid(*size, tile, overlap)))
     hr = upscale_canvas(image, scale, canvas_device)
     rgb, alpha = _split_alpha(hr)
     noise_seed = _noise_seed(sample, generator, seed)
