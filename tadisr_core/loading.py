@@ -62,7 +62,8 @@ def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | N
                  compute: torch.device, given_as: tuple[str, str],
                  conditioning: tuple[str, tuple[float, ...]]) -> PromptCache:
     """The prompt conditioning of `load_tadisr`: the cache at `prompt_cache` (computed and saved there when
-    missing), or computed in memory when None, with ChatGLM3 from `encoder_source`; computed, it is that of
+    missing), or computed in memory when None (with a warning that it is not kept), with ChatGLM3 from
+    `encoder_source`; computed, it is that of
     `conditioning` (the prompt and time ids the checkpoint was trained with: `trained_conditioning`)."""
     prompt, time_ids = conditioning
     if prompt_cache is not None:
@@ -71,8 +72,11 @@ def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | N
     if encoder_source is None:
         raise FileNotFoundError("no prompt cache given and no ChatGLM3 to compute one "
                                 "(pass --prompt-cache FILE or --text-encoder DIR|FILE)")
-    return compute_prompt_cache_from_kolors(encoder_source, prompt=prompt, time_ids=time_ids,
-                                            device=text_encoder_device(text_encoder_device_name, compute))
+    cache = compute_prompt_cache_from_kolors(encoder_source, prompt=prompt, time_ids=time_ids,
+                                             device=text_encoder_device(text_encoder_device_name, compute))
+    log.warning("the prompt conditioning was computed with ChatGLM3 and is not kept: give %s FILE to save it, so "
+                "later runs skip ChatGLM3 (about 12.5 GB and minutes each time)", given_as[0])
+    return cache
 
 
 def trained_conditioning(ckpt: Checkpoint) -> tuple[str, tuple[float, ...]]:

@@ -147,6 +147,8 @@ def test_a_cache_computed_for_a_checkpoint_encodes_what_it_was_trained_with(tiny
         load_tadisr(tiny_dir["kolors"], checkpoint, tmp_path / "new.safetensors")
         release = load_tadisr(tiny_dir["kolors"], tiny_dir["official"], None).prompt
     assert not [r for r in caplog.records if "was trained with" in r.getMessage()]
+    kept = "the prompt conditioning was computed with ChatGLM3 and is not kept: give --prompt-cache FILE to save it"
+    assert caplog.text.count(kept) == 2  # the two loads without a cache path: each loaded ChatGLM3 again
     saved = PromptCache.load(tmp_path / "new.safetensors")
     for cache in (in_memory, saved):
         assert cache.prompt == "a shop sign, text"
