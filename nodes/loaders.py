@@ -158,8 +158,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device, fp16_safe: bool = True) -> torch.dtype:
-    """"auto" -> bf16 / fp16 on CUDA (as supported; fp32 instead of fp16 for a model that is not
-    `fp16_safe`), fp32 elsewhere; fp8_e4m3fn stores the UNet in fp8."""
+    """"auto" -> bf16 / fp16 on CUDA (as supported), fp16 on MPS (fp32 instead of fp16 for a model that is
+    not `fp16_safe`), fp32 on the CPU (`devices.resolve_dtype`); fp8_e4m3fn stores the UNet in fp8."""
     from tadisr_core.devices import DTYPE_CHOICES
     from tadisr_core.devices import resolve_dtype as core_resolve
 

@@ -20,7 +20,7 @@ from .streaming import assign_weights
 __all__ = ["KolorsFiles", "KolorsFolderError", "NotKolorsError", "build_unet", "build_vae", "check_backbone",
            "load_unet", "load_vae"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tadisr")
 
 
 def _files(source, dtype: torch.dtype | None = None) -> KolorsFiles:

@@ -182,12 +182,25 @@ def compile_targets(model) -> list[torch.nn.Module]:
 
 
 def free_memory(device: torch.device | str) -> int:
-    """Bytes that tensors on `device` could still take: free + cached-but-unused on CUDA,
-    MemAvailable on the host otherwise."""
+    """Bytes that tensors on `device` could still take: free + cached-but-unused on CUDA, the host's
+    available memory otherwise (`host_available_memory`; 8 GiB where it cannot be told)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    available = host_available_memory()
+    return (8 << 30) if available is None else available
+
+
+def host_available_memory() -> int | None:
+    """The host's available memory in bytes: psutil's where it is installed (ComfyUI installs it), else
+    MemAvailable (Linux) or the free pages (other Unixes); None where none of them answers."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -198,7 +211,7 @@ def free_memory(device: torch.device | str) -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        return None
 
 
 def estimate_tile_bytes(model, tile_h: int, tile_w: int) -> int:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .tiling import Cancel, Progress, TileGrid, blend_tiles
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tadisr")
 LAYER_GROUPS = ("all", "down", "mid", "up")
 REDUCTIONS = ("mean", "max")
 
@@ -100,10 +100,10 @@ def stretch(heat: torch.Tensor) -> torch.Tensor:
     span = hi - lo
     flat = span <= FLAT * torch.maximum(hi.abs(), lo.abs())
     if flat.any():
-        which = [i + 1 for i in flat.nonzero().flatten().tolist()]
-        log.warning("the text-attention map of image %s of %d is flat (every position %.4g): it shows no place, so "
+        which = flat.nonzero().flatten().tolist()
+        log.warning("the text-attention map of image %s of %d is flat (every position %s): it shows no place, so "
                     "the normalised map is all zeros; other layers (or the release model) may show one",
-                    ", ".join(map(str, which)), len(flat), float(hi[flat][0]))
+                    ", ".join(str(i + 1) for i in which), len(flat), ", ".join(f"{float(hi[i]):.4g}" for i in which))
     level = flat.view(-1, 1, 1, 1)
     heat.sub_(lo.view(-1, 1, 1, 1)).div_(span.clamp_min(1e-12).view(-1, 1, 1, 1))
     return heat.masked_fill_(level, 0).clamp_(0, 1)

@@ -264,7 +264,8 @@ def _quick(check, path: Path) -> bool:
             check(path, config)
             _CHECKED[key] = True
         except (ValueError, OSError, KeyError) as exc:  # another model's file, or unreadable
-            sharded = "-of-" in path.name and sharded_weights(path.parent, path.parent.name)
+            part = "unet" if "unet" in check.__name__ else "vae"
+            sharded = "-of-" in path.name and sharded_weights(path.parent, part)
             if sharded and sharded not in _SAID:  # one shard of a UNet or VAE: said once, it would be missed
                 _SAID.add(sharded)
                 log.warning("not listed: %s", sharded)

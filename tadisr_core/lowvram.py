@@ -35,8 +35,8 @@ class CastWeight(nn.Module):
         self.storage, self.compute, self.scale = storage, compute, scale
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        weight = stored.to(self.compute)
-        return weight if self.scale == 1.0 else weight * self.scale
+        weight = stored.to(self.compute)  # a new tensor (fp8 storage, another compute dtype): scaled in place
+        return weight if self.scale == 1.0 else weight.mul_(self.scale)
 
 
 def _fp8_scale(weight: torch.Tensor) -> float:

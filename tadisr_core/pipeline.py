@@ -36,6 +36,7 @@ from .devices import (
     choose_tile_batch,
     device_refusal_reason,
     free_memory,
+    host_available_memory,
     is_oom,
     release_cached_memory,
     resolve_device,
@@ -310,8 +311,8 @@ def _resolve_canvas_device(model, canvas_device, batch: int, h: int, w: int, cha
 def _warn_of_large_canvases(device: torch.device, canvas_bytes: int, h: int, w: int, tiles: int) -> None:
     """A warning when a run's canvases would take over half of the memory free on `device` (a 4096 px image
     at x4 is a 16384 px output: 8.6 GB of canvases), so that a slow, swapping run is understood."""
-    free = free_memory(device)
-    if canvas_bytes > free / 2:
+    free = free_memory(device) if device.type == "cuda" else host_available_memory()
+    if free is not None and canvas_bytes > free / 2:  # unknown (no psutil on Windows): nothing said
         log.warning("the %dx%d output takes %.1f GB for its float32 canvases, more than half of the %.1f GB free on "
                     "%s, and runs %d tiles: it may swap or fail; lower the scale or split the image if that is not "
                     "what you meant", w, h, canvas_bytes / 1e9, free / 1e9, device, tiles)

@@ -238,7 +238,7 @@ def other_chatglm(weights: Path) -> str | None:
     except (OSError, ValueError):
         return None
     last = named.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
-    return named if last.startswith("chatglm") and last != KOLORS_CHATGLM else None
+    return named if last.startswith("chatglm") and not last.startswith(KOLORS_CHATGLM) else None  # -int4 copies too
 
 
 # what from_pretrained reads from a ChatGLM3 folder, in its order ({v}: the variant, `_weights_variant`)

@@ -524,7 +524,10 @@ def test_a_sharded_unet_in_models_unet_is_named_once_by_the_listing(tiny_dir, tm
     for _ in range(2):  # said once, not on every listing
         with caplog.at_level("WARNING"):
             assert list_kolors_candidates([], [tmp_path / "unet"], [tiny_dir["kolors"] / "vae"], []) == []
-    assert caplog.text.count(f"not listed: {folder} holds its weights in shards ({index})") == 1
+    assert caplog.text.count(f"not listed: {folder} holds its weights in shards ({index}), which TADiSR does not "
+                             f"read: save them as one file, e.g. with diffusers' from_pretrained(DIR) then "
+                             f"save_pretrained(NEW_DIR, max_shard_size='50GB'), or use Kwai-Kolors/Kolors' unet/ "
+                             f"as published") == 1
 
 
 def test_a_nan_in_the_vae_file_names_the_vae(tiny_dir, tmp_path):

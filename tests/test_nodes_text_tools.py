@@ -68,6 +68,9 @@ def test_text_composite_refuses_a_mask_of_another_size_or_batch(v3, handle):
     other = random_image(1, 243, 152, seed=5)  # x2.5 of the same 97 x 61 input, rounded
     image, used = v3.TADiSRTextComposite.execute(wide, torch.zeros(1, 97 * 4, 61 * 4), other)
     assert image.shape == (1, 97 * 4, 61 * 4, 3) and used.shape == (1, 97 * 4, 61 * 4)
+    small = random_image(1, 92, 84, seed=6)  # a 21 x 23 input at x4; at x1.5 it is 32 x 34, 3 % off in aspect
+    assert v3.TADiSRTextComposite.execute(small, torch.zeros(1, 92, 84), random_image(1, 34, 32, seed=7))[0].shape \
+        == (1, 92, 84, 3)
 
 
 def test_text_composite_names_the_input_that_is_wrong(handle):

@@ -455,6 +455,8 @@ def test_tiling_refused_at_queue_time_says_tadisr(v3):
         assert node.validate_inputs(128, 128) == f"{overlap} (128), got 128"
         assert node.validate_inputs(64, -8) == f"{overlap} (64), got -8"
         assert node.validate_inputs(64, 56) is True and node.validate_inputs(None, 64) is True
+        assert node.validate_inputs(None, -8) == "TADiSR: overlap must be between 0 and 4088 (and smaller than " \
+                                                 "the tile), got -8"  # ComfyUI's own range check is skipped
         assert node.validate_inputs(64, None) is True
 
 

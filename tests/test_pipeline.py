@@ -415,13 +415,18 @@ def test_canvases_over_half_the_free_memory_are_said_before_the_run(monkeypatch,
     x = torch.rand(2, 3, 23, 37, generator=torch.Generator().manual_seed(9))
     need = 2 * 92 * 148 * (3 + 3 + 1) * 4  # input, image and mask canvases, float32
     for free, said in ((2 * need + 1, False), (2 * need - 1, True)):
-        monkeypatch.setattr(pipeline, "free_memory", lambda device: free)
+        monkeypatch.setattr(pipeline, "host_available_memory", lambda: free)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="tadisr"):
             upscale(IdentityModel(), x, 4, tile_batch=6, canvas_device="cpu", **TILE)
         message = (f"the 148x92 output takes {need / 1e9:.1f} GB for its float32 canvases, more than half of the "
                    f"{free / 1e9:.1f} GB free on cpu, and runs 12 tiles")
         assert (message in caplog.text) is said, caplog.text
+    monkeypatch.setattr(pipeline, "host_available_memory", lambda: None)  # not known: no figure is made up
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        upscale(IdentityModel(), x, 4, tile_batch=6, canvas_device="cpu", **TILE)
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize("shape, scale, tile_batch", [

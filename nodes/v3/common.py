@@ -78,19 +78,20 @@ def validate_tiling(tile, overlap) -> bool | str:
 
     Checked at queue time, before the model loader runs (with Kolors a load of minutes). ComfyUI then
     attaches the message to both inputs and skips its own min/max check of them, so the message says
-    which one is wrong, and `check_settings` checks the overlap's range itself (at least 0, below the tile)."""
+    which one is wrong, and the ranges are checked here: `check_settings` with a tile, the overlap
+    widget's own range when the tile is linked."""
+    from tadisr_core.descriptor import DESCRIPTOR
+
     from .. import running
     from ..errors import PREFIX
 
     if tile is None:
+        most = DESCRIPTOR.size.max_tile - DESCRIPTOR.size.tile_multiple
+        if overlap is not None and not 0 <= int(overlap) <= most:
+            return f"{PREFIX}overlap must be between 0 and {most} (and smaller than the tile), got {overlap}"
         return True
     try:
         running.check_tiling(1.0, int(tile), 0 if overlap is None else int(overlap))  # a neutral scale
-    except ValueError as exc:
-        return PREFIX + str(exc)  # queue-time messages do not pass through `errors.reported`
-    return True
-    try:
-        running.check_tiling(1.0, int(tile), 0)  # a neutral scale and overlap: the tile's own rule
     except ValueError as exc:
         return PREFIX + str(exc)  # queue-time messages do not pass through `errors.reported`
     return True
