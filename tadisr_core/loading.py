@@ -63,8 +63,8 @@ def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | N
                  conditioning: tuple[str, tuple[float, ...]]) -> PromptCache:
     """The prompt conditioning of `load_tadisr`: the cache at `prompt_cache` (computed and saved there when
     missing), or computed in memory when None (with a warning that it is not kept), with ChatGLM3 from
-    `encoder_source`; computed, it is that of
-    `conditioning` (the prompt and time ids the checkpoint was trained with: `trained_conditioning`)."""
+    `encoder_source`; computed, it is that of `conditioning` (the prompt and time ids the checkpoint was
+    trained with: `trained_conditioning`)."""
     prompt, time_ids = conditioning
     if prompt_cache is not None:
         return ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=compute,
