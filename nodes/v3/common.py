@@ -44,6 +44,13 @@ def color_fix_input() -> io.Input:
         "models (they shift colours), none for the others."))
 
 
+def _max_overlap() -> int:
+    """The overlap widget's largest value: one tile step under the largest tile."""
+    from tadisr_core.descriptor import DESCRIPTOR
+
+    return DESCRIPTOR.size.max_tile - DESCRIPTOR.size.tile_multiple
+
+
 def tiling_inputs() -> list[io.Input]:
     """scale / tile / overlap / tile_batch widgets shared by Upscale and Encode (limits and defaults
     from `descriptor.DESCRIPTOR.size`)."""
@@ -60,7 +67,7 @@ def tiling_inputs() -> list[io.Input]:
             "Tile size in output pixels (multiple of 8). 768 is what the model was trained for; lower it if VRAM "
             "is short (out-of-memory also halves it automatically; Denoise and Decode keep the tile Encode chose, "
             "so there encode again with a smaller one).")),
-        io.Int.Input("overlap", default=size.default_overlap, min=0, max=size.max_tile - size.tile_multiple,
+        io.Int.Input("overlap", default=size.default_overlap, min=0, max=_max_overlap(),
                      step=size.tile_multiple, tooltip=(
             "Overlap of neighbouring tiles in output pixels (< tile). Tiles are blended with a Hann window; "
             "more overlap hides seams, costs more tiles.")),
@@ -80,13 +87,11 @@ def validate_tiling(tile, overlap) -> bool | str:
     attaches the message to both inputs and skips its own min/max check of them, so the message says
     which one is wrong, and the ranges are checked here: `check_settings` with a tile, the overlap
     widget's own range when the tile is linked."""
-    from tadisr_core.descriptor import DESCRIPTOR
-
     from .. import running
     from ..errors import PREFIX
 
     if tile is None:
-        most = DESCRIPTOR.size.max_tile - DESCRIPTOR.size.tile_multiple
+        most = _max_overlap()
         if overlap is not None and not 0 <= int(overlap) <= most:
             return f"{PREFIX}overlap must be between 0 and {most} (and smaller than the tile), got {overlap}"
         return True
