@@ -69,13 +69,14 @@ def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | N
     if prompt_cache is not None:
         return ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=compute,
                                    given_as=given_as, prompt=prompt, time_ids=time_ids)
+    cache_flag, encoder_flag = given_as
     if encoder_source is None:
-        raise FileNotFoundError("no prompt cache given and no ChatGLM3 to compute one "
-                                "(pass --prompt-cache FILE or --text-encoder DIR|FILE)")
+        raise FileNotFoundError(f"no prompt cache given and no ChatGLM3 to compute one "
+                                f"(pass {cache_flag} FILE or {encoder_flag})")
     cache = compute_prompt_cache_from_kolors(encoder_source, prompt=prompt, time_ids=time_ids,
                                              device=text_encoder_device(text_encoder_device_name, compute))
     log.warning("the prompt conditioning was computed with ChatGLM3 and is not kept: give %s FILE to save it, so "
-                "later runs skip ChatGLM3 (about 12.5 GB and minutes each time)", given_as[0])
+                "later runs skip ChatGLM3 (about 12.5 GB and minutes each time)", cache_flag)
     return cache
 
 
