@@ -162,7 +162,8 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
                         "(huqiming513/TADiSR-Models) or a native .safetensors [env TADISR_CHECKPOINT]")
     p.add_argument("--prompt-cache", metavar="PATH", default=env_default("TADISR_PROMPT_CACHE"),
                    help="prompt-embedding cache (.safetensors); computed with Kolors' ChatGLM3 and saved there "
-                        "when missing; omitted: computed in memory each run [env TADISR_PROMPT_CACHE]")
+                        "when missing; omitted: computed once and kept in ~/.cache/tadisr/prompt (or "
+                        "$TADISR_PROMPT_CACHE_DIR) [env TADISR_PROMPT_CACHE]")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

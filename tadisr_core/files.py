@@ -128,6 +128,16 @@ def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
     return real, st.st_size, st.st_mtime_ns
 
 
+def user_cache_dir(kind: str, env_var: str) -> Path:
+    """The folder where TADiSR keeps `kind` between runs: `$<env_var>` when set, else
+    `$XDG_CACHE_HOME/tadisr/<kind>`, else `~/.cache/tadisr/<kind>` (as Hugging Face and torch keep theirs)."""
+    own = os.environ.get(env_var)
+    if own:
+        return Path(own).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "tadisr" / kind
+
+
 def source_identity(path: str | os.PathLike) -> tuple[str, int, int] | str:
     """`file_identity`, or the path alone for one that is not on disk (an object built in memory)."""
     try:

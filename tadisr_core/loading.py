@@ -62,9 +62,11 @@ def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | N
                  compute: torch.device, given_as: tuple[str, str],
                  conditioning: tuple[str, tuple[float, ...]]) -> PromptCache:
     """The prompt conditioning of `load_tadisr`: the cache at `prompt_cache` (computed and saved there when
-    missing), or computed in memory when None (with a warning that it is not kept), with ChatGLM3 from
-    `encoder_source`; computed, it is that of `conditioning` (the prompt and time ids the checkpoint was
-    trained with: `trained_conditioning`)."""
+    missing), or when None the one kept in the user's cache folder (`prompt_store.kept_prompt`: computed
+    once); computed, with ChatGLM3 from `encoder_source`, it is that of `conditioning` (the prompt and
+    time ids the checkpoint was trained with: `trained_conditioning`)."""
+    from .prompt_store import kept_prompt
+
     prompt, time_ids = conditioning
     if prompt_cache is not None:
         return ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=compute,
@@ -73,11 +75,8 @@ def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | N
     if encoder_source is None:
         raise FileNotFoundError(f"no prompt cache given and no ChatGLM3 to compute one "
                                 f"(pass {cache_flag} FILE or {encoder_flag})")
-    cache = compute_prompt_cache_from_kolors(encoder_source, prompt=prompt, time_ids=time_ids,
-                                             device=text_encoder_device(text_encoder_device_name, compute))
-    log.warning("the prompt conditioning was computed with ChatGLM3 and is not kept: give %s FILE to save it, so "
-                "later runs skip ChatGLM3 (about 12.5 GB and minutes each time)", cache_flag)
-    return cache
+    return kept_prompt(encoder_source, prompt, time_ids, text_encoder_device(text_encoder_device_name, compute),
+                       cache_flag)
 
 
 def trained_conditioning(ckpt: Checkpoint) -> tuple[str, tuple[float, ...]]:
@@ -203,7 +202,8 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     `KolorsFiles`. Both parts are checked to be Kolors from their headers before anything is
     built (NotKolorsError), then built on the meta device and streamed in the target dtype.
     `prompt_cache` may be a PromptCache, a path (computed with ChatGLM3 from `text_encoder`, else the
-    Kolors folder, and saved there when the file does not exist yet) or None (computed in memory);
+    Kolors folder, and saved there when the file does not exist yet) or None (computed once and kept in
+    the user's cache folder, `prompt_store.kept_prompt`);
     `prompt_given_as` is `ensure_prompt_cache`'s `given_as`.
     `prompt_once(make)`, when given, returns what `make()` (which loads or computes the prompt) returns,
     the way it chooses: `ranks.Ranks.from_rank0` runs it in one process of a launcher and hands the

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# conditioning computed without a cache path is kept in a folder of the session's (each test gets its own
+# below), never in the user's ~/.cache/tadisr/prompt, where one run's cache would serve the next
+os.environ["TADISR_PROMPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tadisr-prompt-")
 torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves a core to a test server
 
 from tests.cli_runs import *  # noqa: E402,F401,F403  (the CLI tests' tiny model)
@@ -38,6 +43,14 @@ def pytest_collection_modifyitems(config, items) -> None:
         if SHARED_MODULE_FIXTURES & used:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
     name_groups(config, items)
+
+
+@pytest.fixture(autouse=True)
+def _own_prompt_cache_dir(tmp_path_factory, monkeypatch, request):
+    """Each test keeps computed prompt conditioning in a folder of its own (made when first written)."""
+    test = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    folder = tmp_path_factory.getbasetemp() / "prompt-caches" / test
+    monkeypatch.setenv("TADISR_PROMPT_CACHE_DIR", str(folder))
 
 
 @pytest.fixture(autouse=True)

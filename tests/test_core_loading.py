@@ -126,7 +126,7 @@ def test_incomplete_or_damaged_chatglm_is_refused_and_writes_no_cache(tiny_dir, 
 def test_text_encoder_auto_runs_on_the_models_gpu_when_it_has_room(tiny_dir, tmp_path, monkeypatch):
     """`text_encoder_device_name="auto"` while loading for a GPU: ChatGLM3 goes to that GPU (it
     used to stay on the CPU, as "auto" was resolved without the model's device)."""
-    from tadisr_core import devices, loading
+    from tadisr_core import devices, loading, prompt_store
     from tadisr_core.prompt import CHATGLM_BYTES
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, as far as the loader can tell
@@ -141,6 +141,7 @@ def test_text_encoder_auto_runs_on_the_models_gpu_when_it_has_room(tiny_dir, tmp
         raise Stop
 
     monkeypatch.setattr(loading, "compute_prompt_cache_from_kolors", record)
+    monkeypatch.setattr(prompt_store, "compute_prompt_cache_from_kolors", record)  # no cache path: kept one
     for cache in (tmp_path / "absent.safetensors", None):  # computed and saved, or computed in memory
         with pytest.raises(Stop):
             loading.load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], cache, device="cuda:0",

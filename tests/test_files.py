@@ -1,8 +1,10 @@
-"""atomic_path: the final name appears only when the write finished."""
+"""atomic_path: the final name appears only when the write finished; user_cache_dir: where kept files go."""
+
+from pathlib import Path
 
 import pytest
 
-from tadisr_core.files import atomic_path
+from tadisr_core.files import atomic_path, user_cache_dir
 
 
 def test_success_renames_onto_the_final_name(tmp_path):
@@ -22,3 +24,14 @@ def test_failure_leaves_the_old_file_and_no_temporary(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("disk full")
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_the_cache_folder_is_the_variable_s_else_xdg_s_else_the_home_s(tmp_path, monkeypatch):
+    monkeypatch.delenv("TADISR_SOME_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_cache_dir("some", "TADISR_SOME_DIR") == tmp_path / "home" / ".cache" / "tadisr" / "some"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir("some", "TADISR_SOME_DIR") == tmp_path / "xdg" / "tadisr" / "some"
+    monkeypatch.setenv("TADISR_SOME_DIR", "~/mine")
+    assert user_cache_dir("some", "TADISR_SOME_DIR") == Path(tmp_path / "home" / "mine")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import weakref
 
 import pytest
@@ -147,13 +148,67 @@ def test_a_cache_computed_for_a_checkpoint_encodes_what_it_was_trained_with(tiny
         load_tadisr(tiny_dir["kolors"], checkpoint, tmp_path / "new.safetensors")
         release = load_tadisr(tiny_dir["kolors"], tiny_dir["official"], None).prompt
     assert not [r for r in caplog.records if "was trained with" in r.getMessage()]
-    kept = "the prompt conditioning was computed with ChatGLM3 and is not kept: give --prompt-cache FILE to save it"
-    assert caplog.text.count(kept) == 2  # the two loads without a cache path: each loaded ChatGLM3 again
     saved = PromptCache.load(tmp_path / "new.safetensors")
     for cache in (in_memory, saved):
         assert cache.prompt == "a shop sign, text"
         assert cache.time_ids.flatten().tolist() == recorded_ids == [64, 64, 0, 0, 64, 64]
     assert release.prompt == prompt.HEATMAP_PROMPT and release.time_ids.flatten().tolist() == [768, 768, 0, 0, 768, 768]
+
+
+def test_conditioning_without_a_cache_path_is_computed_once_and_kept_for_later_runs(tiny_dir, tmp_path, monkeypatch,
+                                                                                     caplog):
+    """Defect: without --prompt-cache every run loaded ChatGLM3 (12.5 GB, minutes) again, and kept nothing."""
+    computed = []  # each time ChatGLM3 is loaded
+    load = prompt._load_chatglm
+    monkeypatch.setattr(prompt, "_load_chatglm", lambda *a, **kw: computed.append(a[0]) or load(*a, **kw))
+    monkeypatch.setenv("TADISR_PROMPT_CACHE_DIR", str(tmp_path / "kept"))
+    with caplog.at_level(logging.INFO, logger="tadisr"):
+        first = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None).prompt
+        again = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None).prompt
+    assert len(computed) == 1  # the second run read what the first kept
+    [kept] = (tmp_path / "kept").iterdir()
+    assert kept.name.startswith(f"{tiny_dir['kolors'].name}-") and kept.suffix == ".safetensors"
+    assert f"the prompt conditioning is kept in {kept}: later runs with this ChatGLM3 skip it" in caplog.text
+    assert torch.equal(first.prompt_embeds, again.prompt_embeds) and first.text_columns == again.text_columns
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    other = load_checkpoint(tiny_dir["checkpoint"])
+    other.metadata["prompt"] = "a shop sign, text"  # another conditioning: kept beside the first
+    assert load_tadisr(tiny_dir["kolors"], other, None).prompt.prompt == "a shop sign, text"
+    assert len(computed) == 2 and len(list((tmp_path / "kept").iterdir())) == 2
+
+    weights = next((tiny_dir["kolors"] / "text_encoder").glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the encoder replaced: computed again
+    try:
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None)
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert len(computed) == 3
+
+    kept.write_bytes(b"cut short")  # a damaged kept file is computed again, not an error
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        assert torch.equal(load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None).prompt.prompt_embeds,
+                           first.prompt_embeds)
+    assert len(computed) == 4 and f"{kept}: not a prompt cache (.safetensors) or truncated" in caplog.text
+    assert "computing it again" in caplog.text
+    assert torch.equal(PromptCache.load(kept).prompt_embeds, first.prompt_embeds)
+
+
+def test_conditioning_that_cannot_be_kept_still_runs_and_says_where_to_keep_it(tiny_dir, tmp_path, monkeypatch,
+                                                                              caplog):
+    """A cache folder that cannot be written (here a file stands where it would be) leaves the conditioning in
+    memory and says how to keep it: the run is not lost to a read-only home."""
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    monkeypatch.setenv("TADISR_PROMPT_CACHE_DIR", str(tmp_path / "blocked" / "prompt"))
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        model = load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None)
+    assert model.prompt.prompt == prompt.HEATMAP_PROMPT and model.prompt.prompt_embeds.isfinite().all()
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"the prompt conditioning was computed with ChatGLM3 but cannot be kept in "
+                           f"{tmp_path / 'blocked' / 'prompt'} (")
+    assert said.endswith("set TADISR_PROMPT_CACHE_DIR to a folder you can write, or give --prompt-cache FILE")
 
 
 def test_a_model_that_runs_alone_given_another_cache_is_warned_of_too(tmp_path, caplog):

@@ -403,6 +403,23 @@ def test_build_from_kolors_folder_and_checkpoint(tiny_dir):
         build_model_from_config(cfg)
 
 
+def test_a_kolors_run_without_a_prompt_cache_keeps_the_one_it_computes(tiny_dir, tmp_path, monkeypatch):
+    """Defect: a run on a Kolors folder without model.prompt_cache loaded ChatGLM3 at every start and resume."""
+    from tadisr_core import prompt
+    from training.builders import build_model_from_config
+
+    computed = []  # each time ChatGLM3 is loaded
+    load = prompt._load_chatglm
+    monkeypatch.setattr(prompt, "_load_chatglm", lambda *a, **kw: computed.append(a[0]) or load(*a, **kw))
+    monkeypatch.setenv("TADISR_PROMPT_CACHE_DIR", str(tmp_path / "kept"))
+    cfg = Config()
+    cfg.model.variant = "release"
+    cfg.model.kolors_dir, cfg.model.init_checkpoint = str(tiny_dir["kolors"]), str(tiny_dir["checkpoint"])
+    first, resumed = (build_model_from_config(cfg).prompt for _ in range(2))
+    assert computed == [tiny_dir["kolors"] / "text_encoder"] and len(list((tmp_path / "kept").iterdir())) == 1
+    assert torch.equal(first.prompt_embeds, resumed.prompt_embeds)
+
+
 def test_init_parts_start_another_variant_from_the_backbone(tmp_path):
     # the release-layout demo starts from the paper demo's backbone, with a fresh mask decoder
     from tadisr_core.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint, save_model

@@ -118,7 +118,8 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
 
     - a Kolors base (`model.kolors_dir`, `model.unet`, `model.vae`; see `base_files`): its UNet and VAE
       weights, the prompt cache from `model.prompt_cache` (computed with ChatGLM3, from
-      `model.text_encoder` or the Kolors folder, when the file is missing);
+      `model.text_encoder` or the Kolors folder, when the file is missing; unset, the one kept in the
+      user's cache folder, `prompt_store.kept_prompt`);
     - otherwise random weights of the tiny or full spec and a random prompt (tests, benchmarks);
       a full random model on CUDA is built on the meta device and materialised there.
     `model.init_checkpoint` (release .pkl, native .safetensors, or a shipped model's name:
@@ -147,7 +148,8 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
     if files is not None:
         from tadisr_core.backbone import check_backbone, load_unet, load_vae
         from tadisr_core.loading import ensure_prompt_cache
-        from tadisr_core.prompt import compute_prompt_cache_from_kolors
+        from tadisr_core.prompt_store import kept_prompt
+        from tadisr_core.spec import HEATMAP_PROMPT, SDXL_TIME_IDS
 
         base = ckpt.spec if spec_from_ckpt else spec_for_size("full", m.variant)
         chatglm = m.text_encoder or m.kolors_dir
@@ -156,7 +158,7 @@ def build_model_from_config(cfg: Config, device: str | torch.device = "cpu",
                               f"{PROMPT_SOURCE_KEYS} to compute it there")
         prompt = (ensure_prompt_cache(m.prompt_cache, chatglm, given_as=("model.prompt_cache", PROMPT_SOURCE_KEYS))
                   if m.prompt_cache
-                  else compute_prompt_cache_from_kolors(chatglm))
+                  else kept_prompt(chatglm, HEATMAP_PROMPT, SDXL_TIME_IDS, torch.device("cpu"), "model.prompt_cache"))
         unet, vae = check_backbone(files)  # headers only: a wrong file is named before anything is built
         spec = dataclasses.replace(base, unet=unet.spec, vae=vae.spec,
                                    prompt_tokens=prompt.prompt_embeds.shape[1],

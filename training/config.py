@@ -41,7 +41,8 @@ class ModelConfig:
                                             # or a shipped model's name: demo, demo-release (as --model takes)
     init_parts: list[str] | None = None     # take only these parts of init_checkpoint (unet, vae, mi_decoder),
                                             # e.g. another variant's backbone; None: all of it
-    prompt_cache: str | None = None         # prompt cache file; computed with Kolors' ChatGLM3 when absent
+    prompt_cache: str | None = None         # prompt cache file; computed with Kolors' ChatGLM3 when absent;
+                                            # unset: kept in ~/.cache/tadisr/prompt (TADISR_PROMPT_CACHE_DIR)
     unet_rank: int | None = None            # None: the variant's default (4)
     vae_rank: int | None = None             # None: the variant's default (2)
     mask_input: str | None = None           # attention | mid-block; None: the variant's default

@@ -48,9 +48,11 @@ def weights_filename(net: str) -> str:
 
 
 def default_weights_dir() -> Path:
-    """``$TADISR_LPIPS_DIR`` if set, else ``~/.cache/tadisr/lpips``."""
-    env = os.environ.get("TADISR_LPIPS_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tadisr" / "lpips"
+    """``$TADISR_LPIPS_DIR`` if set, else ``~/.cache/tadisr/lpips`` (``$XDG_CACHE_HOME/tadisr/lpips``
+    where that is set: `tadisr_core.files.user_cache_dir`)."""
+    from tadisr_core.files import user_cache_dir
+
+    return user_cache_dir("lpips", "TADISR_LPIPS_DIR")
 
 
 def resolve_weights(net: str, weights_path: str | os.PathLike | None = None, *, given_as: str = "weights_path",
