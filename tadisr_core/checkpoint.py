@@ -40,6 +40,7 @@ from .streaming import (
     load_torch_file,
     unreadable_format,
 )
+from .wording import command_line
 
 NATIVE_FORMAT = "tadisr/1"
 GROUPS = ("unet", "vae", "mi_decoder")
@@ -725,6 +726,7 @@ def with_cli_advice(exc: Exception, path: str | Path | None = None) -> str:
     return f"{exc}" + (f"; {other}" if other else "")
 
 
+@command_line()
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `inspect` / `convert` command; weight-file problems print one line and return 2."""
     try:

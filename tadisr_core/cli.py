@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .wording import command_line
+
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_CANCELLED = 0, 1, 2, 130
 
 log = logging.getLogger("tadisr")
@@ -187,6 +189,7 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (often faster on GPU)")
 
 
+@command_line()
 def load_model(args: argparse.Namespace, prompt_once: Callable | None = None):
     """Load and configure the model from the weight and device arguments; SetupError on missing weights.
     `prompt_once`: how the prompt conditioning is computed, as in `loading.load_tadisr` (under a
@@ -292,8 +295,9 @@ def _settle_model(args: argparse.Namespace) -> None:
 def _base_weight_args(args: argparse.Namespace, alone: bool) -> dict:
     """The base-weight flags for `model_ref.load_model`. For a model that runs alone, values that only
     came from their environment variables are dropped: given on the command line, they are an error there."""
-    given = {name: (_given(getattr(args, name)) if alone else getattr(args, name))
-             for name in ("kolors", "unet", "vae", "text_encoder")}
+    given = {arg: (_given(getattr(args, flag)) if alone else getattr(args, flag))
+             for flag, arg in (("kolors", "kolors_dir"), ("unet", "unet"), ("vae", "vae"),
+                               ("text_encoder", "text_encoder"))}
     return {**given, "text_encoder_device_name": args.text_encoder_device}
 
 
@@ -457,14 +461,15 @@ def _check_chatglm_device(flag: str, value: str) -> None:
     machine has: said before the 6 B-parameter model loads, not after."""
     if value == "auto":
         return
-    from .devices import device_refusal_reason, resolve_device
+    from .devices import resolve_device_setting
 
     try:
-        resolve_device(value)
+        resolve_device_setting(value, flag, flag)
     except (RuntimeError, ValueError) as exc:
-        raise SetupError(f"{flag} {value}: {device_refusal_reason(exc, value)}") from None
+        raise SetupError(str(exc)) from None
 
 
+@command_line()
 def run_upscale(args: argparse.Namespace, *, cancel: Callable[[], bool] | None = None, model=None) -> int:
     """The `upscale` command. `cancel` / `model` let callers (tests, embedding) inject their own.
 
@@ -654,6 +659,7 @@ def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned
             print(f"  and {len(failures) - LISTED_FAILURES} more failed; --json lists them all", file=sys.stderr)
 
 
+@command_line()
 def run_prompt_cache(args) -> int:
     """Compute the prompt cache once with Kolors' ChatGLM3 (a folder or a single file) and save it."""
     from .backbone import KolorsFolderError
@@ -809,6 +815,7 @@ def _terminate_as_interrupt():
             signal.signal(signal.SIGTERM, previous)
 
 
+@command_line()
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the chosen command; setup errors print one line and return 2."""
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -9,6 +9,7 @@ import os
 import torch
 
 from .descriptor import DESCRIPTOR, WEIGHT_DTYPES, dtype_name, part_dtypes
+from .wording import named
 
 log = logging.getLogger("tadisr")
 
@@ -49,13 +50,24 @@ def resolve_device(name: str | torch.device | None = "auto", auto: torch.device 
 
 
 def _flag(name: str) -> str:
-    """How `resolve_device`'s refusals of `name` begin: the CLI flag that set it."""
-    return f"--device {name}: "
+    """How `resolve_device`'s refusals of `name` begin: the setting, in the caller's words (`wording`)."""
+    return named(f"--device {name}: ", f"device={name!r}: ")
+
+
+def resolve_device_setting(name: str | torch.device, cli: str, python: str) -> torch.device:
+    """`resolve_device(name)` for a device setting other than the model's: a refusal names that setting,
+    `cli` (a flag) or `python` (an argument) as the caller speaks (`wording.named`)."""
+    try:
+        return resolve_device(name)
+    except (RuntimeError, ValueError) as exc:
+        said = named(f"{cli} {name}: ", f"{python}={str(name)!r}: ")
+        raise type(exc)(said + device_refusal_reason(exc, str(name))) from None
 
 
 def device_refusal_reason(exc: BaseException, name: str) -> str:
-    """The reason of `resolve_device`'s refusal `exc` of `name` without the `--device NAME: ` it begins
-    with, for callers that name the setting their own way (a node's device input, another CLI flag)."""
+    """The reason of `resolve_device`'s refusal `exc` of `name` without the `--device NAME: ` (or
+    `device='NAME': `) it begins with, for callers that name the setting their own way (a node's device
+    input, another CLI flag)."""
     return str(exc).removeprefix(_flag(name))
 
 

@@ -44,6 +44,7 @@ import torch
 from .descriptor import DESCRIPTOR
 from .files import default_file_mode, same_file
 from .finite import check_unit_range
+from .wording import named
 
 log = logging.getLogger("tadisr")
 
@@ -562,11 +563,12 @@ def check_writable(path: str | Path, channels: int, size: tuple[int, int] | None
         raise ValueError(f"{path}: cannot save {channels} channels as an image (need {DESCRIPTOR.channels_text()})")
     if image_format == "JPEG" and channels == 4:
         raise ValueError(f"{path}: the image has an alpha channel, which JPEG cannot keep; write it as PNG or "
-                         f"WebP (--format png / webp)")
+                         f"WebP ({named('--format png / webp', 'a .png / .webp path')})")
     longest = _MAX_SIDE.get(image_format)
     if size is not None and longest is not None and max(size) > longest:
         raise ValueError(f"{path}: a {size[1]}x{size[0]} image is too large for {image_format} (at most {longest} "
-                         f"px a side); write it as PNG (--format png) or upscale by less (--scale)")
+                         f"px a side); write it as PNG ({named('--format png', 'a .png path')}) or upscale by less "
+                         f"({named('--scale', 'scale')})")
 
 
 def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str | None = None,

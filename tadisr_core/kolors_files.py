@@ -22,6 +22,7 @@ from typing import Iterator
 from .files import file_identity, read_json_object
 from .safe_pickle import rereadable_torch_zip
 from .streaming import SAFETENSORS_SUFFIXES, is_safetensors, shards_folder
+from .wording import named
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 WEIGHT_EXTS = (".safetensors", ".bin")
@@ -29,9 +30,18 @@ TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")  # torch zips, read with the weigh
 SINGLE_FILE_EXTS = SAFETENSORS_SUFFIXES + TORCH_EXTS
 FP16_VARIANT_DTYPES = ("float16", "float8_e4m3fn", "float8_e5m2")  # loads that read the fp16 variant first
 VAE_PART = " + vae/"  # starts a choice name's VAE part; split at the last one (a file name may hold " + ")
-VAE_HINT = ("the Kolors VAE is the SDXL VAE: pass --vae FILE|DIR (e.g. sdxl_vae.safetensors; in ComfyUI "
-            "put it in models/vae)")
 log = logging.getLogger("tadisr")
+
+
+def vae_hint() -> str:
+    """What to give for the VAE, in the caller's words (`wording.named`)."""
+    return (f"the Kolors VAE is the SDXL VAE: pass {named('--vae FILE|DIR', 'vae=FILE|DIR')} (e.g. "
+            f"sdxl_vae.safetensors; in ComfyUI put it in models/vae)")
+
+
+def base_args() -> str:
+    """How the caller gives a Kolors base, in their words (`wording.named`)."""
+    return named("--kolors DIR (or --unet FILE and --vae FILE)", "kolors_dir=DIR (or unet=FILE and vae=FILE)")
 
 
 class KolorsFolderError(FileNotFoundError):
@@ -127,9 +137,11 @@ def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None 
     dtypes = _part_dtypes(dtype)
     root = Path(kolors) if kolors else None
     if root is not None and root.is_file():
-        raise KolorsFolderError(f"--kolors {root} is a file, not a Kolors folder: pass a Kolors UNet file (or an "
-                                f"all-in-one checkpoint) as --unet FILE with an SDXL VAE as --vae FILE, a ChatGLM3 "
-                                f"file as --text-encoder FILE, and the Kwai-Kolors/Kolors diffusers folder as --kolors")
+        kolors_arg, unet_arg, vae_arg, encoder_arg = (named(f"--{flag}", arg) for flag, arg in (
+            ("kolors", "kolors_dir"), ("unet", "unet"), ("vae", "vae"), ("text-encoder", "text_encoder")))
+        raise KolorsFolderError(f"{kolors_arg} {root} is a file, not a Kolors folder: pass a Kolors UNet file (or an "
+                                f"all-in-one checkpoint) as {unet_arg} with an SDXL VAE as {vae_arg}, a ChatGLM3 "
+                                f"file as {encoder_arg}, and the Kwai-Kolors/Kolors diffusers folder as {kolors_arg}")
     if root is not None and not root.is_dir():
         raise KolorsFolderError(f"Kolors folder not found: {root} (download Kwai-Kolors/Kolors in diffusers layout)")
     parts = {}
@@ -139,10 +151,12 @@ def find_kolors_files(kolors: str | Path | None = None, unet: str | Path | None 
         elif sub == "vae" and unet and (root is None or not (root / sub).is_dir()) and _holds_vae(parts["unet"][0]):
             parts[sub] = (parts["unet"][0], None)  # an all-in-one checkpoint's own VAE
         elif root is None:
-            raise KolorsFolderError(f"no {sub} given: pass --kolors DIR (a Kolors diffusers folder) or --{sub} FILE|DIR"
-                                    + (f"; {VAE_HINT}" if sub == "vae" else ""))
+            raise KolorsFolderError(f"no {sub} given: pass {named('--kolors DIR', 'kolors_dir=DIR')} (a Kolors "
+                                    f"diffusers folder) or {named(f'--{sub} FILE|DIR', f'{sub}=FILE|DIR')}"
+                                    + ("; the Kolors VAE is the SDXL VAE (e.g. sdxl_vae.safetensors; in ComfyUI "
+                                       "put it in models/vae)" if sub == "vae" else ""))
         elif sub == "vae" and not (root / sub).is_dir():
-            raise KolorsFolderError(f"{root} has no vae/ folder: {VAE_HINT}")
+            raise KolorsFolderError(f"{root} has no vae/ folder: {vae_hint()}")
         else:
             folder = root / sub
             if not (folder / "config.json").is_file():
@@ -371,7 +385,7 @@ def resolve_choice(name: str, diffusers_dirs, unet_dirs=(), vae_dirs=(), checkpo
             raise KolorsFolderError(f"UNet file '{rel}' not found in models/{prefix[:-1]} "
                                     f"({', '.join(map(str, dirs))})")
         if vae is None and not _holds_vae(unet):
-            raise KolorsFolderError(f"'{name}': a single UNet file needs a VAE file too ({VAE_HINT})")
+            raise KolorsFolderError(f"'{name}': a single UNet file needs a VAE file too ({vae_hint()})")
         return find_kolors_files(None, unet, vae, dtype)
     folder = _find(diffusers_dirs, first, folder=True) if first else None
     if folder is None:

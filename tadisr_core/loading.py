@@ -23,6 +23,7 @@ from .model import TADiSRModel
 from .prompt import PromptCache, compute_prompt_cache_from_kolors, text_encoder_device
 from .spec import HEATMAP_PROMPT, SDXL_TIME_IDS
 from .streaming import fit_shape
+from .wording import named
 
 log = logging.getLogger("tadisr")
 
@@ -30,7 +31,7 @@ log = logging.getLogger("tadisr")
 def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device: str | torch.device = "cpu",
                         time_ids: tuple[float, ...] = SDXL_TIME_IDS,
                         compute: str | torch.device = "cpu",
-                        given_as: tuple[str, str] = ("--prompt-cache", "--text-encoder DIR|FILE"),
+                        given_as: tuple[str, str] | None = None,
                         prompt: str = HEATMAP_PROMPT) -> PromptCache:
     """Load the prompt cache at `path`, computing it once with ChatGLM3 when absent (of `prompt` and
     `time_ids`).
@@ -38,10 +39,10 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
     `kolors_dir`: a Kolors folder, a ChatGLM3 folder or file, or a text_encoder folder with its
     tokenizer (`prompt.find_text_encoder`); `device` may be "auto": `compute` (the model's device) when it is
     a GPU with room for ChatGLM3, else the CPU (`prompt.text_encoder_device`). `given_as` names, in the
-    caller's words, where the cache path and ChatGLM3 are given (the CLI's flags by default).
+    caller's words, where the cache path and ChatGLM3 are given (by default `prompt_words`).
     """
     path = Path(path)
-    cache_flag, encoder_flag = given_as
+    cache_flag, encoder_flag = given_as or prompt_words()
     if path.is_file():
         return PromptCache.load(path)
     if kolors_dir is None:
@@ -58,8 +59,14 @@ def ensure_prompt_cache(path: str | Path, kolors_dir: str | Path | None, device:
     return cache
 
 
+def prompt_words() -> tuple[str, str]:
+    """How messages name the prompt-cache path and the ChatGLM3 source: the CLI's flags on the command line,
+    else `load_tadisr`'s arguments (`wording.named`)."""
+    return named("--prompt-cache", "prompt_cache"), named("--text-encoder DIR|FILE", "text_encoder=DIR|FILE")
+
+
 def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | None, text_encoder_device_name: str,
-                 compute: torch.device, given_as: tuple[str, str],
+                 compute: torch.device, given_as: tuple[str, str] | None,
                  conditioning: tuple[str, tuple[float, ...]]) -> PromptCache:
     """The prompt conditioning of `load_tadisr`: the cache at `prompt_cache` (computed and saved there when
     missing), or when None the one kept in the user's cache folder (`prompt_store.kept_prompt`: computed
@@ -71,7 +78,7 @@ def _load_prompt(prompt_cache: str | Path | None, encoder_source: str | Path | N
     if prompt_cache is not None:
         return ensure_prompt_cache(prompt_cache, encoder_source, device=text_encoder_device_name, compute=compute,
                                    given_as=given_as, prompt=prompt, time_ids=time_ids)
-    cache_flag, encoder_flag = given_as
+    cache_flag, encoder_flag = given_as or prompt_words()
     if encoder_source is None:
         raise FileNotFoundError(f"no prompt cache given and no ChatGLM3 to compute one "
                                 f"(pass {cache_flag} FILE or {encoder_flag})")
@@ -165,7 +172,8 @@ def warn_of_other_conditioning(ckpt: Checkpoint, prompt: PromptCache, given: str
     what = (f"the prompt {trained!r}, but {where} encodes {prompt.prompt!r}" if other_prompt else
             f"the time ids {_numbers(trained_ids)}, but {where} holds {_numbers(used_ids)}")
     if own_cache:
-        fix = "use the prompt cache kept with it (its run's or its folder's: leave out --prompt-cache)"
+        fix = (f"use the prompt cache kept with it (its run's or its folder's: leave out "
+               f"{named('--prompt-cache', 'prompt_cache')})")
     else:
         command = ["tadisr", "prompt-cache", "--kolors", "DIR", "-o", "FILE", "--prompt", trained or prompt.prompt]
         command += ["--time-ids", *_numbers(trained_ids).split()] if trained_ids is not None else []
@@ -190,12 +198,12 @@ def _numbers(values: list[float]) -> str:
 
 
 def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | Path | Checkpoint,
-                prompt_cache: str | Path | PromptCache | None = None, *, dtype: torch.dtype = torch.float32,
+                prompt_cache: str | Path | PromptCache | None = None, *, dtype: str | torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", merge_lora_weights: bool = True,
                 unet: str | Path | None = None, vae: str | Path | None = None,
-                text_encoder: str | Path | None = None, text_encoder_device_name: str = "cpu",
+                text_encoder: str | Path | None = None, text_encoder_device_name: str | torch.device = "cpu",
                 offload: str = "none", prompt_once: Callable | None = None,
-                prompt_given_as: tuple[str, str] = ("--prompt-cache", "--text-encoder DIR|FILE")) -> TADiSRModel:
+                prompt_given_as: tuple[str, str] | None = None) -> TADiSRModel:
     """Load the Kolors backbone, apply a TADiSR checkpoint and the prompt conditioning.
 
     The backbone: a Kolors folder and/or `unet` / `vae` files or folders (which win), or a
@@ -204,7 +212,8 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     `prompt_cache` may be a PromptCache, a path (computed with ChatGLM3 from `text_encoder`, else the
     Kolors folder, and saved there when the file does not exist yet) or None (computed once and kept in
     the user's cache folder, `prompt_store.kept_prompt`);
-    `prompt_given_as` is `ensure_prompt_cache`'s `given_as`.
+    `prompt_given_as` is `ensure_prompt_cache`'s `given_as`. `text_encoder_device_name` is where ChatGLM3
+    runs when it must ("auto": `prompt.text_encoder_device`); a device this machine lacks is refused first.
     `prompt_once(make)`, when given, returns what `make()` (which loads or computes the prompt) returns,
     the way it chooses: `ranks.Ranks.from_rank0` runs it in one process of a launcher and hands the
     conditioning to the others, which then never load ChatGLM3.
@@ -217,6 +226,8 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
     check_offload(offload)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if text_encoder_device_name != "auto":  # refused before gigabytes of ChatGLM3 are read, not after
+        text_encoder_device(text_encoder_device_name)
     files = kolors_dir if isinstance(kolors_dir, KolorsFiles) else find_kolors_files(kolors_dir, unet, vae, dtype)
     unet_part, vae_part = check_backbone(files)
     load_dtype = _load_dtype(dtype)

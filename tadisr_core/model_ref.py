@@ -26,7 +26,9 @@ import torch
 
 from .checkpoint import BaseMismatchError, Checkpoint, CheckpointError, apply_checkpoint, load_checkpoint
 from .files import read_json_object, source_identity
+from .kolors_files import base_args
 from .prompt import PromptCache
+from .wording import named
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_CHECKPOINT = DEMO_DIR / "tadisr_demo.safetensors"
@@ -136,10 +138,11 @@ def _run_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def resolve_model(ref: str | Path, given_as: str = "--model") -> ModelFiles:
+def resolve_model(ref: str | Path, given_as: str | None = None) -> ModelFiles:
     """Turn a shipped model's name (`demo`, `demo-release`), a run folder, one of its step folders or a
     checkpoint file into files; FileNotFoundError names what is missing, and the flag or argument
-    `given_as` the user gave `ref` with."""
+    `given_as` the user gave `ref` with (by default `--model` on the command line, else `model`)."""
+    said = f"{given_as or named('--model', 'model')} {ref}"
     shipped = shipped_models().get(str(ref))
     if shipped is not None:
         if not shipped.checkpoint.is_file():
@@ -154,7 +157,7 @@ def resolve_model(ref: str | Path, given_as: str = "--model") -> ModelFiles:
         return _with_run_files(path, run) if run is not None else ModelFiles(path, _prompt_beside(path))
     if not path.is_dir():
         names = ", ".join(f"'{n}'" for n in shipped_models())
-        raise FileNotFoundError(f"{given_as} {ref}: no such file or folder (give {names}, a training run folder, "
+        raise FileNotFoundError(f"{said}: no such file or folder (give {names}, a training run folder, "
                                 f"one of its {RUN_CHECKPOINTS}/step_N folders, an exported model folder or a "
                                 f"checkpoint file)")
     checkpoint = path / RUN_FINAL if (path / RUN_FINAL).is_file() else _newest_checkpoint(path)
@@ -165,10 +168,10 @@ def resolve_model(ref: str | Path, given_as: str = "--model") -> ModelFiles:
         return ModelFiles(weights[0], _prompt_beside(weights[0]))
     config = _run_config(path)
     if config is not None:
-        raise FileNotFoundError(f"{given_as} {ref}: a training run with no checkpoint yet: its first is saved "
+        raise FileNotFoundError(f"{said}: a training run with no checkpoint yet: its first is saved "
                                 f"{_first_checkpoint(config)}, or when the run is stopped (Ctrl-C)")
     found = f" (it holds {len(weights)} .safetensors files: give one)" if len(weights) > 1 else ""
-    raise FileNotFoundError(f"{given_as} {ref}: the folder holds neither {RUN_FINAL} nor "
+    raise FileNotFoundError(f"{said}: the folder holds neither {RUN_FINAL} nor "
                             f"{RUN_CHECKPOINTS}/step_*/{RUN_STEP_MODEL}, nor one exported model{found}; is it a "
                             f"training run's output_dir?")
 
@@ -225,7 +228,7 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if not ckpt.includes_backbone:
         raise CheckpointError(f"{ckpt.path} holds adapters only; it needs the Kolors base weights it was "
-                              f"trained on (--kolors DIR)")
+                              f"trained on ({base_args()})")
     prompt = prompt_cache if isinstance(prompt_cache, PromptCache) else PromptCache.load(prompt_cache)
     try:
         prompt.check_fits(ckpt.spec.unet.encoder_hid_dim)
@@ -238,18 +241,22 @@ def load_standalone(checkpoint: str | Path | Checkpoint, prompt_cache: str | Pat
     return model.eval().requires_grad_(False)
 
 
-def standalone_prompt(files: ModelFiles, given: str | Path | None = None) -> str | Path:
+def standalone_prompt(files: ModelFiles, given: str | Path | PromptCache | None = None) -> str | Path | PromptCache:
     """The prompt cache a model that runs alone takes: `given`, else the one kept with it (its run's);
     FileNotFoundError naming both when there is none, rather than Kolors' advice: it needs the one it
     was trained with."""
     prompt = given or files.prompt_cache
+    if isinstance(prompt, PromptCache):
+        return prompt
     if prompt is None:
-        raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass --prompt-cache "
-                                f"(a training run keeps it as {RUN_PROMPT_CACHE})")
+        raise FileNotFoundError(f"{files.checkpoint} needs its prompt conditioning: pass "
+                                f"{named('--prompt-cache FILE', 'prompt_cache=FILE')} (a training run keeps it as "
+                                f"{RUN_PROMPT_CACHE})")
     if not Path(prompt).exists():
         raise FileNotFoundError(f"prompt cache not found: {prompt} ({files.checkpoint} runs alone and takes the "
                                 f"prompt cache it was trained with: its run's {RUN_PROMPT_CACHE}"
-                                + (f", {files.prompt_cache}; leave out --prompt-cache to use it)"
+                                + (f", {files.prompt_cache}; leave out {named('--prompt-cache', 'prompt_cache')} "
+                                   f"to use it)"
                                    if files.prompt_cache else ")"))
     return prompt
 
@@ -262,16 +269,17 @@ def runs_alone(ref: str | Path) -> bool:
     return is_safetensors(checkpoint) and read_header(checkpoint).metadata.get("backbone") == "included"
 
 
-def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path | None = None,
+def load_model(ref: str | Path, *, kolors_dir: str | Path | None = None, unet: str | Path | None = None,
                vae: str | Path | None = None, text_encoder: str | Path | None = None,
-               text_encoder_device_name: str = "cpu", prompt_cache: str | Path | None = None,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               text_encoder_device_name: str | torch.device = "cpu",
+               prompt_cache: str | Path | PromptCache | None = None,
+               dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
                merge_lora_weights: bool = True, offload: str = "none", prompt_once: Callable | None = None):
     """Load the model `ref` names (see the module doc), on `device` in `dtype`; the LoRA is merged
     unless `merge_lora_weights=False`, and `offload` is as in `devices.place_model`.
 
-    A checkpoint of adapters takes its base from `kolors`, `unet`, `vae` and `text_encoder` as
-    `loading.load_tadisr` does; without `kolors` its run's recorded base fills in what is not given
+    A checkpoint of adapters takes its base from `kolors_dir`, `unet`, `vae` and `text_encoder` as
+    `loading.load_tadisr` does; without `kolors_dir` its run's recorded base fills in what is not given
     (`model.kolors_dir`, `model.unet`, `model.vae`). One that holds its whole backbone refuses them
     (ValueError), rather than ignoring them. `dtype` and `device` may be names, as in `loading.load_tadisr`,
     and `prompt_once` is as there (one that runs alone reads its prompt cache: no ChatGLM3 to share).
@@ -288,40 +296,41 @@ def load_model(ref: str | Path, *, kolors: str | None = None, unet: str | Path |
     prompt = prompt_cache or files.prompt_cache
     ckpt = load_checkpoint(files.checkpoint)
     if ckpt.includes_backbone:
-        given = [name for name, value in (("kolors", kolors), ("unet", unet), ("vae", vae),
-                                          ("text-encoder", text_encoder)) if value]
+        given = [named(f"--{flag}", arg) for flag, arg, value in (
+            ("kolors", "kolors_dir", kolors_dir), ("unet", "unet", unet), ("vae", "vae", vae),
+            ("text-encoder", "text_encoder", text_encoder)) if value]
         if given:
             raise ValueError(f"{files.checkpoint} holds its whole backbone and takes no base weights: leave out "
-                             + ", ".join(f"--{name}" for name in given))
+                             + ", ".join(given))
         model = load_standalone(ckpt, standalone_prompt(files, prompt_cache))
         if shipped is not None:
             model.default_color_fix = shipped.color_fix
         if merge_lora_weights:
             merge_lora(model)
         return place_model(model, device, dtype, offload=offload)
-    recorded = not kolors and files.run is not None
-    if not kolors:  # a given Kolors folder is the whole base; else the run's, with given parts overriding
-        kolors, unet, vae = files.kolors, unet or files.unet, vae or files.vae
-    if not (kolors or unet or vae):
+    recorded = not kolors_dir and files.run is not None
+    if not kolors_dir:  # a given Kolors folder is the whole base; else the run's, with given parts overriding
+        kolors_dir, unet, vae = files.kolors, unet or files.unet, vae or files.vae
+    if not (kolors_dir or unet or vae):
         raise FileNotFoundError(f"{files.checkpoint} holds adapters only: give the Kolors base it was trained "
-                                f"on with --kolors DIR (or --unet FILE and --vae FILE)")
+                                f"on with {base_args()}")
     from .kolors_files import KolorsFolderError, find_kolors_files
     from .loading import load_tadisr
 
     try:
-        base = find_kolors_files(kolors, unet, vae, dtype)
+        base = find_kolors_files(kolors_dir, unet, vae, dtype)
     except KolorsFolderError as e:
         if not recorded:
             raise
         raise KolorsFolderError(f"{e} (the Kolors base recorded in {files.run / RUN_CONFIG}, whose relative "
                                 f"paths are relative to the folder training ran in: run from there, or give "
-                                f"--kolors DIR, or --unet and --vae)") from None
+                                f"{base_args()})") from None
     try:
         return load_tadisr(base, ckpt, prompt, dtype=dtype, device=device, merge_lora_weights=merge_lora_weights,
                            text_encoder=text_encoder, text_encoder_device_name=text_encoder_device_name,
                            offload=offload, prompt_once=prompt_once)
     except BaseMismatchError as e:
-        if files.run is None or not _same_paths((kolors, unet, vae), (files.kolors, files.unet, files.vae)):
+        if files.run is None or not _same_paths((kolors_dir, unet, vae), (files.kolors, files.unet, files.vae)):
             raise
         raise BaseMismatchError(_recorded_base_mismatch(files, e.key), e.key) from None
 
@@ -346,4 +355,4 @@ def _recorded_base_mismatch(files: ModelFiles, key: str) -> str:
                        f"which the version of TADiSR that trained the run did not save in its checkpoints: "
                        f"train the run again with this version, whose checkpoints hold it (and run alone)")
     return head + ("The files there have changed since the run trained: give the Kolors files it was trained on "
-                   "with --kolors DIR (or --unet FILE and --vae FILE)")
+                   f"with {base_args()}")

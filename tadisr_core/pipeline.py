@@ -34,16 +34,16 @@ from .descriptor import DESCRIPTOR, check_pixels, is_whole
 from .devices import (
     choose_canvas_device,
     choose_tile_batch,
-    device_refusal_reason,
     free_memory,
     host_available_memory,
     is_oom,
     release_cached_memory,
-    resolve_device,
+    resolve_device_setting,
 )
 from .finite import DAMAGED, check_finite, check_input_image
 from .heatmap import AttentionTiles, channel_groups, reduce_heads, stretch, tile_heat
 from .tiling import Cancel, Progress, TileGrid, UpscaleCancelled, blend_tiles, extract_units, make_grid, run_batches
+from .wording import named
 
 __all__ = ["UpscaleResult", "TileState", "TiledLatents", "UpscaleCancelled", "upscale", "encode_tiles",
            "denoise_tiles", "decode_tiles", "upscale_canvas", "output_size", "check_settings", "kept_state_bytes"]
@@ -148,7 +148,7 @@ def _nonfinite_cause(model) -> str:
     conv_in = getattr(getattr(model, "unet", None), "conv_in", None)
     if conv_in is not None and conv_in.weight.dtype == torch.float16:
         return ("the UNet computes in fp16 here, and this model's activations most likely exceed fp16's range "
-                "(65504): load it in bf16 or fp32 (--dtype, or the loader's dtype input)")
+                f"(65504): load it in bf16 or fp32 ({named('--dtype', 'dtype=')}, or the loader node's dtype input)")
     return DAMAGED
 
 
@@ -301,10 +301,7 @@ def _canvas_bytes(batch: int, h: int, w: int, channels: int, mask: bool, heat: b
 
 def _resolve_canvas_device(model, canvas_device, batch: int, h: int, w: int, channels: int, mask: bool, heat: bool):
     if canvas_device != "auto":
-        try:
-            return resolve_device(canvas_device)
-        except (RuntimeError, ValueError) as e:
-            raise type(e)(f"canvas_device {canvas_device}: {device_refusal_reason(e, str(canvas_device))}") from None
+        return resolve_device_setting(canvas_device, "canvas_device", "canvas_device")  # no CLI flag sets it
     return choose_canvas_device(model, _canvas_bytes(batch, h, w, channels, mask, heat))
 
 
@@ -337,8 +334,12 @@ def _blend(model, grid: TileGrid, batch: int, channels: int, work, tile_batch, *
 
 
 T = TypeVar("T")
-LOW_MEMORY_WEIGHTS = "fp8_e4m3fn weights or sequential offload (--offload sequential, or ComfyUI's --lowvram)"
-LOW_MEMORY_HINT = f"use a lower-memory setting: {LOW_MEMORY_WEIGHTS}, no text mask, or a smaller tile"
+
+
+def _low_memory_weights() -> str:
+    """The loader's lower-memory settings, in the caller's words (`wording.named`)."""
+    offload = named("--offload sequential", "offload='sequential'")
+    return f"fp8_e4m3fn weights or sequential offload ({offload}, or ComfyUI's --lowvram)"
 
 
 def _hinted_oom(exc: BaseException, message: str) -> BaseException:
@@ -360,7 +361,7 @@ def _staged_run(stage: str, grid: TileGrid, run: Callable[[], T]) -> T:
         used = max(grid.tile_h, grid.tile_w)
         raise _hinted_oom(exc, f"out of memory in {stage} with one {used} px tile per model call ({exc}); the "
                                f"tile is set at encode: encode again with a smaller tile, or use "
-                               f"{LOW_MEMORY_WEIGHTS}") from exc
+                               f"{_low_memory_weights()}") from exc
 
 
 def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: int, size: tuple[int, int]):
@@ -377,7 +378,8 @@ def _with_tile_fallback(run: Callable[[int, int], object], tile: int, overlap: i
             used = max(grid.tile_h, grid.tile_w)
             if used <= MIN_TILE:
                 raise _hinted_oom(exc, f"out of memory even with one {used} px tile per model call ({exc}); "
-                                       f"{LOW_MEMORY_HINT}") from exc
+                                       f"use a lower-memory setting: {_low_memory_weights()}, no text mask, "
+                                       f"or a smaller tile") from exc
         release_cached_memory()  # outside the except block: the failed attempt's frames are gone
         new_tile = max(MIN_TILE, used // 2 // LATENT_FACTOR * LATENT_FACTOR)
         new_overlap = min(new_tile - LATENT_FACTOR, overlap * new_tile // tile // LATENT_FACTOR * LATENT_FACTOR)

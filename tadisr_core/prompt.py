@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .spec import HEATMAP_PROMPT, SDXL_TIME_IDS
+from .wording import named
 
 # The release's heat map read column 12 of the 256-long sequence: a padding position (its index
 # arithmetic assumed a CLIP-style [SOS] and no left padding). Kept to reproduce the release.
@@ -139,7 +140,7 @@ def find_word_columns(tokenizer, prompt: str, word: str, max_length: int) -> tup
     ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
     if len(pieces) + 2 > min(max_length, len(ids)):  # a length < 1 is not padded to, nor truncated at
         raise ValueError(f"prompt of {len(pieces)} tokens does not fit {max_length} (2 are special tokens); use a "
-                         f"longer sequence (--tokens, Kolors: 256) or a shorter prompt")
+                         f"longer sequence ({named('--tokens', 'max_length')}, Kolors: 256) or a shorter prompt")
     content_start = len(ids) - len(pieces)  # left padding, then [gMASK] sop, then the pieces
     starts = [i for i in range(len(pieces) - len(target) + 1) if pieces[i:i + len(target)] == target]
     return tuple(content_start + s + j for s in starts for j in range(len(target)))
@@ -349,7 +350,9 @@ def text_encoder_device(name: str | torch.device = "auto", compute: str | torch.
     """Where ChatGLM3 runs. "auto": the compute device when it is a GPU with at least CHATGLM_BYTES
     free (`free_bytes`, queried when None), else the CPU (bf16, a few minutes, once)."""
     if name != "auto":
-        return torch.device(name)
+        from .devices import resolve_device_setting
+
+        return resolve_device_setting(name, "--text-encoder-device", "text_encoder_device_name")
     compute = torch.device(compute)
     if compute.type != "cuda":
         return torch.device("cpu")
@@ -440,9 +443,10 @@ def compute_prompt_cache_from_kolors(kolors_dir: str | Path, prompt: str = HEATM
             cache.note = f"computed from {other} ({weights}), not Kolors' ChatGLM3-6B-Base"
         bad = first_problem({"prompt_embeds": cache.prompt_embeds, "text_embeds": cache.text_embeds})
         if bad:
+            on_cpu = named("--text-encoder-device cpu", "text_encoder_device_name='cpu'")
             raise ValueError(f"{weights}: ChatGLM3's prompt embedding {bad[0]} {bad[1]} (computed on {device}); "
                              f"its weights are damaged: re-download text_encoder/ (Kwai-Kolors/Kolors) or the "
-                             f"ChatGLM3 file, or compute on the CPU (--text-encoder-device cpu)")
+                             f"ChatGLM3 file, or compute on the CPU ({on_cpu})")
         return cache
     except BaseException as exc:
         # the traceback's finished frames (the forward pass's) still hold the encoder: drop their locals

@@ -253,13 +253,13 @@ def test_dtype_and_device_by_name_or_a_clear_error_before_loading(tiny_dir):
                          (torch.int8, "dtype torch.int8 is not one TADiSR runs in")):
         with pytest.raises(ValueError, match=re.escape(words)):
             load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], dtype=dtype)
-    with pytest.raises(ValueError, match="bf16: not a device"):
+    with pytest.raises(ValueError, match="^device='bf16': not a device"):
         load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], device="bf16")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"], device="cuda")
     with pytest.raises(ValueError, match="unknown dtype 'half'"):
-        load_model(tiny_dir["checkpoint"], kolors=str(tiny_dir["kolors"]), prompt_cache=tiny_dir["prompt_cache"],
+        load_model(tiny_dir["checkpoint"], kolors_dir=str(tiny_dir["kolors"]), prompt_cache=tiny_dir["prompt_cache"],
                    dtype="half")
 
 
@@ -283,3 +283,28 @@ def test_an_unknown_offload_mode_is_refused_before_any_file_is_read(tmp_path):
         load_model(missing, offload="cpu")
     with pytest.raises(ValueError, match="unknown offload mode 'Sequential'"):
         load_tadisr(missing, missing / "ckpt.safetensors", offload="Sequential")
+
+
+def test_python_callers_are_told_arguments_and_the_command_line_flags(tiny_dir, monkeypatch):
+    """Defect: a Python caller was told CLI flags ("--device cuda: ...", "pass --kolors DIR ... or --unet"), and
+    `text_encoder_device_name="cuda"` on a machine without CUDA failed inside torch after ChatGLM3 was read."""
+    from tadisr_core import devices, loading, prompt_store
+    from tadisr_core.wording import command_line
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for module in (loading, prompt_store):
+        monkeypatch.setattr(module, "compute_prompt_cache_from_kolors", lambda *a, **k: pytest.fail("ChatGLM3 read"))
+    with pytest.raises(RuntimeError, match=re.escape("text_encoder_device_name='cuda': CUDA is not available")):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None, text_encoder_device_name="cuda")
+    with pytest.raises(KolorsFolderError) as python:
+        find_kolors_files(None)
+    with command_line(), pytest.raises(KolorsFolderError) as cli:
+        find_kolors_files(None)
+    assert str(python.value) == "no unet given: pass kolors_dir=DIR (a Kolors diffusers folder) or unet=FILE|DIR"
+    assert str(cli.value) == "no unet given: pass --kolors DIR (a Kolors diffusers folder) or --unet FILE|DIR"
+    with pytest.raises(RuntimeError) as python:
+        devices.resolve_device("cuda:1")
+    with command_line(), pytest.raises(RuntimeError) as cli:
+        devices.resolve_device("cuda:1")
+    assert str(python.value).startswith("device='cuda:1': CUDA is not available")
+    assert str(cli.value).startswith("--device cuda:1: CUDA is not available")

@@ -129,7 +129,7 @@ def test_a_run_with_no_checkpoint_yet_is_named_as_such(tmp_path):
                         ({"checkpoint_every": 50, "max_steps": 40}, "at its end, step 40"),
                         (None, "at a step its train.checkpoint_every sets")):
         (tmp_path / "config.json").write_text(json.dumps({"model": {"kolors_dir": None}, "train": train}))
-        said = (f"--model {tmp_path}: a training run with no checkpoint yet: its first is saved {when}, or when the "
+        said = (f"model {tmp_path}: a training run with no checkpoint yet: its first is saved {when}, or when the "
                 f"run is stopped (Ctrl-C)")
         with pytest.raises(FileNotFoundError, match=f"^{re.escape(said)}$"):
             resolve_model(tmp_path)
@@ -201,7 +201,7 @@ def test_cli_without_weights_says_how_to_get_them(tmp_path, capsys):
 def test_adapter_run_without_its_base_asks_for_kolors(tmp_path):
     spec = tiny_spec("release")
     save_model(_perturbed(spec, 0), tmp_path / "adapters.safetensors")
-    with pytest.raises(FileNotFoundError, match="--kolors DIR"):
+    with pytest.raises(FileNotFoundError, match=re.escape("with kolors_dir=DIR (or unet=FILE and vae=FILE)")):
         load_model(tmp_path / "adapters.safetensors")
 
 
@@ -217,7 +217,7 @@ def test_a_model_that_runs_alone_refuses_base_weights_and_takes_the_offload_mode
     model.prompt.save(prompt)
     assert runs_alone(tmp_path / "whole.safetensors") and not runs_alone(tmp_path / "adapters.safetensors")
     with pytest.raises(ValueError, match=r"whole\.safetensors holds its whole backbone and takes no base weights: "
-                                         r"leave out --unet, --vae$"):
+                                         r"leave out unet, vae$"):
         load_model(tmp_path / "whole.safetensors", prompt_cache=prompt, unet="unet.safetensors", vae="vae")
     with pytest.raises(ValueError, match="unknown offload mode 'bogus'"):
         load_model(tmp_path / "whole.safetensors", prompt_cache=prompt, offload="bogus")
@@ -739,7 +739,7 @@ def test_export_never_invents_a_prompt_and_never_breaks_another_export(tmp_path)
     loose = tmp_path / "loose" / "weights.safetensors"
     loose.parent.mkdir()
     loose.write_bytes((tmp_path / "run" / "checkpoints" / "step_00000002" / "model.safetensors").read_bytes())
-    with pytest.raises(FileNotFoundError, match="needs its prompt conditioning: pass --prompt-cache"):
+    with pytest.raises(FileNotFoundError, match="needs its prompt conditioning: pass prompt_cache=FILE"):
         export_run(loose, tmp_path / "out_loose")
     paths = export_run(loose, tmp_path / "out_loose", prompt_cache=tmp_path / "run" / "prompt_cache.safetensors")
     assert torch.equal(PromptCache.load(paths["prompt_cache"]).prompt_embeds, model.prompt.prompt_embeds)

@@ -189,7 +189,7 @@ def test_ldm_layouts_load_in_bf16_with_the_lora_merged(layout, layouts, tiny_dir
 
 def test_folder_without_vae_says_what_to_add(layouts, tiny_dir):
     with pytest.raises(KolorsFolderError, match=r"KolorsNoVae has no vae/ folder: the Kolors VAE is the SDXL VAE: "
-                                                 r"pass --vae"):
+                                                 r"pass vae=FILE\|DIR"):
         load_tadisr(layouts["no_vae"], tiny_dir["checkpoint"], tiny_dir["prompt_cache"])
 
 
@@ -354,7 +354,7 @@ def test_candidates_and_choices(layouts, tiny_dir, sd15_folder, reference):
         resolve_choice("unet/kolors_unet.safetensors", *dirs)
     with pytest.raises(KolorsFolderError, match="kolors_no_vae.safetensors': a single UNet file needs a VAE file too"):
         resolve_choice("checkpoints/kolors_no_vae.safetensors", *dirs)
-    with pytest.raises(KolorsFolderError, match="no vae given: pass --kolors DIR .* or --vae FILE"):
+    with pytest.raises(KolorsFolderError, match="no vae given: pass kolors_dir=DIR .* or vae=FILE"):
         find_kolors_files(None, layouts["aio_no_vae"])
     with pytest.raises(KolorsFolderError, match="'nope' not found in models/diffusers"):
         resolve_choice("nope", *dirs)
@@ -396,8 +396,8 @@ def test_file_names_holding_a_plus_are_listed_and_resolved(layouts, tmp_path):
 
 
 def test_a_file_given_as_the_kolors_folder_is_said_to_be_one(layouts):
-    with pytest.raises(KolorsFolderError, match=r"--kolors \S+kolors_unet.safetensors is a file, not a Kolors folder: "
-                                                r"pass a Kolors UNet file .* as --unet FILE"):
+    with pytest.raises(KolorsFolderError, match=r"kolors_dir \S+kolors_unet.safetensors is a file, not a Kolors "
+                                                r"folder: pass a Kolors UNet file .* as unet with"):
         find_kolors_files(layouts["unet_file"])
 
 

@@ -261,7 +261,7 @@ def test_staged_out_of_memory_says_to_encode_with_a_smaller_tile(model):
         try:
             with pytest.raises(torch.OutOfMemoryError, match=f"out of memory in {stage} with one 96 px tile per "
                                r"model call .*; the tile is set at encode: encode again with a smaller tile, or "
-                               r"use fp8_e4m3fn weights or sequential offload \(--offload sequential, or ComfyUI's "
+                               r"use fp8_e4m3fn weights or sequential offload \(offload='sequential', or ComfyUI's "
                                r"--lowvram\)$"):
                 if stage == "denoise":
                     denoise_tiles(model, tiled, tile_batch=2)
@@ -303,7 +303,7 @@ def test_bad_arguments(model):
                                                    "(divide a 0..255 image by 255)")):
         upscale(model, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 4, **TILE)
     if not torch.cuda.is_available():  # defect: an assertion deep inside torch
-        with pytest.raises(RuntimeError, match="^canvas_device cuda: CUDA is not available"):
+        with pytest.raises(RuntimeError, match="^canvas_device='cuda': CUDA is not available"):
             upscale(model, x, 4, canvas_device="cuda", **TILE)
     with pytest.raises(ValueError, match="empty"):
         upscale(model, torch.rand(1, 3, 0, 20), 4, **TILE)

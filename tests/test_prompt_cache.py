@@ -208,7 +208,7 @@ def test_conditioning_that_cannot_be_kept_still_runs_and_says_where_to_keep_it(t
     [said] = [r.getMessage() for r in caplog.records]
     assert said.startswith(f"the prompt conditioning was computed with ChatGLM3 but cannot be kept in "
                            f"{tmp_path / 'blocked' / 'prompt'} (")
-    assert said.endswith("set TADISR_PROMPT_CACHE_DIR to a folder you can write, or give --prompt-cache FILE")
+    assert said.endswith("set TADISR_PROMPT_CACHE_DIR to a folder you can write, or give prompt_cache FILE")
 
 
 def test_a_model_that_runs_alone_given_another_cache_is_warned_of_too(tmp_path, caplog):
@@ -222,7 +222,7 @@ def test_a_model_that_runs_alone_given_another_cache_is_warned_of_too(tmp_path, 
     assert [r.getMessage() for r in caplog.records if "was trained with" in r.getMessage()] == [
         f"{demo.checkpoint} was trained with the prompt 'best quality,highres,extremely detailed,text', but the "
         f"prompt cache {tmp_path / 'other.safetensors'} encodes 'text': the output differs from what it learned; use "
-        f"the prompt cache kept with it (its run's or its folder's: leave out --prompt-cache)"]  # no encoder makes it
+        f"the prompt cache kept with it (its run's or its folder's: leave out prompt_cache)"]  # no encoder makes it
 
 
 def test_chatglm3_runs_in_fp16_on_a_gpu_as_kolors_does_and_bf16_on_the_cpu(tiny_dir, tmp_path, monkeypatch):

@@ -90,9 +90,11 @@ def base_files(m: ModelConfig):
     if not m.has_base:
         return None
     from tadisr_core.kolors_files import KolorsFolderError, find_kolors_files
+    from tadisr_core.wording import command_line
 
     try:
-        return find_kolors_files(m.kolors_dir, m.unet, m.vae)
+        with command_line():  # its words are the flags, named below as the config's keys
+            return find_kolors_files(m.kolors_dir, m.unet, m.vae)
     except KolorsFolderError as e:
         raise ConfigError(f"the Kolors base (model.kolors_dir, model.unet, model.vae): {e} (in a training config "
                           f"--kolors, --unet and --vae are model.kolors_dir, model.unet and model.vae)") from None

@@ -38,6 +38,7 @@ import torch
 from tadisr_core.devices import resolve_device
 from tadisr_core.files import atomic_path, require_readable, same_file
 from tadisr_core.images import load_image, to_uint8, walk_images
+from tadisr_core.wording import command_line
 from training import command_name, missing_extras
 from training.metrics import SSIM_WINDOW
 
@@ -467,6 +468,7 @@ def tolerant_stdout() -> None:
         sys.stdout.reconfigure(errors="backslashreplace")
 
 
+@command_line()
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 1 some pair failed, 2 nothing evaluated)."""
     parser = build_parser()

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tadisr_core.devices import COMPUTE_DTYPES
+from tadisr_core.wording import command_line
 
 RUN_ARG, OUT_ARG = "RUN_DIR", "OUT_DIR"  # how the usage line and the errors name the two arguments
 
@@ -77,6 +78,7 @@ def export_run(run: Path, out: Path, name: str | None = None, dtype: str = "fp16
     return {"weights": weights, "prompt_cache": prompt_path}
 
 
+@command_line()
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m training.export_model", description=__doc__.split("\n\n")[0])

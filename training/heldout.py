@@ -37,6 +37,7 @@ import torch
 
 from tadisr_core.color import COLOR_FIXES
 from tadisr_core.files import folder_target_problem
+from tadisr_core.wording import command_line
 from training.evaluate import json_target_problem, tolerant_stdout, write_json
 
 if TYPE_CHECKING:
@@ -313,6 +314,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@command_line()
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m training.heldout", description=__doc__.split("\n\n")[0])

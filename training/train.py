@@ -60,6 +60,7 @@ from tadisr_core.model_ref import (
     run_step_folder,
 )
 from tadisr_core.ranks import ArgumentParser
+from tadisr_core.wording import command_line
 from training import command_name, missing_extras
 from training.bad_samples import DataBroken, data_broken_message
 from training.config import Config, ConfigError, load_config, shipped_configs
@@ -697,6 +698,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command_line()
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code: 0 done, 1 aborted, 2 setup error, 130 stopped by a signal."""
     args = parse_args(argv)
