@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -209,8 +210,18 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
             earlier[base] = {k: [name for _, name in sorted(v)] for k, v in family.items()}
         return earlier[base].get(stem, [])
 
-    def made_from(base: Path, stem: str, source: str) -> bool:
-        return source in (recorded_source(base / f"{stem}{suffix}"), recorded_source(base / f"{stem}{MASK_SUFFIX}"))
+    def recorded(base: Path, stem: str) -> set[str]:
+        """The inputs `stem`'s outputs in `base` record (`source_tag`s; none for no outputs, or older ones)."""
+        return {r for r in (recorded_source(base / f"{stem}{suffix}"), recorded_source(base / f"{stem}{MASK_SUFFIX}"))
+                if r is not None}
+
+    def made_from(base: Path, stem: str, source: str, edited: bool = False) -> bool:
+        """Whether `stem`'s outputs were made from `source` (or, `edited`, from an earlier version of that file)."""
+        return any(r == source or (edited and _same_input(r, source)) for r in recorded(base, stem))
+
+    def another_inputs(base: Path, stem: str, source: str | None) -> bool:
+        """Whether `stem`'s outputs record another input of the same name (another folder's): not to be replaced."""
+        return any(_input_of(r) is not None and not _same_input(r, source) for r in recorded(base, stem))
 
     placed = [(path, outdir / (path.parent.relative_to(root) if root is not None else Path()), error,
                source_tag(path) if error is None else None) for path, root, error in inputs]
@@ -220,8 +231,9 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     stems: list[str | None] = []
     for path, base, _, source in placed:  # first, the names an earlier run gave these inputs
         # compared exactly: outputs that exist side by side (Scan_x4.png, scan_x4.png) are two files on this disk
-        kept = next((stem for stem in earlier_names(base, path.stem) if source is not None
-                     and base / stem not in kept_names and made_from(base, stem, source)), None)
+        kept = next((stem for edited in (False, True) for stem in earlier_names(base, path.stem)
+                     if source is not None and base / stem not in kept_names
+                     and made_from(base, stem, source, edited)), None)
         if kept is not None:
             kept_names.add(base / kept)
             used.add(_name_key(base, kept))
@@ -229,7 +241,8 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     jobs = []
     for (path, base, error, source), stem in zip(placed, stems):
         if stem is None:
-            stem = next(s for s in _stems(path) if _name_key(base, s) not in used)
+            stem = next(s for s in _stems(path) if _name_key(base, s) not in used
+                        and not another_inputs(base, s, source))
             used.add(_name_key(base, stem))
         # outputs that record no input (older versions) are taken as this input's only where no other
         # file of its name is in the run or has outputs
@@ -256,13 +269,27 @@ def _stems(path: Path):
 
 
 def source_tag(path: Path) -> str | None:
-    """What an output records of its input: its file name (percent-encoded: any bytes, in ASCII), size
-    and modification time (None when it cannot be read)."""
+    """What an output records of its input: its file name (percent-encoded: any bytes, in ASCII), size,
+    modification time and a digest of its folder's real path (which tells `x/page.png` from `y/page.png`
+    without writing the path into the file); None when it cannot be read."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return f"{quote(os.fsencode(path.name))} {st.st_size} bytes {int(st.st_mtime)}"
+    folder = hashlib.sha256(os.fsencode(os.path.realpath(path.parent))).hexdigest()[:12]
+    return f"{quote(os.fsencode(path.name))} {st.st_size} bytes {int(st.st_mtime)} in {folder}"
+
+
+def _input_of(tag: str | None) -> tuple[str, str] | None:
+    """(file name, folder digest) of a `source_tag`; None for None or a tag of an older version (no folder)."""
+    name, _, rest = (tag or "").partition(" ")
+    folder = rest.rpartition(" in ")[2] if " in " in rest else ""
+    return (name, folder) if folder else None
+
+
+def _same_input(recorded: str, source: str | None) -> bool:
+    """Whether the `source_tag`s `recorded` and `source` are one file (its content may have changed since)."""
+    return _input_of(recorded) is not None and _input_of(recorded) == _input_of(source)
 
 
 def _outputs(job: Job) -> list[Path]:

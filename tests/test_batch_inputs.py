@@ -121,3 +121,35 @@ def test_outputs_an_earlier_run_wrote_apart_by_case_keep_their_names(tmp_path):
                     source_tag(path))
     jobs = plan_jobs(collect_inputs([tmp_path / "cs1", tmp_path / "cs2"]), out, 4)
     assert [(j.input, j.image.name) for j in jobs] == [(inputs[0], "Scan_x4.png"), (inputs[1], "scan_x4.png")]
+
+
+def test_an_input_run_alone_never_takes_the_name_of_another_folders_file(tmp_path):
+    """Review: `x/page.png` and `y/page.png` ran together (page_x4, page-2_x4); `y/page.png`, edited and run alone,
+    took page_x4.png and replaced x's result; and two files of one name, size and time in two folders were one."""
+    import os
+    import shutil
+
+    import torch
+
+    from tadisr_core.images import recorded_source, save_images
+
+    def run(*folders: Path) -> list[str]:
+        jobs = plan_jobs(collect_inputs(list(folders)), out, 4)
+        for job in jobs:
+            image = torch.rand(1, 3, 40, 48)
+            save_images([(image, job.image), (image[:, :1], job.mask)], 95, job.source)
+        return [job.image.name for job in jobs]
+
+    for folder in ("x", "y", "z"):
+        (tmp_path / folder).mkdir()
+    x, y = _save(tmp_path / "x" / "page.png"), _save(tmp_path / "y" / "page.png", seed=1)
+    out = tmp_path / "out"
+    assert run(x.parent, y.parent) == ["page_x4.png", "page-2_x4.png"]
+    x_result = (out / "page_x4.png").read_bytes()
+    _save(y, seed=2)
+    os.utime(y, (y.stat().st_mtime + 60,) * 2)                   # edited: its own name, replaced
+    assert run(y.parent) == ["page-2_x4.png"] and (out / "page_x4.png").read_bytes() == x_result
+    z = shutil.copy2(x, tmp_path / "z" / "page.png")             # x's twin: same name, bytes and time
+    assert run(Path(z).parent) == ["page-3_x4.png"] and (out / "page_x4.png").read_bytes() == x_result
+    assert run(x.parent) == ["page_x4.png"] and recorded_source(out / "page_x4.png") != recorded_source(
+        out / "page-3_x4.png")

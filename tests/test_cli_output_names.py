@@ -286,7 +286,8 @@ def test_names_after_a_gap_stay(tiny_model, tmp_path, capsys):
 
 
 def test_two_files_of_one_name_and_size_are_told_apart(tiny_model, tmp_path, capsys):
-    """Review: `day2/scan.png` was skipped on `day1/scan.png`'s result (same name and byte size)."""
+    """Review: `day2/scan.png` was skipped on `day1/scan.png`'s result (same name and byte size); then it
+    replaced that result (a later review): it takes a name of its own."""
     twins = [tmp_path / day / "scan.png" for day in ("day1", "day2")]
     for i, twin in enumerate(twins):
         twin.parent.mkdir()
@@ -294,8 +295,10 @@ def test_two_files_of_one_name_and_size_are_told_apart(tiny_model, tmp_path, cap
         os.utime(twin, (1_700_000_000 + 86_400 * i,) * 2)               # same name and size, another day
     argv = ["upscale", "-o", str(tmp_path / "scans"), *FAST, "--json", "--skip-existing"]
     assert run([*argv, str(twins[0])], capsys, model=tiny_model)[0] == 0
+    first = (tmp_path / "scans" / "scan_x4.png").read_bytes()
     rc, rep, _ = run([*argv, str(twins[1])], capsys, model=tiny_model)
-    assert rc == 0 and not rep["files"][0]["skipped"] and rep["files"][0]["outputs"]["image"].endswith("scan_x4.png")
+    assert rc == 0 and not rep["files"][0]["skipped"] and rep["files"][0]["outputs"]["image"].endswith("scan-2_x4.png")
+    assert (tmp_path / "scans" / "scan_x4.png").read_bytes() == first
 
 
 def test_outputs_of_older_versions_are_not_skipped_for_another_input(tiny_model, tmp_path, capsys):
