@@ -14,7 +14,7 @@ Reading gives float32 [1, C, H, W] in 0..1 (C = 1 gray, 3 RGB, 4 RGBA) as the us
   applied instead (`_to_srgb`): CMYK becomes sRGB RGB, gray stays gray (at its bit depth) on sRGB's
   tone curve, and the sRGB profile is returned, so outputs show the colours and tones the input had.
 * a transparency key (tRNS of palette, gray and RGB PNGs) becomes alpha (RGBA, gray repeated; a 16-bit
-  gray PNG keeps its 16-bit levels);
+  gray PNG keeps its 16-bit levels); an alpha opaque everywhere (most screenshots') is dropped;
 * the resolution (PNG pHYs, JPEG JFIF, TIFF, else EXIF X/YResolution) is returned in dots per inch, so
   outputs can print at the input's size (`scaled_dpi`).
 
@@ -448,7 +448,8 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a, bits = _high_depth(im, path, full_scale)
         pixels = torch.from_numpy(np.clip(a, 0, 1)).view(1, 1, *a.shape)
-        if opaque is not None:  # as 8-bit gray with a key: RGBA (gray repeated), the key's pixels transparent
+        if opaque is not None and not opaque.all():  # as 8-bit gray with a key: RGBA (gray repeated), the key's
+            # pixels transparent
             pixels = torch.cat([pixels.expand(-1, 3, -1, -1), torch.from_numpy(opaque).float().view_as(pixels)], 1)
         return ImageFile(pixels, icc, frames, bits, dpi)
     if im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in im.info:
@@ -460,6 +461,8 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     a = np.asarray(im, dtype=np.uint8)
     if a.ndim == 2:
         a = a[:, :, None]
+    if a.shape[2] == 4 and (a[:, :, 3] == 255).all():  # alpha opaque everywhere (most screenshots) says nothing:
+        a = a[:, :, :3]  # RGB, which JPEG can hold
     pixels = torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     return ImageFile(pixels, icc, frames, 8, dpi)
 

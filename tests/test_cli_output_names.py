@@ -161,6 +161,25 @@ def test_jpeg_and_webp_outputs_are_tagged_resumed_and_never_taken_as_inputs(tiny
     assert rc == cli.EXIT_SETUP  # a folder holding only outputs has nothing to upscale
 
 
+def test_a_screenshot_whose_alpha_is_opaque_everywhere_is_written_as_rgb_and_can_be_jpeg(tiny_model, tmp_path,
+                                                                                         capsys):
+    """Review: an RGBA screenshot (alpha 255 everywhere, as macOS writes them) failed `--format jpg` ("the image
+    has an alpha channel") and gave a needless RGBA PNG; a palette image with a key no pixel uses, the same."""
+    d = tmp_path / "in"
+    d.mkdir()
+    rgb = np.random.default_rng(4).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb, np.full((12, 10), 255, np.uint8)]), "RGBA").save(d / "shot.png")
+    palette = Image.fromarray(rgb).quantize(16)
+    palette.save(d / "keyed.png", transparency=16)  # a key outside the image's 16 colours
+    for fmt in ("jpg", "png"):
+        rc, rep, _ = run(["upscale", str(d), "-o", str(tmp_path / fmt), *FAST, "--json", "--format", fmt], capsys,
+                         model=tiny_model)
+        assert rc == 0 and all(f["ok"] and f["channels"] == 3 for f in rep["files"]), rep["files"]
+        for name in ("shot", "keyed"):
+            with Image.open(tmp_path / fmt / f"{name}_x4.{fmt}") as im:
+                assert im.mode == "RGB" and im.size == (40, 48)
+
+
 def test_an_alpha_image_is_refused_as_jpeg_before_it_is_upscaled_and_kept_as_webp(tiny_model, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
