@@ -65,7 +65,7 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_yaml(tmp_p
                                                     f"be a multiple of 8 x data.scale (24)")):
         load_config(TINY, ["data.scale=3"])
     bad_yaml = tmp_path / "bad.yaml"
-    bad_yaml.write_text(TINY.read_text() + "\noptim:\n  decay: sometimes\n")
+    bad_yaml.write_text(TINY.read_text().replace("\noptim:\n", "\noptim:\n  decay: sometimes\n", 1))
     with pytest.raises(ConfigError, match=re.escape(f"{bad_yaml}: optim.decay = 'sometimes'")):
         load_config(bad_yaml, ["train.batch_size=2"])
 
@@ -220,3 +220,17 @@ def test_a_setup_error_leaves_no_empty_run_folder_behind(tmp_path, capsys):
     (tmp_path / "kept").mkdir()
     assert main(["--config", str(TINY), "--output-dir", str(tmp_path / "kept"), *data]) == 2
     assert (tmp_path / "kept").is_dir()
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_it_and_its_lines(tmp_path):
+    """Defect: a key written twice in a config file (a second `train:` section appended at its end, or a key
+    repeated inside a section) silently replaced the first, and the run trained with half of what the file
+    says. Either is refused at any nesting level, naming the file, the key and both lines."""
+    config = tmp_path / "twice.yaml"
+    config.write_text("train:\n  max_steps: 5\noptim:\n  lr: 1.0e-3\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{config}:5: train is given twice (lines 1 and 5)')}"):
+        load_config(config)
+    config.write_text("train:\n  max_steps: 5\n  seed: 1\n  max_steps: 7\n")
+    twice = f"{config}:4: train.max_steps is given twice (lines 2 and 4)"
+    with pytest.raises(ConfigError, match=f"^{re.escape(twice)}"):
+        load_config(config)

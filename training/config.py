@@ -418,6 +418,46 @@ def _yaml_place(path: Path, e: Exception) -> str:
     return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
 
 
+def _load_yaml_once_each(path: Path) -> Any:
+    """The YAML document in `path`, refusing a key given twice in one mapping at any level (PyYAML keeps
+    the last one silently: a second `train:` section would replace the first). ConfigError naming the
+    file, the key and both lines."""
+    import yaml
+
+    loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_keys_once(node, path, (), set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_keys_once(node: Any, path: Path, where: tuple[str, ...], seen: set[int]) -> None:
+    """Raise ConfigError for the first key met twice in a mapping under `node` (`where`: the keys above)."""
+    import yaml
+
+    if id(node) in seen:  # an alias: its node was checked where it was defined
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_keys_once(item, path, where, seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else str(id(key))
+            line = key.start_mark.line + 1
+            if name in first:
+                dotted = ".".join((*where, name))
+                raise ConfigError(f"{path}:{line}: {dotted} is given twice (lines {first[name]} and {line}); "
+                                  f"keep one of them (the later one would silently replace the earlier)")
+            first[name] = line
+            _check_keys_once(value, path, (*where, name), seen)
+
+
 YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 
@@ -474,7 +514,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     else:
         path = config_path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = _load_yaml_once_each(path)
         except yaml.YAMLError as e:
             raise ConfigError(f"{_yaml_place(path, e)}: not valid YAML ({_yaml_problem(e)})") from None
         except UnicodeDecodeError as e:
