@@ -616,6 +616,18 @@ def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch, cap
     assert "shipped config's name" in capsys.readouterr().out
 
 
+def test_force_without_resume_is_a_usage_error(tmp_path, capsys):
+    """Defect: `--force` without `--resume` was taken silently and did nothing (it only lets a resume go on
+    with a changed config), so a user who meant a resume started a new run believing the flag applied.
+    It is a usage error naming both flags, before any run folder is made."""
+    from training.train import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", "tiny", "--output-dir", str(out), "--force"])
+    assert stopped.value.code == 2 and not out.exists()
+    assert "--force only applies with --resume" in capsys.readouterr().err
+
 def test_init_checkpoint_takes_a_shipped_models_name_from_any_folder(tmp_path, monkeypatch):
     """Defect: demo_release.yaml named the shipped demo by a path relative to the repository root, and
     `--set model.init_checkpoint=demo` was refused; it takes the `--model` names, and the run records

@@ -695,7 +695,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value (YAML syntax; a text value is taken as typed, "
                         "a # in it included), repeatable")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.force and not args.resume:
+        p.error("--force only applies with --resume (it lets a resume go on with a changed config); "
+                "add --resume, or leave out --force to start a new run")
+    return args
 
 
 @command_line()
