@@ -23,14 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_on_two_processes(args: list[str]) -> subprocess.CompletedProcess:
+def train_on_two_processes(args: list[str], **env: str) -> subprocess.CompletedProcess:
     """`accelerate launch` of `python -m training.train ARGS` as two gloo processes on the CPU (fp32, no
-    dynamo, a free rendezvous port): its exit code, stdout and stderr."""
+    dynamo, a free rendezvous port), with `env` added to their environment: its exit code, stdout and stderr."""
     port = str(free_port())
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
            "-m", "training.train", *args]
-    return subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), MASTER_PORT=port), capture_output=True,
+    return subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), MASTER_PORT=port, **env), capture_output=True,
                           text=True, timeout=300)
 
 

@@ -403,6 +403,54 @@ def test_build_from_kolors_folder_and_checkpoint(tiny_dir):
         build_model_from_config(cfg)
 
 
+# In each rank of the launcher: every ChatGLM3 load and LPIPS fetch is logged, slowly (a big model, a download);
+# the fetch writes weights of the right shapes, as no package index is needed.
+COUNT_DOWNLOADS = '''
+import os, time
+if os.environ.get("RANK"):
+    from tadisr_core import prompt
+    from training import convert_lpips_weights
+
+    def logged(what):
+        with open(os.environ["LOADS_LOG"], "a") as f:
+            f.write(f"{what} {os.environ['RANK']}\\n")
+        time.sleep(2)
+
+    _load = prompt._load_chatglm
+    def load(*a, **kw):
+        logged("chatglm")
+        return _load(*a, **kw)
+
+    def fetch(out_dir=None, instead=None):
+        import torch
+        from safetensors.torch import save_file
+        from training.lpips import state_dict_keys, weights_filename
+        logged("lpips")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for net in ("alex", "vgg"):
+            save_file({k: torch.rand(s) for k, s in state_dict_keys(net).items()}, str(out_dir / weights_filename(net)))
+
+    prompt._load_chatglm, convert_lpips_weights.fetch_default = load, fetch
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_compute_the_prompt_and_fetch_lpips_once(tiny_dir, tmp_path):
+    """Defect: under a launcher every rank computed a missing prompt conditioning with ChatGLM3 (12.5 GB of
+    RAM each for Kolors') and fetched and converted missing LPIPS weights, all at once. The main process
+    computes and fetches them; the others then read its files."""
+    site, log = tmp_path / "site", tmp_path / "loads.log"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(COUNT_DOWNLOADS)
+    args = ["--config", str(TINY), "--max-steps", "1", "--output-dir", str(tmp_path / "run")]
+    for item in (f"model.kolors_dir={tiny_dir['kolors']}", f"model.init_checkpoint={tiny_dir['checkpoint']}",
+                 "model.variant=release", "train.validate_every=0"):
+        args += ["--set", item]
+    caches = {"TADISR_PROMPT_CACHE_DIR": str(tmp_path / "kept"), "TADISR_LPIPS_DIR": str(tmp_path / "lpips")}
+    proc = train_on_two_processes(args, PYTHONPATH=f"{REPO}:{site}", LOADS_LOG=str(log), **caches)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(log.read_text().splitlines()) == ["chatglm 0", "lpips 0"]
+
 def test_a_kolors_run_without_a_prompt_cache_keeps_the_one_it_computes(tiny_dir, tmp_path, monkeypatch):
     """Defect: a run on a Kolors folder without model.prompt_cache loaded ChatGLM3 at every start and resume."""
     from tadisr_core import prompt

@@ -151,7 +151,10 @@ class Trainer:
         build_cfg = self._model_source(resume_from)
         datasets = self._build_datasets()
 
-        model = build_model_from_config(build_cfg, self.acc.device, log=self._print)
+        # The main process first: what the model and the loss need once (the prompt conditioning computed with
+        # ChatGLM3, 12.5 GB of RAM for Kolors'; LPIPS weights fetched) it writes, and the others then read.
+        with self.acc.main_process_first():
+            model = build_model_from_config(build_cfg, self.acc.device, log=self._print)
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
         if resume_from is not None:
             self._check_trainable_set(resume_from)
@@ -169,7 +172,8 @@ class Trainer:
             enable_gradient_checkpointing(model)
         model.train()
         self.model = model
-        self.loss_fn = build_loss(cfg, self.acc.device)
+        with self.acc.main_process_first():
+            self.loss_fn = build_loss(cfg, self.acc.device)
         params = [p for _, p in self.trainable]
         optimizer = build_optimizer(cfg, params)
         o = cfg.optim
