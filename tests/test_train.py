@@ -676,6 +676,22 @@ def test_force_without_resume_is_a_usage_error(tmp_path, capsys):
     assert stopped.value.code == 2 and not out.exists()
     assert "--force only applies with --resume" in capsys.readouterr().err
 
+
+def test_a_launchers_mixed_precision_other_than_the_configs_is_said(tmp_path, monkeypatch, capsys):
+    """Review: `accelerate launch --mixed_precision bf16` trained in the config's fp32 without a word (the
+    config's train.mixed_precision is the run's, recorded in its config.json)."""
+    from training.train import Trainer
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    Trainer(lean_cfg(tmp_path / "a", train__max_steps=1))
+    said = ("warning: the launcher asks for mixed precision bf16, but this run trains in no (train.mixed_precision, "
+            "which the config sets); set train.mixed_precision = bf16 (or --set train.mixed_precision=bf16)")
+    assert said in capsys.readouterr().out
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch` without the flag
+    Trainer(lean_cfg(tmp_path / "b", train__max_steps=1))
+    assert "launcher asks" not in capsys.readouterr().out
+
+
 def test_init_checkpoint_takes_a_shipped_models_name_from_any_folder(tmp_path, monkeypatch):
     """Defect: demo_release.yaml named the shipped demo by a path relative to the repository root, and
     `--set model.init_checkpoint=demo` was refused; it takes the `--model` names, and the run records

@@ -138,6 +138,11 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=mp, kwargs_handlers=[ddp], cpu=_multi_process_cpu())
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         self.main = self.acc.is_main_process
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launched not in ("", "no", mp):
+            self._print(f"warning: the launcher asks for mixed precision {launched}, but this run trains in "
+                        f"{mp} (train.mixed_precision, which the config sets); set train.mixed_precision = "
+                        f"{launched} (or --set train.mixed_precision={launched}) to train in it")
         if mp == "fp16" and self.acc.scaler is None:
             self._print(f"warning: train.mixed_precision = fp16 needs a CUDA GPU (Accelerate has no fp16 on "
                         f"{self.acc.device.type}): this run trains in fp32; train.mixed_precision = bf16 works on CPU")
@@ -151,9 +156,10 @@ class Trainer:
         build_cfg = self._model_source(resume_from)
         datasets = self._build_datasets()
 
-        # The main process first: what the model and the loss need once (the prompt conditioning computed with
-        # ChatGLM3, 12.5 GB of RAM for Kolors'; LPIPS weights fetched) it writes, and the others then read.
-        with self.acc.main_process_first():
+        # Each machine's main process first: what the model and the loss need once (the prompt conditioning
+        # computed with ChatGLM3, 12.5 GB of RAM for Kolors'; LPIPS weights fetched, into ~/.cache) it writes, and
+        # the others then read.
+        with self.acc.local_main_process_first():
             model = build_model_from_config(build_cfg, self.acc.device, log=self._print)
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
         if resume_from is not None:
@@ -172,7 +178,7 @@ class Trainer:
             enable_gradient_checkpointing(model)
         model.train()
         self.model = model
-        with self.acc.main_process_first():
+        with self.acc.local_main_process_first():
             self.loss_fn = build_loss(cfg, self.acc.device)
         params = [p for _, p in self.trainable]
         optimizer = build_optimizer(cfg, params)
