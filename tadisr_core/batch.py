@@ -26,6 +26,7 @@ from .images import (
     check_writable,
     image_size,
     left_out_advice,
+    name_max,
     read_image,
     recorded_source,
     save_images,
@@ -297,12 +298,18 @@ def _outputs(job: Job) -> list[Path]:
 
 
 def _refuse_overwrites(jobs: list[Job]) -> None:
-    """Mark jobs failed whose outputs would replace an input of this run or a file we did not write."""
+    """Mark jobs failed whose outputs would replace an input of this run or a file we did not write, or
+    whose names are longer than their disk takes (said before the upscale, not after)."""
     inputs = {os.path.realpath(j.input): j.input for j in jobs if j.error is None}
     for job in jobs:
         if job.error:
             continue
         for out in _outputs(job):
+            longest = name_max(out.parent)
+            if len(os.fsencode(out.name)) > longest:
+                job.error = (f"{out.name}: the output's name is {len(os.fsencode(out.name))} bytes, longer than "
+                             f"the {longest} its disk takes (in {out.parent}); give the input a shorter name")
+                break
             if os.path.realpath(out) in inputs:
                 job.error = (f"{out} is also an input of this run; it would be overwritten before it is read. "
                              f"Choose another output folder (-o)")

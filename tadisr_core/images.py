@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -592,7 +593,7 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str 
         for item in items:
             image, path = item[0], Path(item[1])
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.partial")
+            tmp = _temporary_path(path)
             staged.append((tmp, path))
             check_image_tensor(image, path)
             check_writable(path, image.shape[-3])
@@ -605,6 +606,25 @@ def save_images(items: list[tuple], quality: int = DEFAULT_QUALITY, source: str 
             if tmp.exists():
                 tmp.unlink()
     return [path for _, path in staged]
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) the disk of `folder` (or of its nearest existing parent) takes: 255 on
+    the usual file systems."""
+    for place in (folder, *folder.parents):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if place.exists():
+                return os.pathconf(place, "PC_NAME_MAX")
+    return 255
+
+
+def _temporary_path(path: Path) -> Path:
+    """The hidden file `path` is written to first: `.NAME.partial`, or a short name of a digest where that would
+    pass the disk's longest name (a final name that fits must not fail for its temporary's)."""
+    name = f".{path.name}.partial"
+    if len(os.fsencode(name)) > name_max(path.parent):
+        name = f".tadisr-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}.partial"
+    return path.with_name(name)
 
 
 def save_image(image: torch.Tensor, path: str | Path, icc_profile: bytes | None = None,

@@ -153,3 +153,25 @@ def test_an_input_run_alone_never_takes_the_name_of_another_folders_file(tmp_pat
     assert run(Path(z).parent) == ["page-3_x4.png"] and (out / "page_x4.png").read_bytes() == x_result
     assert run(x.parent) == ["page_x4.png"] and recorded_source(out / "page_x4.png") != recorded_source(
         out / "page-3_x4.png")
+
+
+def test_a_long_name_is_written_or_refused_before_the_upscale(tmp_path):
+    """Review: a 248-byte output name (legal) failed after the whole upscale, with "[Errno 36] File name too long"
+    naming its hidden temporary `.NAME.partial` (257 bytes); a name past the disk's limit is now refused
+    when the run is planned."""
+    import torch
+
+    from tadisr_core.images import save_images
+
+    (tmp_path / "in").mkdir()
+    fits = _save(tmp_path / "in" / ("路" * 80 + ".png"))            # 240-byte stem: outputs of 247 and 254 bytes
+    too_long = _save(tmp_path / "in" / ("字" * 81 + ".png"))        # 243: its text mask's name would be 257
+    out = tmp_path / "out"
+    jobs = {job.input: job for job in plan_jobs(collect_inputs([fits, too_long]), out, 4)}
+    assert jobs[fits].error is None
+    image = torch.rand(1, 3, 8, 8)
+    save_images([(image, jobs[fits].image), (image[:, :1], jobs[fits].mask)], 95, jobs[fits].source)
+    assert sorted(p.name for p in out.iterdir()) == sorted([jobs[fits].image.name, jobs[fits].mask.name])
+    mask = "字" * 81 + "_text_mask.png"
+    assert jobs[too_long].error == (f"{mask}: the output's name is 257 bytes, longer than the 255 its disk takes "
+                                    f"(in {out}); give the input a shorter name")
