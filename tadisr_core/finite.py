@@ -90,12 +90,16 @@ RANGE_SLACK = 0.5  # values this far outside 0..1 are another convention, not a 
 
 def check_input_image(image: torch.Tensor, what: str = "input image") -> None:
     """ValueError (NonFiniteError for NaN/Inf) naming `what` when `image` is not a float [B, C, H, W]
-    image in 0..1 (C = 1, 3 or 4); values up to `RANGE_SLACK` outside 0..1 pass (clamped by the user)."""
+    image in 0..1 (C = 1, 3 or 4), TypeError when it is no tensor at all; values up to `RANGE_SLACK`
+    outside 0..1 pass (clamped by the user)."""
     channels = DESCRIPTOR.input_channels
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in channels:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"the {what}: expected a torch tensor [B, C, H, W] in 0..1, got {type(image).__name__} "
+                        f"(a file: images.load_image(path); a PIL image or HWC uint8 array a: "
+                        f"torch.from_numpy(numpy.asarray(a)).permute(2, 0, 1)[None].float() / 255)")
+    if image.ndim != 4 or image.shape[1] not in channels:
         raise ValueError(f"expected an image [B, C, H, W] with C in {', '.join(map(str, channels))} (gray, RGB, "
-                         f"RGBA), got {shape}")
+                         f"RGBA), got {tuple(image.shape)}")
     if not image.is_floating_point():
         raise ValueError(f"the {what}: expected a float image in 0..1, got {str(image.dtype).removeprefix('torch.')} "
                          f"(divide a 0..255 image by 255)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,6 +303,9 @@ def test_bad_arguments(model):
     with pytest.raises(ValueError, match=re.escape("the input image: expected a float image in 0..1, got uint8 "
                                                    "(divide a 0..255 image by 255)")):
         upscale(model, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 4, **TILE)
+    with pytest.raises(TypeError, match=re.escape("the input image: expected a torch tensor [B, C, H, W] in 0..1, got "
+                                                  "ndarray (a file: images.load_image(path); a PIL image")):
+        upscale(model, np.zeros((16, 16, 3), np.uint8), 4, **TILE)  # review: a ValueError, as for a wrong shape
     if not torch.cuda.is_available():  # defect: an assertion deep inside torch
         with pytest.raises(RuntimeError, match="^canvas_device='cuda': CUDA is not available"):
             upscale(model, x, 4, canvas_device="cuda", **TILE)
