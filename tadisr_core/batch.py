@@ -65,6 +65,15 @@ class Options:
     skip_existing: bool = False
     color_fix: str = "auto"           # "wavelet": colours from the bicubic input; "auto": the model's choice (color.py)
     quality: int = DEFAULT_QUALITY    # of a JPEG or WebP image (plan_jobs' image_format)
+    made_by: str = ""                 # what makes the outputs (`made_by`), recorded with the input's tag
+
+
+def made_by(model, options: Options) -> str:
+    """A digest of what decides a file's outputs besides its input, name and scale: the model's weights (their
+    files' identities) and the colour fix and seed. Outputs record it, so `--skip-existing` redoes those that
+    another model (the demo, say) or other settings made."""
+    made = repr((getattr(model, "weights_id", None), options.color_fix, options.seed))
+    return hashlib.sha256(made.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -218,7 +227,8 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
 
     def made_from(base: Path, stem: str, source: str, edited: bool = False) -> bool:
         """Whether `stem`'s outputs were made from `source` (or, `edited`, from an earlier version of that file)."""
-        return any(r == source or (edited and _same_input(r, source)) for r in recorded(base, stem))
+        return any(r.partition(" by ")[0] == source or (edited and _same_input(r, source))
+                   for r in recorded(base, stem))
 
     def another_inputs(base: Path, stem: str, source: str | None) -> bool:
         """Whether `stem`'s outputs record another input of the same name (another folder's): not to be replaced."""
@@ -284,7 +294,7 @@ def source_tag(path: Path) -> str | None:
 def _input_of(tag: str | None) -> tuple[str, str] | None:
     """(file name, folder digest) of a `source_tag`; None for None or a tag of an older version (no folder)."""
     name, _, rest = (tag or "").partition(" ")
-    folder = rest.rpartition(" in ")[2] if " in " in rest else ""
+    folder = rest.rpartition(" in ")[2].partition(" by ")[0] if " in " in rest else ""
     return (name, folder) if folder else None
 
 
@@ -372,7 +382,8 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     outputs = {"image": job.image, **({"mask": job.mask} if job.mask is not None else {})}
     if job.attention is not None:
         outputs["attention"] = job.attention
-    if options.skip_existing and all(written_by_us(p, source=job.source, unrecorded=not job.shared)
+    recorded = f"{job.source} by {options.made_by}" if job.source and options.made_by else job.source
+    if options.skip_existing and all(written_by_us(p, source=recorded, unrecorded=not job.shared)
                                      for p in outputs.values()) and _mask_fits(job):
         rec.ok, rec.skipped = True, True
         rec.outputs = {k: str(v) for k, v in outputs.items()}
@@ -395,7 +406,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         items += [(result.mask, job.mask)] if job.mask is not None else []
         if job.attention is not None:
             items.append((result.attention, job.attention))
-        save_images(items, options.quality, job.source, dpi=scaled_dpi(source.dpi, options.scale))
+        save_images(items, options.quality, recorded, dpi=scaled_dpi(source.dpi, options.scale))
         t3 = time.perf_counter()
     except UpscaleCancelled:
         raise

@@ -416,7 +416,8 @@ def add_upscale(sub) -> None:
                    help=f"JPEG / WebP quality, 1 to 100 (default {DEFAULT_QUALITY}; WebP at 100 is lossless)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--skip-existing", action="store_true",
-                   help="skip inputs whose outputs all exist (complete, made from the same input); without it "
+                   help="skip inputs whose outputs all exist (complete, made from the same input by the same "
+                        "model, colour fix and seed); without it "
                         "TADiSR's own earlier outputs are replaced (files it did not write never are)")
     p.add_argument("--json", action="store_true", help="print a JSON report (per-file sizes and timings) to stdout")
     p.add_argument("-q", "--quiet", action="store_true",
@@ -537,7 +538,7 @@ def _check_attention_columns(model, args: argparse.Namespace) -> None:
 def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] | None, model) -> int:
     from tqdm.auto import tqdm
 
-    from .batch import DiskFull, Options, not_tried, process_file, shard
+    from .batch import DiskFull, Options, made_by, not_tried, process_file, shard
     from .pipeline import UpscaleCancelled
 
     rank, world = ranks.rank, ranks.world
@@ -555,6 +556,7 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
     load_s = time.perf_counter() - t0
     options = Options(args.scale, args.tile, args.overlap, args.tile_batch, args.attention, args.seed,
                       args.skip_existing, args.color_fix, args.quality)
+    options.made_by = made_by(model, options)
     records, cancelled = [], False
     files_bar = tqdm(total=len(jobs), unit="file", disable=quiet or len(jobs) < 2, position=0)
     with _Interrupt(term_stops=world > 1) as interrupt:

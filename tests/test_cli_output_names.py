@@ -115,6 +115,23 @@ def test_skip_existing_reports_skipped_files_apart_from_written_ones(tiny_model,
     assert rc == 0 and f"0 of 1 files written to {tmp_path / 'o'}, 1 skipped (their outputs exist)" in err
 
 
+def test_skip_existing_redoes_outputs_another_model_or_colour_fix_made(tiny_model, tmp_path, capsys, monkeypatch):
+    """Review: outputs of `--model demo` were skipped in a later run with other weights (or another --color-fix)
+    into the same folder: the outputs recorded only their input."""
+    random_png(tmp_path / "a.png")
+    argv = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), *FAST, "--json", "--skip-existing"]
+
+    def skipped(*more: str) -> bool:
+        rc, rep, _ = run([*argv, *more], capsys, model=tiny_model)
+        assert rc == 0 and rep["files"][0]["outputs"]["image"] == str(tmp_path / "o" / "a_x4.png")
+        return rep["files"][0]["skipped"]
+
+    assert not skipped() and skipped()
+    monkeypatch.setattr(tiny_model, "weights_id", ("other weights",), raising=False)
+    assert not skipped() and skipped()                 # redone by the other model, on its name; then skipped
+    assert not skipped("--color-fix", "none") and skipped("--color-fix", "none") and not skipped()
+
+
 @pytest.mark.parametrize("fmt", ["jpg", "webp"])
 def test_jpeg_and_webp_outputs_are_tagged_resumed_and_never_taken_as_inputs(tiny_model, tmp_path, capsys, fmt):
     """`--format jpg|webp`: the SR image in that format (the mask stays PNG), close to the PNG one, a
