@@ -234,3 +234,29 @@ def test_a_key_given_twice_in_a_config_file_is_refused_naming_it_and_its_lines(t
     twice = f"{config}:4: train.max_steps is given twice (lines 2 and 4)"
     with pytest.raises(ConfigError, match=f"^{re.escape(twice)}"):
         load_config(config)
+
+
+def test_a_missing_validation_folder_is_named_by_its_key(tmp_path):
+    """Review: `data.val_root=/nonexist` said "missing folder /nonexist/hr (...)" without the key that named it,
+    as if `data.root` were wrong."""
+    import numpy as np
+    from PIL import Image
+
+    from training.builders import build_datasets
+
+    for sub, shape in (("hr", (64, 64, 3)), ("mask", (64, 64))):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        Image.fromarray(np.zeros(shape, np.uint8)).save(tmp_path / "data" / sub / "a.png")
+    root, val = (json.dumps(str(tmp_path / name)) for name in ("data", "no_val"))
+    cfg = load_config(TINY, ["data.kind=triplets", f"data.root={root}", f"data.val_root={val}"])
+    with pytest.raises(FileNotFoundError, match=rf"^missing folder {re.escape(str(tmp_path / 'no_val' / 'hr'))} "
+                                                r"\(.*\) \(data\.val_root\)$"):
+        build_datasets(cfg, tmp_path, log=None)
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    """Review: an empty YAML file trained every default (a 512 px synthesis run) without a word."""
+    for text in ("", "# only a comment\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'empty.yaml'))}: the config is empty; "):
+            load_config(tmp_path / "empty.yaml")

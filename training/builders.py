@@ -411,7 +411,7 @@ def build_datasets(cfg: Config, work_dir: str | Path,
     """(train, val) datasets; val is None when the config names no validation data. `log` is told of
     synthesis backgrounds smaller than the crop (they are upscaled, blurring the ground truth) and of
     triplet folders without LR images (degraded on the fly: with which preset); None skips both."""
-    from training.data.datasets import OnTheFlySynthesisDataset, RealCEDataset, TripletFolderDataset
+    from training.data.datasets import OnTheFlySynthesisDataset, RealCEDataset, TripletFolderDataset, named_by_key
 
     d = cfg.data
     preset = degradation_preset(cfg)
@@ -440,7 +440,8 @@ def build_datasets(cfg: Config, work_dir: str | Path,
     if d.kind == "triplets":
         dirs = dict(hr_dir=d.hr_dir, lr_dir=d.lr_dir, mask_dir=d.mask_dir)
         train = TripletFolderDataset(d.root, crop=d.crop, scale=d.scale, preset=preset, **dirs)
-        val = (TripletFolderDataset(d.val_root, crop=d.val_crop, scale=d.scale, preset=preset, **dirs)
+        val = (named_by_key(lambda root: TripletFolderDataset(root, crop=d.val_crop, scale=d.scale, preset=preset,
+                                                              **dirs), d.val_root, "data.val_root")
                if d.val_root else None)
         if log is not None:
             for note in dict.fromkeys(ds.degradation_note() for ds in (train, val) if ds is not None):

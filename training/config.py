@@ -519,6 +519,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"{_yaml_place(path, e)}: not valid YAML ({_yaml_problem(e)})") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text ({e}); save the config as UTF-8") from None
+        if data is None:  # an empty file (or only comments) would train every default: a 512 px synth run
+            raise ConfigError(f"{path}: the config is empty; copy a shipped one (training/configs/tiny.yaml) and "
+                              f"change what you need")
         cfg, source = config_from_dict(data, str(path)), str(path)
     apply_overrides(cfg, overrides or [])
     try:

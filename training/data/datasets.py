@@ -317,7 +317,7 @@ class RealCEDataset(Dataset):
         return {"lr": image_tensor(lr), "hr": image_tensor(hr), "mask": mask_tensor(mask), "name": stem}
 
 
-def _named(read, folder, key: str):
+def named_by_key(read, folder, key: str):
     """`read(folder)`, a missing folder's FileNotFoundError ending with the config `key` that named it."""
     try:
         return read(folder)
@@ -338,16 +338,16 @@ class OnTheFlySynthesisDataset(Dataset):
                  size: int = 512, scale: int = 4, preset: str | DegradationPreset = FTSR_RELEASE,
                  seed: int = 0, config: SynthesisConfig | None = None, has_text=None):
         if isinstance(backgrounds, (str, os.PathLike)):
-            folder, backgrounds = backgrounds, _named(list_images, backgrounds, "data.backgrounds")
+            folder, backgrounds = backgrounds, named_by_key(list_images, backgrounds, "data.backgrounds")
             if not backgrounds:
                 raise ValueError(f"no background images in {folder} (data.backgrounds): put .png / .jpg photos "
                                  f"without text there, or use 'skimage'")
         if fonts is None:
             fonts = system_fonts()
         elif isinstance(fonts, (str, os.PathLike)):
-            fonts = _named(fonts_in_folder, fonts, "data.fonts")
+            fonts = named_by_key(fonts_in_folder, fonts, "data.fonts")
         if isinstance(text_crops, (str, os.PathLike)):
-            text_crops = _named(find_text_crops, text_crops, "data.text_crops")
+            text_crops = named_by_key(find_text_crops, text_crops, "data.text_crops")
         config = config or SynthesisConfig(size=size, scale=scale)
         try:
             self.synth = TextSynthesizer(backgrounds, fonts, text_crops or (), config, preset, has_text)
