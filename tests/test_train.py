@@ -58,6 +58,17 @@ def test_tiny_config_trains_and_loss_falls(tmp_path, lpips_dir, capsys):
     assert ckpt.spec.variant == "paper" and ckpt.metadata["train_step"] == "40"
 
 
+def test_a_run_says_what_it_trains_at_its_start(tmp_path, capsys):
+    """Review: a run never said how many tensors and parameters it trains, the first check of a new setup."""
+    from training.train import Trainer
+
+    trainer = Trainer(lean_cfg(tmp_path, train__max_steps=1))
+    [line] = [s for s in capsys.readouterr().out.splitlines() if s.startswith("trains ")]
+    grads = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert line.startswith(f"trains {len(grads)} tensors, {sum(p.numel() for p in grads):,} parameters: unet ")
+    assert ", vae " in line and ", mi_decoder " in line
+
+
 def test_a_run_on_a_random_base_is_a_model_by_itself(tmp_path):
     """tiny.yaml trains adapters on a random backbone that no Kolors folder holds: the run saves that
     backbone too, so `--model RUN` runs it with no other weights (the README's training step 3)."""

@@ -108,6 +108,18 @@ def _multi_process_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not xpu
 
 
+
+def _trainable_summary(trainable: list[tuple[str, torch.nn.Parameter]]) -> str:
+    """One line of what a run trains: tensors and parameters per part (unet, vae, mi_decoder)."""
+    parts: dict[str, list[int]] = {}
+    for name, p in trainable:
+        counts = parts.setdefault(name.split(".", 1)[0], [0, 0])
+        counts[0] += 1
+        counts[1] += p.numel()
+    each = ", ".join(f"{part} {n} ({size:,})" for part, (n, size) in parts.items())
+    return (f"trains {sum(n for n, _ in parts.values())} tensors, {sum(s for _, s in parts.values()):,} parameters: "
+            f"{each}")
+
 class Trainer:
     """Owns the accelerator, the model, the optimiser and the loop. `run()` trains to max_steps."""
 
@@ -162,6 +174,7 @@ class Trainer:
         with self.acc.local_main_process_first():
             model = build_model_from_config(build_cfg, self.acc.device, log=self._print)
         self.trainable = configure_trainable(model, no_jsd=cfg.ablation.no_jsd, backbone=cfg.model.train_backbone)
+        self._print(_trainable_summary(self.trainable))
         if resume_from is not None:
             self._check_trainable_set(resume_from)
         # build_cfg: on a resume whose init checkpoint is gone, the checkpoint resumed from stands in for it.
