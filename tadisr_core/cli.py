@@ -575,7 +575,8 @@ def _upscale_files(args: argparse.Namespace, ranks, cancel: Callable[[], bool] |
                 rec = process_file(model, job, options, progress=progress, cancel=stop)
             except UpscaleCancelled as exc:
                 cancelled = True
-                print(f"cancelled during {job.input} ({exc}); its outputs were not written", file=sys.stderr)
+                print(f"cancelled during {job.input} ({exc}); its outputs were not written. The same command with "
+                      f"--skip-existing goes on from it, keeping what was written", file=sys.stderr)
                 break
             except DiskFull as exc:  # every later file would fail alike, each after its whole upscale
                 rec, full = exc.record, job.image.parent

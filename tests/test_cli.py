@@ -178,6 +178,7 @@ def test_cancel_between_tiles_writes_nothing_partial(tiny_model, inputs, tmp_pat
                              "-o", str(out), "--kolors", "x", "--checkpoint", "y", *FAST], capsys,
                             cancel=cancel, model=tiny_model)
     assert rc == cli.EXIT_CANCELLED and "cancelled during" in stderr and "odd.png" in stderr
+    assert "The same command with --skip-existing goes on from it" in stderr  # review: a plain re-run redid all
     written = sorted(p.name for p in out.iterdir())
     assert written == ["alpha_text_mask.png", "alpha_x4.png", "gray_text_mask.png", "gray_x4.png"]
     assert checks["n"] == 5                              # stopped at the first check after the request
