@@ -206,8 +206,8 @@ def load_tadisr(kolors_dir: str | Path | KolorsFiles | None, checkpoint: str | P
                 prompt_given_as: tuple[str, str] | None = None) -> TADiSRModel:
     """Load the Kolors backbone, apply a TADiSR checkpoint and the prompt conditioning.
 
-    The backbone: a Kolors folder and/or `unet` / `vae` files or folders (which win), or a
-    `KolorsFiles`. Both parts are checked to be Kolors from their headers before anything is
+    The backbone: `kolors_dir` (a Kolors folder, or a `KolorsFiles`) and/or `unet` / `vae` files or
+    folders (which win). Both parts are checked to be Kolors from their headers before anything is
     built (NotKolorsError), then built on the meta device and streamed in the target dtype.
     `prompt_cache` may be a PromptCache, a path (computed with ChatGLM3 from `text_encoder`, else the
     Kolors folder, and saved there when the file does not exist yet) or None (computed once and kept in

@@ -283,6 +283,8 @@ def load_model(ref: str | Path, *, kolors_dir: str | Path | None = None, unet: s
     (`model.kolors_dir`, `model.unet`, `model.vae`). One that holds its whole backbone refuses them
     (ValueError), rather than ignoring them. `dtype` and `device` may be names, as in `loading.load_tadisr`,
     and `prompt_once` is as there (one that runs alone reads its prompt cache: no ChatGLM3 to share).
+    `prompt_cache` (a path or a `PromptCache`) replaces the conditioning kept with the model; a model that
+    runs alone warns when it is not the one it was trained with.
     """
     from .devices import check_offload, place_model, resolve_device, resolve_dtype
     from .lora import merge_lora

@@ -415,7 +415,9 @@ def upscale(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int 
     image k of a batch does not draw the noise it would draw alone). A gray input (C = 1, or C = 4 with
     three equal colour channels: gray with alpha) gives a gray image, as three equal channels.
     `color_fix="wavelet"` takes the low frequencies from the bicubic canvas, "none" leaves the output
-    as it is, "auto" does what the model recommends (see `color.py`). Results are float32 on the CPU.
+    as it is, "auto" does what the model recommends (see `color.py`). `canvas_device`: where the output
+    canvases are blended, "auto" (`devices.choose_canvas_device`: the model's GPU when they take at most a
+    fifth of its free memory, else the CPU) or a device. Results are float32 on the CPU.
     """
     check_input_image(image)
     check_settings(scale, tile, overlap)
@@ -500,13 +502,15 @@ def _keep_skips(model, keep_skips: bool | str, units: int, cells: int) -> bool:
 @torch.no_grad()
 def encode_tiles(model, image: torch.Tensor, scale: float = DEFAULT_SCALE, tile: int = DEFAULT_TILE,
                  overlap: int = DEFAULT_OVERLAP, tile_batch: int | str = "auto", *, progress: Progress | None = None,
-            cancel: Cancel | None = None,
+                 cancel: Cancel | None = None,
                  sample: bool = False, generator: torch.Generator | None = None, seed: int | None = None,
                  store_device: torch.device | str = "cpu", keep_skips: bool | str = "auto") -> TiledLatents:
     """Staged step 1: upscale, tile and VAE-encode; keeps each tile's latents (see module doc).
 
-    `keep_skips`: True keeps the encoder skip features, False re-encodes at decode, "auto" keeps
-    them when all fit SKIP_BUDGET_BYTES.
+    `scale`, `tile`, `overlap`, `tile_batch`, `progress`, `cancel`, `sample`, `generator` and `seed` are
+    as in `upscale`. `store_device`: where the tiles' latents (and the upscaled canvas) are kept between
+    the steps. `keep_skips`: True keeps the encoder skip features, False re-encodes at decode, "auto"
+    keeps them when all fit SKIP_BUDGET_BYTES.
     """
     check_input_image(image)
     check_settings(scale, tile, overlap)
@@ -550,6 +554,7 @@ def denoise_tiles(model, tiled: TiledLatents, capture: bool = False, tile_batch:
 
     `capture` keeps the heat map's channel mean per tile; `keep_attention` keeps every tile's full
     TACA maps (for `TiledLatents.attention_tiles`); the maps the decoder reads are always kept.
+    `tile_batch`, `progress` and `cancel` are as in `upscale`.
     """
     if tiled.stage != "encoded":
         raise ValueError(f"these tiles are already {tiled.stage}; denoise takes encoded tiles")
@@ -582,7 +587,7 @@ def decode_tiles(model, tiled: TiledLatents, tile_batch: int | str = "auto", *, 
     """Staged step 3: joint decode of every tile and the Hann blend into the SR image and text mask.
 
     Skip features that were not kept are re-encoded from the LR input. `mask=False`: image only.
-    `color_fix` as in `upscale`.
+    `tile_batch`, `progress`, `cancel`, `canvas_device` and `color_fix` are as in `upscale`.
     """
     if tiled.stage != "denoised":
         raise ValueError(f"these tiles are {tiled.stage}; decode takes denoised tiles")
