@@ -39,3 +39,16 @@ def test_pack_import_is_lazy():
     # the development venv installs it)
     assert run["importable"] == {"tadisr_core": True, "tests": False, "devtools": False}
     assert run["heavy"] == [], f"pack import pulled in {run['heavy']}"
+
+
+def test_the_entry_points_are_reachable_from_the_package_and_load_on_first_use():
+    """Review: `import tadisr_core` offered only `__version__`; a diffusers user looks for `load_model` and
+    `upscale` there. They are imported when first named, so the package import stays cheap."""
+    code = ("import json, sys, tadisr_core; before = 'tadisr_core.pipeline' in sys.modules; "
+            "from tadisr_core import load_model, upscale; "
+            "import tadisr_core.pipeline as p, tadisr_core.model_ref as m; from tadisr_core import cli; "
+            "print(json.dumps([before, upscale is p.upscale, load_model is m.load_model, "
+            "sorted(set(tadisr_core.__all__) - set(dir(tadisr_core)))]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, True, True, []]
