@@ -87,6 +87,7 @@ class Record:
     input_size: list[int] | None = None      # [width, height]
     output_size: list[int] | None = None
     channels: int | None = None
+    frames: int | None = None                # frames or pages of the input; only the first is upscaled
     tiles: int | None = None
     tile_size: list[int] | None = None       # [width, height] of the tiles actually used
     outputs: dict[str, str] = field(default_factory=dict)
@@ -394,7 +395,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         image = source.pixels
         t1 = time.perf_counter()
         rec.input_size = [image.shape[-1], image.shape[-2]]
-        rec.channels = image.shape[1]
+        rec.channels, rec.frames = image.shape[1], source.frames
         check_writable(job.image, image.shape[1], output_size(*image.shape[-2:], options.scale))  # before the upscale
         result = upscale(model, image, options.scale, options.tile, options.overlap, options.tile_batch,
                          progress=progress, cancel=cancel, attention=options.attention,

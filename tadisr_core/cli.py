@@ -656,6 +656,10 @@ def _report_upscale(args: argparse.Namespace, model, shares: list[dict], planned
         print(f"{len(records) - len(failed) - skipped} of {planned} files written to {args.output}{processes}"
               + (f", {skipped} skipped (their outputs exist)" if skipped else "")
               + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
+        paged = [r.input for _, r in records if r.ok and (r.frames or 1) > 1]
+        if paged:  # said per file as it was read, maybe long ago: the summary is what a batch's user reads
+            print(f"  {len(paged)} file(s) had several frames or pages, of which only the first was upscaled: "
+                  + ", ".join(paged[:3]) + (", ..." if len(paged) > 3 else ""), file=sys.stderr)
         for rank, r in failures[:LISTED_FAILURES]:
             print(f"  failed{f' (rank {rank})' if world > 1 else ''}: {r.error}", file=sys.stderr)
         if len(failures) > LISTED_FAILURES:

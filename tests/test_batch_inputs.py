@@ -175,3 +175,20 @@ def test_a_long_name_is_written_or_refused_before_the_upscale(tmp_path):
     mask = "字" * 81 + "_text_mask.png"
     assert jobs[too_long].error == (f"{mask}: the output's name is 257 bytes, longer than the 255 its disk takes "
                                     f"(in {out}); give the input a shorter name")
+
+
+def test_the_pages_left_out_of_a_multi_page_file_are_in_the_report_and_the_summary(tiny_model, tmp_path, capsys):
+    """Review: a 3-page scan (TIFF) gave its first page with a warning at its read only; `--json` and the
+    closing summary, what a batch's user reads, did not say that two pages were left out."""
+    from tests.cli_runs import run_cli
+
+    d = tmp_path / "in"
+    d.mkdir()
+    pages = [Image.fromarray(np.full((12, 10, 3), 60 * k, np.uint8)) for k in range(3)]
+    pages[0].save(d / "scan.tif", save_all=True, append_images=pages[1:])
+    _save(d / "photo.png")
+    rc, rep, _ = _upscale([str(d), "-o", str(tmp_path / "o")], capsys, tiny_model)
+    assert rc == 0 and {Path(f["input"]).name: f["frames"] for f in rep["files"]} == {"scan.tif": 3, "photo.png": 1}
+    rc, _, err = run_cli(["upscale", str(d), "-o", str(tmp_path / "o2"), *FAST], capsys, model=tiny_model)
+    assert rc == 0 and (f"  1 file(s) had several frames or pages, of which only the first was upscaled: "
+                        f"{d / 'scan.tif'}\n") in err
