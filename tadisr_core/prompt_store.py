@@ -45,16 +45,19 @@ def kept_prompt(encoder_source: str | Path, prompt: str, time_ids: tuple[float, 
             cache = PromptCache.load(path)
             log.info("the prompt conditioning: %s (computed once with ChatGLM3 %s)", path, encoder_source)
             return cache
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:  # damaged, or another user's file we may not read
             log.warning("%s; computing it again", exc)
     cache = compute_prompt_cache_from_kolors(encoder_source, prompt=prompt, time_ids=time_ids, device=device)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         cache.save(path)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' own error for a folder it cannot write in
+        if not isinstance(exc, OSError) and type(exc).__name__ != "SafetensorError":
+            raise
         log.warning("the prompt conditioning was computed with ChatGLM3 but cannot be kept in %s (%s): later runs "
                     "compute it again (about 12.5 GB and minutes each time); set %s to a folder you can write, or "
-                    "give %s FILE", path.parent, exc.strerror or exc, PROMPT_CACHE_DIR_ENV, cache_flag)
+                    "give %s FILE", path.parent, getattr(exc, "strerror", None) or exc, PROMPT_CACHE_DIR_ENV,
+                    cache_flag)
         return cache
     log.info("the prompt conditioning is kept in %s: later runs with this ChatGLM3 skip it (%s sets the folder)",
              path, PROMPT_CACHE_DIR_ENV)

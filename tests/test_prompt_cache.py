@@ -210,6 +210,32 @@ def test_conditioning_that_cannot_be_kept_still_runs_and_says_where_to_keep_it(t
                            f"{tmp_path / 'blocked' / 'prompt'} (")
     assert said.endswith("set TADISR_PROMPT_CACHE_DIR to a folder you can write, or give prompt_cache FILE")
 
+    class SafetensorError(Exception):  # what safetensors raises for a folder it may not write in (not an OSError)
+        pass
+
+    def refuse(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+
+    import safetensors.torch
+
+    monkeypatch.setenv("TADISR_PROMPT_CACHE_DIR", str(tmp_path / "read_only"))
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None)  # review: this was the load's error
+    [said] = [r.getMessage() for r in caplog.records]
+    assert f"cannot be kept in {tmp_path / 'read_only'} (Error while serializing: I/O error: Permission" in said
+    monkeypatch.undo()
+
+    monkeypatch.setenv("TADISR_PROMPT_CACHE_DIR", str(tmp_path / "kept"))
+    load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None)
+    monkeypatch.setattr(PromptCache, "load", classmethod(lambda cls, path: (_ for _ in ()).throw(
+        PermissionError(f"prompt cache {path}: permission denied"))))  # another user's kept file
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tadisr"):
+        load_tadisr(tiny_dir["kolors"], tiny_dir["checkpoint"], None)
+    assert "permission denied; computing it again" in caplog.text
+
 
 def test_a_model_that_runs_alone_given_another_cache_is_warned_of_too(tmp_path, caplog):
     """Defect: only the Kolors path compared the conditioning; `--model demo --prompt-cache other` ran silently."""
