@@ -463,7 +463,8 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> ImageFile:
     if a.ndim == 2:
         a = a[:, :, None]
     if a.shape[2] == 4 and (a[:, :, 3] == 255).all():  # alpha opaque everywhere (most screenshots) says nothing:
-        a = a[:, :, :3]  # RGB, which JPEG can hold
+        gray = (a[:, :, 0] == a[:, :, 1]).all() and (a[:, :, 1] == a[:, :, 2]).all()  # gray repeated (LA, L + key)
+        a = a[:, :, :1] if gray else a[:, :, :3]  # which JPEG can hold
     pixels = torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     return ImageFile(pixels, icc, frames, 8, dpi)
 

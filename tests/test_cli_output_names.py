@@ -197,6 +197,19 @@ def test_a_screenshot_whose_alpha_is_opaque_everywhere_is_written_as_rgb_and_can
                 assert im.mode == "RGB" and im.size == (40, 48)
 
 
+@pytest.mark.parametrize("mode", ["LA", "L with a key no pixel uses"])
+def test_a_gray_image_whose_alpha_is_opaque_everywhere_stays_gray(tmp_path, mode):
+    """Review of the change above: a gray image with an opaque alpha came out in colour (three channels, read as
+    RGB, are upscaled as colour), where gray with alpha gives gray."""
+    gray = np.random.default_rng(5).integers(0, 256, (12, 10), dtype=np.uint8)
+    if mode == "LA":
+        Image.fromarray(np.dstack([gray, np.full_like(gray, 255)]), "LA").save(tmp_path / "g.png")
+    else:
+        Image.fromarray(gray | 1).save(tmp_path / "g.png", transparency=0)  # odd levels only: key 0 unused
+    pixels = images.read_image(tmp_path / "g.png").pixels
+    assert pixels.shape == (1, 1, 12, 10)
+
+
 def test_an_alpha_image_is_refused_as_jpeg_before_it_is_upscaled_and_kept_as_webp(tiny_model, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()
