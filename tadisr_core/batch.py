@@ -227,13 +227,14 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
                 if r is not None}
 
     def made_from(base: Path, stem: str, source: str, edited: bool = False) -> bool:
-        """Whether `stem`'s outputs were made from `source` (or, `edited`, from an earlier version of that file)."""
-        return any(r.partition(" by ")[0] == source or (edited and _same_input(r, source))
-                   for r in recorded(base, stem))
+        """Whether `stem`'s outputs were made from the file `source` (in any folder: a moved folder keeps its
+        outputs), or, `edited`, from an earlier version of the file at its path."""
+        return any(_same_file(r, source) or (edited and _same_path(r, source)) for r in recorded(base, stem))
 
     def another_inputs(base: Path, stem: str, source: str | None) -> bool:
-        """Whether `stem`'s outputs record another input of the same name (another folder's): not to be replaced."""
-        return any(_input_of(r) is not None and not _same_input(r, source) for r in recorded(base, stem))
+        """Whether `stem`'s outputs were made from another file (of another name, or another folder's): they
+        are not `source`'s to replace."""
+        return any(not _same_file(r, source) and not _maybe_same_path(r, source) for r in recorded(base, stem))
 
     placed = [(path, outdir / (path.parent.relative_to(root) if root is not None else Path()), error,
                source_tag(path) if error is None else None) for path, root, error in inputs]
@@ -292,16 +293,41 @@ def source_tag(path: Path) -> str | None:
     return f"{quote(os.fsencode(path.name))} {st.st_size} bytes {int(st.st_mtime)} in {folder}"
 
 
-def _input_of(tag: str | None) -> tuple[str, str] | None:
-    """(file name, folder digest) of a `source_tag`; None for None or a tag of an older version (no folder)."""
-    name, _, rest = (tag or "").partition(" ")
-    folder = rest.rpartition(" in ")[2].partition(" by ")[0] if " in " in rest else ""
-    return (name, folder) if folder else None
+def _tag_parts(tag: str | None) -> tuple[str, str | None, str | None]:
+    """A `source_tag` (with `made_by` after " by ") as (file: "NAME SIZE bytes TIME", folder digest, made_by);
+    None for the parts a tag of an older version lacks (" in ", " by ")."""
+    rest, _, made = (tag or "").partition(" by ")
+    file, _, folder = rest.partition(" in ")
+    return file, folder or None, made or None
 
 
-def _same_input(recorded: str, source: str | None) -> bool:
-    """Whether the `source_tag`s `recorded` and `source` are one file (its content may have changed since)."""
-    return _input_of(recorded) is not None and _input_of(recorded) == _input_of(source)
+def _same_file(recorded: str, source: str | None) -> bool:
+    """Whether `recorded` names the same file as `source`: name, size and time (in any folder)."""
+    return source is not None and _tag_parts(recorded)[0] == _tag_parts(source)[0]
+
+
+def _same_path(recorded: str, source: str | None) -> bool:
+    """Whether `recorded` and `source` are one path: the same name in the same folder (its content may have
+    changed since)."""
+    (file, folder, _), (now, here, _) = _tag_parts(recorded), _tag_parts(source)
+    return folder is not None and folder == here and file.partition(" ")[0] == now.partition(" ")[0]
+
+
+def _maybe_same_path(recorded: str, source: str | None) -> bool:
+    """`_same_path`, or a tag of an older version (no folder) of the same name: it may be."""
+    (file, folder, _), (now, here, _) = _tag_parts(recorded), _tag_parts(source)
+    return file.partition(" ")[0] == now.partition(" ")[0] and (folder is None or folder == here)
+
+
+def _made_alike(path: Path, source: str | None, made: str, shared: bool) -> bool:
+    """Whether the complete output `path` was made from the file `source` by `made` (`made_by`); one that
+    records no input (versions before 2026-12-02) counts when no other input shares its name."""
+    if not written_by_us(path):
+        return False
+    recorded = recorded_source(path)
+    if recorded is None:
+        return not shared
+    return _same_file(recorded, source) and _tag_parts(recorded)[2] == (made or None)
 
 
 def _outputs(job: Job) -> list[Path]:
@@ -384,7 +410,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     if job.attention is not None:
         outputs["attention"] = job.attention
     recorded = f"{job.source} by {options.made_by}" if job.source and options.made_by else job.source
-    if options.skip_existing and all(written_by_us(p, source=recorded, unrecorded=not job.shared)
+    if options.skip_existing and all(_made_alike(p, job.source, options.made_by, job.shared)
                                      for p in outputs.values()) and _mask_fits(job):
         rec.ok, rec.skipped = True, True
         rec.outputs = {k: str(v) for k, v in outputs.items()}

@@ -125,7 +125,8 @@ def test_outputs_an_earlier_run_wrote_apart_by_case_keep_their_names(tmp_path):
 
 def test_an_input_run_alone_never_takes_the_name_of_another_folders_file(tmp_path):
     """Review: `x/page.png` and `y/page.png` ran together (page_x4, page-2_x4); `y/page.png`, edited and run alone,
-    took page_x4.png and replaced x's result; and two files of one name, size and time in two folders were one."""
+    took page_x4.png and replaced x's result. A copy of x's file (same name, size and time) elsewhere, or x's
+    folder moved, is still x's file: it keeps x's name (its outputs are the same)."""
     import os
     import shutil
 
@@ -149,10 +150,13 @@ def test_an_input_run_alone_never_takes_the_name_of_another_folders_file(tmp_pat
     _save(y, seed=2)
     os.utime(y, (y.stat().st_mtime + 60,) * 2)                   # edited: its own name, replaced
     assert run(y.parent) == ["page-2_x4.png"] and (out / "page_x4.png").read_bytes() == x_result
-    z = shutil.copy2(x, tmp_path / "z" / "page.png")             # x's twin: same name, bytes and time
-    assert run(Path(z).parent) == ["page-3_x4.png"] and (out / "page_x4.png").read_bytes() == x_result
-    assert run(x.parent) == ["page_x4.png"] and recorded_source(out / "page_x4.png") != recorded_source(
-        out / "page-3_x4.png")
+    z = shutil.copy2(x, tmp_path / "z" / "page.png")             # x's copy: same name, bytes and time
+    assert run(Path(z).parent) == ["page_x4.png"] and run(x.parent) == ["page_x4.png"]
+    _save(z, seed=3)
+    os.utime(z, (z.stat().st_mtime + 90,) * 2)                   # now another file: a name of its own
+    assert run(Path(z).parent) == ["page-3_x4.png"] and run(x.parent) == ["page_x4.png"]
+    assert recorded_source(out / "page-3_x4.png").split(" in ")[0] != recorded_source(out / "page_x4.png").split(
+        " in ")[0]
 
 
 def test_a_long_name_is_written_or_refused_before_the_upscale(tmp_path):
@@ -192,3 +196,35 @@ def test_the_pages_left_out_of_a_multi_page_file_are_in_the_report_and_the_summa
     rc, _, err = run_cli(["upscale", str(d), "-o", str(tmp_path / "o2"), *FAST], capsys, model=tiny_model)
     assert rc == 0 and (f"  1 file(s) had several frames or pages, of which only the first was upscaled: "
                         f"{d / 'scan.tif'}\n") in err
+
+
+def test_a_moved_folder_keeps_its_outputs_and_older_outputs_keep_their_inputs(tiny_model, tmp_path, capsys):
+    """Review of the change above: the same file from a renamed, moved or temporary folder got `page-2`,
+    `page-3`... and was redone by --skip-existing; and `a.png` run alone took `a_x4.png`, `a.jpg`'s result of
+    an older version (whose tag records no folder), replacing it."""
+    import shutil
+
+    import torch
+
+    from tadisr_core.batch import source_tag
+    from tadisr_core.images import save_images
+
+    (tmp_path / "tmp0").mkdir()
+    page = _save(tmp_path / "tmp0" / "page.png")
+    for k in range(3):
+        folder = tmp_path / f"tmp{k}"
+        if k:
+            folder.mkdir()
+            shutil.copy2(page, folder / "page.png")
+        rc, rep, _ = _upscale([str(folder), "-o", str(tmp_path / "o"), "--skip-existing"], capsys, tiny_model)
+        [done] = rep["files"]
+        assert rc == 0 and Path(done["outputs"]["image"]).name == "page_x4.png" and done["skipped"] == (k > 0)
+
+    old = tmp_path / "old"
+    (tmp_path / "in").mkdir()
+    a_png = _save(tmp_path / "in" / "a.png")
+    image = torch.rand(1, 3, 40, 48)
+    for stem, tag in (("a", "a.jpg 768 bytes 1700000000"), ("a-2", source_tag(a_png).split(" in ")[0])):
+        save_images([(image, old / f"{stem}_x4.png"), (image[:, :1], old / f"{stem}_text_mask.png")], 95, tag)
+    [job] = plan_jobs(collect_inputs([a_png]), old, 4)
+    assert job.image.name == "a-2_x4.png"
