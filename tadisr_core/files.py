@@ -129,13 +129,10 @@ def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
 
 
 def user_cache_dir(kind: str, env_var: str) -> Path:
-    """The folder where TADiSR keeps `kind` between runs: `$<env_var>` when set, else
-    `$XDG_CACHE_HOME/tadisr/<kind>`, else `~/.cache/tadisr/<kind>` (as Hugging Face and torch keep theirs)."""
+    """The folder where TADiSR keeps `kind` between runs: `$<env_var>` when set, else `~/.cache/tadisr/<kind>`
+    (XDG_CACHE_HOME is not followed: files kept there by earlier versions stay found)."""
     own = os.environ.get(env_var)
-    if own:
-        return Path(own).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "tadisr" / kind
+    return Path(own).expanduser() if own else Path.home() / ".cache" / "tadisr" / kind
 
 
 def source_identity(path: str | os.PathLike) -> tuple[str, int, int] | str:

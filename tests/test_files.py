@@ -26,12 +26,12 @@ def test_failure_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 
-def test_the_cache_folder_is_the_variable_s_else_xdg_s_else_the_home_s(tmp_path, monkeypatch):
+def test_the_cache_folder_is_the_variable_s_else_the_home_s(tmp_path, monkeypatch):
+    """XDG_CACHE_HOME is not followed: LPIPS weights kept in ~/.cache/tadisr by earlier versions (fetched online)
+    would be lost to an offline machine that sets it."""
     monkeypatch.delenv("TADISR_SOME_DIR", raising=False)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert user_cache_dir("some", "TADISR_SOME_DIR") == tmp_path / "home" / ".cache" / "tadisr" / "some"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert user_cache_dir("some", "TADISR_SOME_DIR") == tmp_path / "xdg" / "tadisr" / "some"
+    assert user_cache_dir("some", "TADISR_SOME_DIR") == tmp_path / "home" / ".cache" / "tadisr" / "some"
     monkeypatch.setenv("TADISR_SOME_DIR", "~/mine")
     assert user_cache_dir("some", "TADISR_SOME_DIR") == Path(tmp_path / "home" / "mine")

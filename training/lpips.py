@@ -48,8 +48,7 @@ def weights_filename(net: str) -> str:
 
 
 def default_weights_dir() -> Path:
-    """``$TADISR_LPIPS_DIR`` if set, else ``~/.cache/tadisr/lpips`` (``$XDG_CACHE_HOME/tadisr/lpips``
-    where that is set: `tadisr_core.files.user_cache_dir`)."""
+    """``$TADISR_LPIPS_DIR`` if set, else ``~/.cache/tadisr/lpips`` (`tadisr_core.files.user_cache_dir`)."""
     from tadisr_core.files import user_cache_dir
 
     return user_cache_dir("lpips", "TADISR_LPIPS_DIR")
