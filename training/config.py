@@ -446,15 +446,16 @@ def _check_keys_once(node: Any, path: Path, where: tuple[str, ...], seen: set[in
         for item in node.value:
             _check_keys_once(item, path, where, seen)
     elif isinstance(node, yaml.MappingNode):
-        first: dict[str, int] = {}
+        first: dict[tuple[str, str], int] = {}
         for key, value in node.value:
             name = str(key.value) if isinstance(key, yaml.ScalarNode) else str(id(key))
             line = key.start_mark.line + 1
-            if name in first:
-                dotted = ".".join((*where, name))
-                raise ConfigError(f"{path}:{line}: {dotted} is given twice (lines {first[name]} and {line}); "
-                                  f"keep one of them (the later one would silently replace the earlier)")
-            first[name] = line
+            if key.tag != "tag:yaml.org,2002:merge":  # `<<:` merges, however often given
+                if (key.tag, name) in first:  # by tag too: `1:` and `'1':` are two keys
+                    dotted = ".".join((*where, name))
+                    raise ConfigError(f"{path}:{line}: {dotted} is given twice (lines {first[key.tag, name]} and "
+                                      f"{line}); keep one of them (the later one would silently replace the earlier)")
+                first[key.tag, name] = line
             _check_keys_once(value, path, (*where, name), seen)
 
 
