@@ -234,7 +234,8 @@ def plan_jobs(inputs: list[tuple[Path, Path | None, str | None]], outdir: str | 
     def another_inputs(base: Path, stem: str, source: str | None) -> bool:
         """Whether `stem`'s outputs were made from another file (of another name, or another folder's): they
         are not `source`'s to replace."""
-        return any(not _same_file(r, source) and not _maybe_same_path(r, source) for r in recorded(base, stem))
+        return any(not _same_file(r, source) and not _same_path(r, source, or_older=True)
+                   for r in recorded(base, stem))
 
     placed = [(path, outdir / (path.parent.relative_to(root) if root is not None else Path()), error,
                source_tag(path) if error is None else None) for path, root, error in inputs]
@@ -306,17 +307,12 @@ def _same_file(recorded: str, source: str | None) -> bool:
     return source is not None and _tag_parts(recorded)[0] == _tag_parts(source)[0]
 
 
-def _same_path(recorded: str, source: str | None) -> bool:
+def _same_path(recorded: str, source: str | None, or_older: bool = False) -> bool:
     """Whether `recorded` and `source` are one path: the same name in the same folder (its content may have
-    changed since)."""
+    changed since); with `or_older`, also a tag of an older version (no folder) of the same name: it may be."""
     (file, folder, _), (now, here, _) = _tag_parts(recorded), _tag_parts(source)
-    return folder is not None and folder == here and file.partition(" ")[0] == now.partition(" ")[0]
-
-
-def _maybe_same_path(recorded: str, source: str | None) -> bool:
-    """`_same_path`, or a tag of an older version (no folder) of the same name: it may be."""
-    (file, folder, _), (now, here, _) = _tag_parts(recorded), _tag_parts(source)
-    return file.partition(" ")[0] == now.partition(" ")[0] and (folder is None or folder == here)
+    same_folder = folder == here if folder is not None else or_older
+    return same_folder and file.partition(" ")[0] == now.partition(" ")[0]
 
 
 def _made_alike(path: Path, source: str | None, made: str, shared: bool) -> bool:
@@ -409,7 +405,6 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
     outputs = {"image": job.image, **({"mask": job.mask} if job.mask is not None else {})}
     if job.attention is not None:
         outputs["attention"] = job.attention
-    recorded = f"{job.source} by {options.made_by}" if job.source and options.made_by else job.source
     if options.skip_existing and all(_made_alike(p, job.source, options.made_by, job.shared)
                                      for p in outputs.values()) and _mask_fits(job):
         rec.ok, rec.skipped = True, True
@@ -433,6 +428,7 @@ def process_file(model, job: Job, options: Options, *, progress: Callable[[int, 
         items += [(result.mask, job.mask)] if job.mask is not None else []
         if job.attention is not None:
             items.append((result.attention, job.attention))
+        recorded = f"{job.source} by {options.made_by}" if job.source and options.made_by else job.source
         save_images(items, options.quality, recorded, dpi=scaled_dpi(source.dpi, options.scale))
         t3 = time.perf_counter()
     except UpscaleCancelled:

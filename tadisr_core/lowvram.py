@@ -52,6 +52,12 @@ def _fp8_scale(weight: torch.Tensor) -> float:
     return 2.0 ** math.ceil(math.log2(amax / torch.finfo(FP8).max))
 
 
+def _to_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`weight` as fp8_e4m3fn storage and the scale it was divided by (`_fp8_scale`)."""
+    scale = _fp8_scale(weight)
+    return (weight.float() / scale).to(FP8), scale
+
+
 def fp8_weight(layer: nn.Module) -> torch.Tensor:
     """The float32 value of a `store_fp8` layer's weight: its fp8 storage times its scale."""
     cast = layer.parametrizations.weight[0]
@@ -62,8 +68,8 @@ def fp8_weight(layer: nn.Module) -> torch.Tensor:
 def set_fp8_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Store `weight` (any float dtype) as a `store_fp8` layer's weight, with a scale of its own."""
     cast = layer.parametrizations.weight[0]
-    cast.scale = _fp8_scale(weight)
-    layer.parametrizations.weight.original.copy_((weight.float() / cast.scale).to(FP8))
+    stored, cast.scale = _to_fp8(weight)
+    layer.parametrizations.weight.original.copy_(stored)
 
 
 def store_fp8(module: nn.Module, compute: torch.dtype = torch.bfloat16) -> int:
@@ -77,9 +83,8 @@ def store_fp8(module: nn.Module, compute: torch.dtype = torch.bfloat16) -> int:
             continue
         if parametrize.is_parametrized(layer, "weight"):
             continue
-        weight = layer.weight.detach()
-        scale = _fp8_scale(weight)
-        layer.weight = nn.Parameter((weight.float() / scale).to(FP8), requires_grad=False)
+        stored, scale = _to_fp8(layer.weight.detach())
+        layer.weight = nn.Parameter(stored, requires_grad=False)
         parametrize.register_parametrization(layer, "weight", CastWeight(FP8, compute, scale), unsafe=True)
         count += 1
     return count
